@@ -1,0 +1,45 @@
+"""dedup: face de-duplication for mobile-carrier SIM registration.
+
+The public surface: configuration, the server factory, the service's errors and
+the synthetic face generator used by the demo, tests and benchmarks.
+"""
+
+from ._config import DIMENSION, GIB, MIB, Limits, Policy, ServerConfig, StoreConfig
+from ._errors import (
+    AlreadyExists,
+    CheckpointError,
+    DedupError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    StoreError,
+    Unimplemented,
+)
+from ._models import Verdict
+from ._server import DedupServer, create_server
+from ._synthetic import FaceGenerator, noise_for_similarity
+
+__all__ = [
+    "DIMENSION",
+    "GIB",
+    "MIB",
+    "AlreadyExists",
+    "CheckpointError",
+    "DedupError",
+    "DedupServer",
+    "FaceGenerator",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "Limits",
+    "NotFound",
+    "Policy",
+    "ResourceExhausted",
+    "ServerConfig",
+    "StoreConfig",
+    "StoreError",
+    "Unimplemented",
+    "Verdict",
+    "create_server",
+    "noise_for_similarity",
+]

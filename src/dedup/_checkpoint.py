@@ -1,0 +1,75 @@
+"""The index checkpoint file: a serialised index with the change sequence it covers.
+
+Layout: magic (8 bytes) | format version (u32) | sequence (u64) | vectors (u64)
+| payload length (u64) | SHA-256 of the payload (32 bytes) | payload.
+Written to a temporary file, fsynced, renamed over the old one, then the directory is
+fsynced: a reader sees the old checkpoint or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._errors import CheckpointError
+
+MAGIC = b"DDUPCKPT"
+VERSION = 1
+_HEADER = struct.Struct("<8sIQQQ32s")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    sequence: int
+    vectors: int
+    # A view, so that multi-gigabyte indexes are not copied on their way to and from disk.
+    payload: memoryview
+
+
+def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
+    digest = hashlib.sha256(checkpoint.payload).digest()
+    header = _HEADER.pack(
+        MAGIC, VERSION, checkpoint.sequence, checkpoint.vectors, checkpoint.payload.nbytes, digest
+    )
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(header)
+        handle.write(checkpoint.payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    _fsync_directory(path.parent)
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Reads and verifies a checkpoint; any damage is a CheckpointError naming the file."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as error:
+        raise CheckpointError(f"{path}: no checkpoint") from error
+    except OSError as error:
+        raise CheckpointError(f"{path}: unreadable ({error.strerror})") from error
+    if len(data) < _HEADER.size:
+        raise CheckpointError(f"{path}: truncated header ({len(data)} bytes)")
+    magic, version, sequence, vectors, length, digest = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise CheckpointError(f"{path}: not a dedup checkpoint (bad magic)")
+    if version != VERSION:
+        raise CheckpointError(f"{path}: unsupported checkpoint version {version}")
+    payload = memoryview(data)[_HEADER.size :]
+    if payload.nbytes != length:
+        raise CheckpointError(f"{path}: payload is {payload.nbytes} bytes, header says {length}")
+    if hashlib.sha256(payload).digest() != digest:
+        raise CheckpointError(f"{path}: checksum mismatch")
+    return Checkpoint(sequence=sequence, vectors=vectors, payload=payload)
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

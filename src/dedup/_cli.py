@@ -1,0 +1,220 @@
+"""The `dedup` command: run the server, talk to a running one, or run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from ._config import DEFAULT_DATA_DIR, Policy, ServerConfig, StoreConfig
+from ._errors import DedupError
+from ._proto.dedup.v1 import dedup_pb2 as pb
+from ._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+log = logging.getLogger("dedup.cli")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    command: Callable[[argparse.Namespace], int] = args.command
+    try:
+        return command(args)
+    except grpc.RpcError as error:
+        print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    except (DedupError, OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dedup", description=__doc__)
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gRPC server")
+    serve.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    serve.add_argument("--address", default=DEFAULT_ADDRESS, help="HOST:PORT to listen on")
+    serve.add_argument("--match-threshold", type=float, default=Policy.match_threshold)
+    serve.add_argument("--review-threshold", type=float, default=Policy.review_threshold)
+    serve.add_argument("--max-sims-per-id", type=int, default=Policy.max_sims_per_id)
+    serve.add_argument("--no-reflection", action="store_true", help="turn server reflection off")
+    serve.set_defaults(command=serve_command)
+
+    demo = commands.add_parser("demo", help="serve the default data directory and run a demo")
+    demo.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    demo.set_defaults(command=demo_command)
+
+    enroll = _client_parser(commands, "enroll", "enrol a registration", enroll_command)
+    for name in ("registration-id", "id-number"):
+        enroll.add_argument(f"--{name}", required=True)
+    for name in ("msisdn", "carrier", "region"):
+        enroll.add_argument(f"--{name}", default="")
+    enroll.add_argument("--embedding", type=Path, required=True, help=EMBEDDING_HELP)
+    enroll.add_argument("--check-first", action="store_true",
+                        help="check first; store only on CLEAR or SAME_PERSON")
+
+    check = _client_parser(commands, "check", "check a face against the gallery", check_command)
+    check.add_argument("--embedding", type=Path, required=True, help=EMBEDDING_HELP)
+    check.add_argument("--claimed-id-number", default="")
+    check.add_argument("--max-candidates", type=int, default=0)
+
+    delete = _client_parser(commands, "delete", "erase registrations by one key", delete_command)
+    keys = delete.add_mutually_exclusive_group(required=True)
+    for name in ("registration-id", "id-number", "msisdn"):
+        keys.add_argument(f"--{name}")
+
+    get = _client_parser(commands, "get", "show one registration", get_command)
+    get.add_argument("registration_id")
+
+    _client_parser(commands, "stats", "gallery size, index and policy", stats_command)
+    return parser
+
+
+EMBEDDING_HELP = "a .npy file, or a text file of numbers (JSON list, commas or white space)"
+
+
+def _client_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
+                   help_text: str, command: Callable[[argparse.Namespace], int]
+                   ) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=help_text)
+    parser.add_argument("--server", default=DEFAULT_ADDRESS, help="HOST:PORT of a dedup server")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    parser.set_defaults(command=command)
+    return parser
+
+
+# -- server ---------------------------------------------------------------------------
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    from ._server import create_server
+
+    config = ServerConfig(
+        store=StoreConfig(data_dir=args.data_dir),
+        policy=Policy(args.match_threshold, args.review_threshold, args.max_sims_per_id),
+        reflection=not args.no_reflection,
+    )
+    server, port = create_server(config, args.address)
+    server.start()
+    host = args.address.rsplit(":", 1)[0]
+    log.info("dedup serving on %s:%d, data directory %s", host, port, args.data_dir.resolve())
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s, shutting down gracefully", signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopping.wait()
+    server.stop()
+    log.info("stopped; index checkpointed")
+    return 0
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    from ._demo import run_demo
+
+    return run_demo(args.data_dir)
+
+
+# -- client ---------------------------------------------------------------------------
+
+
+def load_embedding(path: Path) -> list[float]:
+    if path.suffix == ".npy":
+        values = np.load(path, allow_pickle=False)
+    else:
+        text = path.read_text().strip()
+        values = np.asarray(json.loads(text) if text.startswith("[")
+                            else text.replace(",", " ").split(), dtype=np.float32)
+    return [float(value) for value in np.ravel(values)]
+
+
+def _stub(args: argparse.Namespace) -> tuple[grpc.Channel, pb_grpc.FaceDedupStub]:
+    channel = grpc.insecure_channel(args.server)
+    return channel, pb_grpc.FaceDedupStub(channel)
+
+
+def _print(message: Message) -> None:
+    print(json_format.MessageToJson(message, preserving_proto_field_name=True,
+                                    always_print_fields_with_no_presence=True))
+
+
+def enroll_command(args: argparse.Namespace) -> int:
+    request = pb.EnrollRequest(
+        registration=pb.Registration(
+            registration_id=args.registration_id, id_number=args.id_number,
+            msisdn=args.msisdn, carrier=args.carrier, region=args.region,
+        ),
+        face=pb.Face(embedding=pb.Embedding(values=load_embedding(args.embedding))),
+        check_first=args.check_first,
+    )
+    channel, stub = _stub(args)
+    with channel:
+        response = stub.Enroll(request, timeout=args.timeout)
+    _print(response)
+    return 0 if response.enrolled else 2
+
+
+def check_command(args: argparse.Namespace) -> int:
+    request = pb.CheckRequest(
+        face=pb.Face(embedding=pb.Embedding(values=load_embedding(args.embedding))),
+        claimed_id_number=args.claimed_id_number,
+        max_candidates=args.max_candidates,
+    )
+    channel, stub = _stub(args)
+    with channel:
+        _print(stub.Check(request, timeout=args.timeout))
+    return 0
+
+
+def delete_command(args: argparse.Namespace) -> int:
+    if args.registration_id is not None:
+        request = pb.DeleteRequest(registration_id=args.registration_id)
+    elif args.id_number is not None:
+        request = pb.DeleteRequest(id_number=args.id_number)
+    else:
+        request = pb.DeleteRequest(msisdn=args.msisdn)
+    channel, stub = _stub(args)
+    with channel:
+        _print(stub.Delete(request, timeout=args.timeout))
+    return 0
+
+
+def get_command(args: argparse.Namespace) -> int:
+    channel, stub = _stub(args)
+    with channel:
+        _print(stub.GetRegistration(
+            pb.GetRegistrationRequest(registration_id=args.registration_id), timeout=args.timeout))
+    return 0
+
+
+def stats_command(args: argparse.Namespace) -> int:
+    channel, stub = _stub(args)
+    with channel:
+        _print(stub.Stats(pb.StatsRequest(), timeout=args.timeout))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Server configuration: the verdict policy, request limits and storage settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DIMENSION = 512
+DEFAULT_DATA_DIR = Path("index_data")
+MIB = 1 << 20
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Thresholds of the verdict rules (cosine similarity of ArcFace-style embeddings)."""
+
+    match_threshold: float = 0.40
+    review_threshold: float = 0.30
+    max_sims_per_id: int = 5
+
+    def __post_init__(self) -> None:
+        if not -1.0 <= self.review_threshold <= self.match_threshold <= 1.0:
+            raise ValueError(
+                "policy: need -1 <= review_threshold <= match_threshold <= 1, got "
+                f"review {self.review_threshold}, match {self.match_threshold}"
+            )
+        if self.max_sims_per_id < 1:
+            raise ValueError(f"policy: max_sims_per_id must be >= 1, got {self.max_sims_per_id}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits; going over one is INVALID_ARGUMENT naming the field."""
+
+    default_candidates: int = 10
+    max_candidates: int = 100
+    # The index is asked for at least this many neighbours, so that a claimed ID's own
+    # registrations cannot push a duplicate under another ID out of the candidate list.
+    min_search_k: int = 64
+    max_registration_id_chars: int = 128
+    max_id_number_chars: int = 64
+    max_msisdn_chars: int = 32
+    max_label_chars: int = 64  # carrier, region
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where and how the LMDB store and the index checkpoint live."""
+
+    data_dir: Path = DEFAULT_DATA_DIR
+    dimension: int = DIMENSION
+    initial_map_size: int = 1 * GIB
+    # The map doubles when full, up to this cap; past it writes fail RESOURCE_EXHAUSTED.
+    max_map_size: int = 1024 * GIB
+    max_readers: int = 1024
+    # A background checkpoint runs when this many changes are not yet covered ...
+    checkpoint_every_changes: int = 10_000
+    # ... or this many seconds passed since the last one with any change pending.
+    checkpoint_interval_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    store: StoreConfig = field(default_factory=StoreConfig)
+    policy: Policy = field(default_factory=Policy)
+    limits: Limits = field(default_factory=Limits)
+    reflection: bool = True
+    max_workers: int = 16
+    max_concurrent_rpcs: int = 256
+    max_message_bytes: int = 16 * 1024 * 1024
+    shutdown_grace_s: float = 10.0

@@ -1,0 +1,111 @@
+"""Protobuf messages to validated domain values and back.
+
+Validation lives here because here the proto field names are known: every error names
+the field as the client wrote it (e.g. `registration.msisdn`).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from ._config import Limits
+from ._errors import InvalidArgument, Unimplemented
+from ._models import CheckResult, DeleteKey, Registration
+from ._proto.dedup.v1 import dedup_pb2 as pb
+from ._vectors import Vector, unit_vector
+
+MSISDN = re.compile(r"\+?[0-9]{3,31}")
+
+
+def text(value: str, field: str, max_chars: int, required: bool) -> str:
+    if not value:
+        if required:
+            raise InvalidArgument(field, "is required")
+        return value
+    if len(value) > max_chars:
+        raise InvalidArgument(field, f"is {len(value)} characters, at most {max_chars} allowed")
+    if value != value.strip():
+        raise InvalidArgument(field, "has leading or trailing white space")
+    if any(unicodedata.category(char) in ("Cc", "Cs") for char in value):
+        raise InvalidArgument(field, "contains control characters")
+    return value
+
+
+def face_vector(request_face: pb.Face, has_face: bool, field: str, dimension: int) -> Vector:
+    if not has_face:
+        raise InvalidArgument(field, "is required")
+    kind = request_face.WhichOneof("input")
+    if kind is None:
+        raise InvalidArgument(field, "set either embedding or image")
+    if kind == "image":
+        raise Unimplemented(f"{field}.image: photos are not supported yet; send {field}.embedding")
+    return unit_vector(request_face.embedding.values, dimension, f"{field}.embedding.values")
+
+
+def registration_from_proto(message: pb.Registration, has: bool, limits: Limits) -> Registration:
+    if not has:
+        raise InvalidArgument("registration", "is required")
+    msisdn = text(message.msisdn, "registration.msisdn", limits.max_msisdn_chars, required=False)
+    if msisdn and not MSISDN.fullmatch(msisdn):
+        raise InvalidArgument("registration.msisdn", "must be digits, optionally after one '+'")
+    return Registration(
+        registration_id=text(message.registration_id, "registration.registration_id",
+                             limits.max_registration_id_chars, required=True),
+        id_number=text(message.id_number, "registration.id_number",
+                       limits.max_id_number_chars, required=True),
+        msisdn=msisdn,
+        carrier=text(message.carrier, "registration.carrier", limits.max_label_chars, False),
+        region=text(message.region, "registration.region", limits.max_label_chars, False),
+    )
+
+
+def max_candidates(value: int, limits: Limits) -> int:
+    if value == 0:
+        return limits.default_candidates
+    if value > limits.max_candidates:
+        raise InvalidArgument("max_candidates", f"is {value}, at most {limits.max_candidates}")
+    return value
+
+
+def delete_key(request: pb.DeleteRequest, limits: Limits) -> tuple[DeleteKey, str]:
+    kind = request.WhichOneof("key")
+    if kind is None:
+        raise InvalidArgument("key", "set one of registration_id, id_number or msisdn")
+    key = DeleteKey(kind)
+    max_chars = {
+        DeleteKey.REGISTRATION_ID: limits.max_registration_id_chars,
+        DeleteKey.ID_NUMBER: limits.max_id_number_chars,
+        DeleteKey.MSISDN: limits.max_msisdn_chars,
+    }[key]
+    return key, text(getattr(request, kind), kind, max_chars, required=True)
+
+
+def registration_to_proto(registration: Registration) -> pb.Registration:
+    message = pb.Registration(
+        registration_id=registration.registration_id,
+        id_number=registration.id_number,
+        msisdn=registration.msisdn,
+        carrier=registration.carrier,
+        region=registration.region,
+    )
+    if registration.enrolled_at_us:
+        stamp = Timestamp()
+        stamp.FromMicroseconds(registration.enrolled_at_us)
+        message.enrolled_at.CopyFrom(stamp)
+    return message
+
+
+def check_to_proto(result: CheckResult) -> pb.CheckResponse:
+    return pb.CheckResponse(
+        verdict=pb.Verdict.ValueType(int(result.verdict)),
+        matches=[
+            pb.Match(registration=registration_to_proto(match.registration), score=match.score)
+            for match in result.matches
+        ],
+        distinct_other_id_numbers=result.distinct_other_id_numbers,
+        same_id_registrations=result.same_id_registrations,
+        best_score=result.best_score,
+    )

@@ -1,0 +1,58 @@
+"""Every error dedup raises, in one place.
+
+Service logic raises these; the gRPC layer maps each class to one status code,
+so a client always sees the same status for the same kind of failure.
+
+    DedupError
+    ├── InvalidArgument      bad request field            -> INVALID_ARGUMENT
+    ├── NotFound             unknown registration or key  -> NOT_FOUND
+    ├── AlreadyExists        registration_id or msisdn in use -> ALREADY_EXISTS
+    ├── FailedPrecondition   request valid, state forbids it -> FAILED_PRECONDITION
+    ├── ResourceExhausted    map or disk full, limits     -> RESOURCE_EXHAUSTED
+    ├── Unimplemented        input kind not supported yet -> UNIMPLEMENTED
+    └── StoreError           the data directory cannot be used (start-up)
+        └── CheckpointError  an index checkpoint is missing or damaged (recovered by a rebuild)
+"""
+
+from __future__ import annotations
+
+
+class DedupError(Exception):
+    """Base class of every error dedup raises on purpose."""
+
+
+class InvalidArgument(DedupError):
+    """A request field is missing or malformed; `field` names it."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class NotFound(DedupError):
+    """No registration matches the given key."""
+
+
+class AlreadyExists(DedupError):
+    """A unique key (registration_id, msisdn) is already taken."""
+
+
+class FailedPrecondition(DedupError):
+    """The request is well-formed, but the service's state does not allow it."""
+
+
+class ResourceExhausted(DedupError):
+    """The store cannot take more data (map cap or disk full), or a limit was hit."""
+
+
+class Unimplemented(DedupError):
+    """The request uses an input kind this server does not support."""
+
+
+class StoreError(DedupError):
+    """The data directory cannot be opened or is damaged."""
+
+
+class CheckpointError(StoreError):
+    """An index checkpoint file is missing, truncated or fails its checksum."""

@@ -1,0 +1,197 @@
+"""The gRPC API layer: FaceDedup, health and reflection over one gallery."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Callable
+from concurrent import futures
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from . import _convert as convert
+from ._config import ServerConfig
+from ._errors import (
+    AlreadyExists,
+    DedupError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unimplemented,
+)
+from ._gallery import Gallery
+from ._proto.dedup.v1 import dedup_pb2 as pb
+from ._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+from ._service import DedupService
+
+log = logging.getLogger("dedup.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FaceDedup"].full_name
+
+_STATUS: dict[type[DedupError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
+}
+
+_Handler = TypeVar("_Handler", bound=Callable[..., Any])
+
+
+def status_of(error: DedupError) -> grpc.StatusCode:
+    for kind, code in _STATUS.items():
+        if isinstance(error, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _rpc(handler: _Handler) -> _Handler:
+    """Turns DedupErrors into their status; anything else is logged and INTERNAL."""
+
+    @functools.wraps(handler)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return handler(self, request, context)
+        except DedupError as error:
+            context.abort(status_of(error), str(error))
+        except Exception:
+            log.exception("%s failed", handler.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"{handler.__name__}: internal error")
+
+    return wrapper  # type: ignore[return-value]
+
+
+class FaceDedupServicer(pb_grpc.FaceDedupServicer):
+    def __init__(self, service: DedupService, config: ServerConfig) -> None:
+        self.service = service
+        self.limits = config.limits
+        self.dimension = config.store.dimension
+
+    @_rpc
+    def Check(self, request: pb.CheckRequest, context: grpc.ServicerContext) -> pb.CheckResponse:
+        vector = convert.face_vector(request.face, request.HasField("face"), "face", self.dimension)
+        claimed = convert.text(request.claimed_id_number, "claimed_id_number",
+                               self.limits.max_id_number_chars, required=False)
+        limit = convert.max_candidates(request.max_candidates, self.limits)
+        return convert.check_to_proto(self.service.check(vector, claimed, limit))
+
+    @_rpc
+    def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:
+        registration = convert.registration_from_proto(
+            request.registration, request.HasField("registration"), self.limits
+        )
+        vector = convert.face_vector(request.face, request.HasField("face"), "face", self.dimension)
+        result = self.service.enroll(registration, vector, request.check_first)
+        response = pb.EnrollResponse(
+            registration=convert.registration_to_proto(result.registration),
+            enrolled=result.enrolled,
+        )
+        if result.check is not None:
+            response.check.CopyFrom(convert.check_to_proto(result.check))
+        return response
+
+    @_rpc
+    def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
+        by, value = convert.delete_key(request, self.limits)
+        deleted = self.service.delete(by, value)
+        return pb.DeleteResponse(
+            deleted=len(deleted),
+            registration_ids=[registration.registration_id for registration in deleted],
+        )
+
+    @_rpc
+    def GetRegistration(
+        self, request: pb.GetRegistrationRequest, context: grpc.ServicerContext
+    ) -> pb.Registration:
+        registration_id = convert.text(request.registration_id, "registration_id",
+                                       self.limits.max_registration_id_chars, required=True)
+        return convert.registration_to_proto(self.service.get(registration_id))
+
+    @_rpc
+    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
+        stats = self.service.stats()
+        gallery = stats.gallery
+        return pb.StatsResponse(
+            registrations=gallery.registrations,
+            distinct_id_numbers=gallery.distinct_id_numbers,
+            index_type=gallery.index_type,
+            dimension=gallery.dimension,
+            index_vectors=gallery.index_vectors,
+            data_dir=stats.data_dir,
+            policy=pb.Policy(
+                match_threshold=stats.policy.match_threshold,
+                review_threshold=stats.policy.review_threshold,
+                max_sims_per_id=stats.policy.max_sims_per_id,
+            ),
+            store_sequence=gallery.store_sequence,
+            checkpoint_sequence=gallery.checkpoint_sequence,
+        )
+
+
+class DedupServer:
+    """A running dedup: the gRPC server, its health service and the gallery behind it."""
+
+    def __init__(self, server: grpc.Server, gallery: Gallery,
+                 health_servicer: health.HealthServicer, config: ServerConfig) -> None:
+        self.grpc_server = server
+        self.gallery = gallery
+        self.health = health_servicer
+        self.config = config
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+
+    def start(self) -> None:
+        self.grpc_server.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Graceful: health turns NOT_SERVING, in-flight calls finish, the index is checkpointed."""
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            self.health.enter_graceful_shutdown()
+            self.grpc_server.stop(self.config.shutdown_grace_s if grace is None else grace).wait()
+            self.gallery.close(checkpoint=True)
+            self._stopped.set()
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return bool(self.grpc_server.wait_for_termination(timeout))
+
+
+def create_server(config: ServerConfig, address: str = "127.0.0.1:0") -> tuple[DedupServer, int]:
+    """Opens the gallery and binds `address`; returns the server (not started) and its port."""
+    gallery = Gallery(config.store)
+    try:
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.max_workers,
+                                       thread_name_prefix="dedup-rpc"),
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+            options=[
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        service = DedupService(gallery, config.policy, config.limits)
+        pb_grpc.add_FaceDedupServicer_to_server(FaceDedupServicer(service, config), server)
+        health_servicer = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        if config.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
+        port = server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"cannot bind {address}")
+    except BaseException:
+        gallery.close(checkpoint=False)
+        raise
+    return DedupServer(server, gallery, health_servicer, config), port

@@ -1,0 +1,414 @@
+"""The LMDB store: the durable source of truth.
+
+Named databases in one environment (`<data_dir>/store/`):
+    meta                 format, dimension, next key, change sequence, distinct ID numbers
+    records              key -> registration fields (JSON)
+    vectors              key -> unit embedding (float32 bytes)
+    by_registration_id   registration_id -> key
+    by_id_number         id_number -> key (sorted duplicates: one ID number, many keys)
+    by_msisdn            msisdn -> key
+    changes              sequence -> (op, key): the log the index replays after a checkpoint
+
+Every change is one transaction committed with sync on, so an acknowledged write is on
+disk. Keys are int64, assigned in increasing order and never reused.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import logging
+import struct
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import lmdb
+import numpy as np
+
+from ._config import StoreConfig
+from ._errors import AlreadyExists, ResourceExhausted, StoreError
+from ._models import DeleteKey, Registration, StoredFace
+from ._rwlock import ReadWriteLock
+from ._vectors import Matrix, Vector
+
+log = logging.getLogger("dedup.store")
+
+FORMAT = 1
+OP_ADD = b"A"
+OP_REMOVE = b"R"
+
+_U64 = struct.Struct(">Q")
+_T = TypeVar("_T")
+
+
+def _u64(value: int) -> bytes:
+    return _U64.pack(value)
+
+
+def _from_u64(raw: bytes | memoryview | None) -> int:
+    if raw is None:
+        raise StoreError("the store is damaged: a metadata or index entry is missing")
+    return int(_U64.unpack(raw)[0])
+
+
+@dataclass(frozen=True)
+class Change:
+    sequence: int
+    op: bytes
+    key: int
+
+
+class Store:
+    """Registrations and their embeddings in LMDB, with secondary lookups and a change log."""
+
+    def __init__(self, config: StoreConfig) -> None:
+        self.config = config
+        self.path = Path(config.data_dir) / "store"
+        # Every transaction runs under `reading`; growing the map takes `writing`, since
+        # LMDB allows a resize only while this process has no transaction open.
+        self._resize = ReadWriteLock()
+        self._env = self._open_environment()
+        self._dbs = {
+            name: self._env.open_db(name.encode(), dupsort=(name == "by_id_number"),
+                                    dupfixed=(name == "by_id_number"))
+            for name in ("meta", "records", "vectors", "by_registration_id", "by_id_number",
+                         "by_msisdn", "changes")
+        }
+        self._initialise_meta()
+
+    # -- opening ---------------------------------------------------------------------
+
+    def _open_environment(self) -> lmdb.Environment:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StoreError(f"{self.path}: cannot create the store directory ({error})") from error
+        map_size = max(self.config.initial_map_size, self._existing_size())
+        try:
+            env = lmdb.open(
+                str(self.path), map_size=map_size, max_dbs=8, max_readers=self.config.max_readers,
+                sync=True, metasync=True, lock=True, readahead=False,
+            )
+        except lmdb.Error as error:
+            raise StoreError(f"{self.path}: cannot open the LMDB store ({error})") from error
+        stale = env.reader_check()
+        if stale:
+            log.warning("cleared %d stale LMDB reader slot(s) left by a dead process", stale)
+        return env
+
+    def _existing_size(self) -> int:
+        data_file = self.path / "data.mdb"
+        return data_file.stat().st_size if data_file.exists() else 0
+
+    def _initialise_meta(self) -> None:
+        def initialise(txn: lmdb.Transaction) -> None:
+            meta = self._dbs["meta"]
+            stored_format = txn.get(b"format", db=meta)
+            if stored_format is None:
+                txn.put(b"format", _u64(FORMAT), db=meta)
+                txn.put(b"dimension", _u64(self.config.dimension), db=meta)
+                txn.put(b"next_key", _u64(1), db=meta)
+                txn.put(b"sequence", _u64(0), db=meta)
+                txn.put(b"distinct_id_numbers", _u64(0), db=meta)
+                return
+            if _from_u64(stored_format) != FORMAT:
+                raise StoreError(
+                    f"{self.path}: store format {_from_u64(stored_format)}, "
+                    f"this dedup reads {FORMAT}"
+                )
+            dimension = _from_u64(txn.get(b"dimension", db=meta))
+            if dimension != self.config.dimension:
+                raise StoreError(
+                    f"{self.path}: holds {dimension}-d embeddings, server configured for "
+                    f"{self.config.dimension}"
+                )
+
+        try:
+            self._write(initialise)
+        except lmdb.Error as error:
+            raise StoreError(f"{self.path}: the store is damaged ({error})") from error
+
+    def close(self) -> None:
+        with self._resize.writing():
+            self._env.close()
+
+    # -- transactions ----------------------------------------------------------------
+
+    def _read(self, work: Callable[[lmdb.Transaction], _T]) -> _T:
+        with self._resize.reading(), self._env.begin(write=False) as txn:
+            return work(txn)
+
+    def _write(self, work: Callable[[lmdb.Transaction], _T]) -> _T:
+        """Runs `work` in one write transaction, committed durably; grows a full map."""
+        while True:
+            try:
+                with self._resize.reading(), self._env.begin(write=True) as txn:
+                    return work(txn)
+            except lmdb.MapFullError:
+                self._grow_map()
+            except lmdb.Error as error:
+                if _is_disk_full(error):
+                    raise ResourceExhausted(f"store: the disk is full ({error})") from error
+                raise
+
+    def _grow_map(self) -> None:
+        with self._resize.writing():
+            current = int(self._env.info()["map_size"])
+            if current >= self.config.max_map_size:
+                raise ResourceExhausted(
+                    f"store: the LMDB map is at its cap of {self.config.max_map_size} bytes"
+                )
+            grown = min(current * 2, self.config.max_map_size)
+            self._env.set_mapsize(grown)
+            log.info("grew the LMDB map from %d to %d bytes", current, grown)
+
+    # -- writes ----------------------------------------------------------------------
+
+    def insert(self, registration: Registration, vector: Vector) -> StoredFace:
+        """Stores a registration; AlreadyExists if its registration_id or msisdn is taken."""
+        def insert(txn: lmdb.Transaction) -> StoredFace:
+            self._ensure_unique(txn, registration)
+            meta = self._dbs["meta"]
+            key = _from_u64(txn.get(b"next_key", db=meta))
+            txn.put(b"next_key", _u64(key + 1), db=meta)
+            stored = Registration(
+                registration_id=registration.registration_id,
+                id_number=registration.id_number,
+                msisdn=registration.msisdn,
+                carrier=registration.carrier,
+                region=registration.region,
+                enrolled_at_us=time.time_ns() // 1000,
+            )
+            packed = _u64(key)
+            id_number = stored.id_number.encode()
+            if txn.get(id_number, db=self._dbs["by_id_number"]) is None:
+                self._bump(txn, b"distinct_id_numbers", +1)
+            txn.put(packed, _encode_registration(stored), db=self._dbs["records"])
+            txn.put(packed, np.ascontiguousarray(vector, np.float32).tobytes(),
+                    db=self._dbs["vectors"])
+            txn.put(stored.registration_id.encode(), packed, db=self._dbs["by_registration_id"])
+            txn.put(id_number, packed, db=self._dbs["by_id_number"])
+            if stored.msisdn:
+                txn.put(stored.msisdn.encode(), packed, db=self._dbs["by_msisdn"])
+            self._log_change(txn, OP_ADD, key)
+            return StoredFace(key, stored, vector)
+
+        return self._write(insert)
+
+    def ensure_unique(self, registration: Registration) -> None:
+        """AlreadyExists if the registration_id or msisdn is taken (checked again on insert)."""
+        self._read(lambda txn: self._ensure_unique(txn, registration))
+
+    def _ensure_unique(self, txn: lmdb.Transaction, registration: Registration) -> None:
+        if txn.get(registration.registration_id.encode(), db=self._dbs["by_registration_id"]):
+            raise AlreadyExists(
+                f"registration.registration_id: {registration.registration_id!r} "
+                "is already enrolled"
+            )
+        if registration.msisdn and txn.get(registration.msisdn.encode(), db=self._dbs["by_msisdn"]):
+            raise AlreadyExists(
+                f"registration.msisdn: {registration.msisdn!r} is held by another registration; "
+                "delete that registration first"
+            )
+
+    def delete(self, by: DeleteKey, value: str) -> list[StoredFace]:
+        """Deletes every registration under one key; returns what was deleted."""
+        def delete(txn: lmdb.Transaction) -> list[StoredFace]:
+            deleted = []
+            for key in self._keys_for(txn, by, value):
+                face = self._load(txn, key, with_vector=False)
+                if face is not None:
+                    self._delete_one(txn, face)
+                    deleted.append(face)
+            return deleted
+
+        return self._write(delete)
+
+    def _delete_one(self, txn: lmdb.Transaction, face: StoredFace) -> None:
+        packed = _u64(face.key)
+        registration = face.registration
+        id_number = registration.id_number.encode()
+        txn.delete(packed, db=self._dbs["records"])
+        txn.delete(packed, db=self._dbs["vectors"])
+        txn.delete(registration.registration_id.encode(), db=self._dbs["by_registration_id"])
+        txn.delete(id_number, packed, db=self._dbs["by_id_number"])
+        if txn.get(id_number, db=self._dbs["by_id_number"]) is None:
+            self._bump(txn, b"distinct_id_numbers", -1)
+        if registration.msisdn:
+            txn.delete(registration.msisdn.encode(), db=self._dbs["by_msisdn"])
+        self._log_change(txn, OP_REMOVE, face.key)
+
+    def _bump(self, txn: lmdb.Transaction, name: bytes, delta: int) -> None:
+        meta = self._dbs["meta"]
+        txn.put(name, _u64(_from_u64(txn.get(name, db=meta)) + delta), db=meta)
+
+    def _log_change(self, txn: lmdb.Transaction, op: bytes, key: int) -> None:
+        meta = self._dbs["meta"]
+        sequence = _from_u64(txn.get(b"sequence", db=meta)) + 1
+        txn.put(b"sequence", _u64(sequence), db=meta)
+        txn.put(_u64(sequence), op + _u64(key), db=self._dbs["changes"])
+
+    def truncate_changes(self, through: int) -> int:
+        """Drops change-log entries up to and including `through` (a checkpoint covers them)."""
+        def truncate(txn: lmdb.Transaction) -> int:
+            removed = 0
+            cursor = txn.cursor(db=self._dbs["changes"])
+            while cursor.first() and _from_u64(cursor.key()) <= through:
+                cursor.delete()
+                removed += 1
+            return removed
+
+        return self._write(truncate)
+
+    # -- reads -----------------------------------------------------------------------
+
+    def _keys_for(self, txn: lmdb.Transaction, by: DeleteKey, value: str) -> list[int]:
+        raw = value.encode()
+        if by is DeleteKey.ID_NUMBER:
+            cursor = txn.cursor(db=self._dbs["by_id_number"])
+            if not cursor.set_key(raw):
+                return []
+            return [_from_u64(packed) for packed in cursor.iternext_dup()]
+        db = self._dbs["by_registration_id" if by is DeleteKey.REGISTRATION_ID else "by_msisdn"]
+        packed = txn.get(raw, db=db)
+        return [] if packed is None else [_from_u64(packed)]
+
+    def _load(self, txn: lmdb.Transaction, key: int, with_vector: bool) -> StoredFace | None:
+        packed = _u64(key)
+        raw = txn.get(packed, db=self._dbs["records"])
+        if raw is None:
+            return None
+        vector = None
+        if with_vector:
+            raw_vector = txn.get(packed, db=self._dbs["vectors"])
+            if raw_vector is None:
+                raise StoreError(f"the store is damaged: registration key {key} has no vector")
+            vector = np.frombuffer(raw_vector, dtype=np.float32)
+        return StoredFace(key, _decode_registration(bytes(raw)), vector)
+
+    def get(self, registration_id: str) -> Registration | None:
+        def get(txn: lmdb.Transaction) -> Registration | None:
+            keys = self._keys_for(txn, DeleteKey.REGISTRATION_ID, registration_id)
+            face = self._load(txn, keys[0], with_vector=False) if keys else None
+            return face.registration if face else None
+
+        return self._read(get)
+
+    def faces(self, keys: Iterable[int], with_vectors: bool) -> list[StoredFace]:
+        """The stored faces for `keys`, in order; keys deleted meanwhile are left out."""
+        def faces(txn: lmdb.Transaction) -> list[StoredFace]:
+            loaded = (self._load(txn, int(key), with_vectors) for key in keys)
+            return [face for face in loaded if face is not None]
+
+        return self._read(faces)
+
+    def faces_of_id_number(self, id_number: str) -> list[StoredFace]:
+        """Every registration under an ID number, with vectors, for 1:1 comparison."""
+        def faces(txn: lmdb.Transaction) -> list[StoredFace]:
+            keys = self._keys_for(txn, DeleteKey.ID_NUMBER, id_number)
+            loaded = (self._load(txn, key, with_vector=True) for key in keys)
+            return [face for face in loaded if face is not None]
+
+        return self._read(faces)
+
+    def count(self) -> int:
+        return self._read(lambda txn: int(txn.stat(self._dbs["records"])["entries"]))
+
+    def distinct_id_numbers(self) -> int:
+        return self._read(lambda txn: self._meta(txn, b"distinct_id_numbers"))
+
+    def sequence(self) -> int:
+        return self._read(lambda txn: self._meta(txn, b"sequence"))
+
+    def _meta(self, txn: lmdb.Transaction, name: bytes) -> int:
+        return _from_u64(txn.get(name, db=self._dbs["meta"]))
+
+    def changes_after(self, sequence: int) -> tuple[list[Change], int]:
+        """The logged changes after `sequence`, and the store's current sequence.
+
+        The log is truncated behind each checkpoint, so a caller holding an older
+        checkpoint sees fewer changes than the sequences span and must rebuild instead.
+        """
+        def changes(txn: lmdb.Transaction) -> tuple[list[Change], int]:
+            cursor = txn.cursor(db=self._dbs["changes"])
+            found = []
+            if cursor.set_range(_u64(sequence + 1)):
+                for raw_sequence, value in cursor:
+                    found.append(
+                        Change(_from_u64(raw_sequence), bytes(value[:1]), _from_u64(value[1:]))
+                    )
+            return found, self._meta(txn, b"sequence")
+
+        return self._read(changes)
+
+    def vectors(self, keys: Iterable[int]) -> tuple[list[int], Matrix]:
+        """The stored vectors of those `keys` that still exist."""
+        def vectors(txn: lmdb.Transaction) -> tuple[list[int], Matrix]:
+            found, rows = [], []
+            for key in keys:
+                raw = txn.get(_u64(key), db=self._dbs["vectors"])
+                if raw is not None:
+                    found.append(key)
+                    rows.append(np.frombuffer(raw, dtype=np.float32))
+            matrix = np.vstack(rows) if rows else np.empty((0, self.config.dimension), np.float32)
+            return found, matrix
+
+        return self._read(vectors)
+
+    def iter_vectors(self, batch: int = 10_000) -> Iterator[tuple[list[int], Matrix]]:
+        """Every stored vector in key order, in batches, each batch from its own snapshot."""
+        after = 0
+        while True:
+            keys, matrix = self._read(functools.partial(self._vector_batch, after=after,
+                                                        batch=batch))
+            if not keys:
+                return
+            yield keys, matrix
+            after = keys[-1]
+
+    def _vector_batch(self, txn: lmdb.Transaction, after: int, batch: int
+                      ) -> tuple[list[int], Matrix]:
+        cursor = txn.cursor(db=self._dbs["vectors"])
+        keys, rows = [], []
+        if cursor.set_range(_u64(after + 1)):
+            for raw_key, raw_vector in cursor:
+                keys.append(_from_u64(raw_key))
+                rows.append(np.frombuffer(raw_vector, dtype=np.float32))
+                if len(keys) == batch:
+                    break
+        matrix = np.vstack(rows) if rows else np.empty((0, self.config.dimension), np.float32)
+        return keys, matrix
+
+
+def _encode_registration(registration: Registration) -> bytes:
+    return json.dumps(
+        {
+            "r": registration.registration_id,
+            "i": registration.id_number,
+            "m": registration.msisdn,
+            "c": registration.carrier,
+            "g": registration.region,
+            "t": registration.enrolled_at_us,
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def _decode_registration(raw: bytes) -> Registration:
+    fields = json.loads(raw)
+    return Registration(
+        registration_id=fields["r"],
+        id_number=fields["i"],
+        msisdn=fields["m"],
+        carrier=fields["c"],
+        region=fields["g"],
+        enrolled_at_us=fields["t"],
+    )
+
+
+def _is_disk_full(error: lmdb.Error) -> bool:
+    return "No space left" in str(error) or getattr(error, "errno", None) == errno.ENOSPC

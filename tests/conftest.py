@@ -1,0 +1,102 @@
+"""Fixtures: real servers on loopback port 0, over real channels, on temporary data directories."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from dedup import FaceGenerator, ServerConfig, StoreConfig, create_server
+from dedup._proto.dedup.v1 import dedup_pb2 as pb
+from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+
+
+class RunningServer:
+    """A started server with a channel and stub; `restart()` reopens the same data directory."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self._start()
+
+    def _start(self) -> None:
+        self.server, self.port = create_server(self.config, "127.0.0.1:0")
+        self.server.start()
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.stub = pb_grpc.FaceDedupStub(self.channel)
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.server.stop(grace=1.0)
+
+    def crash(self) -> None:
+        """Stops without the shutdown checkpoint, as after a kill: the change log must cover it."""
+        self.channel.close()
+        self.server.grpc_server.stop(0).wait()
+        self.server.gallery.close(checkpoint=False)
+
+    def restart(self, crash: bool = False) -> None:
+        self.crash() if crash else self.stop()
+        self._start()
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.config.store.data_dir)
+
+
+@pytest.fixture
+def make_server(tmp_path: Path) -> Iterator[Any]:
+    started: list[RunningServer] = []
+
+    def make(**overrides: Any) -> RunningServer:
+        store_fields = {f.name for f in dataclasses.fields(StoreConfig)}
+        store_args = {k: v for k, v in overrides.items() if k in store_fields}
+        server_args = {k: v for k, v in overrides.items() if k not in store_fields}
+        store_args.setdefault("data_dir", tmp_path / "data")
+        config = ServerConfig(store=StoreConfig(**store_args), **server_args)
+        server = RunningServer(config)
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        if not server.server._stopped.is_set():
+            server.stop()
+
+
+@pytest.fixture
+def server(make_server: Any) -> RunningServer:
+    return make_server()  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def faces() -> FaceGenerator:
+    return FaceGenerator(seed=7)
+
+
+def face(vector: np.ndarray) -> pb.Face:
+    return pb.Face(embedding=pb.Embedding(values=[float(v) for v in vector]))
+
+
+def registration(registration_id: str, id_number: str, msisdn: str = "", **extra: str
+                 ) -> pb.Registration:
+    return pb.Registration(registration_id=registration_id, id_number=id_number, msisdn=msisdn,
+                           **extra)
+
+
+def enroll(stub: pb_grpc.FaceDedupStub, registration_id: str, id_number: str,
+           vector: np.ndarray, check_first: bool = False, msisdn: str = "") -> pb.EnrollResponse:
+    return stub.Enroll(pb.EnrollRequest(
+        registration=registration(registration_id, id_number, msisdn),
+        face=face(vector), check_first=check_first,
+    ))
+
+
+def check(stub: pb_grpc.FaceDedupStub, vector: np.ndarray, claimed: str = "",
+          max_candidates: int = 0) -> pb.CheckResponse:
+    return stub.Check(pb.CheckRequest(face=face(vector), claimed_id_number=claimed,
+                                      max_candidates=max_candidates))

@@ -1,0 +1,61 @@
+"""The checkpoint file format: every kind of damage is a clean CheckpointError."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dedup import CheckpointError, FaceGenerator
+from dedup._checkpoint import Checkpoint, read_checkpoint, write_checkpoint
+from dedup._index import FlatIndex
+
+
+@pytest.fixture
+def saved(tmp_path):
+    index = FlatIndex(512)
+    index.add(np.arange(100, 110, dtype=np.int64), FaceGenerator(1).persons(10))
+    path = tmp_path / "index.ckpt"
+    write_checkpoint(path, index.snapshot(sequence=42))
+    return path
+
+
+def test_round_trip(saved):
+    index, sequence = FlatIndex.load(saved, 512)
+    assert sequence == 42
+    assert len(index) == 10
+    (ids, scores), = index.search(FaceGenerator(1).persons(10)[3:4], 1)
+    assert ids.tolist() == [103] and scores[0] == pytest.approx(1.0, abs=1e-5)
+    assert not (saved.parent / "index.ckpt.tmp").exists()
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda data: b"", "truncated header"),
+    (lambda data: data[:40], "truncated header"),
+    (lambda data: b"XXXXXXXX" + data[8:], "bad magic"),
+    (lambda data: data[:8] + b"\x09\x00\x00\x00" + data[12:], "unsupported checkpoint version"),
+    (lambda data: data[:-1], "header says"),
+    (lambda data: data + b"\x00", "header says"),
+    (lambda data: data[:-5] + bytes([data[-5] ^ 1]) + data[-4:], "checksum mismatch"),
+])
+def test_damaged_file_is_a_clean_error(saved, damage, message):
+    saved.write_bytes(damage(saved.read_bytes()))
+    with pytest.raises(CheckpointError, match=message) as error:
+        FlatIndex.load(saved, 512)
+    assert str(saved) in str(error.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        read_checkpoint(tmp_path / "absent.ckpt")
+
+
+def test_valid_checksum_but_not_faiss(tmp_path):
+    path = tmp_path / "index.ckpt"
+    write_checkpoint(path, Checkpoint(1, 0, memoryview(b"definitely not a faiss index")))
+    with pytest.raises(CheckpointError, match="FAISS cannot read"):
+        FlatIndex.load(path, 512)
+
+
+def test_wrong_dimension(saved):
+    with pytest.raises(CheckpointError, match="dimension"):
+        FlatIndex.load(saved, 128)

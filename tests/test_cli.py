@@ -1,0 +1,94 @@
+"""The `dedup` command against real servers: client commands, serve with SIGTERM, the demo."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dedup._cli import main
+from dedup._demo import run_demo
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_client_commands(server, faces, tmp_path, capsys):
+    address = f"127.0.0.1:{server.port}"
+    person = faces.persons(1)[0]
+    npy = tmp_path / "face.npy"
+    np.save(npy, faces.capture(person))
+    text = tmp_path / "face.txt"
+    text.write_text(",".join(str(v) for v in faces.capture(person)))
+
+    code, out, _ = run(capsys, "enroll", "--server", address, "--registration-id", "o-1",
+                       "--id-number", "ID1", "--msisdn", "+8613800000001", "--embedding", str(npy))
+    assert code == 0 and json.loads(out)["enrolled"] is True
+
+    code, out, _ = run(capsys, "check", "--server", address, "--embedding", str(text),
+                       "--claimed-id-number", "ID2")
+    result = json.loads(out)
+    assert code == 0 and result["verdict"] == "DUPLICATE_IDENTITY"
+    assert result["matches"][0]["registration"]["registration_id"] == "o-1"
+
+    code, out, _ = run(capsys, "enroll", "--server", address, "--registration-id", "o-2",
+                       "--id-number", "ID2", "--embedding", str(text), "--check-first")
+    assert code == 2 and json.loads(out)["enrolled"] is False
+
+    code, out, _ = run(capsys, "stats", "--server", address)
+    assert json.loads(out)["registrations"] == "1"
+
+    code, out, _ = run(capsys, "get", "--server", address, "o-1")
+    assert json.loads(out)["msisdn"] == "+8613800000001"
+
+    code, out, _ = run(capsys, "delete", "--server", address, "--msisdn", "+8613800000001")
+    assert code == 0 and json.loads(out)["registration_ids"] == ["o-1"]
+
+    code, _, err = run(capsys, "get", "--server", address, "o-1")
+    assert code == 1 and "NOT_FOUND" in err
+
+
+def test_bad_embedding_file_is_reported(server, tmp_path, capsys):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1, 2, 3")
+    code, _, err = run(capsys, "check", "--server", f"127.0.0.1:{server.port}",
+                       "--embedding", str(bad))
+    assert code == 1
+    assert "INVALID_ARGUMENT: face.embedding.values: expected 512 values, got 3" in err
+
+
+def test_serve_stops_gracefully_on_sigterm(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dedup._cli", "serve", "--data-dir", str(tmp_path / "d"),
+         "--address", "127.0.0.1:0"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        for line in process.stderr:
+            if match := re.search(r"serving on 127\.0\.0\.1:(\d+)", line):
+                assert int(match.group(1)) > 0
+                break
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        rest = process.stderr.read()
+        assert "shutting down gracefully" in rest
+        assert (tmp_path / "d" / "index.ckpt").exists()
+    finally:
+        process.kill()
+
+
+@pytest.mark.timeout(120)
+def test_demo_gets_every_expected_verdict(tmp_path, capsys):
+    assert run_demo(tmp_path / "demo") == 0
+    out = capsys.readouterr().out
+    assert "0 probe(s) got a verdict other than expected" in out
+    assert run_demo(tmp_path / "demo") == 0  # the second run reuses the enrolled population
+    assert "enrolled 0 new registration(s)" in capsys.readouterr().out
