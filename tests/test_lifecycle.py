@@ -246,3 +246,22 @@ def test_map_cap_refuses_writes_keeps_reads(make_server, faces):
     assert check(server.stub, people[0]).matches[0].registration.registration_id == "r0"
     server.restart()
     assert stats(server.stub).registrations == stats(server.stub).index_vectors == acknowledged
+
+
+def test_insert_many_is_all_or_nothing(tmp_path, faces):
+    from dedup import AlreadyExists, StoreConfig
+    from dedup._gallery import Gallery
+    from dedup._models import Registration
+
+    gallery = Gallery(StoreConfig(data_dir=tmp_path / "bulk"))
+    try:
+        people = faces.persons(4)
+        gallery.insert_many([(Registration("a", "ID1"), people[0]),
+                             (Registration("b", "ID2"), people[1])])
+        with pytest.raises(AlreadyExists, match="'b'"):
+            gallery.insert_many([(Registration("c", "ID3"), people[2]),
+                                 (Registration("b", "ID4"), people[3])])
+        assert gallery.store.count() == len(gallery.index) == 2
+        assert gallery.get("c") is None
+    finally:
+        gallery.close()

@@ -67,6 +67,9 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     reflection: bool = True
     max_workers: int = 16
+    # FAISS's OpenMP threads per search. A single-query exact search is slower with two
+    # threads than with one here (2 cores), and concurrent calls already use both cores.
+    faiss_omp_threads: int = 1
     max_concurrent_rpcs: int = 256
     max_message_bytes: int = 16 * 1024 * 1024
     shutdown_grace_s: float = 10.0

@@ -132,6 +132,14 @@ class Gallery:
             self.index.add(np.array([face.key], np.int64), vector.reshape(1, -1))
         return face.registration
 
+    def insert_many(self, batch: list[tuple[Registration, Vector]]) -> list[Registration]:
+        """Stores a batch in one durable transaction (bulk loads), then indexes it."""
+        with self._writes:
+            faces = self.store.insert_many(batch)
+            keys = np.array([face.key for face in faces], np.int64)
+            self.index.add(keys, np.vstack([vector for _, vector in batch]))
+        return [face.registration for face in faces]
+
     def delete(self, by: DeleteKey, value: str) -> list[Registration]:
         with self._writes:
             faces = self.store.delete(by, value)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from concurrent import futures
 from typing import Any, TypeVar
 
+import faiss
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -171,8 +172,13 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0") -> tuple[D
     gallery = Gallery(config.store)
     try:
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.max_workers,
-                                       thread_name_prefix="dedup-rpc"),
+            futures.ThreadPoolExecutor(
+                max_workers=config.max_workers,
+                thread_name_prefix="dedup-rpc",
+                # OpenMP's thread count is per calling thread: set it in every worker.
+                initializer=faiss.omp_set_num_threads,
+                initargs=(config.faiss_omp_threads,),
+            ),
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),

@@ -170,34 +170,39 @@ class Store:
 
     def insert(self, registration: Registration, vector: Vector) -> StoredFace:
         """Stores a registration; AlreadyExists if its registration_id or msisdn is taken."""
-        def insert(txn: lmdb.Transaction) -> StoredFace:
-            self._ensure_unique(txn, registration)
-            meta = self._dbs["meta"]
-            key = _from_u64(txn.get(b"next_key", db=meta))
-            txn.put(b"next_key", _u64(key + 1), db=meta)
-            stored = Registration(
-                registration_id=registration.registration_id,
-                id_number=registration.id_number,
-                msisdn=registration.msisdn,
-                carrier=registration.carrier,
-                region=registration.region,
-                enrolled_at_us=time.time_ns() // 1000,
-            )
-            packed = _u64(key)
-            id_number = stored.id_number.encode()
-            if txn.get(id_number, db=self._dbs["by_id_number"]) is None:
-                self._bump(txn, b"distinct_id_numbers", +1)
-            txn.put(packed, _encode_registration(stored), db=self._dbs["records"])
-            txn.put(packed, np.ascontiguousarray(vector, np.float32).tobytes(),
-                    db=self._dbs["vectors"])
-            txn.put(stored.registration_id.encode(), packed, db=self._dbs["by_registration_id"])
-            txn.put(id_number, packed, db=self._dbs["by_id_number"])
-            if stored.msisdn:
-                txn.put(stored.msisdn.encode(), packed, db=self._dbs["by_msisdn"])
-            self._log_change(txn, OP_ADD, key)
-            return StoredFace(key, stored, vector)
+        return self._write(lambda txn: self._insert(txn, registration, vector))
 
-        return self._write(insert)
+    def insert_many(self, batch: list[tuple[Registration, Vector]]) -> list[StoredFace]:
+        """Stores a batch in one transaction: all of it, or (on any conflict) none of it."""
+        return self._write(lambda txn: [self._insert(txn, r, v) for r, v in batch])
+
+    def _insert(self, txn: lmdb.Transaction, registration: Registration, vector: Vector
+                ) -> StoredFace:
+        self._ensure_unique(txn, registration)
+        meta = self._dbs["meta"]
+        key = _from_u64(txn.get(b"next_key", db=meta))
+        txn.put(b"next_key", _u64(key + 1), db=meta)
+        stored = Registration(
+            registration_id=registration.registration_id,
+            id_number=registration.id_number,
+            msisdn=registration.msisdn,
+            carrier=registration.carrier,
+            region=registration.region,
+            enrolled_at_us=time.time_ns() // 1000,
+        )
+        packed = _u64(key)
+        id_number = stored.id_number.encode()
+        if txn.get(id_number, db=self._dbs["by_id_number"]) is None:
+            self._bump(txn, b"distinct_id_numbers", +1)
+        txn.put(packed, _encode_registration(stored), db=self._dbs["records"])
+        txn.put(packed, np.ascontiguousarray(vector, np.float32).tobytes(),
+                db=self._dbs["vectors"])
+        txn.put(stored.registration_id.encode(), packed, db=self._dbs["by_registration_id"])
+        txn.put(id_number, packed, db=self._dbs["by_id_number"])
+        if stored.msisdn:
+            txn.put(stored.msisdn.encode(), packed, db=self._dbs["by_msisdn"])
+        self._log_change(txn, OP_ADD, key)
+        return StoredFace(key, stored, vector)
 
     def ensure_unique(self, registration: Registration) -> None:
         """AlreadyExists if the registration_id or msisdn is taken (checked again on insert)."""

@@ -1,0 +1,191 @@
+"""Check over gRPC against the same searches done directly on a FAISS IndexFlatIP.
+
+Builds a gallery of --gallery registrations (face-like synthetic embeddings, two captures
+per person), serves it on a loopback port, and measures, side by side in one run:
+  - gRPC Check with 1 client and with --clients concurrent clients (threads in this process,
+    so the clients share the machine's cores with the server);
+  - raw FAISS: IndexFlatIP.search of the same probes, one query at a time, from one thread
+    and from two (one per core), as the server runs them.
+Prints a table and writes JSON to benchmarks/results/check_throughput.json.
+
+    .venv/bin/python benchmarks/check_throughput.py --gallery 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import faiss
+import grpc
+import numpy as np
+from tqdm import tqdm
+
+from dedup import FaceGenerator, ServerConfig, StoreConfig, create_server
+from dedup._gallery import Gallery
+from dedup._models import Registration
+from dedup._proto.dedup.v1 import dedup_pb2 as pb
+from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def build_gallery(data_dir: Path, gallery: int, seed: int) -> np.ndarray:
+    """Two captures per person under the person's ID number; returns the person vectors."""
+    generator = FaceGenerator(seed)
+    persons = generator.persons(gallery // 2)
+    store = Gallery(StoreConfig(data_dir=data_dir))
+    batch = 5_000
+    with tqdm(total=gallery, desc="building gallery", unit="reg") as progress:
+        for start in range(0, len(persons), batch // 2):
+            chunk = persons[start:start + batch // 2]
+            rows = []
+            for capture_no in range(2):
+                captures = generator.captures(chunk)
+                rows += [(Registration(f"reg-{start + i}-{capture_no}", f"ID{start + i:09d}"),
+                          captures[i]) for i in range(len(chunk))]
+            store.insert_many(rows)
+            progress.update(len(rows))
+    store.close(checkpoint=True)
+    return persons
+
+
+def probes(persons: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    generator = FaceGenerator(seed + 1)
+    chosen = generator.rng.choice(len(persons), size=count, replace=False)
+    return generator.captures(persons[chosen]), [f"ID{i:09d}" for i in chosen]
+
+
+def percentiles(latencies: list[float]) -> dict[str, float]:
+    ordered = sorted(latencies)
+    return {
+        "p50_ms": statistics.median(ordered) * 1000,
+        "p99_ms": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000,
+    }
+
+
+def grpc_check(port: int, vectors: np.ndarray, claimed: list[str], clients: int
+               ) -> dict[str, float]:
+    requests = [pb.CheckRequest(face=pb.Face(embedding=pb.Embedding(values=v.tolist())),
+                                claimed_id_number=c) for v, c in zip(vectors, claimed, strict=True)]
+    latencies: list[float] = []
+    verdicts: list[int] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients)
+
+    def client(index: int) -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.FaceDedupStub(channel)
+            stub.Stats(pb.StatsRequest())  # connect before timing
+            mine, got = [], []
+            barrier.wait()
+            for request in requests[index::clients]:
+                started = time.perf_counter()
+                response = stub.Check(request)
+                mine.append(time.perf_counter() - started)
+                got.append(response.verdict)
+            with lock:
+                latencies.extend(mine)
+                verdicts.extend(got)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    same_person = sum(v == pb.SAME_PERSON for v in verdicts) / len(verdicts)
+    return {"qps": len(latencies) / elapsed, **percentiles(latencies),
+            "same_person_share": same_person}
+
+
+def load_flat_index(data_dir: Path) -> faiss.IndexFlatIP:
+    gallery = Gallery(StoreConfig(data_dir=data_dir))
+    matrix = np.vstack([m for _, m in gallery.store.iter_vectors()])
+    gallery.close(checkpoint=False)
+    index = faiss.IndexFlatIP(matrix.shape[1])
+    index.add(matrix)
+    return index
+
+
+def raw_faiss(index: faiss.IndexFlatIP, vectors: np.ndarray, threads: int) -> dict[str, float]:
+    """Single-query searches from `threads` Python threads, one OpenMP thread each."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def worker(part: np.ndarray) -> None:
+        faiss.omp_set_num_threads(1)
+        mine = []
+        for vector in part:
+            began = time.perf_counter()
+            index.search(vector.reshape(1, -1), 64)
+            mine.append(time.perf_counter() - began)
+        with lock:
+            latencies.extend(mine)
+
+    workers = [threading.Thread(target=worker, args=(vectors[i::threads],))
+               for i in range(threads)]
+    started = time.perf_counter()
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    return {"qps": len(vectors) / elapsed, **percentiles(latencies)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gallery", type=int, default=100_000)
+    parser.add_argument("--queries", type=int, default=1_000)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    faiss.omp_set_num_threads(1)
+
+    with tempfile.TemporaryDirectory(prefix="dedup-bench-") as tmp:
+        data_dir = Path(tmp) / "data"
+        persons = build_gallery(data_dir, args.gallery, args.seed)
+        vectors, claimed = probes(persons, args.queries, args.seed)
+        server, port = create_server(ServerConfig(store=StoreConfig(data_dir=data_dir)))
+        server.start()
+        try:
+            grpc_check(port, vectors[:50], claimed[:50], 1)  # warm-up
+            rows = {
+                "grpc_check_1_client": grpc_check(port, vectors, claimed, 1),
+                f"grpc_check_{args.clients}_clients": grpc_check(port, vectors, claimed,
+                                                                  args.clients),
+            }
+        finally:
+            server.stop()
+        index = load_flat_index(data_dir)
+        rows["raw_faiss_flat_ip_1_thread"] = raw_faiss(index, vectors, 1)
+        rows["raw_faiss_flat_ip_2_threads"] = raw_faiss(index, vectors, 2)
+
+    base = rows["raw_faiss_flat_ip_1_thread"]
+    print(f"\nCheck over gRPC vs raw FAISS IndexFlatIP, gallery {args.gallery:,}, "
+          f"{args.queries:,} queries, batch 1")
+    print(f"{'':32} {'q/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'q/s vs FAISS':>13}")
+    for name, row in rows.items():
+        print(f"{name:32} {row['qps']:8.1f} {row['p50_ms']:8.2f} {row['p99_ms']:8.2f} "
+              f"{row['qps'] / base['qps']:13.2f}")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "check_throughput.json"
+    out.write_text(json.dumps({
+        "gallery": args.gallery, "queries": args.queries, "clients": args.clients,
+        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version(),
+                    "faiss": faiss.__version__},
+        "results": rows,
+    }, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
