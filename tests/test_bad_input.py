@@ -28,8 +28,12 @@ def with_value(index: int, value: float) -> pb.Face:
 BAD_FACES = [
     (None, INVALID, "face: is required"),
     (pb.Face(), INVALID, "face: set either embedding or image"),
-    (pb.Face(image=b"\xff\xd8\xff"), grpc.StatusCode.UNIMPLEMENTED, "face.image"),
+    (pb.Face(image=b"\xff\xd8\xff"), INVALID, "face.image: undecodable JPEG: damaged header"),
+    (pb.Face(image=b"GIF89a" + bytes(100)), INVALID, "face.image: unsupported format"),
+    (pb.Face(image=b""), INVALID, "face.image: is empty"),
     (embedding([]), INVALID, "face.embedding.values: expected 512 values, got 0"),
+    (pb.Face(embedding=pb.Embedding(values=list(GOOD), model="other-model")),
+     grpc.StatusCode.FAILED_PRECONDITION, "face.embedding.model: 'other-model' is not"),
     (embedding([0.1] * 3), INVALID, "face.embedding.values: expected 512 values, got 3"),
     (embedding([0.1] * 513), INVALID, "face.embedding.values: expected 512 values, got 513"),
     (with_value(7, math.nan), INVALID, "face.embedding.values: value 7 is nan"),

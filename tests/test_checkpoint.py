@@ -15,12 +15,12 @@ def saved(tmp_path):
     index = FlatIndex(512)
     index.add(np.arange(100, 110, dtype=np.int64), FaceGenerator(1).persons(10))
     path = tmp_path / "index.ckpt"
-    write_checkpoint(path, index.snapshot(sequence=42))
+    write_checkpoint(path, index.snapshot(sequence=42, model_id="model-a"))
     return path
 
 
 def test_round_trip(saved):
-    index, sequence = FlatIndex.load(saved, 512)
+    index, sequence = FlatIndex.load(saved, 512, "model-a")
     assert sequence == 42
     assert len(index) == 10
     (ids, scores), = index.search(FaceGenerator(1).persons(10)[3:4], 1)
@@ -40,7 +40,7 @@ def test_round_trip(saved):
 def test_damaged_file_is_a_clean_error(saved, damage, message):
     saved.write_bytes(damage(saved.read_bytes()))
     with pytest.raises(CheckpointError, match=message) as error:
-        FlatIndex.load(saved, 512)
+        FlatIndex.load(saved, 512, "model-a")
     assert str(saved) in str(error.value)
 
 
@@ -51,11 +51,16 @@ def test_missing_file(tmp_path):
 
 def test_valid_checksum_but_not_faiss(tmp_path):
     path = tmp_path / "index.ckpt"
-    write_checkpoint(path, Checkpoint(1, 0, memoryview(b"definitely not a faiss index")))
+    write_checkpoint(path, Checkpoint(1, 0, "model-a", memoryview(b"definitely not a faiss index")))
     with pytest.raises(CheckpointError, match="FAISS cannot read"):
-        FlatIndex.load(path, 512)
+        FlatIndex.load(path, 512, "model-a")
 
 
 def test_wrong_dimension(saved):
     with pytest.raises(CheckpointError, match="dimension"):
-        FlatIndex.load(saved, 128)
+        FlatIndex.load(saved, 128, "model-a")
+
+
+def test_other_model(saved):
+    with pytest.raises(CheckpointError, match="holds embeddings of model 'model-a'"):
+        FlatIndex.load(saved, 512, "model-b")

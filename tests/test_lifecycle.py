@@ -253,7 +253,7 @@ def test_insert_many_is_all_or_nothing(tmp_path, faces):
     from dedup._gallery import Gallery
     from dedup._models import Registration
 
-    gallery = Gallery(StoreConfig(data_dir=tmp_path / "bulk"))
+    gallery = Gallery(StoreConfig(data_dir=tmp_path / "bulk"), model_id="test-model")
     try:
         people = faces.persons(4)
         gallery.insert_many([(Registration("a", "ID1"), people[0]),

@@ -14,7 +14,6 @@ from ._errors import (
     NotFound,
     ResourceExhausted,
     StoreError,
-    Unimplemented,
 )
 from ._models import Verdict
 from ._server import DedupServer, create_server
@@ -38,7 +37,6 @@ __all__ = [
     "ServerConfig",
     "StoreConfig",
     "StoreError",
-    "Unimplemented",
     "Verdict",
     "create_server",
     "noise_for_similarity",

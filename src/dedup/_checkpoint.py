@@ -1,7 +1,8 @@
 """The index checkpoint file: a serialised index with the change sequence it covers.
 
 Layout: magic (8 bytes) | format version (u32) | sequence (u64) | vectors (u64)
-| payload length (u64) | SHA-256 of the payload (32 bytes) | payload.
+| payload length (u64) | SHA-256 of the payload (32 bytes) | embedding model id (64 bytes,
+NUL-padded) | payload.
 Written to a temporary file, fsynced, renamed over the old one, then the directory is
 fsynced: a reader sees the old checkpoint or the new one, never a mix.
 """
@@ -17,14 +18,16 @@ from pathlib import Path
 from ._errors import CheckpointError
 
 MAGIC = b"DDUPCKPT"
-VERSION = 1
-_HEADER = struct.Struct("<8sIQQQ32s")
+VERSION = 2
+_HEADER = struct.Struct("<8sIQQQ32s64s")
 
 
 @dataclass(frozen=True)
 class Checkpoint:
     sequence: int
     vectors: int
+    # The embedding model whose vectors the index holds (no other model's are ever in it).
+    model_id: str
     # A view, so that multi-gigabyte indexes are not copied on their way to and from disk.
     payload: memoryview
 
@@ -32,7 +35,8 @@ class Checkpoint:
 def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     digest = hashlib.sha256(checkpoint.payload).digest()
     header = _HEADER.pack(
-        MAGIC, VERSION, checkpoint.sequence, checkpoint.vectors, checkpoint.payload.nbytes, digest
+        MAGIC, VERSION, checkpoint.sequence, checkpoint.vectors, checkpoint.payload.nbytes, digest,
+        checkpoint.model_id.encode(),
     )
     temporary = path.with_name(path.name + ".tmp")
     with open(temporary, "wb") as handle:
@@ -54,7 +58,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path}: unreadable ({error.strerror})") from error
     if len(data) < _HEADER.size:
         raise CheckpointError(f"{path}: truncated header ({len(data)} bytes)")
-    magic, version, sequence, vectors, length, digest = _HEADER.unpack_from(data)
+    magic, version, sequence, vectors, length, digest, model = _HEADER.unpack_from(data)
     if magic != MAGIC:
         raise CheckpointError(f"{path}: not a dedup checkpoint (bad magic)")
     if version != VERSION:
@@ -64,7 +68,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path}: payload is {payload.nbytes} bytes, header says {length}")
     if hashlib.sha256(payload).digest() != digest:
         raise CheckpointError(f"{path}: checksum mismatch")
-    return Checkpoint(sequence=sequence, vectors=vectors, payload=payload)
+    return Checkpoint(sequence=sequence, vectors=vectors, model_id=model.rstrip(b"\0").decode(),
+                      payload=payload)
 
 
 def _fsync_directory(directory: Path) -> None:

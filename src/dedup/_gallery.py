@@ -4,10 +4,14 @@ Writes are serialised by one lock and applied to LMDB first (committed durably),
 the index, so the index never holds a vector the store does not. At start the index is
 loaded from its checkpoint and the store's change log after it is replayed; a missing or
 damaged checkpoint, or any disagreement with the store, is a warning and a rebuild.
+
+The index holds only the embeddings of the server's model: registrations another model
+made (before a model change) stay in the store but are never compared with a probe.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -42,11 +46,13 @@ class GalleryStats:
     index_vectors: int
     store_sequence: int
     checkpoint_sequence: int
+    registrations_by_model: dict[str, int]
 
 
 class Gallery:
-    def __init__(self, config: StoreConfig) -> None:
+    def __init__(self, config: StoreConfig, model_id: str) -> None:
         self.config = config
+        self.model_id = model_id
         self.data_dir = Path(config.data_dir)
         self.checkpoint_path = self.data_dir / CHECKPOINT_FILE
         self.store = Store(config)
@@ -65,8 +71,10 @@ class Gallery:
     # -- start-up --------------------------------------------------------------------
 
     def _recover_index(self) -> tuple[VectorIndex, int]:
+        self._warn_about_other_models()
         try:
-            index, covered = FlatIndex.load(self.checkpoint_path, self.config.dimension)
+            index, covered = FlatIndex.load(self.checkpoint_path, self.config.dimension,
+                                            self.model_id)
         except CheckpointError as error:
             if self.checkpoint_path.exists():
                 log.warning("index checkpoint unusable, rebuilding from the store: %s", error)
@@ -75,7 +83,7 @@ class Gallery:
             return self._rebuild_and_checkpoint()
         if not self._replay(index, covered):
             return self._rebuild_and_checkpoint()
-        count = self.store.count()
+        count = self._comparable_count()
         if len(index) != count:
             log.warning(
                 "index holds %d vectors after replay but the store holds %d: rebuilding",
@@ -98,7 +106,10 @@ class Gallery:
             return False
         added = [change.key for change in changes if change.op == OP_ADD]
         removed = {change.key for change in changes if change.op != OP_ADD}
-        keys, vectors = self.store.vectors(key for key in added if key not in removed)
+        alive = [key for key in added if key not in removed]
+        ours = [face.key for face in self.store.faces(alive, with_vectors=False)
+                if face.registration.embedding_model == self.model_id]
+        keys, vectors = self.store.vectors(ours)
         index.add(np.asarray(keys, np.int64), vectors)
         index.remove(np.asarray(sorted(removed.difference(added)), np.int64))
         if changes:
@@ -109,7 +120,9 @@ class Gallery:
         started = time.monotonic()
         sequence = self.store.sequence()
         index = FlatIndex(self.config.dimension)
-        for keys, vectors in self.store.iter_vectors(REBUILD_BATCH):
+        others = set(self.store.model_counts()) - {self.model_id}
+        only = self.model_id if others else None
+        for keys, vectors in self.store.iter_vectors(REBUILD_BATCH, only_model=only):
             index.add(np.asarray(keys, np.int64), vectors)
         log.info(
             "built the index from the store: %d vectors in %.1f s",
@@ -117,6 +130,18 @@ class Gallery:
         )
         self._save_checkpoint(index, sequence)
         return index, sequence
+
+    def _comparable_count(self) -> int:
+        return self.store.model_counts().get(self.model_id, 0)
+
+    def _warn_about_other_models(self) -> None:
+        for model, count in self.store.model_counts().items():
+            if model != self.model_id:
+                log.warning(
+                    "%d registration(s) were embedded by model %r, not the current %r: they "
+                    "are left out of every check until enrolled again", count, model,
+                    self.model_id,
+                )
 
     # -- writes ----------------------------------------------------------------------
 
@@ -127,18 +152,22 @@ class Gallery:
             yield
 
     def insert(self, registration: Registration, vector: Vector) -> Registration:
+        """Stores a registration whose vector the server's model made, then indexes it."""
         with self._writes:
-            face = self.store.insert(registration, vector)
+            face = self.store.insert(self._stamped(registration), vector)
             self.index.add(np.array([face.key], np.int64), vector.reshape(1, -1))
         return face.registration
 
     def insert_many(self, batch: list[tuple[Registration, Vector]]) -> list[Registration]:
         """Stores a batch in one durable transaction (bulk loads), then indexes it."""
         with self._writes:
-            faces = self.store.insert_many(batch)
+            faces = self.store.insert_many([(self._stamped(r), v) for r, v in batch])
             keys = np.array([face.key for face in faces], np.int64)
             self.index.add(keys, np.vstack([vector for _, vector in batch]))
         return [face.registration for face in faces]
+
+    def _stamped(self, registration: Registration) -> Registration:
+        return dataclasses.replace(registration, embedding_model=self.model_id)
 
     def delete(self, by: DeleteKey, value: str) -> list[Registration]:
         with self._writes:
@@ -153,7 +182,7 @@ class Gallery:
 
         Scores are exact: recomputed from the stored vectors unless the index is exact.
         """
-        (keys, scores), = self.index.search(vector.reshape(1, -1), k)
+        ((keys, scores),) = self.index.search(vector.reshape(1, -1), k)
         if not self.index.exact:
             kept, vectors = self.store.vectors(int(key) for key in keys)
             keys, scores = np.asarray(kept, np.int64), vectors @ vector
@@ -162,11 +191,13 @@ class Gallery:
         wanted = [i for i, score in enumerate(scores) if i == 0 or score >= floor]
         by_key = {int(keys[i]): float(scores[i]) for i in wanted}
         faces = self.store.faces(by_key, with_vectors=False)
-        return [Scored(face.key, face.registration, by_key[face.key]) for face in faces]
+        return [Scored(face.key, face.registration, by_key[face.key]) for face in faces
+                if face.registration.embedding_model == self.model_id]
 
     def same_id_number(self, vector: Vector, id_number: str) -> list[Scored]:
         """Every registration under `id_number`, scored 1:1 against the probe."""
-        faces = self.store.faces_of_id_number(id_number)
+        faces = [face for face in self.store.faces_of_id_number(id_number)
+                 if face.registration.embedding_model == self.model_id]
         if not faces:
             return []
         scores = np.vstack([face.vector for face in faces if face.vector is not None]) @ vector
@@ -187,6 +218,7 @@ class Gallery:
             index_vectors=len(self.index),
             store_sequence=self.store.sequence(),
             checkpoint_sequence=self.checkpoint_sequence,
+            registrations_by_model=self.store.model_counts(),
         )
 
     # -- checkpoints -----------------------------------------------------------------
@@ -198,13 +230,13 @@ class Gallery:
                 sequence = self.store.sequence()
                 if sequence == self.checkpoint_sequence and self.checkpoint_path.exists():
                     return sequence
-                snapshot = self.index.snapshot(sequence)
+                snapshot = self.index.snapshot(sequence, self.model_id)
             write_checkpoint(self.checkpoint_path, snapshot)
             self._after_checkpoint(sequence)
             return sequence
 
     def _save_checkpoint(self, index: VectorIndex, sequence: int) -> None:
-        write_checkpoint(self.checkpoint_path, index.snapshot(sequence))
+        write_checkpoint(self.checkpoint_path, index.snapshot(sequence, self.model_id))
         self._after_checkpoint(sequence)
 
     def _after_checkpoint(self, sequence: int) -> None:

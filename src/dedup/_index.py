@@ -47,7 +47,7 @@ class VectorIndex(Protocol):
         """Per query: ids and scores of up to k neighbours, best first."""
         ...
 
-    def snapshot(self, sequence: int) -> Checkpoint:
+    def snapshot(self, sequence: int, model_id: str) -> Checkpoint:
         """The serialised index, labelled as covering the store's changes up to `sequence`.
 
         Callers write it with `write_checkpoint` (temp file, fsync, rename) outside any lock.
@@ -100,17 +100,21 @@ class FlatIndex:
         found = ids >= 0
         return [(ids[row][found[row]], scores[row][found[row]]) for row in range(len(queries))]
 
-    def snapshot(self, sequence: int) -> Checkpoint:
+    def snapshot(self, sequence: int, model_id: str) -> Checkpoint:
         # Under the read lock: searches go on, changes wait for the copy.
         with self._lock.reading():
             payload = faiss.serialize_index(self._index)
             vectors = int(self._index.ntotal)
-        return Checkpoint(sequence, vectors, payload.data)
+        return Checkpoint(sequence, vectors, model_id, payload.data)
 
     @classmethod
-    def load(cls, path: Path, dimension: int) -> tuple[FlatIndex, int]:
+    def load(cls, path: Path, dimension: int, model_id: str) -> tuple[FlatIndex, int]:
         """Loads a checkpoint; returns the index and the change sequence it covers."""
         checkpoint = read_checkpoint(path)
+        if checkpoint.model_id != model_id:
+            raise CheckpointError(
+                f"{path}: holds embeddings of model {checkpoint.model_id!r}, the server uses "
+                f"{model_id!r}")
         try:
             index = faiss.deserialize_index(np.frombuffer(checkpoint.payload, dtype=np.uint8))
         except RuntimeError as error:

@@ -17,6 +17,8 @@ class Registration:
     region: str = ""
     # Microseconds since the Unix epoch; set by the store when the registration is written.
     enrolled_at_us: int = 0
+    # The model that made the embedding (ModelPack.model_id); set by the service.
+    embedding_model: str = ""
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,40 @@ class Verdict(enum.IntEnum):
 
 
 @dataclass(frozen=True)
+class DetectedFace:
+    """The face found in a photo: its box in pixels and the detector's score."""
+
+    box: tuple[float, float, float, float]
+    score: float
+    faces_in_image: int
+
+    @property
+    def size(self) -> float:
+        """The shorter side of the box, in pixels."""
+        x1, y1, x2, y2 = self.box
+        return min(x2 - x1, y2 - y1)
+
+
+@dataclass(frozen=True)
+class FaceInput:
+    """A request's face, validated but not yet embedded: a unit vector or photo bytes."""
+
+    vector: Vector | None = None
+    # The model the client says made `vector` ("" = the server's).
+    vector_model: str = ""
+    image: bytes = b""
+    use_largest_face: bool = False
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A face to search with: a unit vector of the server's model, and where it came from."""
+
+    vector: Vector
+    detected: DetectedFace | None = None
+
+
+@dataclass(frozen=True)
 class Match:
     registration: Registration
     score: float
@@ -53,6 +89,7 @@ class CheckResult:
     distinct_other_id_numbers: int = 0
     same_id_registrations: int = 0
     best_score: float = 0.0
+    detected: DetectedFace | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +97,7 @@ class EnrollResult:
     registration: Registration
     enrolled: bool
     check: CheckResult | None = None
+    detected: DetectedFace | None = None
 
 
 class DeleteKey(enum.Enum):

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from . import _convert as convert
 from ._config import ServerConfig
+from ._embedder import FaceEmbedder
 from ._errors import (
     AlreadyExists,
     DedupError,
@@ -23,9 +24,10 @@ from ._errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
-    Unimplemented,
 )
 from ._gallery import Gallery
+from ._model_pack import resolve_model_dir
+from ._models import Probe
 from ._proto.dedup.v1 import dedup_pb2 as pb
 from ._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 from ._service import DedupService
@@ -40,7 +42,6 @@ _STATUS: dict[type[DedupError], grpc.StatusCode] = {
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
 }
 
 _Handler = TypeVar("_Handler", bound=Callable[..., Any])
@@ -75,27 +76,34 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
         self.limits = config.limits
         self.dimension = config.store.dimension
 
+    def _probe(self, request: pb.CheckRequest | pb.EnrollRequest,
+               context: grpc.ServicerContext) -> Probe:
+        face = convert.face_input(request.face, request.HasField("face"), "face", self.dimension)
+        return self.service.probe(face, "face", timeout=context.time_remaining())
+
     @_rpc
     def Check(self, request: pb.CheckRequest, context: grpc.ServicerContext) -> pb.CheckResponse:
-        vector = convert.face_vector(request.face, request.HasField("face"), "face", self.dimension)
         claimed = convert.text(request.claimed_id_number, "claimed_id_number",
                                self.limits.max_id_number_chars, required=False)
         limit = convert.max_candidates(request.max_candidates, self.limits)
-        return convert.check_to_proto(self.service.check(vector, claimed, limit))
+        probe = self._probe(request, context)
+        return convert.check_to_proto(self.service.check(probe, claimed, limit))
 
     @_rpc
     def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:
         registration = convert.registration_from_proto(
             request.registration, request.HasField("registration"), self.limits
         )
-        vector = convert.face_vector(request.face, request.HasField("face"), "face", self.dimension)
-        result = self.service.enroll(registration, vector, request.check_first)
+        probe = self._probe(request, context)
+        result = self.service.enroll(registration, probe, request.check_first)
         response = pb.EnrollResponse(
             registration=convert.registration_to_proto(result.registration),
             enrolled=result.enrolled,
         )
         if result.check is not None:
             response.check.CopyFrom(convert.check_to_proto(result.check))
+        if result.detected is not None:
+            response.detected_face.CopyFrom(convert.detected_to_proto(result.detected))
         return response
 
     @_rpc
@@ -133,16 +141,23 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
             ),
             store_sequence=gallery.store_sequence,
             checkpoint_sequence=gallery.checkpoint_sequence,
+            model=pb.ModelInfo(
+                model_id=stats.model.model_id,
+                model_dir=str(stats.model.directory),
+                files=[pb.ModelFile(name=f.name, sha256=f.sha256) for f in stats.model.files],
+            ),
+            registrations_by_model=gallery.registrations_by_model,
         )
 
 
 class DedupServer:
     """A running dedup: the gRPC server, its health service and the gallery behind it."""
 
-    def __init__(self, server: grpc.Server, gallery: Gallery,
+    def __init__(self, server: grpc.Server, service: DedupService,
                  health_servicer: health.HealthServicer, config: ServerConfig) -> None:
         self.grpc_server = server
-        self.gallery = gallery
+        self.service = service
+        self.gallery = service.gallery
         self.health = health_servicer
         self.config = config
         self._stopped = threading.Event()
@@ -160,6 +175,7 @@ class DedupServer:
                 return
             self.health.enter_graceful_shutdown()
             self.grpc_server.stop(self.config.shutdown_grace_s if grace is None else grace).wait()
+            self.service.embedder.close()
             self.gallery.close(checkpoint=True)
             self._stopped.set()
 
@@ -168,8 +184,19 @@ class DedupServer:
 
 
 def create_server(config: ServerConfig, address: str = "127.0.0.1:0") -> tuple[DedupServer, int]:
-    """Opens the gallery and binds `address`; returns the server (not started) and its port."""
-    gallery = Gallery(config.store)
+    """Loads the face model, opens the gallery and binds `address`.
+
+    Returns the server (not started) and its port. A missing model directory or an unusable
+    data directory raises before anything listens.
+    """
+    embedder = FaceEmbedder(resolve_model_dir(config.model_dir), config.capture,
+                            workers=config.embed_workers, max_batch=config.embed_batch,
+                            max_pending=config.max_pending_images)
+    try:
+        gallery = Gallery(config.store, embedder.model_id)
+    except BaseException:
+        embedder.close()
+        raise
     try:
         server = grpc.server(
             futures.ThreadPoolExecutor(
@@ -186,7 +213,7 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0") -> tuple[D
                 ("grpc.so_reuseport", 0),
             ],
         )
-        service = DedupService(gallery, config.policy, config.limits)
+        service = DedupService(gallery, embedder, config.policy, config.limits)
         pb_grpc.add_FaceDedupServicer_to_server(FaceDedupServicer(service, config), server)
         health_servicer = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -198,6 +225,7 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0") -> tuple[D
         if port == 0:
             raise OSError(f"cannot bind {address}")
     except BaseException:
+        embedder.close()
         gallery.close(checkpoint=False)
         raise
-    return DedupServer(server, gallery, health_servicer, config), port
+    return DedupServer(server, service, health_servicer, config), port

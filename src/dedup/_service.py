@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ._config import Limits, Policy
-from ._errors import NotFound
+from ._embedder import FaceEmbedder
+from ._errors import FailedPrecondition, NotFound
 from ._gallery import Gallery, GalleryStats
-from ._models import CheckResult, DeleteKey, EnrollResult, Registration, Verdict
+from ._model_pack import ModelPack
+from ._models import (
+    CheckResult,
+    DeleteKey,
+    EnrollResult,
+    FaceInput,
+    Probe,
+    Registration,
+    Verdict,
+)
 from ._policy import decide
-from ._vectors import Vector
 
 ENROLLING_VERDICTS = frozenset({Verdict.CLEAR, Verdict.SAME_PERSON})
 
@@ -19,15 +29,32 @@ class ServiceStats:
     gallery: GalleryStats
     data_dir: str
     policy: Policy
+    model: ModelPack
 
 
 class DedupService:
-    def __init__(self, gallery: Gallery, policy: Policy, limits: Limits) -> None:
+    def __init__(self, gallery: Gallery, embedder: FaceEmbedder, policy: Policy,
+                 limits: Limits) -> None:
         self.gallery = gallery
+        self.embedder = embedder
         self.policy = policy
         self.limits = limits
 
-    def check(self, vector: Vector, claimed_id_number: str, max_matches: int) -> CheckResult:
+    def probe(self, face: FaceInput, field: str, timeout: float | None = None) -> Probe:
+        """The face as a unit vector of the server's model, embedding a photo if need be."""
+        if face.vector is not None:
+            if face.vector_model and face.vector_model != self.embedder.model_id:
+                raise FailedPrecondition(
+                    f"{field}.embedding.model: {face.vector_model!r} is not the server's model "
+                    f"{self.embedder.model_id!r}; embeddings of different models are never "
+                    "compared")
+            return Probe(face.vector)
+        embedded = self.embedder.embed(face.image, face.use_largest_face, f"{field}.image",
+                                       timeout)
+        return Probe(embedded.vector, embedded.face)
+
+    def check(self, probe: Probe, claimed_id_number: str, max_matches: int) -> CheckResult:
+        vector = probe.vector
         same_id = (
             self.gallery.same_id_number(vector, claimed_id_number) if claimed_id_number else []
         )
@@ -35,20 +62,23 @@ class DedupService:
         # so that at least min_search_k registrations under other ID numbers are looked at.
         k = max(max_matches, self.limits.min_search_k) + len(same_id)
         candidates = self.gallery.neighbours(vector, k, floor=self.policy.review_threshold)
-        return decide(self.policy, claimed_id_number, candidates, same_id, max_matches)
+        result = decide(self.policy, claimed_id_number, candidates, same_id, max_matches)
+        return dataclasses.replace(result, detected=probe.detected)
 
-    def enroll(self, registration: Registration, vector: Vector, check_first: bool) -> EnrollResult:
+    def enroll(self, registration: Registration, probe: Probe, check_first: bool) -> EnrollResult:
+        vector, detected = probe.vector, probe.detected
         if not check_first:
-            return EnrollResult(self.gallery.insert(registration, vector), enrolled=True)
+            stored = self.gallery.insert(registration, vector)
+            return EnrollResult(stored, enrolled=True, detected=detected)
         # The check and the insert it allows form one step: no other enrolment can slip
         # between them, so two captures of one face under two ID numbers cannot both pass.
         with self.gallery.exclusive_writes():
             self._ensure_new(registration)
-            result = self.check(vector, registration.id_number, self.limits.default_candidates)
+            result = self.check(probe, registration.id_number, self.limits.default_candidates)
             if result.verdict not in ENROLLING_VERDICTS:
-                return EnrollResult(registration, enrolled=False, check=result)
+                return EnrollResult(registration, enrolled=False, check=result, detected=detected)
             stored = self.gallery.insert(registration, vector)
-        return EnrollResult(stored, enrolled=True, check=result)
+        return EnrollResult(stored, enrolled=True, check=result, detected=detected)
 
     def _ensure_new(self, registration: Registration) -> None:
         # The store enforces uniqueness again inside its transaction; checking first only
@@ -68,4 +98,5 @@ class DedupService:
         return registration
 
     def stats(self) -> ServiceStats:
-        return ServiceStats(self.gallery.stats(), str(self.gallery.data_dir), self.policy)
+        return ServiceStats(self.gallery.stats(), str(self.gallery.data_dir), self.policy,
+                            self.embedder.pack)

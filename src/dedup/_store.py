@@ -1,7 +1,8 @@
 """The LMDB store: the durable source of truth.
 
 Named databases in one environment (`<data_dir>/store/`):
-    meta                 format, dimension, next key, change sequence, distinct ID numbers
+    meta                 format, dimension, next key, change sequence, distinct ID numbers,
+                         registrations per embedding model ("model:<model_id>")
     records              key -> registration fields (JSON)
     vectors              key -> unit embedding (float32 bytes)
     by_registration_id   registration_id -> key
@@ -42,6 +43,7 @@ OP_ADD = b"A"
 OP_REMOVE = b"R"
 
 _U64 = struct.Struct(">Q")
+_MODEL_PREFIX = b"model:"
 _T = TypeVar("_T")
 
 
@@ -189,11 +191,13 @@ class Store:
             carrier=registration.carrier,
             region=registration.region,
             enrolled_at_us=time.time_ns() // 1000,
+            embedding_model=registration.embedding_model,
         )
         packed = _u64(key)
         id_number = stored.id_number.encode()
         if txn.get(id_number, db=self._dbs["by_id_number"]) is None:
             self._bump(txn, b"distinct_id_numbers", +1)
+        self._bump(txn, _model_key(stored.embedding_model), +1)
         txn.put(packed, _encode_registration(stored), db=self._dbs["records"])
         txn.put(packed, np.ascontiguousarray(vector, np.float32).tobytes(),
                 db=self._dbs["vectors"])
@@ -243,13 +247,18 @@ class Store:
         txn.delete(id_number, packed, db=self._dbs["by_id_number"])
         if txn.get(id_number, db=self._dbs["by_id_number"]) is None:
             self._bump(txn, b"distinct_id_numbers", -1)
+        self._bump(txn, _model_key(registration.embedding_model), -1)
         if registration.msisdn:
             txn.delete(registration.msisdn.encode(), db=self._dbs["by_msisdn"])
         self._log_change(txn, OP_REMOVE, face.key)
 
     def _bump(self, txn: lmdb.Transaction, name: bytes, delta: int) -> None:
         meta = self._dbs["meta"]
-        txn.put(name, _u64(_from_u64(txn.get(name, db=meta)) + delta), db=meta)
+        value = _from_u64(txn.get(name, db=meta, default=_u64(0))) + delta
+        if value:
+            txn.put(name, _u64(value), db=meta)
+        else:
+            txn.delete(name, db=meta)
 
     def _log_change(self, txn: lmdb.Transaction, op: bytes, key: int) -> None:
         meta = self._dbs["meta"]
@@ -329,6 +338,20 @@ class Store:
     def sequence(self) -> int:
         return self._read(lambda txn: self._meta(txn, b"sequence"))
 
+    def model_counts(self) -> dict[str, int]:
+        """Registrations per embedding model."""
+        def counts(txn: lmdb.Transaction) -> dict[str, int]:
+            cursor = txn.cursor(db=self._dbs["meta"])
+            found = {}
+            if cursor.set_range(_MODEL_PREFIX):
+                for key, value in cursor:
+                    if not bytes(key).startswith(_MODEL_PREFIX):
+                        break
+                    found[bytes(key)[len(_MODEL_PREFIX):].decode()] = _from_u64(value)
+            return found
+
+        return self._read(counts)
+
     def _meta(self, txn: lmdb.Transaction, name: bytes) -> int:
         return _from_u64(txn.get(name, db=self._dbs["meta"]))
 
@@ -364,29 +387,46 @@ class Store:
 
         return self._read(vectors)
 
-    def iter_vectors(self, batch: int = 10_000) -> Iterator[tuple[list[int], Matrix]]:
-        """Every stored vector in key order, in batches, each batch from its own snapshot."""
+    def iter_vectors(self, batch: int = 10_000, only_model: str | None = None
+                     ) -> Iterator[tuple[list[int], Matrix]]:
+        """Stored vectors in key order, in batches, each batch from its own snapshot.
+
+        With `only_model`, just the vectors that model made (slower: reads each record).
+        """
         after = 0
         while True:
-            keys, matrix = self._read(functools.partial(self._vector_batch, after=after,
-                                                        batch=batch))
-            if not keys:
+            last, keys, matrix = self._read(functools.partial(
+                self._vector_batch, after=after, batch=batch, only_model=only_model))
+            if last == after:
                 return
-            yield keys, matrix
-            after = keys[-1]
+            if keys:
+                yield keys, matrix
+            after = last
 
-    def _vector_batch(self, txn: lmdb.Transaction, after: int, batch: int
-                      ) -> tuple[list[int], Matrix]:
+    def _vector_batch(self, txn: lmdb.Transaction, after: int, batch: int,
+                      only_model: str | None) -> tuple[int, list[int], Matrix]:
         cursor = txn.cursor(db=self._dbs["vectors"])
         keys, rows = [], []
+        last = after
         if cursor.set_range(_u64(after + 1)):
             for raw_key, raw_vector in cursor:
-                keys.append(_from_u64(raw_key))
+                last = _from_u64(raw_key)
+                if only_model is not None and self._model_of(txn, last) != only_model:
+                    continue
+                keys.append(last)
                 rows.append(np.frombuffer(raw_vector, dtype=np.float32))
                 if len(keys) == batch:
                     break
         matrix = np.vstack(rows) if rows else np.empty((0, self.config.dimension), np.float32)
-        return keys, matrix
+        return last, keys, matrix
+
+    def _model_of(self, txn: lmdb.Transaction, key: int) -> str:
+        face = self._load(txn, key, with_vector=False)
+        return face.registration.embedding_model if face else ""
+
+
+def _model_key(model_id: str) -> bytes:
+    return _MODEL_PREFIX + model_id.encode()
 
 
 def _encode_registration(registration: Registration) -> bytes:
@@ -398,6 +438,7 @@ def _encode_registration(registration: Registration) -> bytes:
             "c": registration.carrier,
             "g": registration.region,
             "t": registration.enrolled_at_us,
+            "e": registration.embedding_model,
         },
         separators=(",", ":"),
     ).encode()
@@ -412,6 +453,7 @@ def _decode_registration(raw: bytes) -> Registration:
         carrier=fields["c"],
         region=fields["g"],
         enrolled_at_us=fields["t"],
+        embedding_model=fields.get("e", ""),
     )
 
 
