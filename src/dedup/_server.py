@@ -19,6 +19,7 @@ from ._config import ServerConfig
 from ._embedder import FaceEmbedder
 from ._errors import (
     AlreadyExists,
+    DeadlineExceeded,
     DedupError,
     FailedPrecondition,
     InvalidArgument,
@@ -42,6 +43,7 @@ _STATUS: dict[type[DedupError], grpc.StatusCode] = {
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 _Handler = TypeVar("_Handler", bound=Callable[..., Any])
@@ -70,6 +72,12 @@ def _rpc(handler: _Handler) -> _Handler:
     return wrapper  # type: ignore[return-value]
 
 
+def _deadline(context: grpc.ServicerContext) -> float | None:
+    """Seconds left for the call, or None without a deadline (gRPC then reports ~1e308)."""
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > 1e9 else max(0.0, float(remaining))
+
+
 class FaceDedupServicer(pb_grpc.FaceDedupServicer):
     def __init__(self, service: DedupService, config: ServerConfig) -> None:
         self.service = service
@@ -79,7 +87,7 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
     def _probe(self, request: pb.CheckRequest | pb.EnrollRequest,
                context: grpc.ServicerContext) -> Probe:
         face = convert.face_input(request.face, request.HasField("face"), "face", self.dimension)
-        return self.service.probe(face, "face", timeout=context.time_remaining())
+        return self.service.probe(face, "face", timeout=_deadline(context))
 
     @_rpc
     def Check(self, request: pb.CheckRequest, context: grpc.ServicerContext) -> pb.CheckResponse:
