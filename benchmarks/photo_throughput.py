@@ -31,7 +31,7 @@ from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from photos import PLAYERS, T1, YAOMING, cut_single_faces  # noqa: E402
+from photos import PLAYERS, T1, YAOMING, cut_single_faces
 
 RESULTS = Path(__file__).parent / "results"
 
