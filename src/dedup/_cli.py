@@ -153,18 +153,19 @@ def serve_command(args: argparse.Namespace) -> int:
             min_face_pixels=args.min_face_pixels,
         ),
     )
-    server, port = create_server(config, args.address)
-    server.start()
-    host = args.address.rsplit(":", 1)[0]
-    log.info("dedup serving on %s:%d, data directory %s", host, port, args.data_dir.resolve())
     stopping = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("received %s, shutting down gracefully", signal.Signals(signum).name)
         stopping.set()
 
+    # Before anything starts, so that a signal during start-up also ends in a clean stop.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    server, port = create_server(config, args.address)
+    server.start()
+    host = args.address.rsplit(":", 1)[0]
+    log.info("dedup serving on %s:%d, data directory %s", host, port, args.data_dir.resolve())
     stopping.wait()
     server.stop()
     log.info("stopped; index checkpointed")
