@@ -7,7 +7,7 @@ import pytest
 
 from dedup import CheckpointError, FaceGenerator
 from dedup._checkpoint import Checkpoint, read_checkpoint, write_checkpoint
-from dedup._index import FlatIndex
+from dedup._index import FlatIndex, SearchOptions, load_index
 
 
 @pytest.fixture
@@ -20,10 +20,10 @@ def saved(tmp_path):
 
 
 def test_round_trip(saved):
-    index, sequence = FlatIndex.load(saved, 512, "model-a")
+    index, sequence = load_index(saved, 512, "model-a")
     assert sequence == 42
     assert len(index) == 10
-    (ids, scores), = index.search(FaceGenerator(1).persons(10)[3:4], 1)
+    (ids, scores), = index.search(FaceGenerator(1).persons(10)[3:4], 1, SearchOptions())
     assert ids.tolist() == [103] and scores[0] == pytest.approx(1.0, abs=1e-5)
     assert not (saved.parent / "index.ckpt.tmp").exists()
 
@@ -40,7 +40,7 @@ def test_round_trip(saved):
 def test_damaged_file_is_a_clean_error(saved, damage, message):
     saved.write_bytes(damage(saved.read_bytes()))
     with pytest.raises(CheckpointError, match=message) as error:
-        FlatIndex.load(saved, 512, "model-a")
+        load_index(saved, 512, "model-a")
     assert str(saved) in str(error.value)
 
 
@@ -53,14 +53,14 @@ def test_valid_checksum_but_not_faiss(tmp_path):
     path = tmp_path / "index.ckpt"
     write_checkpoint(path, Checkpoint(1, 0, "model-a", memoryview(b"definitely not a faiss index")))
     with pytest.raises(CheckpointError, match="FAISS cannot read"):
-        FlatIndex.load(path, 512, "model-a")
+        load_index(path, 512, "model-a")
 
 
 def test_wrong_dimension(saved):
     with pytest.raises(CheckpointError, match="dimension"):
-        FlatIndex.load(saved, 128, "model-a")
+        load_index(saved, 128, "model-a")
 
 
 def test_other_model(saved):
     with pytest.raises(CheckpointError, match="holds embeddings of model 'model-a'"):
-        FlatIndex.load(saved, 512, "model-b")
+        load_index(saved, 512, "model-b")

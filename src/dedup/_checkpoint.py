@@ -2,7 +2,7 @@
 
 Layout: magic (8 bytes) | format version (u32) | sequence (u64) | vectors (u64)
 | payload length (u64) | SHA-256 of the payload (32 bytes) | embedding model id (64 bytes,
-NUL-padded) | payload.
+NUL-padded) | index type (64 bytes, NUL-padded) | payload.
 Written to a temporary file, fsynced, renamed over the old one, then the directory is
 fsynced: a reader sees the old checkpoint or the new one, never a mix.
 """
@@ -19,7 +19,7 @@ from ._errors import CheckpointError
 
 MAGIC = b"DDUPCKPT"
 VERSION = 2
-_HEADER = struct.Struct("<8sIQQQ32s64s")
+_HEADER = struct.Struct("<8sIQQQ32s64s64s")
 
 
 @dataclass(frozen=True)
@@ -30,13 +30,15 @@ class Checkpoint:
     model_id: str
     # A view, so that multi-gigabyte indexes are not copied on their way to and from disk.
     payload: memoryview
+    # The index type ("Flat", "BinarySign512", an IVF factory string).
+    kind: str = "Flat"
 
 
 def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     digest = hashlib.sha256(checkpoint.payload).digest()
     header = _HEADER.pack(
         MAGIC, VERSION, checkpoint.sequence, checkpoint.vectors, checkpoint.payload.nbytes, digest,
-        checkpoint.model_id.encode(),
+        checkpoint.model_id.encode(), checkpoint.kind.encode(),
     )
     temporary = path.with_name(path.name + ".tmp")
     with open(temporary, "wb") as handle:
@@ -58,7 +60,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path}: unreadable ({error.strerror})") from error
     if len(data) < _HEADER.size:
         raise CheckpointError(f"{path}: truncated header ({len(data)} bytes)")
-    magic, version, sequence, vectors, length, digest, model = _HEADER.unpack_from(data)
+    magic, version, sequence, vectors, length, digest, model, kind = _HEADER.unpack_from(data)
     if magic != MAGIC:
         raise CheckpointError(f"{path}: not a dedup checkpoint (bad magic)")
     if version != VERSION:
@@ -69,7 +71,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
     if hashlib.sha256(payload).digest() != digest:
         raise CheckpointError(f"{path}: checksum mismatch")
     return Checkpoint(sequence=sequence, vectors=vectors, model_id=model.rstrip(b"\0").decode(),
-                      payload=payload)
+                      payload=payload, kind=kind.rstrip(b"\0").decode())
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -63,8 +63,28 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class IndexConfig:
+    """Which index, how it is searched, and how searches are batched."""
+
+    # "auto", "Flat", "BinarySign512", "BinarySign256" or an IVF-family factory string.
+    index_factory: str = "auto"
+    # "auto" uses Flat below this many registrations and BinarySign512 from here on.
+    auto_threshold: int = 200_000
+    # Per-call search parameter of IVF types.
+    nprobe: int = 64
+    # Candidates an approximate index returns for exact re-ranking.
+    rerank_candidates: int = 256
+    # Micro-batching of concurrent checks: at most this many queries per FAISS search,
+    # waiting at most this long for a batch to fill, on this many dispatcher threads.
+    max_batch: int = 64
+    max_batch_wait_s: float = 0.0
+    search_threads: int = 2
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
     policy: Policy = field(default_factory=Policy)
     limits: Limits = field(default_factory=Limits)
     reflection: bool = True

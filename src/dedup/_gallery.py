@@ -7,6 +7,7 @@ damaged checkpoint, or any disagreement with the store, is a warning and a rebui
 
 The index holds only the embeddings of the server's model: registrations another model
 made (before a model change) stay in the store but are never compared with a probe.
+An approximate index's candidates are re-scored exactly from the stored float32 vectors.
 """
 
 from __future__ import annotations
@@ -22,19 +23,31 @@ from pathlib import Path
 
 import numpy as np
 
+from ._batcher import SearchBatcher
 from ._checkpoint import write_checkpoint
-from ._config import StoreConfig
-from ._errors import CheckpointError
-from ._index import FlatIndex, VectorIndex
+from ._config import IndexConfig, StoreConfig
+from ._errors import CheckpointError, FailedPrecondition, StoreError
+from ._index import (
+    AUTO,
+    BINARY_DEFAULT,
+    FLAT,
+    IVFIndex,
+    SearchOptions,
+    VectorIndex,
+    load_index,
+    training_size,
+    validate_kind,
+)
 from ._models import DeleteKey, Registration
 from ._policy import Scored
+from ._rebuild import Built, Progress, build_in_child, build_in_process
 from ._store import OP_ADD, Store
 from ._vectors import Vector
 
 log = logging.getLogger("dedup.gallery")
 
 CHECKPOINT_FILE = "index.ckpt"
-REBUILD_BATCH = 20_000
+REBUILD_FILE = "index.ckpt.rebuild"
 
 
 @dataclass(frozen=True)
@@ -49,61 +62,94 @@ class GalleryStats:
     registrations_by_model: dict[str, int]
 
 
+@dataclass(frozen=True)
+class IndexStatus:
+    index_type: str
+    dimension: int
+    vectors: int
+    exact: bool
+    rerank_candidates: int
+    search_parameters: str
+    configured_index_type: str
+    wanted_index_type: str
+    rebuilding: bool
+    store_sequence: int
+    checkpoint_sequence: int
+    bytes_per_vector: float
+
+
 class Gallery:
-    def __init__(self, config: StoreConfig, model_id: str) -> None:
+    def __init__(self, config: StoreConfig, model_id: str,
+                 index_config: IndexConfig | None = None) -> None:
         self.config = config
         self.model_id = model_id
+        self.index_config = index_config or IndexConfig()
+        self.configured_kind = validate_kind(self.index_config.index_factory)
+        self.search_options = SearchOptions(nprobe=self.index_config.nprobe)
         self.data_dir = Path(config.data_dir)
         self.checkpoint_path = self.data_dir / CHECKPOINT_FILE
         self.store = Store(config)
         # Re-entrant, so that a check-then-insert can hold it across both steps.
         self._writes = threading.RLock()
         self._checkpointing = threading.Lock()
+        self._rebuilding = threading.Lock()
+        # While a live rebuild runs, the change log is kept from this sequence on.
+        self._log_pin: int | None = None
         self._closed = threading.Event()
         self.index: VectorIndex
         self.index, self.checkpoint_sequence = self._recover_index()
         self._last_checkpoint_time = time.monotonic()
-        self._checkpointer = threading.Thread(
-            target=self._checkpoint_periodically, name="dedup-checkpointer", daemon=True
+        self._batcher = SearchBatcher(
+            lambda queries, k: self.index.search(queries, k, self.search_options),
+            dimension=config.dimension,
+            max_batch=self.index_config.max_batch,
+            max_wait_s=self.index_config.max_batch_wait_s,
+            dispatchers=self.index_config.search_threads,
         )
-        self._checkpointer.start()
+        self._maintainer = threading.Thread(
+            target=self._maintain, name="dedup-maintenance", daemon=True)
+        self._maintainer.start()
 
     # -- start-up --------------------------------------------------------------------
 
     def _recover_index(self) -> tuple[VectorIndex, int]:
         self._warn_about_other_models()
+        (self.data_dir / REBUILD_FILE).unlink(missing_ok=True)  # a rebuild that never swapped
         try:
-            index, covered = FlatIndex.load(self.checkpoint_path, self.config.dimension,
-                                            self.model_id)
+            index, covered = load_index(self.checkpoint_path, self.config.dimension,
+                                        self.model_id)
         except CheckpointError as error:
             if self.checkpoint_path.exists():
                 log.warning("index checkpoint unusable, rebuilding from the store: %s", error)
             else:
                 log.info("no index checkpoint at %s, building from the store", self.checkpoint_path)
-            return self._rebuild_and_checkpoint()
-        if not self._replay(index, covered):
-            return self._rebuild_and_checkpoint()
+            return self._rebuild_at_start()
+        replayed = self._replay(index, covered)
+        if replayed is None:
+            return self._rebuild_at_start()
         count = self._comparable_count()
         if len(index) != count:
             log.warning(
                 "index holds %d vectors after replay but the store holds %d: rebuilding",
                 len(index), count,
             )
-            return self._rebuild_and_checkpoint()
-        sequence = self.store.sequence()
-        if sequence != covered:
-            self._save_checkpoint(index, sequence)
-        return index, sequence
+            return self._rebuild_at_start()
+        if replayed != covered:
+            self._save_checkpoint(index, replayed)
+        return index, replayed
 
-    def _replay(self, index: VectorIndex, covered: int) -> bool:
-        """Applies the logged changes after the checkpoint; False if the log has a gap."""
+    def _replay(self, index: VectorIndex, covered: int) -> int | None:
+        """Applies the logged changes after `covered`; returns the sequence now covered.
+
+        None if the log has a gap (it was truncated past `covered`): rebuild instead.
+        """
         changes, current = self.store.changes_after(covered)
         if covered > current or len(changes) != current - covered:
             log.warning(
                 "checkpoint covers change %d, store is at %d with %d logged changes after it: "
                 "rebuilding", covered, current, len(changes),
             )
-            return False
+            return None
         added = [change.key for change in changes if change.op == OP_ADD]
         removed = {change.key for change in changes if change.op != OP_ADD}
         alive = [key for key in added if key not in removed]
@@ -113,23 +159,24 @@ class Gallery:
         index.add(np.asarray(keys, np.int64), vectors)
         index.remove(np.asarray(sorted(removed.difference(added)), np.int64))
         if changes:
-            log.info("replayed %d change(s) after the checkpoint", len(changes))
-        return True
+            log.info("replayed %d change(s) after sequence %d", len(changes), covered)
+        return current
 
-    def _rebuild_and_checkpoint(self) -> tuple[VectorIndex, int]:
+    def _rebuild_at_start(self) -> tuple[VectorIndex, int]:
         started = time.monotonic()
-        sequence = self.store.sequence()
-        index = FlatIndex(self.config.dimension)
-        others = set(self.store.model_counts()) - {self.model_id}
-        only = self.model_id if others else None
-        for keys, vectors in self.store.iter_vectors(REBUILD_BATCH, only_model=only):
-            index.add(np.asarray(keys, np.int64), vectors)
-        log.info(
-            "built the index from the store: %d vectors in %.1f s",
-            len(index), time.monotonic() - started,
-        )
-        self._save_checkpoint(index, sequence)
-        return index, sequence
+        kind = self.wanted_kind()
+        if training_size(kind) > self._comparable_count():
+            kind = FLAT  # a type that needs training starts exact; a rebuild switches later
+        built = build_in_process(self.store, kind, self.model_id, self._only_model(),
+                                 lambda *_: None)
+        log.info("built a %s index from the store: %d vectors in %.1f s",
+                 kind, len(built.index), time.monotonic() - started)
+        self._save_checkpoint(built.index, built.sequence)
+        return built.index, built.sequence
+
+    def _only_model(self) -> str | None:
+        """Filter builds by model only when the store holds another model's embeddings."""
+        return self.model_id if set(self.store.model_counts()) - {self.model_id} else None
 
     def _comparable_count(self) -> int:
         return self.store.model_counts().get(self.model_id, 0)
@@ -142,6 +189,13 @@ class Gallery:
                     "are left out of every check until enrolled again", count, model,
                     self.model_id,
                 )
+
+    def wanted_kind(self) -> str:
+        """The configured index type; for "auto", what fits the gallery's size."""
+        if self.configured_kind != AUTO:
+            return self.configured_kind
+        return BINARY_DEFAULT if self._comparable_count() >= self.index_config.auto_threshold \
+            else FLAT
 
     # -- writes ----------------------------------------------------------------------
 
@@ -180,19 +234,26 @@ class Gallery:
     def neighbours(self, vector: Vector, k: int, floor: float) -> list[Scored]:
         """The probe's nearest registrations scoring >= floor, and always the best one.
 
-        Scores are exact: recomputed from the stored vectors unless the index is exact.
+        Scores are exact: an approximate index's candidates are re-scored from the stored
+        vectors, so verdicts never rest on approximate scores.
         """
-        ((keys, scores),) = self.index.search(vector.reshape(1, -1), k)
-        if not self.index.exact:
-            kept, vectors = self.store.vectors(int(key) for key in keys)
-            keys, scores = np.asarray(kept, np.int64), vectors @ vector
-            order = np.argsort(-scores, kind="stable")
-            keys, scores = keys[order], scores[order]
+        index = self.index
+        if not index.exact:
+            k = max(k, self.index_config.rerank_candidates)
+        keys, scores = self._batcher.search(vector, k)
+        if not index.exact:
+            keys, scores = self._rerank(keys, vector)
         wanted = [i for i, score in enumerate(scores) if i == 0 or score >= floor]
         by_key = {int(keys[i]): float(scores[i]) for i in wanted}
         faces = self.store.faces(by_key, with_vectors=False)
         return [Scored(face.key, face.registration, by_key[face.key]) for face in faces
                 if face.registration.embedding_model == self.model_id]
+
+    def _rerank(self, keys: np.ndarray, vector: Vector) -> tuple[np.ndarray, np.ndarray]:
+        kept, vectors = self.store.vectors(int(key) for key in keys)
+        exact: np.ndarray = vectors @ vector
+        order = np.argsort(-exact, kind="stable")
+        return np.asarray(kept, np.int64)[order], exact[order]
 
     def same_id_number(self, vector: Vector, id_number: str) -> list[Scored]:
         """Every registration under `id_number`, scored 1:1 against the probe."""
@@ -221,6 +282,79 @@ class Gallery:
             registrations_by_model=self.store.model_counts(),
         )
 
+    def index_status(self) -> IndexStatus:
+        index = self.index
+        return IndexStatus(
+            index_type=index.kind, dimension=index.dimension, vectors=len(index),
+            exact=index.exact,
+            rerank_candidates=0 if index.exact else self.index_config.rerank_candidates,
+            search_parameters=(f"nprobe={self.search_options.nprobe}"
+                               if isinstance(index, IVFIndex) else ""),
+            configured_index_type=self.configured_kind, wanted_index_type=self.wanted_kind(),
+            rebuilding=self._rebuilding.locked(), store_sequence=self.store.sequence(),
+            checkpoint_sequence=self.checkpoint_sequence,
+            bytes_per_vector=index.bytes_per_vector,
+        )
+
+    # -- rebuilds --------------------------------------------------------------------
+
+    def rebuild(self, kind: str | None, progress: Progress) -> IndexStatus:
+        """Builds `kind` (None: the configured type) in a child process and swaps it in."""
+        target = validate_kind(kind) if kind else self.configured_kind
+        if target == AUTO:
+            target = self.wanted_kind()
+        needed, have = training_size(target), self._comparable_count()
+        if needed > have:
+            raise FailedPrecondition(f"index_factory: {target} needs at least {needed:,} "
+                                     f"registrations to train, the store holds {have:,}")
+        if not self._rebuilding.acquire(blocking=False):
+            raise FailedPrecondition("a rebuild is already running")
+        try:
+            return self._rebuild_live(target, progress)
+        finally:
+            self._log_pin = None
+            self._rebuilding.release()
+
+    def _rebuild_live(self, kind: str, progress: Progress) -> IndexStatus:
+        started = time.monotonic()
+        self._log_pin = self.checkpoint_sequence
+        side_file = self.data_dir / REBUILD_FILE
+        progress("starting", 0, self._comparable_count())
+        covered = build_in_child(self.config, kind, self.model_id, self._only_model(),
+                                 side_file, progress, cancelled=self._closed.is_set)
+        built, _ = load_index(side_file, self.config.dimension, self.model_id)
+        progress("catching_up", 0, self.store.sequence() - covered)
+        covered = self._catch_up(built, covered)  # the bulk, while writes go on
+        with self._writes:  # the tail, with writes held off, then the swap
+            covered = self._catch_up(built, covered)
+            if len(built) != self._comparable_count():
+                raise StoreError(f"rebuilt index holds {len(built)} vectors, the store "
+                                 f"{self._comparable_count()}: kept the old index")
+            self.index = built
+            snapshot = built.snapshot(covered, self.model_id)
+        write_checkpoint(self.checkpoint_path, snapshot)
+        self._after_checkpoint(covered)
+        side_file.unlink(missing_ok=True)
+        log.info("rebuilt the index as %s: %d vectors in %.1f s", kind, len(built),
+                 time.monotonic() - started)
+        status = self.index_status()
+        progress("done", status.vectors, status.vectors)
+        return status
+
+    def _catch_up(self, index: VectorIndex, covered: int) -> int:
+        replayed = self._replay(index, covered)
+        if replayed is None:
+            raise StoreError("the change log no longer reaches back to the rebuild's snapshot")
+        return replayed
+
+    def build_offline(self, kind: str, progress: Progress) -> Built:
+        """For `dedup rebuild` on a data directory no server holds: build and swap here."""
+        built = build_in_process(self.store, kind, self.model_id, self._only_model(), progress)
+        with self._writes:
+            self.index = built.index
+        self._save_checkpoint(built.index, built.sequence)
+        return built
+
     # -- checkpoints -----------------------------------------------------------------
 
     def checkpoint(self) -> int:
@@ -242,23 +376,40 @@ class Gallery:
     def _after_checkpoint(self, sequence: int) -> None:
         self.checkpoint_sequence = sequence
         self._last_checkpoint_time = time.monotonic()
-        self.store.truncate_changes(sequence)
+        pin = self._log_pin
+        self.store.truncate_changes(sequence if pin is None else min(pin, sequence))
 
-    def _checkpoint_periodically(self) -> None:
+    def _maintain(self) -> None:
+        """Background: periodic checkpoints, and the switch to the wanted index type."""
         poll = min(5.0, self.config.checkpoint_interval_s)
         while not self._closed.wait(poll):
-            pending = self.store.sequence() - self.checkpoint_sequence
-            elapsed = time.monotonic() - self._last_checkpoint_time
-            overdue = elapsed >= self.config.checkpoint_interval_s
-            if pending >= self.config.checkpoint_every_changes or (pending and overdue):
-                try:
-                    self.checkpoint()
-                except Exception:  # the store is the truth; a failed checkpoint only costs replay
-                    log.exception("background index checkpoint failed")
+            try:
+                self._checkpoint_if_due()
+                self._switch_if_wanted()
+            except Exception:  # the store is the truth; a failure here only costs time
+                log.exception("background index maintenance failed")
+
+    def _checkpoint_if_due(self) -> None:
+        pending = self.store.sequence() - self.checkpoint_sequence
+        elapsed = time.monotonic() - self._last_checkpoint_time
+        overdue = elapsed >= self.config.checkpoint_interval_s
+        if pending >= self.config.checkpoint_every_changes or (pending and overdue):
+            self.checkpoint()
+
+    def _switch_if_wanted(self) -> None:
+        wanted = self.wanted_kind()
+        if wanted == self.index.kind or self._rebuilding.locked():
+            return
+        if training_size(wanted) > self._comparable_count():
+            return
+        log.info("gallery size calls for a %s index (now %s): rebuilding", wanted,
+                 self.index.kind)
+        self.rebuild(wanted, lambda *_: None)
 
     def close(self, checkpoint: bool = True) -> None:
         self._closed.set()
-        self._checkpointer.join()
+        self._maintainer.join()
+        self._batcher.close()
         if checkpoint:
             self.checkpoint()
         self.store.close()

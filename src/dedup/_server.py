@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any, TypeVar
 
@@ -26,7 +28,7 @@ from ._errors import (
     NotFound,
     ResourceExhausted,
 )
-from ._gallery import Gallery
+from ._gallery import Gallery, IndexStatus
 from ._model_pack import resolve_model_dir
 from ._models import Probe
 from ._proto.dedup.v1 import dedup_pb2 as pb
@@ -36,6 +38,7 @@ from ._service import DedupService
 log = logging.getLogger("dedup.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FaceDedup"].full_name
+ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["IndexAdmin"].full_name
 
 _STATUS: dict[type[DedupError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -99,6 +102,22 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
 
     @_rpc
     def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:
+        return self._enroll(request, context)
+
+    def EnrollStream(self, requests: Iterator[pb.EnrollRequest],
+                     context: grpc.ServicerContext) -> Iterator[pb.EnrollResponse]:
+        # One response per request, in order; the client's sends are paced by our reads.
+        for request in requests:
+            try:
+                yield self._enroll(request, context)
+            except DedupError as error:
+                yield _stream_error(request, status_of(error), str(error))
+            except Exception:
+                log.exception("EnrollStream item failed")
+                yield _stream_error(request, grpc.StatusCode.INTERNAL, "internal error")
+
+    def _enroll(self, request: pb.EnrollRequest,
+                context: grpc.ServicerContext) -> pb.EnrollResponse:
         registration = convert.registration_from_proto(
             request.registration, request.HasField("registration"), self.limits
         )
@@ -158,6 +177,63 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
         )
 
 
+def _stream_error(request: pb.EnrollRequest, code: grpc.StatusCode,
+                  message: str) -> pb.EnrollResponse:
+    return pb.EnrollResponse(registration=request.registration, enrolled=False,
+                             error=pb.StreamError(code=code.name, message=message))
+
+
+class IndexAdminServicer(pb_grpc.IndexAdminServicer):
+    def __init__(self, gallery: Gallery) -> None:
+        self.gallery = gallery
+
+    def Rebuild(self, request: pb.RebuildRequest,
+                context: grpc.ServicerContext) -> Iterator[pb.RebuildProgress]:
+        updates: queue.Queue[pb.RebuildProgress | BaseException] = queue.Queue()
+
+        def progress(phase: str, done: int, total: int) -> None:
+            updates.put(pb.RebuildProgress(phase=phase, done=done, total=total))
+
+        def run() -> None:
+            try:
+                status = self.gallery.rebuild(request.index_factory or None, progress)
+                updates.put(pb.RebuildProgress(phase="done", done=status.vectors,
+                                               total=status.vectors, index=_index_info(status)))
+            except BaseException as error:
+                updates.put(error)
+
+        # The rebuild is a server job: it finishes even if this caller goes away.
+        threading.Thread(target=run, name="dedup-rebuild-rpc", daemon=True).start()
+        while True:
+            update = updates.get()
+            if isinstance(update, BaseException):
+                if not isinstance(update, DedupError):
+                    log.error("rebuild failed", exc_info=update)
+                context.abort(status_of(update) if isinstance(update, DedupError)
+                              else grpc.StatusCode.INTERNAL, f"rebuild failed: {update}")
+                return
+            if update.phase == "done" and not update.HasField("index"):
+                continue  # the gallery's own "done"; the one with the index info follows
+            yield update
+            if update.phase == "done":
+                return
+
+    @_rpc
+    def GetIndexInfo(self, request: pb.GetIndexInfoRequest,
+                     context: grpc.ServicerContext) -> pb.IndexInfo:
+        return _index_info(self.gallery.index_status())
+
+    @_rpc
+    def Checkpoint(self, request: pb.CheckpointRequest,
+                   context: grpc.ServicerContext) -> pb.CheckpointResponse:
+        sequence = self.gallery.checkpoint()
+        return pb.CheckpointResponse(sequence=sequence, path=str(self.gallery.checkpoint_path))
+
+
+def _index_info(status: IndexStatus) -> pb.IndexInfo:
+    return pb.IndexInfo(**dataclasses.asdict(status))
+
+
 class DedupServer:
     """A running dedup: the gRPC server, its health service and the gallery behind it."""
 
@@ -201,7 +277,7 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0") -> tuple[D
                             workers=config.embed_workers, max_batch=config.embed_batch,
                             max_pending=config.max_pending_images)
     try:
-        gallery = Gallery(config.store, embedder.model_id)
+        gallery = Gallery(config.store, embedder.model_id, config.index)
     except BaseException:
         embedder.close()
         raise
@@ -223,11 +299,13 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0") -> tuple[D
         )
         service = DedupService(gallery, embedder, config.policy, config.limits)
         pb_grpc.add_FaceDedupServicer_to_server(FaceDedupServicer(service, config), server)
+        pb_grpc.add_IndexAdminServicer_to_server(IndexAdminServicer(gallery), server)
         health_servicer = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         if config.reflection:
             reflection.enable_server_reflection(
-                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+                (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                server,
             )
         port = server.add_insecure_port(address)
         if port == 0:

@@ -23,6 +23,7 @@ import logging
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -67,8 +68,9 @@ class Change:
 class Store:
     """Registrations and their embeddings in LMDB, with secondary lookups and a change log."""
 
-    def __init__(self, config: StoreConfig) -> None:
+    def __init__(self, config: StoreConfig, readonly: bool = False) -> None:
         self.config = config
+        self.readonly = readonly
         self.path = Path(config.data_dir) / "store"
         # Every transaction runs under `reading`; growing the map takes `writing`, since
         # LMDB allows a resize only while this process has no transaction open.
@@ -80,7 +82,8 @@ class Store:
             for name in ("meta", "records", "vectors", "by_registration_id", "by_id_number",
                          "by_msisdn", "changes")
         }
-        self._initialise_meta()
+        if not readonly:
+            self._initialise_meta()
 
     # -- opening ---------------------------------------------------------------------
 
@@ -93,7 +96,8 @@ class Store:
         try:
             env = lmdb.open(
                 str(self.path), map_size=map_size, max_dbs=8, max_readers=self.config.max_readers,
-                sync=True, metasync=True, lock=True, readahead=False,
+                sync=True, metasync=True, lock=True, readahead=False, readonly=self.readonly,
+                create=not self.readonly,
             )
         except lmdb.Error as error:
             raise StoreError(f"{self.path}: cannot open the LMDB store ({error})") from error
@@ -387,6 +391,16 @@ class Store:
 
         return self._read(vectors)
 
+    @contextmanager
+    def snapshot(self) -> Iterator[Snapshot]:
+        """One read transaction: a consistent view of the whole store, for as long as needed.
+
+        While it is open LMDB cannot reuse pages freed by later writes, so the file grows
+        with the changes made meanwhile; it is meant for rebuilds, not for the hot path.
+        """
+        with self._resize.reading(), self._env.begin(write=False) as txn:
+            yield Snapshot(self, txn)
+
     def iter_vectors(self, batch: int = 10_000, only_model: str | None = None
                      ) -> Iterator[tuple[list[int], Matrix]]:
         """Stored vectors in key order, in batches, each batch from its own snapshot.
@@ -423,6 +437,39 @@ class Store:
     def _model_of(self, txn: lmdb.Transaction, key: int) -> str:
         face = self._load(txn, key, with_vector=False)
         return face.registration.embedding_model if face else ""
+
+
+class Snapshot:
+    """A consistent read-only view of the store (see Store.snapshot)."""
+
+    def __init__(self, store: Store, txn: lmdb.Transaction) -> None:
+        self._store = store
+        self._txn = txn
+        self.sequence = store._meta(txn, b"sequence")
+
+    def count(self, model_id: str) -> int:
+        return _from_u64(self._txn.get(_model_key(model_id), db=self._store._dbs["meta"],
+                                       default=_u64(0)))
+
+    def vectors(self, batch: int, only_model: str | None) -> Iterator[tuple[list[int], Matrix]]:
+        after = 0
+        while True:
+            last, keys, matrix = self._store._vector_batch(self._txn, after, batch, only_model)
+            if last == after:
+                return
+            if keys:
+                yield keys, matrix
+            after = last
+
+    def sample(self, size: int, model_id: str, only_model: str | None) -> Matrix:
+        """About `size` vectors spread evenly over the store (every n-th), for training."""
+        stride = max(1, self.count(model_id) // max(1, size))
+        rows = []
+        for _, matrix in self.vectors(20_000, only_model):
+            rows.append(matrix[::stride])
+        if not rows:
+            return np.empty((0, self._store.config.dimension), np.float32)
+        return np.vstack(rows)[:size]
 
 
 def _model_key(model_id: str) -> bytes:

@@ -1,0 +1,99 @@
+"""Micro-batching: concurrent single-query searches coalesced into FAISS batch searches.
+
+A batch search of 64 queries reads the index once instead of 64 times. Callers hand a
+query to `search` and wait; a few dispatcher threads (one per core) each take every query
+waiting, waiting at most `max_wait_s` for more when fewer than `max_batch` are there, run one
+batch search, and hand each caller its row.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from ._index import Ids, Scores
+from ._vectors import Matrix, Vector
+
+SearchBatch = Callable[[Matrix, int], list[tuple[Ids, Scores]]]
+
+
+@dataclass
+class _Query:
+    vector: Vector
+    k: int
+    future: Future[tuple[Ids, Scores]]
+
+
+# FAISS answers an exact search with a matrix multiply (BLAS), which reads the gallery once
+# per batch, when queries x dimension reaches distance_compute_blas_threshold; its default
+# (128,000 in faiss-cpu 1.15) makes every micro-batch under 250 queries scan the gallery
+# once per query. Measured here at 100,000 vectors on one thread: one query 67 q/s by the
+# scan and 32 by BLAS; batches of 4: 125 q/s, of 8: 230, of 64: 933 by BLAS, 70 by the scan.
+BLAS_FROM_BATCH = 2
+
+
+class SearchBatcher:
+    def __init__(self, search: SearchBatch, dimension: int, max_batch: int = 64,
+                 max_wait_s: float = 0.001, dispatchers: int = 2) -> None:
+        self._search = search
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self._queue: queue.Queue[_Query | None] = queue.Queue()
+        faiss.cvar.distance_compute_blas_threshold = BLAS_FROM_BATCH * dimension
+        self._threads = [threading.Thread(target=self._dispatch, daemon=True,
+                                          name=f"dedup-search-{i}") for i in range(dispatchers)]
+        for thread in self._threads:
+            thread.start()
+
+    def search(self, vector: Vector, k: int) -> tuple[Ids, Scores]:
+        query = _Query(vector, k, Future())
+        self._queue.put(query)
+        return query.future.result()
+
+    def _collect(self, first: _Query) -> list[_Query] | None:
+        batch = [first]
+        deadline = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            try:
+                remaining = deadline - time.monotonic()
+                query = (self._queue.get(timeout=remaining) if remaining > 0
+                         else self._queue.get_nowait())
+            except queue.Empty:
+                break
+            if query is None:
+                self._queue.put(None)  # leave the stop signal for the other dispatchers
+                break
+            batch.append(query)
+        return batch
+
+    def _dispatch(self) -> None:
+        faiss.omp_set_num_threads(1)  # one dispatcher per core: no OpenMP on top
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = self._collect(first)
+            if not batch:
+                continue
+            try:
+                results = self._search(np.vstack([q.vector for q in batch]),
+                                       max(q.k for q in batch))
+            except BaseException as error:  # hand the failure to every waiting caller
+                for query in batch:
+                    query.future.set_exception(error)
+                continue
+            for query, (ids, scores) in zip(batch, results, strict=True):
+                query.future.set_result((ids[:query.k], scores[:query.k]))
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout=10)
