@@ -1,0 +1,244 @@
+"""Every index type gives exact search's verdicts; deletion, rebuilds and streams on them."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from conftest import RunningServer, face, registration
+
+from dedup import FaceGenerator, ServerConfig, StoreConfig
+from dedup._config import IndexConfig
+from dedup._proto.dedup.v1 import dedup_pb2 as pb
+from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+
+KINDS = ["BinarySign512", "BinarySign256", "IVF16,Flat", "IVF16,SQ8", "IVF16,PQ16",
+         "OPQ16,IVF16,PQ16"]
+PERSONS = 1200
+PLANTED = 40  # persons also registered under a second ID number
+
+
+def gallery_requests(generator: FaceGenerator, persons: np.ndarray) -> list[pb.EnrollRequest]:
+    requests = []
+    for i, person in enumerate(persons):
+        requests.append(pb.EnrollRequest(registration=registration(f"r{i}", f"ID{i}"),
+                                         face=face(generator.capture(person))))
+        if i < PLANTED:
+            requests.append(pb.EnrollRequest(registration=registration(f"dup{i}", f"FAKE{i}"),
+                                             face=face(generator.capture(person))))
+    return requests
+
+
+def probes(generator: FaceGenerator, persons: np.ndarray) -> list[pb.CheckRequest]:
+    newcomers = generator.persons(20)
+    checks = [pb.CheckRequest(face=face(generator.capture(persons[i])), claimed_id_number=f"ID{i}")
+              for i in range(0, 2 * PLANTED)]  # half of them planted duplicates
+    checks += [pb.CheckRequest(face=face(generator.capture(persons[i])), claimed_id_number="NEW")
+               for i in range(500, 520)]
+    checks += [pb.CheckRequest(face=face(v), claimed_id_number=f"NEWC{i}" if i < 10
+                               else f"ID{800 + i}") for i, v in enumerate(newcomers)]
+    checks += [pb.CheckRequest(face=face(generator.at_similarity(
+        np.asarray(persons[700 + i], np.float32), 0.5)), claimed_id_number="NEW2")
+        for i in range(10)]
+    return checks
+
+
+def outcome(response: pb.CheckResponse) -> tuple:
+    return (response.verdict, response.distinct_other_id_numbers,
+            tuple(m.registration.registration_id for m in response.matches))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A data directory enrolled through EnrollStream on an exact index, and exact answers."""
+    generator = FaceGenerator(11)
+    persons = generator.persons(PERSONS)
+    data_dir = tmp_path_factory.mktemp("base") / "data"
+    server = RunningServer(ServerConfig(store=StoreConfig(data_dir=data_dir)))
+    try:
+        responses = list(server.stub.EnrollStream(iter(gallery_requests(generator, persons))))
+        assert all(r.enrolled for r in responses)
+        checks = probes(generator, persons)
+        exact = [server.stub.Check(c) for c in checks]
+    finally:
+        server.stop()
+    verdicts = {outcome(r)[0] for r in exact}
+    assert {pb.DUPLICATE_IDENTITY, pb.SAME_PERSON, pb.CLEAR, pb.ID_FACE_MISMATCH} <= verdicts
+    return data_dir, checks, exact
+
+
+def start_with(tmp_path, base_dir, kind, **index):
+    data_dir = tmp_path / "data"
+    shutil.copytree(base_dir, data_dir)
+    (data_dir / "index.ckpt").unlink()  # start-up builds the configured type
+    return RunningServer(ServerConfig(store=StoreConfig(data_dir=data_dir),
+                                      index=IndexConfig(index_factory=kind, **index)))
+
+
+def admin(server) -> pb_grpc.IndexAdminStub:
+    return pb_grpc.IndexAdminStub(server.channel)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_type_gives_exact_verdicts_and_scores(tmp_path, base, kind):
+    base_dir, checks, exact = base
+    # nprobe covers every list: on isotropic synthetic faces IVF recall needs it (the
+    # benchmarks measure lower settings); what is tested here is the exact re-ranking.
+    server = start_with(tmp_path, base_dir, kind, nprobe=16, rerank_candidates=512)
+    try:
+        info = admin(server).GetIndexInfo(pb.GetIndexInfoRequest())
+        assert info.index_type == kind and not info.exact and info.vectors == PERSONS + PLANTED
+        for check, expected in zip(checks, exact, strict=True):
+            got = server.stub.Check(check)
+            assert outcome(got) == outcome(expected)
+            assert [m.score for m in got.matches] == pytest.approx(
+                [m.score for m in expected.matches], abs=1e-5)
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("kind", ["Flat", *KINDS])
+def test_delete_and_reinsert_on_every_type(tmp_path, base, kind):
+    base_dir, checks, _ = base
+    server = start_with(tmp_path, base_dir, kind, nprobe=16, rerank_candidates=512)
+    try:
+        duplicate_probe = checks[0]  # person 0, planted under FAKE0 too
+        assert {m.registration.registration_id
+                for m in server.stub.Check(duplicate_probe).matches} >= {"r0", "dup0"}
+        server.stub.Delete(pb.DeleteRequest(registration_id="dup0"))
+        after = server.stub.Check(duplicate_probe)
+        assert "dup0" not in {m.registration.registration_id for m in after.matches}
+        assert after.verdict == pb.SAME_PERSON
+        vector = np.asarray(duplicate_probe.face.embedding.values, np.float32)
+        server.stub.Enroll(pb.EnrollRequest(registration=registration("dup0-again", "FAKE0"),
+                                            face=face(vector)))
+        again = server.stub.Check(duplicate_probe)
+        assert again.verdict == pb.DUPLICATE_IDENTITY
+        assert again.matches[0].registration.registration_id == "dup0-again"
+        server.restart()  # the checkpoint keeps the type, the deletion and the re-insertion
+        info = admin(server).GetIndexInfo(pb.GetIndexInfoRequest())
+        assert info.index_type == kind
+        assert outcome(server.stub.Check(duplicate_probe)) == outcome(again)
+    finally:
+        server.stop()
+
+
+def test_enroll_stream_answers_each_request_in_order(server, faces):
+    people = faces.persons(30)
+    requests = []
+    for i, person in enumerate(people):
+        requests.append(pb.EnrollRequest(registration=registration(f"s{i}", f"ID{i}"),
+                                         face=face(person)))
+    requests[5] = pb.EnrollRequest(registration=registration("bad", "ID5"),
+                                   face=pb.Face(embedding=pb.Embedding(values=[1.0, 2.0])))
+    requests[9] = pb.EnrollRequest(registration=registration("s3", "ID-X"), face=face(people[9]))
+    requests[12] = pb.EnrollRequest(registration=registration("twin", "ID-OTHER"),
+                                    face=face(people[0]), check_first=True)
+    requests[20] = pb.EnrollRequest(face=face(people[20]))
+    responses = list(server.stub.EnrollStream(iter(requests)))
+    assert len(responses) == len(requests)
+    for request, response in zip(requests, responses, strict=True):
+        assert response.registration.registration_id == request.registration.registration_id
+    assert responses[5].error.code == "INVALID_ARGUMENT"
+    assert "face.embedding.values: expected 512 values, got 2" in responses[5].error.message
+    assert responses[9].error.code == "ALREADY_EXISTS"
+    assert not responses[12].enrolled and not responses[12].HasField("error")
+    assert responses[12].check.verdict == pb.DUPLICATE_IDENTITY
+    assert responses[20].error.code == "INVALID_ARGUMENT"
+    assert "registration: is required" in responses[20].error.message
+    good = [i for i in range(30) if i not in (5, 9, 12, 20)]
+    assert all(responses[i].enrolled and not responses[i].HasField("error") for i in good)
+    assert server.stub.Stats(pb.StatsRequest()).registrations == len(good)
+
+
+def test_rebuild_racing_enrolments_and_deletes_loses_nothing(make_server, faces):
+    server = make_server()
+    people = faces.persons(2500)
+    list(server.stub.EnrollStream(iter(
+        pb.EnrollRequest(registration=registration(f"r{i}", f"ID{i}"), face=face(p))
+        for i, p in enumerate(people[:2000]))))
+    stop = threading.Event()
+    deleted: list[str] = []
+    added: list[int] = []
+    errors: list[BaseException] = []
+
+    def churn() -> None:
+        try:
+            for i in range(2000, 2500):
+                if stop.is_set():
+                    return
+                server.stub.Enroll(pb.EnrollRequest(registration=registration(f"r{i}", f"ID{i}"),
+                                                    face=face(people[i])))
+                added.append(i)
+                victim = f"r{(i - 2000) * 3}"
+                server.stub.Delete(pb.DeleteRequest(registration_id=victim))
+                deleted.append(victim)
+        except BaseException as error:
+            errors.append(error)
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    phases = [p.phase for p in admin(server).Rebuild(
+        pb.RebuildRequest(index_factory="BinarySign512"))]
+    time.sleep(0.2)
+    stop.set()
+    worker.join()
+    assert not errors
+    assert phases[0] == "starting" and phases[-1] == "done" and "adding" in phases
+    assert deleted and added
+    info = admin(server).GetIndexInfo(pb.GetIndexInfoRequest())
+    stats = server.stub.Stats(pb.StatsRequest())
+    assert info.index_type == "BinarySign512" and not info.rebuilding
+    assert info.vectors == stats.registrations == 2000 + len(added) - len(deleted)
+    gone = set(deleted)
+    for i in list(range(0, 2000, 7)) + added:
+        top = server.stub.Check(pb.CheckRequest(face=face(people[i]))).matches
+        if f"r{i}" in gone:
+            assert all(m.registration.registration_id != f"r{i}" for m in top)
+        else:
+            assert top[0].registration.registration_id == f"r{i}"
+    server.restart()
+    assert admin(server).GetIndexInfo(pb.GetIndexInfoRequest()).vectors == stats.registrations
+
+
+def test_rebuild_refusals(server, faces):
+    with pytest.raises(grpc.RpcError) as error:
+        list(admin(server).Rebuild(pb.RebuildRequest(index_factory="HNSW32,Flat")))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "HNSW is not supported" in error.value.details()
+    with pytest.raises(grpc.RpcError) as error:
+        list(admin(server).Rebuild(pb.RebuildRequest(index_factory="IVF4096,SQ8")))
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "needs at least 159,744 registrations" in error.value.details()
+    with pytest.raises(grpc.RpcError) as error:
+        list(admin(server).Rebuild(pb.RebuildRequest(index_factory="LSH")))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_checkpoint_rpc(server, faces):
+    server.stub.Enroll(pb.EnrollRequest(registration=registration("a", "ID1"),
+                                        face=face(faces.persons(1)[0])))
+    response = admin(server).Checkpoint(pb.CheckpointRequest())
+    assert response.sequence == 1 and response.path.endswith("index.ckpt")
+    assert server.stub.Stats(pb.StatsRequest()).checkpoint_sequence == 1
+
+
+def test_auto_switches_to_binary_when_the_gallery_grows(make_server, faces):
+    server = make_server(index=IndexConfig(auto_threshold=300), checkpoint_interval_s=0.2)
+    assert admin(server).GetIndexInfo(pb.GetIndexInfoRequest()).index_type == "Flat"
+    list(server.stub.EnrollStream(iter(
+        pb.EnrollRequest(registration=registration(f"r{i}", f"ID{i}"), face=face(p))
+        for i, p in enumerate(faces.persons(320)))))
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        info = admin(server).GetIndexInfo(pb.GetIndexInfoRequest())
+        if info.index_type == "BinarySign512" and not info.rebuilding:
+            break
+        time.sleep(0.5)
+    assert info.index_type == "BinarySign512"
+    assert info.wanted_index_type == "BinarySign512" and info.configured_index_type == "auto"
+    assert info.vectors == 320
