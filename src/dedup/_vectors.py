@@ -16,7 +16,8 @@ Matrix = npt.NDArray[np.float32]
 MIN_NORM = 1e-6
 
 
-def unit_vector(values: Sequence[float], dimension: int, field: str) -> Vector:
+def unit_vector(values: Sequence[float] | npt.NDArray[np.floating], dimension: int,
+                field: str) -> Vector:
     """Validates `values` and returns them L2-normalised as float32."""
     if len(values) != dimension:
         raise InvalidArgument(field, f"expected {dimension} values, got {len(values)}")

@@ -1,0 +1,159 @@
+"""`dedup import`: registrations with embeddings from .npy + CSV files.
+
+Each `X.npy` (N x 512 float32) goes with `X.csv` (N rows: registration_id, id_number and
+optionally msisdn, carrier, region), row i with row i. Into a data directory no server holds
+(one LMDB transaction per batch), or into a running server (EnrollStream). Rows whose
+registration_id is already enrolled are skipped, so an interrupted import is resumed by
+running it again; rows that fail validation or collide are reported, never half-stored.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+from tqdm import tqdm
+
+from ._config import Limits
+from ._convert import registration_from_proto
+from ._errors import DedupError
+from ._gallery import Gallery
+from ._models import Registration
+from ._proto.dedup.v1 import dedup_pb2 as pb
+from ._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+from ._vectors import Vector, unit_vector
+
+BATCH = 10_000
+COLUMNS = ("registration_id", "id_number", "msisdn", "carrier", "region")
+
+
+@dataclass
+class ImportReport:
+    imported: int = 0
+    already_enrolled: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        lines = [f"imported {self.imported:,}, already enrolled {self.already_enrolled:,}, "
+                 f"rejected {sum(self.rejected.values()):,}"]
+        lines += [f"  rejected {count:,} x {reason}" for reason, count in
+                  self.rejected.most_common(20)]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Row:
+    line: int
+    registration: pb.Registration
+    values: np.ndarray
+
+
+def rows_of(npy: Path) -> Iterator[Row]:
+    table = npy.with_suffix(".csv")
+    if not table.exists():
+        raise ValueError(f"{npy}: no {table.name} beside it with the registrations")
+    vectors = np.load(npy, mmap_mode="r", allow_pickle=False)
+    if vectors.ndim != 2:
+        raise ValueError(f"{npy}: expected a 2-d array of embeddings, got shape {vectors.shape}")
+    with open(table, newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in COLUMNS[:2] if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{table}: lacks the column(s) {', '.join(missing)}")
+        count = 0
+        for count, record in enumerate(reader):
+            if count >= len(vectors):
+                raise ValueError(f"{table}: more rows than {npy.name} has embeddings "
+                                 f"({len(vectors)})")
+            value = {name: (record.get(name) or "").strip() for name in COLUMNS}
+            registration = pb.Registration(
+                registration_id=value["registration_id"], id_number=value["id_number"],
+                msisdn=value["msisdn"], carrier=value["carrier"], region=value["region"])
+            yield Row(count + 2, registration, vectors[count])
+        if count + 1 < len(vectors):
+            raise ValueError(f"{table}: {count + 1} rows for {len(vectors)} embeddings")
+
+
+def count_rows(files: list[Path]) -> int:
+    return sum(int(np.load(f, mmap_mode="r", allow_pickle=False).shape[0]) for f in files)
+
+
+def _validated(row: Row, limits: Limits, dimension: int
+               ) -> tuple[Registration, Vector] | str:
+    try:
+        registration = registration_from_proto(row.registration, True, limits)
+        return registration, unit_vector(row.values, dimension, "embedding")
+    except DedupError as error:
+        return str(error)
+
+
+def import_offline(gallery: Gallery, files: list[Path], limits: Limits) -> ImportReport:
+    report = ImportReport()
+    with tqdm(total=count_rows(files), desc="importing", unit="reg") as progress:
+        for npy in files:
+            batch: list[tuple[Registration, Vector]] = []
+            for row in rows_of(npy):
+                checked = _validated(row, limits, gallery.config.dimension)
+                if isinstance(checked, str):
+                    report.rejected[checked] += 1
+                else:
+                    batch.append(checked)
+                if len(batch) == BATCH:
+                    _store_batch(gallery, batch, report)
+                    progress.update(len(batch))
+                    batch = []
+                progress.update(1 if isinstance(checked, str) else 0)
+            _store_batch(gallery, batch, report)
+            progress.update(len(batch))
+    return report
+
+
+def _store_batch(gallery: Gallery, batch: list[tuple[Registration, Vector]],
+                 report: ImportReport) -> None:
+    fresh: list[tuple[Registration, Vector]] = []
+    seen_ids: set[str] = set()
+    seen_msisdns: set[str] = set()
+    for registration, vector in batch:
+        if gallery.store.exists(registration.registration_id) or \
+                registration.registration_id in seen_ids:
+            report.already_enrolled += 1
+            continue
+        if registration.msisdn and (registration.msisdn in seen_msisdns
+                                    or gallery.store.msisdn_taken(registration.msisdn)):
+            report.rejected["registration.msisdn: held by another registration"] += 1
+            continue
+        seen_ids.add(registration.registration_id)
+        if registration.msisdn:
+            seen_msisdns.add(registration.msisdn)
+        fresh.append((registration, vector))
+    if fresh:
+        gallery.insert_many(fresh)
+        report.imported += len(fresh)
+
+
+def import_to_server(stub: pb_grpc.FaceDedupStub, files: list[Path], timeout: float | None
+                     ) -> ImportReport:
+    report = ImportReport()
+
+    def requests() -> Iterator[pb.EnrollRequest]:
+        for npy in files:
+            for row in rows_of(npy):
+                yield pb.EnrollRequest(registration=row.registration, face=pb.Face(
+                    embedding=pb.Embedding(values=np.asarray(row.values, np.float32).tolist())))
+
+    with tqdm(total=count_rows(files), desc="importing", unit="reg") as progress:
+        for response in stub.EnrollStream(requests(), timeout=timeout):
+            if response.enrolled:
+                report.imported += 1
+            elif response.error.code == grpc.StatusCode.ALREADY_EXISTS.name and \
+                    "registration_id" in response.error.message:
+                report.already_enrolled += 1
+            else:
+                report.rejected[f"{response.error.code}: {response.error.message}"] += 1
+            progress.update(1)
+    return report
