@@ -16,14 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
+import sys
 import tempfile
-import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import faiss
-import grpc
 import numpy as np
 from tqdm import tqdm
 
@@ -32,7 +30,9 @@ from dedup._gallery import Gallery
 from dedup._model_pack import RECOGNISER, model_id_for, resolve_model_dir
 from dedup._models import Registration
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
-from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import grpc_checks, run_threads
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -68,48 +68,13 @@ def probes(persons: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, list
     return generator.captures(persons[chosen]), [f"ID{i:09d}" for i in chosen]
 
 
-def percentiles(latencies: list[float]) -> dict[str, float]:
-    ordered = sorted(latencies)
-    return {
-        "p50_ms": statistics.median(ordered) * 1000,
-        "p99_ms": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000,
-    }
-
-
 def grpc_check(port: int, vectors: np.ndarray, claimed: list[str], clients: int
                ) -> dict[str, float]:
     requests = [pb.CheckRequest(face=pb.Face(embedding=pb.Embedding(values=v.tolist())),
                                 claimed_id_number=c) for v, c in zip(vectors, claimed, strict=True)]
-    latencies: list[float] = []
-    verdicts: list[int] = []
-    lock = threading.Lock()
-    barrier = threading.Barrier(clients)
-
-    def client(index: int) -> None:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.FaceDedupStub(channel)
-            stub.Stats(pb.StatsRequest())  # connect before timing
-            mine, got = [], []
-            barrier.wait()
-            for request in requests[index::clients]:
-                started = time.perf_counter()
-                response = stub.Check(request)
-                mine.append(time.perf_counter() - started)
-                got.append(response.verdict)
-            with lock:
-                latencies.extend(mine)
-                verdicts.extend(got)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - started
-    same_person = sum(v == pb.SAME_PERSON for v in verdicts) / len(verdicts)
-    return {"qps": len(latencies) / elapsed, **percentiles(latencies),
-            "same_person_share": same_person}
+    stats, responses = grpc_checks(port, requests, clients)
+    same = sum(isinstance(r, pb.CheckResponse) and r.verdict == pb.SAME_PERSON for r in responses)
+    return {**stats, "same_person_share": same / len(responses)}
 
 
 def load_flat_index(data_dir: Path) -> faiss.IndexFlatIP:
@@ -123,28 +88,12 @@ def load_flat_index(data_dir: Path) -> faiss.IndexFlatIP:
 
 def raw_faiss(index: faiss.IndexFlatIP, vectors: np.ndarray, threads: int) -> dict[str, float]:
     """Single-query searches from `threads` Python threads, one OpenMP thread each."""
-    latencies: list[float] = []
-    lock = threading.Lock()
-
-    def worker(part: np.ndarray) -> None:
+    def worker() -> Callable[[int], object]:
         faiss.omp_set_num_threads(1)
-        mine = []
-        for vector in part:
-            began = time.perf_counter()
-            index.search(vector.reshape(1, -1), 64)
-            mine.append(time.perf_counter() - began)
-        with lock:
-            latencies.extend(mine)
+        return lambda n: index.search(vectors[n].reshape(1, -1), 64)
 
-    workers = [threading.Thread(target=worker, args=(vectors[i::threads],))
-               for i in range(threads)]
-    started = time.perf_counter()
-    for thread in workers:
-        thread.start()
-    for thread in workers:
-        thread.join()
-    elapsed = time.perf_counter() - started
-    return {"qps": len(vectors) / elapsed, **percentiles(latencies)}
+    stats, _ = run_threads(len(vectors), threads, worker)
+    return stats
 
 
 def main() -> None:

@@ -14,24 +14,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import cv2
-import grpc
 import numpy as np
 
 from dedup import ServerConfig, StoreConfig, create_server
 from dedup._model_pack import default_pack_dir
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
-from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from photos import PLAYERS, T1, YAOMING, cut_single_faces
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import grpc_checks, run_threads
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -53,56 +51,17 @@ def load_photos(out: Path, analyzer) -> list[bytes]:
     return [*photos, YAOMING.read_bytes()]
 
 
-def summarise(latencies: list[float], elapsed: float) -> dict[str, float]:
-    ordered = sorted(latencies)
-    return {"photos_per_s": len(ordered) / elapsed,
-            "p50_ms": statistics.median(ordered) * 1000,
-            "p99_ms": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000}
-
-
 def grpc_photos(port: int, photos: list[bytes], clients: int, requests: int) -> dict[str, float]:
-    latencies: list[float] = []
-    errors: list[str] = []
-    lock = threading.Lock()
-    barrier = threading.Barrier(clients)
-
-    def client(index: int) -> None:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.FaceDedupStub(channel)
-            stub.Stats(pb.StatsRequest())
-            mine = []
-            barrier.wait()
-            for n in range(index, requests, clients):
-                request = pb.CheckRequest(face=pb.Face(image=photos[n % len(photos)]))
-                started = time.perf_counter()
-                try:
-                    stub.Check(request)
-                except grpc.RpcError as error:
-                    with lock:
-                        errors.append(error.code().name)
-                    continue
-                mine.append(time.perf_counter() - started)
-            with lock:
-                latencies.extend(mine)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return {**summarise(latencies, time.perf_counter() - started), "errors": len(errors)}
+    checks = [pb.CheckRequest(face=pb.Face(image=photos[n % len(photos)]))
+              for n in range(requests)]
+    stats, _ = grpc_checks(port, checks, clients)
+    return stats
 
 
 def plain_loop(analyzer, photos: list[bytes], requests: int) -> dict[str, float]:
     decoded = [cv2.imdecode(np.frombuffer(p, np.uint8), cv2.IMREAD_COLOR) for p in photos]
-    latencies = []
-    started = time.perf_counter()
-    for n in range(requests):
-        began = time.perf_counter()
-        analyzer.get(decoded[n % len(decoded)])
-        latencies.append(time.perf_counter() - began)
-    return {**summarise(latencies, time.perf_counter() - started), "errors": 0}
+    stats, _ = run_threads(requests, 1, lambda: lambda n: analyzer.get(decoded[n % len(decoded)]))
+    return stats
 
 
 def main() -> None:
@@ -123,13 +82,13 @@ def main() -> None:
     plain_loop(analyzer, photos, 10)  # warm-up
     rows["insightface_FaceAnalysis.get_loop"] = plain_loop(analyzer, photos, args.requests)
 
-    base = rows["insightface_FaceAnalysis.get_loop"]["photos_per_s"]
+    base = rows["insightface_FaceAnalysis.get_loop"]["qps"]
     print(f"\nCheck with a photo over gRPC vs FaceAnalysis.get, {len(photos)} distinct "
           f"single-face photos, {args.requests} requests per row")
     print(f"{'':36} {'photos/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'vs loop':>8}")
     for name, row in rows.items():
-        print(f"{name:36} {row['photos_per_s']:9.1f} {row['p50_ms']:8.1f} {row['p99_ms']:8.1f} "
-              f"{row['errors']:7d} {row['photos_per_s'] / base:8.2f}")
+        print(f"{name:36} {row['qps']:9.1f} {row['p50_ms']:8.1f} {row['p99_ms']:8.1f} "
+              f"{row['errors']:7.0f} {row['qps'] / base:8.2f}")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "photo_throughput.json"
     out.write_text(json.dumps({"photos": len(photos), "requests": args.requests,

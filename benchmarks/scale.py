@@ -40,6 +40,7 @@ from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gallery_data import generate
+from harness import grpc_checks
 
 RESULTS = Path(__file__).parent / "results"
 MATCH = 0.40
@@ -67,23 +68,18 @@ def import_gallery(data_dir: Path, files: list[Path]) -> dict[str, float]:
             "per_second": report.imported / elapsed}
 
 
-def ground_truth(data_dir: Path, probes: np.ndarray) -> tuple[list[set[str]], np.ndarray]:
+def ground_truth(data_dir: Path, probes: np.ndarray) -> list[set[str]]:
     """Per probe, the registration_ids at or above the match threshold under exact search."""
     gallery = Gallery(StoreConfig(data_dir=data_dir), model_id(), IndexConfig("Flat"))
     try:
-        keys_all, blocks = [], []
-        for keys, matrix in gallery.store.iter_vectors(50_000):
-            keys_all += keys
-            blocks.append(matrix)
-        vectors = np.vstack(blocks)
-        keys_array = np.asarray(keys_all)
-        scores = probes @ vectors.T  # exact, in blocks of all probes
-        truth = []
-        for row in scores:
-            hits = keys_array[np.flatnonzero(row >= MATCH)]
-            truth.append({face.registration.registration_id
-                          for face in gallery.store.faces(hits.tolist(), with_vectors=False)})
-        return truth, vectors
+        hits: list[list[int]] = [[] for _ in probes]
+        for keys, matrix in gallery.store.iter_vectors(200_000):  # exact, block by block
+            keys_array = np.asarray(keys)
+            rows, columns = np.nonzero(probes @ matrix.T >= MATCH)
+            for row, column in zip(rows, columns, strict=True):
+                hits[row].append(int(keys_array[column]))
+        return [{face.registration.registration_id
+                 for face in gallery.store.faces(found, with_vectors=False)} for found in hits]
     finally:
         gallery.close(checkpoint=False)
 
@@ -121,42 +117,11 @@ class Server:
         self.process.wait(timeout=600)
 
 
-def check_clients(port: int, requests: list[pb.CheckRequest], clients: int
-                  ) -> tuple[dict[str, float], list[pb.CheckResponse | None]]:
-    responses: list[pb.CheckResponse | None] = [None] * len(requests)
-    latencies: list[float] = []
-    lock = threading.Lock()
-    barrier = threading.Barrier(clients)
-
-    def client(index: int) -> None:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.FaceDedupStub(channel)
-            stub.Stats(pb.StatsRequest())
-            mine = []
-            barrier.wait()
-            for n in range(index, len(requests), clients):
-                began = time.perf_counter()
-                responses[n] = stub.Check(requests[n])
-                mine.append(time.perf_counter() - began)
-            with lock:
-                latencies.extend(mine)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - started
-    ordered = sorted(latencies)
-    return ({"qps": len(ordered) / elapsed, "p50_ms": statistics.median(ordered) * 1000,
-             "p99_ms": ordered[int(0.99 * (len(ordered) - 1))] * 1000}, responses)
-
-
-def recall(responses: list[pb.CheckResponse | None], truth: list[set[str]]) -> float:
+def recall(responses: list[pb.CheckResponse | BaseException | None], truth: list[set[str]]
+           ) -> float:
     expected = found = 0
     for response, wanted in zip(responses, truth, strict=True):
-        if response is None or not wanted:
+        if not isinstance(response, pb.CheckResponse) or not wanted:
             continue
         returned = {m.registration.registration_id for m in response.matches}
         expected += len(wanted)
@@ -182,13 +147,13 @@ def measure_kind(data_dir: Path, kind: str, nprobes: list[int], requests: list[p
     for nprobe in nprobes:
         server = Server(data_dir, kind, nprobe)
         try:
-            check_clients(server.port, requests[:50], 2)  # warm-up
+            grpc_checks(server.port, requests[:50], 2)  # warm-up
             row: dict[str, object] = {"index": kind, "parameter": nprobe if kind != "Flat"
                                       else None, **built}
             for clients in client_counts:
                 # Exact search over a large gallery is slow: fewer single-client queries.
                 count = len(requests) if clients > 1 or kind != "Flat" else 200
-                stats, responses = check_clients(server.port, requests[:count], clients)
+                stats, responses = grpc_checks(server.port, requests[:count], clients)
                 row[f"{clients}_clients"] = stats
                 if count == len(requests):
                     row["duplicate_recall"] = recall(responses, truth)
@@ -207,7 +172,7 @@ def live_rebuild(data_dir: Path, requests: list[pb.CheckRequest]) -> dict[str, f
     build(data_dir, "Flat")
     server = Server(data_dir, "Flat", 64)
     try:
-        before, _ = check_clients(server.port, requests[:400], 8)
+        before, _ = grpc_checks(server.port, requests[:400], 8)
         done = threading.Event()
         timing: dict[str, float] = {}
 
@@ -224,7 +189,7 @@ def live_rebuild(data_dir: Path, requests: list[pb.CheckRequest]) -> dict[str, f
         worker.start()
         during = []
         while not done.is_set():
-            stats, _ = check_clients(server.port, requests[:200], 8)
+            stats, _ = grpc_checks(server.port, requests[:200], 8)
             during.append(stats)
         worker.join()
     finally:
@@ -255,7 +220,7 @@ def main() -> None:
     if not (data_dir / "store").exists():
         result["import"] = import_gallery(data_dir, gallery.files)
         print("import", json.dumps(result["import"]), flush=True)
-    truth, _ = ground_truth(data_dir, gallery.probes)
+    truth = ground_truth(data_dir, gallery.probes)
     requests = [pb.CheckRequest(face=pb.Face(embedding=pb.Embedding(values=v.tolist())),
                                 claimed_id_number=c, max_candidates=100)
                 for v, c in zip(gallery.probes, gallery.probe_ids, strict=True)]

@@ -1,0 +1,73 @@
+"""The load harness the benchmarks share: N client threads, per-call latencies, percentiles."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import grpc
+
+from dedup._proto.dedup.v1 import dedup_pb2 as pb
+from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+
+def summarise(latencies: list[float], elapsed: float) -> dict[str, float]:
+    ordered = sorted(latencies)
+    return {"qps": len(ordered) / elapsed,
+            "p50_ms": statistics.median(ordered) * 1000,
+            "p99_ms": ordered[int(0.99 * (len(ordered) - 1))] * 1000}
+
+
+def run_threads(count: int, threads: int, worker: Callable[[], Callable[[int], T]]
+                ) -> tuple[dict[str, float], list[T | BaseException | None]]:
+    """Items 0..count-1 spread over `threads` threads, each with its own `worker()` callable.
+
+    Returns q/s, p50 and p99 of the calls that succeeded (an exception is kept as the item's
+    result and counted under "errors") and every item's result.
+    """
+    results: list[T | BaseException | None] = [None] * count
+    latencies: list[float] = []
+    lock = threading.Lock()
+    ready = threading.Barrier(threads + 1)
+
+    def run(index: int) -> None:
+        call = worker()
+        mine = []
+        ready.wait()
+        for n in range(index, count, threads):
+            began = time.perf_counter()
+            try:
+                results[n] = call(n)
+            except Exception as error:
+                results[n] = error
+                continue
+            mine.append(time.perf_counter() - began)
+        with lock:
+            latencies.extend(mine)
+
+    pool = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for thread in pool:
+        thread.start()
+    ready.wait()
+    started = time.perf_counter()
+    for thread in pool:
+        thread.join()
+    stats = summarise(latencies, time.perf_counter() - started)
+    stats["errors"] = sum(isinstance(r, BaseException) for r in results)
+    return stats, results
+
+
+def grpc_checks(port: int, requests: list[pb.CheckRequest], clients: int
+                ) -> tuple[dict[str, float], list[pb.CheckResponse | BaseException | None]]:
+    """`clients` threads, each on its own channel, sending the Check requests."""
+    def worker() -> Callable[[int], pb.CheckResponse]:
+        stub = pb_grpc.FaceDedupStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        stub.Stats(pb.StatsRequest())  # connected before the clock starts
+        return lambda n: stub.Check(requests[n])
+
+    return run_threads(len(requests), clients, worker)
