@@ -46,7 +46,7 @@ def build_gallery(data_dir: Path, gallery: int, seed: int) -> np.ndarray:
     """Two captures per person under the person's ID number; returns the person vectors."""
     generator = FaceGenerator(seed)
     persons = generator.persons(gallery // 2)
-    store = Gallery(StoreConfig(data_dir=data_dir), server_model_id())
+    store = Gallery(StoreConfig(data_dir=data_dir), server_model_id(), background=False)
     batch = 5_000
     with tqdm(total=gallery, desc="building gallery", unit="reg") as progress:
         for start in range(0, len(persons), batch // 2):
@@ -78,7 +78,7 @@ def grpc_check(port: int, vectors: np.ndarray, claimed: list[str], clients: int
 
 
 def load_flat_index(data_dir: Path) -> faiss.IndexFlatIP:
-    gallery = Gallery(StoreConfig(data_dir=data_dir), server_model_id())
+    gallery = Gallery(StoreConfig(data_dir=data_dir), server_model_id(), background=False)
     matrix = np.vstack([m for _, m in gallery.store.iter_vectors()])
     gallery.close(checkpoint=False)
     index = faiss.IndexFlatIP(matrix.shape[1])

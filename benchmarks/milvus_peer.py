@@ -20,13 +20,10 @@ from pathlib import Path
 import numpy as np
 from pymilvus import DataType, MilvusClient
 
-from dedup._config import IndexConfig, StoreConfig
-from dedup._gallery import Gallery
-
 sys.path.insert(0, str(Path(__file__).parent))
 from gallery_data import generate
 from harness import run_threads
-from scale import MATCH, ground_truth, model_id
+from scale import MATCH, ground_truth, open_gallery
 
 RESULTS = Path(__file__).parent / "results"
 COLLECTION = "gallery"
@@ -43,7 +40,7 @@ def load(client: MilvusClient, data_dir: Path, index_type: str, nlist: int) -> d
     if client.has_collection(COLLECTION):
         client.drop_collection(COLLECTION)
     client.create_collection(COLLECTION, schema=schema, index_params=params)
-    gallery = Gallery(StoreConfig(data_dir=data_dir), model_id(), IndexConfig("Flat"))
+    gallery = open_gallery(data_dir)
     started = time.monotonic()
     rows = 0
     try:

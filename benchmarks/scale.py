@@ -54,10 +54,16 @@ def model_id() -> str:
     return model_id_for(resolve_model_dir(None) / RECOGNISER)
 
 
+def open_gallery(data_dir: Path) -> Gallery:
+    """The benchmark's own access to a data directory no server holds."""
+    return Gallery(StoreConfig(data_dir=data_dir), model_id(), IndexConfig("Flat"),
+                   background=False)
+
+
 def import_gallery(data_dir: Path, files: list[Path]) -> dict[str, float]:
     from dedup._bulk_import import import_offline
 
-    gallery = Gallery(StoreConfig(data_dir=data_dir), model_id(), IndexConfig("Flat"))
+    gallery = open_gallery(data_dir)
     started = time.monotonic()
     try:
         report = import_offline(gallery, files, Limits())
@@ -70,7 +76,7 @@ def import_gallery(data_dir: Path, files: list[Path]) -> dict[str, float]:
 
 def ground_truth(data_dir: Path, probes: np.ndarray) -> list[set[str]]:
     """Per probe, the registration_ids at or above the match threshold under exact search."""
-    gallery = Gallery(StoreConfig(data_dir=data_dir), model_id(), IndexConfig("Flat"))
+    gallery = open_gallery(data_dir)
     try:
         hits: list[list[int]] = [[] for _ in probes]
         for keys, matrix in gallery.store.iter_vectors(200_000):  # exact, block by block
@@ -85,7 +91,7 @@ def ground_truth(data_dir: Path, probes: np.ndarray) -> list[set[str]]:
 
 
 def build(data_dir: Path, kind: str) -> dict[str, float]:
-    gallery = Gallery(StoreConfig(data_dir=data_dir), model_id(), IndexConfig("Flat"))
+    gallery = open_gallery(data_dir)
     started = time.monotonic()
     try:
         built = gallery.build_offline(kind, lambda *_: None)
@@ -168,9 +174,9 @@ def measure_kind(data_dir: Path, kind: str, nprobes: list[int], requests: list[p
 
 
 def live_rebuild(data_dir: Path, requests: list[pb.CheckRequest]) -> dict[str, float]:
-    """Check p99 at 8 clients before and during a live rebuild to BinarySign512."""
-    build(data_dir, "Flat")
-    server = Server(data_dir, "Flat", 64)
+    """Check p99 at 8 clients before and during a live rebuild of a BinarySign512 index."""
+    build(data_dir, "BinarySign512")
+    server = Server(data_dir, "BinarySign512", 64)
     try:
         before, _ = grpc_checks(server.port, requests[:400], 8)
         done = threading.Event()

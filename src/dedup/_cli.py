@@ -329,7 +329,7 @@ def _open_offline(args: argparse.Namespace, index_factory: str = "auto") -> Gall
     embedder = FaceEmbedder(resolve_model_dir(args.model_dir), workers=1)
     embedder.close()
     return Gallery(StoreConfig(data_dir=args.data_dir), embedder.model_id,
-                   IndexConfig(index_factory=index_factory))
+                   IndexConfig(index_factory=index_factory), background=False)
 
 
 def import_command(args: argparse.Namespace) -> int:

@@ -72,8 +72,9 @@ class IndexConfig:
     auto_threshold: int = 200_000
     # Per-call search parameter of IVF types.
     nprobe: int = 64
-    # Candidates an approximate index returns for exact re-ranking.
-    rerank_candidates: int = 256
+    # Candidates an approximate index returns for exact re-ranking. 64 kept duplicate recall
+    # at 1.000 for BinarySign512 on 1,000,000 face-like registrations (benchmarks/scale.py).
+    rerank_candidates: int = 64
     # Micro-batching of concurrent checks: at most this many queries per FAISS search,
     # waiting at most this long for a batch to fill, on this many dispatcher threads.
     max_batch: int = 64

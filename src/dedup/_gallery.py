@@ -99,7 +99,9 @@ class IndexStatus:
 
 class Gallery:
     def __init__(self, config: StoreConfig, model_id: str,
-                 index_config: IndexConfig | None = None) -> None:
+                 index_config: IndexConfig | None = None, background: bool = True) -> None:
+        """`background`: run periodic checkpoints and automatic index switches (a server);
+        offline tools turn it off and checkpoint when they close."""
         self.config = config
         self.model_id = model_id
         self.index_config = index_config or IndexConfig()
@@ -132,7 +134,8 @@ class Gallery:
         )
         self._maintainer = threading.Thread(
             target=self._maintain, name="dedup-maintenance", daemon=True)
-        self._maintainer.start()
+        if background:
+            self._maintainer.start()
 
     # -- start-up --------------------------------------------------------------------
 
@@ -274,7 +277,7 @@ class Gallery:
                 if face.registration.embedding_model == self.model_id]
 
     def _rerank(self, keys: np.ndarray, vector: Vector) -> tuple[np.ndarray, np.ndarray]:
-        kept, vectors = self.store.vectors(int(key) for key in keys)
+        kept, vectors = self.store.vectors(keys)
         exact: np.ndarray = vectors @ vector
         order = np.argsort(-exact, kind="stable")
         return np.asarray(kept, np.int64)[order], exact[order]
@@ -432,7 +435,8 @@ class Gallery:
 
     def close(self, checkpoint: bool = True) -> None:
         self._closed.set()
-        self._maintainer.join()
+        if self._maintainer.is_alive():
+            self._maintainer.join()
         self._batcher.close()
         try:
             if checkpoint:

@@ -30,6 +30,7 @@ from typing import TypeVar
 
 import lmdb
 import numpy as np
+import numpy.typing as npt
 
 from ._config import StoreConfig
 from ._errors import AlreadyExists, ResourceExhausted, StoreError
@@ -385,9 +386,10 @@ class Store:
 
         return self._read(changes)
 
-    def vectors(self, keys: Iterable[int]) -> tuple[list[int], Matrix]:
+    def vectors(self, keys: Iterable[int] | npt.NDArray[np.int64]) -> tuple[list[int], Matrix]:
         """The stored vectors of those `keys` that still exist (the re-ranking hot path)."""
-        packed = [_u64(int(key)) for key in keys]
+        raw = np.fromiter(keys, dtype=np.int64).astype(">u8").tobytes()
+        packed = [raw[i:i + 8] for i in range(0, len(raw), 8)]
 
         def vectors(txn: lmdb.Transaction) -> tuple[list[int], Matrix]:
             # One C-level multi-get and one buffer: a third of the time of a get per key.
