@@ -118,6 +118,11 @@ class Server:
             raise RuntimeError("the server did not start")
         threading.Thread(target=self.process.stderr.read, daemon=True).start()
 
+    def peak_rss_gb(self) -> float:
+        """The server process's peak resident memory (VmHWM), file-backed LMDB pages included."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 2**20  # type: ignore[union-attr]
+
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(timeout=600)
@@ -163,6 +168,7 @@ def measure_kind(data_dir: Path, kind: str, nprobes: list[int], requests: list[p
                 row[f"{clients}_clients"] = stats
                 if count == len(requests):
                     row["duplicate_recall"] = recall(responses, truth)
+            row["server_peak_rss_gb"] = server.peak_rss_gb()
         finally:
             server.stop()
         k = 64 if kind == "Flat" else nprobe if kind.startswith("Binary") \

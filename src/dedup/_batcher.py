@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import numpy as np
 
 from ._index import Ids, Scores
 from ._vectors import Matrix, Vector
+from ._work_queue import take_batch
 
 SearchBatch = Callable[[Matrix, int], list[tuple[Ids, Scores]]]
 
@@ -57,31 +57,9 @@ class SearchBatcher:
         self._queue.put(query)
         return query.future.result()
 
-    def _collect(self, first: _Query) -> list[_Query] | None:
-        batch = [first]
-        deadline = time.monotonic() + self.max_wait_s
-        while len(batch) < self.max_batch:
-            try:
-                remaining = deadline - time.monotonic()
-                query = (self._queue.get(timeout=remaining) if remaining > 0
-                         else self._queue.get_nowait())
-            except queue.Empty:
-                break
-            if query is None:
-                self._queue.put(None)  # leave the stop signal for the other dispatchers
-                break
-            batch.append(query)
-        return batch
-
     def _dispatch(self) -> None:
         faiss.omp_set_num_threads(1)  # one dispatcher per core: no OpenMP on top
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = self._collect(first)
-            if not batch:
-                continue
+        while (batch := take_batch(self._queue, self.max_batch, self.max_wait_s)) is not None:
             try:
                 results = self._search(np.vstack([q.vector for q in batch]),
                                        max(q.k for q in batch))

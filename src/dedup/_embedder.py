@@ -26,6 +26,7 @@ from ._image import Pixels, decode_image
 from ._model_pack import ModelPack, check_model_dir, describe_pack
 from ._models import DetectedFace
 from ._vectors import Vector
+from ._work_queue import take_batch
 
 log = logging.getLogger("dedup.embedder")
 MIB = 1 << 20
@@ -162,20 +163,7 @@ class FaceEmbedder:
         return job.future.result()
 
     def _work(self, analyzer: Any) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            jobs = [first]
-            while len(jobs) < self.max_batch:
-                try:
-                    job = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    self._queue.put(None)  # leave the stop signal for the next worker
-                    break
-                jobs.append(job)
+        while (jobs := take_batch(self._queue, self.max_batch)) is not None:
             # A job whose caller gave up (deadline) was cancelled: skip it.
             live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
             self._embed_batch(analyzer, live)
