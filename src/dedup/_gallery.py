@@ -50,6 +50,8 @@ log = logging.getLogger("dedup.gallery")
 
 CHECKPOINT_FILE = "index.ckpt"
 LOCK_FILE = "dedup.lock"
+# After a failed automatic switch of index type, wait this long before trying again.
+SWITCH_RETRY_S = 600.0
 REBUILD_FILE = "index.ckpt.rebuild"
 
 
@@ -122,6 +124,7 @@ class Gallery:
         # While a live rebuild runs, the change log is kept from this sequence on.
         self._log_pin: int | None = None
         self._closed = threading.Event()
+        self._switch_failed_at = -SWITCH_RETRY_S
         self.index: VectorIndex
         self.index, self.checkpoint_sequence = self._recover_index()
         self._last_checkpoint_time = time.monotonic()
@@ -429,9 +432,15 @@ class Gallery:
             return
         if training_size(wanted) > self._comparable_count():
             return
+        if time.monotonic() - self._switch_failed_at < SWITCH_RETRY_S:
+            return
         log.info("gallery size calls for a %s index (now %s): rebuilding", wanted,
                  self.index.kind)
-        self.rebuild(wanted, lambda *_: None)
+        try:
+            self.rebuild(wanted, lambda *_: None)
+        except Exception:
+            self._switch_failed_at = time.monotonic()  # the old index serves; retry later
+            raise
 
     def close(self, checkpoint: bool = True) -> None:
         self._closed.set()
