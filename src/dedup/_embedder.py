@@ -155,13 +155,6 @@ class FaceEmbedder:
         finally:
             self._admitted.release()
 
-    def embed_pixels(self, pixels: Pixels, use_largest: bool = False, field: str = "image"
-                     ) -> EmbeddedFace:
-        """For tools and tests holding decoded pixels: the same rules, in the pool."""
-        job = _Job(pixels, use_largest, field, Future())
-        self._queue.put(job)
-        return job.future.result()
-
     def _work(self, analyzer: Any) -> None:
         while (jobs := take_batch(self._queue, self.max_batch)) is not None:
             # A job whose caller gave up (deadline) was cancelled: skip it.

@@ -197,10 +197,6 @@ class IVFIndex(_Locked):
         ivf = faiss.extract_index_ivf(self._index)
         return float(ivf.code_size) + 8  # the code and its id in the inverted list
 
-    @property
-    def is_trained(self) -> bool:
-        return bool(self._index.is_trained)
-
     def train(self, sample: Matrix) -> None:
         needed = training_size(self.kind)
         if len(sample) < needed:
