@@ -1,0 +1,97 @@
+"""Property-based bad input: random request fields always get a proper status, never
+UNKNOWN or INTERNAL, and a refused request changes nothing."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from conftest import RunningServer, face, registration
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dedup import FaceGenerator, ServerConfig, StoreConfig
+from dedup._proto.dedup.v1 import dedup_pb2 as pb
+
+PROPER = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+          grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS}
+FUZZ = settings(max_examples=150, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
+embeddings = st.one_of(
+    st.lists(floats, max_size=600),
+    st.lists(floats, min_size=512, max_size=512),
+)
+faces = st.one_of(
+    st.none(),
+    st.builds(lambda v, m: pb.Face(embedding=pb.Embedding(values=v, model=m)), embeddings,
+              st.sampled_from(["", "some-other-model"])),
+    st.builds(lambda b, large: pb.Face(image=b, use_largest_face=large),
+              st.one_of(st.binary(max_size=3000),
+                        st.binary(max_size=200).map(lambda b: b"\xff\xd8\xff" + b),
+                        st.binary(max_size=200).map(lambda b: b"\x89PNG\r\n\x1a\n" + b)),
+              st.booleans()),
+)
+texts = st.one_of(st.text(max_size=140), st.sampled_from(["", " ID", "ID\n1", "r0", "ID0"]))
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory):
+    server = RunningServer(ServerConfig(store=StoreConfig(
+        data_dir=tmp_path_factory.mktemp("fuzz") / "data")))
+    for i, person in enumerate(FaceGenerator(3).persons(5)):
+        server.stub.Enroll(pb.EnrollRequest(registration=registration(f"r{i}", f"ID{i}"),
+                                            face=face(person)))
+    yield server
+    server.stop()
+
+
+def call(method, request):
+    try:
+        return method(request, timeout=30), None
+    except grpc.RpcError as error:
+        assert error.code() in PROPER, f"{error.code()}: {error.details()}"
+        assert error.details()
+        return None, error
+
+
+@FUZZ
+@given(face_=faces, claimed=texts, limit=st.integers(0, 2**32 - 1))
+def test_check_fuzzed(fuzz_server, face_, claimed, limit):
+    request = pb.CheckRequest(claimed_id_number=claimed, max_candidates=limit)
+    if face_ is not None:
+        request.face.CopyFrom(face_)
+    call(fuzz_server.stub.Check, request)
+
+
+@FUZZ
+@given(face_=faces, registration_id=texts, id_number=texts, msisdn=texts, label=texts,
+       check_first=st.booleans())
+def test_enroll_fuzzed_refusals_change_nothing(fuzz_server, face_, registration_id, id_number,
+                                               msisdn, label, check_first):
+    request = pb.EnrollRequest(registration=pb.Registration(
+        registration_id=registration_id, id_number=id_number, msisdn=msisdn, carrier=label,
+        region=label), check_first=check_first)
+    if face_ is not None:
+        request.face.CopyFrom(face_)
+    before = fuzz_server.stub.Stats(pb.StatsRequest())
+    response, error = call(fuzz_server.stub.Enroll, request)
+    after = fuzz_server.stub.Stats(pb.StatsRequest())
+    if error is not None or not response.enrolled:
+        assert after == before
+    else:
+        assert after.registrations == before.registrations + 1
+        fuzz_server.stub.Delete(pb.DeleteRequest(registration_id=registration_id))
+
+
+@FUZZ
+@given(key=st.sampled_from(["registration_id", "id_number", "msisdn", None]), value=texts)
+def test_delete_and_get_fuzzed(fuzz_server, key, value):
+    before = fuzz_server.stub.Stats(pb.StatsRequest())
+    request = pb.DeleteRequest(**({key: value} if key else {}))
+    if value in ("r0", "ID0"):
+        return  # a real key: deleting it is not bad input
+    _, error = call(fuzz_server.stub.Delete, request)
+    assert error is not None
+    assert fuzz_server.stub.Stats(pb.StatsRequest()) == before
+    call(fuzz_server.stub.GetRegistration, pb.GetRegistrationRequest(registration_id=value))
