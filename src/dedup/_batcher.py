@@ -21,14 +21,23 @@ from ._index import Ids, Scores
 from ._vectors import Matrix, Vector
 from ._work_queue import take_batch
 
-SearchBatch = Callable[[Matrix, int], list[tuple[Ids, Scores]]]
+# Runs one batch search; returns whether its scores are exact (it says which index answered:
+# a rebuild may swap the index between a caller's decision and the search), and the rows.
+SearchBatch = Callable[[Matrix, int], tuple[bool, list[tuple[Ids, Scores]]]]
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    ids: Ids
+    scores: Scores
+    exact: bool
 
 
 @dataclass
 class _Query:
     vector: Vector
     k: int
-    future: Future[tuple[Ids, Scores]]
+    future: Future[Neighbours]
 
 
 # FAISS answers an exact search with a matrix multiply (BLAS), which reads the gallery once
@@ -52,7 +61,7 @@ class SearchBatcher:
         for thread in self._threads:
             thread.start()
 
-    def search(self, vector: Vector, k: int) -> tuple[Ids, Scores]:
+    def search(self, vector: Vector, k: int) -> Neighbours:
         query = _Query(vector, k, Future())
         self._queue.put(query)
         return query.future.result()
@@ -61,14 +70,14 @@ class SearchBatcher:
         faiss.omp_set_num_threads(1)  # one dispatcher per core: no OpenMP on top
         while (batch := take_batch(self._queue, self.max_batch, self.max_wait_s)) is not None:
             try:
-                results = self._search(np.vstack([q.vector for q in batch]),
-                                       max(q.k for q in batch))
+                exact, results = self._search(np.vstack([q.vector for q in batch]),
+                                              max(q.k for q in batch))
             except BaseException as error:  # hand the failure to every waiting caller
                 for query in batch:
                     query.future.set_exception(error)
                 continue
             for query, (ids, scores) in zip(batch, results, strict=True):
-                query.future.set_result((ids[:query.k], scores[:query.k]))
+                query.future.set_result(Neighbours(ids[:query.k], scores[:query.k], exact))
 
     def close(self) -> None:
         for _ in self._threads:

@@ -33,7 +33,9 @@ from ._index import (
     AUTO,
     BINARY_DEFAULT,
     FLAT,
+    Ids,
     IVFIndex,
+    Scores,
     SearchOptions,
     VectorIndex,
     load_index,
@@ -44,7 +46,7 @@ from ._models import DeleteKey, Registration
 from ._policy import Scored
 from ._rebuild import Built, Progress, build_in_child, build_in_process
 from ._store import OP_ADD, Store
-from ._vectors import Vector
+from ._vectors import Matrix, Vector
 
 log = logging.getLogger("dedup.gallery")
 
@@ -129,7 +131,7 @@ class Gallery:
         self.index, self.checkpoint_sequence = self._recover_index()
         self._last_checkpoint_time = time.monotonic()
         self._batcher = SearchBatcher(
-            lambda queries, k: self.index.search(queries, k, self.search_options),
+            self._search_batch,
             dimension=config.dimension,
             max_batch=self.index_config.max_batch,
             max_wait_s=self.index_config.max_batch_wait_s,
@@ -267,17 +269,19 @@ class Gallery:
         Scores are exact: an approximate index's candidates are re-scored from the stored
         vectors, so verdicts never rest on approximate scores.
         """
-        index = self.index
-        if not index.exact:
-            k = max(k, self.index_config.rerank_candidates)
-        keys, scores = self._batcher.search(vector, k)
-        if not index.exact:
+        found = self._batcher.search(vector, max(k, self.index_config.rerank_candidates))
+        keys, scores = found.ids, found.scores
+        if not found.exact:
             keys, scores = self._rerank(keys, vector)
         wanted = [i for i, score in enumerate(scores) if i == 0 or score >= floor]
         by_key = {int(keys[i]): float(scores[i]) for i in wanted}
         faces = self.store.faces(by_key, with_vectors=False)
         return [Scored(face.key, face.registration, by_key[face.key]) for face in faces
                 if face.registration.embedding_model == self.model_id]
+
+    def _search_batch(self, queries: Matrix, k: int) -> tuple[bool, list[tuple[Ids, Scores]]]:
+        index = self.index  # one index for the whole batch, even if a rebuild swaps it now
+        return index.exact, index.search(queries, k, self.search_options)
 
     def _rerank(self, keys: np.ndarray, vector: Vector) -> tuple[np.ndarray, np.ndarray]:
         kept, vectors = self.store.vectors(keys)
@@ -367,9 +371,7 @@ class Gallery:
         side_file.unlink(missing_ok=True)
         log.info("rebuilt the index as %s: %d vectors in %.1f s", kind, len(built),
                  time.monotonic() - started)
-        status = self.index_status()
-        progress("done", status.vectors, status.vectors)
-        return status
+        return self.index_status()
 
     def _catch_up(self, index: VectorIndex, covered: int) -> int:
         replayed = self._replay(index, covered)

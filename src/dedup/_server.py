@@ -212,8 +212,6 @@ class IndexAdminServicer(pb_grpc.IndexAdminServicer):
                 context.abort(status_of(update) if isinstance(update, DedupError)
                               else grpc.StatusCode.INTERNAL, f"rebuild failed: {update}")
                 return
-            if update.phase == "done" and not update.HasField("index"):
-                continue  # the gallery's own "done"; the one with the index info follows
             yield update
             if update.phase == "done":
                 return
