@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from dedup import FaceGenerator, ServerConfig, StoreConfig
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
+from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 
 PROPER = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
           grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS}
@@ -95,3 +96,61 @@ def test_delete_and_get_fuzzed(fuzz_server, key, value):
     assert error is not None
     assert fuzz_server.stub.Stats(pb.StatsRequest()) == before
     call(fuzz_server.stub.GetRegistration, pb.GetRegistrationRequest(registration_id=value))
+
+
+@FUZZ
+@given(factory=st.one_of(texts, st.sampled_from(["IVF", "IVF0,Flat", "PQ7", "BinarySign3",
+                                                  "IVF99999999,Flat", "OPQ3,IVF4,PQ5"])))
+def test_rebuild_fuzzed(fuzz_server, factory):
+    admin = pb_grpc.IndexAdminStub(fuzz_server.channel)
+    before = fuzz_server.stub.Stats(pb.StatsRequest())
+    try:
+        list(admin.Rebuild(pb.RebuildRequest(index_factory=factory), timeout=60))
+    except grpc.RpcError as error:
+        assert error.code() in PROPER, f"{error.code()}: {error.details()}"
+        assert "index_factory" in error.details()
+    after = fuzz_server.stub.Stats(pb.StatsRequest())
+    assert (after.registrations, after.index_vectors) == (before.registrations,
+                                                          before.index_vectors)
+
+
+METHODS = [(service, method) for service in pb.DESCRIPTOR.services_by_name.values()
+           for method in service.methods]
+
+
+def send_raw(channel: grpc.Channel, service, method, data: bytes) -> None:
+    path = f"/{service.full_name}/{method.name}"
+    if method.client_streaming:
+        list(channel.stream_stream(path)(iter([data]), timeout=60))
+    elif method.server_streaming:
+        list(channel.unary_stream(path)(data, timeout=60))
+    else:
+        channel.unary_unary(path)(data, timeout=60)
+
+
+@FUZZ
+@given(method=st.sampled_from(METHODS),
+       data=st.one_of(st.binary(max_size=2000),
+                      st.sampled_from([b"\x0a\x05\xff\xfe\xfd\xfc\xfb",  # bad UTF-8 string
+                                       b"\x0a\xff\xff\xff\xff\x0f",      # length past the end
+                                       b"\x08", b"\xff" * 16])))
+def test_random_bytes_on_the_wire(fuzz_server, method, data):
+    service, rpc = method
+    before = fuzz_server.stub.Stats(pb.StatsRequest())
+    try:
+        send_raw(fuzz_server.channel, service, rpc, data)
+    except grpc.RpcError as error:
+        assert error.code() in PROPER, f"{rpc.name}: {error.code()}: {error.details()}"
+        assert error.details()
+    after = fuzz_server.stub.Stats(pb.StatsRequest())
+    assert (after.registrations, after.store_sequence) == (before.registrations,
+                                                           before.store_sequence)
+
+
+def test_undecodable_request_names_the_message(fuzz_server):
+    with pytest.raises(grpc.RpcError) as caught:
+        send_raw(fuzz_server.channel, pb.DESCRIPTOR.services_by_name["FaceDedup"],
+                 pb.DESCRIPTOR.services_by_name["FaceDedup"].methods_by_name["Check"],
+                 b"\x0a\xff\xff\xff\xff\x0f")
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "dedup.v1.CheckRequest" in caught.value.details()

@@ -34,6 +34,7 @@ from ._models import Probe
 from ._proto.dedup.v1 import dedup_pb2 as pb
 from ._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 from ._service import DedupService
+from ._wire import add_service
 
 log = logging.getLogger("dedup.server")
 
@@ -296,8 +297,10 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0") -> tuple[D
             ],
         )
         service = DedupService(gallery, embedder, config.policy, config.limits)
-        pb_grpc.add_FaceDedupServicer_to_server(FaceDedupServicer(service, config), server)
-        pb_grpc.add_IndexAdminServicer_to_server(IndexAdminServicer(gallery), server)
+        add_service(server, pb.DESCRIPTOR.services_by_name["FaceDedup"],
+                    FaceDedupServicer(service, config))
+        add_service(server, pb.DESCRIPTOR.services_by_name["IndexAdmin"],
+                    IndexAdminServicer(gallery))
         health_servicer = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         if config.reflection:

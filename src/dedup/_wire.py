@@ -1,0 +1,86 @@
+"""Registers servicers so that undecodable request bytes get INVALID_ARGUMENT.
+
+grpcio answers a request its deserializer cannot parse with INTERNAL, which tells the
+caller nothing and reads as a server fault. Here parsing never raises: a failure becomes an
+`Undecodable` that the handler turns into INVALID_ARGUMENT naming the message type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import DecodeError, Message
+
+
+class Undecodable:
+    """Request bytes that are not a valid message of the expected type."""
+
+    def __init__(self, type_name: str, reason: str) -> None:
+        self.type_name = type_name
+        self.reason = reason
+
+    def abort(self, context: grpc.ServicerContext) -> None:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"request: not a valid {self.type_name} message ({self.reason})")
+
+
+def _parser(message_class: type[Message]) -> Callable[[bytes], Message | Undecodable]:
+    type_name = message_class.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Message | Undecodable:
+        try:
+            return message_class.FromString(data)
+        except (DecodeError, RuntimeError, ValueError) as error:
+            return Undecodable(type_name, str(error) or type(error).__name__)
+
+    return parse
+
+
+def _checked_unary(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+    def handle(request: Any, context: grpc.ServicerContext) -> Any:
+        if isinstance(request, Undecodable):
+            request.abort(context)
+        return behaviour(request, context)
+
+    return handle
+
+
+def _checked_stream(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+    def requests_checked(requests: Iterator[Any], context: grpc.ServicerContext
+                         ) -> Iterator[Any]:
+        for request in requests:
+            if isinstance(request, Undecodable):
+                request.abort(context)
+            yield request
+
+    def handle(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        return behaviour(requests_checked(requests, context), context)
+
+    return handle
+
+
+def _handler(method: MethodDescriptor, behaviour: Callable[..., Any]) -> grpc.RpcMethodHandler:
+    request_class = message_factory.GetMessageClass(method.input_type)
+    response_class = message_factory.GetMessageClass(method.output_type)
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    make = kinds[(method.client_streaming, method.server_streaming)]
+    checked = _checked_stream(behaviour) if method.client_streaming else _checked_unary(behaviour)
+    return make(checked, request_deserializer=_parser(request_class),
+                response_serializer=response_class.SerializeToString)
+
+
+def add_service(server: grpc.Server, service: ServiceDescriptor, servicer: object) -> None:
+    """Serves every method of `service` from the same-named method of `servicer`."""
+    handlers = {method.name: _handler(method, getattr(servicer, method.name))
+                for method in service.methods}
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),))
