@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import random
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import grpc
 import pytest
 from conftest import face, registration
+from processes import ServerProcess
 
 from dedup import FaceGenerator
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
@@ -21,25 +19,14 @@ from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 ATTEMPTS = 3000  # more than a kill within 0.6 s lets through: always mid-stream
 
 
-def start_server(data_dir) -> tuple[subprocess.Popen[str], int]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dedup._cli", "serve", "--data-dir", str(data_dir),
-         "--address", "127.0.0.1:0"], stderr=subprocess.PIPE, text=True)
-    assert process.stderr is not None
-    for line in process.stderr:
-        if match := re.search(r"serving on 127\.0\.0\.1:(\d+)", line):
-            threading.Thread(target=process.stderr.read, daemon=True).start()
-            return process, int(match.group(1))
-    raise AssertionError(f"server did not start (exit code {process.wait()})")
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("seed", range(10))
 def test_kill_during_enrolment_loses_nothing_acknowledged(tmp_path, seed):
     rng = random.Random(seed)
     people = FaceGenerator(seed).persons(ATTEMPTS)
     data_dir = tmp_path / "data"
-    process, port = start_server(data_dir)
+    server = ServerProcess(data_dir)
+    process, port = server.process, server.port
     acknowledged: list[int] = []
 
     def enrol() -> None:
@@ -62,7 +49,8 @@ def test_kill_during_enrolment_loses_nothing_acknowledged(tmp_path, seed):
     assert acknowledged, "the server was killed before any enrolment was acknowledged"
     assert len(acknowledged) < ATTEMPTS, "the kill came after the last enrolment"
 
-    process, port = start_server(data_dir)
+    server = ServerProcess(data_dir)
+    process, port = server.process, server.port
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.FaceDedupStub(channel)

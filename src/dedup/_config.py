@@ -105,3 +105,5 @@ class ServerConfig:
     max_concurrent_rpcs: int = 256
     max_message_bytes: int = 16 * 1024 * 1024
     shutdown_grace_s: float = 10.0
+    # HOST:PORT of the Prometheus /metrics endpoint (port 0 picks one); None: no endpoint.
+    metrics_address: str | None = None

@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 import warnings
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +28,9 @@ from ._model_pack import ModelPack, check_model_dir, describe_pack
 from ._models import DetectedFace
 from ._vectors import Vector
 from ._work_queue import take_batch
+
+if TYPE_CHECKING:
+    from ._metrics import Metrics
 
 log = logging.getLogger("dedup.embedder")
 MIB = 1 << 20
@@ -88,8 +92,10 @@ def choose_face(boxes: np.ndarray, rules: CaptureRules, use_largest: bool, field
 
 class FaceEmbedder:
     def __init__(self, model_dir: Path, rules: CaptureRules | None = None, workers: int = 2,
-                 max_batch: int = 8, max_pending: int = 16) -> None:
+                 max_batch: int = 8, max_pending: int = 16,
+                 metrics: Metrics | None = None) -> None:
         check_model_dir(model_dir)
+        self.metrics = metrics
         self.rules = rules or CaptureRules()
         self.max_batch = max_batch
         self.max_pending = max_pending
@@ -159,7 +165,13 @@ class FaceEmbedder:
         while (jobs := take_batch(self._queue, self.max_batch)) is not None:
             # A job whose caller gave up (deadline) was cancelled: skip it.
             live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+            started = time.perf_counter()
             self._embed_batch(analyzer, live)
+            if self.metrics is not None:
+                self.metrics.photos_abandoned.inc(len(jobs) - len(live))
+                if live:
+                    self.metrics.embedding.observe(time.perf_counter() - started)
+                    self.metrics.embedded.inc(len(live))
 
     def _embed_batch(self, analyzer: Any, jobs: list[_Job]) -> None:
         from insightface.utils import face_align

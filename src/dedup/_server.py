@@ -29,8 +29,10 @@ from ._errors import (
     ResourceExhausted,
 )
 from ._gallery import Gallery, IndexStatus
+from ._metrics import Metrics
 from ._model_pack import resolve_model_dir
 from ._models import Probe
+from ._observe import CallObserver
 from ._proto.dedup.v1 import dedup_pb2 as pb
 from ._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 from ._service import DedupService
@@ -83,8 +85,9 @@ def _deadline(context: grpc.ServicerContext) -> float | None:
 
 
 class FaceDedupServicer(pb_grpc.FaceDedupServicer):
-    def __init__(self, service: DedupService, config: ServerConfig) -> None:
+    def __init__(self, service: DedupService, config: ServerConfig, metrics: Metrics) -> None:
         self.service = service
+        self.metrics = metrics
         self.limits = config.limits
         self.dimension = config.store.dimension
 
@@ -99,7 +102,9 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
                                self.limits.max_id_number_chars, required=False)
         limit = convert.max_candidates(request.max_candidates, self.limits)
         probe = self._probe(request, context)
-        return convert.check_to_proto(self.service.check(probe, claimed, limit))
+        result = self.service.check(probe, claimed, limit)
+        self.metrics.verdicts.labels(result.verdict.name).inc()
+        return convert.check_to_proto(result)
 
     @_rpc
     def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:
@@ -129,6 +134,7 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
             enrolled=result.enrolled,
         )
         if result.check is not None:
+            self.metrics.verdicts.labels(result.check.verdict.name).inc()
             response.check.CopyFrom(convert.check_to_proto(result.check))
         if result.detected is not None:
             response.detected_face.CopyFrom(convert.detected_to_proto(result.detected))
@@ -237,8 +243,12 @@ class DedupServer:
     """A running dedup: the gRPC server, its health service and the gallery behind it."""
 
     def __init__(self, server: grpc.Server, service: DedupService,
-                 health_servicer: health.HealthServicer, config: ServerConfig) -> None:
+                 health_servicer: health.HealthServicer, config: ServerConfig,
+                 metrics: Metrics) -> None:
         self.grpc_server = server
+        self.metrics = metrics
+        self.metrics_port: int | None = None
+        self._metrics_http: Any = None
         self.service = service
         self.gallery = service.gallery
         self.health = health_servicer
@@ -247,6 +257,8 @@ class DedupServer:
         self._stop_lock = threading.Lock()
 
     def start(self) -> None:
+        if self.config.metrics_address is not None:
+            self._metrics_http, self.metrics_port = self.metrics.serve(self.config.metrics_address)
         self.grpc_server.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -260,6 +272,9 @@ class DedupServer:
             self.grpc_server.stop(self.config.shutdown_grace_s if grace is None else grace).wait()
             self.service.embedder.close()
             self.gallery.close(checkpoint=True)
+            if self._metrics_http is not None:
+                self._metrics_http.shutdown()
+                self._metrics_http.server_close()
             self._stopped.set()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
@@ -272,9 +287,10 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0") -> tuple[D
     Returns the server (not started) and its port. A missing model directory or an unusable
     data directory raises before anything listens.
     """
+    metrics = Metrics()
     embedder = FaceEmbedder(resolve_model_dir(config.model_dir), config.capture,
                             workers=config.embed_workers, max_batch=config.embed_batch,
-                            max_pending=config.max_pending_images)
+                            max_pending=config.max_pending_images, metrics=metrics)
     try:
         gallery = Gallery(config.store, embedder.model_id, config.index)
     except BaseException:
@@ -297,10 +313,12 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0") -> tuple[D
             ],
         )
         service = DedupService(gallery, embedder, config.policy, config.limits)
+        metrics.watch_gallery(gallery)
+        observer = CallObserver(metrics)
         add_service(server, pb.DESCRIPTOR.services_by_name["FaceDedup"],
-                    FaceDedupServicer(service, config))
+                    FaceDedupServicer(service, config, metrics), observer)
         add_service(server, pb.DESCRIPTOR.services_by_name["IndexAdmin"],
-                    IndexAdminServicer(gallery))
+                    IndexAdminServicer(gallery), observer)
         health_servicer = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         if config.reflection:
@@ -315,4 +333,4 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0") -> tuple[D
         embedder.close()
         gallery.close(checkpoint=False)
         raise
-    return DedupServer(server, service, health_servicer, config), port
+    return DedupServer(server, service, health_servicer, config, metrics), port

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 from ._config import Limits, Policy
 from ._embedder import FaceEmbedder
 from ._errors import FailedPrecondition, NotFound
 from ._gallery import Gallery, GalleryStats
+from ._logging import mask
 from ._model_pack import ModelPack
 from ._models import (
     CheckResult,
@@ -20,6 +22,8 @@ from ._models import (
     Verdict,
 )
 from ._policy import decide
+
+log = logging.getLogger("dedup.service")
 
 ENROLLING_VERDICTS = frozenset({Verdict.CLEAR, Verdict.SAME_PERSON})
 
@@ -89,6 +93,10 @@ class DedupService:
         deleted = self.gallery.delete(by, value)
         if not deleted:
             raise NotFound(f"{by.value}: no registration with {by.value} {value!r}")
+        # Registration ids are the carrier's own keys; ID numbers and phone numbers are personal.
+        shown = value if by is DeleteKey.REGISTRATION_ID else mask(value)
+        log.info("erased %d registration(s) by %s %s: %s", len(deleted), by.value, shown,
+                 ", ".join(registration.registration_id for registration in deleted))
         return deleted
 
     def get(self, registration_id: str) -> Registration:

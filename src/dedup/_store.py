@@ -60,6 +60,20 @@ def _from_u64(raw: bytes | memoryview | None) -> int:
 
 
 @dataclass(frozen=True)
+class StoreUsage:
+    map_bytes: int  # the LMDB map's current size
+    used_bytes: int  # pages in use, up to the last one written
+    file_bytes: int  # data.mdb's size on disk
+
+
+def _usage_of(env: lmdb.Environment, file_bytes: int) -> StoreUsage:
+    info, page_size = env.info(), env.stat()["psize"]
+    return StoreUsage(map_bytes=int(info["map_size"]),
+                      used_bytes=(int(info["last_pgno"]) + 1) * int(page_size),
+                      file_bytes=file_bytes)
+
+
+@dataclass(frozen=True)
 class Change:
     sequence: int
     op: bytes
@@ -105,7 +119,18 @@ class Store:
         stale = env.reader_check()
         if stale:
             log.warning("cleared %d stale LMDB reader slot(s) left by a dead process", stale)
+        self._refuse_truncated(env)
         return env
+
+    def _refuse_truncated(self, env: lmdb.Environment) -> None:
+        # Pages past the end of a truncated file are mapped but unbacked: touching one is a
+        # SIGBUS, not an error, so a short file is refused before any page is read.
+        usage = _usage_of(env, self._existing_size())
+        if usage.file_bytes < usage.used_bytes:
+            env.close()
+            raise StoreError(
+                f"{self.path}: the store is damaged: data.mdb holds {usage.file_bytes} bytes "
+                f"but its pages reach {usage.used_bytes}; restore it from a backup")
 
     def _existing_size(self) -> int:
         data_file = self.path / "data.mdb"
@@ -138,6 +163,10 @@ class Store:
             self._write(initialise)
         except lmdb.Error as error:
             raise StoreError(f"{self.path}: the store is damaged ({error})") from error
+
+    def usage(self) -> StoreUsage:
+        with self._resize.reading():
+            return _usage_of(self._env, self._existing_size())
 
     def close(self) -> None:
         with self._resize.writing():

@@ -15,6 +15,8 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
+from ._observe import CallObserver
+
 
 class Undecodable:
     """Request bytes that are not a valid message of the expected type."""
@@ -40,30 +42,35 @@ def _parser(message_class: type[Message]) -> Callable[[bytes], Message | Undecod
     return parse
 
 
-def _checked_unary(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+def _checked(request: Any, context: grpc.ServicerContext) -> Any:
+    if isinstance(request, Undecodable):
+        request.abort(context)
+    return request
+
+
+def _checked_all(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+    for request in requests:
+        yield _checked(request, context)
+
+
+def _observed(method: MethodDescriptor, behaviour: Callable[..., Any],
+              observer: CallObserver) -> Callable[..., Any]:
+    """The behaviour, run inside the observer with its request(s) checked."""
+    check = _checked_all if method.client_streaming else _checked
+
     def handle(request: Any, context: grpc.ServicerContext) -> Any:
-        if isinstance(request, Undecodable):
-            request.abort(context)
-        return behaviour(request, context)
+        with observer.call(method.name, context):
+            return behaviour(check(request, context), context)
 
-    return handle
+    def handle_streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        with observer.call(method.name, context):
+            yield from behaviour(check(request, context), context)
 
-
-def _checked_stream(behaviour: Callable[..., Any]) -> Callable[..., Any]:
-    def requests_checked(requests: Iterator[Any], context: grpc.ServicerContext
-                         ) -> Iterator[Any]:
-        for request in requests:
-            if isinstance(request, Undecodable):
-                request.abort(context)
-            yield request
-
-    def handle(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-        return behaviour(requests_checked(requests, context), context)
-
-    return handle
+    return handle_streaming if method.server_streaming else handle
 
 
-def _handler(method: MethodDescriptor, behaviour: Callable[..., Any]) -> grpc.RpcMethodHandler:
+def _handler(method: MethodDescriptor, behaviour: Callable[..., Any],
+             observer: CallObserver) -> grpc.RpcMethodHandler:
     request_class = message_factory.GetMessageClass(method.input_type)
     response_class = message_factory.GetMessageClass(method.output_type)
     kinds = {
@@ -73,14 +80,14 @@ def _handler(method: MethodDescriptor, behaviour: Callable[..., Any]) -> grpc.Rp
         (True, True): grpc.stream_stream_rpc_method_handler,
     }
     make = kinds[(method.client_streaming, method.server_streaming)]
-    checked = _checked_stream(behaviour) if method.client_streaming else _checked_unary(behaviour)
-    return make(checked, request_deserializer=_parser(request_class),
+    return make(_observed(method, behaviour, observer), request_deserializer=_parser(request_class),
                 response_serializer=response_class.SerializeToString)
 
 
-def add_service(server: grpc.Server, service: ServiceDescriptor, servicer: object) -> None:
+def add_service(server: grpc.Server, service: ServiceDescriptor, servicer: object,
+                observer: CallObserver) -> None:
     """Serves every method of `service` from the same-named method of `servicer`."""
-    handlers = {method.name: _handler(method, getattr(servicer, method.name))
+    handlers = {method.name: _handler(method, getattr(servicer, method.name), observer)
                 for method in service.methods}
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),))

@@ -1,0 +1,46 @@
+"""`dedup serve` as a child process, for tests that kill it or send it signals."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+
+class ServerProcess:
+    """A started `dedup serve`; `lines` collects its stderr as it comes."""
+
+    def __init__(self, data_dir: Path, *serve_args: str, log_format: str = "text") -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dedup._cli", "--log-format", log_format, "serve",
+             "--data-dir", str(data_dir), "--address", "127.0.0.1:0", *serve_args],
+            stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.port = self._wait_for_port()
+        self._reader = threading.Thread(target=self._collect, daemon=True)
+        self._reader.start()
+
+    def _wait_for_port(self) -> int:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+            if match := re.search(r"serving on 127\.0\.0\.1:(\d+)", line):
+                return int(match.group(1))
+        raise AssertionError(f"server did not start (exit code {self.process.wait()}):\n"
+                             + "".join(self.lines))
+
+    def _collect(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def wait(self, timeout: float = 60) -> int:
+        code = self.process.wait(timeout)
+        self._reader.join(timeout=10)
+        return code
