@@ -11,6 +11,8 @@ so a client always sees the same status for the same kind of failure.
     ├── ResourceExhausted    map or disk full, limits     -> RESOURCE_EXHAUSTED
     ├── DeadlineExceeded     the call's deadline passed   -> DEADLINE_EXCEEDED
     └── StoreError           the data directory cannot be used (start-up)
+        ├── StoreDamaged     LMDB reports a damaged page, or a stored vector is garbage
+        │                                                 -> DATA_LOSS
         ├── CheckpointError  an index checkpoint is missing or damaged (recovered by a rebuild)
         └── ModelError       the face model directory is missing or unusable (start-up)
 """
@@ -53,6 +55,10 @@ class DeadlineExceeded(DedupError):
 
 class StoreError(DedupError):
     """The data directory cannot be opened or is damaged."""
+
+
+class StoreDamaged(StoreError):
+    """LMDB found a damaged page, or a stored embedding is not a unit vector: restore a backup."""
 
 
 class CheckpointError(StoreError):

@@ -46,6 +46,7 @@ from ._models import DeleteKey, Registration
 from ._policy import Scored
 from ._rebuild import Built, Progress, build_in_child, build_in_process
 from ._store import OP_ADD, Store
+from ._store_check import walk_store
 from ._vectors import Matrix, Vector
 
 log = logging.getLogger("dedup.gallery")
@@ -115,6 +116,8 @@ class Gallery:
         self.checkpoint_path = self.data_dir / CHECKPOINT_FILE
         self._lock_file = _lock_data_dir(self.data_dir)
         try:
+            if config.check_on_open:
+                walk_store(self.data_dir / "store")
             self.store = Store(config)
         except BaseException:
             self._lock_file.close()

@@ -27,6 +27,7 @@ from ._errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    StoreDamaged,
 )
 from ._gallery import Gallery, IndexStatus
 from ._metrics import Metrics
@@ -50,6 +51,7 @@ _STATUS: dict[type[DedupError], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    StoreDamaged: grpc.StatusCode.DATA_LOSS,
 }
 
 _Handler = TypeVar("_Handler", bound=Callable[..., Any])

@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._config import StoreConfig
-from ._errors import AlreadyExists, ResourceExhausted, StoreError
+from ._errors import AlreadyExists, ResourceExhausted, StoreDamaged, StoreError
 from ._models import DeleteKey, Registration, StoredFace
 from ._rwlock import ReadWriteLock
 from ._vectors import Matrix, Vector
@@ -91,12 +91,16 @@ class Store:
         # LMDB allows a resize only while this process has no transaction open.
         self._resize = ReadWriteLock()
         self._env = self._open_environment()
-        self._dbs = {
-            name: self._env.open_db(name.encode(), dupsort=(name == "by_id_number"),
-                                    dupfixed=(name == "by_id_number"))
-            for name in ("meta", "records", "vectors", "by_registration_id", "by_id_number",
-                         "by_msisdn", "changes")
-        }
+        try:
+            self._dbs = {
+                name: self._env.open_db(name.encode(), dupsort=(name == "by_id_number"),
+                                        dupfixed=(name == "by_id_number"), create=not readonly)
+                for name in ("meta", "records", "vectors", "by_registration_id", "by_id_number",
+                             "by_msisdn", "changes")
+            }
+        except _DAMAGE as error:
+            self._env.close()
+            raise self._damaged(error) from error
         if not readonly:
             self._initialise_meta()
 
@@ -175,8 +179,16 @@ class Store:
     # -- transactions ----------------------------------------------------------------
 
     def _read(self, work: Callable[[lmdb.Transaction], _T]) -> _T:
-        with self._resize.reading(), self._env.begin(write=False) as txn:
-            return work(txn)
+        try:
+            with self._resize.reading(), self._env.begin(write=False) as txn:
+                return work(txn)
+        except _DAMAGE as error:
+            raise self._damaged(error) from error
+
+    def _damaged(self, error: lmdb.Error) -> StoreDamaged:
+        log.error("LMDB reports damage in %s: %s", self.path, error)
+        return StoreDamaged(f"{self.path}: the store is damaged ({error}); restore it from a "
+                            "backup (run `dedup doctor` for a full check)")
 
     def _write(self, work: Callable[[lmdb.Transaction], _T]) -> _T:
         """Runs `work` in one write transaction, committed durably; grows a full map."""
@@ -186,6 +198,8 @@ class Store:
                     return work(txn)
             except lmdb.MapFullError:
                 self._grow_map()
+            except _DAMAGE as error:
+                raise self._damaged(error) from error
             except lmdb.Error as error:
                 if _is_disk_full(error):
                     raise ResourceExhausted(f"store: the disk is full ({error})") from error
@@ -427,7 +441,9 @@ class Store:
                 return [], np.empty((0, self.config.dimension), np.float32)
             found = np.frombuffer(b"".join(k for k, _ in pairs), dtype=">u8").astype(np.int64)
             matrix = np.frombuffer(b"".join(v for _, v in pairs), dtype=np.float32)
-            return found.tolist(), matrix.reshape(len(pairs), self.config.dimension)
+            keys = found.tolist()
+            return keys, _checked_vectors(
+                keys, matrix.reshape(len(pairs), self.config.dimension), self.path)
 
         return self._read(vectors)
 
@@ -438,8 +454,11 @@ class Store:
         While it is open LMDB cannot reuse pages freed by later writes, so the file grows
         with the changes made meanwhile; it is meant for rebuilds, not for the hot path.
         """
-        with self._resize.reading(), self._env.begin(write=False) as txn:
-            yield Snapshot(self, txn)
+        try:
+            with self._resize.reading(), self._env.begin(write=False) as txn:
+                yield Snapshot(self, txn)
+        except _DAMAGE as error:
+            raise self._damaged(error) from error
 
     def iter_vectors(self, batch: int = 10_000, only_model: str | None = None
                      ) -> Iterator[tuple[list[int], Matrix]]:
@@ -471,8 +490,9 @@ class Store:
                 rows.append(np.frombuffer(raw_vector, dtype=np.float32))
                 if len(keys) == batch:
                     break
-        matrix = np.vstack(rows) if rows else np.empty((0, self.config.dimension), np.float32)
-        return last, keys, matrix
+        if not rows:
+            return last, keys, np.empty((0, self.config.dimension), np.float32)
+        return last, keys, _checked_vectors(keys, np.vstack(rows), self.path)
 
     def _model_of(self, txn: lmdb.Transaction, key: int) -> str:
         face = self._load(txn, key, with_vector=False)
@@ -542,6 +562,23 @@ def _decode_registration(raw: bytes) -> Registration:
         enrolled_at_us=fields["t"],
         embedding_model=fields.get("e", ""),
     )
+
+
+# LMDB's answers to a page that is not what the tree says it should be.
+_DAMAGE = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError, lmdb.BadTxnError,
+           lmdb.InvalidError, lmdb.VersionMismatchError)
+
+
+def _checked_vectors(keys: list[int], matrix: Matrix, where: Path) -> Matrix:
+    """Every stored embedding is a finite unit vector; anything else is damage on disk."""
+    norms = np.linalg.norm(matrix.astype(np.float64), axis=1)
+    bad = ~np.isfinite(norms) | (np.abs(norms - 1.0) > 1e-3)
+    if bad.any():
+        key = keys[int(np.argmax(bad))]
+        raise StoreDamaged(f"{where}: the store is damaged: the embedding stored under key {key} "
+                           f"is not a unit vector ({int(bad.sum())} such in this batch); "
+                           "restore it from a backup (run `dedup doctor` for a full check)")
+    return matrix
 
 
 def _is_disk_full(error: lmdb.Error) -> bool:
