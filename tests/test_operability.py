@@ -105,7 +105,9 @@ def test_sigterm_drains_in_flight_calls_and_checkpoints(tmp_path, faces):
             refused = error.code()
             break
         time.sleep(0.05)
-    assert refused == grpc.StatusCode.UNAVAILABLE
+    # UNAVAILABLE once the listener is closed; CANCELLED for a call that reached the
+    # transport just as the server stopped taking calls. Either way it was refused.
+    assert refused in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
     collected += list(replies)  # the in-flight stream finishes within the grace period
     assert [reply.enrolled for reply in collected] == [True] * len(people)
     channel.close()

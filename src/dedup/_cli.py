@@ -136,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     _client_parser(commands, "index-info", "the index in use", index_info_command)
 
+    doctor = commands.add_parser("doctor", help="check a data directory offline and report")
+    doctor.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    doctor.set_defaults(command=doctor_command)
+
+    backup = commands.add_parser("backup", help="a consistent copy of a data directory, also "
+                                 "while a server runs on it")
+    backup.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    backup.add_argument("dest", type=Path, metavar="DEST", help="a new or empty directory")
+    backup.set_defaults(command=backup_command)
+
     photos = _client_parser(commands, "import-photos", "enrol a folder of photos",
                             import_photos_command)
     photos.add_argument("directory", type=Path)
@@ -222,6 +232,24 @@ def serve_command(args: argparse.Namespace) -> int:
     stopping.wait()
     server.stop()
     log.info("stopped; index checkpointed")
+    return 0
+
+
+def doctor_command(args: argparse.Namespace) -> int:
+    from ._doctor import run_doctor
+
+    return run_doctor(args.data_dir)
+
+
+def backup_command(args: argparse.Namespace) -> int:
+    from ._backup import backup
+
+    report = backup(args.data_dir, args.dest)
+    print(f"backed up {report.registrations} registrations (change sequence {report.sequence}) "
+          f"from {args.data_dir} to {args.dest} in {report.seconds:.1f} s: store "
+          f"{report.store_bytes / 2**20:.1f} MiB, index checkpoint "
+          f"{report.checkpoint_bytes / 2**20:.1f} MiB")
+    print(f"restore: stop the server, then serve --data-dir {args.dest} (or move it into place)")
     return 0
 
 

@@ -102,6 +102,31 @@ class IndexStatus:
     bytes_per_vector: float
 
 
+def replay_changes(store: Store, index: VectorIndex, covered: int, model_id: str) -> int | None:
+    """Applies the logged changes after `covered` to `index`; returns the sequence now covered.
+
+    None if the log has a gap (it was truncated past `covered`): rebuild instead.
+    """
+    changes, current = store.changes_after(covered)
+    if covered > current or len(changes) != current - covered:
+        log.warning(
+            "checkpoint covers change %d, store is at %d with %d logged changes after it: "
+            "rebuilding", covered, current, len(changes),
+        )
+        return None
+    added = [change.key for change in changes if change.op == OP_ADD]
+    removed = {change.key for change in changes if change.op != OP_ADD}
+    alive = [key for key in added if key not in removed]
+    ours = [face.key for face in store.faces(alive, with_vectors=False)
+            if face.registration.embedding_model == model_id]
+    keys, vectors = store.vectors(ours)
+    index.add(np.asarray(keys, np.int64), vectors)
+    index.remove(np.asarray(sorted(removed.difference(added)), np.int64))
+    if changes:
+        log.info("replayed %d change(s) after sequence %d", len(changes), covered)
+    return current
+
+
 class Gallery:
     def __init__(self, config: StoreConfig, model_id: str,
                  index_config: IndexConfig | None = None, background: bool = True) -> None:
@@ -174,28 +199,7 @@ class Gallery:
         return index, replayed
 
     def _replay(self, index: VectorIndex, covered: int) -> int | None:
-        """Applies the logged changes after `covered`; returns the sequence now covered.
-
-        None if the log has a gap (it was truncated past `covered`): rebuild instead.
-        """
-        changes, current = self.store.changes_after(covered)
-        if covered > current or len(changes) != current - covered:
-            log.warning(
-                "checkpoint covers change %d, store is at %d with %d logged changes after it: "
-                "rebuilding", covered, current, len(changes),
-            )
-            return None
-        added = [change.key for change in changes if change.op == OP_ADD]
-        removed = {change.key for change in changes if change.op != OP_ADD}
-        alive = [key for key in added if key not in removed]
-        ours = [face.key for face in self.store.faces(alive, with_vectors=False)
-                if face.registration.embedding_model == self.model_id]
-        keys, vectors = self.store.vectors(ours)
-        index.add(np.asarray(keys, np.int64), vectors)
-        index.remove(np.asarray(sorted(removed.difference(added)), np.int64))
-        if changes:
-            log.info("replayed %d change(s) after sequence %d", len(changes), covered)
-        return current
+        return replay_changes(self.store, index, covered, self.model_id)
 
     def _rebuild_at_start(self) -> tuple[VectorIndex, int]:
         started = time.monotonic()

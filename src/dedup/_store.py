@@ -20,6 +20,7 @@ import errno
 import functools
 import json
 import logging
+import os
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -167,6 +168,20 @@ class Store:
             self._write(initialise)
         except lmdb.Error as error:
             raise StoreError(f"{self.path}: the store is damaged ({error})") from error
+
+    def verify(self, progress: Callable[[int], object] = lambda done: None) -> list[str]:
+        """Reads every record and vector in one snapshot; returns what is inconsistent."""
+        return self._read(lambda txn: _verify(self, txn, progress))
+
+    def copy_to(self, directory: Path) -> None:
+        """LMDB's compacting copy, consistent as of one read transaction; fsynced."""
+        with self._resize.reading():
+            try:
+                self._env.copy(str(directory), compact=True)
+            except _DAMAGE as error:
+                raise self._damaged(error) from error
+        with open(directory / "data.mdb", "rb") as copied:
+            os.fsync(copied.fileno())
 
     def usage(self) -> StoreUsage:
         with self._resize.reading():
@@ -348,7 +363,8 @@ class Store:
         if with_vector:
             raw_vector = txn.get(packed, db=self._dbs["vectors"])
             if raw_vector is None:
-                raise StoreError(f"the store is damaged: registration key {key} has no vector")
+                raise StoreDamaged(f"{self.path}: the store is damaged: registration key {key} "
+                                   "has no vector")
             vector = np.frombuffer(raw_vector, dtype=np.float32)
         return StoredFace(key, _decode_registration(bytes(raw)), vector)
 
@@ -396,17 +412,17 @@ class Store:
 
     def model_counts(self) -> dict[str, int]:
         """Registrations per embedding model."""
-        def counts(txn: lmdb.Transaction) -> dict[str, int]:
-            cursor = txn.cursor(db=self._dbs["meta"])
-            found = {}
-            if cursor.set_range(_MODEL_PREFIX):
-                for key, value in cursor:
-                    if not bytes(key).startswith(_MODEL_PREFIX):
-                        break
-                    found[bytes(key)[len(_MODEL_PREFIX):].decode()] = _from_u64(value)
-            return found
+        return self._read(self._model_counts)
 
-        return self._read(counts)
+    def _model_counts(self, txn: lmdb.Transaction) -> dict[str, int]:
+        cursor = txn.cursor(db=self._dbs["meta"])
+        found = {}
+        if cursor.set_range(_MODEL_PREFIX):
+            for key, value in cursor:
+                if not bytes(key).startswith(_MODEL_PREFIX):
+                    break
+                found[bytes(key)[len(_MODEL_PREFIX):].decode()] = _from_u64(value)
+        return found
 
     def _meta(self, txn: lmdb.Transaction, name: bytes) -> int:
         return _from_u64(txn.get(name, db=self._dbs["meta"]))
@@ -564,6 +580,42 @@ def _decode_registration(raw: bytes) -> Registration:
     )
 
 
+def _verify(store: Store, txn: lmdb.Transaction, progress: Callable[[int], object]) -> list[str]:
+    dbs, problems = store._dbs, []
+    sizes = {name: txn.stat(dbs[name])["entries"]
+             for name in ("records", "vectors", "by_registration_id")}
+    counted = sum(store._model_counts(txn).values())
+    if len(set(sizes.values()) | {counted}) != 1:
+        problems.append(f"entry counts disagree: {sizes}, registrations by model {counted}")
+    for done, (packed, raw) in enumerate(txn.cursor(db=dbs["records"]), start=1):
+        key = _from_u64(packed)
+        try:
+            registration = _decode_registration(bytes(raw))
+        except (ValueError, KeyError) as error:
+            problems.append(f"record {key} does not decode ({error})")
+            continue
+        if txn.get(registration.registration_id.encode(), db=dbs["by_registration_id"]) != packed:
+            problems.append(f"record {key}: registration_id lookup does not lead back to it")
+        if registration.msisdn and txn.get(registration.msisdn.encode(),
+                                           db=dbs["by_msisdn"]) != packed:
+            problems.append(f"record {key}: msisdn lookup does not lead back to it")
+        raw_vector = txn.get(packed, db=dbs["vectors"])
+        if raw_vector is None or len(raw_vector) != 4 * store.config.dimension:
+            problems.append(f"record {key}: no embedding of {store.config.dimension} floats")
+        else:
+            try:
+                _checked_vectors([key], np.frombuffer(raw_vector, np.float32)[None, :],
+                                 store.path)
+            except StoreDamaged as error:
+                problems.append(str(error))
+        if done % 10_000 == 0:
+            progress(10_000)
+        if len(problems) >= 20:
+            problems.append("... stopped after 20 problems")
+            break
+    return problems
+
+
 # LMDB's answers to a page that is not what the tree says it should be.
 _DAMAGE = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError, lmdb.BadTxnError,
            lmdb.InvalidError, lmdb.VersionMismatchError)
@@ -571,7 +623,8 @@ _DAMAGE = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError, lmdb.Ba
 
 def _checked_vectors(keys: list[int], matrix: Matrix, where: Path) -> Matrix:
     """Every stored embedding is a finite unit vector; anything else is damage on disk."""
-    norms = np.linalg.norm(matrix.astype(np.float64), axis=1)
+    with np.errstate(all="ignore"):  # garbage bytes make overflowing or NaN floats
+        norms = np.linalg.norm(matrix.astype(np.float64), axis=1)
     bad = ~np.isfinite(norms) | (np.abs(norms - 1.0) > 1e-3)
     if bad.any():
         key = keys[int(np.argmax(bad))]

@@ -1,0 +1,142 @@
+"""`dedup doctor` and `dedup backup` on real data directories."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import check, enroll
+
+from dedup._proto.dedup.v1 import dedup_pb2 as pb
+from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+
+
+def dedup(*args: str) -> subprocess.CompletedProcess[str]:
+    # A child process: LMDB forbids opening one environment twice in a process.
+    return subprocess.run([sys.executable, "-m", "dedup._cli", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def findings(output: str) -> dict[str, str]:
+    """check name -> level, from the report lines."""
+    rows = [line.split(None, 2) for line in output.splitlines() if line.startswith("  ")]
+    return {row[1]: row[0] for row in rows}
+
+
+@pytest.fixture
+def stopped_dir(make_server, faces) -> Path:
+    server = make_server()
+    for i, person in enumerate(faces.persons(30)):
+        enroll(server.stub, f"r{i}", f"ID{i}", person)
+    server.stop()
+    return server.data_dir
+
+
+def test_doctor_healthy_directory(stopped_dir):
+    result = dedup("doctor", str(stopped_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert set(findings(result.stdout).values()) == {"ok"}
+    assert "30 registrations" in result.stdout and "0 problem(s)" in result.stdout
+
+
+def test_doctor_beside_a_running_server(server, faces):
+    enroll(server.stub, "r0", "ID0", faces.persons(1)[0])
+    result = dedup("doctor", str(server.data_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "a dedup server holds this directory" in result.stdout
+    assert "1 registrations" in result.stdout
+
+
+def test_doctor_finds_a_damaged_embedding(stopped_dir):
+    data_file = stopped_dir / "store" / "data.mdb"
+    raw = bytearray(data_file.read_bytes())
+    # The first overflow page (flag 0x04) holds one embedding: put garbage after its header.
+    page = next(p for p in range(len(raw) // 4096) if raw[p * 4096 + 10] == 0x04)
+    raw[page * 4096 + 16:(page + 1) * 4096] = b"\x7f" * (4096 - 16)
+    data_file.write_bytes(bytes(raw))
+    result = dedup("doctor", str(stopped_dir))
+    assert result.returncode == 1
+    assert findings(result.stdout)["records"] == "problem"
+    assert "not a unit vector" in result.stdout
+
+
+def test_doctor_missing_checkpoint_is_a_warning(stopped_dir):
+    (stopped_dir / "index.ckpt").unlink()
+    result = dedup("doctor", str(stopped_dir))
+    assert result.returncode == 0
+    assert findings(result.stdout)["checkpoint"] == "warning"
+
+
+def test_doctor_stale_checkpoint_past_the_log_is_a_problem(make_server, faces, tmp_path):
+    server = make_server()
+    people = faces.persons(20)
+    for i in range(10):
+        enroll(server.stub, f"r{i}", f"ID{i}", people[i])
+    server.stop()
+    old = tmp_path / "old.ckpt"
+    shutil.copyfile(server.data_dir / "index.ckpt", old)
+    server.restart()
+    for i in range(10, 20):
+        enroll(server.stub, f"r{i}", f"ID{i}", people[i])
+    server.stop()  # checkpoints and truncates the change log behind it
+    shutil.copyfile(old, server.data_dir / "index.ckpt")
+    result = dedup("doctor", str(server.data_dir))
+    assert result.returncode == 1
+    assert findings(result.stdout)["index"] == "problem"
+    assert "no longer reaches back" in result.stdout
+
+
+def test_doctor_on_a_directory_without_a_store(tmp_path):
+    result = dedup("doctor", str(tmp_path))
+    assert result.returncode == 1 and "no LMDB store" in result.stdout
+
+
+@pytest.mark.timeout(180)
+def test_hot_backup_while_enrolling_is_a_consistent_prefix(make_server, faces, tmp_path):
+    server = make_server()
+    people = faces.persons(600)
+    for i in range(100):
+        enroll(server.stub, f"r{i}", f"ID{i}", people[i])
+    done = threading.Event()
+
+    def keep_enrolling() -> None:
+        for i in range(100, len(people)):
+            enroll(server.stub, f"r{i}", f"ID{i}", people[i])
+        done.set()
+
+    writer = threading.Thread(target=keep_enrolling)
+    writer.start()
+    dest = tmp_path / "backup"
+    result = dedup("backup", str(server.data_dir), str(dest))
+    backup_ended_early = not done.is_set()
+    writer.join()
+    assert result.returncode == 0, result.stderr
+    assert "backed up" in result.stdout
+    assert backup_ended_early, "the backup did not overlap the enrolments"
+
+    restored = make_server(data_dir=dest)
+    stats = restored.stub.Stats(pb.StatsRequest())
+    assert 100 <= stats.registrations < len(people)
+    assert stats.index_vectors == stats.registrations
+    for i in range(len(people)):  # enrolments were sequential: the copy holds a prefix
+        present = _exists(restored.stub, f"r{i}")
+        assert present == (i < stats.registrations), f"r{i}"
+    for i in (0, stats.registrations - 1):
+        top = check(restored.stub, people[i]).matches[0]
+        assert top.registration.registration_id == f"r{i}" and top.score > 0.999
+    restored.stop()
+    assert dedup("doctor", str(dest)).returncode == 0
+
+
+def _exists(stub: pb_grpc.FaceDedupStub, registration_id: str) -> bool:
+    try:
+        stub.GetRegistration(pb.GetRegistrationRequest(registration_id=registration_id))
+    except grpc.RpcError as error:
+        assert error.code() == grpc.StatusCode.NOT_FOUND
+        return False
+    return True
