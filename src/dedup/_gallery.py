@@ -244,6 +244,33 @@ class Gallery:
         with self._writes:
             yield
 
+    def sequence_in_step(self) -> int:
+        """The store's change sequence at a moment when the index agrees with the store
+        (a write commits to the store, then updates the index, under the write lock)."""
+        with self._writes:
+            return self.store.sequence()
+
+    def changes_since(self, sequence: int) -> tuple[list[int], set[int]] | None:
+        """Keys added (and still stored) and keys removed after `sequence`; None if a
+        checkpoint has truncated the change log past it."""
+        changes, current = self.store.changes_after(sequence)
+        if len(changes) != current - sequence:
+            return None
+        removed = {change.key for change in changes if change.op != OP_ADD}
+        added = [change.key for change in changes
+                 if change.op == OP_ADD and change.key not in removed]
+        return added, removed
+
+    def scored(self, vector: Vector, keys: list[int]) -> list[Scored]:
+        """Those of `keys` still stored, scored exactly against the probe."""
+        faces = [face for face in self.store.faces(keys, with_vectors=True)
+                 if face.registration.embedding_model == self.model_id]
+        if not faces:
+            return []
+        scores = np.vstack([face.vector for face in faces if face.vector is not None]) @ vector
+        return [Scored(face.key, face.registration, float(score))
+                for face, score in zip(faces, scores, strict=True)]
+
     def insert(self, registration: Registration, vector: Vector) -> Registration:
         """Stores a registration whose vector the server's model made, then indexes it."""
         with self._writes:
@@ -303,10 +330,8 @@ class Gallery:
         if not faces:
             return []
         scores = np.vstack([face.vector for face in faces if face.vector is not None]) @ vector
-        return [
-            Scored(face.key, face.registration, float(score))
-            for face, score in zip(faces, scores, strict=True)
-        ]
+        return [Scored(face.key, face.registration, float(score))
+                for face, score in zip(faces, scores, strict=True)]
 
     def get(self, registration_id: str) -> Registration | None:
         return self.store.get(registration_id)

@@ -21,7 +21,8 @@ from ._models import (
     Registration,
     Verdict,
 )
-from ._policy import decide
+from ._policy import Scored, decide
+from ._vectors import Vector
 
 log = logging.getLogger("dedup.service")
 
@@ -58,31 +59,56 @@ class DedupService:
         return Probe(embedded.vector, embedded.face)
 
     def check(self, probe: Probe, claimed_id_number: str, max_matches: int) -> CheckResult:
-        vector = probe.vector
-        same_id = (
-            self.gallery.same_id_number(vector, claimed_id_number) if claimed_id_number else []
-        )
+        same_id = self._same_id(probe.vector, claimed_id_number)
+        candidates = self._candidates(probe.vector, max_matches, same_id)
+        result = decide(self.policy, claimed_id_number, candidates, same_id, max_matches)
+        return dataclasses.replace(result, detected=probe.detected)
+
+    def _same_id(self, vector: Vector, claimed_id_number: str) -> list[Scored]:
+        if not claimed_id_number:
+            return []
+        return self.gallery.same_id_number(vector, claimed_id_number)
+
+    def _candidates(self, vector: Vector, max_matches: int, same_id: list[Scored]
+                    ) -> list[Scored]:
         # Widened by the claimed ID's own registrations, which may fill the top of the list,
         # so that at least min_search_k registrations under other ID numbers are looked at.
         k = max(max_matches, self.limits.min_search_k) + len(same_id)
-        candidates = self.gallery.neighbours(vector, k, floor=self.policy.review_threshold)
-        result = decide(self.policy, claimed_id_number, candidates, same_id, max_matches)
-        return dataclasses.replace(result, detected=probe.detected)
+        return self.gallery.neighbours(vector, k, floor=self.policy.review_threshold)
 
     def enroll(self, registration: Registration, probe: Probe, check_first: bool) -> EnrollResult:
         vector, detected = probe.vector, probe.detected
         if not check_first:
             stored = self.gallery.insert(registration, vector)
             return EnrollResult(stored, enrolled=True, detected=detected)
-        # The check and the insert it allows form one step: no other enrolment can slip
-        # between them, so two captures of one face under two ID numbers cannot both pass.
+        self._ensure_new(registration)
+        claimed, limit = registration.id_number, self.limits.default_candidates
+        # The search runs beside other calls; only what changed since it began is looked at
+        # under the write lock. So the check and the insert it allows still form one step:
+        # two captures of one face under two ID numbers cannot both pass.
+        seen = self.gallery.sequence_in_step()
+        candidates = self._candidates(vector, limit, self._same_id(vector, claimed))
         with self.gallery.exclusive_writes():
-            self._ensure_new(registration)
-            result = self.check(probe, registration.id_number, self.limits.default_candidates)
+            candidates = self._caught_up(vector, claimed, limit, seen, candidates)
+            same_id = self._same_id(vector, claimed)
+            result = dataclasses.replace(
+                decide(self.policy, claimed, candidates, same_id, limit), detected=detected)
             if result.verdict not in ENROLLING_VERDICTS:
                 return EnrollResult(registration, enrolled=False, check=result, detected=detected)
             stored = self.gallery.insert(registration, vector)
         return EnrollResult(stored, enrolled=True, check=result, detected=detected)
+
+    def _caught_up(self, vector: Vector, claimed: str, limit: int, seen: int,
+                   candidates: list[Scored]) -> list[Scored]:
+        """The candidates as of now: without registrations deleted since `seen`, with those
+        added since scored exactly. Runs under the write lock."""
+        delta = self.gallery.changes_since(seen)
+        if delta is None:  # a checkpoint truncated the log meanwhile: search again, locked
+            return self._candidates(vector, limit, self._same_id(vector, claimed))
+        added, removed = delta
+        fresh = [scored for scored in self.gallery.scored(vector, added)
+                 if scored.score >= self.policy.review_threshold]
+        return [scored for scored in candidates if scored.key not in removed] + fresh
 
     def _ensure_new(self, registration: Registration) -> None:
         # The store enforces uniqueness again inside its transaction; checking first only
