@@ -3,6 +3,7 @@ damaged store is refused at start with a clear message, never a crash or a parti
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import signal
@@ -29,6 +30,7 @@ from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 PAGE = 4096
 P_BRANCH, P_LEAF, P_OVERFLOW = 0x01, 0x02, 0x04
 GALLERY = 20_000
+KILL_SEEDS = int(os.environ.get("DEDUP_SOAK_SEEDS", "4"))  # benchmarks/soak.py runs 100
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +92,7 @@ def stop(server: ServerProcess) -> None:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(KILL_SEEDS))
 def test_kill_during_checkpoint_recovers(data_dir, people, seed):
     rng = random.Random(seed)
     server = ServerProcess(data_dir)
