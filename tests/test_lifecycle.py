@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 import threading
 import time
 
@@ -265,3 +266,38 @@ def test_insert_many_is_all_or_nothing(tmp_path, faces):
         assert gallery.get("c") is None
     finally:
         gallery.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs the test mounts: a disk that really fills up."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs",
+                              str(mount_point)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); "
+                    "test_map_cap_refuses_writes_keeps_reads covers the same refusal")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_full_disk_refuses_writes_keeps_reads_loses_nothing(make_server, faces, small_disk):
+    server = make_server(data_dir=small_disk / "data", initial_map_size=1 << 30,
+                         checkpoint_every_changes=10**9)
+    people = faces.persons(6000)
+    acknowledged = 0
+    with pytest.raises(grpc.RpcError) as error:
+        for i, person in enumerate(people):
+            enroll(server.stub, f"r{i}", f"ID{i}", person)
+            acknowledged += 1
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "disk is full" in error.value.details()
+    assert 0 < acknowledged < len(people)
+    assert stats(server.stub).registrations == acknowledged
+    assert check(server.stub, people[0]).matches[0].registration.registration_id == "r0"
+    assert server.stub.GetRegistration(
+        pb.GetRegistrationRequest(registration_id=f"r{acknowledged - 1}")).id_number
+    server.restart()  # its shutdown checkpoint may not fit: the change log covers it
+    assert stats(server.stub).registrations == stats(server.stub).index_vectors == acknowledged
+    _assert_all_found(server, people[:acknowledged], step=97)

@@ -9,13 +9,14 @@ fsynced: a reader sees the old checkpoint or the new one, never a mix.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._errors import CheckpointError
+from ._errors import CheckpointError, ResourceExhausted
 
 MAGIC = b"DDUPCKPT"
 VERSION = 2
@@ -41,12 +42,19 @@ def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
         checkpoint.model_id.encode(), checkpoint.kind.encode(),
     )
     temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(header)
-        handle.write(checkpoint.payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(header)
+            handle.write(checkpoint.payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)  # a partial file would only hold the disk further
+        if error.errno == errno.ENOSPC:
+            raise ResourceExhausted(f"{path}: no space left to write the index checkpoint; "
+                                    "the change log still covers every change") from error
+        raise CheckpointError(f"{path}: cannot write the index checkpoint ({error})") from error
     _fsync_directory(path.parent)
 
 

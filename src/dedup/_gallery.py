@@ -28,7 +28,7 @@ import numpy as np
 from ._batcher import SearchBatcher
 from ._checkpoint import write_checkpoint
 from ._config import IndexConfig, StoreConfig
-from ._errors import CheckpointError, FailedPrecondition, StoreError
+from ._errors import CheckpointError, FailedPrecondition, ResourceExhausted, StoreError
 from ._index import (
     AUTO,
     BINARY_DEFAULT,
@@ -195,7 +195,7 @@ class Gallery:
             )
             return self._rebuild_at_start()
         if replayed != covered:
-            self._save_checkpoint(index, replayed)
+            return index, self._checkpoint_at_start(index, replayed, covered)
         return index, replayed
 
     def _replay(self, index: VectorIndex, covered: int) -> int | None:
@@ -210,8 +210,7 @@ class Gallery:
                                  lambda *_: None)
         log.info("built a %s index from the store: %d vectors in %.1f s",
                  kind, len(built.index), time.monotonic() - started)
-        self._save_checkpoint(built.index, built.sequence)
-        return built.index, built.sequence
+        return built.index, self._checkpoint_at_start(built.index, built.sequence, 0)
 
     def _only_model(self) -> str | None:
         """Filter builds by model only when the store holds another model's embeddings."""
@@ -433,6 +432,17 @@ class Gallery:
             self._after_checkpoint(sequence)
             return sequence
 
+    def _checkpoint_at_start(self, index: VectorIndex, sequence: int, on_disk: int) -> int:
+        """Checkpoints the recovered index; returns the sequence the checkpoint on disk covers
+        (`on_disk` if this one cannot be written, e.g. on a full disk)."""
+        try:
+            self._save_checkpoint(index, sequence)
+        except (ResourceExhausted, CheckpointError) as error:
+            # The server can run without it: the change log keeps covering the index.
+            log.error("could not checkpoint the recovered index: %s", error)
+            return on_disk
+        return sequence
+
     def _save_checkpoint(self, index: VectorIndex, sequence: int) -> None:
         write_checkpoint(self.checkpoint_path, index.snapshot(sequence, self.model_id))
         self._after_checkpoint(sequence)
@@ -484,6 +494,9 @@ class Gallery:
         try:
             if checkpoint:
                 self.checkpoint()
+        except (ResourceExhausted, CheckpointError) as error:
+            # Nothing is lost: the next start replays the change log, which still holds it.
+            log.error("shutdown checkpoint failed: %s", error)
         finally:
             self.store.close()
             self._lock_file.close()
