@@ -33,7 +33,8 @@ faces = st.one_of(
                         st.binary(max_size=200).map(lambda b: b"\x89PNG\r\n\x1a\n" + b)),
               st.booleans()),
 )
-texts = st.one_of(st.text(max_size=140), st.sampled_from(["", " ID", "ID\n1", "r0", "ID0"]))
+texts = st.one_of(st.text(max_size=140), st.sampled_from(["", " ID", "ID\n1", "r0", "ID0"]),
+                  st.integers(1_000, 200_000).map(lambda n: "9" * n))  # huge
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +155,27 @@ def test_undecodable_request_names_the_message(fuzz_server):
                  b"\x0a\xff\xff\xff\xff\x0f")
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "dedup.v1.CheckRequest" in caught.value.details()
+
+
+enroll_requests = st.builds(
+    lambda face_, registration_id, id_number, check_first: pb.EnrollRequest(
+        registration=pb.Registration(registration_id=registration_id, id_number=id_number),
+        face=face_, check_first=check_first),
+    st.one_of(faces.filter(lambda f: f is not None)), texts, texts, st.booleans())
+
+
+@FUZZ
+@given(requests=st.lists(enroll_requests, min_size=1, max_size=4))
+def test_enroll_stream_fuzzed(fuzz_server, requests):
+    before = fuzz_server.stub.Stats(pb.StatsRequest())
+    replies = list(fuzz_server.stub.EnrollStream(iter(requests), timeout=60))
+    assert len(replies) == len(requests)  # one reply per request, in order
+    enrolled = [reply.registration.registration_id for reply in replies if reply.enrolled]
+    for reply in replies:
+        if not reply.enrolled and reply.error.code:
+            assert reply.error.code in {code.name for code in PROPER}, reply.error
+            assert reply.error.message
+    after = fuzz_server.stub.Stats(pb.StatsRequest())
+    assert after.registrations == before.registrations + len(enrolled)
+    for registration_id in enrolled:
+        fuzz_server.stub.Delete(pb.DeleteRequest(registration_id=registration_id))

@@ -64,6 +64,18 @@ def status_of(error: DedupError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+MAX_DETAILS_CHARS = 1000
+
+
+def details(error: BaseException) -> str:
+    """The error's message, cut short: it may quote a huge request field, and gRPC refuses
+    trailing metadata over 8 KiB (the caller would get a transport error instead)."""
+    text = str(error)
+    if len(text) <= MAX_DETAILS_CHARS:
+        return text
+    return f"{text[:MAX_DETAILS_CHARS]}... ({len(text) - MAX_DETAILS_CHARS} more characters)"
+
+
 def _rpc(handler: _Handler) -> _Handler:
     """Turns DedupErrors into their status; anything else is logged and INTERNAL."""
 
@@ -72,7 +84,7 @@ def _rpc(handler: _Handler) -> _Handler:
         try:
             return handler(self, request, context)
         except DedupError as error:
-            context.abort(status_of(error), str(error))
+            context.abort(status_of(error), details(error))
         except Exception:
             log.exception("%s failed", handler.__name__)
             context.abort(grpc.StatusCode.INTERNAL, f"{handler.__name__}: internal error")
@@ -119,7 +131,7 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
             try:
                 yield self._enroll(request, context)
             except DedupError as error:
-                yield _stream_error(request, status_of(error), str(error))
+                yield _stream_error(request, status_of(error), details(error))
             except Exception:
                 log.exception("EnrollStream item failed")
                 yield _stream_error(request, grpc.StatusCode.INTERNAL, "internal error")
@@ -219,7 +231,7 @@ class IndexAdminServicer(pb_grpc.IndexAdminServicer):
                 if not isinstance(update, DedupError):
                     log.error("rebuild failed", exc_info=update)
                 context.abort(status_of(update) if isinstance(update, DedupError)
-                              else grpc.StatusCode.INTERNAL, f"rebuild failed: {update}")
+                              else grpc.StatusCode.INTERNAL, f"rebuild failed: {details(update)}")
                 return
             yield update
             if update.phase == "done":
