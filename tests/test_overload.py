@@ -47,11 +47,12 @@ def test_full_concurrency_limit_refuses_at_once(make_server, faces):
     release = threading.Event()
 
     def held_open():
+        yield pb.EnrollRequest()  # answered with an error item: proof the call is running
         release.wait(30)
-        return
-        yield  # a generator that sends nothing until released
 
     streams = [server.stub.EnrollStream(held_open()) for _ in range(2)]
+    for stream in streams:
+        assert next(stream).error.code == "INVALID_ARGUMENT"
     try:
         with pytest.raises(grpc.RpcError) as refused:
             # A deadline far away: queued, the call would wait; refused, it fails at once.
