@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
@@ -18,6 +20,7 @@ import numpy as np
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from ._auth import load_security
 from ._config import DEFAULT_DATA_DIR, IndexConfig, Limits, Policy, ServerConfig, StoreConfig
 from ._embedder import CaptureRules
 from ._errors import DedupError
@@ -26,8 +29,10 @@ from ._logging import configure_logging
 from ._model_pack import MODEL_DIR_ENV
 from ._proto.dedup.v1 import dedup_pb2 as pb
 from ._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+from ._store import Store
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+TOKEN_ENV = "DEDUP_TOKEN"
 log = logging.getLogger("dedup.cli")
 
 
@@ -61,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--review-threshold", type=float, default=Policy.review_threshold)
     serve.add_argument("--max-sims-per-id", type=int, default=Policy.max_sims_per_id)
     serve.add_argument("--no-reflection", action="store_true", help="turn server reflection off")
+    serve.add_argument("--security", type=Path, default=None, metavar="FILE",
+                       help="roles, mutual TLS and tokens (see `dedup keys`); without it the "
+                       "server is unauthenticated and listens on loopback only")
     serve.add_argument("--metrics-address", default=None, metavar="HOST:PORT",
                        help="serve Prometheus metrics over HTTP here (e.g. 127.0.0.1:9464)")
     serve.add_argument("--grace", type=float, default=ServerConfig.shutdown_grace_s,
@@ -111,9 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--max-candidates", type=int, default=0)
 
     delete = _client_parser(commands, "delete", "erase registrations by one key", delete_command)
-    keys = delete.add_mutually_exclusive_group(required=True)
+    delete_keys = delete.add_mutually_exclusive_group(required=True)
     for name in ("registration-id", "id-number", "msisdn"):
-        keys.add_argument(f"--{name}")
+        delete_keys.add_argument(f"--{name}")
 
     get = _client_parser(commands, "get", "show one registration", get_command)
     get.add_argument("registration_id")
@@ -135,6 +143,41 @@ def build_parser() -> argparse.ArgumentParser:
     _offline_arguments(rebuild)
 
     _client_parser(commands, "index-info", "the index in use", index_info_command)
+
+    keys = commands.add_parser("keys", help="make a test CA, certificates, tokens and a "
+                               "security file for local use")
+    keys.add_argument("out", type=Path, metavar="DIR")
+    keys.add_argument("--host", action="append", default=None,
+                      help="names the server certificate is valid for (default localhost, "
+                      "127.0.0.1)")
+    keys.add_argument("--token-address", default="127.0.0.1:50052")
+    keys.set_defaults(command=keys_command)
+
+    audit = commands.add_parser("audit", help="check or export the audit trail")
+    audit_commands = audit.add_subparsers(required=True, metavar="ACTION")
+    verify = audit_commands.add_parser("verify", help="check the hash chain")
+    verify.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    verify.set_defaults(command=audit_verify_command)
+    export = audit_commands.add_parser("export", help="records as JSON lines")
+    export.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    export.add_argument("--since", type=_moment, help="ISO date-time (UTC unless given)")
+    export.add_argument("--until", type=_moment, help="ISO date-time, exclusive")
+    export.add_argument("--out", type=Path, help="file to write (default stdout)")
+    export.set_defaults(command=audit_export_command)
+
+    compact = _client_parser(commands, "compact", "rewrite the store compacted, so erased "
+                             "registrations leave no bytes behind", compact_command)
+    _offline_arguments(compact)
+
+    clusters = _client_parser(commands, "clusters", "every group of registrations sharing "
+                              "one face across ID numbers (Investigate.FindClusters)",
+                              clusters_command)
+    clusters.add_argument("--out", type=Path, required=True, help=".jsonl or .csv")
+    clusters.add_argument("--case-id", required=True)
+    clusters.add_argument("--purpose", required=True)
+    clusters.add_argument("--min-distinct-id-numbers", type=int, default=2)
+    clusters.add_argument("--min-score", type=float, default=None,
+                          help="default: the server's match threshold")
 
     doctor = commands.add_parser("doctor", help="check a data directory offline and report")
     doctor.add_argument("data_dir", type=Path, metavar="DATA_DIR")
@@ -184,6 +227,11 @@ def _client_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     parser = commands.add_parser(name, help=help_text)
     parser.add_argument("--server", default=DEFAULT_ADDRESS, help="HOST:PORT of a dedup server")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    parser.add_argument("--ca", type=Path, help="the CA certificate that signed the server's "
+                        "(TLS; without it the channel is plain, for a local server)")
+    parser.add_argument("--cert", type=Path, help="client certificate (mutual TLS)")
+    parser.add_argument("--key", type=Path, help="client certificate's private key")
+    parser.add_argument("--token", help=f"bearer token (default ${TOKEN_ENV})")
     parser.set_defaults(command=command)
     return parser
 
@@ -199,6 +247,7 @@ def serve_command(args: argparse.Namespace) -> int:
         policy=Policy(args.match_threshold, args.review_threshold, args.max_sims_per_id),
         reflection=not args.no_reflection,
         metrics_address=args.metrics_address,
+        security=load_security(args.security) if args.security else None,
         shutdown_grace_s=args.grace,
         index=IndexConfig(
             index_factory=args.index_factory, auto_threshold=args.auto_threshold,
@@ -226,12 +275,105 @@ def serve_command(args: argparse.Namespace) -> int:
     server.start()
     host = args.address.rsplit(":", 1)[0]
     log.info("dedup serving on %s:%d, data directory %s", host, port, args.data_dir.resolve())
+    if server.token_port is not None:
+        log.info("bearer tokens accepted over TLS on port %d", server.token_port)
     if server.metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", args.metrics_address.rsplit(":", 1)[0],
                  server.metrics_port)
     stopping.wait()
     server.stop()
     log.info("stopped; index checkpointed")
+    return 0
+
+
+def _moment(text: str) -> datetime:
+    moment = datetime.fromisoformat(text)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def keys_command(args: argparse.Namespace) -> int:
+    from ._keys import make_keys
+
+    files = make_keys(args.out, tuple(args.host or ("localhost", "127.0.0.1")),
+                      args.token_address)
+    print(f"wrote {len(files)} files to {args.out}: " + ", ".join(f.name for f in files))
+    print(f"serve: dedup serve --security {args.out / 'security.toml'}; clients: --ca "
+          f"{args.out / 'ca.crt'} with --cert/--key <role>.crt/.key, or a token from "
+          f"{args.out / 'tokens.txt'} against the token address {args.token_address}")
+    print("these are test keys: keep tokens.txt and the *.key files private")
+    return 0
+
+
+def _offline_store(data_dir: Path) -> Store:
+    from ._store import Store
+
+    if not (data_dir / "store" / "data.mdb").exists():
+        raise ValueError(f"{data_dir}: no dedup store here")
+    return Store(StoreConfig(data_dir=data_dir, check_on_open=False), readonly=True)
+
+
+def audit_verify_command(args: argparse.Namespace) -> int:
+    from ._audit import verify
+
+    store = _offline_store(args.data_dir)
+    try:
+        result = verify(store)
+    finally:
+        store.close()
+    if result.first_broken is None:
+        print(f"audit trail intact: {result.records} records, each chained to the one before")
+        return 0
+    print(f"audit trail BROKEN at record {result.first_broken}: {result.reason}")
+    return 1
+
+
+def audit_export_command(args: argparse.Namespace) -> int:
+    from ._audit import export
+
+    store = _offline_store(args.data_dir)
+    try:
+        lines = list(export(store, args.since, args.until))
+    finally:
+        store.close()
+    text = "".join(line + "\n" for line in lines)
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        args.out.write_text(text)
+        print(f"wrote {len(lines)} audit records to {args.out}")
+    return 0
+
+
+def compact_command(args: argparse.Namespace) -> int:
+    if args.data_dir is not None:
+        gallery = _open_offline(args)
+        started = time.monotonic()
+        try:
+            before, after = gallery.compact()
+        finally:
+            gallery.close(checkpoint=True)
+        seconds = time.monotonic() - started
+    else:
+        with _channel(args) as channel:
+            reply = pb_grpc.IndexAdminStub(channel).Compact(pb.CompactRequest(),
+                                                             timeout=max(args.timeout, 3600))
+        before, after, seconds = reply.bytes_before, reply.bytes_after, reply.seconds
+    print(f"compacted the store from {before / 2**20:.1f} MiB to {after / 2**20:.1f} MiB "
+          f"in {seconds:.1f} s")
+    return 0
+
+
+def clusters_command(args: argparse.Namespace) -> int:
+    from ._cluster_file import write_clusters
+
+    request = pb.FindClustersRequest(case_id=args.case_id, purpose=args.purpose,
+                                     min_distinct_id_numbers=args.min_distinct_id_numbers)
+    if args.min_score is not None:
+        request.min_score = args.min_score
+    with _channel(args) as channel:
+        updates = pb_grpc.InvestigateStub(channel).FindClusters(request)
+        found = write_clusters(updates, args.out)
+    print(f"wrote {found} clusters to {args.out}")
     return 0
 
 
@@ -278,8 +420,26 @@ def face_from_args(args: argparse.Namespace) -> pb.Face:
     return pb.Face(embedding=pb.Embedding(values=load_embedding(args.embedding)))
 
 
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    """Plain to a local unauthenticated server; TLS with --ca (a client certificate with
+    --cert/--key, a bearer token with --token or $DEDUP_TOKEN)."""
+    token = args.token or os.environ.get(TOKEN_ENV)
+    if args.ca is None:
+        if token:
+            raise ValueError("--token needs TLS: give --ca too")
+        return grpc.insecure_channel(args.server)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=args.ca.read_bytes(),
+        private_key=args.key.read_bytes() if args.key else None,
+        certificate_chain=args.cert.read_bytes() if args.cert else None)
+    if token:
+        credentials = grpc.composite_channel_credentials(
+            credentials, grpc.access_token_call_credentials(token))
+    return grpc.secure_channel(args.server, credentials)
+
+
 def _stub(args: argparse.Namespace) -> tuple[grpc.Channel, pb_grpc.FaceDedupStub]:
-    channel = grpc.insecure_channel(args.server)
+    channel = _channel(args)
     return channel, pb_grpc.FaceDedupStub(channel)
 
 
@@ -408,7 +568,7 @@ def rebuild_command(args: argparse.Namespace) -> int:
             finally:
                 gallery.close(checkpoint=False)
         else:
-            channel = grpc.insecure_channel(args.server)
+            channel = _channel(args)
             with channel:
                 admin = pb_grpc.IndexAdminStub(channel)
                 for update in admin.Rebuild(pb.RebuildRequest(index_factory=args.index_factory)):
@@ -419,7 +579,7 @@ def rebuild_command(args: argparse.Namespace) -> int:
 
 
 def index_info_command(args: argparse.Namespace) -> int:
-    channel = grpc.insecure_channel(args.server)
+    channel = _channel(args)
     with channel:
         _print(pb_grpc.IndexAdminStub(channel).GetIndexInfo(pb.GetIndexInfoRequest(),
                                                             timeout=args.timeout))

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ._embedder import CaptureRules
+
+if TYPE_CHECKING:
+    from ._auth import SecurityConfig
 
 DIMENSION = 512
 DEFAULT_DATA_DIR = Path("index_data")
@@ -63,6 +67,10 @@ class StoreConfig:
     # Walk every page of the store in a child process before opening it (see _store_check):
     # about 0.5 s per million registrations when cached, 4 s from disk.
     check_on_open: bool = True
+    # Erased registrations' bytes stay on freed LMDB pages until a compaction rewrites the
+    # file; the server compacts at most this long after an erasure (calls wait meanwhile:
+    # about 0.5 s per GiB of store).
+    compact_delay_s: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -110,3 +118,5 @@ class ServerConfig:
     shutdown_grace_s: float = 10.0
     # HOST:PORT of the Prometheus /metrics endpoint (port 0 picks one); None: no endpoint.
     metrics_address: str | None = None
+    # Roles, mutual TLS and tokens (see _auth.py); None: unauthenticated, loopback only.
+    security: SecurityConfig | None = None

@@ -10,6 +10,9 @@ so a client always sees the same status for the same kind of failure.
     ├── FailedPrecondition   request valid, state forbids it -> FAILED_PRECONDITION
     ├── ResourceExhausted    map or disk full, limits     -> RESOURCE_EXHAUSTED
     ├── DeadlineExceeded     the call's deadline passed   -> DEADLINE_EXCEEDED
+    ├── Unauthenticated      no valid credential          -> UNAUTHENTICATED
+    ├── PermissionDenied     the caller's role may not call this -> PERMISSION_DENIED
+    ├── AuditUnavailable     the audit record could not be written -> UNAVAILABLE
     └── StoreError           the data directory cannot be used (start-up)
         ├── StoreDamaged     LMDB reports a damaged page, or a stored vector is garbage
         │                                                 -> DATA_LOSS
@@ -51,6 +54,18 @@ class ResourceExhausted(DedupError):
 
 class DeadlineExceeded(DedupError):
     """The caller's deadline passed before the work was done; the work was dropped."""
+
+
+class Unauthenticated(DedupError):
+    """No credential, or one the server does not accept (unknown or expired token)."""
+
+
+class PermissionDenied(DedupError):
+    """The caller is known, but its role does not allow this method."""
+
+
+class AuditUnavailable(DedupError):
+    """The audit record of an audited call could not be written: the call returns nothing."""
 
 
 class StoreError(DedupError):

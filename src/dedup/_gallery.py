@@ -45,7 +45,7 @@ from ._index import (
 from ._models import DeleteKey, Registration
 from ._policy import Scored
 from ._rebuild import Built, Progress, build_in_child, build_in_process
-from ._store import OP_ADD, Store
+from ._store import OP_ADD, AuditMaker, Store
 from ._store_check import walk_store
 from ._vectors import Matrix, Vector
 
@@ -127,6 +127,13 @@ def replay_changes(store: Store, index: VectorIndex, covered: int, model_id: str
     return current
 
 
+@dataclass(frozen=True)
+class Erasure:
+    registrations: list[Registration]
+    audit_hash: bytes | None
+    compaction_due: float | None
+
+
 class Gallery:
     def __init__(self, config: StoreConfig, model_id: str,
                  index_config: IndexConfig | None = None, background: bool = True) -> None:
@@ -155,6 +162,7 @@ class Gallery:
         self._log_pin: int | None = None
         self._closed = threading.Event()
         self._switch_failed_at = -SWITCH_RETRY_S
+        self._compacting = threading.Lock()
         self.index: VectorIndex
         self.index, self.checkpoint_sequence = self._recover_index()
         self._last_checkpoint_time = time.monotonic()
@@ -211,6 +219,9 @@ class Gallery:
         log.info("built a %s index from the store: %d vectors in %.1f s",
                  kind, len(built.index), time.monotonic() - started)
         return built.index, self._checkpoint_at_start(built.index, built.sequence, 0)
+
+    def only_model(self) -> str | None:
+        return self._only_model()
 
     def _only_model(self) -> str | None:
         """Filter builds by model only when the store holds another model's embeddings."""
@@ -288,11 +299,27 @@ class Gallery:
     def _stamped(self, registration: Registration) -> Registration:
         return dataclasses.replace(registration, embedding_model=self.model_id)
 
-    def delete(self, by: DeleteKey, value: str) -> list[Registration]:
+    def delete(self, by: DeleteKey, value: str, audit: AuditMaker | None = None) -> Erasure:
+        """Erases every registration under one key from the store (with its audit record, in
+        the same transaction) and the index, then rewrites the index checkpoint without them.
+        The freed store pages are overwritten by the next compaction (`compaction_due`)."""
         with self._writes:
-            faces = self.store.delete(by, value)
+            faces, digest = self.store.delete(by, value, audit)
             self.index.remove(np.array([face.key for face in faces], np.int64))
-        return [face.registration for face in faces]
+            sequence = self.store.sequence()
+        if faces:
+            self.checkpoint(covering=sequence)
+        return Erasure([face.registration for face in faces], digest, self.compaction_due())
+
+    def compaction_due(self) -> float | None:
+        """Unix time by which erased registrations' bytes will be compacted away."""
+        since = self.store.erased_since()
+        return None if since is None else since + self.config.compact_delay_s
+
+    def compact(self) -> tuple[int, int]:
+        """Rewrites the store compacted (calls wait); see Store.compact."""
+        with self._compacting:
+            return self.store.compact()
 
     # -- reads -----------------------------------------------------------------------
 
@@ -311,6 +338,30 @@ class Gallery:
         faces = self.store.faces(by_key, with_vectors=False)
         return [Scored(face.key, face.registration, by_key[face.key]) for face in faces
                 if face.registration.embedding_model == self.model_id]
+
+    def neighbours_of_many(self, queries: Matrix, k: int, floor: float
+                           ) -> list[list[tuple[int, float]]]:
+        """Per query: (key, exact score) of its k nearest scoring >= floor, best first.
+
+        One FAISS search for the whole block (batch jobs: cluster finding), not the
+        micro-batcher the per-call searches share.
+        """
+        exact, found = self._search_batch(queries, max(k, self.index_config.rerank_candidates))
+        rows = []
+        for query, (keys, scores) in zip(queries, found, strict=True):
+            if not exact:
+                keys, scores = self._rerank(keys[keys >= 0], query)
+            rows.append([(int(key), float(score)) for key, score in zip(keys[:k], scores[:k],
+                                                                          strict=True)
+                         if key >= 0 and score >= floor])
+        return rows
+
+    def stored_face(self, registration_id: str) -> tuple[int, Registration, Vector] | None:
+        keys = self.store.keys_of(registration_id)
+        faces = self.store.faces(keys, with_vectors=True)
+        if not faces or faces[0].vector is None:
+            return None
+        return faces[0].key, faces[0].registration, faces[0].vector
 
     def _search_batch(self, queries: Matrix, k: int) -> tuple[bool, list[tuple[Ids, Scores]]]:
         index = self.index  # one index for the whole batch, even if a rebuild swaps it now
@@ -420,11 +471,14 @@ class Gallery:
 
     # -- checkpoints -----------------------------------------------------------------
 
-    def checkpoint(self) -> int:
-        """Writes the index with the sequence it covers; returns that sequence."""
+    def checkpoint(self, covering: int | None = None) -> int:
+        """Writes the index with the sequence it covers; returns that sequence. With
+        `covering`, nothing is written if the last checkpoint already covers that change."""
         with self._checkpointing:
             with self._writes:  # the index and the sequence must agree
                 sequence = self.store.sequence()
+                if covering is not None and self.checkpoint_sequence >= covering:
+                    return self.checkpoint_sequence
                 if sequence == self.checkpoint_sequence and self.checkpoint_path.exists():
                     return sequence
                 snapshot = self.index.snapshot(sequence, self.model_id)
@@ -459,9 +513,15 @@ class Gallery:
         while not self._closed.wait(poll):
             try:
                 self._checkpoint_if_due()
+                self._compact_if_due()
                 self._switch_if_wanted()
             except Exception:  # the store is the truth; a failure here only costs time
                 log.exception("background index maintenance failed")
+
+    def _compact_if_due(self) -> None:
+        due = self.compaction_due()
+        if due is not None and time.time() >= due:
+            self.compact()
 
     def _checkpoint_if_due(self) -> None:
         pending = self.store.sequence() - self.checkpoint_sequence

@@ -7,6 +7,7 @@ import functools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any, TypeVar
@@ -17,19 +18,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from . import _convert as convert
+from ._audit import AuditTrail, record_maker
+from ._auth import CALLER, UNAUTHENTICATED_CALLER, Authorizer, is_loopback
 from ._config import ServerConfig
 from ._embedder import FaceEmbedder
-from ._errors import (
-    AlreadyExists,
-    DeadlineExceeded,
-    DedupError,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    ResourceExhausted,
-    StoreDamaged,
-)
+from ._errors import DedupError, NotFound, StoreError
 from ._gallery import Gallery, IndexStatus
+from ._investigate_api import InvestigateServicer
 from ._metrics import Metrics
 from ._model_pack import resolve_model_dir
 from ._models import Probe
@@ -37,44 +32,16 @@ from ._observe import CallObserver
 from ._proto.dedup.v1 import dedup_pb2 as pb
 from ._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 from ._service import DedupService
+from ._status import details, status_of
 from ._wire import add_service
 
 log = logging.getLogger("dedup.server")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FaceDedup"].full_name
-ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["IndexAdmin"].full_name
-
-_STATUS: dict[type[DedupError], grpc.StatusCode] = {
-    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    NotFound: grpc.StatusCode.NOT_FOUND,
-    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    StoreDamaged: grpc.StatusCode.DATA_LOSS,
-}
-
 _Handler = TypeVar("_Handler", bound=Callable[..., Any])
 
-
-def status_of(error: DedupError) -> grpc.StatusCode:
-    for kind, code in _STATUS.items():
-        if isinstance(error, kind):
-            return code
-    return grpc.StatusCode.INTERNAL
-
-
-MAX_DETAILS_CHARS = 1000
-
-
-def details(error: BaseException) -> str:
-    """The error's message, cut short: it may quote a huge request field, and gRPC refuses
-    trailing metadata over 8 KiB (the caller would get a transport error instead)."""
-    text = str(error)
-    if len(text) <= MAX_DETAILS_CHARS:
-        return text
-    return f"{text[:MAX_DETAILS_CHARS]}... ({len(text) - MAX_DETAILS_CHARS} more characters)"
-
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FaceDedup"].full_name
+ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["IndexAdmin"].full_name
+INVESTIGATE_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Investigate"].full_name
 
 def _rpc(handler: _Handler) -> _Handler:
     """Turns DedupErrors into their status; anything else is logged and INTERNAL."""
@@ -99,9 +66,11 @@ def _deadline(context: grpc.ServicerContext) -> float | None:
 
 
 class FaceDedupServicer(pb_grpc.FaceDedupServicer):
-    def __init__(self, service: DedupService, config: ServerConfig, metrics: Metrics) -> None:
+    def __init__(self, service: DedupService, config: ServerConfig, metrics: Metrics,
+                 audit: AuditTrail) -> None:
         self.service = service
         self.metrics = metrics
+        self.audit = audit
         self.limits = config.limits
         self.dimension = config.store.dimension
 
@@ -157,11 +126,23 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
     @_rpc
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
         by, value = convert.delete_key(request, self.limits)
-        deleted = self.service.delete(by, value)
-        return pb.DeleteResponse(
-            deleted=len(deleted),
-            registration_ids=[registration.registration_id for registration in deleted],
+        caller = CALLER.get() or UNAUTHENTICATED_CALLER
+        maker = record_maker(caller, "FaceDedup.Delete", "", "", {by.value: value})
+        try:
+            erasure = self.service.delete(by, value, maker)
+        except NotFound:
+            self.audit.append(caller, "FaceDedup.Delete", "", "", {by.value: value}, [])
+            raise
+        response = pb.DeleteResponse(
+            deleted=len(erasure.registrations),
+            registration_ids=[registration.registration_id
+                              for registration in erasure.registrations],
+            audit_record_hash=(erasure.audit_hash or b"").hex(),
         )
+        response.erased_at.GetCurrentTime()
+        if erasure.compaction_due is not None:
+            response.compaction_due.FromNanoseconds(int(erasure.compaction_due * 1e9))
+        return response
 
     @_rpc
     def GetRegistration(
@@ -243,6 +224,14 @@ class IndexAdminServicer(pb_grpc.IndexAdminServicer):
         return _index_info(self.gallery.index_status())
 
     @_rpc
+    def Compact(self, request: pb.CompactRequest,
+                context: grpc.ServicerContext) -> pb.CompactResponse:
+        started = time.monotonic()
+        before, after = self.gallery.compact()
+        return pb.CompactResponse(bytes_before=before, bytes_after=after,
+                                  seconds=time.monotonic() - started)
+
+    @_rpc
     def Checkpoint(self, request: pb.CheckpointRequest,
                    context: grpc.ServicerContext) -> pb.CheckpointResponse:
         sequence = self.gallery.checkpoint()
@@ -262,6 +251,7 @@ class DedupServer:
         self.grpc_server = server
         self.metrics = metrics
         self.metrics_port: int | None = None
+        self.token_port: int | None = None
         self._metrics_http: Any = None
         self.service = service
         self.gallery = service.gallery
@@ -301,6 +291,9 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0") -> tuple[D
     Returns the server (not started) and its port. A missing model directory or an unusable
     data directory raises before anything listens.
     """
+    if config.security is None and not is_loopback(address):
+        raise StoreError(f"refusing to listen on {address} without a security file: "
+                         "unauthenticated, dedup serves on loopback only (see `dedup keys`)")
     metrics = Metrics()
     embedder = FaceEmbedder(resolve_model_dir(config.model_dir), config.capture,
                             workers=config.embed_workers, max_batch=config.embed_batch,
@@ -329,22 +322,48 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0") -> tuple[D
         service = DedupService(gallery, embedder, config.policy, config.limits)
         metrics.watch_gallery(gallery)
         observer = CallObserver(metrics)
-        add_service(server, pb.DESCRIPTOR.services_by_name["FaceDedup"],
-                    FaceDedupServicer(service, config, metrics), observer)
-        add_service(server, pb.DESCRIPTOR.services_by_name["IndexAdmin"],
-                    IndexAdminServicer(gallery), observer)
+        authorizer = Authorizer(config.security)
+        audit = AuditTrail(gallery.store)
+        services = pb.DESCRIPTOR.services_by_name
+        add_service(server, services["FaceDedup"],
+                    FaceDedupServicer(service, config, metrics, audit), observer, authorizer)
+        add_service(server, services["IndexAdmin"], IndexAdminServicer(gallery), observer,
+                    authorizer)
+        add_service(server, services["Investigate"],
+                    InvestigateServicer(service, config, audit), observer, authorizer)
         health_servicer = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         if config.reflection:
             reflection.enable_server_reflection(
-                (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                (SERVICE_NAME, ADMIN_SERVICE_NAME, INVESTIGATE_SERVICE_NAME,
+                 health.SERVICE_NAME, reflection.SERVICE_NAME),
                 server,
             )
-        port = server.add_insecure_port(address)
-        if port == 0:
-            raise OSError(f"cannot bind {address}")
+        port, token_port = _listen(server, config, address)
     except BaseException:
         embedder.close()
         gallery.close(checkpoint=False)
         raise
-    return DedupServer(server, service, health_servicer, config, metrics), port
+    dedup_server = DedupServer(server, service, health_servicer, config, metrics)
+    dedup_server.token_port = token_port
+    return dedup_server, port
+
+
+def _listen(server: grpc.Server, config: ServerConfig, address: str) -> tuple[int, int | None]:
+    """Binds `address` (mutual TLS with a security file, else plain on loopback) and the
+    security file's token listener (server TLS); returns both ports."""
+    security = config.security
+    if security is None:
+        log.warning("NO SECURITY FILE: serving UNAUTHENTICATED on %s (loopback only); every "
+                    "caller has every right. Give --security FILE in production.", address)
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, security.mtls_credentials())
+    if port == 0:
+        raise OSError(f"cannot bind {address}")
+    if security is None or security.token_address is None:
+        return port, None
+    token_port = server.add_secure_port(security.token_address, security.tls_credentials())
+    if token_port == 0:
+        raise OSError(f"cannot bind {security.token_address}")
+    return port, token_port

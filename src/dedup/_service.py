@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from ._config import Limits, Policy
 from ._embedder import FaceEmbedder
 from ._errors import FailedPrecondition, NotFound
-from ._gallery import Gallery, GalleryStats
+from ._gallery import Erasure, Gallery, GalleryStats
 from ._logging import mask
 from ._model_pack import ModelPack
 from ._models import (
@@ -22,6 +22,7 @@ from ._models import (
     Verdict,
 )
 from ._policy import Scored, decide
+from ._store import AuditMaker
 from ._vectors import Vector
 
 log = logging.getLogger("dedup.service")
@@ -115,15 +116,17 @@ class DedupService:
         # spares a search and keeps the error the same with or without check_first.
         self.gallery.store.ensure_unique(registration)
 
-    def delete(self, by: DeleteKey, value: str) -> list[Registration]:
-        deleted = self.gallery.delete(by, value)
-        if not deleted:
+    def delete(self, by: DeleteKey, value: str, audit: AuditMaker | None = None) -> Erasure:
+        """Erases by one key; the audit record (if any) commits with the erasure."""
+        erasure = self.gallery.delete(by, value, audit)
+        if not erasure.registrations:
             raise NotFound(f"{by.value}: no registration with {by.value} {value!r}")
         # Registration ids are the carrier's own keys; ID numbers and phone numbers are personal.
         shown = value if by is DeleteKey.REGISTRATION_ID else mask(value)
-        log.info("erased %d registration(s) by %s %s: %s", len(deleted), by.value, shown,
-                 ", ".join(registration.registration_id for registration in deleted))
-        return deleted
+        log.info("erased %d registration(s) by %s %s: %s", len(erasure.registrations),
+                 by.value, shown,
+                 ", ".join(registration.registration_id for registration in erasure.registrations))
+        return erasure
 
     def get(self, registration_id: str) -> Registration:
         registration = self.gallery.get(registration_id)

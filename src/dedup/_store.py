@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import json
 import logging
 import os
+import shutil
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import lmdb
 import numpy as np
@@ -58,6 +60,10 @@ def _from_u64(raw: bytes | memoryview | None) -> int:
     if raw is None:
         raise StoreError("the store is damaged: a metadata or index entry is missing")
     return int(_U64.unpack(raw)[0])
+
+
+# (sequence, previous hash, registration_ids) -> (record bytes, its hash): see _audit.py.
+AuditMaker = Callable[[int, bytes, list[str]], tuple[bytes, bytes]]
 
 
 @dataclass(frozen=True)
@@ -92,18 +98,24 @@ class Store:
         # LMDB allows a resize only while this process has no transaction open.
         self._resize = ReadWriteLock()
         self._env = self._open_environment()
+        self._dbs = self._open_dbs()
+        if not readonly:
+            self._initialise_meta()
+
+    def _open_dbs(self) -> dict[str, Any]:
         try:
-            self._dbs = {
+            dbs = {
                 name: self._env.open_db(name.encode(), dupsort=(name == "by_id_number"),
-                                        dupfixed=(name == "by_id_number"), create=not readonly)
+                                        dupfixed=(name == "by_id_number"),
+                                        create=not self.readonly)
                 for name in ("meta", "records", "vectors", "by_registration_id", "by_id_number",
                              "by_msisdn", "changes")
             }
+            dbs["audit"] = self._open_audit_db()
+            return dbs
         except _DAMAGE as error:
             self._env.close()
             raise self._damaged(error) from error
-        if not readonly:
-            self._initialise_meta()
 
     # -- opening ---------------------------------------------------------------------
 
@@ -115,7 +127,7 @@ class Store:
         map_size = max(self.config.initial_map_size, self._existing_size())
         try:
             env = lmdb.open(
-                str(self.path), map_size=map_size, max_dbs=8, max_readers=self.config.max_readers,
+                str(self.path), map_size=map_size, max_dbs=16, max_readers=self.config.max_readers,
                 sync=True, metasync=True, lock=True, readahead=False, readonly=self.readonly,
                 create=not self.readonly,
             )
@@ -126,6 +138,12 @@ class Store:
             log.warning("cleared %d stale LMDB reader slot(s) left by a dead process", stale)
         self._refuse_truncated(env)
         return env
+
+    def _open_audit_db(self) -> Any:
+        try:
+            return self._env.open_db(b"audit", create=not self.readonly)
+        except lmdb.NotFoundError:
+            return None  # read-only, and no audit record was ever written
 
     def _refuse_truncated(self, env: lmdb.Environment) -> None:
         # Pages past the end of a truncated file are mapped but unbacked: touching one is a
@@ -172,6 +190,59 @@ class Store:
     def verify(self, progress: Callable[[int], object] = lambda done: None) -> list[str]:
         """Reads every record and vector in one snapshot; returns what is inconsistent."""
         return self._read(lambda txn: _verify(self, txn, progress))
+
+    def erased_since(self) -> float | None:
+        """When the first erasure not yet compacted away was made (Unix time), if any."""
+        raw = self._read(lambda txn: txn.get(b"erased_since", db=self._dbs["meta"]))
+        return None if raw is None else float(struct.unpack(">d", raw)[0])
+
+    def compact(self) -> tuple[int, int]:
+        """Rewrites the store entry by entry into a new file (fsynced, renamed over the old).
+
+        Not LMDB's compacting copy: that copies whole pages, and a page's free space still
+        holds bytes of entries deleted from it (ID numbers, say). New pages start zeroed, so
+        after this no byte of an erased registration is left in data.mdb. Every transaction
+        waits meanwhile. Returns the file's size before and after.
+        """
+        before = self._existing_size()
+        staging = self.path.with_name(self.path.name + ".compacting")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        with self._resize.writing():
+            try:
+                self._rewrite_into(staging)
+            except _DAMAGE as error:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise self._damaged(error) from error
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            self._env.close()
+            try:
+                os.replace(staging / "data.mdb", self.path / "data.mdb")
+                _fsync_directory(self.path)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+                self._env = self._open_environment()
+                self._dbs = self._open_dbs()
+        self._write(lambda txn: txn.delete(b"erased_since", db=self._dbs["meta"]))
+        after = self._existing_size()
+        log.info("compacted the store from %d to %d bytes", before, after)
+        return before, after
+
+    def _rewrite_into(self, staging: Path) -> None:
+        target = lmdb.open(str(staging), map_size=int(self._env.info()["map_size"]),
+                           max_dbs=16, sync=False, metasync=False, lock=False)
+        try:
+            with self._env.begin(write=False) as source:
+                for name, db in self._dbs.items():
+                    if db is not None:
+                        _copy_entries(source, db, target, name)
+            target.sync(True)
+        finally:
+            target.close()
+        with open(staging / "data.mdb", "rb") as written:
+            os.fsync(written.fileno())
 
     def copy_to(self, directory: Path) -> None:
         """LMDB's compacting copy, consistent as of one read transaction; fsynced."""
@@ -287,16 +358,29 @@ class Store:
                 "delete that registration first"
             )
 
-    def delete(self, by: DeleteKey, value: str) -> list[StoredFace]:
-        """Deletes every registration under one key; returns what was deleted."""
-        def delete(txn: lmdb.Transaction) -> list[StoredFace]:
+    def delete(self, by: DeleteKey, value: str, audit: AuditMaker | None = None
+               ) -> tuple[list[StoredFace], bytes | None]:
+        """Deletes every registration under one key, and appends the audit record `audit`
+        makes for them in the same transaction: both commit, or neither does.
+
+        Returns what was deleted and the audit record's hash (None without `audit`, or when
+        nothing was deleted).
+        """
+        def delete(txn: lmdb.Transaction) -> tuple[list[StoredFace], bytes | None]:
             deleted = []
             for key in self._keys_for(txn, by, value):
                 face = self._load(txn, key, with_vector=False)
                 if face is not None:
                     self._delete_one(txn, face)
                     deleted.append(face)
-            return deleted
+            meta = self._dbs["meta"]
+            if deleted and txn.get(b"erased_since", db=meta) is None:
+                # Compaction will overwrite the freed pages; until then they hold old bytes.
+                txn.put(b"erased_since", struct.pack(">d", time.time()), db=meta)
+            if audit is None or not deleted:
+                return deleted, None
+            ids = [face.registration.registration_id for face in deleted]
+            return deleted, self._append_audit(txn, lambda seq, prev: audit(seq, prev, ids))
 
         return self._write(delete)
 
@@ -341,6 +425,41 @@ class Store:
 
         return self._write(truncate)
 
+    # -- the audit trail (records made by _audit.py) ---------------------------------
+
+    def append_audit(self, make: Callable[[int, bytes], tuple[bytes, bytes]]) -> bytes:
+        """Appends `make(sequence, previous_hash) -> (record, hash)` durably; returns the hash.
+
+        The head (last sequence and hash) is kept in meta too, so that a record cut off the
+        end of the chain is noticed.
+        """
+        return self._write(lambda txn: self._append_audit(txn, make))
+
+    def _append_audit(self, txn: lmdb.Transaction,
+                      make: Callable[[int, bytes], tuple[bytes, bytes]]) -> bytes:
+        sequence, previous = self._audit_head(txn)
+        record, digest = make(sequence + 1, previous)
+        if not txn.put(_u64(sequence + 1), record, db=self._dbs["audit"], append=True,
+                       overwrite=False):
+            raise StoreError("audit: the record sequence is already taken")
+        txn.put(b"audit_head", _u64(sequence + 1) + digest, db=self._dbs["meta"])
+        return digest
+
+    def _audit_head(self, txn: lmdb.Transaction) -> tuple[int, bytes]:
+        head = txn.get(b"audit_head", db=self._dbs["meta"])
+        return (0, bytes(32)) if head is None else (_from_u64(head[:8]), bytes(head[8:]))
+
+    def audit_head(self) -> tuple[int, bytes]:
+        return self._read(self._audit_head)
+
+    def audit_records(self) -> Iterator[tuple[int, bytes]]:
+        """(sequence, record) in key order, read in one snapshot."""
+        if self._dbs["audit"] is None:
+            return iter(())
+        return iter(self._read(lambda txn: [
+            (_from_u64(key), bytes(value))
+            for key, value in txn.cursor(db=self._dbs["audit"])]))
+
     # -- reads -----------------------------------------------------------------------
 
     def _keys_for(self, txn: lmdb.Transaction, by: DeleteKey, value: str) -> list[int]:
@@ -375,6 +494,10 @@ class Store:
             return face.registration if face else None
 
         return self._read(get)
+
+    def keys_of(self, registration_id: str) -> list[int]:
+        return self._read(
+            lambda txn: self._keys_for(txn, DeleteKey.REGISTRATION_ID, registration_id))
 
     def exists(self, registration_id: str) -> bool:
         db = self._dbs["by_registration_id"]
@@ -614,6 +737,28 @@ def _verify(store: Store, txn: lmdb.Transaction, progress: Callable[[int], objec
             problems.append("... stopped after 20 problems")
             break
     return problems
+
+
+_REWRITE_BATCH = 20_000
+
+
+def _copy_entries(source: lmdb.Transaction, db: Any, target: lmdb.Environment,
+                  name: str) -> None:
+    """Every entry of one database, in key order, in write transactions of a bounded size."""
+    dupsort = name == "by_id_number"
+    target_db = target.open_db(name.encode(), dupsort=dupsort, dupfixed=dupsort)
+    entries = source.cursor(db=db).iternext(keys=True, values=True)
+    while batch := list(itertools.islice(entries, _REWRITE_BATCH)):
+        with target.begin(write=True, db=target_db) as txn:
+            txn.cursor().putmulti(batch, dupdata=dupsort, append=not dupsort)
+
+
+def _fsync_directory(directory: Path) -> None:
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 # LMDB's answers to a page that is not what the tree says it should be.

@@ -15,7 +15,10 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
+from ._auth import CALLER, Authorizer
+from ._errors import DedupError
 from ._observe import CallObserver
+from ._status import details, status_of
 
 
 class Undecodable:
@@ -53,24 +56,38 @@ def _checked_all(requests: Iterator[Any], context: grpc.ServicerContext) -> Iter
         yield _checked(request, context)
 
 
+def _admit(authorizer: Authorizer, method: MethodDescriptor,
+           context: grpc.ServicerContext) -> None:
+    """Authenticates and authorises the caller, who is then in CALLER for the audit trail."""
+    try:
+        caller = authorizer.caller(context)
+        authorizer.check(caller, method.containing_service.name, method.name)
+    except DedupError as error:
+        context.abort(status_of(error), details(error))
+    CALLER.set(caller)
+
+
 def _observed(method: MethodDescriptor, behaviour: Callable[..., Any],
-              observer: CallObserver) -> Callable[..., Any]:
-    """The behaviour, run inside the observer with its request(s) checked."""
+              observer: CallObserver, authorizer: Authorizer) -> Callable[..., Any]:
+    """The behaviour, run inside the observer, for an admitted caller, with its request(s)
+    checked. Every call sets CALLER before its behaviour runs."""
     check = _checked_all if method.client_streaming else _checked
 
     def handle(request: Any, context: grpc.ServicerContext) -> Any:
         with observer.call(method.name, context):
+            _admit(authorizer, method, context)
             return behaviour(check(request, context), context)
 
     def handle_streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         with observer.call(method.name, context):
+            _admit(authorizer, method, context)
             yield from behaviour(check(request, context), context)
 
     return handle_streaming if method.server_streaming else handle
 
 
 def _handler(method: MethodDescriptor, behaviour: Callable[..., Any],
-             observer: CallObserver) -> grpc.RpcMethodHandler:
+             observer: CallObserver, authorizer: Authorizer) -> grpc.RpcMethodHandler:
     request_class = message_factory.GetMessageClass(method.input_type)
     response_class = message_factory.GetMessageClass(method.output_type)
     kinds = {
@@ -80,14 +97,16 @@ def _handler(method: MethodDescriptor, behaviour: Callable[..., Any],
         (True, True): grpc.stream_stream_rpc_method_handler,
     }
     make = kinds[(method.client_streaming, method.server_streaming)]
-    return make(_observed(method, behaviour, observer), request_deserializer=_parser(request_class),
+    return make(_observed(method, behaviour, observer, authorizer),
+                request_deserializer=_parser(request_class),
                 response_serializer=response_class.SerializeToString)
 
 
 def add_service(server: grpc.Server, service: ServiceDescriptor, servicer: object,
-                observer: CallObserver) -> None:
+                observer: CallObserver, authorizer: Authorizer) -> None:
     """Serves every method of `service` from the same-named method of `servicer`."""
-    handlers = {method.name: _handler(method, getattr(servicer, method.name), observer)
+    handlers = {method.name: _handler(method, getattr(servicer, method.name), observer,
+                                      authorizer)
                 for method in service.methods}
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),))

@@ -1,0 +1,52 @@
+"""Which gRPC status each DedupError becomes, and the message sent with it."""
+
+from __future__ import annotations
+
+import grpc
+
+from ._errors import (
+    AlreadyExists,
+    AuditUnavailable,
+    DeadlineExceeded,
+    DedupError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    StoreDamaged,
+    Unauthenticated,
+)
+
+_STATUS: dict[type[DedupError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    StoreDamaged: grpc.StatusCode.DATA_LOSS,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    AuditUnavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+
+def status_of(error: DedupError) -> grpc.StatusCode:
+    for kind, code in _STATUS.items():
+        if isinstance(error, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+MAX_DETAILS_CHARS = 1000
+
+
+def details(error: BaseException) -> str:
+    """The error's message, cut short: it may quote a huge request field, and gRPC refuses
+    trailing metadata over 8 KiB (the caller would get a transport error instead)."""
+    text = str(error)
+    if len(text) <= MAX_DETAILS_CHARS:
+        return text
+    return f"{text[:MAX_DETAILS_CHARS]}... ({len(text) - MAX_DETAILS_CHARS} more characters)"

@@ -1,0 +1,111 @@
+"""Erasure that really erases: after Delete and compaction the embedding's bytes are in no
+file under the data directory, and no search at any threshold returns the registration."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import enroll
+
+from dedup._proto.dedup.v1 import dedup_pb2 as pb
+from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+
+CASE = {"case_id": "CASE-9", "purpose": "erasure check"}
+
+
+def files_holding(data_dir: Path, needle: bytes) -> list[str]:
+    return [str(path.relative_to(data_dir)) for path in sorted(data_dir.rglob("*"))
+            if path.is_file() and needle in path.read_bytes()]
+
+
+def stored_bytes(vector: np.ndarray) -> bytes:
+    """The bytes the server stores: the float32 unit vector."""
+    values = np.asarray(vector, np.float32)
+    return (values / np.linalg.norm(values)).astype(np.float32).tobytes()
+
+
+def never_returned(server, vector: np.ndarray, registration_id: str) -> None:
+    investigate = pb_grpc.InvestigateStub(server.channel)
+    found = investigate.Search(pb.SearchRequest(**CASE, face=pb.Face(embedding=pb.Embedding(
+        values=vector.tolist())), k=1000, min_score=-1.0)).matches
+    assert found and registration_id not in {m.registration.registration_id for m in found}
+    check = server.stub.Check(pb.CheckRequest(face=pb.Face(embedding=pb.Embedding(
+        values=vector.tolist())), max_candidates=100))
+    assert registration_id not in {m.registration.registration_id for m in check.matches}
+
+
+def test_delete_then_compact_leaves_no_byte_of_the_embedding(make_server, faces):
+    server = make_server(checkpoint_interval_s=3600)
+    people = faces.persons(50)
+    for i, person in enumerate(people):
+        if i == 7:
+            enroll(server.stub, "r7", "VICTIM-ID-0007", person, msisdn="+8613900000007")
+        else:
+            enroll(server.stub, f"r{i}", f"ID{i}", person)
+    server.server.gallery.checkpoint()
+    victim = stored_bytes(people[7])
+    personal = [b"VICTIM-ID-0007", b"+8613900000007"]
+    assert files_holding(server.data_dir, victim) == ["index.ckpt", "store/data.mdb"]
+
+    receipt = server.stub.Delete(pb.DeleteRequest(registration_id="r7"))
+    assert list(receipt.registration_ids) == ["r7"] and receipt.deleted == 1
+    assert len(receipt.audit_record_hash) == 64
+    assert receipt.erased_at.seconds > 0 and receipt.compaction_due.seconds > 0
+    # The checkpoint was rewritten at once; the freed store page still holds the bytes.
+    assert files_holding(server.data_dir, victim) == ["store/data.mdb"]
+    never_returned(server, people[7], "r7")
+
+    compacted = pb_grpc.IndexAdminStub(server.channel).Compact(pb.CompactRequest())
+    assert compacted.bytes_after <= compacted.bytes_before
+    assert files_holding(server.data_dir, victim) == []
+    for text in personal:  # the record too: new pages hold no leftovers of deleted entries
+        assert files_holding(server.data_dir, text) == []
+    assert files_holding(server.data_dir, stored_bytes(people[8])) != []  # the others stay
+    never_returned(server, people[7], "r7")
+    server.restart()
+    never_returned(server, people[7], "r7")
+    assert files_holding(server.data_dir, victim) == []
+    assert server.stub.Stats(pb.StatsRequest()).registrations == 49
+
+
+def test_the_server_compacts_by_itself_after_an_erasure(make_server, faces):
+    server = make_server(compact_delay_s=0.5, checkpoint_interval_s=0.2)
+    people = faces.persons(20)
+    for i, person in enumerate(people):
+        enroll(server.stub, f"r{i}", f"ID{i}", person)
+    victim = stored_bytes(people[3])
+    receipt = server.stub.Delete(pb.DeleteRequest(id_number="ID3"))
+    assert receipt.compaction_due.ToMicroseconds() > receipt.erased_at.ToMicroseconds()
+    deadline = time.monotonic() + 30
+    while files_holding(server.data_dir, victim) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert files_holding(server.data_dir, victim) == []
+    never_returned(server, people[3], "r3")
+
+
+@pytest.mark.timeout(120)
+def test_compact_command_offline(stopped_with_erasure):
+    data_dir, victim = stopped_with_erasure
+    result = subprocess.run([sys.executable, "-m", "dedup._cli", "compact", "--data-dir",
+                             str(data_dir)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "compacted the store" in result.stdout
+    assert files_holding(data_dir, victim) == []
+
+
+@pytest.fixture
+def stopped_with_erasure(make_server, faces):
+    server = make_server()
+    people = faces.persons(10)
+    for i, person in enumerate(people):
+        enroll(server.stub, f"r{i}", f"ID{i}", person)
+    server.stub.Delete(pb.DeleteRequest(registration_id="r2"))
+    server.stop()
+    victim = stored_bytes(people[2])
+    assert files_holding(server.data_dir, victim) == ["store/data.mdb"]
+    return server.data_dir, victim
