@@ -13,22 +13,13 @@ import lmdb
 import numpy as np
 import pytest
 from conftest import enroll, face
+from trail import records
 
 from dedup import MIB
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 
 CASE = {"case_id": "CASE-7", "purpose": "ring review"}
-
-
-def records(data_dir) -> list[dict]:
-    env = lmdb.open(str(data_dir / "store"), readonly=True, lock=False, max_dbs=16)
-    try:
-        with env.begin() as txn:
-            return [json.loads(value) for _, value in txn.cursor(db=env.open_db(b"audit",
-                                                                                txn=txn))]
-    finally:
-        env.close()
 
 
 def dedup(*args: str) -> subprocess.CompletedProcess[str]:

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import load_pem_x509_certificate
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from secure import channel, tokens
+from trail import records
 
 from dedup import ServerConfig, StoreConfig, create_server
 from dedup._auth import load_security
@@ -172,3 +173,18 @@ def test_security_file_keeps_only_token_hashes(keys):
     for token in tokens(keys).values():
         assert token not in text
         assert hashlib.sha256(token.encode()).hexdigest() in text
+
+
+def test_investigator_reads_are_audited_with_their_case(secure_server, keys, faces):
+    probe = face(faces.persons(1)[0])
+    with channel(secure_server.server.token_port, keys,
+                 token=tokens(keys)["investigator"]) as ch:
+        pb_grpc.FaceDedupStub(ch).Check(pb.CheckRequest(face=probe), timeout=30, metadata=(
+            ("x-case-id", "C-5"), ("x-purpose", "lookup")))
+    with channel(secure_server.port, keys, role="registration") as ch:
+        pb_grpc.FaceDedupStub(ch).Check(pb.CheckRequest(face=probe), timeout=30)
+    secure_server.stop()
+    (record,) = records(secure_server.data_dir)  # the registration desk's check is not audited
+    assert (record["method"], record["caller"], record["role"], record["via"]) == (
+        "FaceDedup.Check", "token:investigator-token", "investigator", "token")
+    assert (record["case_id"], record["purpose"]) == ("C-5", "lookup")

@@ -8,6 +8,7 @@ import pytest
 from conftest import RunningServer, face
 
 from dedup import FaceGenerator, ServerConfig, StoreConfig
+from dedup._config import IndexConfig
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 
@@ -54,10 +55,12 @@ class Gallery:
             face=face(vector)))
 
 
-@pytest.fixture(scope="module")
-def gallery(tmp_path_factory):
-    server = RunningServer(ServerConfig(store=StoreConfig(
-        data_dir=tmp_path_factory.mktemp("investigate") / "data")))
+@pytest.fixture(scope="module", params=["Flat", "BinarySign512"])
+def gallery(tmp_path_factory, request):
+    """Flat: clusters from the exact index; BinarySign512: from sign-code candidates."""
+    server = RunningServer(ServerConfig(
+        store=StoreConfig(data_dir=tmp_path_factory.mktemp("investigate") / "data"),
+        index=IndexConfig(index_factory=request.param)))
     yield Gallery(server)
     server.stop()
 

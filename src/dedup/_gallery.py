@@ -156,7 +156,8 @@ class Gallery:
             raise
         # Re-entrant, so that a check-then-insert can hold it across both steps.
         self._writes = threading.RLock()
-        self._checkpointing = threading.Lock()
+        # One checkpoint writer at a time: they share the temporary file's name.
+        self._checkpointing = threading.RLock()
         self._rebuilding = threading.Lock()
         # While a live rebuild runs, the change log is kept from this sequence on.
         self._log_pin: int | None = None
@@ -448,8 +449,9 @@ class Gallery:
                                  f"{self._comparable_count()}: kept the old index")
             self.index = built
             snapshot = built.snapshot(covered, self.model_id)
-        write_checkpoint(self.checkpoint_path, snapshot)
-        self._after_checkpoint(covered)
+        with self._checkpointing:
+            write_checkpoint(self.checkpoint_path, snapshot)
+            self._after_checkpoint(covered)
         side_file.unlink(missing_ok=True)
         log.info("rebuilt the index as %s: %d vectors in %.1f s", kind, len(built),
                  time.monotonic() - started)
@@ -498,8 +500,9 @@ class Gallery:
         return sequence
 
     def _save_checkpoint(self, index: VectorIndex, sequence: int) -> None:
-        write_checkpoint(self.checkpoint_path, index.snapshot(sequence, self.model_id))
-        self._after_checkpoint(sequence)
+        with self._checkpointing:
+            write_checkpoint(self.checkpoint_path, index.snapshot(sequence, self.model_id))
+            self._after_checkpoint(sequence)
 
     def _after_checkpoint(self, sequence: int) -> None:
         self.checkpoint_sequence = sequence

@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from . import _convert as convert
-from ._audit import AuditTrail, record_maker
+from ._audit import AuditTrail, embedding_digest, record_maker
 from ._auth import CALLER, UNAUTHENTICATED_CALLER, Authorizer, is_loopback
 from ._config import ServerConfig
 from ._embedder import FaceEmbedder
@@ -86,8 +86,22 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
         limit = convert.max_candidates(request.max_candidates, self.limits)
         probe = self._probe(request, context)
         result = self.service.check(probe, claimed, limit)
+        self._audit_investigator(context, "FaceDedup.Check", {
+            "embedding_sha256": embedding_digest(probe.vector.tobytes()),
+            "claimed_id_number": claimed}, [m.registration.registration_id for m in result.matches])
         self.metrics.verdicts.labels(result.verdict.name).inc()
         return convert.check_to_proto(result)
+
+    def _audit_investigator(self, context: grpc.ServicerContext, method: str,
+                            query: dict[str, str], returned: list[str]) -> None:
+        """An investigator's reads of FaceDedup are audited like Investigate calls; the case
+        and purpose come from `x-case-id` / `x-purpose` metadata, when sent."""
+        caller = CALLER.get() or UNAUTHENTICATED_CALLER
+        if caller.role != "investigator":
+            return
+        metadata = dict(context.invocation_metadata() or ())
+        self.audit.append(caller, method, str(metadata.get("x-case-id", "")),
+                          str(metadata.get("x-purpose", "")), query, returned)
 
     @_rpc
     def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:
@@ -150,7 +164,10 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
     ) -> pb.Registration:
         registration_id = convert.text(request.registration_id, "registration_id",
                                        self.limits.max_registration_id_chars, required=True)
-        return convert.registration_to_proto(self.service.get(registration_id))
+        registration = self.service.get(registration_id)
+        self._audit_investigator(context, "FaceDedup.GetRegistration",
+                                 {"registration_id": registration_id}, [registration_id])
+        return convert.registration_to_proto(registration)
 
     @_rpc
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
