@@ -6,6 +6,7 @@ runs the checks (which are read-only).
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from collections import Counter
@@ -148,6 +149,8 @@ def run_scenario(stub: pb_grpc.FaceDedupStub, scenario: Scenario) -> tuple[Count
 
 
 def run_demo(data_dir: Path) -> int:
+    # The demo prints its own table; a line per call would bury it.
+    logging.getLogger("dedup.access").setLevel(logging.WARNING)
     config = ServerConfig(store=StoreConfig(data_dir=data_dir))
     server, port = create_server(config, "127.0.0.1:0")
     server.start()
