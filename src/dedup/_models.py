@@ -80,6 +80,7 @@ class Probe:
 class Match:
     registration: Registration
     score: float
+    settled_different: bool = False
 
 
 @dataclass(frozen=True)

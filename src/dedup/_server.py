@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from pathlib import Path
 from typing import Any, TypeVar
 
 import faiss
@@ -17,10 +18,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from . import _calibration as calibration
 from . import _convert as convert
 from ._audit import AuditTrail, embedding_digest, record_maker
 from ._auth import CALLER, UNAUTHENTICATED_CALLER, Authorizer, is_loopback
-from ._config import ServerConfig
+from ._config import Policy, ServerConfig
 from ._embedder import FaceEmbedder
 from ._errors import DedupError, NotFound, StoreError
 from ._gallery import Gallery, IndexStatus
@@ -84,8 +86,10 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
         claimed = convert.text(request.claimed_id_number, "claimed_id_number",
                                self.limits.max_id_number_chars, required=False)
         limit = convert.max_candidates(request.max_candidates, self.limits)
+        registration_id = convert.text(request.registration_id, "registration_id",
+                                       self.limits.max_registration_id_chars, required=False)
         probe = self._probe(request, context)
-        result = self.service.check(probe, claimed, limit)
+        result = self.service.check(probe, claimed, limit, registration_id)
         self._audit_investigator(context, "FaceDedup.Check", {
             "embedding_sha256": embedding_digest(probe.vector.tobytes()),
             "claimed_id_number": claimed}, [m.registration.registration_id for m in result.matches])
@@ -193,7 +197,22 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
                 files=[pb.ModelFile(name=f.name, sha256=f.sha256) for f in stats.model.files],
             ),
             registrations_by_model=gallery.registrations_by_model,
+            calibration=self._calibration(stats.data_dir, gallery.registrations,
+                                          stats.policy),
         )
+
+    def _calibration(self, data_dir: str, gallery_size: int, policy: Policy) -> pb.Calibration:
+        try:
+            model = calibration.load(Path(data_dir))
+        except ValueError as error:
+            log.warning("%s", error)
+            return pb.Calibration()
+        if model is None:
+            return pb.Calibration()
+        return pb.Calibration(
+            recorded=True, gallery_size=gallery_size, made_at=model.made_at, source=model.source,
+            fpir_at_match_threshold=model.fpir(policy.match_threshold, gallery_size),
+            fpir_at_review_threshold=model.fpir(policy.review_threshold, gallery_size))
 
 
 def _stream_error(request: pb.EnrollRequest, code: grpc.StatusCode,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass
 
@@ -59,11 +60,19 @@ class DedupService:
                                        timeout)
         return Probe(embedded.vector, embedded.face)
 
-    def check(self, probe: Probe, claimed_id_number: str, max_matches: int) -> CheckResult:
+    def check(self, probe: Probe, claimed_id_number: str, max_matches: int,
+              registration_id: str = "") -> CheckResult:
         same_id = self._same_id(probe.vector, claimed_id_number)
         candidates = self._candidates(probe.vector, max_matches, same_id)
-        result = decide(self.policy, claimed_id_number, candidates, same_id, max_matches)
+        result = decide(self.policy, claimed_id_number, candidates, same_id, max_matches,
+                        self._settled_different(registration_id))
         return dataclasses.replace(result, detected=probe.detected)
+
+    def _settled_different(self, registration_id: str) -> frozenset[str]:
+        """Registrations an investigator settled as a different person from this one."""
+        settled = self.gallery.store.settled(registration_id)
+        return frozenset(other for other, record in settled.items()
+                         if json.loads(record)["decision"] == "DIFFERENT_PEOPLE")
 
     def _same_id(self, vector: Vector, claimed_id_number: str) -> list[Scored]:
         if not claimed_id_number:
@@ -92,8 +101,10 @@ class DedupService:
         with self.gallery.exclusive_writes():
             candidates = self._caught_up(vector, claimed, limit, seen, candidates)
             same_id = self._same_id(vector, claimed)
+            settled = self._settled_different(registration.registration_id)
             result = dataclasses.replace(
-                decide(self.policy, claimed, candidates, same_id, limit), detected=detected)
+                decide(self.policy, claimed, candidates, same_id, limit, settled),
+                detected=detected)
             if result.verdict not in ENROLLING_VERDICTS:
                 return EnrollResult(registration, enrolled=False, check=result, detected=detected)
             stored = self.gallery.insert(registration, vector)

@@ -111,7 +111,8 @@ class Store:
                 for name in ("meta", "records", "vectors", "by_registration_id", "by_id_number",
                              "by_msisdn", "changes")
             }
-            dbs["audit"] = self._open_audit_db()
+            dbs["audit"] = self._open_optional_db(b"audit")
+            dbs["adjudications"] = self._open_optional_db(b"adjudications")
             return dbs
         except _DAMAGE as error:
             self._env.close()
@@ -139,11 +140,11 @@ class Store:
         self._refuse_truncated(env)
         return env
 
-    def _open_audit_db(self) -> Any:
+    def _open_optional_db(self, name: bytes) -> Any:
         try:
-            return self._env.open_db(b"audit", create=not self.readonly)
+            return self._env.open_db(name, create=not self.readonly)
         except lmdb.NotFoundError:
-            return None  # read-only, and no audit record was ever written
+            return None  # read-only, and nothing was ever written to it
 
     def _refuse_truncated(self, env: lmdb.Environment) -> None:
         # Pages past the end of a truncated file are mapped but unbacked: touching one is a
@@ -460,6 +461,48 @@ class Store:
             (_from_u64(key), bytes(value))
             for key, value in txn.cursor(db=self._dbs["audit"])]))
 
+    # -- adjudications ---------------------------------------------------------------
+
+    def settle(self, first: str, second: str, record: bytes,
+               audit: Callable[[int, bytes], tuple[bytes, bytes]]) -> bytes:
+        """Stores an adjudicated pair under both orders, with its audit record, in one
+        transaction; returns the audit record's hash."""
+        def settle(txn: lmdb.Transaction) -> bytes:
+            db = self._dbs["adjudications"]
+            txn.put(_pair_key(first, second), record, db=db)
+            txn.put(_pair_key(second, first), record, db=db)
+            return self._append_audit(txn, audit)
+
+        return self._write(settle)
+
+    def settled(self, registration_id: str) -> dict[str, bytes]:
+        """The other registration_id -> record of every pair settled with this one."""
+        db = self._dbs["adjudications"]
+        if db is None or not registration_id:
+            return {}
+        prefix = registration_id.encode() + b"\x00"
+
+        def settled(txn: lmdb.Transaction) -> dict[str, bytes]:
+            cursor = txn.cursor(db=db)
+            found: dict[str, bytes] = {}
+            if cursor.set_range(prefix):
+                for key, value in cursor:
+                    if not bytes(key).startswith(prefix):
+                        break
+                    found[bytes(key)[len(prefix):].decode()] = bytes(value)
+            return found
+
+        return self._read(settled)
+
+    def adjudications(self) -> list[bytes]:
+        """Every settled pair's record, once."""
+        db = self._dbs["adjudications"]
+        if db is None:
+            return []
+        return self._read(lambda txn: [
+            bytes(value) for key, value in txn.cursor(db=db)
+            if bytes(key).split(b"\x00", 1)[0] <= bytes(key).split(b"\x00", 1)[1]])
+
     # -- reads -----------------------------------------------------------------------
 
     def _keys_for(self, txn: lmdb.Transaction, by: DeleteKey, value: str) -> list[int]:
@@ -751,6 +794,10 @@ def _copy_entries(source: lmdb.Transaction, db: Any, target: lmdb.Environment,
     while batch := list(itertools.islice(entries, _REWRITE_BATCH)):
         with target.begin(write=True, db=target_db) as txn:
             txn.cursor().putmulti(batch, dupdata=dupsort, append=not dupsort)
+
+
+def _pair_key(first: str, second: str) -> bytes:
+    return first.encode() + b"\x00" + second.encode()
 
 
 def _fsync_directory(directory: Path) -> None:
