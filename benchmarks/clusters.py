@@ -57,6 +57,11 @@ def run(size: int, workdir: Path, kind: str) -> dict[str, float | int | str]:
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stats = pb_grpc.FaceDedupStub(channel).Stats(pb.StatsRequest())
+            if stats.index_type != kind:  # the checkpoint held another type: rebuild first
+                for _ in pb_grpc.IndexAdminStub(channel).Rebuild(
+                        pb.RebuildRequest(index_factory=kind)):
+                    pass
+                stats = pb_grpc.FaceDedupStub(channel).Stats(pb.StatsRequest())
             started = time.monotonic()
             found: list[frozenset[str]] = []
             first_cluster_s = None
@@ -93,7 +98,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/dedup-scale"))
     parser.add_argument("--index-factory", default="auto",
                         help="auto: Flat (exact neighbours) below 200,000, BinarySign512 "
-                        "(sign-code candidates, exact confirmation) from there")
+                        "(candidates from a job-local IVF, exact confirmation) from there")
     args = parser.parse_args()
     rows = []
     for size in args.sizes:

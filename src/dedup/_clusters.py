@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import faiss
 import numpy as np
-import numpy.typing as npt
 
 from ._gallery import Gallery
 from ._models import Registration
@@ -84,12 +83,12 @@ class _UnionFind:
 def find_clusters(gallery: Gallery, min_score: float, min_distinct_id_numbers: int
                   ) -> Iterator[Cluster | Progress]:
     """With an exact live index its neighbour search is used; with an approximate one, a
-    job-local IVF over sign codes proposes candidates that exact scores then confirm."""
+    job-local IVF proposes candidates that exact scores then confirm."""
     search: Callable[[Matrix], list[list[tuple[int, float]]]]
     if gallery.index.exact:
         search = lambda matrix: _neighbours(gallery, matrix, min_score)  # noqa: E731
     else:
-        search = _SignCandidates(gallery, min_score).neighbours
+        search = _IVFCandidates(gallery, min_score).neighbours
     groups = _UnionFind()
     pending: list[tuple[int, int]] = []  # (highest key, root), checked lazily
     total = gallery.store.model_counts().get(gallery.model_id, 0)
@@ -125,54 +124,48 @@ def _neighbours(gallery: Gallery, matrix: Matrix, min_score: float
     return rows
 
 
-class _SignCandidates:
-    """Candidates by Hamming distance between sign codes (512 random hyperplanes), from an
-    IVF over the codes, then exact cosine from the stored vectors.
+class _IVFCandidates:
+    """Candidates from a job-local IVF index (k-means lists, 8-bit scalar codes) over the
+    whole gallery, confirmed by exact cosine from the stored vectors.
 
-    Two unit vectors at cosine s differ in about 512 * arccos(s) / pi of the bits (189 at
-    0.40; unrelated faces: 256 +- 11). A candidate is scored exactly if it lies within that
-    many bits plus 4 standard deviations.
+    The serving index may be BinarySign (no good for all-pairs search) or an IVF with the
+    serving nprobe; this one is built for the job and dropped after it. Candidates whose
+    approximate score is within MARGIN of min_score are scored exactly.
     """
 
-    BITS = 512
-    NPROBE = 32
+    NPROBE = 64
     K = 32
+    MARGIN = 0.05  # SQ8's score error is about 0.01
+    TRAIN_PER_LIST = 32
 
     def __init__(self, gallery: Gallery, min_score: float) -> None:
         self.gallery = gallery
         self.min_score = min_score
+        total = max(1, gallery.store.model_counts().get(gallery.model_id, 0))
+        nlist = max(1, min(4096, int(4 * math.sqrt(total))))
         dimension = gallery.config.dimension
-        self.rotation = faiss.RandomRotationMatrix(dimension, self.BITS)
-        self.rotation.init(1234)
-        keys, codes = self._all_codes()
-        nlist = max(1, min(4096, int(4 * math.sqrt(max(1, len(keys))))))
-        self.index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(self.BITS), self.BITS, nlist)
-        self.index.nprobe = min(self.NPROBE, nlist)  # a job-local index: safe to set here
-        sample = codes[np.linspace(0, len(codes) - 1, min(len(codes), 64 * nlist)).astype(int)]
-        self.index.train(sample)
-        self.index.add_with_ids(codes, keys)
-        p = math.acos(max(-1.0, min(1.0, min_score))) / math.pi
-        self.max_bits = self.BITS * p + 4 * math.sqrt(self.BITS * p * (1 - p))
+        self.quantizer = faiss.IndexFlatIP(dimension)  # the IVF index does not own it
+        self.index = faiss.IndexIVFScalarQuantizer(
+            self.quantizer, dimension, nlist, faiss.ScalarQuantizer.QT_8bit,
+            faiss.METRIC_INNER_PRODUCT)
+        self.index.cp.niter = 10  # k-means iterations: 10 place the lists well enough here
+        self.index.train(self._sample(nlist * self.TRAIN_PER_LIST))
+        for keys, matrix in gallery.store.iter_vectors(20_000, only_model=gallery.only_model()):
+            self.index.add_with_ids(np.ascontiguousarray(matrix, np.float32),
+                                    np.asarray(keys, np.int64))
+        self.params = faiss.SearchParametersIVF()
+        self.params.nprobe = min(self.NPROBE, nlist)
 
-    def _codes(self, matrix: Matrix) -> npt.NDArray[np.uint8]:
-        projected = self.rotation.apply(np.ascontiguousarray(matrix, np.float32))
-        return np.packbits(projected > 0, axis=1)
-
-    def _all_codes(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
-        keys, codes = [], []
-        for block_keys, matrix in self.gallery.store.iter_vectors(
-                20_000, only_model=self.gallery.only_model()):
-            keys.append(np.asarray(block_keys, np.int64))
-            codes.append(self._codes(matrix))
-        if not keys:
-            return np.empty(0, np.int64), np.empty((0, self.BITS // 8), np.uint8)
-        return np.concatenate(keys), np.vstack(codes)
+    def _sample(self, size: int) -> Matrix:
+        with self.gallery.store.snapshot() as snapshot:
+            return snapshot.sample(size, self.gallery.model_id, self.gallery.only_model())
 
     def neighbours(self, matrix: Matrix) -> list[list[tuple[int, float]]]:
-        distances, ids = self.index.search(self._codes(matrix), self.K)
+        queries = np.ascontiguousarray(matrix, np.float32)
+        approximate, ids = self.index.search(queries, self.K, params=self.params)
         rows: list[list[tuple[int, float]]] = []
-        for query, near, found in zip(matrix, distances, ids, strict=True):
-            candidates = found[(found >= 0) & (near <= self.max_bits)]
+        for query, near, found in zip(queries, approximate, ids, strict=True):
+            candidates = found[(found >= 0) & (near >= self.min_score - self.MARGIN)]
             if not len(candidates):
                 rows.append([])
                 continue

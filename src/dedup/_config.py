@@ -71,6 +71,10 @@ class StoreConfig:
     # file; the server compacts at most this long after an erasure (calls wait meanwhile:
     # about 0.5 s per GiB of store).
     compact_delay_s: float = 3600.0
+    # The index checkpoint is rewritten without erased registrations at most this long after
+    # an erasure (one rewrite covers every erasure meanwhile: a checkpoint per Delete would
+    # hold up enrolments, measured in benchmarks/load.py).
+    erasure_checkpoint_delay_s: float = 5.0
 
 
 @dataclass(frozen=True)

@@ -132,6 +132,7 @@ class Erasure:
     registrations: list[Registration]
     audit_hash: bytes | None
     compaction_due: float | None
+    checkpoint_due: float | None = None
 
 
 class Gallery:
@@ -164,6 +165,8 @@ class Gallery:
         self._closed = threading.Event()
         self._switch_failed_at = -SWITCH_RETRY_S
         self._compacting = threading.Lock()
+        # When the checkpoint must be rewritten without erased registrations (time.time()).
+        self._erasure_checkpoint_due: float | None = None
         self.index: VectorIndex
         self.index, self.checkpoint_sequence = self._recover_index()
         self._last_checkpoint_time = time.monotonic()
@@ -302,15 +305,17 @@ class Gallery:
 
     def delete(self, by: DeleteKey, value: str, audit: AuditMaker | None = None) -> Erasure:
         """Erases every registration under one key from the store (with its audit record, in
-        the same transaction) and the index, then rewrites the index checkpoint without them.
-        The freed store pages are overwritten by the next compaction (`compaction_due`)."""
+        the same transaction) and the index. The index checkpoint is rewritten without them
+        within erasure_checkpoint_delay_s (`checkpoint_due`), the freed store pages by the
+        next compaction (`compaction_due`)."""
         with self._writes:
             faces, digest = self.store.delete(by, value, audit)
             self.index.remove(np.array([face.key for face in faces], np.int64))
-            sequence = self.store.sequence()
-        if faces:
-            self.checkpoint(covering=sequence)
-        return Erasure([face.registration for face in faces], digest, self.compaction_due())
+            if faces and self._erasure_checkpoint_due is None:
+                self._erasure_checkpoint_due = time.time() + self.config.erasure_checkpoint_delay_s
+            checkpoint_due = self._erasure_checkpoint_due
+        return Erasure([face.registration for face in faces], digest, self.compaction_due(),
+                       checkpoint_due if faces else None)
 
     def compaction_due(self) -> float | None:
         """Unix time by which erased registrations' bytes will be compacted away."""
@@ -512,12 +517,16 @@ class Gallery:
 
     def _maintain(self) -> None:
         """Background: periodic checkpoints, and the switch to the wanted index type."""
-        poll = min(5.0, self.config.checkpoint_interval_s)
+        poll = min(1.0, self.config.checkpoint_interval_s)  # erasure checkpoints are due fast
+        switch_every = max(1, round(min(5.0, self.config.checkpoint_interval_s) / poll))
+        rounds = 0
         while not self._closed.wait(poll):
+            rounds += 1
             try:
                 self._checkpoint_if_due()
                 self._compact_if_due()
-                self._switch_if_wanted()
+                if rounds % switch_every == 0:
+                    self._switch_if_wanted()
             except Exception:  # the store is the truth; a failure here only costs time
                 log.exception("background index maintenance failed")
 
@@ -527,6 +536,12 @@ class Gallery:
             self.compact()
 
     def _checkpoint_if_due(self) -> None:
+        erasure_due = self._erasure_checkpoint_due
+        if erasure_due is not None and time.time() >= erasure_due:
+            with self._writes:
+                self._erasure_checkpoint_due = None
+            self.checkpoint()
+            return
         pending = self.store.sequence() - self.checkpoint_sequence
         elapsed = time.monotonic() - self._last_checkpoint_time
         overdue = elapsed >= self.config.checkpoint_interval_s

@@ -160,6 +160,8 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
         response.erased_at.GetCurrentTime()
         if erasure.compaction_due is not None:
             response.compaction_due.FromNanoseconds(int(erasure.compaction_due * 1e9))
+        if erasure.checkpoint_due is not None:
+            response.checkpoint_due.FromNanoseconds(int(erasure.checkpoint_due * 1e9))
         return response
 
     @_rpc
