@@ -55,7 +55,7 @@ def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
             raise ResourceExhausted(f"{path}: no space left to write the index checkpoint; "
                                     "the change log still covers every change") from error
         raise CheckpointError(f"{path}: cannot write the index checkpoint ({error})") from error
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
@@ -82,7 +82,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
                       payload=payload, kind=kind.rstrip(b"\0").decode())
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
     descriptor = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(descriptor)

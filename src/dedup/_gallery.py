@@ -42,7 +42,7 @@ from ._index import (
     training_size,
     validate_kind,
 )
-from ._models import DeleteKey, Registration
+from ._models import DeleteKey, Registration, StoredFace
 from ._policy import Scored
 from ._rebuild import Built, Progress, build_in_child, build_in_process
 from ._store import OP_ADD, AuditMaker, Store
@@ -277,13 +277,16 @@ class Gallery:
 
     def scored(self, vector: Vector, keys: list[int]) -> list[Scored]:
         """Those of `keys` still stored, scored exactly against the probe."""
-        faces = [face for face in self.store.faces(keys, with_vectors=True)
-                 if face.registration.embedding_model == self.model_id]
-        if not faces:
+        return self._score(vector, self.store.faces(keys, with_vectors=True))
+
+    def _score(self, vector: Vector, faces: list[StoredFace]) -> list[Scored]:
+        """The faces of the server's model, scored exactly against the probe."""
+        ours = [face for face in faces if face.registration.embedding_model == self.model_id]
+        if not ours:
             return []
-        scores = np.vstack([face.vector for face in faces if face.vector is not None]) @ vector
+        scores = np.vstack([face.vector for face in ours if face.vector is not None]) @ vector
         return [Scored(face.key, face.registration, float(score))
-                for face, score in zip(faces, scores, strict=True)]
+                for face, score in zip(ours, scores, strict=True)]
 
     def insert(self, registration: Registration, vector: Vector) -> Registration:
         """Stores a registration whose vector the server's model made, then indexes it."""
@@ -381,13 +384,7 @@ class Gallery:
 
     def same_id_number(self, vector: Vector, id_number: str) -> list[Scored]:
         """Every registration under `id_number`, scored 1:1 against the probe."""
-        faces = [face for face in self.store.faces_of_id_number(id_number)
-                 if face.registration.embedding_model == self.model_id]
-        if not faces:
-            return []
-        scores = np.vstack([face.vector for face in faces if face.vector is not None]) @ vector
-        return [Scored(face.key, face.registration, float(score))
-                for face, score in zip(faces, scores, strict=True)]
+        return self._score(vector, self.store.faces_of_id_number(id_number))
 
     def get(self, registration_id: str) -> Registration | None:
         return self.store.get(registration_id)

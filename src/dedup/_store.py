@@ -35,6 +35,7 @@ import lmdb
 import numpy as np
 import numpy.typing as npt
 
+from ._checkpoint import fsync_directory
 from ._config import StoreConfig
 from ._errors import AlreadyExists, ResourceExhausted, StoreDamaged, StoreError
 from ._models import DeleteKey, Registration, StoredFace
@@ -221,7 +222,7 @@ class Store:
             self._env.close()
             try:
                 os.replace(staging / "data.mdb", self.path / "data.mdb")
-                _fsync_directory(self.path)
+                fsync_directory(self.path)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
                 self._env = self._open_environment()
@@ -798,14 +799,6 @@ def _copy_entries(source: lmdb.Transaction, db: Any, target: lmdb.Environment,
 
 def _pair_key(first: str, second: str) -> bytes:
     return first.encode() + b"\x00" + second.encode()
-
-
-def _fsync_directory(directory: Path) -> None:
-    handle = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
 
 
 # LMDB's answers to a page that is not what the tree says it should be.
