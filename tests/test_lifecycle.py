@@ -233,15 +233,21 @@ def test_map_grows_by_itself(make_server, faces):
     _assert_all_found(server, people, step=50)
 
 
-def test_map_cap_refuses_writes_keeps_reads(make_server, faces):
-    server = make_server(initial_map_size=1 * MIB, max_map_size=1 * MIB)
-    people = faces.persons(1000)
+def _enrol_until_refused(server, people) -> tuple[int, grpc.RpcError]:
+    """Enrols r0, r1, ... until a call fails; how many were acknowledged, and the failure."""
     acknowledged = 0
     with pytest.raises(grpc.RpcError) as error:
         for i, person in enumerate(people):
             enroll(server.stub, f"r{i}", f"ID{i}", person)
             acknowledged += 1
-    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    return acknowledged, error.value
+
+
+def test_map_cap_refuses_writes_keeps_reads(make_server, faces):
+    server = make_server(initial_map_size=1 * MIB, max_map_size=1 * MIB)
+    people = faces.persons(1000)
+    acknowledged, refusal = _enrol_until_refused(server, people)
+    assert refusal.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert 0 < acknowledged < 1000
     assert stats(server.stub).registrations == acknowledged
     assert check(server.stub, people[0]).matches[0].registration.registration_id == "r0"
@@ -286,13 +292,9 @@ def test_full_disk_refuses_writes_keeps_reads_loses_nothing(make_server, faces, 
     server = make_server(data_dir=small_disk / "data", initial_map_size=1 << 30,
                          checkpoint_every_changes=10**9)
     people = faces.persons(6000)
-    acknowledged = 0
-    with pytest.raises(grpc.RpcError) as error:
-        for i, person in enumerate(people):
-            enroll(server.stub, f"r{i}", f"ID{i}", person)
-            acknowledged += 1
-    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "disk is full" in error.value.details()
+    acknowledged, refusal = _enrol_until_refused(server, people)
+    assert refusal.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "disk is full" in refusal.details()
     assert 0 < acknowledged < len(people)
     assert stats(server.stub).registrations == acknowledged
     assert check(server.stub, people[0]).matches[0].registration.registration_id == "r0"

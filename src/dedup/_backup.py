@@ -8,7 +8,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._config import StoreConfig
 from ._errors import StoreError
 from ._gallery import CHECKPOINT_FILE
 from ._store import Store
@@ -36,12 +35,12 @@ def backup(data_dir: Path, dest: Path) -> BackupReport:
         raise StoreError(f"{dest}: not empty; back up into a new directory")
     (dest / "store").mkdir(parents=True, exist_ok=True)
     checkpoint_bytes = _copy_checkpoint(data_dir / CHECKPOINT_FILE, dest / CHECKPOINT_FILE)
-    source = Store(StoreConfig(data_dir=data_dir, check_on_open=False), readonly=True)
+    source = Store.reader(data_dir)
     try:
         source.copy_to(dest / "store")
     finally:
         source.close()
-    copied = Store(StoreConfig(data_dir=dest, check_on_open=False), readonly=True)
+    copied = Store.reader(dest)
     try:
         report = BackupReport(copied.count(), copied.sequence(),
                               (dest / "store" / "data.mdb").stat().st_size, checkpoint_bytes,

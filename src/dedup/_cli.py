@@ -336,7 +336,7 @@ def _offline_store(data_dir: Path) -> Store:
 
     if not (data_dir / "store" / "data.mdb").exists():
         raise ValueError(f"{data_dir}: no dedup store here")
-    return Store(StoreConfig(data_dir=data_dir, check_on_open=False), readonly=True)
+    return Store.reader(data_dir)
 
 
 def audit_verify_command(args: argparse.Namespace) -> int:

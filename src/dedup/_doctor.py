@@ -11,7 +11,6 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ._checkpoint import read_checkpoint
-from ._config import StoreConfig
 from ._errors import CheckpointError, StoreError
 from ._gallery import CHECKPOINT_FILE, LOCK_FILE, replay_changes
 from ._index import load_index
@@ -39,7 +38,7 @@ def examine(data_dir: Path) -> list[Finding]:
     if findings[-1].level == "problem":
         return findings
     try:
-        store = Store(StoreConfig(data_dir=data_dir, check_on_open=False), readonly=True)
+        store = Store.reader(data_dir)
     except StoreError as error:
         return [*findings, Finding("problem", "store", str(error))]
     try:

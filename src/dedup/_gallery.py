@@ -218,16 +218,13 @@ class Gallery:
         kind = self.wanted_kind()
         if training_size(kind) > self._comparable_count():
             kind = FLAT  # a type that needs training starts exact; a rebuild switches later
-        built = build_in_process(self.store, kind, self.model_id, self._only_model(),
+        built = build_in_process(self.store, kind, self.model_id, self.only_model(),
                                  lambda *_: None)
         log.info("built a %s index from the store: %d vectors in %.1f s",
                  kind, len(built.index), time.monotonic() - started)
         return built.index, self._checkpoint_at_start(built.index, built.sequence, 0)
 
     def only_model(self) -> str | None:
-        return self._only_model()
-
-    def _only_model(self) -> str | None:
         """Filter builds by model only when the store holds another model's embeddings."""
         return self.model_id if set(self.store.model_counts()) - {self.model_id} else None
 
@@ -439,7 +436,7 @@ class Gallery:
         self._log_pin = self.checkpoint_sequence
         side_file = self.data_dir / REBUILD_FILE
         progress("starting", 0, self._comparable_count())
-        covered = build_in_child(self.config, kind, self.model_id, self._only_model(),
+        covered = build_in_child(self.config, kind, self.model_id, self.only_model(),
                                  side_file, progress, cancelled=self._closed.is_set)
         built, _ = load_index(side_file, self.config.dimension, self.model_id)
         progress("catching_up", 0, self.store.sequence() - covered)
@@ -467,7 +464,7 @@ class Gallery:
 
     def build_offline(self, kind: str, progress: Progress) -> Built:
         """For `dedup rebuild` on a data directory no server holds: build and swap here."""
-        built = build_in_process(self.store, kind, self.model_id, self._only_model(), progress)
+        built = build_in_process(self.store, kind, self.model_id, self.only_model(), progress)
         with self._writes:
             self.index = built.index
         self._save_checkpoint(built.index, built.sequence)

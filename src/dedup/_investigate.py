@@ -39,8 +39,8 @@ def widening_search(gallery: Gallery, vector: Vector, floor: float, wanted: int 
     Looks at max(64, wanted) neighbours, then four times as many while the nearest ones were
     all above the floor but too few were admitted, up to MAX_NEIGHBOURS.
     """
+    look = _FIRST_LOOK if wanted is None else min(max(_FIRST_LOOK, wanted), MAX_NEIGHBOURS)
     wanted = MAX_NEIGHBOURS if wanted is None else wanted
-    look = min(max(_FIRST_LOOK, wanted), MAX_NEIGHBOURS) if wanted < MAX_NEIGHBOURS else _FIRST_LOOK
     while True:
         found = gallery.neighbours(vector, look, floor=floor)
         kept = [scored for scored in found if scored.score >= floor and keep(scored)]

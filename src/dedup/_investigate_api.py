@@ -13,15 +13,15 @@ import grpc
 from . import _convert as convert
 from ._audit import AuditTrail, Caller, embedding_digest, record_maker
 from ._auth import CALLER, UNAUTHENTICATED_CALLER, required_text
-from ._clusters import Cluster, Progress, find_clusters
+from ._clusters import Cluster, find_clusters
 from ._config import ServerConfig
-from ._errors import DedupError, InvalidArgument, NotFound
+from ._errors import InvalidArgument, NotFound
 from ._investigate import SearchFilter, links, widening_search
 from ._policy import Scored
 from ._proto.dedup.v1 import dedup_pb2 as pb
 from ._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 from ._service import DedupService
-from ._status import details, status_of
+from ._status import answered, rpc
 from ._vectors import Vector
 
 DEFAULT_K = 10
@@ -57,34 +57,26 @@ class InvestigateServicer(pb_grpc.InvestigateServicer):
         self.dimension = config.store.dimension
         self.audit = audit
 
-    def _abort_on_error(self, context: grpc.ServicerContext, error: Exception) -> None:
-        if isinstance(error, DedupError):
-            context.abort(status_of(error), details(error))
-        raise error
-
     # -- Search ----------------------------------------------------------------------
 
+    @rpc
     def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext
                ) -> pb.SearchResponse:
-        try:
-            case_id, purpose = _case(request)
-            k = self._k(request.k)
-            floor = _score(request.min_score, "min_score") if request.HasField("min_score") \
-                else -1.0
-            search_filter = self._filter(request)
-            vector, exclude, query = self._probe(request, context)
-            query.update(k=k, min_score=floor if request.HasField("min_score") else None,
-                         carrier=search_filter.carrier, region=search_filter.region,
-                         enrolled_from_us=search_filter.enrolled_from_us,
-                         enrolled_until_us=search_filter.enrolled_until_us)
-            found = widening_search(
-                self.gallery, vector, floor, k,
-                lambda s: s.key != exclude and search_filter.admits(s.registration))
-            digest = self.audit.append(_caller(), "Investigate.Search", case_id, purpose, query,
-                                       [s.registration.registration_id for s in found])
-        except Exception as error:
-            self._abort_on_error(context, error)
-            raise
+        case_id, purpose = _case(request)
+        k = self._k(request.k)
+        floor = _score(request.min_score, "min_score") if request.HasField("min_score") \
+            else -1.0
+        search_filter = self._filter(request)
+        vector, exclude, query = self._probe(request, context)
+        query.update(k=k, min_score=floor if request.HasField("min_score") else None,
+                     carrier=search_filter.carrier, region=search_filter.region,
+                     enrolled_from_us=search_filter.enrolled_from_us,
+                     enrolled_until_us=search_filter.enrolled_until_us)
+        found = widening_search(
+            self.gallery, vector, floor, k,
+            lambda s: s.key != exclude and search_filter.admits(s.registration))
+        digest = self.audit.append(_caller(), "Investigate.Search", case_id, purpose, query,
+                                   [s.registration.registration_id for s in found])
         return pb.SearchResponse(matches=[_match(s) for s in found], audit_record_hash=digest)
 
     def _k(self, value: int) -> int:
@@ -125,19 +117,16 @@ class InvestigateServicer(pb_grpc.InvestigateServicer):
 
     # -- Links -----------------------------------------------------------------------
 
+    @rpc
     def Links(self, request: pb.LinksRequest, context: grpc.ServicerContext) -> pb.LinksResponse:
-        try:
-            case_id, purpose = _case(request)
-            id_number = convert.text(request.id_number, "id_number",
-                                     self.limits.max_id_number_chars, required=True)
-            found = links(self.gallery, id_number, self.policy.match_threshold)
-            returned = [r.registration_id for r in found.registrations] + [
-                r.registration_id for link in found.linked for r in link.registrations]
-            digest = self.audit.append(_caller(), "Investigate.Links", case_id, purpose,
-                                       {"id_number": id_number}, returned)
-        except Exception as error:
-            self._abort_on_error(context, error)
-            raise
+        case_id, purpose = _case(request)
+        id_number = convert.text(request.id_number, "id_number",
+                                 self.limits.max_id_number_chars, required=True)
+        found = links(self.gallery, id_number, self.policy.match_threshold)
+        returned = [r.registration_id for r in found.registrations] + [
+            r.registration_id for link in found.linked for r in link.registrations]
+        digest = self.audit.append(_caller(), "Investigate.Links", case_id, purpose,
+                                   {"id_number": id_number}, returned)
         return pb.LinksResponse(
             registrations=[convert.registration_to_proto(r) for r in found.registrations],
             linked=[pb.LinkedIdNumber(
@@ -150,36 +139,33 @@ class InvestigateServicer(pb_grpc.InvestigateServicer):
 
     # -- Adjudicate --------------------------------------------------------------------
 
+    @rpc
     def Adjudicate(self, request: pb.AdjudicateRequest, context: grpc.ServicerContext
-                   ) -> pb.AdjudicateResponse:
-        try:
-            case_id, purpose = _case(request)
-            limit = self.limits.max_registration_id_chars
-            first = convert.text(request.registration_id, "registration_id", limit, True)
-            second = convert.text(request.matched_registration_id, "matched_registration_id",
-                                  limit, True)
-            if first == second:
-                raise InvalidArgument("matched_registration_id",
-                                      "must differ from registration_id")
-            if request.decision not in (pb.SAME_PERSON_CONFIRMED, pb.DIFFERENT_PEOPLE):
-                raise InvalidArgument("decision", "SAME_PERSON_CONFIRMED or DIFFERENT_PEOPLE")
-            note = convert.text(request.note, "note", 1000, required=False)
-            score = self._pair_score(request, first, second)
-            decision = pb.Decision.Name(request.decision).replace("_CONFIRMED", "")
-            caller = _caller()
-            record = json.dumps({
-                "registration_id": first, "matched_registration_id": second,
-                "decision": decision, "score": score, "case_id": case_id, "note": note,
-                "by": caller.identity, "at": datetime.now(UTC).isoformat(timespec="seconds"),
-            }, sort_keys=True).encode()
-            make = record_maker(caller, "Investigate.Adjudicate", case_id, purpose,
-                                {"registration_id": first, "matched_registration_id": second,
-                                 "decision": decision})
-            digest = self.gallery.store.settle(first, second, record,
-                                               lambda seq, prev: make(seq, prev, [first, second]))
-        except Exception as error:
-            self._abort_on_error(context, error)
-            raise
+               ) -> pb.AdjudicateResponse:
+        case_id, purpose = _case(request)
+        limit = self.limits.max_registration_id_chars
+        first = convert.text(request.registration_id, "registration_id", limit, True)
+        second = convert.text(request.matched_registration_id, "matched_registration_id",
+                              limit, True)
+        if first == second:
+            raise InvalidArgument("matched_registration_id",
+                                  "must differ from registration_id")
+        if request.decision not in (pb.SAME_PERSON_CONFIRMED, pb.DIFFERENT_PEOPLE):
+            raise InvalidArgument("decision", "SAME_PERSON_CONFIRMED or DIFFERENT_PEOPLE")
+        note = convert.text(request.note, "note", 1000, required=False)
+        score = self._pair_score(request, first, second)
+        decision = pb.Decision.Name(request.decision).replace("_CONFIRMED", "")
+        caller = _caller()
+        record = json.dumps({
+            "registration_id": first, "matched_registration_id": second,
+            "decision": decision, "score": score, "case_id": case_id, "note": note,
+            "by": caller.identity, "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }, sort_keys=True).encode()
+        make = record_maker(caller, "Investigate.Adjudicate", case_id, purpose,
+                            {"registration_id": first, "matched_registration_id": second,
+                             "decision": decision})
+        digest = self.gallery.store.settle(first, second, record,
+                                           lambda seq, prev: make(seq, prev, [first, second]))
         return pb.AdjudicateResponse(score=score, audit_record_hash=digest.hex())
 
     def _pair_score(self, request: pb.AdjudicateRequest, first: str, second: str) -> float:
@@ -198,20 +184,9 @@ class InvestigateServicer(pb_grpc.InvestigateServicer):
 
     def FindClusters(self, request: pb.FindClustersRequest, context: grpc.ServicerContext
                      ) -> Iterator[pb.ClusterUpdate]:
-        try:
-            case_id, purpose = _case(request)
-            min_ids = request.min_distinct_id_numbers or 2
-            if not 2 <= min_ids <= MAX_MIN_DISTINCT_IDS:
-                raise InvalidArgument("min_distinct_id_numbers",
-                                      f"must be 2 to {MAX_MIN_DISTINCT_IDS}, got {min_ids}")
-            floor = (_score(request.min_score, "min_score") if request.HasField("min_score")
-                     else self.policy.match_threshold)
-            query = {"min_distinct_id_numbers": min_ids, "min_score": floor}
-            caller = _caller()
-            self.audit.append(caller, "Investigate.FindClusters", case_id, purpose, query, [])
-        except Exception as error:
-            self._abort_on_error(context, error)
-            raise
+        case_id, purpose, floor, min_ids, query = answered(
+            context, lambda: self._begin_clusters(request), "FindClusters")
+        caller = _caller()
         found: list[Cluster] = []
         for item in find_clusters(self.gallery, floor, min_ids):
             if isinstance(item, Cluster):
@@ -222,6 +197,20 @@ class InvestigateServicer(pb_grpc.InvestigateServicer):
             yield pb.ClusterUpdate(progress=pb.ClusterProgress(
                 searched=item.searched, total=item.total, clusters=item.clusters))
 
+    def _begin_clusters(self, request: pb.FindClustersRequest
+                        ) -> tuple[str, str, float, int, dict[str, Any]]:
+        """Validates the request and audits the job's start."""
+        case_id, purpose = _case(request)
+        min_ids = request.min_distinct_id_numbers or 2
+        if not 2 <= min_ids <= MAX_MIN_DISTINCT_IDS:
+            raise InvalidArgument("min_distinct_id_numbers",
+                                  f"must be 2 to {MAX_MIN_DISTINCT_IDS}, got {min_ids}")
+        floor = (_score(request.min_score, "min_score") if request.HasField("min_score")
+                 else self.policy.match_threshold)
+        query: dict[str, Any] = {"min_distinct_id_numbers": min_ids, "min_score": floor}
+        self.audit.append(_caller(), "Investigate.FindClusters", case_id, purpose, query, [])
+        return case_id, purpose, floor, min_ids, query
+
     def _release(self, found: list[Cluster], caller: Caller, case_id: str, purpose: str,
                  query: dict[str, Any], context: grpc.ServicerContext
                  ) -> Iterator[pb.ClusterUpdate]:
@@ -229,16 +218,11 @@ class InvestigateServicer(pb_grpc.InvestigateServicer):
         if not found:
             return
         returned = [r.registration_id for cluster in found for r in cluster.registrations]
-        try:
-            digest = self.audit.append(caller, "Investigate.FindClusters", case_id, purpose,
-                                       query, returned)
-        except Exception as error:
-            self._abort_on_error(context, error)
-            raise
+        digest = answered(context, lambda: self.audit.append(
+            caller, "Investigate.FindClusters", case_id, purpose, query, returned),
+            "FindClusters")
         for cluster in found:
             yield pb.ClusterUpdate(audit_record_hash=digest, cluster=pb.Cluster(
                 registrations=[convert.registration_to_proto(r) for r in cluster.registrations],
                 id_numbers=cluster.id_numbers, min_link_score=cluster.min_link_score))
 
-
-__all__ = ["InvestigateServicer", "Progress"]

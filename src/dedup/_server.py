@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import queue
 import threading
@@ -11,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import faiss
 import grpc
@@ -34,32 +33,14 @@ from ._observe import CallObserver
 from ._proto.dedup.v1 import dedup_pb2 as pb
 from ._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 from ._service import DedupService
-from ._status import details, status_of
+from ._status import details, rpc, status_of
 from ._wire import add_service
 
 log = logging.getLogger("dedup.server")
 
-_Handler = TypeVar("_Handler", bound=Callable[..., Any])
-
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FaceDedup"].full_name
 ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["IndexAdmin"].full_name
 INVESTIGATE_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Investigate"].full_name
-
-def _rpc(handler: _Handler) -> _Handler:
-    """Turns DedupErrors into their status; anything else is logged and INTERNAL."""
-
-    @functools.wraps(handler)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return handler(self, request, context)
-        except DedupError as error:
-            context.abort(status_of(error), details(error))
-        except Exception:
-            log.exception("%s failed", handler.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{handler.__name__}: internal error")
-
-    return wrapper  # type: ignore[return-value]
-
 
 def _deadline(context: grpc.ServicerContext) -> float | None:
     """Seconds left for the call, or None without a deadline (gRPC then reports ~1e308)."""
@@ -81,7 +62,7 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
         face = convert.face_input(request.face, request.HasField("face"), "face", self.dimension)
         return self.service.probe(face, "face", timeout=_deadline(context))
 
-    @_rpc
+    @rpc
     def Check(self, request: pb.CheckRequest, context: grpc.ServicerContext) -> pb.CheckResponse:
         claimed = convert.text(request.claimed_id_number, "claimed_id_number",
                                self.limits.max_id_number_chars, required=False)
@@ -90,24 +71,25 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
                                        self.limits.max_registration_id_chars, required=False)
         probe = self._probe(request, context)
         result = self.service.check(probe, claimed, limit, registration_id)
-        self._audit_investigator(context, "FaceDedup.Check", {
+        self._audit_investigator(context, "FaceDedup.Check", lambda: {
             "embedding_sha256": embedding_digest(probe.vector.tobytes()),
             "claimed_id_number": claimed}, [m.registration.registration_id for m in result.matches])
         self.metrics.verdicts.labels(result.verdict.name).inc()
         return convert.check_to_proto(result)
 
     def _audit_investigator(self, context: grpc.ServicerContext, method: str,
-                            query: dict[str, str], returned: list[str]) -> None:
+                            query: Callable[[], dict[str, str]], returned: list[str]) -> None:
         """An investigator's reads of FaceDedup are audited like Investigate calls; the case
-        and purpose come from `x-case-id` / `x-purpose` metadata, when sent."""
+        and purpose come from `x-case-id` / `x-purpose` metadata, when sent. `query` is only
+        made for them: other callers' checks pay nothing."""
         caller = CALLER.get() or UNAUTHENTICATED_CALLER
         if caller.role != "investigator":
             return
         metadata = dict(context.invocation_metadata() or ())
         self.audit.append(caller, method, str(metadata.get("x-case-id", "")),
-                          str(metadata.get("x-purpose", "")), query, returned)
+                          str(metadata.get("x-purpose", "")), query(), returned)
 
-    @_rpc
+    @rpc
     def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:
         return self._enroll(request, context)
 
@@ -141,7 +123,7 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
             response.detected_face.CopyFrom(convert.detected_to_proto(result.detected))
         return response
 
-    @_rpc
+    @rpc
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
         by, value = convert.delete_key(request, self.limits)
         caller = CALLER.get() or UNAUTHENTICATED_CALLER
@@ -164,7 +146,7 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
             response.checkpoint_due.FromNanoseconds(int(erasure.checkpoint_due * 1e9))
         return response
 
-    @_rpc
+    @rpc
     def GetRegistration(
         self, request: pb.GetRegistrationRequest, context: grpc.ServicerContext
     ) -> pb.Registration:
@@ -172,10 +154,10 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
                                        self.limits.max_registration_id_chars, required=True)
         registration = self.service.get(registration_id)
         self._audit_investigator(context, "FaceDedup.GetRegistration",
-                                 {"registration_id": registration_id}, [registration_id])
+                                 lambda: {"registration_id": registration_id}, [registration_id])
         return convert.registration_to_proto(registration)
 
-    @_rpc
+    @rpc
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
         stats = self.service.stats()
         gallery = stats.gallery
@@ -256,12 +238,12 @@ class IndexAdminServicer(pb_grpc.IndexAdminServicer):
             if update.phase == "done":
                 return
 
-    @_rpc
+    @rpc
     def GetIndexInfo(self, request: pb.GetIndexInfoRequest,
                      context: grpc.ServicerContext) -> pb.IndexInfo:
         return _index_info(self.gallery.index_status())
 
-    @_rpc
+    @rpc
     def Compact(self, request: pb.CompactRequest,
                 context: grpc.ServicerContext) -> pb.CompactResponse:
         started = time.monotonic()
@@ -269,7 +251,7 @@ class IndexAdminServicer(pb_grpc.IndexAdminServicer):
         return pb.CompactResponse(bytes_before=before, bytes_after=after,
                                   seconds=time.monotonic() - started)
 
-    @_rpc
+    @rpc
     def Checkpoint(self, request: pb.CheckpointRequest,
                    context: grpc.ServicerContext) -> pb.CheckpointResponse:
         sequence = self.gallery.checkpoint()

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import grpc
 
 from ._errors import (
@@ -17,6 +22,11 @@ from ._errors import (
     StoreDamaged,
     Unauthenticated,
 )
+
+log = logging.getLogger("dedup.server")
+
+_Handler = TypeVar("_Handler", bound=Callable[..., Any])
+_T = TypeVar("_T")
 
 _STATUS: dict[type[DedupError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -50,3 +60,25 @@ def details(error: BaseException) -> str:
     if len(text) <= MAX_DETAILS_CHARS:
         return text
     return f"{text[:MAX_DETAILS_CHARS]}... ({len(text) - MAX_DETAILS_CHARS} more characters)"
+
+
+def answered(context: grpc.ServicerContext, work: Callable[[], _T], name: str) -> _T:
+    """Runs `work`: a DedupError becomes its status, anything else is logged and INTERNAL."""
+    try:
+        return work()
+    except DedupError as error:
+        context.abort(status_of(error), details(error))
+    except Exception:
+        log.exception("%s failed", name)
+        context.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error")
+    raise AssertionError("context.abort returns only by raising")
+
+
+def rpc(handler: _Handler) -> _Handler:
+    """A unary servicer method whose errors become statuses (see `answered`)."""
+
+    @functools.wraps(handler)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        return answered(context, lambda: handler(self, request, context), handler.__name__)
+
+    return wrapper  # type: ignore[return-value]

@@ -103,6 +103,11 @@ class Store:
         if not readonly:
             self._initialise_meta()
 
+    @classmethod
+    def reader(cls, data_dir: Path) -> Store:
+        """Read-only, beside a running server if need be (the tools: doctor, backup, audit)."""
+        return cls(StoreConfig(data_dir=data_dir, check_on_open=False), readonly=True)
+
     def _open_dbs(self) -> dict[str, Any]:
         try:
             dbs = {
@@ -227,7 +232,6 @@ class Store:
                 shutil.rmtree(staging, ignore_errors=True)
                 self._env = self._open_environment()
                 self._dbs = self._open_dbs()
-        self._write(lambda txn: txn.delete(b"erased_since", db=self._dbs["meta"]))
         after = self._existing_size()
         log.info("compacted the store from %d to %d bytes", before, after)
         return before, after
@@ -240,6 +244,10 @@ class Store:
                 for name, db in self._dbs.items():
                     if db is not None:
                         _copy_entries(source, db, target, name)
+            # The copy holds no freed pages: no erasure awaits compaction in it. (Cleared here,
+            # under the same lock as the copy, so an erasure right after it is not forgotten.)
+            with target.begin(write=True, db=target.open_db(b"meta")) as txn:
+                txn.delete(b"erased_since")
             target.sync(True)
         finally:
             target.close()
@@ -483,17 +491,8 @@ class Store:
             return {}
         prefix = registration_id.encode() + b"\x00"
 
-        def settled(txn: lmdb.Transaction) -> dict[str, bytes]:
-            cursor = txn.cursor(db=db)
-            found: dict[str, bytes] = {}
-            if cursor.set_range(prefix):
-                for key, value in cursor:
-                    if not bytes(key).startswith(prefix):
-                        break
-                    found[bytes(key)[len(prefix):].decode()] = bytes(value)
-            return found
-
-        return self._read(settled)
+        return self._read(lambda txn: {
+            key.decode(): value for key, value in _with_prefix(txn, db, prefix)})
 
     def adjudications(self) -> list[bytes]:
         """Every settled pair's record, once."""
@@ -582,14 +581,8 @@ class Store:
         return self._read(self._model_counts)
 
     def _model_counts(self, txn: lmdb.Transaction) -> dict[str, int]:
-        cursor = txn.cursor(db=self._dbs["meta"])
-        found = {}
-        if cursor.set_range(_MODEL_PREFIX):
-            for key, value in cursor:
-                if not bytes(key).startswith(_MODEL_PREFIX):
-                    break
-                found[bytes(key)[len(_MODEL_PREFIX):].decode()] = _from_u64(value)
-        return found
+        return {key.decode(): _from_u64(value)
+                for key, value in _with_prefix(txn, self._dbs["meta"], _MODEL_PREFIX)}
 
     def _meta(self, txn: lmdb.Transaction, name: bytes) -> int:
         return _from_u64(txn.get(name, db=self._dbs["meta"]))
@@ -795,6 +788,17 @@ def _copy_entries(source: lmdb.Transaction, db: Any, target: lmdb.Environment,
     while batch := list(itertools.islice(entries, _REWRITE_BATCH)):
         with target.begin(write=True, db=target_db) as txn:
             txn.cursor().putmulti(batch, dupdata=dupsort, append=not dupsort)
+
+
+def _with_prefix(txn: lmdb.Transaction, db: Any, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(key without the prefix, value) of every entry whose key starts with `prefix`."""
+    cursor = txn.cursor(db=db)
+    if not cursor.set_range(prefix):
+        return
+    for key, value in cursor:
+        if not bytes(key).startswith(prefix):
+            return
+        yield bytes(key)[len(prefix):], bytes(value)
 
 
 def _pair_key(first: str, second: str) -> bytes:
