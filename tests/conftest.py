@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from dedup import FaceGenerator, ServerConfig, StoreConfig, create_server
+from dedup._milvus import MilvusConfig
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 
@@ -48,15 +49,52 @@ class RunningServer:
         return Path(self.config.store.data_dir)
 
 
+BACKENDS = ("embedded", "milvus")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "embedded_only(reason): shows what only the embedded backend has "
+        "(LMDB files, index checkpoints, FAISS index types); the reason says why")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test on a server runs against both backends, unless marked embedded_only."""
+    if "backend" not in metafunc.fixturenames:
+        return
+    if any(marker.args and marker.args[0] == "backend"
+           for marker in metafunc.definition.iter_markers("parametrize")):
+        return  # the test names its backend itself
+    only = metafunc.definition.get_closest_marker("embedded_only")
+    if only is not None and not only.kwargs.get("reason"):
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: embedded_only needs a reason")
+    metafunc.parametrize("backend", ["embedded"] if only else list(BACKENDS))
+
+
+def milvus_lite(path: Path) -> MilvusConfig:
+    # Milvus Lite searches unflushed rows by brute force: flush soon after writes.
+    return MilvusConfig(uri=str(path), flush_interval_s=0.5)
+
+
+def release_milvus_lite(path: Path) -> None:
+    """Stops the in-process Milvus Lite server of `path` (it would live until exit)."""
+    from milvus_lite.server_manager import server_manager_instance
+
+    server_manager_instance.release_server(str(path))
+
+
 @pytest.fixture
-def make_server(tmp_path: Path) -> Iterator[Any]:
+def make_server(tmp_path: Path, backend: str) -> Iterator[Any]:
     started: list[RunningServer] = []
+    lite = tmp_path / "milvus.db"
 
     def make(**overrides: Any) -> RunningServer:
         store_fields = {f.name for f in dataclasses.fields(StoreConfig)}
         store_args = {k: v for k, v in overrides.items() if k in store_fields}
         server_args = {k: v for k, v in overrides.items() if k not in store_fields}
         store_args.setdefault("data_dir", tmp_path / "data")
+        if backend == "milvus":
+            server_args.setdefault("milvus", milvus_lite(lite))
         config = ServerConfig(store=StoreConfig(**store_args), **server_args)
         server = RunningServer(config)
         started.append(server)
@@ -66,6 +104,8 @@ def make_server(tmp_path: Path) -> Iterator[Any]:
     for server in started:
         if not server.server._stopped.is_set():
             server.stop()
+    if backend == "milvus":
+        release_milvus_lite(lite)
 
 
 @pytest.fixture

@@ -50,7 +50,7 @@ def test_different_people_settled_no_longer_duplicate(server, faces):
     assert server.stub.Check(pb.CheckRequest(face=face(lookalike), claimed_id_number="ID-B",
                                              registration_id="b")).verdict != pb.CLEAR
     server.stop()
-    adjudications = [r for r in records(server.data_dir) if r["method"] ==
+    adjudications = [r for r in records(server) if r["method"] ==
                      "Investigate.Adjudicate"]
     assert [r["query"]["decision"] for r in adjudications] == ["DIFFERENT_PEOPLE",
                                                               "SAME_PERSON"]
@@ -83,6 +83,8 @@ def test_adjudicate_unknown_match_is_not_found(server):
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+@pytest.mark.embedded_only(
+    reason="dedup calibrate --data-dir reads adjudications from an LMDB store")
 def test_settled_pairs_feed_calibrate(server, faces):
     people = faces.persons(4)
     for i, person in enumerate(people):

@@ -184,7 +184,7 @@ def test_investigator_reads_are_audited_with_their_case(secure_server, keys, fac
     with channel(secure_server.port, keys, role="registration") as ch:
         pb_grpc.FaceDedupStub(ch).Check(pb.CheckRequest(face=probe), timeout=30)
     secure_server.stop()
-    (record,) = records(secure_server.data_dir)  # the registration desk's check is not audited
+    (record,) = records(secure_server)  # the registration desk's check is not audited
     assert (record["method"], record["caller"], record["role"], record["via"]) == (
         "FaceDedup.Check", "token:investigator-token", "investigator", "token")
     assert (record["case_id"], record["purpose"]) == ("C-5", "lookup")

@@ -12,6 +12,9 @@ from dedup import FaceGenerator, StoreConfig, StoreError
 from dedup._gallery import Gallery
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 
+OFFLINE = ("offline import and rebuild work on a data directory; into Milvus, import through "
+           "a server (test_import_into_a_running_server) or dedup migrate")
+
 
 def write_batch(folder, name, start, count, seed, extra_rows=()):
     vectors = FaceGenerator(seed).persons(count)
@@ -25,6 +28,7 @@ def write_batch(folder, name, start, count, seed, extra_rows=()):
     return vectors
 
 
+@pytest.mark.embedded_only(reason=OFFLINE)
 def test_import_offline_then_resume_then_serve(tmp_path, capsys, make_server):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -49,6 +53,7 @@ def test_import_offline_then_resume_then_serve(tmp_path, capsys, make_server):
     assert top.registration.msisdn == "+8613000001505"
 
 
+@pytest.mark.embedded_only(reason=OFFLINE)
 def test_import_rejects_bad_rows_and_refuses_a_held_directory(tmp_path, capsys, server):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -87,6 +92,7 @@ def test_import_into_a_running_server(tmp_path, capsys, server):
     assert server.stub.Stats(pb.StatsRequest()).registrations == 300
 
 
+@pytest.mark.embedded_only(reason=OFFLINE)
 def test_rebuild_command_live_and_offline(tmp_path, capsys, server):
     folder = tmp_path / "in"
     folder.mkdir()

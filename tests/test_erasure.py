@@ -17,6 +17,9 @@ from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 
 CASE = {"case_id": "CASE-9", "purpose": "erasure check"}
 
+LMDB_BYTES = ("reads the LMDB and checkpoint files' bytes; on Milvus, erasure is delete + "
+              "Milvus's own segment compaction (Compact calls it)")
+
 
 def files_holding(data_dir: Path, needle: bytes) -> list[str]:
     return [str(path.relative_to(data_dir)) for path in sorted(data_dir.rglob("*"))
@@ -46,6 +49,7 @@ def wait_until(condition, seconds: float = 30) -> None:
     assert condition()
 
 
+@pytest.mark.embedded_only(reason=LMDB_BYTES)
 def test_delete_then_compact_leaves_no_byte_of_the_embedding(make_server, faces):
     server = make_server(checkpoint_interval_s=3600, erasure_checkpoint_delay_s=0.3)
     people = faces.persons(50)
@@ -94,6 +98,7 @@ def test_the_server_compacts_by_itself_after_an_erasure(make_server, faces):
     never_returned(server, people[3], "r3")
 
 
+@pytest.mark.embedded_only(reason=LMDB_BYTES)
 @pytest.mark.timeout(120)
 def test_compact_command_offline(stopped_with_erasure):
     data_dir, victim = stopped_with_erasure

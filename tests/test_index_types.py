@@ -21,6 +21,9 @@ KINDS = ["BinarySign512", "BinarySign256", "IVF16,Flat", "IVF16,SQ8", "IVF16,PQ1
 PERSONS = 1200
 PLANTED = 40  # persons also registered under a second ID number
 
+FAISS_ONLY = ("FAISS index types, live rebuilds and checkpoints are the embedded backend's; "
+              "Milvus builds and maintains its own index")
+
 
 def gallery_requests(generator: FaceGenerator, persons: np.ndarray) -> list[pb.EnrollRequest]:
     requests = []
@@ -155,6 +158,7 @@ def test_enroll_stream_answers_each_request_in_order(server, faces):
     assert server.stub.Stats(pb.StatsRequest()).registrations == len(good)
 
 
+@pytest.mark.embedded_only(reason=FAISS_ONLY)
 def test_rebuild_racing_enrolments_and_deletes_loses_nothing(make_server, faces):
     server = make_server()
     people = faces.persons(2500)
@@ -205,6 +209,7 @@ def test_rebuild_racing_enrolments_and_deletes_loses_nothing(make_server, faces)
     assert admin(server).GetIndexInfo(pb.GetIndexInfoRequest()).vectors == stats.registrations
 
 
+@pytest.mark.embedded_only(reason=FAISS_ONLY)
 def test_rebuild_refusals(server, faces):
     with pytest.raises(grpc.RpcError) as error:
         list(admin(server).Rebuild(pb.RebuildRequest(index_factory="HNSW32,Flat")))
@@ -219,6 +224,7 @@ def test_rebuild_refusals(server, faces):
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+@pytest.mark.embedded_only(reason=FAISS_ONLY)
 def test_checkpoint_rpc(server, faces):
     server.stub.Enroll(pb.EnrollRequest(registration=registration("a", "ID1"),
                                         face=face(faces.persons(1)[0])))
@@ -227,6 +233,7 @@ def test_checkpoint_rpc(server, faces):
     assert server.stub.Stats(pb.StatsRequest()).checkpoint_sequence == 1
 
 
+@pytest.mark.embedded_only(reason=FAISS_ONLY)
 def test_auto_switches_to_binary_when_the_gallery_grows(make_server, faces):
     server = make_server(index=IndexConfig(auto_threshold=300), checkpoint_interval_s=0.2)
     assert admin(server).GetIndexInfo(pb.GetIndexInfoRequest()).index_type == "Flat"

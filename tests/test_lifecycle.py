@@ -14,6 +14,11 @@ from conftest import check, enroll, face, registration
 from dedup import MIB
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 
+CHECKPOINT = "index checkpoints are the embedded backend's (Milvus keeps its own)"
+
+FULL = ("fills the LMDB map or a tmpfs under the data directory; Milvus Lite has no cap, and a "
+        "cluster's quota refusals are Milvus errors, answered UNAVAILABLE")
+
 
 def get(stub, registration_id):
     return stub.GetRegistration(pb.GetRegistrationRequest(registration_id=registration_id))
@@ -195,6 +200,7 @@ def test_crash_replays_the_change_log(server, faces):
                for m in check(server.stub, people[0]).matches)
 
 
+@pytest.mark.embedded_only(reason=CHECKPOINT)
 @pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty"])
 def test_damaged_checkpoint_is_rebuilt(server, faces, damage, caplog):
     people = _populate(server, faces, 20)
@@ -217,6 +223,7 @@ def test_damaged_checkpoint_is_rebuilt(server, faces, damage, caplog):
     _assert_all_found(server, people)
 
 
+@pytest.mark.embedded_only(reason=CHECKPOINT)
 def test_missing_checkpoint_is_rebuilt(server, faces):
     people = _populate(server, faces, 10)
     server.stop()
@@ -243,6 +250,7 @@ def _enrol_until_refused(server, people) -> tuple[int, grpc.RpcError]:
     return acknowledged, error.value
 
 
+@pytest.mark.embedded_only(reason=FULL)
 def test_map_cap_refuses_writes_keeps_reads(make_server, faces):
     server = make_server(initial_map_size=1 * MIB, max_map_size=1 * MIB)
     people = faces.persons(1000)
@@ -288,6 +296,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
+@pytest.mark.embedded_only(reason=FULL)
 def test_full_disk_refuses_writes_keeps_reads_loses_nothing(make_server, faces, small_disk):
     server = make_server(data_dir=small_disk / "data", initial_map_size=1 << 30,
                          checkpoint_every_changes=10**9)

@@ -15,6 +15,9 @@ from conftest import check, enroll
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 
+DATA_DIR_TOOLS = ("dedup doctor and dedup backup work on an embedded data directory; a Milvus "
+                  "deployment is checked and backed up with Milvus's tools (docs/milvus.md)")
+
 
 def dedup(*args: str) -> subprocess.CompletedProcess[str]:
     # A child process: LMDB forbids opening one environment twice in a process.
@@ -37,6 +40,7 @@ def stopped_dir(make_server, faces) -> Path:
     return server.data_dir
 
 
+@pytest.mark.embedded_only(reason=DATA_DIR_TOOLS)
 def test_doctor_healthy_directory(stopped_dir):
     result = dedup("doctor", str(stopped_dir))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -44,6 +48,7 @@ def test_doctor_healthy_directory(stopped_dir):
     assert "30 registrations" in result.stdout and "0 problem(s)" in result.stdout
 
 
+@pytest.mark.embedded_only(reason=DATA_DIR_TOOLS)
 def test_doctor_beside_a_running_server(server, faces):
     enroll(server.stub, "r0", "ID0", faces.persons(1)[0])
     result = dedup("doctor", str(server.data_dir))
@@ -52,6 +57,7 @@ def test_doctor_beside_a_running_server(server, faces):
     assert "1 registrations" in result.stdout
 
 
+@pytest.mark.embedded_only(reason=DATA_DIR_TOOLS)
 def test_doctor_finds_a_damaged_embedding(stopped_dir):
     data_file = stopped_dir / "store" / "data.mdb"
     raw = bytearray(data_file.read_bytes())
@@ -65,6 +71,7 @@ def test_doctor_finds_a_damaged_embedding(stopped_dir):
     assert "not a unit vector" in result.stdout
 
 
+@pytest.mark.embedded_only(reason=DATA_DIR_TOOLS)
 def test_doctor_missing_checkpoint_is_a_warning(stopped_dir):
     (stopped_dir / "index.ckpt").unlink()
     result = dedup("doctor", str(stopped_dir))
@@ -72,6 +79,7 @@ def test_doctor_missing_checkpoint_is_a_warning(stopped_dir):
     assert findings(result.stdout)["checkpoint"] == "warning"
 
 
+@pytest.mark.embedded_only(reason=DATA_DIR_TOOLS)
 def test_doctor_stale_checkpoint_past_the_log_is_a_problem(make_server, faces, tmp_path):
     server = make_server()
     people = faces.persons(20)
@@ -96,6 +104,7 @@ def test_doctor_on_a_directory_without_a_store(tmp_path):
     assert result.returncode == 1 and "no LMDB store" in result.stdout
 
 
+@pytest.mark.embedded_only(reason=DATA_DIR_TOOLS)
 @pytest.mark.timeout(180)
 def test_hot_backup_while_enrolling_is_a_consistent_prefix(make_server, faces, tmp_path):
     server = make_server()

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from ._backend import AuditMaker, Backend
 from ._errors import AuditUnavailable, DedupError
-from ._store import AuditMaker, Store
+from ._store import Store
 
 GENESIS = bytes(32)
 
@@ -63,8 +64,8 @@ def record_maker(caller: Caller, method: str, case_id: str, purpose: str,
 
 
 class AuditTrail:
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
 
     def append(self, caller: Caller, method: str, case_id: str, purpose: str,
                query: dict[str, Any], returned: list[str]) -> str:
@@ -72,7 +73,7 @@ class AuditTrail:
         written: the caller must then fail the call and return nothing."""
         make = record_maker(caller, method, case_id, purpose, query)
         try:
-            return self.store.append_audit(lambda seq, prev: make(seq, prev, returned)).hex()
+            return self.backend.append_audit(lambda seq, prev: make(seq, prev, returned)).hex()
         except DedupError as error:
             raise AuditUnavailable(f"audit: the record could not be written ({error}); "
                                    "the call returns nothing") from error

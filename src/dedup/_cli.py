@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import grpc
 import numpy as np
@@ -26,6 +27,7 @@ from ._embedder import CaptureRules
 from ._errors import DedupError
 from ._gallery import Gallery
 from ._logging import configure_logging
+from ._milvus import MilvusConfig
 from ._model_pack import MODEL_DIR_ENV
 from ._proto.dedup.v1 import dedup_pb2 as pb
 from ._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
@@ -98,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the face used must score at least this")
     serve.add_argument("--min-face-pixels", type=int, default=rules.min_face_pixels,
                        help="the face box's shorter side must be at least this long")
+    _milvus_arguments(serve)
     serve.set_defaults(command=serve_command)
 
     demo = commands.add_parser("demo", help="serve the default data directory and run a demo")
@@ -216,6 +219,18 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("dest", type=Path, metavar="DEST", help="a new or empty directory")
     backup.set_defaults(command=backup_command)
 
+    migrate = commands.add_parser(
+        "migrate", help="copy an embedded data directory into Milvus (resumable, verified)")
+    migrate.add_argument("--from", dest="source", type=Path, required=True, metavar="DATA_DIR")
+    migrate.add_argument("--to", dest="target", required=True, metavar="URI",
+                         help="milvus://host:port, http(s)://host:port, or a Milvus Lite *.db")
+    migrate.add_argument("--milvus-prefix", default="dedup")
+    migrate.add_argument("--milvus-index-type", default="FLAT")
+    migrate.add_argument("--batch", type=int, default=5_000, help="registrations per upsert")
+    migrate.add_argument("--sample", type=int, default=100,
+                         help="stored embeddings searched in both to verify the copy")
+    migrate.set_defaults(command=migrate_command)
+
     photos = _client_parser(commands, "import-photos", "enrol a folder of photos",
                             import_photos_command)
     photos.add_argument("directory", type=Path)
@@ -266,10 +281,56 @@ def _client_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
 # -- server ---------------------------------------------------------------------------
 
 
+def _milvus_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("milvus backend")
+    group.add_argument("--backend", choices=["embedded", "milvus"], default="embedded",
+                       help="embedded: LMDB + FAISS in --data-dir (default); milvus: a Milvus "
+                       "deployment shared by stateless nodes")
+    group.add_argument("--milvus-uri", default="", metavar="URI",
+                       help="http(s)://host:port or milvus://host:port of Milvus, or a local "
+                       "*.db file (Milvus Lite, in this process)")
+    group.add_argument("--milvus-prefix", default="dedup",
+                       help="collection names start with this (default dedup)")
+    group.add_argument("--milvus-index-type", default="FLAT",
+                       help="Milvus's index on the embeddings when it creates the collection: "
+                       "FLAT (exact, default), HNSW, IVF_FLAT, IVF_SQ8, ...")
+    group.add_argument("--milvus-index-params", default="{}", metavar="JSON",
+                       help='build parameters, e.g. \'{"M": 16, "efConstruction": 200}\'')
+    group.add_argument("--milvus-search-params", default="{}", metavar="JSON",
+                       help='per-search parameters, e.g. \'{"ef": 128}\' or \'{"nprobe": 64}\'')
+    group.add_argument("--milvus-flush-interval", type=float, default=None, metavar="SECONDS",
+                       help="flush writes after this long (default: 1 s for Milvus Lite, "
+                       "never for a cluster, which seals segments itself)")
+
+
+def milvus_config(args: argparse.Namespace) -> MilvusConfig | None:
+    """The --milvus-* options; the token comes from $DEDUP_MILVUS_TOKEN, never the command."""
+    if args.backend != "milvus":
+        if args.milvus_uri:
+            raise SystemExit("dedup: --milvus-uri needs --backend milvus")
+        return None
+    if not args.milvus_uri:
+        raise SystemExit("dedup: --backend milvus needs --milvus-uri")
+    try:
+        index_params, search_params = (json.loads(args.milvus_index_params),
+                                       json.loads(args.milvus_search_params))
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"dedup: --milvus-index-params/--milvus-search-params: {error}") \
+            from error
+    lite = args.milvus_uri.endswith(".db")
+    flush = args.milvus_flush_interval
+    return MilvusConfig(
+        uri=args.milvus_uri, token=os.environ.get("DEDUP_MILVUS_TOKEN", ""),
+        prefix=args.milvus_prefix, index_type=args.milvus_index_type,
+        index_params=index_params, search_params=search_params,
+        flush_interval_s=(1.0 if lite else None) if flush is None else (flush or None))
+
+
 def serve_command(args: argparse.Namespace) -> int:
     from ._server import create_server
 
     config = ServerConfig(
+        milvus=milvus_config(args),
         store=StoreConfig(data_dir=args.data_dir),
         policy=Policy(args.match_threshold, args.review_threshold, args.max_sims_per_id),
         reflection=not args.no_reflection,
@@ -301,7 +362,9 @@ def serve_command(args: argparse.Namespace) -> int:
     server, port = create_server(config, args.address)
     server.start()
     host = args.address.rsplit(":", 1)[0]
-    log.info("dedup serving on %s:%d, data directory %s", host, port, args.data_dir.resolve())
+    log.info("dedup serving on %s:%d, %s", host, port,
+             f"data directory {args.data_dir.resolve()}" if config.milvus is None
+             else f"milvus backend at {config.milvus.uri}")
     if server.token_port is not None:
         log.info("bearer tokens accepted over TLS on port %d", server.token_port)
     if server.metrics_port is not None:
@@ -309,7 +372,7 @@ def serve_command(args: argparse.Namespace) -> int:
                  server.metrics_port)
     stopping.wait()
     server.stop()
-    log.info("stopped; index checkpointed")
+    log.info("stopped" if config.milvus else "stopped; index checkpointed")
     return 0
 
 
@@ -477,6 +540,46 @@ def backup_command(args: argparse.Namespace) -> int:
           f"{report.store_bytes / 2**20:.1f} MiB, index checkpoint "
           f"{report.checkpoint_bytes / 2**20:.1f} MiB")
     print(f"restore: stop the server, then serve --data-dir {args.dest} (or move it into place)")
+    return 0
+
+
+def migrate_command(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ._migrate import migrate
+
+    if args.batch < 1 or args.sample < 0:
+        raise SystemExit("dedup migrate: --batch must be >= 1 and --sample >= 0")
+    config = MilvusConfig(uri=args.target, token=os.environ.get("DEDUP_MILVUS_TOKEN", ""),
+                          prefix=args.milvus_prefix, index_type=args.milvus_index_type)
+    bars: list[tqdm[Any]] = []
+
+    def start(total: int, done: int) -> Callable[[int], None]:
+        bar: tqdm[Any] = tqdm(desc="copying", unit="reg", total=total, initial=done)
+        bars.append(bar)
+
+        def advance(count: int) -> None:
+            bar.update(count)
+
+        return advance
+
+    try:
+        report = migrate(args.source, config, args.batch, args.sample, start)
+    finally:
+        for bar in bars:
+            bar.close()
+    resumed = f" (resumed after key {report.resumed_after})" if report.resumed_after else ""
+    print(f"copied {report.copied:,} registrations{resumed}, {report.audit_records:,} audit "
+          f"records and {report.adjudications:,} adjudications from {args.source} to "
+          f"{args.target}")
+    print(f"verify: store {report.store_registrations:,} registrations, Milvus "
+          f"{report.milvus_registrations:,}; {report.sample_agreeing}/{report.sampled} sampled "
+          f"searches found the same top-10 in both")
+    if not report.verified:
+        print("VERIFICATION FAILED: the copy differs (was the source written meanwhile? run "
+              "again to copy what is missing)", file=sys.stderr)
+        return 1
+    print("verified")
     return 0
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from ._backend import Backend
 from ._gallery import Gallery
 from ._models import Registration
 from ._vectors import Matrix
@@ -80,20 +81,21 @@ class _UnionFind:
         return members, self.weakest.pop(root)
 
 
-def find_clusters(gallery: Gallery, min_score: float, min_distinct_id_numbers: int
+def find_clusters(gallery: Backend, min_score: float, min_distinct_id_numbers: int
                   ) -> Iterator[Cluster | Progress]:
-    """With an exact live index its neighbour search is used; with an approximate one, a
-    job-local IVF proposes candidates that exact scores then confirm."""
+    """With an exact live index (or Milvus, whose candidates are re-scored exactly) the
+    backend's neighbour search is used; with an approximate embedded index, a job-local IVF
+    proposes candidates that exact scores then confirm."""
     search: Callable[[Matrix], list[list[tuple[int, float]]]]
-    if gallery.index.exact:
-        search = lambda matrix: _neighbours(gallery, matrix, min_score)  # noqa: E731
-    else:
+    if isinstance(gallery, Gallery) and not gallery.index.exact:
         search = _IVFCandidates(gallery, min_score).neighbours
+    else:
+        search = lambda matrix: _neighbours(gallery, matrix, min_score)  # noqa: E731
     groups = _UnionFind()
     pending: list[tuple[int, int]] = []  # (highest key, root), checked lazily
-    total = gallery.store.model_counts().get(gallery.model_id, 0)
+    total = gallery.comparable_count()
     searched = emitted = 0
-    for keys, matrix in gallery.store.iter_vectors(BLOCK, only_model=gallery.only_model()):
+    for keys, matrix in gallery.iter_vectors(BLOCK):
         for key, neighbours in zip(keys, search(matrix), strict=True):
             for other, score in neighbours:
                 if other != key:
@@ -110,7 +112,7 @@ def find_clusters(gallery: Gallery, min_score: float, min_distinct_id_numbers: i
     yield Progress(searched, total, emitted)
 
 
-def _neighbours(gallery: Gallery, matrix: Matrix, min_score: float
+def _neighbours(gallery: Backend, matrix: Matrix, min_score: float
                 ) -> list[list[tuple[int, float]]]:
     """Every neighbour >= min_score: k widens for the rare query whose k-th is still above."""
     k = _FIRST_K
@@ -176,7 +178,7 @@ class _IVFCandidates:
         return rows
 
 
-def _complete(gallery: Gallery, groups: _UnionFind, pending: list[tuple[int, int]],
+def _complete(gallery: Backend, groups: _UnionFind, pending: list[tuple[int, int]],
               searched_through: int | None, min_ids: int) -> Iterator[Cluster]:
     """Pops the groups whose highest key was searched (all of them when `searched_through`
     is None) and yields those spanning enough ID numbers."""
@@ -190,9 +192,9 @@ def _complete(gallery: Gallery, groups: _UnionFind, pending: list[tuple[int, int
             yield cluster
 
 
-def _cluster(gallery: Gallery, keys: list[int], weakest: float, min_ids: int
+def _cluster(gallery: Backend, keys: list[int], weakest: float, min_ids: int
              ) -> Cluster | None:
-    registrations = [face.registration for face in gallery.store.faces(keys, with_vectors=False)]
+    registrations = [face.registration for face in gallery.faces(keys, with_vectors=False)]
     id_numbers = sorted({registration.id_number for registration in registrations})
     if len(id_numbers) < min_ids:
         return None

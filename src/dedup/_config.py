@@ -10,6 +10,7 @@ from ._embedder import CaptureRules
 
 if TYPE_CHECKING:
     from ._auth import SecurityConfig
+    from ._milvus import MilvusConfig
 
 DIMENSION = 512
 DEFAULT_DATA_DIR = Path("index_data")
@@ -124,3 +125,6 @@ class ServerConfig:
     metrics_address: str | None = None
     # Roles, mutual TLS and tokens (see _auth.py); None: unauthenticated, loopback only.
     security: SecurityConfig | None = None
+    # The Milvus backend (see _milvus.py); None: the embedded LMDB + FAISS backend in
+    # store.data_dir. With Milvus, store.data_dir only holds the node's calibration file.
+    milvus: MilvusConfig | None = None

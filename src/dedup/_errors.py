@@ -13,6 +13,8 @@ so a client always sees the same status for the same kind of failure.
     ├── Unauthenticated      no valid credential          -> UNAUTHENTICATED
     ├── PermissionDenied     the caller's role may not call this -> PERMISSION_DENIED
     ├── AuditUnavailable     the audit record could not be written -> UNAVAILABLE
+    ├── BackendUnavailable   Milvus unreachable, or an enrolment not confirmed in time
+    │                        (nothing was stored)       -> UNAVAILABLE
     └── StoreError           the data directory cannot be used (start-up)
         ├── StoreDamaged     LMDB reports a damaged page, or a stored vector is garbage
         │                                                 -> DATA_LOSS
@@ -44,6 +46,15 @@ class AlreadyExists(DedupError):
     """A unique key (registration_id, msisdn) is already taken."""
 
 
+def registration_id_taken(registration_id: str) -> AlreadyExists:
+    return AlreadyExists(f"registration.registration_id: {registration_id!r} is already enrolled")
+
+
+def msisdn_taken(msisdn: str) -> AlreadyExists:
+    return AlreadyExists(f"registration.msisdn: {msisdn!r} is held by another registration; "
+                         "delete that registration first")
+
+
 class FailedPrecondition(DedupError):
     """The request is well-formed, but the service's state does not allow it."""
 
@@ -66,6 +77,11 @@ class PermissionDenied(DedupError):
 
 class AuditUnavailable(DedupError):
     """The audit record of an audited call could not be written: the call returns nothing."""
+
+
+class BackendUnavailable(DedupError):
+    """The Milvus backend cannot be reached, or an enrolment's claim could not be confirmed
+    in time; nothing was stored, and the call may be retried."""
 
 
 class StoreError(DedupError):

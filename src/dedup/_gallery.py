@@ -17,14 +17,22 @@ import fcntl
 import logging
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 
+from ._backend import (
+    AuditMaker,
+    EnrolmentCheck,
+    Erasure,
+    GalleryStats,
+    Gauge,
+    IndexStatus,
+    Progress,
+    RecordMaker,
+)
 from ._batcher import SearchBatcher
 from ._checkpoint import write_checkpoint
 from ._config import IndexConfig, StoreConfig
@@ -42,10 +50,10 @@ from ._index import (
     training_size,
     validate_kind,
 )
-from ._models import DeleteKey, Registration, StoredFace
+from ._models import CheckResult, DeleteKey, Registration, StoredFace
 from ._policy import Scored
-from ._rebuild import Built, Progress, build_in_child, build_in_process
-from ._store import OP_ADD, AuditMaker, Store
+from ._rebuild import Built, build_in_child, build_in_process
+from ._store import OP_ADD, Store
 from ._store_check import walk_store
 from ._vectors import Matrix, Vector
 
@@ -74,34 +82,6 @@ def _lock_data_dir(data_dir: Path) -> IO[bytes]:
     return handle
 
 
-@dataclass(frozen=True)
-class GalleryStats:
-    registrations: int
-    distinct_id_numbers: int
-    index_type: str
-    dimension: int
-    index_vectors: int
-    store_sequence: int
-    checkpoint_sequence: int
-    registrations_by_model: dict[str, int]
-
-
-@dataclass(frozen=True)
-class IndexStatus:
-    index_type: str
-    dimension: int
-    vectors: int
-    exact: bool
-    rerank_candidates: int
-    search_parameters: str
-    configured_index_type: str
-    wanted_index_type: str
-    rebuilding: bool
-    store_sequence: int
-    checkpoint_sequence: int
-    bytes_per_vector: float
-
-
 def replay_changes(store: Store, index: VectorIndex, covered: int, model_id: str) -> int | None:
     """Applies the logged changes after `covered` to `index`; returns the sequence now covered.
 
@@ -127,15 +107,9 @@ def replay_changes(store: Store, index: VectorIndex, covered: int, model_id: str
     return current
 
 
-@dataclass(frozen=True)
-class Erasure:
-    registrations: list[Registration]
-    audit_hash: bytes | None
-    compaction_due: float | None
-    checkpoint_due: float | None = None
-
-
 class Gallery:
+    """The embedded backend (see _backend.Backend): LMDB and a FAISS index in this process."""
+
     def __init__(self, config: StoreConfig, model_id: str,
                  index_config: IndexConfig | None = None, background: bool = True) -> None:
         """`background`: run periodic checkpoints and automatic index switches (a server);
@@ -146,6 +120,8 @@ class Gallery:
         self.configured_kind = validate_kind(self.index_config.index_factory)
         self.search_options = SearchOptions(nprobe=self.index_config.nprobe)
         self.data_dir = Path(config.data_dir)
+        self.location = str(self.data_dir)
+        self.dimension = config.dimension
         self.checkpoint_path = self.data_dir / CHECKPOINT_FILE
         self._lock_file = _lock_data_dir(self.data_dir)
         try:
@@ -199,7 +175,7 @@ class Gallery:
         replayed = self._replay(index, covered)
         if replayed is None:
             return self._rebuild_at_start()
-        count = self._comparable_count()
+        count = self.comparable_count()
         if len(index) != count:
             log.warning(
                 "index holds %d vectors after replay but the store holds %d: rebuilding",
@@ -216,7 +192,7 @@ class Gallery:
     def _rebuild_at_start(self) -> tuple[VectorIndex, int]:
         started = time.monotonic()
         kind = self.wanted_kind()
-        if training_size(kind) > self._comparable_count():
+        if training_size(kind) > self.comparable_count():
             kind = FLAT  # a type that needs training starts exact; a rebuild switches later
         built = build_in_process(self.store, kind, self.model_id, self.only_model(),
                                  lambda *_: None)
@@ -228,7 +204,7 @@ class Gallery:
         """Filter builds by model only when the store holds another model's embeddings."""
         return self.model_id if set(self.store.model_counts()) - {self.model_id} else None
 
-    def _comparable_count(self) -> int:
+    def comparable_count(self) -> int:
         return self.store.model_counts().get(self.model_id, 0)
 
     def _warn_about_other_models(self) -> None:
@@ -244,24 +220,48 @@ class Gallery:
         """The configured index type; for "auto", what fits the gallery's size."""
         if self.configured_kind != AUTO:
             return self.configured_kind
-        return BINARY_DEFAULT if self._comparable_count() >= self.index_config.auto_threshold \
+        return BINARY_DEFAULT if self.comparable_count() >= self.index_config.auto_threshold \
             else FLAT
 
     # -- writes ----------------------------------------------------------------------
 
-    @contextmanager
-    def exclusive_writes(self) -> Iterator[None]:
-        """Holds off every other write, e.g. across a check and the insert it allows."""
-        with self._writes:
-            yield
+    def ensure_unique(self, registration: Registration) -> None:
+        self.store.ensure_unique(registration)
 
-    def sequence_in_step(self) -> int:
-        """The store's change sequence at a moment when the index agrees with the store
-        (a write commits to the store, then updates the index, under the write lock)."""
-        with self._writes:
-            return self.store.sequence()
+    def insert_checked(self, registration: Registration, vector: Vector,
+                       check: EnrolmentCheck) -> tuple[CheckResult, Registration | None]:
+        """Checks, then stores only if `check.admits` the verdict, as one step.
 
-    def changes_since(self, sequence: int) -> tuple[list[int], set[int]] | None:
+        The search runs beside other calls; under the write lock only what changed since it
+        began is looked at, so two captures of one face under two ID numbers cannot both pass.
+        """
+        with self._writes:
+            seen = self.store.sequence()  # the index agrees with the store under the lock
+        candidates = self._candidates(vector, check)
+        with self._writes:
+            candidates = self._caught_up(vector, check, seen, candidates)
+            result = check.judge(candidates, self.same_id_number(vector, check.claimed_id_number))
+            if not check.admits(result):
+                return result, None
+            return result, self.insert(registration, vector)
+
+    def _candidates(self, vector: Vector, check: EnrolmentCheck) -> list[Scored]:
+        same_id = self.same_id_number(vector, check.claimed_id_number)
+        return self.neighbours(vector, check.search_k + len(same_id), check.floor)
+
+    def _caught_up(self, vector: Vector, check: EnrolmentCheck, seen: int,
+                   candidates: list[Scored]) -> list[Scored]:
+        """The candidates as of now: without registrations deleted since `seen`, with those
+        added since scored exactly. Runs under the write lock."""
+        delta = self._changes_since(seen)
+        if delta is None:  # a checkpoint truncated the log meanwhile: search again, locked
+            return self._candidates(vector, check)
+        added, removed = delta
+        fresh = [scored for scored in self._score(vector, self.store.faces(added, True))
+                 if scored.score >= check.floor]
+        return [scored for scored in candidates if scored.key not in removed] + fresh
+
+    def _changes_since(self, sequence: int) -> tuple[list[int], set[int]] | None:
         """Keys added (and still stored) and keys removed after `sequence`; None if a
         checkpoint has truncated the change log past it."""
         changes, current = self.store.changes_after(sequence)
@@ -271,10 +271,6 @@ class Gallery:
         added = [change.key for change in changes
                  if change.op == OP_ADD and change.key not in removed]
         return added, removed
-
-    def scored(self, vector: Vector, keys: list[int]) -> list[Scored]:
-        """Those of `keys` still stored, scored exactly against the probe."""
-        return self._score(vector, self.store.faces(keys, with_vectors=True))
 
     def _score(self, vector: Vector, faces: list[StoredFace]) -> list[Scored]:
         """The faces of the server's model, scored exactly against the probe."""
@@ -381,7 +377,38 @@ class Gallery:
 
     def same_id_number(self, vector: Vector, id_number: str) -> list[Scored]:
         """Every registration under `id_number`, scored 1:1 against the probe."""
+        if not id_number:
+            return []
         return self._score(vector, self.store.faces_of_id_number(id_number))
+
+    def faces_of_id_number(self, id_number: str) -> list[StoredFace]:
+        return self.store.faces_of_id_number(id_number)
+
+    def faces(self, keys: Iterable[int], with_vectors: bool) -> list[StoredFace]:
+        return self.store.faces(keys, with_vectors)
+
+    def iter_vectors(self, block: int) -> Iterator[tuple[list[int], Matrix]]:
+        return self.store.iter_vectors(block, only_model=self.only_model())
+
+    def settled(self, registration_id: str) -> dict[str, bytes]:
+        return self.store.settled(registration_id)
+
+    def settle(self, first: str, second: str, record: bytes, audit: RecordMaker) -> bytes:
+        return self.store.settle(first, second, record, audit)
+
+    def append_audit(self, make: RecordMaker) -> bytes:
+        return self.store.append_audit(make)
+
+    def gauges(self) -> list[Gauge]:
+        usage = self.store.usage()
+        status = self.index_status()
+        return [
+            Gauge("dedup_store_file_bytes", "size of the LMDB data file", usage.file_bytes),
+            Gauge("dedup_store_used_bytes", "LMDB pages in use", usage.used_bytes),
+            Gauge("dedup_store_map_bytes", "the LMDB map's current size", usage.map_bytes),
+            Gauge("dedup_checkpoint_lag", "changes not yet in the index checkpoint",
+                  status.store_sequence - status.checkpoint_sequence),
+        ]
 
     def get(self, registration_id: str) -> Registration | None:
         return self.store.get(registration_id)
@@ -419,7 +446,7 @@ class Gallery:
         target = validate_kind(kind) if kind else self.configured_kind
         if target == AUTO:
             target = self.wanted_kind()
-        needed, have = training_size(target), self._comparable_count()
+        needed, have = training_size(target), self.comparable_count()
         if needed > have:
             raise FailedPrecondition(f"index_factory: {target} needs at least {needed:,} "
                                      f"registrations to train, the store holds {have:,}")
@@ -435,7 +462,7 @@ class Gallery:
         started = time.monotonic()
         self._log_pin = self.checkpoint_sequence
         side_file = self.data_dir / REBUILD_FILE
-        progress("starting", 0, self._comparable_count())
+        progress("starting", 0, self.comparable_count())
         covered = build_in_child(self.config, kind, self.model_id, self.only_model(),
                                  side_file, progress, cancelled=self._closed.is_set)
         built, _ = load_index(side_file, self.config.dimension, self.model_id)
@@ -443,9 +470,9 @@ class Gallery:
         covered = self._catch_up(built, covered)  # the bulk, while writes go on
         with self._writes:  # the tail, with writes held off, then the swap
             covered = self._catch_up(built, covered)
-            if len(built) != self._comparable_count():
+            if len(built) != self.comparable_count():
                 raise StoreError(f"rebuilt index holds {len(built)} vectors, the store "
-                                 f"{self._comparable_count()}: kept the old index")
+                                 f"{self.comparable_count()}: kept the old index")
             self.index = built
             snapshot = built.snapshot(covered, self.model_id)
         with self._checkpointing:
@@ -546,7 +573,7 @@ class Gallery:
         wanted = self.wanted_kind()
         if wanted == self.index.kind or self._rebuilding.locked():
             return
-        if training_size(wanted) > self._comparable_count():
+        if training_size(wanted) > self.comparable_count():
             return
         if time.monotonic() - self._switch_failed_at < SWITCH_RETRY_S:
             return

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ._backend import Backend
 from ._errors import NotFound
-from ._gallery import Gallery
 from ._models import Registration
 from ._policy import Scored
 from ._vectors import Vector
@@ -31,7 +31,7 @@ class SearchFilter:
                 and (self.enrolled_until_us is None or at < self.enrolled_until_us))
 
 
-def widening_search(gallery: Gallery, vector: Vector, floor: float, wanted: int | None,
+def widening_search(gallery: Backend, vector: Vector, floor: float, wanted: int | None,
                     keep: Callable[[Scored], bool]) -> list[Scored]:
     """The best `wanted` (None: all) registrations scoring >= floor that `keep` admits,
     best first.
@@ -66,10 +66,10 @@ class Links:
     linked: list[Link]
 
 
-def links(gallery: Gallery, id_number: str, threshold: float) -> Links:
+def links(gallery: Backend, id_number: str, threshold: float) -> Links:
     """Every registration under `id_number`, and every other ID number with a registration
     scoring >= threshold against any of them, with the best pair."""
-    own = [face for face in gallery.store.faces_of_id_number(id_number)
+    own = [face for face in gallery.faces_of_id_number(id_number)
            if face.registration.embedding_model == gallery.model_id and face.vector is not None]
     if not own:
         raise NotFound(f"id_number: no registration under id_number {id_number!r}")

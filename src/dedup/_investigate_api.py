@@ -164,7 +164,7 @@ class InvestigateServicer(pb_grpc.InvestigateServicer):
         make = record_maker(caller, "Investigate.Adjudicate", case_id, purpose,
                             {"registration_id": first, "matched_registration_id": second,
                              "decision": decision})
-        digest = self.gallery.store.settle(first, second, record,
+        digest = self.gallery.settle(first, second, record,
                                            lambda seq, prev: make(seq, prev, [first, second]))
         return pb.AdjudicateResponse(score=score, audit_record_hash=digest.hex())
 

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ._gallery import Gallery
+from ._backend import Backend
 
 _LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
@@ -35,7 +35,7 @@ class Metrics:
             "queued photos skipped because their caller's deadline had passed",
             registry=self.registry)
 
-    def watch_gallery(self, gallery: Gallery) -> None:
+    def watch_gallery(self, gallery: Backend) -> None:
         self.registry.register(_GalleryCollector(gallery))
 
     def serve(self, address: str) -> tuple[Any, int]:
@@ -49,23 +49,19 @@ class Metrics:
 class _GalleryCollector(Collector):
     """Sizes read at scrape time, so they are never stale."""
 
-    def __init__(self, gallery: Gallery) -> None:
+    def __init__(self, gallery: Backend) -> None:
         self.gallery = gallery
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         status = self.gallery.index_status()
-        usage = self.gallery.store.usage()
 
         def gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(name, text, value=value)
 
         yield gauge("dedup_index_vectors", "vectors in the live index", status.vectors)
         yield gauge("dedup_registrations", "registrations in the store",
-                    self.gallery.store.count())
-        yield gauge("dedup_store_file_bytes", "size of the LMDB data file", usage.file_bytes)
-        yield gauge("dedup_store_used_bytes", "LMDB pages in use", usage.used_bytes)
-        yield gauge("dedup_store_map_bytes", "the LMDB map's current size", usage.map_bytes)
+                    self.gallery.stats().registrations)
         yield gauge("dedup_index_rebuilding", "1 while an index rebuild runs",
                     int(status.rebuilding))
-        yield gauge("dedup_checkpoint_lag", "changes not yet in the index checkpoint",
-                    status.store_sequence - status.checkpoint_sequence)
+        for extra in self.gallery.gauges():  # the backend's own: file sizes, checkpoint lag
+            yield gauge(extra.name, extra.help, extra.value)

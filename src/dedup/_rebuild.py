@@ -19,6 +19,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from ._backend import Progress
 from ._checkpoint import write_checkpoint
 from ._config import StoreConfig
 from ._errors import FailedPrecondition, StoreError
@@ -29,7 +30,6 @@ ADD_BATCH = 20_000
 # Training sample: enough points per centroid for k-means, not the whole gallery.
 SAMPLE_PER_CENTROID = 64
 
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)

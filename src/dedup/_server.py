@@ -21,10 +21,11 @@ from . import _calibration as calibration
 from . import _convert as convert
 from ._audit import AuditTrail, embedding_digest, record_maker
 from ._auth import CALLER, UNAUTHENTICATED_CALLER, Authorizer, is_loopback
+from ._backend import Backend, IndexStatus
 from ._config import Policy, ServerConfig
 from ._embedder import FaceEmbedder
 from ._errors import DedupError, NotFound, StoreError
-from ._gallery import Gallery, IndexStatus
+from ._gallery import Gallery
 from ._investigate_api import InvestigateServicer
 from ._metrics import Metrics
 from ._model_pack import resolve_model_dir
@@ -181,13 +182,13 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
                 files=[pb.ModelFile(name=f.name, sha256=f.sha256) for f in stats.model.files],
             ),
             registrations_by_model=gallery.registrations_by_model,
-            calibration=self._calibration(stats.data_dir, gallery.registrations,
+            calibration=self._calibration(stats.calibration_dir, gallery.registrations,
                                           stats.policy),
         )
 
-    def _calibration(self, data_dir: str, gallery_size: int, policy: Policy) -> pb.Calibration:
+    def _calibration(self, data_dir: Path, gallery_size: int, policy: Policy) -> pb.Calibration:
         try:
-            model = calibration.load(Path(data_dir))
+            model = calibration.load(data_dir)
         except ValueError as error:
             log.warning("%s", error)
             return pb.Calibration()
@@ -206,7 +207,7 @@ def _stream_error(request: pb.EnrollRequest, code: grpc.StatusCode,
 
 
 class IndexAdminServicer(pb_grpc.IndexAdminServicer):
-    def __init__(self, gallery: Gallery) -> None:
+    def __init__(self, gallery: Backend) -> None:
         self.gallery = gallery
 
     def Rebuild(self, request: pb.RebuildRequest,
@@ -305,6 +306,16 @@ class DedupServer:
         return bool(self.grpc_server.wait_for_termination(timeout))
 
 
+def open_backend(config: ServerConfig, model_id: str) -> Backend:
+    """The embedded gallery in the data directory, or Milvus when configured."""
+    if config.milvus is None:
+        return Gallery(config.store, model_id, config.index)
+    from ._milvus import MilvusGallery  # needs pymilvus, only installed for this backend
+
+    return MilvusGallery(config.milvus, model_id, config.store.dimension,
+                         config.store.data_dir)
+
+
 def create_server(config: ServerConfig, address: str = "127.0.0.1:0") -> tuple[DedupServer, int]:
     """Loads the face model, opens the gallery and binds `address`.
 
@@ -319,7 +330,7 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0") -> tuple[D
                             workers=config.embed_workers, max_batch=config.embed_batch,
                             max_pending=config.max_pending_images, metrics=metrics)
     try:
-        gallery = Gallery(config.store, embedder.model_id, config.index)
+        gallery = open_backend(config, embedder.model_id)
     except BaseException:
         embedder.close()
         raise
@@ -343,7 +354,7 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0") -> tuple[D
         metrics.watch_gallery(gallery)
         observer = CallObserver(metrics)
         authorizer = Authorizer(config.security)
-        audit = AuditTrail(gallery.store)
+        audit = AuditTrail(gallery)
         services = pb.DESCRIPTOR.services_by_name
         add_service(server, services["FaceDedup"],
                     FaceDedupServicer(service, config, metrics, audit), observer, authorizer)

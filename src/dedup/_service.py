@@ -6,11 +6,12 @@ import dataclasses
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
+from ._backend import AuditMaker, Backend, EnrolmentCheck, Erasure, GalleryStats
 from ._config import Limits, Policy
 from ._embedder import FaceEmbedder
 from ._errors import FailedPrecondition, NotFound
-from ._gallery import Erasure, Gallery, GalleryStats
 from ._logging import mask
 from ._model_pack import ModelPack
 from ._models import (
@@ -23,7 +24,6 @@ from ._models import (
     Verdict,
 )
 from ._policy import Scored, decide
-from ._store import AuditMaker
 from ._vectors import Vector
 
 log = logging.getLogger("dedup.service")
@@ -34,13 +34,14 @@ ENROLLING_VERDICTS = frozenset({Verdict.CLEAR, Verdict.SAME_PERSON})
 @dataclass(frozen=True)
 class ServiceStats:
     gallery: GalleryStats
-    data_dir: str
+    data_dir: str  # a data directory or a Milvus URI
     policy: Policy
     model: ModelPack
+    calibration_dir: Path
 
 
 class DedupService:
-    def __init__(self, gallery: Gallery, embedder: FaceEmbedder, policy: Policy,
+    def __init__(self, gallery: Backend, embedder: FaceEmbedder, policy: Policy,
                  limits: Limits) -> None:
         self.gallery = gallery
         self.embedder = embedder
@@ -62,7 +63,7 @@ class DedupService:
 
     def check(self, probe: Probe, claimed_id_number: str, max_matches: int,
               registration_id: str = "") -> CheckResult:
-        same_id = self._same_id(probe.vector, claimed_id_number)
+        same_id = self.gallery.same_id_number(probe.vector, claimed_id_number)
         candidates = self._candidates(probe.vector, max_matches, same_id)
         result = decide(self.policy, claimed_id_number, candidates, same_id, max_matches,
                         self._settled_different(registration_id))
@@ -70,14 +71,9 @@ class DedupService:
 
     def _settled_different(self, registration_id: str) -> frozenset[str]:
         """Registrations an investigator settled as a different person from this one."""
-        settled = self.gallery.store.settled(registration_id)
+        settled = self.gallery.settled(registration_id)
         return frozenset(other for other, record in settled.items()
                          if json.loads(record)["decision"] == "DIFFERENT_PEOPLE")
-
-    def _same_id(self, vector: Vector, claimed_id_number: str) -> list[Scored]:
-        if not claimed_id_number:
-            return []
-        return self.gallery.same_id_number(vector, claimed_id_number)
 
     def _candidates(self, vector: Vector, max_matches: int, same_id: list[Scored]
                     ) -> list[Scored]:
@@ -91,41 +87,22 @@ class DedupService:
         if not check_first:
             stored = self.gallery.insert(registration, vector)
             return EnrollResult(stored, enrolled=True, detected=detected)
-        self._ensure_new(registration)
+        # The backend enforces uniqueness again as it stores; checking first only spares a
+        # search and keeps the error the same with or without check_first.
+        self.gallery.ensure_unique(registration)
         claimed, limit = registration.id_number, self.limits.default_candidates
-        # The search runs beside other calls; only what changed since it began is looked at
-        # under the write lock. So the check and the insert it allows still form one step:
-        # two captures of one face under two ID numbers cannot both pass.
-        seen = self.gallery.sequence_in_step()
-        candidates = self._candidates(vector, limit, self._same_id(vector, claimed))
-        with self.gallery.exclusive_writes():
-            candidates = self._caught_up(vector, claimed, limit, seen, candidates)
-            same_id = self._same_id(vector, claimed)
+
+        def judge(candidates: list[Scored], same_id: list[Scored]) -> CheckResult:
             settled = self._settled_different(registration.registration_id)
-            result = dataclasses.replace(
-                decide(self.policy, claimed, candidates, same_id, limit, settled),
-                detected=detected)
-            if result.verdict not in ENROLLING_VERDICTS:
-                return EnrollResult(registration, enrolled=False, check=result, detected=detected)
-            stored = self.gallery.insert(registration, vector)
-        return EnrollResult(stored, enrolled=True, check=result, detected=detected)
+            return decide(self.policy, claimed, candidates, same_id, limit, settled)
 
-    def _caught_up(self, vector: Vector, claimed: str, limit: int, seen: int,
-                   candidates: list[Scored]) -> list[Scored]:
-        """The candidates as of now: without registrations deleted since `seen`, with those
-        added since scored exactly. Runs under the write lock."""
-        delta = self.gallery.changes_since(seen)
-        if delta is None:  # a checkpoint truncated the log meanwhile: search again, locked
-            return self._candidates(vector, limit, self._same_id(vector, claimed))
-        added, removed = delta
-        fresh = [scored for scored in self.gallery.scored(vector, added)
-                 if scored.score >= self.policy.review_threshold]
-        return [scored for scored in candidates if scored.key not in removed] + fresh
-
-    def _ensure_new(self, registration: Registration) -> None:
-        # The store enforces uniqueness again inside its transaction; checking first only
-        # spares a search and keeps the error the same with or without check_first.
-        self.gallery.store.ensure_unique(registration)
+        check = EnrolmentCheck(claimed, max(limit, self.limits.min_search_k),
+                               self.policy.review_threshold, judge,
+                               lambda result: result.verdict in ENROLLING_VERDICTS)
+        result, enrolled = self.gallery.insert_checked(registration, vector, check)
+        return EnrollResult(enrolled or registration, enrolled=enrolled is not None,
+                            check=dataclasses.replace(result, detected=detected),
+                            detected=detected)
 
     def delete(self, by: DeleteKey, value: str, audit: AuditMaker | None = None) -> Erasure:
         """Erases by one key; the audit record (if any) commits with the erasure."""
@@ -146,5 +123,5 @@ class DedupService:
         return registration
 
     def stats(self) -> ServiceStats:
-        return ServiceStats(self.gallery.stats(), str(self.gallery.data_dir), self.policy,
-                            self.embedder.pack)
+        return ServiceStats(self.gallery.stats(), self.gallery.location, self.policy,
+                            self.embedder.pack, self.gallery.data_dir)

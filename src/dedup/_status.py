@@ -12,6 +12,7 @@ import grpc
 from ._errors import (
     AlreadyExists,
     AuditUnavailable,
+    BackendUnavailable,
     DeadlineExceeded,
     DedupError,
     FailedPrecondition,
@@ -39,6 +40,7 @@ _STATUS: dict[type[DedupError], grpc.StatusCode] = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     AuditUnavailable: grpc.StatusCode.UNAVAILABLE,
+    BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 

@@ -35,9 +35,16 @@ import lmdb
 import numpy as np
 import numpy.typing as npt
 
+from ._backend import AuditMaker
 from ._checkpoint import fsync_directory
 from ._config import StoreConfig
-from ._errors import AlreadyExists, ResourceExhausted, StoreDamaged, StoreError
+from ._errors import (
+    ResourceExhausted,
+    StoreDamaged,
+    StoreError,
+    msisdn_taken,
+    registration_id_taken,
+)
 from ._models import DeleteKey, Registration, StoredFace
 from ._rwlock import ReadWriteLock
 from ._vectors import Matrix, Vector
@@ -63,8 +70,6 @@ def _from_u64(raw: bytes | memoryview | None) -> int:
     return int(_U64.unpack(raw)[0])
 
 
-# (sequence, previous hash, registration_ids) -> (record bytes, its hash): see _audit.py.
-AuditMaker = Callable[[int, bytes, list[str]], tuple[bytes, bytes]]
 
 
 @dataclass(frozen=True)
@@ -358,15 +363,9 @@ class Store:
 
     def _ensure_unique(self, txn: lmdb.Transaction, registration: Registration) -> None:
         if txn.get(registration.registration_id.encode(), db=self._dbs["by_registration_id"]):
-            raise AlreadyExists(
-                f"registration.registration_id: {registration.registration_id!r} "
-                "is already enrolled"
-            )
+            raise registration_id_taken(registration.registration_id)
         if registration.msisdn and txn.get(registration.msisdn.encode(), db=self._dbs["by_msisdn"]):
-            raise AlreadyExists(
-                f"registration.msisdn: {registration.msisdn!r} is held by another registration; "
-                "delete that registration first"
-            )
+            raise msisdn_taken(registration.msisdn)
 
     def delete(self, by: DeleteKey, value: str, audit: AuditMaker | None = None
                ) -> tuple[list[StoredFace], bytes | None]:
@@ -636,13 +635,12 @@ class Store:
         except _DAMAGE as error:
             raise self._damaged(error) from error
 
-    def iter_vectors(self, batch: int = 10_000, only_model: str | None = None
+    def iter_vectors(self, batch: int = 10_000, only_model: str | None = None, after: int = 0
                      ) -> Iterator[tuple[list[int], Matrix]]:
-        """Stored vectors in key order, in batches, each batch from its own snapshot.
-
-        With `only_model`, just the vectors that model made (slower: reads each record).
+        """Stored vectors in key order from key `after` + 1, in batches, each batch from its
+        own snapshot. With `only_model`, just the vectors that model made (slower: reads
+        each record).
         """
-        after = 0
         while True:
             last, keys, matrix = self._read(functools.partial(
                 self._vector_batch, after=after, batch=batch, only_model=only_model))
