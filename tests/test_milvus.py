@@ -214,3 +214,17 @@ def test_migrate_copies_verifies_and_resumes(make_server, faces, tmp_path):
     migrated.stop()
     assert [r["method"] for r in records(migrated)] == ["Investigate.Search"]
     release_milvus_lite(target)
+
+
+def test_keys_with_quotes_and_backslashes_are_found_and_deleted(server, faces):
+    """Milvus filters quote strings: a key that looks like filter syntax is just a key."""
+    tricky = 'ID "7" \\ or id_number != ""'
+    person = faces.persons(1)[0]
+    assert enroll(server.stub, 'r"1\\', tricky, person, msisdn="+8613700000001").enrolled
+    enroll(server.stub, "plain", "ID-PLAIN", faces.persons(1)[0])
+    assert check(server.stub, faces.capture(person), tricky).verdict == pb.SAME_PERSON
+    assert server.stub.GetRegistration(
+        pb.GetRegistrationRequest(registration_id='r"1\\')).id_number == tricky
+    deleted = server.stub.Delete(pb.DeleteRequest(id_number=tricky))
+    assert list(deleted.registration_ids) == ['r"1\\']
+    assert server.stub.Stats(pb.StatsRequest()).registrations == 1
