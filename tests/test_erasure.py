@@ -17,8 +17,10 @@ from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 
 CASE = {"case_id": "CASE-9", "purpose": "erasure check"}
 
-LMDB_BYTES = ("reads the LMDB and checkpoint files' bytes; on Milvus, erasure is delete + "
-              "Milvus's own segment compaction (Compact calls it)")
+LMDB_BYTES = ("reads the LMDB and checkpoint files' bytes. Milvus Lite cannot pass it: its "
+              "ManualCompaction is a no-op (milvus_lite's servicer: no on-demand trigger), so "
+              "an erased embedding stays in its parquet and index files until its size-tiered "
+              "compaction merges them (seen here); a cluster's Compact rewrites the segments")
 
 
 def files_holding(data_dir: Path, needle: bytes) -> list[str]:

@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from conftest import check, enroll, release_milvus_lite
 from processes import ServerProcess
@@ -155,7 +156,7 @@ def test_an_abandoned_claim_holds_until_it_expires(make_server, faces, tmp_path)
     dead = MilvusGallery(config, model_id, background=False)
     dead._upsert(_Row(_new_key(), Registration("ghost", "ID-G", "+8613800000000",
                                                embedding_model=model_id),
-                      PENDING, _now_us(), vector=faces.capture(person)))
+                      PENDING, _now_us()), faces.capture(person))
     same_face = enroll(server.stub, "fresh", "ID-F", faces.capture(person), check_first=True)
     assert not same_face.enrolled and same_face.check.verdict == pb.DUPLICATE_IDENTITY
     with pytest.raises(grpc.RpcError) as taken:
@@ -228,3 +229,76 @@ def test_keys_with_quotes_and_backslashes_are_found_and_deleted(server, faces):
     deleted = server.stub.Delete(pb.DeleteRequest(id_number=tricky))
     assert list(deleted.registration_ids) == ['r"1\\']
     assert server.stub.Stats(pb.StatsRequest()).registrations == 1
+
+
+def test_iteration_covers_every_registration_in_key_order(tmp_path, faces):
+    """Pages of a Milvus query with a limit are any matching rows, not the first ones:
+    iteration (FindClusters, Stats) must still see every registration once, in key order."""
+    lite = tmp_path / "milvus.db"
+    gallery = MilvusGallery(MilvusConfig(uri=str(lite)), "model-x", background=False)
+    try:
+        vectors = faces.persons(700)
+        keys = [int(key) for key in np.random.default_rng(3).choice(2**62, 700, replace=False)]
+        by_key = dict(zip(keys, vectors, strict=True))
+        gallery.insert_rows([
+            (key, Registration(f"r{i}", f"ID{i % 350}", embedding_model="model-x"), vector)
+            for i, (key, vector) in enumerate(by_key.items())])
+        seen: list[int] = []
+        for page_keys, matrix in gallery.iter_vectors(100):
+            seen += page_keys
+            assert np.allclose(matrix, np.vstack([by_key[key] for key in page_keys]))
+        assert seen == sorted(keys)
+        assert gallery.stats().distinct_id_numbers == 350
+    finally:
+        gallery.close(checkpoint=False)
+        release_milvus_lite(lite)
+
+
+def _audit(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dedup._cli", "audit", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("backend", ["milvus"])
+def test_milvus_audit_chains_verify_export_and_show_an_edit(make_server, faces, tmp_path):
+    server = make_server()
+    enroll(server.stub, "r0", "ID0", faces.persons(1)[0])
+    case = {"case_id": "C-9", "purpose": "chain test"}
+    for _ in range(2):  # two node processes' lifetimes: two chains
+        investigate = pb_grpc.InvestigateStub(server.channel)
+        for _ in range(3):
+            investigate.Search(pb.SearchRequest(**case, registration_id="r0", k=1))
+        server.restart()
+    server.stop()
+    uri = server.config.milvus.uri
+    release_milvus_lite(Path(uri))
+
+    intact = _audit("verify", "--milvus-uri", uri)
+    assert intact.returncode == 0, intact.stdout + intact.stderr
+    assert "audit trail intact: 2 chain(s), 6 records" in intact.stdout
+    exported = _audit("export", "--milvus-uri", uri)
+    lines = [json.loads(line) for line in exported.stdout.splitlines()]
+    assert [line["case_id"] for line in lines] == ["C-9"] * 6
+    assert [line["time"] for line in lines] == sorted(line["time"] for line in lines)
+
+    _edit_second_record(uri)
+    broken = _audit("verify", "--milvus-uri", uri)
+    assert broken.returncode == 1
+    assert "BROKEN at record 2: record 2 was edited" in broken.stdout
+    assert "1 broken" in broken.stdout
+
+
+def _edit_second_record(uri: str) -> None:
+    from pymilvus import MilvusClient
+
+    client = MilvusClient(uri=uri)
+    try:
+        client.load_collection("dedup_audit")
+        (row,) = client.query("dedup_audit", filter="seq == 2", limit=1,
+                              output_fields=["key", "chain", "seq", "record", "placeholder"])
+        record = json.loads(row["record"])
+        record["purpose"] = "something else"
+        client.upsert("dedup_audit", [dict(row) | {"record": json.dumps(record)}])
+    finally:
+        client.close()
+    release_milvus_lite(Path(uri))

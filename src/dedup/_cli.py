@@ -21,6 +21,7 @@ import numpy as np
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from ._audit import Verification
 from ._auth import load_security
 from ._config import DEFAULT_DATA_DIR, IndexConfig, Limits, Policy, ServerConfig, StoreConfig
 from ._embedder import CaptureRules
@@ -158,11 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = commands.add_parser("audit", help="check or export the audit trail")
     audit_commands = audit.add_subparsers(required=True, metavar="ACTION")
-    verify = audit_commands.add_parser("verify", help="check the hash chain")
-    verify.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    verify = audit_commands.add_parser("verify", help="check the hash chain(s)")
+    _trail_arguments(verify)
     verify.set_defaults(command=audit_verify_command)
     export = audit_commands.add_parser("export", help="records as JSON lines")
-    export.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    _trail_arguments(export)
     export.add_argument("--since", type=_moment, help="ISO date-time (UTC unless given)")
     export.add_argument("--until", type=_moment, help="ISO date-time, exclusive")
     export.add_argument("--out", type=Path, help="file to write (default stdout)")
@@ -299,8 +300,8 @@ def _milvus_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--milvus-search-params", default="{}", metavar="JSON",
                        help='per-search parameters, e.g. \'{"ef": 128}\' or \'{"nprobe": 64}\'')
     group.add_argument("--milvus-flush-interval", type=float, default=None, metavar="SECONDS",
-                       help="flush writes after this long (default: 1 s for Milvus Lite, "
-                       "never for a cluster, which seals segments itself)")
+                       help="flush writes after this long; 0: never (default: 1 s for Milvus "
+                       "Lite, never for a cluster, which seals segments itself)")
 
 
 def milvus_config(args: argparse.Namespace) -> MilvusConfig | None:
@@ -402,9 +403,33 @@ def _offline_store(data_dir: Path) -> Store:
     return Store.reader(data_dir)
 
 
-def audit_verify_command(args: argparse.Namespace) -> int:
-    from ._audit import verify
+def _trail_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data_dir", type=Path, nargs="?", metavar="DATA_DIR",
+                        help="an embedded data directory; or give --milvus-uri")
+    parser.add_argument("--milvus-uri", default="", metavar="URI",
+                        help="the Milvus backend's trail (one chain per node process)")
+    parser.add_argument("--milvus-prefix", default="dedup")
 
+
+def _milvus_trail(args: argparse.Namespace) -> dict[str, list[tuple[int, bytes]]] | None:
+    """The Milvus chains with --milvus-uri, None for a data directory (exactly one given)."""
+    if bool(args.milvus_uri) == (args.data_dir is not None):
+        raise SystemExit("dedup audit: give DATA_DIR or --milvus-uri, one of them")
+    if not args.milvus_uri:
+        return None
+    from ._milvus import read_audit_chains
+
+    return read_audit_chains(MilvusConfig(
+        uri=args.milvus_uri, token=os.environ.get("DEDUP_MILVUS_TOKEN", ""),
+        prefix=args.milvus_prefix))
+
+
+def audit_verify_command(args: argparse.Namespace) -> int:
+    from ._audit import verify, verify_chains
+
+    chains = _milvus_trail(args)
+    if chains is not None:
+        return _report_chains(verify_chains(chains))
     store = _offline_store(args.data_dir)
     try:
         result = verify(store)
@@ -417,14 +442,34 @@ def audit_verify_command(args: argparse.Namespace) -> int:
     return 1
 
 
+def _report_chains(results: dict[str, Verification]) -> int:
+    broken = 0
+    for chain, result in sorted(results.items()):
+        if result.first_broken is None:
+            print(f"chain {chain}: intact, {result.records} records")
+        else:
+            broken += 1
+            print(f"chain {chain}: BROKEN at record {result.first_broken}: {result.reason}")
+    total = sum(result.records for result in results.values())
+    print(f"audit trail {'BROKEN' if broken else 'intact'}: {len(results)} chain(s), "
+          f"{total} records" + (f", {broken} broken" if broken else ""))
+    return 1 if broken else 0
+
+
 def audit_export_command(args: argparse.Namespace) -> int:
     from ._audit import export
 
-    store = _offline_store(args.data_dir)
-    try:
-        lines = list(export(store, args.since, args.until))
-    finally:
-        store.close()
+    chains = _milvus_trail(args)
+    if chains is not None:
+        records = [record for chain in chains.values() for record in chain]
+        lines = sorted(export(records, args.since, args.until),
+                       key=lambda line: json.loads(line)["time"])
+    else:
+        store = _offline_store(args.data_dir)
+        try:
+            lines = list(export(store.audit_records(), args.since, args.until))
+        finally:
+            store.close()
     text = "".join(line + "\n" for line in lines)
     if args.out is None:
         sys.stdout.write(text)

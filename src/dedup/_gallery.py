@@ -403,6 +403,7 @@ class Gallery:
         usage = self.store.usage()
         status = self.index_status()
         return [
+            Gauge("dedup_registrations", "registrations in the store", self.store.count()),
             Gauge("dedup_store_file_bytes", "size of the LMDB data file", usage.file_bytes),
             Gauge("dedup_store_used_bytes", "LMDB pages in use", usage.used_bytes),
             Gauge("dedup_store_map_bytes", "the LMDB map's current size", usage.map_bytes),

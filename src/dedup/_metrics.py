@@ -59,9 +59,7 @@ class _GalleryCollector(Collector):
             return GaugeMetricFamily(name, text, value=value)
 
         yield gauge("dedup_index_vectors", "vectors in the live index", status.vectors)
-        yield gauge("dedup_registrations", "registrations in the store",
-                    self.gallery.stats().registrations)
         yield gauge("dedup_index_rebuilding", "1 while an index rebuild runs",
                     int(status.rebuilding))
-        for extra in self.gallery.gauges():  # the backend's own: file sizes, checkpoint lag
+        for extra in self.gallery.gauges():  # registrations, and the backend's own
             yield gauge(extra.name, extra.help, extra.value)

@@ -76,7 +76,7 @@ def migrate(data_dir: Path, config: MilvusConfig, batch: int, sample: int,
     try:
         counts = store.model_counts()
         model_id = max(counts, key=lambda model: counts[model]) if counts else ""
-        target = MilvusGallery(config, model_id, background=False)
+        target = MilvusGallery(config, model_id, data_dir=data_dir, background=False)
         try:
             state_file = data_dir / STATE_FILE
             resumed = _resume_point(state_file, config)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -82,6 +84,10 @@ GENESIS = bytes(32)
 PLACEHOLDER = [1.0, 0.0]
 REGISTRATION_FIELDS = ["registration_id", "id_number", "msisdn", "carrier", "region",
                        "enrolled_at_us", "embedding_model"]
+ROW_FIELDS = ["key", *REGISTRATION_FIELDS, "state", "claimed_at_us"]
+# Scalar fields the backend filters on by equality: inverted indexes in a Milvus cluster
+# (Milvus Lite scans either way: 17 ms a lookup at 20,000 rows with or without, measured).
+LOOKUP_FIELDS = ["registration_id", "id_number", "msisdn", "state"]
 # VARCHAR lengths in bytes: the request limits in characters, four bytes each in UTF-8.
 VARCHAR_BYTES = {"registration_id": 512, "id_number": 256, "msisdn": 128, "carrier": 256,
                  "region": 256, "embedding_model": 256}
@@ -146,7 +152,24 @@ def _connect(config: MilvusConfig) -> Any:
 
 
 def _unavailable(method: Callable[_P, _T]) -> Callable[_P, _T]:
-    """Milvus's own errors (unreachable, timed out, refused) become BackendUnavailable."""
+    """Milvus's own errors (unreachable, timed out, refused) become BackendUnavailable,
+    also while a generator method is being iterated."""
+
+    def translated(error: Exception) -> BackendUnavailable:
+        return BackendUnavailable(f"milvus: {getattr(error, 'message', error)} "
+                                  f"(code {getattr(error, 'code', '?')})")
+
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def iterate(*args: _P.args, **kwargs: _P.kwargs) -> Any:
+            from pymilvus.exceptions import MilvusException
+
+            try:
+                yield from method(*args, **kwargs)
+            except MilvusException as error:
+                raise translated(error) from error
+
+        return iterate
 
     @functools.wraps(method)
     def call(*args: _P.args, **kwargs: _P.kwargs) -> _T:
@@ -155,9 +178,41 @@ def _unavailable(method: Callable[_P, _T]) -> Callable[_P, _T]:
         try:
             return method(*args, **kwargs)
         except MilvusException as error:
-            raise BackendUnavailable(f"milvus: {error.message} (code {error.code})") from error
+            raise translated(error) from error
 
     return call
+
+
+def _pages(client: Any, collection: str, where: str, fields: list[str], block: int
+           ) -> Iterator[list[dict[str, Any]]]:
+    """Every row matching `where`, `block` at a time, in ascending key order (pymilvus's
+    iterator; a query with a limit returns any matching rows, not the first ones)."""
+    iterator = client.query_iterator(collection, batch_size=block, filter=where,
+                                     output_fields=["key", *fields])
+    try:
+        while page := iterator.next():
+            # Rows materialise lazily by position: copy them out of the result list.
+            yield [dict(entity) for entity in page]
+    finally:
+        iterator.close()
+
+
+def read_audit_chains(config: MilvusConfig) -> dict[str, list[tuple[int, bytes]]]:
+    """Every node chain's audit records by sequence, read without creating anything."""
+    client = _connect(config)
+    try:
+        collection = f"{config.prefix}_audit"
+        if not client.has_collection(collection):
+            raise StoreError(f"milvus at {config.uri}: no audit collection {collection}")
+        client.load_collection(collection)
+        chains: dict[str, list[tuple[int, bytes]]] = {}
+        for page in _pages(client, collection, "seq > 0", ["chain", "seq", "record"], 10_000):
+            for entity in page:
+                chains.setdefault(entity["chain"], []).append(
+                    (int(entity["seq"]), entity["record"].encode()))
+        return {chain: sorted(records) for chain, records in chains.items()}
+    finally:
+        client.close()
 
 
 def literal(value: str) -> str:
@@ -173,13 +228,21 @@ def _new_key() -> int:
     return secrets.randbits(63) or 1
 
 
-def _pair_key(first: str, second: str) -> int:
-    digest = hashlib.sha256(f"{first}\x00{second}".encode()).digest()
+def _stable_key(*parts: str) -> int:
+    """A primary key derived from `parts`, so that writing the same thing again upserts it."""
+    digest = hashlib.sha256("\x00".join(parts).encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
 
 
 def _registration(entity: dict[str, Any]) -> Registration:
     return Registration(**{name: entity[name] for name in REGISTRATION_FIELDS})
+
+
+def _entity(key: int, registration: Registration, state: int, claimed_at_us: int,
+            vector: Vector) -> dict[str, Any]:
+    return dataclasses.asdict(registration) | {
+        "key": key, "state": state, "claimed_at_us": claimed_at_us,
+        "embedding": vector.tolist()}
 
 
 @dataclass(frozen=True)
@@ -235,11 +298,12 @@ class MilvusGallery:
 
         try:
             self._create(self.registrations, self._registration_schema(DataType),
-                         "embedding", self.config.index_type, self.config.index_params)
+                         "embedding", self.config.index_type, self.config.index_params,
+                         LOOKUP_FIELDS)
             self._create(self.audit_collection, self._audit_schema(DataType), "placeholder",
-                         "FLAT", {})
+                         "FLAT", {}, [])
             self._create(self.adjudications, self._adjudication_schema(DataType),
-                         "placeholder", "FLAT", {})
+                         "placeholder", "FLAT", {}, ["first"])
         except StoreError:
             raise
         except Exception as error:
@@ -248,12 +312,14 @@ class MilvusGallery:
         self._check_dimension()
 
     def _create(self, name: str, schema: Any, vector_field: str, index_type: str,
-                params: dict[str, Any]) -> None:
+                params: dict[str, Any], lookups: list[str]) -> None:
         if not self._client.has_collection(name):
             self._client.create_collection(name, schema=schema, consistency_level="Strong")
             index = self._client.prepare_index_params()
             index.add_index(vector_field, index_type=index_type, metric_type="IP",
                             params=params)
+            for field_name in lookups:  # equality filters on them, on every call
+                index.add_index(field_name, index_type="INVERTED")
             # The collection is empty: nothing to wait for (pymilvus would poll every 0.5 s).
             self._client.create_index(name, index, sync=False)
             log.info("created the Milvus collection %s", name)
@@ -311,15 +377,11 @@ class MilvusGallery:
     def _ours(self) -> str:
         return f"embedding_model == {literal(self.model_id)}"
 
-    def _query(self, where: str, vectors: bool = False, limit: int | None = None,
-               collection: str | None = None) -> list[dict[str, Any]]:
-        fields = ["key", *REGISTRATION_FIELDS, "state", "claimed_at_us"]
-        if vectors:
-            fields.append("embedding")
-        extra = {} if limit is None else {"limit": limit}
+    def _query(self, where: str, vectors: bool = False) -> list[dict[str, Any]]:
+        fields = [*ROW_FIELDS, "embedding"] if vectors else ROW_FIELDS
         return [dict(entity) for entity in self._client.query(
-            collection or self.registrations, filter=where, output_fields=fields,
-            consistency_level="Strong", **extra)]
+            self.registrations, filter=where, output_fields=fields,
+            consistency_level="Strong")]
 
     def _row(self, entity: dict[str, Any], score: float = 0.0) -> _Row:
         vector = entity.get("embedding")
@@ -330,9 +392,7 @@ class MilvusGallery:
     def _search(self, queries: list[list[float]], k: int, where: str) -> list[list[_Row]]:
         exact = self.config.exact
         limit = min(k if exact else max(k, self.config.rerank_candidates), MAX_TOPK)
-        fields = ["key", *REGISTRATION_FIELDS, "state", "claimed_at_us"]
-        if not exact:
-            fields.append("embedding")
+        fields = ROW_FIELDS if exact else [*ROW_FIELDS, "embedding"]
         found = self._client.search(
             self.registrations, data=queries, limit=limit, filter=where,
             output_fields=fields, consistency_level="Strong",
@@ -417,26 +477,10 @@ class MilvusGallery:
 
     @_unavailable
     def iter_vectors(self, block: int) -> Iterator[tuple[list[int], Matrix]]:
-        for page in self._pages(self.registrations, f"{self._live(False)} and {self._ours()}",
-                                ["embedding"], block):
+        where = f"{self._live(False)} and {self._ours()}"
+        for page in _pages(self._client, self.registrations, where, ["embedding"], block):
             yield ([int(entity["key"]) for entity in page],
                    np.asarray([entity["embedding"] for entity in page], np.float32))
-
-    def _pages(self, collection: str, where: str, fields: list[str], block: int
-               ) -> Iterator[list[dict[str, Any]]]:
-        """Rows in ascending key order, `block` at a time: each page starts after the last
-        key of the one before."""
-        last = -1
-        while True:
-            page = self._client.query(collection, filter=f"{where} and key > {last}",
-                                      limit=block, output_fields=["key", *fields],
-                                      consistency_level="Strong")
-            if not page:
-                return
-            # pymilvus's result list materialises rows lazily by position: copy, then sort.
-            rows = sorted((dict(entity) for entity in page), key=lambda row: int(row["key"]))
-            yield rows
-            last = int(rows[-1]["key"])
 
     def _count(self, where: str) -> int:
         found = self._client.query(self.registrations, filter=where,
@@ -454,7 +498,7 @@ class MilvusGallery:
         return GalleryStats(
             registrations=count, distinct_id_numbers=distinct,
             index_type=f"milvus:{self.config.index_type}", dimension=self.dimension,
-            index_vectors=by_model.get(self.model_id, 0), store_sequence=0,
+            index_vectors=self.comparable_count(), store_sequence=0,
             checkpoint_sequence=0, registrations_by_model=by_model)
 
     def _distinct(self) -> tuple[int, dict[str, int]]:
@@ -465,7 +509,7 @@ class MilvusGallery:
             return cached[1], cached[2]
         id_numbers: set[str] = set()
         by_model: dict[str, int] = {}
-        for page in self._pages(self.registrations, self._live(False),
+        for page in _pages(self._client, self.registrations, self._live(False),
                                 ["id_number", "embedding_model"], 10_000):
             for entity in page:
                 id_numbers.add(entity["id_number"])
@@ -488,9 +532,11 @@ class MilvusGallery:
 
     @_unavailable
     def gauges(self) -> list[Gauge]:
-        pending = self._count(f"state == {PENDING}")
-        return [Gauge("dedup_milvus_pending_claims",
-                      "enrolments being confirmed (PENDING rows, all nodes)", pending)]
+        return [
+            Gauge("dedup_registrations", "registrations in Milvus", self._count(self._live(False))),
+            Gauge("dedup_milvus_pending_claims",
+                  "enrolments being confirmed (PENDING rows, all nodes)",
+                  self._count(f"state == {PENDING}"))]
 
     @_unavailable
     def settled(self, registration_id: str) -> dict[str, bytes]:
@@ -526,71 +572,84 @@ class MilvusGallery:
 
     @_unavailable
     def insert(self, registration: Registration, vector: Vector) -> Registration:
-        _, stored = self._claim(registration, vector, None)
-        assert stored is not None  # without a check a claim stores or raises
-        return stored
+        claim, started = self._stake(registration, vector)
+        with self._withdrawn_on_failure(claim):
+            while waiting := self._key_rivals(claim):  # a lost key raises ALREADY_EXISTS
+                self._wait_for(waiting, started)
+            self._commit(claim, vector, started)
+        return claim.registration
 
     @_unavailable
     def insert_checked(self, registration: Registration, vector: Vector,
                        check: EnrolmentCheck) -> tuple[CheckResult, Registration | None]:
-        result, stored = self._claim(registration, vector, check)
-        assert result is not None
-        return result, stored
-
-    def _claim(self, registration: Registration, vector: Vector,
-               check: EnrolmentCheck | None) -> tuple[CheckResult | None, Registration | None]:
-        stamped = dataclasses.replace(registration, embedding_model=self.model_id,
-                                      enrolled_at_us=_now_us())
-        claim = _Row(_new_key(), stamped, PENDING, _now_us(), vector=vector)
-        started = time.monotonic()
-        self._upsert(claim)
-        try:
-            result, admitted = self._confirm(claim, check, started)
-            if not admitted:
+        claim, started = self._stake(registration, vector)
+        with self._withdrawn_on_failure(claim):
+            result, won = self._contest(claim, vector, check, started)
+            if not won:
                 self._remove(claim.key)
                 return result, None
-            self._within_claim_time(started)
-            self._upsert(dataclasses.replace(claim, state=ACTIVE))
+            self._commit(claim, vector, started)
+        return result, claim.registration
+
+    def _stake(self, registration: Registration, vector: Vector) -> tuple[_Row, float]:
+        """Inserts the enrolment as a PENDING claim; returns it and when it was staked."""
+        now = _now_us()
+        stamped = dataclasses.replace(registration, embedding_model=self.model_id,
+                                      enrolled_at_us=now)
+        claim = _Row(_new_key(), stamped, PENDING, now)
+        started = time.monotonic()
+        self._upsert(claim, vector)
+        return claim, started
+
+    @contextmanager
+    def _withdrawn_on_failure(self, claim: _Row) -> Iterator[None]:
+        try:
+            yield
         except BaseException:
             self._remove_quietly(claim.key)
             raise
-        self._stats = None
-        return result, stamped
 
-    def _confirm(self, claim: _Row, check: EnrolmentCheck | None, started: float
-                 ) -> tuple[CheckResult | None, bool]:
-        """Looks at the other claims until this one has won (True) or lost."""
+    def _commit(self, claim: _Row, vector: Vector, started: float) -> None:
+        self._within_claim_time(started)
+        self._upsert(dataclasses.replace(claim, state=ACTIVE), vector)
+        self._stats = None
+
+    def _key_rivals(self, claim: _Row) -> set[int]:
+        """Later pending claims of its registration_id or msisdn, to wait for; a committed
+        or earlier holder raises ALREADY_EXISTS."""
+        waiting = set()
+        for row in self._holders(claim.registration, pending=True, exclude=claim.key):
+            if row.state == ACTIVE or row.before(claim):
+                raise self._taken(row, claim.registration)
+            waiting.add(row.key)
+        return waiting
+
+    def _contest(self, claim: _Row, vector: Vector, check: EnrolmentCheck, started: float
+                 ) -> tuple[CheckResult, bool]:
+        """Judges again until this claim has won (True) or lost, with the verdict."""
         while True:
             self._within_claim_time(started)
-            waiting = set()
-            for row in self._holders(claim.registration, pending=True, exclude=claim.key):
-                if row.state == ACTIVE or row.before(claim):
-                    raise self._taken(row, claim.registration)
-                waiting.add(row.key)
-            result = None
-            if check is not None:
-                result = self._judge(claim, check, pending=False)[0]
-                if not check.admits(result):
-                    return result, False
-                with_pending, candidates, same_id = self._judge(claim, check, pending=True)
-                if not check.admits(with_pending):
-                    rivals = [row for row in candidates + same_id if row.state == PENDING]
-                    if any(row.before(claim) for row in rivals):
-                        return with_pending, False
-                    waiting.update(row.key for row in rivals)
+            waiting = self._key_rivals(claim)
+            result = self._judge(claim, vector, check, pending=False)[0]
+            if not check.admits(result):
+                return result, False
+            with_pending, candidates, same_id = self._judge(claim, vector, check, pending=True)
+            if not check.admits(with_pending):
+                rivals = [row for row in candidates + same_id if row.state == PENDING]
+                if any(row.before(claim) for row in rivals):
+                    return with_pending, False
+                waiting.update(row.key for row in rivals)
             if not waiting:
                 return result, True
             self._wait_for(waiting, started)
 
-    def _judge(self, claim: _Row, check: EnrolmentCheck, pending: bool
+    def _judge(self, claim: _Row, vector: Vector, check: EnrolmentCheck, pending: bool
                ) -> tuple[CheckResult, list[_Row], list[_Row]]:
         """The verdict over the other live rows (with `pending`, recent claims too), and the
         candidate and same-ID rows it rests on."""
-        assert claim.vector is not None
-        same_id = self._same_id_rows(claim.vector, check.claimed_id_number, pending,
-                                     claim.key)
-        candidates = self._neighbour_rows(claim.vector, check.search_k + len(same_id),
-                                          check.floor, pending, claim.key)
+        same_id = self._same_id_rows(vector, check.claimed_id_number, pending, claim.key)
+        candidates = self._neighbour_rows(vector, check.search_k + len(same_id), check.floor,
+                                          pending, claim.key)
         result = check.judge([row.scored() for row in candidates],
                              [row.scored() for row in same_id])
         return result, candidates, same_id
@@ -613,12 +672,9 @@ class MilvusGallery:
                 "milvus: the enrolment could not be confirmed against concurrent enrolments "
                 f"within {self.config.claim_timeout_s / 2:.0f} s; nothing was stored, retry")
 
-    def _upsert(self, row: _Row) -> None:
-        assert row.vector is not None
-        entity = dataclasses.asdict(row.registration) | {
-            "key": row.key, "state": row.state, "claimed_at_us": row.claimed_at_us,
-            "embedding": row.vector.tolist()}
-        self._client.upsert(self.registrations, [entity])
+    def _upsert(self, row: _Row, vector: Vector) -> None:
+        self._client.upsert(self.registrations, [
+            _entity(row.key, row.registration, row.state, row.claimed_at_us, vector)])
         self._wrote()
 
     def _wrote(self) -> None:
@@ -638,9 +694,7 @@ class MilvusGallery:
     def insert_rows(self, rows: list[tuple[int, Registration, Vector]]) -> None:
         """Stores ACTIVE rows under the given keys (migration: idempotent, resumable)."""
         self._client.upsert(self.registrations, [
-            dataclasses.asdict(registration) | {
-                "key": key, "state": ACTIVE, "claimed_at_us": 0, "embedding": vector.tolist()}
-            for key, registration, vector in rows])
+            _entity(key, registration, ACTIVE, 0, vector) for key, registration, vector in rows])
         self._wrote()
         self._stats = None
 
@@ -670,7 +724,7 @@ class MilvusGallery:
         digest = self.append_audit(audit)
         text = record.decode()
         self._client.upsert(self.adjudications, [
-            {"key": _pair_key(a, b), "first": a, "second": b, "record": text,
+            {"key": _stable_key(a, b), "first": a, "second": b, "record": text,
              "placeholder": PLACEHOLDER} for a, b in ((first, second), (second, first))])
         return digest
 
@@ -690,7 +744,7 @@ class MilvusGallery:
 
     def import_audit(self, chain: str, records: Iterable[tuple[int, bytes]]) -> int:
         """Copies records of another chain (a migrated data directory's) unchanged."""
-        rows = [{"key": _pair_key(chain, str(sequence)), "chain": chain, "seq": sequence,
+        rows = [{"key": _stable_key(chain, str(sequence)), "chain": chain, "seq": sequence,
                  "record": record.decode(), "placeholder": PLACEHOLDER}
                 for sequence, record in records]
         if rows:
@@ -702,23 +756,12 @@ class MilvusGallery:
         for record in records:
             pair = json.loads(record)
             first, second = pair["registration_id"], pair["matched_registration_id"]
-            rows += [{"key": _pair_key(a, b), "first": a, "second": b,
+            rows += [{"key": _stable_key(a, b), "first": a, "second": b,
                       "record": record.decode(), "placeholder": PLACEHOLDER}
                      for a, b in ((first, second), (second, first))]
         if rows:
             self._client.upsert(self.adjudications, rows)
         return len(rows) // 2
-
-    @_unavailable
-    def audit_chains(self) -> dict[str, list[tuple[int, bytes]]]:
-        """Every chain's records, by sequence."""
-        chains: dict[str, list[tuple[int, bytes]]] = {}
-        for page in self._pages(self.audit_collection, "seq > 0", ["chain", "seq", "record"],
-                                10_000):
-            for entity in page:
-                chains.setdefault(entity["chain"], []).append(
-                    (int(entity["seq"]), entity["record"].encode()))
-        return {chain: sorted(records) for chain, records in chains.items()}
 
     # -- administration --------------------------------------------------------------
 
