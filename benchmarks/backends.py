@@ -30,9 +30,9 @@ import grpc
 import numpy as np
 
 from dedup import FaceGenerator, Policy, ServerConfig, StoreConfig, create_server
-from dedup._milvus import MilvusConfig
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+from dedup.core.settings import MilvusConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import grpc_checks

@@ -26,10 +26,10 @@ import numpy as np
 from tqdm import tqdm
 
 from dedup import FaceGenerator, ServerConfig, StoreConfig, create_server
-from dedup._gallery import Gallery
-from dedup._model_pack import RECOGNISER, model_id_for, resolve_model_dir
-from dedup._models import Registration
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
+from dedup.core.records import Registration
+from dedup.face.model_pack import RECOGNISER, model_id_for, resolve_model_dir
+from dedup.gallery.embedded.gallery import EmbeddedGallery
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import grpc_checks, run_threads
@@ -46,7 +46,7 @@ def build_gallery(data_dir: Path, gallery: int, seed: int) -> np.ndarray:
     """Two captures per person under the person's ID number; returns the person vectors."""
     generator = FaceGenerator(seed)
     persons = generator.persons(gallery // 2)
-    store = Gallery(StoreConfig(data_dir=data_dir), server_model_id(), background=False)
+    store = EmbeddedGallery(StoreConfig(data_dir=data_dir), server_model_id(), background=False)
     batch = 5_000
     with tqdm(total=gallery, desc="building gallery", unit="reg") as progress:
         for start in range(0, len(persons), batch // 2):
@@ -78,7 +78,7 @@ def grpc_check(port: int, vectors: np.ndarray, claimed: list[str], clients: int
 
 
 def load_flat_index(data_dir: Path) -> faiss.IndexFlatIP:
-    gallery = Gallery(StoreConfig(data_dir=data_dir), server_model_id(), background=False)
+    gallery = EmbeddedGallery(StoreConfig(data_dir=data_dir), server_model_id(), background=False)
     matrix = np.vstack([m for _, m in gallery.store.iter_vectors()])
     gallery.close(checkpoint=False)
     index = faiss.IndexFlatIP(matrix.shape[1])

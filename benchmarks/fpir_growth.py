@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from gallery_data import DIMENSION, persons_of, spectrum
 
-from dedup._calibration import ImpostorModel, recommend
+from dedup.service.calibration import ImpostorModel, recommend
 
 RESULTS = Path(__file__).parent / "results"
 SIZES = [1_000, 10_000, 100_000, 1_000_000]

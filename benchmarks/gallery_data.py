@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dedup._vectors import normalize_rows
+from dedup.core.vectors import normalize_rows
 
 DIMENSION = 512
 CHUNK = 250_000
@@ -27,7 +27,7 @@ FRAUD_SHARE = 0.05
 
 
 @dataclass(frozen=True)
-class Gallery:
+class EmbeddedGallery:
     files: list[Path]
     probes: np.ndarray
     probe_ids: list[str]
@@ -54,7 +54,7 @@ def captures_of(rng: np.random.Generator, persons: np.ndarray) -> np.ndarray:
 
 
 def generate(out: Path, registrations: int, kind: str = "iso", probes: int = 1000,
-             seed: int = 7) -> Gallery:
+             seed: int = 7) -> EmbeddedGallery:
     """Writes the gallery in chunks (skipped when already there) and returns it."""
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -95,4 +95,4 @@ def generate(out: Path, registrations: int, kind: str = "iso", probes: int = 100
                 writer.writerows(rows)
         files.append(path)
         written += len(rows)
-    return Gallery(files, np.vstack(probe_rows), probe_ids, written)
+    return EmbeddedGallery(files, np.vstack(probe_rows), probe_ids, written)

@@ -22,8 +22,8 @@ import cv2
 import numpy as np
 
 from dedup import ServerConfig, StoreConfig, create_server
-from dedup._model_pack import default_pack_dir
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
+from dedup.face.model_pack import default_pack_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from photos import PLAYERS, T1, YAOMING, cut_single_faces

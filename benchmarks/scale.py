@@ -31,12 +31,12 @@ import faiss
 import grpc
 import numpy as np
 
-from dedup._config import IndexConfig, Limits, StoreConfig
-from dedup._gallery import Gallery
-from dedup._index import SearchOptions, load_index
-from dedup._model_pack import RECOGNISER, model_id_for, resolve_model_dir
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+from dedup.core.settings import IndexConfig, Limits, StoreConfig
+from dedup.face.model_pack import RECOGNISER, model_id_for, resolve_model_dir
+from dedup.gallery.embedded.gallery import EmbeddedGallery
+from dedup.gallery.embedded.index import SearchOptions, load_index
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gallery_data import generate
@@ -54,18 +54,18 @@ def model_id() -> str:
     return model_id_for(resolve_model_dir(None) / RECOGNISER)
 
 
-def open_gallery(data_dir: Path) -> Gallery:
+def open_gallery(data_dir: Path) -> EmbeddedGallery:
     """The benchmark's own access to a data directory no server holds.
 
     Its in-memory index is a BinarySign512 (64 bytes a vector): an exact one would need
     20 GB at 10,000,000 registrations.
     """
-    return Gallery(StoreConfig(data_dir=data_dir), model_id(), IndexConfig("BinarySign512"),
+    return EmbeddedGallery(StoreConfig(data_dir=data_dir), model_id(), IndexConfig("BinarySign512"),
                    background=False)
 
 
 def import_gallery(data_dir: Path, files: list[Path]) -> dict[str, float]:
-    from dedup._bulk_import import import_offline
+    from dedup.ops.bulk_import import import_offline
 
     gallery = open_gallery(data_dir)
     started = time.monotonic()
@@ -110,7 +110,7 @@ class Server:
     def __init__(self, data_dir: Path, kind: str, parameter: int) -> None:
         flag = "--rerank-candidates" if kind.startswith("Binary") else "--nprobe"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "dedup._cli", "serve", "--data-dir", str(data_dir),
+            [sys.executable, "-m", "dedup", "serve", "--data-dir", str(data_dir),
              "--address", "127.0.0.1:0", "--index-factory", kind, flag, str(parameter)],
             stderr=subprocess.PIPE, text=True)
         assert self.process.stderr is not None

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from dedup import FaceGenerator, ServerConfig, StoreConfig, create_server
-from dedup._milvus import MilvusConfig
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+from dedup.core.settings import MilvusConfig
 
 
 class RunningServer:
@@ -147,7 +147,7 @@ def detect():
     """insightface's own SCRFD detector on the default pack: boxes of faces scoring >= 0.5."""
     from insightface.app import FaceAnalysis
 
-    from dedup._model_pack import default_pack_dir
+    from dedup.face.model_pack import default_pack_dir
 
     analyzer = FaceAnalysis(name=str(default_pack_dir()), allowed_modules=["detection"],
                             providers=["CPUExecutionProvider"])

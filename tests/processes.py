@@ -14,7 +14,7 @@ class ServerProcess:
 
     def __init__(self, data_dir: Path, *serve_args: str, log_format: str = "text") -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "dedup._cli", "--log-format", log_format, "serve",
+            [sys.executable, "-m", "dedup", "--log-format", log_format, "serve",
              "--data-dir", str(data_dir), "--address", "127.0.0.1:0", *serve_args],
             stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []

@@ -95,7 +95,7 @@ def test_settled_pairs_feed_calibrate(server, faces):
             **CASE, registration_id="r0", matched_registration_id=other,
             decision=pb.DIFFERENT_PEOPLE))
     server.stop()
-    result = subprocess.run([sys.executable, "-m", "dedup._cli", "calibrate", "--target-fpir",
+    result = subprocess.run([sys.executable, "-m", "dedup", "calibrate", "--target-fpir",
                              "0.01", "--gallery-size", "1000", "--data-dir",
                              str(server.data_dir)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

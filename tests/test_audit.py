@@ -23,7 +23,7 @@ CASE = {"case_id": "CASE-7", "purpose": "ring review"}
 
 
 def dedup(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dedup._cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "dedup", *args], capture_output=True,
                           text=True, timeout=120)
 
 

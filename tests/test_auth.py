@@ -16,11 +16,11 @@ from secure import channel, tokens
 from trail import records
 
 from dedup import ServerConfig, StoreConfig, create_server
-from dedup._auth import load_security
-from dedup._errors import StoreError
-from dedup._keys import Issued, issue, make_ca, make_keys, write_pair
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+from dedup.core.errors import ConfigError
+from dedup.core.security import load_security
+from dedup.ops.keys import Issued, issue, make_ca, make_keys, write_pair
 
 OK = grpc.StatusCode.OK
 SERIAL = itertools.count()
@@ -164,7 +164,7 @@ def test_health_stays_open(secure_server, keys):
 
 
 def test_without_security_only_loopback(tmp_path):
-    with pytest.raises(StoreError, match="without a security file"):
+    with pytest.raises(ConfigError, match="without a security file"):
         create_server(ServerConfig(store=StoreConfig(data_dir=tmp_path / "d")), "0.0.0.0:0")
 
 

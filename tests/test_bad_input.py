@@ -59,9 +59,11 @@ BAD_REGISTRATIONS = [
     ("id_number", "", "registration.id_number: is required"),
     ("id_number", "9" * 65, "registration.id_number: is 65 characters"),
     ("id_number", "ID\n1", "registration.id_number: contains control characters"),
-    ("msisdn", "call me", "registration.msisdn: must be digits"),
+    ("msisdn", "call me", "registration.msisdn: must be 3 to 31 digits, optionally after one '+'"),
+    # Digits, but too short: the message says the length rule, not only "digits".
+    ("msisdn", "12", "registration.msisdn: must be 3 to 31 digits"),
     ("msisdn", "+" + "1" * 32, "registration.msisdn: is 33 characters"),
-    ("msisdn", "++123456", "registration.msisdn: must be digits"),
+    ("msisdn", "++123456", "registration.msisdn: must be 3 to 31 digits"),
     ("carrier", "c" * 65, "registration.carrier: is 65 characters"),
     ("region", "r\tx", "registration.region: contains control characters"),
 ]

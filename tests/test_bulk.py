@@ -9,8 +9,8 @@ import pytest
 from test_cli import run
 
 from dedup import FaceGenerator, StoreConfig, StoreError
-from dedup._gallery import Gallery
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
+from dedup.gallery.embedded.gallery import EmbeddedGallery
 
 OFFLINE = ("offline import and rebuild work on a data directory; into Milvus, import through "
            "a server (test_import_into_a_running_server) or dedup migrate")
@@ -77,7 +77,7 @@ def test_import_rejects_bad_rows_and_refuses_a_held_directory(tmp_path, capsys, 
     assert "registration.msisdn: held by another registration" in out
 
     with pytest.raises(StoreError, match="in use by another dedup process"):
-        Gallery(StoreConfig(data_dir=server.data_dir), "any-model")
+        EmbeddedGallery(StoreConfig(data_dir=server.data_dir), "any-model")
 
 
 def test_import_into_a_running_server(tmp_path, capsys, server):

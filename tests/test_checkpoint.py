@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from dedup import CheckpointError, FaceGenerator
-from dedup._checkpoint import Checkpoint, read_checkpoint, write_checkpoint
-from dedup._index import FlatIndex, SearchOptions, load_index
+from dedup.gallery.embedded.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
+from dedup.gallery.embedded.index import FlatIndex, SearchOptions, load_index
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from dedup._cli import main
-from dedup._demo import run_demo
+from dedup.cli.demo import run_demo
+from dedup.cli.main import main
 
 
 def run(capsys, *argv):
@@ -67,7 +67,7 @@ def test_bad_embedding_file_is_reported(server, tmp_path, capsys):
 
 def test_serve_stops_gracefully_on_sigterm(tmp_path):
     process = subprocess.Popen(
-        [sys.executable, "-m", "dedup._cli", "serve", "--data-dir", str(tmp_path / "d"),
+        [sys.executable, "-m", "dedup", "serve", "--data-dir", str(tmp_path / "d"),
          "--address", "127.0.0.1:0"],
         stderr=subprocess.PIPE, text=True,
     )

@@ -20,7 +20,7 @@ KEY_FILES = {"ca.crt", "ca.key", "server.crt", "server.key", "security.toml", "t
 
 
 def dedup(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dedup._cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "dedup", *args], capture_output=True,
                           text=True, timeout=120)
 
 

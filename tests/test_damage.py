@@ -21,11 +21,11 @@ from conftest import face, registration
 from processes import ServerProcess
 
 from dedup import FaceGenerator, StoreConfig
-from dedup._gallery import Gallery
-from dedup._model_pack import default_pack_dir, model_id_for
-from dedup._models import Registration
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+from dedup.core.records import Registration
+from dedup.face.model_pack import default_pack_dir, model_id_for
+from dedup.gallery.embedded.gallery import EmbeddedGallery
 
 PAGE = 4096
 P_BRANCH, P_LEAF, P_OVERFLOW = 0x01, 0x02, 0x04
@@ -43,7 +43,7 @@ def base_dir(tmp_path_factory, people) -> Path:
     """A data directory of 20,000 registrations and its checkpoint, made in-process."""
     data_dir = tmp_path_factory.mktemp("damage") / "data"
     model_id = model_id_for(default_pack_dir() / "w600k_mbf.onnx")
-    gallery = Gallery(StoreConfig(data_dir=data_dir), model_id=model_id, background=False)
+    gallery = EmbeddedGallery(StoreConfig(data_dir=data_dir), model_id=model_id, background=False)
     for start in range(0, GALLERY, 2000):
         gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i])
                              for i in range(start, start + 2000)])
@@ -75,7 +75,7 @@ def overwrite_bodies(data_file: Path, pages: list[int], seed: int) -> None:
 
 def serve_refused(data_dir: Path) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "dedup._cli", "serve", "--data-dir", str(data_dir),
+        [sys.executable, "-m", "dedup", "serve", "--data-dir", str(data_dir),
          "--address", "127.0.0.1:0"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, f"exit {result.returncode}: {result.stderr[-2000:]}"
     return result.stderr

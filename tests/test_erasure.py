@@ -104,7 +104,7 @@ def test_the_server_compacts_by_itself_after_an_erasure(make_server, faces):
 @pytest.mark.timeout(120)
 def test_compact_command_offline(stopped_with_erasure):
     data_dir, victim = stopped_with_erasure
-    result = subprocess.run([sys.executable, "-m", "dedup._cli", "compact", "--data-dir",
+    result = subprocess.run([sys.executable, "-m", "dedup", "compact", "--data-dir",
                              str(data_dir)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "compacted the store" in result.stdout

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from dedup import FaceGenerator
-from dedup._calibration import ImpostorModel, per_comparison_fmr, recommend
-from dedup._evaluation import (
+from dedup._proto.dedup.v1 import dedup_pb2 as pb
+from dedup.accuracy.rates import (
     SearchOutcomes,
     fnir,
     fpir,
@@ -23,7 +23,7 @@ from dedup._evaluation import (
     report,
     threshold_for_fpir,
 )
-from dedup._proto.dedup.v1 import dedup_pb2 as pb
+from dedup.service.calibration import ImpostorModel, per_comparison_fmr, recommend
 
 MATE_SCORES = np.array([0.9, 0.8, 0.35, 0.6, -math.inf])
 MATE_RANKS = np.array([1, 1, 3, 12, math.inf])
@@ -79,7 +79,7 @@ def test_recommendation_on_a_known_distribution():
 
 
 def dedup(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dedup._cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "dedup", *args], capture_output=True,
                           text=True, timeout=300)
 
 

@@ -12,9 +12,9 @@ import pytest
 from conftest import RunningServer, face, registration
 
 from dedup import FaceGenerator, ServerConfig, StoreConfig
-from dedup._config import IndexConfig
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+from dedup.core.settings import IndexConfig
 
 KINDS = ["BinarySign512", "BinarySign256", "IVF16,Flat", "IVF16,SQ8", "IVF16,PQ16",
          "OPQ16,IVF16,PQ16"]

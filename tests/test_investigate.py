@@ -8,9 +8,9 @@ import pytest
 from conftest import RunningServer, face
 
 from dedup import FaceGenerator, ServerConfig, StoreConfig
-from dedup._config import IndexConfig
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+from dedup.core.settings import IndexConfig
 
 BACKGROUND = 1500
 # Planted: one person under several ID numbers (the fraud), 1-2 captures under each.
@@ -18,7 +18,7 @@ FRAUD_IDS = [2, 3, 2, 4, 2, 3, 2, 2]
 SAME_ID_GROUPS = 5  # one person, three captures, one ID number: never a cluster
 
 
-class Gallery:
+class EmbeddedGallery:
     def __init__(self, server: RunningServer) -> None:
         generator = FaceGenerator(21)
         self.server = server
@@ -61,14 +61,15 @@ def gallery(tmp_path_factory, request):
     server = RunningServer(ServerConfig(
         store=StoreConfig(data_dir=tmp_path_factory.mktemp("investigate") / "data"),
         index=IndexConfig(index_factory=request.param)))
-    yield Gallery(server)
+    yield EmbeddedGallery(server)
     server.stop()
 
 
 CASE = {"case_id": "CASE-2026-0042", "purpose": "SIM fraud ring review"}
 
 
-def clusters_of(gallery: Gallery, **request) -> tuple[list[pb.Cluster], list[pb.ClusterProgress]]:
+def clusters_of(gallery: EmbeddedGallery, **request
+                ) -> tuple[list[pb.Cluster], list[pb.ClusterProgress]]:
     updates = list(gallery.stub.FindClusters(pb.FindClustersRequest(**CASE, **request)))
     return ([u.cluster for u in updates if u.HasField("cluster")],
             [u.progress for u in updates if u.HasField("progress")])
@@ -115,7 +116,7 @@ def test_links_of_an_honest_id_number_and_an_unknown_one(gallery):
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def search(gallery: Gallery, **request) -> list[pb.Match]:
+def search(gallery: EmbeddedGallery, **request) -> list[pb.Match]:
     return list(gallery.stub.Search(pb.SearchRequest(**CASE, **request)).matches)
 
 

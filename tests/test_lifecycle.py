@@ -265,10 +265,10 @@ def test_map_cap_refuses_writes_keeps_reads(make_server, faces):
 
 def test_insert_many_is_all_or_nothing(tmp_path, faces):
     from dedup import AlreadyExists, StoreConfig
-    from dedup._gallery import Gallery
-    from dedup._models import Registration
+    from dedup.core.records import Registration
+    from dedup.gallery.embedded.gallery import EmbeddedGallery
 
-    gallery = Gallery(StoreConfig(data_dir=tmp_path / "bulk"), model_id="test-model")
+    gallery = EmbeddedGallery(StoreConfig(data_dir=tmp_path / "bulk"), model_id="test-model")
     try:
         people = faces.persons(4)
         gallery.insert_many([(Registration("a", "ID1"), people[0]),

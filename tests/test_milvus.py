@@ -23,10 +23,11 @@ from conftest import check, enroll, release_milvus_lite
 from processes import ServerProcess
 from trail import records
 
-from dedup._milvus import PENDING, MilvusConfig, MilvusGallery, _new_key, _now_us, _Row
-from dedup._models import Registration
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+from dedup.core.records import Registration
+from dedup.core.settings import MilvusConfig
+from dedup.gallery.milvus.gallery import PENDING, MilvusGallery, _new_key, _now_us, _Row
 
 ROUNDS = 12
 
@@ -173,7 +174,7 @@ def test_an_abandoned_claim_holds_until_it_expires(make_server, faces, tmp_path)
 
 
 def _migrate(source: Path, target: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dedup._cli", "migrate", "--from",
+    return subprocess.run([sys.executable, "-m", "dedup", "migrate", "--from",
                            str(source), "--to", str(target), "--batch", "64", "--sample", "40"],
                           capture_output=True, text=True, timeout=300)
 
@@ -255,7 +256,7 @@ def test_iteration_covers_every_registration_in_key_order(tmp_path, faces):
 
 
 def _audit(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dedup._cli", "audit", *args],
+    return subprocess.run([sys.executable, "-m", "dedup", "audit", *args],
                           capture_output=True, text=True, timeout=120)
 
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from dedup import ModelError, ServerConfig, StoreConfig, create_server
-from dedup._gallery import Gallery
-from dedup._model_pack import MODEL_DIR_ENV, default_pack_dir, resolve_model_dir
-from dedup._models import Registration
+from dedup.core.records import Registration
+from dedup.face.model_pack import MODEL_DIR_ENV, default_pack_dir, resolve_model_dir
+from dedup.gallery.embedded.gallery import EmbeddedGallery
 
 
 def start(tmp_path, model_dir):
@@ -59,12 +59,12 @@ def test_model_dir_from_flag_then_environment_then_default(tmp_path, monkeypatch
 def test_a_model_change_never_compares_old_embeddings(tmp_path, faces):
     config = StoreConfig(data_dir=tmp_path / "d")
     people = faces.persons(3)
-    old = Gallery(config, model_id="model-old")
+    old = EmbeddedGallery(config, model_id="model-old")
     old.insert(Registration("old-1", "ID1"), people[0])
     old.insert(Registration("old-2", "ID2"), people[1])
     old.close()
 
-    new = Gallery(config, model_id="model-new")
+    new = EmbeddedGallery(config, model_id="model-new")
     try:
         assert len(new.index) == 0
         assert new.stats().registrations_by_model == {"model-old": 2}
@@ -77,7 +77,8 @@ def test_a_model_change_never_compares_old_embeddings(tmp_path, faces):
         assert new.get("old-1").embedding_model == "model-old"
     finally:
         new.close()
-    again = Gallery(config, model_id="model-new")  # a restart replays or loads model-new only
+    # A restart replays or loads model-new only.
+    again = EmbeddedGallery(config, model_id="model-new")
     try:
         assert len(again.index) == 1
         results = again.neighbours(np.asarray(people[0]), 10, 0.0)

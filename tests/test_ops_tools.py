@@ -21,7 +21,7 @@ DATA_DIR_TOOLS = ("dedup doctor and dedup backup work on an embedded data direct
 
 def dedup(*args: str) -> subprocess.CompletedProcess[str]:
     # A child process: LMDB forbids opening one environment twice in a process.
-    return subprocess.run([sys.executable, "-m", "dedup._cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "dedup", *args], capture_output=True,
                           text=True, timeout=300)
 
 

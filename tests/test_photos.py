@@ -12,8 +12,8 @@ from conftest import registration
 from photos import GDP, PLAYERS, T1, YAO_IN_PLAYERS, YAOMING, encode
 
 from dedup import Policy
-from dedup._embedder import CaptureRules
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
+from dedup.core.settings import CaptureRules
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 

@@ -18,8 +18,8 @@ import pytest
 from conftest import face, registration
 
 from dedup import FaceGenerator
-from dedup._config import IndexConfig
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
+from dedup.core.settings import IndexConfig
 
 SEARCHERS = 16
 SECONDS = float(os.environ.get("DEDUP_STRESS_SECONDS", "6"))  # benchmarks/soak.py: 60

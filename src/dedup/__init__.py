@@ -4,8 +4,7 @@ The public surface: configuration, the server factory, the service's errors and
 the synthetic face generator used by the demo, tests and benchmarks.
 """
 
-from ._config import DIMENSION, GIB, MIB, Limits, Policy, ServerConfig, StoreConfig
-from ._errors import (
+from dedup.core.errors import (
     AlreadyExists,
     CheckpointError,
     DeadlineExceeded,
@@ -17,9 +16,10 @@ from ._errors import (
     ResourceExhausted,
     StoreError,
 )
-from ._models import Verdict
-from ._server import DedupServer, create_server
-from ._synthetic import FaceGenerator, noise_for_similarity
+from dedup.core.records import Verdict
+from dedup.core.settings import DIMENSION, GIB, MIB, Limits, Policy, ServerConfig, StoreConfig
+from dedup.core.synthetic import FaceGenerator, noise_for_similarity
+from dedup.server import DedupServer, create_server
 
 __all__ = [
     "DIMENSION",

@@ -1,0 +1,109 @@
+"""Who may call what: roles, the security file, and the two ways in.
+
+Mutual TLS (a listener that requires client certificates signed by the configured CA; the
+certificate's subject common name maps to a role) and bearer tokens (`authorization: Bearer
+<token>` on a server-TLS listener; the file holds only each token's SHA-256). Health and
+reflection stay open. Without a security file the server runs unauthenticated, on loopback only.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import hmac
+import ipaddress
+from datetime import UTC, datetime
+
+import grpc
+
+from dedup.core.audit_chain import Caller
+from dedup.core.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from dedup.core.security import SecurityConfig
+
+# Methods by service; admin may call everything.
+_ALLOWED: dict[str, frozenset[str]] = {
+    "registration": frozenset({"FaceDedup.Check", "FaceDedup.Enroll", "FaceDedup.EnrollStream",
+                               "FaceDedup.GetRegistration"}),
+    "investigator": frozenset({"Investigate.*", "FaceDedup.Check",
+                               "FaceDedup.GetRegistration"}),
+}
+
+CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("caller", default=None)
+UNAUTHENTICATED_CALLER = Caller("unauthenticated (loopback)", "admin", "none")
+
+
+def allowed(role: str, service: str, method: str) -> bool:
+    if role == "admin":
+        return True
+    granted = _ALLOWED.get(role, frozenset())
+    return f"{service}.{method}" in granted or f"{service}.*" in granted
+
+
+def mtls_credentials(security: SecurityConfig) -> grpc.ServerCredentials:
+    """Mutual TLS: client certificates signed by the configured CA are required."""
+    return grpc.ssl_server_credentials([(security.private_key, security.certificate)],
+                                       root_certificates=security.client_ca,
+                                       require_client_auth=True)
+
+
+def tls_credentials(security: SecurityConfig) -> grpc.ServerCredentials:
+    """Server TLS for the bearer-token listener."""
+    return grpc.ssl_server_credentials([(security.private_key, security.certificate)])
+
+
+def is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Authorizer:
+    def __init__(self, security: SecurityConfig | None) -> None:
+        self.security = security
+
+    def caller(self, context: grpc.ServicerContext) -> Caller:
+        """The authenticated caller, or Unauthenticated."""
+        if self.security is None:
+            return UNAUTHENTICATED_CALLER
+        names = context.auth_context().get("x509_common_name")
+        if names:
+            common_name = names[0].decode()
+            role = self.security.clients.get(common_name)
+            if role is None:
+                raise Unauthenticated(f"client certificate CN={common_name!r} is not one the "
+                                      "security file maps to a role")
+            return Caller(f"CN={common_name}", role, "mtls")
+        return self._token_caller(context)
+
+    def _token_caller(self, context: grpc.ServicerContext) -> Caller:
+        assert self.security is not None
+        header = dict(context.invocation_metadata() or ()).get("authorization")
+        if not isinstance(header, str) or not header.startswith("Bearer "):
+            raise Unauthenticated("no credential: present a client certificate, or "
+                                  "`authorization: Bearer <token>` metadata")
+        digest = hashlib.sha256(header.removeprefix("Bearer ").strip().encode()).digest()
+        for token in self.security.tokens:
+            if hmac.compare_digest(token.sha256, digest):
+                if token.expires is not None and token.expires <= datetime.now(UTC):
+                    raise Unauthenticated(f"token {token.name!r} expired at "
+                                          f"{token.expires.isoformat()}")
+                return Caller(f"token:{token.name}", token.role, "token")
+        raise Unauthenticated("unknown token")
+
+    def check(self, caller: Caller, service: str, method: str) -> None:
+        if not allowed(caller.role, service, method):
+            raise PermissionDenied(f"role {caller.role!r} ({caller.identity}) may not call "
+                                   f"{service}.{method}")
+
+
+def required_text(value: str, field_name: str, limit: int = 256) -> str:
+    """case_id and purpose: required, printable, bounded."""
+    if not value:
+        raise InvalidArgument(field_name, "is required for every investigator call")
+    if len(value) > limit or not value.isprintable():
+        raise InvalidArgument(field_name, f"must be at most {limit} printable characters")
+    return value

@@ -1,0 +1,101 @@
+"""Protobuf messages to validated domain values and back.
+
+Every error names the proto field as the client wrote it (e.g. `registration.msisdn`); the
+value rules shared with the CSV import are in `dedup.core.validation`.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from dedup._proto.dedup.v1 import dedup_pb2 as pb
+from dedup.core import validation
+from dedup.core.errors import InvalidArgument
+from dedup.core.records import CheckResult, DeleteKey, DetectedFace, FaceInput, Registration
+from dedup.core.settings import Limits
+from dedup.core.validation import text
+from dedup.core.vectors import unit_vector
+
+
+def face_input(request_face: pb.Face, has_face: bool, field: str, dimension: int) -> FaceInput:
+    if not has_face:
+        raise InvalidArgument(field, "is required")
+    kind = request_face.WhichOneof("input")
+    if kind is None:
+        raise InvalidArgument(field, "set either embedding or image")
+    if kind == "image":
+        return FaceInput(image=request_face.image,
+                         use_largest_face=request_face.use_largest_face)
+    embedding = request_face.embedding
+    model = text(embedding.model, f"{field}.embedding.model", 64, required=False)
+    return FaceInput(
+        vector=unit_vector(embedding.values, dimension, f"{field}.embedding.values"),
+        vector_model=model,
+    )
+
+
+def registration_from_proto(message: pb.Registration, has: bool, limits: Limits) -> Registration:
+    if not has:
+        raise InvalidArgument("registration", "is required")
+    return validation.registration(message.registration_id, message.id_number, message.msisdn,
+                                   message.carrier, message.region, limits)
+
+
+def max_candidates(value: int, limits: Limits) -> int:
+    if value == 0:
+        return limits.default_candidates
+    if value > limits.max_candidates:
+        raise InvalidArgument("max_candidates", f"is {value}, at most {limits.max_candidates}")
+    return value
+
+
+def delete_key(request: pb.DeleteRequest, limits: Limits) -> tuple[DeleteKey, str]:
+    kind = request.WhichOneof("key")
+    if kind is None:
+        raise InvalidArgument("key", "set one of registration_id, id_number or msisdn")
+    key = DeleteKey(kind)
+    max_chars = {
+        DeleteKey.REGISTRATION_ID: limits.max_registration_id_chars,
+        DeleteKey.ID_NUMBER: limits.max_id_number_chars,
+        DeleteKey.MSISDN: limits.max_msisdn_chars,
+    }[key]
+    return key, text(getattr(request, kind), kind, max_chars, required=True)
+
+
+def registration_to_proto(registration: Registration) -> pb.Registration:
+    message = pb.Registration(
+        registration_id=registration.registration_id,
+        id_number=registration.id_number,
+        msisdn=registration.msisdn,
+        carrier=registration.carrier,
+        region=registration.region,
+        embedding_model=registration.embedding_model,
+    )
+    if registration.enrolled_at_us:
+        stamp = Timestamp()
+        stamp.FromMicroseconds(registration.enrolled_at_us)
+        message.enrolled_at.CopyFrom(stamp)
+    return message
+
+
+def detected_to_proto(face: DetectedFace) -> pb.DetectedFace:
+    x1, y1, x2, y2 = face.box
+    return pb.DetectedFace(x1=x1, y1=y1, x2=x2, y2=y2, detection_score=face.score,
+                           faces_in_image=face.faces_in_image)
+
+
+def check_to_proto(result: CheckResult) -> pb.CheckResponse:
+    response = pb.CheckResponse(
+        verdict=pb.Verdict.ValueType(int(result.verdict)),
+        matches=[
+            pb.Match(registration=registration_to_proto(match.registration), score=match.score,
+                     settled_different=match.settled_different)
+            for match in result.matches
+        ],
+        distinct_other_id_numbers=result.distinct_other_id_numbers,
+        same_id_registrations=result.same_id_registrations,
+        best_score=result.best_score,
+    )
+    if result.detected is not None:
+        response.detected_face.CopyFrom(detected_to_proto(result.detected))
+    return response

@@ -1,0 +1,226 @@
+"""The gRPC Investigate service: validation, the audit record before every reply, conversion."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from dedup._proto.dedup.v1 import dedup_pb2 as pb
+from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+from dedup.api import convert as convert
+from dedup.api.auth import CALLER, UNAUTHENTICATED_CALLER, required_text
+from dedup.api.status import answered, rpc
+from dedup.core import validation
+from dedup.core.adjudication import Adjudication
+from dedup.core.audit_chain import Caller, record_maker
+from dedup.core.errors import InvalidArgument, NotFound
+from dedup.core.policy import Scored
+from dedup.core.settings import ServerConfig
+from dedup.core.vectors import Vector
+from dedup.service.audit import AuditTrail, embedding_digest
+from dedup.service.clusters import Cluster, find_clusters
+from dedup.service.investigate import SearchFilter, links, widening_search
+from dedup.service.registrations import DedupService
+
+DEFAULT_K = 10
+MAX_K = 1000
+MAX_MIN_DISTINCT_IDS = 1000
+
+
+def _case(request: Any) -> tuple[str, str]:
+    return (required_text(request.case_id, "case_id"), required_text(request.purpose, "purpose"))
+
+
+def _score(value: float, field: str) -> float:
+    if not math.isfinite(value) or not -1.0 <= value <= 1.0:
+        raise InvalidArgument(field, f"must be a cosine similarity in [-1, 1], got {value}")
+    return value
+
+
+def _caller() -> Caller:
+    return CALLER.get() or UNAUTHENTICATED_CALLER
+
+
+def _match(scored: Scored) -> pb.Match:
+    return pb.Match(registration=convert.registration_to_proto(scored.registration),
+                    score=scored.score)
+
+
+class InvestigateServicer(pb_grpc.InvestigateServicer):
+    def __init__(self, service: DedupService, config: ServerConfig, audit: AuditTrail) -> None:
+        self.service = service
+        self.gallery = service.gallery
+        self.policy = config.policy
+        self.limits = config.limits
+        self.dimension = config.store.dimension
+        self.audit = audit
+
+    # -- Search ----------------------------------------------------------------------
+
+    @rpc
+    def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext
+               ) -> pb.SearchResponse:
+        case_id, purpose = _case(request)
+        k = self._k(request.k)
+        floor = _score(request.min_score, "min_score") if request.HasField("min_score") \
+            else -1.0
+        search_filter = self._filter(request)
+        vector, exclude, query = self._probe(request, context)
+        query.update(k=k, min_score=floor if request.HasField("min_score") else None,
+                     carrier=search_filter.carrier, region=search_filter.region,
+                     enrolled_from_us=search_filter.enrolled_from_us,
+                     enrolled_until_us=search_filter.enrolled_until_us)
+        found = widening_search(
+            self.gallery, vector, floor, k,
+            lambda s: s.key != exclude and search_filter.admits(s.registration))
+        digest = self.audit.append(_caller(), "Investigate.Search", case_id, purpose, query,
+                                   [s.registration.registration_id for s in found])
+        return pb.SearchResponse(matches=[_match(s) for s in found], audit_record_hash=digest)
+
+    def _k(self, value: int) -> int:
+        if value > MAX_K:
+            raise InvalidArgument("k", f"at most {MAX_K}, got {value}")
+        return value or DEFAULT_K
+
+    def _filter(self, request: pb.SearchRequest) -> SearchFilter:
+        label = self.limits.max_label_chars
+        start = (request.enrolled_from.ToMicroseconds()
+                 if request.HasField("enrolled_from") else None)
+        end = (request.enrolled_until.ToMicroseconds()
+               if request.HasField("enrolled_until") else None)
+        if start is not None and end is not None and start >= end:
+            raise InvalidArgument("enrolled_until", "must be later than enrolled_from")
+        return SearchFilter(validation.text(request.carrier, "carrier", label, required=False),
+                            validation.text(request.region, "region", label, required=False),
+                            start, end)
+
+    def _probe(self, request: pb.SearchRequest, context: grpc.ServicerContext
+               ) -> tuple[Vector, int | None, dict[str, Any]]:
+        """The probe vector, the key to leave out, and how the probe appears in the trail."""
+        which = request.WhichOneof("probe")
+        if which == "registration_id":
+            registration_id = validation.text(request.registration_id, "registration_id",
+                                           self.limits.max_registration_id_chars, required=True)
+            stored = self.gallery.stored_face(registration_id)
+            if stored is None:
+                raise NotFound(f"registration_id: no registration {registration_id!r}")
+            return stored[2], stored[0], {"registration_id": registration_id}
+        if which != "face":
+            raise InvalidArgument("probe", "give face or registration_id")
+        face = convert.face_input(request.face, True, "face", self.dimension)
+        remaining = context.time_remaining()
+        probe = self.service.probe(face, "face", timeout=remaining if remaining and
+                                   remaining < 1e9 else None)
+        return probe.vector, None, {"embedding_sha256": embedding_digest(probe.vector.tobytes())}
+
+    # -- Links -----------------------------------------------------------------------
+
+    @rpc
+    def Links(self, request: pb.LinksRequest, context: grpc.ServicerContext) -> pb.LinksResponse:
+        case_id, purpose = _case(request)
+        id_number = validation.text(request.id_number, "id_number",
+                                 self.limits.max_id_number_chars, required=True)
+        found = links(self.gallery, id_number, self.policy.match_threshold)
+        returned = [r.registration_id for r in found.registrations] + [
+            r.registration_id for link in found.linked for r in link.registrations]
+        digest = self.audit.append(_caller(), "Investigate.Links", case_id, purpose,
+                                   {"id_number": id_number}, returned)
+        return pb.LinksResponse(
+            registrations=[convert.registration_to_proto(r) for r in found.registrations],
+            linked=[pb.LinkedIdNumber(
+                id_number=link.id_number, best_score=link.best_score,
+                registration_id=link.registration_id,
+                matched_registration_id=link.matched_registration_id,
+                registrations=[convert.registration_to_proto(r) for r in link.registrations])
+                for link in found.linked],
+            audit_record_hash=digest)
+
+    # -- Adjudicate --------------------------------------------------------------------
+
+    @rpc
+    def Adjudicate(self, request: pb.AdjudicateRequest, context: grpc.ServicerContext
+               ) -> pb.AdjudicateResponse:
+        case_id, purpose = _case(request)
+        limit = self.limits.max_registration_id_chars
+        first = validation.text(request.registration_id, "registration_id", limit, True)
+        second = validation.text(request.matched_registration_id, "matched_registration_id",
+                              limit, True)
+        if first == second:
+            raise InvalidArgument("matched_registration_id",
+                                  "must differ from registration_id")
+        if request.decision not in (pb.SAME_PERSON_CONFIRMED, pb.DIFFERENT_PEOPLE):
+            raise InvalidArgument("decision", "SAME_PERSON_CONFIRMED or DIFFERENT_PEOPLE")
+        note = validation.text(request.note, "note", 1000, required=False)
+        score = self._pair_score(request, first, second)
+        decision = pb.Decision.Name(request.decision).replace("_CONFIRMED", "")
+        caller = _caller()
+        record = Adjudication.now(first, second, decision, score, case_id, note,
+                                  caller.identity).encode()
+        make = record_maker(caller, "Investigate.Adjudicate", case_id, purpose,
+                            {"registration_id": first, "matched_registration_id": second,
+                             "decision": decision})
+        digest = self.gallery.settle(first, second, record,
+                                           lambda seq, prev: make(seq, prev, [first, second]))
+        return pb.AdjudicateResponse(score=score, audit_record_hash=digest.hex())
+
+    def _pair_score(self, request: pb.AdjudicateRequest, first: str, second: str) -> float:
+        matched = self.gallery.stored_face(second)
+        if matched is None:
+            raise NotFound(f"matched_registration_id: no registration {second!r}")
+        checked = self.gallery.stored_face(first)
+        if checked is not None:
+            return float(checked[2] @ matched[2])
+        if not request.HasField("score"):
+            raise InvalidArgument("score", f"required: registration {first!r} is not enrolled, "
+                                  "so give the score from the verdict's evidence")
+        return _score(request.score, "score")
+
+    # -- FindClusters ------------------------------------------------------------------
+
+    def FindClusters(self, request: pb.FindClustersRequest, context: grpc.ServicerContext
+                     ) -> Iterator[pb.ClusterUpdate]:
+        case_id, purpose, floor, min_ids, query = answered(
+            context, lambda: self._begin_clusters(request), "FindClusters")
+        caller = _caller()
+        found: list[Cluster] = []
+        for item in find_clusters(self.gallery, floor, min_ids):
+            if isinstance(item, Cluster):
+                found.append(item)
+                continue
+            yield from self._release(found, caller, case_id, purpose, query, context)
+            found = []
+            yield pb.ClusterUpdate(progress=pb.ClusterProgress(
+                searched=item.searched, total=item.total, clusters=item.clusters))
+
+    def _begin_clusters(self, request: pb.FindClustersRequest
+                        ) -> tuple[str, str, float, int, dict[str, Any]]:
+        """Validates the request and audits the job's start."""
+        case_id, purpose = _case(request)
+        min_ids = request.min_distinct_id_numbers or 2
+        if not 2 <= min_ids <= MAX_MIN_DISTINCT_IDS:
+            raise InvalidArgument("min_distinct_id_numbers",
+                                  f"must be 2 to {MAX_MIN_DISTINCT_IDS}, got {min_ids}")
+        floor = (_score(request.min_score, "min_score") if request.HasField("min_score")
+                 else self.policy.match_threshold)
+        query: dict[str, Any] = {"min_distinct_id_numbers": min_ids, "min_score": floor}
+        self.audit.append(_caller(), "Investigate.FindClusters", case_id, purpose, query, [])
+        return case_id, purpose, floor, min_ids, query
+
+    def _release(self, found: list[Cluster], caller: Caller, case_id: str, purpose: str,
+                 query: dict[str, Any], context: grpc.ServicerContext
+                 ) -> Iterator[pb.ClusterUpdate]:
+        """Audits a batch of clusters, then sends them."""
+        if not found:
+            return
+        returned = [r.registration_id for cluster in found for r in cluster.registrations]
+        digest = answered(context, lambda: self.audit.append(
+            caller, "Investigate.FindClusters", case_id, purpose, query, returned),
+            "FindClusters")
+        for cluster in found:
+            yield pb.ClusterUpdate(audit_record_hash=digest, cluster=pb.Cluster(
+                registrations=[convert.registration_to_proto(r) for r in cluster.registrations],
+                id_numbers=cluster.id_numbers, min_link_score=cluster.min_link_score))
+

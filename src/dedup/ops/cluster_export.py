@@ -1,0 +1,49 @@
+"""`dedup clusters`: FindClusters' stream written as JSON lines or CSV, with a progress bar."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from tqdm import tqdm
+
+from dedup._proto.dedup.v1 import dedup_pb2 as pb
+
+
+def write_clusters(updates: Iterable[pb.ClusterUpdate], out: Path) -> int:
+    """Writes each cluster as it arrives: one JSON object a line (.jsonl, .json) or one CSV row
+    per registration (.csv, with a cluster number). Returns how many clusters were written."""
+    as_csv = out.suffix.lower() == ".csv"
+    found = 0
+    with open(out, "w", newline="") as handle, tqdm(desc="searching", unit="reg") as bar:
+        writer = csv.writer(handle) if as_csv else None
+        if writer is not None:
+            writer.writerow(["cluster", "id_numbers", "min_link_score", "registration_id",
+                             "id_number", "msisdn", "carrier", "region", "audit_record_hash"])
+        for update in updates:
+            if update.HasField("progress"):
+                bar.total = update.progress.total
+                bar.n = update.progress.searched
+                bar.set_postfix(clusters=update.progress.clusters)
+                continue
+            found += 1
+            cluster = update.cluster
+            if writer is None:
+                handle.write(json.dumps({
+                    "id_numbers": list(cluster.id_numbers),
+                    "min_link_score": round(cluster.min_link_score, 6),
+                    "registrations": [{"registration_id": r.registration_id,
+                                       "id_number": r.id_number, "msisdn": r.msisdn,
+                                       "carrier": r.carrier, "region": r.region}
+                                      for r in cluster.registrations],
+                    "audit_record_hash": update.audit_record_hash}) + "\n")
+            else:
+                for r in cluster.registrations:
+                    writer.writerow([found, " ".join(cluster.id_numbers),
+                                     f"{cluster.min_link_score:.6f}", r.registration_id,
+                                     r.id_number, r.msisdn, r.carrier, r.region,
+                                     update.audit_record_hash])
+        bar.refresh()
+    return found

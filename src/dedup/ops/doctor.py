@@ -1,0 +1,139 @@
+"""`dedup doctor`: an offline check of a data directory, printed as a report."""
+
+from __future__ import annotations
+
+import fcntl
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from dedup.core.errors import CheckpointError, StoreError
+from dedup.gallery.embedded.checkpoint import read_checkpoint
+from dedup.gallery.embedded.gallery import CHECKPOINT_FILE, LOCK_FILE, replay_changes
+from dedup.gallery.embedded.index import load_index
+from dedup.gallery.embedded.store import Store
+from dedup.gallery.embedded.store_check import walk_store
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # "ok", "warning" or "problem"
+    check: str
+    detail: str
+
+
+Check = Callable[[], Finding]
+
+
+def examine(data_dir: Path) -> list[Finding]:
+    """Runs every check that applies; a damaged store stops the checks that need it."""
+    if not (data_dir / "store" / "data.mdb").exists():
+        return [Finding("problem", "store", f"no LMDB store under {data_dir / 'store'}")]
+    findings = [_server_lock(data_dir), _pages(data_dir)]
+    if findings[-1].level == "problem":
+        return findings
+    try:
+        store = Store.reader(data_dir)
+    except StoreError as error:
+        return [*findings, Finding("problem", "store", str(error))]
+    try:
+        findings += [_records(store), *_index(store, data_dir), _map(store), _disk(store)]
+    finally:
+        store.close()
+    return findings
+
+
+def _server_lock(data_dir: Path) -> Finding:
+    with open(data_dir / LOCK_FILE, "ab") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return Finding("ok", "server", "a dedup server holds this directory; checked "
+                           "read-only beside it (its latest writes may not be in the checkpoint)")
+    return Finding("ok", "server", "no process holds this directory")
+
+
+def _pages(data_dir: Path) -> Finding:
+    try:
+        walk_store(data_dir / "store")
+    except StoreError as error:
+        return Finding("problem", "store pages", str(error))
+    size = (data_dir / "store" / "data.mdb").stat().st_size
+    return Finding("ok", "store pages", f"every page of data.mdb ({size / GIB:.2f} GiB) reads")
+
+
+def _records(store: Store) -> Finding:
+    total = store.count()
+    with tqdm(total=total, desc="checking records", unit="reg", leave=False) as bar:
+        problems = store.verify(lambda done: bar.update(done))
+    if problems:
+        return Finding("problem", "records", "; ".join(problems))
+    return Finding("ok", "records", f"{total} registrations, each with its lookups and a unit "
+                   f"embedding; {store.distinct_id_numbers()} ID numbers; change sequence "
+                   f"{store.sequence()}")
+
+
+def _index(store: Store, data_dir: Path) -> list[Finding]:
+    path = data_dir / CHECKPOINT_FILE
+    if not path.exists():
+        return [Finding("warning", "checkpoint", f"no {path.name}: the server builds the index "
+                        "from the store at start")]
+    try:
+        header = read_checkpoint(path)
+        index, covered = load_index(path, store.config.dimension, header.model_id)
+    except CheckpointError as error:
+        return [Finding("problem", "checkpoint", f"{error}; the server rebuilds the index from "
+                        "the store at its next start")]
+    behind = store.sequence() - covered
+    found = [Finding("ok" if behind >= 0 else "problem", "checkpoint",
+                     f"{header.kind} index of {header.vectors} vectors of model "
+                     f"{header.model_id}, covers change {covered}, "
+                     f"{behind} change(s) behind the store")]
+    replayed = replay_changes(store, index, covered, header.model_id)
+    expected = store.model_counts().get(header.model_id, 0)
+    if replayed is None:
+        found.append(Finding("problem", "index", "the change log no longer reaches back to the "
+                             "checkpoint: the server rebuilds the index at its next start"))
+    elif len(index) != expected:
+        found.append(Finding("problem", "index", f"checkpoint + change log give {len(index)} "
+                             f"vectors, the store holds {expected} of model {header.model_id}: "
+                             "the server rebuilds the index at its next start"))
+    else:
+        found.append(Finding("ok", "index", f"checkpoint + {behind} logged change(s) = "
+                             f"{len(index)} vectors, as many as the store holds"))
+    return found
+
+
+def _map(store: Store) -> Finding:
+    usage, cap = store.usage(), store.config.max_map_size
+    detail = (f"{usage.used_bytes / GIB:.2f} GiB used of a {usage.map_bytes / GIB:.2f} GiB map "
+              f"(grows by itself up to {cap / GIB:.0f} GiB)")
+    return Finding("warning" if usage.used_bytes > 0.9 * cap else "ok", "map", detail)
+
+
+def _disk(store: Store) -> Finding:
+    free = shutil.disk_usage(store.path).free
+    file_bytes = store.usage().file_bytes
+    detail = f"{free / GIB:.1f} GiB free beside a {file_bytes / GIB:.2f} GiB store"
+    if free < max(GIB, file_bytes // 10):
+        return Finding("problem", "disk", detail + ": writes will soon fail")
+    if free < file_bytes:
+        return Finding("warning", "disk", detail + ": too little for a backup or compaction")
+    return Finding("ok", "disk", detail)
+
+
+def run_doctor(data_dir: Path) -> int:
+    """Prints the report; returns 1 if any check found a problem."""
+    findings = examine(data_dir)
+    print(f"dedup doctor: {data_dir.resolve()}")
+    for finding in findings:
+        print(f"  {finding.level:<8} {finding.check:<12} {finding.detail}")
+    problems = sum(finding.level == "problem" for finding in findings)
+    warnings = sum(finding.level == "warning" for finding in findings)
+    print(f"{problems} problem(s), {warnings} warning(s)")
+    return 1 if problems else 0

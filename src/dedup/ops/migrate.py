@@ -1,0 +1,152 @@
+"""`dedup migrate --from DATA_DIR --to URI`: copy an embedded deployment into Milvus.
+
+Registrations go over in key order, a batch at a time, under their LMDB keys as upserts: a
+batch copied twice is stored once. After each batch the last key copied is written to a
+state file, so an interrupted run resumes after it. Then the audit trail (as the chain
+"embedded:<data dir>", every record and hash unchanged) and the adjudications. Last, the
+copy is verified: Milvus holds exactly the store's registrations, and a sample of stored
+embeddings finds the same nearest registrations in both (exact top-k from the store).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dedup.core.errors import StoreError
+from dedup.core.settings import MilvusConfig
+from dedup.core.vectors import Matrix
+from dedup.gallery.embedded.store import Store
+from dedup.gallery.milvus.gallery import MilvusGallery
+
+log = logging.getLogger("dedup.migrate")
+
+STATE_FILE = "milvus-migration.json"
+TOP_K = 10
+
+Advance = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Migration:
+    copied: int
+    resumed_after: int
+    audit_records: int
+    adjudications: int
+    store_registrations: int
+    milvus_registrations: int
+    sampled: int
+    sample_agreeing: int  # sampled probes whose top-k keys are the same in both
+
+    @property
+    def verified(self) -> bool:
+        return (self.store_registrations == self.milvus_registrations
+                and self.sample_agreeing == self.sampled)
+
+
+def _resume_point(state_file: Path, config: MilvusConfig) -> int:
+    """The last key copied to this Milvus collection by an earlier run, else 0."""
+    try:
+        state = json.loads(state_file.read_text())
+    except FileNotFoundError:
+        return 0
+    except (OSError, ValueError) as error:
+        raise StoreError(f"{state_file}: unreadable migration state ({error}); delete it to "
+                         "start over (copies are upserts: nothing is duplicated)") from error
+    same_target = state.get("uri") == config.uri and state.get("prefix") == config.prefix
+    return int(state.get("last_key", 0)) if same_target else 0
+
+
+def _save_state(state_file: Path, config: MilvusConfig, last_key: int) -> None:
+    temporary = state_file.with_suffix(".tmp")
+    temporary.write_text(json.dumps({"uri": config.uri, "prefix": config.prefix,
+                                     "last_key": last_key}))
+    os.replace(temporary, state_file)
+
+
+def migrate(data_dir: Path, config: MilvusConfig, batch: int, sample: int,
+            start: Callable[[int, int], Advance]) -> Migration:
+    """`start(total, already_done)` makes the progress callback (a bar in the CLI)."""
+    store = Store.reader(data_dir)
+    try:
+        counts = store.model_counts()
+        model_id = max(counts, key=lambda model: counts[model]) if counts else ""
+        target = MilvusGallery(config, model_id, data_dir=data_dir, background=False)
+        try:
+            state_file = data_dir / STATE_FILE
+            resumed = _resume_point(state_file, config)
+            copied = _copy_registrations(store, target, batch, resumed, state_file,
+                                         start(store.count(), _count_upto(store, resumed)))
+            audit = target.import_audit(f"embedded:{data_dir.resolve()}",
+                                        store.audit_records())
+            adjudications = target.import_adjudications(store.adjudications())
+            target.checkpoint()
+            agreeing, sampled = _compare_samples(store, target, sample)
+            return Migration(copied, resumed, audit, adjudications, store.count(),
+                             target.stats().registrations, sampled, agreeing)
+        finally:
+            target.close(checkpoint=False)
+    finally:
+        store.close()
+
+
+def _count_upto(store: Store, last_key: int) -> int:
+    """Registrations an earlier run copied (keys up to `last_key`)."""
+    done = 0
+    if last_key:
+        for keys, _ in store.iter_vectors(20_000):
+            done += sum(1 for key in keys if key <= last_key)
+            if keys[-1] >= last_key:
+                break
+    return done
+
+
+def _copy_registrations(store: Store, target: MilvusGallery, batch: int, after: int,
+                        state_file: Path, advance: Advance) -> int:
+    copied = 0
+    for keys, matrix in store.iter_vectors(batch, after=after):
+        faces = store.faces(keys, with_vectors=False)
+        by_key = {face.key: face.registration for face in faces}
+        target.insert_rows([(key, by_key[key], vector)
+                            for key, vector in zip(keys, matrix, strict=True)
+                            if key in by_key])
+        _save_state(state_file, target.config, keys[-1])
+        copied += len(keys)
+        advance(len(keys))
+    return copied
+
+
+def _compare_samples(store: Store, target: MilvusGallery, size: int) -> tuple[int, int]:
+    """How many of `size` stored embeddings (spread over the store) find the same top-k
+    registrations in Milvus as by exact search over the store."""
+    only = target.model_id if len(store.model_counts()) > 1 else None
+    if size <= 0:
+        return 0, 0
+    with store.snapshot() as snapshot:
+        probes = snapshot.sample(size, target.model_id, only)[:size]
+    if not len(probes):
+        return 0, 0
+    expected = _exact_top_k(store, probes, TOP_K, only)
+    found = target.neighbours_of_many(probes, TOP_K, -1.0)
+    agreeing = sum(1 for want, got in zip(expected, found, strict=True)
+                   if want == {key for key, _ in got})
+    return agreeing, len(probes)
+
+
+def _exact_top_k(store: Store, probes: Matrix, k: int, only: str | None) -> list[set[int]]:
+    best_scores = np.full((len(probes), k), -np.inf, np.float32)
+    best_keys = np.full((len(probes), k), -1, np.int64)
+    for keys, matrix in store.iter_vectors(20_000, only_model=only):
+        scores = np.hstack([best_scores, probes @ matrix.T])
+        ids = np.hstack([best_keys, np.broadcast_to(np.asarray(keys, np.int64),
+                                                   (len(probes), len(keys)))])
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        best_scores = np.take_along_axis(scores, top, axis=1)
+        best_keys = np.take_along_axis(ids, top, axis=1)
+    return [{int(key) for key in row if key >= 0} for row in best_keys]

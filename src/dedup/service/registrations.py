@@ -1,0 +1,128 @@
+"""Service logic: checks, enrolments and deletions on validated input, with verdicts."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from dedup.core.adjudication import Adjudication
+from dedup.core.audit_chain import AuditMaker
+from dedup.core.errors import FailedPrecondition, NotFound
+from dedup.core.logs import mask
+from dedup.core.policy import Scored, decide
+from dedup.core.records import (
+    CheckResult,
+    DeleteKey,
+    EnrollResult,
+    FaceInput,
+    Probe,
+    Registration,
+    Verdict,
+)
+from dedup.core.settings import Limits, Policy
+from dedup.core.vectors import Vector
+from dedup.face.embedder import FaceEmbedder
+from dedup.face.model_pack import ModelPack
+from dedup.gallery.base import EnrolmentCheck, Erasure, Gallery, GalleryStats
+
+log = logging.getLogger("dedup.service")
+
+ENROLLING_VERDICTS = frozenset({Verdict.CLEAR, Verdict.SAME_PERSON})
+
+
+@dataclass(frozen=True)
+class ServiceStats:
+    gallery: GalleryStats
+    data_dir: str  # a data directory or a Milvus URI
+    policy: Policy
+    model: ModelPack
+    calibration_dir: Path
+
+
+class DedupService:
+    def __init__(self, gallery: Gallery, embedder: FaceEmbedder, policy: Policy,
+                 limits: Limits) -> None:
+        self.gallery = gallery
+        self.embedder = embedder
+        self.policy = policy
+        self.limits = limits
+
+    def probe(self, face: FaceInput, field: str, timeout: float | None = None) -> Probe:
+        """The face as a unit vector of the server's model, embedding a photo if need be."""
+        if face.vector is not None:
+            if face.vector_model and face.vector_model != self.embedder.model_id:
+                raise FailedPrecondition(
+                    f"{field}.embedding.model: {face.vector_model!r} is not the server's model "
+                    f"{self.embedder.model_id!r}; embeddings of different models are never "
+                    "compared")
+            return Probe(face.vector)
+        embedded = self.embedder.embed(face.image, face.use_largest_face, f"{field}.image",
+                                       timeout)
+        return Probe(embedded.vector, embedded.face)
+
+    def check(self, probe: Probe, claimed_id_number: str, max_matches: int,
+              registration_id: str = "") -> CheckResult:
+        same_id = self.gallery.same_id_number(probe.vector, claimed_id_number)
+        candidates = self._candidates(probe.vector, max_matches, same_id)
+        result = decide(self.policy, claimed_id_number, candidates, same_id, max_matches,
+                        self._settled_different(registration_id))
+        return dataclasses.replace(result, detected=probe.detected)
+
+    def _settled_different(self, registration_id: str) -> frozenset[str]:
+        """Registrations an investigator settled as a different person from this one."""
+        settled = self.gallery.settled(registration_id)
+        return frozenset(other for other, record in settled.items()
+                         if Adjudication.decode(record).different_people)
+
+    def _candidates(self, vector: Vector, max_matches: int, same_id: list[Scored]
+                    ) -> list[Scored]:
+        # Widened by the claimed ID's own registrations, which may fill the top of the list,
+        # so that at least min_search_k registrations under other ID numbers are looked at.
+        k = max(max_matches, self.limits.min_search_k) + len(same_id)
+        return self.gallery.neighbours(vector, k, floor=self.policy.review_threshold)
+
+    def enroll(self, registration: Registration, probe: Probe, check_first: bool) -> EnrollResult:
+        vector, detected = probe.vector, probe.detected
+        if not check_first:
+            stored = self.gallery.insert(registration, vector)
+            return EnrollResult(stored, enrolled=True, detected=detected)
+        # The backend enforces uniqueness again as it stores; checking first only spares a
+        # search and keeps the error the same with or without check_first.
+        self.gallery.ensure_unique(registration)
+        claimed, limit = registration.id_number, self.limits.default_candidates
+
+        def judge(candidates: list[Scored], same_id: list[Scored]) -> CheckResult:
+            settled = self._settled_different(registration.registration_id)
+            return decide(self.policy, claimed, candidates, same_id, limit, settled)
+
+        check = EnrolmentCheck(claimed, max(limit, self.limits.min_search_k),
+                               self.policy.review_threshold, judge,
+                               lambda result: result.verdict in ENROLLING_VERDICTS)
+        result, enrolled = self.gallery.insert_checked(registration, vector, check)
+        return EnrollResult(enrolled or registration, enrolled=enrolled is not None,
+                            check=dataclasses.replace(result, detected=detected),
+                            detected=detected)
+
+    def delete(self, by: DeleteKey, value: str, audit: AuditMaker | None = None) -> Erasure:
+        """Erases by one key; the audit record (if any) commits with the erasure."""
+        erasure = self.gallery.delete(by, value, audit)
+        if not erasure.registrations:
+            raise NotFound(f"{by.value}: no registration with {by.value} {value!r}")
+        # Registration ids are the carrier's own keys; ID numbers and phone numbers are personal.
+        shown = value if by is DeleteKey.REGISTRATION_ID else mask(value)
+        log.info("erased %d registration(s) by %s %s: %s", len(erasure.registrations),
+                 by.value, shown,
+                 ", ".join(registration.registration_id for registration in erasure.registrations))
+        return erasure
+
+    def get(self, registration_id: str) -> Registration:
+        registration = self.gallery.get(registration_id)
+        if registration is None:
+            raise NotFound(f"registration_id: no registration {registration_id!r}")
+        return registration
+
+    def stats(self) -> ServiceStats:
+        return ServiceStats(self.gallery.stats(), self.gallery.location, self.policy,
+                            self.embedder.pack, self.gallery.data_dir)
