@@ -40,6 +40,7 @@ from dedup.core.settings import (
 )
 from dedup.face.model_pack import MODEL_DIR_ENV
 from dedup.gallery.embedded.gallery import EmbeddedGallery
+from dedup.gallery.embedded.layout import store_file
 from dedup.gallery.embedded.store import Store
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -406,7 +407,7 @@ def keys_command(args: argparse.Namespace) -> int:
 def _offline_store(data_dir: Path) -> Store:
     from dedup.gallery.embedded.store import Store
 
-    if not (data_dir / "store" / "data.mdb").exists():
+    if not store_file(data_dir).exists():
         raise ValueError(f"{data_dir}: no dedup store here")
     return Store.reader(data_dir)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dedup.core.errors import StoreError
-from dedup.gallery.embedded.gallery import CHECKPOINT_FILE
+from dedup.gallery.embedded.layout import CHECKPOINT_FILE, store_dir, store_file
 from dedup.gallery.embedded.store import Store
 
 
@@ -29,25 +29,25 @@ def backup(data_dir: Path, dest: Path) -> BackupReport:
     a restored server replays the log after it, or rebuilds from the store.
     """
     started = time.monotonic()
-    if not (data_dir / "store" / "data.mdb").exists():
+    if not store_file(data_dir).exists():
         raise StoreError(f"{data_dir}: no dedup store to back up")
     if dest.exists() and any(dest.iterdir()):
         raise StoreError(f"{dest}: not empty; back up into a new directory")
-    (dest / "store").mkdir(parents=True, exist_ok=True)
+    store_dir(dest).mkdir(parents=True, exist_ok=True)
     checkpoint_bytes = _copy_checkpoint(data_dir / CHECKPOINT_FILE, dest / CHECKPOINT_FILE)
     source = Store.reader(data_dir)
     try:
-        source.copy_to(dest / "store")
+        source.copy_to(store_dir(dest))
     finally:
         source.close()
     copied = Store.reader(dest)
     try:
         report = BackupReport(copied.count(), copied.sequence(),
-                              (dest / "store" / "data.mdb").stat().st_size, checkpoint_bytes,
+                              store_file(dest).stat().st_size, checkpoint_bytes,
                               time.monotonic() - started)
     finally:
         copied.close()
-    (dest / "store" / "lock.mdb").unlink(missing_ok=True)  # a reader's lock file, not data
+    (store_dir(dest) / "lock.mdb").unlink(missing_ok=True)  # a reader's lock file, not data
     return report
 
 

@@ -11,13 +11,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dedup.core.errors import CheckpointError, StoreError
+from dedup.core.settings import GIB
 from dedup.gallery.embedded.checkpoint import read_checkpoint
-from dedup.gallery.embedded.gallery import CHECKPOINT_FILE, LOCK_FILE, replay_changes
+from dedup.gallery.embedded.gallery import replay_changes
 from dedup.gallery.embedded.index import load_index
+from dedup.gallery.embedded.layout import CHECKPOINT_FILE, LOCK_FILE, store_dir, store_file
 from dedup.gallery.embedded.store import Store
 from dedup.gallery.embedded.store_check import walk_store
-
-GIB = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,8 @@ Check = Callable[[], Finding]
 
 def examine(data_dir: Path) -> list[Finding]:
     """Runs every check that applies; a damaged store stops the checks that need it."""
-    if not (data_dir / "store" / "data.mdb").exists():
-        return [Finding("problem", "store", f"no LMDB store under {data_dir / 'store'}")]
+    if not store_file(data_dir).exists():
+        return [Finding("problem", "store", f"no LMDB store under {store_dir(data_dir)}")]
     findings = [_server_lock(data_dir), _pages(data_dir)]
     if findings[-1].level == "problem":
         return findings
@@ -60,10 +60,10 @@ def _server_lock(data_dir: Path) -> Finding:
 
 def _pages(data_dir: Path) -> Finding:
     try:
-        walk_store(data_dir / "store")
+        walk_store(store_dir(data_dir))
     except StoreError as error:
         return Finding("problem", "store pages", str(error))
-    size = (data_dir / "store" / "data.mdb").stat().st_size
+    size = store_file(data_dir).stat().st_size
     return Finding("ok", "store pages", f"every page of data.mdb ({size / GIB:.2f} GiB) reads")
 
 

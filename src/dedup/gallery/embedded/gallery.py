@@ -54,6 +54,7 @@ from dedup.gallery.embedded.index import (
     training_size,
     validate_kind,
 )
+from dedup.gallery.embedded.layout import CHECKPOINT_FILE, LOCK_FILE, store_dir
 from dedup.gallery.embedded.rebuild import Built, build_in_child, build_in_process
 from dedup.gallery.embedded.store import OP_ADD, Store
 from dedup.gallery.embedded.store_check import walk_store
@@ -61,8 +62,6 @@ from dedup.gallery.embedded.sweep import IVFCandidates
 
 log = logging.getLogger("dedup.gallery")
 
-CHECKPOINT_FILE = "index.ckpt"
-LOCK_FILE = "dedup.lock"
 # After a failed automatic switch of index type, wait this long before trying again.
 SWITCH_RETRY_S = 600.0
 REBUILD_FILE = "index.ckpt.rebuild"
@@ -129,7 +128,7 @@ class EmbeddedGallery:
         self._lock_file = _lock_data_dir(self.data_dir)
         try:
             if config.check_on_open:
-                walk_store(self.data_dir / "store")
+                walk_store(store_dir(self.data_dir))
             self.store = Store(config)
         except BaseException:
             self._lock_file.close()

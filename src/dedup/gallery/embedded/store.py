@@ -48,6 +48,7 @@ from dedup.core.rwlock import ReadWriteLock
 from dedup.core.settings import StoreConfig
 from dedup.core.vectors import Matrix, Vector
 from dedup.gallery.embedded.checkpoint import fsync_directory
+from dedup.gallery.embedded.layout import DATA_FILE, store_dir
 
 log = logging.getLogger("dedup.store")
 
@@ -99,7 +100,7 @@ class Store:
     def __init__(self, config: StoreConfig, readonly: bool = False) -> None:
         self.config = config
         self.readonly = readonly
-        self.path = Path(config.data_dir) / "store"
+        self.path = store_dir(config.data_dir)
         # Every transaction runs under `reading`; growing the map takes `writing`, since
         # LMDB allows a resize only while this process has no transaction open.
         self._resize = ReadWriteLock()
@@ -168,7 +169,7 @@ class Store:
                 f"but its pages reach {usage.used_bytes}; restore it from a backup")
 
     def _existing_size(self) -> int:
-        data_file = self.path / "data.mdb"
+        data_file = self.path / DATA_FILE
         return data_file.stat().st_size if data_file.exists() else 0
 
     def _initialise_meta(self) -> None:
@@ -231,7 +232,7 @@ class Store:
                 raise
             self._env.close()
             try:
-                os.replace(staging / "data.mdb", self.path / "data.mdb")
+                os.replace(staging / DATA_FILE, self.path / DATA_FILE)
                 fsync_directory(self.path)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -256,7 +257,7 @@ class Store:
             target.sync(True)
         finally:
             target.close()
-        with open(staging / "data.mdb", "rb") as written:
+        with open(staging / DATA_FILE, "rb") as written:
             os.fsync(written.fileno())
 
     def copy_to(self, directory: Path) -> None:
@@ -266,7 +267,7 @@ class Store:
                 self._env.copy(str(directory), compact=True)
             except _DAMAGE as error:
                 raise self._damaged(error) from error
-        with open(directory / "data.mdb", "rb") as copied:
+        with open(directory / DATA_FILE, "rb") as copied:
             os.fsync(copied.fileno())
 
     def usage(self) -> StoreUsage:

@@ -14,14 +14,15 @@ import sys
 from pathlib import Path
 
 from dedup.core.errors import StoreDamaged
+from dedup.gallery.embedded.layout import DATA_FILE
 
 _WALK = """
 import lmdb, os, sys
 env = lmdb.open(sys.argv[1], readonly=True, lock=False, max_dbs=16, map_size=1 << 44)
 used = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-size = os.path.getsize(os.path.join(sys.argv[1], "data.mdb"))
+size = os.path.getsize(sys.argv[2])
 if size < used:
-    sys.exit(f"data.mdb holds {size} bytes but its pages reach {used}")
+    sys.exit(f"{os.path.basename(sys.argv[2])} holds {size} bytes but its pages reach {used}")
 with open(os.devnull, "wb") as sink:
     env.copyfd(sink.fileno(), compact=True)
 """
@@ -29,9 +30,10 @@ with open(os.devnull, "wb") as sink:
 
 def walk_store(store_dir: Path, timeout: float = 3600.0) -> None:
     """Raises StoreDamaged unless every page of the store in `store_dir` can be read."""
-    if not (store_dir / "data.mdb").exists():
+    if not (store_dir / DATA_FILE).exists():
         return  # a new store
-    result = subprocess.run([sys.executable, "-c", _WALK, str(store_dir)],
+    result = subprocess.run([sys.executable, "-c", _WALK, str(store_dir),
+                             str(store_dir / DATA_FILE)],
                             capture_output=True, text=True, timeout=timeout, check=False)
     if result.returncode == 0:
         return

@@ -1,0 +1,19 @@
+"""The files of an embedded data directory: one owner for their names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+STORE_DIR = "store"  # the LMDB environment
+DATA_FILE = "data.mdb"  # LMDB's data file in it
+CHECKPOINT_FILE = "index.ckpt"  # the index checkpoint
+LOCK_FILE = "dedup.lock"  # held by the process that has the directory open for writing
+
+
+def store_dir(data_dir: Path) -> Path:
+    return Path(data_dir) / STORE_DIR
+
+
+def store_file(data_dir: Path) -> Path:
+    """LMDB's data file: present once a store was created in `data_dir`."""
+    return store_dir(data_dir) / DATA_FILE
