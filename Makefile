@@ -1,12 +1,14 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   - builds .venv, generates the protobuf code, runs the server on index_data/ with a demo
+#   make demo   - builds .venv, installs dedup, runs the server on index_data/ with a demo
 #   make test   - the same set-up, then the test suite
+# The generated gRPC code (src/dedup/_proto/) is checked in; `make protos` regenerates it
+# after a change to protos/, and `make lint` fails if it is stale.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint protos serve clean
+.PHONY: demo test lint protos serve wheel clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,18 +19,24 @@ $(STAMP): pyproject.toml
 protos: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
 
-demo: protos
+demo: $(STAMP)
 	$(BIN)/dedup demo
 
-serve: protos
+serve: $(STAMP)
 	$(BIN)/dedup serve
 
-test: protos
+test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-lint: protos
+lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/mypy
+	$(BIN)/lint-imports
+	$(BIN)/python scripts/gen_protos.py --check
+
+wheel: $(STAMP)
+	rm -rf dist
+	$(BIN)/pip wheel --quiet --no-deps --wheel-dir dist .
 
 clean:
-	rm -rf $(VENV) src/dedup/_proto
+	rm -rf $(VENV) dist build

@@ -1,12 +1,20 @@
 """dedup: face de-duplication for mobile-carrier SIM registration.
 
-The public surface: configuration, the server factory, the service's errors and
-the synthetic face generator used by the demo, tests and benchmarks.
+The public surface: the settings, the error tree, verdicts, the server factory and the
+synthetic face generator used by the demo, tests and benchmarks. Importing the package or
+its settings is cheap: the server (grpc, FAISS, LMDB, the face model) loads on first use of
+`create_server` or `DedupServer`.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from dedup.core.errors import (
     AlreadyExists,
     CheckpointError,
+    ConfigError,
     DeadlineExceeded,
     DedupError,
     FailedPrecondition,
@@ -14,12 +22,24 @@ from dedup.core.errors import (
     ModelError,
     NotFound,
     ResourceExhausted,
+    StartupError,
     StoreError,
 )
 from dedup.core.records import Verdict
 from dedup.core.settings import DIMENSION, GIB, MIB, Limits, Policy, ServerConfig, StoreConfig
 from dedup.core.synthetic import FaceGenerator, noise_for_similarity
-from dedup.server import DedupServer, create_server
+
+if TYPE_CHECKING:
+    from dedup.server import DedupServer, create_server
+
+_LAZY = {"DedupServer": "dedup.server", "create_server": "dedup.server"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dedup' has no attribute {name!r}")
+
 
 __all__ = [
     "DIMENSION",
@@ -27,6 +47,7 @@ __all__ = [
     "MIB",
     "AlreadyExists",
     "CheckpointError",
+    "ConfigError",
     "DeadlineExceeded",
     "DedupError",
     "DedupServer",
@@ -39,6 +60,7 @@ __all__ = [
     "Policy",
     "ResourceExhausted",
     "ServerConfig",
+    "StartupError",
     "StoreConfig",
     "StoreError",
     "Verdict",
