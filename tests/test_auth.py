@@ -20,7 +20,7 @@ from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 from dedup.core.errors import ConfigError
 from dedup.core.security import load_security
-from dedup.ops.keys import Issued, issue, make_ca, make_keys, write_pair
+from dedup.ops.keys import Issued, default_ca_dir, issue, make_ca, make_keys, write_pair
 
 OK = grpc.StatusCode.OK
 SERIAL = itertools.count()
@@ -147,7 +147,8 @@ def test_no_client_certificate_on_the_mtls_port_is_refused(secure_server, keys):
 
 
 def test_certificate_with_unmapped_subject_is_unauthenticated(secure_server, keys, tmp_path):
-    ca = Issued(serialization.load_pem_private_key((keys / "ca.key").read_bytes(), None),
+    ca_key = default_ca_dir(keys) / "ca.key"
+    ca = Issued(serialization.load_pem_private_key(ca_key.read_bytes(), None),
                 load_pem_x509_certificate((keys / "ca.crt").read_bytes()))
     write_pair(issue(ca, "stranger", server=False), tmp_path, "stranger")
     (tmp_path / "ca.crt").write_bytes((keys / "ca.crt").read_bytes())

@@ -14,7 +14,7 @@ from processes import ServerProcess
 from dedup import FaceGenerator
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 
-KEY_FILES = {"ca.crt", "ca.key", "server.crt", "server.key", "security.toml", "tokens.txt",
+KEY_FILES = {"ca.crt", "server.crt", "server.key", "security.toml", "tokens.txt",
              *(f"{role}.{ext}" for role in ("registration", "investigator", "admin")
                for ext in ("crt", "key"))}
 
@@ -29,6 +29,7 @@ def test_keys_then_a_secured_server_and_clients(tmp_path):
     made = dedup("keys", str(keys), "--token-address", "127.0.0.1:0")
     assert made.returncode == 0, made.stderr
     assert {p.name for p in keys.iterdir()} == KEY_FILES
+    assert [p.name for p in (tmp_path / "keys-ca").iterdir()] == ["ca.key"]
     assert (keys / "admin.key").stat().st_mode & 0o077 == 0
     server = ServerProcess(tmp_path / "data", "--security", str(keys / "security.toml"))
     try:

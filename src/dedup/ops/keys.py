@@ -1,5 +1,12 @@
 """`dedup keys`: a test CA, server and client certificates, tokens and a security file, for
-local use and tests. Production deployments bring their own CA and tokens."""
+local use and tests. Production deployments bring their own CA and tokens.
+
+Every secret is created with O_CREAT|O_EXCL and mode 0600 inside a directory created 0700, so
+no other user can read it at any moment (a file chmod'ed after writing was readable between
+the two), and an existing file or a planted symlink is refused rather than written through.
+The CA's private key goes to a directory of its own, apart from the files the server reads:
+whoever holds it can mint a certificate of any role; it belongs offline, not on the server.
+"""
 
 from __future__ import annotations
 
@@ -68,26 +75,52 @@ def _san(host: str) -> x509.GeneralName:
         return x509.DNSName(host)
 
 
-def write_pair(issued: Issued, directory: Path, stem: str) -> None:
+def write_pair(issued: Issued, directory: Path, stem: str, key_directory: Path | None = None
+               ) -> None:
+    """`stem.crt` into `directory`, `stem.key` into `key_directory` (default: the same)."""
     _write(directory / f"{stem}.crt", issued.certificate.public_bytes(serialization.Encoding.PEM))
-    _write(directory / f"{stem}.key", issued.key.private_bytes(
+    _write((key_directory or directory) / f"{stem}.key", issued.key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()), private=True)
+        serialization.NoEncryption()))
 
 
-def _write(path: Path, data: bytes, private: bool = False) -> None:
-    path.write_bytes(data)
-    if private:
-        os.chmod(path, 0o600)
+def _write(path: Path, data: bytes) -> None:
+    """A new file, readable by its owner only from the moment it exists."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(data)
+
+
+def private_directory(path: Path) -> Path:
+    """`path` as a directory of mode 0700: created so, or an existing empty directory of
+    this user's (not a symlink) narrowed to it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if path.is_symlink() or not path.is_dir() or any(path.iterdir()) \
+                or path.stat().st_uid != os.getuid():
+            raise FileExistsError(f"{path}: exists and is not an empty directory of this "
+                                  "user's; give a new directory") from None
+    os.chmod(path, 0o700)  # mkdir's mode is cut by the umask; 0700 only ever narrows it
+    return path
+
+
+def default_ca_dir(out: Path) -> Path:
+    return out.parent / f"{out.name}-ca"
 
 
 def make_keys(out: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
-              token_address: str = "127.0.0.1:50052", token_days: int = 90) -> list[Path]:
-    """Writes ca.crt/.key, server.crt/.key, <role>.crt/.key per role, tokens.txt (the tokens
-    themselves, for the clients) and security.toml (their hashes only); returns the files."""
-    out.mkdir(parents=True, exist_ok=True)
+              token_address: str = "127.0.0.1:50052", token_days: int = 90,
+              ca_dir: Path | None = None) -> list[Path]:
+    """Writes into a new directory `out` (mode 0700): ca.crt, server.crt/.key,
+    <role>.crt/.key per role, tokens.txt (the tokens themselves, for the clients) and
+    security.toml (their hashes only); and ca.key into a new directory `ca_dir` (default
+    `<out>-ca`). Returns the files written, ca.key last."""
+    private_directory(out)
+    ca_dir = private_directory(ca_dir or default_ca_dir(out))
     ca = make_ca()
-    write_pair(ca, out, "ca")
+    write_pair(ca, out, "ca", key_directory=ca_dir)
     write_pair(issue(ca, "dedup server", server=True, hosts=hosts), out, "server")
     expires = (dt.datetime.now(dt.UTC) + dt.timedelta(days=token_days)).replace(microsecond=0)
     clients, tokens, token_lines = [], [], []
@@ -98,7 +131,7 @@ def make_keys(out: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
         token_lines.append(f"{role} {token}\n")
         tokens.append(f'[[tokens]]\nname = "{role}-token"\nrole = "{role}"\n'
                       f'sha256 = "{token_digest(token)}"\nexpires = {expires.isoformat()}\n')
-    _write(out / "tokens.txt", "".join(token_lines).encode(), private=True)
+    _write(out / "tokens.txt", "".join(token_lines).encode())
     security = (
         "# dedup security file (made by `dedup keys`; for local use and tests)\n"
         '[tls]\ncertificate = "server.crt"\nprivate_key = "server.key"\n'
@@ -107,4 +140,4 @@ def make_keys(out: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
         "# mutual TLS: client certificate common name -> role\n" + "\n".join(clients) + "\n"
         "# bearer tokens: only their SHA-256 is kept here\n" + "\n".join(tokens))
     _write(out / "security.toml", security.encode())
-    return sorted(out.iterdir())
+    return [*sorted(out.iterdir()), ca_dir / "ca.key"]
