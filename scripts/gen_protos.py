@@ -10,9 +10,9 @@ rewritten to live under the private `dedup._proto` package.
 
 from __future__ import annotations
 
-import re
 import argparse
 import filecmp
+import re
 import shutil
 import sys
 import tempfile

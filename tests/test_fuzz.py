@@ -1,12 +1,19 @@
 """Property-based bad input: random request fields always get a proper status, never
-UNKNOWN or INTERNAL, and a refused request changes nothing."""
+UNKNOWN or INTERNAL, and a refused request changes nothing. Well-known types too: every
+request message holding a google.protobuf.Timestamp is fuzzed with out-of-range ones."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import grpc
 import pytest
 from conftest import RunningServer, face, registration
-from hypothesis import HealthCheck, given, settings
+from google.protobuf import message_factory
+from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from dedup import FaceGenerator, ServerConfig, StoreConfig
@@ -179,3 +186,188 @@ def test_enroll_stream_fuzzed(fuzz_server, requests):
     assert after.registrations == before.registrations + len(enrolled)
     for registration_id in enrolled:
         fuzz_server.stub.Delete(pb.DeleteRequest(registration_id=registration_id))
+
+
+# -- Any request message, from its descriptor, with well-known types -----------------------
+
+TIMESTAMP = Timestamp.DESCRIPTOR.full_name
+SECONDS_MIN, SECONDS_MAX = -62_135_596_800, 253_402_300_799  # 0001-01-01 .. 9999-12-31
+INT32, INT64 = 2**31, 2**63
+
+timestamps = st.builds(
+    lambda seconds, nanos: Timestamp(seconds=seconds, nanos=nanos),
+    st.one_of(st.integers(SECONDS_MIN, SECONDS_MAX),
+              st.sampled_from([SECONDS_MIN - 1, SECONDS_MAX + 1, -INT64, INT64 - 1]),
+              st.integers(-INT64, INT64 - 1)),
+    st.one_of(st.integers(0, 999_999_999),
+              st.sampled_from([-1, 1_000_000_000, INT32 - 1, -INT32]),
+              st.integers(-INT32, INT32 - 1)),
+)
+# Message types with their own strategy; any other is built field by field.
+KNOWN_MESSAGES: dict[str, st.SearchStrategy[Any]] = {
+    TIMESTAMP: timestamps,
+    pb.Face.DESCRIPTOR.full_name: faces.filter(lambda f: f is not None),
+}
+SCALARS: dict[int, st.SearchStrategy[Any]] = {
+    FieldDescriptor.CPPTYPE_INT32: st.integers(-INT32, INT32 - 1),
+    FieldDescriptor.CPPTYPE_INT64: st.integers(-INT64, INT64 - 1),
+    FieldDescriptor.CPPTYPE_UINT32: st.one_of(st.integers(0, 20), st.integers(0, 2**32 - 1)),
+    FieldDescriptor.CPPTYPE_UINT64: st.one_of(st.integers(0, 20), st.integers(0, 2**64 - 1)),
+    FieldDescriptor.CPPTYPE_FLOAT: floats,
+    FieldDescriptor.CPPTYPE_DOUBLE: st.floats(),
+    FieldDescriptor.CPPTYPE_BOOL: st.booleans(),
+}
+
+
+def holds_timestamp(descriptor: Descriptor, seen: frozenset[str] = frozenset()) -> bool:
+    """Whether a message of this type can carry a Timestamp, at any depth."""
+    if descriptor.full_name == TIMESTAMP:
+        return True
+    return any(field.message_type is not None and field.message_type.full_name not in seen
+               and holds_timestamp(field.message_type, seen | {descriptor.full_name})
+               for field in descriptor.fields)
+
+
+def field_values(field: FieldDescriptor) -> st.SearchStrategy[Any]:
+    if field.message_type is not None:
+        known = KNOWN_MESSAGES.get(field.message_type.full_name)
+        one = known if known is not None else mutations(
+            message_factory.GetMessageClass(field.message_type)())
+    elif field.type == FieldDescriptor.TYPE_ENUM:
+        one = st.one_of(st.sampled_from([value.number for value in field.enum_type.values]),
+                        st.integers(-INT32, INT32 - 1))  # proto3 enums are open
+    elif field.type == FieldDescriptor.TYPE_BYTES:
+        one = st.binary(max_size=300)
+    elif field.type == FieldDescriptor.TYPE_STRING:
+        one = texts
+    else:
+        one = SCALARS[field.cpp_type]
+    return st.lists(one, max_size=4) if field.is_repeated else one
+
+
+def sometimes(values: st.SearchStrategy[Any], one_in: int) -> st.SearchStrategy[Any]:
+    return st.integers(1, one_in).flatmap(lambda n: values if n == 1 else st.none())
+
+
+def mutations(base: Message) -> st.SearchStrategy[Message]:
+    """`base` with random values of their type in some fields: most examples keep a field as
+    it was, except Timestamps, set in half of them at any depth (the fields around them keep
+    `base`'s values, so the request gets as far as the timestamps)."""
+    changes: dict[str, st.SearchStrategy[Any]] = {}
+    for field in base.DESCRIPTOR.fields:
+        kind = field.message_type
+        if kind is not None and kind.full_name == TIMESTAMP and not field.is_repeated:
+            changes[field.name] = sometimes(timestamps, 2)
+        elif (kind is not None and not field.is_repeated and kind.full_name not in
+              KNOWN_MESSAGES and holds_timestamp(kind)):
+            changes[field.name] = mutations(getattr(base, field.name))
+        else:
+            changes[field.name] = sometimes(field_values(field), 4)
+    return st.fixed_dictionaries(changes).map(lambda values: changed(base, values))
+
+
+def changed(base: Message, values: dict[str, Any]) -> Message:
+    message = type(base)()
+    message.CopyFrom(base)
+    for name, value in values.items():
+        if value is None:
+            continue
+        field = base.DESCRIPTOR.fields_by_name[name]
+        message.ClearField(name)
+        target = getattr(message, name)
+        if field.is_repeated and field.message_type is not None:
+            for item in value:
+                target.add().CopyFrom(item)
+        elif field.is_repeated:
+            target.extend(value)
+        elif field.message_type is not None:
+            target.CopyFrom(value)
+        else:
+            setattr(message, name, value)
+    return message
+
+
+def out_of_range_timestamp(message: Message) -> bool:
+    for field, value in message.ListFields():
+        if field.message_type is None:
+            continue
+        for item in value if field.is_repeated else [value]:
+            if field.message_type.full_name == TIMESTAMP:
+                if not (0 <= item.nanos <= 999_999_999
+                        and SECONDS_MIN <= item.seconds <= SECONDS_MAX):
+                    return True
+            elif out_of_range_timestamp(item):
+                return True
+    return False
+
+
+# Valid requests the mutations start from, so that most get past the other fields' checks.
+BASES: dict[str, Message] = {
+    "dedup.v1.SearchRequest": pb.SearchRequest(case_id="case-1", purpose="fuzzing",
+                                               registration_id="r0"),
+    "dedup.v1.EnrollRequest": pb.EnrollRequest(
+        registration=registration("fz-new", "ID-fz"), face=face(FaceGenerator(8).persons(1)[0])),
+}
+TIMESTAMP_METHODS = [method for _, method in METHODS if holds_timestamp(method.input_type)]
+
+
+def timestamp_requests(method: MethodDescriptor) -> st.SearchStrategy[tuple[Any, Message]]:
+    base = BASES.get(method.input_type.full_name) or message_factory.GetMessageClass(
+        method.input_type)()
+    return st.tuples(st.just(method), mutations(base))
+
+
+def send(channel: grpc.Channel, method: MethodDescriptor, request: Message) -> list[Message]:
+    path = f"/{method.containing_service.full_name}/{method.name}"
+    codec = {"request_serializer": type(request).SerializeToString,
+             "response_deserializer":
+                 message_factory.GetMessageClass(method.output_type).FromString}
+    if method.client_streaming:
+        return list(channel.stream_stream(path, **codec)(iter([request]), timeout=60))
+    if method.server_streaming:
+        return list(channel.unary_stream(path, **codec)(request, timeout=60))
+    return [channel.unary_unary(path, **codec)(request, timeout=60)]
+
+
+def in_band_error(reply: Message) -> bool:
+    """A streamed reply that reports its request's failure (EnrollStream's `error`)."""
+    return "error" in reply.DESCRIPTOR.fields_by_name and reply.HasField("error")
+
+
+def test_the_timestamp_fuzzing_covers_every_request_with_a_timestamp():
+    assert {method.name for method in TIMESTAMP_METHODS} >= {"Search", "Enroll", "EnrollStream"}
+
+
+SEARCH = pb.DESCRIPTOR.services_by_name["Investigate"].methods_by_name["Search"]
+ENROLL = pb.DESCRIPTOR.services_by_name["FaceDedup"].methods_by_name["Enroll"]
+
+
+@FUZZ
+@given(case=st.sampled_from(TIMESTAMP_METHODS).flatmap(timestamp_requests))
+@example(case=(SEARCH, changed(BASES["dedup.v1.SearchRequest"],
+                               {"enrolled_from": Timestamp(nanos=-1)})))
+@example(case=(SEARCH, changed(BASES["dedup.v1.SearchRequest"],
+                               {"enrolled_until": Timestamp(seconds=SECONDS_MAX + 1)})))
+@example(case=(ENROLL, changed(BASES["dedup.v1.EnrollRequest"], {"registration": changed(
+    BASES["dedup.v1.EnrollRequest"].registration, {"enrolled_at": Timestamp(nanos=INT32 - 1)})})))
+def test_out_of_range_timestamps_are_refused_and_change_nothing(fuzz_server, case):
+    method, request = case
+    before = fuzz_server.stub.Stats(pb.StatsRequest())
+    try:
+        replies: list[Message] | None = send(fuzz_server.channel, method, request)
+    except grpc.RpcError as error:
+        assert error.code() in PROPER, f"{method.name}: {error.code()}: {error.details()}"
+        assert error.details()
+        replies = None
+    for reply in replies or []:
+        if in_band_error(reply):
+            assert reply.error.code in {code.name for code in PROPER}, reply.error
+    if out_of_range_timestamp(request):
+        assert replies is None or all(in_band_error(reply) for reply in replies), replies
+        after = fuzz_server.stub.Stats(pb.StatsRequest())
+        assert (after.registrations, after.store_sequence) == (before.registrations,
+                                                               before.store_sequence)
+    for reply in replies or []:
+        if getattr(reply, "enrolled", False):
+            fuzz_server.stub.Delete(pb.DeleteRequest(
+                registration_id=reply.registration.registration_id))

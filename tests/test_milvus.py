@@ -27,7 +27,8 @@ from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 from dedup.core.records import Registration
 from dedup.core.settings import MilvusConfig
-from dedup.gallery.milvus.gallery import PENDING, MilvusGallery, _new_key, _now_us, _Row
+from dedup.gallery.milvus import MilvusGallery
+from dedup.gallery.milvus.schema import PENDING, _new_key, _now_us, _Row
 
 ROUNDS = 12
 

@@ -1,15 +1,11 @@
-"""The gRPC API layer: FaceDedup, health and reflection over one gallery."""
+"""Assembles the dedup server: the face model, one gallery (embedded or Milvus), the gRPC
+services of dedup.api, health and reflection, on mutual TLS or loopback listeners."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import queue
 import threading
-import time
-from collections.abc import Callable, Iterator
 from concurrent import futures
-from pathlib import Path
 from typing import Any
 
 import faiss
@@ -18,32 +14,20 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
-from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
-from dedup.api import convert as convert
-from dedup.api.auth import (
-    CALLER,
-    UNAUTHENTICATED_CALLER,
-    Authorizer,
-    is_loopback,
-    mtls_credentials,
-    tls_credentials,
-)
+from dedup.api.auth import Authorizer, is_loopback, mtls_credentials, tls_credentials
+from dedup.api.face_dedup import FaceDedupServicer
+from dedup.api.index_admin import IndexAdminServicer
 from dedup.api.investigate import InvestigateServicer
 from dedup.api.metrics import Metrics
 from dedup.api.observe import CallObserver
-from dedup.api.status import details, rpc, status_of
 from dedup.api.wire import add_service
-from dedup.core import validation
-from dedup.core.audit_chain import record_maker
-from dedup.core.errors import ConfigError, DedupError, NotFound
-from dedup.core.records import Probe
-from dedup.core.settings import Policy, ServerConfig
+from dedup.core.errors import ConfigError
+from dedup.core.settings import ServerConfig
 from dedup.face.embedder import FaceEmbedder
 from dedup.face.model_pack import resolve_model_dir
-from dedup.gallery.base import Gallery, IndexStatus
+from dedup.gallery.base import Gallery
 from dedup.gallery.embedded.gallery import EmbeddedGallery
-from dedup.service import calibration as calibration
-from dedup.service.audit import AuditTrail, embedding_digest
+from dedup.service.audit import AuditTrail
 from dedup.service.registrations import DedupService
 
 log = logging.getLogger("dedup.server")
@@ -51,225 +35,6 @@ log = logging.getLogger("dedup.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FaceDedup"].full_name
 ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["IndexAdmin"].full_name
 INVESTIGATE_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Investigate"].full_name
-
-def _deadline(context: grpc.ServicerContext) -> float | None:
-    """Seconds left for the call, or None without a deadline (gRPC then reports ~1e308)."""
-    remaining = context.time_remaining()
-    return None if remaining is None or remaining > 1e9 else max(0.0, float(remaining))
-
-
-class FaceDedupServicer(pb_grpc.FaceDedupServicer):
-    def __init__(self, service: DedupService, config: ServerConfig, metrics: Metrics,
-                 audit: AuditTrail) -> None:
-        self.service = service
-        self.metrics = metrics
-        self.audit = audit
-        self.limits = config.limits
-        self.dimension = config.store.dimension
-
-    def _probe(self, request: pb.CheckRequest | pb.EnrollRequest,
-               context: grpc.ServicerContext) -> Probe:
-        face = convert.face_input(request.face, request.HasField("face"), "face", self.dimension)
-        return self.service.probe(face, "face", timeout=_deadline(context))
-
-    @rpc
-    def Check(self, request: pb.CheckRequest, context: grpc.ServicerContext) -> pb.CheckResponse:
-        claimed = validation.text(request.claimed_id_number, "claimed_id_number",
-                               self.limits.max_id_number_chars, required=False)
-        limit = convert.max_candidates(request.max_candidates, self.limits)
-        registration_id = validation.text(request.registration_id, "registration_id",
-                                       self.limits.max_registration_id_chars, required=False)
-        probe = self._probe(request, context)
-        result = self.service.check(probe, claimed, limit, registration_id)
-        self._audit_investigator(context, "FaceDedup.Check", lambda: {
-            "embedding_sha256": embedding_digest(probe.vector.tobytes()),
-            "claimed_id_number": claimed}, [m.registration.registration_id for m in result.matches])
-        self.metrics.verdicts.labels(result.verdict.name).inc()
-        return convert.check_to_proto(result)
-
-    def _audit_investigator(self, context: grpc.ServicerContext, method: str,
-                            query: Callable[[], dict[str, str]], returned: list[str]) -> None:
-        """An investigator's reads of FaceDedup are audited like Investigate calls; the case
-        and purpose come from `x-case-id` / `x-purpose` metadata, when sent. `query` is only
-        made for them: other callers' checks pay nothing."""
-        caller = CALLER.get() or UNAUTHENTICATED_CALLER
-        if caller.role != "investigator":
-            return
-        metadata = dict(context.invocation_metadata() or ())
-        self.audit.append(caller, method, str(metadata.get("x-case-id", "")),
-                          str(metadata.get("x-purpose", "")), query(), returned)
-
-    @rpc
-    def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:
-        return self._enroll(request, context)
-
-    def EnrollStream(self, requests: Iterator[pb.EnrollRequest],
-                     context: grpc.ServicerContext) -> Iterator[pb.EnrollResponse]:
-        # One response per request, in order; the client's sends are paced by our reads.
-        for request in requests:
-            try:
-                yield self._enroll(request, context)
-            except DedupError as error:
-                yield _stream_error(request, status_of(error), details(error))
-            except Exception:
-                log.exception("EnrollStream item failed")
-                yield _stream_error(request, grpc.StatusCode.INTERNAL, "internal error")
-
-    def _enroll(self, request: pb.EnrollRequest,
-                context: grpc.ServicerContext) -> pb.EnrollResponse:
-        registration = convert.registration_from_proto(
-            request.registration, request.HasField("registration"), self.limits
-        )
-        probe = self._probe(request, context)
-        result = self.service.enroll(registration, probe, request.check_first)
-        response = pb.EnrollResponse(
-            registration=convert.registration_to_proto(result.registration),
-            enrolled=result.enrolled,
-        )
-        if result.check is not None:
-            self.metrics.verdicts.labels(result.check.verdict.name).inc()
-            response.check.CopyFrom(convert.check_to_proto(result.check))
-        if result.detected is not None:
-            response.detected_face.CopyFrom(convert.detected_to_proto(result.detected))
-        return response
-
-    @rpc
-    def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
-        by, value = convert.delete_key(request, self.limits)
-        caller = CALLER.get() or UNAUTHENTICATED_CALLER
-        maker = record_maker(caller, "FaceDedup.Delete", "", "", {by.value: value})
-        try:
-            erasure = self.service.delete(by, value, maker)
-        except NotFound:
-            self.audit.append(caller, "FaceDedup.Delete", "", "", {by.value: value}, [])
-            raise
-        response = pb.DeleteResponse(
-            deleted=len(erasure.registrations),
-            registration_ids=[registration.registration_id
-                              for registration in erasure.registrations],
-            audit_record_hash=(erasure.audit_hash or b"").hex(),
-        )
-        response.erased_at.GetCurrentTime()
-        if erasure.compaction_due is not None:
-            response.compaction_due.FromNanoseconds(int(erasure.compaction_due * 1e9))
-        if erasure.checkpoint_due is not None:
-            response.checkpoint_due.FromNanoseconds(int(erasure.checkpoint_due * 1e9))
-        return response
-
-    @rpc
-    def GetRegistration(
-        self, request: pb.GetRegistrationRequest, context: grpc.ServicerContext
-    ) -> pb.Registration:
-        registration_id = validation.text(request.registration_id, "registration_id",
-                                       self.limits.max_registration_id_chars, required=True)
-        registration = self.service.get(registration_id)
-        self._audit_investigator(context, "FaceDedup.GetRegistration",
-                                 lambda: {"registration_id": registration_id}, [registration_id])
-        return convert.registration_to_proto(registration)
-
-    @rpc
-    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
-        stats = self.service.stats()
-        gallery = stats.gallery
-        return pb.StatsResponse(
-            registrations=gallery.registrations,
-            distinct_id_numbers=gallery.distinct_id_numbers,
-            index_type=gallery.index_type,
-            dimension=gallery.dimension,
-            index_vectors=gallery.index_vectors,
-            data_dir=stats.data_dir,
-            policy=pb.Policy(
-                match_threshold=stats.policy.match_threshold,
-                review_threshold=stats.policy.review_threshold,
-                max_sims_per_id=stats.policy.max_sims_per_id,
-            ),
-            store_sequence=gallery.store_sequence,
-            checkpoint_sequence=gallery.checkpoint_sequence,
-            model=pb.ModelInfo(
-                model_id=stats.model.model_id,
-                model_dir=str(stats.model.directory),
-                files=[pb.ModelFile(name=f.name, sha256=f.sha256) for f in stats.model.files],
-            ),
-            registrations_by_model=gallery.registrations_by_model,
-            calibration=self._calibration(stats.calibration_dir, gallery.registrations,
-                                          stats.policy),
-        )
-
-    def _calibration(self, data_dir: Path, gallery_size: int, policy: Policy) -> pb.Calibration:
-        try:
-            model = calibration.load(data_dir)
-        except ValueError as error:
-            log.warning("%s", error)
-            return pb.Calibration()
-        if model is None:
-            return pb.Calibration()
-        return pb.Calibration(
-            recorded=True, gallery_size=gallery_size, made_at=model.made_at, source=model.source,
-            fpir_at_match_threshold=model.fpir(policy.match_threshold, gallery_size),
-            fpir_at_review_threshold=model.fpir(policy.review_threshold, gallery_size))
-
-
-def _stream_error(request: pb.EnrollRequest, code: grpc.StatusCode,
-                  message: str) -> pb.EnrollResponse:
-    return pb.EnrollResponse(registration=request.registration, enrolled=False,
-                             error=pb.StreamError(code=code.name, message=message))
-
-
-class IndexAdminServicer(pb_grpc.IndexAdminServicer):
-    def __init__(self, gallery: Gallery) -> None:
-        self.gallery = gallery
-
-    def Rebuild(self, request: pb.RebuildRequest,
-                context: grpc.ServicerContext) -> Iterator[pb.RebuildProgress]:
-        updates: queue.Queue[pb.RebuildProgress | BaseException] = queue.Queue()
-
-        def progress(phase: str, done: int, total: int) -> None:
-            updates.put(pb.RebuildProgress(phase=phase, done=done, total=total))
-
-        def run() -> None:
-            try:
-                status = self.gallery.rebuild(request.index_factory or None, progress)
-                updates.put(pb.RebuildProgress(phase="done", done=status.vectors,
-                                               total=status.vectors, index=_index_info(status)))
-            except BaseException as error:
-                updates.put(error)
-
-        # The rebuild is a server job: it finishes even if this caller goes away.
-        threading.Thread(target=run, name="dedup-rebuild-rpc", daemon=True).start()
-        while True:
-            update = updates.get()
-            if isinstance(update, BaseException):
-                if not isinstance(update, DedupError):
-                    log.error("rebuild failed", exc_info=update)
-                context.abort(status_of(update) if isinstance(update, DedupError)
-                              else grpc.StatusCode.INTERNAL, f"rebuild failed: {details(update)}")
-                return
-            yield update
-            if update.phase == "done":
-                return
-
-    @rpc
-    def GetIndexInfo(self, request: pb.GetIndexInfoRequest,
-                     context: grpc.ServicerContext) -> pb.IndexInfo:
-        return _index_info(self.gallery.index_status())
-
-    @rpc
-    def Compact(self, request: pb.CompactRequest,
-                context: grpc.ServicerContext) -> pb.CompactResponse:
-        started = time.monotonic()
-        before, after = self.gallery.compact()
-        return pb.CompactResponse(bytes_before=before, bytes_after=after,
-                                  seconds=time.monotonic() - started)
-
-    @rpc
-    def Checkpoint(self, request: pb.CheckpointRequest,
-                   context: grpc.ServicerContext) -> pb.CheckpointResponse:
-        sequence = self.gallery.checkpoint()
-        return pb.CheckpointResponse(sequence=sequence, path=str(self.gallery.checkpoint_path))
-
-
-def _index_info(status: IndexStatus) -> pb.IndexInfo:
-    return pb.IndexInfo(**dataclasses.asdict(status))
 
 
 class DedupServer:
@@ -319,7 +84,7 @@ def open_backend(config: ServerConfig, model_id: str) -> Gallery:
     """The embedded gallery in the data directory, or Milvus when configured."""
     if config.milvus is None:
         return EmbeddedGallery(config.store, model_id, config.index)
-    from dedup.gallery.milvus.gallery import (
+    from dedup.gallery.milvus import (
         MilvusGallery,  # needs pymilvus, only installed for this backend
     )
 
@@ -346,41 +111,11 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0") -> tuple[D
         embedder.close()
         raise
     try:
-        server = grpc.server(
-            futures.ThreadPoolExecutor(
-                max_workers=config.max_workers,
-                thread_name_prefix="dedup-rpc",
-                # OpenMP's thread count is per calling thread: set it in every worker.
-                initializer=faiss.omp_set_num_threads,
-                initargs=(config.faiss_omp_threads,),
-            ),
-            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-            options=[
-                ("grpc.max_receive_message_length", config.max_message_bytes),
-                ("grpc.max_send_message_length", config.max_message_bytes),
-                ("grpc.so_reuseport", 0),
-            ],
-        )
+        server = _grpc_server(config)
         service = DedupService(gallery, embedder, config.policy, config.limits)
         metrics.watch_gallery(gallery)
-        observer = CallObserver(metrics)
-        authorizer = Authorizer(config.security)
-        audit = AuditTrail(gallery)
-        services = pb.DESCRIPTOR.services_by_name
-        add_service(server, services["FaceDedup"],
-                    FaceDedupServicer(service, config, metrics, audit), observer, authorizer)
-        add_service(server, services["IndexAdmin"], IndexAdminServicer(gallery), observer,
-                    authorizer)
-        add_service(server, services["Investigate"],
-                    InvestigateServicer(service, config, audit), observer, authorizer)
-        health_servicer = health.HealthServicer(experimental_non_blocking=True)
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        if config.reflection:
-            reflection.enable_server_reflection(
-                (SERVICE_NAME, ADMIN_SERVICE_NAME, INVESTIGATE_SERVICE_NAME,
-                 health.SERVICE_NAME, reflection.SERVICE_NAME),
-                server,
-            )
+        _add_dedup_services(server, config, service, metrics)
+        health_servicer = _add_health_and_reflection(server, config)
         port, token_port = _listen(server, config, address)
     except BaseException:
         embedder.close()
@@ -389,6 +124,52 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0") -> tuple[D
     dedup_server = DedupServer(server, service, health_servicer, config, metrics)
     dedup_server.token_port = token_port
     return dedup_server, port
+
+
+def _grpc_server(config: ServerConfig) -> grpc.Server:
+    return grpc.server(
+        futures.ThreadPoolExecutor(
+            max_workers=config.max_workers,
+            thread_name_prefix="dedup-rpc",
+            # OpenMP's thread count is per calling thread: set it in every worker.
+            initializer=faiss.omp_set_num_threads,
+            initargs=(config.faiss_omp_threads,),
+        ),
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+
+
+def _add_dedup_services(server: grpc.Server, config: ServerConfig, service: DedupService,
+                        metrics: Metrics) -> None:
+    """FaceDedup, IndexAdmin and Investigate, each call observed and authorised."""
+    observer = CallObserver(metrics)
+    authorizer = Authorizer(config.security)
+    audit = AuditTrail(service.gallery)
+    services = pb.DESCRIPTOR.services_by_name
+    add_service(server, services["FaceDedup"],
+                FaceDedupServicer(service, config, metrics, audit), observer, authorizer)
+    add_service(server, services["IndexAdmin"], IndexAdminServicer(service.gallery), observer,
+                authorizer)
+    add_service(server, services["Investigate"],
+                InvestigateServicer(service, config, audit), observer, authorizer)
+
+
+def _add_health_and_reflection(server: grpc.Server,
+                               config: ServerConfig) -> health.HealthServicer:
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if config.reflection:
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, ADMIN_SERVICE_NAME, INVESTIGATE_SERVICE_NAME,
+             health.SERVICE_NAME, reflection.SERVICE_NAME),
+            server,
+        )
+    return health_servicer
 
 
 def _listen(server: grpc.Server, config: ServerConfig, address: str) -> tuple[int, int | None]:

@@ -1,0 +1,2 @@
+"""The gRPC layer: servicers, protobuf conversion, the wire (decoding, admission), status
+mapping, authentication and observability. Knows no gallery implementation."""

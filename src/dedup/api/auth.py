@@ -32,6 +32,11 @@ CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("caller",
 UNAUTHENTICATED_CALLER = Caller("unauthenticated (loopback)", "admin", "none")
 
 
+def current_caller() -> Caller:
+    """The admitted caller of the call being served (set before every servicer method)."""
+    return CALLER.get() or UNAUTHENTICATED_CALLER
+
+
 def allowed(role: str, service: str, method: str) -> bool:
     if role == "admin":
         return True

@@ -16,6 +16,11 @@ from dedup.core.settings import Limits
 from dedup.core.validation import text
 from dedup.core.vectors import unit_vector
 
+# google.protobuf.Timestamp's range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z.
+TIMESTAMP_SECONDS_MIN = -62_135_596_800
+TIMESTAMP_SECONDS_MAX = 253_402_300_799
+NANOS_MAX = 999_999_999
+
 
 def face_input(request_face: pb.Face, has_face: bool, field: str, dimension: int) -> FaceInput:
     if not has_face:
@@ -34,9 +39,25 @@ def face_input(request_face: pb.Face, has_face: bool, field: str, dimension: int
     )
 
 
+def timestamp_us(message: Timestamp, has: bool, field: str) -> int | None:
+    """Microseconds since the epoch, None when unset; a Timestamp outside its documented range
+    is the client's error (protobuf's own conversion would raise a bare ValueError)."""
+    if not has:
+        return None
+    if not 0 <= message.nanos <= NANOS_MAX:
+        raise InvalidArgument(field, f"nanos must be 0..{NANOS_MAX:,}, got {message.nanos}")
+    if not TIMESTAMP_SECONDS_MIN <= message.seconds <= TIMESTAMP_SECONDS_MAX:
+        raise InvalidArgument(field, f"seconds must be {TIMESTAMP_SECONDS_MIN:,}.."
+                              f"{TIMESTAMP_SECONDS_MAX:,} (0001-01-01 to 9999-12-31), "
+                              f"got {message.seconds}")
+    return int(message.ToMicroseconds())
+
+
 def registration_from_proto(message: pb.Registration, has: bool, limits: Limits) -> Registration:
     if not has:
         raise InvalidArgument("registration", "is required")
+    # The server sets enrolled_at and ignores the client's, but a malformed one is still refused.
+    timestamp_us(message.enrolled_at, message.HasField("enrolled_at"), "registration.enrolled_at")
     return validation.registration(message.registration_id, message.id_number, message.msisdn,
                                    message.carrier, message.region, limits)
 

@@ -11,18 +11,18 @@ import grpc
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 from dedup.api import convert as convert
-from dedup.api.auth import CALLER, UNAUTHENTICATED_CALLER, required_text
-from dedup.api.status import answered, rpc
+from dedup.api.auth import current_caller, required_text
+from dedup.api.status import answered, rpc, seconds_left
 from dedup.core import validation
 from dedup.core.adjudication import Adjudication
 from dedup.core.audit_chain import Caller, record_maker
 from dedup.core.errors import InvalidArgument, NotFound
 from dedup.core.policy import Scored
-from dedup.core.settings import ServerConfig
+from dedup.core.settings import Limits, ServerConfig
 from dedup.core.vectors import Vector
 from dedup.service.audit import AuditTrail, embedding_digest
 from dedup.service.clusters import Cluster, find_clusters
-from dedup.service.investigate import SearchFilter, links, widening_search
+from dedup.service.investigate import Links, SearchFilter, links, widening_search
 from dedup.service.registrations import DedupService
 
 DEFAULT_K = 10
@@ -40,8 +40,50 @@ def _score(value: float, field: str) -> float:
     return value
 
 
-def _caller() -> Caller:
-    return CALLER.get() or UNAUTHENTICATED_CALLER
+def _k(value: int) -> int:
+    if value > MAX_K:
+        raise InvalidArgument("k", f"at most {MAX_K}, got {value}")
+    return value or DEFAULT_K
+
+
+def _search_filter(request: pb.SearchRequest, limits: Limits) -> SearchFilter:
+    label = limits.max_label_chars
+    start = convert.timestamp_us(request.enrolled_from, request.HasField("enrolled_from"),
+                                 "enrolled_from")
+    end = convert.timestamp_us(request.enrolled_until, request.HasField("enrolled_until"),
+                               "enrolled_until")
+    if start is not None and end is not None and start >= end:
+        raise InvalidArgument("enrolled_until", "must be later than enrolled_from")
+    return SearchFilter(validation.text(request.carrier, "carrier", label, required=False),
+                        validation.text(request.region, "region", label, required=False),
+                        start, end)
+
+
+def _adjudicated_pair(request: pb.AdjudicateRequest, limits: Limits) -> tuple[str, str, str, str]:
+    """The two registration ids, the decision's name and the note, validated."""
+    limit = limits.max_registration_id_chars
+    first = validation.text(request.registration_id, "registration_id", limit, True)
+    second = validation.text(request.matched_registration_id, "matched_registration_id",
+                             limit, True)
+    if first == second:
+        raise InvalidArgument("matched_registration_id", "must differ from registration_id")
+    if request.decision not in (pb.SAME_PERSON_CONFIRMED, pb.DIFFERENT_PEOPLE):
+        raise InvalidArgument("decision", "SAME_PERSON_CONFIRMED or DIFFERENT_PEOPLE")
+    note = validation.text(request.note, "note", 1000, required=False)
+    decision = pb.Decision.Name(request.decision).replace("_CONFIRMED", "")
+    return first, second, decision, note
+
+
+def _links_response(found: Links, digest: str) -> pb.LinksResponse:
+    return pb.LinksResponse(
+        registrations=[convert.registration_to_proto(r) for r in found.registrations],
+        linked=[pb.LinkedIdNumber(
+            id_number=link.id_number, best_score=link.best_score,
+            registration_id=link.registration_id,
+            matched_registration_id=link.matched_registration_id,
+            registrations=[convert.registration_to_proto(r) for r in link.registrations])
+            for link in found.linked],
+        audit_record_hash=digest)
 
 
 def _match(scored: Scored) -> pb.Match:
@@ -64,10 +106,10 @@ class InvestigateServicer(pb_grpc.InvestigateServicer):
     def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext
                ) -> pb.SearchResponse:
         case_id, purpose = _case(request)
-        k = self._k(request.k)
+        k = _k(request.k)
         floor = _score(request.min_score, "min_score") if request.HasField("min_score") \
             else -1.0
-        search_filter = self._filter(request)
+        search_filter = _search_filter(request, self.limits)
         vector, exclude, query = self._probe(request, context)
         query.update(k=k, min_score=floor if request.HasField("min_score") else None,
                      carrier=search_filter.carrier, region=search_filter.region,
@@ -76,26 +118,9 @@ class InvestigateServicer(pb_grpc.InvestigateServicer):
         found = widening_search(
             self.gallery, vector, floor, k,
             lambda s: s.key != exclude and search_filter.admits(s.registration))
-        digest = self.audit.append(_caller(), "Investigate.Search", case_id, purpose, query,
-                                   [s.registration.registration_id for s in found])
+        digest = self.audit.append(current_caller(), "Investigate.Search", case_id, purpose,
+                                   query, [s.registration.registration_id for s in found])
         return pb.SearchResponse(matches=[_match(s) for s in found], audit_record_hash=digest)
-
-    def _k(self, value: int) -> int:
-        if value > MAX_K:
-            raise InvalidArgument("k", f"at most {MAX_K}, got {value}")
-        return value or DEFAULT_K
-
-    def _filter(self, request: pb.SearchRequest) -> SearchFilter:
-        label = self.limits.max_label_chars
-        start = (request.enrolled_from.ToMicroseconds()
-                 if request.HasField("enrolled_from") else None)
-        end = (request.enrolled_until.ToMicroseconds()
-               if request.HasField("enrolled_until") else None)
-        if start is not None and end is not None and start >= end:
-            raise InvalidArgument("enrolled_until", "must be later than enrolled_from")
-        return SearchFilter(validation.text(request.carrier, "carrier", label, required=False),
-                            validation.text(request.region, "region", label, required=False),
-                            start, end)
 
     def _probe(self, request: pb.SearchRequest, context: grpc.ServicerContext
                ) -> tuple[Vector, int | None, dict[str, Any]]:
@@ -111,9 +136,7 @@ class InvestigateServicer(pb_grpc.InvestigateServicer):
         if which != "face":
             raise InvalidArgument("probe", "give face or registration_id")
         face = convert.face_input(request.face, True, "face", self.dimension)
-        remaining = context.time_remaining()
-        probe = self.service.probe(face, "face", timeout=remaining if remaining and
-                                   remaining < 1e9 else None)
+        probe = self.service.probe(face, "face", timeout=seconds_left(context))
         return probe.vector, None, {"embedding_sha256": embedding_digest(probe.vector.tobytes())}
 
     # -- Links -----------------------------------------------------------------------
@@ -126,17 +149,9 @@ class InvestigateServicer(pb_grpc.InvestigateServicer):
         found = links(self.gallery, id_number, self.policy.match_threshold)
         returned = [r.registration_id for r in found.registrations] + [
             r.registration_id for link in found.linked for r in link.registrations]
-        digest = self.audit.append(_caller(), "Investigate.Links", case_id, purpose,
+        digest = self.audit.append(current_caller(), "Investigate.Links", case_id, purpose,
                                    {"id_number": id_number}, returned)
-        return pb.LinksResponse(
-            registrations=[convert.registration_to_proto(r) for r in found.registrations],
-            linked=[pb.LinkedIdNumber(
-                id_number=link.id_number, best_score=link.best_score,
-                registration_id=link.registration_id,
-                matched_registration_id=link.matched_registration_id,
-                registrations=[convert.registration_to_proto(r) for r in link.registrations])
-                for link in found.linked],
-            audit_record_hash=digest)
+        return _links_response(found, digest)
 
     # -- Adjudicate --------------------------------------------------------------------
 
@@ -144,19 +159,9 @@ class InvestigateServicer(pb_grpc.InvestigateServicer):
     def Adjudicate(self, request: pb.AdjudicateRequest, context: grpc.ServicerContext
                ) -> pb.AdjudicateResponse:
         case_id, purpose = _case(request)
-        limit = self.limits.max_registration_id_chars
-        first = validation.text(request.registration_id, "registration_id", limit, True)
-        second = validation.text(request.matched_registration_id, "matched_registration_id",
-                              limit, True)
-        if first == second:
-            raise InvalidArgument("matched_registration_id",
-                                  "must differ from registration_id")
-        if request.decision not in (pb.SAME_PERSON_CONFIRMED, pb.DIFFERENT_PEOPLE):
-            raise InvalidArgument("decision", "SAME_PERSON_CONFIRMED or DIFFERENT_PEOPLE")
-        note = validation.text(request.note, "note", 1000, required=False)
+        first, second, decision, note = _adjudicated_pair(request, self.limits)
         score = self._pair_score(request, first, second)
-        decision = pb.Decision.Name(request.decision).replace("_CONFIRMED", "")
-        caller = _caller()
+        caller = current_caller()
         record = Adjudication.now(first, second, decision, score, case_id, note,
                                   caller.identity).encode()
         make = record_maker(caller, "Investigate.Adjudicate", case_id, purpose,
@@ -184,7 +189,7 @@ class InvestigateServicer(pb_grpc.InvestigateServicer):
                      ) -> Iterator[pb.ClusterUpdate]:
         case_id, purpose, floor, min_ids, query = answered(
             context, lambda: self._begin_clusters(request), "FindClusters")
-        caller = _caller()
+        caller = current_caller()
         found: list[Cluster] = []
         for item in find_clusters(self.gallery, floor, min_ids):
             if isinstance(item, Cluster):
@@ -206,7 +211,7 @@ class InvestigateServicer(pb_grpc.InvestigateServicer):
         floor = (_score(request.min_score, "min_score") if request.HasField("min_score")
                  else self.policy.match_threshold)
         query: dict[str, Any] = {"min_distinct_id_numbers": min_ids, "min_score": floor}
-        self.audit.append(_caller(), "Investigate.FindClusters", case_id, purpose, query, [])
+        self.audit.append(current_caller(), "Investigate.FindClusters", case_id, purpose, query, [])
         return case_id, purpose, floor, min_ids, query
 
     def _release(self, found: list[Cluster], caller: Caller, case_id: str, purpose: str,

@@ -1,4 +1,5 @@
-"""Which gRPC status each DedupError becomes, and the message sent with it."""
+"""How a servicer method answers: the gRPC status each DedupError becomes, the message sent
+with it, and the time the caller left it."""
 
 from __future__ import annotations
 
@@ -44,7 +45,6 @@ _STATUS: dict[type[DedupError], grpc.StatusCode] = {
 }
 
 
-
 def status_of(error: DedupError) -> grpc.StatusCode:
     for kind, code in _STATUS.items():
         if isinstance(error, kind):
@@ -84,3 +84,9 @@ def rpc(handler: _Handler) -> _Handler:
         return answered(context, lambda: handler(self, request, context), handler.__name__)
 
     return wrapper  # type: ignore[return-value]
+
+
+def seconds_left(context: grpc.ServicerContext) -> float | None:
+    """Seconds left for the call, or None without a deadline (gRPC then reports ~1e308)."""
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > 1e9 else max(0.0, float(remaining))

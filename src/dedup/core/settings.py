@@ -4,6 +4,7 @@ security settings, and no third-party package."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,11 @@ MIB = 1 << 20
 GIB = 1 << 30
 # Where the environment variable holding the Milvus token is read; never a command-line value.
 MILVUS_TOKEN_ENV = "DEDUP_MILVUS_TOKEN"
+
+
+def milvus_token() -> str:
+    """The Milvus token from $DEDUP_MILVUS_TOKEN; empty when it is not set."""
+    return os.environ.get(MILVUS_TOKEN_ENV, "")
 
 
 @dataclass(frozen=True)
@@ -170,8 +176,9 @@ class ServerConfig:
     shutdown_grace_s: float = 10.0
     # HOST:PORT of the Prometheus /metrics endpoint (port 0 picks one); None: no endpoint.
     metrics_address: str | None = None
-    # Roles, mutual TLS and tokens (see _auth.py); None: unauthenticated, loopback only.
+    # Roles, mutual TLS and tokens (core/security.py, api/auth.py); None: unauthenticated,
+    # loopback only.
     security: SecurityConfig | None = None
-    # The Milvus backend (see _milvus.py); None: the embedded LMDB + FAISS backend in
+    # The Milvus backend (see gallery/milvus/); None: the embedded LMDB + FAISS backend in
     # store.data_dir. With Milvus, store.data_dir only holds the node's calibration file.
     milvus: MilvusConfig | None = None

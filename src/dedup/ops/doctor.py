@@ -13,9 +13,9 @@ from tqdm import tqdm
 from dedup.core.errors import CheckpointError, StoreError
 from dedup.core.settings import GIB
 from dedup.gallery.embedded.checkpoint import read_checkpoint
-from dedup.gallery.embedded.gallery import replay_changes
 from dedup.gallery.embedded.index import load_index
 from dedup.gallery.embedded.layout import CHECKPOINT_FILE, LOCK_FILE, store_dir, store_file
+from dedup.gallery.embedded.replay import replay_changes
 from dedup.gallery.embedded.store import Store
 from dedup.gallery.embedded.store_check import walk_store
 

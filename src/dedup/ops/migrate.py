@@ -23,7 +23,7 @@ from dedup.core.errors import StoreError
 from dedup.core.settings import MilvusConfig
 from dedup.core.vectors import Matrix
 from dedup.gallery.embedded.store import Store
-from dedup.gallery.milvus.gallery import MilvusGallery
+from dedup.gallery.milvus import MilvusGallery
 
 log = logging.getLogger("dedup.migrate")
 

@@ -1,0 +1,1 @@
+"""The embedded gallery: LMDB, the source of truth, and a FAISS index derived from it."""

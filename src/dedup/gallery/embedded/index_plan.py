@@ -1,0 +1,48 @@
+"""What the index holds and which type it should be.
+
+The index holds only the embeddings of the server's model: registrations another model
+made (before a model change) stay in the store but are never compared with a probe.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from dedup.gallery.embedded.index import AUTO, BINARY_DEFAULT, FLAT, training_size
+from dedup.gallery.embedded.store import Store
+
+log = logging.getLogger("dedup.gallery")
+
+
+class IndexPlan:
+    def __init__(self, store: Store, model_id: str, configured_kind: str,
+                 auto_threshold: int) -> None:
+        self.store = store
+        self.model_id = model_id
+        self.configured_kind = configured_kind
+        self.auto_threshold = auto_threshold
+
+    def only_model(self) -> str | None:
+        """Filter builds by model only when the store holds another model's embeddings."""
+        return self.model_id if set(self.store.model_counts()) - {self.model_id} else None
+
+    def comparable_count(self) -> int:
+        return self.store.model_counts().get(self.model_id, 0)
+
+    def can_train(self, kind: str) -> bool:
+        return training_size(kind) <= self.comparable_count()
+
+    def wanted_kind(self) -> str:
+        """The configured index type; for "auto", what fits the gallery's size."""
+        if self.configured_kind != AUTO:
+            return self.configured_kind
+        return BINARY_DEFAULT if self.comparable_count() >= self.auto_threshold else FLAT
+
+    def warn_about_other_models(self) -> None:
+        for model, count in self.store.model_counts().items():
+            if model != self.model_id:
+                log.warning(
+                    "%d registration(s) were embedded by model %r, not the current %r: they "
+                    "are left out of every check until enrolled again", count, model,
+                    self.model_id,
+                )

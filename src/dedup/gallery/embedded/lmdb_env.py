@@ -1,0 +1,231 @@
+"""The store's LMDB environment: opening it and its databases, transactions, map growth.
+
+Transactions translate LMDB's errors: a damaged page becomes StoreDamaged, a full disk or a
+map at its cap ResourceExhausted.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import lmdb
+
+from dedup.core.errors import ResourceExhausted, StoreDamaged, StoreError
+from dedup.core.rwlock import ReadWriteLock
+from dedup.core.settings import StoreConfig
+from dedup.gallery.embedded.checkpoint import fsync_directory
+from dedup.gallery.embedded.layout import DATA_FILE
+
+log = logging.getLogger("dedup.store")
+
+_T = TypeVar("_T")
+
+# LMDB's answers to a page that is not what the tree says it should be.
+DAMAGE = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError, lmdb.BadTxnError,
+          lmdb.InvalidError, lmdb.VersionMismatchError)
+
+DUPSORT_DB = "by_id_number"  # one ID number, many keys (sorted duplicates)
+_OPTIONAL_DBS = ("audit", "adjudications")  # absent from a store never written to them
+
+
+@dataclass(frozen=True)
+class Databases:
+    """The named databases of the environment, in the order they are copied."""
+
+    meta: Any  # format, dimension, next key, change sequence, counters
+    records: Any  # key -> registration fields (JSON)
+    vectors: Any  # key -> unit embedding (float32 bytes)
+    by_registration_id: Any  # registration_id -> key
+    by_id_number: Any  # id_number -> key (sorted duplicates)
+    by_msisdn: Any  # msisdn -> key
+    changes: Any  # sequence -> (op, key): the log the index replays after a checkpoint
+    audit: Any  # sequence -> audit record; None if read-only and never written
+    adjudications: Any  # "<id>\0<other id>" -> adjudication record; None likewise
+
+    def named(self) -> list[tuple[str, Any]]:
+        return [(field.name, getattr(self, field.name)) for field in fields(self)]
+
+
+@dataclass(frozen=True)
+class StoreUsage:
+    map_bytes: int  # the LMDB map's current size
+    used_bytes: int  # pages in use, up to the last one written
+    file_bytes: int  # data.mdb's size on disk
+
+
+def open_db(env: lmdb.Environment, name: str, create: bool = True) -> Any:
+    dupsort = name == DUPSORT_DB
+    return env.open_db(name.encode(), dupsort=dupsort, dupfixed=dupsort, create=create)
+
+
+def entries_with_prefix(txn: lmdb.Transaction, db: Any, prefix: bytes
+                        ) -> Iterator[tuple[bytes, bytes]]:
+    """(key without the prefix, value) of every entry whose key starts with `prefix`."""
+    cursor = txn.cursor(db=db)
+    if not cursor.set_range(prefix):
+        return
+    for key, value in cursor:
+        if not bytes(key).startswith(prefix):
+            return
+        yield bytes(key)[len(prefix):], bytes(value)
+
+
+class LmdbEnv:
+    """One LMDB environment and its databases, for the life of a Store."""
+
+    def __init__(self, path: Path, config: StoreConfig, readonly: bool) -> None:
+        self.path = path
+        self.config = config
+        self.readonly = readonly
+        # Every transaction runs under `reading`; growing the map takes `writing`, since
+        # LMDB allows a resize only while this process has no transaction open.
+        self._resize = ReadWriteLock()
+        self._env = self._open_environment()
+        self.dbs = self._open_dbs()
+
+    # -- opening ---------------------------------------------------------------------
+
+    def _open_environment(self) -> lmdb.Environment:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StoreError(f"{self.path}: cannot create the store directory ({error})") from error
+        map_size = max(self.config.initial_map_size, self.file_bytes())
+        try:
+            env = lmdb.open(
+                str(self.path), map_size=map_size, max_dbs=16, max_readers=self.config.max_readers,
+                sync=True, metasync=True, lock=True, readahead=False, readonly=self.readonly,
+                create=not self.readonly,
+            )
+        except lmdb.Error as error:
+            raise StoreError(f"{self.path}: cannot open the LMDB store ({error})") from error
+        stale = env.reader_check()
+        if stale:
+            log.warning("cleared %d stale LMDB reader slot(s) left by a dead process", stale)
+        self._refuse_truncated(env)
+        return env
+
+    def _refuse_truncated(self, env: lmdb.Environment) -> None:
+        # Pages past the end of a truncated file are mapped but unbacked: touching one is a
+        # SIGBUS, not an error, so a short file is refused before any page is read.
+        usage = _usage_of(env, self.file_bytes())
+        if usage.file_bytes < usage.used_bytes:
+            env.close()
+            raise StoreError(
+                f"{self.path}: the store is damaged: data.mdb holds {usage.file_bytes} bytes "
+                f"but its pages reach {usage.used_bytes}; restore it from a backup")
+
+    def _open_dbs(self) -> Databases:
+        try:
+            return Databases(**{field.name: self._open_db(field.name)
+                                for field in fields(Databases)})
+        except DAMAGE as error:
+            self._env.close()
+            raise self.damaged(error) from error
+
+    def _open_db(self, name: str) -> Any:
+        try:
+            return open_db(self._env, name, create=not self.readonly)
+        except lmdb.NotFoundError:
+            if name in _OPTIONAL_DBS:
+                return None  # read-only, and nothing was ever written to it
+            raise
+
+    def replace_data_file(self, replacement: Path) -> None:
+        """Closes the environment, renames `replacement` over its data file (durably) and
+        opens it again. Only inside `exclusive()`."""
+        self._env.close()
+        try:
+            replacement.replace(self.path / DATA_FILE)
+            fsync_directory(self.path)
+        finally:
+            self._env = self._open_environment()
+            self.dbs = self._open_dbs()
+
+    # -- transactions ----------------------------------------------------------------
+
+    @contextmanager
+    def shared(self) -> Iterator[lmdb.Environment]:
+        """The environment, under the lock every transaction holds; damage is StoreDamaged."""
+        try:
+            with self._resize.reading():
+                yield self._env
+        except DAMAGE as error:
+            raise self.damaged(error) from error
+
+    @contextmanager
+    def exclusive(self) -> Iterator[lmdb.Environment]:
+        """The environment while no transaction of this process is open or can begin."""
+        with self._resize.writing():
+            yield self._env
+
+    @contextmanager
+    def read_txn(self) -> Iterator[lmdb.Transaction]:
+        with self.shared() as env, env.begin(write=False) as txn:
+            yield txn
+
+    def read(self, work: Callable[[lmdb.Transaction], _T]) -> _T:
+        with self.read_txn() as txn:
+            return work(txn)
+
+    def write(self, work: Callable[[lmdb.Transaction], _T]) -> _T:
+        """Runs `work` in one write transaction, committed durably; grows a full map."""
+        while True:
+            try:
+                with self._resize.reading(), self._env.begin(write=True) as txn:
+                    return work(txn)
+            except lmdb.MapFullError:
+                self._grow_map()
+            except DAMAGE as error:
+                raise self.damaged(error) from error
+            except lmdb.Error as error:
+                if _is_disk_full(error):
+                    raise ResourceExhausted(f"store: the disk is full ({error})") from error
+                raise
+
+    def damaged(self, error: lmdb.Error) -> StoreDamaged:
+        log.error("LMDB reports damage in %s: %s", self.path, error)
+        return StoreDamaged(f"{self.path}: the store is damaged ({error}); restore it from a "
+                            "backup (run `dedup doctor` for a full check)")
+
+    def _grow_map(self) -> None:
+        with self._resize.writing():
+            current = int(self._env.info()["map_size"])
+            if current >= self.config.max_map_size:
+                raise ResourceExhausted(
+                    f"store: the LMDB map is at its cap of {self.config.max_map_size} bytes"
+                )
+            grown = min(current * 2, self.config.max_map_size)
+            self._env.set_mapsize(grown)
+            log.info("grew the LMDB map from %d to %d bytes", current, grown)
+
+    # -- size ------------------------------------------------------------------------
+
+    def file_bytes(self) -> int:
+        data_file = self.path / DATA_FILE
+        return data_file.stat().st_size if data_file.exists() else 0
+
+    def usage(self) -> StoreUsage:
+        with self._resize.reading():
+            return _usage_of(self._env, self.file_bytes())
+
+    def close(self) -> None:
+        with self._resize.writing():
+            self._env.close()
+
+
+def _usage_of(env: lmdb.Environment, file_bytes: int) -> StoreUsage:
+    info, page_size = env.info(), env.stat()["psize"]
+    return StoreUsage(map_bytes=int(info["map_size"]),
+                      used_bytes=(int(info["last_pgno"]) + 1) * int(page_size),
+                      file_bytes=file_bytes)
+
+
+def _is_disk_full(error: lmdb.Error) -> bool:
+    return "No space left" in str(error) or getattr(error, "errno", None) == errno.ENOSPC

@@ -1,0 +1,104 @@
+"""Background upkeep of a serving gallery: due checkpoints, due compactions of the store,
+and the automatic switch to the index type the gallery's size calls for."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from dedup.core.settings import StoreConfig
+from dedup.gallery.embedded.checkpointer import Checkpointer
+from dedup.gallery.embedded.index_plan import IndexPlan
+from dedup.gallery.embedded.live_index import LiveIndex
+from dedup.gallery.embedded.rebuilder import Rebuilder
+from dedup.gallery.embedded.store import Store
+
+log = logging.getLogger("dedup.gallery")
+
+# After a failed automatic switch of index type, wait this long before trying again.
+SWITCH_RETRY_S = 600.0
+
+
+class CompactionSchedule:
+    """Rewrites of the store without erased registrations' bytes, one at a time."""
+
+    def __init__(self, store: Store, delay_s: float) -> None:
+        self.store = store
+        self.delay_s = delay_s
+        self._running = threading.Lock()
+
+    def due(self) -> float | None:
+        """Unix time by which erased registrations' bytes will be compacted away."""
+        since = self.store.erased_since()
+        return None if since is None else since + self.delay_s
+
+    def compact(self) -> tuple[int, int]:
+        """Rewrites the store compacted (calls wait); see Store.compact."""
+        with self._running:
+            return self.store.compact()
+
+    def compact_if_due(self) -> None:
+        due = self.due()
+        if due is not None and time.time() >= due:
+            self.compact()
+
+
+class IndexSwitch:
+    """Rebuilds the index as the wanted type once the gallery can train it."""
+
+    def __init__(self, live: LiveIndex, plan: IndexPlan, rebuilder: Rebuilder) -> None:
+        self.live = live
+        self.plan = plan
+        self.rebuilder = rebuilder
+        self._failed_at = -SWITCH_RETRY_S
+
+    def switch_if_wanted(self) -> None:
+        wanted = self.plan.wanted_kind()
+        if wanted == self.live.index.kind or self.rebuilder.running:
+            return
+        if not self.plan.can_train(wanted):
+            return
+        if time.monotonic() - self._failed_at < SWITCH_RETRY_S:
+            return
+        log.info("gallery size calls for a %s index (now %s): rebuilding", wanted,
+                 self.live.index.kind)
+        try:
+            self.rebuilder.rebuild(wanted, lambda *_: None)
+        except Exception:
+            self._failed_at = time.monotonic()  # the old index serves; retry later
+            raise
+
+
+class Maintenance:
+    """The maintenance thread; it runs until `closed` is set."""
+
+    def __init__(self, config: StoreConfig, closed: threading.Event, checkpointer: Checkpointer,
+                 compaction: CompactionSchedule, switch: IndexSwitch) -> None:
+        self.config = config
+        self.closed = closed
+        self.checkpointer = checkpointer
+        self.compaction = compaction
+        self.switch = switch
+        self._thread = threading.Thread(target=self._run, name="dedup-maintenance", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self) -> None:
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        poll = min(1.0, self.config.checkpoint_interval_s)  # erasure checkpoints are due fast
+        switch_every = max(1, round(min(5.0, self.config.checkpoint_interval_s) / poll))
+        rounds = 0
+        while not self.closed.wait(poll):
+            rounds += 1
+            try:
+                self.checkpointer.checkpoint_if_due()
+                self.compaction.compact_if_due()
+                if rounds % switch_every == 0:
+                    self.switch.switch_if_wanted()
+            except Exception:  # the store is the truth; a failure here only costs time
+                log.exception("background index maintenance failed")

@@ -1,0 +1,103 @@
+"""Rebuilding the index while serving, and swapping the new one in.
+
+A live rebuild builds in a child process (see rebuild.py) while writes go on, keeps the
+change log from the current checkpoint on, applies the changes made meanwhile (the bulk
+beside the writes, the tail with writes held off), swaps and checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from dedup.core.errors import FailedPrecondition, StoreError
+from dedup.core.settings import StoreConfig
+from dedup.gallery.base import IndexStatus, Progress
+from dedup.gallery.embedded.checkpointer import Checkpointer
+from dedup.gallery.embedded.index import AUTO, VectorIndex, load_index, training_size, validate_kind
+from dedup.gallery.embedded.index_plan import IndexPlan
+from dedup.gallery.embedded.layout import REBUILD_FILE
+from dedup.gallery.embedded.live_index import LiveIndex
+from dedup.gallery.embedded.rebuild import Built, build_in_child, build_in_process
+from dedup.gallery.embedded.replay import replay_changes
+
+log = logging.getLogger("dedup.gallery")
+
+
+
+class Rebuilder:
+    def __init__(self, live: LiveIndex, plan: IndexPlan, checkpointer: Checkpointer,
+                 config: StoreConfig, status: Callable[[], IndexStatus],
+                 cancelled: Callable[[], bool]) -> None:
+        """`status`: the gallery's index status, reported when a rebuild is done;
+        `cancelled`: true once the gallery is closing."""
+        self.live = live
+        self.plan = plan
+        self.checkpointer = checkpointer
+        self.config = config
+        self.side_file = Path(config.data_dir) / REBUILD_FILE
+        self._status = status
+        self._cancelled = cancelled
+        self._running = threading.Lock()
+
+    @property
+    def running(self) -> bool:
+        return self._running.locked()
+
+    def rebuild(self, kind: str | None, progress: Progress) -> IndexStatus:
+        """Builds `kind` (None: the configured type) in a child process and swaps it in."""
+        target = validate_kind(kind) if kind else self.plan.configured_kind
+        if target == AUTO:
+            target = self.plan.wanted_kind()
+        needed, have = training_size(target), self.plan.comparable_count()
+        if needed > have:
+            raise FailedPrecondition(f"index_factory: {target} needs at least {needed:,} "
+                                     f"registrations to train, the store holds {have:,}")
+        if not self._running.acquire(blocking=False):
+            raise FailedPrecondition("a rebuild is already running")
+        try:
+            self._rebuild_live(target, progress)
+            return self._status()
+        finally:
+            self.checkpointer.unpin_log()
+            self._running.release()
+
+    def _rebuild_live(self, kind: str, progress: Progress) -> None:
+        started = time.monotonic()
+        self.checkpointer.pin_log()
+        store, model_id = self.live.store, self.live.model_id
+        progress("starting", 0, self.plan.comparable_count())
+        covered = build_in_child(self.config, kind, model_id, self.plan.only_model(),
+                                 self.side_file, progress, cancelled=self._cancelled)
+        built, _ = load_index(self.side_file, self.config.dimension, model_id)
+        progress("catching_up", 0, store.sequence() - covered)
+        covered = self._catch_up(built, covered)  # the bulk, while writes go on
+        with self.live.writes:  # the tail, with writes held off, then the swap
+            covered = self._catch_up(built, covered)
+            if len(built) != self.plan.comparable_count():
+                raise StoreError(f"rebuilt index holds {len(built)} vectors, the store "
+                                 f"{self.plan.comparable_count()}: kept the old index")
+            self.live.index = built
+            snapshot = built.snapshot(covered, model_id)
+        self.checkpointer.write(snapshot, covered)
+        self.side_file.unlink(missing_ok=True)
+        log.info("rebuilt the index as %s: %d vectors in %.1f s", kind, len(built),
+                 time.monotonic() - started)
+
+    def _catch_up(self, index: VectorIndex, covered: int) -> int:
+        replayed = replay_changes(self.live.store, index, covered, self.live.model_id)
+        if replayed is None:
+            raise StoreError("the change log no longer reaches back to the rebuild's snapshot")
+        return replayed
+
+    def build_offline(self, kind: str, progress: Progress) -> Built:
+        """For `dedup rebuild` on a data directory no server holds: build and swap here."""
+        built = build_in_process(self.live.store, kind, self.live.model_id,
+                                 self.plan.only_model(), progress)
+        with self.live.writes:
+            self.live.index = built.index
+        self.checkpointer.save(built.index, built.sequence)
+        return built

@@ -1,0 +1,62 @@
+"""The index at start: its checkpoint loaded and the store's change log after it replayed.
+
+A missing or damaged checkpoint, a change log that no longer reaches back to it, or any
+disagreement with the store is a warning and a rebuild from the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from dedup.core.errors import CheckpointError
+from dedup.gallery.embedded.checkpointer import Checkpointer
+from dedup.gallery.embedded.index import FLAT, VectorIndex, load_index
+from dedup.gallery.embedded.index_plan import IndexPlan
+from dedup.gallery.embedded.rebuild import build_in_process
+from dedup.gallery.embedded.replay import replay_changes
+
+log = logging.getLogger("dedup.gallery")
+
+
+def recover_index(plan: IndexPlan, checkpointer: Checkpointer,
+                  rebuild_file: Path) -> tuple[VectorIndex, int]:
+    """The index as of the store's latest change, and the change the checkpoint on disk
+    covers. `rebuild_file`: a live rebuild's side file, left over if it never swapped."""
+    store, model_id, path = plan.store, plan.model_id, checkpointer.path
+    plan.warn_about_other_models()
+    rebuild_file.unlink(missing_ok=True)
+    try:
+        index, covered = load_index(path, store.config.dimension, model_id)
+    except CheckpointError as error:
+        if path.exists():
+            log.warning("index checkpoint unusable, rebuilding from the store: %s", error)
+        else:
+            log.info("no index checkpoint at %s, building from the store", path)
+        return _rebuild_at_start(plan, checkpointer)
+    replayed = replay_changes(store, index, covered, model_id)
+    if replayed is None:
+        return _rebuild_at_start(plan, checkpointer)
+    count = plan.comparable_count()
+    if len(index) != count:
+        log.warning(
+            "index holds %d vectors after replay but the store holds %d: rebuilding",
+            len(index), count,
+        )
+        return _rebuild_at_start(plan, checkpointer)
+    if replayed != covered:
+        return index, checkpointer.save_at_start(index, replayed, covered)
+    return index, replayed
+
+
+def _rebuild_at_start(plan: IndexPlan, checkpointer: Checkpointer) -> tuple[VectorIndex, int]:
+    started = time.monotonic()
+    kind = plan.wanted_kind()
+    if not plan.can_train(kind):
+        kind = FLAT  # a type that needs training starts exact; a rebuild switches later
+    built = build_in_process(plan.store, kind, plan.model_id, plan.only_model(),
+                             lambda *_: None)
+    log.info("built a %s index from the store: %d vectors in %.1f s",
+             kind, len(built.index), time.monotonic() - started)
+    return built.index, checkpointer.save_at_start(built.index, built.sequence, 0)

@@ -1,0 +1,63 @@
+"""The store's change log after a sequence: what it added and removed, and its replay onto
+an index (at start, after a live rebuild, and by `dedup doctor`)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from dedup.gallery.embedded.index import VectorIndex
+from dedup.gallery.embedded.store import Store
+from dedup.gallery.embedded.store_format import OP_ADD
+
+log = logging.getLogger("dedup.gallery")
+
+
+@dataclass(frozen=True)
+class ChangeDelta:
+    """The logged changes after `since`, by key."""
+
+    since: int
+    current: int  # the store's sequence when the log was read
+    logged: int  # how many changes the log holds after `since`
+    added: list[int]  # keys added after `since` and not removed since, in log order
+    removed: set[int]  # keys removed after `since`
+    removed_older: set[int]  # of those, the ones not added after `since`
+
+    @property
+    def complete(self) -> bool:
+        """False if a checkpoint has truncated the log past `since`: changes are missing."""
+        return self.logged == self.current - self.since
+
+
+def change_delta(store: Store, since: int) -> ChangeDelta:
+    changes, current = store.changes_after(since)
+    added = [change.key for change in changes if change.op == OP_ADD]
+    removed = {change.key for change in changes if change.op != OP_ADD}
+    return ChangeDelta(since=since, current=current, logged=len(changes),
+                       added=[key for key in added if key not in removed], removed=removed,
+                       removed_older=removed.difference(added))
+
+
+def replay_changes(store: Store, index: VectorIndex, covered: int, model_id: str) -> int | None:
+    """Applies the logged changes after `covered` to `index`; returns the sequence now covered.
+
+    None if the log has a gap (it was truncated past `covered`): rebuild instead.
+    """
+    delta = change_delta(store, covered)
+    if not delta.complete:
+        log.warning(
+            "checkpoint covers change %d, store is at %d with %d logged changes after it: "
+            "rebuilding", covered, delta.current, delta.logged,
+        )
+        return None
+    ours = [face.key for face in store.faces(delta.added, with_vectors=False)
+            if face.registration.embedding_model == model_id]
+    keys, vectors = store.vectors(ours)
+    index.add(np.asarray(keys, np.int64), vectors)
+    index.remove(np.asarray(sorted(delta.removed_older), np.int64))
+    if delta.logged:
+        log.info("replayed %d change(s) after sequence %d", delta.logged, covered)
+    return delta.current

@@ -1,0 +1,90 @@
+"""Searches of the live index with exact scores.
+
+An approximate index's candidates are re-scored from the stored float32 vectors, so
+verdicts never rest on approximate scores. Only the server's model's registrations are
+ever returned.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dedup.core.policy import Scored
+from dedup.core.records import StoredFace
+from dedup.core.settings import IndexConfig
+from dedup.core.vectors import Matrix, Vector
+from dedup.gallery.embedded.batcher import SearchBatcher
+from dedup.gallery.embedded.index import Ids, Scores, SearchOptions
+from dedup.gallery.embedded.live_index import LiveIndex
+
+
+class ExactSearch:
+    def __init__(self, live: LiveIndex, dimension: int, index_config: IndexConfig,
+                 options: SearchOptions) -> None:
+        self.live = live
+        self.rerank_candidates = index_config.rerank_candidates
+        self.options = options
+        self._batcher = SearchBatcher(
+            self._search_batch,
+            dimension=dimension,
+            max_batch=index_config.max_batch,
+            max_wait_s=index_config.max_batch_wait_s,
+            dispatchers=index_config.search_threads,
+        )
+
+    def neighbours(self, vector: Vector, k: int, floor: float) -> list[Scored]:
+        """The probe's nearest registrations scoring >= floor, and always the best one."""
+        found = self._batcher.search(vector, max(k, self.rerank_candidates))
+        keys, scores = found.ids, found.scores
+        if not found.exact:
+            keys, scores = self._rerank(keys, vector)
+        wanted = [i for i, score in enumerate(scores) if i == 0 or score >= floor]
+        by_key = {int(keys[i]): float(scores[i]) for i in wanted}
+        faces = self.live.store.faces(by_key, with_vectors=False)
+        return [Scored(face.key, face.registration, by_key[face.key]) for face in faces
+                if face.registration.embedding_model == self.live.model_id]
+
+    def neighbours_of_many(self, queries: Matrix, k: int, floor: float
+                           ) -> list[list[tuple[int, float]]]:
+        """Per query: (key, exact score) of its k nearest scoring >= floor, best first.
+
+        One FAISS search for the whole block (batch jobs: cluster finding), not the
+        micro-batcher the per-call searches share.
+        """
+        exact, found = self._search_batch(queries, max(k, self.rerank_candidates))
+        rows = []
+        for query, (keys, scores) in zip(queries, found, strict=True):
+            if not exact:
+                keys, scores = self._rerank(keys[keys >= 0], query)
+            rows.append([(int(key), float(score)) for key, score in zip(keys[:k], scores[:k],
+                                                                          strict=True)
+                         if key >= 0 and score >= floor])
+        return rows
+
+    def same_id_number(self, vector: Vector, id_number: str) -> list[Scored]:
+        """Every registration under `id_number`, scored 1:1 against the probe."""
+        if not id_number:
+            return []
+        return self.score(vector, self.live.store.faces_of_id_number(id_number))
+
+    def score(self, vector: Vector, faces: list[StoredFace]) -> list[Scored]:
+        """The faces of the server's model, scored exactly against the probe."""
+        ours = [face for face in faces if face.registration.embedding_model == self.live.model_id]
+        if not ours:
+            return []
+        scores = np.vstack([face.vector for face in ours if face.vector is not None]) @ vector
+        return [Scored(face.key, face.registration, float(score))
+                for face, score in zip(ours, scores, strict=True)]
+
+    def close(self) -> None:
+        self._batcher.close()
+
+    def _search_batch(self, queries: Matrix, k: int) -> tuple[bool, list[tuple[Ids, Scores]]]:
+        index = self.live.index  # one index for the whole batch, even if a rebuild swaps it now
+        return index.exact, index.search(queries, k, self.options)
+
+    def _rerank(self, keys: np.ndarray, vector: Vector) -> tuple[np.ndarray, np.ndarray]:
+        kept, vectors = self.live.store.vectors(keys)
+        exact: np.ndarray = vectors @ vector
+        order = np.argsort(-exact, kind="stable")
+        return np.asarray(kept, np.int64)[order], exact[order]

@@ -1,0 +1,82 @@
+"""The bytes of the store's entries: keys, metadata values, registrations and embeddings."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from dedup.core.errors import StoreDamaged, StoreError
+from dedup.core.records import Registration
+from dedup.core.vectors import Matrix
+
+FORMAT = 1  # meta "format": the layout of the databases, checked on opening
+OP_ADD = b"A"  # change-log operations
+OP_REMOVE = b"R"
+
+ERASED_SINCE = b"erased_since"  # meta: when the first erasure not yet compacted away was made
+MODEL_PREFIX = b"model:"  # meta "model:<model_id>": registrations per embedding model
+
+_U64 = struct.Struct(">Q")
+
+
+def u64(value: int) -> bytes:
+    return _U64.pack(value)
+
+
+def from_u64(raw: bytes | memoryview | None) -> int:
+    if raw is None:
+        raise StoreError("the store is damaged: a metadata or index entry is missing")
+    return int(_U64.unpack(raw)[0])
+
+
+def model_key(model_id: str) -> bytes:
+    return MODEL_PREFIX + model_id.encode()
+
+
+def pair_key(first: str, second: str) -> bytes:
+    """The adjudications key of a pair of registration_ids, in this order."""
+    return first.encode() + b"\x00" + second.encode()
+
+
+def encode_registration(registration: Registration) -> bytes:
+    return json.dumps(
+        {
+            "r": registration.registration_id,
+            "i": registration.id_number,
+            "m": registration.msisdn,
+            "c": registration.carrier,
+            "g": registration.region,
+            "t": registration.enrolled_at_us,
+            "e": registration.embedding_model,
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def decode_registration(raw: bytes) -> Registration:
+    fields = json.loads(raw)
+    return Registration(
+        registration_id=fields["r"],
+        id_number=fields["i"],
+        msisdn=fields["m"],
+        carrier=fields["c"],
+        region=fields["g"],
+        enrolled_at_us=fields["t"],
+        embedding_model=fields.get("e", ""),
+    )
+
+
+def checked_vectors(keys: list[int], matrix: Matrix, where: Path) -> Matrix:
+    """Every stored embedding is a finite unit vector; anything else is damage on disk."""
+    with np.errstate(all="ignore"):  # garbage bytes make overflowing or NaN floats
+        norms = np.linalg.norm(matrix.astype(np.float64), axis=1)
+    bad = ~np.isfinite(norms) | (np.abs(norms - 1.0) > 1e-3)
+    if bad.any():
+        key = keys[int(np.argmax(bad))]
+        raise StoreDamaged(f"{where}: the store is damaged: the embedding stored under key {key} "
+                           f"is not a unit vector ({int(bad.sum())} such in this batch); "
+                           "restore it from a backup (run `dedup doctor` for a full check)")
+    return matrix

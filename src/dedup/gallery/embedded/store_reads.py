@@ -1,0 +1,187 @@
+"""The read side of the LMDB store: lookups, vectors, the change log, the audit trail and
+adjudications, consistent snapshots, verification and copies (Store adds the writes)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import lmdb
+import numpy as np
+import numpy.typing as npt
+
+from dedup.core.records import DeleteKey, Registration, StoredFace
+from dedup.core.settings import StoreConfig
+from dedup.core.vectors import Matrix
+from dedup.gallery.embedded import compaction
+from dedup.gallery.embedded.layout import store_dir
+from dedup.gallery.embedded.lmdb_env import LmdbEnv, StoreUsage
+from dedup.gallery.embedded.store_tables import Change, TableReader, TableWriter, vector_batches
+from dedup.gallery.embedded.store_verify import verify
+
+_T = TypeVar("_T")
+_Tables = TypeVar("_Tables", TableReader, TableWriter)
+
+
+class ReadableStore:
+    """Reads the store in `<data_dir>/store/`, each call in its own read transaction."""
+
+    def __init__(self, config: StoreConfig, readonly: bool) -> None:
+        self.config = config
+        self.readonly = readonly
+        self.path = store_dir(config.data_dir)
+        self._lmdb = LmdbEnv(self.path, config, readonly)
+
+    def _tables(self, txn: lmdb.Transaction, kind: type[_Tables]) -> _Tables:
+        return kind(txn, self._lmdb.dbs, self.path, self.config.dimension)
+
+    def _read(self, work: Callable[[TableReader], _T]) -> _T:
+        return self._lmdb.read(lambda txn: work(self._tables(txn, TableReader)))
+
+    # -- the store as a whole --------------------------------------------------------
+
+    def verify(self, progress: Callable[[int], object] = lambda done: None) -> list[str]:
+        """Reads every record and vector in one snapshot; returns what is inconsistent."""
+        return self._read(lambda tables: verify(tables, progress))
+
+    def erased_since(self) -> float | None:
+        """When the first erasure not yet compacted away was made (Unix time), if any."""
+        return self._read(TableReader.erased_since)
+
+    def copy_to(self, directory: Path) -> None:
+        """LMDB's compacting copy, consistent as of one read transaction; fsynced."""
+        compaction.copy_to(self._lmdb, directory)
+
+    def usage(self) -> StoreUsage:
+        return self._lmdb.usage()
+
+    def close(self) -> None:
+        self._lmdb.close()
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Snapshot]:
+        """One read transaction: a consistent view of the whole store, for as long as needed.
+
+        While it is open LMDB cannot reuse pages freed by later writes, so the file grows
+        with the changes made meanwhile; it is meant for rebuilds, not for the hot path.
+        """
+        with self._lmdb.read_txn() as txn:
+            yield Snapshot(self._tables(txn, TableReader))
+
+    # -- registrations ---------------------------------------------------------------
+
+    def get(self, registration_id: str) -> Registration | None:
+        def get(tables: TableReader) -> Registration | None:
+            keys = tables.keys_for(DeleteKey.REGISTRATION_ID, registration_id)
+            face = tables.load(keys[0], with_vector=False) if keys else None
+            return face.registration if face else None
+
+        return self._read(get)
+
+    def keys_of(self, registration_id: str) -> list[int]:
+        return self._read(
+            lambda tables: tables.keys_for(DeleteKey.REGISTRATION_ID, registration_id))
+
+    def exists(self, registration_id: str) -> bool:
+        return bool(self.keys_of(registration_id))
+
+    def msisdn_taken(self, msisdn: str) -> bool:
+        return bool(self._read(lambda tables: tables.keys_for(DeleteKey.MSISDN, msisdn)))
+
+    def faces(self, keys: Iterable[int], with_vectors: bool) -> list[StoredFace]:
+        """The stored faces for `keys`, in order; keys deleted meanwhile are left out."""
+        return self._read(lambda tables: tables.faces(keys, with_vectors))
+
+    def faces_of_id_number(self, id_number: str) -> list[StoredFace]:
+        """Every registration under an ID number, with vectors, for 1:1 comparison."""
+        return self._read(lambda tables: tables.faces(
+            tables.keys_for(DeleteKey.ID_NUMBER, id_number), with_vectors=True))
+
+    def count(self) -> int:
+        return self._read(lambda tables: int(tables.txn.stat(tables.dbs.records)["entries"]))
+
+    def distinct_id_numbers(self) -> int:
+        return self._read(lambda tables: tables.meta(b"distinct_id_numbers"))
+
+    def model_counts(self) -> dict[str, int]:
+        """Registrations per embedding model."""
+        return self._read(TableReader.model_counts)
+
+    # -- vectors and the change log --------------------------------------------------
+
+    def vectors(self, keys: Iterable[int] | npt.NDArray[np.int64]) -> tuple[list[int], Matrix]:
+        """The stored vectors of those `keys` that still exist (the re-ranking hot path)."""
+        raw = np.fromiter(keys, dtype=np.int64).astype(">u8").tobytes()
+        packed = [raw[i:i + 8] for i in range(0, len(raw), 8)]
+        return self._read(lambda tables: tables.vectors(packed))
+
+    def iter_vectors(self, batch: int = 10_000, only_model: str | None = None, after: int = 0
+                     ) -> Iterator[tuple[list[int], Matrix]]:
+        """Stored vectors in key order from key `after` + 1, in batches, each batch from its
+        own snapshot. With `only_model`, just the vectors that model made (slower: reads
+        each record).
+        """
+        def read_batch(after: int) -> tuple[int, list[int], Matrix]:
+            return self._read(functools.partial(
+                TableReader.vector_batch, after=after, batch=batch, only_model=only_model))
+
+        return vector_batches(read_batch, after)
+
+    def sequence(self) -> int:
+        return self._read(lambda tables: tables.meta(b"sequence"))
+
+    def changes_after(self, sequence: int) -> tuple[list[Change], int]:
+        """The logged changes after `sequence`, and the store's current sequence.
+
+        The log is truncated behind each checkpoint, so a caller holding an older
+        checkpoint sees fewer changes than the sequences span and must rebuild instead.
+        """
+        return self._read(
+            lambda tables: (tables.changes_after(sequence), tables.meta(b"sequence")))
+
+    # -- the audit trail and adjudications -------------------------------------------
+
+    def audit_head(self) -> tuple[int, bytes]:
+        return self._read(lambda tables: tables.records().audit_head())
+
+    def audit_records(self) -> Iterator[tuple[int, bytes]]:
+        """(sequence, record) in key order, read in one snapshot."""
+        return iter(self._read(lambda tables: tables.records().audit_records()))
+
+    def settled(self, registration_id: str) -> dict[str, bytes]:
+        """The other registration_id -> record of every pair settled with this one."""
+        if not registration_id:
+            return {}
+        return self._read(lambda tables: tables.records().settled(registration_id))
+
+    def adjudications(self) -> list[bytes]:
+        """Every settled pair's record, once."""
+        return self._read(lambda tables: tables.records().adjudications())
+
+
+class Snapshot:
+    """A consistent read-only view of the store (see ReadableStore.snapshot)."""
+
+    def __init__(self, tables: TableReader) -> None:
+        self._tables = tables
+        self.sequence = tables.meta(b"sequence")
+
+    def count(self, model_id: str) -> int:
+        return self._tables.model_count(model_id)
+
+    def vectors(self, batch: int, only_model: str | None) -> Iterator[tuple[list[int], Matrix]]:
+        return vector_batches(
+            lambda after: self._tables.vector_batch(after, batch, only_model))
+
+    def sample(self, size: int, model_id: str, only_model: str | None) -> Matrix:
+        """About `size` vectors spread evenly over the store (every n-th), for training."""
+        stride = max(1, self.count(model_id) // max(1, size))
+        rows = []
+        for _, matrix in self.vectors(20_000, only_model):
+            rows.append(matrix[::stride])
+        if not rows:
+            return np.empty((0, self._tables.dimension), np.float32)
+        return np.vstack(rows)[:size]

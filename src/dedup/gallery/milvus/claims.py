@@ -1,0 +1,171 @@
+"""Enrolment across nodes without transactions: an enrolment claims, rechecks, then commits.
+
+1. its row is inserted PENDING;
+2. it looks at the other live rows: ACTIVE ones, and PENDING ones claimed less than
+   claim_timeout_s ago. A row holding its registration_id or msisdn, or one that would turn
+   its verdict into one that does not enrol (a duplicate, a review, the SIM limit), is a
+   conflict;
+3. against an ACTIVE conflict it loses. Between two PENDING claims the earlier
+   (claimed_at_us, then key) wins: the later removes its row and answers as if the earlier
+   had been enrolled; the earlier waits until the later has resolved (removed itself, or
+   committed because it never saw the earlier one: then the earlier loses to it) and looks
+   again;
+4. it commits (the row becomes ACTIVE) and only then is the call acknowledged.
+Every read is Strong: a write acknowledged on any node is seen by every read that starts
+after it. Each claim inserts before it looks, so of two concurrent claims at least one sees
+the other: at most one enrols. Waits only go from earlier to later claims, so they end.
+A node that dies mid-claim leaves a PENDING row, which others ignore after claim_timeout_s
+and reap; a claim not confirmed within half of that is removed and answered UNAVAILABLE
+(this assumes node clocks agree to well within half the timeout, as NTP keeps them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from dedup.core.errors import AlreadyExists, BackendUnavailable, msisdn_taken, registration_id_taken
+from dedup.core.records import CheckResult, Registration
+from dedup.core.vectors import Vector
+from dedup.gallery.base import EnrolmentCheck
+from dedup.gallery.milvus.registrations import Registrations
+from dedup.gallery.milvus.schema import ACTIVE, PENDING, Row, new_key, now_us
+
+log = logging.getLogger("dedup.milvus")
+
+POLL_S = 0.02
+
+
+def taken(row: Row, registration: Registration) -> AlreadyExists:
+    """The error for `registration` whose registration_id or msisdn `row` holds."""
+    if row.registration.registration_id == registration.registration_id:
+        return registration_id_taken(registration.registration_id)
+    return msisdn_taken(registration.msisdn)
+
+
+class Claims:
+    """Enrolments into `rows` by claim, recheck and commit (see this module's docstring)."""
+
+    def __init__(self, rows: Registrations) -> None:
+        self._rows = rows
+        self._timeout_s = rows.config.claim_timeout_s
+
+    def ensure_unique(self, registration: Registration) -> None:
+        """Raises ALREADY_EXISTS when an ACTIVE row holds its registration_id or msisdn."""
+        for row in self._rows.holders(registration, pending=False, exclude=None):
+            raise taken(row, registration)
+
+    def enrol(self, registration: Registration, vector: Vector) -> Registration:
+        """Stores the registration unless another holds its registration_id or msisdn."""
+        claim, started = self._stake(registration, vector)
+        with self._withdrawn_on_failure(claim):
+            while waiting := self._key_rivals(claim):  # a lost key raises ALREADY_EXISTS
+                self._wait_for(waiting, started)
+            self._commit(claim, vector, started)
+        return claim.registration
+
+    def enrol_checked(self, registration: Registration, vector: Vector,
+                      check: EnrolmentCheck) -> tuple[CheckResult, Registration | None]:
+        """The verdict, and the registration as stored when the verdict admits it."""
+        claim, started = self._stake(registration, vector)
+        with self._withdrawn_on_failure(claim):
+            result, won = self._contest(claim, vector, check, started)
+            if not won:
+                self._rows.remove([claim.key])
+                return result, None
+            self._commit(claim, vector, started)
+        return result, claim.registration
+
+    def reap(self) -> None:
+        """Removes the claims of nodes that died mid-enrolment, long ignored by then."""
+        removed = self._rows.reap(now_us() - int(2 * self._timeout_s * 1e6))
+        if removed:
+            log.warning("removed %d abandoned enrolment claim(s)", removed)
+
+    def _stake(self, registration: Registration, vector: Vector) -> tuple[Row, float]:
+        """Inserts the enrolment as a PENDING claim; returns it and when it was staked."""
+        now = now_us()
+        stamped = dataclasses.replace(registration, embedding_model=self._rows.model_id,
+                                      enrolled_at_us=now)
+        claim = Row(new_key(), stamped, PENDING, now)
+        started = time.monotonic()
+        self._rows.upsert(claim, vector)
+        return claim, started
+
+    @contextmanager
+    def _withdrawn_on_failure(self, claim: Row) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            self._remove_quietly(claim.key)
+            raise
+
+    def _remove_quietly(self, key: int) -> None:
+        try:
+            self._rows.remove([key])
+        except Exception:  # the claim expires and is reaped: nobody counts it meanwhile
+            log.exception("could not remove the abandoned claim %d", key)
+
+    def _commit(self, claim: Row, vector: Vector, started: float) -> None:
+        self._within_claim_time(started)
+        self._rows.upsert(dataclasses.replace(claim, state=ACTIVE), vector)
+
+    def _key_rivals(self, claim: Row) -> set[int]:
+        """Later pending claims of its registration_id or msisdn, to wait for; a committed
+        or earlier holder raises ALREADY_EXISTS."""
+        waiting = set()
+        for row in self._rows.holders(claim.registration, pending=True, exclude=claim.key):
+            if row.state == ACTIVE or row.before(claim):
+                raise taken(row, claim.registration)
+            waiting.add(row.key)
+        return waiting
+
+    def _contest(self, claim: Row, vector: Vector, check: EnrolmentCheck, started: float
+                 ) -> tuple[CheckResult, bool]:
+        """Judges again until this claim has won (True) or lost, with the verdict."""
+        while True:
+            self._within_claim_time(started)
+            waiting = self._key_rivals(claim)
+            result = self._judge(claim, vector, check, pending=False)[0]
+            if not check.admits(result):
+                return result, False
+            with_pending, candidates, same_id = self._judge(claim, vector, check, pending=True)
+            if not check.admits(with_pending):
+                rivals = [row for row in candidates + same_id if row.state == PENDING]
+                if any(row.before(claim) for row in rivals):
+                    return with_pending, False
+                waiting.update(row.key for row in rivals)
+            if not waiting:
+                return result, True
+            self._wait_for(waiting, started)
+
+    def _judge(self, claim: Row, vector: Vector, check: EnrolmentCheck, pending: bool
+               ) -> tuple[CheckResult, list[Row], list[Row]]:
+        """The verdict over the other live rows (with `pending`, recent claims too), and the
+        candidate and same-ID rows it rests on."""
+        same_id = self._rows.same_id_rows(vector, check.claimed_id_number, pending, claim.key)
+        candidates = self._rows.neighbour_rows(vector, check.search_k + len(same_id),
+                                               check.floor, pending, claim.key)
+        result = check.judge([row.scored() for row in candidates],
+                             [row.scored() for row in same_id])
+        return result, candidates, same_id
+
+    def _wait_for(self, keys: set[int], started: float) -> None:
+        """Until none of `keys` is a recent PENDING claim any more."""
+        while True:
+            where = f"key in {sorted(keys)} and {self._rows.live(True)} and state == {PENDING}"
+            if not self._rows.keys(where):
+                return
+            self._within_claim_time(started)
+            time.sleep(POLL_S)
+
+    def _within_claim_time(self, started: float) -> None:
+        # Others ignore a claim after claim_timeout_s; committing past half of it could
+        # race one that already does.
+        if time.monotonic() - started > self._timeout_s / 2:
+            raise BackendUnavailable(
+                "milvus: the enrolment could not be confirmed against concurrent enrolments "
+                f"within {self._timeout_s / 2:.0f} s; nothing was stored, retry")

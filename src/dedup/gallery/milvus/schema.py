@@ -1,0 +1,186 @@
+"""The Milvus collections as stored: their schemas and indexes, creating and loading them,
+and a registration row's form (Row, its entity, its key).
+
+Milvus needs a vector field in every collection: the audit and adjudication collections
+hold a 2-d placeholder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dedup.core.errors import StoreError
+from dedup.core.policy import Scored
+from dedup.core.records import Registration
+from dedup.core.settings import MilvusConfig
+from dedup.core.vectors import Vector
+
+log = logging.getLogger("dedup.milvus")
+
+# A registration row's state: an enrolment being confirmed, then an acknowledged one.
+PENDING, ACTIVE = 0, 1
+PLACEHOLDER = [1.0, 0.0]
+REGISTRATION_FIELDS = ["registration_id", "id_number", "msisdn", "carrier", "region",
+                       "enrolled_at_us", "embedding_model"]
+ROW_FIELDS = ["key", *REGISTRATION_FIELDS, "state", "claimed_at_us"]
+# Scalar fields the backend filters on by equality: inverted indexes in a Milvus cluster
+# (Milvus Lite scans either way: 17 ms a lookup at 20,000 rows with or without, measured).
+LOOKUP_FIELDS = ["registration_id", "id_number", "msisdn", "state"]
+# VARCHAR lengths in bytes: the request limits in characters, four bytes each in UTF-8.
+VARCHAR_BYTES = {"registration_id": 512, "id_number": 256, "msisdn": 128, "carrier": 256,
+                 "region": 256, "embedding_model": 256}
+MAX_RECORD_BYTES = 65_535
+
+
+@dataclass(frozen=True)
+class Collections:
+    """The names of a deployment's collections, from its configured prefix."""
+
+    registrations: str
+    audit: str
+    adjudications: str
+
+    @classmethod
+    def named(cls, prefix: str) -> Collections:
+        return cls(f"{prefix}_registrations", f"{prefix}_audit", f"{prefix}_adjudications")
+
+
+def open_collections(client: Any, config: MilvusConfig, dimension: int) -> Collections:
+    """Creates the collections that are missing, loads them all and checks that the
+    registrations hold `dimension`-d embeddings."""
+    from pymilvus import DataType
+
+    names = Collections.named(config.prefix)
+    try:
+        _create(client, names.registrations, _registration_schema(client, DataType, dimension),
+                "embedding", config.index_type, config.index_params, LOOKUP_FIELDS)
+        _create(client, names.audit, _audit_schema(client, DataType), "placeholder",
+                "FLAT", {}, [])
+        _create(client, names.adjudications, _adjudication_schema(client, DataType),
+                "placeholder", "FLAT", {}, ["first"])
+    except StoreError:
+        raise
+    except Exception as error:
+        raise StoreError(f"milvus at {config.uri}: cannot create or load the "
+                         f"collections ({error})") from error
+    _check_dimension(client, names.registrations, dimension)
+    return names
+
+
+def _create(client: Any, name: str, schema: Any, vector_field: str, index_type: str,
+            params: dict[str, Any], lookups: list[str]) -> None:
+    if not client.has_collection(name):
+        client.create_collection(name, schema=schema, consistency_level="Strong")
+        index = client.prepare_index_params()
+        index.add_index(vector_field, index_type=index_type, metric_type="IP", params=params)
+        for field_name in lookups:  # equality filters on them, on every call
+            index.add_index(field_name, index_type="INVERTED")
+        # The collection is empty: nothing to wait for (pymilvus would poll every 0.5 s).
+        client.create_index(name, index, sync=False)
+        log.info("created the Milvus collection %s", name)
+    client.load_collection(name)
+
+
+def _registration_schema(client: Any, types: Any, dimension: int) -> Any:
+    schema = client.create_schema(auto_id=False)
+    schema.add_field("key", types.INT64, is_primary=True)
+    for name, size in VARCHAR_BYTES.items():
+        schema.add_field(name, types.VARCHAR, max_length=size)
+    schema.add_field("enrolled_at_us", types.INT64)
+    schema.add_field("state", types.INT8)
+    schema.add_field("claimed_at_us", types.INT64)
+    schema.add_field("embedding", types.FLOAT_VECTOR, dim=dimension)
+    return schema
+
+
+def _audit_schema(client: Any, types: Any) -> Any:
+    schema = client.create_schema(auto_id=False)
+    schema.add_field("key", types.INT64, is_primary=True)
+    schema.add_field("chain", types.VARCHAR, max_length=256)
+    schema.add_field("seq", types.INT64)
+    schema.add_field("record", types.VARCHAR, max_length=MAX_RECORD_BYTES)
+    schema.add_field("placeholder", types.FLOAT_VECTOR, dim=len(PLACEHOLDER))
+    return schema
+
+
+def _adjudication_schema(client: Any, types: Any) -> Any:
+    schema = client.create_schema(auto_id=False)
+    schema.add_field("key", types.INT64, is_primary=True)
+    schema.add_field("first", types.VARCHAR, max_length=512)
+    schema.add_field("second", types.VARCHAR, max_length=512)
+    schema.add_field("record", types.VARCHAR, max_length=MAX_RECORD_BYTES)
+    schema.add_field("placeholder", types.FLOAT_VECTOR, dim=len(PLACEHOLDER))
+    return schema
+
+
+def _check_dimension(client: Any, registrations: str, dimension: int) -> None:
+    described = client.describe_collection(registrations)
+    for column in described["fields"]:
+        if column["name"] == "embedding":
+            stored = int(column["params"]["dim"])
+            if stored != dimension:
+                raise StoreError(f"milvus collection {registrations} holds {stored}-d "
+                                 f"embeddings, the model makes {dimension}-d ones")
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def new_key() -> int:
+    return secrets.randbits(63) or 1
+
+
+def stable_key(*parts: str) -> int:
+    """A primary key derived from `parts`, so that writing the same thing again upserts it."""
+    digest = hashlib.sha256("\x00".join(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+@dataclass(frozen=True)
+class Row:
+    """A registration row: its key, the registration, its state and claim time; a search's
+    score and the embedding when read."""
+
+    key: int
+    registration: Registration
+    state: int
+    claimed_at_us: int
+    score: float = 0.0
+    vector: Vector | None = None
+
+    @classmethod
+    def of(cls, entity: dict[str, Any], score: float = 0.0) -> Row:
+        """The row of a Milvus entity (with ROW_FIELDS, and perhaps the embedding)."""
+        vector = entity.get("embedding")
+        registration = Registration(**{name: entity[name] for name in REGISTRATION_FIELDS})
+        return cls(int(entity["key"]), registration, int(entity["state"]),
+                   int(entity["claimed_at_us"]), score,
+                   None if vector is None else np.asarray(vector, np.float32))
+
+    def before(self, other: Row) -> bool:
+        """The earlier claim wins a conflict between two pending enrolments."""
+        return (self.claimed_at_us, self.key) < (other.claimed_at_us, other.key)
+
+    def scored(self) -> Scored:
+        return Scored(self.key, self.registration, self.score)
+
+
+def to_entity(key: int, registration: Registration, state: int, claimed_at_us: int,
+           vector: Vector) -> dict[str, Any]:
+    """The Milvus entity of a registration row."""
+    return dataclasses.asdict(registration) | {
+        "key": key, "state": state, "claimed_at_us": claimed_at_us,
+        "embedding": vector.tolist()}
+
+
+# The names tests/test_milvus.py plants an abandoned claim with.
+_Row, _new_key, _now_us = Row, new_key, now_us

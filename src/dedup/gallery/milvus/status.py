@@ -1,0 +1,42 @@
+"""What the Milvus backend reports about itself: Stats, the index status, metric gauges."""
+
+from __future__ import annotations
+
+import json
+
+from dedup.gallery.base import GalleryStats, Gauge, IndexStatus
+from dedup.gallery.milvus.registrations import Registrations
+from dedup.gallery.milvus.schema import PENDING
+
+
+def gallery_stats(rows: Registrations, dimension: int) -> GalleryStats:
+    count = rows.count(rows.live())
+    distinct, by_model = rows.distinct()
+    return GalleryStats(
+        registrations=count, distinct_id_numbers=distinct,
+        index_type=f"milvus:{rows.config.index_type}", dimension=dimension,
+        index_vectors=rows.count(rows.comparable()), store_sequence=0,
+        checkpoint_sequence=0, registrations_by_model=by_model)
+
+
+def index_status(rows: Registrations, dimension: int) -> IndexStatus:
+    """Milvus's index as configured: Milvus builds it, nothing is ever being rebuilt."""
+    config = rows.config
+    kind, exact = config.index_type, config.exact
+    return IndexStatus(
+        index_type=f"milvus:{kind}", dimension=dimension,
+        vectors=rows.count(rows.comparable()), exact=exact,
+        rerank_candidates=0 if exact else config.rerank_candidates,
+        search_parameters=json.dumps(config.search_params, sort_keys=True)
+        if config.search_params else "",
+        configured_index_type=kind, wanted_index_type=kind, rebuilding=False,
+        store_sequence=0, checkpoint_sequence=0,
+        bytes_per_vector=4.0 * dimension if exact else 0.0)
+
+
+def gauges(rows: Registrations) -> list[Gauge]:
+    return [
+        Gauge("dedup_registrations", "registrations in Milvus", rows.count(rows.live())),
+        Gauge("dedup_milvus_pending_claims",
+              "enrolments being confirmed (PENDING rows, all nodes)",
+              rows.count(f"state == {PENDING}"))]
