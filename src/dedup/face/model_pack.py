@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dedup.core.errors import ModelError
+from dedup.core.settings import MIB
 
 MODEL_DIR_ENV = "DEDUP_MODEL_DIR"
 DETECTOR = "det_500m.onnx"
@@ -107,7 +108,7 @@ def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 20):
+            while chunk := handle.read(MIB):
                 digest.update(chunk)
     except OSError as error:
         raise ModelError(f"model file {path} is unreadable ({error.strerror})") from error
