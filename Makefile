@@ -20,9 +20,11 @@ protos: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
 
 demo: $(STAMP)
+	chmod 700 index_data  # git checks it out 0755; the server refuses a shared data directory
 	$(BIN)/dedup demo
 
 serve: $(STAMP)
+	chmod 700 index_data  # git checks it out 0755; the server refuses a shared data directory
 	$(BIN)/dedup serve
 
 test: $(STAMP)

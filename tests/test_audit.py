@@ -18,6 +18,7 @@ from trail import records
 from dedup import MIB
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+from dedup.core.audit_chain import read_audit_key, signed_content
 
 CASE = {"case_id": "CASE-7", "purpose": "ring review"}
 
@@ -65,7 +66,11 @@ def test_every_audited_call_leaves_a_record(audited):
     assert "values" not in json.dumps(search_face)
     assert len(search_face["query"]["embedding_sha256"]) == 64
     assert search_id["query"]["registration_id"] == "r1"
-    assert links["query"] == {"id_number": "ID0"}
+    # The ID number as a pseudonym under the audit key (without a security file: the one
+    # made in the data directory), never the value.
+    key = read_audit_key(data_dir.data_dir / "audit.key")
+    assert links["query"] == {"id_number": key.pseudonym("id_number", "ID0")}
+    assert all(key.verifies(signed_content(record), record["mac"]) for record in trail)
     assert set(links["returned"]) == {"r0", "r0b"}
     assert clusters_start["returned"] == []
     cluster_replies = [u for u in replies["clusters"] if u.HasField("cluster")]
@@ -150,7 +155,7 @@ def test_export_since_until(audited, tmp_path):
     assert [r["seq"] for r in exported] == [2, 3]
 
 
-def test_missing_case_or_purpose_is_refused_and_not_audited(server, faces):
+def test_missing_case_or_purpose_is_refused_and_the_refusal_audited(server, faces):
     enroll(server.stub, "r0", "ID0", faces.persons(1)[0])
     investigate = pb_grpc.InvestigateStub(server.channel)
     for fields, named in (({"purpose": "p"}, "case_id"), ({"case_id": "c"}, "purpose")):
@@ -159,7 +164,9 @@ def test_missing_case_or_purpose_is_refused_and_not_audited(server, faces):
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert refused.value.details().startswith(named)
     server.stop()
-    assert records(server) == []
+    trail = records(server)  # nothing returned, and no case kept: only the refusal
+    assert [(r["method"], r["case_id"], r["returned"], r["query"]) for r in trail] == [
+        ("Investigate.Links", "", [], {"outcome": "INVALID_ARGUMENT"})] * 2
 
 
 @pytest.mark.embedded_only(reason="fills the LMDB map; Milvus Lite has no size cap to fill "

@@ -14,7 +14,7 @@ from processes import ServerProcess
 from dedup import FaceGenerator
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 
-KEY_FILES = {"ca.crt", "server.crt", "server.key", "security.toml", "tokens.txt",
+KEY_FILES = {"ca.crt", "server.crt", "server.key", "security.toml", "tokens.txt", "audit.key",
              *(f"{role}.{ext}" for role in ("registration", "investigator", "admin")
                for ext in ("crt", "key"))}
 

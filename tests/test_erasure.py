@@ -1,5 +1,7 @@
-"""Erasure that really erases: after Delete and compaction the embedding's bytes are in no
-file under the data directory, and no search at any threshold returns the registration."""
+"""Erasure that really erases: after Delete (by any of its three keys) and compaction the
+embedding's bytes, the ID number and the phone number are in no file under the data directory
+(the audit trail holds keyed pseudonyms, settlements go with the registration), and no search
+at any threshold returns the registration."""
 
 from __future__ import annotations
 
@@ -10,10 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import enroll
+from conftest import enroll, face, registration
+from secure import channel
 
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+from dedup.core.security import load_security
+from dedup.ops.keys import make_keys
 
 CASE = {"case_id": "CASE-9", "purpose": "erasure check"}
 
@@ -86,6 +91,65 @@ def test_delete_then_compact_leaves_no_byte_of_the_embedding(make_server, faces)
     never_returned(server, people[7], "r7")
     assert files_holding(server.data_dir, victim) == []
     assert server.stub.Stats(pb.StatsRequest()).registrations == 49
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("erasure") / "keys"
+    make_keys(out, token_address="127.0.0.1:0")
+    return out
+
+
+# One victim per erasure key: (delete by, registration_id, ID number, phone number).
+VICTIMS = [("registration_id", "victim-r", "VICTIM-ID-1001", "+8613911110001"),
+           ("id_number", "victim-i", "VICTIM-ID-2002", "+8613922220002"),
+           ("msisdn", "victim-m", "VICTIM-ID-3003", "+8613933330003")]
+
+
+@pytest.mark.embedded_only(reason=LMDB_BYTES)
+def test_erasure_by_every_key_leaves_no_face_id_number_or_phone_number(make_server, faces,
+                                                                        keys):
+    """Each victim is read by investigators first (Links by ID number, a Check claiming it,
+    an adjudication), so the audit trail and the adjudications name them; then erased by
+    registration_id, ID number and phone number, and compacted."""
+    server = make_server(security=load_security(keys / "security.toml"),
+                         checkpoint_interval_s=3600, erasure_checkpoint_delay_s=0.3)
+    people = faces.persons(30)
+    admin, investigator = (channel(server.port, keys, role=role)
+                           for role in ("admin", "investigator"))
+    stub, investigate = pb_grpc.FaceDedupStub(admin), pb_grpc.InvestigateStub(investigator)
+    for i, person in enumerate(people[len(VICTIMS):]):
+        stub.Enroll(pb.EnrollRequest(registration=registration(f"r{i}", f"ID{i}"),
+                                     face=face(person)))
+    for (_, registration_id, id_number, msisdn), person in zip(VICTIMS, people, strict=False):
+        stub.Enroll(pb.EnrollRequest(registration=registration(registration_id, id_number,
+                                                               msisdn), face=face(person)))
+        investigate.Links(pb.LinksRequest(**CASE, id_number=id_number))
+        pb_grpc.FaceDedupStub(investigator).Check(
+            pb.CheckRequest(face=face(person), claimed_id_number=id_number),
+            metadata=(("x-case-id", CASE["case_id"]), ("x-purpose", CASE["purpose"])))
+        investigate.Adjudicate(pb.AdjudicateRequest(
+            **CASE, registration_id=registration_id, matched_registration_id="r0",
+            decision=pb.DIFFERENT_PEOPLE))
+    server.server.gallery.checkpoint()
+    for by, registration_id, id_number, msisdn in VICTIMS:
+        value = {"registration_id": registration_id, "id_number": id_number,
+                 "msisdn": msisdn}[by]
+        erased = stub.Delete(pb.DeleteRequest(**{by: value}))
+        assert list(erased.registration_ids) == [registration_id]
+    victims = [stored_bytes(person) for person in people[:len(VICTIMS)]]
+    # The checkpoint is rewritten without them; freed store pages may still hold them.
+    wait_until(lambda: all("index.ckpt" not in files_holding(server.data_dir, v)
+                           for v in victims))
+    pb_grpc.IndexAdminStub(admin).Compact(pb.CompactRequest())
+    for (_, _, id_number, msisdn), victim in zip(VICTIMS, victims, strict=True):
+        for needle in (victim, id_number.encode(), msisdn.encode(), msisdn[1:].encode()):
+            assert files_holding(server.data_dir, needle) == [], needle
+    assert files_holding(server.data_dir, stored_bytes(people[-1])) != []  # the others stay
+    r0_key = server.server.gallery.stored_face("r0")[0]
+    assert server.server.gallery.settled(r0_key) == {}  # no settlement names a victim
+    admin.close()
+    investigator.close()
 
 
 def test_the_server_compacts_by_itself_after_an_erasure(make_server, faces):

@@ -10,7 +10,8 @@ import pytest
 
 from dedup.ops.keys import make_keys
 
-PRIVATE = {"server.key", "registration.key", "investigator.key", "admin.key", "tokens.txt"}
+PRIVATE = {"server.key", "registration.key", "investigator.key", "admin.key", "tokens.txt",
+           "audit.key"}
 
 
 def mode(path: Path) -> int:

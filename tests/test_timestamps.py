@@ -84,15 +84,21 @@ def test_search_accepts_the_first_and_last_instants(running):
     assert {m.registration.registration_id for m in found.matches} == {"r1", "r2"}
 
 
-def test_a_refused_search_writes_no_audit_record(tmp_path):
+def test_a_refused_search_is_audited_as_refused_and_returns_nothing(tmp_path):
+    # Every investigator read is audited, refusals included (issue 13, finding 3).
     server = start(tmp_path / "data")
     investigate = pb_grpc.InvestigateStub(server.channel)
+    refused = 0
     for field in ("enrolled_from", "enrolled_until"):
         for case in OUT_OF_RANGE:
             with pytest.raises(grpc.RpcError):
                 investigate.Search(search(field, case.values[0]), timeout=30)
+            refused += 1
     server.stop()
-    assert [r for r in records(tmp_path / "data") if r["method"] == "Investigate.Search"] == []
+    searches = [r for r in records(tmp_path / "data") if r["method"] == "Investigate.Search"]
+    assert len(searches) == refused
+    assert all(r["query"]["outcome"] == "INVALID_ARGUMENT" and r["returned"] == []
+               for r in searches)
 
 
 @pytest.mark.parametrize(("stamp", "problem"), OUT_OF_RANGE)

@@ -1,11 +1,15 @@
 """Assembles the dedup server: the face model, one gallery (embedded or Milvus), the gRPC
-services of dedup.api, health and reflection, on mutual TLS or loopback listeners."""
+services of dedup.api, health and reflection, on mutual TLS or loopback listeners.
+
+The transport is grpc.aio on an event loop of its own thread (api/transport.py): calls are
+admitted and wait for their clients there, and only admitted work reaches the worker pool
+(api/wire.py). Health and reflection answer on the loop, whatever the workers are doing."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
-from concurrent import futures
 from typing import Any
 
 import faiss
@@ -14,12 +18,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
+from dedup.api.admission import Admission
 from dedup.api.auth import Authorizer, is_loopback, mtls_credentials, tls_credentials
+from dedup.api.calls import Gate, Waits
 from dedup.api.face_dedup import FaceDedupServicer
 from dedup.api.index_admin import IndexAdminServicer
 from dedup.api.investigate import InvestigateServicer
 from dedup.api.metrics import Metrics
 from dedup.api.observe import CallObserver
+from dedup.api.transport import Transport
 from dedup.api.wire import add_service
 from dedup.core.errors import ConfigError
 from dedup.core.settings import ServerConfig
@@ -40,13 +47,14 @@ INVESTIGATE_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Investigate"].full_na
 class DedupServer:
     """A running dedup: the gRPC server, its health service and the gallery behind it."""
 
-    def __init__(self, server: grpc.Server, service: DedupService,
-                 health_servicer: health.HealthServicer, config: ServerConfig,
+    def __init__(self, transport: Transport, service: DedupService,
+                 health_servicer: health.aio.HealthServicer, config: ServerConfig,
                  metrics: Metrics) -> None:
-        self.grpc_server = server
+        self.grpc_server = transport
         self.metrics = metrics
         self.metrics_port: int | None = None
         self.token_port: int | None = None
+        self.audit: AuditTrail | None = None  # anchored from start to stop
         self._metrics_http: Any = None
         self.service = service
         self.gallery = service.gallery
@@ -59,17 +67,22 @@ class DedupServer:
         if self.config.metrics_address is not None:
             self._metrics_http, self.metrics_port = self.metrics.serve(self.config.metrics_address)
         self.grpc_server.start()
+        if self.audit is not None:
+            self.audit.start()
         for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            self.grpc_server.run(self.health.set(name, health_pb2.HealthCheckResponse.SERVING))
 
     def stop(self, grace: float | None = None) -> None:
         """Graceful: health turns NOT_SERVING, in-flight calls finish, the index is checkpointed."""
         with self._stop_lock:
             if self._stopped.is_set():
                 return
-            self.health.enter_graceful_shutdown()
+            if not self.grpc_server.stopped.is_set():
+                self.grpc_server.run(self.health.enter_graceful_shutdown())
             self.grpc_server.stop(self.config.shutdown_grace_s if grace is None else grace).wait()
             self.service.embedder.close()
+            if self.audit is not None:
+                self.audit.close()  # a last anchor of the trail's head
             self.gallery.close(checkpoint=True)
             if self._metrics_http is not None:
                 self._metrics_http.shutdown()
@@ -77,7 +90,7 @@ class DedupServer:
             self._stopped.set()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
-        return bool(self.grpc_server.wait_for_termination(timeout))
+        return self.grpc_server.wait_for_termination(timeout)
 
 
 def open_backend(config: ServerConfig, model_id: str) -> Gallery:
@@ -110,58 +123,68 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0") -> tuple[D
     except BaseException:
         embedder.close()
         raise
+    transport: Transport | None = None
     try:
-        server = _grpc_server(config)
+        transport = _transport(config)
         service = DedupService(gallery, embedder, config.policy, config.limits)
         metrics.watch_gallery(gallery)
-        _add_dedup_services(server, config, service, metrics)
-        health_servicer = _add_health_and_reflection(server, config)
-        port, token_port = _listen(server, config, address)
+        audit = _add_dedup_services(transport, config, service, metrics)
+        health_servicer = transport.on_loop(_add_health_and_reflection, transport.server, config)
+        port, token_port = transport.on_loop(_listen, transport.server, config, address)
     except BaseException:
+        if transport is not None:
+            transport.stop(0)
         embedder.close()
         gallery.close(checkpoint=False)
         raise
-    dedup_server = DedupServer(server, service, health_servicer, config, metrics)
+    dedup_server = DedupServer(transport, service, health_servicer, config, metrics)
     dedup_server.token_port = token_port
+    dedup_server.audit = audit
     return dedup_server, port
 
 
-def _grpc_server(config: ServerConfig) -> grpc.Server:
-    return grpc.server(
-        futures.ThreadPoolExecutor(
-            max_workers=config.max_workers,
-            thread_name_prefix="dedup-rpc",
-            # OpenMP's thread count is per calling thread: set it in every worker.
-            initializer=faiss.omp_set_num_threads,
-            initargs=(config.faiss_omp_threads,),
-        ),
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-        options=[
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ],
-    )
+def _transport(config: ServerConfig) -> Transport:
+    return Transport(
+        [("grpc.max_receive_message_length", config.max_message_bytes),
+         ("grpc.max_send_message_length", config.max_message_bytes),
+         ("grpc.so_reuseport", 0),
+         # A stream's receive window then stays small (64 KiB) until its request is read:
+         # grown by bandwidth probes, it let refused callers' bytes pile up in the transport
+         # (60-100 MiB over 32 unread 15 MiB requests). Admitted uploads pay on long links:
+         # through a 100 ms round trip an 8 MiB photo took 0.95 s instead of 0.2 s, a
+         # 512 KiB one 0.2 s instead of 0.1 s.
+         ("grpc.http2.bdp_probe", 0)],
+        config.max_workers,
+        # OpenMP's thread count is per calling thread: set it in every worker.
+        functools.partial(faiss.omp_set_num_threads, config.faiss_omp_threads))
 
 
-def _add_dedup_services(server: grpc.Server, config: ServerConfig, service: DedupService,
-                        metrics: Metrics) -> None:
-    """FaceDedup, IndexAdmin and Investigate, each call observed and authorised."""
-    observer = CallObserver(metrics)
-    authorizer = Authorizer(config.security)
-    audit = AuditTrail(service.gallery)
+def _gate(config: ServerConfig, transport: Transport, metrics: Metrics) -> Gate:
+    """Admission and time bounds of every dedup call. max_concurrent_rpcs counts admitted
+    calls only: a caller without credentials, health and reflection never take a slot."""
+    admission = Admission(Authorizer(config.security), metrics, config.max_concurrent_rpcs,
+                          config.max_calls_per_caller)
+    return Gate(CallObserver(metrics), admission, transport.pool,
+                Waits(config.request_read_timeout_s, config.stream_idle_timeout_s))
+
+
+def _add_dedup_services(transport: Transport, config: ServerConfig, service: DedupService,
+                        metrics: Metrics) -> AuditTrail:
+    """FaceDedup, IndexAdmin and Investigate, each call observed and admitted; returns
+    their audit trail."""
+    gate = _gate(config, transport, metrics)
+    audit = AuditTrail.for_server(service.gallery, config)
     services = pb.DESCRIPTOR.services_by_name
-    add_service(server, services["FaceDedup"],
-                FaceDedupServicer(service, config, metrics, audit), observer, authorizer)
-    add_service(server, services["IndexAdmin"], IndexAdminServicer(service.gallery), observer,
-                authorizer)
-    add_service(server, services["Investigate"],
-                InvestigateServicer(service, config, audit), observer, authorizer)
+    for name, servicer in (("FaceDedup", FaceDedupServicer(service, config, metrics, audit)),
+                           ("IndexAdmin", IndexAdminServicer(service.gallery)),
+                           ("Investigate", InvestigateServicer(service, config, audit))):
+        transport.on_loop(add_service, transport.server, services[name], servicer, gate)
+    return audit
 
 
-def _add_health_and_reflection(server: grpc.Server,
-                               config: ServerConfig) -> health.HealthServicer:
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+def _add_health_and_reflection(server: grpc.aio.Server,
+                               config: ServerConfig) -> health.aio.HealthServicer:
+    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.reflection:
         reflection.enable_server_reflection(
@@ -172,7 +195,8 @@ def _add_health_and_reflection(server: grpc.Server,
     return health_servicer
 
 
-def _listen(server: grpc.Server, config: ServerConfig, address: str) -> tuple[int, int | None]:
+def _listen(server: grpc.aio.Server, config: ServerConfig,
+            address: str) -> tuple[int, int | None]:
     """Binds `address` (mutual TLS with a security file, else plain on loopback) and the
     security file's token listener (server TLS); returns both ports."""
     security = config.security

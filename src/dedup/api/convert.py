@@ -6,12 +6,22 @@ value rules shared with the CSV import are in `dedup.core.validation`.
 
 from __future__ import annotations
 
+import dataclasses
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup.core import validation
 from dedup.core.errors import InvalidArgument
-from dedup.core.records import CheckResult, DeleteKey, DetectedFace, FaceInput, Registration
+from dedup.core.logs import mask
+from dedup.core.records import (
+    CheckResult,
+    DeleteKey,
+    DetectedFace,
+    FaceInput,
+    Match,
+    Registration,
+)
 from dedup.core.settings import Limits
 from dedup.core.validation import text
 from dedup.core.vectors import unit_vector
@@ -91,6 +101,7 @@ def registration_to_proto(registration: Registration) -> pb.Registration:
         carrier=registration.carrier,
         region=registration.region,
         embedding_model=registration.embedding_model,
+        enrolled_by=registration.enrolled_by,
     )
     if registration.enrolled_at_us:
         stamp = Timestamp()
@@ -105,14 +116,31 @@ def detected_to_proto(face: DetectedFace) -> pb.DetectedFace:
                            faces_in_image=face.faces_in_image)
 
 
-def check_to_proto(result: CheckResult) -> pb.CheckResponse:
+def desk_view(registration: Registration, claimed_id_number: str) -> Registration:
+    """A matched registration as a registration desk sees it: the registration_id, carrier,
+    region and enrolment time; under an ID number other than the one claimed, the ID number
+    and phone number masked as in the logs (the last four characters); never who enrolled
+    it."""
+    if registration.id_number == claimed_id_number:
+        return dataclasses.replace(registration, enrolled_by="")
+    return dataclasses.replace(registration, id_number=mask(registration.id_number),
+                               msisdn=mask(registration.msisdn), enrolled_by="")
+
+
+def _match_to_proto(match: Match, desk_claimed: str | None) -> pb.Match:
+    registration = match.registration
+    if desk_claimed is not None:
+        registration = desk_view(registration, desk_claimed)
+    return pb.Match(registration=registration_to_proto(registration), score=match.score,
+                    settled_different=match.settled_different)
+
+
+def check_to_proto(result: CheckResult, desk_claimed: str | None = None) -> pb.CheckResponse:
+    """With `desk_claimed` (the claimed ID number), the matches as a registration desk sees
+    them (see desk_view); without, whole."""
     response = pb.CheckResponse(
         verdict=pb.Verdict.ValueType(int(result.verdict)),
-        matches=[
-            pb.Match(registration=registration_to_proto(match.registration), score=match.score,
-                     settled_different=match.settled_different)
-            for match in result.matches
-        ],
+        matches=[_match_to_proto(match, desk_claimed) for match in result.matches],
         distinct_other_id_numbers=result.distinct_other_id_numbers,
         same_id_registrations=result.same_id_registrations,
         best_score=result.best_score,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -11,17 +12,19 @@ import grpc
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 from dedup.api import convert as convert
+from dedup.api import reads as reads
 from dedup.api.auth import current_caller
 from dedup.api.metrics import Metrics
+from dedup.api.rate_limit import CallerRate
 from dedup.api.status import details, rpc, seconds_left, status_of
 from dedup.core import validation
-from dedup.core.audit_chain import record_maker
-from dedup.core.errors import DedupError, NotFound
+from dedup.core.audit_chain import Caller
+from dedup.core.errors import DedupError, InvalidArgument, NotFound, ResourceExhausted
 from dedup.core.records import Probe
 from dedup.core.settings import Policy, ServerConfig
 from dedup.service import calibration as calibration
 from dedup.service.audit import AuditTrail, embedding_digest
-from dedup.service.registrations import DedupService, ServiceStats
+from dedup.service.registrations import TRUSTED_ROLES, DedupService, ServiceStats
 
 log = logging.getLogger("dedup.server")
 
@@ -34,6 +37,9 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
         self.audit = audit
         self.limits = config.limits
         self.dimension = config.store.dimension
+        queries = config.queries
+        self.check_rate = CallerRate(queries.check_rate_per_caller,
+                                     queries.check_burst_per_caller)
 
     def _probe(self, request: pb.CheckRequest | pb.EnrollRequest,
                context: grpc.ServicerContext) -> Probe:
@@ -42,30 +48,37 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
 
     @rpc
     def Check(self, request: pb.CheckRequest, context: grpc.ServicerContext) -> pb.CheckResponse:
-        claimed = validation.text(request.claimed_id_number, "claimed_id_number",
-                               self.limits.max_id_number_chars, required=False)
-        limit = convert.max_candidates(request.max_candidates, self.limits)
-        registration_id = validation.text(request.registration_id, "registration_id",
-                                       self.limits.max_registration_id_chars, required=False)
-        probe = self._probe(request, context)
-        result = self.service.check(probe, claimed, limit, registration_id)
-        self._audit_investigator(context, "FaceDedup.Check", lambda: {
-            "embedding_sha256": embedding_digest(probe.vector.tobytes()),
-            "claimed_id_number": claimed}, [m.registration.registration_id for m in result.matches])
-        self.metrics.verdicts.labels(result.verdict.name).inc()
-        return convert.check_to_proto(result)
-
-    def _audit_investigator(self, context: grpc.ServicerContext, method: str,
-                            query: Callable[[], dict[str, str]], returned: list[str]) -> None:
-        """An investigator's reads of FaceDedup are audited like Investigate calls; the case
-        and purpose come from `x-case-id` / `x-purpose` metadata, when sent. `query` is only
-        made for them: other callers' checks pay nothing."""
         caller = current_caller()
-        if caller.role != "investigator":
-            return
-        metadata = dict(context.invocation_metadata() or ())
-        self.audit.append(caller, method, str(metadata.get("x-case-id", "")),
-                          str(metadata.get("x-purpose", "")), query(), returned)
+        desk = caller.role == "registration"
+        if desk:
+            self._admit_desk_check(caller, request)
+        with reads.face_dedup_read(self.audit, caller, "FaceDedup.Check", context) as read:
+            claimed = validation.text(request.claimed_id_number, "claimed_id_number",
+                                      self.limits.max_id_number_chars, required=False)
+            limit = convert.max_candidates(request.max_candidates, self.limits)
+            registration_id = validation.text(request.registration_id, "registration_id",
+                                           self.limits.max_registration_id_chars, required=False)
+            read.query = {"claimed_id_number": claimed}
+            probe = self._probe(request, context)
+            read.query["embedding_sha256"] = embedding_digest(probe.vector.tobytes())
+            result = self.service.check(probe, claimed, limit, registration_id,
+                                        trusted=caller.role in TRUSTED_ROLES)
+            read.answered([m.registration.registration_id for m in result.matches])
+        self.metrics.verdicts.labels(result.verdict.name).inc()
+        return convert.check_to_proto(result, claimed if desk else None)
+
+    def _admit_desk_check(self, caller: Caller, request: pb.CheckRequest) -> None:
+        """A registration desk checks an applicant's claim, so names the claimed ID number;
+        each desk credential's checks are rate limited (refusals are counted: probing faces
+        fast is itself a signal)."""
+        if not self.check_rate.admit(caller.identity):
+            self.metrics.refusals.labels("rate").inc()
+            raise ResourceExhausted(
+                f"Check: {caller.identity} is over {self.check_rate.rate:g} checks a second "
+                f"(bursts of {self.check_rate.burst:g}); slow down")
+        if not request.claimed_id_number:
+            self.metrics.refusals.labels("no_claimed_id_number").inc()
+            raise InvalidArgument("claimed_id_number", "is required for the registration role")
 
     @rpc
     def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:
@@ -85,18 +98,22 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
 
     def _enroll(self, request: pb.EnrollRequest,
                 context: grpc.ServicerContext) -> pb.EnrollResponse:
-        registration = convert.registration_from_proto(
+        caller = current_caller()
+        registration = dataclasses.replace(convert.registration_from_proto(
             request.registration, request.HasField("registration"), self.limits
-        )
+        ), enrolled_by=caller.identity)
         probe = self._probe(request, context)
-        result = self.service.enroll(registration, probe, request.check_first)
+        result = self.service.enroll(registration, probe, request.check_first,
+                                     trusted=caller.role in TRUSTED_ROLES)
         response = pb.EnrollResponse(
             registration=convert.registration_to_proto(result.registration),
             enrolled=result.enrolled,
         )
         if result.check is not None:
             self.metrics.verdicts.labels(result.check.verdict.name).inc()
-            response.check.CopyFrom(convert.check_to_proto(result.check))
+            # The evidence as a desk sees it, whoever enrols: whole records are audited reads.
+            shown = None if caller.via == "none" else registration.id_number
+            response.check.CopyFrom(convert.check_to_proto(result.check, shown))
         if result.detected is not None:
             response.detected_face.CopyFrom(convert.detected_to_proto(result.detected))
         return response
@@ -105,7 +122,7 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
         by, value = convert.delete_key(request, self.limits)
         caller = current_caller()
-        maker = record_maker(caller, "FaceDedup.Delete", "", "", {by.value: value})
+        maker = self.audit.maker(caller, "FaceDedup.Delete", "", "", {by.value: value})
         try:
             erasure = self.service.delete(by, value, maker)
         except NotFound:
@@ -128,11 +145,16 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
     def GetRegistration(
         self, request: pb.GetRegistrationRequest, context: grpc.ServicerContext
     ) -> pb.Registration:
-        registration_id = validation.text(request.registration_id, "registration_id",
-                                       self.limits.max_registration_id_chars, required=True)
-        registration = self.service.get(registration_id)
-        self._audit_investigator(context, "FaceDedup.GetRegistration",
-                                 lambda: {"registration_id": registration_id}, [registration_id])
+        caller = current_caller()
+        method = "FaceDedup.GetRegistration"
+        with reads.face_dedup_read(self.audit, caller, method, context) as read:
+            registration_id = validation.text(request.registration_id, "registration_id",
+                                           self.limits.max_registration_id_chars, required=True)
+            read.query = {"registration_id": registration_id}
+            # A desk finds only what its own credential enrolled.
+            owner = caller.identity if caller.role == "registration" else None
+            registration = self.service.get(registration_id, enrolled_by=owner)
+            read.answered([registration_id])
         return convert.registration_to_proto(registration)
 
     @rpc

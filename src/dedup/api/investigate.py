@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -11,17 +13,26 @@ import grpc
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 from dedup.api import convert as convert
-from dedup.api.auth import current_caller, required_text
+from dedup.api import reads as reads
+from dedup.api.auth import current_caller
 from dedup.api.status import answered, rpc, seconds_left
 from dedup.core import validation
 from dedup.core.adjudication import Adjudication
-from dedup.core.audit_chain import Caller, record_maker
+from dedup.core.audit_chain import Caller
 from dedup.core.errors import InvalidArgument, NotFound
 from dedup.core.policy import Scored
 from dedup.core.settings import Limits, ServerConfig
 from dedup.core.vectors import Vector
 from dedup.service.audit import AuditTrail, embedding_digest
-from dedup.service.clusters import Cluster, find_clusters
+from dedup.service.clusters import (
+    Caps,
+    Cluster,
+    JobSlot,
+    JobSlots,
+    audit_batches,
+    cluster_floor,
+    find_clusters,
+)
 from dedup.service.investigate import Links, SearchFilter, links, widening_search
 from dedup.service.registrations import DedupService
 
@@ -31,7 +42,20 @@ MAX_MIN_DISTINCT_IDS = 1000
 
 
 def _case(request: Any) -> tuple[str, str]:
-    return (required_text(request.case_id, "case_id"), required_text(request.purpose, "purpose"))
+    return reads.case_and_purpose(request.case_id, request.purpose)
+
+
+@dataclass(frozen=True)
+class _ClusterJob:
+    """A FindClusters job admitted: what it asked, and its slot among the running jobs."""
+
+    caller: Caller
+    case_id: str
+    purpose: str
+    floor: float
+    min_ids: int
+    query: dict[str, Any]
+    slot: JobSlot
 
 
 def _score(value: float, field: str) -> float:
@@ -99,58 +123,65 @@ class InvestigateServicer(pb_grpc.InvestigateServicer):
         self.limits = config.limits
         self.dimension = config.store.dimension
         self.audit = audit
+        queries = config.queries
+        self.cluster_caps = Caps(queries.max_pairs_per_registration, queries.max_cluster_size)
+        self.cluster_jobs = JobSlots(queries.cluster_jobs_per_caller, queries.cluster_jobs)
 
     # -- Search ----------------------------------------------------------------------
 
     @rpc
     def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext
                ) -> pb.SearchResponse:
-        case_id, purpose = _case(request)
-        k = _k(request.k)
-        floor = _score(request.min_score, "min_score") if request.HasField("min_score") \
-            else -1.0
-        search_filter = _search_filter(request, self.limits)
-        vector, exclude, query = self._probe(request, context)
-        query.update(k=k, min_score=floor if request.HasField("min_score") else None,
-                     carrier=search_filter.carrier, region=search_filter.region,
-                     enrolled_from_us=search_filter.enrolled_from_us,
-                     enrolled_until_us=search_filter.enrolled_until_us)
-        found = widening_search(
-            self.gallery, vector, floor, k,
-            lambda s: s.key != exclude and search_filter.admits(s.registration))
-        digest = self.audit.append(current_caller(), "Investigate.Search", case_id, purpose,
-                                   query, [s.registration.registration_id for s in found])
+        with reads.read(self.audit, current_caller(), "Investigate.Search") as read:
+            read.case_id, read.purpose = _case(request)
+            k = _k(request.k)
+            floor = _score(request.min_score, "min_score") if request.HasField("min_score") \
+                else -1.0
+            search_filter = _search_filter(request, self.limits)
+            read.query.update(k=k, min_score=floor if request.HasField("min_score") else None,
+                              carrier=search_filter.carrier, region=search_filter.region,
+                              enrolled_from_us=search_filter.enrolled_from_us,
+                              enrolled_until_us=search_filter.enrolled_until_us)
+            vector, exclude = self._probe(request, context, read.query)
+            found = widening_search(
+                self.gallery, vector, floor, k,
+                lambda s: s.key != exclude and search_filter.admits(s.registration))
+            digest = read.answered([s.registration.registration_id for s in found])
         return pb.SearchResponse(matches=[_match(s) for s in found], audit_record_hash=digest)
 
-    def _probe(self, request: pb.SearchRequest, context: grpc.ServicerContext
-               ) -> tuple[Vector, int | None, dict[str, Any]]:
-        """The probe vector, the key to leave out, and how the probe appears in the trail."""
+    def _probe(self, request: pb.SearchRequest, context: grpc.ServicerContext,
+               query: dict[str, Any]) -> tuple[Vector, int | None]:
+        """The probe vector and the key to leave out; how the probe appears in the trail
+        goes into `query` (before a lookup that may end NOT_FOUND)."""
         which = request.WhichOneof("probe")
         if which == "registration_id":
             registration_id = validation.text(request.registration_id, "registration_id",
                                            self.limits.max_registration_id_chars, required=True)
+            query["registration_id"] = registration_id
             stored = self.gallery.stored_face(registration_id)
             if stored is None:
                 raise NotFound(f"registration_id: no registration {registration_id!r}")
-            return stored[2], stored[0], {"registration_id": registration_id}
+            return stored[2], stored[0]
         if which != "face":
             raise InvalidArgument("probe", "give face or registration_id")
         face = convert.face_input(request.face, True, "face", self.dimension)
         probe = self.service.probe(face, "face", timeout=seconds_left(context))
-        return probe.vector, None, {"embedding_sha256": embedding_digest(probe.vector.tobytes())}
+        query["embedding_sha256"] = embedding_digest(probe.vector.tobytes())
+        return probe.vector, None
 
     # -- Links -----------------------------------------------------------------------
 
     @rpc
     def Links(self, request: pb.LinksRequest, context: grpc.ServicerContext) -> pb.LinksResponse:
-        case_id, purpose = _case(request)
-        id_number = validation.text(request.id_number, "id_number",
-                                 self.limits.max_id_number_chars, required=True)
-        found = links(self.gallery, id_number, self.policy.match_threshold)
-        returned = [r.registration_id for r in found.registrations] + [
-            r.registration_id for link in found.linked for r in link.registrations]
-        digest = self.audit.append(current_caller(), "Investigate.Links", case_id, purpose,
-                                   {"id_number": id_number}, returned)
+        with reads.read(self.audit, current_caller(), "Investigate.Links") as read:
+            read.case_id, read.purpose = _case(request)
+            id_number = validation.text(request.id_number, "id_number",
+                                     self.limits.max_id_number_chars, required=True)
+            read.query = {"id_number": id_number}
+            found = links(self.gallery, id_number, self.policy.match_threshold)
+            returned = [r.registration_id for r in found.registrations] + [
+                r.registration_id for link in found.linked for r in link.registrations]
+            digest = read.answered(returned)
         return _links_response(found, digest)
 
     # -- Adjudicate --------------------------------------------------------------------
@@ -160,72 +191,84 @@ class InvestigateServicer(pb_grpc.InvestigateServicer):
                ) -> pb.AdjudicateResponse:
         case_id, purpose = _case(request)
         first, second, decision, note = _adjudicated_pair(request, self.limits)
-        score = self._pair_score(request, first, second)
+        score, checked, matched = self._pair(request, first, second)
         caller = current_caller()
         record = Adjudication.now(first, second, decision, score, case_id, note,
                                   caller.identity).encode()
-        make = record_maker(caller, "Investigate.Adjudicate", case_id, purpose,
-                            {"registration_id": first, "matched_registration_id": second,
-                             "decision": decision})
-        digest = self.gallery.settle(first, second, record,
-                                           lambda seq, prev: make(seq, prev, [first, second]))
+        make = self.audit.maker(caller, "Investigate.Adjudicate", case_id, purpose,
+                                {"registration_id": first, "matched_registration_id": second,
+                                 "decision": decision})
+        digest = self.gallery.settle(checked, matched, record,
+                                     lambda seq, prev: make(seq, prev, [first, second]))
         return pb.AdjudicateResponse(score=score, audit_record_hash=digest.hex())
 
-    def _pair_score(self, request: pb.AdjudicateRequest, first: str, second: str) -> float:
+    def _pair(self, request: pb.AdjudicateRequest, first: str, second: str
+              ) -> tuple[float, int | str, int]:
+        """The pair's score and its parties: the registrations' keys, or for a checked
+        application that is not enrolled its registration_id."""
         matched = self.gallery.stored_face(second)
         if matched is None:
             raise NotFound(f"matched_registration_id: no registration {second!r}")
         checked = self.gallery.stored_face(first)
         if checked is not None:
-            return float(checked[2] @ matched[2])
+            return float(checked[2] @ matched[2]), checked[0], matched[0]
         if not request.HasField("score"):
             raise InvalidArgument("score", f"required: registration {first!r} is not enrolled, "
                                   "so give the score from the verdict's evidence")
-        return _score(request.score, "score")
+        return _score(request.score, "score"), first, matched[0]
 
     # -- FindClusters ------------------------------------------------------------------
 
     def FindClusters(self, request: pb.FindClustersRequest, context: grpc.ServicerContext
                      ) -> Iterator[pb.ClusterUpdate]:
-        case_id, purpose, floor, min_ids, query = answered(
-            context, lambda: self._begin_clusters(request), "FindClusters")
+        job = answered(context, lambda: self._begin_clusters(request), "FindClusters")
+        try:
+            found: list[Cluster] = []
+            for item in find_clusters(self.gallery, job.floor, job.min_ids, self.cluster_caps):
+                if isinstance(item, Cluster):
+                    found.append(item)
+                    continue
+                yield from self._release(found, job, context)
+                found = []
+                yield pb.ClusterUpdate(progress=pb.ClusterProgress(
+                    searched=item.searched, total=item.total, clusters=item.clusters))
+        finally:
+            job.slot.release()
+
+    def _begin_clusters(self, request: pb.FindClustersRequest) -> _ClusterJob:
+        """Validates the request, takes a job slot and audits the job's start (or refusal)."""
         caller = current_caller()
-        found: list[Cluster] = []
-        for item in find_clusters(self.gallery, floor, min_ids):
-            if isinstance(item, Cluster):
-                found.append(item)
-                continue
-            yield from self._release(found, caller, case_id, purpose, query, context)
-            found = []
-            yield pb.ClusterUpdate(progress=pb.ClusterProgress(
-                searched=item.searched, total=item.total, clusters=item.clusters))
+        with reads.read(self.audit, caller, "Investigate.FindClusters") as read:
+            read.case_id, read.purpose = _case(request)
+            min_ids = request.min_distinct_id_numbers or 2
+            if not 2 <= min_ids <= MAX_MIN_DISTINCT_IDS:
+                raise InvalidArgument("min_distinct_id_numbers",
+                                      f"must be 2 to {MAX_MIN_DISTINCT_IDS}, got {min_ids}")
+            asked = (_score(request.min_score, "min_score") if request.HasField("min_score")
+                     else None)
+            read.query = {"min_distinct_id_numbers": min_ids, "min_score": asked}
+            read.query["min_score"] = floor = cluster_floor(asked, self.policy)
+            slot = self.cluster_jobs.take(caller.identity)
+            try:
+                read.answered([])
+            except BaseException:
+                slot.release()
+                raise
+        return _ClusterJob(caller, read.case_id, read.purpose, floor, min_ids, read.query, slot)
 
-    def _begin_clusters(self, request: pb.FindClustersRequest
-                        ) -> tuple[str, str, float, int, dict[str, Any]]:
-        """Validates the request and audits the job's start."""
-        case_id, purpose = _case(request)
-        min_ids = request.min_distinct_id_numbers or 2
-        if not 2 <= min_ids <= MAX_MIN_DISTINCT_IDS:
-            raise InvalidArgument("min_distinct_id_numbers",
-                                  f"must be 2 to {MAX_MIN_DISTINCT_IDS}, got {min_ids}")
-        floor = (_score(request.min_score, "min_score") if request.HasField("min_score")
-                 else self.policy.match_threshold)
-        query: dict[str, Any] = {"min_distinct_id_numbers": min_ids, "min_score": floor}
-        self.audit.append(current_caller(), "Investigate.FindClusters", case_id, purpose, query, [])
-        return case_id, purpose, floor, min_ids, query
-
-    def _release(self, found: list[Cluster], caller: Caller, case_id: str, purpose: str,
-                 query: dict[str, Any], context: grpc.ServicerContext
+    def _release(self, found: list[Cluster], job: _ClusterJob, context: grpc.ServicerContext
                  ) -> Iterator[pb.ClusterUpdate]:
-        """Audits a batch of clusters, then sends them."""
-        if not found:
-            return
-        returned = [r.registration_id for cluster in found for r in cluster.registrations]
-        digest = answered(context, lambda: self.audit.append(
-            caller, "Investigate.FindClusters", case_id, purpose, query, returned),
-            "FindClusters")
-        for cluster in found:
-            yield pb.ClusterUpdate(audit_record_hash=digest, cluster=pb.Cluster(
-                registrations=[convert.registration_to_proto(r) for r in cluster.registrations],
-                id_numbers=cluster.id_numbers, min_link_score=cluster.min_link_score))
+        """Audits a batch of clusters (a record per audit batch), then sends them."""
+        for batch in audit_batches(found):
+            returned = [r.registration_id for cluster in batch for r in cluster.registrations]
+            digest = answered(context, functools.partial(
+                self.audit.append, job.caller, "Investigate.FindClusters", job.case_id,
+                job.purpose, job.query, returned), "FindClusters")
+            yield from (_cluster_update(cluster, digest) for cluster in batch)
 
+
+def _cluster_update(cluster: Cluster, digest: str) -> pb.ClusterUpdate:
+    return pb.ClusterUpdate(audit_record_hash=digest, cluster=pb.Cluster(
+        registrations=[convert.registration_to_proto(r) for r in cluster.registrations],
+        id_numbers=cluster.id_numbers, min_link_score=cluster.min_link_score,
+        truncated=bool(cluster.truncated_by), truncated_by=cluster.truncated_by))

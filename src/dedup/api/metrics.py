@@ -12,6 +12,10 @@ from prometheus_client.registry import Collector
 from dedup.gallery.base import Gallery
 
 _LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+# Why a call was refused before its work ran (api/admission.py), or ended waiting for its
+# client (api/calls.py).
+REFUSAL_REASONS = ("unauthenticated", "permission_denied", "caller_limit", "server_limit",
+                   "request_timeout", "stream_idle")
 
 
 class Metrics:
@@ -25,6 +29,8 @@ class Metrics:
                                  ["method"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.verdicts = Counter("dedup_verdicts", "verdicts given by Check and Enroll",
                                 ["verdict"], registry=self.registry)
+        self.refusals = Counter("dedup_check_refusals", "registration-role checks refused, "
+                                "by reason", ["reason"], registry=self.registry)
         self.embedding = Histogram("dedup_embedding_seconds",
                                    "time to embed one batch of photos (detection + ArcFace)",
                                    buckets=_LATENCY_BUCKETS, registry=self.registry)
@@ -34,6 +40,12 @@ class Metrics:
             "dedup_photos_abandoned",
             "queued photos skipped because their caller's deadline had passed",
             registry=self.registry)
+        self.calls_refused = Counter(
+            "dedup_calls_refused",
+            "calls refused before their work ran, or ended waiting for the client, by reason",
+            ["reason"], registry=self.registry)
+        for reason in REFUSAL_REASONS:
+            self.calls_refused.labels(reason)
 
     def watch_gallery(self, gallery: Gallery) -> None:
         self.registry.register(_GalleryCollector(gallery))

@@ -33,8 +33,11 @@ def register(commands: Subcommands) -> None:
         Prints one registration by its registration ID (GetRegistration) as JSON: its ID
         number, phone number, carrier, region, enrolment time and embedding model, never
         the embedding itself. A registration that does not exist is NOT_FOUND (exit 1).
-        """, ["dedup get order-1001"], get_command)
+        """, ["dedup get order-1001",
+              "dedup get order-1001 --ca ca.crt --cert admin.crt --key admin.key "
+              "--case-id CASE-7 --purpose 'duplicate review'"], get_command)
     get.add_argument("registration_id")
+    _case_arguments(get)
 
     add_client_subcommand(commands, "stats", "gallery size, index and policy", """
         Prints the server's Stats as JSON: how many registrations and distinct ID numbers
@@ -75,8 +78,11 @@ def _register_enroll_and_check(commands: Subcommands) -> None:
         """, ["dedup check --image applicant.jpg --claimed-id-number ID123",
               "dedup check --embedding face.npy --max-candidates 20"], check_command)
     _face_arguments(check)
-    check.add_argument("--claimed-id-number", default="")
+    check.add_argument("--claimed-id-number", default="",
+                       help="the ID number the applicant presents (required of the "
+                       "registration role)")
     check.add_argument("--max-candidates", type=int, default=0)
+    _case_arguments(check)
 
 
 def _register_import_photos(commands: Subcommands) -> None:
@@ -96,6 +102,18 @@ def _register_import_photos(commands: Subcommands) -> None:
     photos.add_argument("--largest-face", action="store_true")
     photos.add_argument("--parallel", type=int, default=4, help="calls in flight")
     photos.add_argument("--rejects", type=Path, help="write rejected rows and why to this CSV")
+
+
+def _case_arguments(parser: argparse.ArgumentParser) -> None:
+    for name, what in (("case-id", "the case"), ("purpose", "the purpose")):
+        parser.add_argument(f"--{name}", default="", help=f"{what} the read is for (sent as "
+                            f"x-{name} metadata; required of investigators and admins by a "
+                            "server with a security file, and audited)")
+
+
+def case_metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    given = (("x-case-id", args.case_id), ("x-purpose", args.purpose))
+    return tuple((name, value) for name, value in given if value)
 
 
 def _face_arguments(parser: argparse.ArgumentParser) -> None:
@@ -146,7 +164,7 @@ def check_command(args: argparse.Namespace) -> int:
     )
     channel, stub = open_dedup_stub(args)
     with channel:
-        print_message(stub.Check(request, timeout=args.timeout))
+        print_message(stub.Check(request, timeout=args.timeout, metadata=case_metadata(args)))
     return 0
 
 
@@ -167,7 +185,8 @@ def get_command(args: argparse.Namespace) -> int:
     channel, stub = open_dedup_stub(args)
     with channel:
         print_message(stub.GetRegistration(
-            pb.GetRegistrationRequest(registration_id=args.registration_id), timeout=args.timeout))
+            pb.GetRegistrationRequest(registration_id=args.registration_id), timeout=args.timeout,
+            metadata=case_metadata(args)))
     return 0
 
 

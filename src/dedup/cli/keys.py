@@ -14,9 +14,11 @@ def register(commands: Subcommands) -> None:
         Writes into the new directory DIR (mode 0700) a test CA certificate, a server
         certificate for the --host names, a client certificate and key per role
         (registration, investigator, admin), tokens.txt (a bearer token per role, valid 90
-        days) and security.toml (the certificates' roles, the tokens' SHA-256 only and the
-        --token-address where the server takes bearer tokens over TLS), which
-        `dedup serve --security` reads. Every secret is created with mode 0600. The CA's
+        days), audit.key (32 random bytes that authenticate the audit trail and
+        pseudonymise the ID numbers and phone numbers in it) and security.toml (the
+        certificates' roles, the tokens' SHA-256 only, the --token-address where the server
+        takes bearer tokens over TLS, and [audit] key_file), which `dedup serve --security`
+        reads. Every secret is created with mode 0600. The CA's
         private key goes to a directory of its own (DIR-ca, or --ca-dir): it can mint a
         certificate of any role, so it belongs offline, never on the server. For local use
         and tests: production deployments bring their own CA and tokens.
@@ -44,5 +46,6 @@ def keys_command(args: argparse.Namespace) -> int:
     print(f"serve: dedup serve --security {args.out / 'security.toml'}; clients: --ca "
           f"{args.out / 'ca.crt'} with --cert/--key <role>.crt/.key, or a token from "
           f"{args.out / 'tokens.txt'} against the token address {args.token_address}")
-    print("these are test keys: keep tokens.txt and the *.key files private")
+    print("these are test keys: keep tokens.txt and the *.key files private; give the "
+          "auditors a copy of audit.key (`dedup audit verify --key`)")
     return 0

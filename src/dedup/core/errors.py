@@ -22,7 +22,8 @@ so a client always sees the same status for the same kind of failure.
     │   └── CheckpointError  an index checkpoint is missing or damaged (recovered by a rebuild)
     └── StartupError         the server or a command cannot start as configured
         ├── ConfigError      a setting, the security file, an address or a missing optional
-        │                    package (pymilvus for the milvus backend)
+        │   │                package (pymilvus for the milvus backend)
+        │   └── SharedDataDir  the data directory is open to group or other users
         └── ModelError       the face model directory is missing or unusable
 
 StoreError and StartupError are raised before or outside calls (start-up, offline commands);
@@ -109,6 +110,18 @@ class StartupError(DedupError):
 
 class ConfigError(StartupError):
     """A setting, the security file, a listen address, or a package the configuration needs."""
+
+
+class SharedDataDir(ConfigError):
+    """The data directory can be entered or read by users other than its owner."""
+
+    def __init__(self, path: object, mode: int) -> None:
+        super().__init__(
+            f"{path}: the data directory has mode {mode:04o}, so other users can read the "
+            f"registrations in it; run `chmod 700 {path}` (or serve it anyway with "
+            "--allow-shared-data-dir)")
+        self.path = path
+        self.mode = mode
 
 
 class ModelError(StartupError):

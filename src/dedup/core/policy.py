@@ -34,19 +34,20 @@ def decide(
     candidates: list[Scored],
     same_id: list[Scored],
     max_matches: int,
-    settled_different: frozenset[str] = frozenset(),
+    settled_different: frozenset[int] = frozenset(),
 ) -> CheckResult:
     """Applies the rules to index candidates and the claimed ID's own registrations.
 
     `same_id` holds every registration under the claimed ID number (empty without one),
     scored 1:1; `candidates` are the index's neighbours. Both are exact scores.
-    `settled_different` names registrations an investigator settled as a different person
-    from the one checked: they are listed, but count for neither DUPLICATE_IDENTITY nor REVIEW.
+    `settled_different` holds the keys of registrations an investigator settled as a different
+    person from the one checked: they are listed, but count for neither DUPLICATE_IDENTITY nor
+    REVIEW.
     """
     merged = {scored.key: scored for scored in candidates}
     merged.update({scored.key: scored for scored in same_id})
     ranked = sorted(merged.values(), key=lambda scored: (-scored.score, scored.key))
-    counted = [s for s in ranked if s.registration.registration_id not in settled_different]
+    counted = [s for s in ranked if s.key not in settled_different]
     best = counted[0].score if counted else 0.0
     other_ids = {
         scored.registration.id_number
@@ -57,7 +58,7 @@ def decide(
     verdict = _verdict(policy, claimed_id_number, best, other_ids, same_id)
     matches = [
         Match(scored.registration, scored.score,
-              scored.registration.registration_id in settled_different)
+              scored.key in settled_different)
         for scored in ranked[:max_matches]
         if scored.score >= policy.review_threshold
     ]

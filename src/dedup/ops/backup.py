@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dedup.core.errors import StoreError
+from dedup.core.files import open_private, private_dir
 from dedup.gallery.embedded.layout import CHECKPOINT_FILE, store_dir, store_file
 from dedup.gallery.embedded.store import Store
 
@@ -26,14 +27,15 @@ def backup(data_dir: Path, dest: Path) -> BackupReport:
     """Copies the checkpoint, then the store (LMDB's compacting copy in one read transaction).
 
     The checkpoint is copied first so that it never covers changes the copied store lacks;
-    a restored server replays the log after it, or rebuilds from the store.
+    a restored server replays the log after it, or rebuilds from the store. `dest` and its
+    store directory are 0700 and every file in them 0600, as in a data directory.
     """
     started = time.monotonic()
     if not store_file(data_dir).exists():
         raise StoreError(f"{data_dir}: no dedup store to back up")
     if dest.exists() and any(dest.iterdir()):
         raise StoreError(f"{dest}: not empty; back up into a new directory")
-    store_dir(dest).mkdir(parents=True, exist_ok=True)
+    private_dir(store_dir(private_dir(dest, narrow=True)))
     checkpoint_bytes = _copy_checkpoint(data_dir / CHECKPOINT_FILE, dest / CHECKPOINT_FILE)
     source = Store.reader(data_dir)
     try:
@@ -52,14 +54,15 @@ def backup(data_dir: Path, dest: Path) -> BackupReport:
 
 
 def _copy_checkpoint(source: Path, target: Path) -> int:
-    if not source.exists():
-        return 0
     partial = target.with_name(target.name + ".partial")
     try:
-        shutil.copyfile(source, partial)  # the server replaces it by rename: a whole file
+        original = open(source, "rb")  # noqa: SIM115 - closed below
     except FileNotFoundError:
         return 0
-    with open(partial, "rb") as handle:
-        os.fsync(handle.fileno())
+    # The server replaces the checkpoint by rename: the open file is a whole one.
+    with original, open_private(partial, "wb") as copy:
+        shutil.copyfileobj(original, copy)
+        copy.flush()
+        os.fsync(copy.fileno())
     partial.rename(target)
     return target.stat().st_size

@@ -10,18 +10,21 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
+from dedup.core.files import open_private
 
 
 def write_clusters(updates: Iterable[pb.ClusterUpdate], out: Path) -> int:
     """Writes each cluster as it arrives: one JSON object a line (.jsonl, .json) or one CSV row
-    per registration (.csv, with a cluster number). Returns how many clusters were written."""
+    per registration (.csv, with a cluster number), into a file of mode 0600. Returns how many
+    clusters were written."""
     as_csv = out.suffix.lower() == ".csv"
     found = 0
-    with open(out, "w", newline="") as handle, tqdm(desc="searching", unit="reg") as bar:
+    with open_private(out, "w", newline="") as handle, tqdm(desc="searching", unit="reg") as bar:
         writer = csv.writer(handle) if as_csv else None
         if writer is not None:
             writer.writerow(["cluster", "id_numbers", "min_link_score", "registration_id",
-                             "id_number", "msisdn", "carrier", "region", "audit_record_hash"])
+                             "id_number", "msisdn", "carrier", "region", "audit_record_hash",
+                             "truncated_by"])
         for update in updates:
             if update.HasField("progress"):
                 bar.total = update.progress.total
@@ -38,12 +41,13 @@ def write_clusters(updates: Iterable[pb.ClusterUpdate], out: Path) -> int:
                                        "id_number": r.id_number, "msisdn": r.msisdn,
                                        "carrier": r.carrier, "region": r.region}
                                       for r in cluster.registrations],
-                    "audit_record_hash": update.audit_record_hash}) + "\n")
+                    "audit_record_hash": update.audit_record_hash,
+                    "truncated_by": list(cluster.truncated_by)}) + "\n")
             else:
                 for r in cluster.registrations:
                     writer.writerow([found, " ".join(cluster.id_numbers),
                                      f"{cluster.min_link_score:.6f}", r.registration_id,
                                      r.id_number, r.msisdn, r.carrier, r.region,
-                                     update.audit_record_hash])
+                                     update.audit_record_hash, " ".join(cluster.truncated_by)])
         bar.refresh()
     return found

@@ -11,6 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dedup.core.errors import CheckpointError, StoreError
+from dedup.core.files import open_private, path_mode, shared_dir_mode
 from dedup.core.settings import GIB
 from dedup.gallery.embedded.checkpoint import read_checkpoint
 from dedup.gallery.embedded.index import load_index
@@ -34,7 +35,7 @@ def examine(data_dir: Path) -> list[Finding]:
     """Runs every check that applies; a damaged store stops the checks that need it."""
     if not store_file(data_dir).exists():
         return [Finding("problem", "store", f"no LMDB store under {store_dir(data_dir)}")]
-    findings = [_server_lock(data_dir), _pages(data_dir)]
+    findings = [_server_lock(data_dir), _access(data_dir), _pages(data_dir)]
     if findings[-1].level == "problem":
         return findings
     try:
@@ -49,13 +50,22 @@ def examine(data_dir: Path) -> list[Finding]:
 
 
 def _server_lock(data_dir: Path) -> Finding:
-    with open(data_dir / LOCK_FILE, "ab") as handle:
+    with open_private(data_dir / LOCK_FILE, "ab") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return Finding("ok", "server", "a dedup server holds this directory; checked "
                            "read-only beside it (its latest writes may not be in the checkpoint)")
     return Finding("ok", "server", "no process holds this directory")
+
+
+def _access(data_dir: Path) -> Finding:
+    mode = shared_dir_mode(data_dir)
+    if mode is not None:
+        return Finding("problem", "access", f"mode {mode:04o}: other users can read the "
+                       f"registrations; the server refuses it: run `chmod 700 {data_dir}`")
+    return Finding("ok", "access", f"mode {path_mode(data_dir):04o}: only its owner can "
+                   "read the registrations")
 
 
 def _pages(data_dir: Path) -> Finding:

@@ -22,9 +22,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from dedup.core.audit_chain import KEY_BYTES
 from dedup.core.security import ROLES, token_digest
 
 _VALID_DAYS = 365
+AUDIT_KEY_FILE = "audit.key"
 
 
 @dataclass(frozen=True)
@@ -114,9 +116,10 @@ def make_keys(out: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
               token_address: str = "127.0.0.1:50052", token_days: int = 90,
               ca_dir: Path | None = None) -> list[Path]:
     """Writes into a new directory `out` (mode 0700): ca.crt, server.crt/.key,
-    <role>.crt/.key per role, tokens.txt (the tokens themselves, for the clients) and
-    security.toml (their hashes only); and ca.key into a new directory `ca_dir` (default
-    `<out>-ca`). Returns the files written, ca.key last."""
+    <role>.crt/.key per role, tokens.txt (the tokens themselves, for the clients),
+    audit.key (authenticates the audit trail) and security.toml (the tokens' hashes only);
+    and ca.key into a new directory `ca_dir` (default `<out>-ca`). Returns the files
+    written, ca.key last."""
     private_directory(out)
     ca_dir = private_directory(ca_dir or default_ca_dir(out))
     ca = make_ca()
@@ -132,12 +135,16 @@ def make_keys(out: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
         tokens.append(f'[[tokens]]\nname = "{role}-token"\nrole = "{role}"\n'
                       f'sha256 = "{token_digest(token)}"\nexpires = {expires.isoformat()}\n')
     _write(out / "tokens.txt", "".join(token_lines).encode())
+    _write(out / AUDIT_KEY_FILE, (secrets.token_bytes(KEY_BYTES).hex() + "\n").encode())
     security = (
         "# dedup security file (made by `dedup keys`; for local use and tests)\n"
         '[tls]\ncertificate = "server.crt"\nprivate_key = "server.key"\n'
         'client_ca = "ca.crt"\n\n'
         f'[listen]\n# bearer tokens over server TLS\ntoken_address = "{token_address}"\n\n'
         "# mutual TLS: client certificate common name -> role\n" + "\n".join(clients) + "\n"
-        "# bearer tokens: only their SHA-256 is kept here\n" + "\n".join(tokens))
+        "# bearer tokens: only their SHA-256 is kept here\n" + "\n".join(tokens) + "\n"
+        "# authenticates the audit trail and pseudonymises the ID numbers and phone numbers\n"
+        "# in it; keep it out of the data directory (and a copy with the auditors)\n"
+        f'[audit]\nkey_file = "{AUDIT_KEY_FILE}"\n')
     _write(out / "security.toml", security.encode())
     return [*sorted(out.iterdir()), ca_dir / "ca.key"]

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from dedup.core.errors import StoreError
+from dedup.core.files import write_private
 from dedup.core.settings import MilvusConfig
 from dedup.core.vectors import Matrix
 from dedup.gallery.embedded.store import Store
@@ -65,8 +66,8 @@ def _resume_point(state_file: Path, config: MilvusConfig) -> int:
 
 def _save_state(state_file: Path, config: MilvusConfig, last_key: int) -> None:
     temporary = state_file.with_suffix(".tmp")
-    temporary.write_text(json.dumps({"uri": config.uri, "prefix": config.prefix,
-                                     "last_key": last_key}))
+    write_private(temporary, json.dumps({"uri": config.uri, "prefix": config.prefix,
+                                         "last_key": last_key}))
     os.replace(temporary, state_file)
 
 
@@ -85,7 +86,7 @@ def migrate(data_dir: Path, config: MilvusConfig, batch: int, sample: int,
                                          start(store.count(), _count_upto(store, resumed)))
             audit = target.import_audit(f"embedded:{data_dir.resolve()}",
                                         store.audit_records())
-            adjudications = target.import_adjudications(store.adjudications())
+            adjudications = target.import_settlements(store.settlements())
             target.checkpoint()
             agreeing, sampled = _compare_samples(store, target, sample)
             return Migration(copied, resumed, audit, adjudications, store.count(),

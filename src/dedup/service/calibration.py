@@ -24,6 +24,8 @@ from statistics import NormalDist
 import numpy as np
 import numpy.typing as npt
 
+from dedup.core.files import open_private, private_dir
+
 CALIBRATION_FILE = "calibration.json"
 
 
@@ -99,11 +101,11 @@ def recommend(model: ImpostorModel, target_fpir: float, gallery_size: int,
 
 
 def save(model: ImpostorModel, data_dir: Path) -> Path:
-    """Records the model beside the store (temp file, fsync, rename): Stats then shows the
-    FPIR the server's thresholds imply at its gallery size."""
-    path = data_dir / CALIBRATION_FILE
+    """Records the model beside the store (temp file of mode 0600, fsync, rename): Stats then
+    shows the FPIR the server's thresholds imply at its gallery size."""
+    path = private_dir(data_dir) / CALIBRATION_FILE
     partial = path.with_name(path.name + ".tmp")
-    with open(partial, "w") as handle:
+    with open_private(partial, "w") as handle:
         json.dump(asdict(model), handle, indent=2)
         handle.flush()
         os.fsync(handle.fileno())

@@ -30,6 +30,11 @@ from dedup.gallery.base import EnrolmentCheck, Erasure, Gallery, GalleryStats
 log = logging.getLogger("dedup.service")
 
 ENROLLING_VERDICTS = frozenset({Verdict.CLEAR, Verdict.SAME_PERSON})
+# A check naming a registration (CheckRequest.registration_id) is of that registration's
+# face when its stored embedding scores at least this against the probe.
+SAME_FACE = 0.99
+# Roles whose checks apply the settlements of the registration they name, whatever the probe.
+TRUSTED_ROLES = frozenset({"investigator", "admin"})
 
 
 @dataclass(frozen=True)
@@ -63,18 +68,40 @@ class DedupService:
         return Probe(embedded.vector, embedded.face)
 
     def check(self, probe: Probe, claimed_id_number: str, max_matches: int,
-              registration_id: str = "") -> CheckResult:
+              registration_id: str = "", trusted: bool = False) -> CheckResult:
+        """`trusted`: an investigator's (or admin's) check, which applies the settlements of
+        `registration_id` whatever the probe (see _settled_different)."""
         same_id = self.gallery.same_id_number(probe.vector, claimed_id_number)
         candidates = self._candidates(probe.vector, max_matches, same_id)
         result = decide(self.policy, claimed_id_number, candidates, same_id, max_matches,
-                        self._settled_different(registration_id))
+                        self._settled_different(registration_id, probe.vector, trusted))
         return dataclasses.replace(result, detected=probe.detected)
 
-    def _settled_different(self, registration_id: str) -> frozenset[str]:
-        """Registrations an investigator settled as a different person from this one."""
-        settled = self.gallery.settled(registration_id)
+    def _settled_different(self, registration_id: str, vector: Vector, trusted: bool
+                           ) -> frozenset[int]:
+        """The keys of registrations an investigator settled as a different person from the
+        one `registration_id` names. Only when it names an enrolled registration whose stored
+        face is the probe's (or for a trusted caller, who may also name an application that
+        was refused and settled but never enrolled): anyone else naming it would switch the
+        duplicate check off for any face."""
+        settled = {}
+        for party in self._settling_parties(registration_id, vector, trusted):
+            settled.update(self.gallery.settled(party))
         return frozenset(other for other, record in settled.items()
                          if Adjudication.decode(record).different_people)
+
+    def _settling_parties(self, registration_id: str, vector: Vector, trusted: bool
+                          ) -> list[int | str]:
+        if not registration_id:
+            return []
+        stored = self.gallery.stored_face(registration_id)
+        if stored is None:
+            return [registration_id] if trusted else []
+        key, _, stored_vector = stored
+        if trusted or float(stored_vector @ vector) >= SAME_FACE:
+            # Its settlements, and those made while it was an application not yet enrolled.
+            return [key, registration_id]
+        return []
 
     def _candidates(self, vector: Vector, max_matches: int, same_id: list[Scored]
                     ) -> list[Scored]:
@@ -83,7 +110,11 @@ class DedupService:
         k = max(max_matches, self.limits.min_search_k) + len(same_id)
         return self.gallery.neighbours(vector, k, floor=self.policy.review_threshold)
 
-    def enroll(self, registration: Registration, probe: Probe, check_first: bool) -> EnrollResult:
+    def enroll(self, registration: Registration, probe: Probe, check_first: bool,
+               trusted: bool = False) -> EnrollResult:
+        """With `check_first`, the check applies settlements as `check` does: the
+        registration_id being enrolled names no enrolled registration, so only a trusted
+        caller's enrolment applies those made for it as a refused application."""
         vector, detected = probe.vector, probe.detected
         if not check_first:
             stored = self.gallery.insert(registration, vector)
@@ -94,7 +125,7 @@ class DedupService:
         claimed, limit = registration.id_number, self.limits.default_candidates
 
         def judge(candidates: list[Scored], same_id: list[Scored]) -> CheckResult:
-            settled = self._settled_different(registration.registration_id)
+            settled = self._settled_different(registration.registration_id, vector, trusted)
             return decide(self.policy, claimed, candidates, same_id, limit, settled)
 
         check = EnrolmentCheck(claimed, max(limit, self.limits.min_search_k),
@@ -117,9 +148,11 @@ class DedupService:
                  ", ".join(registration.registration_id for registration in erasure.registrations))
         return erasure
 
-    def get(self, registration_id: str) -> Registration:
+    def get(self, registration_id: str, enrolled_by: str | None = None) -> Registration:
+        """With `enrolled_by`, only a registration that principal enrolled: any other is
+        NOT_FOUND, just as a missing one, so the answer reveals nothing of it."""
         registration = self.gallery.get(registration_id)
-        if registration is None:
+        if registration is None or enrolled_by not in (None, registration.enrolled_by):
             raise NotFound(f"registration_id: no registration {registration_id!r}")
         return registration
 

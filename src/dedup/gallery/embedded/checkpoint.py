@@ -3,8 +3,9 @@
 Layout: magic (8 bytes) | format version (u32) | sequence (u64) | vectors (u64)
 | payload length (u64) | SHA-256 of the payload (32 bytes) | embedding model id (64 bytes,
 NUL-padded) | index type (64 bytes, NUL-padded) | payload.
-Written to a temporary file, fsynced, renamed over the old one, then the directory is
-fsynced: a reader sees the old checkpoint or the new one, never a mix.
+Written to a temporary file (mode 0600: the index holds every embedding), fsynced, renamed
+over the old one, then the directory is fsynced: a reader sees the old checkpoint or the new
+one, never a mix.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dedup.core.errors import CheckpointError, ResourceExhausted
+from dedup.core.files import open_private
 
 MAGIC = b"DDUPCKPT"
 VERSION = 2
@@ -43,7 +45,7 @@ def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     )
     temporary = path.with_name(path.name + ".tmp")
     try:
-        with open(temporary, "wb") as handle:
+        with open_private(temporary, "wb") as handle:
             handle.write(header)
             handle.write(checkpoint.payload)
             handle.flush()

@@ -11,6 +11,7 @@ from typing import Any
 
 import lmdb
 
+from dedup.core.files import PRIVATE_FILE_MODE, open_private, private_dir
 from dedup.gallery.embedded.layout import DATA_FILE
 from dedup.gallery.embedded.lmdb_env import DAMAGE, DUPSORT_DB, Databases, LmdbEnv, open_db
 from dedup.gallery.embedded.store_format import ERASED_SINCE
@@ -31,7 +32,7 @@ def compact(store: LmdbEnv) -> tuple[int, int]:
     before = store.file_bytes()
     staging = store.path.with_name(store.path.name + ".compacting")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    private_dir(staging)
     try:
         with store.exclusive() as env:
             try:
@@ -47,16 +48,18 @@ def compact(store: LmdbEnv) -> tuple[int, int]:
 
 
 def copy_to(store: LmdbEnv, directory: Path) -> None:
-    """LMDB's compacting copy, consistent as of one read transaction; fsynced."""
-    with store.shared() as env:
-        env.copy(str(directory), compact=True)
-    with open(directory / DATA_FILE, "rb") as copied:
+    """LMDB's compacting copy, consistent as of one read transaction, into a new file of
+    mode 0600 (LMDB's own `copy` creates it 0666 less the umask); fsynced."""
+    with open_private(directory / DATA_FILE, "wb", exclusive=True) as copied:
+        with store.shared() as env:
+            env.copyfd(copied.fileno(), compact=True)
         os.fsync(copied.fileno())
 
 
 def _rewrite_into(env: lmdb.Environment, dbs: Databases, staging: Path) -> None:
     target = lmdb.open(str(staging), map_size=int(env.info()["map_size"]),
-                       max_dbs=16, sync=False, metasync=False, lock=False)
+                       max_dbs=16, sync=False, metasync=False, lock=False,
+                       mode=PRIVATE_FILE_MODE)
     try:
         with env.begin(write=False) as source:
             for name, db in dbs.named():

@@ -1,26 +1,57 @@
-"""Opening a data directory: its lock, held while open, and the store in it.
+"""Opening a data directory: its access, its lock, held while open, and the store in it.
 
 One process at a time serves or bulk-loads a data directory, since its index is in memory.
+The directory is 0700 and every file in it 0600: it holds the population's faces, ID numbers
+and phone numbers.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 from pathlib import Path
 from typing import IO
 
-from dedup.core.errors import StoreError
+from dedup.core.errors import SharedDataDir, StoreError
+from dedup.core.files import narrow_files, open_private, private_dir, shared_dir_mode
 from dedup.core.settings import StoreConfig
 from dedup.gallery.embedded.layout import LOCK_FILE, store_dir
 from dedup.gallery.embedded.store import Store
 from dedup.gallery.embedded.store_check import walk_store
 
+log = logging.getLogger("dedup.store")
+
+
+def check_access(data_dir: Path, allow_shared: bool) -> None:
+    """SharedDataDir if group or other users may use `data_dir`, unless `allow_shared`
+    (then a warning). A private directory's files left readable by an older version are
+    narrowed to the owner."""
+    mode = shared_dir_mode(data_dir)
+    if mode is None:
+        _narrow_files(data_dir)
+        return
+    if not allow_shared:
+        raise SharedDataDir(data_dir, mode)
+    log.warning("SERVING A SHARED DATA DIRECTORY: %s has mode %04o, so other users on this "
+                "host can read every registration in it (--allow-shared-data-dir); "
+                "run `chmod 700 %s`", data_dir, mode, data_dir)
+
+
+def _narrow_files(data_dir: Path) -> None:
+    try:
+        narrowed = narrow_files(data_dir) if data_dir.is_dir() else []
+    except OSError as error:  # another user's file, say: the directory still shields it
+        log.warning("could not narrow the files in %s to their owner: %s", data_dir, error)
+        return
+    for path in narrowed:
+        log.info("narrowed %s to its owner (other users could read it)", path)
+
 
 def lock_data_dir(data_dir: Path) -> IO[bytes]:
     """Takes the data directory's lock; it is held until the returned file is closed."""
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(data_dir / LOCK_FILE, "ab")  # noqa: SIM115 - held until close()
+        private_dir(data_dir)
+        handle: IO[bytes] = open_private(data_dir / LOCK_FILE, "ab")
     except OSError as error:
         raise StoreError(f"{data_dir}: cannot use the data directory ({error})") from error
     try:
@@ -33,8 +64,10 @@ def lock_data_dir(data_dir: Path) -> IO[bytes]:
 
 
 def open_data_dir(config: StoreConfig) -> tuple[IO[bytes], Store]:
-    """Locks the data directory, walks the store's files if `check_on_open`, opens the store."""
+    """Checks who may use the data directory, locks it, walks the store's files if
+    `check_on_open`, opens the store."""
     data_dir = Path(config.data_dir)
+    check_access(data_dir, config.allow_shared_data_dir)
     lock = lock_data_dir(data_dir)
     try:
         if config.check_on_open:

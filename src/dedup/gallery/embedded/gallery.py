@@ -29,6 +29,7 @@ from dedup.gallery.base import (
     GalleryStats,
     Gauge,
     IndexStatus,
+    Party,
     Progress,
     SweepSearch,
     widening_neighbours,
@@ -219,19 +220,23 @@ class EmbeddedGallery:
     def iter_vectors(self, block: int) -> Iterator[tuple[list[int], Matrix]]:
         return self.store.iter_vectors(block, only_model=self.only_model())
 
-    def settled(self, registration_id: str) -> dict[str, bytes]:
-        return self.store.settled(registration_id)
+    def settled(self, party: Party) -> dict[int, bytes]:
+        return self.store.settled(party)
 
     def sweep_search(self, min_score: float) -> SweepSearch:
         if self.index.exact:
             return lambda matrix: widening_neighbours(self, matrix, min_score)
         return IVFCandidates(self.store, self.model_id, self.only_model(), min_score).neighbours
 
-    def settle(self, first: str, second: str, record: bytes, audit: RecordMaker) -> bytes:
-        return self.store.settle(first, second, record, audit)
+    def settle(self, checked: Party, matched: int, record: bytes, audit: RecordMaker
+               ) -> bytes:
+        return self.store.settle(checked, matched, record, audit)
 
     def append_audit(self, make: RecordMaker) -> bytes:
         return self.store.append_audit(make)
+
+    def audit_head(self) -> tuple[str, int, bytes]:
+        return ("", *self.store.audit_head())
 
     def gauges(self) -> list[Gauge]:
         usage = self.store.usage()

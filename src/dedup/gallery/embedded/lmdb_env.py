@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import lmdb
 
 from dedup.core.errors import ResourceExhausted, StoreDamaged, StoreError
+from dedup.core.files import PRIVATE_FILE_MODE, private_dir
 from dedup.core.rwlock import ReadWriteLock
 from dedup.core.settings import StoreConfig
 from dedup.gallery.embedded.checkpoint import fsync_directory
@@ -93,7 +94,7 @@ class LmdbEnv:
 
     def _open_environment(self) -> lmdb.Environment:
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            private_dir(self.path)  # before lmdb.open, which would make it with `mode` (0600)
         except OSError as error:
             raise StoreError(f"{self.path}: cannot create the store directory ({error})") from error
         map_size = max(self.config.initial_map_size, self.file_bytes())
@@ -101,7 +102,7 @@ class LmdbEnv:
             env = lmdb.open(
                 str(self.path), map_size=map_size, max_dbs=16, max_readers=self.config.max_readers,
                 sync=True, metasync=True, lock=True, readahead=False, readonly=self.readonly,
-                create=not self.readonly,
+                create=not self.readonly, mode=PRIVATE_FILE_MODE,
             )
         except lmdb.Error as error:
             raise StoreError(f"{self.path}: cannot open the LMDB store ({error})") from error

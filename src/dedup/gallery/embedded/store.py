@@ -37,6 +37,7 @@ class Store(ReadableStore):
         if not readonly:
             try:
                 self._write(TableWriter.initialise_meta)
+                self._write(lambda tables: tables.records().key_settlements())
             except lmdb.Error as error:
                 raise StoreError(f"{self.path}: the store is damaged ({error})") from error
 
@@ -73,11 +74,14 @@ class Store(ReadableStore):
         """Deletes every registration under one key, and appends the audit record `audit`
         makes for them in the same transaction: both commit, or neither does.
 
-        Returns what was deleted and the audit record's hash (None without `audit`, or when
-        nothing was deleted).
+        Every settlement naming a deleted registration goes with it. Returns what was
+        deleted and the audit record's hash (None without `audit`, or when nothing was
+        deleted).
         """
         def delete(tables: TableWriter) -> tuple[list[StoredFace], bytes | None]:
             deleted = tables.delete(by, value)
+            tables.records().forget([party for face in deleted for party in (
+                face.key, face.registration.registration_id)])
             if audit is None or not deleted:
                 return deleted, None
             ids = [face.registration.registration_id for face in deleted]
@@ -100,12 +104,13 @@ class Store(ReadableStore):
         """
         return self._write(lambda tables: tables.records().append_audit(make))
 
-    def settle(self, first: str, second: str, record: bytes, audit: RecordMaker) -> bytes:
+    def settle(self, checked: int | str, matched: int, record: bytes, audit: RecordMaker
+               ) -> bytes:
         """Stores an adjudicated pair under both orders, with its audit record, in one
         transaction; returns the audit record's hash."""
         def settle(tables: TableWriter) -> bytes:
             records = tables.records()
-            records.settle(first, second, record)
+            records.settle(checked, matched, record)
             return records.append_audit(audit)
 
         return self._write(settle)

@@ -36,9 +36,20 @@ def model_key(model_id: str) -> bytes:
     return MODEL_PREFIX + model_id.encode()
 
 
-def pair_key(first: str, second: str) -> bytes:
-    """The adjudications key of a pair of registration_ids, in this order."""
-    return first.encode() + b"\x00" + second.encode()
+def party_key(party: int | str) -> bytes:
+    """One side of a settled pair in an adjudications key, self-delimiting: b"k" and an
+    enrolled registration's key, or b"p", an application's registration_id and a NUL."""
+    if isinstance(party, int):
+        return b"k" + u64(party)
+    return b"p" + party.encode() + b"\x00"
+
+
+def split_party(raw: bytes) -> tuple[int | str, bytes]:
+    """The party at the start of `raw`, and what follows it."""
+    if raw[:1] == b"k":
+        return from_u64(raw[1:9]), raw[9:]
+    name, _, rest = raw[1:].partition(b"\x00")
+    return name.decode(), rest
 
 
 def encode_registration(registration: Registration) -> bytes:
@@ -51,6 +62,7 @@ def encode_registration(registration: Registration) -> bytes:
             "g": registration.region,
             "t": registration.enrolled_at_us,
             "e": registration.embedding_model,
+            "b": registration.enrolled_by,
         },
         separators=(",", ":"),
     ).encode()
@@ -66,6 +78,7 @@ def decode_registration(raw: bytes) -> Registration:
         region=fields["g"],
         enrolled_at_us=fields["t"],
         embedding_model=fields.get("e", ""),
+        enrolled_by=fields.get("b", ""),  # not in records written before it was recorded
     )
 
 

@@ -151,11 +151,19 @@ class ReadableStore:
         """(sequence, record) in key order, read in one snapshot."""
         return iter(self._read(lambda tables: tables.records().audit_records()))
 
-    def settled(self, registration_id: str) -> dict[str, bytes]:
-        """The other registration_id -> record of every pair settled with this one."""
-        if not registration_id:
-            return {}
-        return self._read(lambda tables: tables.records().settled(registration_id))
+    def audit_trail(self) -> tuple[list[tuple[int, bytes]], tuple[int, bytes]]:
+        """The records and the head kept beside them, read in one snapshot."""
+        return self._read(lambda tables: (tables.records().audit_records(),
+                                          tables.records().audit_head()))
+
+    def settled(self, party: int | str) -> dict[int, bytes]:
+        """The key of every enrolled registration settled with `party` (a registration's
+        key, or an application's registration_id) -> the record."""
+        return self._read(lambda tables: tables.records().settled(party))
+
+    def settlements(self) -> list[tuple[int | str, int, bytes]]:
+        """Every settled pair once: (a party, an enrolled registration's key, the record)."""
+        return self._read(lambda tables: tables.records().settlements())
 
     def adjudications(self) -> list[bytes]:
         """Every settled pair's record, once."""

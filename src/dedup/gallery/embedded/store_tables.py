@@ -195,6 +195,7 @@ class TableWriter(TableReader):
             region=registration.region,
             enrolled_at_us=time.time_ns() // 1000,
             embedding_model=registration.embedding_model,
+            enrolled_by=registration.enrolled_by,
         )
         packed, dbs, txn = u64(key), self.dbs, self.txn
         id_number = stored.id_number.encode()

@@ -1,47 +1,100 @@
-"""Settled pairs in Milvus: one row under each order of the pair, keyed by the pair."""
+"""Settled pairs in Milvus: one row under each order of the pair, keyed by the pair.
+
+A pair's parties are the registrations' own int64 keys ("k:<key>"), or for an application
+that was not enrolled when it was settled its registration_id ("p:<registration_id>"): a
+settlement follows the stored registration, not whoever reuses its registration_id, and is
+erased with it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from dedup.core.adjudication import Adjudication
-from dedup.gallery.milvus.filters import equals
+from dedup.gallery.milvus.connection import pages
+from dedup.gallery.milvus.filters import equals, literal
 from dedup.gallery.milvus.schema import PLACEHOLDER, stable_key
 
+log = logging.getLogger("dedup.milvus")
 
-def _both_orders(first: str, second: str, record: bytes) -> list[dict[str, Any]]:
+Party = int | str
+
+
+def party_text(party: Party) -> str:
+    return f"k:{party}" if isinstance(party, int) else f"p:{party}"
+
+
+def _party(text: str) -> Party:
+    kind, _, value = text.partition(":")
+    return int(value) if kind == "k" else value
+
+
+def _both_orders(checked: Party, matched: int, record: bytes) -> list[dict[str, Any]]:
     text = record.decode()
+    first, second = party_text(checked), party_text(matched)
     return [{"key": stable_key(a, b), "first": a, "second": b, "record": text,
              "placeholder": PLACEHOLDER} for a, b in ((first, second), (second, first))]
 
 
 class Adjudications:
-    """The adjudications collection: settling again upserts the same rows."""
+    """The settlements collection: settling again upserts the same rows."""
 
     def __init__(self, client: Any, collection: str) -> None:
         self._client = client
         self._collection = collection
 
-    def settled(self, registration_id: str) -> dict[str, bytes]:
-        """The record of each pair `registration_id` is in, by the other registration."""
-        if not registration_id:
-            return {}
+    def settled(self, party: Party) -> dict[int, bytes]:
+        """The key of every enrolled registration settled with `party` -> the record."""
         found = self._client.query(self._collection,
-                                   filter=equals("first", registration_id),
+                                   filter=equals("first", party_text(party)),
                                    output_fields=["second", "record"],
                                    consistency_level="Strong")
-        return {entity["second"]: entity["record"].encode() for entity in found}
+        settled = {}
+        for entity in found:
+            other = _party(entity["second"])
+            if isinstance(other, int):
+                settled[other] = entity["record"].encode()
+        return settled
 
-    def settle(self, first: str, second: str, record: bytes) -> None:
-        self._client.upsert(self._collection, _both_orders(first, second, record))
+    def settle(self, checked: Party, matched: int, record: bytes) -> None:
+        self._client.upsert(self._collection, _both_orders(checked, matched, record))
 
-    def import_records(self, records: Iterable[bytes]) -> int:
-        """Stores encoded adjudication records (a migrated data directory's); how many."""
-        rows = []
-        for record in records:
-            pair = Adjudication.decode(record)
-            rows += _both_orders(pair.registration_id, pair.matched_registration_id, record)
+    def forget(self, parties: Sequence[Party]) -> None:
+        """Deletes every settlement naming one of `parties` (erased registrations' keys and
+        registration_ids)."""
+        if parties:
+            names = "[" + ", ".join(literal(party_text(party)) for party in parties) + "]"
+            self._client.delete(self._collection,
+                                filter=f"first in {names} or second in {names}")
+
+    def import_settlements(self, pairs: Iterable[tuple[Party, int, bytes]]) -> int:
+        """Stores settled pairs (a migrated data directory's: its keys are kept); how many."""
+        rows = [row for checked, matched, record in pairs
+                for row in _both_orders(checked, matched, record)]
         if rows:
             self._client.upsert(self._collection, rows)
         return len(rows) // 2
+
+    def convert_legacy(self, legacy: str, key_of: Callable[[str], int | None]) -> int:
+        """Moves the pairs of a collection keyed by registration_id strings (kept before
+        settlements were keyed by registration) here, then drops it: a pair whose matched
+        registration is no longer enrolled is left behind. How many were moved."""
+        if not self._client.has_collection(legacy):
+            return 0
+        self._client.load_collection(legacy)
+        pairs: dict[tuple[Party, int], bytes] = {}  # both orders of a pair: one record
+        for page in pages(self._client, legacy, "key >= 0", ["record"], 1000):
+            for entity in page:
+                pair = Adjudication.decode(entity["record"])
+                matched = key_of(pair.matched_registration_id)
+                if matched is not None:
+                    checked = key_of(pair.registration_id)
+                    party = pair.registration_id if checked is None else checked
+                    pairs[party, matched] = entity["record"].encode()
+        moved = self.import_settlements((c, m, record) for (c, m), record in pairs.items())
+        self._client.drop_collection(legacy)
+        log.info("moved %d settled pair(s) from %s to %s, keyed by registration", moved,
+                 legacy, self._collection)
+        return moved

@@ -38,6 +38,12 @@ class AuditChain:
         self._lock = threading.Lock()
         self._head: tuple[int, bytes] = (0, GENESIS)
 
+    @property
+    def head(self) -> tuple[int, bytes]:
+        """This chain's last sequence and hash."""
+        with self._lock:
+            return self._head
+
     def append(self, make: RecordMaker) -> bytes:
         """Writes the record `make` builds on the chain's head; returns its digest."""
         with self._lock:

@@ -5,7 +5,9 @@ Collections (their names start with a configurable prefix, default "dedup"; see 
   registration's fields, `state` (PENDING while an enrolment is being confirmed, ACTIVE once
   it was acknowledged), `claimed_at_us`, and the `embedding` (FLOAT_VECTOR, inner product).
 - `{prefix}_audit`: the audit trail, one hash chain per node process (`chain`, `seq`).
-- `{prefix}_adjudications`: settled pairs, under both orders.
+- `{prefix}_settlements`: settled pairs, under both orders, keyed by the registrations' keys
+  (a `{prefix}_adjudications` collection of an older version, keyed by registration_id, is
+  converted into it and dropped at start).
 Milvus has no transactions: enrolments claim, recheck, then commit (see claims.py).
 """
 
@@ -17,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from dedup.core.audit_chain import AuditMaker, RecordMaker
-from dedup.core.errors import FailedPrecondition
+from dedup.core.errors import FailedPrecondition, NotFound
+from dedup.core.files import private_dir
 from dedup.core.policy import Scored
 from dedup.core.records import CheckResult, DeleteKey, Registration, StoredFace
 from dedup.core.settings import DEFAULT_DATA_DIR, DIMENSION, MilvusConfig
@@ -28,6 +31,7 @@ from dedup.gallery.base import (
     GalleryStats,
     Gauge,
     IndexStatus,
+    Party,
     Progress,
     SweepSearch,
     widening_neighbours,
@@ -53,7 +57,7 @@ class MilvusGallery:
         self.dimension = dimension
         self.location = config.uri
         self.data_dir = Path(data_dir)  # the node's calibration file, nothing else
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.data_dir)
         self._client = connect(config)
         self.collections = open_collections(self._client, config, dimension)
         self._rows = Registrations(self._client, self.collections.registrations, config,
@@ -61,6 +65,8 @@ class MilvusGallery:
         self._claims = Claims(self._rows)
         self._audit = AuditChain(self._client, self.collections.audit)
         self._adjudications = Adjudications(self._client, self.collections.adjudications)
+        self._adjudications.convert_legacy(self.collections.legacy_adjudications,
+                                           self._enrolled_key)
         self._maintenance = Maintenance(self._rows, self._claims, config)
         if background:
             self._maintenance.start()
@@ -139,8 +145,15 @@ class MilvusGallery:
         return lambda matrix: widening_neighbours(self, matrix, min_score)
 
     @unavailable
-    def settled(self, registration_id: str) -> dict[str, bytes]:
-        return self._adjudications.settled(registration_id)
+    def settled(self, party: Party) -> dict[int, bytes]:
+        return self._adjudications.settled(party)
+
+    def _enrolled_key(self, registration_id: str) -> int | None:
+        rows = self._rows.by_registration_id(registration_id)
+        return rows[0].key if rows else None
+
+    def audit_head(self) -> tuple[str, int, bytes]:
+        return (self._audit.name, *self._audit.head)
 
     # -- writes ----------------------------------------------------------------------
 
@@ -174,17 +187,25 @@ class MilvusGallery:
         if not rows:
             return Erasure([], None, None)
         erased = [row.registration for row in rows]
+        ids = [registration.registration_id for registration in erased]
         digest = None
         if audit is not None:
-            ids = [registration.registration_id for registration in erased]
             digest = self.append_audit(lambda seq, prev: audit(seq, prev, ids))
+        # Settlements first: a Delete that fails between the two is retried, and the
+        # registration must not outlive its erasure in a settlement.
+        self._adjudications.forget([*(row.key for row in rows), *ids])
         self._rows.remove([row.key for row in rows], active=True)
         return Erasure(erased, digest, self._maintenance.compaction_after_erasure())
 
     @unavailable
-    def settle(self, first: str, second: str, record: bytes, audit: RecordMaker) -> bytes:
+    def settle(self, checked: Party, matched: int, record: bytes, audit: RecordMaker
+               ) -> bytes:
         digest = self.append_audit(audit)
-        self._adjudications.settle(first, second, record)
+        self._adjudications.settle(checked, matched, record)
+        keys = [party for party in (checked, matched) if isinstance(party, int)]
+        if len(self._rows.keys(f"key in {keys} and {self._rows.live()}")) < len(keys):
+            self._adjudications.forget(keys)  # erased meanwhile: no settlement outlives it
+            raise NotFound("registration_id: a registration of the pair was erased meanwhile")
         return digest
 
     @unavailable
@@ -195,8 +216,9 @@ class MilvusGallery:
         """Copies records of another chain (a migrated data directory's) unchanged."""
         return self._audit.import_chain(chain, records)
 
-    def import_adjudications(self, records: Iterable[bytes]) -> int:
-        return self._adjudications.import_records(records)
+    def import_settlements(self, pairs: Iterable[tuple[Party, int, bytes]]) -> int:
+        """Stores settled pairs under the given keys (migration keeps the store's keys)."""
+        return self._adjudications.import_settlements(pairs)
 
     # -- administration --------------------------------------------------------------
 

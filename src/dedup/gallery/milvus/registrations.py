@@ -15,7 +15,7 @@ from dedup.core.settings import MilvusConfig
 from dedup.core.vectors import Vector
 from dedup.gallery.milvus.connection import pages
 from dedup.gallery.milvus.filters import equals, key_holders, live, same_model
-from dedup.gallery.milvus.schema import ACTIVE, PENDING, ROW_FIELDS, Row, to_entity
+from dedup.gallery.milvus.schema import ACTIVE, PENDING, Row, row_shape
 
 # Milvus's largest top-k.
 MAX_TOPK = 16_384
@@ -31,6 +31,7 @@ class Registrations:
         self.collection = collection
         self.config = config
         self.model_id = model_id
+        self.shape = row_shape(client, collection)
         self.wrote_at: float | None = None  # monotonic time of the first unflushed write
         self._distinct: tuple[float, int, dict[str, int]] | None = None
 
@@ -47,7 +48,7 @@ class Registrations:
     # -- reads -----------------------------------------------------------------------
 
     def rows(self, where: str, vectors: bool = False) -> list[Row]:
-        fields = [*ROW_FIELDS, "embedding"] if vectors else ROW_FIELDS
+        fields = [*self.shape.fields, "embedding"] if vectors else self.shape.fields
         return [Row.of(dict(entity)) for entity in self.client.query(
             self.collection, filter=where, output_fields=fields, consistency_level="Strong")]
 
@@ -69,7 +70,7 @@ class Registrations:
         """Each query's best rows by score, best first; at least k when there are."""
         exact = self.config.exact
         limit = min(k if exact else max(k, self.config.rerank_candidates), MAX_TOPK)
-        fields = ROW_FIELDS if exact else [*ROW_FIELDS, "embedding"]
+        fields = self.shape.fields if exact else [*self.shape.fields, "embedding"]
         found = self.client.search(
             self.collection, data=queries, limit=limit, filter=where,
             output_fields=fields, consistency_level="Strong",
@@ -133,13 +134,14 @@ class Registrations:
 
     def upsert(self, row: Row, vector: Vector) -> None:
         self.client.upsert(self.collection, [
-            to_entity(row.key, row.registration, row.state, row.claimed_at_us, vector)])
+            self.shape.entity(row.key, row.registration, row.state, row.claimed_at_us,
+                              vector)])
         self._wrote(active=row.state == ACTIVE)
 
     def upsert_active(self, rows: list[tuple[int, Registration, Vector]]) -> None:
         """Stores ACTIVE rows under the given keys."""
         self.client.upsert(self.collection, [
-            to_entity(key, registration, ACTIVE, 0, vector)
+            self.shape.entity(key, registration, ACTIVE, 0, vector)
             for key, registration, vector in rows])
         self._wrote(active=True)
 

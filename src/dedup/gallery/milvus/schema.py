@@ -29,15 +29,18 @@ log = logging.getLogger("dedup.milvus")
 PENDING, ACTIVE = 0, 1
 PLACEHOLDER = [1.0, 0.0]
 REGISTRATION_FIELDS = ["registration_id", "id_number", "msisdn", "carrier", "region",
-                       "enrolled_at_us", "embedding_model"]
+                       "enrolled_at_us", "embedding_model", "enrolled_by"]
 ROW_FIELDS = ["key", *REGISTRATION_FIELDS, "state", "claimed_at_us"]
 # Scalar fields the backend filters on by equality: inverted indexes in a Milvus cluster
 # (Milvus Lite scans either way: 17 ms a lookup at 20,000 rows with or without, measured).
 LOOKUP_FIELDS = ["registration_id", "id_number", "msisdn", "state"]
 # VARCHAR lengths in bytes: the request limits in characters, four bytes each in UTF-8.
 VARCHAR_BYTES = {"registration_id": 512, "id_number": 256, "msisdn": 128, "carrier": 256,
-                 "region": 256, "embedding_model": 256}
+                 "region": 256, "embedding_model": 256, "enrolled_by": 1024}
+# Added after the first release: collections made before it lack the field (see RowShape).
+ENROLLED_BY = "enrolled_by"
 MAX_RECORD_BYTES = 65_535
+PARTY_BYTES = 2 + VARCHAR_BYTES["registration_id"]  # "p:" and a registration_id
 
 
 @dataclass(frozen=True)
@@ -46,11 +49,17 @@ class Collections:
 
     registrations: str
     audit: str
-    adjudications: str
+    adjudications: str  # settled pairs, keyed by the registrations' keys
 
     @classmethod
     def named(cls, prefix: str) -> Collections:
-        return cls(f"{prefix}_registrations", f"{prefix}_audit", f"{prefix}_adjudications")
+        return cls(f"{prefix}_registrations", f"{prefix}_audit", f"{prefix}_settlements")
+
+    @property
+    def legacy_adjudications(self) -> str:
+        """Settled pairs keyed by registration_id strings, as kept before settlements were
+        keyed by registration: converted and dropped when a node opens the collections."""
+        return self.adjudications.removesuffix("_settlements") + "_adjudications"
 
 
 def open_collections(client: Any, config: MilvusConfig, dimension: int) -> Collections:
@@ -65,13 +74,14 @@ def open_collections(client: Any, config: MilvusConfig, dimension: int) -> Colle
         _create(client, names.audit, _audit_schema(client, DataType), "placeholder",
                 "FLAT", {}, [])
         _create(client, names.adjudications, _adjudication_schema(client, DataType),
-                "placeholder", "FLAT", {}, ["first"])
+                "placeholder", "FLAT", {}, ["first", "second"])
     except StoreError:
         raise
     except Exception as error:
         raise StoreError(f"milvus at {config.uri}: cannot create or load the "
                          f"collections ({error})") from error
     _check_dimension(client, names.registrations, dimension)
+    _add_enrolled_by(client, names.registrations, DataType)
     return names
 
 
@@ -112,13 +122,33 @@ def _audit_schema(client: Any, types: Any) -> Any:
 
 
 def _adjudication_schema(client: Any, types: Any) -> Any:
+    """A row per order of a settled pair: `first` and `second` are parties ("k:<key>" of a
+    registration, "p:<registration_id>" of an application never enrolled)."""
     schema = client.create_schema(auto_id=False)
     schema.add_field("key", types.INT64, is_primary=True)
-    schema.add_field("first", types.VARCHAR, max_length=512)
-    schema.add_field("second", types.VARCHAR, max_length=512)
+    schema.add_field("first", types.VARCHAR, max_length=PARTY_BYTES)
+    schema.add_field("second", types.VARCHAR, max_length=PARTY_BYTES)
     schema.add_field("record", types.VARCHAR, max_length=MAX_RECORD_BYTES)
     schema.add_field("placeholder", types.FLOAT_VECTOR, dim=len(PLACEHOLDER))
     return schema
+
+
+def _add_enrolled_by(client: Any, registrations: str, types: Any) -> None:
+    """Adds `enrolled_by` to a registrations collection made before it, where Milvus can
+    (2.6 and later; its rows read ""). Milvus Lite cannot: see RowShape."""
+    if ENROLLED_BY in row_shape(client, registrations).fields:
+        return
+    try:
+        client.add_collection_field(registrations, field_name=ENROLLED_BY,
+                                    data_type=types.VARCHAR,
+                                    max_length=VARCHAR_BYTES[ENROLLED_BY], nullable=True,
+                                    default_value="")
+        log.info("added the field %s to the Milvus collection %s", ENROLLED_BY, registrations)
+    except Exception as error:
+        log.warning("the Milvus collection %s predates the field %s and this Milvus cannot "
+                    "add it (%s): who enrolled each registration is not recorded, and "
+                    "registration desks' GetRegistration finds nothing",
+                    registrations, ENROLLED_BY, error)
 
 
 def _check_dimension(client: Any, registrations: str, dimension: int) -> None:
@@ -161,7 +191,10 @@ class Row:
     def of(cls, entity: dict[str, Any], score: float = 0.0) -> Row:
         """The row of a Milvus entity (with ROW_FIELDS, and perhaps the embedding)."""
         vector = entity.get("embedding")
-        registration = Registration(**{name: entity[name] for name in REGISTRATION_FIELDS})
+        fields = {name: entity[name] for name in REGISTRATION_FIELDS if name in entity}
+        # Rows written before the field was added read None, or lack it (see RowShape).
+        fields[ENROLLED_BY] = fields.get(ENROLLED_BY) or ""
+        registration = Registration(**fields)
         return cls(int(entity["key"]), registration, int(entity["state"]),
                    int(entity["claimed_at_us"]), score,
                    None if vector is None else np.asarray(vector, np.float32))
@@ -180,6 +213,29 @@ def to_entity(key: int, registration: Registration, state: int, claimed_at_us: i
     return dataclasses.asdict(registration) | {
         "key": key, "state": state, "claimed_at_us": claimed_at_us,
         "embedding": vector.tolist()}
+
+
+@dataclass(frozen=True)
+class RowShape:
+    """The fields of one registrations collection: ROW_FIELDS, or all but `enrolled_by` in a
+    collection made before it on a Milvus that cannot add a field (Milvus Lite); there the
+    enrolling principal is not recorded, and a registration desk's GetRegistration finds
+    nothing (see api/face_dedup.py)."""
+
+    fields: list[str]
+
+    def entity(self, key: int, registration: Registration, state: int, claimed_at_us: int,
+               vector: Vector) -> dict[str, Any]:
+        entity = to_entity(key, registration, state, claimed_at_us, vector)
+        if ENROLLED_BY not in self.fields:
+            del entity[ENROLLED_BY]
+        return entity
+
+
+def row_shape(client: Any, registrations: str) -> RowShape:
+    described = client.describe_collection(registrations)
+    present = {column["name"] for column in described["fields"]}
+    return RowShape([name for name in ROW_FIELDS if name in present])
 
 
 # The names tests/test_milvus.py plants an abandoned claim with.

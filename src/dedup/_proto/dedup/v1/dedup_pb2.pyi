@@ -188,6 +188,7 @@ class Registration(_message.Message):
     REGION_FIELD_NUMBER: _builtins.int
     ENROLLED_AT_FIELD_NUMBER: _builtins.int
     EMBEDDING_MODEL_FIELD_NUMBER: _builtins.int
+    ENROLLED_BY_FIELD_NUMBER: _builtins.int
     registration_id: _builtins.str
     """The client's unique key, e.g. the carrier's order number."""
     id_number: _builtins.str
@@ -198,6 +199,10 @@ class Registration(_message.Message):
     region: _builtins.str
     embedding_model: _builtins.str
     """Set by the server: the model_id of the model that made the stored embedding."""
+    enrolled_by: _builtins.str
+    """Set by the server: who enrolled it (the certificate subject, `CN=...`, or the token's
+    name, `token:...`); empty in replies to the registration role about others' records.
+    """
     @_builtins.property
     def enrolled_at(self) -> _timestamp_pb2.Timestamp:
         """Set by the server when the registration is stored."""
@@ -212,10 +217,11 @@ class Registration(_message.Message):
         region: _builtins.str = ...,
         enrolled_at: _timestamp_pb2.Timestamp | None = ...,
         embedding_model: _builtins.str = ...,
+        enrolled_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["enrolled_at", b"enrolled_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["carrier", b"carrier", "embedding_model", b"embedding_model", "enrolled_at", b"enrolled_at", "id_number", b"id_number", "msisdn", b"msisdn", "region", b"region", "registration_id", b"registration_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["carrier", b"carrier", "embedding_model", b"embedding_model", "enrolled_at", b"enrolled_at", "enrolled_by", b"enrolled_by", "id_number", b"id_number", "msisdn", b"msisdn", "region", b"region", "registration_id", b"registration_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -260,7 +266,9 @@ class CheckRequest(_message.Message):
     MAX_CANDIDATES_FIELD_NUMBER: _builtins.int
     REGISTRATION_ID_FIELD_NUMBER: _builtins.int
     claimed_id_number: _builtins.str
-    """The ID number the applicant presents; empty skips the per-ID rules."""
+    """The ID number the applicant presents; required for the registration role (others may
+    leave it empty, which skips the per-ID rules).
+    """
     max_candidates: _builtins.int
     """How many matches to return at most; 0 means the server default (10), at most 100."""
     registration_id: _builtins.str
@@ -1186,7 +1194,10 @@ class FindClustersRequest(_message.Message):
     min_distinct_id_numbers: _builtins.int
     """0 means 2."""
     min_score: _builtins.float
-    """Two registrations share a face at or above this score; unset: the match threshold."""
+    """Two registrations share a face at or above this score; unset: the match threshold.
+    At least the review threshold (lower is INVALID_ARGUMENT). One job per caller at a
+    time, and a few in all; beyond, RESOURCE_EXHAUSTED.
+    """
     def __init__(
         self,
         *,
@@ -1212,22 +1223,32 @@ class Cluster(_message.Message):
     REGISTRATIONS_FIELD_NUMBER: _builtins.int
     ID_NUMBERS_FIELD_NUMBER: _builtins.int
     MIN_LINK_SCORE_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    TRUNCATED_BY_FIELD_NUMBER: _builtins.int
     min_link_score: _builtins.float
     """The weakest link that joined it."""
+    truncated: _builtins.bool
+    """The group was cut off by a cap of the job (it may have more members, or join others);
+    `truncated_by` names the caps: "max_cluster_size", "max_pairs_per_registration".
+    """
     @_builtins.property
     def registrations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Registration]: ...
     @_builtins.property
     def id_numbers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def truncated_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
         registrations: _abc.Iterable[Global___Registration] | None = ...,
         id_numbers: _abc.Iterable[_builtins.str] | None = ...,
         min_link_score: _builtins.float = ...,
+        truncated: _builtins.bool = ...,
+        truncated_by: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id_numbers", b"id_numbers", "min_link_score", b"min_link_score", "registrations", b"registrations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id_numbers", b"id_numbers", "min_link_score", b"min_link_score", "registrations", b"registrations", "truncated", b"truncated", "truncated_by", b"truncated_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -85,7 +85,10 @@ class FaceDedupServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Check(self, request, context):
-        """Read-only de-dup check of a face against the whole gallery.
+        """Read-only de-dup check of a face against the whole gallery. For the registration
+        role, matches under ID numbers other than the claimed one show only the last four
+        characters of their id_number and msisdn; investigators and admins see them whole,
+        naming a case and purpose (`x-case-id`, `x-purpose` metadata), audited.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -99,7 +102,9 @@ class FaceDedupServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetRegistration(self, request, context):
-        """One registration by its registration_id (never its embedding).
+        """One registration by its registration_id (never its embedding). The registration role
+        finds only registrations its own credential enrolled (others are NOT_FOUND);
+        investigators and admins name a case and purpose, as for Check, and are audited.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

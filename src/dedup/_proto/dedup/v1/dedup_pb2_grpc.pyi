@@ -43,11 +43,18 @@ class FaceDedupStub:
     response with `error` set, and the stream goes on.
     """
     Check: _grpc.UnaryUnaryMultiCallable[_dedup_pb2.CheckRequest, _dedup_pb2.CheckResponse]
-    """Read-only de-dup check of a face against the whole gallery."""
+    """Read-only de-dup check of a face against the whole gallery. For the registration
+    role, matches under ID numbers other than the claimed one show only the last four
+    characters of their id_number and msisdn; investigators and admins see them whole,
+    naming a case and purpose (`x-case-id`, `x-purpose` metadata), audited.
+    """
     Delete: _grpc.UnaryUnaryMultiCallable[_dedup_pb2.DeleteRequest, _dedup_pb2.DeleteResponse]
     """Erases registrations by one key; returns how many were erased."""
     GetRegistration: _grpc.UnaryUnaryMultiCallable[_dedup_pb2.GetRegistrationRequest, _dedup_pb2.Registration]
-    """One registration by its registration_id (never its embedding)."""
+    """One registration by its registration_id (never its embedding). The registration role
+    finds only registrations its own credential enrolled (others are NOT_FOUND);
+    investigators and admins name a case and purpose, as for Check, and are audited.
+    """
     Stats: _grpc.UnaryUnaryMultiCallable[_dedup_pb2.StatsRequest, _dedup_pb2.StatsResponse]
     """Gallery size, index and policy in force."""
 
@@ -61,11 +68,18 @@ class FaceDedupAsyncStub(FaceDedupStub):
     response with `error` set, and the stream goes on.
     """
     Check: _aio.UnaryUnaryMultiCallable[_dedup_pb2.CheckRequest, _dedup_pb2.CheckResponse]  # type: ignore[assignment]
-    """Read-only de-dup check of a face against the whole gallery."""
+    """Read-only de-dup check of a face against the whole gallery. For the registration
+    role, matches under ID numbers other than the claimed one show only the last four
+    characters of their id_number and msisdn; investigators and admins see them whole,
+    naming a case and purpose (`x-case-id`, `x-purpose` metadata), audited.
+    """
     Delete: _aio.UnaryUnaryMultiCallable[_dedup_pb2.DeleteRequest, _dedup_pb2.DeleteResponse]  # type: ignore[assignment]
     """Erases registrations by one key; returns how many were erased."""
     GetRegistration: _aio.UnaryUnaryMultiCallable[_dedup_pb2.GetRegistrationRequest, _dedup_pb2.Registration]  # type: ignore[assignment]
-    """One registration by its registration_id (never its embedding)."""
+    """One registration by its registration_id (never its embedding). The registration role
+    finds only registrations its own credential enrolled (others are NOT_FOUND);
+    investigators and admins name a case and purpose, as for Check, and are audited.
+    """
     Stats: _aio.UnaryUnaryMultiCallable[_dedup_pb2.StatsRequest, _dedup_pb2.StatsResponse]  # type: ignore[assignment]
     """Gallery size, index and policy in force."""
 
@@ -94,7 +108,11 @@ class FaceDedupServicer(metaclass=_abc_1.ABCMeta):
         request: _dedup_pb2.CheckRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_dedup_pb2.CheckResponse, _abc.Awaitable[_dedup_pb2.CheckResponse]]:
-        """Read-only de-dup check of a face against the whole gallery."""
+        """Read-only de-dup check of a face against the whole gallery. For the registration
+        role, matches under ID numbers other than the claimed one show only the last four
+        characters of their id_number and msisdn; investigators and admins see them whole,
+        naming a case and purpose (`x-case-id`, `x-purpose` metadata), audited.
+        """
 
     @_abc_1.abstractmethod
     def Delete(
@@ -110,7 +128,10 @@ class FaceDedupServicer(metaclass=_abc_1.ABCMeta):
         request: _dedup_pb2.GetRegistrationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_dedup_pb2.Registration, _abc.Awaitable[_dedup_pb2.Registration]]:
-        """One registration by its registration_id (never its embedding)."""
+        """One registration by its registration_id (never its embedding). The registration role
+        finds only registrations its own credential enrolled (others are NOT_FOUND);
+        investigators and admins name a case and purpose, as for Check, and are audited.
+        """
 
     @_abc_1.abstractmethod
     def Stats(

@@ -1,0 +1,155 @@
+"""One call from its start to its status, on the event loop: observed (request id, access log,
+metrics), admitted before any request byte is read (api/admission.py), its requests read
+within time bounds and decoded, its servicer work run on the worker pool (api/bridge.py),
+and whatever ends it turned into a status."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.message import DecodeError, Message
+
+from dedup.api.admission import Admission
+from dedup.api.auth import CALLER
+from dedup.api.bridge import END, CallWork, End, RequestFeed
+from dedup.api.metrics import Metrics
+from dedup.api.observe import CallObserver
+from dedup.api.status import details, status_of
+from dedup.api.sync_context import Aborted, SyncContext
+from dedup.core.errors import DedupError
+
+log = logging.getLogger("dedup.server")
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class Waits:
+    """How long a call may wait for its client."""
+
+    request_s: float  # for the (first) request message, from the call's start
+    idle_s: float  # for each next item of a request stream
+
+
+class Gate:
+    """What every dedup call of one server passes through."""
+
+    def __init__(self, observer: CallObserver, admission: Admission, pool: Executor,
+                 waits: Waits) -> None:
+        self.observer = observer
+        self.admission = admission
+        self.pool = pool
+        self.waits = waits
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.admission.metrics
+
+    async def serve(self, method: MethodDescriptor, context: Any,
+                    request_class: type[Message],
+                    body: Callable[[Call], Awaitable[_T]]) -> _T:
+        """Runs `body` for an admitted call (CALLER set); whatever ends the call becomes its
+        status, counted and logged before it is sent."""
+        with self.observer.call(method.name, context) as observed:
+            try:
+                caller = self.admission.admit(method, context)
+            except DedupError as error:
+                await observed.abort(status_of(error), details(error))
+            CALLER.set(caller)
+            call = Call(self, method, context, request_class)
+            try:
+                return await body(call)
+            except Aborted as aborted:
+                await observed.abort(aborted.code, aborted.details)
+            except DedupError as error:
+                await observed.abort(status_of(error), details(error))
+            except Exception:
+                log.exception("%s failed", method.name)
+                await observed.abort(grpc.StatusCode.INTERNAL, f"{method.name}: internal error")
+            finally:
+                call.work.when_idle(lambda: self.admission.release(caller))
+
+
+class Call:
+    """One admitted call: its requests, its work on the pool and its responses."""
+
+    def __init__(self, gate: Gate, method: MethodDescriptor, context: Any,
+                 request_class: type[Message]) -> None:
+        self.gate = gate
+        self.method = method
+        self.context = context
+        self.request_class = request_class
+        self.sync = SyncContext(context)
+        self.work = CallWork(gate.pool)  # after CALLER was set: the work sees it
+
+    async def run(self, function: Callable[..., _T], *args: Any) -> _T:
+        return await self.work.run(function, *args)
+
+    async def request(self) -> Message:
+        """The call's one request message."""
+        request = await self.read(first=True)
+        if isinstance(request, End):
+            raise Aborted(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"request: the call ended without a {self._type_name} message")
+        return request
+
+    async def read(self, first: bool) -> Message | End:
+        """The next request message, or END; DEADLINE_EXCEEDED when the client sends
+        nothing in time (request_read_timeout_s for the first, stream_idle_timeout_s for
+        each next), INVALID_ARGUMENT when it is not a message of the method's type."""
+        waits = self.gate.waits
+        seconds = waits.request_s if first else waits.idle_s
+        try:
+            raw = await asyncio.wait_for(self.context.read(), seconds)
+        except TimeoutError:
+            reason, setting, what = (("request_timeout", "request_read_timeout_s", "request")
+                                     if first else
+                                     ("stream_idle", "stream_idle_timeout_s", "next request"))
+            self.gate.metrics.calls_refused.labels(reason).inc()
+            raise Aborted(grpc.StatusCode.DEADLINE_EXCEEDED,
+                          f"{self.method.name}: no {what} within {seconds:g} s of "
+                          f"{'the call' if first else 'the last'} ({setting})") from None
+        return END if raw is grpc.aio.EOF else self._decoded(raw)
+
+    @property
+    def _type_name(self) -> str:
+        return self.request_class.DESCRIPTOR.full_name
+
+    def _decoded(self, data: bytes) -> Message:
+        """grpcio would answer bytes its deserializer cannot parse with INTERNAL, which
+        tells the caller nothing and reads as a server fault."""
+        try:
+            return self.request_class.FromString(data)
+        except (DecodeError, RuntimeError, ValueError) as error:
+            reason = str(error) or type(error).__name__
+            raise Aborted(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"request: not a valid {self._type_name} message ({reason})") \
+                from None
+
+    def feed(self) -> RequestFeed:
+        """The request stream a client-streaming servicer reads."""
+        return RequestFeed(lambda: self.read(first=False), asyncio.get_running_loop())
+
+    async def stream(self, responses: Iterator[Message], feed: RequestFeed | None) -> None:
+        """Writes the servicer's responses, stepping its generator on the pool one item at a
+        time; with a request stream, first reads the request the servicer will take next."""
+        finished = False
+        try:
+            while True:
+                if feed is not None and feed.hungry:
+                    feed.put(await self.read(first=feed.received == 0))
+                response = await self.work.step(responses)
+                if isinstance(response, End):
+                    finished = True
+                    return
+                await self.context.write(response)
+        finally:
+            if not finished:
+                self.work.close(responses)
