@@ -162,3 +162,26 @@ def crops(tmp_path_factory, detect):
     out = tmp_path_factory.mktemp("crops")
     return {"players": cut_single_faces(PLAYERS, out, detect),
             "t1": cut_single_faces(T1, out, detect)}
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory) -> Path:
+    """Test credentials made once per session by `dedup keys`' code (the CA key beside them
+    in keys-ca/)."""
+    from dedup.ops.keys import make_keys
+
+    out = tmp_path_factory.mktemp("credentials") / "keys"
+    make_keys(out, token_address="127.0.0.1:0")
+    return out
+
+
+@pytest.fixture
+def secure_server(make_server, keys, faces):
+    """A secured server holding r0 (ID0), enrolled by the admin."""
+    from secure import channel, secured
+
+    server = secured(make_server, keys)
+    with channel(server.port, keys, role="admin") as admin:
+        pb_grpc.FaceDedupStub(admin).Enroll(pb.EnrollRequest(
+            registration=registration("r0", "ID0"), face=face(faces.persons(1)[0])), timeout=30)
+    return server

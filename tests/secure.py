@@ -24,3 +24,10 @@ def channel(port: int, keys: Path, role: str | None = None, token: str | None = 
 
 def tokens(keys: Path) -> dict[str, str]:
     return dict(line.split() for line in (keys / "tokens.txt").read_text().splitlines())
+
+
+def secured(make_server, keys: Path, **overrides):
+    """A server with the test keys' security file (mutual TLS and the token listener)."""
+    from dedup.core.security import load_security
+
+    return make_server(security=load_security(keys / "security.toml"), **overrides)

@@ -17,33 +17,20 @@ from pathlib import Path
 import lmdb
 import pytest
 from conftest import face, registration
-from secure import channel
+from secure import channel, secured
 from trail import records
 
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
-from dedup.core.security import load_security
-from dedup.ops.keys import make_keys
 
 CASE = {"case_id": "CASE-4", "purpose": "audit key test"}
 CASE_METADATA = (("x-case-id", "CASE-4"), ("x-purpose", "audit key test"))
 EMBEDDED_TRAIL = "rewrites the LMDB audit database and reads DATA_DIR (Milvus: its own test)"
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("audit") / "keys"
-    make_keys(out, token_address="127.0.0.1:0")
-    return out
-
-
 def dedup(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "dedup", *args], capture_output=True,
                           text=True, timeout=120)
-
-
-def secured(make_server, keys: Path, **overrides):
-    return make_server(security=load_security(keys / "security.toml"), **overrides)
 
 
 def enrol_people(server, keys: Path, faces, count: int = 3) -> None:

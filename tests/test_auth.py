@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
-from pathlib import Path
 
 import grpc
 import pytest
@@ -21,26 +20,10 @@ from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 from dedup.core.errors import ConfigError
 from dedup.core.security import load_security
-from dedup.ops.keys import Issued, default_ca_dir, issue, make_ca, make_keys, write_pair
+from dedup.ops.keys import Issued, default_ca_dir, issue, make_ca, write_pair
 
 OK = grpc.StatusCode.OK
 SERIAL = itertools.count()
-
-
-@pytest.fixture(scope="session")
-def keys(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("keys")
-    make_keys(out, token_address="127.0.0.1:0")
-    return out
-
-
-@pytest.fixture
-def secure_server(make_server, keys, faces):
-    server = make_server(security=load_security(keys / "security.toml"))
-    with channel(server.port, keys, role="admin") as admin:
-        pb_grpc.FaceDedupStub(admin).Enroll(pb.EnrollRequest(
-            registration=registration("r0", "ID0"), face=face(faces.persons(1)[0])))
-    return server
 
 
 def outcome(call, request) -> grpc.StatusCode:

@@ -17,19 +17,11 @@ from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 from dedup.core.security import load_security
 from dedup.core.settings import QueryLimits
-from dedup.ops.keys import make_keys
 
 CASE = {"case_id": "CASE-12", "purpose": "ring sweep"}
 # Rings whose cluster messages add up to ~200 KB: more than a client's receive window and
 # the server's write buffer, so that a job stops at a stream its client does not read.
 RINGS, RING_MEMBERS = 40, 20
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("keys") / "keys"
-    make_keys(out, token_address="127.0.0.1:0")
-    return out
 
 
 def secured(make_server, keys: Path, **limits: int):

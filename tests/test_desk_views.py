@@ -11,15 +11,13 @@ import grpc
 import pytest
 from conftest import face, registration
 from metrics import scrape, value
-from secure import channel, tokens
+from secure import channel, secured, tokens
 
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 from dedup.core.records import Registration
-from dedup.core.security import load_security
 from dedup.core.settings import QueryLimits
 from dedup.gallery.embedded.store_format import decode_registration, encode_registration
-from dedup.ops.keys import make_keys
 
 CASE = (("x-case-id", "CASE-9"), ("x-purpose", "duplicate review"))
 # Someone else's registration, and the applicant's own earlier one.
@@ -28,17 +26,6 @@ OTHER = {"registration_id": "r-other", "id_number": "110101199003071234",
 OWN = {"registration_id": "r-own", "id_number": "220202198805055678",
        "msisdn": "+8613900000002", "carrier": "CU", "region": "Tianjin"}
 NOISE = 0.3  # two captures of one person then score about 0.9
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("keys") / "keys"
-    make_keys(out, token_address="127.0.0.1:0")
-    return out
-
-
-def secured(make_server, keys: Path, **overrides):
-    return make_server(security=load_security(keys / "security.toml"), **overrides)
 
 
 def stub(server, keys: Path, role: str, token: bool = False) -> pb_grpc.FaceDedupStub:

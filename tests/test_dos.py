@@ -16,28 +16,15 @@ from conftest import face
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from metrics import scrape, value
 from processes import ServerProcess
-from secure import channel, tokens
+from secure import channel, secured, tokens
 
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
-from dedup.core.security import load_security
-from dedup.ops.keys import make_keys
 
 TRANSPORT_ONLY = pytest.mark.embedded_only(
     reason="admission, limits and timeouts live in the gRPC layer: the backend plays no part")
 CHECK = "/dedup.v1.FaceDedup/Check"
 MIB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("dos") / "keys"
-    make_keys(out, token_address="127.0.0.1:0")
-    return out
-
-
-def secured(make_server, keys: Path, **overrides):
-    return make_server(security=load_security(keys / "security.toml"), **overrides)
 
 
 def stalled(release: threading.Event) -> Iterator[bytes]:

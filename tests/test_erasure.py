@@ -18,7 +18,6 @@ from secure import channel
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 from dedup.core.security import load_security
-from dedup.ops.keys import make_keys
 
 CASE = {"case_id": "CASE-9", "purpose": "erasure check"}
 
@@ -91,13 +90,6 @@ def test_delete_then_compact_leaves_no_byte_of_the_embedding(make_server, faces)
     never_returned(server, people[7], "r7")
     assert files_holding(server.data_dir, victim) == []
     assert server.stub.Stats(pb.StatsRequest()).registrations == 49
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("erasure") / "keys"
-    make_keys(out, token_address="127.0.0.1:0")
-    return out
 
 
 # One victim per erasure key: (delete by, registration_id, ID number, phone number).

@@ -17,29 +17,9 @@ from trail import records
 
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
-from dedup.core.security import load_security
-from dedup.ops.keys import make_keys
 
 CASE = {"case_id": "CASE-11", "purpose": "ring review"}
 CASE_METADATA = (("x-case-id", CASE["case_id"]), ("x-purpose", CASE["purpose"]))
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("keys") / "keys"
-    make_keys(out, token_address="127.0.0.1:0")
-    return out
-
-
-@pytest.fixture
-def secure_server(make_server, keys, faces):
-    """A secured server holding r0 (ID0), enrolled by the admin."""
-    server = make_server(security=load_security(keys / "security.toml"))
-    with channel(server.port, keys, role="admin") as admin:
-        pb_grpc.FaceDedupStub(admin).Enroll(pb.EnrollRequest(
-            registration=pb.Registration(registration_id="r0", id_number="ID0"),
-            face=face(faces.persons(1)[0])), timeout=30)
-    return server
 
 
 def by(server, keys: Path, role: str) -> grpc.Channel:

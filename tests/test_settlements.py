@@ -16,16 +16,8 @@ from secure import channel
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 from dedup.core.security import load_security
-from dedup.ops.keys import make_keys
 
 CASE = {"case_id": "CASE-6", "purpose": "settlement test"}
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("settle") / "keys"
-    make_keys(out, token_address="127.0.0.1:0")
-    return out
 
 
 class Desk:

@@ -51,18 +51,23 @@ def embeddings_set(manifest: Path, embeddings: Path) -> LabelledSet:
     return _split(rows, lambda row: np.asarray(matrix[int(row["row"])], np.float32))
 
 
-def photo_set(manifest: Path, model_dir: Path | None) -> LabelledSet:
+def photo_set(manifest: Path, model_dir: Path | None, largest_face: bool = False
+              ) -> LabelledSet:
+    """Embeds each photo of the manifest; `largest_face`: a photo with several faces uses the
+    largest (as Face.use_largest_face) instead of counting as a failure. The quality gate is
+    off: the evaluation measures the matcher on every capture the capture rules accept."""
     from dedup.core.errors import DedupError
+    from dedup.core.settings import CaptureRules
     from dedup.face.embedder import FaceEmbedder
     from dedup.face.model_pack import resolve_model_dir
 
-    embedder = FaceEmbedder(resolve_model_dir(model_dir))
+    embedder = FaceEmbedder(resolve_model_dir(model_dir), CaptureRules(quality_gate=None))
     failures: dict[str, list[str]] = {}
     try:
         def embed(row: dict[str, str]) -> np.ndarray | None:
             try:
                 data = (manifest.parent / row["file"]).read_bytes()
-                return embedder.embed(data, use_largest=False, field=row["file"]).vector
+                return embedder.embed(data, use_largest=largest_face, field=row["file"]).vector
             except (DedupError, OSError) as error:
                 failures.setdefault(row["role"], []).append(f"{row['file']}: {error}")
                 return None

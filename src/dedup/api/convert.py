@@ -15,6 +15,7 @@ from dedup.core import validation
 from dedup.core.errors import InvalidArgument
 from dedup.core.logs import mask
 from dedup.core.records import (
+    CaptureQuality,
     CheckResult,
     DeleteKey,
     DetectedFace,
@@ -46,7 +47,26 @@ def face_input(request_face: pb.Face, has_face: bool, field: str, dimension: int
     return FaceInput(
         vector=unit_vector(embedding.values, dimension, f"{field}.embedding.values"),
         vector_model=model,
+        client_quality=client_quality(embedding, f"{field}.embedding.quality"),
     )
+
+
+def client_quality(embedding: pb.Embedding, field: str) -> float | None:
+    """The unified quality a client measured (checked for range, reported, never gated on)."""
+    if not embedding.HasField("quality"):
+        return None
+    for descriptor, value in embedding.quality.ListFields():
+        if not 0.0 <= value <= 100.0:  # NaN fails too
+            raise InvalidArgument(f"{field}.{descriptor.name}", f"must be within 0-100, "
+                                  f"got {value}")
+    return float(embedding.quality.unified)
+
+
+def quality_to_proto(quality: CaptureQuality) -> pb.Quality:
+    message = pb.Quality(unified=quality.unified)
+    for name, value in quality.components.items():
+        setattr(message, name, value)
+    return message
 
 
 def timestamp_us(message: Timestamp, has: bool, field: str) -> int | None:
@@ -147,4 +167,6 @@ def check_to_proto(result: CheckResult, desk_claimed: str | None = None) -> pb.C
     )
     if result.detected is not None:
         response.detected_face.CopyFrom(detected_to_proto(result.detected))
+    if result.quality is not None:
+        response.quality.CopyFrom(quality_to_proto(result.quality))
     return response

@@ -116,6 +116,8 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
             response.check.CopyFrom(convert.check_to_proto(result.check, shown))
         if result.detected is not None:
             response.detected_face.CopyFrom(convert.detected_to_proto(result.detected))
+        if result.quality is not None:
+            response.quality.CopyFrom(convert.quality_to_proto(result.quality))
         return response
 
     @rpc

@@ -21,6 +21,7 @@ from dedup.core.adjudication import Adjudication
 from dedup.core.audit_chain import Caller
 from dedup.core.errors import InvalidArgument, NotFound
 from dedup.core.policy import Scored
+from dedup.core.records import CaptureQuality
 from dedup.core.settings import Limits, ServerConfig
 from dedup.core.vectors import Vector
 from dedup.service.audit import AuditTrail, embedding_digest
@@ -142,17 +143,20 @@ class InvestigateServicer(pb_grpc.InvestigateServicer):
                               carrier=search_filter.carrier, region=search_filter.region,
                               enrolled_from_us=search_filter.enrolled_from_us,
                               enrolled_until_us=search_filter.enrolled_until_us)
-            vector, exclude = self._probe(request, context, read.query)
+            vector, exclude, quality = self._probe(request, context, read.query)
             found = widening_search(
                 self.gallery, vector, floor, k,
                 lambda s: s.key != exclude and search_filter.admits(s.registration))
             digest = read.answered([s.registration.registration_id for s in found])
-        return pb.SearchResponse(matches=[_match(s) for s in found], audit_record_hash=digest)
+        response = pb.SearchResponse(matches=[_match(s) for s in found], audit_record_hash=digest)
+        if quality is not None:
+            response.quality.CopyFrom(convert.quality_to_proto(quality))
+        return response
 
     def _probe(self, request: pb.SearchRequest, context: grpc.ServicerContext,
-               query: dict[str, Any]) -> tuple[Vector, int | None]:
-        """The probe vector and the key to leave out; how the probe appears in the trail
-        goes into `query` (before a lookup that may end NOT_FOUND)."""
+               query: dict[str, Any]) -> tuple[Vector, int | None, CaptureQuality | None]:
+        """The probe vector, the key to leave out and a photo's quality; how the probe
+        appears in the trail goes into `query` (before a lookup that may end NOT_FOUND)."""
         which = request.WhichOneof("probe")
         if which == "registration_id":
             registration_id = validation.text(request.registration_id, "registration_id",
@@ -161,13 +165,13 @@ class InvestigateServicer(pb_grpc.InvestigateServicer):
             stored = self.gallery.stored_face(registration_id)
             if stored is None:
                 raise NotFound(f"registration_id: no registration {registration_id!r}")
-            return stored[2], stored[0]
+            return stored[2], stored[0], None
         if which != "face":
             raise InvalidArgument("probe", "give face or registration_id")
         face = convert.face_input(request.face, True, "face", self.dimension)
         probe = self.service.probe(face, "face", timeout=seconds_left(context))
         query["embedding_sha256"] = embedding_digest(probe.vector.tobytes())
-        return probe.vector, None
+        return probe.vector, None, probe.quality
 
     # -- Links -----------------------------------------------------------------------
 

@@ -45,6 +45,9 @@ def register(commands: Subcommands) -> None:
     evaluate.add_argument("--embeddings", type=Path, help=".npy for a manifest with `row`")
     evaluate.add_argument("--out", type=Path, required=True)
     evaluate.add_argument("--model-dir", type=Path, default=None)
+    evaluate.add_argument("--largest-face", action="store_true",
+                          help="a photo with several faces uses the largest instead of "
+                          "counting as a failure (as the other photo commands)")
     _register_calibrate(commands)
 
 
@@ -88,11 +91,11 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
     if args.packaged_photos:
         manifest = build_packaged_set(args.out / "photos", resolve_model_dir(args.model_dir))
-        labelled = photo_set(manifest, args.model_dir)
+        labelled = photo_set(manifest, args.model_dir, args.largest_face)
     elif args.embeddings is not None:
         labelled = embeddings_set(args.manifest, args.embeddings)
     else:
-        labelled = photo_set(args.manifest, args.model_dir)
+        labelled = photo_set(args.manifest, args.model_dir, args.largest_face)
     result = evaluate(labelled, args.out)
     print(f"gallery {result['gallery_size']}, {result['mated_searches']} mated and "
           f"{result['nonmated_searches']} non-mated searches; rank-1 "

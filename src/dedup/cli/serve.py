@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import threading
+from dataclasses import fields
 from pathlib import Path
 from types import FrameType
 
@@ -20,6 +21,7 @@ from dedup.core.settings import (
     IndexConfig,
     MilvusConfig,
     Policy,
+    QualityGate,
     QueryLimits,
     ServerConfig,
     StoreConfig,
@@ -51,6 +53,14 @@ def register(commands: Subcommands) -> None:
     serve.add_argument("--match-threshold", type=float, default=Policy.match_threshold)
     serve.add_argument("--review-threshold", type=float, default=Policy.review_threshold)
     serve.add_argument("--max-sims-per-id", type=int, default=Policy.max_sims_per_id)
+    serve.add_argument("--review-quality", type=float, default=Policy.review_quality,
+                       metavar="0-100",
+                       help="a photo under this unified quality gets REVIEW instead of CLEAR "
+                       "when its best score reaches --review-quality-floor; 0: off "
+                       "(default %(default)g)")
+    serve.add_argument("--review-quality-floor", type=float,
+                       default=Policy.review_quality_floor, metavar="SCORE",
+                       help="see --review-quality (default %(default)g)")
     serve.add_argument("--no-reflection", action="store_true", help="turn server reflection off")
     serve.add_argument("--security", type=Path, default=None, metavar="FILE",
                        help="roles, mutual TLS and tokens (see `dedup keys`); without it the "
@@ -158,6 +168,46 @@ def _capture_arguments(serve: argparse.ArgumentParser) -> None:
                        help="the face used must score at least this")
     serve.add_argument("--min-face-pixels", type=int, default=rules.min_face_pixels,
                        help="the face box's shorter side must be at least this long")
+    add_quality_gate_arguments(serve)
+
+
+QUALITY_COMPONENTS = tuple(item.name for item in fields(QualityGate) if item.name != "unified")
+
+
+def add_quality_gate_arguments(parser: argparse.ArgumentParser) -> None:
+    """--min-quality, --quality-min COMPONENT=VALUE and --no-quality-gate."""
+    gate = QualityGate()
+    parser.add_argument("--min-quality", type=float, default=gate.unified, metavar="0-100",
+                        help="a photo's unified quality must be at least this "
+                        "(default %(default)g)")
+    parser.add_argument("--quality-min", action="append", default=[],
+                        metavar="COMPONENT=VALUE",
+                        help="the minimum (0-100) of one quality component, repeatable: "
+                        f"{', '.join(QUALITY_COMPONENTS)}")
+    parser.add_argument("--no-quality-gate", action="store_true",
+                        help="accept photos of any quality (still measured and reported)")
+
+
+def quality_gate(args: argparse.Namespace) -> QualityGate | None:
+    """The --min-quality, --quality-min and --no-quality-gate options."""
+    if args.no_quality_gate:
+        return None
+    minimums: dict[str, float] = {"unified": args.min_quality}
+    for item in args.quality_min:
+        name, _, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if name not in QUALITY_COMPONENTS:
+            raise SystemExit(f"dedup: --quality-min {item}: the component is one of "
+                             f"{', '.join(QUALITY_COMPONENTS)}")
+        try:
+            minimums[name] = float(value)
+        except ValueError:
+            raise SystemExit(f"dedup: --quality-min {item}: give COMPONENT=VALUE, "
+                             "VALUE 0-100") from None
+    try:
+        return QualityGate(**minimums)
+    except ValueError as error:
+        raise SystemExit(f"dedup: {error}") from error
 
 
 def _milvus_arguments(serve: argparse.ArgumentParser) -> None:
@@ -210,7 +260,9 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         milvus=milvus_config(args),
         store=StoreConfig(data_dir=args.data_dir,
                           allow_shared_data_dir=args.allow_shared_data_dir),
-        policy=Policy(args.match_threshold, args.review_threshold, args.max_sims_per_id),
+        policy=Policy(args.match_threshold, args.review_threshold, args.max_sims_per_id,
+                      review_quality=args.review_quality,
+                      review_quality_floor=args.review_quality_floor),
         queries=query_limits(args),
         reflection=not args.no_reflection,
         metrics_address=args.metrics_address,
@@ -232,6 +284,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
             detection_threshold=args.detection_threshold,
             min_detection_score=args.min_detection_score,
             min_face_pixels=args.min_face_pixels,
+            quality_gate=quality_gate(args),
         ),
     )
 

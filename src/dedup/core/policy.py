@@ -7,7 +7,9 @@ Rules, the first that applies wins:
 3. the claimed ID number already has max_sims_per_id registrations -> SIM_LIMIT_EXCEEDED
 4. a match >= match_threshold under the claimed ID number -> SAME_PERSON
 5. the best score lies between the thresholds -> REVIEW
-6. otherwise -> CLEAR
+6. the probe is a photo whose unified quality is under review_quality (it passed the quality
+   gate, but only just) and the best score reaches review_quality_floor -> REVIEW
+7. otherwise -> CLEAR
 Without a claimed ID number, rules 2-4 do not apply.
 """
 
@@ -35,6 +37,7 @@ def decide(
     same_id: list[Scored],
     max_matches: int,
     settled_different: frozenset[int] = frozenset(),
+    quality: float | None = None,
 ) -> CheckResult:
     """Applies the rules to index candidates and the claimed ID's own registrations.
 
@@ -42,7 +45,7 @@ def decide(
     scored 1:1; `candidates` are the index's neighbours. Both are exact scores.
     `settled_different` holds the keys of registrations an investigator settled as a different
     person from the one checked: they are listed, but count for neither DUPLICATE_IDENTITY nor
-    REVIEW.
+    REVIEW. `quality` is the unified quality of a photo probe (None for an embedding).
     """
     merged = {scored.key: scored for scored in candidates}
     merged.update({scored.key: scored for scored in same_id})
@@ -56,11 +59,15 @@ def decide(
         and scored.registration.id_number != claimed_id_number
     }
     verdict = _verdict(policy, claimed_id_number, best, other_ids, same_id)
+    shown_from = policy.review_threshold
+    if verdict is Verdict.CLEAR and _marginal(policy, quality) \
+            and best >= policy.review_quality_floor:
+        verdict, shown_from = Verdict.REVIEW, policy.review_quality_floor
     matches = [
         Match(scored.registration, scored.score,
               scored.key in settled_different)
         for scored in ranked[:max_matches]
-        if scored.score >= policy.review_threshold
+        if scored.score >= shown_from
     ]
     return CheckResult(
         verdict=verdict,
@@ -69,6 +76,10 @@ def decide(
         same_id_registrations=len(same_id),
         best_score=ranked[0].score if ranked else 0.0,
     )
+
+
+def _marginal(policy: Policy, quality: float | None) -> bool:
+    return quality is not None and quality < policy.review_quality
 
 
 def _verdict(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from dedup.core.vectors import Vector
@@ -60,6 +61,15 @@ class DetectedFace:
 
 
 @dataclass(frozen=True)
+class CaptureQuality:
+    """A photo's face image quality (dedup.face.quality): each component and the unified
+    score on 0-100 (100 best)."""
+
+    unified: float
+    components: Mapping[str, float]
+
+
+@dataclass(frozen=True)
 class FaceInput:
     """A request's face, validated but not yet embedded: a unit vector or photo bytes."""
 
@@ -68,6 +78,9 @@ class FaceInput:
     vector_model: str = ""
     image: bytes = b""
     use_largest_face: bool = False
+    # The unified quality the client measured for `vector` (Embedding.quality), 0-100;
+    # reported only: the quality gate applies to photos, never to a client's word.
+    client_quality: float | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,8 @@ class Probe:
 
     vector: Vector
     detected: DetectedFace | None = None
+    # A photo's quality as the server measured it (None for an embedding).
+    quality: CaptureQuality | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +108,7 @@ class CheckResult:
     same_id_registrations: int = 0
     best_score: float = 0.0
     detected: DetectedFace | None = None
+    quality: CaptureQuality | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +117,7 @@ class EnrollResult:
     enrolled: bool
     check: CheckResult | None = None
     detected: DetectedFace | None = None
+    quality: CaptureQuality | None = None
 
 
 class DeleteKey(enum.Enum):

@@ -5,7 +5,7 @@ security settings, and no third-party package."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,20 @@ class Policy:
     match_threshold: float = 0.40
     review_threshold: float = 0.30
     max_sims_per_id: int = 5
+    # A photo that passed the quality gate with a unified quality under review_quality
+    # (0-100; 0: off) gets REVIEW instead of CLEAR when its best score reaches
+    # review_quality_floor: a marginal capture is weak evidence that nobody matches. No
+    # undegraded packaged capture is under 85 (lowest 88.5, benchmarks/quality.py).
+    review_quality: float = 85.0
+    review_quality_floor: float = 0.20
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.review_quality <= 100.0:
+            raise ValueError(f"policy: review_quality must be within 0-100, "
+                             f"got {self.review_quality}")
+        if not -1.0 <= self.review_quality_floor <= 1.0:
+            raise ValueError("policy: review_quality_floor must be within -1..1, got "
+                             f"{self.review_quality_floor}")
         if not -1.0 <= self.review_threshold <= self.match_threshold <= 1.0:
             raise ValueError(
                 "policy: need -1 <= review_threshold <= match_threshold <= 1, got "
@@ -133,6 +145,36 @@ class IndexConfig:
 
 
 @dataclass(frozen=True)
+class QualityGate:
+    """The minimum of each face image quality component and of the unified score (0-100;
+    0 disables one); dedup.face.quality computes the components and applies the gate.
+
+    Defaults chosen from benchmarks/quality.py on degraded real captures; the native
+    value each stands for is noted beside it.
+    """
+
+    face_size: float = 50.0  # 32 px, the capture rule's own minimum
+    inter_eye: float = 50.0  # 12 px
+    exposure: float = 50.0  # 70% of the face clipped dark or bright
+    contrast: float = 50.0  # 12 grey levels
+    uniformity: float = 30.0  # halves differing by 57%
+    sharpness: float = 35.0  # 0.131 of the gradient energy lost to a re-blur
+    compression: float = 20.0  # blockiness 2.42 (JPEG quality about 7)
+    roll: float = 10.0  # 72 degrees
+    yaw: float = 5.0  # 77 degrees
+    pitch: float = 30.0  # 57 degrees
+    detection: float = 50.0  # SCRFD score 0.62
+    embedding_norm: float = 30.0  # feature norm 17.7
+    unified: float = 75.0
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if not 0.0 <= value <= 100.0:
+                raise ValueError(f"quality gate: {item.name} must be within 0-100, got {value}")
+
+
+@dataclass(frozen=True)
 class CaptureRules:
     """What a registration capture must be. Each rule's failure is INVALID_ARGUMENT."""
 
@@ -145,6 +187,9 @@ class CaptureRules:
     min_face_pixels: int = 32
     # The detector's input square; the photo is scaled to fit it.
     detector_size: int = 640
+    # The face image quality every photo must reach (photos only: an embedding request
+    # carries no pixels); None: no gate (the quality is still measured and reported).
+    quality_gate: QualityGate | None = field(default_factory=QualityGate)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from dedup.core.vectors import Vector
 from dedup.core.work_queue import take_batch
 from dedup.face.image import Pixels, decode_image
 from dedup.face.model_pack import ModelPack, check_model_dir, describe_pack
+from dedup.face.quality import Quality, assess, refusal
 
 log = logging.getLogger("dedup.embedder")
 
@@ -62,6 +63,18 @@ class EmbeddingMetrics(Protocol):
 class EmbeddedFace:
     vector: Vector
     face: DetectedFace
+    quality: Quality
+
+
+@dataclass(frozen=True)
+class _Detected:
+    """What recognition and the quality assessment need of one detected face."""
+
+    job: _Job
+    face: DetectedFace
+    box: np.ndarray
+    landmarks: np.ndarray
+    crop: Pixels
 
 
 @dataclass
@@ -184,15 +197,14 @@ class FaceEmbedder:
         from insightface.utils import face_align
 
         recogniser = analyzer.models["recognition"]
-        ready: list[tuple[_Job, DetectedFace]] = []
-        crops = []
+        ready: list[_Detected] = []
         for job in jobs:
             try:
                 boxes, landmarks = analyzer.det_model.detect(job.pixels, max_num=0)
                 index, face = choose_face(boxes, self.rules, job.use_largest, job.field)
-                crops.append(face_align.norm_crop(job.pixels, landmark=landmarks[index],
-                                                  image_size=recogniser.input_size[0]))
-                ready.append((job, face))
+                crop = face_align.norm_crop(job.pixels, landmark=landmarks[index],
+                                            image_size=recogniser.input_size[0])
+                ready.append(_Detected(job, face, boxes[index], landmarks[index], crop))
             except DedupError as error:
                 job.future.set_exception(error)
             except Exception as error:
@@ -201,15 +213,34 @@ class FaceEmbedder:
         if not ready:
             return
         try:
-            features = np.asarray(recogniser.get_feat(crops), dtype=np.float32)
+            features = np.asarray(recogniser.get_feat([d.crop for d in ready]),
+                                  dtype=np.float32)
         except Exception as error:
             log.exception("face recognition failed")
-            for job, _ in ready:
-                job.future.set_exception(error)
+            for detected in ready:
+                detected.job.future.set_exception(error)
             return
-        features /= np.linalg.norm(features, axis=1, keepdims=True)
-        for (job, face), vector in zip(ready, features, strict=True):
-            job.future.set_result(EmbeddedFace(vector, face))
+        norms = np.linalg.norm(features, axis=1)  # a quality signal: taken before normalising
+        features /= norms[:, None]
+        for detected, vector, norm in zip(ready, features, norms, strict=True):
+            self._finish(detected, vector, float(norm))
+
+    def _finish(self, detected: _Detected, vector: Vector, norm: float) -> None:
+        """Assesses the capture's quality and refuses it under the gate (photos only)."""
+        job = detected.job
+        try:
+            quality = assess(job.pixels, detected.box[:4], detected.face.score,
+                             detected.landmarks, detected.crop, norm)
+        except Exception as error:
+            log.exception("face quality assessment failed")
+            job.future.set_exception(error)
+            return
+        gate = self.rules.quality_gate
+        message = None if gate is None else refusal(gate, quality)
+        if message is not None:
+            job.future.set_exception(InvalidArgument(job.field, message))
+        else:
+            job.future.set_result(EmbeddedFace(vector, detected.face, quality))
 
     def close(self) -> None:
         for _ in self._workers:

@@ -50,7 +50,10 @@ predictor of the genuine score on those degraded captures (Spearman 0.74; detect
 sharpness 0.75-0.89 within blurs but -0.15 overall); it also depends on the person (20.5-30 on
 undegraded captures), so its own minimum is loose and the unified score carries it.
 
-`Gate` holds a minimum per component and for the unified score; its defaults come from
+The gate's minimums, per component and for the unified score, are
+`dedup.core.settings.QualityGate` (configurable: `dedup serve --min-quality`, `--quality-min
+COMPONENT=VALUE`, `--no-quality-gate`); `failure`/`refusal` apply them, and `Gate` is a
+QualityGate with those two as methods. The defaults come from
 benchmarks/quality.py: every degraded capture whose genuine score fell below the review
 threshold is refused, no undegraded capture is, and each component refuses its own
 degradation from about where the median genuine score falls to 0.6-0.7, so the desk hears
@@ -67,6 +70,8 @@ from dataclasses import dataclass, fields
 import cv2
 import numpy as np
 import numpy.typing as npt
+
+from dedup.core.settings import QualityGate
 
 Pixels = npt.NDArray[np.uint8]
 _Floats = npt.NDArray[np.float64]
@@ -289,54 +294,37 @@ class Failure:
     message: str
 
 
-@dataclass(frozen=True)
-class Gate:
-    """The minimum of each component and of the unified score (0-100; 0 disables one).
-
-    Defaults chosen from benchmarks/quality.py on degraded real captures; the native
-    value each stands for is noted beside it.
-    """
-
-    face_size: float = 50.0  # 32 px, the capture rule's own minimum
-    inter_eye: float = 50.0  # 12 px
-    exposure: float = 50.0  # 70% of the face clipped dark or bright
-    contrast: float = 50.0  # 12 grey levels
-    uniformity: float = 30.0  # halves differing by 57%
-    sharpness: float = 35.0  # 0.131 of the gradient energy lost to a re-blur
-    compression: float = 20.0  # blockiness 2.42 (JPEG quality about 7)
-    roll: float = 10.0  # 72 degrees
-    yaw: float = 5.0  # 77 degrees
-    pitch: float = 30.0  # 57 degrees
-    detection: float = 50.0  # SCRFD score 0.62
-    embedding_norm: float = 30.0  # feature norm 17.7
-    unified: float = 75.0
-
-    def __post_init__(self) -> None:
-        for item in fields(self):
-            value = getattr(self, item.name)
-            if not 0.0 <= value <= 100.0:
-                raise ValueError(f"quality gate: {item.name} must be within 0-100, got {value}")
+class Gate(QualityGate):
+    """The gate's minimums (dedup.core.settings.QualityGate) with its checks."""
 
     def failure(self, quality: Quality) -> Failure | None:
-        """The first component under its minimum (in the order of Scores), else unified."""
-        for item in fields(Scores):
-            value, minimum = getattr(quality.scores, item.name), getattr(self, item.name)
-            if value < minimum:
-                hint, native = _HINTS[item.name]
-                return Failure(item.name, value, minimum, _message(
-                    item.name, value, minimum, f"{hint} ({native(quality.measures)})"))
-        if quality.unified < self.unified:
-            weakest = min(_UNIFIED_WEIGHTS, key=lambda name: getattr(quality.scores, name))
-            return Failure("unified", quality.unified, self.unified, _message(
-                "unified quality", quality.unified, self.unified,
-                f"{_HINTS[weakest][0]} (the weakest: {weakest.replace('_', ' ')} "
-                f"{getattr(quality.scores, weakest):.0f})"))
-        return None
+        return failure(self, quality)
 
     def refusal(self, quality: Quality) -> str | None:
-        """Why the capture is refused, for the desk, or None when it passes."""
-        failed = self.failure(quality)
-        return None if failed is None else failed.message
+        return refusal(self, quality)
+
+
+def failure(gate: QualityGate, quality: Quality) -> Failure | None:
+    """The first component under its minimum (in the order of Scores), else unified."""
+    for item in fields(Scores):
+        value, minimum = getattr(quality.scores, item.name), getattr(gate, item.name)
+        if value < minimum:
+            hint, native = _HINTS[item.name]
+            return Failure(item.name, value, minimum, _message(
+                item.name, value, minimum, f"{hint} ({native(quality.measures)})"))
+    if quality.unified < gate.unified:
+        weakest = min(_UNIFIED_WEIGHTS, key=lambda name: getattr(quality.scores, name))
+        return Failure("unified", quality.unified, gate.unified, _message(
+            "unified quality", quality.unified, gate.unified,
+            f"{_HINTS[weakest][0]} (the weakest: {weakest.replace('_', ' ')} "
+            f"{getattr(quality.scores, weakest):.0f})"))
+    return None
+
+
+def refusal(gate: QualityGate, quality: Quality) -> str | None:
+    """Why the capture is refused, for the desk, or None when it passes."""
+    failed = failure(gate, quality)
+    return None if failed is None else failed.message
 
 
 def _message(name: str, value: float, minimum: float, hint: str) -> str:

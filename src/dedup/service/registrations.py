@@ -13,6 +13,7 @@ from dedup.core.errors import FailedPrecondition, NotFound
 from dedup.core.logs import mask
 from dedup.core.policy import Scored, decide
 from dedup.core.records import (
+    CaptureQuality,
     CheckResult,
     DeleteKey,
     EnrollResult,
@@ -25,6 +26,7 @@ from dedup.core.settings import Limits, Policy
 from dedup.core.vectors import Vector
 from dedup.face.embedder import FaceEmbedder
 from dedup.face.model_pack import ModelPack
+from dedup.face.quality import Quality
 from dedup.gallery.base import EnrolmentCheck, Erasure, Gallery, GalleryStats
 
 log = logging.getLogger("dedup.service")
@@ -46,6 +48,16 @@ class ServiceStats:
     calibration_dir: Path
 
 
+def capture_quality(quality: Quality) -> CaptureQuality:
+    """The face package's assessment as the service's record of it."""
+    return CaptureQuality(quality.unified, {item.name: getattr(quality.scores, item.name)
+                                            for item in dataclasses.fields(quality.scores)})
+
+
+def _unified(probe: Probe) -> float | None:
+    return None if probe.quality is None else probe.quality.unified
+
+
 class DedupService:
     def __init__(self, gallery: Gallery, embedder: FaceEmbedder, policy: Policy,
                  limits: Limits) -> None:
@@ -65,7 +77,7 @@ class DedupService:
             return Probe(face.vector)
         embedded = self.embedder.embed(face.image, face.use_largest_face, f"{field}.image",
                                        timeout)
-        return Probe(embedded.vector, embedded.face)
+        return Probe(embedded.vector, embedded.face, capture_quality(embedded.quality))
 
     def check(self, probe: Probe, claimed_id_number: str, max_matches: int,
               registration_id: str = "", trusted: bool = False) -> CheckResult:
@@ -74,8 +86,9 @@ class DedupService:
         same_id = self.gallery.same_id_number(probe.vector, claimed_id_number)
         candidates = self._candidates(probe.vector, max_matches, same_id)
         result = decide(self.policy, claimed_id_number, candidates, same_id, max_matches,
-                        self._settled_different(registration_id, probe.vector, trusted))
-        return dataclasses.replace(result, detected=probe.detected)
+                        self._settled_different(registration_id, probe.vector, trusted),
+                        _unified(probe))
+        return dataclasses.replace(result, detected=probe.detected, quality=probe.quality)
 
     def _settled_different(self, registration_id: str, vector: Vector, trusted: bool
                            ) -> frozenset[int]:
@@ -118,7 +131,8 @@ class DedupService:
         vector, detected = probe.vector, probe.detected
         if not check_first:
             stored = self.gallery.insert(registration, vector)
-            return EnrollResult(stored, enrolled=True, detected=detected)
+            return EnrollResult(stored, enrolled=True, detected=detected,
+                                quality=probe.quality)
         # The backend enforces uniqueness again as it stores; checking first only spares a
         # search and keeps the error the same with or without check_first.
         self.gallery.ensure_unique(registration)
@@ -126,15 +140,17 @@ class DedupService:
 
         def judge(candidates: list[Scored], same_id: list[Scored]) -> CheckResult:
             settled = self._settled_different(registration.registration_id, vector, trusted)
-            return decide(self.policy, claimed, candidates, same_id, limit, settled)
+            return decide(self.policy, claimed, candidates, same_id, limit, settled,
+                          _unified(probe))
 
         check = EnrolmentCheck(claimed, max(limit, self.limits.min_search_k),
                                self.policy.review_threshold, judge,
                                lambda result: result.verdict in ENROLLING_VERDICTS)
         result, enrolled = self.gallery.insert_checked(registration, vector, check)
         return EnrollResult(enrolled or registration, enrolled=enrolled is not None,
-                            check=dataclasses.replace(result, detected=detected),
-                            detected=detected)
+                            check=dataclasses.replace(result, detected=detected,
+                                                      quality=probe.quality),
+                            detected=detected, quality=probe.quality)
 
     def delete(self, by: DeleteKey, value: str, audit: AuditMaker | None = None) -> Erasure:
         """Erases by one key; the audit record (if any) commits with the erasure."""

@@ -87,25 +87,95 @@ class Embedding(_message.Message):
 
     VALUES_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    QUALITY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model that made it (Stats.model.model_id); empty means the server's model.
     Embeddings of different models are never compared: a mismatch is FAILED_PRECONDITION.
     """
     @_builtins.property
     def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def quality(self) -> Global___Quality:
+        """The face image quality the client measured on its photo, if any (components and
+        unified on 0-100, as in Quality). Checked for range and otherwise not trusted: the
+        server's quality gate applies to photos (Face.image) only, never to embeddings.
+        """
+
     def __init__(
         self,
         *,
         values: _abc.Iterable[_builtins.float] | None = ...,
         model: _builtins.str = ...,
+        quality: Global___Quality | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quality", b"quality"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "values", b"values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "quality", b"quality", "values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Embedding: _TypeAlias = Embedding  # noqa: Y015
+
+@_typing.final
+class Quality(_message.Message):
+    """Face image quality of a photo, in the spirit of ISO/IEC 29794-5: each component and the
+    unified score on 0-100 (100 best). See dedup.face.quality for what each one measures;
+    a photo under the server's minimums is refused with INVALID_ARGUMENT on face.image,
+    naming the component, its value and the minimum.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNIFIED_FIELD_NUMBER: _builtins.int
+    FACE_SIZE_FIELD_NUMBER: _builtins.int
+    INTER_EYE_FIELD_NUMBER: _builtins.int
+    EXPOSURE_FIELD_NUMBER: _builtins.int
+    CONTRAST_FIELD_NUMBER: _builtins.int
+    UNIFORMITY_FIELD_NUMBER: _builtins.int
+    SHARPNESS_FIELD_NUMBER: _builtins.int
+    COMPRESSION_FIELD_NUMBER: _builtins.int
+    ROLL_FIELD_NUMBER: _builtins.int
+    YAW_FIELD_NUMBER: _builtins.int
+    PITCH_FIELD_NUMBER: _builtins.int
+    DETECTION_FIELD_NUMBER: _builtins.int
+    EMBEDDING_NORM_FIELD_NUMBER: _builtins.int
+    unified: _builtins.float
+    face_size: _builtins.float
+    inter_eye: _builtins.float
+    exposure: _builtins.float
+    contrast: _builtins.float
+    uniformity: _builtins.float
+    sharpness: _builtins.float
+    compression: _builtins.float
+    roll: _builtins.float
+    yaw: _builtins.float
+    pitch: _builtins.float
+    detection: _builtins.float
+    embedding_norm: _builtins.float
+    def __init__(
+        self,
+        *,
+        unified: _builtins.float = ...,
+        face_size: _builtins.float = ...,
+        inter_eye: _builtins.float = ...,
+        exposure: _builtins.float = ...,
+        contrast: _builtins.float = ...,
+        uniformity: _builtins.float = ...,
+        sharpness: _builtins.float = ...,
+        compression: _builtins.float = ...,
+        roll: _builtins.float = ...,
+        yaw: _builtins.float = ...,
+        pitch: _builtins.float = ...,
+        detection: _builtins.float = ...,
+        embedding_norm: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compression", b"compression", "contrast", b"contrast", "detection", b"detection", "embedding_norm", b"embedding_norm", "exposure", b"exposure", "face_size", b"face_size", "inter_eye", b"inter_eye", "pitch", b"pitch", "roll", b"roll", "sharpness", b"sharpness", "unified", b"unified", "uniformity", b"uniformity", "yaw", b"yaw"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Quality: _TypeAlias = Quality  # noqa: Y015
 
 @_typing.final
 class Face(_message.Message):
@@ -303,6 +373,7 @@ class CheckResponse(_message.Message):
     SAME_ID_REGISTRATIONS_FIELD_NUMBER: _builtins.int
     BEST_SCORE_FIELD_NUMBER: _builtins.int
     DETECTED_FACE_FIELD_NUMBER: _builtins.int
+    QUALITY_FIELD_NUMBER: _builtins.int
     verdict: Global___Verdict.ValueType
     distinct_other_id_numbers: _builtins.int
     """ID numbers other than the claimed one with a match at or above the match threshold."""
@@ -318,6 +389,10 @@ class CheckResponse(_message.Message):
     def detected_face(self) -> Global___DetectedFace:
         """The face used, when the probe was an image."""
 
+    @_builtins.property
+    def quality(self) -> Global___Quality:
+        """The image's quality, when the probe was an image."""
+
     def __init__(
         self,
         *,
@@ -327,10 +402,11 @@ class CheckResponse(_message.Message):
         same_id_registrations: _builtins.int = ...,
         best_score: _builtins.float = ...,
         detected_face: Global___DetectedFace | None = ...,
+        quality: Global___Quality | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["detected_face", b"detected_face"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["detected_face", b"detected_face", "quality", b"quality"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_score", b"best_score", "detected_face", b"detected_face", "distinct_other_id_numbers", b"distinct_other_id_numbers", "matches", b"matches", "same_id_registrations", b"same_id_registrations", "verdict", b"verdict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_score", b"best_score", "detected_face", b"detected_face", "distinct_other_id_numbers", b"distinct_other_id_numbers", "matches", b"matches", "quality", b"quality", "same_id_registrations", b"same_id_registrations", "verdict", b"verdict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -375,6 +451,7 @@ class EnrollResponse(_message.Message):
     ENROLLED_FIELD_NUMBER: _builtins.int
     DETECTED_FACE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    QUALITY_FIELD_NUMBER: _builtins.int
     enrolled: _builtins.bool
     @_builtins.property
     def registration(self) -> Global___Registration:
@@ -392,6 +469,10 @@ class EnrollResponse(_message.Message):
     def error(self) -> Global___StreamError:
         """EnrollStream only: why this request failed (nothing was stored for it)."""
 
+    @_builtins.property
+    def quality(self) -> Global___Quality:
+        """The image's quality, when the registration came with an image."""
+
     def __init__(
         self,
         *,
@@ -400,10 +481,11 @@ class EnrollResponse(_message.Message):
         enrolled: _builtins.bool = ...,
         detected_face: Global___DetectedFace | None = ...,
         error: Global___StreamError | None = ...,
+        quality: Global___Quality | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "detected_face", b"detected_face", "error", b"error", "registration", b"registration"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "detected_face", b"detected_face", "error", b"error", "quality", b"quality", "registration", b"registration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "detected_face", b"detected_face", "enrolled", b"enrolled", "error", b"error", "registration", b"registration"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "detected_face", b"detected_face", "enrolled", b"enrolled", "error", b"error", "quality", b"quality", "registration", b"registration"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1075,18 +1157,24 @@ class SearchResponse(_message.Message):
 
     MATCHES_FIELD_NUMBER: _builtins.int
     AUDIT_RECORD_HASH_FIELD_NUMBER: _builtins.int
+    QUALITY_FIELD_NUMBER: _builtins.int
     audit_record_hash: _builtins.str
     @_builtins.property
     def matches(self) -> _containers.RepeatedCompositeFieldContainer[Global___Match]: ...
+    @_builtins.property
+    def quality(self) -> Global___Quality:
+        """The probe image's quality, when the probe was Face.image."""
+
     def __init__(
         self,
         *,
         matches: _abc.Iterable[Global___Match] | None = ...,
         audit_record_hash: _builtins.str = ...,
+        quality: Global___Quality | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quality", b"quality"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_record_hash", b"audit_record_hash", "matches", b"matches"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_record_hash", b"audit_record_hash", "matches", b"matches", "quality", b"quality"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
