@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 import grpc
 
 from dedup.core.audit_chain import Caller
-from dedup.core.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from dedup.core.errors import PermissionDenied, Unauthenticated
 from dedup.core.security import SecurityConfig
 
 # Methods by service; admin may call everything.
@@ -103,12 +103,3 @@ class Authorizer:
         if not allowed(caller.role, service, method):
             raise PermissionDenied(f"role {caller.role!r} ({caller.identity}) may not call "
                                    f"{service}.{method}")
-
-
-def required_text(value: str, field_name: str, limit: int = 256) -> str:
-    """case_id and purpose: required, printable, bounded."""
-    if not value:
-        raise InvalidArgument(field_name, "is required for every investigator call")
-    if len(value) > limit or not value.isprintable():
-        raise InvalidArgument(field_name, f"must be at most {limit} printable characters")
-    return value
