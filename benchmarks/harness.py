@@ -71,3 +71,49 @@ def grpc_checks(port: int, requests: list[pb.CheckRequest], clients: int
         return lambda n: stub.Check(requests[n])
 
     return run_threads(len(requests), clients, worker)
+
+
+CHECK_METHOD = "/dedup.v1.FaceDedup/Check"
+
+
+def _raw_check_worker(target: str, payloads: list[bytes]) -> Callable[[], Callable[[int], bytes]]:
+    def worker() -> Callable[[int], bytes]:
+        channel = grpc.insecure_channel(target)
+        grpc.channel_ready_future(channel).result(timeout=30)  # connected before the clock
+        call = channel.unary_unary(CHECK_METHOD)  # no serialisers: bytes in, bytes out
+        return lambda n: call(payloads[n])
+    return worker
+
+
+def _checks_in_child(target: str, payloads: list[bytes], clients: int
+                     ) -> tuple[dict[str, float], list[bytes | str | None]]:
+    stats, results = run_threads(len(payloads), clients, _raw_check_worker(target, payloads))
+    return stats, [r if isinstance(r, bytes) or r is None else repr(r) for r in results]
+
+
+def process_checks(port: int, requests: list[pb.CheckRequest], clients: int
+                   ) -> tuple[dict[str, float], list[pb.CheckResponse | BaseException | None]]:
+    """Like grpc_checks, but the load runs in a process of its own with requests serialised
+    before the clock starts, so that the client's Python costs neither the server's GIL nor
+    the measurement's serialisation time."""
+    import multiprocessing
+
+    payloads = [request.SerializeToString() for request in requests]
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        stats, raw = pool.apply(_checks_in_child, (f"127.0.0.1:{port}", payloads, clients))
+    responses: list[pb.CheckResponse | BaseException | None] = []
+    for item in raw:
+        if isinstance(item, bytes):
+            responses.append(pb.CheckResponse.FromString(item))
+        else:
+            responses.append(None if item is None else RuntimeError(item))
+    return stats, responses
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds the process has used so far (all its threads)."""
+    import os
+    from pathlib import Path
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -1,23 +1,28 @@
-"""Large galleries: import rate, index types, Check over gRPC, duplicate recall, rebuilds.
+"""Large galleries: import, disk, start, Check at scale, rebuild and compaction under load.
 
-For one gallery (default 1,000,000 face-like registrations) measured in one run:
-  1. `dedup import` offline: registrations/s;
-  2. exact ground truth: for each probe, every registration scoring >= the match threshold;
-  3. per index type and search parameter: build time, index bytes per vector, Check over
-     gRPC against a `dedup serve` process at 1, 8 and 32 clients (q/s, p50, p99), duplicate
-     recall (share of the ground-truth pairs the Check returns), and the same index searched
-     by raw FAISS in this process, one query at a time (our overhead as a ratio);
-  4. a live rebuild to BinarySign512 through IndexAdmin.Rebuild while 8 clients keep
-     checking: its time, and Check p99 during it against before it.
-Prints a table and writes JSON to benchmarks/results/scale-<N>-<spectrum>.json.
+For one gallery (default 1,000,000 face-like registrations of one data variant) measured in
+one run, the way an operator runs dedup:
+  1. `dedup import --data-dir` in a process of its own: registrations/s and its anonymous
+     memory sampled every second (peak, and growth after the first third);
+  2. bytes per registration on disk (store, vector file and index checkpoint together);
+  3. `dedup serve` with its defaults: the index type it serves first, seconds from start to
+     the first answered Check, resident memory;
+  4. Check over gRPC from a load process of its own with pre-serialised requests, at 1 and 8
+     clients (q/s, p50, p99), duplicate recall against exact ground truth, the server's CPU
+     seconds per check, and raw FAISS on the same checkpoint, one query at a time;
+  5. optionally (--kinds) other index types and search parameters the same way;
+  6. a live rebuild while 8 clients keep checking (its time; Check p99 during against
+     before), and a compaction while they keep checking (the longest check during it).
+Prints a table and writes JSON to benchmarks/results/scale-<N>-<variant>.json.
 
-    .venv/bin/python benchmarks/scale.py --registrations 1000000 --workdir /tmp/dedup-scale
+    .venv/bin/python benchmarks/scale.py --registrations 1000000 --variant iso
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import statistics
@@ -25,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import faiss
@@ -33,21 +39,19 @@ import numpy as np
 
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
-from dedup.core.settings import IndexConfig, Limits, StoreConfig
+from dedup.core.settings import IndexConfig, StoreConfig
 from dedup.face.model_pack import RECOGNISER, model_id_for, resolve_model_dir
 from dedup.gallery.embedded.gallery import EmbeddedGallery
 from dedup.gallery.embedded.index import SearchOptions, load_index
+from dedup.gallery.embedded.layout import CHECKPOINT_FILE
+from dedup.gallery.embedded.store import Store
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gallery_data import generate
-from harness import grpc_checks
+from gallery_data import VARIANTS, generate
+from harness import process_checks, process_cpu_seconds
 
 RESULTS = Path(__file__).parent / "results"
 MATCH = 0.40
-# After "@": the sweep of the search parameter, nprobe for IVF types and the number of
-# candidates re-ranked for BinarySign types.
-DEFAULT_KINDS = ["Flat", "BinarySign512@64,256", "BinarySign256@256", "IVF4096,SQ8@16,64,256",
-                 "IVF4096,PQ64@64,256"]
 
 
 def model_id() -> str:
@@ -55,64 +59,108 @@ def model_id() -> str:
 
 
 def open_gallery(data_dir: Path) -> EmbeddedGallery:
-    """The benchmark's own access to a data directory no server holds.
-
-    Its in-memory index is a BinarySign512 (64 bytes a vector): an exact one would need
-    20 GB at 10,000,000 registrations.
-    """
-    return EmbeddedGallery(StoreConfig(data_dir=data_dir), model_id(), IndexConfig("BinarySign512"),
-                   background=False)
+    """The benchmark's own access to a data directory no server holds, with a compact
+    in-memory index (an exact one would need 20 GB at 10,000,000 registrations)."""
+    return EmbeddedGallery(StoreConfig(data_dir=data_dir), model_id(),
+                           IndexConfig("BinarySign512"), background=False)
 
 
-def import_gallery(data_dir: Path, files: list[Path]) -> dict[str, float]:
-    from dedup.ops.bulk_import import import_offline
+# -- 1. import ----------------------------------------------------------------------------
 
-    gallery = open_gallery(data_dir)
-    started = time.monotonic()
+def memory_of(pid: int) -> dict[str, int]:
+    """RssAnon and VmRSS of a process in MiB (0 once it is gone)."""
     try:
-        report = import_offline(gallery, files, Limits())
-    finally:
-        gallery.close(checkpoint=True)
-    elapsed = time.monotonic() - started
-    return {"imported": report.imported, "seconds": elapsed,
-            "per_second": report.imported / elapsed}
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {"anon_mib": 0, "rss_mib": 0}
+    def field(name: str) -> int:
+        match = re.search(rf"{name}:\s+(\d+) kB", text)
+        return int(match.group(1)) // 1024 if match else 0
+    return {"anon_mib": field("RssAnon"), "rss_mib": field("VmRSS")}
 
+
+def sampled(process: subprocess.Popen[str], every: float = 1.0) -> list[dict[str, float]]:
+    """Memory samples of `process` every `every` seconds until it exits."""
+    started, samples = time.monotonic(), []
+    while process.poll() is None:
+        samples.append({"t": round(time.monotonic() - started, 1), **memory_of(process.pid)})
+        time.sleep(every)
+    return samples
+
+
+def import_gallery(data_dir: Path, files: list[Path]) -> dict[str, object]:
+    """`dedup import --data-dir` in its own process, its memory sampled every second."""
+    started = time.monotonic()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dedup", "import", "--data-dir", str(data_dir),
+         *map(str, files)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    samples = sampled(process)
+    output = process.communicate()[0]
+    if process.returncode not in (0, 2):
+        raise RuntimeError(f"dedup import failed ({process.returncode}): {output}")
+    elapsed = time.monotonic() - started
+    imported = int(re.search(r"imported ([\d,]+)", output).group(1).replace(",", ""))  # type: ignore[union-attr]
+    anon = [s["anon_mib"] for s in samples if s["anon_mib"]]
+    third = anon[len(anon) // 3] if anon else 0
+    return {"imported": imported, "seconds": elapsed, "per_second": imported / elapsed,
+            "peak_anon_mib": max(anon, default=0), "anon_mib_at_first_third": third,
+            "anon_mib_growth_after_first_third": max(anon, default=0) - third,
+            "samples": samples[:: max(1, len(samples) // 200)]}
+
+
+def disk_bytes(data_dir: Path) -> dict[str, int]:
+    """Bytes allocated on disk per file of the data directory (sparse regions not counted)."""
+    return {str(path.relative_to(data_dir)): path.stat().st_blocks * 512
+            for path in sorted(data_dir.rglob("*")) if path.is_file()}
+
+
+# -- 2. exact ground truth ----------------------------------------------------------------
 
 def ground_truth(data_dir: Path, probes: np.ndarray) -> list[set[str]]:
     """Per probe, the registration_ids at or above the match threshold under exact search."""
-    gallery = open_gallery(data_dir)
+    store = Store.reader(data_dir)
     try:
         hits: list[list[int]] = [[] for _ in probes]
-        for keys, matrix in gallery.store.iter_vectors(200_000):  # exact, block by block
+        for keys, matrix in store.iter_vectors(200_000):  # exact, block by block
             keys_array = np.asarray(keys)
             rows, columns = np.nonzero(probes @ matrix.T >= MATCH)
             for row, column in zip(rows, columns, strict=True):
                 hits[row].append(int(keys_array[column]))
         return [{face.registration.registration_id
-                 for face in gallery.store.faces(found, with_vectors=False)} for found in hits]
+                 for face in store.faces(found, with_vectors=False)} for found in hits]
     finally:
-        gallery.close(checkpoint=False)
+        store.close()
 
 
-def build(data_dir: Path, kind: str) -> dict[str, float]:
-    gallery = open_gallery(data_dir)
-    started = time.monotonic()
-    try:
-        built = gallery.build_offline(kind, lambda *_: None)
-    finally:
-        gallery.close(checkpoint=False)
-    size = (data_dir / "index.ckpt").stat().st_size
-    return {"build_seconds": time.monotonic() - started,
-            "bytes_per_vector": size / max(1, len(built.index))}
+def recall(responses: list[pb.CheckResponse | BaseException | None], truth: list[set[str]]
+           ) -> float:
+    expected = found = 0
+    for response, wanted in zip(responses, truth, strict=True):
+        if not wanted:
+            continue
+        returned = ({m.registration.registration_id for m in response.matches}
+                    if isinstance(response, pb.CheckResponse) else set())
+        expected += len(wanted)
+        found += len(wanted & returned)
+    return found / max(1, expected)
 
+
+# -- 3. the server ------------------------------------------------------------------------
 
 class Server:
-    def __init__(self, data_dir: Path, kind: str, parameter: int) -> None:
-        flag = "--rerank-candidates" if kind.startswith("Binary") else "--nprobe"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "dedup", "serve", "--data-dir", str(data_dir),
-             "--address", "127.0.0.1:0", "--index-factory", kind, flag, str(parameter)],
-            stderr=subprocess.PIPE, text=True)
+    """`dedup serve` on a data directory, on a free loopback port."""
+
+    def __init__(self, data_dir: Path, kind: str | None = None, parameter: int | None = None
+                 ) -> None:
+        command = [sys.executable, "-m", "dedup", "serve", "--data-dir", str(data_dir),
+                   "--address", "127.0.0.1:0"]
+        if kind is not None:
+            command += ["--index-factory", kind]
+        if parameter is not None:
+            flag = "--nprobe" if kind and "IVF" in kind else "--rerank-candidates"
+            command += [flag, str(parameter)]
+        self.started = time.monotonic()
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         assert self.process.stderr is not None
         for line in self.process.stderr:
             if match := re.search(r"serving on 127\.0\.0\.1:(\d+)", line):
@@ -122,136 +170,193 @@ class Server:
             raise RuntimeError("the server did not start")
         threading.Thread(target=self.process.stderr.read, daemon=True).start()
 
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(f"127.0.0.1:{self.port}")
+
+    def first_answer_seconds(self, request: pb.CheckRequest) -> float:
+        """Seconds from the process's start to its first answered Check."""
+        with self.channel() as channel:
+            pb_grpc.FaceDedupStub(channel).Check(request, wait_for_ready=True, timeout=600)
+        return time.monotonic() - self.started
+
+    def index_info(self) -> pb.IndexInfo:
+        with self.channel() as channel:
+            return pb_grpc.IndexAdminStub(channel).GetIndexInfo(pb.GetIndexInfoRequest())
+
     def peak_rss_gb(self) -> float:
-        """The server process's peak resident memory (VmHWM), file-backed LMDB pages included."""
+        """The server process's peak resident memory (VmHWM), file-backed pages included."""
         status = Path(f"/proc/{self.process.pid}/status").read_text()
         return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 2**20  # type: ignore[union-attr]
+
+    def rss_gb(self) -> float:
+        return memory_of(self.process.pid)["rss_mib"] / 1024
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(timeout=600)
 
 
-def recall(responses: list[pb.CheckResponse | BaseException | None], truth: list[set[str]]
-           ) -> float:
-    expected = found = 0
-    for response, wanted in zip(responses, truth, strict=True):
-        if not isinstance(response, pb.CheckResponse) or not wanted:
-            continue
-        returned = {m.registration.registration_id for m in response.matches}
-        expected += len(wanted)
-        found += len(wanted & returned)
-    return found / max(1, expected)
+def checks(server: Server, requests: list[pb.CheckRequest], clients: int
+           ) -> tuple[dict[str, float], list[pb.CheckResponse | BaseException | None]]:
+    """Checks from a load process of its own, with the server's CPU seconds per check."""
+    cpu_before = process_cpu_seconds(server.process.pid)
+    stats, responses = process_checks(server.port, requests, clients)
+    stats["server_cpu_ms_per_check"] = (
+        (process_cpu_seconds(server.process.pid) - cpu_before) * 1000 / len(requests))
+    return stats, responses
 
 
-def raw_faiss(data_dir: Path, probes: np.ndarray, nprobe: int, k: int) -> float:
-    index, _ = load_index(data_dir / "index.ckpt", probes.shape[1], model_id())
+def raw_faiss(data_dir: Path, probes: np.ndarray, options: SearchOptions, k: int
+              ) -> dict[str, float]:
+    """The served checkpoint searched in this process, one query at a time, one thread."""
+    index, _ = load_index(data_dir / CHECKPOINT_FILE, probes.shape[1], model_id())
     faiss.omp_set_num_threads(1)
-    count = min(len(probes), 300)
-    started = time.perf_counter()
+    count = min(len(probes), 500)
+    started_cpu, started = time.process_time(), time.perf_counter()
     for vector in probes[:count]:
-        index.search(vector.reshape(1, -1), k, SearchOptions(nprobe=nprobe))
-    return count / (time.perf_counter() - started)
+        index.search(vector.reshape(1, -1), k, options)
+    return {"qps": count / (time.perf_counter() - started),
+            "cpu_ms_per_query": (time.process_time() - started_cpu) * 1000 / count}
 
 
-def measure_kind(data_dir: Path, kind: str, nprobes: list[int], requests: list[pb.CheckRequest],
-                 truth: list[set[str]], probes: np.ndarray, client_counts: list[int]
-                 ) -> list[dict[str, object]]:
-    built = build(data_dir, kind)
-    rows = []
-    for nprobe in nprobes:
-        server = Server(data_dir, kind, nprobe)
-        try:
-            grpc_checks(server.port, requests[:50], 2)  # warm-up
-            row: dict[str, object] = {"index": kind, "parameter": nprobe if kind != "Flat"
-                                      else None, **built}
-            for clients in client_counts:
-                # Exact search over a large gallery is slow: fewer single-client queries.
-                count = len(requests) if clients > 1 or kind != "Flat" else 200
-                stats, responses = grpc_checks(server.port, requests[:count], clients)
-                row[f"{clients}_clients"] = stats
-                if count == len(requests):
-                    row["duplicate_recall"] = recall(responses, truth)
-            row["server_peak_rss_gb"] = server.peak_rss_gb()
-        finally:
-            server.stop()
-        k = 64 if kind == "Flat" else nprobe if kind.startswith("Binary") \
-            else IndexConfig().rerank_candidates
-        row["raw_faiss_qps_1_thread"] = raw_faiss(data_dir, probes, nprobe, k)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    return rows
-
-
-def live_rebuild(data_dir: Path, requests: list[pb.CheckRequest]) -> dict[str, float]:
-    """Check p99 at 8 clients before and during a live rebuild of a BinarySign512 index."""
-    build(data_dir, "BinarySign512")
-    server = Server(data_dir, "BinarySign512", 64)
+def serve_and_measure(data_dir: Path, requests: list[pb.CheckRequest], truth: list[set[str]],
+                      client_counts: list[int], kind: str | None = None,
+                      parameter: int | None = None) -> dict[str, object]:
+    server = Server(data_dir, kind, parameter)
     try:
-        before, _ = grpc_checks(server.port, requests[:400], 8)
-        done = threading.Event()
-        timing: dict[str, float] = {}
-
-        def rebuild() -> None:
-            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-                started = time.monotonic()
-                for _ in pb_grpc.IndexAdminStub(channel).Rebuild(
-                        pb.RebuildRequest(index_factory="BinarySign512")):
-                    pass
-                timing["seconds"] = time.monotonic() - started
-            done.set()
-
-        worker = threading.Thread(target=rebuild)
-        worker.start()
-        during = []
-        while not done.is_set():
-            stats, _ = grpc_checks(server.port, requests[:200], 8)
-            during.append(stats)
-        worker.join()
+        row: dict[str, object] = {"first_answer_s": server.first_answer_seconds(requests[0])}
+        info = server.index_info()
+        row.update(index=info.index_type, parameter=parameter,
+                   rerank=info.rerank_candidates, search_parameters=info.search_parameters,
+                   wanted=info.wanted_index_type)
+        checks(server, requests[:100], 4)  # warm-up
+        for clients in client_counts:
+            stats, responses = checks(server, requests, clients)
+            row[f"{clients}_clients"] = stats
+            row[f"recall_{clients}_clients"] = recall(responses, truth)
+        row["server_rss_gb"] = server.rss_gb()
+        row["server_peak_rss_gb"] = server.peak_rss_gb()
     finally:
         server.stop()
-    return {"rebuild_seconds": timing["seconds"], "p99_before_ms": before["p99_ms"],
-            "p99_during_ms": max(d["p99_ms"] for d in during),
-            "qps_before": before["qps"], "qps_during": statistics.median(d["qps"] for d in during)}
+    return row
+
+
+# -- 4. a rebuild and a compaction under load --------------------------------------------
+
+def under_load(server: Server, requests: list[pb.CheckRequest], work: Callable[[], None]
+               ) -> dict[str, float]:
+    """Check p99 at 8 clients before `work`, and during it while it runs."""
+    before, _ = checks(server, requests[:400], 8)
+    done, timing = threading.Event(), {}
+
+    def run() -> None:
+        started = time.monotonic()
+        try:
+            work()
+        finally:
+            timing["seconds"] = time.monotonic() - started
+            done.set()
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    during = []
+    while not done.is_set():
+        stats, _ = checks(server, requests[:200], 8)
+        during.append(stats)
+    worker.join()
+    return {"seconds": timing["seconds"], "p99_before_ms": before["p99_ms"],
+            "p99_during_ms": max((d["p99_ms"] for d in during), default=float("nan")),
+            "median_p99_during_ms": statistics.median(d["p99_ms"] for d in during)
+            if during else float("nan"),
+            "errors_during": sum(d["errors"] for d in during),
+            "qps_before": before["qps"],
+            "qps_during": statistics.median(d["qps"] for d in during) if during else 0.0}
+
+
+def rebuild_and_compact(data_dir: Path, requests: list[pb.CheckRequest]) -> dict[str, object]:
+    server = Server(data_dir)
+    try:
+        server.first_answer_seconds(requests[0])
+        kind = server.index_info().index_type
+
+        def rebuild() -> None:
+            with server.channel() as channel:
+                for _ in pb_grpc.IndexAdminStub(channel).Rebuild(
+                        pb.RebuildRequest(index_factory=kind)):
+                    pass
+
+        def compact() -> None:
+            with server.channel() as channel:
+                pb_grpc.IndexAdminStub(channel).Compact(pb.CompactRequest())
+
+        return {"index": kind, "live_rebuild": under_load(server, requests, rebuild),
+                "compaction": under_load(server, requests, compact)}
+    finally:
+        server.stop()
+
+
+# -- the run ------------------------------------------------------------------------------
+
+def check_requests(probes: np.ndarray, probe_ids: list[str]) -> list[pb.CheckRequest]:
+    return [pb.CheckRequest(face=pb.Face(embedding=pb.Embedding(values=v.tolist())),
+                            claimed_id_number=c, max_candidates=100)
+            for v, c in zip(probes, probe_ids, strict=True)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--registrations", type=int, default=1_000_000)
-    parser.add_argument("--spectrum", choices=["iso", "uneven"], default="iso")
+    parser.add_argument("--variant", choices=VARIANTS, default="iso",
+                        help="the data variant (see benchmarks/gallery_data.py)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/dedup-scale"))
-    parser.add_argument("--kinds", nargs="+", default=DEFAULT_KINDS,
-                        help="index types, each optionally @nprobe,nprobe,...")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--kinds", nargs="*", default=[],
+                        help="other index types to measure, each optionally @param,param,...")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--probes", type=int, default=1000)
-    parser.add_argument("--skip-rebuild", action="store_true")
+    parser.add_argument("--skip-maintenance", action="store_true",
+                        help="skip the live rebuild and the compaction under load")
+    parser.add_argument("--maintenance-only", action="store_true",
+                        help="only the live rebuild and the compaction under load (on a "
+                             "gallery an earlier run imported)")
     args = parser.parse_args()
 
-    name = f"{args.registrations}-{args.spectrum}"
+    name = f"{args.registrations}-{args.variant}"
     work = args.workdir / name
-    gallery = generate(work / "input", args.registrations, args.spectrum, args.probes)
+    gallery = generate(work / "input", args.registrations, args.variant, args.probes)
     data_dir = work / "data"
     result: dict[str, object] = {"registrations": gallery.registrations,
-                                 "spectrum": args.spectrum}
+                                 "variant": args.variant}
     done_marker = work / "imported"
-    if not done_marker.exists():  # an interrupted import resumes, skipping what is stored
+    if not done_marker.exists():
         result["import"] = import_gallery(data_dir, gallery.files)
-        print("import", json.dumps(result["import"]), flush=True)
+        print("import", json.dumps({k: v for k, v in result["import"].items()  # type: ignore[union-attr]
+                                    if k != "samples"}), flush=True)
         done_marker.touch()
+    files = disk_bytes(data_dir)
+    result["disk"] = {"files": files,
+                      "bytes_per_registration": sum(files.values()) / gallery.registrations}
+    print("disk", json.dumps(result["disk"]), flush=True)
+    requests = check_requests(gallery.probes, gallery.probe_ids)
+    if args.maintenance_only:
+        maintenance = rebuild_and_compact(data_dir, requests)
+        out = RESULTS / f"scale-{name}-maintenance.json"
+        out.write_text(json.dumps(maintenance, indent=2))
+        print(json.dumps(maintenance, indent=1), f"\nwrote {out}")
+        return
     truth = ground_truth(data_dir, gallery.probes)
-    requests = [pb.CheckRequest(face=pb.Face(embedding=pb.Embedding(values=v.tolist())),
-                                claimed_id_number=c, max_candidates=100)
-                for v, c in zip(gallery.probes, gallery.probe_ids, strict=True)]
-    rows = []
+    rows = [serve_and_measure(data_dir, requests, truth, args.clients)]
+    rows[0]["raw_faiss"] = raw_faiss_of_served(data_dir, gallery.probes, rows[0])
+    print(json.dumps(rows[0]), flush=True)
     for spec in args.kinds:
         kind, _, sweep = spec.partition("@")
-        nprobes = [int(n) for n in sweep.split(",")] if sweep else [64]
-        rows += measure_kind(data_dir, kind, nprobes, requests, truth, gallery.probes,
-                             args.clients)
-    result["indexes"] = rows
-    if not args.skip_rebuild:
-        result["live_rebuild"] = live_rebuild(data_dir, requests)
-        print("rebuild", json.dumps(result["live_rebuild"]), flush=True)
+        for parameter in [int(n) for n in sweep.split(",")] if sweep else [None]:
+            rows.append(serve_and_measure(data_dir, requests, truth, args.clients, kind,
+                                          parameter))
+            print(json.dumps(rows[-1]), flush=True)
+    result["serving"] = rows
+    if not args.skip_maintenance:
+        result["maintenance"] = rebuild_and_compact(data_dir, requests)
+        print("maintenance", json.dumps(result["maintenance"]), flush=True)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"scale-{name}.json"
     out.write_text(json.dumps(result, indent=2))
@@ -259,21 +364,39 @@ def main() -> None:
     print(f"\nwrote {out}")
 
 
+def raw_faiss_of_served(data_dir: Path, probes: np.ndarray, row: dict[str, object]
+                        ) -> dict[str, float]:
+    parameters = dict(part.split("=") for part in str(row["search_parameters"]).split(",")
+                      if "=" in part)
+    options = SearchOptions(**{k: int(v) for k, v in parameters.items()
+                               if k in SearchOptions.__dataclass_fields__})
+    return raw_faiss(data_dir, probes, options, max(1, int(row["rerank"])))  # type: ignore[call-overload]
+
+
 def print_table(result: dict[str, object]) -> None:
-    print(f"\n{result['registrations']:,} registrations ({result['spectrum']})")
-    header = (f"{'index':28} {'param':>6} {'build s':>8} {'B/vec':>6} {'recall':>7}"
-              f" {'q/s@1':>7} {'q/s@8':>7} {'q/s@32':>7} {'p50@8':>7} {'p99@8':>7} {'raw q/s':>8}")
-    print(header)
-    for row in result["indexes"]:  # type: ignore[attr-defined]
+    print(f"\n{result['registrations']:,} registrations ({result['variant']})")
+    if "import" in result:
+        imp = result["import"]
+        print(f"import: {imp['per_second']:,.0f} reg/s, peak anon RSS {imp['peak_anon_mib']:,} "  # type: ignore[index]
+              f"MiB, growth after the first third {imp['anon_mib_growth_after_first_third']:,} MiB")  # type: ignore[index]
+    print(f"disk: {result['disk']['bytes_per_registration']:,.0f} B/registration")  # type: ignore[index]
+    print(f"{'index':24} {'param':>6} {'start s':>7} {'recall':>7} {'q/s@1':>7} {'q/s@8':>7} "
+          f"{'p50@8':>6} {'p99@8':>6} {'cpu ms':>6} {'raw ms':>6} {'RSS GB':>6}")
+    for row in result["serving"]:  # type: ignore[attr-defined]
         def get(clients: str, field: str, row: dict = row) -> float:
             return float(row.get(clients, {}).get(field, float("nan")))
 
-        print(f"{row['index']:28} {row['parameter'] or '':>6} {row['build_seconds']:8.1f} "
-              f"{row['bytes_per_vector']:6.0f} {row['duplicate_recall']:7.4f} "
-              f"{get('1_clients', 'qps'):7.1f} {get('8_clients', 'qps'):7.1f} "
-              f"{get('32_clients', 'qps'):7.1f} {get('8_clients', 'p50_ms'):7.1f} "
-              f"{get('8_clients', 'p99_ms'):7.1f} {row['raw_faiss_qps_1_thread']:8.1f}")
+        raw = row.get("raw_faiss", {}).get("cpu_ms_per_query", float("nan"))
+        print(f"{row['index']:24} {row['parameter'] or '':>6} {row['first_answer_s']:7.1f} "
+              f"{row.get('recall_8_clients', float('nan')):7.4f} {get('1_clients', 'qps'):7.1f} "
+              f"{get('8_clients', 'qps'):7.1f} {get('8_clients', 'p50_ms'):6.1f} "
+              f"{get('8_clients', 'p99_ms'):6.1f} "
+              f"{get('8_clients', 'server_cpu_ms_per_check'):6.2f} {raw:6.2f} "
+              f"{row['server_rss_gb']:6.2f}")
+    if "maintenance" in result:
+        print(json.dumps(result["maintenance"], indent=1))
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
     main()

@@ -172,7 +172,7 @@ def test_missing_case_or_purpose_is_refused_and_the_refusal_audited(server, face
 @pytest.mark.embedded_only(reason="fills the LMDB map; Milvus Lite has no size cap to fill "
                                   "(a cluster refuses writes at its quota: the same UNAVAILABLE)")
 def test_a_failed_audit_write_fails_the_call(make_server, faces):
-    server = make_server(initial_map_size=1 * MIB, max_map_size=1 * MIB)
+    server = make_server(initial_map_size=MIB // 4, max_map_size=MIB // 4)
     people = faces.persons(1000)
     with pytest.raises(grpc.RpcError) as full:
         for i, person in enumerate(people):

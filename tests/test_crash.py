@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -81,3 +83,7 @@ def test_kill_during_enrolment_loses_nothing_acknowledged(tmp_path, seed):
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
+    # The vector file agrees with LMDB: every stored registration's slot a unit vector.
+    doctor = subprocess.run([sys.executable, "-m", "dedup", "doctor", str(data_dir)],
+                            capture_output=True, text=True, timeout=120)
+    assert doctor.returncode == 0 and "0 warning(s)" in doctor.stdout, doctor.stdout

@@ -28,7 +28,8 @@ from dedup.face.model_pack import default_pack_dir, model_id_for
 from dedup.gallery.embedded.gallery import EmbeddedGallery
 
 PAGE = 4096
-P_BRANCH, P_LEAF, P_OVERFLOW = 0x01, 0x02, 0x04
+P_BRANCH, P_LEAF = 0x01, 0x02
+HEADER, SLOT = 4096, 2048  # the vector file's header, and a 512-d float32 slot
 GALLERY = 20_000
 KILL_SEEDS = int(os.environ.get("DEDUP_SOAK_SEEDS", "4"))  # benchmarks/soak.py runs 100
 
@@ -164,8 +165,53 @@ def test_damaged_tree_pages_are_refused(data_dir, kind, keep_checkpoint):
 
 
 def test_garbage_embedding_is_refused_when_rebuilding(data_dir):
-    data_file = data_dir / "store" / "data.mdb"
-    overwrite_bodies(data_file, pages_of_kind(data_file, P_OVERFLOW)[100:101], seed=1)
+    overwrite_slot(data_dir / "store" / "vectors.f32", key=101,
+                   data=np.random.default_rng(1).bytes(SLOT))
     (data_dir / "index.ckpt").unlink()  # the index must come from the store
     message = serve_refused(data_dir)
-    assert "is not a unit vector" in message  # never a silent index of garbage
+    # Never a silent index of garbage: the file and the key are named.
+    assert "vectors.f32: the store is damaged" in message
+    assert "key 101 is not a unit vector" in message and "Traceback" not in message
+    doctor = dedup_doctor(data_dir)
+    assert doctor.returncode == 1 and "key 101: its embedding in vectors.f32 is not a unit " \
+        "vector" in doctor.stdout
+
+
+def test_zeroed_embedding_of_a_stored_registration_is_refused(data_dir):
+    """An all-zero slot is an erased registration's: under a stored one it is damage."""
+    overwrite_slot(data_dir / "store" / "vectors.f32", key=7, data=bytes(SLOT))
+    (data_dir / "index.ckpt").unlink()
+    assert "key 7 is not a unit vector" in serve_refused(data_dir)
+
+
+@pytest.mark.parametrize(("damage", "expected"), [
+    ("truncated", "holds 10000 slots but the store has assigned 20000 keys"),
+    ("header", "does not start with a vector file's header"),
+    ("missing", "is missing, but the store has assigned 20000 keys"),
+])
+def test_damaged_vector_file_is_refused_and_reported(data_dir, damage, expected):
+    vector_file = data_dir / "store" / "vectors.f32"
+    if damage == "truncated":
+        with vector_file.open("r+b") as handle:
+            handle.truncate(HEADER + 10_000 * SLOT)
+    elif damage == "header":
+        overwrite_slot(vector_file, key=0, data=np.random.default_rng(2).bytes(HEADER))
+    else:
+        vector_file.unlink()
+    message = serve_refused(data_dir)
+    assert f"{vector_file}: the store is damaged: the vector file {expected}" in message
+    assert "restore it from a backup" in message and "Traceback" not in message
+    doctor = dedup_doctor(data_dir)
+    assert doctor.returncode == 1 and expected in doctor.stdout
+
+
+def overwrite_slot(vector_file: Path, key: int, data: bytes) -> None:
+    """`data` over the slot of `key` (key 0: over the header)."""
+    with vector_file.open("r+b") as handle:
+        handle.seek(0 if key == 0 else HEADER + (key - 1) * SLOT)
+        handle.write(data)
+
+
+def dedup_doctor(data_dir: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dedup", "doctor", str(data_dir)],
+                          capture_output=True, text=True, timeout=300)

@@ -67,16 +67,19 @@ def test_delete_then_compact_leaves_no_byte_of_the_embedding(make_server, faces)
     server.server.gallery.checkpoint()
     victim = stored_bytes(people[7])
     personal = [b"VICTIM-ID-0007", b"+8613900000007"]
-    assert files_holding(server.data_dir, victim) == ["index.ckpt", "store/data.mdb"]
+    assert files_holding(server.data_dir, victim) == ["index.ckpt", "store/vectors.f32"]
+    assert all(files_holding(server.data_dir, text) == ["store/data.mdb"] for text in personal)
 
     receipt = server.stub.Delete(pb.DeleteRequest(registration_id="r7"))
+    # The embedding's slot is zeroed before the reply: only the index checkpoint has it now.
+    assert "store/vectors.f32" not in files_holding(server.data_dir, victim)
     assert list(receipt.registration_ids) == ["r7"] and receipt.deleted == 1
     assert len(receipt.audit_record_hash) == 64
     assert receipt.erased_at.seconds > 0 and receipt.compaction_due.seconds > 0
     assert 0 < receipt.checkpoint_due.ToMicroseconds() - receipt.erased_at.ToMicroseconds() \
         <= 1_000_000
-    # The checkpoint is rewritten by checkpoint_due; the freed store page still holds the bytes.
-    wait_until(lambda: files_holding(server.data_dir, victim) == ["store/data.mdb"])
+    # The checkpoint is rewritten by checkpoint_due; then no file holds the embedding.
+    wait_until(lambda: files_holding(server.data_dir, victim) == [])
     never_returned(server, people[7], "r7")
 
     compacted = pb_grpc.IndexAdminStub(server.channel).Compact(pb.CompactRequest())
@@ -169,12 +172,15 @@ def test_compact_command_offline(stopped_with_erasure):
 
 @pytest.fixture
 def stopped_with_erasure(make_server, faces):
+    """A stopped server's directory after r2 was erased: its embedding is gone already (its
+    slot zeroed, the checkpoint rewritten at shutdown); its ID number is still on a freed
+    LMDB page, the needle returned."""
     server = make_server()
     people = faces.persons(10)
     for i, person in enumerate(people):
-        enroll(server.stub, f"r{i}", f"ID{i}", person)
+        enroll(server.stub, f"r{i}", "VICTIM-ID-0002" if i == 2 else f"ID{i}", person)
     server.stub.Delete(pb.DeleteRequest(registration_id="r2"))
     server.stop()
-    victim = stored_bytes(people[2])
-    assert files_holding(server.data_dir, victim) == ["store/data.mdb"]
-    return server.data_dir, victim
+    assert files_holding(server.data_dir, stored_bytes(people[2])) == []
+    assert files_holding(server.data_dir, b"VICTIM-ID-0002") == ["store/data.mdb"]
+    return server.data_dir, b"VICTIM-ID-0002"

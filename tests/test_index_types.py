@@ -15,9 +15,13 @@ from dedup import FaceGenerator, ServerConfig, StoreConfig
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 from dedup.core.settings import IndexConfig
+from dedup.gallery.embedded.index import AUTO
+from dedup.gallery.embedded.index_plan import kind_for
 
-KINDS = ["BinarySign512", "BinarySign256", "IVF16,Flat", "IVF16,SQ8", "IVF16,PQ16",
-         "OPQ16,IVF16,PQ16"]
+KINDS = ["BinarySign512", "BinarySign256", "BinaryIVF16", "IVF16,Flat", "IVF16,SQ8",
+         "IVF16,PQ16", "OPQ16,IVF16,PQ16"]
+# Every type "auto" can choose, from an empty gallery to a very large one.
+AUTO_KINDS = sorted({kind_for(AUTO, 1000, size) for size in (0, 999, 1000, 10**9)})
 PERSONS = 1200
 PLANTED = 40  # persons also registered under a second ID number
 
@@ -126,6 +130,51 @@ def test_delete_and_reinsert_on_every_type(tmp_path, base, kind):
         info = admin(server).GetIndexInfo(pb.GetIndexInfoRequest())
         assert info.index_type == kind
         assert outcome(server.stub.Check(duplicate_probe)) == outcome(again)
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("kind", AUTO_KINDS)
+def test_auto_types_with_default_parameters_give_exact_verdicts_after_deletes_and_restart(
+        tmp_path, base, kind):
+    """With the defaults a server runs (nprobe, re-rank depth), not widened for the test."""
+    base_dir, checks, _ = base
+    exact = start_with(tmp_path / "exact", base_dir, "Flat")
+    served = start_with(tmp_path / "served", base_dir, kind)
+    try:
+        assert admin(served).GetIndexInfo(pb.GetIndexInfoRequest()).index_type == kind
+        for registration_id in ("dup1", "dup2", "r3", "r41", "r505", "r700"):
+            for server in (exact, served):
+                server.stub.Delete(pb.DeleteRequest(registration_id=registration_id))
+        expected = [exact.stub.Check(check) for check in checks]
+        assert {outcome(e)[0] for e in expected} >= {pb.DUPLICATE_IDENTITY, pb.CLEAR}
+        for round_ in ("live", "after restart"):
+            for check, wanted in zip(checks, expected, strict=True):
+                got = served.stub.Check(check)
+                assert outcome(got) == outcome(wanted), round_
+                assert [m.score for m in got.matches] == pytest.approx(
+                    [m.score for m in wanted.matches], abs=1e-5)
+            served.restart()  # the checkpoint round trip
+            assert admin(served).GetIndexInfo(pb.GetIndexInfoRequest()).index_type == kind
+    finally:
+        exact.stop()
+        served.stop()
+
+
+@pytest.mark.embedded_only(reason=FAISS_ONLY)
+def test_a_damaged_binary_ivf_checkpoint_is_refused_and_rebuilt_at_start(tmp_path, base):
+    base_dir, checks, exact = base
+    server = start_with(tmp_path, base_dir, "BinaryIVF16", nprobe=16)
+    server.stop()
+    checkpoint = server.data_dir / "index.ckpt"
+    damaged = bytearray(checkpoint.read_bytes())
+    damaged[-100] ^= 0xFF
+    checkpoint.write_bytes(bytes(damaged))
+    server = RunningServer(server.config)
+    try:
+        info = admin(server).GetIndexInfo(pb.GetIndexInfoRequest())
+        assert info.index_type == "BinaryIVF16" and info.vectors == PERSONS + PLANTED
+        assert outcome(server.stub.Check(checks[0])) == outcome(exact[0])
     finally:
         server.stop()
 

@@ -252,7 +252,7 @@ def _enrol_until_refused(server, people) -> tuple[int, grpc.RpcError]:
 
 @pytest.mark.embedded_only(reason=FULL)
 def test_map_cap_refuses_writes_keeps_reads(make_server, faces):
-    server = make_server(initial_map_size=1 * MIB, max_map_size=1 * MIB)
+    server = make_server(initial_map_size=MIB // 4, max_map_size=MIB // 4)
     people = faces.persons(1000)
     acknowledged, refusal = _enrol_until_refused(server, people)
     assert refusal.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -284,10 +284,10 @@ def test_insert_many_is_all_or_nothing(tmp_path, faces):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 16 MiB tmpfs the test mounts: a disk that really fills up."""
+    """An 8 MiB tmpfs the test mounts: a disk that really fills up."""
     mount_point = tmp_path / "disk"
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs",
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs",
                               str(mount_point)], capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); "

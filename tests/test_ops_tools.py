@@ -6,14 +6,20 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from conftest import check, enroll
 
+from dedup import FaceGenerator, StoreConfig
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+from dedup.core.records import Registration
+from dedup.face.model_pack import default_pack_dir, model_id_for
+from dedup.gallery.embedded.gallery import EmbeddedGallery
 
 DATA_DIR_TOOLS = ("dedup doctor and dedup backup work on an embedded data directory; a Milvus "
                   "deployment is checked and backed up with Milvus's tools (docs/milvus.md)")
@@ -59,16 +65,31 @@ def test_doctor_beside_a_running_server(server, faces):
 
 @pytest.mark.embedded_only(reason=DATA_DIR_TOOLS)
 def test_doctor_finds_a_damaged_embedding(stopped_dir):
-    data_file = stopped_dir / "store" / "data.mdb"
-    raw = bytearray(data_file.read_bytes())
-    # The first overflow page (flag 0x04) holds one embedding: put garbage after its header.
-    page = next(p for p in range(len(raw) // 4096) if raw[p * 4096 + 10] == 0x04)
-    raw[page * 4096 + 16:(page + 1) * 4096] = b"\x7f" * (4096 - 16)
-    data_file.write_bytes(bytes(raw))
+    with (stopped_dir / "store" / "vectors.f32").open("r+b") as handle:
+        handle.seek(4096 + 2 * 2048)  # the slot of key 3, a stored registration's
+        handle.write(b"\x7f" * 2048)
     result = dedup("doctor", str(stopped_dir))
     assert result.returncode == 1
-    assert findings(result.stdout)["records"] == "problem"
-    assert "not a unit vector" in result.stdout
+    assert findings(result.stdout)["vectors"] == "problem"
+    assert "key 3: its embedding in vectors.f32 is not a unit vector" in result.stdout
+
+
+@pytest.mark.embedded_only(reason=DATA_DIR_TOOLS)
+def test_doctor_finds_an_erased_slot_that_is_not_zeros(make_server, faces):
+    server = make_server()
+    people = faces.persons(10)
+    for i, person in enumerate(people):
+        enroll(server.stub, f"r{i}", f"ID{i}", person)
+    server.stub.Delete(pb.DeleteRequest(registration_id="r4"))
+    server.stop()  # checkpoints: the OP_REMOVE leaves the change log
+    result = dedup("doctor", str(server.data_dir))
+    assert result.returncode == 0 and "9 registrations' embeddings" in result.stdout
+    with (server.data_dir / "store" / "vectors.f32").open("r+b") as handle:
+        handle.seek(4096 + 4 * 2048)  # key 5: r4's
+        handle.write(people[4].astype("float32").tobytes())
+    result = dedup("doctor", str(server.data_dir))
+    assert result.returncode == 1 and findings(result.stdout)["vectors"] == "problem"
+    assert "key 5 is erased but its slot in vectors.f32 is not zeros" in result.stdout
 
 
 @pytest.mark.embedded_only(reason=DATA_DIR_TOOLS)
@@ -149,3 +170,56 @@ def _exists(stub: pb_grpc.FaceDedupStub, registration_id: str) -> bool:
         assert error.code() == grpc.StatusCode.NOT_FOUND
         return False
     return True
+
+
+@pytest.mark.embedded_only(reason=DATA_DIR_TOOLS)
+@pytest.mark.timeout(300)
+def test_backup_while_erasing_holds_every_registration_whole_and_no_erased_one(make_server,
+                                                                             tmp_path):
+    """Erasures from the last registration down while `dedup backup` runs: those committed
+    after the copy's LMDB snapshot, before their slot was copied, are erased in the copy."""
+    people = FaceGenerator(41).persons(40_000)
+    data_dir, dest = tmp_path / "data", tmp_path / "backup"
+    gallery = EmbeddedGallery(StoreConfig(data_dir=data_dir), model_id=model_id_for(
+        default_pack_dir() / "w600k_mbf.onnx"), background=False)
+    for start in range(0, len(people), 10_000):
+        gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i])
+                             for i in range(start, start + 10_000)])
+    gallery.close()
+    server = make_server(data_dir=data_dir)
+    stop, erased = threading.Event(), []
+
+    def erase() -> None:
+        for i in range(len(people) - 1, -1, -1):
+            if stop.is_set():
+                return
+            server.stub.Delete(pb.DeleteRequest(registration_id=f"r{i}"))
+            erased.append(i)
+
+    eraser = threading.Thread(target=erase)
+    eraser.start()
+    while len(erased) < 5:
+        time.sleep(0.01)
+    result = dedup("backup", str(data_dir), str(dest))
+    stop.set()
+    eraser.join()
+    server.stop()
+    assert result.returncode == 0, result.stderr
+    raw = (dest / "store" / "vectors.f32").read_bytes()
+    slots = np.frombuffer(raw, np.float32, offset=4096).reshape(-1, 512)
+    copied = [i for i in range(len(people)) if slots.shape[0] > i and slots[i].any()]
+    assert copied == list(range(len(copied)))  # a prefix, each whole:
+    assert np.array_equal(slots[:len(copied)], people[:len(copied)])
+    assert len(copied) >= len(people) - len(erased)  # nothing erased before the copy began
+    assert "in the copy" in result.stdout, "no erasure landed between the two copies"
+    data = (dest / "store" / "data.mdb").read_bytes()
+    assert b'"r":"r%d"' % (len(copied) - 1) in data and b'"r":"r%d"' % len(copied) not in data
+    checked = dedup("doctor", str(dest))
+    assert checked.returncode == 0 and "0 warning(s)" in checked.stdout, checked.stdout
+    assert f"{len(copied)} registrations" in checked.stdout
+    restored = make_server(data_dir=dest)
+    stats = restored.stub.Stats(pb.StatsRequest())
+    assert stats.registrations == stats.index_vectors == len(copied)
+    top = check(restored.stub, people[len(copied) - 1]).matches[0]
+    assert top.registration.registration_id == f"r{len(copied) - 1}" and top.score > 0.999
+

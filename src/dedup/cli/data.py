@@ -71,9 +71,11 @@ def _register_doctor_and_backup(commands: Subcommands) -> None:
     backup = add_subcommand(commands, "backup", "a consistent copy of a data directory, also "
                             "while a server runs on it", """
         Copies a data directory into DEST, also while a server runs on it: first the index
-        checkpoint, then the store (LMDB's compacting copy in one read transaction), so the
-        checkpoint never covers changes the copy lacks. Prints the registrations, change
-        sequence and sizes copied. To restore, stop the server and serve the copy.
+        checkpoint, then the store (LMDB's compacting copy in one read transaction, then the
+        embeddings' file up to that transaction's last registration), so the checkpoint
+        never covers changes the copy lacks. A registration erased between the two is erased
+        in the copy too. Prints the registrations, change sequence and sizes copied. To
+        restore, stop the server and serve the copy.
         """, ["dedup backup index_data /backups/dedup-2024-06-01"], backup_command)
     backup.add_argument("data_dir", type=Path, metavar="DATA_DIR")
     backup.add_argument("dest", type=Path, metavar="DEST", help="a new or empty directory")
@@ -161,5 +163,8 @@ def backup_command(args: argparse.Namespace) -> int:
           f"from {args.data_dir} to {args.dest} in {report.seconds:.1f} s: store "
           f"{report.store_bytes / 2**20:.1f} MiB, index checkpoint "
           f"{report.checkpoint_bytes / 2**20:.1f} MiB")
+    if report.erased_meanwhile:
+        print(f"erased {report.erased_meanwhile} registration(s) in the copy: they were erased "
+              "while it was taken")
     print(f"restore: stop the server, then serve --data-dir {args.dest} (or move it into place)")
     return 0

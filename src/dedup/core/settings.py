@@ -128,14 +128,17 @@ class StoreConfig:
 class IndexConfig:
     """Which index, how it is searched, and how searches are batched."""
 
-    # "auto", "Flat", "BinarySign512", "BinarySign256" or an IVF-family factory string.
+    # "auto", "Flat", "BinarySign512", "BinarySign256", "BinaryIVF<n>" or an IVF-family
+    # factory string.
     index_factory: str = "auto"
-    # "auto" uses Flat below this many registrations and BinarySign512 from here on.
+    # "auto" uses Flat below this many registrations and BinarySign512 from here on, at every
+    # size: no sub-linear type kept duplicate recall >= 0.995 (gallery/embedded/index.py).
     auto_threshold: int = 200_000
-    # Per-call search parameter of IVF types.
+    # Per-call search parameter of IVF and BinaryIVF types.
     nprobe: int = 64
-    # Candidates an approximate index returns for exact re-ranking. 64 kept duplicate recall
-    # at 1.000 for BinarySign512 on 1,000,000 face-like registrations (benchmarks/scale.py).
+    # Candidates an approximate index returns for exact re-ranking (a check asks for at least
+    # Limits.min_search_k, 64, anyway). BinarySign512 kept duplicate recall at 1.000 from 16
+    # on, on all three 1,000,000-registration variants of benchmarks/ann_binary.py.
     rerank_candidates: int = 64
     # Micro-batching of concurrent checks: at most this many queries per FAISS search,
     # waiting at most this long for a batch to fill, on this many dispatcher threads.

@@ -5,6 +5,12 @@ optionally msisdn, carrier, region), row i with row i. Into a data directory no 
 (one LMDB transaction per batch), or into a running server (EnrollStream). Rows whose
 registration_id is already enrolled are skipped, so an interrupted import is resumed by
 running it again; rows that fail validation or collide are reported, never half-stored.
+
+Offline, the import leaves the index type the gallery wants at its new size ("auto": see
+index_plan.kind_for), so that a server started on the directory serves it at once instead of
+an exact index it would have to rebuild. A type without training is switched to before the
+rows are added (an exact in-memory index of every imported vector would take 2 KB each); one
+that needs training is built at the end, the rows going meanwhile into a BinarySign512.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from dedup.core.records import Registration
 from dedup.core.settings import Limits
 from dedup.core.vectors import MIN_NORM, Vector, unit_vector
 from dedup.gallery.embedded.gallery import EmbeddedGallery
+from dedup.gallery.embedded.index import BINARY_DEFAULT, FLAT, training_size
+from dedup.gallery.embedded.index_plan import kind_for
 
 BATCH = 10_000
 COLUMNS = ("registration_id", "id_number", "msisdn", "carrier", "region")
@@ -38,12 +46,23 @@ class ImportReport:
     imported: int = 0
     already_enrolled: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
+    # Offline: the index type the data directory's checkpoint holds, and the one wanted.
+    index_kind: str = ""
+    wanted_kind: str = ""
+    store_bytes: tuple[int, int] | None = None  # offline: data.mdb before and after compaction
 
     def summary(self) -> str:
         lines = [f"imported {self.imported:,}, already enrolled {self.already_enrolled:,}, "
                  f"rejected {sum(self.rejected.values()):,}"]
         lines += [f"  rejected {count:,} x {reason}" for reason, count in
                   self.rejected.most_common(20)]
+        if self.store_bytes:
+            lines.append(f"store compacted from {self.store_bytes[0]:,} to "
+                         f"{self.store_bytes[1]:,} bytes")
+        if self.index_kind:
+            lines.append(f"index: {self.index_kind}" + (
+                "" if self.index_kind == self.wanted_kind else
+                f" ({self.wanted_kind} needs more registrations to train)"))
         return "\n".join(lines)
 
 
@@ -108,7 +127,9 @@ def unit_rows(block: np.ndarray, dimension: int) -> tuple[np.ndarray, list[str |
 def import_offline(gallery: EmbeddedGallery, files: list[Path], limits: Limits) -> ImportReport:
     report = ImportReport()
     dimension = gallery.config.dimension
-    with tqdm(total=count_rows(files), desc="importing", unit="reg") as progress:
+    total = count_rows(files)
+    _index_before(gallery, gallery.comparable_count() + total)
+    with tqdm(total=total, desc="importing", unit="reg") as progress:
         for npy in files:
             rows = rows_of(npy)
             while chunk := list(itertools.islice(rows, BATCH)):
@@ -126,7 +147,38 @@ def import_offline(gallery: EmbeddedGallery, files: list[Path], limits: Limits) 
                     batch.append((registration, unit))
                 _store_batch(gallery, batch, report)
                 progress.update(len(chunk))
+    report.index_kind, report.wanted_kind = _index_after(gallery), gallery.wanted_kind()
+    if report.imported:
+        # Each batch's transaction rewrites most pages of the lookups; LMDB keeps the freed
+        # ones in the file (about a tenth of the store): a compaction hands them back.
+        report.store_bytes = gallery.compact()
     return report
+
+
+def _index_before(gallery: EmbeddedGallery, expected: int) -> None:
+    """Switches to the index type wanted at `expected` registrations before adding them;
+    for a type that needs training, to a BinarySign512 until the end."""
+    current = gallery.index.kind
+    wanted = kind_for(gallery.configured_kind, gallery.index_config.auto_threshold, expected)
+    if training_size(wanted):
+        wanted = BINARY_DEFAULT if current == FLAT else current
+    if wanted != current:
+        gallery.build_offline(wanted, lambda *_: None)
+
+
+def _index_after(gallery: EmbeddedGallery) -> str:
+    """Builds the wanted index type if the import ends on another and it can be trained;
+    returns the type the gallery now holds."""
+    wanted = gallery.wanted_kind()
+    if wanted != gallery.index.kind and training_size(wanted) <= gallery.comparable_count():
+        with tqdm(desc=f"building the {wanted} index", unit="reg") as bar:
+            def progress(phase: str, done: int, total: int) -> None:
+                bar.total = total
+                bar.n = done
+                bar.refresh()
+
+            gallery.build_offline(wanted, progress)
+    return gallery.index.kind
 
 
 def _validated(message: pb.Registration, limits: Limits) -> Registration:

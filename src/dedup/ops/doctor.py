@@ -43,7 +43,11 @@ def examine(data_dir: Path) -> list[Finding]:
     except StoreError as error:
         return [*findings, Finding("problem", "store", str(error))]
     try:
-        findings += [_records(store), *_index(store, data_dir), _map(store), _disk(store)]
+        if store.legacy_format:
+            findings += [_records(store), _legacy(data_dir), _map(store), _disk(store)]
+        else:
+            findings += [_records(store), _vectors(store), *_index(store, data_dir),
+                         _map(store), _disk(store)]
     finally:
         store.close()
     return findings
@@ -83,9 +87,32 @@ def _records(store: Store) -> Finding:
         problems = store.verify(lambda done: bar.update(done))
     if problems:
         return Finding("problem", "records", "; ".join(problems))
-    return Finding("ok", "records", f"{total} registrations, each with its lookups and a unit "
-                   f"embedding; {store.distinct_id_numbers()} ID numbers; change sequence "
+    return Finding("ok", "records", f"{total} registrations, each with its lookups; "
+                   f"{store.distinct_id_numbers()} ID numbers; change sequence "
                    f"{store.sequence()}")
+
+
+def _vectors(store: Store) -> Finding:
+    with tqdm(total=store.assigned(), desc="checking embeddings", unit="slot",
+              leave=False) as bar:
+        check = store.check_vectors(lambda done: bar.update(done))
+    if check.problems:
+        return Finding("problem", "vectors", "; ".join(check.problems))
+    _, on_disk = store.vector_file_bytes()
+    erased = check.slots - check.stored
+    detail = (f"{store.vector_path.name} ({on_disk / GIB:.2f} GiB on disk): {check.stored} "
+              f"registrations' embeddings, each a unit vector; {erased} erased ones' slots")
+    if check.unzeroed:
+        return Finding("warning", "vectors", detail + f", of them {len(check.unzeroed)} not "
+                       "zeros yet (a Delete under way, or a crash before it zeroed them: the "
+                       "server zeroes them when it next opens the directory)")
+    return Finding("ok", "vectors", detail + ", all zeros")
+
+
+def _legacy(data_dir: Path) -> Finding:
+    return Finding("warning", "vectors", "store format 1: the embeddings are still in LMDB, a "
+                   "4 KB page each; the server moves them into store/vectors.f32 when it "
+                   f"starts, or run `dedup upgrade {data_dir}`; they are checked after that")
 
 
 def _index(store: Store, data_dir: Path) -> list[Finding]:
@@ -128,7 +155,7 @@ def _map(store: Store) -> Finding:
 
 def _disk(store: Store) -> Finding:
     free = shutil.disk_usage(store.path).free
-    file_bytes = store.usage().file_bytes
+    file_bytes = store.usage().file_bytes + store.vector_file_bytes()[1]
     detail = f"{free / GIB:.1f} GiB free beside a {file_bytes / GIB:.2f} GiB store"
     if free < max(GIB, file_bytes // 10):
         return Finding("problem", "disk", detail + ": writes will soon fail")

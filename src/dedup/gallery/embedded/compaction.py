@@ -47,12 +47,11 @@ def compact(store: LmdbEnv) -> tuple[int, int]:
     return before, after
 
 
-def copy_to(store: LmdbEnv, directory: Path) -> None:
-    """LMDB's compacting copy, consistent as of one read transaction, into a new file of
-    mode 0600 (LMDB's own `copy` creates it 0666 less the umask); fsynced."""
+def copy_to(env: lmdb.Environment, txn: lmdb.Transaction, directory: Path) -> None:
+    """LMDB's compacting copy of the store as `txn` sees it, into a new file of mode 0600
+    (LMDB's own `copy` creates it 0666 less the umask); fsynced."""
     with open_private(directory / DATA_FILE, "wb", exclusive=True) as copied:
-        with store.shared() as env:
-            env.copyfd(copied.fileno(), compact=True)
+        env.copyfd(copied.fileno(), compact=True, txn=txn)
         os.fsync(copied.fileno())
 
 

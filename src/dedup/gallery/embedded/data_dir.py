@@ -15,9 +15,10 @@ from typing import IO
 from dedup.core.errors import SharedDataDir, StoreError
 from dedup.core.files import narrow_files, open_private, private_dir, shared_dir_mode
 from dedup.core.settings import StoreConfig
-from dedup.gallery.embedded.layout import LOCK_FILE, store_dir
+from dedup.gallery.embedded.layout import LOCK_FILE, store_dir, store_file
 from dedup.gallery.embedded.store import Store
 from dedup.gallery.embedded.store_check import walk_store
+from dedup.gallery.embedded.store_upgrade import Upgrade, UpgradeProgress
 
 log = logging.getLogger("dedup.store")
 
@@ -63,16 +64,30 @@ def lock_data_dir(data_dir: Path) -> IO[bytes]:
     return handle
 
 
-def open_data_dir(config: StoreConfig) -> tuple[IO[bytes], Store]:
+def open_data_dir(config: StoreConfig, upgrade_progress: UpgradeProgress | None = None
+                  ) -> tuple[IO[bytes], Store]:
     """Checks who may use the data directory, locks it, walks the store's files if
-    `check_on_open`, opens the store."""
+    `check_on_open`, opens the store (upgrading a store of an older format, see Store)."""
     data_dir = Path(config.data_dir)
     check_access(data_dir, config.allow_shared_data_dir)
     lock = lock_data_dir(data_dir)
     try:
         if config.check_on_open:
             walk_store(store_dir(data_dir))
-        return lock, Store(config)
+        return lock, Store(config, upgrade_progress=upgrade_progress)
     except BaseException:
         lock.close()
         raise
+
+
+def upgrade_data_dir(data_dir: Path, progress: UpgradeProgress) -> Upgrade | None:
+    """Upgrades the store in `data_dir` (no other process may hold it) to this version's
+    format, as a server's start would; None if it was in that format already."""
+    if not store_file(data_dir).exists():
+        raise StoreError(f"{data_dir}: no dedup store here")
+    lock, store = open_data_dir(StoreConfig(data_dir=data_dir), progress)
+    try:
+        return store.upgraded
+    finally:
+        store.close()
+        lock.close()

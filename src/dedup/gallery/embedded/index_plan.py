@@ -14,6 +14,15 @@ from dedup.gallery.embedded.store import Store
 log = logging.getLogger("dedup.gallery")
 
 
+def kind_for(configured_kind: str, auto_threshold: int, count: int) -> str:
+    """The index type for a gallery of `count` comparable registrations: the configured
+    one; for "auto", Flat below `auto_threshold` and BinarySign512 from there on (why, with
+    the measurements: see index.py)."""
+    if configured_kind != AUTO:
+        return configured_kind
+    return BINARY_DEFAULT if count >= auto_threshold else FLAT
+
+
 class IndexPlan:
     def __init__(self, store: Store, model_id: str, configured_kind: str,
                  auto_threshold: int) -> None:
@@ -34,9 +43,7 @@ class IndexPlan:
 
     def wanted_kind(self) -> str:
         """The configured index type; for "auto", what fits the gallery's size."""
-        if self.configured_kind != AUTO:
-            return self.configured_kind
-        return BINARY_DEFAULT if self.comparable_count() >= self.auto_threshold else FLAT
+        return kind_for(self.configured_kind, self.auto_threshold, self.comparable_count())
 
     def warn_about_other_models(self) -> None:
         for model, count in self.store.model_counts().items():

@@ -6,6 +6,7 @@ from pathlib import Path
 
 STORE_DIR = "store"  # the LMDB environment
 DATA_FILE = "data.mdb"  # LMDB's data file in it
+VECTOR_FILE = "vectors.f32"  # the embeddings, beside LMDB's files (vector_file.py)
 CHECKPOINT_FILE = "index.ckpt"  # the index checkpoint
 REBUILD_FILE = "index.ckpt.rebuild"  # a live rebuild's index until it is swapped in
 LOCK_FILE = "dedup.lock"  # held by the process that has the directory open for writing
@@ -18,3 +19,8 @@ def store_dir(data_dir: Path) -> Path:
 def store_file(data_dir: Path) -> Path:
     """LMDB's data file: present once a store was created in `data_dir`."""
     return store_dir(data_dir) / DATA_FILE
+
+
+def vector_file(data_dir: Path) -> Path:
+    """The embeddings' file: present once a store of format 2 was created in `data_dir`."""
+    return store_dir(data_dir) / VECTOR_FILE

@@ -40,8 +40,7 @@ class Databases:
     """The named databases of the environment, in the order they are copied."""
 
     meta: Any  # format, dimension, next key, change sequence, counters
-    records: Any  # key -> registration fields (JSON)
-    vectors: Any  # key -> unit embedding (float32 bytes)
+    records: Any  # key -> registration fields (JSON); its embedding is in the vector file
     by_registration_id: Any  # registration_id -> key
     by_id_number: Any  # id_number -> key (sorted duplicates)
     by_msisdn: Any  # msisdn -> key
@@ -138,6 +137,13 @@ class LmdbEnv:
                 return None  # read-only, and nothing was ever written to it
             raise
 
+    def legacy_db(self, name: str) -> Any:
+        """A database this version no longer uses (an older format's), or None if absent."""
+        try:
+            return self._env.open_db(name.encode(), create=False)
+        except lmdb.NotFoundError:
+            return None
+
     def replace_data_file(self, replacement: Path) -> None:
         """Closes the environment, renames `replacement` over its data file (durably) and
         opens it again. Only inside `exclusive()`."""
@@ -169,6 +175,14 @@ class LmdbEnv:
     @contextmanager
     def read_txn(self) -> Iterator[lmdb.Transaction]:
         with self.shared() as env, env.begin(write=False) as txn:
+            yield txn
+
+    @contextmanager
+    def peek(self) -> Iterator[lmdb.Transaction]:
+        """A read transaction of its own, seeing the latest commit, taken without the lock:
+        only inside another transaction of this thread, which holds it already (taking it
+        again could wait forever behind a waiting map growth)."""
+        with self._env.begin(write=False) as txn:
             yield txn
 
     def read(self, work: Callable[[lmdb.Transaction], _T]) -> _T:

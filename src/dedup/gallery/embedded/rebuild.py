@@ -23,13 +23,12 @@ from dedup.core.errors import FailedPrecondition, StoreError
 from dedup.core.settings import StoreConfig
 from dedup.gallery.base import Progress
 from dedup.gallery.embedded.checkpoint import write_checkpoint
-from dedup.gallery.embedded.index import IVFIndex, VectorIndex, new_index, training_size
+from dedup.gallery.embedded.index import TRAINED, VectorIndex, new_index, training_size
 from dedup.gallery.embedded.store import Snapshot, Store
 
 ADD_BATCH = 20_000
 # Training sample: enough points per centroid for k-means, not the whole gallery.
 SAMPLE_PER_CENTROID = 64
-
 
 
 @dataclass(frozen=True)
@@ -42,7 +41,7 @@ def build_from_snapshot(snapshot: Snapshot, kind: str, dimension: int, model_id:
                         only_model: str | None, progress: Progress) -> Built:
     total = snapshot.count(model_id)
     index = new_index(kind, dimension)
-    if isinstance(index, IVFIndex):
+    if isinstance(index, TRAINED):
         needed = training_size(kind)
         if total < needed:
             raise FailedPrecondition(

@@ -1,11 +1,14 @@
 """Searches of the live index with exact scores.
 
 An approximate index's candidates are re-scored from the stored float32 vectors, so
-verdicts never rest on approximate scores. Only the server's model's registrations are
-ever returned.
+verdicts never rest on approximate scores: a search asks the index for
+max(k, rerank_candidates) candidates (k is at least Limits.min_search_k, 64, for a check)
+and re-ranks all of them. Only the server's model's registrations are ever returned.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -22,8 +25,9 @@ class ExactSearch:
     def __init__(self, live: LiveIndex, dimension: int, index_config: IndexConfig,
                  options: SearchOptions) -> None:
         self.live = live
-        self.rerank_candidates = index_config.rerank_candidates
-        self.options = options
+        # The configured re-rank depth travels with the other search parameters.
+        self.options = dataclasses.replace(
+            options, rerank_candidates=index_config.rerank_candidates)
         self._batcher = SearchBatcher(
             self._search_batch,
             dimension=dimension,
@@ -34,7 +38,7 @@ class ExactSearch:
 
     def neighbours(self, vector: Vector, k: int, floor: float) -> list[Scored]:
         """The probe's nearest registrations scoring >= floor, and always the best one."""
-        found = self._batcher.search(vector, max(k, self.rerank_candidates))
+        found = self._batcher.search(vector, max(k, self.options.rerank_candidates))
         keys, scores = found.ids, found.scores
         if not found.exact:
             keys, scores = self._rerank(keys, vector)
@@ -44,14 +48,17 @@ class ExactSearch:
         return [Scored(face.key, face.registration, by_key[face.key]) for face in faces
                 if face.registration.embedding_model == self.live.model_id]
 
-    def neighbours_of_many(self, queries: Matrix, k: int, floor: float
+    def neighbours_of_many(self, queries: Matrix, k: int, floor: float,
+                           options: SearchOptions | None = None
                            ) -> list[list[tuple[int, float]]]:
         """Per query: (key, exact score) of its k nearest scoring >= floor, best first.
 
         One FAISS search for the whole block (batch jobs: cluster finding), not the
-        micro-batcher the per-call searches share.
+        micro-batcher the per-call searches share; `options` (default: the server's) apply
+        to this call only.
         """
-        exact, found = self._search_batch(queries, max(k, self.rerank_candidates))
+        options = options or self.options
+        exact, found = self._search_batch(queries, max(k, options.rerank_candidates), options)
         rows = []
         for query, (keys, scores) in zip(queries, found, strict=True):
             if not exact:
@@ -79,9 +86,10 @@ class ExactSearch:
     def close(self) -> None:
         self._batcher.close()
 
-    def _search_batch(self, queries: Matrix, k: int) -> tuple[bool, list[tuple[Ids, Scores]]]:
+    def _search_batch(self, queries: Matrix, k: int, options: SearchOptions | None = None
+                      ) -> tuple[bool, list[tuple[Ids, Scores]]]:
         index = self.live.index  # one index for the whole batch, even if a rebuild swaps it now
-        return index.exact, index.search(queries, k, self.options)
+        return index.exact, index.search(queries, k, options or self.options)
 
     def _rerank(self, keys: np.ndarray, vector: Vector) -> tuple[np.ndarray, np.ndarray]:
         kept, vectors = self.live.store.vectors(keys)

@@ -1,17 +1,24 @@
-"""The LMDB store: the durable source of truth.
+"""The store: the durable source of truth.
 
-Named databases in one environment (`<data_dir>/store/`), listed in lmdb_env.Databases.
+Named databases in one LMDB environment (`<data_dir>/store/`), listed in lmdb_env.Databases,
+and beside them the vector file with every embedding in a slot of its own (vector_file.py).
 Every change is one transaction committed with sync on, so an acknowledged write is on
-disk. Keys are int64, assigned in increasing order and never reused.
+disk; a new registration's embedding is written and fdatasync'd before the transaction
+that references its slot commits. Keys are int64, assigned in increasing order and never
+reused. An erased registration's slot is zeroed (and fdatasync'd) right after its Delete
+commits, before the call returns.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import lmdb
+import numpy as np
 
 from dedup.core.audit_chain import AuditMaker, RecordMaker
 from dedup.core.errors import StoreError
@@ -21,25 +28,49 @@ from dedup.core.vectors import Vector
 from dedup.gallery.embedded import compaction
 from dedup.gallery.embedded.lmdb_env import StoreUsage
 from dedup.gallery.embedded.store_format import OP_ADD, OP_REMOVE
+from dedup.gallery.embedded.store_open import open_for_writing
 from dedup.gallery.embedded.store_reads import ReadableStore, Snapshot
-from dedup.gallery.embedded.store_tables import Change, TableWriter
+from dedup.gallery.embedded.store_tables import Change, TableReader, TableWriter
+from dedup.gallery.embedded.store_upgrade import Upgrade, UpgradeProgress, logged_progress
+from dedup.gallery.embedded.vector_file import VectorFile
 
-__all__ = ["OP_ADD", "OP_REMOVE", "Change", "Snapshot", "Store", "StoreUsage"]
+__all__ = ["OP_ADD", "OP_REMOVE", "Change", "Snapshot", "Store", "StoreUsage", "Upgrade"]
+
+log = logging.getLogger("dedup.store")
 
 _T = TypeVar("_T")
 
 
 class Store(ReadableStore):
-    """Registrations and their embeddings in LMDB, with secondary lookups and a change log."""
+    """Registrations in LMDB, with secondary lookups and a change log, and their embeddings
+    in the vector file."""
 
-    def __init__(self, config: StoreConfig, readonly: bool = False) -> None:
+    def __init__(self, config: StoreConfig, readonly: bool = False,
+                 upgrade_progress: UpgradeProgress | None = None) -> None:
+        """Opening a store of format 1 for writing upgrades it (store_upgrade.py), reporting
+        to `upgrade_progress` (default: the log); `upgraded` says what it did."""
+        self.upgraded: Upgrade | None = None
+        self._upgrade_progress = upgrade_progress or logged_progress()
+        # Held from a Delete's commit until its slots are zeroed, and while the change log is
+        # truncated: an OP_REMOVE leaves the log only once its slot is zeros.
+        self._erasing = threading.Lock()
         super().__init__(config, readonly)
         if not readonly:
             try:
-                self._write(TableWriter.initialise_meta)
                 self._write(lambda tables: tables.records().key_settlements())
             except lmdb.Error as error:
+                self.close()
                 raise StoreError(f"{self.path}: the store is damaged ({error})") from error
+
+    def _open_slots(self) -> VectorFile:
+        if self.readonly:
+            return super()._open_slots()
+        try:
+            slots, self.upgraded = open_for_writing(self._lmdb, self.vector_path, self.config,
+                                                    self._upgrade_progress)
+        except lmdb.Error as error:
+            raise StoreError(f"{self.path}: the store is damaged ({error})") from error
+        return slots
 
     @classmethod
     def reader(cls, data_dir: Path) -> Store:
@@ -47,13 +78,36 @@ class Store(ReadableStore):
         return cls(StoreConfig(data_dir=data_dir, check_on_open=False), readonly=True)
 
     def _write(self, work: Callable[[TableWriter], _T]) -> _T:
-        """Runs `work` in one write transaction, committed durably."""
-        return self._lmdb.write(lambda txn: work(self._tables(txn, TableWriter)))
+        """Runs `work` in one write transaction, committed durably: the embeddings it adds
+        are written into their slots and fdatasync'd first."""
+        def in_transaction(txn: lmdb.Transaction) -> _T:
+            tables = self._tables(txn, TableWriter)
+            done = work(tables)
+            if tables.new_vectors:
+                self._slots.write([key for key, _ in tables.new_vectors],
+                                  np.vstack([vector for _, vector in tables.new_vectors]))
+                self._slots.sync()
+            return done
+
+        return self._lmdb.write(in_transaction)
 
     def compact(self) -> tuple[int, int]:
-        """Rewrites the store so that no byte of an erased registration is left in it
-        (see compaction.compact); returns the file's size before and after."""
-        return compaction.compact(self._lmdb)
+        """Rewrites LMDB so that no byte of an erased registration is left in it (see
+        compaction.compact), and zeroes any erased registration's slot that is not zeros
+        yet (none should be: a Delete zeroes them); returns data.mdb's size before and after."""
+        sizes = compaction.compact(self._lmdb)
+        erased = self._read(TableReader.erased_keys)
+        zeroed = self._erase_slots(erased.tolist())
+        if zeroed:
+            log.warning("compaction zeroed %d erased registration(s)' slots that held bytes",
+                        zeroed)
+        return sizes
+
+    def _erase_slots(self, keys: list[int]) -> int:
+        zeroed = self._slots.zero(keys)
+        if zeroed:
+            self._slots.sync()
+        return zeroed
 
     # -- registrations ---------------------------------------------------------------
 
@@ -88,11 +142,15 @@ class Store(ReadableStore):
             return deleted, tables.records().append_audit(
                 lambda seq, prev: audit(seq, prev, ids))
 
-        return self._write(delete)
+        with self._erasing:
+            deleted, digest = self._write(delete)
+            self._erase_slots([face.key for face in deleted])
+        return deleted, digest
 
     def truncate_changes(self, through: int) -> int:
         """Drops change-log entries up to and including `through` (a checkpoint covers them)."""
-        return self._write(lambda tables: tables.truncate_changes(through))
+        with self._erasing:
+            return self._write(lambda tables: tables.truncate_changes(through))
 
     # -- the audit trail and adjudications -------------------------------------------
 

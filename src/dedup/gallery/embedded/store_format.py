@@ -1,18 +1,19 @@
-"""The bytes of the store's entries: keys, metadata values, registrations and embeddings."""
+"""The bytes of the store's entries: keys, metadata values and registrations."""
 
 from __future__ import annotations
 
 import json
 import struct
-from pathlib import Path
 
-import numpy as np
-
-from dedup.core.errors import StoreDamaged, StoreError
+from dedup.core.errors import StoreError
 from dedup.core.records import Registration
-from dedup.core.vectors import Matrix
 
-FORMAT = 1  # meta "format": the layout of the databases, checked on opening
+# meta "format": the layout of the store, checked on opening. 2: embeddings in the vector
+# file beside LMDB (vector_file.py); 1: in LMDB's `vectors` database, upgraded at opening
+# (store_upgrade.py).
+FORMAT = 2
+LEGACY_FORMAT = 1
+LEGACY_VECTORS_DB = "vectors"  # format 1's database of embeddings: key -> float32 bytes
 OP_ADD = b"A"  # change-log operations
 OP_REMOVE = b"R"
 
@@ -80,16 +81,3 @@ def decode_registration(raw: bytes) -> Registration:
         embedding_model=fields.get("e", ""),
         enrolled_by=fields.get("b", ""),  # not in records written before it was recorded
     )
-
-
-def checked_vectors(keys: list[int], matrix: Matrix, where: Path) -> Matrix:
-    """Every stored embedding is a finite unit vector; anything else is damage on disk."""
-    with np.errstate(all="ignore"):  # garbage bytes make overflowing or NaN floats
-        norms = np.linalg.norm(matrix.astype(np.float64), axis=1)
-    bad = ~np.isfinite(norms) | (np.abs(norms - 1.0) > 1e-3)
-    if bad.any():
-        key = keys[int(np.argmax(bad))]
-        raise StoreDamaged(f"{where}: the store is damaged: the embedding stored under key {key} "
-                           f"is not a unit vector ({int(bad.sum())} such in this batch); "
-                           "restore it from a backup (run `dedup doctor` for a full check)")
-    return matrix

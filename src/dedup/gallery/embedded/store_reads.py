@@ -1,4 +1,4 @@
-"""The read side of the LMDB store: lookups, vectors, the change log, the audit trail and
+"""The read side of the store: lookups, vectors, the change log, the audit trail and
 adjudications, consistent snapshots, verification and copies (Store adds the writes)."""
 
 from __future__ import annotations
@@ -16,27 +16,46 @@ import numpy.typing as npt
 from dedup.core.records import DeleteKey, Registration, StoredFace
 from dedup.core.settings import StoreConfig
 from dedup.core.vectors import Matrix
-from dedup.gallery.embedded import compaction
-from dedup.gallery.embedded.layout import store_dir
+from dedup.gallery.embedded.layout import store_dir, vector_file
 from dedup.gallery.embedded.lmdb_env import LmdbEnv, StoreUsage
-from dedup.gallery.embedded.store_tables import Change, TableReader, TableWriter, vector_batches
-from dedup.gallery.embedded.store_verify import verify
+from dedup.gallery.embedded.store_copy import StoreCopy, copy_store
+from dedup.gallery.embedded.store_open import open_for_reading
+from dedup.gallery.embedded.store_tables import (
+    Change,
+    TableReader,
+    TableWriter,
+    present,
+    vector_batches,
+)
+from dedup.gallery.embedded.store_verify import VectorCheck, check_vectors, verify
+from dedup.gallery.embedded.stored_vectors import stored_rows
+from dedup.gallery.embedded.vector_file import VectorFile
 
 _T = TypeVar("_T")
 _Tables = TypeVar("_Tables", TableReader, TableWriter)
 
 
 class ReadableStore:
-    """Reads the store in `<data_dir>/store/`, each call in its own read transaction."""
+    """Reads the store in `<data_dir>/store/`, each call in its own read transaction; the
+    embeddings from the vector file beside LMDB."""
 
     def __init__(self, config: StoreConfig, readonly: bool) -> None:
         self.config = config
         self.readonly = readonly
         self.path = store_dir(config.data_dir)
+        self.vector_path = vector_file(config.data_dir)
         self._lmdb = LmdbEnv(self.path, config, readonly)
+        try:
+            self._slots = self._open_slots()
+        except BaseException:
+            self._lmdb.close()
+            raise
+
+    def _open_slots(self) -> VectorFile:
+        return open_for_reading(self._lmdb, self.vector_path, self.config.dimension)
 
     def _tables(self, txn: lmdb.Transaction, kind: type[_Tables]) -> _Tables:
-        return kind(txn, self._lmdb.dbs, self.path, self.config.dimension)
+        return kind(txn, self._lmdb.dbs, self.path, self._slots, self._lmdb.peek)
 
     def _read(self, work: Callable[[TableReader], _T]) -> _T:
         return self._lmdb.read(lambda txn: work(self._tables(txn, TableReader)))
@@ -44,21 +63,39 @@ class ReadableStore:
     # -- the store as a whole --------------------------------------------------------
 
     def verify(self, progress: Callable[[int], object] = lambda done: None) -> list[str]:
-        """Reads every record and vector in one snapshot; returns what is inconsistent."""
+        """Reads every record and its lookups in one snapshot; returns what is inconsistent."""
         return self._read(lambda tables: verify(tables, progress))
+
+    def check_vectors(self, progress: Callable[[int], object] = lambda done: None
+                      ) -> VectorCheck:
+        """Reads every slot of the vector file up to the last key assigned: each stored
+        registration's a unit vector, each erased one's zeros (see store_verify)."""
+        return self._read(lambda tables: check_vectors(tables, progress))
+
+    @property
+    def legacy_format(self) -> bool:
+        """True for a store of format 1 opened read-only: its embeddings are still in LMDB,
+        and cannot be read until it is upgraded."""
+        return not self._slots.available
 
     def erased_since(self) -> float | None:
         """When the first erasure not yet compacted away was made (Unix time), if any."""
         return self._read(TableReader.erased_since)
 
-    def copy_to(self, directory: Path) -> None:
-        """LMDB's compacting copy, consistent as of one read transaction; fsynced."""
-        compaction.copy_to(self._lmdb, directory)
+    def copy_to(self, directory: Path) -> StoreCopy:
+        """LMDB's compacting copy and the vector file's slots, consistent as of one read
+        transaction, into `directory`; fsynced (see store_copy)."""
+        return copy_store(self._lmdb, self._slots, directory)
 
     def usage(self) -> StoreUsage:
         return self._lmdb.usage()
 
+    def vector_file_bytes(self) -> tuple[int, int]:
+        """The vector file's size, and the bytes it takes on disk (it is sparse)."""
+        return self._slots.disk_bytes()
+
     def close(self) -> None:
+        self._slots.close()
         self._lmdb.close()
 
     @contextmanager
@@ -76,7 +113,7 @@ class ReadableStore:
     def get(self, registration_id: str) -> Registration | None:
         def get(tables: TableReader) -> Registration | None:
             keys = tables.keys_for(DeleteKey.REGISTRATION_ID, registration_id)
-            face = tables.load(keys[0], with_vector=False) if keys else None
+            face = tables.load(keys[0]) if keys else None
             return face.registration if face else None
 
         return self._read(get)
@@ -113,10 +150,13 @@ class ReadableStore:
     # -- vectors and the change log --------------------------------------------------
 
     def vectors(self, keys: Iterable[int] | npt.NDArray[np.int64]) -> tuple[list[int], Matrix]:
-        """The stored vectors of those `keys` that still exist (the re-ranking hot path)."""
-        raw = np.fromiter(keys, dtype=np.int64).astype(">u8").tobytes()
-        packed = [raw[i:i + 8] for i in range(0, len(raw), 8)]
-        return self._read(lambda tables: tables.vectors(packed))
+        """The stored vectors of those `keys` that still exist (the re-ranking hot path: an
+        index into the vector file's map; LMDB is read only for a slot that is not a unit
+        vector)."""
+        return stored_rows(self._slots, np.fromiter(keys, dtype=np.int64), self._still_stored)
+
+    def _still_stored(self, keys: list[int]) -> set[int]:
+        return self._lmdb.read(lambda txn: present(txn, self._lmdb.dbs, keys))
 
     def iter_vectors(self, batch: int = 10_000, only_model: str | None = None, after: int = 0
                      ) -> Iterator[tuple[list[int], Matrix]]:
@@ -129,6 +169,10 @@ class ReadableStore:
                 TableReader.vector_batch, after=after, batch=batch, only_model=only_model))
 
         return vector_batches(read_batch, after)
+
+    def assigned(self) -> int:
+        """The last key assigned (erased registrations' included)."""
+        return self._read(lambda tables: tables.meta(b"next_key")) - 1
 
     def sequence(self) -> int:
         return self._read(lambda tables: tables.meta(b"sequence"))

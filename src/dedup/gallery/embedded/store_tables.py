@@ -1,28 +1,29 @@
 """Registrations in the store's databases, inside one transaction: a registration's entries,
-its lookups, the counters in meta and the change log."""
+its lookups, the counters in meta and the change log; its embedding in the vector file."""
 
 from __future__ import annotations
 
+import itertools
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import numpy as np
 
-from dedup.core.errors import StoreDamaged, StoreError, msisdn_taken, registration_id_taken
+from dedup.core.errors import StoreError, msisdn_taken, registration_id_taken
 from dedup.core.records import DeleteKey, Registration, StoredFace
 from dedup.core.vectors import Matrix, Vector
 from dedup.gallery.embedded.lmdb_env import Databases, entries_with_prefix
 from dedup.gallery.embedded.store_format import (
     ERASED_SINCE,
-    FORMAT,
     MODEL_PREFIX,
     OP_ADD,
     OP_REMOVE,
-    checked_vectors,
     decode_registration,
     encode_registration,
     from_u64,
@@ -30,8 +31,12 @@ from dedup.gallery.embedded.store_format import (
     u64,
 )
 from dedup.gallery.embedded.store_records import RecordTables
+from dedup.gallery.embedded.stored_vectors import stored_rows
+from dedup.gallery.embedded.vector_file import Keys, VectorFile
 
 VectorBatch = tuple[int, list[int], Matrix]  # (last key read, keys, their vectors)
+# A read transaction of its own, seeing the latest commit (LmdbEnv.peek).
+Peek = Callable[[], AbstractContextManager[lmdb.Transaction]]
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,11 @@ class Change:
     sequence: int
     op: bytes
     key: int
+
+
+def present(txn: lmdb.Transaction, dbs: Databases, keys: list[int]) -> set[int]:
+    """Those of `keys` that have a record in `txn`."""
+    return {key for key in keys if txn.get(u64(key), db=dbs.records) is not None}
 
 
 def vector_batches(read_batch: Callable[[int], VectorBatch], after: int = 0
@@ -56,12 +66,14 @@ def vector_batches(read_batch: Callable[[int], VectorBatch], after: int = 0
 class TableReader:
     """Reads registrations in one transaction."""
 
-    def __init__(self, txn: lmdb.Transaction, dbs: Databases, where: Path, dimension: int
-                 ) -> None:
+    def __init__(self, txn: lmdb.Transaction, dbs: Databases, where: Path, slots: VectorFile,
+                 peek: Peek) -> None:
         self.txn = txn
         self.dbs = dbs
         self.where = where  # the store's directory, for messages
-        self.dimension = dimension
+        self.slots = slots
+        self.dimension = slots.dimension
+        self._peek = peek
 
     def records(self) -> RecordTables:
         """The audit trail and adjudications, in the same transaction."""
@@ -99,24 +111,44 @@ class TableReader:
         packed = self.txn.get(raw, db=db)
         return [] if packed is None else [from_u64(packed)]
 
-    def load(self, key: int, with_vector: bool) -> StoredFace | None:
-        packed = u64(key)
-        raw = self.txn.get(packed, db=self.dbs.records)
-        if raw is None:
-            return None
-        vector = None
-        if with_vector:
-            raw_vector = self.txn.get(packed, db=self.dbs.vectors)
-            if raw_vector is None:
-                raise StoreDamaged(f"{self.where}: the store is damaged: registration key {key} "
-                                   "has no vector")
-            vector = np.frombuffer(raw_vector, dtype=np.float32)
-        return StoredFace(key, decode_registration(bytes(raw)), vector)
+    def load(self, key: int) -> StoredFace | None:
+        """The registration under `key`, without its embedding."""
+        raw = self.txn.get(u64(key), db=self.dbs.records)
+        return None if raw is None else StoredFace(key, decode_registration(bytes(raw)), None)
 
     def faces(self, keys: Iterable[int], with_vectors: bool) -> list[StoredFace]:
-        """The stored faces for `keys`, in order; keys not stored are left out."""
-        loaded = (self.load(int(key), with_vectors) for key in keys)
-        return [face for face in loaded if face is not None]
+        """The stored faces for `keys`, in order; keys not stored are left out (with
+        `with_vectors`, also those whose slot a Delete committed since has zeroed)."""
+        loaded = [face for face in (self.load(int(key)) for key in keys) if face is not None]
+        if not with_vectors or not loaded:
+            return loaded
+        found, matrix = self.stored_vectors([face.key for face in loaded])
+        vectors = dict(zip(found, matrix, strict=True))
+        return [StoredFace(face.key, face.registration, vectors[face.key]) for face in loaded
+                if face.key in vectors]
+
+    def stored_vectors(self, keys: list[int]) -> tuple[list[int], Matrix]:
+        """The embeddings of those `keys` that are stored now (see stored_vectors.py)."""
+        return stored_rows(self.slots, np.asarray(keys, np.int64), self.still_stored)
+
+    def still_stored(self, keys: list[int]) -> set[int]:
+        """Those of `keys` whose record is stored as of the latest commit, which this
+        transaction may predate."""
+        with self._peek() as current:
+            return present(current, self.dbs, keys)
+
+    def record_keys(self) -> Keys:
+        """Every stored registration's key, in increasing order."""
+        keys = self.txn.cursor(db=self.dbs.records).iternext(keys=True, values=False)
+        chunks = [np.frombuffer(b"".join(chunk), dtype=">u8").astype(np.int64)
+                  for chunk in iter(lambda: list(itertools.islice(keys, 1 << 20)), [])]
+        return np.concatenate(chunks) if chunks else np.empty(0, np.int64)
+
+    def erased_keys(self) -> Keys:
+        """Every key assigned that has no record (its registration was erased)."""
+        assigned = self.meta(b"next_key") - 1
+        return np.setdiff1d(np.arange(1, assigned + 1, dtype=np.int64), self.record_keys(),
+                            assume_unique=True)
 
     def changes_after(self, sequence: int) -> list[Change]:
         cursor = self.txn.cursor(db=self.dbs.changes)
@@ -127,61 +159,36 @@ class TableReader:
                     Change(from_u64(raw_sequence), bytes(value[:1]), from_u64(value[1:])))
         return found
 
-    def vectors(self, packed_keys: list[bytes]) -> tuple[list[int], Matrix]:
-        # One C-level multi-get and one buffer: a third of the time of a get per key.
-        pairs = self.txn.cursor(db=self.dbs.vectors).getmulti(packed_keys)
-        if not pairs:
-            return [], np.empty((0, self.dimension), np.float32)
-        found = np.frombuffer(b"".join(k for k, _ in pairs), dtype=">u8").astype(np.int64)
-        matrix = np.frombuffer(b"".join(v for _, v in pairs), dtype=np.float32)
-        keys = found.tolist()
-        return keys, checked_vectors(keys, matrix.reshape(len(pairs), self.dimension), self.where)
-
     def vector_batch(self, after: int, batch: int, only_model: str | None) -> VectorBatch:
         """Up to `batch` vectors in key order from key `after` + 1 (of `only_model`'s, if
         given), with the last key read."""
-        cursor = self.txn.cursor(db=self.dbs.vectors)
-        keys, rows = [], []
+        cursor = self.txn.cursor(db=self.dbs.records)
+        keys = []
         last = after
         if cursor.set_range(u64(after + 1)):
-            for raw_key, raw_vector in cursor:
+            for raw_key, raw in cursor:
                 last = from_u64(raw_key)
-                if only_model is not None and self._model_of(last) != only_model:
+                if only_model is not None and \
+                        decode_registration(bytes(raw)).embedding_model != only_model:
                     continue
                 keys.append(last)
-                rows.append(np.frombuffer(raw_vector, dtype=np.float32))
                 if len(keys) == batch:
                     break
-        if not rows:
-            return last, keys, np.empty((0, self.dimension), np.float32)
-        return last, keys, checked_vectors(keys, np.vstack(rows), self.where)
-
-    def _model_of(self, key: int) -> str:
-        face = self.load(key, with_vector=False)
-        return face.registration.embedding_model if face else ""
+        return (last, *self.stored_vectors(keys))
 
 
 class TableWriter(TableReader):
-    """Writes registrations in one write transaction; every change is logged."""
+    """Writes registrations in one write transaction; every change is logged. The embeddings
+    of new registrations wait in `new_vectors` for the store to write them into their slots
+    before the transaction commits."""
 
-    def initialise_meta(self) -> None:
-        """Writes a new store's metadata, or checks an existing store's format and dimension."""
-        meta = self.dbs.meta
-        stored_format = self.txn.get(b"format", db=meta)
-        if stored_format is None:
-            self.txn.put(b"format", u64(FORMAT), db=meta)
-            self.txn.put(b"dimension", u64(self.dimension), db=meta)
-            self.txn.put(b"next_key", u64(1), db=meta)
-            self.txn.put(b"sequence", u64(0), db=meta)
-            self.txn.put(b"distinct_id_numbers", u64(0), db=meta)
-            return
-        if from_u64(stored_format) != FORMAT:
-            raise StoreError(
-                f"{self.where}: store format {from_u64(stored_format)}, this dedup reads {FORMAT}")
-        dimension = self.meta(b"dimension")
-        if dimension != self.dimension:
-            raise StoreError(f"{self.where}: holds {dimension}-d embeddings, server configured "
-                             f"for {self.dimension}")
+    def __init__(self, txn: lmdb.Transaction, dbs: Databases, where: Path, slots: VectorFile,
+                 peek: Peek) -> None:
+        super().__init__(txn, dbs, where, slots, peek)
+        self.new_vectors: list[tuple[int, Vector]] = []
+
+    def still_stored(self, keys: list[int]) -> set[int]:
+        return present(self.txn, self.dbs, keys)  # this transaction is the latest
 
     def insert(self, registration: Registration, vector: Vector) -> StoredFace:
         self.ensure_unique(registration)
@@ -202,8 +209,8 @@ class TableWriter(TableReader):
         if txn.get(id_number, db=dbs.by_id_number) is None:
             self._bump(b"distinct_id_numbers", +1)
         self._bump(model_key(stored.embedding_model), +1)
-        txn.put(packed, encode_registration(stored), db=dbs.records)
-        txn.put(packed, np.ascontiguousarray(vector, np.float32).tobytes(), db=dbs.vectors)
+        self._append(packed, encode_registration(stored), dbs.records)
+        self.new_vectors.append((key, vector))
         txn.put(stored.registration_id.encode(), packed, db=dbs.by_registration_id)
         txn.put(id_number, packed, db=dbs.by_id_number)
         if stored.msisdn:
@@ -215,7 +222,7 @@ class TableWriter(TableReader):
         """Deletes every registration under one key; returns them."""
         deleted = []
         for key in self.keys_for(by, value):
-            face = self.load(key, with_vector=False)
+            face = self.load(key)
             if face is not None:
                 self._delete_one(face)
                 deleted.append(face)
@@ -228,8 +235,7 @@ class TableWriter(TableReader):
         packed, dbs, txn = u64(face.key), self.dbs, self.txn
         registration = face.registration
         id_number = registration.id_number.encode()
-        txn.delete(packed, db=dbs.records)
-        txn.delete(packed, db=dbs.vectors)
+        txn.delete(packed, db=dbs.records)  # the store zeroes its slot after the commit
         txn.delete(registration.registration_id.encode(), db=dbs.by_registration_id)
         txn.delete(id_number, packed, db=dbs.by_id_number)
         if txn.get(id_number, db=dbs.by_id_number) is None:
@@ -257,4 +263,11 @@ class TableWriter(TableReader):
     def _log_change(self, op: bytes, key: int) -> None:
         sequence = self.meta(b"sequence") + 1
         self.txn.put(b"sequence", u64(sequence), db=self.dbs.meta)
-        self.txn.put(u64(sequence), op + u64(key), db=self.dbs.changes)
+        self._append(u64(sequence), op + u64(key), self.dbs.changes)
+
+    def _append(self, key: bytes, value: bytes, db: Any) -> None:
+        """Puts an entry whose key is above every other in `db` (keys and sequences only
+        grow): appended, pages fill up instead of splitting in half."""
+        if not self.txn.put(key, value, db=db, append=True):
+            raise StoreError(f"{self.where}: the store is damaged: entry {key.hex()} is not "
+                             "above the last one")

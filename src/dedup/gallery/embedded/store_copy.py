@@ -1,0 +1,80 @@
+"""A consistent copy of the store (`dedup backup`): LMDB's compacting copy and the vector
+file's slots, both as of one read transaction.
+
+LMDB is copied from the transaction itself; the slots are read from the live file after it,
+up to that transaction's last key assigned (later enrolments are not in the copy). A Delete
+committed meanwhile may have zeroed a slot (or be zeroing it) whose record the copy holds:
+that registration is returned in `erased_meanwhile`, for the caller to erase in the copy
+too; a slot that is not a unit vector while its record is still stored is damage. A slot that
+is not a unit vector is never copied, so no erased registration's bytes are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import lmdb
+import numpy as np
+
+from dedup.gallery.embedded import compaction
+from dedup.gallery.embedded.layout import VECTOR_FILE
+from dedup.gallery.embedded.lmdb_env import LmdbEnv
+from dedup.gallery.embedded.store_format import decode_registration, from_u64, u64
+from dedup.gallery.embedded.store_tables import present
+from dedup.gallery.embedded.stored_vectors import not_a_unit_vector, unit_rows
+from dedup.gallery.embedded.vector_file import VectorFile, damaged
+
+_SLOTS_AT_ONCE = 16_384
+
+
+@dataclass(frozen=True)
+class StoreCopy:
+    assigned: int  # the last key assigned in the copy
+    erased_meanwhile: list[str]  # registration_ids: erased after the copy's transaction
+
+
+def copy_store(store: LmdbEnv, slots: VectorFile, directory: Path) -> StoreCopy:
+    """Copies the store into `directory` (LMDB's file, then the vector file); fsynced."""
+    with store.shared() as env, env.begin(write=False) as txn:
+        compaction.copy_to(env, txn, directory)
+        if not slots.available:  # format 1: the embeddings are in LMDB, copied with it
+            return StoreCopy(0, [])
+        assigned = from_u64(txn.get(b"next_key", db=store.dbs.meta)) - 1
+        suspects = _copy_slots(slots, directory / VECTOR_FILE, assigned)
+        return StoreCopy(assigned, _erased_meanwhile(store, txn, suspects, slots.path))
+
+
+def _copy_slots(slots: VectorFile, target_path: Path, assigned: int) -> list[int]:
+    """Copies the unit vectors among the slots of keys 1..`assigned`; the other keys."""
+    target = VectorFile.open(target_path, slots.dimension, 0, writable=True)
+    suspects: list[int] = []
+    try:
+        for first in range(1, assigned + 1, _SLOTS_AT_ONCE):
+            count = min(_SLOTS_AT_ONCE, assigned + 1 - first)
+            block = np.array(slots.block(first, count))  # a copy: a Delete may zero a slot
+            if len(block) < count:
+                raise damaged(slots.path, f"holds no slot for key {first + len(block)}")
+            keys = np.arange(first, first + count, dtype=np.int64)
+            good = unit_rows(block)
+            target.write(keys[good].tolist(), block[good])
+            suspects += keys[~good].tolist()
+        target.reserve(assigned)
+        target.sync()
+    finally:
+        target.close()
+    return suspects
+
+
+def _erased_meanwhile(store: LmdbEnv, txn: lmdb.Transaction, suspects: list[int],
+                      path: Path) -> list[str]:
+    """The registration_ids of the copy's records among `suspects`: erased since `txn`."""
+    in_copy = sorted(present(txn, store.dbs, suspects))
+    if not in_copy:
+        return []
+    with store.peek() as current:
+        still = sorted(present(current, store.dbs, in_copy))
+    if still:
+        raise not_a_unit_vector(path, still)
+    return [decode_registration(bytes(txn.get(u64(key), db=store.dbs.records, default=b"")))
+            .registration_id for key in in_copy]

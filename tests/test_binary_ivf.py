@@ -1,0 +1,154 @@
+"""The BinaryIVF index type on real FAISS: training, per-call nprobe from concurrent threads,
+deletions, and checkpoints that round-trip or are refused when damaged or mismatched."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from dedup import FaceGenerator
+from dedup.core.errors import CheckpointError, FailedPrecondition, InvalidArgument
+from dedup.gallery.embedded.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
+from dedup.gallery.embedded.index import (
+    BinaryIVFIndex,
+    SearchOptions,
+    load_index,
+    new_index,
+    training_size,
+    validate_kind,
+)
+
+NLIST = 16
+SIZE = 2000
+
+
+@pytest.fixture(scope="module")
+def vectors() -> np.ndarray:
+    return FaceGenerator(5).persons(SIZE)
+
+
+@pytest.fixture
+def index(vectors) -> BinaryIVFIndex:
+    built = new_index(f"BinaryIVF{NLIST}", 512)
+    assert isinstance(built, BinaryIVFIndex)
+    built.train(vectors[: training_size(built.kind)])
+    built.add(np.arange(SIZE, dtype=np.int64) * 10 + 3, vectors)  # ids are not positions
+    return built
+
+
+def ids_of(index, queries, k=5, nprobe=NLIST) -> list[list[int]]:
+    return [ids.tolist() for ids, _ in index.search(queries, k, SearchOptions(nprobe=nprobe))]
+
+
+def test_names_and_training_size():
+    assert validate_kind("BinaryIVF4096") == "BinaryIVF4096"
+    assert training_size("BinaryIVF4096") == 39 * 4096
+    for bad in ("BinaryIVF", "BinaryIVF0", "BinaryIVF-4", "BinaryIVF12x"):
+        with pytest.raises(InvalidArgument, match="not a supported index type"):
+            validate_kind(bad)
+    with pytest.raises(InvalidArgument, match="at most 1,048,576 lists"):
+        validate_kind("BinaryIVF2000000")
+
+
+def test_training_needs_enough_vectors(vectors):
+    index = new_index("BinaryIVF64", 512)
+    assert isinstance(index, BinaryIVFIndex)
+    with pytest.raises(FailedPrecondition, match="needs at least 2,496 training vectors"):
+        index.train(vectors[:100])
+
+
+def test_every_list_searched_finds_each_vector_first_with_its_own_id(index, vectors):
+    assert len(index) == SIZE and not index.exact
+    found = ids_of(index, vectors[:200], k=1)
+    assert found == [[i * 10 + 3] for i in range(200)]
+
+
+def test_nprobe_is_per_call_and_concurrent_searches_keep_their_own(index, vectors):
+    queries = FaceGenerator(6).persons(64)
+    narrow, wide = ids_of(index, queries, 20, nprobe=1), ids_of(index, queries, 20)
+    assert narrow != wide  # one list holds about 1/16 of the gallery
+    results: dict[tuple[int, int], list[list[int]]] = {}
+    errors: list[BaseException] = []
+
+    def search(worker: int, nprobe: int) -> None:
+        try:
+            for round_ in range(20):
+                results[(worker, round_)] = ids_of(index, queries, 20, nprobe)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=search, args=(w, 1 if w % 2 else NLIST))
+               for w in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for (worker, _), got in results.items():
+        assert got == (narrow if worker % 2 else wide)
+
+
+def test_removed_ids_are_never_returned(index, vectors):
+    gone = np.array([3, 13, 23, 99999], np.int64)  # the last was never added
+    assert index.remove(gone) == 3
+    assert len(index) == SIZE - 3
+    found = ids_of(index, vectors[:10], k=3)
+    assert all(not set(row) & {3, 13, 23} for row in found)
+    assert found[3][0] == 33
+    assert index.remove(np.array([3], np.int64)) == 0
+
+
+def test_checkpoint_round_trip_keeps_lists_ids_and_deletions(tmp_path, index, vectors):
+    index.remove(np.array([43], np.int64))
+    path = tmp_path / "index.ckpt"
+    write_checkpoint(path, index.snapshot(sequence=7, model_id="m"))
+    loaded, sequence = load_index(path, 512, "m")
+    assert sequence == 7 and isinstance(loaded, BinaryIVFIndex)
+    assert loaded.kind == f"BinaryIVF{NLIST}" and len(loaded) == SIZE - 1
+    queries = FaceGenerator(8).persons(50)
+    for nprobe in (1, 4, NLIST):
+        assert ids_of(loaded, queries, 10, nprobe) == ids_of(index, queries, 10, nprobe)
+    assert read_checkpoint(path).kind == f"BinaryIVF{NLIST}"
+
+
+def rewritten(path, **changes) -> None:
+    """The checkpoint at `path` written again (valid checksum) with some fields changed."""
+    old = read_checkpoint(path)
+    fields = {"sequence": old.sequence, "vectors": old.vectors, "model_id": old.model_id,
+              "payload": old.payload, "kind": old.kind, **changes}
+    write_checkpoint(path, Checkpoint(**fields))
+
+
+def test_damaged_and_mismatched_checkpoints_are_refused(tmp_path, index):
+    path = tmp_path / "index.ckpt"
+    write_checkpoint(path, index.snapshot(sequence=1, model_id="m"))
+    good = path.read_bytes()
+
+    damaged = bytearray(good)
+    damaged[len(good) // 2] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        load_index(path, 512, "m")
+
+    cases = [
+        ({"payload": memoryview(good)[200:len(good) // 2]}, "FAISS cannot read the index"),
+        ({"kind": "BinaryIVF32"}, "not a BinaryIVF32 index"),
+        ({"kind": "BinarySign512"}, "not a BinarySign512 index"),
+        ({"kind": "Flat"}, "FAISS cannot read the index"),
+        ({"vectors": SIZE + 1}, f"holds {SIZE} vectors, its header says {SIZE + 1}"),
+        ({"model_id": "other"}, "model 'other'"),
+    ]
+    for changes, message in cases:
+        path.write_bytes(good)
+        rewritten(path, **changes)
+        with pytest.raises(CheckpointError, match=message):
+            load_index(path, 512, "m")
+
+    flat_sign = new_index("BinarySign512", 512)
+    flat_sign.add(np.arange(3, dtype=np.int64), FaceGenerator(9).persons(3))
+    write_checkpoint(path, flat_sign.snapshot(sequence=1, model_id="m"))
+    rewritten(path, kind=f"BinaryIVF{NLIST}")
+    with pytest.raises(CheckpointError, match=f"not a BinaryIVF{NLIST} index"):
+        load_index(path, 512, "m")
