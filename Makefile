@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint protos serve wheel clean
+.PHONY: demo test lint protos serve wheel clean console-screenshots
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/python scripts/gen_protos.py --check
+
+# docs/screenshots/*.png: the console's pages, from a run of its browser tests.
+console-screenshots: $(STAMP)
+	DEDUP_CONSOLE_SCREENSHOTS=docs/screenshots $(BIN)/python -m pytest -q -p no:cacheprovider \
+		tests/test_console.py
 
 wheel: $(STAMP)
 	rm -rf dist

@@ -21,7 +21,7 @@ from dedup.core.adjudication import Adjudication
 from dedup.core.audit_chain import Caller
 from dedup.core.errors import InvalidArgument, NotFound
 from dedup.core.policy import Scored
-from dedup.core.records import CaptureQuality
+from dedup.core.records import Probe
 from dedup.core.settings import Limits, ServerConfig
 from dedup.core.vectors import Vector
 from dedup.service.audit import AuditTrail, embedding_digest
@@ -143,20 +143,23 @@ class InvestigateServicer(pb_grpc.InvestigateServicer):
                               carrier=search_filter.carrier, region=search_filter.region,
                               enrolled_from_us=search_filter.enrolled_from_us,
                               enrolled_until_us=search_filter.enrolled_until_us)
-            vector, exclude, quality = self._probe(request, context, read.query)
+            vector, exclude, probe = self._probe(request, context, read.query)
             found = widening_search(
                 self.gallery, vector, floor, k,
                 lambda s: s.key != exclude and search_filter.admits(s.registration))
             digest = read.answered([s.registration.registration_id for s in found])
         response = pb.SearchResponse(matches=[_match(s) for s in found], audit_record_hash=digest)
-        if quality is not None:
-            response.quality.CopyFrom(convert.quality_to_proto(quality))
+        if probe is not None and probe.quality is not None:
+            response.quality.CopyFrom(convert.quality_to_proto(probe.quality))
+        if probe is not None and probe.detected is not None:
+            response.detected_face.CopyFrom(convert.detected_to_proto(probe.detected))
         return response
 
     def _probe(self, request: pb.SearchRequest, context: grpc.ServicerContext,
-               query: dict[str, Any]) -> tuple[Vector, int | None, CaptureQuality | None]:
-        """The probe vector, the key to leave out and a photo's quality; how the probe
-        appears in the trail goes into `query` (before a lookup that may end NOT_FOUND)."""
+               query: dict[str, Any]) -> tuple[Vector, int | None, Probe | None]:
+        """The probe vector, the key to leave out and a photo's probe (its detected face and
+        quality); how the probe appears in the trail goes into `query` (before a lookup that
+        may end NOT_FOUND)."""
         which = request.WhichOneof("probe")
         if which == "registration_id":
             registration_id = validation.text(request.registration_id, "registration_id",
@@ -171,7 +174,7 @@ class InvestigateServicer(pb_grpc.InvestigateServicer):
         face = convert.face_input(request.face, True, "face", self.dimension)
         probe = self.service.probe(face, "face", timeout=seconds_left(context))
         query["embedding_sha256"] = embedding_digest(probe.vector.tobytes())
-        return probe.vector, None, probe.quality
+        return probe.vector, None, probe
 
     # -- Links -----------------------------------------------------------------------
 

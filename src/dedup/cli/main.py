@@ -8,7 +8,19 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
-from dedup.cli import accuracy, audit, client, data, investigate, keys, milvus, quality, serve
+from dedup.cli import (
+    accuracy,
+    audit,
+    client,
+    console,
+    data,
+    investigate,
+    keys,
+    milvus,
+    quality,
+    serve,
+    upgrade,
+)
 from dedup.cli.subcommand import Command, Subcommands
 from dedup.core.errors import DedupError
 from dedup.core.logs import configure_logging
@@ -17,7 +29,8 @@ DESCRIPTION = "The `dedup` command: run the server, talk to a running one, or ru
 # Each group's register() adds its subcommands, in the order `dedup --help` lists them.
 COMMAND_GROUPS: tuple[Callable[[Subcommands], None], ...] = (
     serve.register, client.register, data.register, keys.register, audit.register,
-    investigate.register, accuracy.register, quality.register, milvus.register)
+    upgrade.register,
+    investigate.register, console.register, accuracy.register, quality.register, milvus.register)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

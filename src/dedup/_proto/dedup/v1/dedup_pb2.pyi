@@ -1158,6 +1158,7 @@ class SearchResponse(_message.Message):
     MATCHES_FIELD_NUMBER: _builtins.int
     AUDIT_RECORD_HASH_FIELD_NUMBER: _builtins.int
     QUALITY_FIELD_NUMBER: _builtins.int
+    DETECTED_FACE_FIELD_NUMBER: _builtins.int
     audit_record_hash: _builtins.str
     @_builtins.property
     def matches(self) -> _containers.RepeatedCompositeFieldContainer[Global___Match]: ...
@@ -1165,16 +1166,21 @@ class SearchResponse(_message.Message):
     def quality(self) -> Global___Quality:
         """The probe image's quality, when the probe was Face.image."""
 
+    @_builtins.property
+    def detected_face(self) -> Global___DetectedFace:
+        """The face used, when the probe was Face.image."""
+
     def __init__(
         self,
         *,
         matches: _abc.Iterable[Global___Match] | None = ...,
         audit_record_hash: _builtins.str = ...,
         quality: Global___Quality | None = ...,
+        detected_face: Global___DetectedFace | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["quality", b"quality"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["detected_face", b"detected_face", "quality", b"quality"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_record_hash", b"audit_record_hash", "matches", b"matches", "quality", b"quality"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_record_hash", b"audit_record_hash", "detected_face", b"detected_face", "matches", b"matches", "quality", b"quality"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
