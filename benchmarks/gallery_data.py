@@ -88,6 +88,19 @@ def generate(out: Path, registrations: int, kind: str = "iso", probes: int = 100
              seed: int = 7) -> EmbeddedGallery:
     """Writes the gallery in chunks (skipped when already there) and returns it."""
     out.mkdir(parents=True, exist_ok=True)
+    summary = out / f"{kind}-{registrations}-{probes}-{seed}.npz"
+    if summary.exists():  # written before: regenerating 10M rows takes minutes
+        saved = np.load(summary)
+        return EmbeddedGallery(sorted(out.glob(f"{kind}-*.npy")), saved["probes"],
+                               saved["probe_ids"].tolist(), int(saved["registrations"]))
+    gallery = _generate(out, registrations, kind, probes, seed)
+    np.savez(summary, probes=gallery.probes, probe_ids=np.array(gallery.probe_ids),
+             registrations=gallery.registrations)
+    return gallery
+
+
+def _generate(out: Path, registrations: int, kind: str, probes: int, seed: int
+              ) -> EmbeddedGallery:
     rng = np.random.default_rng(seed)
     scale = spectrum(kind, rng)
     rotation = None if kind != "uneven" else np.linalg.qr(

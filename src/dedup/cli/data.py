@@ -50,8 +50,8 @@ def register(commands: Subcommands) -> None:
     compact = add_client_subcommand(commands, "compact", "rewrite the store compacted, so "
                                     "erased registrations leave no bytes behind", """
         Rewrites the LMDB store compacted, so that the bytes of erased registrations are no
-        longer in any file: on a server (IndexAdmin.Compact; calls wait for the seconds it
-        takes), or with --data-dir on a data directory no server holds. Prints the store's
+        longer in any file: on a server (IndexAdmin.Compact; reads go on, writes pause for its
+        last step), or with --data-dir on a data directory no server holds. Prints the store's
         size before and after.
         """, ["dedup compact", "dedup compact --data-dir index_data"], compact_command)
     add_offline_arguments(compact)

@@ -112,8 +112,8 @@ class StoreConfig:
     # about 0.5 s per million registrations when cached, 4 s from disk.
     check_on_open: bool = True
     # Erased registrations' bytes stay on freed LMDB pages until a compaction rewrites the
-    # file; the server compacts at most this long after an erasure (calls wait meanwhile:
-    # about 0.5 s per GiB of store).
+    # file; the server compacts at most this long after an erasure (reads go on; writes
+    # pause only while the copy is caught up and swapped in).
     compact_delay_s: float = 3600.0
     # The index checkpoint is rewritten without erased registrations at most this long after
     # an erasure (one rewrite covers every erasure meanwhile: a checkpoint per Delete would

@@ -185,7 +185,8 @@ class EmbeddedGallery:
         return self._compaction.due()
 
     def compact(self) -> tuple[int, int]:
-        """Rewrites the store compacted (calls wait); see Store.compact."""
+        """Rewrites the store compacted (reads go on; writes pause for the last step); see
+        compaction.compact."""
         return self._compaction.compact()
 
     # -- reads -----------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -86,6 +87,12 @@ class LmdbEnv:
         # Every transaction runs under `reading`; growing the map takes `writing`, since
         # LMDB allows a resize only while this process has no transaction open.
         self._resize = ReadWriteLock()
+        # Held by every write transaction, and by a compaction while it catches its copy up
+        # and swaps it in: writes pause then, reads go on.
+        self._writes = threading.Lock()
+        # While a compaction copies the store: the change-log sequence its snapshot holds,
+        # below which the log must not be truncated (the copy is caught up from it).
+        self.compacting_from: int | None = None
         self._env = self._open_environment()
         self.dbs = self._open_dbs()
 
@@ -167,6 +174,12 @@ class LmdbEnv:
             raise self.damaged(error) from error
 
     @contextmanager
+    def writes_paused(self) -> Iterator[None]:
+        """No write transaction of this process begins meanwhile; reads go on."""
+        with self._writes:
+            yield
+
+    @contextmanager
     def exclusive(self) -> Iterator[lmdb.Environment]:
         """The environment while no transaction of this process is open or can begin."""
         with self._resize.writing():
@@ -193,7 +206,8 @@ class LmdbEnv:
         """Runs `work` in one write transaction, committed durably; grows a full map."""
         while True:
             try:
-                with self._resize.reading(), self._env.begin(write=True) as txn:
+                with self._writes, self._resize.reading(), \
+                        self._env.begin(write=True) as txn:
                     return work(txn)
             except lmdb.MapFullError:
                 self._grow_map()

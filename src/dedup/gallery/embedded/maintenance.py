@@ -34,7 +34,7 @@ class CompactionSchedule:
         return None if since is None else since + self.delay_s
 
     def compact(self) -> tuple[int, int]:
-        """Rewrites the store compacted (calls wait); see Store.compact."""
+        """Rewrites the store compacted (reads go on); see compaction.compact."""
         with self._running:
             return self.store.compact()
 

@@ -149,6 +149,9 @@ class Store(ReadableStore):
 
     def truncate_changes(self, through: int) -> int:
         """Drops change-log entries up to and including `through` (a checkpoint covers them)."""
+        floor = self._lmdb.compacting_from
+        if floor is not None:  # a compaction catches its copy up from the log after `floor`
+            through = min(through, floor)
         with self._erasing:
             return self._write(lambda tables: tables.truncate_changes(through))
 

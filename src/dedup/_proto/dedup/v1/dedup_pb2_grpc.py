@@ -384,7 +384,8 @@ class IndexAdminServicer:
 
     def Compact(self, request, context):
         """Rewrites the LMDB store compacted, so that the bytes of erased registrations are no
-        longer in any file; calls wait for the few seconds it takes.
+        longer in any file; reads go on meanwhile, writes pause for its last step (the
+        changes made during the copy applied to it, and the swap).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

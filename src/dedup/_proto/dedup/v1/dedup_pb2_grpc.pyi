@@ -160,7 +160,8 @@ class IndexAdminStub:
     """Writes the index checkpoint now."""
     Compact: _grpc.UnaryUnaryMultiCallable[_dedup_pb2.CompactRequest, _dedup_pb2.CompactResponse]
     """Rewrites the LMDB store compacted, so that the bytes of erased registrations are no
-    longer in any file; calls wait for the few seconds it takes.
+    longer in any file; reads go on meanwhile, writes pause for its last step (the
+    changes made during the copy applied to it, and the swap).
     """
 
 @_typing.type_check_only
@@ -178,7 +179,8 @@ class IndexAdminAsyncStub(IndexAdminStub):
     """Writes the index checkpoint now."""
     Compact: _aio.UnaryUnaryMultiCallable[_dedup_pb2.CompactRequest, _dedup_pb2.CompactResponse]  # type: ignore[assignment]
     """Rewrites the LMDB store compacted, so that the bytes of erased registrations are no
-    longer in any file; calls wait for the few seconds it takes.
+    longer in any file; reads go on meanwhile, writes pause for its last step (the
+    changes made during the copy applied to it, and the swap).
     """
 
 class IndexAdminServicer(metaclass=_abc_1.ABCMeta):
@@ -217,7 +219,8 @@ class IndexAdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_dedup_pb2.CompactResponse, _abc.Awaitable[_dedup_pb2.CompactResponse]]:
         """Rewrites the LMDB store compacted, so that the bytes of erased registrations are no
-        longer in any file; calls wait for the few seconds it takes.
+        longer in any file; reads go on meanwhile, writes pause for its last step (the
+        changes made during the copy applied to it, and the swap).
         """
 
 def add_IndexAdminServicer_to_server(servicer: IndexAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,79 @@
+"""Compaction never stops reads, and writes only for its last step: registrations enrolled,
+checked and erased while it copies the store are all in the compacted store as they should
+be, and the bytes of one erased meanwhile are gone after the next compaction."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from dedup.core.records import DeleteKey, Registration
+from dedup.core.settings import IndexConfig, StoreConfig
+from dedup.core.vectors import normalize_rows
+from dedup.gallery.embedded.gallery import EmbeddedGallery
+from dedup.ops.doctor import examine
+
+GALLERY = 40_000  # enough for the copy to take a while
+
+
+def registration(n: int, prefix: str = "r") -> Registration:
+    return Registration(registration_id=f"{prefix}{n}", id_number=f"ID-{prefix}{n}",
+                        msisdn=f"+86139{n:08d}" if prefix == "live" else "")
+
+
+def open_gallery(data_dir) -> EmbeddedGallery:
+    return EmbeddedGallery(StoreConfig(data_dir=data_dir), "test-model",
+                           IndexConfig("BinarySign512"), background=False)
+
+
+def fill(gallery: EmbeddedGallery, rng: np.random.Generator) -> None:
+    for start in range(0, GALLERY, 10_000):
+        vectors = normalize_rows(rng.standard_normal((10_000, 512), dtype=np.float32))
+        gallery.insert_many([(registration(start + i), vectors[i]) for i in range(10_000)])
+
+
+def test_reads_and_writes_go_on_while_the_store_is_copied(tmp_path):
+    rng = np.random.default_rng(5)
+    gallery = open_gallery(tmp_path / "data")
+    fill(gallery, rng)
+    gallery.delete(DeleteKey.REGISTRATION_ID, "r7")  # makes the compaction due
+    lmdb_env = gallery.store._lmdb
+    compaction = threading.Thread(target=gallery.compact)
+    during: dict[str, list[str]] = {"enrolled": [], "erased": [], "checked": []}
+    compaction.start()
+    n = 0
+    while compaction.is_alive():
+        if lmdb_env.compacting_from is None:
+            continue
+        vector = normalize_rows(rng.standard_normal((1, 512), dtype=np.float32))[0]
+        gallery.insert(registration(n, "live"), vector)
+        found = gallery.neighbours(vector, 5, 0.9)
+        erased = gallery.delete(DeleteKey.REGISTRATION_ID, f"r{1000 + n}").registrations
+        if lmdb_env.compacting_from is not None:  # all three ran while the copy was made
+            during["enrolled"].append(f"live{n}")
+            during["checked"].append(found[0].registration.registration_id)
+            during["erased"].extend(r.registration_id for r in erased)
+        n += 1
+    compaction.join()
+    assert during["enrolled"], "no call completed while the compaction copied the store"
+    assert during["checked"] == during["enrolled"]  # each found as its own best match
+    for registration_id in during["enrolled"]:
+        assert gallery.is_enrolled(registration_id)
+    for registration_id in during["erased"] + ["r7"]:
+        assert not gallery.is_enrolled(registration_id)
+    assert gallery.stats().registrations == GALLERY - 1  # each round enrolled one, erased one
+    # Erasures made during the copy left freed pages in it: compaction is due again.
+    assert gallery.compaction_due() is not None
+    gallery.close(checkpoint=True)
+
+    gallery = open_gallery(tmp_path / "data")
+    gallery.compact()
+    assert gallery.compaction_due() is None
+    gallery.close(checkpoint=True)
+    problems = [f for f in examine(tmp_path / "data") if f.level == "problem"]
+    assert not problems, problems
+    erased_id = during["erased"][0].encode()
+    for path in (tmp_path / "data").rglob("*"):
+        if path.is_file():
+            assert erased_id + b'"' not in path.read_bytes(), path
