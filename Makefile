@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   - builds .venv, installs dedup, runs the server on index_data/ with a demo
 #   make test   - the same set-up, then the test suite
+#   make test-milvus - every test on a real Milvus server (make test runs some of them)
 # The generated gRPC code (src/dedup/_proto/) is checked in; `make protos` regenerates it
 # after a change to protos/, and `make lint` fails if it is stale.
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint protos serve wheel clean console-screenshots
+.PHONY: demo test test-milvus lint protos serve wheel clean console-screenshots
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,11 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Every test on a real Milvus server (2.3.5 from the `milvus` package; `make test` runs a
+# subset of them, see docs/milvus.md).
+test-milvus: $(STAMP)
+	DEDUP_MILVUS_SERVER=all $(BIN)/python -m pytest -q -m milvus_server
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts

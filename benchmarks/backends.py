@@ -1,18 +1,30 @@
-"""The two backends side by side in one run, on the same data, over gRPC.
+"""The backends side by side on the same data, over gRPC: embedded, Milvus Lite, and a real
+Milvus server.
 
-For each backend (embedded LMDB + FAISS Flat; Milvus, by default Milvus Lite from a local
-file with its FLAT index) a server is started on an empty gallery, then:
-  - enrol: --registrations face-like registrations through EnrollStream (no check), and
-    --checked new persons by Enroll with check_first, one client: registrations/s;
-  - check: --probes Check calls (a fresh capture of an enrolled person, claiming its ID),
-    with 1 and with --clients clients: q/s, p50, p99;
-  - duplicate recall: 5% of persons are registered again under a second ID number; of the
-    registrations each duplicate probe truly matches (exact cosine >= the match threshold,
-    computed here with numpy), the share its Check lists.
-Prints a table and writes benchmarks/results/backends-N.json.
+Configurations (--backends, --index-types, --nodes), each on an empty gallery, every dedup
+node a `dedup serve` process:
+  - embedded: LMDB + FAISS Flat in the node;
+  - lite INDEX: Milvus Lite in the node's process (a local .db), one node;
+  - server INDEX, N nodes: a Milvus 2.3.5 standalone server (the `milvus` package, started
+    here by tests/milvus_server.py with Milvus's own settings unless --milvus-setting says
+    otherwise; or --milvus-uri), with one dedup node or two on it.
+INDEX is FLAT (exact), or IVF_FLAT, IVF_SQ8, HNSW, whose candidates the backend re-scores
+exactly from the stored embeddings (so verdicts never rest on approximate scores).
+Measured for each:
+  - enrol/s through EnrollStream (--registrations, one stream per node at once), then a
+    flush and Milvus's index build; enrol/s by Enroll with check_first (--checked new
+    persons, one client per node);
+  - Check q/s, p50, p99 with 1 and --clients clients (spread over the nodes), probes a fresh
+    capture of an enrolled person claiming its ID, half of them persons registered twice;
+  - duplicate recall: of the registrations each duplicate probe truly matches (exact cosine
+    >= the match threshold, numpy), the share its Check lists;
+  - Milvus calls per enrolment (stream, check_first) and per Check: the nodes'
+    dedup_milvus_calls gauges before and after.
+Prints a table; writes benchmarks/results/backends-N.json.
 
-    .venv/bin/python benchmarks/backends.py --registrations 20000
-    .venv/bin/python benchmarks/backends.py --milvus-uri http://milvus:19530   # a cluster
+    .venv/bin/python benchmarks/backends.py --registrations 100000
+    .venv/bin/python benchmarks/backends.py --registrations 1000000 --backends server \\
+        --nodes 1 2 --milvus-setting proxy.timeTickInterval=20
 """
 
 from __future__ import annotations
@@ -22,27 +34,240 @@ import json
 import platform
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import numpy as np
 
-from dedup import FaceGenerator, Policy, ServerConfig, StoreConfig, create_server
+from dedup import FaceGenerator, Policy
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
-from dedup.core.settings import MilvusConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import grpc_checks
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from harness import run_threads
+from milvus_server import MilvusServer
+from processes import ServerProcess
 
 RESULTS = Path(__file__).parent / "results"
 MATCH = Policy().match_threshold
 
 
+def index_options(index: str, registrations: int) -> list[str]:
+    """`dedup serve` options for a Milvus index type, sized for the gallery."""
+    nlist = int(min(4096, max(64, 4 * registrations ** 0.5)))
+    build, search = {"FLAT": ({}, {}),
+                     "IVF_FLAT": ({"nlist": nlist}, {"nprobe": max(16, nlist // 16)}),
+                     "IVF_SQ8": ({"nlist": nlist}, {"nprobe": max(16, nlist // 16)}),
+                     "HNSW": ({"M": 16, "efConstruction": 200}, {"ef": 128})}[index]
+    return ["--milvus-index-type", index, "--milvus-index-params", json.dumps(build),
+            "--milvus-search-params", json.dumps(search)]
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One configuration: its name, each node's `dedup serve` options, Milvus's URI."""
+
+    name: str
+    node_options: list[list[str]]
+    milvus_uri: str = ""
+
+
+def setups(args: argparse.Namespace, work: Path, server_uri: str) -> Iterator[Setup]:
+    if "embedded" in args.backends:
+        yield Setup("embedded (LMDB + FAISS Flat)", [[]])
+    for index in args.index_types:
+        options = index_options(index, args.registrations)
+        if "lite" in args.backends:
+            lite = str(work / f"lite-{index}.db")
+            yield Setup(f"Milvus Lite, {index}", [["--backend", "milvus", "--milvus-uri",
+                                                  lite, *options]])
+        if "server" in args.backends:
+            for count in args.nodes:
+                prefix = ["--backend", "milvus", "--milvus-uri", server_uri,
+                          "--milvus-prefix", f"bench_{index.lower()}_{count}", *options]
+                yield Setup(f"Milvus 2.3.5 server, {index}, {count} node(s)",
+                            [prefix] * count, server_uri)
+
+
+@contextmanager
+def started_nodes(setup: Setup, work: Path) -> Iterator[list[ServerProcess]]:
+    nodes = []
+    try:
+        for n, options in enumerate(setup.node_options):
+            nodes.append(ServerProcess(work / f"node-{abs(hash(setup.name))}-{n}", *options,
+                                       "--metrics-address", "127.0.0.1:0"))
+        yield nodes
+    finally:
+        for node in nodes:
+            node.process.terminate()
+            node.wait(120)
+
+
+def metrics_port(node: ServerProcess) -> int:
+    import re
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for line in list(node.lines):
+            if found := re.search(r"metrics on http://[^:]+:(\d+)/metrics", line):
+                return int(found.group(1))
+        time.sleep(0.05)
+    raise SystemExit("a node did not report its metrics port")
+
+
+def milvus_calls(ports: list[int]) -> float:
+    """The nodes' dedup_milvus_calls gauges, summed (0 for the embedded backend)."""
+    total = 0.0
+    for port in ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as page:
+            for line in page.read().decode().splitlines():
+                if line.startswith("dedup_milvus_calls "):
+                    total += float(line.split()[1])
+    return total
+
+
 def face(vector: np.ndarray) -> pb.Face:
     return pb.Face(embedding=pb.Embedding(values=vector.tolist()))
+
+
+def enrol_streams(stubs: list[pb_grpc.FaceDedupStub], registrations: list[pb.Registration],
+                  vectors: np.ndarray) -> float:
+    """One EnrollStream per node at once, the registrations split among them: per second."""
+    failures: list[str] = []
+
+    def stream(part: int) -> None:
+        requests = (pb.EnrollRequest(registration=registrations[i], face=face(vectors[i]))
+                    for i in range(part, len(registrations), len(stubs)))
+        failures.extend(str(r.error) for r in stubs[part].EnrollStream(requests)
+                        if r.HasField("error"))
+
+    threads = [threading.Thread(target=stream, args=(n,)) for n in range(len(stubs))]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise SystemExit(f"enrolment failed: {failures[0]}")
+    return len(registrations) / (time.perf_counter() - started)
+
+
+def enrol_checked(ports: list[int], vectors: np.ndarray) -> float:
+    """Enroll with check_first, one client per node: per second."""
+    def worker() -> Callable[[int], pb.EnrollResponse]:
+        stubs = [pb_grpc.FaceDedupStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+                 for port in ports]
+        return lambda n: stubs[n % len(stubs)].Enroll(pb.EnrollRequest(
+            registration=pb.Registration(registration_id=f"new{n}", id_number=f"NEW{n}"),
+            face=face(vectors[n]), check_first=True), timeout=120)
+
+    stats, results = run_threads(len(vectors), len(ports), worker)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        raise SystemExit(f"check_first enrolment failed: {failed[0]}")
+    return stats["qps"]
+
+
+def checks(ports: list[int], requests: list[pb.CheckRequest], clients: int
+           ) -> tuple[dict[str, float], list[object]]:
+    """Check calls from `clients` threads, client i on node i mod nodes."""
+    turn = iter(range(clients))
+    lock = threading.Lock()
+
+    def worker() -> Callable[[int], pb.CheckResponse]:
+        with lock:
+            port = ports[next(turn) % len(ports)]
+        stub = pb_grpc.FaceDedupStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        stub.Stats(pb.StatsRequest(), timeout=120)  # connected before the clock starts
+        return lambda n: stub.Check(requests[n], timeout=120)
+
+    stats, answers = run_threads(len(requests), clients, worker)
+    return stats, list(answers)
+
+
+def settle(port: int, setup: Setup, prefix: str | None) -> None:
+    """Flushes (IndexAdmin.Checkpoint), then on a Milvus server waits until its index covers
+    every row, as it would a while after a bulk enrolment."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        pb_grpc.IndexAdminStub(channel).Checkpoint(pb.CheckpointRequest(), timeout=3600)
+    if not setup.milvus_uri or prefix is None:
+        return
+    from pymilvus import MilvusClient
+
+    client = MilvusClient(uri=setup.milvus_uri)
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < 3600:
+            index = client.describe_index(f"{prefix}_registrations", "embedding")
+            # Milvus builds no index for a segment under 1,024 rows (it is searched by brute
+            # force), so indexed_rows can stay below total_rows: nothing pending is enough.
+            if index.get("pending_index_rows", 0) == 0:
+                print(f"  index built: {index.get('indexed_rows', 0):,} of "
+                      f"{index.get('total_rows', 0):,} rows indexed, waited "
+                      f"{time.monotonic() - started:.0f} s", flush=True)
+                return
+            time.sleep(1)
+    finally:
+        client.close()
+
+
+def prefix_of(setup: Setup) -> str | None:
+    options = setup.node_options[0]
+    return options[options.index("--milvus-prefix") + 1] if "--milvus-prefix" in options \
+        else None
+
+
+@dataclass(frozen=True)
+class Workload:
+    registrations: list[pb.Registration]
+    vectors: np.ndarray
+    fresh: np.ndarray  # new persons for check_first enrolments
+    requests: list[pb.CheckRequest]
+    truth: list[set[str]]
+    duplicate_probes: list[int]
+
+
+def measure(setup: Setup, work: Path, load: Workload, clients: int) -> dict[str, float]:
+    with started_nodes(setup, work) as nodes:
+        ports, scraped = [n.port for n in nodes], [metrics_port(n) for n in nodes]
+        stubs = [pb_grpc.FaceDedupStub(grpc.insecure_channel(f"127.0.0.1:{p}")) for p in ports]
+        row: dict[str, float] = {}
+        before = milvus_calls(scraped)
+        row["enrol_stream_per_s"] = enrol_streams(stubs, load.registrations, load.vectors)
+        row["milvus_calls_per_stream_enrolment"] = \
+            (milvus_calls(scraped) - before) / len(load.registrations)
+        settle(ports[0], setup, prefix_of(setup))
+        before = milvus_calls(scraped)
+        row["enrol_check_first_per_s"] = enrol_checked(ports, load.fresh)
+        row["milvus_calls_per_checked_enrolment"] = \
+            (milvus_calls(scraped) - before) / len(load.fresh)
+        settle(ports[0], setup, prefix_of(setup))
+        before = milvus_calls(scraped)
+        for count in (1, clients):
+            stats, answers = checks(ports, load.requests, count)
+            row |= {f"check_{count}c_{key}": value for key, value in stats.items()}
+        row["milvus_calls_per_check"] = \
+            (milvus_calls(scraped) - before) / (2 * len(load.requests))
+        row["duplicate_recall"] = recall(answers, load.truth, load.duplicate_probes)
+        return row
+
+
+def recall(answers: list[object], truth: list[set[str]], which: list[int]) -> float:
+    expected = found = 0
+    for n in which:
+        answer = answers[n]
+        listed = {m.registration.registration_id for m in answer.matches
+                  if m.score >= MATCH} if isinstance(answer, pb.CheckResponse) else set()
+        expected += len(truth[n])
+        found += len(truth[n] & listed)
+    return found / max(1, expected)
 
 
 def population(count: int, seed: int) -> tuple[list[pb.Registration], np.ndarray, np.ndarray]:
@@ -58,77 +283,8 @@ def population(count: int, seed: int) -> tuple[list[pb.Registration], np.ndarray
     return registrations, vectors.astype(np.float32), person_of
 
 
-def enrol_stream(stub: pb_grpc.FaceDedupStub, registrations: list[pb.Registration],
-                 vectors: np.ndarray) -> float:
-    def requests() -> Iterator[pb.EnrollRequest]:
-        for registration, vector in zip(registrations, vectors, strict=True):
-            yield pb.EnrollRequest(registration=registration, face=face(vector))
-
-    started = time.perf_counter()
-    failed = [r for r in stub.EnrollStream(requests()) if r.HasField("error")]
-    elapsed = time.perf_counter() - started
-    if failed:
-        raise SystemExit(f"enrolment failed: {failed[0].error}")
-    return len(registrations) / elapsed
-
-
-def enrol_checked(stub: pb_grpc.FaceDedupStub, vectors: np.ndarray) -> float:
-    started = time.perf_counter()
-    for i, vector in enumerate(vectors):
-        stub.Enroll(pb.EnrollRequest(registration=pb.Registration(
-            registration_id=f"new{i}", id_number=f"NEW{i}"), face=face(vector),
-            check_first=True))
-    return len(vectors) / (time.perf_counter() - started)
-
-
-def measure(config: ServerConfig, data: tuple, probes: np.ndarray, claimed: list[str],
-            truth: list[set[str]], duplicate_probes: list[int], args: argparse.Namespace
-            ) -> dict[str, float]:
-    registrations, vectors, _ = data
-    server, port = create_server(config)
-    server.start()
-    try:
-        stub = pb_grpc.FaceDedupStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-        row = {"enrol_stream_per_s": enrol_stream(stub, registrations, vectors)}
-        server.gallery.checkpoint()  # Milvus Lite: searched flushed, as after its interval
-        fresh = FaceGenerator(args.seed + 1).persons(args.checked)
-        row["enrol_check_first_per_s"] = enrol_checked(stub, fresh)
-        server.gallery.checkpoint()
-        requests = [pb.CheckRequest(face=face(probe), claimed_id_number=claim,
-                                    max_candidates=20)
-                    for probe, claim in zip(probes, claimed, strict=True)]
-        for clients in (1, args.clients):
-            stats, answers = grpc_checks(port, requests, clients)
-            row |= {f"check_{clients}c_{key}": value for key, value in stats.items()}
-        row["duplicate_recall"] = recall(answers, truth, duplicate_probes)
-        return row
-    finally:
-        server.stop(grace=1.0)
-
-
-def recall(answers: list, truth: list[set[str]], which: list[int]) -> float:
-    expected = found = 0
-    for n in which:
-        answer = answers[n]
-        listed = {m.registration.registration_id for m in answer.matches
-                  if m.score >= MATCH} if isinstance(answer, pb.CheckResponse) else set()
-        expected += len(truth[n])
-        found += len(truth[n] & listed)
-    return found / max(1, expected)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--registrations", type=int, default=20_000)
-    parser.add_argument("--checked", type=int, default=300)
-    parser.add_argument("--probes", type=int, default=1_000)
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=11)
-    parser.add_argument("--milvus-uri", default="", help="default: Milvus Lite in a temp dir")
-    args = parser.parse_args()
-
-    data = population(args.registrations, args.seed)
-    registrations, vectors, person_of = data
+def workload(args: argparse.Namespace) -> Workload:
+    registrations, vectors, person_of = population(args.registrations, args.seed)
     generator = FaceGenerator(args.seed + 2)
     rng = np.random.default_rng(args.seed)
     duplicated = np.flatnonzero(np.bincount(person_of) > 1)
@@ -136,28 +292,62 @@ def main() -> None:
                              rng.choice(len(np.bincount(person_of)), args.probes // 2)])
     first_of = {int(p): i for i, p in reversed(list(enumerate(person_of)))}
     probes = np.vstack([generator.capture(vectors[first_of[int(p)]]) for p in chosen])
-    claimed = [registrations[first_of[int(p)]].id_number for p in chosen]
-    scores = probes @ vectors.T  # exact ground truth
-    truth = [{registrations[j].registration_id for j in np.flatnonzero(row >= MATCH)}
-             for row in scores]
-    duplicate_probes = list(range(args.probes // 2))
+    requests = [pb.CheckRequest(face=face(probe), max_candidates=20,
+                                claimed_id_number=registrations[first_of[int(p)]].id_number)
+                for probe, p in zip(probes, chosen, strict=True)]
+    truth: list[set[str]] = [set() for _ in probes]
+    for start in range(0, len(vectors), 100_000):  # exact ground truth, a block at a time
+        scores = probes @ vectors[start:start + 100_000].T
+        for n, row in enumerate(scores):
+            truth[n].update(registrations[start + j].registration_id
+                            for j in np.flatnonzero(row >= MATCH))
+    fresh = FaceGenerator(args.seed + 1).persons(args.checked).astype(np.float32)
+    return Workload(registrations, vectors, fresh, requests, truth,
+                    list(range(args.probes // 2)))
 
-    with tempfile.TemporaryDirectory(prefix="dedup-backends-") as work:
-        milvus = MilvusConfig(uri=args.milvus_uri or str(Path(work) / "milvus.db"),
-                              flush_interval_s=1.0 if not args.milvus_uri else None)
-        backends = {
-            "embedded (LMDB + FAISS Flat)": ServerConfig(
-                store=StoreConfig(data_dir=Path(work) / "embedded")),
-            f"milvus ({'Lite' if milvus.is_lite else milvus.uri}, FLAT)": ServerConfig(
-                store=StoreConfig(data_dir=Path(work) / "node"), milvus=milvus),
-        }
-        results = {name: measure(config, data, probes, claimed, truth, duplicate_probes, args)
-                   for name, config in backends.items()}
+
+def arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--registrations", type=int, default=100_000)
+    parser.add_argument("--checked", type=int, default=300)
+    parser.add_argument("--probes", type=int, default=1_000)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--backends", nargs="+", default=["embedded", "lite", "server"],
+                        choices=["embedded", "lite", "server"])
+    parser.add_argument("--index-types", nargs="+",
+                        default=["FLAT", "IVF_FLAT", "IVF_SQ8", "HNSW"])
+    parser.add_argument("--nodes", type=int, nargs="+", default=[1, 2],
+                        help="dedup nodes on the Milvus server")
+    parser.add_argument("--milvus-uri", default="",
+                        help="a Milvus server to use instead of starting 2.3.5 here")
+    parser.add_argument("--milvus-setting", action="append", default=[], metavar="KEY=VALUE",
+                        help="a Milvus setting for the server started here, e.g. "
+                        "proxy.timeTickInterval=20 (default: Milvus's own)")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = arguments()
+    load = workload(args)
+    settings = dict(setting.split("=", 1) for setting in args.milvus_setting)
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="dedup-backends-") as temporary, ExitStack() as stack:
+        work = Path(temporary)
+        uri = args.milvus_uri
+        if "server" in args.backends and not uri:
+            server = MilvusServer(work / "milvus", settings)
+            server.start()
+            stack.callback(server.stop)
+            uri = server.uri
+        for setup in setups(args, work, uri):
+            print(f"{setup.name} ...", flush=True)
+            results[setup.name] = measure(setup, work, load, args.clients)
     print_table(results, args)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"backends-{args.registrations}.json"
-    out.write_text(json.dumps({"args": vars(args), "machine": platform.platform(),
-                               "results": results}, indent=2))
+    out.write_text(json.dumps({"args": vars(args), "milvus_settings": settings,
+                               "machine": platform.platform(), "results": results}, indent=2))
     print(f"wrote {out}")
 
 
@@ -165,15 +355,18 @@ def print_table(results: dict[str, dict[str, float]], args: argparse.Namespace) 
     c = args.clients
     print(f"\n{args.registrations:,} registrations, {args.probes:,} Check probes (half of them "
           f"duplicated persons), {c} clients\n")
-    print(f"| backend | enrol/s (stream) | enrol/s (check_first) | Check q/s 1c | p50 ms | "
-          f"p99 ms | Check q/s {c}c | p50 ms | p99 ms | duplicate recall |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| configuration | enrol/s (stream) | enrol/s (check_first) | Check q/s 1c | p50 ms "
+          f"| p99 ms | Check q/s {c}c | p50 ms | p99 ms | duplicate recall | Milvus calls "
+          "per enrolment (stream / check_first) | per Check |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['enrol_stream_per_s']:,.0f} | {r['enrol_check_first_per_s']:,.1f} "
               f"| {r['check_1c_qps']:,.1f} | {r['check_1c_p50_ms']:.1f} | "
               f"{r['check_1c_p99_ms']:.1f} | {r[f'check_{c}c_qps']:,.1f} | "
               f"{r[f'check_{c}c_p50_ms']:.1f} | {r[f'check_{c}c_p99_ms']:.1f} | "
-              f"{r['duplicate_recall']:.3f} |")
+              f"{r['duplicate_recall']:.3f} | {r['milvus_calls_per_stream_enrolment']:.1f} / "
+              f"{r['milvus_calls_per_checked_enrolment']:.1f} | "
+              f"{r['milvus_calls_per_check']:.1f} |")
 
 
 if __name__ == "__main__":

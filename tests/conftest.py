@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,13 +50,43 @@ class RunningServer:
         return Path(self.config.store.data_dir)
 
 
-BACKENDS = ("embedded", "milvus")
+BACKENDS = ("embedded", "milvus", "milvus-server")
+# Tests on a real Milvus server (marked milvus_server: the `milvus-server` backend, and the
+# real-server tests of test_milvus.py and test_milvus_server.py) that `make test` runs, by
+# node id prefix; `make test-milvus` (DEDUP_MILVUS_SERVER=all) runs every one of them. See
+# docs/milvus.md for which are where and how long they take.
+MILVUS_SERVER_SUBSET = (
+    "tests/test_verdicts.py", "tests/test_settlements.py", "tests/test_server.py",
+    "tests/test_stress.py", "tests/test_milvus.py::test_nodes_never_both_enrol_one_face",
+    "tests/test_milvus_server.py::test_the_server_dies_with_the_process_that_started_it",
+    "tests/test_milvus_server.py::test_collections_are_built_with_the_indexes")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "embedded_only(reason): shows what only the embedded backend has "
         "(LMDB files, index checkpoints, FAISS index types); the reason says why")
+    config.addinivalue_line(
+        "markers", "milvus_server: runs on a real Milvus server (`make test-milvus` runs all)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Marks the `milvus-server` backend's tests milvus_server; without
+    DEDUP_MILVUS_SERVER=all, leaves out those not in MILVUS_SERVER_SUBSET."""
+    everywhere = os.environ.get("DEDUP_MILVUS_SERVER") == "all"
+    kept, left_out = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("backend") == "milvus-server":
+            item.add_marker(pytest.mark.milvus_server)
+        on_server = item.get_closest_marker("milvus_server") is not None
+        if on_server and not everywhere and not item.nodeid.startswith(MILVUS_SERVER_SUBSET):
+            left_out.append(item)
+        else:
+            kept.append(item)
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = kept
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -83,10 +114,48 @@ def release_milvus_lite(path: Path) -> None:
     server_manager_instance.release_server(str(path))
 
 
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real Milvus server (2.3.5 standalone, tests/milvus_server.py) for the session."""
+    from milvus_server import MilvusServer, ReadyPrefixes, alive
+
+    server = MilvusServer(tmp_path_factory.mktemp("milvus-server"))
+    server.start()
+    pid = server.pid
+    server.prefixes = ReadyPrefixes(server.uri)
+    yield server
+    server.prefixes.close()
+    server.stop()
+    assert pid is not None and not alive(pid), "the Milvus server outlived the session"
+
+
+def milvus_on_server(server: Any) -> MilvusConfig:
+    """A configuration on the session's Milvus server in a collection prefix of its own
+    (its collections made and loaded ahead)."""
+    return MilvusConfig(uri=server.uri, prefix=server.prefixes.take())
+
+
+def drop_collections(config: MilvusConfig) -> None:
+    """Drops the collections under `config.prefix` (a test's, on the session server)."""
+    from pymilvus import MilvusClient
+
+    client = MilvusClient(uri=config.uri)
+    try:
+        for name in client.list_collections():
+            if name.startswith(f"{config.prefix}_"):
+                client.drop_collection(name)
+    finally:
+        client.close()
+
+
 @pytest.fixture
-def make_server(tmp_path: Path, backend: str) -> Iterator[Any]:
+def make_server(tmp_path: Path, backend: str, request: pytest.FixtureRequest
+                ) -> Iterator[Any]:
     started: list[RunningServer] = []
     lite = tmp_path / "milvus.db"
+    on_server = None
+    if backend == "milvus-server":
+        on_server = milvus_on_server(request.getfixturevalue("milvus_server"))
 
     def make(**overrides: Any) -> RunningServer:
         store_fields = {f.name for f in dataclasses.fields(StoreConfig)}
@@ -95,6 +164,8 @@ def make_server(tmp_path: Path, backend: str) -> Iterator[Any]:
         store_args.setdefault("data_dir", tmp_path / "data")
         if backend == "milvus":
             server_args.setdefault("milvus", milvus_lite(lite))
+        elif on_server is not None:
+            server_args.setdefault("milvus", on_server)
         config = ServerConfig(store=StoreConfig(**store_args), **server_args)
         server = RunningServer(config)
         started.append(server)
@@ -106,6 +177,8 @@ def make_server(tmp_path: Path, backend: str) -> Iterator[Any]:
             server.stop()
     if backend == "milvus":
         release_milvus_lite(lite)
+    elif on_server is not None:
+        drop_collections(on_server)
 
 
 @pytest.fixture

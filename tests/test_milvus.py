@@ -1,7 +1,8 @@
-"""The Milvus backend across nodes: two `dedup serve` processes on one Milvus, racing.
+"""The Milvus backend across nodes: `dedup serve` processes on one Milvus, racing.
 
-Milvus Lite runs as its own server process here (`python -m milvus_lite server`), so the
-two dedup nodes share nothing but Milvus, as behind a load balancer. The rest of the
+The Milvus is a Milvus Lite server in a process of its own (`python -m milvus_lite server`),
+or the session's real Milvus server (tests/milvus_server.py), so the nodes share nothing but
+Milvus, as behind a load balancer. The rest of the
 service suite runs on Milvus through the `backend` parameter (see conftest.py).
 """
 
@@ -15,11 +16,12 @@ import threading
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
-from conftest import check, enroll, release_milvus_lite
+from conftest import check, drop_collections, enroll, milvus_on_server, release_milvus_lite
 from processes import ServerProcess
 from trail import records
 
@@ -40,7 +42,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def milvus_uri(tmp_path: Path):
+def milvus_lite_server(tmp_path: Path):
     """A Milvus Lite server in a process of its own; its URI."""
     port = _free_port()
     process = subprocess.Popen(
@@ -60,18 +62,41 @@ def milvus_uri(tmp_path: Path):
     process.wait(timeout=30)
 
 
-@pytest.fixture
-def two_nodes(milvus_uri: str, tmp_path: Path):
-    """Two dedup nodes on the same Milvus, each with its own (empty) node directory."""
-    nodes = [ServerProcess(tmp_path / f"node{n}", "--backend", "milvus", "--milvus-uri",
-                           milvus_uri, "--milvus-flush-interval", "0.5") for n in range(2)]
-    channels = [grpc.insecure_channel(node.address) for node in nodes]
+# Where the racing nodes' Milvus is and how many race: a Milvus Lite server (two nodes), or
+# the session's real Milvus server (two nodes, three nodes).
+NODES = [pytest.param(("lite", 2), id="lite-2"),
+         pytest.param(("server", 2), id="server-2", marks=pytest.mark.milvus_server),
+         pytest.param(("server", 3), id="server-3", marks=pytest.mark.milvus_server)]
+
+
+def milvus_target(kind: str, request: pytest.FixtureRequest) -> tuple[list[str], Any]:
+    """`dedup serve` options for one Milvus shared by nodes, and what to drop afterwards: a
+    Milvus Lite server process (flushed by the nodes), or the session's real Milvus server in
+    a collection prefix of its own."""
+    if kind == "lite":
+        return ["--milvus-uri", request.getfixturevalue("milvus_lite_server"),
+                "--milvus-flush-interval", "0.5"], None
+    config = milvus_on_server(request.getfixturevalue("milvus_server"))
+    return ["--milvus-uri", config.uri, "--milvus-prefix", config.prefix], config
+
+
+@pytest.fixture(params=NODES)
+def nodes(request: pytest.FixtureRequest, tmp_path: Path):
+    """Stubs of dedup nodes (`dedup serve` processes) on one Milvus, each with its own empty
+    node directory."""
+    kind, count = request.param
+    target, on_server = milvus_target(kind, request)
+    processes = [ServerProcess(tmp_path / f"node{n}", "--backend", "milvus", *target)
+                 for n in range(count)]
+    channels = [grpc.insecure_channel(node.address) for node in processes]
     yield [pb_grpc.FaceDedupStub(channel) for channel in channels]
     for channel in channels:
         channel.close()
-    for node in nodes:
+    for node in processes:
         node.process.terminate()
         assert node.wait() == 0
+    if on_server is not None:
+        drop_collections(on_server)
 
 
 def _race(calls):
@@ -94,56 +119,53 @@ def _race(calls):
     return results
 
 
-def test_two_nodes_never_both_enrol_one_face(two_nodes, faces):
-    """The same face under two ID numbers, on two nodes at once: exactly one enrols."""
-    a, b = two_nodes
+def test_nodes_never_both_enrol_one_face(nodes, faces):
+    """The same face under other ID numbers, on every node at once: exactly one enrols."""
     people = faces.persons(ROUNDS)
     for n, person in enumerate(people):
-        first, second = faces.capture(person), faces.capture(person)
-        results = _race([
-            partial(enroll, a, f"a{n}", f"IDA{n}", first, check_first=True),
-            partial(enroll, b, f"b{n}", f"IDB{n}", second, check_first=True)])
+        results = _race([partial(enroll, stub, f"n{i}-{n}", f"ID{i}-{n}",
+                                 faces.capture(person), check_first=True)
+                         for i, stub in enumerate(nodes)])
         assert all(isinstance(r, pb.EnrollResponse) for r in results), results
         enrolled = [r for r in results if r.enrolled]
         refused = [r for r in results if not r.enrolled]
-        assert len(enrolled) == 1 and len(refused) == 1, results
-        assert refused[0].check.verdict == pb.DUPLICATE_IDENTITY
+        assert len(enrolled) == 1 and len(refused) == len(nodes) - 1, results
         winner = enrolled[0].registration.registration_id
-        assert [m.registration.registration_id for m in refused[0].check.matches] == [winner]
-        for stub in (a, b):  # both nodes see the one registration at once
+        for loser in refused:
+            assert loser.check.verdict == pb.DUPLICATE_IDENTITY
+            assert [m.registration.registration_id for m in loser.check.matches] == [winner]
+        for stub in nodes:  # every node sees the one registration at once
             seen = check(stub, faces.capture(person))
             assert [m.registration.registration_id for m in seen.matches] == [winner]
-    stats = [stub.Stats(pb.StatsRequest()) for stub in (a, b)]
-    assert [s.registrations for s in stats] == [ROUNDS, ROUNDS]
+    assert [stub.Stats(pb.StatsRequest()).registrations for stub in nodes] == \
+        [ROUNDS] * len(nodes)
 
 
-def test_two_nodes_never_both_take_one_key(two_nodes, faces):
-    """One registration_id (or msisdn) enrolled on two nodes at once: one ALREADY_EXISTS."""
-    a, b = two_nodes
+def test_nodes_never_both_take_one_key(nodes, faces):
+    """One registration_id (or msisdn) enrolled on every node at once: one succeeds, the
+    others get ALREADY_EXISTS naming the field."""
     for n in range(ROUNDS):
-        one, other = faces.persons(2)
+        people = faces.persons(len(nodes))
         msisdn = f"+86138{n:08d}"
-        results = _race([
-            partial(enroll, a, f"same{n}", f"IDA{n}", one, msisdn=msisdn),
-            partial(enroll, b, f"same{n}" if n % 2 else f"other{n}", f"IDB{n}", other,
-                    msisdn=msisdn)])
+        results = _race([partial(enroll, stub, f"same{n}" if n % 2 else f"other{i}-{n}",
+                                 f"ID{i}-{n}", person, msisdn=msisdn)
+                         for i, (stub, person) in enumerate(zip(nodes, people, strict=True))])
         errors = [r for r in results if isinstance(r, grpc.RpcError)]
-        assert len(errors) == 1, results
-        assert errors[0].code() == grpc.StatusCode.ALREADY_EXISTS
-        assert ("registration_id" if n % 2 else "msisdn") in errors[0].details()
+        assert len(errors) == len(nodes) - 1, results
+        for error in errors:
+            assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+            assert ("registration_id" if n % 2 else "msisdn") in error.details()
 
 
-def test_sim_limit_holds_across_nodes(two_nodes, faces):
-    """Two nodes enrolling the last allowed SIM of one ID at once: only one gets it."""
-    a, b = two_nodes
+def test_sim_limit_holds_across_nodes(nodes, faces):
+    """Every node enrolling the last allowed SIM of one ID at once: only one gets it."""
     person = faces.persons(1)[0]
     for i in range(4):  # max_sims_per_id is 5
-        assert enroll(a, f"s{i}", "ID-S", faces.capture(person), check_first=True).enrolled
-    results = _race([
-        lambda: enroll(a, "s4a", "ID-S", faces.capture(person), check_first=True),
-        lambda: enroll(b, "s4b", "ID-S", faces.capture(person), check_first=True)])
-    assert sorted(r.enrolled for r in results) == [False, True], results
-    assert check(b, faces.capture(person), "ID-S").verdict == pb.SIM_LIMIT_EXCEEDED
+        assert enroll(nodes[0], f"s{i}", "ID-S", faces.capture(person), check_first=True).enrolled
+    results = _race([partial(enroll, stub, f"s4-{i}", "ID-S", faces.capture(person),
+                             check_first=True) for i, stub in enumerate(nodes)])
+    assert sorted(r.enrolled for r in results) == [False] * (len(nodes) - 1) + [True], results
+    assert check(nodes[-1], faces.capture(person), "ID-S").verdict == pb.SIM_LIMIT_EXCEEDED
 
 
 @pytest.mark.parametrize("backend", ["milvus"])
@@ -174,14 +196,16 @@ def test_an_abandoned_claim_holds_until_it_expires(make_server, faces, tmp_path)
     dead.close(checkpoint=False)
 
 
-def _migrate(source: Path, target: Path) -> subprocess.CompletedProcess[str]:
+def _migrate(source: Path, target: MilvusConfig) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "dedup", "migrate", "--from",
-                           str(source), "--to", str(target), "--batch", "64", "--sample", "40"],
+                           str(source), "--to", target.uri, "--milvus-prefix", target.prefix,
+                           "--batch", "64", "--sample", "40"],
                           capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("backend", ["embedded"])
-def test_migrate_copies_verifies_and_resumes(make_server, faces, tmp_path):
+@pytest.mark.parametrize("to", ["lite", pytest.param("server", marks=pytest.mark.milvus_server)])
+def test_migrate_copies_verifies_and_resumes(make_server, faces, tmp_path, to, request):
     source = make_server()
     people = faces.persons(300)
     for i, person in enumerate(people):
@@ -193,7 +217,8 @@ def test_migrate_copies_verifies_and_resumes(make_server, faces, tmp_path):
     probe = faces.capture(people[0])
     before = check(source.stub, probe, "ID0")
     source.stop()
-    target = tmp_path / "migrated.db"
+    target = MilvusConfig(uri=str(tmp_path / "migrated.db"), flush_interval_s=0.5) \
+        if to == "lite" else milvus_on_server(request.getfixturevalue("milvus_server"))
 
     first = _migrate(source.data_dir, target)
     assert first.returncode == 0, first.stderr
@@ -207,7 +232,7 @@ def test_migrate_copies_verifies_and_resumes(make_server, faces, tmp_path):
     assert "copied 151 registrations (resumed after key 150)" in resumed.stdout
     assert "Milvus 301" in resumed.stdout and "verified" in resumed.stdout
 
-    migrated = make_server(milvus=MilvusConfig(uri=str(target), flush_interval_s=0.5))
+    migrated = make_server(milvus=target)
     after = check(migrated.stub, probe, "ID0")
     assert after.verdict == before.verdict == pb.DUPLICATE_IDENTITY
     assert [(m.registration.registration_id, round(m.score, 5)) for m in after.matches] == \
@@ -216,7 +241,10 @@ def test_migrate_copies_verifies_and_resumes(make_server, faces, tmp_path):
         .msisdn == "+8613900000007"
     migrated.stop()
     assert [r["method"] for r in records(migrated)] == ["Investigate.Search"]
-    release_milvus_lite(target)
+    if to == "lite":
+        release_milvus_lite(Path(target.uri))
+    else:
+        drop_collections(target)
 
 
 def test_keys_with_quotes_and_backslashes_are_found_and_deleted(server, faces):

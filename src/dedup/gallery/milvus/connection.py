@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -23,8 +24,76 @@ def client_uri(uri: str) -> str:
     return "http://" + uri.removeprefix("milvus://") if uri.startswith("milvus://") else uri
 
 
+# How long a call to Milvus (with pymilvus's own retries) may take before dedup answers
+# UNAVAILABLE: without a limit pymilvus retries a lost server for minutes. Calls that do
+# bulk work get longer.
+CALL_TIMEOUT_S = 10.0
+BULK_CALL_TIMEOUT_S = {"flush": 300.0, "compact": 60.0, "query_iterator": 60.0,
+                       "upsert": 60.0, "create_collection": 60.0, "create_index": 60.0,
+                       "load_collection": 60.0, "drop_collection": 60.0}
+
+
+class TimedClient:
+    """A MilvusClient whose calls give up after CALL_TIMEOUT_S unless told otherwise, and
+    which counts the calls it makes to Milvus (`calls_made`, a query iterator's pages
+    included)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self._takes_timeout: dict[str, bool] = {}
+        self._counting = threading.Lock()
+        self.calls_made = 0
+
+    def count_call(self) -> None:
+        with self._counting:
+            self.calls_made += 1
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+        takes = self._takes_timeout.get(name)
+        if takes is None:
+            takes = self._takes_timeout[name] = _has_timeout(attribute)
+        if not takes:
+            return attribute
+        limit = BULK_CALL_TIMEOUT_S.get(name, CALL_TIMEOUT_S)
+
+        @functools.wraps(attribute)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            kwargs.setdefault("timeout", limit)
+            self.count_call()
+            result = attribute(*args, **kwargs)
+            return _CountedPages(result, self) if name == "query_iterator" else result
+
+        return call
+
+
+class _CountedPages:
+    """A query iterator whose pages count as calls."""
+
+    def __init__(self, iterator: Any, client: TimedClient) -> None:
+        self._iterator = iterator
+        self._client = client
+
+    def next(self) -> Any:
+        self._client.count_call()
+        return self._iterator.next()
+
+    def close(self) -> None:
+        self._iterator.close()
+
+
+def _has_timeout(function: Callable[..., Any]) -> bool:
+    try:
+        return "timeout" in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def connect(config: MilvusConfig) -> Any:
-    """A MilvusClient for `config` (Milvus Lite: its file's directory is created)."""
+    """A MilvusClient for `config` (Milvus Lite: its file's directory is created), whose
+    calls time out (TimedClient)."""
     try:
         from pymilvus import MilvusClient
     except ImportError as error:
@@ -34,7 +103,7 @@ def connect(config: MilvusConfig) -> Any:
     if config.is_lite:
         Path(uri).parent.mkdir(parents=True, exist_ok=True)
     try:
-        return MilvusClient(uri=uri, token=config.token)
+        return TimedClient(MilvusClient(uri=uri, token=config.token, timeout=CALL_TIMEOUT_S))
     except Exception as error:
         raise StoreError(f"cannot connect to Milvus at {config.uri}: {error}") from error
 

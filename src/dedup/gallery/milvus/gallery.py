@@ -13,6 +13,7 @@ Milvus has no transactions: enrolments claim, recheck, then commit (see claims.p
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -42,9 +43,13 @@ from dedup.gallery.milvus.audit import AuditChain
 from dedup.gallery.milvus.claims import Claims
 from dedup.gallery.milvus.connection import connect, unavailable
 from dedup.gallery.milvus.filters import DELETE_FIELDS, equals
+from dedup.gallery.milvus.lite import guarded
 from dedup.gallery.milvus.maintenance import Maintenance
 from dedup.gallery.milvus.registrations import Registrations
 from dedup.gallery.milvus.schema import Row, open_collections
+from dedup.gallery.milvus.version import server_version
+
+log = logging.getLogger("dedup.milvus")
 
 
 class MilvusGallery:
@@ -58,8 +63,14 @@ class MilvusGallery:
         self.location = config.uri
         self.data_dir = Path(data_dir)  # the node's calibration file, nothing else
         private_dir(self.data_dir)
-        self._client = connect(config)
-        self.collections = open_collections(self._client, config, dimension)
+        client = connect(config)
+        self.server = server_version(client)
+        self._client = guarded(client, config.uri) if self.server.lite else client
+        if self.server.lite and not config.is_lite:
+            log.warning("%s at %s is a Milvus Lite server: safe for one dedup node only "
+                        "(its flushes can hide rows from other processes' searches)",
+                        self.server.name, config.uri)
+        self.collections = open_collections(self._client, config, dimension, self.server)
         self._rows = Registrations(self._client, self.collections.registrations, config,
                                    model_id)
         self._claims = Claims(self._rows)
@@ -67,7 +78,8 @@ class MilvusGallery:
         self._adjudications = Adjudications(self._client, self.collections.adjudications)
         self._adjudications.convert_legacy(self.collections.legacy_adjudications,
                                            self._enrolled_key)
-        self._maintenance = Maintenance(self._rows, self._claims, config)
+        self._maintenance = Maintenance(self._rows, self._claims, config,
+                                        (self.collections.adjudications,))
         if background:
             self._maintenance.start()
 

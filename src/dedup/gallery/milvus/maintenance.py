@@ -19,10 +19,13 @@ REAP_EVERY_S = 10.0
 class Maintenance:
     """A daemon thread, started by `start`, ended by `stop`."""
 
-    def __init__(self, rows: Registrations, claims: Claims, config: MilvusConfig) -> None:
+    def __init__(self, rows: Registrations, claims: Claims, config: MilvusConfig,
+                 also_compacted: tuple[str, ...] = ()) -> None:
         self._rows = rows
         self._claims = claims
         self._config = config
+        # Other collections an erasure deletes rows of (the settlements).
+        self._also_compacted = also_compacted
         self.compaction_due: float | None = None  # wall-clock time
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dedup-milvus", daemon=True)
@@ -43,6 +46,8 @@ class Maintenance:
 
     def compact(self) -> None:
         self._rows.compact()
+        for collection in self._also_compacted:
+            self._rows.client.compact(collection)
         self.compaction_due = None
 
     def _run(self) -> None:

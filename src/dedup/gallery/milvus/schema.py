@@ -22,6 +22,7 @@ from dedup.core.policy import Scored
 from dedup.core.records import Registration
 from dedup.core.settings import MilvusConfig
 from dedup.core.vectors import Vector
+from dedup.gallery.milvus.version import ServerVersion, server_version
 
 log = logging.getLogger("dedup.milvus")
 
@@ -31,8 +32,8 @@ PLACEHOLDER = [1.0, 0.0]
 REGISTRATION_FIELDS = ["registration_id", "id_number", "msisdn", "carrier", "region",
                        "enrolled_at_us", "embedding_model", "enrolled_by"]
 ROW_FIELDS = ["key", *REGISTRATION_FIELDS, "state", "claimed_at_us"]
-# Scalar fields the backend filters on by equality: inverted indexes in a Milvus cluster
-# (Milvus Lite scans either way: 17 ms a lookup at 20,000 rows with or without, measured).
+# Scalar fields the backend filters on by equality: indexed as the server supports (see
+# version.py; Milvus Lite scans either way: 17 ms a lookup at 20,000 rows, measured).
 LOOKUP_FIELDS = ["registration_id", "id_number", "msisdn", "state"]
 # VARCHAR lengths in bytes: the request limits in characters, four bytes each in UTF-8.
 VARCHAR_BYTES = {"registration_id": 512, "id_number": 256, "msisdn": 128, "carrier": 256,
@@ -40,6 +41,7 @@ VARCHAR_BYTES = {"registration_id": 512, "id_number": 256, "msisdn": 128, "carri
 # Added after the first release: collections made before it lack the field (see RowShape).
 ENROLLED_BY = "enrolled_by"
 MAX_RECORD_BYTES = 65_535
+LOAD_TIMEOUT_S, LOAD_POLL_S = 600.0, 0.05
 PARTY_BYTES = 2 + VARCHAR_BYTES["registration_id"]  # "p:" and a registration_id
 
 
@@ -56,47 +58,88 @@ class Collections:
         return cls(f"{prefix}_registrations", f"{prefix}_audit", f"{prefix}_settlements")
 
     @property
+    def all(self) -> list[str]:
+        return [self.registrations, self.audit, self.adjudications]
+
+    @property
     def legacy_adjudications(self) -> str:
         """Settled pairs keyed by registration_id strings, as kept before settlements were
         keyed by registration: converted and dropped when a node opens the collections."""
         return self.adjudications.removesuffix("_settlements") + "_adjudications"
 
 
-def open_collections(client: Any, config: MilvusConfig, dimension: int) -> Collections:
-    """Creates the collections that are missing, loads them all and checks that the
-    registrations hold `dimension`-d embeddings."""
+def open_collections(client: Any, config: MilvusConfig, dimension: int,
+                     version: ServerVersion) -> Collections:
+    """Creates the collections that are missing (as `version` supports them), loads them
+    all and checks that the registrations hold `dimension`-d embeddings."""
+    from pymilvus import DataType
+
+    names = create_collections(client, config, dimension, version)
+    try:
+        load_collections(client, names.all)
+    except StoreError:
+        raise
+    except Exception as error:
+        raise StoreError(f"milvus at {config.uri} ({version.name}): cannot load the "
+                         f"collections ({error})") from error
+    _check_dimension(client, names.registrations, dimension)
+    _add_enrolled_by(client, names.registrations, DataType, version)
+    return names
+
+
+def create_collections(client: Any, config: MilvusConfig, dimension: int,
+                       version: ServerVersion) -> Collections:
+    """Creates the collections of `config.prefix` that are missing, without loading them."""
     from pymilvus import DataType
 
     names = Collections.named(config.prefix)
     try:
         _create(client, names.registrations, _registration_schema(client, DataType, dimension),
-                "embedding", config.index_type, config.index_params, LOOKUP_FIELDS)
+                "embedding", config.index_type, config.index_params, LOOKUP_FIELDS, version,
+                load=False)
         _create(client, names.audit, _audit_schema(client, DataType), "placeholder",
-                "FLAT", {}, [])
+                "FLAT", {}, [], version, load=False)
         _create(client, names.adjudications, _adjudication_schema(client, DataType),
-                "placeholder", "FLAT", {}, ["first", "second"])
-    except StoreError:
-        raise
+                "placeholder", "FLAT", {}, ["first", "second"], version, load=False)
     except Exception as error:
-        raise StoreError(f"milvus at {config.uri}: cannot create or load the "
+        raise StoreError(f"milvus at {config.uri} ({version.name}): cannot create the "
                          f"collections ({error})") from error
-    _check_dimension(client, names.registrations, dimension)
-    _add_enrolled_by(client, names.registrations, DataType)
     return names
 
 
 def _create(client: Any, name: str, schema: Any, vector_field: str, index_type: str,
-            params: dict[str, Any], lookups: list[str]) -> None:
+            params: dict[str, Any], lookups: list[str],
+            version: ServerVersion | None = None, load: bool = True) -> None:
     if not client.has_collection(name):
+        version = version or server_version(client)
+        types = {field.name: field.dtype.name for field in schema.fields}
         client.create_collection(name, schema=schema, consistency_level="Strong")
         index = client.prepare_index_params()
         index.add_index(vector_field, index_type=index_type, metric_type="IP", params=params)
         for field_name in lookups:  # equality filters on them, on every call
-            index.add_index(field_name, index_type="INVERTED")
+            index.add_index(field_name, index_type=version.scalar_index(types[field_name]))
         # The collection is empty: nothing to wait for (pymilvus would poll every 0.5 s).
         client.create_index(name, index, sync=False)
         log.info("created the Milvus collection %s", name)
-    client.load_collection(name)
+    if load:
+        client.load_collection(name)
+
+
+def load_collections(client: Any, names: list[str],
+                     timeout_s: float = LOAD_TIMEOUT_S) -> None:
+    """Loads the collections at once: a Milvus server takes seconds for each (2 s on 2.3),
+    mostly its query coordinator's polling, so waiting for one after another adds up."""
+    for name in names:
+        client.load_collection(name, _async=True)
+    deadline = time.monotonic() + timeout_s
+    waiting = list(names)
+    while waiting:
+        waiting = [name for name in waiting
+                   if client.get_load_state(name)["state"].name != "Loaded"]
+        if waiting and time.monotonic() > deadline:
+            raise StoreError(f"milvus: {', '.join(waiting)} not loaded after {timeout_s:.0f} s")
+        if waiting:
+            time.sleep(LOAD_POLL_S)
 
 
 def _registration_schema(client: Any, types: Any, dimension: int) -> Any:
@@ -133,10 +176,17 @@ def _adjudication_schema(client: Any, types: Any) -> Any:
     return schema
 
 
-def _add_enrolled_by(client: Any, registrations: str, types: Any) -> None:
+def _add_enrolled_by(client: Any, registrations: str, types: Any,
+                     version: ServerVersion) -> None:
     """Adds `enrolled_by` to a registrations collection made before it, where Milvus can
-    (2.6 and later; its rows read ""). Milvus Lite cannot: see RowShape."""
+    (2.6 and later; its rows read ""). Milvus Lite and older servers cannot: see RowShape."""
     if ENROLLED_BY in row_shape(client, registrations).fields:
+        return
+    if not version.can_add_field:
+        log.warning("the Milvus collection %s predates the field %s and %s cannot add it: "
+                    "who enrolled each registration is not recorded, and registration "
+                    "desks' GetRegistration finds nothing", registrations, ENROLLED_BY,
+                    version.name)
         return
     try:
         client.add_collection_field(registrations, field_name=ENROLLED_BY,

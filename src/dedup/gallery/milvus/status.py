@@ -36,6 +36,8 @@ def index_status(rows: Registrations, dimension: int) -> IndexStatus:
 
 def gauges(rows: Registrations) -> list[Gauge]:
     return [
+        Gauge("dedup_milvus_calls", "calls this node made to Milvus since it started "
+              "(each query iterator page counts)", float(rows.client.calls_made)),
         Gauge("dedup_registrations", "registrations in Milvus", rows.count(rows.live())),
         Gauge("dedup_milvus_pending_claims",
               "enrolments being confirmed (PENDING rows, all nodes)",
