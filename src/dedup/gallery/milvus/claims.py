@@ -6,10 +6,11 @@
    its verdict into one that does not enrol (a duplicate, a review, the SIM limit), is a
    conflict;
 3. against an ACTIVE conflict it loses. Between two PENDING claims the earlier
-   (claimed_at_us, then key) wins: the later removes its row and answers as if the earlier
-   had been enrolled; the earlier waits until the later has resolved (removed itself, or
-   committed because it never saw the earlier one: then the earlier loses to it) and looks
-   again;
+   (claimed_at_us, then key) wins: the later removes its row, waits until the earlier ones
+   have resolved and judges again over the committed rows, so that its answer names only
+   registrations that exist (if none of them committed it claims again); the earlier waits
+   until the later has resolved (removed itself, or committed because it never saw the
+   earlier one: then the earlier loses to it) and looks again;
 4. it commits (the row becomes ACTIVE) and only then is the call acknowledged.
 Every read is Strong: a write acknowledged on any node is seen by every read that starts
 after it. Each claim inserts before it looks, so of two concurrent claims at least one sees
@@ -136,11 +137,27 @@ class Claims:
             if not check.admits(with_pending):
                 rivals = [row for row in candidates + same_id if row.state == PENDING]
                 if any(row.before(claim) for row in rivals):
-                    return with_pending, False
+                    final = self._after_earlier_claims(claim, vector, check, rivals, started)
+                    if final is not None:
+                        return final, False
+                    continue  # none of them committed: claimed again, judged again
                 waiting.update(row.key for row in rivals)
             if not waiting:
                 return result, True
             self._wait_for(waiting, started)
+
+    def _after_earlier_claims(self, claim: Row, vector: Vector, check: EnrolmentCheck,
+                              rivals: list[Row], started: float) -> CheckResult | None:
+        """The verdict of a claim that lost to earlier pending claims, over the rows that
+        committed once those resolved (a refusal names no claim that later withdrew); None
+        if it now admits the enrolment, the claim staked again."""
+        self._rows.remove([claim.key])  # the earlier claims may be waiting for it
+        self._wait_for({row.key for row in rivals if row.before(claim)}, started)
+        result = self._judge(claim, vector, check, pending=False)[0]
+        if not check.admits(result):
+            return result
+        self._rows.upsert(claim, vector)
+        return None
 
     def _judge(self, claim: Row, vector: Vector, check: EnrolmentCheck, pending: bool
                ) -> tuple[CheckResult, list[Row], list[Row]]:
