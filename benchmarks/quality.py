@@ -12,14 +12,18 @@ SCRFD on the configured model pack, the capture rules, alignment, ArcFace: one o
 thread per session, as in the embedder's workers), and for each degraded capture:
   - the genuine score: cosine of its embedding against the undegraded capture's;
   - its quality (dedup.face.quality.assess) and the default Gate's decision (the capture
-    rules first, as in the server).
+    rules first, as in the server);
+  - its non-mated search: its scores against the undegraded captures of every other person
+    (Yao Ming is one person in yaoming.jpg and players.jpg), for rule 6's cost.
 "mirror" and "mirror+blur3" (the packaged evaluation set's augmented probes) count as
 undegraded captures: the gate must refuse none of them.
 
 Prints a table by degradation and strength, the constraints (every capture under the review
 threshold refused, no undegraded capture refused), how well each component predicts the
-genuine score (Spearman), each threshold's headroom, and the cost per photo; writes JSON
-to benchmarks/results/quality.json.
+genuine score (Spearman), each threshold's headroom, rule 6's cost on non-mated searches
+(captures of people not enrolled that pass the gate: how often rule 6 turns a CLEAR into a
+REVIEW, here and, from a normal model of the single impostor comparisons, at larger gallery
+sizes) and the cost per photo; writes JSON to benchmarks/results/quality.json.
 
     .venv/bin/python benchmarks/quality.py
 """
@@ -48,19 +52,23 @@ from dedup.face.embedder import choose_face
 from dedup.face.image import decode_image
 from dedup.face.model_pack import resolve_model_dir
 from dedup.face.quality import Gate, Quality, Scores, assess
+from dedup.service.calibration import ImpostorModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from photos import (  # type: ignore[import-not-found, unused-ignore]
     GDP,
     PLAYERS,
     T1,
+    YAO_IN_PLAYERS,
     YAOMING,
     cut_single_faces,
 )
 
 RESULTS = Path(__file__).parent / "results"
-REVIEW_THRESHOLD = Policy().review_threshold  # 0.30 by default
+POLICY = Policy()
+REVIEW_THRESHOLD = POLICY.review_threshold  # 0.30 by default
 UNDEGRADED = ("none", "mirror", "mirror+blur3")
+GALLERY_SIZES = (10_000, 100_000, 1_000_000, 10_000_000)
 
 
 @dataclass
@@ -126,11 +134,13 @@ class Pipeline:
                    (embedded - started) * 1e3, (done - embedded) * 1e3)
 
 
-def captures(pipeline: Pipeline, tmp: Path) -> Iterator[tuple[str, bytes]]:
-    yield "yaoming", YAOMING.read_bytes()
+def captures(pipeline: Pipeline, tmp: Path) -> Iterator[tuple[str, str, bytes]]:
+    """(capture, person, photo bytes): each face its own person, but Yao Ming's two."""
+    yield "yaoming", "yao-ming", YAOMING.read_bytes()
     for photo in (T1, PLAYERS, GDP):
         for crop in cut_single_faces(photo, tmp, pipeline.detect):
-            yield crop.path.stem, crop.path.read_bytes()
+            yao = photo == PLAYERS and crop.contains(YAO_IN_PLAYERS)
+            yield crop.path.stem, "yao-ming" if yao else crop.path.stem, crop.path.read_bytes()
 
 
 def jpeg(image: np.ndarray, quality: int = 95) -> bytes:
@@ -228,28 +238,55 @@ DEGRADATIONS: list[tuple[str, str, Degrade]] = [
 ]
 
 
-def measure_all(pipeline: Pipeline, gate: Gate, tmp: Path) -> tuple[list[dict[str, Any]],
-                                                                     list[str]]:
+@dataclass
+class Reference:
+    """An undegraded capture the capture rules accept: the degradations' source, and a
+    registration of its person in the non-mated searches of everyone else's captures."""
+
+    name: str
+    person: str
+    data: bytes
+    run: Run
+    vector: np.ndarray
+
+
+def references(pipeline: Pipeline, tmp: Path) -> tuple[list[Reference], list[str]]:
+    kept, left_out = [], []
+    for name, person, data in captures(pipeline, tmp):
+        run = pipeline.run(data)
+        if run.rule or run.vector is None or run.landmarks is None:
+            left_out.append(f"{name}: {run.rule}")
+        else:
+            kept.append(Reference(name, person, data, run, run.vector))
+    return kept, left_out
+
+
+def measure_all(pipeline: Pipeline, gate: Gate, tmp: Path
+                ) -> tuple[list[dict[str, Any]], list[str], list[np.ndarray | None]]:
+    """The rows, the captures left out, and per row its non-mated scores (None when the
+    degraded capture could not be embedded)."""
     rows: list[dict[str, Any]] = []
-    left_out: list[str] = []
+    impostors: list[np.ndarray | None] = []
     rng = np.random.default_rng(16)
-    for name, data in captures(pipeline, tmp):
-        reference = pipeline.run(data)
-        if reference.rule or reference.vector is None or reference.landmarks is None:
-            left_out.append(f"{name}: {reference.rule}")
-            continue
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-        assert image is not None
-        marks = reference.landmarks
+    kept, left_out = references(pipeline, tmp)
+    gallery = np.vstack([reference.vector for reference in kept])
+    persons = np.array([reference.person for reference in kept])
+    for reference in kept:
+        image = cv2.imdecode(np.frombuffer(reference.data, np.uint8), cv2.IMREAD_COLOR)
+        assert image is not None and reference.run.landmarks is not None
+        marks = reference.run.landmarks
         ied = float(np.linalg.norm(marks[1] - marks[0]))
+        others = gallery[persons != reference.person]
         for kind, strength, degrade in DEGRADATIONS:
             run = pipeline.run(degrade(image, marks, ied, rng))
-            rows.append(row(name, kind, strength, reference, run, gate))
-    return rows, left_out
+            scores = None if run.vector is None else others @ run.vector
+            rows.append(row(reference.name, kind, strength, reference.run, run, gate, scores))
+            impostors.append(scores)
+    return rows, left_out, impostors
 
 
 def row(name: str, kind: str, strength: str, reference: Run, run: Run,
-        gate: Gate) -> dict[str, Any]:
+        gate: Gate, nonmated: np.ndarray | None) -> dict[str, Any]:
     genuine = None
     if run.vector is not None and reference.vector is not None:
         genuine = float(run.vector @ reference.vector)
@@ -264,6 +301,7 @@ def row(name: str, kind: str, strength: str, reference: Run, run: Run,
             "unified": quality.unified if quality else None,
             "scores": asdict(quality.scores) if quality else None,
             "measures": asdict(quality.measures) if quality else None,
+            "nonmated_best": None if nonmated is None else float(nonmated.max()),
             "embed_ms": run.embed_ms, "assess_ms": run.assess_ms}
 
 
@@ -392,6 +430,97 @@ def constraints(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def rule6_outcome(r: dict[str, Any]) -> str:
+    """The verdict of a non-mated search without rule 6 (rules 1-5, no claimed ID number),
+    and "rule 6" where rule 6 turns its CLEAR into REVIEW; "" when not searched (refused,
+    or no face)."""
+    if r["decision"] != "accepted" or r["nonmated_best"] is None:
+        return ""
+    best = r["nonmated_best"]
+    if best >= POLICY.review_threshold:
+        return "REVIEW" if best < POLICY.match_threshold else "DUPLICATE_IDENTITY"
+    if r["unified"] < POLICY.review_quality and best >= POLICY.review_quality_floor:
+        return "rule 6"
+    return "CLEAR"
+
+
+def rule6_nonmated(rows: list[dict[str, Any]], impostors: list[np.ndarray | None]
+                   ) -> dict[str, Any]:
+    """Rule 6's cost on non-mated searches: every capture that passes the capture rules and
+    the gate (the server searches only those), searched against the undegraded captures of
+    everyone else, by degradation (the undegraded captures are the good ones); and, since
+    this gallery holds only a few dozen people, the share of the marginal captures (unified
+    quality under review_quality) that rule 6 would send to review at larger gallery sizes,
+    P(floor <= best < review threshold) = (1 - FMR(review))^N - (1 - FMR(floor))^N with
+    FMR from a normal model fitted to their single impostor comparisons (as `dedup
+    calibrate` models them)."""
+    groups: dict[str, list[dict[str, Any]]] = {"undegraded": []}
+    for r in rows:
+        key = "undegraded" if r["degradation"] in UNDEGRADED else r["degradation"]
+        groups.setdefault(key, []).append(r)
+    table = {}
+    for key, group in groups.items():
+        outcomes = [rule6_outcome(r) for r in group]
+        searched = [r for r, o in zip(group, outcomes, strict=True) if o]
+        clear_before = sum(o in ("CLEAR", "rule 6") for o in outcomes)
+        turned = outcomes.count("rule 6")
+        table[key] = {
+            "searched": len(searched),
+            "marginal": sum(r["unified"] < POLICY.review_quality for r in searched),
+            "clear_without_rule6": clear_before, "rule6_review": turned,
+            "share_of_clear": turned / clear_before if clear_before else None}
+    marginal = [scores for r, scores in zip(rows, impostors, strict=True)
+                if rule6_outcome(r) and r["unified"] < POLICY.review_quality
+                and scores is not None]
+    comparisons = np.concatenate(marginal) if marginal else np.empty(0)
+    extrapolated: dict[str, Any] = {"marginal_searches": len(marginal),
+                                    "comparisons": len(comparisons)}
+    if len(comparisons) >= 2:
+        model = ImpostorModel.fit(comparisons.astype(np.float64), "marginal captures")
+        floor, review = POLICY.review_quality_floor, POLICY.review_threshold
+        extrapolated |= {
+            "mean": model.mean, "sd": model.sd,
+            "fmr_floor_model": model.fmr(floor),
+            "fmr_floor_empirical": float(np.mean(comparisons >= floor)),
+            "rule6_share_of_marginal": {
+                str(n): model.fpir(floor, n) - model.fpir(review, n) for n in GALLERY_SIZES},
+            "rule5_share_of_marginal": {str(n): model.fpir(review, n) for n in GALLERY_SIZES}}
+    gallery = [len(scores) for scores in impostors if scores is not None]
+    return {"gallery": [min(gallery, default=0), max(gallery, default=0)],
+            "review_quality": POLICY.review_quality,
+            "review_quality_floor": POLICY.review_quality_floor, "by_degradation": table,
+            "extrapolated": extrapolated}
+
+
+def report_rule6(cost: dict[str, Any]) -> None:
+    low, high = cost["gallery"]
+    people = f"{low}" if low == high else f"{low}-{high}"
+    print(f"\nrule 6 on non-mated searches (each capture past the rules and the gate against "
+          f"the undegraded captures of the {people} other people): marginal = unified "
+          f"< {cost['review_quality']:g}; rule 6 = CLEAR under rules 1-5 turned REVIEW "
+          f"(best >= {cost['review_quality_floor']:g})")
+    print(f"{'degradation':20s}{'searched':>9s}{'marginal':>9s}{'CLEAR w/o':>10s}"
+          f"{'rule 6':>7s}{'of CLEAR':>9s}")
+    for kind, t in cost["by_degradation"].items():
+        share = "-" if t["share_of_clear"] is None else f"{t['share_of_clear']:.1%}"
+        print(f"{kind:20s}{t['searched']:9d}{t['marginal']:9d}{t['clear_without_rule6']:10d}"
+              f"{t['rule6_review']:7d}{share:>9s}")
+    x = cost["extrapolated"]
+    if "rule6_share_of_marginal" not in x:
+        print(f"no marginal capture was searched ({x['marginal_searches']}): nothing to "
+              "extrapolate")
+        return
+    alone = x["rule5_share_of_marginal"]
+    sizes = ", ".join(f"{int(n):,}: {share:.1%} (rule 5 alone {alone[n]:.1%})"
+                      for n, share in x["rule6_share_of_marginal"].items())
+    print(f"marginal captures' single impostor comparisons: {x['comparisons']} from "
+          f"{x['marginal_searches']} searches, mean {x['mean']:.3f} sd {x['sd']:.3f}; "
+          f"FMR({cost['review_quality_floor']:g}) model {x['fmr_floor_model']:.2e}, "
+          f"empirical {x['fmr_floor_empirical']:.2e}")
+    print(f"share of marginal non-mated captures rule 6 sends to review, by gallery size: "
+          f"{sizes}")
+
+
 def report(summary: list[dict[str, Any]], found: dict[str, Any],
            within: dict[str, dict[str, float]], cost: dict[str, float], checks: dict[str, Any],
            gate: Gate) -> None:
@@ -440,18 +569,20 @@ def main() -> None:
     args = parser.parse_args()
     pipeline, gate = Pipeline(resolve_model_dir(args.model_dir)), Gate()
     with tempfile.TemporaryDirectory(prefix="dedup-quality-") as tmp:
-        rows, left_out = measure_all(pipeline, gate, Path(tmp))
+        rows, left_out, impostors = measure_all(pipeline, gate, Path(tmp))
     summary, found, within = table(rows), signals(rows, gate), by_degradation(rows)
-    cost, checks = costs(rows), constraints(rows)
+    cost, checks, rule6 = costs(rows), constraints(rows), rule6_nonmated(rows, impostors)
     print(f"{len({r['capture'] for r in rows})} captures; left out (refused as they are): "
           f"{len(left_out)}\n")
     report(summary, found, within, cost, checks, gate)
+    report_rule6(rule6)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "quality.json"
     out.write_text(json.dumps({
         "review_threshold": REVIEW_THRESHOLD, "gate": asdict(gate), "left_out": left_out,
         "table": summary, "constraints": checks, "signals": found,
-        "signals_by_degradation": within, "cost": cost, "rows": rows}, indent=1))
+        "signals_by_degradation": within, "rule6_nonmated": rule6, "cost": cost,
+        "rows": rows}, indent=1))
     print(f"\nwrote {out}")
 
 

@@ -40,7 +40,8 @@ def test_help_has_a_description_and_an_example(name):
 def test_evaluate_help_says_what_it_computes_and_writes():
     text = ALL["dedup evaluate"].format_help()
     for fact in ("FNIR", "FPIR", "rank-1", "rank-10", "det.png", "DET plot", "scores.png",
-                 "histograms", "evaluation.json"):
+                 "histograms", "evaluation.json", "quality band", "quality.png",
+                 "bands are skipped"):
         assert fact in text, fact
 
 

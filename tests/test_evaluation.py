@@ -10,11 +10,14 @@ import subprocess
 import sys
 from statistics import NormalDist
 
+import cv2
 import numpy as np
 import pytest
 
 from dedup import FaceGenerator
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
+from dedup.accuracy.evaluate import evaluate, photo_set
+from dedup.accuracy.quality_bands import NOT_EMBEDDED, default_bands
 from dedup.accuracy.rates import (
     SearchOutcomes,
     fnir,
@@ -112,6 +115,10 @@ def test_evaluate_writes_json_and_plots(embedding_set):
     for name in ("det.png", "scores.png"):
         data = (out / name).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000
+    # Embeddings carry no photo, so no quality: the bands are skipped, and it says so.
+    assert "no face image quality" in report_["quality_bands"]["skipped"]
+    assert "quality bands: skipped (an embedding set" in result.stdout
+    assert not (out / "quality.png").exists()
 
 
 def test_calibrate_records_and_stats_shows_the_implied_fpir(embedding_set, make_server):
@@ -147,3 +154,76 @@ def test_evaluate_on_the_packaged_real_photos(tmp_path):
     # Real captures of enrolled people are found first; the rest are listed as failures.
     assert report_["rank1_hit_rate"] >= 0.9
     assert (out / "det.png").stat().st_size > 5000
+    # Photos: the mated searches by the probe's quality, printed, in the JSON, plotted.
+    rows = report_["quality_bands"]["rows"]
+    assert sum(row["mated"] for row in rows) == report_["mated_searches"]
+    assert "mated searches by the probe's unified quality:" in result.stdout
+    assert "75-85 (marginal: rule 6)" in result.stdout
+    assert (out / "quality.png").stat().st_size > 5000
+
+
+BLUR = 0.08  # Gaussian sigma in inter-eye distances: detected still, visibly soft
+
+
+def band_index(quality: float) -> int:
+    return next(i for i, band in enumerate(default_bands())
+                if band.holds(np.array([quality]))[0])
+
+
+@pytest.fixture
+def blurred_photo_set(tmp_path, crops, detect):
+    """t1.jpg's faces cut into captures: four enrolled, each probed by a mirrored sharp copy
+    and a mirrored copy blurred by BLUR; the other faces are non-mated probes."""
+    rows = []
+    for i, crop in enumerate(crops["t1"]):
+        image = cv2.imread(str(crop.path))
+        cv2.imwrite(str(tmp_path / crop.path.name), image)
+        if i >= 4:
+            rows.append(("probe", f"t1-{i}", crop.path.name))
+            continue
+        rows.append(("gallery", f"t1-{i}", crop.path.name))
+        _, landmarks = detect(image)
+        eyes = float(np.linalg.norm(landmarks[0][1] - landmarks[0][0]))
+        mirrored = cv2.flip(image, 1)
+        for kind, copy in (("sharp", mirrored),
+                           ("blurred", cv2.GaussianBlur(mirrored, (0, 0), BLUR * eyes))):
+            cv2.imwrite(str(tmp_path / f"t1-{i}-{kind}.jpg"), copy,
+                        [cv2.IMWRITE_JPEG_QUALITY, 95])
+            rows.append(("probe", f"t1-{i}", f"t1-{i}-{kind}.jpg"))
+    assert len(rows) >= 14, "t1.jpg yields six single-face captures"
+    with open(tmp_path / "set.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["role", "person", "file"])
+        writer.writerows(rows)
+    return tmp_path / "set.csv", [row[2] for row in rows if row[0] == "probe"]
+
+
+def test_evaluate_reports_genuine_scores_by_quality_band(blurred_photo_set, tmp_path):
+    manifest, probe_files = blurred_photo_set
+    labelled = photo_set(manifest, None)
+    out = tmp_path / "out"
+    evaluate(labelled, out)
+    report_ = json.loads((out / "evaluation.json").read_text())
+    table = report_["quality_bands"]
+    assert [row["band"] for row in table["rows"]] == \
+        ["< 40", "40-60", "60-75", "75-85", ">= 85", NOT_EMBEDDED]
+    assert (table["review_threshold"], table["match_threshold"]) == (0.30, 0.40)
+    assert report_["mated_searches"] == 8
+    assert sum(row["mated"] for row in table["rows"]) == report_["mated_searches"]
+    quality = dict(zip(probe_files, labelled.probe_qualities, strict=True))
+    for i in range(4):
+        sharp, blurred = quality[f"t1-{i}-sharp.jpg"], quality[f"t1-{i}-blurred.jpg"]
+        assert sharp >= 85, "an undegraded capture is never marginal"
+        assert math.isnan(blurred) or blurred < sharp - 2
+    lowered = [i for i in range(4) if not math.isnan(quality[f"t1-{i}-blurred.jpg"]) and
+               band_index(quality[f"t1-{i}-blurred.jpg"]) < band_index(
+                   quality[f"t1-{i}-sharp.jpg"])]
+    assert lowered, "a blurred copy lands in a lower band than its sharp original"
+    # The table counts each probe in its band: the sharp copies all in the top one.
+    top = table["rows"][4]
+    assert top["mated"] == 4 + sum(quality[f"t1-{i}-blurred.jpg"] >= 85 for i in range(4))
+    assert top["fnir_at_match"] == 0.0 and top["median_genuine"] > 0.6
+    assert table["rows"][5]["mated"] == sum(math.isnan(quality[f"t1-{i}-blurred.jpg"])
+                                            for i in range(4))
+    data = (out / "quality.png").read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import grpc
 import numpy as np
 import pytest
-from conftest import registration
+from conftest import face, registration
 from photos import YAOMING, encode
 
 from dedup import Policy
@@ -16,6 +18,7 @@ from dedup.cli.serve import server_config
 from dedup.core.policy import Scored, decide
 from dedup.core.records import Registration, Verdict
 from dedup.core.settings import CaptureRules, QualityGate
+from dedup.gallery.embedded.store_format import decode_registration, encode_registration
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -155,3 +158,105 @@ def test_search_with_a_photo_carries_its_quality(server):
                                         face=pb.Face(image=YAOMING.read_bytes())))
     by_id = stub.Search(pb.SearchRequest(**case, registration_id="y"))
     assert not by_id.HasField("quality")
+
+
+CASE = {"case_id": "CASE-Q", "purpose": "enrolment quality"}
+
+
+def quality_of(message: pb.Registration) -> tuple[float | None, float | None]:
+    """(quality, client_quality) of a registration, None where absent."""
+    return (message.quality if message.HasField("quality") else None,
+            message.client_quality if message.HasField("client_quality") else None)
+
+
+def test_enrolment_quality_is_stored_and_reported(server, faces):
+    """A photo's registration keeps the server's unified quality, an embedding's the
+    client's word; GetRegistration, Check and Search report them, after a restart too."""
+    from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+
+    photo = server.stub.Enroll(pb.EnrollRequest(registration=registration("photo", "ID-P"),
+                                                face=pb.Face(image=YAOMING.read_bytes())))
+    measured = photo.quality.unified
+    assert quality_of(photo.registration) == (pytest.approx(measured), None)
+    person, stranger = faces.persons(2)
+    said = server.stub.Enroll(pb.EnrollRequest(
+        registration=registration("said", "ID-S"), face=pb.Face(embedding=pb.Embedding(
+            values=person.tolist(), quality=pb.Quality(unified=42.5, sharpness=10)))))
+    assert quality_of(said.registration) == (None, 42.5)
+    server.stub.Enroll(pb.EnrollRequest(registration=registration("plain", "ID-N"),
+                                        face=face(stranger)))
+    server.restart()  # read back from the store, not from memory
+    stored = {rid: quality_of(server.stub.GetRegistration(
+        pb.GetRegistrationRequest(registration_id=rid))) for rid in ("photo", "said", "plain")}
+    assert stored == {"photo": (pytest.approx(measured), None), "said": (None, 42.5),
+                      "plain": (None, None)}
+    checked = server.stub.Check(pb.CheckRequest(face=pb.Face(image=YAOMING.read_bytes())))
+    assert checked.matches[0].registration.registration_id == "photo"
+    assert quality_of(checked.matches[0].registration) == (pytest.approx(measured), None)
+    found = pb_grpc.InvestigateStub(server.channel).Search(
+        pb.SearchRequest(**CASE, face=face(person)))
+    assert found.matches[0].registration.registration_id == "said"
+    assert quality_of(found.matches[0].registration) == (None, 42.5)
+
+
+def test_a_client_cannot_set_the_stored_quality(server, faces):
+    """Registration.quality and client_quality are the server's to set: sent in a request,
+    they are ignored."""
+    sent = registration("forged", "ID-F")
+    sent.quality, sent.client_quality = 99.0, 98.0
+    enrolled = server.stub.Enroll(pb.EnrollRequest(registration=sent,
+                                                   face=face(faces.persons(1)[0])))
+    assert quality_of(enrolled.registration) == (None, None)
+    stored = server.stub.GetRegistration(pb.GetRegistrationRequest(registration_id="forged"))
+    assert quality_of(stored) == (None, None)
+
+
+def test_store_reads_records_written_before_the_quality():
+    old = b'{"r":"r1","i":"ID1","m":"","c":"","g":"","t":5,"e":"m","b":"CN=desk"}'
+    assert decode_registration(old) == Registration("r1", "ID1", enrolled_at_us=5,
+                                                    embedding_model="m", enrolled_by="CN=desk")
+    # Without a quality a record is written exactly as before; with one it round-trips.
+    assert encode_registration(decode_registration(old)) == old
+    for stored in (Registration("r1", "ID1", quality=88.25),
+                   Registration("r1", "ID1", client_quality=40.0),
+                   Registration("r1", "ID1", quality=91.5, client_quality=12.0)):
+        assert decode_registration(encode_registration(stored)) == stored
+
+
+@pytest.mark.parametrize("backend", ["milvus"])
+def test_milvus_collection_made_before_the_quality(make_server, faces, tmp_path, backend):
+    """Milvus Lite cannot add a field: the node serves a collection made before the quality
+    fields, and its registrations report no quality."""
+    _make_registrations_without_quality(tmp_path / "milvus.db")
+    server = make_server()
+    person = faces.persons(1)[0]
+    enrolled = server.stub.Enroll(pb.EnrollRequest(
+        registration=registration("r-old", "ID-OLD"), face=pb.Face(embedding=pb.Embedding(
+            values=person.tolist(), quality=pb.Quality(unified=42.5)))))
+    assert enrolled.enrolled
+    stored = server.stub.GetRegistration(pb.GetRegistrationRequest(registration_id="r-old"))
+    assert (stored.id_number, quality_of(stored)) == ("ID-OLD", (None, None))
+    checked = server.stub.Check(pb.CheckRequest(face=face(person), claimed_id_number="ID-OLD"))
+    assert checked.verdict == pb.SAME_PERSON
+
+
+def _make_registrations_without_quality(lite: Path) -> None:
+    """The registrations collection as the release before the quality fields made it."""
+    from pymilvus import DataType, MilvusClient
+
+    client = MilvusClient(uri=str(lite))
+    schema = client.create_schema(auto_id=False)
+    schema.add_field("key", DataType.INT64, is_primary=True)
+    for name, size in {"registration_id": 512, "id_number": 256, "msisdn": 128,
+                       "carrier": 256, "region": 256, "embedding_model": 256,
+                       "enrolled_by": 1024}.items():
+        schema.add_field(name, DataType.VARCHAR, max_length=size)
+    schema.add_field("enrolled_at_us", DataType.INT64)
+    schema.add_field("state", DataType.INT8)
+    schema.add_field("claimed_at_us", DataType.INT64)
+    schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=512)
+    client.create_collection("dedup_registrations", schema=schema, consistency_level="Strong")
+    index = client.prepare_index_params()
+    index.add_index("embedding", index_type="FLAT", metric_type="IP")
+    client.create_index("dedup_registrations", index)
+    client.close()

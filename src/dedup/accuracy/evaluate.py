@@ -4,7 +4,8 @@ A labelled set is a CSV manifest, one row per sample: `role` (gallery or probe),
 and either `file` (a photo, relative to the manifest) or `row` (a row of --embeddings). Probes
 whose person has a gallery sample are mated, the others non-mated. Every probe is searched
 against the whole gallery exactly as the server's Flat index does (inner products of unit
-vectors), keeping the 100 best candidates.
+vectors), keeping the 100 best candidates. For a set of photos, the mated searches are also
+broken down by the probe's face image quality (dedup.accuracy.quality_bands).
 """
 
 from __future__ import annotations
@@ -19,11 +20,16 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from dedup.accuracy import quality_bands
 from dedup.accuracy.rates import NOT_FOUND_RANK, NOT_FOUND_SCORE, SearchOutcomes, draw, report
 from dedup.core.vectors import Matrix, normalize_rows
 
 CANDIDATES = 100
 IMPOSTOR_SAMPLE = 2_000_000  # single comparisons kept for the 1:1 impostor distribution
+NO_PHOTOS = "an embedding set: no photos, so no face image quality was measured"
+
+# A sample's vector and the unified quality of its photo (NaN: not a photo).
+Sample = tuple[np.ndarray, float]
 
 
 @dataclass
@@ -32,8 +38,19 @@ class LabelledSet:
     gallery_persons: list[str]
     probes: Matrix
     probe_persons: list[str]
+    # Each probe's unified face image quality, NaN where none was measured (an embedding,
+    # or a photo that could not be embedded).
+    probe_qualities: np.ndarray
     # Samples that could not be embedded (photos breaking the capture rules), by role.
     failures: dict[str, list[str]] = field(default_factory=dict)
+    photos: bool = False
+
+    def mated_qualities(self) -> np.ndarray:
+        """The probe qualities of the mated searches, in the order of SearchOutcomes."""
+        enrolled = set(self.gallery_persons)
+        return np.asarray([quality for quality, person
+                           in zip(self.probe_qualities, self.probe_persons, strict=True)
+                           if person in enrolled], dtype=np.float64)
 
 
 def read_manifest(path: Path) -> list[dict[str, str]]:
@@ -48,14 +65,16 @@ def read_manifest(path: Path) -> list[dict[str, str]]:
 def embeddings_set(manifest: Path, embeddings: Path) -> LabelledSet:
     matrix = np.load(embeddings, mmap_mode="r", allow_pickle=False)
     rows = read_manifest(manifest)
-    return _split(rows, lambda row: np.asarray(matrix[int(row["row"])], np.float32))
+    return _split(rows, lambda row: (np.asarray(matrix[int(row["row"])], np.float32),
+                                     math.nan))
 
 
 def photo_set(manifest: Path, model_dir: Path | None, largest_face: bool = False
               ) -> LabelledSet:
     """Embeds each photo of the manifest; `largest_face`: a photo with several faces uses the
     largest (as Face.use_largest_face) instead of counting as a failure. The quality gate is
-    off: the evaluation measures the matcher on every capture the capture rules accept."""
+    off: the evaluation measures the matcher on every capture the capture rules accept, and
+    each photo's unified quality is kept (as the server measures it)."""
     from dedup.core.errors import DedupError
     from dedup.core.settings import CaptureRules
     from dedup.face.embedder import FaceEmbedder
@@ -64,10 +83,11 @@ def photo_set(manifest: Path, model_dir: Path | None, largest_face: bool = False
     embedder = FaceEmbedder(resolve_model_dir(model_dir), CaptureRules(quality_gate=None))
     failures: dict[str, list[str]] = {}
     try:
-        def embed(row: dict[str, str]) -> np.ndarray | None:
+        def embed(row: dict[str, str]) -> Sample | None:
             try:
                 data = (manifest.parent / row["file"]).read_bytes()
-                return embedder.embed(data, use_largest=largest_face, field=row["file"]).vector
+                embedded = embedder.embed(data, use_largest=largest_face, field=row["file"])
+                return embedded.vector, embedded.quality.unified
             except (DedupError, OSError) as error:
                 failures.setdefault(row["role"], []).append(f"{row['file']}: {error}")
                 return None
@@ -76,31 +96,34 @@ def photo_set(manifest: Path, model_dir: Path | None, largest_face: bool = False
     finally:
         embedder.close()
     labelled.failures = failures
+    labelled.photos = True
     return labelled
 
 
 def _split(rows: list[dict[str, str]],
-           vector_of: Callable[[dict[str, str]], np.ndarray | None]) -> LabelledSet:
+           sample_of: Callable[[dict[str, str]], Sample | None]) -> LabelledSet:
     gallery: list[np.ndarray] = []
     probes: list[np.ndarray | None] = []
     gallery_persons: list[str] = []
     probe_persons: list[str] = []
+    probe_qualities: list[float] = []
     for row in rows:
-        vector = vector_of(row)
-        if vector is None:
-            if row["role"] == "probe":  # a probe that cannot be searched still counts
-                probes.append(None)
-                probe_persons.append(row["person"])
-            continue
-        (gallery if row["role"] == "gallery" else probes).append(vector)
-        (gallery_persons if row["role"] == "gallery" else probe_persons).append(row["person"])
+        sample = sample_of(row)
+        if row["role"] == "probe":  # a probe that cannot be searched still counts
+            probes.append(None if sample is None else sample[0])
+            probe_persons.append(row["person"])
+            probe_qualities.append(math.nan if sample is None else sample[1])
+        elif sample is not None:
+            gallery.append(sample[0])
+            gallery_persons.append(row["person"])
     if not gallery:
         raise ValueError("the manifest has no usable gallery sample")
     dimension = len(gallery[0])
     probe_matrix = np.vstack([np.full(dimension, np.nan, np.float32) if p is None else p
                               for p in probes]) if probes else np.empty((0, dimension))
     return LabelledSet(normalize_rows(np.vstack(gallery)), gallery_persons,
-                       probe_matrix.astype(np.float32), probe_persons)
+                       probe_matrix.astype(np.float32), probe_persons,
+                       np.asarray(probe_qualities, dtype=np.float64))
 
 
 def search(labelled: LabelledSet, seed: int = 0) -> SearchOutcomes:
@@ -147,12 +170,19 @@ def _impostor_comparisons(probes: Matrix, probe_persons: np.ndarray, gallery: Ma
 
 
 def evaluate(labelled: LabelledSet, out: Path) -> dict[str, object]:
-    """Writes evaluation.json, det.png and scores.png to `out`; returns the report."""
+    """Writes evaluation.json, det.png and scores.png to `out`, and quality.png for a set
+    of photos; returns the report."""
     out.mkdir(parents=True, exist_ok=True)
     outcomes = search(labelled)
     result = report(outcomes)
     result["gallery_size"] = len(labelled.gallery)
     result["failures"] = labelled.failures
+    if labelled.photos:
+        qualities = labelled.mated_qualities()
+        result["quality_bands"] = quality_bands.band_table(outcomes.mate_scores, qualities)
+        quality_bands.draw(outcomes.mate_scores, qualities, str(out / "quality.png"))
+    else:
+        result["quality_bands"] = {"skipped": NO_PHOTOS}
     (out / "evaluation.json").write_text(json.dumps(_finite(result), indent=2))
     np.save(out / "impostor_scores.npy", outcomes.impostor_scores)
     draw(outcomes, str(out / "det.png"), str(out / "scores.png"))

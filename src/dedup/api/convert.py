@@ -123,6 +123,10 @@ def registration_to_proto(registration: Registration) -> pb.Registration:
         embedding_model=registration.embedding_model,
         enrolled_by=registration.enrolled_by,
     )
+    if registration.quality is not None:
+        message.quality = registration.quality
+    if registration.client_quality is not None:
+        message.client_quality = registration.client_quality
     if registration.enrolled_at_us:
         stamp = Timestamp()
         stamp.FromMicroseconds(registration.enrolled_at_us)

@@ -31,7 +31,15 @@ def register(commands: Subcommands) -> None:
         on log scales), scores.png (histograms of the mates' scores and the best non-mated
         scores) and impostor_scores.npy (the single probe-vs-registration comparisons of
         different persons, at most 2,000,000 sampled, which `dedup calibrate --evaluation`
-        fits).
+        fits). For a set of photos it also measures each probe's unified face image
+        quality, as the server does (the quality gate is off here), and reports the mated
+        searches by quality band: < 40, 40-60, 60-75 (under the gate's default minimum
+        75), 75-85 (marginal: under rule 6's default review quality 85), >= 85, and the
+        probes that could not be embedded; per band the mated probes, their median genuine
+        score and FNIR at the default review (0.30) and match (0.40) thresholds, in
+        evaluation.json (quality_bands) and printed; quality.png plots the genuine score
+        against the unified quality with both thresholds. An embedding set has no photos:
+        the bands are skipped, and the output says so.
         """, ["dedup evaluate --packaged-photos --out eval/packaged",
               "dedup evaluate --manifest set/manifest.csv --out eval/set",
               "dedup evaluate --manifest set/manifest.csv --embeddings set/emb.npy "
@@ -87,6 +95,7 @@ def _register_calibrate(commands: Subcommands) -> None:
 def evaluate_command(args: argparse.Namespace) -> int:
     from dedup.accuracy.evaluate import embeddings_set, evaluate, photo_set
     from dedup.accuracy.photo_sets import build_packaged_set
+    from dedup.accuracy.quality_bands import format_table
     from dedup.face.model_pack import resolve_model_dir
 
     if args.packaged_photos:
@@ -106,7 +115,14 @@ def evaluate_command(args: argparse.Namespace) -> int:
               f"FNIR {row['fnir']:.4f}{note}")
     for role, failed in result["failures"].items():  # type: ignore[attr-defined]
         print(f"  {len(failed)} {role} sample(s) could not be embedded")
-    print(f"wrote evaluation.json, det.png, scores.png to {args.out}")
+    bands: dict[str, object] = result["quality_bands"]  # type: ignore[assignment]
+    if "skipped" in bands:
+        print(f"quality bands: skipped ({bands['skipped']})")
+        print(f"wrote evaluation.json, det.png, scores.png to {args.out}")
+    else:
+        print("mated searches by the probe's unified quality:")
+        print("\n".join(format_table(bands)))
+        print(f"wrote evaluation.json, det.png, scores.png, quality.png to {args.out}")
     return 0
 
 

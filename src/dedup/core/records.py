@@ -22,6 +22,12 @@ class Registration:
     embedding_model: str = ""
     # Who enrolled it: the caller's certificate subject or token name; set by the service.
     enrolled_by: str = ""
+    # The unified face image quality (0-100) the server measured on the photo it was
+    # enrolled from; None when enrolled from an embedding. Set by the service.
+    quality: float | None = None
+    # The unified quality the client sent with the embedding it was enrolled from
+    # (Embedding.quality): the client's word, kept and reported, never trusted for the gate.
+    client_quality: float | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,8 @@ class Probe:
     detected: DetectedFace | None = None
     # A photo's quality as the server measured it (None for an embedding).
     quality: CaptureQuality | None = None
+    # An embedding's unified quality as the client says it measured it (never gated on).
+    client_quality: float | None = None
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,7 @@ class DedupService:
                     f"{field}.embedding.model: {face.vector_model!r} is not the server's model "
                     f"{self.embedder.model_id!r}; embeddings of different models are never "
                     "compared")
-            return Probe(face.vector)
+            return Probe(face.vector, client_quality=face.client_quality)
         embedded = self.embedder.embed(face.image, face.use_largest_face, f"{field}.image",
                                        timeout)
         return Probe(embedded.vector, embedded.face, capture_quality(embedded.quality))
@@ -127,7 +127,11 @@ class DedupService:
                trusted: bool = False) -> EnrollResult:
         """With `check_first`, the check applies settlements as `check` does: the
         registration_id being enrolled names no enrolled registration, so only a trusted
-        caller's enrolment applies those made for it as a refused application."""
+        caller's enrolment applies those made for it as a refused application. The
+        registration is stored with the probe's quality: the server's measure of a photo,
+        or the client's word for an embedding."""
+        registration = dataclasses.replace(registration, quality=_unified(probe),
+                                           client_quality=probe.client_quality)
         vector, detected = probe.vector, probe.detected
         if not check_first:
             stored = self.gallery.insert(registration, vector)

@@ -54,19 +54,22 @@ def split_party(raw: bytes) -> tuple[int | str, bytes]:
 
 
 def encode_registration(registration: Registration) -> bytes:
-    return json.dumps(
-        {
-            "r": registration.registration_id,
-            "i": registration.id_number,
-            "m": registration.msisdn,
-            "c": registration.carrier,
-            "g": registration.region,
-            "t": registration.enrolled_at_us,
-            "e": registration.embedding_model,
-            "b": registration.enrolled_by,
-        },
-        separators=(",", ":"),
-    ).encode()
+    fields: dict[str, object] = {
+        "r": registration.registration_id,
+        "i": registration.id_number,
+        "m": registration.msisdn,
+        "c": registration.carrier,
+        "g": registration.region,
+        "t": registration.enrolled_at_us,
+        "e": registration.embedding_model,
+        "b": registration.enrolled_by,
+    }
+    # Only when known: a registration without them is written as before they existed.
+    if registration.quality is not None:
+        fields["q"] = registration.quality
+    if registration.client_quality is not None:
+        fields["k"] = registration.client_quality
+    return json.dumps(fields, separators=(",", ":")).encode()
 
 
 def decode_registration(raw: bytes) -> Registration:
@@ -80,4 +83,6 @@ def decode_registration(raw: bytes) -> Registration:
         enrolled_at_us=fields["t"],
         embedding_model=fields.get("e", ""),
         enrolled_by=fields.get("b", ""),  # not in records written before it was recorded
+        quality=fields.get("q"),  # only in records of photos since it is recorded
+        client_quality=fields.get("k"),  # only when the client sent one
     )

@@ -203,6 +203,8 @@ class TableWriter(TableReader):
             enrolled_at_us=time.time_ns() // 1000,
             embedding_model=registration.embedding_model,
             enrolled_by=registration.enrolled_by,
+            quality=registration.quality,
+            client_quality=registration.client_quality,
         )
         packed, dbs, txn = u64(key), self.dbs, self.txn
         id_number = stored.id_number.encode()

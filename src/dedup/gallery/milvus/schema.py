@@ -30,7 +30,8 @@ log = logging.getLogger("dedup.milvus")
 PENDING, ACTIVE = 0, 1
 PLACEHOLDER = [1.0, 0.0]
 REGISTRATION_FIELDS = ["registration_id", "id_number", "msisdn", "carrier", "region",
-                       "enrolled_at_us", "embedding_model", "enrolled_by"]
+                       "enrolled_at_us", "embedding_model", "enrolled_by", "quality",
+                       "client_quality"]
 ROW_FIELDS = ["key", *REGISTRATION_FIELDS, "state", "claimed_at_us"]
 # Scalar fields the backend filters on by equality: indexed as the server supports (see
 # version.py; Milvus Lite scans either way: 17 ms a lookup at 20,000 rows, measured).
@@ -40,6 +41,10 @@ VARCHAR_BYTES = {"registration_id": 512, "id_number": 256, "msisdn": 128, "carri
                  "region": 256, "embedding_model": 256, "enrolled_by": 1024}
 # Added after the first release: collections made before it lack the field (see RowShape).
 ENROLLED_BY = "enrolled_by"
+# The enrolment's unified qualities (FLOAT), added later still (see RowShape); NOT_MEASURED
+# stands for None (Milvus before 2.5 has no nullable field).
+QUALITY_FIELDS = ["quality", "client_quality"]
+NOT_MEASURED = -1.0
 MAX_RECORD_BYTES = 65_535
 LOAD_TIMEOUT_S, LOAD_POLL_S = 600.0, 0.05
 PARTY_BYTES = 2 + VARCHAR_BYTES["registration_id"]  # "p:" and a registration_id
@@ -84,6 +89,7 @@ def open_collections(client: Any, config: MilvusConfig, dimension: int,
                          f"collections ({error})") from error
     _check_dimension(client, names.registrations, dimension)
     _add_enrolled_by(client, names.registrations, DataType, version)
+    _add_quality_fields(client, names.registrations, DataType, version)
     return names
 
 
@@ -148,6 +154,8 @@ def _registration_schema(client: Any, types: Any, dimension: int) -> Any:
     for name, size in VARCHAR_BYTES.items():
         schema.add_field(name, types.VARCHAR, max_length=size)
     schema.add_field("enrolled_at_us", types.INT64)
+    for name in QUALITY_FIELDS:
+        schema.add_field(name, types.FLOAT)
     schema.add_field("state", types.INT8)
     schema.add_field("claimed_at_us", types.INT64)
     schema.add_field("embedding", types.FLOAT_VECTOR, dim=dimension)
@@ -201,6 +209,31 @@ def _add_enrolled_by(client: Any, registrations: str, types: Any,
                     registrations, ENROLLED_BY, error)
 
 
+def _add_quality_fields(client: Any, registrations: str, types: Any,
+                        version: ServerVersion) -> None:
+    """Adds the quality fields to a registrations collection made before them, where Milvus
+    can (2.6 and later; its rows read NOT_MEASURED). Elsewhere see RowShape."""
+    missing = [name for name in QUALITY_FIELDS
+               if name not in row_shape(client, registrations).fields]
+    if not missing:
+        return
+    if not version.can_add_field:
+        log.warning("the Milvus collection %s predates the fields %s and %s cannot add them: "
+                    "the enrolments' face image qualities are not recorded", registrations,
+                    ", ".join(missing), version.name)
+        return
+    try:
+        for name in missing:
+            client.add_collection_field(registrations, field_name=name,
+                                        data_type=types.FLOAT, nullable=True,
+                                        default_value=NOT_MEASURED)
+            log.info("added the field %s to the Milvus collection %s", name, registrations)
+    except Exception as error:
+        log.warning("the Milvus collection %s predates the fields %s and this Milvus cannot "
+                    "add them (%s): the enrolments' face image qualities are not recorded",
+                    registrations, ", ".join(missing), error)
+
+
 def _check_dimension(client: Any, registrations: str, dimension: int) -> None:
     described = client.describe_collection(registrations)
     for column in described["fields"]:
@@ -244,6 +277,8 @@ class Row:
         fields = {name: entity[name] for name in REGISTRATION_FIELDS if name in entity}
         # Rows written before the field was added read None, or lack it (see RowShape).
         fields[ENROLLED_BY] = fields.get(ENROLLED_BY) or ""
+        for name in QUALITY_FIELDS:
+            fields[name] = _measured(fields.get(name))
         registration = Registration(**fields)
         return cls(int(entity["key"]), registration, int(entity["state"]),
                    int(entity["claimed_at_us"]), score,
@@ -257,10 +292,16 @@ class Row:
         return Scored(self.key, self.registration, self.score)
 
 
+def _measured(value: float | None) -> float | None:
+    return None if value is None or value < 0 else float(value)
+
+
 def to_entity(key: int, registration: Registration, state: int, claimed_at_us: int,
            vector: Vector) -> dict[str, Any]:
     """The Milvus entity of a registration row."""
-    return dataclasses.asdict(registration) | {
+    qualities = {name: NOT_MEASURED if getattr(registration, name) is None
+                 else getattr(registration, name) for name in QUALITY_FIELDS}
+    return dataclasses.asdict(registration) | qualities | {
         "key": key, "state": state, "claimed_at_us": claimed_at_us,
         "embedding": vector.tolist()}
 
@@ -270,15 +311,17 @@ class RowShape:
     """The fields of one registrations collection: ROW_FIELDS, or all but `enrolled_by` in a
     collection made before it on a Milvus that cannot add a field (Milvus Lite); there the
     enrolling principal is not recorded, and a registration desk's GetRegistration finds
-    nothing (see api/face_dedup.py)."""
+    nothing (see api/face_dedup.py). Likewise a collection made before the quality fields
+    lacks them: there the enrolments' qualities are not recorded, and read as None."""
 
     fields: list[str]
 
     def entity(self, key: int, registration: Registration, state: int, claimed_at_us: int,
                vector: Vector) -> dict[str, Any]:
         entity = to_entity(key, registration, state, claimed_at_us, vector)
-        if ENROLLED_BY not in self.fields:
-            del entity[ENROLLED_BY]
+        for name in [ENROLLED_BY, *QUALITY_FIELDS]:
+            if name not in self.fields:
+                del entity[name]
         return entity
 
 

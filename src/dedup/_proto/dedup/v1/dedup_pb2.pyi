@@ -259,6 +259,8 @@ class Registration(_message.Message):
     ENROLLED_AT_FIELD_NUMBER: _builtins.int
     EMBEDDING_MODEL_FIELD_NUMBER: _builtins.int
     ENROLLED_BY_FIELD_NUMBER: _builtins.int
+    QUALITY_FIELD_NUMBER: _builtins.int
+    CLIENT_QUALITY_FIELD_NUMBER: _builtins.int
     registration_id: _builtins.str
     """The client's unique key, e.g. the carrier's order number."""
     id_number: _builtins.str
@@ -272,6 +274,16 @@ class Registration(_message.Message):
     enrolled_by: _builtins.str
     """Set by the server: who enrolled it (the certificate subject, `CN=...`, or the token's
     name, `token:...`); empty in replies to the registration role about others' records.
+    """
+    quality: _builtins.float
+    """Set by the server: the unified face image quality (0-100, as Quality.unified) it
+    measured on the photo the registration was enrolled from. Absent when it was enrolled
+    from an embedding, or stored before the quality was recorded.
+    """
+    client_quality: _builtins.float
+    """Set by the server: the unified quality the client sent with the embedding it was
+    enrolled from (Embedding.quality.unified), kept as the client's word: never trusted,
+    never gated on. Absent when the client sent none.
     """
     @_builtins.property
     def enrolled_at(self) -> _timestamp_pb2.Timestamp:
@@ -288,12 +300,21 @@ class Registration(_message.Message):
         enrolled_at: _timestamp_pb2.Timestamp | None = ...,
         embedding_model: _builtins.str = ...,
         enrolled_by: _builtins.str = ...,
+        quality: _builtins.float | None = ...,
+        client_quality: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["enrolled_at", b"enrolled_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_client_quality", b"_client_quality", "_quality", b"_quality", "client_quality", b"client_quality", "enrolled_at", b"enrolled_at", "quality", b"quality"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["carrier", b"carrier", "embedding_model", b"embedding_model", "enrolled_at", b"enrolled_at", "enrolled_by", b"enrolled_by", "id_number", b"id_number", "msisdn", b"msisdn", "region", b"region", "registration_id", b"registration_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_client_quality", b"_client_quality", "_quality", b"_quality", "carrier", b"carrier", "client_quality", b"client_quality", "embedding_model", b"embedding_model", "enrolled_at", b"enrolled_at", "enrolled_by", b"enrolled_by", "id_number", b"id_number", "msisdn", b"msisdn", "quality", b"quality", "region", b"region", "registration_id", b"registration_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__client_quality: _TypeAlias = _typing.Literal["client_quality"]  # noqa: Y015
+    _WhichOneofArgType__client_quality: _TypeAlias = _typing.Literal["_client_quality", b"_client_quality"]  # noqa: Y015
+    _WhichOneofReturnType__quality: _TypeAlias = _typing.Literal["quality"]  # noqa: Y015
+    _WhichOneofArgType__quality: _TypeAlias = _typing.Literal["_quality", b"_quality"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__client_quality) -> _WhichOneofReturnType__client_quality | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__quality) -> _WhichOneofReturnType__quality | None: ...
 
 Global___Registration: _TypeAlias = Registration  # noqa: Y015
 
