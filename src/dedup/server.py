@@ -7,9 +7,14 @@ admitted and wait for their clients there, and only admitted work reaches the wo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import os
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -22,6 +27,7 @@ from dedup.api.admission import Admission
 from dedup.api.auth import Authorizer, is_loopback, mtls_credentials, tls_credentials
 from dedup.api.calls import Gate, Waits
 from dedup.api.face_dedup import FaceDedupServicer
+from dedup.api.forward import Primary, add_replica_service
 from dedup.api.index_admin import IndexAdminServicer
 from dedup.api.investigate import InvestigateServicer
 from dedup.api.metrics import Metrics
@@ -29,12 +35,14 @@ from dedup.api.observe import CallObserver
 from dedup.api.transport import Transport
 from dedup.api.wire import add_service
 from dedup.core.errors import ConfigError
+from dedup.core.files import PRIVATE_FILE_MODE
 from dedup.core.settings import ServerConfig
 from dedup.face.embedder import FaceEmbedder
 from dedup.face.model_pack import resolve_model_dir
 from dedup.gallery.base import Gallery
 from dedup.gallery.embedded.gallery import EmbeddedGallery
-from dedup.service.audit import AuditTrail
+from dedup.gallery.embedded.replica import ReplicaGallery
+from dedup.service.audit import AuditTrail, local_audit_key
 from dedup.service.registrations import DedupService
 
 log = logging.getLogger("dedup.server")
@@ -105,11 +113,24 @@ def open_backend(config: ServerConfig, model_id: str) -> Gallery:
                          config.store.data_dir)
 
 
-def create_server(config: ServerConfig, address: str = "127.0.0.1:0") -> tuple[DedupServer, int]:
+@dataclass(frozen=True)
+class Forwarding:
+    """How the read replicas of a multi-process server (dedup/replicas.py) reach the
+    primary: its Unix socket in the data directory, and the secret with which they name
+    the callers they authenticated (api/auth.py)."""
+
+    socket: Path
+    secret: str
+
+
+def create_server(config: ServerConfig, address: str = "127.0.0.1:0",
+                  forwarding: Forwarding | None = None) -> tuple[DedupServer, int]:
     """Loads the face model, opens the gallery and binds `address`.
 
     Returns the server (not started) and its port. A missing model directory or an unusable
-    data directory raises before anything listens.
+    data directory raises before anything listens. With `forwarding`, the primary of a
+    multi-process server: `address` is bound with SO_REUSEPORT (the replicas bind it too),
+    and the replicas' relayed calls are taken on the Unix socket.
     """
     if config.security is None and not is_loopback(address):
         raise ConfigError(f"refusing to listen on {address} without a security file: "
@@ -125,12 +146,14 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0") -> tuple[D
         raise
     transport: Transport | None = None
     try:
-        transport = _transport(config)
+        transport = _transport(config, reuse_port=forwarding is not None)
         service = DedupService(gallery, embedder, config.policy, config.limits)
         metrics.watch_gallery(gallery)
-        audit = _add_dedup_services(transport, config, service, metrics)
+        audit = _add_dedup_services(transport, config, service, metrics, forwarding)
         health_servicer = transport.on_loop(_add_health_and_reflection, transport.server, config)
         port, token_port = transport.on_loop(_listen, transport.server, config, address)
+        if forwarding is not None:
+            transport.on_loop(_listen_for_replicas, transport.server, forwarding.socket)
     except BaseException:
         if transport is not None:
             transport.stop(0)
@@ -143,11 +166,54 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0") -> tuple[D
     return dedup_server, port
 
 
-def _transport(config: ServerConfig) -> Transport:
+def create_replica_server(config: ServerConfig, address: str, forwarding: Forwarding,
+                          number: int, pin: Callable[[int], None]
+                          ) -> tuple[DedupServer, ReplicaGallery, int]:
+    """A read replica of a multi-process server (dedup/replicas.py): its own gRPC server
+    on the primary's `address` (SO_REUSEPORT), answering Checks from a ReplicaGallery and
+    relaying every other call to the primary (api/forward.py). Returns the server (not
+    started), its gallery (the store not open yet: the primary opens it) and its port.
+    Metrics and audit anchoring are the primary's."""
+    config = dataclasses.replace(config, metrics_address=None, audit_anchor_file=None)
+    metrics = Metrics()
+    embedder = FaceEmbedder(resolve_model_dir(config.model_dir), config.capture,
+                            workers=config.embed_workers, max_batch=config.embed_batch,
+                            max_pending=config.max_pending_images, metrics=metrics)
+    gallery = ReplicaGallery(config.store, embedder.model_id, config.index, pin)
+    transport: Transport | None = None
+    try:
+        transport = _transport(config, reuse_port=True)
+        service = DedupService(gallery, embedder, config.policy, config.limits)
+        key = (config.security.audit_key if config.security else None) \
+            or local_audit_key(gallery.data_dir)
+        checks = FaceDedupServicer(service, config, metrics, AuditTrail(gallery, key))
+        gate = _gate(config, transport, metrics, process=f"replica-{number}")
+        primary = transport.run(_primary(forwarding, config))
+        services = pb.DESCRIPTOR.services_by_name
+        for name in ("FaceDedup", "IndexAdmin", "Investigate"):
+            transport.on_loop(add_replica_service, transport.server, services[name], checks,
+                              gate, primary, lambda: gallery.serving)
+        health_servicer = transport.on_loop(_add_health_and_reflection, transport.server, config)
+        port, _ = transport.on_loop(_listen, transport.server, config, address)
+    except BaseException:
+        if transport is not None:
+            transport.stop(0)
+        embedder.close()
+        gallery.close()
+        raise
+    return DedupServer(transport, service, health_servicer, config, metrics), gallery, port
+
+
+async def _primary(forwarding: Forwarding, config: ServerConfig) -> Primary:
+    return Primary(forwarding.socket, forwarding.secret, config.max_message_bytes)
+
+
+def _transport(config: ServerConfig, reuse_port: bool = False) -> Transport:
     return Transport(
         [("grpc.max_receive_message_length", config.max_message_bytes),
          ("grpc.max_send_message_length", config.max_message_bytes),
-         ("grpc.so_reuseport", 0),
+         # Only the processes of one multi-process server share a port.
+         ("grpc.so_reuseport", int(reuse_port)),
          # A stream's receive window then stays small (64 KiB) until its request is read:
          # grown by bandwidth probes, it let refused callers' bytes pile up in the transport
          # (60-100 MiB over 32 unread 15 MiB requests). Admitted uploads pay on long links:
@@ -159,20 +225,24 @@ def _transport(config: ServerConfig) -> Transport:
         functools.partial(faiss.omp_set_num_threads, config.faiss_omp_threads))
 
 
-def _gate(config: ServerConfig, transport: Transport, metrics: Metrics) -> Gate:
+def _gate(config: ServerConfig, transport: Transport, metrics: Metrics,
+          forward_secret: str | None = None, process: str | None = None) -> Gate:
     """Admission and time bounds of every dedup call. max_concurrent_rpcs counts admitted
-    calls only: a caller without credentials, health and reflection never take a slot."""
-    admission = Admission(Authorizer(config.security), metrics, config.max_concurrent_rpcs,
-                          config.max_calls_per_caller)
-    return Gate(CallObserver(metrics), admission, transport.pool,
+    calls only: a caller without credentials, health and reflection never take a slot.
+    `forward_secret`: a primary's (replicas name their callers with it); `process`: which
+    process of a multi-process server answers, in every call's trailing metadata."""
+    admission = Admission(Authorizer(config.security, forward_secret), metrics,
+                          config.max_concurrent_rpcs, config.max_calls_per_caller)
+    return Gate(CallObserver(metrics, process), admission, transport.pool,
                 Waits(config.request_read_timeout_s, config.stream_idle_timeout_s))
 
 
 def _add_dedup_services(transport: Transport, config: ServerConfig, service: DedupService,
-                        metrics: Metrics) -> AuditTrail:
+                        metrics: Metrics, forwarding: Forwarding | None = None) -> AuditTrail:
     """FaceDedup, IndexAdmin and Investigate, each call observed and admitted; returns
     their audit trail."""
-    gate = _gate(config, transport, metrics)
+    gate = (_gate(config, transport, metrics) if forwarding is None else
+            _gate(config, transport, metrics, forwarding.secret, "primary"))
     audit = AuditTrail.for_server(service.gallery, config)
     services = pb.DESCRIPTOR.services_by_name
     for name, servicer in (("FaceDedup", FaceDedupServicer(service, config, metrics, audit)),
@@ -193,6 +263,20 @@ def _add_health_and_reflection(server: grpc.aio.Server,
             server,
         )
     return health_servicer
+
+
+# sockaddr_un's path is 108 bytes on Linux, with its terminating NUL.
+_MAX_SOCKET_PATH = 107
+
+
+def _listen_for_replicas(server: grpc.aio.Server, socket: Path) -> None:
+    """The Unix socket the replicas relay calls to: in the data directory (0700), 0600."""
+    if len(str(socket)) > _MAX_SOCKET_PATH:
+        raise ConfigError(f"{socket}: the path of the replicas' socket is longer than "
+                          f"{_MAX_SOCKET_PATH} bytes; use a data directory with a shorter path")
+    if server.add_insecure_port(f"unix:{socket}") == 0:
+        raise OSError(f"cannot bind unix:{socket}")
+    os.chmod(socket, PRIVATE_FILE_MODE)
 
 
 def _listen(server: grpc.aio.Server, config: ServerConfig,

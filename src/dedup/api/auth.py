@@ -12,6 +12,7 @@ import contextvars
 import hashlib
 import hmac
 import ipaddress
+import json
 from datetime import UTC, datetime
 
 import grpc
@@ -27,6 +28,13 @@ _ALLOWED: dict[str, frozenset[str]] = {
     "investigator": frozenset({"Investigate.*", "FaceDedup.Check",
                                "FaceDedup.GetRegistration"}),
 }
+
+# A read replica (`dedup serve --processes N`) relays calls to the primary process naming
+# the caller it authenticated (a client certificate cannot travel through the relay), with
+# the secret the primary gave it: only a caller named with that secret is believed.
+FORWARD_SECRET_KEY = "x-dedup-forward-secret"
+FORWARDED_CALLER_KEY = "x-dedup-forwarded-caller"
+FORWARD_KEYS = (FORWARD_SECRET_KEY, FORWARDED_CALLER_KEY)
 
 CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("caller", default=None)
 UNAUTHENTICATED_CALLER = Caller("unauthenticated (loopback)", "admin", "none")
@@ -66,14 +74,27 @@ def is_loopback(address: str) -> bool:
         return False
 
 
+def forwarded_caller_metadata(caller: Caller, secret: str) -> list[tuple[str, str]]:
+    """What a replica adds to a call it relays: the caller it authenticated."""
+    named = json.dumps([caller.identity, caller.role, caller.via])
+    return [(FORWARD_SECRET_KEY, secret), (FORWARDED_CALLER_KEY, named)]
+
+
 class Authorizer:
-    def __init__(self, security: SecurityConfig | None) -> None:
+    def __init__(self, security: SecurityConfig | None, forward_secret: str | None = None
+                 ) -> None:
+        """`forward_secret`: a primary's, which believes the callers replicas name with it."""
         self.security = security
+        self.forward_secret = forward_secret
 
     def caller(self, context: grpc.ServicerContext) -> Caller:
         """The authenticated caller, or Unauthenticated."""
         if self.security is None:
             return UNAUTHENTICATED_CALLER
+        if self.forward_secret is not None:
+            forwarded = self._forwarded_caller(context)
+            if forwarded is not None:
+                return forwarded
         names = context.auth_context().get("x509_common_name")
         if names:
             common_name = names[0].decode()
@@ -83,6 +104,22 @@ class Authorizer:
                                       "security file maps to a role")
             return Caller(f"CN={common_name}", role, "mtls")
         return self._token_caller(context)
+
+    def _forwarded_caller(self, context: grpc.ServicerContext) -> Caller | None:
+        """The caller a replica authenticated, if the call came through one."""
+        assert self.forward_secret is not None
+        metadata = dict(context.invocation_metadata() or ())
+        secret = metadata.get(FORWARD_SECRET_KEY)
+        if secret is None:
+            return None
+        if not isinstance(secret, str) or not hmac.compare_digest(
+                secret.encode(), self.forward_secret.encode()):
+            raise Unauthenticated("a forwarded call must come from a replica of this server")
+        try:
+            identity, role, via = json.loads(str(metadata.get(FORWARDED_CALLER_KEY)))
+        except (TypeError, ValueError) as error:
+            raise Unauthenticated("a forwarded call must name its caller") from error
+        return Caller(str(identity), str(role), str(via))
 
     def _token_caller(self, context: grpc.ServicerContext) -> Caller:
         assert self.security is not None

@@ -94,16 +94,25 @@ class Call:
 
     async def request(self) -> Message:
         """The call's one request message."""
-        request = await self.read(first=True)
-        if isinstance(request, End):
+        return self.decoded(await self.request_bytes())
+
+    async def request_bytes(self) -> bytes:
+        """The call's one request, as its bytes."""
+        raw = await self.read_bytes(first=True)
+        if isinstance(raw, End):
             raise Aborted(grpc.StatusCode.INVALID_ARGUMENT,
                           f"request: the call ended without a {self._type_name} message")
-        return request
+        return raw
 
     async def read(self, first: bool) -> Message | End:
         """The next request message, or END; DEADLINE_EXCEEDED when the client sends
         nothing in time (request_read_timeout_s for the first, stream_idle_timeout_s for
         each next), INVALID_ARGUMENT when it is not a message of the method's type."""
+        raw = await self.read_bytes(first)
+        return END if isinstance(raw, End) else self.decoded(raw)
+
+    async def read_bytes(self, first: bool) -> bytes | End:
+        """The next request as its bytes, or END, within the same time bounds as `read`."""
         waits = self.gate.waits
         seconds = waits.request_s if first else waits.idle_s
         try:
@@ -116,13 +125,13 @@ class Call:
             raise Aborted(grpc.StatusCode.DEADLINE_EXCEEDED,
                           f"{self.method.name}: no {what} within {seconds:g} s of "
                           f"{'the call' if first else 'the last'} ({setting})") from None
-        return END if raw is grpc.aio.EOF else self._decoded(raw)
+        return END if raw is grpc.aio.EOF else bytes(raw)
 
     @property
     def _type_name(self) -> str:
         return self.request_class.DESCRIPTOR.full_name
 
-    def _decoded(self, data: bytes) -> Message:
+    def decoded(self, data: bytes) -> Message:
         """grpcio would answer bytes its deserializer cannot parse with INTERNAL, which
         tells the caller nothing and reads as a server fault."""
         try:

@@ -68,9 +68,15 @@ class ObservedCall:
                                "peer": self.context.peer()})
 
 
+PROCESS_KEY = "x-dedup-process"
+
+
 class CallObserver:
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, process: str | None = None) -> None:
+        """`process`: which process of a multi-process server answers (trailing metadata)."""
         self.metrics = metrics
+        self.trailing: tuple[tuple[str, str], ...] = () if process is None else (
+            (PROCESS_KEY, process),)
 
     @contextmanager
     def call(self, method: str, context: Any) -> Iterator[ObservedCall]:
@@ -78,7 +84,7 @@ class CallObserver:
         for log lines and returned in trailing metadata; the outcome is counted and logged."""
         request_id = _request_id(context)
         token = REQUEST_ID.set(request_id)
-        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id), *self.trailing))
         observed = ObservedCall(self.metrics, method, context)
         try:
             yield observed

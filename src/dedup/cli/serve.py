@@ -69,6 +69,10 @@ def register(commands: Subcommands) -> None:
                        help="serve Prometheus metrics over HTTP here (e.g. 127.0.0.1:9464)")
     serve.add_argument("--grace", type=float, default=ServerConfig.shutdown_grace_s,
                        help="seconds in-flight calls get to finish on SIGTERM")
+    serve.add_argument("--processes", type=_positive, default=1, metavar="N",
+                       help="serve the embedded data directory from N processes sharing "
+                       "--address: one writes, N-1 read replicas answer checks on more "
+                       "cores and relay every other call to it (default 1)")
     _audit_arguments(serve)
     _admission_arguments(serve)
     serve.add_argument("--model-dir", type=Path, default=None,
@@ -88,6 +92,16 @@ def register(commands: Subcommands) -> None:
         only runs the (read-only) checks.
         """, ["dedup demo --data-dir /tmp/dedup-demo"], demo_command)
     demo.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1")
+    return value
 
 
 def _audit_arguments(serve: argparse.ArgumentParser) -> None:
@@ -290,7 +304,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    from dedup.server import create_server
+    from dedup.replicas import create_servers
 
     config = server_config(args)
     stopping = threading.Event()
@@ -302,12 +316,15 @@ def serve_command(args: argparse.Namespace) -> int:
     # Before anything starts, so that a signal during start-up also ends in a clean stop.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    server, port = create_server(config, args.address)
+    server, port = create_servers(config, args.address, args.processes)
     server.start()
     host = args.address.rsplit(":", 1)[0]
     log.info("dedup serving on %s:%d, %s", host, port,
              f"data directory {args.data_dir.resolve()}" if config.milvus is None
              else f"milvus backend at {config.milvus.uri}")
+    if args.processes > 1:
+        log.info("%d processes share port %d: this one writes, %d read replicas answer "
+                 "checks", args.processes, port, args.processes - 1)
     if server.token_port is not None:
         log.info("bearer tokens accepted over TLS on port %d", server.token_port)
     if server.metrics_port is not None:

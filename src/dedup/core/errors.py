@@ -92,6 +92,11 @@ class BackendUnavailable(DedupError):
     in time; nothing was stored, and the call may be retried."""
 
 
+class NotServedHere(BackendUnavailable):
+    """A read replica cannot answer from its own store now (it is released for a compaction,
+    or not open yet): the primary process must answer instead."""
+
+
 class StoreError(DedupError):
     """The data directory cannot be opened or is damaged."""
 

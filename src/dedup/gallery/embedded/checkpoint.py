@@ -84,6 +84,18 @@ def read_checkpoint(path: Path) -> Checkpoint:
                       payload=payload, kind=kind.rstrip(b"\0").decode())
 
 
+def checkpoint_kind(path: Path) -> str | None:
+    """The index type a checkpoint holds, from its header alone; None if there is none."""
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(_HEADER.size)
+    except OSError:
+        return None
+    if len(header) < _HEADER.size or header[:len(MAGIC)] != MAGIC:
+        return None
+    return str(_HEADER.unpack(header)[7].rstrip(b"\0").decode())
+
+
 def fsync_directory(directory: Path) -> None:
     descriptor = os.open(directory, os.O_RDONLY)
     try:

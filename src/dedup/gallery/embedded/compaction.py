@@ -67,7 +67,8 @@ def compact(store: LmdbEnv) -> tuple[int, int]:
         open_target: lmdb.Environment | None = target
         try:
             snapshot = _copy(store, target)
-            with store.writes_paused():
+            # Replicas close the store before writes pause (they forward reads meanwhile).
+            with store.others_released(), store.writes_paused():
                 started = time.monotonic()
                 _catch_up(store, target, snapshot)
                 target.sync(True)

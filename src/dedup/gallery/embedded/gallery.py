@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +180,17 @@ class EmbeddedGallery:
             checkpoint_due = self._checkpointer.erasure_checkpoint_by() if faces else None
         return Erasure([face.registration for face in faces], digest, self.compaction_due(),
                        checkpoint_due)
+
+    def share_with_replicas(self, released: Callable[[], AbstractContextManager[object]],
+                            floor: Callable[[], int | None]) -> None:
+        """Read replicas (gallery/embedded/replica.py) in other processes have this store
+        open: `released` makes them close it around a compaction's swap, `floor` is the
+        oldest change one has yet to replay (the change log is kept from there on)."""
+        self.store.share_with_replicas(released, floor)
+
+    def clear_stale_readers(self) -> int:
+        """Frees LMDB reader slots left by a replica that died."""
+        return self.store.clear_stale_readers()
 
     def compaction_due(self) -> float | None:
         """Unix time by which erased registrations' bytes will be compacted away."""

@@ -6,10 +6,12 @@ from pathlib import Path
 
 STORE_DIR = "store"  # the LMDB environment
 DATA_FILE = "data.mdb"  # LMDB's data file in it
+LMDB_LOCK_FILE = "lock.mdb"  # LMDB's lock file (its reader table) beside it
 VECTOR_FILE = "vectors.f32"  # the embeddings, beside LMDB's files (vector_file.py)
 CHECKPOINT_FILE = "index.ckpt"  # the index checkpoint
 REBUILD_FILE = "index.ckpt.rebuild"  # a live rebuild's index until it is swapped in
 LOCK_FILE = "dedup.lock"  # held by the process that has the directory open for writing
+FORWARD_SOCKET = "forward.sock"  # `serve --processes N`: the primary's socket for replicas
 
 
 def store_dir(data_dir: Path) -> Path:

@@ -7,10 +7,12 @@ map at its cap ResourceExhausted.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,7 +24,7 @@ from dedup.core.files import PRIVATE_FILE_MODE, private_dir
 from dedup.core.rwlock import ReadWriteLock
 from dedup.core.settings import StoreConfig
 from dedup.gallery.embedded.checkpoint import fsync_directory
-from dedup.gallery.embedded.layout import DATA_FILE
+from dedup.gallery.embedded.layout import DATA_FILE, LMDB_LOCK_FILE
 
 log = logging.getLogger("dedup.store")
 
@@ -32,6 +34,8 @@ _T = TypeVar("_T")
 DAMAGE = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError, lmdb.BadTxnError,
           lmdb.InvalidError, lmdb.VersionMismatchError)
 
+# A reader that opened the store across a compaction's swap opens it again, up to this often.
+_STALE_TABLE_REOPENINGS = 3
 DUPSORT_DB = "by_id_number"  # one ID number, many keys (sorted duplicates)
 _OPTIONAL_DBS = ("audit", "adjudications")  # absent from a store never written to them
 
@@ -93,6 +97,13 @@ class LmdbEnv:
         # While a compaction copies the store: the change-log sequence its snapshot holds,
         # below which the log must not be truncated (the copy is caught up from it).
         self.compacting_from: int | None = None
+        # Around the swap of a compaction: the read replicas close the environment first
+        # and open it again after (they would read the old file until then).
+        self.others_released: Callable[[], AbstractContextManager[object]] = nullcontext
+        # The lock file a compaction swapped in, locked by this process (see
+        # replace_data_file): kept open as long as the environment is, since closing any
+        # descriptor of a file drops every fcntl lock the process holds on it, LMDB's too.
+        self._lock_claim: int | None = None
         self._env = self._open_environment()
         self.dbs = self._open_dbs()
 
@@ -103,6 +114,22 @@ class LmdbEnv:
             private_dir(self.path)  # before lmdb.open, which would make it with `mode` (0600)
         except OSError as error:
             raise StoreError(f"{self.path}: cannot create the store directory ({error})") from error
+        env = self._open_lmdb()
+        for _ in range(_STALE_TABLE_REOPENINGS):
+            if _lock_table_current(env):
+                break
+            env.close()
+            if not self.readonly:
+                raise self._stale_lock_table()
+            # Opened across a compaction's swap (the old lock file, the new data file): the
+            # lock file is the new one by now. A commit between the two reads looks the same.
+            env = self._open_lmdb()
+        stale = env.reader_check()
+        if stale:
+            log.warning("cleared %d stale LMDB reader slot(s) left by a dead process", stale)
+        return env
+
+    def _open_lmdb(self) -> lmdb.Environment:
         map_size = max(self.config.initial_map_size, self.file_bytes())
         try:
             env = lmdb.open(
@@ -112,11 +139,15 @@ class LmdbEnv:
             )
         except lmdb.Error as error:
             raise StoreError(f"{self.path}: cannot open the LMDB store ({error})") from error
-        stale = env.reader_check()
-        if stale:
-            log.warning("cleared %d stale LMDB reader slot(s) left by a dead process", stale)
         self._refuse_truncated(env)
         return env
+
+    def _stale_lock_table(self) -> StoreError:
+        return StoreError(
+            f"{self.path}: LMDB's lock file (lock.mdb) is not the one of data.mdb (a data "
+            "file put in place while another process had the store open): writing beside it "
+            "would lose commits; stop every process that has the store open (dedup doctor, "
+            "backup, audit) and start again")
 
     def _refuse_truncated(self, env: lmdb.Environment) -> None:
         # Pages past the end of a truncated file are mapped but unbacked: touching one is a
@@ -152,15 +183,34 @@ class LmdbEnv:
             return None
 
     def replace_data_file(self, replacement: Path) -> None:
-        """Closes the environment, renames `replacement` over its data file (durably) and
-        opens it again. Only inside `exclusive()`."""
+        """Closes the environment, renames `replacement` over its data file with a new lock
+        file (durably) and opens it again. Only inside `exclusive()`.
+
+        Another process may have the environment open (doctor, backup, a rebuild's child).
+        LMDB's lock file holds the last transaction's id, which it takes from the data file
+        only when no other process has the environment open: reopened beside one, the
+        writer would keep the old file's id, build on the wrong meta page of the new file
+        and lose its last commits. So the new data file comes with a new lock file, locked
+        by this process before either is swapped in: a process opening the store meanwhile
+        waits, and the reopening initialises it from the new data file. A process that had
+        the store open keeps the old lock file and data file (both unlinked) and reads the
+        store as it was before the swap until it opens it again.
+        """
         self._env.close()
+        self._release_lock_claim()
         try:
+            self._lock_claim = claim_new_lock_file(self.path)
             replacement.replace(self.path / DATA_FILE)
             fsync_directory(self.path)
         finally:
             self._env = self._open_environment()
             self.dbs = self._open_dbs()
+
+    def _release_lock_claim(self) -> None:
+        """Only once the environment is closed (see _lock_claim)."""
+        if self._lock_claim is not None:
+            os.close(self._lock_claim)
+            self._lock_claim = None
 
     # -- transactions ----------------------------------------------------------------
 
@@ -187,8 +237,24 @@ class LmdbEnv:
 
     @contextmanager
     def read_txn(self) -> Iterator[lmdb.Transaction]:
-        with self.shared() as env, env.begin(write=False) as txn:
-            yield txn
+        while True:
+            began = False
+            try:
+                with self.shared() as env, env.begin(write=False) as txn:
+                    began = True
+                    yield txn
+                return
+            except lmdb.MapResizedError:
+                if began:
+                    raise
+                self._adopt_grown_map()
+
+    def _adopt_grown_map(self) -> None:
+        """Another process (the writer) grew the map past this one's: take its size."""
+        with self._resize.writing():
+            self._env.set_mapsize(0)
+            log.debug("adopted the LMDB map's new size of %d bytes",
+                      int(self._env.info()["map_size"]))
 
     @contextmanager
     def peek(self) -> Iterator[lmdb.Transaction]:
@@ -201,6 +267,11 @@ class LmdbEnv:
     def read(self, work: Callable[[lmdb.Transaction], _T]) -> _T:
         with self.read_txn() as txn:
             return work(txn)
+
+    def clear_stale_readers(self) -> int:
+        """Frees the reader slots of processes that died (a replica killed mid-read)."""
+        with self.shared() as env:
+            return int(env.reader_check())
 
     def write(self, work: Callable[[lmdb.Transaction], _T]) -> _T:
         """Runs `work` in one write transaction, committed durably; grows a full map."""
@@ -247,6 +318,7 @@ class LmdbEnv:
     def close(self) -> None:
         with self._resize.writing():
             self._env.close()
+            self._release_lock_claim()
 
 
 def _usage_of(env: lmdb.Environment, file_bytes: int) -> StoreUsage:
@@ -254,6 +326,38 @@ def _usage_of(env: lmdb.Environment, file_bytes: int) -> StoreUsage:
     return StoreUsage(map_bytes=int(info["map_size"]),
                       used_bytes=(int(info["last_pgno"]) + 1) * int(page_size),
                       file_bytes=file_bytes)
+
+
+def _lock_table_current(env: lmdb.Environment) -> bool:
+    """Whether the last transaction id in LMDB's lock file is the data file's.
+
+    LMDB initialises the lock file from the data file only when it opens the environment
+    alone. A process that opens it beside one holding a lock file from before the data file
+    was replaced keeps that file's id: a write would build on an older meta page and lose
+    the commits after it; a read would see an older state, on pages the writer may reuse.
+    """
+    with env.begin(write=False) as txn:
+        table_txnid = int(txn.id())
+    return table_txnid == int(env.info()["last_txnid"])
+
+
+def claim_new_lock_file(directory: Path) -> int:
+    """Puts an empty lock file in place of LMDB's, with the byte LMDB locks to tell whether
+    it is alone locked by this process: another process opening the environment waits on
+    it, and this one's LMDB finds itself alone and initialises the lock file (LMDB then
+    shares the byte). Returns the locked file's descriptor."""
+    claimed = directory / (LMDB_LOCK_FILE + ".new")
+    claimed.unlink(missing_ok=True)  # left by a crash
+    descriptor = os.open(claimed, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                         PRIVATE_FILE_MODE)
+    try:
+        fcntl.lockf(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+        os.replace(claimed, directory / LMDB_LOCK_FILE)
+    except BaseException:
+        os.close(descriptor)
+        claimed.unlink(missing_ok=True)
+        raise
+    return descriptor
 
 
 def _is_disk_full(error: lmdb.Error) -> bool:

@@ -53,11 +53,16 @@ def replay_changes(store: Store, index: VectorIndex, covered: int, model_id: str
             "rebuilding", covered, delta.current, delta.logged,
         )
         return None
+    apply_delta(store, index, delta, model_id)
+    if delta.logged:
+        log.info("replayed %d change(s) after sequence %d", delta.logged, covered)
+    return delta.current
+
+
+def apply_delta(store: Store, index: VectorIndex, delta: ChangeDelta, model_id: str) -> None:
+    """Applies a complete delta to an index that covers `delta.since`."""
     ours = [face.key for face in store.faces(delta.added, with_vectors=False)
             if face.registration.embedding_model == model_id]
     keys, vectors = store.vectors(ours)
     index.add(np.asarray(keys, np.int64), vectors)
     index.remove(np.asarray(sorted(delta.removed_older), np.int64))
-    if delta.logged:
-        log.info("replayed %d change(s) after sequence %d", delta.logged, covered)
-    return delta.current

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TypeVar
 
@@ -40,6 +41,10 @@ log = logging.getLogger("dedup.store")
 
 _T = TypeVar("_T")
 
+# The change log is kept for a read replica this many changes behind at most; one further
+# behind loads the index checkpoint again.
+REPLICA_LAG_KEPT = 1_000_000
+
 
 class Store(ReadableStore):
     """Registrations in LMDB, with secondary lookups and a change log, and their embeddings
@@ -54,6 +59,8 @@ class Store(ReadableStore):
         # Held from a Delete's commit until its slots are zeroed, and while the change log is
         # truncated: an OP_REMOVE leaves the log only once its slot is zeros.
         self._erasing = threading.Lock()
+        # The oldest change a read replica has yet to replay (see truncate_changes).
+        self.replica_floor: Callable[[], int | None] = lambda: None
         super().__init__(config, readonly)
         if not readonly:
             try:
@@ -102,6 +109,16 @@ class Store(ReadableStore):
             log.warning("compaction zeroed %d erased registration(s)' slots that held bytes",
                         zeroed)
         return sizes
+
+    def share_with_replicas(self, released: Callable[[], AbstractContextManager[object]],
+                            floor: Callable[[], int | None]) -> None:
+        """Read replicas in other processes have this store open: `released` closes theirs
+        around a compaction's swap; `floor` is the oldest change one has yet to replay."""
+        self._lmdb.others_released = released
+        self.replica_floor = floor
+
+    def clear_stale_readers(self) -> int:
+        return self._lmdb.clear_stale_readers()
 
     def _erase_slots(self, keys: list[int]) -> int:
         zeroed = self._slots.zero(keys)
@@ -152,6 +169,9 @@ class Store(ReadableStore):
         floor = self._lmdb.compacting_from
         if floor is not None:  # a compaction catches its copy up from the log after `floor`
             through = min(through, floor)
+        replicas = self.replica_floor()
+        if replicas is not None and through - replicas <= REPLICA_LAG_KEPT:
+            through = min(through, replicas)  # replicas catch up from the log after it
         with self._erasing:
             return self._write(lambda tables: tables.truncate_changes(through))
 

@@ -1,0 +1,202 @@
+"""Checks a second from 1 and from 2 serving processes (dedup serve --processes N).
+
+Side by side in one run, on the same gallery.
+
+The gallery is scale.py's (same generator, same work directory: a gallery scale.py imported
+is reused, else it is imported here). For each process count the server is started, warmed
+up, and measured --repeats times: 8 clients (--clients) in a load process of their own
+with pre-serialised requests, each client on a connection of its own. SO_REUSEPORT hashes
+connections over the processes; so that a run measures the processes and not the luck of
+the hash, each client reconnects until the connections are spread evenly (--no-balance: as
+the kernel spreads them). Reported per process count (medians of the repeats): checks/s,
+p50, p99, errors, duplicate recall against exact ground truth, and the CPU milliseconds per
+check of the server's processes together; then the speed-up of 2 over 1.
+
+    .venv/bin/python benchmarks/processes.py --registrations 1000000 --variant iso
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+
+from dedup._proto.dedup.v1 import dedup_pb2 as pb
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gallery_data import VARIANTS, generate
+from harness import CHECK_METHOD, process_cpu_seconds, run_threads
+from scale import RESULTS, check_requests, ground_truth, import_gallery, recall
+
+_PROCESS_KEY = "x-dedup-process"
+_RECONNECTS = 400
+
+
+class Server:
+    """`dedup serve --processes N` on a data directory, on a free loopback port."""
+
+    def __init__(self, data_dir: Path, processes: int) -> None:
+        command = [sys.executable, "-m", "dedup", "serve", "--data-dir", str(data_dir),
+                   "--address", "127.0.0.1:0", "--processes", str(processes)]
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            if match := re.search(r"serving on 127\.0\.0\.1:(\d+)", line):
+                self.port = int(match.group(1))
+                break
+        else:
+            raise RuntimeError("the server did not start")
+        threading.Thread(target=self.process.stderr.read, daemon=True).start()
+
+    def pids(self) -> list[int]:
+        """The primary and its replicas (multiprocessing's resource tracker is idle)."""
+        listed = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.process.pid)],
+                                capture_output=True, text=True, check=False).stdout
+        return [self.process.pid, *(int(pid) for pid in listed.split())]
+
+    def cpu_seconds(self) -> float:
+        return sum(process_cpu_seconds(pid) for pid in self.pids())
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=600)
+
+
+def _connected_worker(target: str, payloads: list[bytes], quota: int | None,
+                      placed: Counter[str], lock: threading.Lock
+                      ) -> Callable[[], Callable[[int], bytes]]:
+    """Each client on a connection of its own; with `quota`, reconnecting until the process
+    it landed on has fewer than `quota` clients."""
+    def worker() -> Callable[[int], bytes]:
+        for _ in range(_RECONNECTS):
+            channel = grpc.insecure_channel(
+                target, options=[("grpc.use_local_subchannel_pool", 1)])
+            call = channel.unary_unary(CHECK_METHOD)
+            _, answered = call.with_call(payloads[0], timeout=60)  # connected before the clock
+            process = dict(answered.trailing_metadata() or ()).get(_PROCESS_KEY, "primary")
+            with lock:
+                if quota is None or placed[process] < quota:
+                    placed[process] += 1
+                    return lambda n: call(payloads[n])
+            channel.close()
+        raise RuntimeError(f"could not spread the clients evenly: {dict(placed)}")
+    return worker
+
+
+def _checks_in_child(target: str, payloads: list[bytes], clients: int, processes: int,
+                     balance: bool) -> tuple[dict[str, float], list[bytes | str | None],
+                                             dict[str, int]]:
+    placed: Counter[str] = Counter()
+    quota = math.ceil(clients / processes) if balance else None
+    stats, results = run_threads(len(payloads), clients, _connected_worker(
+        target, payloads, quota, placed, threading.Lock()))
+    return (stats, [r if isinstance(r, bytes) or r is None else repr(r) for r in results],
+            dict(placed))
+
+
+def measure(server: Server, requests: list[pb.CheckRequest], clients: int, processes: int,
+            balance: bool) -> tuple[dict[str, float], list[pb.CheckResponse | None],
+                                    dict[str, int]]:
+    payloads = [request.SerializeToString() for request in requests]
+    cpu_before = server.cpu_seconds()
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        stats, raw, placed = pool.apply(_checks_in_child, (
+            f"127.0.0.1:{server.port}", payloads, clients, processes, balance))
+    stats["server_cpu_ms_per_check"] = (server.cpu_seconds() - cpu_before) * 1000 / len(
+        requests)
+    responses = [pb.CheckResponse.FromString(item) if isinstance(item, bytes) else None
+                 for item in raw]
+    return stats, responses, placed
+
+
+def serve_and_measure(data_dir: Path, requests: list[pb.CheckRequest], truth: list[set[str]],
+                      processes: int, clients: int, repeats: int, balance: bool
+                      ) -> dict[str, object]:
+    server = Server(data_dir, processes)
+    try:
+        measure(server, requests[:200], clients, processes, balance)  # warm-up
+        runs = []
+        for _ in range(repeats):
+            stats, responses, placed = measure(server, requests, clients, processes, balance)
+            stats["recall"] = recall(responses, truth)
+            runs.append({**stats, "clients_per_process": placed})
+            print(processes, "process(es):", json.dumps(runs[-1]), flush=True)
+    finally:
+        server.stop()
+    numbers = [key for key, value in runs[0].items() if isinstance(value, (int, float))]
+    return {"processes": processes, "runs": runs,
+            "median": {key: statistics.median(float(run[key]) for run in runs)  # type: ignore[arg-type]
+                       for key in numbers}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--registrations", type=int, default=1_000_000)
+    parser.add_argument("--variant", choices=VARIANTS, default="iso")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/dedup-scale"))
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--probes", type=int, default=1000,
+                        help="as scale.py's (its generated gallery is reused)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="each run sends every probe this many times")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-balance", action="store_true",
+                        help="leave the clients' connections where the kernel puts them")
+    args = parser.parse_args()
+
+    name = f"{args.registrations}-{args.variant}"
+    work = args.workdir / name
+    gallery = generate(work / "input", args.registrations, args.variant, args.probes)
+    data_dir = work / "data"
+    if not (work / "imported").exists():
+        print("import", json.dumps({key: value for key, value in
+                                    import_gallery(data_dir, gallery.files).items()
+                                    if key != "samples"}), flush=True)
+        (work / "imported").touch()
+    requests = check_requests(gallery.probes, gallery.probe_ids) * args.rounds
+    truth = ground_truth(data_dir, gallery.probes) * args.rounds
+    rows = [serve_and_measure(data_dir, requests, truth, processes, args.clients,
+                              args.repeats, not args.no_balance)
+            for processes in args.processes]
+    print(f"\n{args.registrations:,} registrations ({args.variant}), {args.clients} clients, "
+          f"{len(requests)} checks a run, medians of {args.repeats}:")
+    print(f"{'processes':>9} {'checks/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
+          f"{'recall':>7} {'cpu ms/check':>12}")
+    for row in rows:
+        median = row["median"]
+        assert isinstance(median, dict)
+        print(f"{row['processes']:>9} {median['qps']:>9.0f} {median['p50_ms']:>7.1f} "
+              f"{median['p99_ms']:>7.1f} {median['errors']:>6.0f} {median['recall']:>7.4f} "
+              f"{median['server_cpu_ms_per_check']:>12.2f}")
+    first = rows[0]["median"]
+    assert isinstance(first, dict)
+    for row in rows[1:]:
+        median = row["median"]
+        assert isinstance(median, dict)
+        print(f"{row['processes']} processes / {rows[0]['processes']}: "
+              f"{median['qps'] / first['qps']:.2f}x checks/s")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"processes-{name}.json"
+    out.write_text(json.dumps({"registrations": args.registrations, "variant": args.variant,
+                               "clients": args.clients, "balanced": not args.no_balance,
+                               "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    main()

@@ -1,0 +1,192 @@
+"""A read replica's services (`dedup serve --processes N`): it answers unaudited Checks
+itself and relays every other call to the primary process.
+
+Every call is admitted here first, as on the primary (api/admission.py): a caller without
+credentials is refused before any request byte is read. A relayed call goes over the
+primary's Unix socket byte for byte, with its metadata, its deadline and the caller this
+replica authenticated (auth.forwarded_caller_metadata); the primary admits it again and
+does the authorisation, the audit and the enrolment's check as for any call; its status,
+details and trailing metadata come back to the client unchanged. Checks whose read is
+audited (an identified investigator's or admin's) are relayed, as is a Check arriving while
+this replica's store is not open (NotServedHere).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import Message
+
+from dedup.api.auth import FORWARD_KEYS, current_caller, forwarded_caller_metadata
+from dedup.api.bridge import End
+from dedup.api.calls import Call, Gate
+from dedup.api.observe import REQUEST_ID_KEY
+from dedup.api.reads import audited
+from dedup.api.sync_context import Aborted
+from dedup.core.errors import NotServedHere
+from dedup.core.logs import REQUEST_ID
+
+# Served by a replica itself (when the read is not audited); every other method is relayed.
+LOCAL_METHODS = frozenset({"dedup.v1.FaceDedup/Check"})
+
+
+def _passthrough(response: Message | bytes) -> bytes:
+    """A relayed response is the primary's bytes already; a local one is serialised."""
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+class Primary:
+    """The replica's channel to the primary process's Unix socket. Made on the event loop."""
+
+    def __init__(self, socket: Path, secret: str, max_message_bytes: int) -> None:
+        self.secret = secret
+        self.channel = grpc.aio.insecure_channel(
+            f"unix:{socket}",
+            options=[("grpc.max_receive_message_length", max_message_bytes),
+                     ("grpc.max_send_message_length", max_message_bytes)])
+        self._callables: dict[str, Any] = {}
+
+    def callable(self, method: MethodDescriptor) -> Any:
+        """The method's multi-callable, bytes in and out."""
+        path = f"/{method.containing_service.full_name}/{method.name}"
+        found = self._callables.get(path)
+        if found is None:
+            shape = {(False, False): self.channel.unary_unary,
+                     (False, True): self.channel.unary_stream,
+                     (True, False): self.channel.stream_unary,
+                     (True, True): self.channel.stream_stream}
+            found = shape[method.client_streaming, method.server_streaming](path)
+            self._callables[path] = found
+        return found
+
+    def metadata(self, context: Any) -> list[tuple[str, str | bytes]]:
+        """The client's metadata, with this call's request id and the caller named."""
+        kept = [(key, value) for key, value in context.invocation_metadata() or ()
+                if key not in FORWARD_KEYS and key != REQUEST_ID_KEY
+                and not key.startswith("grpc-") and key != "user-agent"]
+        return [*kept, (REQUEST_ID_KEY, REQUEST_ID.get()),
+                *forwarded_caller_metadata(current_caller(), self.secret)]
+
+
+async def relay(call: Call, primary: Primary, request: bytes | None = None) -> bytes | None:
+    """Has the primary answer `call`; returns its response (None for a response stream,
+    which is written to the client as it comes). `request`: the request, if already read."""
+    method, context = call.method, call.context
+    rpc_callable = primary.callable(method)
+    options = {"metadata": primary.metadata(context), "timeout": context.time_remaining()}
+    pump: asyncio.Task[None] | None = None
+    if method.client_streaming:
+        rpc = rpc_callable(**options)
+        pump = asyncio.ensure_future(_pump(call, rpc))
+    else:
+        rpc = rpc_callable(request if request is not None else await call.request_bytes(),
+                           **options)
+    try:
+        if method.server_streaming:
+            async for response in rpc:
+                await context.write(response)
+            answer = None
+        else:
+            answer = await rpc
+        _relay_trailing(context, await rpc.trailing_metadata())
+        return answer
+    except (grpc.aio.AioRpcError, asyncio.CancelledError) as error:
+        if pump is not None and pump.done() and not pump.cancelled() \
+                and isinstance(failure := pump.exception(), Aborted):
+            raise failure from None  # the client's stream broke its time bound
+        if isinstance(error, asyncio.CancelledError):
+            raise  # the client went away
+        _relay_trailing(context, error.trailing_metadata())
+        raise Aborted(error.code(), error.details() or "") from None
+    finally:
+        if pump is not None and not pump.done():
+            pump.cancel()
+        if not rpc.done():
+            rpc.cancel()
+
+
+async def _pump(call: Call, rpc: Any) -> None:
+    """The client's request stream, item by item, to the primary (read within the same time
+    bounds as any request stream); on a timeout the relayed call is cancelled."""
+    first = True
+    try:
+        while not isinstance(item := await call.read_bytes(first), End):
+            first = False
+            await rpc.write(item)
+        await rpc.done_writing()
+    except Aborted:
+        rpc.cancel()
+        raise
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        return  # the primary ended the call: its status comes with the responses
+
+
+def _relay_trailing(context: Any, metadata: Any) -> None:
+    """The primary's trailing metadata after ours (the request id is already ours)."""
+    theirs = tuple((key, value) for key, value in metadata or () if key != REQUEST_ID_KEY)
+    if theirs:
+        context.set_trailing_metadata(tuple(context.trailing_metadata() or ()) + theirs)
+
+
+def _local_or_relayed(behaviour: Callable[..., Any], primary: Primary,
+                      serving: Callable[[], bool]) -> Callable[[Call], Any]:
+    """A Check: answered here unless its read is audited or the store is not open here."""
+    async def answer(call: Call) -> Any:
+        request = await call.request_bytes()
+        if audited(current_caller()) or not serving():
+            return await relay(call, primary, request)
+        try:
+            return await call.run(behaviour, call.decoded(request), call.sync)
+        except NotServedHere:  # released for a compaction meanwhile
+            return await relay(call, primary, request)
+
+    return answer
+
+
+def _handler(method: MethodDescriptor, answer: Callable[[Call], Any],
+             gate: Gate) -> grpc.RpcMethodHandler:
+    request_class = message_factory.GetMessageClass(method.input_type)
+
+    async def handle(requests: Any, context: Any) -> Any:
+        return await gate.serve(method, context, request_class, answer)
+
+    if method.server_streaming:
+        return grpc.stream_stream_rpc_method_handler(handle, response_serializer=_passthrough)
+    return grpc.stream_unary_rpc_method_handler(handle, response_serializer=_passthrough)
+
+
+def add_replica_service(server: grpc.aio.Server, service: ServiceDescriptor,
+                        servicer: object, gate: Gate, primary: Primary,
+                        serving: Callable[[], bool]) -> None:
+    """Every method of `service`: admitted here, then relayed to the primary, or (the
+    methods of LOCAL_METHODS) answered by `servicer` while `serving()`."""
+    handlers = {}
+    for method in service.methods:
+        if f"{service.full_name}/{method.name}" in LOCAL_METHODS:
+            answer = _local_or_relayed(_unwrapped(servicer, method.name), primary, serving)
+        else:
+            answer = _relayed(primary)
+        handlers[method.name] = _handler(method, answer, gate)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+def _unwrapped(servicer: object, name: str) -> Callable[..., Any]:
+    """The servicer method without its @rpc wrapper, so that NotServedHere reaches
+    `_local_or_relayed`; Gate.serve turns every other error into the same status."""
+    return functools.partial(inspect.unwrap(getattr(type(servicer), name)), servicer)
+
+
+def _relayed(primary: Primary) -> Callable[[Call], Any]:
+    async def answer(call: Call) -> Any:
+        return await relay(call, primary)
+
+    return answer

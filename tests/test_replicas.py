@@ -1,0 +1,445 @@
+"""`dedup serve --processes N`: a primary and read replicas in real processes over one real
+LMDB store, on one loopback port shared with SO_REUSEPORT.
+
+Every test opens a new connection per call (a channel of its own subchannel pool), so the
+kernel spreads the calls over the processes; each answer names the process that served it
+(x-dedup-process), and the tests insist that every process answered: a replica from its own
+index, not by relaying the call to the primary.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from conftest import face, registration
+from processes import ServerProcess
+
+from dedup import FaceGenerator, ServerConfig, StoreConfig
+from dedup._proto.dedup.v1 import dedup_pb2 as pb
+from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+from dedup.replicas import MultiProcessServer, create_servers
+
+PROCESSES = {"primary", "replica-1"}
+TRIES = 64  # new connections until every process has answered: 2**-63 to miss one of two
+
+
+def fresh_channel(address: str) -> grpc.Channel:
+    """A channel with a connection of its own (channels otherwise share subchannels)."""
+    return grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def served_by(call: Any) -> list[str]:
+    """The processes that served a call, from its trailing metadata (replica, then primary
+    for a relayed one)."""
+    return [value for key, value in call.trailing_metadata() or () if key == "x-dedup-process"]
+
+
+def on_every_process(address: str, call: Callable[[grpc.Channel], Any],
+                     channel: Callable[[str], grpc.Channel] = fresh_channel,
+                     expected: frozenset[str] = frozenset(PROCESSES)) -> Counter[str]:
+    """Runs `call` on new connections until each of `expected` has served one; every answer
+    must pass the assertions in `call`. Returns how many each path served ("primary",
+    "replica-1" answering itself, "replica-1>primary" relayed)."""
+    seen: Counter[str] = Counter()
+    for _ in range(TRIES):
+        with channel(address) as ch:
+            seen[">".join(served_by(call(ch)))] += 1
+        if expected <= set(seen) and sum(seen.values()) >= 4:
+            return seen
+    raise AssertionError(f"not every process answered in {TRIES} connections: {seen}")
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Callable[..., MultiProcessServer]]:
+    started: list[MultiProcessServer] = []
+
+    def make(**overrides: Any) -> MultiProcessServer:
+        store = StoreConfig(data_dir=tmp_path / "data",
+                            **{key: overrides.pop(key) for key in list(overrides)
+                               if key in StoreConfig.__dataclass_fields__})
+        server, port = create_servers(ServerConfig(store=store, **overrides), "127.0.0.1:0", 2)
+        assert isinstance(server, MultiProcessServer)
+        server.start()
+        server.address = f"127.0.0.1:{port}"  # type: ignore[attr-defined]
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop(grace=1.0)
+
+
+def enroll(ch: grpc.Channel, registration_id: str, id_number: str, vector: Any) -> Any:
+    response, call = pb_grpc.FaceDedupStub(ch).Enroll.with_call(pb.EnrollRequest(
+        registration=registration(registration_id, id_number), face=face(vector)), timeout=30)
+    assert response.enrolled
+    return call
+
+
+def check(ch: grpc.Channel, vector: Any, claimed: str = "ID-OTHER") -> tuple[Any, Any]:
+    return pb_grpc.FaceDedupStub(ch).Check.with_call(pb.CheckRequest(
+        face=face(vector), claimed_id_number=claimed), timeout=30)
+
+
+def finds(registration_id: str, vector: Any) -> Callable[[grpc.Channel], Any]:
+    def call(ch: grpc.Channel) -> Any:
+        response, answered = check(ch, vector)
+        assert [m.registration.registration_id for m in response.matches][:1] == \
+            [registration_id], f"{served_by(answered)} missed {registration_id}"
+        return answered
+
+    return call
+
+
+def finds_nothing(vector: Any) -> Callable[[grpc.Channel], Any]:
+    def call(ch: grpc.Channel) -> Any:
+        response, answered = check(ch, vector)
+        assert not response.matches, f"{served_by(answered)} still finds {response.matches}"
+        return answered
+
+    return call
+
+
+def test_a_check_on_any_process_finds_what_was_just_enrolled(start):
+    server = start()
+    faces = FaceGenerator(seed=11)
+    persons = faces.persons(8)
+    relayed = 0
+    for number, person in enumerate(persons):
+        # Enrolled through whichever process the connection lands on (a replica relays it),
+        # then checked at once, on new connections, until both processes have found it.
+        with fresh_channel(server.address) as ch:
+            relayed += served_by(enroll(ch, f"r{number}", f"ID{number}", person)) == [
+                "replica-1", "primary"]
+        on_every_process(server.address, finds(f"r{number}", faces.capture(person)))
+    assert relayed, "no enrolment went through the replica: 8 connections all on the primary"
+
+
+def test_a_delete_is_seen_by_the_next_check_on_every_process(start):
+    server = start()
+    faces = FaceGenerator(seed=12)
+    person = faces.persons(1)[0]
+    with fresh_channel(server.address) as ch:
+        enroll(ch, "gone", "ID-GONE", person)
+    on_every_process(server.address, finds("gone", faces.capture(person)))
+    with fresh_channel(server.address) as ch:
+        deleted = pb_grpc.FaceDedupStub(ch).Delete(
+            pb.DeleteRequest(registration_id="gone"), timeout=30)
+    assert deleted.deleted == 1
+    on_every_process(server.address, finds_nothing(faces.capture(person)))
+
+
+def test_replicas_serve_on_after_a_compaction(start):
+    """The replica closes its store around the swap (LMDB's writer would otherwise lose its
+    last transaction in the new file) and catches up after it."""
+    server = start()
+    faces = FaceGenerator(seed=13)
+    persons = faces.persons(6)
+    with fresh_channel(server.address) as ch:
+        for number, person in enumerate(persons[:4]):
+            enroll(ch, f"c{number}", f"IDC{number}", person)
+        pb_grpc.FaceDedupStub(ch).Delete(pb.DeleteRequest(registration_id="c0"), timeout=30)
+    on_every_process(server.address, finds("c1", faces.capture(persons[1])))
+    with fresh_channel(server.address) as ch:
+        compacted = pb_grpc.IndexAdminStub(ch).Compact(pb.CompactRequest(), timeout=60)
+    assert compacted.bytes_after > 0
+    with fresh_channel(server.address) as ch:
+        enroll(ch, "c4", "IDC4", persons[4])
+    for number in (1, 2, 3, 4):
+        on_every_process(server.address, finds(f"c{number}", faces.capture(persons[number])))
+    on_every_process(server.address, finds_nothing(faces.capture(persons[0])))
+    with fresh_channel(server.address) as ch:
+        enroll(ch, "c5", "IDC5", persons[5])
+        stats = pb_grpc.FaceDedupStub(ch).Stats(pb.StatsRequest(), timeout=30)
+    assert stats.registrations == 5
+    assert server.gallery.store.verify() == []
+
+
+def test_replicas_follow_the_map_as_it_grows(start):
+    server = start(initial_map_size=64 * 1024)
+    faces = FaceGenerator(seed=14)
+    persons = faces.persons(300)
+    on_every_process(server.address, finds_nothing(persons[0]))  # the replica has it open
+    with fresh_channel(server.address) as ch:
+        stub = pb_grpc.FaceDedupStub(ch)
+        requests = (pb.EnrollRequest(registration=registration(f"m{i}", f"IDM{i}"),
+                                     face=face(person)) for i, person in enumerate(persons))
+        assert all(response.enrolled for response in stub.EnrollStream(requests, timeout=120))
+    assert server.gallery.store.usage().map_bytes >= 4 * 64 * 1024  # it grew, twice or more
+    for number in (0, 150, 299):
+        on_every_process(server.address, finds(f"m{number}", faces.capture(persons[number])))
+
+
+def test_no_process_outlives_the_server(tmp_path):
+    served = ServerProcess(tmp_path / "data", "--processes", "2")
+    replicas = children(served.process.pid)
+    assert replicas, "no replica process"
+    faces = FaceGenerator(seed=15)
+    person = faces.persons(1)[0]
+    with fresh_channel(served.address) as ch:
+        enroll(ch, "p1", "IDP1", person)
+    on_every_process(served.address, finds("p1", faces.capture(person)))
+    served.process.send_signal(signal.SIGTERM)
+    assert served.wait() == 0
+    assert any("replica 1 stopped" in line for line in served.lines)
+    wait_until_gone(replicas)
+
+
+def test_replicas_stop_when_the_primary_is_killed(tmp_path):
+    served = ServerProcess(tmp_path / "data", "--processes", "2")
+    replicas = children(served.process.pid)
+    served.process.kill()
+    served.wait()
+    wait_until_gone(replicas)
+    assert (tmp_path / "data" / "forward.sock").exists()  # left by the kill
+    again = ServerProcess(tmp_path / "data", "--processes", "2")
+    again.process.send_signal(signal.SIGTERM)
+    assert again.wait() == 0
+    assert not (tmp_path / "data" / "forward.sock").exists()
+
+
+def test_a_killed_replica_is_started_again(tmp_path):
+    served = ServerProcess(tmp_path / "data", "--processes", "2")
+    faces = FaceGenerator(seed=16)
+    person = faces.persons(1)[0]
+    try:
+        with fresh_channel(served.address) as ch:
+            enroll(ch, "k1", "IDK1", person)
+        (replica,) = replica_pids(served.process.pid)
+        os.kill(replica, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not any("replica 1 (pid" in line and f"(pid {replica})" not in line
+                      and "serving" in line for line in served.lines):
+            assert time.monotonic() < deadline, "the replica was not started again"
+            time.sleep(0.2)
+        assert any(f"replica 1 (pid {replica}) exited with code -9" in line
+                   for line in served.lines)
+        with fresh_channel(served.address) as ch:
+            enroll(ch, "k2", "IDK2", faces.persons(1)[0])
+        on_every_process(served.address, finds("k1", faces.capture(person)))
+    finally:
+        served.process.send_signal(signal.SIGTERM)
+        assert served.wait() == 0
+
+
+def children(pid: int) -> list[int]:
+    listed = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
+                            text=True, check=False).stdout
+    return [int(line) for line in listed.split()]
+
+
+def replica_pids(pid: int) -> list[int]:
+    """The server's replica processes (not multiprocessing's resource tracker)."""
+    return [child for child in children(pid)
+            if "spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes().decode(
+                errors="replace")]
+
+
+def wait_until_gone(pids: list[int], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while alive := [pid for pid in pids if Path(f"/proc/{pid}").exists()
+                    and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]]:
+        assert time.monotonic() < deadline, f"still running after the server: {alive}"
+        time.sleep(0.1)
+
+
+def secure_channel(keys: Path, role: str | None = None, token: str | None = None
+                   ) -> Callable[[str], grpc.Channel]:
+    """Like secure.channel, with a connection of its own per channel."""
+    def make(address: str) -> grpc.Channel:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=(keys / "ca.crt").read_bytes(),
+            private_key=(keys / f"{role}.key").read_bytes() if role else None,
+            certificate_chain=(keys / f"{role}.crt").read_bytes() if role else None)
+        if token is not None:
+            credentials = grpc.composite_channel_credentials(
+                credentials, grpc.access_token_call_credentials(token))
+        return grpc.secure_channel(address, credentials,
+                                   options=[("grpc.use_local_subchannel_pool", 1)])
+
+    return make
+
+
+def refused(code: grpc.StatusCode, details: str, method: str, request: Any,
+            metadata: tuple[tuple[str, str], ...] = ()) -> Callable[[grpc.Channel], Any]:
+    def call(ch: grpc.Channel) -> Any:
+        with pytest.raises(grpc.RpcError) as error:
+            getattr(pb_grpc.FaceDedupStub(ch), method)(request, timeout=30, metadata=metadata)
+        assert (error.value.code(), error.value.details()) == (code, details), \
+            served_by(error.value)
+        return error.value
+
+    return call
+
+
+def test_relayed_calls_keep_their_caller_and_its_rights(start, keys):
+    from secure import tokens
+
+    from dedup.core.security import load_security
+
+    server = start(security=load_security(keys / "security.toml"))
+    tokens_port = f"127.0.0.1:{server.token_port}"
+    faces = FaceGenerator(seed=17)
+    enrolment = pb.EnrollRequest(registration=registration("e0", "IDE0"),
+                                 face=face(faces.persons(1)[0]))
+    # Refused alike by either process, before any request byte is read.
+    on_every_process(tokens_port, refused(
+        grpc.StatusCode.UNAUTHENTICATED, "no credential: present a client certificate, or "
+        "`authorization: Bearer <token>` metadata", "Enroll", enrolment),
+        secure_channel(keys))
+    desk_token = secure_channel(keys, token=tokens(keys)["registration"])
+    on_every_process(tokens_port, refused(
+        grpc.StatusCode.PERMISSION_DENIED, "role 'registration' (token:registration-token) "
+        "may not call FaceDedup.Delete", "Delete", pb.DeleteRequest(registration_id="e0")),
+        desk_token)
+    # A caller cannot name itself: a replica drops such metadata, the primary refuses it.
+    forged = (("x-dedup-forward-secret", "0" * 64),
+              ("x-dedup-forwarded-caller", '["CN=admin-client", "admin", "mtls"]'))
+    desk = secure_channel(keys, role="registration")
+    outcomes = {}
+    for ch in (desk(server.address) for _ in range(TRIES)):
+        with ch, pytest.raises(grpc.RpcError) as error:
+            pb_grpc.FaceDedupStub(ch).Delete(pb.DeleteRequest(registration_id="e0"),
+                                             timeout=30, metadata=forged)
+        outcomes[">".join(served_by(error.value))] = (error.value.code(), error.value.details())
+        if set(outcomes) == PROCESSES:
+            break
+    assert outcomes == {
+        "primary": (grpc.StatusCode.UNAUTHENTICATED,
+                    "a forwarded call must come from a replica of this server"),
+        "replica-1": (grpc.StatusCode.PERMISSION_DENIED,
+                      "role 'registration' (CN=registration-client) may not call "
+                      "FaceDedup.Delete")}
+    # Enrolments relayed by the replica are the desk's, by its certificate.
+    relayed = []
+    for number in range(TRIES):
+        with desk(server.address) as ch:
+            response, call = pb_grpc.FaceDedupStub(ch).Enroll.with_call(pb.EnrollRequest(
+                registration=registration(f"d{number}", f"IDD{number}"),
+                face=face(faces.persons(1)[0])), timeout=30)
+        assert response.registration.enrolled_by == "CN=registration-client"
+        if served_by(call) == ["replica-1", "primary"]:
+            relayed.append(f"d{number}")
+            break
+    assert relayed, "no enrolment went through the replica"
+
+
+def test_audited_checks_are_relayed_and_recorded_once(start, keys):
+    from secure import tokens
+    from trail import records
+
+    from dedup.core.security import load_security
+
+    server = start(security=load_security(keys / "security.toml"))
+    faces = FaceGenerator(seed=18)
+    probe = faces.persons(1)[0]
+    case = (("x-case-id", "C-7"), ("x-purpose", "replicas"))
+    paths: list[list[str]] = []
+
+    def investigate(ch: grpc.Channel) -> Any:
+        _, call = pb_grpc.FaceDedupStub(ch).Check.with_call(
+            pb.CheckRequest(face=face(probe)), timeout=30, metadata=case)
+        paths.append(served_by(call))
+        return call
+
+    on_every_process(f"127.0.0.1:{server.token_port}", investigate,
+                     secure_channel(keys, token=tokens(keys)["investigator"]),
+                     expected=frozenset({"primary", "replica-1>primary"}))
+    assert all(path[-1] == "primary" for path in paths)  # audited: never by a replica
+    # A desk's check is answered by the replica itself (on_every_process insists).
+    on_every_process(server.address, lambda ch: check(ch, probe, "ID9")[1],
+                     secure_channel(keys, role="registration"))
+    server.stop(grace=1.0)
+    audited = [record for record in records(Path(server.config.store.data_dir))
+               if record["method"] == "FaceDedup.Check"]
+    assert len(audited) == len(paths)
+    assert {(r["caller"], r["case_id"]) for r in audited} == {
+        ("token:investigator-token", "C-7")}
+
+
+def test_replicas_take_up_the_index_type_the_primary_switches_to(tmp_path):
+    """The primary switches to BinarySign512 as the gallery passes --auto-threshold and
+    checkpoints it; the replica loads that checkpoint and serves it. A Rebuild (a response
+    stream) relayed by the replica keeps it."""
+    served = ServerProcess(tmp_path / "data", "--processes", "2", "--auto-threshold", "3")
+    faces = FaceGenerator(seed=19)
+    persons = faces.persons(5)
+    try:
+        with fresh_channel(served.address) as ch:
+            for number, person in enumerate(persons):
+                enroll(ch, f"t{number}", f"IDT{number}", person)
+        deadline = time.monotonic() + 60
+        while not any("now serving the primary's BinarySign512 index (5 vectors)" in line
+                      for line in served.lines):
+            assert time.monotonic() < deadline, "".join(
+                line for line in served.lines if "dedup.access" not in line)
+            time.sleep(0.2)
+        relayed = False
+        for _ in range(TRIES):
+            with fresh_channel(served.address) as ch:
+                rebuild = pb_grpc.IndexAdminStub(ch).Rebuild(
+                    pb.RebuildRequest(index_factory="BinarySign512"), timeout=120)
+                phases = [progress.phase for progress in rebuild]
+                assert phases[-1] == "done"
+                if served_by(rebuild) == ["replica-1", "primary"]:
+                    relayed = True
+                    break
+        assert relayed
+        for number, person in enumerate(persons):
+            on_every_process(served.address, finds(f"t{number}", faces.capture(person)))
+    finally:
+        served.process.send_signal(signal.SIGTERM)
+        assert served.wait() == 0
+
+
+def test_an_enrolment_stream_is_relayed_item_by_item(start):
+    """A request stream through the replica: each item answered in order, and a client
+    that stops sending gets the idle bound's DEADLINE_EXCEEDED, as from the primary."""
+    server = start(stream_idle_timeout_s=0.5)
+    faces = FaceGenerator(seed=20)
+    persons = faces.persons(4)
+    for attempt in range(TRIES):
+        with fresh_channel(server.address) as ch:
+            stream = pb_grpc.FaceDedupStub(ch).EnrollStream(iter([
+                pb.EnrollRequest(registration=registration(f"s{attempt}-{i}", f"IDS{i}"),
+                                 face=face(person)) for i, person in enumerate(persons)]),
+                timeout=30)
+            answers = [(r.registration.registration_id, r.enrolled) for r in stream]
+        assert answers == [(f"s{attempt}-{i}", True) for i in range(4)]
+        if served_by(stream) == ["replica-1", "primary"]:
+            break
+        with fresh_channel(server.address) as ch:  # on the primary: erased, to enrol again
+            for i in range(4):
+                pb_grpc.FaceDedupStub(ch).Delete(
+                    pb.DeleteRequest(registration_id=f"s{attempt}-{i}"), timeout=30)
+    else:
+        raise AssertionError("no enrolment stream went through the replica")
+    for i, person in enumerate(persons):
+        on_every_process(server.address, finds(f"s{attempt}-{i}", faces.capture(person)))
+
+    def stalled() -> Iterator[pb.EnrollRequest]:
+        yield pb.EnrollRequest(registration=registration("idle", "ID-IDLE"),
+                               face=face(faces.persons(1)[0]))
+        time.sleep(3)
+
+    ended: dict[str, tuple[grpc.StatusCode, str]] = {}
+    for _ in range(TRIES):
+        with fresh_channel(server.address) as ch:
+            stream = pb_grpc.FaceDedupStub(ch).EnrollStream(stalled(), timeout=30)
+            with pytest.raises(grpc.RpcError) as error:
+                list(stream)
+        ended[served_by(error.value)[0]] = (error.value.code(), error.value.details())
+        if set(ended) == PROCESSES:
+            break
+    assert ended == dict.fromkeys(PROCESSES, (
+        grpc.StatusCode.DEADLINE_EXCEEDED, "EnrollStream: no next request within 0.5 s of "
+        "the last (stream_idle_timeout_s)"))
