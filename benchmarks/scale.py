@@ -168,7 +168,14 @@ class Server:
                 break
         else:
             raise RuntimeError("the server did not start")
-        threading.Thread(target=self.process.stderr.read, daemon=True).start()
+        self.pauses: list[float] = []  # seconds a compaction paused writes, from its log
+        threading.Thread(target=self._read_log, daemon=True).start()
+
+    def _read_log(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            if match := re.search(r"compaction paused writes for ([0-9.]+) s", line):
+                self.pauses.append(float(match.group(1)))
 
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(f"127.0.0.1:{self.port}")
@@ -273,7 +280,8 @@ def under_load(server: Server, requests: list[pb.CheckRequest], work: Callable[[
             "qps_during": statistics.median(d["qps"] for d in during) if during else 0.0}
 
 
-def rebuild_and_compact(data_dir: Path, requests: list[pb.CheckRequest]) -> dict[str, object]:
+def rebuild_and_compact(data_dir: Path, requests: list[pb.CheckRequest],
+                        skip_rebuild: bool = False) -> dict[str, object]:
     server = Server(data_dir)
     try:
         server.first_answer_seconds(requests[0])
@@ -289,8 +297,12 @@ def rebuild_and_compact(data_dir: Path, requests: list[pb.CheckRequest]) -> dict
             with server.channel() as channel:
                 pb_grpc.IndexAdminStub(channel).Compact(pb.CompactRequest())
 
-        return {"index": kind, "live_rebuild": under_load(server, requests, rebuild),
-                "compaction": under_load(server, requests, compact)}
+        result: dict[str, object] = {"index": kind}
+        if not skip_rebuild:
+            result["live_rebuild"] = under_load(server, requests, rebuild)
+        result["compaction"] = under_load(server, requests, compact) | {
+            "writes_paused_s": max(server.pauses, default=float("nan"))}
+        return result
     finally:
         server.stop()
 
@@ -318,6 +330,8 @@ def main() -> None:
     parser.add_argument("--maintenance-only", action="store_true",
                         help="only the live rebuild and the compaction under load (on a "
                              "gallery an earlier run imported)")
+    parser.add_argument("--skip-rebuild", action="store_true",
+                        help="with --maintenance-only: the compaction under load only")
     args = parser.parse_args()
 
     name = f"{args.registrations}-{args.variant}"
@@ -338,8 +352,8 @@ def main() -> None:
     print("disk", json.dumps(result["disk"]), flush=True)
     requests = check_requests(gallery.probes, gallery.probe_ids)
     if args.maintenance_only:
-        maintenance = rebuild_and_compact(data_dir, requests)
-        out = RESULTS / f"scale-{name}-maintenance.json"
+        maintenance = rebuild_and_compact(data_dir, requests, args.skip_rebuild)
+        out = RESULTS / f"scale-{name}-{'compaction' if args.skip_rebuild else 'maintenance'}.json"
         out.write_text(json.dumps(maintenance, indent=2))
         print(json.dumps(maintenance, indent=1), f"\nwrote {out}")
         return

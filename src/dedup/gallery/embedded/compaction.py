@@ -67,6 +67,9 @@ def compact(store: LmdbEnv) -> tuple[int, int]:
         open_target: lmdb.Environment | None = target
         try:
             snapshot = _copy(store, target)
+            # The copy made durable before writes pause: the pause then flushes only what the
+            # catch-up adds (flushing the whole copy inside it paused writes for 1.1 s at 10M).
+            target.sync(True)
             # Replicas close the store before writes pause (they forward reads meanwhile).
             with store.others_released(), store.writes_paused():
                 started = time.monotonic()
