@@ -29,6 +29,9 @@ from dedup.gallery.milvus import MilvusGallery
 log = logging.getLogger("dedup.migrate")
 
 STATE_FILE = "milvus-migration.json"
+# Sampled embeddings per Milvus search: a search of a hundred over a million freshly copied
+# rows outlasted a call's time limit on a Milvus 2.3 server (2 cores).
+SAMPLES_PER_SEARCH = 10
 TOP_K = 10
 
 Advance = Callable[[int], None]
@@ -134,7 +137,9 @@ def _compare_samples(store: Store, target: MilvusGallery, size: int) -> tuple[in
     if not len(probes):
         return 0, 0
     expected = _exact_top_k(store, probes, TOP_K, only)
-    found = target.neighbours_of_many(probes, TOP_K, -1.0)
+    found = [neighbours for start in range(0, len(probes), SAMPLES_PER_SEARCH)
+             for neighbours in target.neighbours_of_many(
+                 probes[start:start + SAMPLES_PER_SEARCH], TOP_K, -1.0)]
     agreeing = sum(1 for want, got in zip(expected, found, strict=True)
                    if want == {key for key, _ in got})
     return agreeing, len(probes)
