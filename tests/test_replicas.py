@@ -26,6 +26,7 @@ from processes import ServerProcess
 from dedup import FaceGenerator, ServerConfig, StoreConfig
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+from dedup.core.errors import ConfigError
 from dedup.replicas import MultiProcessServer, create_servers
 
 PROCESSES = {"primary", "replica-1"}
@@ -443,3 +444,13 @@ def test_an_enrolment_stream_is_relayed_item_by_item(start):
     assert ended == dict.fromkeys(PROCESSES, (
         grpc.StatusCode.DEADLINE_EXCEEDED, "EnrollStream: no next request within 0.5 s of "
         "the last (stream_idle_timeout_s)"))
+
+
+def test_a_second_server_cannot_share_the_port(start, tmp_path):
+    """SO_REUSEPORT is for the processes of one server: another server on the same port
+    (another data directory) is refused instead of taking half the clients."""
+    first = start()
+    port = int(first.address.rsplit(":", 1)[1])
+    other = ServerConfig(store=StoreConfig(data_dir=tmp_path / "other"))
+    with pytest.raises(ConfigError, match="another server holds the port"):
+        create_servers(other, f"127.0.0.1:{port}", 2)

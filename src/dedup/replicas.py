@@ -33,6 +33,7 @@ import os
 import queue
 import secrets
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -72,6 +73,9 @@ def create_servers(config: ServerConfig, address: str, processes: int
                           "processes; Milvus nodes scale by running more nodes")
     if address.startswith("unix:"):
         raise ConfigError("--processes needs a TCP address: the processes share its port")
+    _refuse_a_taken_port(address)
+    if config.security is not None and config.security.token_address is not None:
+        _refuse_a_taken_port(config.security.token_address)
     forwarding = Forwarding(Path(config.store.data_dir).resolve() / FORWARD_SOCKET,
                             secrets.token_hex(32))
     primary, port = create_server(config, address, forwarding)
@@ -80,6 +84,25 @@ def create_servers(config: ServerConfig, address: str, processes: int
     replicas = ReplicaSet(_replica_config(config, primary.token_port),
                           f"{_host(address)}:{port}", forwarding, processes - 1, gallery)
     return MultiProcessServer(primary, replicas), port
+
+
+def _refuse_a_taken_port(address: str) -> None:
+    """SO_REUSEPORT lets every socket of this user bind the port: another server's too,
+    which would split the clients between two galleries. So the port is bound once without
+    it first (SO_REUSEADDR only: a listener refuses it, a closed connection's TIME_WAIT
+    does not)."""
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, int(port)))
+        except OSError as error:
+            raise ConfigError(f"{address}: cannot listen ({error.strerror}): another server "
+                              "holds the port") from error
 
 
 def _host(address: str) -> str:
