@@ -112,6 +112,8 @@ class Authorizer:
         secret = metadata.get(FORWARD_SECRET_KEY)
         if secret is None:
             return None
+        if not str(context.peer()).startswith("unix:"):  # the replicas' socket only
+            raise Unauthenticated("a forwarded call must come from a replica of this server")
         if not isinstance(secret, str) or not hmac.compare_digest(
                 secret.encode(), self.forward_secret.encode()):
             raise Unauthenticated("a forwarded call must come from a replica of this server")

@@ -196,10 +196,15 @@ class LmdbEnv:
         the store open keeps the old lock file and data file (both unlinked) and reads the
         store as it was before the swap until it opens it again.
         """
+        # Claimed and renamed in while this environment still holds the old lock file: a
+        # process opening the store can never find the old one held by nobody and make
+        # itself its sole owner beside the new data file.
+        previous_claim = self._lock_claim
+        self._lock_claim = claim_new_lock_file(self.path)
         self._env.close()
-        self._release_lock_claim()
+        if previous_claim is not None:
+            os.close(previous_claim)
         try:
-            self._lock_claim = claim_new_lock_file(self.path)
             replacement.replace(self.path / DATA_FILE)
             fsync_directory(self.path)
         finally:
