@@ -8,7 +8,9 @@
 3. against an ACTIVE conflict it loses. Between two PENDING claims the earlier
    (claimed_at_us, then key) wins: the later removes its row, waits until the earlier ones
    have resolved and judges again over the committed rows, so that its answer names only
-   registrations that exist (if none of them committed it claims again); the earlier waits
+   registrations that exist (if none of them committed it claims again; one still pending
+   when its node's time to confirm it is over belongs to a dead node and holds the face
+   until it expires, so the verdict counts it); the earlier waits
    until the later has resolved (removed itself, or committed because it never saw the
    earlier one: then the earlier loses to it) and looks again;
 4. it commits (the row becomes ACTIVE) and only then is the call acknowledged.
@@ -137,7 +139,8 @@ class Claims:
             if not check.admits(with_pending):
                 rivals = [row for row in candidates + same_id if row.state == PENDING]
                 if any(row.before(claim) for row in rivals):
-                    final = self._after_earlier_claims(claim, vector, check, rivals, started)
+                    final = self._after_earlier_claims(claim, vector, check, rivals,
+                                                       with_pending)
                     if final is not None:
                         return final, False
                     continue  # none of them committed: claimed again, judged again
@@ -147,17 +150,35 @@ class Claims:
             self._wait_for(waiting, started)
 
     def _after_earlier_claims(self, claim: Row, vector: Vector, check: EnrolmentCheck,
-                              rivals: list[Row], started: float) -> CheckResult | None:
+                              rivals: list[Row], with_pending: CheckResult
+                              ) -> CheckResult | None:
         """The verdict of a claim that lost to earlier pending claims, over the rows that
         committed once those resolved (a refusal names no claim that later withdrew); None
-        if it now admits the enrolment, the claim staked again."""
+        if it now admits the enrolment, the claim staked again. An earlier claim still
+        pending past the time its node had to confirm it (its node died) holds the face
+        until it expires: then the verdict counts it (`with_pending`)."""
+        earlier = [row for row in rivals if row.before(claim)]
         self._rows.remove([claim.key])  # the earlier claims may be waiting for it
-        self._wait_for({row.key for row in rivals if row.before(claim)}, started)
+        if not self._resolved(earlier):
+            return with_pending
         result = self._judge(claim, vector, check, pending=False)[0]
         if not check.admits(result):
             return result
         self._rows.upsert(claim, vector)
         return None
+
+    def _resolved(self, claims: list[Row]) -> bool:
+        """Waits until none of `claims` is PENDING; False if one still is when its node's
+        time to confirm it (half of claim_timeout_s from its claim) has passed."""
+        keys = sorted(row.key for row in claims)
+        deadline_us = max(row.claimed_at_us for row in claims) + int(self._timeout_s / 2 * 1e6)
+        while True:
+            where = f"key in {keys} and {self._rows.live(True)} and state == {PENDING}"
+            if not self._rows.keys(where):
+                return True
+            if now_us() > deadline_us:
+                return False
+            time.sleep(POLL_S)
 
     def _judge(self, claim: Row, vector: Vector, check: EnrolmentCheck, pending: bool
                ) -> tuple[CheckResult, list[Row], list[Row]]:
