@@ -22,8 +22,6 @@ import json
 import math
 import multiprocessing
 import os
-import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -37,6 +35,7 @@ import grpc
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 
 sys.path.insert(0, str(Path(__file__).parent))
+import scale
 from gallery_data import VARIANTS, generate
 from harness import CHECK_METHOD, process_cpu_seconds, run_threads
 from scale import RESULTS, check_requests, ground_truth, import_gallery, recall
@@ -45,21 +44,11 @@ _PROCESS_KEY = "x-dedup-process"
 _RECONNECTS = 400
 
 
-class Server:
+class Server(scale.Server):
     """`dedup serve --processes N` on a data directory, on a free loopback port."""
 
     def __init__(self, data_dir: Path, processes: int) -> None:
-        command = [sys.executable, "-m", "dedup", "serve", "--data-dir", str(data_dir),
-                   "--address", "127.0.0.1:0", "--processes", str(processes)]
-        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            if match := re.search(r"serving on 127\.0\.0\.1:(\d+)", line):
-                self.port = int(match.group(1))
-                break
-        else:
-            raise RuntimeError("the server did not start")
-        threading.Thread(target=self.process.stderr.read, daemon=True).start()
+        super().__init__(data_dir, options=("--processes", str(processes)))
 
     def pids(self) -> list[int]:
         """The primary and its replicas (multiprocessing's resource tracker is idle)."""
@@ -69,10 +58,6 @@ class Server:
 
     def cpu_seconds(self) -> float:
         return sum(process_cpu_seconds(pid) for pid in self.pids())
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(timeout=600)
 
 
 def _connected_worker(target: str, payloads: list[bytes], quota: int | None,

@@ -150,10 +150,10 @@ def recall(responses: list[pb.CheckResponse | BaseException | None], truth: list
 class Server:
     """`dedup serve` on a data directory, on a free loopback port."""
 
-    def __init__(self, data_dir: Path, kind: str | None = None, parameter: int | None = None
-                 ) -> None:
+    def __init__(self, data_dir: Path, kind: str | None = None, parameter: int | None = None,
+                 options: tuple[str, ...] = ()) -> None:
         command = [sys.executable, "-m", "dedup", "serve", "--data-dir", str(data_dir),
-                   "--address", "127.0.0.1:0"]
+                   "--address", "127.0.0.1:0", *options]
         if kind is not None:
             command += ["--index-factory", kind]
         if parameter is not None:
