@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup.api.admission import Admission
-from dedup.api.auth import Authorizer, is_loopback, mtls_credentials, tls_credentials
+from dedup.api.auth import Authorizer, mtls_credentials, tls_credentials
 from dedup.api.calls import Gate, Waits
 from dedup.api.face_dedup import FaceDedupServicer
 from dedup.api.forward import Primary, add_replica_service
@@ -36,6 +36,7 @@ from dedup.api.transport import Transport
 from dedup.api.wire import add_service
 from dedup.core.errors import ConfigError
 from dedup.core.files import PRIVATE_FILE_MODE
+from dedup.core.security import is_loopback
 from dedup.core.settings import ServerConfig
 from dedup.face.embedder import FaceEmbedder
 from dedup.face.model_pack import resolve_model_dir

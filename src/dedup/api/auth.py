@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import hmac
-import ipaddress
 import json
 from datetime import UTC, datetime
 
@@ -63,15 +62,6 @@ def tls_credentials(security: SecurityConfig) -> grpc.ServerCredentials:
     """Server TLS for the bearer-token listener."""
     return grpc.ssl_server_credentials([(security.private_key, security.certificate)])
 
-
-def is_loopback(address: str) -> bool:
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def forwarded_caller_metadata(caller: Caller, secret: str) -> list[tuple[str, str]]:

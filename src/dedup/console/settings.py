@@ -3,12 +3,12 @@ and the limits of its pages. Checked once at start (ConfigError naming the optio
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 from dedup.core.errors import ConfigError
+from dedup.core.security import is_loopback
 from dedup.core.settings import CaptureRules
 
 # An uploaded photo may be as large as Face.image may be (the server refuses more anyway).
@@ -94,15 +94,6 @@ def photo_origin(template: str) -> str:
         raise ConfigError(f"--photo-url-template {template!r}: not a plain host name")
     return f"{parts.scheme}://{parts.netloc}"
 
-
-def is_loopback(address: str) -> bool:
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def split_address(address: str) -> tuple[str, int]:

@@ -6,6 +6,7 @@ Read at start-up; `dedup.api.auth` turns it into gRPC credentials and per-call c
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import tomllib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -86,3 +87,15 @@ def _token(entry: dict[str, object], path: Path) -> Token:
 
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def is_loopback(address: str) -> bool:
+    """Whether `address` (host:port) is on loopback: the only place dedup listens without a
+    security file."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
