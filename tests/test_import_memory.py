@@ -17,9 +17,11 @@ from dedup.core.vectors import normalize_rows
 
 REGISTRATIONS = 300_000
 CHUNK = 100_000
-# Growth allowed after the first third: an exact index of the last 200,000 vectors would be
-# 400 MB; what is left is allocator noise and the final index of ~64 bytes a vector.
-ALLOWED_GROWTH_MIB = 96
+# Growth allowed after the first third: half of what the defect grew by, an exact index of the
+# last 200,000 vectors (400 MB). What is left below it is allocator noise, a chunk's buffers
+# (one chunk of 100,000 vectors is 195 MiB) and the final index of ~64 bytes a vector; CI saw
+# transient peaks 97 MiB above the first third on a loaded machine.
+ALLOWED_GROWTH_MIB = (REGISTRATIONS - REGISTRATIONS // 3) * 512 * 4 // 2 // 2**20
 
 
 def write_chunks(folder: Path) -> list[Path]:
