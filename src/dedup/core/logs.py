@@ -53,8 +53,25 @@ class _TextFormatter(logging.Formatter):
         return f"{line} [request {request_id}]" if request_id else line
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever `sys.stderr` is when a line is logged, not to the stream it was when
+    logging was configured: a caller that swaps stderr (and closes the old one, as pytest's
+    capture does) must not leave every later log line failing on a closed file."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _stream: Any) -> None:
+        pass
+
+
 def configure_logging(level: str, json_lines: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.addFilter(_RequestIdFilter())
     handler.setFormatter(JsonFormatter() if json_lines else _TextFormatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s"))
