@@ -107,7 +107,7 @@ def measure(server: Server, requests: list[pb.CheckRequest], clients: int, proce
     return stats, responses, placed
 
 
-def serve_and_measure(data_dir: Path, requests: list[pb.CheckRequest], truth: list[set[str]],
+def serve_and_measure(data_dir: Path, requests: list[pb.CheckRequest], truth: list[dict[str, str]],
                       processes: int, clients: int, repeats: int, balance: bool
                       ) -> dict[str, object]:
     server = Server(data_dir, processes)

@@ -8,7 +8,8 @@ one run, the way an operator runs dedup:
   3. `dedup serve` with its defaults: the index type it serves first, seconds from start to
      the first answered Check, resident memory;
   4. Check over gRPC from a load process of its own with pre-serialised requests, at 1 and 8
-     clients (q/s, p50, p99), duplicate recall against exact ground truth, the server's CPU
+     clients (q/s, p50, p99), duplicate recall against exact ground truth (of every match,
+     and of the matches under other ID numbers: the ones only the index finds), the server's CPU
      seconds per check, and raw FAISS on the same checkpoint, one query at a time;
   5. optionally (--kinds) other index types and search parameters the same way;
   6. a live rebuild while 8 clients keep checking (its time; Check p99 during against
@@ -116,8 +117,9 @@ def disk_bytes(data_dir: Path) -> dict[str, int]:
 
 # -- 2. exact ground truth ----------------------------------------------------------------
 
-def ground_truth(data_dir: Path, probes: np.ndarray) -> list[set[str]]:
-    """Per probe, the registration_ids at or above the match threshold under exact search."""
+def ground_truth(data_dir: Path, probes: np.ndarray) -> list[dict[str, str]]:
+    """Per probe, the registrations at or above the match threshold under exact search:
+    registration_id -> the ID number it is registered under."""
     store = Store.reader(data_dir)
     try:
         hits: list[list[int]] = [[] for _ in probes]
@@ -126,14 +128,23 @@ def ground_truth(data_dir: Path, probes: np.ndarray) -> list[set[str]]:
             rows, columns = np.nonzero(probes @ matrix.T >= MATCH)
             for row, column in zip(rows, columns, strict=True):
                 hits[row].append(int(keys_array[column]))
-        return [{face.registration.registration_id
+        return [{face.registration.registration_id: face.registration.id_number
                  for face in store.faces(found, with_vectors=False)} for found in hits]
     finally:
         store.close()
 
 
-def recall(responses: list[pb.CheckResponse | BaseException | None], truth: list[set[str]]
-           ) -> float:
+def under_other_id_numbers(truth: list[dict[str, str]], requests: list[pb.CheckRequest]
+                           ) -> list[dict[str, str]]:
+    """The ground truth the index alone must find: matches registered under an ID number
+    other than the one the probe presents (Check finds the others by ID-number lookup)."""
+    return [{key: number for key, number in wanted.items()
+             if number != request.claimed_id_number}
+            for wanted, request in zip(truth, requests, strict=True)]
+
+
+def recall(responses: list[pb.CheckResponse | BaseException | None],
+           truth: list[dict[str, str]]) -> float:
     expected = found = 0
     for response, wanted in zip(responses, truth, strict=True):
         if not wanted:
@@ -141,7 +152,7 @@ def recall(responses: list[pb.CheckResponse | BaseException | None], truth: list
         returned = ({m.registration.registration_id for m in response.matches}
                     if isinstance(response, pb.CheckResponse) else set())
         expected += len(wanted)
-        found += len(wanted & returned)
+        found += len(wanted.keys() & returned)
     return found / max(1, expected)
 
 
@@ -226,7 +237,8 @@ def raw_faiss(data_dir: Path, probes: np.ndarray, options: SearchOptions, k: int
             "cpu_ms_per_query": (time.process_time() - started_cpu) * 1000 / count}
 
 
-def serve_and_measure(data_dir: Path, requests: list[pb.CheckRequest], truth: list[set[str]],
+def serve_and_measure(data_dir: Path, requests: list[pb.CheckRequest],
+                      truth: list[dict[str, str]],
                       client_counts: list[int], kind: str | None = None,
                       parameter: int | None = None) -> dict[str, object]:
     server = Server(data_dir, kind, parameter)
@@ -241,6 +253,8 @@ def serve_and_measure(data_dir: Path, requests: list[pb.CheckRequest], truth: li
             stats, responses = checks(server, requests, clients)
             row[f"{clients}_clients"] = stats
             row[f"recall_{clients}_clients"] = recall(responses, truth)
+            row[f"recall_other_id_{clients}_clients"] = recall(
+                responses, under_other_id_numbers(truth, requests))
         row["server_rss_gb"] = server.rss_gb()
         row["server_peak_rss_gb"] = server.peak_rss_gb()
     finally:
@@ -394,7 +408,8 @@ def print_table(result: dict[str, object]) -> None:
         print(f"import: {imp['per_second']:,.0f} reg/s, peak anon RSS {imp['peak_anon_mib']:,} "  # type: ignore[index]
               f"MiB, growth after the first third {imp['anon_mib_growth_after_first_third']:,} MiB")  # type: ignore[index]
     print(f"disk: {result['disk']['bytes_per_registration']:,.0f} B/registration")  # type: ignore[index]
-    print(f"{'index':24} {'param':>6} {'start s':>7} {'recall':>7} {'q/s@1':>7} {'q/s@8':>7} "
+    print(f"{'index':24} {'param':>6} {'start s':>7} {'recall':>7} {'other':>7} {'q/s@1':>7} "
+          f"{'q/s@8':>7} "
           f"{'p50@8':>6} {'p99@8':>6} {'cpu ms':>6} {'raw ms':>6} {'RSS GB':>6}")
     for row in result["serving"]:  # type: ignore[attr-defined]
         def get(clients: str, field: str, row: dict = row) -> float:
@@ -402,7 +417,9 @@ def print_table(result: dict[str, object]) -> None:
 
         raw = row.get("raw_faiss", {}).get("cpu_ms_per_query", float("nan"))
         print(f"{row['index']:24} {row['parameter'] or '':>6} {row['first_answer_s']:7.1f} "
-              f"{row.get('recall_8_clients', float('nan')):7.4f} {get('1_clients', 'qps'):7.1f} "
+              f"{row.get('recall_8_clients', float('nan')):7.4f} "
+              f"{row.get('recall_other_id_8_clients', float('nan')):7.4f} "
+              f"{get('1_clients', 'qps'):7.1f} "
               f"{get('8_clients', 'qps'):7.1f} {get('8_clients', 'p50_ms'):6.1f} "
               f"{get('8_clients', 'p99_ms'):6.1f} "
               f"{get('8_clients', 'server_cpu_ms_per_check'):6.2f} {raw:6.2f} "
