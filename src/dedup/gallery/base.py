@@ -8,7 +8,7 @@ use only this interface; `tests/` runs the same service-level suite against both
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -23,7 +23,8 @@ Progress = Callable[[str, int, int], None]
 # of an application that was not enrolled when it was settled (a refused one).
 Party = int | str
 # Each query row's neighbours as (key, exact score), for an all-pairs sweep.
-SweepSearch = Callable[[Matrix], list[list[tuple[int, float]]]]
+# (the rows' keys, in key order; their vectors) -> per row, its neighbours >= the job's score.
+SweepSearch = Callable[[Sequence[int], Matrix], list[list[tuple[int, float]]]]
 
 
 @dataclass(frozen=True)
@@ -120,8 +121,10 @@ class Gallery(Protocol):
         sequence; its last hash)."""
         ...
     def sweep_search(self, min_score: float) -> SweepSearch:
-        """Every neighbour scoring >= min_score of each row (exact scores), for a sweep over
-        the whole gallery (FindClusters); may build job-local structures first."""
+        """For a sweep over the whole gallery in key order (FindClusters): of each row, every
+        neighbour with a higher key scoring >= min_score (exact scores; lower keys may come
+        too: each pair needs to be seen from one side). May build job-local structures
+        first."""
         ...
 
     # -- writes ----------------------------------------------------------------------

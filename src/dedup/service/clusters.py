@@ -1,10 +1,11 @@
 """Cluster finding: every group of registrations that share one face across ID numbers.
 
 The gallery is walked in key order, a block of stored embeddings at a time; each block is one
-search for every embedding's neighbours at or above the score (the gallery's sweep search),
-and each pair found is joined in a union-find. Scores are symmetric, so a group is complete
-once its highest key has been searched: every neighbour of each member was then seen.
-Complete groups are yielded at once, while the walk goes on.
+search for every embedding's neighbours at or above the score with higher keys (the gallery's
+sweep search; an exact one returns the lower keys too), and each pair found is joined in a
+union-find. Every pair is seen when its lower key is searched, so a group is complete once its
+highest key has been searched: every pair of a member with a registration of any key was then
+seen. Complete groups are yielded at once, while the walk goes on.
 
 A job cannot be driven quadratic: the score is at least the review threshold, each
 registration is linked to at most its `max_pairs` best neighbours, and a group grows to at
@@ -239,7 +240,7 @@ def find_clusters(gallery: Gallery, min_score: float, min_distinct_id_numbers: i
     searched = emitted = 0
     for keys, matrix in gallery.iter_vectors(BLOCK):
         for start in range(0, len(keys), SEARCH_ROWS):
-            rows = search(matrix[start:start + SEARCH_ROWS])
+            rows = search(keys[start:start + SEARCH_ROWS], matrix[start:start + SEARCH_ROWS])
             for key, neighbours in zip(keys[start:start + SEARCH_ROWS], rows, strict=True):
                 sweep.link(key, neighbours)
         searched += len(keys)

@@ -47,7 +47,7 @@ from dedup.gallery.embedded.rebuilder import Rebuilder
 from dedup.gallery.embedded.recovery import recover_index
 from dedup.gallery.embedded.replay import change_delta
 from dedup.gallery.embedded.search import ExactSearch
-from dedup.gallery.embedded.sweep import IVFCandidates
+from dedup.gallery.embedded.sweep import SignCodeCandidates
 
 log = logging.getLogger("dedup.gallery")
 
@@ -238,8 +238,9 @@ class EmbeddedGallery:
 
     def sweep_search(self, min_score: float) -> SweepSearch:
         if self.index.exact:
-            return lambda matrix: widening_neighbours(self, matrix, min_score)
-        return IVFCandidates(self.store, self.model_id, self.only_model(), min_score).neighbours
+            return lambda _keys, matrix: widening_neighbours(self, matrix, min_score)
+        return SignCodeCandidates(self.store, self.model_id, self.only_model(),
+                                  min_score).neighbours
 
     def settle(self, checked: Party, matched: int, record: bytes, audit: RecordMaker
                ) -> bytes:

@@ -154,7 +154,7 @@ class MilvusGallery:
 
     def sweep_search(self, min_score: float) -> SweepSearch:
         # Candidates are re-scored exactly from the stored embeddings, whatever the index.
-        return lambda matrix: widening_neighbours(self, matrix, min_score)
+        return lambda _keys, matrix: widening_neighbours(self, matrix, min_score)
 
     @unavailable
     def settled(self, party: Party) -> dict[int, bytes]:

@@ -1,0 +1,62 @@
+"""FindClusters on an approximate index finds the weak links too: planted pairs of one
+person under two ID numbers, scoring just above the job's score, among isotropic strangers
+(the worst case for a partition of the gallery: the job-local IVF that proposed the
+candidates before missed some)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dedup.core.records import Registration
+from dedup.core.settings import IndexConfig, StoreConfig
+from dedup.core.vectors import normalize_rows
+from dedup.gallery.embedded.gallery import EmbeddedGallery
+from dedup.service.clusters import Cluster, find_clusters
+
+STRANGERS = 100_000
+PAIRS = 150
+MIN_SCORE = 0.40
+
+
+def planted_gallery(rng: np.random.Generator) -> tuple[list[str], np.ndarray, list[str]]:
+    """Registration ids, unit vectors and ID numbers: strangers and, at random places, two
+    captures of each planted person (cosine about 0.41-0.50) under two ID numbers."""
+    strangers = normalize_rows(rng.standard_normal((STRANGERS, 512)))
+    persons = normalize_rows(rng.standard_normal((PAIRS, 512)))
+    noise = rng.uniform(1.1, 1.25, size=(2 * PAIRS, 1))
+    jitter = normalize_rows(rng.standard_normal((2 * PAIRS, 512)))
+    captures = normalize_rows(np.repeat(persons, 2, axis=0) + noise * jitter)
+    ids = [f"s{i}" for i in range(STRANGERS)] + [f"p{i // 2}-{i % 2}" for i in range(2 * PAIRS)]
+    numbers = [f"S{i}" for i in range(STRANGERS)] + [f"P{i}" for i in range(2 * PAIRS)]
+    order = rng.permutation(len(ids))
+    vectors = np.vstack([strangers, captures])[order].astype(np.float32)
+    return [ids[i] for i in order], vectors, [numbers[i] for i in order]
+
+
+def planted_pairs(ids: list[str], vectors: np.ndarray) -> set[frozenset[str]]:
+    """The planted pairs scoring >= MIN_SCORE (strangers score 0 +- 0.044: never)."""
+    row_of = {registration_id: row for row, registration_id in enumerate(ids)}
+    pairs = [(f"p{i}-0", f"p{i}-1") for i in range(PAIRS)]
+    return {frozenset(pair) for pair in pairs
+            if vectors[row_of[pair[0]]] @ vectors[row_of[pair[1]]] >= MIN_SCORE}
+
+
+def test_every_weak_link_across_id_numbers_is_found(tmp_path):
+    rng = np.random.default_rng(2019)
+    ids, vectors, numbers = planted_gallery(rng)
+    truth = planted_pairs(ids, vectors)
+    assert len(truth) > PAIRS // 2
+    gallery = EmbeddedGallery(StoreConfig(data_dir=tmp_path / "data"), "model",
+                              IndexConfig(index_factory="BinarySign512"), background=False)
+    try:
+        gallery.insert_many([
+            (Registration(registration_id=i, id_number=n, embedding_model="model"), v)
+            for i, v, n in zip(ids, vectors, numbers, strict=True)])
+        clusters = [item for item in find_clusters(gallery, MIN_SCORE, 2)
+                    if isinstance(item, Cluster)]
+    finally:
+        gallery.close(checkpoint=False)
+    found = {frozenset(r.registration_id for r in cluster.registrations)
+             for cluster in clusters}
+    assert found == truth, (f"missed {len(truth - found)} of {len(truth)} planted pairs, "
+                            f"invented {len(found - truth)}")
