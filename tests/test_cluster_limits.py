@@ -139,3 +139,9 @@ def test_one_job_per_caller_and_a_global_limit(make_server, keys, faces):
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert time.monotonic() < deadline, "the cancelled job kept its slot"
             time.sleep(0.2)
+
+
+@pytest.mark.parametrize("field", ["cluster_jobs", "max_cluster_size", "cluster_job_threads"])
+def test_query_limits_out_of_range_are_refused_naming_the_field(field):
+    with pytest.raises(ValueError, match=field):
+        QueryLimits(**{field: -1})

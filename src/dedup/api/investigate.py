@@ -125,7 +125,8 @@ class InvestigateServicer(pb_grpc.InvestigateServicer):
         self.dimension = config.store.dimension
         self.audit = audit
         queries = config.queries
-        self.cluster_caps = Caps(queries.max_pairs_per_registration, queries.max_cluster_size)
+        self.cluster_caps = Caps(queries.max_pairs_per_registration, queries.max_cluster_size,
+                                 queries.cluster_job_threads)
         self.cluster_jobs = JobSlots(queries.cluster_jobs_per_caller, queries.cluster_jobs)
 
     # -- Search ----------------------------------------------------------------------

@@ -163,13 +163,17 @@ def _query_arguments(serve: argparse.ArgumentParser) -> None:
     group.add_argument("--max-pairs-per-registration", type=int,
                        default=limits.max_pairs_per_registration,
                        help="best neighbours FindClusters links each registration to")
+    group.add_argument("--cluster-job-threads", type=int, default=limits.cluster_job_threads,
+                       help="threads a FindClusters job scans on with an approximate index "
+                       "(0: one a core; 1 keeps a core for the checks while a job runs)")
 
 
 def query_limits(args: argparse.Namespace) -> QueryLimits:
     return QueryLimits(check_rate_per_caller=args.check_rate_per_caller,
                        check_burst_per_caller=args.check_burst_per_caller,
                        cluster_jobs=args.cluster_jobs, max_cluster_size=args.max_cluster_size,
-                       max_pairs_per_registration=args.max_pairs_per_registration)
+                       max_pairs_per_registration=args.max_pairs_per_registration,
+                       cluster_job_threads=args.cluster_job_threads)
 
 
 def _capture_arguments(serve: argparse.ArgumentParser) -> None:

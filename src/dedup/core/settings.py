@@ -84,14 +84,21 @@ class QueryLimits:
     # with 128-character registration_ids); a cut-off cluster is marked truncated.
     max_pairs_per_registration: int = 256
     max_cluster_size: int = 400
+    # Threads a FindClusters job's scan of sign codes runs on (an approximate index); 0: one
+    # a core. A job then takes the cores from the checks while it runs: a server that must
+    # keep its check latency during a sweep sets 1.
+    cluster_job_threads: int = 0
 
     def __post_init__(self) -> None:
         if self.check_rate_per_caller < 0 or self.check_burst_per_caller < 1:
             raise ValueError("query limits: check_rate_per_caller must be >= 0 and "
                              "check_burst_per_caller >= 1")
-        if min(self.cluster_jobs_per_caller, self.cluster_jobs, self.max_cluster_size,
-               self.max_pairs_per_registration) < 1:
-            raise ValueError("query limits: cluster jobs and caps must be >= 1")
+        for name in ("cluster_jobs_per_caller", "cluster_jobs", "max_cluster_size",
+                     "max_pairs_per_registration"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"query limits: {name} must be >= 1")
+        if self.cluster_job_threads < 0:
+            raise ValueError("query limits: cluster_job_threads must be >= 0 (0: one a core)")
 
 
 @dataclass(frozen=True)

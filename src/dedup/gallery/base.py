@@ -120,11 +120,11 @@ class Gallery(Protocol):
         """(this process's chain name, "" for the one chain of a data directory; its last
         sequence; its last hash)."""
         ...
-    def sweep_search(self, min_score: float) -> SweepSearch:
+    def sweep_search(self, min_score: float, threads: int = 0) -> SweepSearch:
         """For a sweep over the whole gallery in key order (FindClusters): of each row, every
         neighbour with a higher key scoring >= min_score (exact scores; lower keys may come
         too: each pair needs to be seen from one side). May build job-local structures
-        first."""
+        first, and scan on `threads` threads (0: one a core)."""
         ...
 
     # -- writes ----------------------------------------------------------------------

@@ -52,6 +52,7 @@ class Progress:
 class Caps:
     max_pairs: int = 256  # per registration: its best neighbours
     max_size: int = 400  # registrations in a cluster
+    threads: int = 0  # of the gallery's sweep search, where it has a choice; 0: one a core
 
 
 def audit_batches(clusters: list[Cluster], max_chars: int = AUDIT_IDS_CHARS
@@ -234,8 +235,9 @@ def find_clusters(gallery: Gallery, min_score: float, min_distinct_id_numbers: i
                   caps: Caps | None = None) -> Iterator[Cluster | Progress]:
     """Each block's neighbours come from the gallery's sweep search (see
     Gallery.sweep_search: exact, or candidates confirmed by exact scores)."""
-    search = gallery.sweep_search(min_score)
-    sweep = _Sweep(gallery, caps or Caps(), min_distinct_id_numbers)
+    caps = caps or Caps()
+    search = gallery.sweep_search(min_score, caps.threads)
+    sweep = _Sweep(gallery, caps, min_distinct_id_numbers)
     total = gallery.comparable_count()
     searched = emitted = 0
     for keys, matrix in gallery.iter_vectors(BLOCK):

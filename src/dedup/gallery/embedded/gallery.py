@@ -236,11 +236,11 @@ class EmbeddedGallery:
     def settled(self, party: Party) -> dict[int, bytes]:
         return self.store.settled(party)
 
-    def sweep_search(self, min_score: float) -> SweepSearch:
+    def sweep_search(self, min_score: float, threads: int = 0) -> SweepSearch:
         if self.index.exact:
             return lambda _keys, matrix: widening_neighbours(self, matrix, min_score)
-        return SignCodeCandidates(self.store, self.model_id, self.only_model(),
-                                  min_score).neighbours
+        return SignCodeCandidates(self.store, self.model_id, self.only_model(), min_score,
+                                  threads).neighbours
 
     def settle(self, checked: Party, matched: int, record: bytes, audit: RecordMaker
                ) -> bytes:

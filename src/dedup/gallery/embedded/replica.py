@@ -307,7 +307,7 @@ class ReplicaGallery:
     def gauges(self) -> list[Gauge]:
         self._primary_only("gauges")
 
-    def sweep_search(self, min_score: float) -> SweepSearch:
+    def sweep_search(self, min_score: float, threads: int = 0) -> SweepSearch:
         self._primary_only("sweep_search")
 
     def ensure_unique(self, registration: Registration) -> None:

@@ -13,6 +13,7 @@ probed lists.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import faiss
@@ -39,9 +40,10 @@ class SignCodeCandidates:
     MAX_K = 16_384
     BLOCK = 20_000
 
-    def __init__(self, store: Store, model_id: str, only_model: str | None, min_score: float
-                 ) -> None:
+    def __init__(self, store: Store, model_id: str, only_model: str | None, min_score: float,
+                 threads: int = 0) -> None:
         self.store, self.min_score = store, min_score
+        self.threads = threads or os.cpu_count() or 1
         self.encoder = BinarySignIndex(store.config.dimension, 512)
         keys: list[npt.NDArray[np.int64]] = []
         codes: list[npt.NDArray[np.uint8]] = []
@@ -68,6 +70,18 @@ class SignCodeCandidates:
             rows[i] = row
         return rows
 
+    def _knn(self, codes: npt.NDArray[np.uint8], tail: npt.NDArray[np.uint8], k: int
+             ) -> npt.NDArray[np.int64]:
+        # OpenMP's thread count belongs to the calling thread, a server worker that serves
+        # other calls afterwards: set for the scan, then put back.
+        previous = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(self.threads)
+        try:
+            _, positions = faiss.knn_hamming(codes, tail, k)
+            return positions
+        finally:
+            faiss.omp_set_num_threads(previous)
+
     def _confirmed(self, codes: npt.NDArray[np.uint8], queries: Matrix, first: int, k: int
                    ) -> list[Neighbours]:
         """The top-k candidates among the codes from position `first` on, scored exactly;
@@ -75,16 +89,28 @@ class SignCodeCandidates:
         tail = self.codes[first:]
         if not len(tail):
             return [[] for _ in queries]
-        _, positions = faiss.knn_hamming(codes, tail, min(k, len(tail)))
-        # One read of the store for the whole block's candidates.
-        kept, vectors = self.store.vectors(np.unique(self.keys[first + positions[positions >= 0]]))
-        row_of = {key: row for row, key in enumerate(kept)}
+        positions = self._knn(codes, tail, min(k, len(tail)))
+        found = positions >= 0
+        keys = np.where(found, self.keys[first + np.where(found, positions, 0)], -1)
+        scores = self._scores(keys, found, queries)
         rows: list[Neighbours] = []
-        for query, found in zip(queries, positions, strict=True):
-            candidates = [int(key) for key in self.keys[first + found[found >= 0]]
-                          if int(key) in row_of]
-            scores = vectors[[row_of[key] for key in candidates]] @ query
-            row = [(key, float(score)) for key, score in zip(candidates, scores, strict=True)
-                   if score >= self.min_score]
-            rows.append(sorted(row, key=lambda pair: -pair[1]))
+        for row_keys, row_scores in zip(keys, scores, strict=True):
+            passing = np.nonzero(row_scores >= self.min_score)[0]
+            best_first = passing[np.argsort(-row_scores[passing], kind="stable")]
+            rows.append([(int(row_keys[j]), float(row_scores[j])) for j in best_first])
         return rows
+
+    def _scores(self, keys: npt.NDArray[np.int64], found: npt.NDArray[np.bool_],
+                queries: Matrix) -> npt.NDArray[np.float32]:
+        """Exact scores of each query's candidates, -inf where a candidate is gone: one read
+        of the store for the whole block."""
+        kept, vectors = self.store.vectors(np.unique(keys[found]))
+        scores = np.full(keys.shape, -np.inf, np.float32)
+        if not kept:
+            return scores
+        stored = np.asarray(kept, np.int64)  # sorted, as asked
+        slot = np.minimum(np.searchsorted(stored, keys), len(stored) - 1)
+        present = found & (stored[slot] == keys)
+        exact = np.einsum("nkd,nd->nk", vectors[slot], queries)
+        scores[present] = exact[present]
+        return scores

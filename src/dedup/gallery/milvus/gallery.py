@@ -152,7 +152,7 @@ class MilvusGallery:
     def gauges(self) -> list[Gauge]:
         return status.gauges(self._rows)
 
-    def sweep_search(self, min_score: float) -> SweepSearch:
+    def sweep_search(self, min_score: float, threads: int = 0) -> SweepSearch:
         # Candidates are re-scored exactly from the stored embeddings, whatever the index.
         return lambda _keys, matrix: widening_neighbours(self, matrix, min_score)
 
