@@ -10,8 +10,12 @@ top --depth candidates hold after an exact re-rank from the float32 rows, separa
 registrations under the probe's own ID number and under another one (the fraud dedup
 exists to find; `Check` finds the former by ID-number lookup whatever the index), and
 queries/s on one thread, one query at a time (search only, and with the re-rank).
+With --in-memory the gallery is generated in memory instead (gallery_data.in_memory, no ID
+numbers: the recall is of every match).
 
     .venv/bin/python benchmarks/ivf_at_scale.py --registrations 10000000 --variant iso
+    .venv/bin/python benchmarks/ivf_at_scale.py --registrations 1000000 --variant uneven \
+        --in-memory --nprobes 16 64 256
 
 Prints JSON lines and a table; writes benchmarks/results/ivf-<N>-<V>-<kind>.json.
 """
@@ -30,7 +34,7 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gallery_data import VARIANTS
+from gallery_data import VARIANTS, in_memory
 
 RESULTS = Path(__file__).parent / "results"
 MATCH = 0.40
@@ -38,11 +42,12 @@ BUILD_THREADS = 2
 
 
 class Chunks:
-    """The generated chunks as one read-only row space (memory-mapped)."""
+    """The generated chunks as one read-only row space (memory-mapped), or one array."""
 
-    def __init__(self, folder: Path, variant: str) -> None:
+    def __init__(self, folder: Path, variant: str, array: np.ndarray | None = None) -> None:
         self.files = sorted(folder.glob(f"{variant}-[0-9][0-9][0-9].npy"))
-        self.arrays = [np.load(path, mmap_mode="r") for path in self.files]
+        self.arrays = [array] if array is not None else [
+            np.load(path, mmap_mode="r") for path in self.files]
         self.starts = np.concatenate([[0], np.cumsum([len(a) for a in self.arrays])])
 
     def __len__(self) -> int:
@@ -69,8 +74,8 @@ class Chunks:
         return found
 
 
-def ground_truth(chunks: Chunks, probes: np.ndarray, cache: Path) -> list[list[int]]:
-    if cache.exists():
+def ground_truth(chunks: Chunks, probes: np.ndarray, cache: Path | None) -> list[list[int]]:
+    if cache is not None and cache.exists():
         return [list(found) for found in json.loads(cache.read_text())]
     started = time.perf_counter()
     truth: list[list[int]] = [[] for _ in probes]
@@ -78,7 +83,8 @@ def ground_truth(chunks: Chunks, probes: np.ndarray, cache: Path) -> list[list[i
         rows, columns = np.nonzero(probes @ np.asarray(array).T >= MATCH)
         for row, column in zip(rows, columns, strict=True):
             truth[row].append(int(chunks.starts[chunk] + column))
-    cache.write_text(json.dumps(truth))
+    if cache is not None:
+        cache.write_text(json.dumps(truth))
     print(f"exact ground truth in {time.perf_counter() - started:.0f} s", flush=True)
     return truth
 
@@ -119,7 +125,7 @@ def sweep(index: Any, chunks: Chunks, probes: np.ndarray, truth: list[list[int]]
     expected_own = sum(len(mine) for mine in own)
     expected_other = sum(len(wanted) for wanted in truth) - expected_own
     return {"nprobe": nprobe, "depth": depth,
-            "recall_own_id": found["own"] / max(1, expected_own),
+            "recall_own_id": found["own"] / expected_own if expected_own else float("nan"),
             "recall_other_id": found["other"] / max(1, expected_other),
             "pairs_own_id": expected_own, "pairs_other_id": expected_other,
             "qps_search": len(probes) / searching,
@@ -136,28 +142,40 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=200_000, help="training registrations")
     parser.add_argument("--nprobes", type=int, nargs="+", default=[16, 32, 64, 128])
     parser.add_argument("--depth", type=int, default=64, help="candidates re-ranked")
+    parser.add_argument("--in-memory", action="store_true",
+                        help="generate the gallery in memory (recall of every match)")
     args = parser.parse_args()
     folder = args.workdir / f"{args.registrations}-{args.variant}" / "input"
-    chunks = Chunks(folder, args.variant)
-    summary = np.load(next(folder.glob(f"{args.variant}-{args.registrations}-*-7.npz")))
-    probes, probe_ids = summary["probes"].astype(np.float32), summary["probe_ids"].tolist()
-    truth = ground_truth(chunks, probes, folder / "ground-truth-0.40.json")
-    numbers = chunks.id_numbers({row for found in truth for row in found})
-    own = [{row for row in found if numbers[row] == id_number}
-           for found, id_number in zip(truth, probe_ids, strict=True)]
+    if args.in_memory:
+        gallery, probes = in_memory(args.registrations, args.variant)
+        chunks = Chunks(folder, args.variant, gallery)
+        truth = ground_truth(chunks, probes, None)
+        own: list[set[int]] = [set() for _ in truth]  # no ID numbers: all count as "other"
+        # (so recall_other_id is the recall of every match)
+    else:
+        chunks = Chunks(folder, args.variant)
+        summary = np.load(next(folder.glob(f"{args.variant}-{args.registrations}-*-7.npz")))
+        probes, probe_ids = summary["probes"].astype(np.float32), summary["probe_ids"].tolist()
+        truth = ground_truth(chunks, probes, folder / "ground-truth-0.40.json")
+        numbers = chunks.id_numbers({row for found in truth for row in found})
+        own = [{row for row in found if numbers[row] == id_number}
+               for found, id_number in zip(truth, probe_ids, strict=True)]
     index, timing = build(chunks, args.kind, args.train)
     rows = []
     for nprobe in args.nprobes:
         rows.append(sweep(index, chunks, probes, truth, own, nprobe, args.depth))
         print(json.dumps(rows[-1]), flush=True)
     result = {"registrations": len(chunks), "variant": args.variant, "kind": args.kind,
+              "in_memory": args.in_memory,
               "match": MATCH, **timing, "rows": rows}
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"ivf-{args.registrations}-{args.variant}-{args.kind.replace(',', '_')}.json"
+    out = RESULTS / (f"ivf-{args.registrations}-{args.variant}-{args.kind.replace(',', '_')}"
+                     f"{'-in-memory' if args.in_memory else ''}.json")
     out.write_text(json.dumps(result, indent=2))
     print(f"\n{len(chunks):,} registrations ({args.variant}), {args.kind}: train "
           f"{timing['train_seconds']:.0f} s, add {timing['add_seconds']:.0f} s")
-    print(f"{'nprobe':>6} {'recall own ID':>14} {'recall other ID':>16} {'q/s search':>11}"
+    other = "recall, all" if args.in_memory else "recall other ID"
+    print(f"{'nprobe':>6} {'recall own ID':>14} {other:>16} {'q/s search':>11}"
           f" {'q/s +rerank':>12}")
     for row in rows:
         print(f"{row['nprobe']:6} {row['recall_own_id']:14.4f} {row['recall_other_id']:16.4f}"

@@ -5,10 +5,10 @@ seen once, from its lower key, which is all the cluster walk needs: see SignCode
 so the all-pairs scan costs half of N² code comparisons. Sign codes keep no cluster
 assumption: same-person captures at cosine 0.4 sit 189 bits apart on average and strangers
 at 256 ± 11, so a duplicate is among the first 64 candidates of a million codes however the
-gallery is spread. A job-local IVF (k-means lists, nprobe 64 of 4,003) proposing the
-candidates before found 0.918 of the planted clusters of benchmarks/clusters.py at
-1,000,000 registrations in 1,526 s: on isotropic data most weak links lie outside the
-probed lists.
+gallery is spread. benchmarks/clusters.py at 1,000,000 registrations: every planted cluster
+in 1,054-1,188 s on two threads. A job-local IVF (k-means lists, nprobe 64 of 4,003)
+proposing the candidates before found 0.918 of them in 1,526 s: on isotropic data many weak
+links lie outside the probed lists.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class SignCodeCandidates:
     def __init__(self, store: Store, model_id: str, only_model: str | None, min_score: float,
                  threads: int = 0) -> None:
         self.store, self.min_score = store, min_score
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads or len(os.sched_getaffinity(0))  # the cores this process may use
         self.encoder = BinarySignIndex(store.config.dimension, 512)
         keys: list[npt.NDArray[np.int64]] = []
         codes: list[npt.NDArray[np.uint8]] = []
