@@ -11,7 +11,7 @@ from dedup.core.records import Registration
 from dedup.core.settings import IndexConfig, StoreConfig
 from dedup.core.vectors import normalize_rows
 from dedup.gallery.embedded.gallery import EmbeddedGallery
-from dedup.service.clusters import Cluster, find_clusters
+from dedup.service.clusters import PAIRS_CAP, Caps, Cluster, find_clusters
 
 STRANGERS = 100_000
 PAIRS = 150
@@ -60,3 +60,32 @@ def test_every_weak_link_across_id_numbers_is_found(tmp_path):
              for cluster in clusters}
     assert found == truth, (f"missed {len(truth - found)} of {len(truth)} planted pairs, "
                             f"invented {len(found - truth)}")
+
+
+def test_a_link_the_pairs_cap_drops_marks_both_groups_truncated(tmp_path):
+    """A has five close captures and B (0.45) beyond a cap of 3; C links only to B. The sign
+    code search sees A-B from A's side only: B's group lacks A and must say it was cut."""
+    rng = np.random.default_rng(3)
+
+    def near(base: np.ndarray, cosine: float) -> np.ndarray:
+        other = rng.standard_normal(512)
+        other -= (other @ base) * base
+        return cosine * base + np.sqrt(1 - cosine ** 2) * other / np.linalg.norm(other)
+
+    a = normalize_rows(rng.standard_normal((1, 512)))[0]
+    b = near(a, 0.45)
+    named = [("A", a), *((f"A{i}", near(a, 0.7)) for i in range(5)), ("B", b),
+             ("C", near(b, 0.6))]
+    named += [(f"s{i}", v) for i, v in enumerate(normalize_rows(rng.standard_normal((300, 512))))]
+    gallery = EmbeddedGallery(StoreConfig(data_dir=tmp_path / "data"), "model",
+                              IndexConfig(index_factory="BinarySign512"), background=False)
+    try:
+        gallery.insert_many([
+            (Registration(registration_id=name, id_number=f"N{name}", embedding_model="model"),
+             vector.astype(np.float32)) for name, vector in named])
+        clusters = [item for item in find_clusters(gallery, MIN_SCORE, 2, Caps(3, 400))
+                    if isinstance(item, Cluster)]
+    finally:
+        gallery.close(checkpoint=False)
+    with_b = [c for c in clusters if "B" in {r.registration_id for r in c.registrations}]
+    assert with_b and all(PAIRS_CAP in cluster.truncated_by for cluster in with_b)

@@ -193,14 +193,23 @@ class _Sweep:
     def link(self, key: int, neighbours: Neighbours) -> None:
         others = [(other, score) for other, score in neighbours if other != key]
         if len(others) > self.caps.max_pairs:
-            others = sorted(others, key=lambda pair: (-pair[1], pair[0]))[:self.caps.max_pairs]
+            ranked = sorted(others, key=lambda pair: (-pair[1], pair[0]))
+            others = ranked[:self.caps.max_pairs]
             self._due(self.groups.mark(key, {PAIRS_CAP}))
+            self._cut_off(ranked[self.caps.max_pairs:])
         for other, score in others:
             if other in self.reported:  # its truncated group was reported already
                 self._due(self.groups.mark(key, self.reported[other]))
                 continue
             for root in set(self.groups.join(key, other, score)):
                 self._due(root)
+
+    def _cut_off(self, dropped: Neighbours) -> None:
+        """The neighbours a cap dropped are marked too: a sweep search that returns each pair
+        from one side only never shows them the link again, so their groups may lack it."""
+        for other, _ in dropped:
+            if other not in self.reported:
+                self._due(self.groups.mark(other, {PAIRS_CAP}))
 
     def _due(self, root: int) -> None:
         heapq.heappush(self.pending, (self.groups.highest[root], root))

@@ -239,8 +239,7 @@ class EmbeddedGallery:
     def sweep_search(self, min_score: float, threads: int = 0) -> SweepSearch:
         if self.index.exact:
             return lambda _keys, matrix: widening_neighbours(self, matrix, min_score)
-        return SignCodeCandidates(self.store, self.model_id, self.only_model(), min_score,
-                                  threads).neighbours
+        return SignCodeCandidates(self.store, self.only_model(), min_score, threads).neighbours
 
     def settle(self, checked: Party, matched: int, record: bytes, audit: RecordMaker
                ) -> bytes:

@@ -3,12 +3,15 @@
 Each row is searched only against the registrations with higher keys (every pair is still
 seen once, from its lower key, which is all the cluster walk needs: see SignCodeCandidates),
 so the all-pairs scan costs half of N² code comparisons. Sign codes keep no cluster
-assumption: same-person captures at cosine 0.4 sit 189 bits apart on average and strangers
-at 256 ± 11, so a duplicate is among the first 64 candidates of a million codes however the
-gallery is spread. benchmarks/clusters.py at 1,000,000 registrations: every planted cluster
-in 1,054-1,188 s on two threads. A job-local IVF (k-means lists, nprobe 64 of 4,003)
-proposing the candidates before found 0.918 of them in 1,526 s: on isotropic data many weak
-links lie outside the probed lists.
+assumption: two unit vectors at cosine c differ in about 512 acos(c) / pi bits (189 at 0.40,
+171 at 0.50), strangers in 256 ± 11.3. So the 64 nearest codes hold a pair well above the
+job's score, but not always one just above it: by that binomial model a pair at exactly 0.40
+falls outside its lower key's 64 nearest among 1,000,000 codes 1.3% of the time (0.11% at
+0.45, 0.004% at 0.50; 4.7% at 0.40 among 10,000,000), and a job at the review threshold 0.30
+misses about a quarter of such pairs. benchmarks/clusters.py at 1,000,000 registrations
+(planted links at 0.5-0.8): every planted cluster in 1,054-1,188 s on two threads. A
+job-local IVF (k-means lists, nprobe 64 of 4,003) proposing the candidates before found
+0.918 of them in 1,526 s: on isotropic data many links lie outside the probed lists.
 """
 
 from __future__ import annotations
@@ -40,10 +43,10 @@ class SignCodeCandidates:
     MAX_K = 16_384
     BLOCK = 20_000
 
-    def __init__(self, store: Store, model_id: str, only_model: str | None, min_score: float,
+    def __init__(self, store: Store, only_model: str | None, min_score: float,
                  threads: int = 0) -> None:
         self.store, self.min_score = store, min_score
-        self.threads = threads or len(os.sched_getaffinity(0))  # the cores this process may use
+        self.threads = threads or _usable_cores()
         self.encoder = BinarySignIndex(store.config.dimension, 512)
         keys: list[npt.NDArray[np.int64]] = []
         codes: list[npt.NDArray[np.uint8]] = []
@@ -60,13 +63,13 @@ class SignCodeCandidates:
             return []
         queries = np.ascontiguousarray(matrix, np.float32)
         first = int(np.searchsorted(self.keys, min(keys), side="right"))
-        rows = self._confirmed(self.encoder.encode(queries), queries, first, self.K)
+        codes = self.encoder.encode(queries)
+        rows = self._confirmed(codes, queries, first, self.K)
         for i, row in enumerate(rows):
             k = self.K
             while len(row) >= k and k < min(self.MAX_K, len(self.keys) - first):
                 k *= 4
-                row = self._confirmed(self.encoder.encode(queries[i:i + 1]),
-                                      queries[i:i + 1], first, k)[0]
+                row = self._confirmed(codes[i:i + 1], queries[i:i + 1], first, k)[0]
             rows[i] = row
         return rows
 
@@ -114,3 +117,9 @@ class SignCodeCandidates:
         exact = np.einsum("nkd,nd->nk", vectors[slot], queries)
         scores[present] = exact[present]
         return scores
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the system has one)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
