@@ -13,8 +13,8 @@ from dedup.core.vectors import normalize_rows
 from dedup.gallery.embedded.gallery import EmbeddedGallery
 from dedup.service.clusters import PAIRS_CAP, Caps, Cluster, find_clusters
 
-STRANGERS = 100_000
-PAIRS = 150
+STRANGERS = 40_000
+PAIRS = 200
 MIN_SCORE = 0.40
 
 
@@ -23,7 +23,7 @@ def planted_gallery(rng: np.random.Generator) -> tuple[list[str], np.ndarray, li
     captures of each planted person (cosine about 0.41-0.50) under two ID numbers."""
     strangers = normalize_rows(rng.standard_normal((STRANGERS, 512)))
     persons = normalize_rows(rng.standard_normal((PAIRS, 512)))
-    noise = rng.uniform(1.1, 1.25, size=(2 * PAIRS, 1))
+    noise = rng.uniform(1.15, 1.3, size=(2 * PAIRS, 1))
     jitter = normalize_rows(rng.standard_normal((2 * PAIRS, 512)))
     captures = normalize_rows(np.repeat(persons, 2, axis=0) + noise * jitter)
     ids = [f"s{i}" for i in range(STRANGERS)] + [f"p{i // 2}-{i % 2}" for i in range(2 * PAIRS)]
@@ -45,7 +45,7 @@ def test_every_weak_link_across_id_numbers_is_found(tmp_path):
     rng = np.random.default_rng(2019)
     ids, vectors, numbers = planted_gallery(rng)
     truth = planted_pairs(ids, vectors)
-    assert len(truth) > PAIRS // 2
+    assert len(truth) > PAIRS // 3
     gallery = EmbeddedGallery(StoreConfig(data_dir=tmp_path / "data"), "model",
                               IndexConfig(index_factory="BinarySign512"), background=False)
     try:
