@@ -22,9 +22,11 @@ Progress = Callable[[str, int, int], None]
 # One side of a settled pair: an enrolled registration's int64 key, or the registration_id
 # of an application that was not enrolled when it was settled (a refused one).
 Party = int | str
-# Each query row's neighbours as (key, exact score), for an all-pairs sweep.
-# (the rows' keys, in key order; their vectors) -> per row, its neighbours >= the job's score.
-SweepSearch = Callable[[Sequence[int], Matrix], list[list[tuple[int, float]]]]
+# One row's neighbours as (key, exact score), best first.
+Neighbours = list[tuple[int, float]]
+# For an all-pairs sweep: (the rows' keys, in key order; their vectors) -> per row, its
+# neighbours >= the job's score.
+SweepSearch = Callable[[Sequence[int], Matrix], list[Neighbours]]
 
 
 @dataclass(frozen=True)
@@ -153,14 +155,24 @@ class Gallery(Protocol):
 
 
 def widening_neighbours(gallery: Gallery, matrix: Matrix, min_score: float, first_k: int = 32
-                        ) -> list[list[tuple[int, float]]]:
+                        ) -> list[Neighbours]:
     """Every neighbour >= min_score through `neighbours_of_many`: k widens for the rare query
     whose k-th neighbour still scores above it."""
     rows = gallery.neighbours_of_many(matrix, first_k, min_score)
+    return widened(rows, lambda i, k: gallery.neighbours_of_many(matrix[i:i + 1], k,
+                                                                 min_score)[0],
+                   first_k, 10_000)
+
+
+def widened(rows: list[Neighbours], search_one: Callable[[int, int], Neighbours], first_k: int,
+            max_k: int) -> list[Neighbours]:
+    """`rows` (from a search for `first_k` each, keeping only those >= the score), each row
+    that kept all it was given searched again (`search_one(row, k)`) for 4 times as many,
+    up to `max_k`."""
     for i, row in enumerate(rows):
-        wider = first_k
-        while len(row) >= wider and wider < 10_000:
-            wider *= 4
-            row = gallery.neighbours_of_many(matrix[i:i + 1], wider, min_score)[0]
+        k = first_k
+        while len(row) >= k and k < max_k:
+            k *= 4
+            row = search_one(i, k)
         rows[i] = row
     return rows

@@ -23,14 +23,13 @@ from dataclasses import dataclass
 from dedup.core.errors import InvalidArgument, ResourceExhausted
 from dedup.core.records import Registration
 from dedup.core.settings import Policy
-from dedup.gallery.base import Gallery
+from dedup.gallery.base import Gallery, Neighbours
 
 BLOCK = 1024
 SEARCH_ROWS = 256  # rows searched at once: bounds the neighbour lists held before the cap
 PAIRS_CAP, SIZE_CAP = "max_pairs_per_registration", "max_cluster_size"
 # The registration_ids one audit record lists: well under a Milvus record's 64 KiB.
 AUDIT_IDS_CHARS = 32_000
-Neighbours = list[tuple[int, float]]
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,9 @@ import numpy as np
 import numpy.typing as npt
 
 from dedup.core.vectors import Matrix
+from dedup.gallery.base import Neighbours, widened
 from dedup.gallery.embedded.index import BinarySignIndex
 from dedup.gallery.embedded.store import Store
-
-Neighbours = list[tuple[int, float]]
 
 
 class SignCodeCandidates:
@@ -65,13 +64,9 @@ class SignCodeCandidates:
         first = int(np.searchsorted(self.keys, min(keys), side="right"))
         codes = self.encoder.encode(queries)
         rows = self._confirmed(codes, queries, first, self.K)
-        for i, row in enumerate(rows):
-            k = self.K
-            while len(row) >= k and k < min(self.MAX_K, len(self.keys) - first):
-                k *= 4
-                row = self._confirmed(codes[i:i + 1], queries[i:i + 1], first, k)[0]
-            rows[i] = row
-        return rows
+        return widened(rows, lambda i, k: self._confirmed(codes[i:i + 1], queries[i:i + 1],
+                                                          first, k)[0],
+                       self.K, min(self.MAX_K, len(self.keys) - first))
 
     def _knn(self, codes: npt.NDArray[np.uint8], tail: npt.NDArray[np.uint8], k: int
              ) -> npt.NDArray[np.int64]:
