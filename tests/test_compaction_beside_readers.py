@@ -170,9 +170,10 @@ def test_a_process_opening_the_store_during_the_swap_waits_for_the_new_lock_file
         os.close(claim)
 
 
-def test_the_writer_refuses_a_lock_file_older_than_its_data_file(tmp_path):
-    """A data file put in place by hand (an old copy) while a tool has the store open:
-    opening it for writing is refused, rather than building on the wrong meta page."""
+def an_old_copy_put_in_place_beside_a_reader(tmp_path: Path) -> tuple[StoreConfig,
+                                                                         ReaderProcess]:
+    """A store whose data file was replaced by hand (an old copy) while a tool has it open,
+    and that tool (to be stopped)."""
     rng = np.random.default_rng(3)
     config = StoreConfig(data_dir=tmp_path / "data", check_on_open=False)
     store = Store(config)
@@ -187,9 +188,16 @@ def test_the_writer_refuses_a_lock_file_older_than_its_data_file(tmp_path):
     store.insert_many(registrations("after", 3, rng))
     store.close()
     reader = ReaderProcess(config.data_dir)
+    (old_copy / DATA_FILE).replace(store_dir(config.data_dir) / DATA_FILE)
+    return config, reader
+
+
+def test_the_writer_refuses_a_lock_file_older_than_its_data_file(tmp_path):
+    """Opening it for writing is refused, rather than building on the wrong meta page."""
+    config, reader = an_old_copy_put_in_place_beside_a_reader(tmp_path)
     try:
-        (old_copy / DATA_FILE).replace(store_dir(config.data_dir) / DATA_FILE)
-        with pytest.raises(StoreError, match=r"\(lock\.mdb\) is not the one of data\.mdb"):
+        with pytest.raises(StoreError, match=r"\(lock\.mdb\) is not the one of data\.mdb"
+                           ".*writing beside it would lose commits"):
             Store(config)
     finally:
         reader.stop()
@@ -198,3 +206,15 @@ def test_the_writer_refuses_a_lock_file_older_than_its_data_file(tmp_path):
         assert reopened.count() == 20
     finally:
         reopened.close()
+
+
+def test_a_reader_refuses_a_lock_file_that_stays_older_than_its_data_file(tmp_path):
+    """A reader tries again (a compaction's swap passes quickly), then is refused: it would
+    otherwise read an older state on pages the writer may reuse."""
+    config, reader = an_old_copy_put_in_place_beside_a_reader(tmp_path)
+    try:
+        with pytest.raises(StoreError, match=r"\(lock\.mdb\) is not the one of data\.mdb"
+                           ".*reading beside it could see pages the writer reuses"):
+            Store.reader(config.data_dir)
+    finally:
+        reader.stop()

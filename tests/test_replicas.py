@@ -9,9 +9,11 @@ index, not by relaying the call to the primary.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -27,6 +29,7 @@ from dedup import FaceGenerator, ServerConfig, StoreConfig
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 from dedup.core.errors import ConfigError
+from dedup.gallery.embedded.layout import store_dir
 from dedup.replicas import MultiProcessServer, create_servers
 
 PROCESSES = {"primary", "replica-1"}
@@ -217,9 +220,10 @@ def test_a_killed_replica_is_started_again(tmp_path):
             enroll(ch, "k1", "IDK1", person)
         (replica,) = replica_pids(served.process.pid)
         os.kill(replica, signal.SIGKILL)
+        # Serving from its own index once it said it opened the store (until then it relays).
         deadline = time.monotonic() + 60
         while not any("replica 1 (pid" in line and f"(pid {replica})" not in line
-                      and "serving" in line for line in served.lines):
+                      and "serves from the store" in line for line in served.lines):
             assert time.monotonic() < deadline, "the replica was not started again"
             time.sleep(0.2)
         assert any(f"replica 1 (pid {replica}) exited with code -9" in line
@@ -230,6 +234,59 @@ def test_a_killed_replica_is_started_again(tmp_path):
     finally:
         served.process.send_signal(signal.SIGTERM)
         assert served.wait() == 0
+
+
+# Takes every free slot of the store's LMDB reader table, until stdin closes.
+HOLD_READERS = """
+import sys
+import lmdb
+env = lmdb.open(sys.argv[1], readonly=True, max_dbs=16)
+held = []
+try:
+    while True:
+        held.append(env.begin())
+except lmdb.ReadersFullError:
+    pass
+print(len(held), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_replica_that_could_not_open_the_store_is_asked_again(start, caplog):
+    """A replica started again while LMDB's reader table is full cannot open the store: it
+    relays every call meanwhile, and opens the store once slots are free again."""
+    caplog.set_level(logging.INFO, logger="dedup")
+    server = start(max_readers=16)
+    faces = FaceGenerator(seed=20)
+    person = faces.persons(1)[0]
+    with fresh_channel(server.address) as ch:
+        enroll(ch, "o1", "IDO1", person)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_READERS, str(store_dir(tmp_data(server)))],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and int(holder.stdout.readline()) > 0
+        (replica,) = server.replicas.pids
+        os.kill(replica, signal.SIGKILL)
+        logged(caplog, "replica 1 could not open the store (asked again in 2 s)")
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    (restarted,) = server.replicas.pids
+    logged(caplog, f"replica 1 (pid {restarted}) serves from the store")
+    on_every_process(server.address, finds("o1", faces.capture(person)))
+
+
+def tmp_data(server: MultiProcessServer) -> Path:
+    return Path(server.config.store.data_dir)
+
+
+def logged(caplog: Any, text: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(text in record.getMessage() for record in caplog.records):
+        assert time.monotonic() < deadline, f"not logged in {timeout} s: {text}"
+        time.sleep(0.1)
 
 
 def children(pid: int) -> list[int]:

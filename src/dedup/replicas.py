@@ -16,10 +16,11 @@ lmdb_env.LmdbEnv.others_released) and when to stop; a replica whose pipe ends (t
 died) stops too. The replicas report the change their index covers in shared memory; the
 primary keeps its change log from the oldest (Store.replica_floor).
 
-A replica that dies is started again (after 1 s, then up to 30 s between attempts while it
-keeps dying within a minute); meanwhile the other processes serve. Stopping the primary
-stops the replicas first (gracefully: their relayed calls still reach the primary), then
-the primary; nothing is left running.
+A replica that could not open the store (it forwards every call meanwhile) is asked again
+every 2 s. A replica that dies is started again (after 1 s, then up to 30 s between attempts
+while it keeps dying within a minute); meanwhile the other processes serve. Stopping the
+primary stops the replicas first (gracefully: their relayed calls still reach the primary),
+then the primary; nothing is left running.
 """
 
 from __future__ import annotations
@@ -30,13 +31,12 @@ import dataclasses
 import logging
 import multiprocessing
 import os
-import queue
 import secrets
 import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -57,6 +57,7 @@ RELEASE_TIMEOUT_S = 30.0  # beyond, a replica that keeps the store open is kille
 _WATCH_S = 0.5
 _RESTART_DELAYS_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 _STABLE_S = 60.0  # a replica up this long starts the delays over when it dies
+_REOPEN_S = 2.0  # after a replica could not open the store, it is asked again this much later
 _NO_PIN = -1
 
 
@@ -206,10 +207,9 @@ class ReplicaSet:
                                    f"{replica.failure or 'no answer in time'}")
             self._open(replica)
         for replica in self._replicas:
-            opened = replica.wait_opened(deadline - time.monotonic())
-            if opened is not None:
+            if not replica.wait_opened(deadline - time.monotonic()):
                 raise StartupError(f"replica {replica.number} could not open the store: "
-                                   f"{opened}")
+                                   f"{replica.open_failure or 'no answer in time'}")
         self._watcher.start()
 
     def stop(self, grace: float) -> None:
@@ -255,8 +255,7 @@ class ReplicaSet:
 
     def _tend(self, replica: _Replica) -> None:
         if replica.alive:
-            if replica.ready.is_set() and not replica.holds_store \
-                    and self._store_lock.acquire(blocking=False):
+            if replica.wants_opening() and self._store_lock.acquire(blocking=False):
                 try:
                     replica.open()
                 finally:
@@ -290,10 +289,18 @@ class _Replica:
         self.process: Any = None
         self._connection: Connection | None = None
         self._send_lock = threading.Lock()
-        self._replies: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        # The replica's answers, counted by the pipe's reader: an open or a release is
+        # answered once, in the order asked.
+        self._answered = threading.Condition()
+        self._opens_unanswered = 0
+        self._releases_unanswered = 0
+        self._gone = False
         self.ready = threading.Event()
         self.failure = ""
-        self.holds_store = False
+        self.holds_store = False  # asked to open it, not released since: a release is due
+        self.serving = False  # it said it opened the store (and has not released it since)
+        self.open_failure = ""
+        self._open_failed_at: float | None = None
         self.restart_at: float | None = None
         self._started_at = 0.0
         self._failures = 0
@@ -314,7 +321,10 @@ class _Replica:
         ours, theirs = self._context.Pipe()
         self.ready.clear()
         self.failure, self.holds_store, self.restart_at = "", False, None
-        self._replies = queue.Queue()
+        with self._answered:
+            self._opens_unanswered = self._releases_unanswered = 0
+            self._gone = self.serving = False
+            self.open_failure, self._open_failed_at = "", None
         self.process = self._context.Process(target=replica_main, args=(self.args, theirs),
                                              name=f"dedup-replica-{self.number}")
         self.process.start()
@@ -339,12 +349,41 @@ class _Replica:
                     self.ready.set()
                 elif message[0] == "failed":
                     self.failure = str(message[1])
-                elif message[0] == "open_failed":
-                    log.error("replica %d could not open the store: %s", self.number,
-                              message[1])
-                self._replies.put(message)
+                else:
+                    self._answer(message)
         except (EOFError, OSError):
-            self._replies.put(("gone",))
+            with self._answered:
+                self._gone = True
+                self._answered.notify_all()
+
+    def _answer(self, message: tuple[Any, ...]) -> None:
+        with self._answered:
+            if message[0] == "opened":
+                self._opens_unanswered -= 1
+                self.serving, self.open_failure, self._open_failed_at = True, "", None
+                log.info("replica %d (pid %s) serves from the store (its index covers change "
+                         "%d)", self.number, self.pid, message[1])
+            elif message[0] == "open_failed":
+                self._opens_unanswered -= 1
+                self.serving, self.open_failure = False, str(message[1])
+                self._open_failed_at = time.monotonic()
+                log.error("replica %d could not open the store (asked again in %g s): %s",
+                          self.number, _REOPEN_S, message[1])
+            elif message[0] == "released":
+                self._releases_unanswered -= 1
+                self.serving = False
+            self._answered.notify_all()
+
+    def wants_opening(self) -> bool:
+        """Whether the replica is up and should be asked to open the store: never asked
+        since it started or released it, or its last attempt failed a while ago."""
+        if not self.ready.is_set():
+            return False
+        if not self.holds_store:
+            return True
+        with self._answered:
+            return (self._opens_unanswered == 0 and self._open_failed_at is not None
+                    and time.monotonic() - self._open_failed_at >= _REOPEN_S)
 
     def wait_ready(self, timeout: float) -> bool:
         deadline = time.monotonic() + max(0.0, timeout)
@@ -365,43 +404,46 @@ class _Replica:
         return True
 
     def open(self) -> None:
-        self.holds_store = self.send("open")
+        with self._answered:
+            self._opens_unanswered += 1
+            self._open_failed_at = None
+        if self.send("open"):
+            self.holds_store = True
+        else:
+            with self._answered:
+                self._opens_unanswered -= 1
 
     def release(self, timeout: float) -> None:
-        """Returns once this replica has closed its store (or is dead)."""
+        """Returns once this replica has closed its store (or is dead). An open still
+        under way (a large index loading) is waited for first, up to READY_TIMEOUT_S:
+        only then does the replica read its pipe again."""
         if not self.holds_store:
             return
-        if self.send("release") and self._wait_for(("released",), timeout) is not None:
-            self.holds_store = False
-            return
+        if self._await(lambda: self._opens_unanswered == 0, READY_TIMEOUT_S):
+            with self._answered:
+                self._releases_unanswered += 1
+            if self.send("release") and self._await(
+                    lambda: self._releases_unanswered == 0, timeout):
+                self.holds_store = False
+                return
         if self.alive:
-            log.error("replica %d did not close the store within %g s: killing it",
-                      self.number, timeout)
+            log.error("replica %d did not close the store in time: killing it", self.number)
             self.process.kill()
         self.process.join(10)
         self.holds_store = False
 
-    def wait_opened(self, timeout: float) -> str | None:
-        """None once the replica has opened the store; else why not."""
-        message = self._wait_for(("opened", "open_failed"), timeout)
-        if message is None:
-            return "no answer in time" if self.alive else f"it exited ({self.exitcode})"
-        return None if message[0] == "opened" else str(message[1])
+    def wait_opened(self, timeout: float) -> bool:
+        """Whether the replica opened the store (see open_failure if not)."""
+        if not self._await(lambda: self._opens_unanswered == 0, timeout):
+            self.open_failure = self.open_failure or (
+                "no answer in time" if self.alive else f"it exited ({self.exitcode})")
+        return self.serving
 
-    def _wait_for(self, kinds: tuple[str, ...], timeout: float) -> tuple[Any, ...] | None:
-        """The next reply of one of `kinds` (others are passed over); None if the replica
-        is gone or none came in time."""
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                message = self._replies.get(timeout=left)
-            except queue.Empty:
-                return None
-            if message[0] in kinds:
-                return message
-            if message[0] == "gone":
-                return None
-        return None
+    def _await(self, answered: Callable[[], bool], timeout: float) -> bool:
+        """Whether `answered` came true in time (False once the replica is gone)."""
+        with self._answered:
+            self._answered.wait_for(lambda: answered() or self._gone, max(0.0, timeout))
+            return answered() and not self._gone
 
     def end(self, timeout: float) -> None:
         """Waits for the process to exit (terminated, then killed, when it does not)."""
@@ -417,7 +459,7 @@ class _Replica:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
-        self.holds_store = False
+        self.holds_store = self.serving = False
 
 
 def _log_setup() -> tuple[str, bool]:

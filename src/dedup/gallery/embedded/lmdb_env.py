@@ -11,6 +11,7 @@ import fcntl
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, fields
@@ -115,14 +116,15 @@ class LmdbEnv:
         except OSError as error:
             raise StoreError(f"{self.path}: cannot create the store directory ({error})") from error
         env = self._open_lmdb()
-        for _ in range(_STALE_TABLE_REOPENINGS):
+        for reopenings in range(_STALE_TABLE_REOPENINGS + 1):
             if _lock_table_current(env):
                 break
             env.close()
-            if not self.readonly:
+            if not self.readonly or reopenings == _STALE_TABLE_REOPENINGS:
                 raise self._stale_lock_table()
             # Opened across a compaction's swap (the old lock file, the new data file): the
             # lock file is the new one by now. A commit between the two reads looks the same.
+            time.sleep(0.05 * reopenings)
             env = self._open_lmdb()
         stale = env.reader_check()
         if stale:
@@ -143,11 +145,13 @@ class LmdbEnv:
         return env
 
     def _stale_lock_table(self) -> StoreError:
+        danger = ("reading beside it could see pages the writer reuses" if self.readonly
+                  else "writing beside it would lose commits")
         return StoreError(
             f"{self.path}: LMDB's lock file (lock.mdb) is not the one of data.mdb (a data "
-            "file put in place while another process had the store open): writing beside it "
-            "would lose commits; stop every process that has the store open (dedup doctor, "
-            "backup, audit) and start again")
+            f"file put in place while another process had the store open): {danger}; stop "
+            "every process that has the store open (dedup doctor, backup, audit) and start "
+            "again")
 
     def _refuse_truncated(self, env: lmdb.Environment) -> None:
         # Pages past the end of a truncated file are mapped but unbacked: touching one is a
