@@ -208,6 +208,23 @@ def test_enroll_stream_answers_each_request_in_order(server, faces):
 
 
 @pytest.mark.embedded_only(reason=FAISS_ONLY)
+def test_a_type_rebuilt_by_name_is_not_switched_back_by_auto(make_server, faces):
+    """Under `auto`, an operator's Rebuild to a named type stays (the automatic switch
+    undid it within seconds before); a Rebuild to the configured type hands back to auto."""
+    server = make_server(checkpoint_interval_s=0.2)  # the switch looks every 0.2 s
+    list(server.stub.EnrollStream(iter(
+        pb.EnrollRequest(registration=registration(f"p{i}", f"IDP{i}"), face=face(p))
+        for i, p in enumerate(faces.persons(50)))))
+    list(admin(server).Rebuild(pb.RebuildRequest(index_factory="BinarySign512")))
+    time.sleep(2.0)
+    info = admin(server).GetIndexInfo(pb.GetIndexInfoRequest())
+    assert (info.index_type, info.rebuilding) == ("BinarySign512", False)
+    list(admin(server).Rebuild(pb.RebuildRequest()))
+    info = admin(server).GetIndexInfo(pb.GetIndexInfoRequest())
+    assert (info.configured_index_type, info.index_type) == ("auto", "Flat")
+
+
+@pytest.mark.embedded_only(reason=FAISS_ONLY)
 def test_rebuild_racing_enrolments_and_deletes_loses_nothing(make_server, faces):
     server = make_server()
     people = faces.persons(2500)

@@ -82,9 +82,9 @@ class EmbeddedGallery:
         self._checkpointer.recovered(covered)
         self._search = ExactSearch(self._live, config.dimension, self.index_config,
                                    self.search_options)
-        self._maintenance = Maintenance(
-            config, self._closed, self._checkpointer, self._compaction,
-            IndexSwitch(self._live, self._plan, self._rebuilder))
+        self._switch = IndexSwitch(self._live, self._plan, self._rebuilder)
+        self._maintenance = Maintenance(config, self._closed, self._checkpointer,
+                                        self._compaction, self._switch)
         if background:
             self._maintenance.start()
 
@@ -301,8 +301,11 @@ class EmbeddedGallery:
     # -- rebuilds and checkpoints --------------------------------------------------
 
     def rebuild(self, kind: str | None, progress: Progress) -> IndexStatus:
-        """Builds `kind` (None: the configured type) in a child process and swaps it in."""
-        return self._rebuilder.rebuild(kind, progress)
+        """Builds `kind` (None: the configured type) in a child process and swaps it in.
+        A type asked for by name stays while this server runs: the automatic switch of
+        `auto` leaves it alone until a rebuild to the configured type (None)."""
+        with self._switch.pinned(validate_kind(kind) if kind else None):
+            return self._rebuilder.rebuild(kind, progress)
 
     def build_offline(self, kind: str, progress: Progress) -> Built:
         """For `dedup rebuild` on a data directory no server holds: build and swap here."""

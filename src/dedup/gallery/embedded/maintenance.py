@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from dedup.core.settings import StoreConfig
 from dedup.gallery.embedded.checkpointer import Checkpointer
@@ -52,8 +54,22 @@ class IndexSwitch:
         self.plan = plan
         self.rebuilder = rebuilder
         self._failed_at = -SWITCH_RETRY_S
+        self._pinned: str | None = None  # the type an operator's rebuild asked for by name
+
+    @contextmanager
+    def pinned(self, kind: str | None) -> Iterator[None]:
+        """Around an operator's rebuild: pins `kind` (None: back to the configured type)
+        from before it starts, or keeps the earlier pin when it fails."""
+        earlier, self._pinned = self._pinned, kind
+        try:
+            yield
+        except BaseException:
+            self._pinned = earlier
+            raise
 
     def switch_if_wanted(self) -> None:
+        if self._pinned is not None:
+            return
         wanted = self.plan.wanted_kind()
         if wanted == self.live.index.kind or self.rebuilder.running:
             return
