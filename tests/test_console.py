@@ -205,6 +205,8 @@ def test_an_investigator_searches_links_sweeps_and_settles(stack: Stack) -> None
     assert not [line for line in logged if "Content Security Policy" in line
                 or entry_is_error(line)], logged
     check_the_trail(stack)
+    browser.get(f"{stack.console.url}/registrations/{stack.gallery.yao}")
+    assert float(by_id(browser, "stored-quality").text.split(" / ")[0]) > 0
 
 
 def search_by_photo(stack: Stack) -> None:
@@ -221,6 +223,8 @@ def search_by_photo(stack: Stack) -> None:
     assert rows[1][2] >= 0.40 and all(score < 0.30 for _, _, score in rows[2:])
     assert [score for _, _, score in rows] == sorted((s for _, _, s in rows), reverse=True)
     assert float(by_id(browser, "quality-unified").text) > 50
+    # The quality each matched registration was enrolled with (from its photo).
+    assert all(float(cell.text) > 0 for cell in css(browser, "tr.match td.quality")[:2])
     assert css(browser, "#probe svg.face rect.facebox")
     assert wait_for(browser, lambda d: d.execute_script(
         "return [...document.querySelectorAll('img.photo')].filter("

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup.console.settings import ConsoleSettings
@@ -29,7 +29,16 @@ def registration_view(registration: pb.Registration, settings: ConsoleSettings
             "enrolled_at": enrolled_at(registration),
             "embedding_model": registration.embedding_model,
             "enrolled_by": registration.enrolled_by,
+            "quality": _stored_quality(registration, "quality"),
+            "client_quality": _stored_quality(registration, "client_quality"),
             "photo_url": settings.photo_url(registration.registration_id)}
+
+
+def _stored_quality(registration: pb.Registration,
+                    field: Literal["quality", "client_quality"]) -> str:
+    """The unified quality stored with a registration (`quality`: measured by the server on
+    its photo; `client_quality`: the client's word), or "" when there is none."""
+    return f"{getattr(registration, field):.1f}" if registration.HasField(field) else ""
 
 
 def match_rows(matches: Any, checked: str, settings: ConsoleSettings,
