@@ -39,6 +39,9 @@ class RunningServer:
         """Stops without the shutdown checkpoint, as after a kill: the change log must cover it."""
         self.channel.close()
         self.server.grpc_server.stop(0).wait()
+        if self.server.audit is not None:
+            # Its thread would outlive the store it reads (a kill would end it).
+            self.server.audit.close()
         self.server.gallery.close(checkpoint=False)
 
     def restart(self, crash: bool = False) -> None:
