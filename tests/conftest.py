@@ -60,7 +60,8 @@ BACKENDS = ("embedded", "milvus", "milvus-server")
 # docs/milvus.md for which are where and how long they take.
 MILVUS_SERVER_SUBSET = (
     "tests/test_verdicts.py", "tests/test_settlements.py", "tests/test_server.py",
-    "tests/test_stress.py", "tests/test_milvus.py::test_nodes_never_both_enrol_one_face",
+    "tests/test_stress.py", "tests/test_enroll_stream.py",
+    "tests/test_milvus.py::test_nodes_never_both_enrol_one_face",
     "tests/test_milvus_server.py::test_the_server_dies_with_the_process_that_started_it",
     "tests/test_milvus_server.py::test_collections_are_built_with_the_indexes")
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import threading
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
@@ -71,38 +72,99 @@ class CallWork:
 
 
 class RequestFeed:
-    """The request iterator of a client-streaming servicer: items the call's coroutine read
-    ahead on the event loop. Should the servicer take an item the coroutine has not read
-    yet, its worker asks the loop for it and waits (bounded by the stream's idle timeout);
-    dedup's servicers take one item per response, so that never happens."""
+    """The request iterator of a client-streaming servicer: items the call's coroutine reads
+    ahead on the event loop (Call.stream), up to `most_items` or `most_bytes`, while the
+    servicer works. The servicer takes one item (iteration) or every item already read
+    (`batches`), waiting at most `first_s` for the first and `idle_s` for each next item;
+    beyond, `timed_out` makes the error it raises. Thread-safe: the loop puts, a worker
+    takes."""
 
-    def __init__(self, fetch: Callable[[], Coroutine[Any, Any, Any]],
-                 loop: asyncio.AbstractEventLoop) -> None:
-        self._fetch = fetch
+    def __init__(self, loop: asyncio.AbstractEventLoop, waits: tuple[float, float],
+                 timed_out: Callable[[bool], BaseException], most_items: int = 64,
+                 most_bytes: int = 4 << 20) -> None:
         self._loop = loop
+        self._first_s, self._idle_s = waits
+        self._timed_out = timed_out
+        self._most_items, self._most_bytes = most_items, most_bytes
         self._items: deque[Any] = deque()
-        self.received = 0
+        self._bytes = 0
+        self._changed = threading.Condition()
+        self._room = asyncio.Event()
+        self._failure: BaseException | None = None
+        self.received = 0  # read from the client so far
+        self.taken = 0  # taken by the servicer so far
         self.ended = False
 
-    @property
-    def hungry(self) -> bool:
-        """The servicer took every item read so far, and the client may send more."""
-        return not self._items and not self.ended
+    # -- on the event loop -----------------------------------------------------------
+
+    async def wait_for_room(self) -> None:
+        """Until fewer items than the budget wait to be taken (one always fits)."""
+        while True:
+            self._room.clear()
+            with self._changed:
+                if not self._items or (len(self._items) < self._most_items
+                                       and self._bytes < self._most_bytes):
+                    return
+            await self._room.wait()
 
     def put(self, item: Any) -> None:
         """A request read from the client, or END."""
-        if item is END:
-            self.ended = True
-            return
-        self.received += 1
-        self._items.append(item)
+        with self._changed:
+            if item is END:
+                self.ended = True
+            else:
+                self.received += 1
+                self._items.append(item)
+                self._bytes += _size(item)
+            self._changed.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        """Reading the stream failed: the servicer gets `error` once it took what came
+        before."""
+        with self._changed:
+            self._failure, self.ended = error, True
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        """The call is over: a servicer still waiting gets the end of the stream."""
+        self.put(END)
+
+    # -- on a worker -----------------------------------------------------------------
 
     def __iter__(self) -> RequestFeed:
         return self
 
     def __next__(self) -> Any:
-        if not self._items and not self.ended:
-            self.put(asyncio.run_coroutine_threadsafe(self._fetch(), self._loop).result())
-        if self._items:
-            return self._items.popleft()
-        raise StopIteration
+        taken = self.take(1)
+        if not taken:
+            raise StopIteration
+        return taken[0]
+
+    def batches(self, largest: int) -> Iterator[list[Any]]:
+        """Lists of 1 to `largest` requests, each of those already read when it is taken:
+        it never waits for more than one."""
+        while taken := self.take(largest):
+            yield taken
+
+    def take(self, largest: int) -> list[Any]:
+        """Up to `largest` items already read (waiting for one); [] at the end."""
+        first = self.taken == 0
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._items or self.ended,
+                                          self._first_s if first else self._idle_s):
+                raise self._timed_out(first)
+            if not self._items:
+                if self._failure is not None:
+                    raise self._failure
+                return []
+            taken = [self._items.popleft() for _ in range(min(largest, len(self._items)))]
+            self._bytes -= sum(_size(item) for item in taken)
+            self.taken += len(taken)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server stopped
+            self._loop.call_soon_threadsafe(self._room.set)
+        return taken
+
+
+def _size(item: Any) -> int:
+    size = getattr(item, "ByteSize", None)
+    return int(size()) if size is not None else 0

@@ -118,14 +118,20 @@ class Call:
         try:
             raw = await asyncio.wait_for(self.context.read(), seconds)
         except TimeoutError:
-            reason, setting, what = (("request_timeout", "request_read_timeout_s", "request")
-                                     if first else
-                                     ("stream_idle", "stream_idle_timeout_s", "next request"))
-            self.gate.metrics.calls_refused.labels(reason).inc()
-            raise Aborted(grpc.StatusCode.DEADLINE_EXCEEDED,
-                          f"{self.method.name}: no {what} within {seconds:g} s of "
-                          f"{'the call' if first else 'the last'} ({setting})") from None
+            raise self.timed_out(first) from None
         return END if raw is grpc.aio.EOF else bytes(raw)
+
+    def timed_out(self, first: bool) -> Aborted:
+        """DEADLINE_EXCEEDED for a client that sent no (next) request in time, counted."""
+        waits = self.gate.waits
+        seconds = waits.request_s if first else waits.idle_s
+        reason, setting, what = (("request_timeout", "request_read_timeout_s", "request")
+                                 if first else
+                                 ("stream_idle", "stream_idle_timeout_s", "next request"))
+        self.gate.metrics.calls_refused.labels(reason).inc()
+        return Aborted(grpc.StatusCode.DEADLINE_EXCEEDED,
+                       f"{self.method.name}: no {what} within {seconds:g} s of "
+                       f"{'the call' if first else 'the last'} ({setting})")
 
     @property
     def _type_name(self) -> str:
@@ -143,22 +149,40 @@ class Call:
                 from None
 
     def feed(self) -> RequestFeed:
-        """The request stream a client-streaming servicer reads."""
-        return RequestFeed(lambda: self.read(first=False), asyncio.get_running_loop())
+        """The request stream a client-streaming servicer reads (filled by `stream`)."""
+        waits = self.gate.waits
+        return RequestFeed(asyncio.get_running_loop(), (waits.request_s, waits.idle_s),
+                           self.timed_out)
 
     async def stream(self, responses: Iterator[Message], feed: RequestFeed | None) -> None:
         """Writes the servicer's responses, stepping its generator on the pool one item at a
-        time; with a request stream, first reads the request the servicer will take next."""
+        time; with a request stream, reads its requests ahead meanwhile."""
         finished = False
+        reader = None if feed is None else asyncio.create_task(self._read_ahead(feed))
         try:
             while True:
-                if feed is not None and feed.hungry:
-                    feed.put(await self.read(first=feed.received == 0))
                 response = await self.work.step(responses)
                 if isinstance(response, End):
                     finished = True
                     return
                 await self.context.write(response)
         finally:
+            if reader is not None and feed is not None:
+                reader.cancel()
+                feed.close()
             if not finished:
                 self.work.close(responses)
+
+    async def _read_ahead(self, feed: RequestFeed) -> None:
+        """Reads the request stream into `feed` within its budget. The time bounds are the
+        servicer's to keep (RequestFeed.take): a client waiting for an answer before it
+        sends its next request is not idle."""
+        try:
+            while not feed.ended:
+                await feed.wait_for_room()
+                raw = await self.context.read()
+                feed.put(END if raw is grpc.aio.EOF else self.decoded(bytes(raw)))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:  # the servicer raises it where it reads
+            feed.fail(error)

@@ -14,19 +14,23 @@ from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 from dedup.api import convert as convert
 from dedup.api import reads as reads
 from dedup.api.auth import current_caller
+from dedup.api.bridge import RequestFeed
 from dedup.api.metrics import Metrics
 from dedup.api.rate_limit import CallerRate
 from dedup.api.status import details, rpc, seconds_left, status_of
 from dedup.core import validation
 from dedup.core.audit_chain import Caller
 from dedup.core.errors import DedupError, InvalidArgument, NotFound, ResourceExhausted
-from dedup.core.records import Probe
+from dedup.core.records import EnrollResult, Probe, Registration
 from dedup.core.settings import Policy, ServerConfig
 from dedup.service import calibration as calibration
 from dedup.service.audit import AuditTrail, embedding_digest
 from dedup.service.registrations import TRUSTED_ROLES, DedupService, ServiceStats
 
 log = logging.getLogger("dedup.server")
+
+# The most requests of an EnrollStream stored together (those already waiting, never more).
+ENROLL_BATCH = 64
 
 
 class FaceDedupServicer(pb_grpc.FaceDedupServicer):
@@ -87,25 +91,70 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
 
     def EnrollStream(self, requests: Iterator[pb.EnrollRequest],
                      context: grpc.ServicerContext) -> Iterator[pb.EnrollResponse]:
-        # One response per request, in order; the client's sends are paced by our reads.
-        for request in requests:
+        # One response per request, in order, each once its registration is stored. The
+        # requests already read are stored together (api/bridge.py: RequestFeed).
+        batches = (requests.batches(ENROLL_BATCH) if isinstance(requests, RequestFeed)
+                   else ([request] for request in requests))
+        for batch in batches:
+            yield from self._enroll_batch(batch, context)
+
+    def _enroll_batch(self, batch: list[pb.EnrollRequest], context: grpc.ServicerContext
+                      ) -> list[pb.EnrollResponse]:
+        """As if enrolled one after another: runs of enrolments without check_first are
+        stored together, and a check_first enrolment judges after those before it."""
+        responses: list[pb.EnrollResponse] = []
+        run: list[tuple[pb.EnrollRequest, Registration, Probe]] = []
+        for request in batch:
+            if request.check_first:
+                responses += self._enroll_run(run)
+                run = []
+                responses.append(self._enroll_one(request, context))
+                continue
             try:
-                yield self._enroll(request, context)
-            except DedupError as error:
-                yield _stream_error(request, status_of(error), details(error))
-            except Exception:
-                log.exception("EnrollStream item failed")
-                yield _stream_error(request, grpc.StatusCode.INTERNAL, "internal error")
+                run.append((request, self._registration(request), self._probe(request, context)))
+            except Exception as error:
+                responses += self._enroll_run(run)
+                run = []
+                responses.append(_stream_failure(request, error))
+        return responses + self._enroll_run(run)
+
+    def _enroll_run(self, run: list[tuple[pb.EnrollRequest, Registration, Probe]]
+                    ) -> list[pb.EnrollResponse]:
+        if not run:
+            return []
+        try:
+            outcomes = self.service.enroll_each([(registration, probe)
+                                                 for _, registration, probe in run])
+        except Exception as error:
+            return [_stream_failure(request, error) for request, _, _ in run]
+        return [_stream_failure(request, outcome) if isinstance(outcome, DedupError)
+                else self._enroll_response(outcome, registration)
+                for (request, registration, _), outcome in zip(run, outcomes, strict=True)]
+
+    def _enroll_one(self, request: pb.EnrollRequest, context: grpc.ServicerContext
+                    ) -> pb.EnrollResponse:
+        try:
+            return self._enroll(request, context)
+        except Exception as error:
+            return _stream_failure(request, error)
+
+    def _registration(self, request: pb.EnrollRequest) -> Registration:
+        return dataclasses.replace(convert.registration_from_proto(
+            request.registration, request.HasField("registration"), self.limits
+        ), enrolled_by=current_caller().identity)
 
     def _enroll(self, request: pb.EnrollRequest,
                 context: grpc.ServicerContext) -> pb.EnrollResponse:
         caller = current_caller()
-        registration = dataclasses.replace(convert.registration_from_proto(
-            request.registration, request.HasField("registration"), self.limits
-        ), enrolled_by=caller.identity)
+        registration = self._registration(request)
         probe = self._probe(request, context)
         result = self.service.enroll(registration, probe, request.check_first,
                                      trusted=caller.role in TRUSTED_ROLES)
+        return self._enroll_response(result, registration)
+
+    def _enroll_response(self, result: EnrollResult, registration: Registration
+                         ) -> pb.EnrollResponse:
+        caller = current_caller()
         response = pb.EnrollResponse(
             registration=convert.registration_to_proto(result.registration),
             enrolled=result.enrolled,
@@ -163,6 +212,14 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
     @rpc
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
         return _stats_response(self.service.stats())
+
+
+def _stream_failure(request: pb.EnrollRequest, error: Exception) -> pb.EnrollResponse:
+    """A stream item's error, in its place in the response stream."""
+    if isinstance(error, DedupError):
+        return _stream_error(request, status_of(error), details(error))
+    log.error("EnrollStream item failed", exc_info=error)
+    return _stream_error(request, grpc.StatusCode.INTERNAL, "internal error")
 
 
 def _stream_error(request: pb.EnrollRequest, code: grpc.StatusCode,

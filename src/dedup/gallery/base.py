@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from dedup.core.audit_chain import AuditMaker, RecordMaker
+from dedup.core.errors import DedupError
 from dedup.core.policy import Scored
 from dedup.core.records import CheckResult, DeleteKey, Registration, StoredFace
 from dedup.core.vectors import Matrix, Vector
@@ -132,6 +133,11 @@ class Gallery(Protocol):
     # -- writes ----------------------------------------------------------------------
     def ensure_unique(self, registration: Registration) -> None: ...
     def insert(self, registration: Registration, vector: Vector) -> Registration: ...
+    def insert_each(self, batch: list[tuple[Registration, Vector]]
+                    ) -> list[Registration | DedupError]:
+        """Stores each registration as `insert` would, as if one after another: one
+        outcome per item, in order (the stored registration, or why it was not stored)."""
+        ...
     def insert_checked(self, registration: Registration, vector: Vector,
                        check: EnrolmentCheck) -> tuple[CheckResult, Registration | None]: ...
     def delete(self, by: DeleteKey, value: str, audit: AuditMaker | None = None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dedup.core.adjudication import Adjudication
 from dedup.core.audit_chain import AuditMaker
-from dedup.core.errors import FailedPrecondition, NotFound
+from dedup.core.errors import DedupError, FailedPrecondition, NotFound
 from dedup.core.logs import mask
 from dedup.core.policy import Scored, decide
 from dedup.core.records import (
@@ -130,8 +130,7 @@ class DedupService:
         caller's enrolment applies those made for it as a refused application. The
         registration is stored with the probe's quality: the server's measure of a photo,
         or the client's word for an embedding."""
-        registration = dataclasses.replace(registration, quality=_unified(probe),
-                                           client_quality=probe.client_quality)
+        registration = _with_quality(registration, probe)
         vector, detected = probe.vector, probe.detected
         if not check_first:
             stored = self.gallery.insert(registration, vector)
@@ -156,6 +155,18 @@ class DedupService:
                                                       quality=probe.quality),
                             detected=detected, quality=probe.quality)
 
+    def enroll_each(self, batch: list[tuple[Registration, Probe]]
+                    ) -> list[EnrollResult | DedupError]:
+        """`enroll` without check_first for each of a batch, stored together (one durable
+        write for the batch): one outcome per item, in order."""
+        stamped = [(_with_quality(registration, probe), probe) for registration, probe in batch]
+        stored = self.gallery.insert_each([(registration, probe.vector)
+                                           for registration, probe in stamped])
+        return [outcome if isinstance(outcome, DedupError) else
+                EnrollResult(outcome, enrolled=True, detected=probe.detected,
+                             quality=probe.quality)
+                for outcome, (_, probe) in zip(stored, stamped, strict=True)]
+
     def delete(self, by: DeleteKey, value: str, audit: AuditMaker | None = None) -> Erasure:
         """Erases by one key; the audit record (if any) commits with the erasure."""
         erasure = self.gallery.delete(by, value, audit)
@@ -179,3 +190,10 @@ class DedupService:
     def stats(self) -> ServiceStats:
         return ServiceStats(self.gallery.stats(), self.gallery.location, self.policy,
                             self.embedder.pack, self.gallery.data_dir)
+
+
+def _with_quality(registration: Registration, probe: Probe) -> Registration:
+    """Stored with the probe's quality: the server's measure of a photo, or the client's
+    word for an embedding."""
+    return dataclasses.replace(registration, quality=_unified(probe),
+                               client_quality=probe.client_quality)

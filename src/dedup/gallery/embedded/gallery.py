@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from dedup.core.audit_chain import AuditMaker, RecordMaker
-from dedup.core.errors import CheckpointError, ResourceExhausted
+from dedup.core.errors import CheckpointError, DedupError, ResourceExhausted
 from dedup.core.policy import Scored
 from dedup.core.records import CheckResult, DeleteKey, Registration, StoredFace
 from dedup.core.settings import IndexConfig, StoreConfig
@@ -157,6 +157,19 @@ class EmbeddedGallery:
             face = self.store.insert(self._stamped(registration), vector)
             self.index.add(np.array([face.key], np.int64), vector.reshape(1, -1))
         return face.registration
+
+    def insert_each(self, batch: list[tuple[Registration, Vector]]
+                    ) -> list[Registration | DedupError]:
+        """One durable transaction for the batch (see Store.insert_each), then indexed."""
+        with self._live.writes:
+            outcomes = self.store.insert_each([(self._stamped(r), v) for r, v in batch])
+            stored = [(outcome.key, vector) for outcome, (_, vector)
+                      in zip(outcomes, batch, strict=True) if isinstance(outcome, StoredFace)]
+            if stored:
+                self.index.add(np.array([key for key, _ in stored], np.int64),
+                               np.vstack([vector for _, vector in stored]))
+        return [outcome.registration if isinstance(outcome, StoredFace) else outcome
+                for outcome in outcomes]
 
     def insert_many(self, batch: list[tuple[Registration, Vector]]) -> list[Registration]:
         """Stores a batch in one durable transaction (bulk loads), then indexes it."""

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from dedup.core.audit_chain import AuditMaker, RecordMaker
-from dedup.core.errors import CheckpointError, NotServedHere
+from dedup.core.errors import CheckpointError, DedupError, NotServedHere
 from dedup.core.policy import Scored
 from dedup.core.records import CheckResult, DeleteKey, Registration, StoredFace
 from dedup.core.rwlock import ReadWriteLock
@@ -315,6 +315,10 @@ class ReplicaGallery:
 
     def insert(self, registration: Registration, vector: Vector) -> Registration:
         self._primary_only("insert")
+
+    def insert_each(self, batch: list[tuple[Registration, Vector]]
+                    ) -> list[Registration | DedupError]:
+        self._primary_only("insert_each")
 
     def insert_checked(self, registration: Registration, vector: Vector,
                        check: EnrolmentCheck) -> tuple[CheckResult, Registration | None]:

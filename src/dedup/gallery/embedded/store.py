@@ -22,7 +22,7 @@ import lmdb
 import numpy as np
 
 from dedup.core.audit_chain import AuditMaker, RecordMaker
-from dedup.core.errors import StoreError
+from dedup.core.errors import AlreadyExists, StoreError
 from dedup.core.records import DeleteKey, Registration, StoredFace
 from dedup.core.settings import StoreConfig
 from dedup.core.vectors import Vector
@@ -135,6 +135,21 @@ class Store(ReadableStore):
     def insert_many(self, batch: list[tuple[Registration, Vector]]) -> list[StoredFace]:
         """Stores a batch in one transaction: all of it, or (on any conflict) none of it."""
         return self._write(lambda tables: [tables.insert(r, v) for r, v in batch])
+
+    def insert_each(self, batch: list[tuple[Registration, Vector]]
+                    ) -> list[StoredFace | AlreadyExists]:
+        """Stores a batch in one transaction, each registration unless its registration_id
+        or msisdn is taken (by a stored one or one earlier in the batch): one outcome each."""
+        def insert(tables: TableWriter) -> list[StoredFace | AlreadyExists]:
+            outcomes: list[StoredFace | AlreadyExists] = []
+            for registration, vector in batch:
+                try:
+                    outcomes.append(tables.insert(registration, vector))
+                except AlreadyExists as taken:  # raised before it wrote anything
+                    outcomes.append(taken)
+            return outcomes
+
+        return self._write(insert)
 
     def ensure_unique(self, registration: Registration) -> None:
         """AlreadyExists if the registration_id or msisdn is taken (checked again on insert)."""

@@ -30,10 +30,17 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from dedup.core.errors import AlreadyExists, BackendUnavailable, msisdn_taken, registration_id_taken
+from dedup.core.errors import (
+    AlreadyExists,
+    BackendUnavailable,
+    DedupError,
+    msisdn_taken,
+    registration_id_taken,
+)
 from dedup.core.records import CheckResult, Registration
 from dedup.core.vectors import Vector
 from dedup.gallery.base import EnrolmentCheck
+from dedup.gallery.milvus.connection import translated
 from dedup.gallery.milvus.registrations import Registrations
 from dedup.gallery.milvus.schema import ACTIVE, PENDING, Row, new_key, now_us
 
@@ -47,6 +54,12 @@ def taken(row: Row, registration: Registration) -> AlreadyExists:
     if row.registration.registration_id == registration.registration_id:
         return registration_id_taken(registration.registration_id)
     return msisdn_taken(registration.msisdn)
+
+
+def _holds_a_key_of(row: Row, registration: Registration) -> bool:
+    held = row.registration
+    return held.registration_id == registration.registration_id or bool(
+        registration.msisdn and held.msisdn == registration.msisdn)
 
 
 class Claims:
@@ -69,6 +82,77 @@ class Claims:
                 self._wait_for(waiting, started)
             self._commit(claim, vector, started)
         return claim.registration
+
+    def enrol_each(self, batch: list[tuple[Registration, Vector]]
+                   ) -> list[Registration | DedupError]:
+        """`enrol` for a batch, with the round trips of one: one upsert stakes every claim,
+        one query finds the rivals of all, one upsert commits the winners, one delete
+        withdraws the losers. The batch's claims are stamped a microsecond apart, so that
+        of two in it holding one key the earlier wins, as if enrolled one after another."""
+        claims, started = self._stake_each(batch)
+        vectors = {claim.key: vector for claim, (_, vector) in zip(claims, batch, strict=True)}
+        outcomes: dict[int, Registration | DedupError] = {}
+        contested = claims
+        try:
+            while contested:
+                lost, waiting, won = self._judge_keys(contested)
+                outcomes.update(lost)
+                if lost:
+                    self._rows.remove(list(lost))
+                if won:
+                    self._within_claim_time(started)
+                    self._rows.upsert_each([(dataclasses.replace(claim, state=ACTIVE),
+                                             vectors[claim.key]) for claim in won])
+                    outcomes.update((claim.key, claim.registration) for claim in won)
+                if waiting:
+                    self._wait_for(set().union(*waiting.values()), started)
+                contested = [claim for claim in contested if claim.key in waiting]
+        except BaseException as error:
+            from pymilvus.exceptions import MilvusException
+
+            undecided = [claim.key for claim in claims if claim.key not in outcomes]
+            for key in undecided:
+                self._remove_quietly(key)
+            if isinstance(error, MilvusException):
+                error = translated(error)
+            if not isinstance(error, DedupError):
+                raise
+            # The committed ones stay committed: only the undecided get the error.
+            outcomes.update((key, error) for key in undecided)
+        return [outcomes[claim.key] for claim in claims]
+
+    def _stake_each(self, batch: list[tuple[Registration, Vector]]) -> tuple[list[Row], float]:
+        now = now_us()
+        claims = [Row(new_key(), dataclasses.replace(registration,
+                                                     embedding_model=self._rows.model_id,
+                                                     enrolled_at_us=now + offset),
+                      PENDING, now + offset)
+                  for offset, (registration, _) in enumerate(batch)]
+        started = time.monotonic()
+        self._rows.upsert_each([(claim, vector) for claim, (_, vector) in
+                                zip(claims, batch, strict=True)])
+        return claims, started
+
+    def _judge_keys(self, claims: list[Row]
+                    ) -> tuple[dict[int, DedupError], dict[int, set[int]], list[Row]]:
+        """`_key_rivals` for each claim, from one query: the claims that lost (and why),
+        those that wait for later claims (and for which), and those that won."""
+        holders = self._rows.holders_of_each([claim.registration for claim in claims])
+        lost: dict[int, DedupError] = {}
+        waiting: dict[int, set[int]] = {}
+        won = []
+        for claim in claims:
+            rivals = [row for row in holders if row.key != claim.key
+                      and _holds_a_key_of(row, claim.registration)]
+            winner = next((row for row in rivals
+                           if row.state == ACTIVE or row.before(claim)), None)
+            if winner is not None:
+                lost[claim.key] = taken(winner, claim.registration)
+            elif rivals:
+                waiting[claim.key] = {row.key for row in rivals}
+            else:
+                won.append(claim)
+        return lost, waiting, won
 
     def enrol_checked(self, registration: Registration, vector: Vector,
                       check: EnrolmentCheck) -> tuple[CheckResult, Registration | None]:

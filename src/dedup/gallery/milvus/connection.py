@@ -108,7 +108,8 @@ def connect(config: MilvusConfig) -> Any:
         raise StoreError(f"cannot connect to Milvus at {config.uri}: {error}") from error
 
 
-def _translated(error: Exception) -> BackendUnavailable:
+def translated(error: Exception) -> BackendUnavailable:
+    """A Milvus error as the BackendUnavailable a caller gets."""
     return BackendUnavailable(f"milvus: {getattr(error, 'message', error)} "
                               f"(code {getattr(error, 'code', '?')})")
 
@@ -124,7 +125,7 @@ def unavailable(method: Callable[_P, _T]) -> Callable[_P, _T]:
             try:
                 yield from method(*args, **kwargs)
             except MilvusException as error:
-                raise _translated(error) from error
+                raise translated(error) from error
 
         return iterate
 
@@ -135,7 +136,7 @@ def unavailable(method: Callable[_P, _T]) -> Callable[_P, _T]:
         try:
             return method(*args, **kwargs)
         except MilvusException as error:
-            raise _translated(error) from error
+            raise translated(error) from error
 
     return call
 

@@ -42,3 +42,14 @@ def key_holders(registration: Registration) -> str:
     if registration.msisdn:
         keys = f"({keys} or {equals('msisdn', registration.msisdn)})"
     return keys
+
+
+def any_key_holders(registrations: list[Registration]) -> str:
+    """Rows holding any of the registrations' registration_ids or msisdns."""
+    ids = sorted({registration.registration_id for registration in registrations})
+    msisdns = sorted({registration.msisdn for registration in registrations
+                      if registration.msisdn})
+    keys = f"registration_id in [{', '.join(map(literal, ids))}]"
+    if msisdns:
+        keys = f"({keys} or msisdn in [{', '.join(map(literal, msisdns))}])"
+    return keys

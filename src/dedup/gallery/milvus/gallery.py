@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from dedup.core.audit_chain import AuditMaker, RecordMaker
-from dedup.core.errors import FailedPrecondition, NotFound
+from dedup.core.errors import DedupError, FailedPrecondition, NotFound
 from dedup.core.files import private_dir
 from dedup.core.policy import Scored
 from dedup.core.records import CheckResult, DeleteKey, Registration, StoredFace
@@ -176,6 +176,11 @@ class MilvusGallery:
     @unavailable
     def insert(self, registration: Registration, vector: Vector) -> Registration:
         return self._claims.enrol(registration, vector)
+
+    @unavailable
+    def insert_each(self, batch: list[tuple[Registration, Vector]]
+                    ) -> list[Registration | DedupError]:
+        return self._claims.enrol_each(batch)
 
     @unavailable
     def insert_checked(self, registration: Registration, vector: Vector,

@@ -14,7 +14,7 @@ from dedup.core.records import Registration
 from dedup.core.settings import MilvusConfig
 from dedup.core.vectors import Vector
 from dedup.gallery.milvus.connection import pages
-from dedup.gallery.milvus.filters import equals, key_holders, live, same_model
+from dedup.gallery.milvus.filters import any_key_holders, equals, key_holders, live, same_model
 from dedup.gallery.milvus.schema import ACTIVE, PENDING, Row, row_shape
 
 # Milvus's largest top-k.
@@ -114,6 +114,11 @@ class Registrations:
         """Live rows other than `exclude` holding the registration_id or msisdn."""
         return self.rows(f"{key_holders(registration)} and {self.live(pending, exclude)}")
 
+    def holders_of_each(self, registrations: list[Registration]) -> list[Row]:
+        """Live rows, pending ones too, holding any of the registrations' registration_ids
+        or msisdns (one query for a batch)."""
+        return self.rows(f"{any_key_holders(registrations)} and {self.live(True)}")
+
     def distinct(self) -> tuple[int, dict[str, int]]:
         """Distinct ID numbers and registrations per model: Milvus cannot count distinct
         values, so one scan of two columns, reused for STATS_TTL_S."""
@@ -137,6 +142,12 @@ class Registrations:
             self.shape.entity(row.key, row.registration, row.state, row.claimed_at_us,
                               vector)])
         self._wrote(active=row.state == ACTIVE)
+
+    def upsert_each(self, rows: list[tuple[Row, Vector]]) -> None:
+        self.client.upsert(self.collection, [
+            self.shape.entity(row.key, row.registration, row.state, row.claimed_at_us, vector)
+            for row, vector in rows])
+        self._wrote(active=any(row.state == ACTIVE for row, _ in rows))
 
     def upsert_active(self, rows: list[tuple[int, Registration, Vector]]) -> None:
         """Stores ACTIVE rows under the given keys."""
