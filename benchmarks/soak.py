@@ -22,6 +22,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 TESTS = {
     "kill -9 during enrolment": "tests/test_crash.py",
     "kill -9 during a checkpoint": "tests/test_damage.py::test_kill_during_checkpoint_recovers",
+    "kill -9 during erasures": "tests/test_vector_file.py::"
+                               "test_kill_during_erasures_leaves_no_erased_embedding",
     "concurrency stress": "tests/test_stress.py",
 }
 

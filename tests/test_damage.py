@@ -31,7 +31,7 @@ PAGE = 4096
 P_BRANCH, P_LEAF = 0x01, 0x02
 HEADER, SLOT = 4096, 2048  # the vector file's header, and a 512-d float32 slot
 GALLERY = 20_000
-KILL_SEEDS = int(os.environ.get("DEDUP_SOAK_SEEDS", "4"))  # benchmarks/soak.py runs 100
+KILL_SEEDS = int(os.environ.get("DEDUP_SOAK_SEEDS", "2"))  # benchmarks/soak.py runs 100
 
 
 @pytest.fixture(scope="module")

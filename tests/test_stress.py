@@ -42,7 +42,10 @@ class Ledger:
 
 @pytest.mark.timeout(SECONDS * 3 + 120)
 @pytest.mark.parametrize("kind", ["Flat", "BinarySign512"])
-def test_searches_stay_consistent_while_enrolling_and_deleting(make_server, kind):
+def test_searches_stay_consistent_while_enrolling_and_deleting(make_server, backend, kind):
+    if backend != "embedded" and kind != "Flat":
+        pytest.skip("the FAISS index type is the embedded backend's: on Milvus this would "
+                    "repeat the Flat case")
     server = make_server(index=IndexConfig(index_factory=kind))
     generator = FaceGenerator(11)
     people = generator.persons(4000)

@@ -29,7 +29,7 @@ from dedup.face.model_pack import default_pack_dir, model_id_for
 from dedup.gallery.embedded.gallery import EmbeddedGallery
 
 HEADER, SLOT = 4096, 2048
-KILL_SEEDS = int(os.environ.get("DEDUP_SOAK_SEEDS", "4"))
+KILL_SEEDS = int(os.environ.get("DEDUP_SOAK_SEEDS", "2"))  # benchmarks/soak.py runs 100
 PEOPLE = 3000  # more than a kill within 0.8 s lets through: always mid-stream
 FILES = "reads and writes the embedded backend's vector file (store/vectors.f32) directly"
 
