@@ -92,6 +92,23 @@ def test_stalled_unauthenticated_calls_and_idle_streams_starve_nobody(make_serve
             ch.close()
 
 
+@TRANSPORT_ONLY
+@pytest.mark.timeout(60)
+def test_idle_streams_hold_no_worker(make_server, faces):
+    """An EnrollStream whose requests are all answered waits for its next one on the event
+    loop: four times as many idle streams as workers leave a Check its worker."""
+    server = make_server(max_workers=2)
+    release = threading.Event()
+    ch = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        open_idle_streams(ch, 8, release)
+        time.sleep(0.5)  # each stream is waiting for its next request
+        assert desk_check(ch, faces, timeout=2.0).verdict == pb.CLEAR
+    finally:
+        release.set()
+        ch.close()
+
+
 def _logged_port(server: ServerProcess, pattern: str) -> int:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

@@ -75,9 +75,10 @@ class RequestFeed:
     """The request iterator of a client-streaming servicer: items the call's coroutine reads
     ahead on the event loop (Call.stream), up to `most_items` or `most_bytes`, while the
     servicer works. The servicer takes one item (iteration) or every item already read
-    (`batches`), waiting at most `first_s` for the first and `idle_s` for each next item;
-    beyond, `timed_out` makes the error it raises. Thread-safe: the loop puts, a worker
-    takes."""
+    (`batches`). Call.stream steps the servicer only once an item waits (or the stream
+    ended), so no worker waits for the client; should one find nothing anyway, it waits at
+    most `first_s` for the first and `idle_s` for each next item, then raises the error
+    `timed_out` makes. Thread-safe: the loop puts, a worker takes."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, waits: tuple[float, float],
                  timed_out: Callable[[bool], BaseException], most_items: int = 64,
@@ -90,6 +91,7 @@ class RequestFeed:
         self._bytes = 0
         self._changed = threading.Condition()
         self._room = asyncio.Event()
+        self._arrived = asyncio.Event()
         self._failure: BaseException | None = None
         self.received = 0  # read from the client so far
         self.taken = 0  # taken by the servicer so far
@@ -107,6 +109,15 @@ class RequestFeed:
                     return
             await self._room.wait()
 
+    async def arrival(self) -> None:
+        """Until an item waits to be taken, or the stream ended."""
+        while True:
+            self._arrived.clear()
+            with self._changed:
+                if self._items or self.ended:
+                    return
+            await self._arrived.wait()
+
     def put(self, item: Any) -> None:
         """A request read from the client, or END."""
         with self._changed:
@@ -117,6 +128,7 @@ class RequestFeed:
                 self._items.append(item)
                 self._bytes += _size(item)
             self._changed.notify_all()
+        self._arrived.set()
 
     def fail(self, error: BaseException) -> None:
         """Reading the stream failed: the servicer gets `error` once it took what came
@@ -124,6 +136,7 @@ class RequestFeed:
         with self._changed:
             self._failure, self.ended = error, True
             self._changed.notify_all()
+        self._arrived.set()
 
     def close(self) -> None:
         """The call is over: a servicer still waiting gets the end of the stream."""

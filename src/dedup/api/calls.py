@@ -156,16 +156,22 @@ class Call:
 
     async def stream(self, responses: Iterator[Message], feed: RequestFeed | None) -> None:
         """Writes the servicer's responses, stepping its generator on the pool one item at a
-        time; with a request stream, reads its requests ahead meanwhile."""
+        time. With a request stream (one response per request), reads its requests ahead
+        meanwhile; once every request taken is answered, the servicer is stepped only when
+        the next has arrived, within the time bounds."""
         finished = False
         reader = None if feed is None else asyncio.create_task(self._read_ahead(feed))
+        written = 0
         try:
             while True:
+                if feed is not None and written >= feed.taken:
+                    await self._next_request(feed)
                 response = await self.work.step(responses)
                 if isinstance(response, End):
                     finished = True
                     return
                 await self.context.write(response)
+                written += 1
         finally:
             if reader is not None and feed is not None:
                 reader.cancel()
@@ -173,10 +179,18 @@ class Call:
             if not finished:
                 self.work.close(responses)
 
+    async def _next_request(self, feed: RequestFeed) -> None:
+        first = feed.taken == 0
+        waits = self.gate.waits
+        try:
+            await asyncio.wait_for(feed.arrival(), waits.request_s if first else waits.idle_s)
+        except TimeoutError:
+            raise self.timed_out(first) from None
+
     async def _read_ahead(self, feed: RequestFeed) -> None:
-        """Reads the request stream into `feed` within its budget. The time bounds are the
-        servicer's to keep (RequestFeed.take): a client waiting for an answer before it
-        sends its next request is not idle."""
+        """Reads the request stream into `feed` within its budget. The time bounds apply
+        while every request read is answered (`_next_request`): a client waiting for an
+        answer before it sends its next request is not idle."""
         try:
             while not feed.ended:
                 await feed.wait_for_room()
