@@ -1,4 +1,4 @@
-"""EnrollStream stores the requests already waiting together (api/stream_batches.py), and
+"""EnrollStream stores the requests already read together (api/bridge.py: RequestFeed), and
 answers each as if they had been enrolled one after another."""
 
 from __future__ import annotations
@@ -56,6 +56,28 @@ def test_a_stream_sent_at_once_is_answered_as_if_enrolled_one_after_another(serv
         found = server.stub.Check(pb.CheckRequest(face=face(faces.capture(persons[person])),
                                                   claimed_id_number="ID-NEW"), timeout=30)
         assert found.matches[0].registration.registration_id == registration_id
+
+
+def test_an_item_refused_takes_nothing_from_those_after_it(server):
+    """X holds r-a; Y (r-a again) is refused, so the phone number Y asked for is Z's."""
+    persons = FaceGenerator(seed=34).persons(3)
+    stream = [request("r-a", "IDX", persons[0]),
+              request("r-a", "IDY", persons[1], "13800000077"),
+              request("r-c", "IDZ", persons[2], "13800000077")]
+    replies = list(server.stub.EnrollStream(iter(stream), timeout=60))
+    assert [outcome(reply) for reply in replies] == ["enrolled", "ALREADY_EXISTS", "enrolled"]
+
+
+def test_a_registration_id_too_long_for_a_store_key_is_refused_alone(server):
+    """128 characters of 4 bytes each pass the character limit but not LMDB's 511-byte key:
+    that item is refused, naming its field; the others of its batch are stored."""
+    persons = FaceGenerator(seed=35).persons(3)
+    stream = [request("k0", "IDK0", persons[0]), request("\U0001F600" * 128, "IDK1", persons[1]),
+              request("k2", "IDK2", persons[2])]
+    replies = list(server.stub.EnrollStream(iter(stream), timeout=60))
+    assert [outcome(reply) for reply in replies] == ["enrolled", "INVALID_ARGUMENT", "enrolled"]
+    assert replies[1].error.message == ("registration.registration_id: is 512 bytes in UTF-8, "
+                                        "at most 511 allowed")
 
 
 def test_a_client_that_waits_for_each_answer_gets_it(server):

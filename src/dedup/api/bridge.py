@@ -87,7 +87,7 @@ class RequestFeed:
         self._first_s, self._idle_s = waits
         self._timed_out = timed_out
         self._most_items, self._most_bytes = most_items, most_bytes
-        self._items: deque[Any] = deque()
+        self._items: deque[tuple[Any, int]] = deque()  # with each one's size in bytes
         self._bytes = 0
         self._changed = threading.Condition()
         self._room = asyncio.Event()
@@ -125,8 +125,9 @@ class RequestFeed:
                 self.ended = True
             else:
                 self.received += 1
-                self._items.append(item)
-                self._bytes += _size(item)
+                size = _size(item)
+                self._items.append((item, size))
+                self._bytes += size
             self._changed.notify_all()
         self._arrived.set()
 
@@ -170,8 +171,11 @@ class RequestFeed:
                 if self._failure is not None:
                     raise self._failure
                 return []
-            taken = [self._items.popleft() for _ in range(min(largest, len(self._items)))]
-            self._bytes -= sum(_size(item) for item in taken)
+            taken = []
+            for _ in range(min(largest, len(self._items))):
+                item, size = self._items.popleft()
+                taken.append(item)
+                self._bytes -= size
             self.taken += len(taken)
         with contextlib.suppress(RuntimeError):  # the loop is closed: the server stopped
             self._loop.call_soon_threadsafe(self._room.set)

@@ -111,12 +111,13 @@ class Call:
         raw = await self.read_bytes(first)
         return END if isinstance(raw, End) else self.decoded(raw)
 
-    async def read_bytes(self, first: bool) -> bytes | End:
-        """The next request as its bytes, or END, within the same time bounds as `read`."""
+    async def read_bytes(self, first: bool, bounded: bool = True) -> bytes | End:
+        """The next request as its bytes, or END, within the same time bounds as `read`
+        (none when not `bounded`: someone else keeps them)."""
         waits = self.gate.waits
         seconds = waits.request_s if first else waits.idle_s
         try:
-            raw = await asyncio.wait_for(self.context.read(), seconds)
+            raw = await asyncio.wait_for(self.context.read(), seconds if bounded else None)
         except TimeoutError:
             raise self.timed_out(first) from None
         return END if raw is grpc.aio.EOF else bytes(raw)

@@ -17,6 +17,7 @@ import asyncio
 import functools
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,9 +84,10 @@ async def relay(call: Call, primary: Primary, request: bytes | None = None) -> b
     rpc_callable = primary.callable(method)
     options = {"metadata": primary.metadata(context), "timeout": context.time_remaining()}
     pump: asyncio.Task[None] | None = None
+    counts = _Counts()
     if method.client_streaming:
         rpc = rpc_callable(**options)
-        pump = asyncio.ensure_future(_pump(call, rpc))
+        pump = asyncio.ensure_future(_pump(call, rpc, counts))
     else:
         rpc = rpc_callable(request if request is not None else await call.request_bytes(),
                            **options)
@@ -93,6 +95,7 @@ async def relay(call: Call, primary: Primary, request: bytes | None = None) -> b
         if method.server_streaming:
             async for response in rpc:
                 await context.write(response)
+                counts.answered += 1
             answer = None
         else:
             answer = await rpc
@@ -113,14 +116,26 @@ async def relay(call: Call, primary: Primary, request: bytes | None = None) -> b
             rpc.cancel()
 
 
-async def _pump(call: Call, rpc: Any) -> None:
-    """The client's request stream, item by item, to the primary (read within the same time
-    bounds as any request stream); on a timeout the relayed call is cancelled."""
+@dataclass
+class _Counts:
+    """A relayed request stream's items sent to the primary and responses relayed back."""
+
+    sent: int = 0
+    answered: int = 0
+
+
+async def _pump(call: Call, rpc: Any, counts: _Counts) -> None:
+    """The client's request stream, item by item, to the primary, read within the same time
+    bounds as any request stream: the idle bound applies while every item sent is answered
+    (a client waiting for answers is not idle; once they came, the primary's own bound ends
+    a silent stream). On a timeout the relayed call is cancelled."""
     first = True
     try:
-        while not isinstance(item := await call.read_bytes(first), End):
+        while not isinstance(item := await call.read_bytes(
+                first, bounded=first or counts.answered >= counts.sent), End):
             first = False
             await rpc.write(item)
+            counts.sent += 1
         await rpc.done_writing()
     except Aborted:
         rpc.cancel()

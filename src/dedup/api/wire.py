@@ -25,9 +25,11 @@ _Handle = Callable[[Any, Any], Any]
 
 def _unary_response(method: MethodDescriptor, behaviour: Callable[..., Any], gate: Gate,
                     request_class: type[Message]) -> _Handle:
+    if method.client_streaming:
+        # A request stream is read ahead by Call.stream, one response per request.
+        raise TypeError(f"{method.full_name}: a request stream needs a response stream here")
+
     async def answer(call: Call) -> Any:
-        if method.client_streaming:
-            return await call.run(behaviour, call.feed(), call.sync)
         return await call.run(behaviour, await call.request(), call.sync)
 
     async def handle(requests: Any, context: Any) -> Any:

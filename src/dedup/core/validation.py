@@ -13,13 +13,21 @@ from dedup.core.settings import Limits
 MSISDN = re.compile(r"\+?[0-9]{3,31}")
 
 
-def text(value: str, field: str, max_chars: int, required: bool) -> str:
+# LMDB's longest key: registration_ids, ID numbers and phone numbers are keys of the store.
+MAX_KEY_BYTES = 511
+
+
+def text(value: str, field: str, max_chars: int, required: bool, key: bool = False) -> str:
+    """`key`: the value becomes a key of the store (at most MAX_KEY_BYTES in UTF-8)."""
     if not value:
         if required:
             raise InvalidArgument(field, "is required")
         return value
     if len(value) > max_chars:
         raise InvalidArgument(field, f"is {len(value)} characters, at most {max_chars} allowed")
+    if key and len(value) * 4 > MAX_KEY_BYTES and len(value.encode()) > MAX_KEY_BYTES:
+        raise InvalidArgument(field, f"is {len(value.encode())} bytes in UTF-8, at most "
+                              f"{MAX_KEY_BYTES} allowed")
     if value != value.strip():
         raise InvalidArgument(field, "has leading or trailing white space")
     # isprintable() (C speed) is true for nearly every value; only the rest are inspected.
@@ -41,9 +49,9 @@ def registration(registration_id: str, id_number: str, msisdn_value: str, carrie
                  region: str, limits: Limits, prefix: str = "registration") -> Registration:
     return Registration(
         registration_id=text(registration_id, f"{prefix}.registration_id",
-                             limits.max_registration_id_chars, required=True),
+                             limits.max_registration_id_chars, required=True, key=True),
         id_number=text(id_number, f"{prefix}.id_number", limits.max_id_number_chars,
-                       required=True),
+                       required=True, key=True),
         msisdn=msisdn(msisdn_value, f"{prefix}.msisdn", limits),
         carrier=text(carrier, f"{prefix}.carrier", limits.max_label_chars, False),
         region=text(region, f"{prefix}.region", limits.max_label_chars, False),

@@ -87,8 +87,10 @@ class Claims:
                    ) -> list[Registration | DedupError]:
         """`enrol` for a batch, with the round trips of one: one upsert stakes every claim,
         one query finds the rivals of all, one upsert commits the winners, one delete
-        withdraws the losers. The batch's claims are stamped a microsecond apart, so that
-        of two in it holding one key the earlier wins, as if enrolled one after another."""
+        withdraws the losers. The batch's claims are stamped a microsecond apart and judged
+        in that order, as if enrolled one after another: of two holding one key the earlier
+        wins, and one that lost takes nothing from those after it. A claim waiting for
+        other nodes' claims is judged again as soon as any of them resolves."""
         claims, started = self._stake_each(batch)
         vectors = {claim.key: vector for claim, (_, vector) in zip(claims, batch, strict=True)}
         outcomes: dict[int, Registration | DedupError] = {}
@@ -104,19 +106,25 @@ class Claims:
                     self._rows.upsert_each([(dataclasses.replace(claim, state=ACTIVE),
                                              vectors[claim.key]) for claim in won])
                     outcomes.update((claim.key, claim.registration) for claim in won)
-                if waiting:
-                    self._wait_for(set().union(*waiting.values()), started)
                 contested = [claim for claim in contested if claim.key in waiting]
+                if contested and not lost and not won:
+                    self._wait_for_any(set().union(*waiting.values()), started)
         except BaseException as error:
             from pymilvus.exceptions import MilvusException
 
             undecided = [claim.key for claim in claims if claim.key not in outcomes]
             for key in undecided:
                 self._remove_quietly(key)
+            committed = any(not isinstance(o, DedupError) for o in outcomes.values())
             if isinstance(error, MilvusException):
                 error = translated(error)
-            if not isinstance(error, DedupError):
-                raise
+            elif not isinstance(error, DedupError):
+                if not committed:
+                    raise
+                log.exception("enrolment batch failed after %d of its claims committed",
+                              len(outcomes))
+                error = BackendUnavailable("milvus: the enrolment failed; nothing of this "
+                                           "registration was stored, retry")
             # The committed ones stay committed: only the undecided get the error.
             outcomes.update((key, error) for key in undecided)
         return [outcomes[claim.key] for claim in claims]
@@ -135,23 +143,31 @@ class Claims:
 
     def _judge_keys(self, claims: list[Row]
                     ) -> tuple[dict[int, DedupError], dict[int, set[int]], list[Row]]:
-        """`_key_rivals` for each claim, from one query: the claims that lost (and why),
-        those that wait for later claims (and for which), and those that won."""
+        """`_key_rivals` for each claim, in stamp order, from one query: the claims that lost
+        (and why), those that wait (and for which rows), and those that won. Against a
+        claim of the same batch: one that lost is no rival, one that won beats the later,
+        one that waits makes the later wait too, and a later one never holds up an earlier
+        (it loses to it, or waits for it, in this same pass)."""
         holders = self._rows.holders_of_each([claim.registration for claim in claims])
+        ours = {claim.key for claim in claims}
         lost: dict[int, DedupError] = {}
         waiting: dict[int, set[int]] = {}
-        won = []
-        for claim in claims:
-            rivals = [row for row in holders if row.key != claim.key
+        won: list[Row] = []
+        won_keys: set[int] = set()
+        for claim in sorted(claims, key=lambda claim: (claim.claimed_at_us, claim.key)):
+            rivals = [row for row in holders if row.key != claim.key and row.key not in lost
                       and _holds_a_key_of(row, claim.registration)]
-            winner = next((row for row in rivals
-                           if row.state == ACTIVE or row.before(claim)), None)
+            winner = next((row for row in rivals if row.state == ACTIVE or row.key in won_keys
+                           or (row.key not in ours and row.before(claim))), None)
             if winner is not None:
                 lost[claim.key] = taken(winner, claim.registration)
-            elif rivals:
-                waiting[claim.key] = {row.key for row in rivals}
+                continue
+            blockers = {row.key for row in rivals if row.key in waiting or row.key not in ours}
+            if blockers:
+                waiting[claim.key] = blockers
             else:
                 won.append(claim)
+                won_keys.add(claim.key)
         return lost, waiting, won
 
     def enrol_checked(self, registration: Registration, vector: Vector,
@@ -280,6 +296,15 @@ class Claims:
         while True:
             where = f"key in {sorted(keys)} and {self._rows.live(True)} and state == {PENDING}"
             if not self._rows.keys(where):
+                return
+            self._within_claim_time(started)
+            time.sleep(POLL_S)
+
+    def _wait_for_any(self, keys: set[int], started: float) -> None:
+        """Until one of `keys` is not a recent PENDING claim any more."""
+        while True:
+            where = f"key in {sorted(keys)} and {self._rows.live(True)} and state == {PENDING}"
+            if len(self._rows.keys(where)) < len(keys):
                 return
             self._within_claim_time(started)
             time.sleep(POLL_S)
