@@ -374,7 +374,8 @@ def test_admin_pages(stack: Stack) -> None:
     assert by_id(browser, "verification").text.startswith("Intact")
     methods = [row.get_attribute("data-method") for row in css(browser, "#audit-records tbody tr")]
     assert methods and set(methods) <= {"Investigate.Search", "Investigate.Links",
-                                        "Investigate.FindClusters", "Investigate.Adjudicate"}
+                                        "Investigate.FindClusters", "Investigate.Adjudicate",
+                                        "FaceDedup.GetRegistration"}  # a registration's page
     assert "Investigate.Adjudicate" in methods
     stack.shot("audit")
 
