@@ -236,19 +236,28 @@ def test_a_killed_replica_is_started_again(tmp_path):
         assert served.wait() == 0
 
 
-# Takes every free slot of the store's LMDB reader table, until stdin closes.
+# Takes every free slot of the store's LMDB reader table, and each slot freed later within a
+# millisecond (the primary's own reads end, a dead replica's are cleared), until stdin closes.
 HOLD_READERS = """
 import sys
+import threading
+import time
 import lmdb
 env = lmdb.open(sys.argv[1], readonly=True, max_dbs=16)
 held = []
-try:
-    while True:
+released = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), released.set()), daemon=True).start()
+reported = False
+while not released.is_set():
+    try:
         held.append(env.begin())
-except lmdb.ReadersFullError:
-    pass
-print(len(held), flush=True)
-sys.stdin.read()
+        continue
+    except lmdb.ReadersFullError:
+        pass
+    if not reported:
+        print(len(held), flush=True)
+        reported = True
+    time.sleep(0.001)
 """
 
 
