@@ -168,6 +168,30 @@ def test_sim_limit_holds_across_nodes(nodes, faces):
     assert check(nodes[-1], faces.capture(person), "ID-S").verdict == pb.SIM_LIMIT_EXCEEDED
 
 
+@pytest.mark.parametrize("backend", ["milvus", "milvus-server"])
+def test_a_checked_enrolment_waits_for_milvus_only_before_its_claim(make_server, faces):
+    """A Strong read waits for Milvus's next time tick. A check_first enrolment makes three,
+    before it stakes its claim (is the registration_id taken, is it enrolled, its
+    settlements: the caller is trusted); its look at the gallery after the stake reads at
+    the stake's own timestamp, which every write acknowledged before it precedes, and
+    finds what a Strong read would: the duplicate, the enrolment acknowledged just before."""
+    server = make_server()
+    client = server.server.gallery._rows.client
+    people = faces.persons(11)
+    for i, person in enumerate(people[:10]):
+        enroll(server.stub, f"r{i}", f"ID{i}", person)
+    before = client.strong_reads
+    fresh = enroll(server.stub, "fresh", "ID-F", faces.capture(people[10]), check_first=True)
+    assert fresh.enrolled and fresh.check.verdict == pb.CLEAR
+    duplicate = enroll(server.stub, "dup", "ID-D", faces.capture(people[3]), check_first=True)
+    assert not duplicate.enrolled and duplicate.check.verdict == pb.DUPLICATE_IDENTITY
+    assert [m.registration.registration_id for m in duplicate.check.matches] == ["r3"]
+    again = enroll(server.stub, "again", "ID-A", faces.capture(people[10]), check_first=True)
+    assert not again.enrolled  # the enrolment acknowledged just before is seen
+    assert [m.registration.registration_id for m in again.check.matches] == ["fresh"]
+    assert client.strong_reads - before == 3 * 3  # 22 for these three when all were Strong
+
+
 @pytest.mark.parametrize("backend", ["milvus"])
 def test_an_abandoned_claim_holds_until_it_expires(make_server, faces, tmp_path):
     """A node killed mid-enrolment leaves a PENDING row: as the earlier claim it wins, so

@@ -99,6 +99,10 @@ class Gallery(Protocol):
     location: str
     # Local files of the node (calibration); for Milvus nothing that must be backed up.
     data_dir: Path
+    # Whether each read waits on a server (Milvus: a Strong read waits for its next time
+    # tick), so that the service issues the reads of a Check that do not depend on one
+    # another at once.
+    reads_wait: bool
 
     # -- reads -----------------------------------------------------------------------
     def neighbours(self, vector: Vector, k: int, floor: float) -> list[Scored]: ...

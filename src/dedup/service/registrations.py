@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import functools
 import logging
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from dedup.core.adjudication import Adjudication
 from dedup.core.audit_chain import AuditMaker
@@ -58,6 +63,12 @@ def _unified(probe: Probe) -> float | None:
     return None if probe.quality is None else probe.quality.unified
 
 
+T = TypeVar("T")
+# On a gallery whose reads wait (Gallery.reads_wait) a Check searches for this many
+# candidates beyond its k while it looks up the claimed ID's registrations, which widen k.
+SPARE_CANDIDATES = 16
+
+
 class DedupService:
     def __init__(self, gallery: Gallery, embedder: FaceEmbedder, policy: Policy,
                  limits: Limits) -> None:
@@ -65,6 +76,8 @@ class DedupService:
         self.embedder = embedder
         self.policy = policy
         self.limits = limits
+        self._lookups = ThreadPoolExecutor(max_workers=16, thread_name_prefix="dedup-lookup") \
+            if gallery.reads_wait else None
 
     def probe(self, face: FaceInput, field: str, timeout: float | None = None) -> Probe:
         """The face as a unit vector of the server's model, embedding a photo if need be."""
@@ -83,12 +96,38 @@ class DedupService:
               registration_id: str = "", trusted: bool = False) -> CheckResult:
         """`trusted`: an investigator's (or admin's) check, which applies the settlements of
         `registration_id` whatever the probe (see _settled_different)."""
-        same_id = self.gallery.same_id_number(probe.vector, claimed_id_number)
-        candidates = self._candidates(probe.vector, max_matches, same_id)
+        vector = probe.vector
+        settled = self._soon(self._settled_different, registration_id, vector, trusted)
+        same_id, candidates = self._same_id_and_candidates(vector, claimed_id_number,
+                                                           max_matches)
         result = decide(self.policy, claimed_id_number, candidates, same_id, max_matches,
-                        self._settled_different(registration_id, probe.vector, trusted),
-                        _unified(probe))
+                        settled(), _unified(probe))
         return dataclasses.replace(result, detected=probe.detected, quality=probe.quality)
+
+    def _soon(self, call: Callable[..., T], *args: object) -> Callable[[], T]:
+        """`call(*args)`'s result, asked for later: on a gallery whose reads wait it runs at
+        once on another thread, else when first asked for (then kept)."""
+        if self._lookups is None:
+            return functools.cache(lambda: call(*args))
+        future: Future[T] = self._lookups.submit(contextvars.copy_context().run, call, *args)
+        return future.result
+
+    def _same_id_and_candidates(self, vector: Vector, claimed_id_number: str,
+                                max_matches: int) -> tuple[list[Scored], list[Scored]]:
+        """The claimed ID's registrations, and the candidates: widened by those, which may
+        fill the top of the list, so that at least min_search_k registrations under other
+        ID numbers are looked at. On a gallery whose reads wait, both at once."""
+        k = max(max_matches, self.limits.min_search_k)
+        floor = self.policy.review_threshold
+        if self._lookups is None:
+            same_id = self.gallery.same_id_number(vector, claimed_id_number)
+            return same_id, self.gallery.neighbours(vector, k + len(same_id), floor)
+        same_id_soon = self._soon(self.gallery.same_id_number, vector, claimed_id_number)
+        candidates = self.gallery.neighbours(vector, k + SPARE_CANDIDATES, floor)
+        same_id = same_id_soon()
+        if len(same_id) > SPARE_CANDIDATES:
+            candidates = self.gallery.neighbours(vector, k + len(same_id), floor)
+        return same_id, candidates[:k + len(same_id)]
 
     def _settled_different(self, registration_id: str, vector: Vector, trusted: bool
                            ) -> frozenset[int]:
@@ -116,13 +155,6 @@ class DedupService:
             return [key, registration_id]
         return []
 
-    def _candidates(self, vector: Vector, max_matches: int, same_id: list[Scored]
-                    ) -> list[Scored]:
-        # Widened by the claimed ID's own registrations, which may fill the top of the list,
-        # so that at least min_search_k registrations under other ID numbers are looked at.
-        k = max(max_matches, self.limits.min_search_k) + len(same_id)
-        return self.gallery.neighbours(vector, k, floor=self.policy.review_threshold)
-
     def enroll(self, registration: Registration, probe: Probe, check_first: bool,
                trusted: bool = False) -> EnrollResult:
         """With `check_first`, the check applies settlements as `check` does: the
@@ -136,14 +168,16 @@ class DedupService:
             stored = self.gallery.insert(registration, vector)
             return EnrollResult(stored, enrolled=True, detected=detected,
                                 quality=probe.quality)
+        # Looked up once: a backend may judge again after waiting for concurrent enrolments.
+        settled = self._soon(self._settled_different, registration.registration_id, vector,
+                             trusted)
         # The backend enforces uniqueness again as it stores; checking first only spares a
         # search and keeps the error the same with or without check_first.
         self.gallery.ensure_unique(registration)
         claimed, limit = registration.id_number, self.limits.default_candidates
 
         def judge(candidates: list[Scored], same_id: list[Scored]) -> CheckResult:
-            settled = self._settled_different(registration.registration_id, vector, trusted)
-            return decide(self.policy, claimed, candidates, same_id, limit, settled,
+            return decide(self.policy, claimed, candidates, same_id, limit, settled(),
                           _unified(probe))
 
         check = EnrolmentCheck(claimed, max(limit, self.limits.min_search_k),

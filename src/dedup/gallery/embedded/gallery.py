@@ -67,6 +67,7 @@ class EmbeddedGallery:
         self.search_options = SearchOptions(nprobe=self.index_config.nprobe)
         self.data_dir = Path(config.data_dir)
         self.location = str(self.data_dir)
+        self.reads_wait = False
         self.dimension = config.dimension
         self._lock_file, self.store = open_data_dir(config)
         self._live = LiveIndex(self.store, model_id)

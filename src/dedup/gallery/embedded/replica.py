@@ -74,6 +74,7 @@ class ReplicaGallery:
         self.dimension = config.dimension
         self.data_dir = Path(config.data_dir)
         self.location = str(self.data_dir)
+        self.reads_wait = False
         self.checkpoint_path = self.data_dir / CHECKPOINT_FILE
         self._pin = pin
         self._follow_s = follow_s

@@ -14,9 +14,11 @@
    until the later has resolved (removed itself, or committed because it never saw the
    earlier one: then the earlier loses to it) and looks again;
 4. it commits (the row becomes ACTIVE) and only then is the call acknowledged.
-Every read is Strong: a write acknowledged on any node is seen by every read that starts
-after it. Each claim inserts before it looks, so of two concurrent claims at least one sees
-the other: at most one enrols. Waits only go from earlier to later claims, so they end.
+A claim's first look reads at its stake's timestamp (Session): it sees every write
+acknowledged before the stake, on any node, and every stake older than its own. Each claim
+inserts before it looks, so of two concurrent claims the later-stamped sees the earlier: at
+most one enrols. Every later look, after waiting for other claims, is Strong: it sees every
+write acknowledged before it started. Waits only go from earlier to later claims, so they end.
 A node that dies mid-claim leaves a PENDING row, which others ignore after claim_timeout_s
 and reap; a claim not confirmed within half of that is removed and answered UNAVAILABLE
 (this assumes node clocks agree to well within half the timeout, as NTP keeps them).
@@ -37,16 +39,20 @@ from dedup.core.errors import (
     msisdn_taken,
     registration_id_taken,
 )
+from dedup.core.policy import Scored
 from dedup.core.records import CheckResult, Registration
 from dedup.core.vectors import Vector
 from dedup.gallery.base import EnrolmentCheck
 from dedup.gallery.milvus.connection import translated
-from dedup.gallery.milvus.registrations import Registrations
+from dedup.gallery.milvus.registrations import SESSION, STRONG, Registrations, nearest
 from dedup.gallery.milvus.schema import ACTIVE, PENDING, Row, new_key, now_us
 
 log = logging.getLogger("dedup.milvus")
 
 POLL_S = 0.02
+# A check_first claim asks for this many neighbours beyond its k, so that recent claims
+# among them seldom leave fewer than k committed rows (then the committed are searched apart).
+PENDING_SPARE = 16
 
 
 def taken(row: Row, registration: Registration) -> AlreadyExists:
@@ -76,12 +82,10 @@ class Claims:
 
     def enrol(self, registration: Registration, vector: Vector) -> Registration:
         """Stores the registration unless another holds its registration_id or msisdn."""
-        claim, started = self._stake(registration, vector)
-        with self._withdrawn_on_failure(claim):
-            while waiting := self._key_rivals(claim):  # a lost key raises ALREADY_EXISTS
-                self._wait_for(waiting, started)
-            self._commit(claim, vector, started)
-        return claim.registration
+        outcome = self.enrol_each([(registration, vector)])[0]
+        if isinstance(outcome, DedupError):
+            raise outcome
+        return outcome
 
     def enrol_each(self, batch: list[tuple[Registration, Vector]]
                    ) -> list[Registration | DedupError]:
@@ -94,10 +98,11 @@ class Claims:
         claims, started = self._stake_each(batch)
         vectors = {claim.key: vector for claim, (_, vector) in zip(claims, batch, strict=True)}
         outcomes: dict[int, Registration | DedupError] = {}
-        contested = claims
+        contested, consistency = claims, SESSION
         try:
             while contested:
-                lost, waiting, won = self._judge_keys(contested)
+                lost, waiting, won = self._judge_keys(contested, consistency)
+                consistency = STRONG
                 outcomes.update(lost)
                 if lost:
                     self._rows.remove(list(lost))
@@ -141,14 +146,15 @@ class Claims:
                                 zip(claims, batch, strict=True)])
         return claims, started
 
-    def _judge_keys(self, claims: list[Row]
+    def _judge_keys(self, claims: list[Row], consistency: str
                     ) -> tuple[dict[int, DedupError], dict[int, set[int]], list[Row]]:
         """`_key_rivals` for each claim, in stamp order, from one query: the claims that lost
         (and why), those that wait (and for which rows), and those that won. Against a
         claim of the same batch: one that lost is no rival, one that won beats the later,
         one that waits makes the later wait too, and a later one never holds up an earlier
         (it loses to it, or waits for it, in this same pass)."""
-        holders = self._rows.holders_of_each([claim.registration for claim in claims])
+        holders = self._rows.holders_of_each([claim.registration for claim in claims],
+                                             consistency)
         ours = {claim.key for claim in claims}
         lost: dict[int, DedupError] = {}
         waiting: dict[int, set[int]] = {}
@@ -190,13 +196,8 @@ class Claims:
 
     def _stake(self, registration: Registration, vector: Vector) -> tuple[Row, float]:
         """Inserts the enrolment as a PENDING claim; returns it and when it was staked."""
-        now = now_us()
-        stamped = dataclasses.replace(registration, embedding_model=self._rows.model_id,
-                                      enrolled_at_us=now)
-        claim = Row(new_key(), stamped, PENDING, now)
-        started = time.monotonic()
-        self._rows.upsert(claim, vector)
-        return claim, started
+        claims, started = self._stake_each([(registration, vector)])
+        return claims[0], started
 
     @contextmanager
     def _withdrawn_on_failure(self, claim: Row) -> Iterator[None]:
@@ -216,11 +217,12 @@ class Claims:
         self._within_claim_time(started)
         self._rows.upsert(dataclasses.replace(claim, state=ACTIVE), vector)
 
-    def _key_rivals(self, claim: Row) -> set[int]:
+    def _key_rivals(self, claim: Row, consistency: str) -> set[int]:
         """Later pending claims of its registration_id or msisdn, to wait for; a committed
         or earlier holder raises ALREADY_EXISTS."""
         waiting = set()
-        for row in self._rows.holders(claim.registration, pending=True, exclude=claim.key):
+        for row in self._rows.holders(claim.registration, pending=True, exclude=claim.key,
+                                      consistency=consistency):
             if row.state == ACTIVE or row.before(claim):
                 raise taken(row, claim.registration)
             waiting.add(row.key)
@@ -229,15 +231,15 @@ class Claims:
     def _contest(self, claim: Row, vector: Vector, check: EnrolmentCheck, started: float
                  ) -> tuple[CheckResult, bool]:
         """Judges again until this claim has won (True) or lost, with the verdict."""
+        consistency = SESSION
         while True:
             self._within_claim_time(started)
-            waiting = self._key_rivals(claim)
-            result = self._judge(claim, vector, check, pending=False)[0]
+            waiting = self._key_rivals(claim, consistency)
+            result, with_pending, rivals = self._judge(claim, vector, check, consistency)
+            consistency = STRONG  # what the rivals waited for did after the stake
             if not check.admits(result):
                 return result, False
-            with_pending, candidates, same_id = self._judge(claim, vector, check, pending=True)
             if not check.admits(with_pending):
-                rivals = [row for row in candidates + same_id if row.state == PENDING]
                 if any(row.before(claim) for row in rivals):
                     final = self._after_earlier_claims(claim, vector, check, rivals,
                                                        with_pending)
@@ -247,7 +249,7 @@ class Claims:
                 waiting.update(row.key for row in rivals)
             if not waiting:
                 return result, True
-            self._wait_for(waiting, started)
+            self._wait_for_any(waiting, started)
 
     def _after_earlier_claims(self, claim: Row, vector: Vector, check: EnrolmentCheck,
                               rivals: list[Row], with_pending: CheckResult
@@ -261,7 +263,7 @@ class Claims:
         self._rows.remove([claim.key])  # the earlier claims may be waiting for it
         if not self._resolved(earlier):
             return with_pending
-        result = self._judge(claim, vector, check, pending=False)[0]
+        result = self._judge(claim, vector, check, STRONG)[0]
         if not check.admits(result):
             return result
         self._rows.upsert(claim, vector)
@@ -280,25 +282,29 @@ class Claims:
                 return False
             time.sleep(POLL_S)
 
-    def _judge(self, claim: Row, vector: Vector, check: EnrolmentCheck, pending: bool
-               ) -> tuple[CheckResult, list[Row], list[Row]]:
-        """The verdict over the other live rows (with `pending`, recent claims too), and the
-        candidate and same-ID rows it rests on."""
-        same_id = self._rows.same_id_rows(vector, check.claimed_id_number, pending, claim.key)
-        candidates = self._rows.neighbour_rows(vector, check.search_k + len(same_id),
-                                               check.floor, pending, claim.key)
-        result = check.judge([row.scored() for row in candidates],
-                             [row.scored() for row in same_id])
-        return result, candidates, same_id
-
-    def _wait_for(self, keys: set[int], started: float) -> None:
-        """Until none of `keys` is a recent PENDING claim any more."""
-        while True:
-            where = f"key in {sorted(keys)} and {self._rows.live(True)} and state == {PENDING}"
-            if not self._rows.keys(where):
-                return
-            self._within_claim_time(started)
-            time.sleep(POLL_S)
+    def _judge(self, claim: Row, vector: Vector, check: EnrolmentCheck, consistency: str
+               ) -> tuple[CheckResult, CheckResult, list[Row]]:
+        """The verdict over the other committed rows, the verdict counting recent claims
+        too, and the claims among the rows that one rests on: from one query and one search
+        of the live rows (a second search when claims crowd the committed rows out)."""
+        same_id = self._rows.same_id_rows(vector, check.claimed_id_number, True, claim.key,
+                                          consistency)
+        k = check.search_k + len(same_id)
+        ranked = self._rows.search([vector.tolist()], k + PENDING_SPARE,
+                                   self._rows.comparable(True, claim.key), consistency)[0]
+        committed_same_id = [row for row in same_id if row.state == ACTIVE]
+        committed_k = check.search_k + len(committed_same_id)
+        committed = [row for row in ranked if row.state == ACTIVE]
+        if len(committed) < committed_k < len(ranked):  # claims may have crowded some out
+            committed = self._rows.search([vector.tolist()], committed_k,
+                                          self._rows.comparable(False, claim.key),
+                                          consistency)[0]
+        candidates = nearest(ranked, k, check.floor)
+        result = check.judge(_scored(nearest(committed, committed_k, check.floor)),
+                             _scored(committed_same_id))
+        with_pending = check.judge(_scored(candidates), _scored(same_id))
+        claims = [row for row in candidates + same_id if row.state == PENDING]
+        return result, with_pending, claims
 
     def _wait_for_any(self, keys: set[int], started: float) -> None:
         """Until one of `keys` is not a recent PENDING claim any more."""
@@ -316,3 +322,7 @@ class Claims:
             raise BackendUnavailable(
                 "milvus: the enrolment could not be confirmed against concurrent enrolments "
                 f"within {self._timeout_s / 2:.0f} s; nothing was stored, retry")
+
+
+def _scored(rows: list[Row]) -> list[Scored]:
+    return [row.scored() for row in rows]

@@ -33,20 +33,26 @@ BULK_CALL_TIMEOUT_S = {"flush": 300.0, "compact": 60.0, "query_iterator": 60.0,
                        "load_collection": 60.0, "drop_collection": 60.0}
 
 
+READS = frozenset({"query", "search", "get", "query_iterator"})
+
+
 class TimedClient:
     """A MilvusClient whose calls give up after CALL_TIMEOUT_S unless told otherwise, and
     which counts the calls it makes to Milvus (`calls_made`, a query iterator's pages
-    included)."""
+    included) and its Strong reads (`strong_reads`: each waits for Milvus's next time
+    tick)."""
 
     def __init__(self, client: Any) -> None:
         self._client = client
         self._takes_timeout: dict[str, bool] = {}
         self._counting = threading.Lock()
         self.calls_made = 0
+        self.strong_reads = 0
 
-    def count_call(self) -> None:
+    def count_call(self, strong: bool = False) -> None:
         with self._counting:
             self.calls_made += 1
+            self.strong_reads += strong
 
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self._client, name)
@@ -62,7 +68,8 @@ class TimedClient:
         @functools.wraps(attribute)
         def call(*args: Any, **kwargs: Any) -> Any:
             kwargs.setdefault("timeout", limit)
-            self.count_call()
+            strong = name in READS and kwargs.get("consistency_level") == "Strong"
+            self.count_call(strong)
             result = attribute(*args, **kwargs)
             return _CountedPages(result, self) if name == "query_iterator" else result
 

@@ -61,6 +61,7 @@ class MilvusGallery:
         self.model_id = model_id
         self.dimension = dimension
         self.location = config.uri
+        self.reads_wait = True
         self.data_dir = Path(data_dir)  # the node's calibration file, nothing else
         private_dir(self.data_dir)
         client = connect(config)

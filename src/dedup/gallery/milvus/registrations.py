@@ -20,6 +20,13 @@ from dedup.gallery.milvus.schema import ACTIVE, PENDING, Row, row_shape
 # Milvus's largest top-k.
 MAX_TOPK = 16_384
 STATS_TTL_S = 30.0
+# A Strong read sees every write acknowledged before it started, on any node: Milvus waits
+# until the collection's data has caught up with the read's start (about one time tick,
+# proxy.timeTickInterval). A Session read waits only for this process's own last write to
+# the collection (pymilvus keeps its timestamp): a claim's first look after its stake needs
+# no more, since every write acknowledged before the stake is older than it.
+STRONG = "Strong"
+SESSION = "Session"
 
 
 class Registrations:
@@ -47,33 +54,36 @@ class Registrations:
 
     # -- reads -----------------------------------------------------------------------
 
-    def rows(self, where: str, vectors: bool = False) -> list[Row]:
+    def rows(self, where: str, vectors: bool = False, consistency: str = STRONG
+             ) -> list[Row]:
         fields = [*self.shape.fields, "embedding"] if vectors else self.shape.fields
         return [Row.of(dict(entity)) for entity in self.client.query(
-            self.collection, filter=where, output_fields=fields, consistency_level="Strong")]
+            self.collection, filter=where, output_fields=fields,
+            consistency_level=consistency)]
 
     def keys(self, where: str) -> list[int]:
         found = self.client.query(self.collection, filter=where, output_fields=["key"],
-                                  consistency_level="Strong")
+                                  consistency_level=STRONG)
         return [int(entity["key"]) for entity in found]
 
     def count(self, where: str) -> int:
         found = self.client.query(self.collection, filter=where,
-                                  output_fields=["count(*)"], consistency_level="Strong")
+                                  output_fields=["count(*)"], consistency_level=STRONG)
         return int(found[0]["count(*)"])
 
     def pages(self, where: str, fields: list[str], block: int
               ) -> Iterator[list[dict[str, Any]]]:
         return pages(self.client, self.collection, where, fields, block)
 
-    def search(self, queries: list[list[float]], k: int, where: str) -> list[list[Row]]:
+    def search(self, queries: list[list[float]], k: int, where: str,
+               consistency: str = STRONG) -> list[list[Row]]:
         """Each query's best rows by score, best first; at least k when there are."""
         exact = self.config.exact
         limit = min(k if exact else max(k, self.config.rerank_candidates), MAX_TOPK)
         fields = self.shape.fields if exact else [*self.shape.fields, "embedding"]
         found = self.client.search(
             self.collection, data=queries, limit=limit, filter=where,
-            output_fields=fields, consistency_level="Strong",
+            output_fields=fields, consistency_level=consistency,
             search_params={"metric_type": "IP", "params": self.config.search_params})
         return [self._ranked(query, hits, exact)
                 for query, hits in zip(queries, found, strict=True)]
@@ -90,34 +100,37 @@ class Registrations:
         return near
 
     def neighbour_rows(self, vector: Vector, k: int, floor: float, pending: bool = False,
-                       exclude: int | None = None) -> list[Row]:
+                       exclude: int | None = None, consistency: str = STRONG) -> list[Row]:
         """The best row always, the rest of the k best scoring >= floor."""
-        rows = self.search([vector.tolist()], k, self.comparable(pending, exclude))[0][:k]
-        return [row for i, row in enumerate(rows) if i == 0 or row.score >= floor]
+        where = self.comparable(pending, exclude)
+        return nearest(self.search([vector.tolist()], k, where, consistency)[0], k, floor)
 
     def same_id_rows(self, vector: Vector, id_number: str, pending: bool = False,
-                     exclude: int | None = None) -> list[Row]:
+                     exclude: int | None = None, consistency: str = STRONG) -> list[Row]:
         """This model's rows of `id_number`, scored against `vector`."""
         if not id_number:
             return []
         where = f"{equals('id_number', id_number)} and {self.live(pending, exclude)}"
         return [dataclasses.replace(row, score=float(row.vector @ vector))
-                for row in self.rows(where, vectors=True)
+                for row in self.rows(where, vectors=True, consistency=consistency)
                 if row.vector is not None and row.registration.embedding_model == self.model_id]
 
     def by_registration_id(self, registration_id: str, vectors: bool = False) -> list[Row]:
         where = f"{equals('registration_id', registration_id)} and {self.live()}"
         return self.rows(where, vectors)
 
-    def holders(self, registration: Registration, pending: bool,
-                exclude: int | None) -> list[Row]:
+    def holders(self, registration: Registration, pending: bool, exclude: int | None,
+                consistency: str = STRONG) -> list[Row]:
         """Live rows other than `exclude` holding the registration_id or msisdn."""
-        return self.rows(f"{key_holders(registration)} and {self.live(pending, exclude)}")
+        return self.rows(f"{key_holders(registration)} and {self.live(pending, exclude)}",
+                         consistency=consistency)
 
-    def holders_of_each(self, registrations: list[Registration]) -> list[Row]:
+    def holders_of_each(self, registrations: list[Registration], consistency: str = STRONG
+                        ) -> list[Row]:
         """Live rows, pending ones too, holding any of the registrations' registration_ids
         or msisdns (one query for a batch)."""
-        return self.rows(f"{any_key_holders(registrations)} and {self.live(True)}")
+        return self.rows(f"{any_key_holders(registrations)} and {self.live(True)}",
+                         consistency=consistency)
 
     def distinct(self) -> tuple[int, dict[str, int]]:
         """Distinct ID numbers and registrations per model: Milvus cannot count distinct
@@ -182,3 +195,8 @@ class Registrations:
     def compact(self) -> None:
         """Milvus rewrites segments without deleted rows."""
         self.client.compact(self.collection)
+
+
+def nearest(ranked: list[Row], k: int, floor: float) -> list[Row]:
+    """Of rows ranked best first: the best always, the rest of the k best scoring >= floor."""
+    return [row for i, row in enumerate(ranked[:k]) if i == 0 or row.score >= floor]

@@ -38,6 +38,8 @@ def gauges(rows: Registrations) -> list[Gauge]:
     return [
         Gauge("dedup_milvus_calls", "calls this node made to Milvus since it started "
               "(each query iterator page counts)", float(rows.client.calls_made)),
+        Gauge("dedup_milvus_strong_reads", "of those, reads at Strong consistency (each "
+              "waits for Milvus's next time tick)", float(rows.client.strong_reads)),
         Gauge("dedup_registrations", "registrations in Milvus", rows.count(rows.live())),
         Gauge("dedup_milvus_pending_claims",
               "enrolments being confirmed (PENDING rows, all nodes)",
