@@ -19,7 +19,7 @@ from dedup.gallery.embedded.index import AUTO
 from dedup.gallery.embedded.index_plan import kind_for
 
 KINDS = ["BinarySign512", "BinarySign256", "BinaryIVF16", "IVF16,Flat", "IVF16,SQ8",
-         "IVF16,PQ16", "OPQ16,IVF16,PQ16"]
+         "IVF16,PQ8", "OPQ8,IVF16,PQ8"]
 # Every type "auto" can choose, from an empty gallery to a very large one.
 AUTO_KINDS = sorted({kind_for(AUTO, 1000, size) for size in (0, 999, 1000, 10**9)})
 PERSONS = 1200

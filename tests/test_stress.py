@@ -51,10 +51,11 @@ def test_searches_stay_consistent_while_enrolling_and_deleting(make_server, back
     people = generator.persons(4000)
     vector_of = {f"r{i}": people[i] for i in range(len(people))}
     ledger = Ledger()
-    for i in range(300):  # a gallery to begin with
-        server.stub.Enroll(pb.EnrollRequest(registration=registration(f"r{i}", f"ID{i}"),
-                                            face=face(people[i])))
-        ledger.enrolled[f"r{i}"] = time.monotonic()
+    begin = [pb.EnrollRequest(registration=registration(f"r{i}", f"ID{i}"), face=face(people[i]))
+             for i in range(300)]  # a gallery to begin with
+    assert all(response.enrolled for response in server.stub.EnrollStream(iter(begin)))
+    ledger.enrolled.update((request.registration.registration_id, time.monotonic())
+                           for request in begin)
     stop_at = time.monotonic() + SECONDS
     errors: list[str] = []
     violations: list[str] = []
