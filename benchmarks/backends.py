@@ -18,13 +18,18 @@ Measured for each:
     capture of an enrolled person claiming its ID, half of them persons registered twice;
   - duplicate recall: of the registrations each duplicate probe truly matches (exact cosine
     >= the match threshold, numpy), the share its Check lists;
-  - Milvus calls per enrolment (stream, check_first) and per Check: the nodes'
-    dedup_milvus_calls gauges before and after.
+  - Milvus calls per enrolment (stream, check_first) and per Check, and how many of them
+    were Strong reads (each waits for Milvus's next time tick): the nodes'
+    dedup_milvus_calls and dedup_milvus_strong_reads gauges before and after.
+With --preload N the first N registrations are loaded in bulk before any clock starts
+(`dedup import --data-dir` into a data directory, copied for the embedded node and copied
+into each Milvus configuration's collections by `dedup migrate`), and the streamed
+enrolments are the rest, enrolled on top of them: how 1,000,000 is measured.
 Prints a table; writes benchmarks/results/backends-N.json.
 
     .venv/bin/python benchmarks/backends.py --registrations 100000
-    .venv/bin/python benchmarks/backends.py --registrations 1000000 --backends server \\
-        --nodes 1 2 --milvus-setting proxy.timeTickInterval=20
+    .venv/bin/python benchmarks/backends.py --registrations 1000000 --preload 980000 \\
+        --backends embedded server --index-types FLAT --nodes 1 2
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -48,6 +55,7 @@ import numpy as np
 from dedup import FaceGenerator, Policy
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+from dedup.ops.migrate import STATE_FILE
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -81,7 +89,7 @@ class Setup:
 
 def setups(args: argparse.Namespace, work: Path, server_uri: str) -> Iterator[Setup]:
     if "embedded" in args.backends:
-        yield Setup("embedded (LMDB + FAISS Flat)", [[]])
+        yield Setup("embedded (LMDB + FAISS, auto)", [[]])
     for index in args.index_types:
         options = index_options(index, args.registrations)
         if "lite" in args.backends:
@@ -96,12 +104,60 @@ def setups(args: argparse.Namespace, work: Path, server_uri: str) -> Iterator[Se
                             [prefix] * count, server_uri)
 
 
+def node_dir(setup: Setup, work: Path, n: int) -> Path:
+    return work / f"node-{abs(hash(setup.name))}-{n}"
+
+
+def option(setup: Setup, name: str) -> str | None:
+    options = setup.node_options[0]
+    return options[options.index(name) + 1] if name in options else None
+
+
+def preloaded_directory(load: Workload, count: int, work: Path) -> Path:
+    """A data directory holding the first `count` registrations: `dedup import --data-dir`
+    of them, written as .npy + .csv files of 100,000."""
+    files = work / "preload"
+    files.mkdir()
+    for start in range(0, count, 100_000):
+        part = range(start, min(count, start + 100_000))
+        np.save(files / f"part-{start:09d}.npy", load.vectors[part.start:part.stop])
+        with open(files / f"part-{start:09d}.csv", "w") as csv:
+            csv.write("registration_id,id_number\n")
+            csv.writelines(f"{load.registrations[i].registration_id},"
+                           f"{load.registrations[i].id_number}\n" for i in part)
+    data_dir = work / "preloaded"
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-m", "dedup", "import", "--data-dir", str(data_dir),
+                    *map(str, sorted(files.glob("*.npy")))], check=True)
+    print(f"  preloaded {count:,} registrations in {time.monotonic() - started:.0f} s",
+          flush=True)
+    shutil.rmtree(files)
+    return data_dir
+
+
+def preload(setup: Setup, work: Path, preloaded: Path) -> None:
+    """The preloaded registrations into the configuration: a copy of the data directory for
+    the embedded node, `dedup migrate` of it into a Milvus configuration's collections."""
+    started = time.monotonic()
+    uri = option(setup, "--milvus-uri")
+    if uri is None:
+        shutil.copytree(preloaded, node_dir(setup, work, 0))
+    else:
+        (preloaded / STATE_FILE).unlink(missing_ok=True)  # another configuration's copy
+        subprocess.run([sys.executable, "-m", "dedup", "migrate", "--from", str(preloaded),
+                        "--to", uri, "--milvus-prefix", str(prefix_of(setup)),
+                        "--milvus-index-type", str(option(setup, "--milvus-index-type")),
+                        "--batch", "10000", "--sample", "10"], check=True,
+                       stdout=subprocess.DEVNULL)
+    print(f"  copied in {time.monotonic() - started:.0f} s", flush=True)
+
+
 @contextmanager
 def started_nodes(setup: Setup, work: Path) -> Iterator[list[ServerProcess]]:
     nodes = []
     try:
         for n, options in enumerate(setup.node_options):
-            nodes.append(ServerProcess(work / f"node-{abs(hash(setup.name))}-{n}", *options,
+            nodes.append(ServerProcess(node_dir(setup, work, n), *options,
                                        "--metrics-address", "127.0.0.1:0"))
         yield nodes
     finally:
@@ -122,15 +178,26 @@ def metrics_port(node: ServerProcess) -> int:
     raise SystemExit("a node did not report its metrics port")
 
 
-def milvus_calls(ports: list[int]) -> float:
-    """The nodes' dedup_milvus_calls gauges, summed (0 for the embedded backend)."""
-    total = 0.0
+COUNTED = {"dedup_milvus_calls": "milvus_calls", "dedup_milvus_strong_reads": "strong_reads"}
+
+
+def milvus_calls(ports: list[int]) -> np.ndarray:
+    """The nodes' dedup_milvus_calls and dedup_milvus_strong_reads gauges, summed (0 for the
+    embedded backend)."""
+    totals = dict.fromkeys(COUNTED, 0.0)
     for port in ports:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as page:
             for line in page.read().decode().splitlines():
-                if line.startswith("dedup_milvus_calls "):
-                    total += float(line.split()[1])
-    return total
+                name, _, value = line.partition(" ")
+                if name in totals:
+                    totals[name] += float(value)
+    return np.array(list(totals.values()))
+
+
+def per(what: str, before: np.ndarray, after: np.ndarray, count: int) -> dict[str, float]:
+    """{milvus_calls_per_<what>, strong_reads_per_<what>} from the gauges around `count`."""
+    return {f"{name}_per_{what}": float(done) / count
+            for name, done in zip(COUNTED.values(), after - before, strict=True)}
 
 
 def face(vector: np.ndarray) -> pb.Face:
@@ -219,9 +286,7 @@ def settle(port: int, setup: Setup, prefix: str | None) -> None:
 
 
 def prefix_of(setup: Setup) -> str | None:
-    options = setup.node_options[0]
-    return options[options.index("--milvus-prefix") + 1] if "--milvus-prefix" in options \
-        else None
+    return option(setup, "--milvus-prefix")
 
 
 @dataclass(frozen=True)
@@ -234,27 +299,28 @@ class Workload:
     duplicate_probes: list[int]
 
 
-def measure(setup: Setup, work: Path, load: Workload, clients: int) -> dict[str, float]:
+def measure(setup: Setup, work: Path, load: Workload, clients: int,
+            preloaded: Path | None, skip: int) -> dict[str, float]:
+    if preloaded is not None:
+        preload(setup, work, preloaded)
     with started_nodes(setup, work) as nodes:
         ports, scraped = [n.port for n in nodes], [metrics_port(n) for n in nodes]
         stubs = [pb_grpc.FaceDedupStub(grpc.insecure_channel(f"127.0.0.1:{p}")) for p in ports]
         row: dict[str, float] = {}
         before = milvus_calls(scraped)
-        row["enrol_stream_per_s"] = enrol_streams(stubs, load.registrations, load.vectors)
-        row["milvus_calls_per_stream_enrolment"] = \
-            (milvus_calls(scraped) - before) / len(load.registrations)
+        streamed = load.registrations[skip:]
+        row["enrol_stream_per_s"] = enrol_streams(stubs, streamed, load.vectors[skip:])
+        row |= per("stream_enrolment", before, milvus_calls(scraped), len(streamed))
         settle(ports[0], setup, prefix_of(setup))
         before = milvus_calls(scraped)
         row["enrol_check_first_per_s"] = enrol_checked(ports, load.fresh)
-        row["milvus_calls_per_checked_enrolment"] = \
-            (milvus_calls(scraped) - before) / len(load.fresh)
+        row |= per("checked_enrolment", before, milvus_calls(scraped), len(load.fresh))
         settle(ports[0], setup, prefix_of(setup))
         before = milvus_calls(scraped)
         for count in (1, clients):
             stats, answers = checks(ports, load.requests, count)
             row |= {f"check_{count}c_{key}": value for key, value in stats.items()}
-        row["milvus_calls_per_check"] = \
-            (milvus_calls(scraped) - before) / (2 * len(load.requests))
+        row |= per("check", before, milvus_calls(scraped), 2 * len(load.requests))
         row["duplicate_recall"] = recall(answers, load.truth, load.duplicate_probes)
         return row
 
@@ -312,6 +378,9 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--checked", type=int, default=300)
     parser.add_argument("--probes", type=int, default=1_000)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--preload", type=int, default=0, metavar="N",
+                        help="load the first N registrations in bulk, unclocked, and enrol "
+                        "only the rest through EnrollStream (see above)")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--backends", nargs="+", default=["embedded", "lite", "server"],
                         choices=["embedded", "lite", "server"])
@@ -340,9 +409,11 @@ def main() -> None:
             server.start()
             stack.callback(server.stop)
             uri = server.uri
+        preloaded = preloaded_directory(load, args.preload, work) if args.preload else None
         for setup in setups(args, work, uri):
             print(f"{setup.name} ...", flush=True)
-            results[setup.name] = measure(setup, work, load, args.clients)
+            results[setup.name] = measure(setup, work, load, args.clients, preloaded,
+                                          args.preload)
     print_table(results, args)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"backends-{args.registrations}.json"
@@ -357,8 +428,9 @@ def print_table(results: dict[str, dict[str, float]], args: argparse.Namespace) 
           f"duplicated persons), {c} clients\n")
     print(f"| configuration | enrol/s (stream) | enrol/s (check_first) | Check q/s 1c | p50 ms "
           f"| p99 ms | Check q/s {c}c | p50 ms | p99 ms | duplicate recall | Milvus calls "
-          "per enrolment (stream / check_first) | per Check |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "per enrolment (stream / check_first) | per Check | Strong reads per check_first "
+          "enrolment | per Check |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['enrol_stream_per_s']:,.0f} | {r['enrol_check_first_per_s']:,.1f} "
               f"| {r['check_1c_qps']:,.1f} | {r['check_1c_p50_ms']:.1f} | "
@@ -366,7 +438,9 @@ def print_table(results: dict[str, dict[str, float]], args: argparse.Namespace) 
               f"{r[f'check_{c}c_p50_ms']:.1f} | {r[f'check_{c}c_p99_ms']:.1f} | "
               f"{r['duplicate_recall']:.3f} | {r['milvus_calls_per_stream_enrolment']:.1f} / "
               f"{r['milvus_calls_per_checked_enrolment']:.1f} | "
-              f"{r['milvus_calls_per_check']:.1f} |")
+              f"{r['milvus_calls_per_check']:.1f} | "
+              f"{r.get('strong_reads_per_checked_enrolment', 0):.1f} | "
+              f"{r.get('strong_reads_per_check', 0):.1f} |")
 
 
 if __name__ == "__main__":
