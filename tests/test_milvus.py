@@ -141,6 +141,16 @@ def test_nodes_never_both_enrol_one_face(nodes, faces):
         [ROUNDS] * len(nodes)
 
 
+def test_a_checked_enrolment_sees_what_another_node_just_acknowledged(nodes, faces):
+    """Its look after the stake reads at the stake's timestamp (Session), which is newer
+    than every write acknowledged before it, here by another process."""
+    for i, person in enumerate(faces.persons(5)):
+        assert enroll(nodes[0], f"a{i}", f"IDA{i}", faces.capture(person)).enrolled
+        second = enroll(nodes[-1], f"b{i}", f"IDB{i}", faces.capture(person), check_first=True)
+        assert not second.enrolled and second.check.verdict == pb.DUPLICATE_IDENTITY
+        assert [m.registration.registration_id for m in second.check.matches] == [f"a{i}"]
+
+
 def test_nodes_never_both_take_one_key(nodes, faces):
     """One registration_id (or msisdn) enrolled on every node at once: one succeeds, the
     others get ALREADY_EXISTS naming the field."""

@@ -76,7 +76,8 @@ class DedupService:
         self.embedder = embedder
         self.policy = policy
         self.limits = limits
-        self._lookups = ThreadPoolExecutor(max_workers=16, thread_name_prefix="dedup-lookup") \
+        # Two lookups beside each of the server's (default 32) workers' Checks.
+        self._lookups = ThreadPoolExecutor(max_workers=64, thread_name_prefix="dedup-lookup") \
             if gallery.reads_wait else None
 
     def probe(self, face: FaceInput, field: str, timeout: float | None = None) -> Probe:
@@ -174,6 +175,7 @@ class DedupService:
         # The backend enforces uniqueness again as it stores; checking first only spares a
         # search and keeps the error the same with or without check_first.
         self.gallery.ensure_unique(registration)
+        settled()  # before the claim is staked: never a claim waiting on a lookup
         claimed, limit = registration.id_number, self.limits.default_candidates
 
         def judge(candidates: list[Scored], same_id: list[Scored]) -> CheckResult:

@@ -14,11 +14,13 @@
    until the later has resolved (removed itself, or committed because it never saw the
    earlier one: then the earlier loses to it) and looks again;
 4. it commits (the row becomes ACTIVE) and only then is the call acknowledged.
-A claim's first look reads at its stake's timestamp (Session): it sees every write
-acknowledged before the stake, on any node, and every stake older than its own. Each claim
-inserts before it looks, so of two concurrent claims the later-stamped sees the earlier: at
-most one enrols. Every later look, after waiting for other claims, is Strong: it sees every
-write acknowledged before it started. Waits only go from earlier to later claims, so they end.
+A claim's first look reads at its stake's timestamp (Session): on a Milvus whose timestamps
+follow the order writes are acknowledged in (ServerVersion.orders_writes_by_timestamp) it
+sees every write acknowledged before the stake, on any node, and every stake older than its
+own; elsewhere it is Strong. Each claim inserts before it looks, so of two concurrent claims
+the later-stamped sees the earlier: at most one enrols. Every later look, after waiting for
+other claims, is Strong: it sees every write acknowledged before it started. Waits only go
+from earlier to later claims, so they end.
 A node that dies mid-claim leaves a PENDING row, which others ignore after claim_timeout_s
 and reap; a claim not confirmed within half of that is removed and answered UNAVAILABLE
 (this assumes node clocks agree to well within half the timeout, as NTP keeps them).
@@ -71,9 +73,10 @@ def _holds_a_key_of(row: Row, registration: Registration) -> bool:
 class Claims:
     """Enrolments into `rows` by claim, recheck and commit (see this module's docstring)."""
 
-    def __init__(self, rows: Registrations) -> None:
+    def __init__(self, rows: Registrations, session_first_look: bool) -> None:
         self._rows = rows
         self._timeout_s = rows.config.claim_timeout_s
+        self._first_look = SESSION if session_first_look else STRONG
 
     def ensure_unique(self, registration: Registration) -> None:
         """Raises ALREADY_EXISTS when an ACTIVE row holds its registration_id or msisdn."""
@@ -98,7 +101,7 @@ class Claims:
         claims, started = self._stake_each(batch)
         vectors = {claim.key: vector for claim, (_, vector) in zip(claims, batch, strict=True)}
         outcomes: dict[int, Registration | DedupError] = {}
-        contested, consistency = claims, SESSION
+        contested, consistency = claims, self._first_look
         try:
             while contested:
                 lost, waiting, won = self._judge_keys(contested, consistency)
@@ -113,7 +116,7 @@ class Claims:
                     outcomes.update((claim.key, claim.registration) for claim in won)
                 contested = [claim for claim in contested if claim.key in waiting]
                 if contested and not lost and not won:
-                    self._wait_for_any(set().union(*waiting.values()), started)
+                    self._wait_for(set().union(*waiting.values()), started, any_one=True)
         except BaseException as error:
             from pymilvus.exceptions import MilvusException
 
@@ -231,7 +234,7 @@ class Claims:
     def _contest(self, claim: Row, vector: Vector, check: EnrolmentCheck, started: float
                  ) -> tuple[CheckResult, bool]:
         """Judges again until this claim has won (True) or lost, with the verdict."""
-        consistency = SESSION
+        consistency = self._first_look
         while True:
             self._within_claim_time(started)
             waiting = self._key_rivals(claim, consistency)
@@ -249,7 +252,7 @@ class Claims:
                 waiting.update(row.key for row in rivals)
             if not waiting:
                 return result, True
-            self._wait_for_any(waiting, started)
+            self._wait_for(waiting, started)
 
     def _after_earlier_claims(self, claim: Row, vector: Vector, check: EnrolmentCheck,
                               rivals: list[Row], with_pending: CheckResult
@@ -295,7 +298,7 @@ class Claims:
         committed_same_id = [row for row in same_id if row.state == ACTIVE]
         committed_k = check.search_k + len(committed_same_id)
         committed = [row for row in ranked if row.state == ACTIVE]
-        if len(committed) < committed_k < len(ranked):  # claims may have crowded some out
+        if self._crowded(ranked, committed, committed_k, k + PENDING_SPARE):
             committed = self._rows.search([vector.tolist()], committed_k,
                                           self._rows.comparable(False, claim.key),
                                           consistency)[0]
@@ -306,11 +309,23 @@ class Claims:
         claims = [row for row in candidates + same_id if row.state == PENDING]
         return result, with_pending, claims
 
-    def _wait_for_any(self, keys: set[int], started: float) -> None:
-        """Until one of `keys` is not a recent PENDING claim any more."""
+    def _crowded(self, ranked: list[Row], committed: list[Row], committed_k: int,
+                 asked: int) -> bool:
+        """Whether pending claims among the live rows found may have kept committed rows out:
+        an exact search was cut off short of committed_k of them; an approximate one found
+        any claim (it re-scores its candidates, of which claims took some)."""
+        if len(committed) == len(ranked):
+            return False
+        if not self._rows.config.exact:
+            return True
+        return len(committed) < committed_k and len(ranked) >= asked
+
+    def _wait_for(self, keys: set[int], started: float, any_one: bool = False) -> None:
+        """Until none of `keys` (with `any_one`: one of them) is a recent PENDING claim."""
         while True:
             where = f"key in {sorted(keys)} and {self._rows.live(True)} and state == {PENDING}"
-            if len(self._rows.keys(where)) < len(keys):
+            still = len(self._rows.keys(where))
+            if still < len(keys) if any_one else still == 0:
                 return
             self._within_claim_time(started)
             time.sleep(POLL_S)

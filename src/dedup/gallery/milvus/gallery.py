@@ -74,7 +74,7 @@ class MilvusGallery:
         self.collections = open_collections(self._client, config, dimension, self.server)
         self._rows = Registrations(self._client, self.collections.registrations, config,
                                    model_id)
-        self._claims = Claims(self._rows)
+        self._claims = Claims(self._rows, self.server.orders_writes_by_timestamp)
         self._audit = AuditChain(self._client, self.collections.audit)
         self._adjudications = Adjudications(self._client, self.collections.adjudications)
         self._adjudications.convert_legacy(self.collections.legacy_adjudications,

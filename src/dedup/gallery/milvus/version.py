@@ -64,6 +64,16 @@ class ServerVersion:
         return self.lite or self.number[:2] >= (2, 4)
 
     @property
+    def orders_writes_by_timestamp(self) -> bool:
+        """Whether a write acknowledged before another always has the older timestamp, as
+        when every proxy takes timestamps from the root coordinator's one oracle (2.3 to
+        2.5): then a read at a write's timestamp sees every write acknowledged before it.
+        2.6's streaming nodes hand out timestamps from batches of their own, so dedup does
+        not assume it there. Milvus Lite ignores consistency levels (every read sees every
+        acknowledged write)."""
+        return self.lite or self.number[:2] < (2, 6)
+
+    @property
     def can_add_field(self) -> bool:
         return not self.lite and self.number[:2] >= (2, 6)
 
