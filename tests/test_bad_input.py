@@ -187,3 +187,22 @@ def test_client_enrolled_at_is_ignored(server):
     message.enrolled_at.FromSeconds(1)
     response = server.stub.Enroll(pb.EnrollRequest(registration=message, face=face(GOOD)))
     assert response.registration.enrolled_at.seconds > 1_700_000_000
+
+
+# 128 characters pass the character limit, but in UTF-8 they are 512 bytes: over LMDB's
+# 511-byte key.
+TOO_LONG_FOR_A_KEY = "\U0001d4b3" * 128
+
+
+@pytest.mark.parametrize(("call", "request_"), [
+    ("Check", pb.CheckRequest(face=face(GOOD), registration_id=TOO_LONG_FOR_A_KEY)),
+    ("GetRegistration", pb.GetRegistrationRequest(registration_id=TOO_LONG_FOR_A_KEY)),
+    ("Delete", pb.DeleteRequest(registration_id=TOO_LONG_FOR_A_KEY)),
+])
+def test_a_registration_id_too_long_for_a_store_key_is_refused_naming_it(populated, call,
+                                                                           request_):
+    server, people = populated
+    before = snapshot(server, people)
+    expect(getattr(server.stub, call), request_, INVALID,
+           "registration_id: is 512 bytes in UTF-8, at most 511 allowed")
+    assert snapshot(server, people) == before

@@ -110,7 +110,7 @@ def delete_key(request: pb.DeleteRequest, limits: Limits) -> tuple[DeleteKey, st
         DeleteKey.ID_NUMBER: limits.max_id_number_chars,
         DeleteKey.MSISDN: limits.max_msisdn_chars,
     }[key]
-    return key, text(getattr(request, kind), kind, max_chars, required=True)
+    return key, text(getattr(request, kind), kind, max_chars, required=True, key=True)
 
 
 def registration_to_proto(registration: Registration) -> pb.Registration:

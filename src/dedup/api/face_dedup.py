@@ -58,10 +58,12 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
             self._admit_desk_check(caller, request)
         with reads.face_dedup_read(self.audit, caller, "FaceDedup.Check", context) as read:
             claimed = validation.text(request.claimed_id_number, "claimed_id_number",
-                                      self.limits.max_id_number_chars, required=False)
+                                      self.limits.max_id_number_chars, required=False,
+                                      key=True)
             limit = convert.max_candidates(request.max_candidates, self.limits)
             registration_id = validation.text(request.registration_id, "registration_id",
-                                           self.limits.max_registration_id_chars, required=False)
+                                              self.limits.max_registration_id_chars,
+                                              required=False, key=True)
             read.query = {"claimed_id_number": claimed}
             probe = self._probe(request, context)
             if read.trail is not None:  # the digest only for a read that is audited
@@ -201,7 +203,8 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
         method = "FaceDedup.GetRegistration"
         with reads.face_dedup_read(self.audit, caller, method, context) as read:
             registration_id = validation.text(request.registration_id, "registration_id",
-                                           self.limits.max_registration_id_chars, required=True)
+                                              self.limits.max_registration_id_chars,
+                                              required=True, key=True)
             read.query = {"registration_id": registration_id}
             # A desk finds only what its own credential enrolled.
             owner = caller.identity if caller.role == "registration" else None

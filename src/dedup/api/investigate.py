@@ -87,9 +87,9 @@ def _search_filter(request: pb.SearchRequest, limits: Limits) -> SearchFilter:
 def _adjudicated_pair(request: pb.AdjudicateRequest, limits: Limits) -> tuple[str, str, str, str]:
     """The two registration ids, the decision's name and the note, validated."""
     limit = limits.max_registration_id_chars
-    first = validation.text(request.registration_id, "registration_id", limit, True)
+    first = validation.text(request.registration_id, "registration_id", limit, True, key=True)
     second = validation.text(request.matched_registration_id, "matched_registration_id",
-                             limit, True)
+                             limit, True, key=True)
     if first == second:
         raise InvalidArgument("matched_registration_id", "must differ from registration_id")
     if request.decision not in (pb.SAME_PERSON_CONFIRMED, pb.DIFFERENT_PEOPLE):
@@ -164,7 +164,8 @@ class InvestigateServicer(pb_grpc.InvestigateServicer):
         which = request.WhichOneof("probe")
         if which == "registration_id":
             registration_id = validation.text(request.registration_id, "registration_id",
-                                           self.limits.max_registration_id_chars, required=True)
+                                              self.limits.max_registration_id_chars,
+                                              required=True, key=True)
             query["registration_id"] = registration_id
             stored = self.gallery.stored_face(registration_id)
             if stored is None:
@@ -184,7 +185,8 @@ class InvestigateServicer(pb_grpc.InvestigateServicer):
         with reads.read(self.audit, current_caller(), "Investigate.Links") as read:
             read.case_id, read.purpose = _case(request)
             id_number = validation.text(request.id_number, "id_number",
-                                     self.limits.max_id_number_chars, required=True)
+                                        self.limits.max_id_number_chars, required=True,
+                                        key=True)
             read.query = {"id_number": id_number}
             found = links(self.gallery, id_number, self.policy.match_threshold)
             returned = [r.registration_id for r in found.registrations] + [
