@@ -270,12 +270,13 @@ def test_personal_values_are_pseudonyms_that_export_finds(make_server, keys, fac
     assert trail[0]["query"]["id_number"] == trail[1]["query"]["claimed_id_number"] == \
         key.pseudonym("id_number", "ID1")
 
-    where = ["--milvus-uri", server.config.milvus.uri] if server.config.milvus \
+    milvus = server.config.milvus
+    where = ["--milvus-uri", milvus.uri, "--milvus-prefix", milvus.prefix] if milvus \
         else [str(server.data_dir)]
-    if server.config.milvus:
+    if milvus and milvus.is_lite:
         from conftest import release_milvus_lite
 
-        release_milvus_lite(Path(server.config.milvus.uri))
+        release_milvus_lite(Path(milvus.uri))
     about = dedup("audit", "export", *where, "--key", str(keys / "audit.key"),
                   "--id-number", "ID1")
     assert about.returncode == 0, about.stderr
