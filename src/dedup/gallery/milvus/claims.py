@@ -123,14 +123,14 @@ class Claims:
             undecided = [claim.key for claim in claims if claim.key not in outcomes]
             for key in undecided:
                 self._remove_quietly(key)
-            committed = any(not isinstance(o, DedupError) for o in outcomes.values())
+            committed = sum(not isinstance(o, DedupError) for o in outcomes.values())
             if isinstance(error, MilvusException):
                 error = translated(error)
             elif not isinstance(error, DedupError):
                 if not committed:
                     raise
                 log.exception("enrolment batch failed after %d of its claims committed",
-                              len(outcomes))
+                              committed)
                 error = BackendUnavailable("milvus: the enrolment failed; nothing of this "
                                            "registration was stored, retry")
             # The committed ones stay committed: only the undecided get the error.
@@ -324,8 +324,9 @@ class Claims:
         """Until none of `keys` (with `any_one`: one of them) is a recent PENDING claim."""
         while True:
             where = f"key in {sorted(keys)} and {self._rows.live(True)} and state == {PENDING}"
-            still = len(self._rows.keys(where))
-            if still < len(keys) if any_one else still == 0:
+            pending = len(self._rows.keys(where))
+            resolved = pending < len(keys) if any_one else pending == 0
+            if resolved:
                 return
             self._within_claim_time(started)
             time.sleep(POLL_S)
