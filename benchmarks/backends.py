@@ -146,7 +146,9 @@ def preload(setup: Setup, work: Path, preloaded: Path) -> None:
         (preloaded / STATE_FILE).unlink(missing_ok=True)  # another configuration's copy
         subprocess.run([sys.executable, "-m", "dedup", "migrate", "--from", str(preloaded),
                         "--to", uri, "--milvus-prefix", str(prefix_of(setup)),
-                        "--milvus-index-type", str(option(setup, "--milvus-index-type")),
+                        *[part for name in ("--milvus-index-type", "--milvus-index-params",
+                                            "--milvus-search-params")
+                          for part in (name, str(option(setup, name)))],
                         "--batch", "10000", "--sample", "10"], check=True,
                        stdout=subprocess.DEVNULL)
     print(f"  copied in {time.monotonic() - started:.0f} s", flush=True)

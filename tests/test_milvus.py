@@ -8,7 +8,9 @@ service suite runs on Milvus through the `backend` parameter (see conftest.py).
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -27,6 +29,7 @@ from trail import records
 
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+from dedup.core.errors import StoreError
 from dedup.core.records import Registration
 from dedup.core.settings import MilvusConfig
 from dedup.gallery.milvus import MilvusGallery
@@ -279,6 +282,47 @@ def test_migrate_copies_verifies_and_resumes(make_server, faces, tmp_path, to, r
         release_milvus_lite(Path(target.uri))
     else:
         drop_collections(target)
+
+
+@pytest.mark.parametrize("backend", ["embedded"])
+@pytest.mark.parametrize("to", ["lite", pytest.param("server", marks=pytest.mark.milvus_server)])
+def test_migrate_builds_the_index_asked_and_nodes_of_another_are_refused(
+        make_server, faces, tmp_path, to, request):
+    """migrate takes the index parameters serve takes; a node configured for another index
+    than its collection's would search with the wrong parameters, so it is refused."""
+    source = make_server()
+    for i, person in enumerate(faces.persons(40)):
+        enroll(source.stub, f"r{i}", f"ID{i}", person)
+    source.stop()
+    target = MilvusConfig(uri=str(tmp_path / "migrated.db"), flush_interval_s=0.5) \
+        if to == "lite" else milvus_on_server(request.getfixturevalue("milvus_server"))
+    target = dataclasses.replace(target, prefix=f"{target.prefix}ivf")  # none made ahead
+    ivf = {"index_type": "IVF_FLAT", "index_params": {"nlist": 16},
+           "search_params": {"nprobe": 16}}
+    migrated = subprocess.run(
+        [sys.executable, "-m", "dedup", "migrate", "--from", str(source.data_dir), "--to",
+         target.uri, "--milvus-prefix", target.prefix, "--milvus-index-type", "IVF_FLAT",
+         "--milvus-index-params", '{"nlist": 16}', "--milvus-search-params", '{"nprobe": 16}',
+         "--sample", "10"], capture_output=True, text=True, timeout=300)
+    assert migrated.returncode == 0, migrated.stderr
+    assert "10/10 sampled searches found the same top-10" in migrated.stdout
+    refused = [("type IVF_FLAT (this node: FLAT)", {})]
+    if to == "server":  # Milvus Lite does not describe an index's build parameters
+        refused.append(("nlist 16 (this node: 32)", ivf | {"index_params": {"nlist": 32}}))
+    try:
+        for message, index in refused:
+            with pytest.raises(StoreError, match=re.escape(message)):
+                MilvusGallery(dataclasses.replace(target, **index), "model-x",
+                              background=False).close(checkpoint=False)
+        gallery = MilvusGallery(dataclasses.replace(target, **ivf), "model-x",
+                                background=False)
+        assert gallery.stats().registrations == 40
+        gallery.close(checkpoint=False)
+    finally:
+        if to == "lite":
+            release_milvus_lite(Path(target.uri))
+        else:
+            drop_collections(target)
 
 
 def test_keys_with_quotes_and_backslashes_are_found_and_deleted(server, faces):

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from dedup.cli.serve import add_milvus_index_arguments, milvus_index_json
 from dedup.cli.subcommand import Subcommands, add_subcommand
 from dedup.core.settings import MilvusConfig, milvus_token
 
@@ -35,7 +36,7 @@ def register(commands: Subcommands) -> None:
     migrate.add_argument("--to", dest="target", required=True, metavar="URI",
                          help="milvus://host:port, http(s)://host:port, or a Milvus Lite *.db")
     migrate.add_argument("--milvus-prefix", default="dedup")
-    migrate.add_argument("--milvus-index-type", default="FLAT")
+    add_milvus_index_arguments(migrate)
     migrate.add_argument("--batch", type=int, default=5_000, help="registrations per upsert")
     migrate.add_argument("--sample", type=int, default=100,
                          help="stored embeddings searched in both to verify the copy")
@@ -69,8 +70,10 @@ def migrate_command(args: argparse.Namespace) -> int:
 
     if args.batch < 1 or args.sample < 0:
         raise SystemExit("dedup migrate: --batch must be >= 1 and --sample >= 0")
+    index_params, search_params = milvus_index_json(args, "migrate")
     config = MilvusConfig(uri=args.target, token=milvus_token(),
-                          prefix=args.milvus_prefix, index_type=args.milvus_index_type)
+                          prefix=args.milvus_prefix, index_type=args.milvus_index_type,
+                          index_params=index_params, search_params=search_params)
     with _copy_progress() as start:
         report = migrate(args.source, config, args.batch, args.sample, start)
     resumed = f" (resumed after key {report.resumed_after})" if report.resumed_after else ""

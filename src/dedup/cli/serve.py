@@ -11,6 +11,7 @@ import threading
 from dataclasses import fields
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from dedup.cli.channel import DEFAULT_ADDRESS
 from dedup.cli.subcommand import Subcommands, add_subcommand
@@ -238,6 +239,15 @@ def _milvus_arguments(serve: argparse.ArgumentParser) -> None:
                        "*.db file (Milvus Lite, in this process)")
     group.add_argument("--milvus-prefix", default="dedup",
                        help="collection names start with this (default dedup)")
+    add_milvus_index_arguments(group)
+    group.add_argument("--milvus-flush-interval", type=float, default=None, metavar="SECONDS",
+                       help="flush writes after this long; 0: never (default: 1 s for Milvus "
+                       "Lite, never for a cluster, which seals segments itself)")
+
+
+def add_milvus_index_arguments(group: argparse._ActionsContainer) -> None:
+    """The embedding index options `serve` and `migrate` share: a node must be started with
+    the index its collection was created with (it refuses another)."""
     group.add_argument("--milvus-index-type", default="FLAT",
                        help="Milvus's index on the embeddings when it creates the collection: "
                        "FLAT (exact, default), HNSW, IVF_FLAT, IVF_SQ8, ...")
@@ -245,9 +255,21 @@ def _milvus_arguments(serve: argparse.ArgumentParser) -> None:
                        help='build parameters, e.g. \'{"M": 16, "efConstruction": 200}\'')
     group.add_argument("--milvus-search-params", default="{}", metavar="JSON",
                        help='per-search parameters, e.g. \'{"ef": 128}\' or \'{"nprobe": 64}\'')
-    group.add_argument("--milvus-flush-interval", type=float, default=None, metavar="SECONDS",
-                       help="flush writes after this long; 0: never (default: 1 s for Milvus "
-                       "Lite, never for a cluster, which seals segments itself)")
+
+
+def milvus_index_json(args: argparse.Namespace, command: str
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """--milvus-index-params and --milvus-search-params, each a JSON object."""
+    parsed = []
+    for option in ("--milvus-index-params", "--milvus-search-params"):
+        try:
+            value = json.loads(getattr(args, option[2:].replace("-", "_")))
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"dedup {command}: {option}: {error}") from error
+        if not isinstance(value, dict):
+            raise SystemExit(f"dedup {command}: {option}: must be a JSON object")
+        parsed.append(value)
+    return parsed[0], parsed[1]
 
 
 def milvus_config(args: argparse.Namespace) -> MilvusConfig | None:
@@ -258,12 +280,7 @@ def milvus_config(args: argparse.Namespace) -> MilvusConfig | None:
         return None
     if not args.milvus_uri:
         raise SystemExit("dedup: --backend milvus needs --milvus-uri")
-    try:
-        index_params, search_params = (json.loads(args.milvus_index_params),
-                                       json.loads(args.milvus_search_params))
-    except json.JSONDecodeError as error:
-        raise SystemExit(f"dedup: --milvus-index-params/--milvus-search-params: {error}") \
-            from error
+    index_params, search_params = milvus_index_json(args, "serve")
     lite = args.milvus_uri.endswith(".db")
     flush = args.milvus_flush_interval
     return MilvusConfig(

@@ -88,9 +88,28 @@ def open_collections(client: Any, config: MilvusConfig, dimension: int,
         raise StoreError(f"milvus at {config.uri} ({version.name}): cannot load the "
                          f"collections ({error})") from error
     _check_dimension(client, names.registrations, dimension)
+    _check_embedding_index(client, names.registrations, config)
     _add_enrolled_by(client, names.registrations, DataType, version)
     _add_quality_fields(client, names.registrations, DataType, version)
     return names
+
+
+def _check_embedding_index(client: Any, name: str, config: MilvusConfig) -> None:
+    """Refuses a node configured for another index than the collection was created with:
+    its search parameters would be another index's (Milvus rejects or ignores them)."""
+    described = client.describe_index(name, "embedding") or {}
+    kind = described.get("index_type")
+    built = {key: described[key] for key in config.index_params if key in described}
+    differing = [f"{key} {built[key]} (this node: {value})"
+                 for key, value in config.index_params.items()
+                 if key in built and str(built[key]) != str(value)]
+    if kind is not None and kind != config.index_type:
+        differing.insert(0, f"type {kind} (this node: {config.index_type})")
+    if differing:
+        raise StoreError(
+            f"milvus at {config.uri}: the collection {name} has an embedding index of "
+            f"{', '.join(differing)}: start the node with the collection's "
+            "--milvus-index-type and --milvus-index-params, or use another --milvus-prefix")
 
 
 def create_collections(client: Any, config: MilvusConfig, dimension: int,
