@@ -225,6 +225,10 @@ class MilvusConfig:
     # Deleted rows stay in Milvus's segments until a compaction rewrites them.
     compact_delay_s: float = 3600.0
 
+    def __post_init__(self) -> None:
+        # A Milvus server knows index types in capitals only (2.3 refuses "ivf_flat").
+        object.__setattr__(self, "index_type", self.index_type.upper())
+
     @property
     def is_lite(self) -> bool:
         return self.uri.endswith(".db")

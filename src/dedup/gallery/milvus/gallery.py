@@ -65,13 +65,17 @@ class MilvusGallery:
         self.data_dir = Path(data_dir)  # the node's calibration file, nothing else
         private_dir(self.data_dir)
         client = connect(config)
-        self.server = server_version(client)
-        self._client = guarded(client, config.uri) if self.server.lite else client
-        if self.server.lite and not config.is_lite:
-            log.warning("%s at %s is a Milvus Lite server: safe for one dedup node only "
-                        "(its flushes can hide rows from other processes' searches)",
-                        self.server.name, config.uri)
-        self.collections = open_collections(self._client, config, dimension, self.server)
+        try:
+            self.server = server_version(client)
+            self._client = guarded(client, config.uri) if self.server.lite else client
+            if self.server.lite and not config.is_lite:
+                log.warning("%s at %s is a Milvus Lite server: safe for one dedup node only "
+                            "(its flushes can hide rows from other processes' searches)",
+                            self.server.name, config.uri)
+            self.collections = open_collections(self._client, config, dimension, self.server)
+        except BaseException:
+            client.close()
+            raise
         self._rows = Registrations(self._client, self.collections.registrations, config,
                                    model_id)
         self._claims = Claims(self._rows, self.server.orders_writes_by_timestamp)

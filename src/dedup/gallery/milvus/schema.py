@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import secrets
 import time
@@ -97,19 +98,58 @@ def open_collections(client: Any, config: MilvusConfig, dimension: int,
 def _check_embedding_index(client: Any, name: str, config: MilvusConfig) -> None:
     """Refuses a node configured for another index than the collection was created with:
     its search parameters would be another index's (Milvus rejects or ignores them)."""
-    described = client.describe_index(name, "embedding") or {}
-    kind = described.get("index_type")
-    built = {key: described[key] for key in config.index_params if key in described}
-    differing = [f"{key} {built[key]} (this node: {value})"
-                 for key, value in config.index_params.items()
-                 if key in built and str(built[key]) != str(value)]
-    if kind is not None and kind != config.index_type:
-        differing.insert(0, f"type {kind} (this node: {config.index_type})")
+    try:
+        described = client.describe_index(name, "embedding") or {}
+    except Exception as error:  # e.g. a role without DescribeIndex: serve, unchecked
+        log.warning("cannot describe the index of %s (%s): not checked against "
+                    "--milvus-index-type", name, error)
+        return
+    differing = _index_differences(described, config)
     if differing:
         raise StoreError(
             f"milvus at {config.uri}: the collection {name} has an embedding index of "
             f"{', '.join(differing)}: start the node with the collection's "
             "--milvus-index-type and --milvus-index-params, or use another --milvus-prefix")
+
+
+def _index_differences(described: dict[str, Any], config: MilvusConfig) -> list[str]:
+    """What a described index has other than `config` asks: its type (unless Milvus chose
+    it: AUTOINDEX), its metric (dedup searches by inner product) and any build parameter
+    the description names (Milvus Lite and 2.3 keep them under "params", a server may also
+    list them beside the type)."""
+    built = dict(described)
+    nested = built.pop("params", None)
+    if isinstance(nested, str) and isinstance(_as_json(nested), dict):
+        nested = json.loads(nested)
+    if isinstance(nested, dict):
+        built |= nested
+    differing = [f"{key} {built[key]} (this node: {value})"
+                 for key, value in config.index_params.items()
+                 if key in built and _as_json(built[key]) != _as_json(value)]
+    kind = str(built.get("index_type", config.index_type)).upper()
+    if kind not in (config.index_type, "AUTOINDEX"):
+        differing.insert(0, f"type {kind} (this node: {config.index_type})")
+    metric = str(built.get("metric_type", "IP")).upper()
+    if metric != "IP":
+        differing.append(f"metric {metric} (dedup scores by IP)")
+    return differing
+
+
+def _as_json(value: Any) -> Any:
+    """A described value as the JSON it holds ("16" -> 16.0, '{"a": 1}' -> {"a": 1.0}), so
+    that a server's strings compare equal to the numbers a node was given."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    if isinstance(value, bool) or not isinstance(value, int | float | dict | list):
+        return value
+    if isinstance(value, dict):
+        return {key: _as_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_as_json(item) for item in value]
+    return float(value)
 
 
 def create_collections(client: Any, config: MilvusConfig, dimension: int,
@@ -140,7 +180,9 @@ def _create(client: Any, name: str, schema: Any, vector_field: str, index_type: 
         types = {field.name: field.dtype.name for field in schema.fields}
         client.create_collection(name, schema=schema, consistency_level="Strong")
         index = client.prepare_index_params()
-        index.add_index(vector_field, index_type=index_type, metric_type="IP", params=params)
+        # Nested under "params": Milvus Lite drops build parameters given beside the type.
+        index.add_index(vector_field, index_type=index_type, metric_type="IP",
+                        params={"params": params} if params else {})
         for field_name in lookups:  # equality filters on them, on every call
             index.add_index(field_name, index_type=version.scalar_index(types[field_name]))
         # The collection is empty: nothing to wait for (pymilvus would poll every 0.5 s).
