@@ -291,6 +291,23 @@ def prefix_of(setup: Setup) -> str | None:
     return option(setup, "--milvus-prefix")
 
 
+def drop_collections(setup: Setup) -> None:
+    """Drops what an earlier run left under the configuration's prefix (--milvus-uri):
+    every configuration starts on empty collections, built with its own index."""
+    prefix = prefix_of(setup)
+    if not setup.milvus_uri or prefix is None:
+        return
+    from pymilvus import MilvusClient
+
+    client = MilvusClient(uri=setup.milvus_uri)
+    try:
+        for name in client.list_collections():
+            if name.startswith(f"{prefix}_"):
+                client.drop_collection(name)
+    finally:
+        client.close()
+
+
 @dataclass(frozen=True)
 class Workload:
     registrations: list[pb.Registration]
@@ -303,6 +320,7 @@ class Workload:
 
 def measure(setup: Setup, work: Path, load: Workload, clients: int,
             preloaded: Path | None, skip: int) -> dict[str, float]:
+    drop_collections(setup)
     if preloaded is not None:
         preload(setup, work, preloaded)
     with started_nodes(setup, work) as nodes:

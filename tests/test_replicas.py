@@ -28,7 +28,9 @@ from processes import ServerProcess
 from dedup import FaceGenerator, ServerConfig, StoreConfig
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+from dedup.api.rate_limit import SharedCallerRate
 from dedup.core.errors import ConfigError
+from dedup.core.settings import QueryLimits
 from dedup.gallery.embedded.layout import store_dir
 from dedup.replicas import MultiProcessServer, create_servers
 
@@ -398,6 +400,50 @@ def test_relayed_calls_keep_their_caller_and_its_rights(start, keys):
             relayed.append(f"d{number}")
             break
     assert relayed, "no enrolment went through the replica"
+
+
+def test_a_desk_checks_at_its_rate_whichever_process_its_connections_reach(start, keys):
+    """The kernel spreads a desk's connections over the processes: buckets per process let
+    it check as many times faster as there are processes."""
+    from dedup.core.security import load_security
+
+    server = start(security=load_security(keys / "security.toml"),
+                   queries=QueryLimits(check_rate_per_caller=0.001, check_burst_per_caller=6))
+    desk = secure_channel(keys, role="registration")
+    probe = pb.CheckRequest(face=face(FaceGenerator(seed=5).persons(1)[0]),
+                            claimed_id_number="ID-X")
+    admitted: Counter[str] = Counter()
+    refused_by: set[str] = set()
+    for _ in range(TRIES):
+        with desk(server.address) as ch:
+            try:
+                _, call = pb_grpc.FaceDedupStub(ch).Check.with_call(probe, timeout=30)
+                admitted[served_by(call)[0]] += 1
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+                refused_by.add(served_by(error)[0])
+        if refused_by == PROCESSES:
+            break
+    assert refused_by == PROCESSES, (admitted, refused_by)
+    assert sum(admitted.values()) == 6, admitted
+
+
+def test_shared_check_rates_refill_and_outlast_a_full_table(tmp_path, monkeypatch):
+    monkeypatch.setattr(SharedCallerRate, "SLOTS", 2)
+    now = [100.0]
+    first, second = (SharedCallerRate(tmp_path / "rates", 2.0, 2, create=create)
+                     for create in (True, False))
+    for rates in (first, second):
+        rates.clock = lambda: now[0]
+    assert [first.admit("a"), second.admit("a"), first.admit("a")] == [True, True, False]
+    now[0] += 0.5  # one call's worth at 2 a second
+    assert [second.admit("a"), first.admit("a")] == [True, False]
+    assert first.admit("b")  # the second and last slot
+    # An identity past a full table is limited per process, as without the file.
+    assert [first.admit("c"), first.admit("c"), first.admit("c")] == [True, True, False]
+    assert second.admit("c")
+    first.close()
+    second.close()
 
 
 def test_audited_checks_are_relayed_and_recorded_once(start, keys):

@@ -47,7 +47,7 @@ from dedup.core.errors import ConfigError, StartupError
 from dedup.core.logs import JsonFormatter, configure_logging
 from dedup.core.settings import ServerConfig
 from dedup.gallery.embedded.gallery import EmbeddedGallery
-from dedup.gallery.embedded.layout import FORWARD_SOCKET
+from dedup.gallery.embedded.layout import CHECK_RATES_FILE, FORWARD_SOCKET
 from dedup.server import DedupServer, Forwarding, create_replica_server, create_server
 
 log = logging.getLogger("dedup.server")
@@ -77,8 +77,9 @@ def create_servers(config: ServerConfig, address: str, processes: int
     _refuse_a_taken_port(address)
     if config.security is not None and config.security.token_address is not None:
         _refuse_a_taken_port(config.security.token_address)
-    forwarding = Forwarding(Path(config.store.data_dir).resolve() / FORWARD_SOCKET,
-                            secrets.token_hex(32))
+    data_dir = Path(config.store.data_dir).resolve()
+    forwarding = Forwarding(data_dir / FORWARD_SOCKET, secrets.token_hex(32),
+                            data_dir / CHECK_RATES_FILE)
     primary, port = create_server(config, address, forwarding)
     gallery = primary.gallery
     assert isinstance(gallery, EmbeddedGallery)

@@ -32,6 +32,7 @@ from dedup.api.index_admin import IndexAdminServicer
 from dedup.api.investigate import InvestigateServicer
 from dedup.api.metrics import Metrics
 from dedup.api.observe import CallObserver
+from dedup.api.rate_limit import SharedCallerRate
 from dedup.api.transport import Transport
 from dedup.api.wire import add_service
 from dedup.core.errors import ConfigError
@@ -122,6 +123,7 @@ class Forwarding:
 
     socket: Path
     secret: str
+    rates: Path  # the desks' check-rate buckets every process maps (api/rate_limit.py)
 
 
 def create_server(config: ServerConfig, address: str = "127.0.0.1:0",
@@ -187,7 +189,8 @@ def create_replica_server(config: ServerConfig, address: str, forwarding: Forwar
         service = DedupService(gallery, embedder, config.policy, config.limits)
         key = (config.security.audit_key if config.security else None) \
             or local_audit_key(gallery.data_dir)
-        checks = FaceDedupServicer(service, config, metrics, AuditTrail(gallery, key))
+        checks = FaceDedupServicer(service, config, metrics, AuditTrail(gallery, key),
+                                   shared_check_rate(config, forwarding, create=False))
         gate = _gate(config, transport, metrics, process=f"replica-{number}")
         primary = transport.run(_primary(forwarding, config))
         services = pb.DESCRIPTOR.services_by_name
@@ -246,11 +249,22 @@ def _add_dedup_services(transport: Transport, config: ServerConfig, service: Ded
             _gate(config, transport, metrics, forwarding.secret, "primary"))
     audit = AuditTrail.for_server(service.gallery, config)
     services = pb.DESCRIPTOR.services_by_name
-    for name, servicer in (("FaceDedup", FaceDedupServicer(service, config, metrics, audit)),
+    check_rate = None if forwarding is None else \
+        shared_check_rate(config, forwarding, create=True)
+    for name, servicer in (("FaceDedup", FaceDedupServicer(service, config, metrics, audit,
+                                                           check_rate)),
                            ("IndexAdmin", IndexAdminServicer(service.gallery)),
                            ("Investigate", InvestigateServicer(service, config, audit))):
         transport.on_loop(add_service, transport.server, services[name], servicer, gate)
     return audit
+
+
+def shared_check_rate(config: ServerConfig, forwarding: Forwarding,
+                      create: bool) -> SharedCallerRate:
+    """The desks' check rates of a multi-process server, in the file the primary creates
+    (anew at each start) and its replicas map."""
+    return SharedCallerRate(forwarding.rates, config.queries.check_rate_per_caller,
+                            config.queries.check_burst_per_caller, create)
 
 
 def _add_health_and_reflection(server: grpc.aio.Server,

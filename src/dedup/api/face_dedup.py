@@ -35,15 +35,15 @@ ENROLL_BATCH = 64
 
 class FaceDedupServicer(pb_grpc.FaceDedupServicer):
     def __init__(self, service: DedupService, config: ServerConfig, metrics: Metrics,
-                 audit: AuditTrail) -> None:
+                 audit: AuditTrail, check_rate: CallerRate | None = None) -> None:
         self.service = service
         self.metrics = metrics
         self.audit = audit
         self.limits = config.limits
         self.dimension = config.store.dimension
         queries = config.queries
-        self.check_rate = CallerRate(queries.check_rate_per_caller,
-                                     queries.check_burst_per_caller)
+        self.check_rate = check_rate or CallerRate(queries.check_rate_per_caller,
+                                                   queries.check_burst_per_caller)
 
     def _probe(self, request: pb.CheckRequest | pb.EnrollRequest,
                context: grpc.ServicerContext) -> Probe:

@@ -1,10 +1,17 @@
-"""Per-caller call rates: a token bucket for each caller identity."""
+"""Per-caller call rates: a token bucket for each caller identity, in one process or shared
+by the processes of a multi-process server."""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import mmap
+import os
+import struct
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 class CallerRate:
@@ -29,7 +36,76 @@ class CallerRate:
         now = self.clock()
         with self._lock:
             tokens, then = self._buckets.get(identity, (self.burst, now))
-            tokens = min(self.burst, tokens + (now - then) * self.rate)
-            admitted = tokens >= 1.0
-            self._buckets[identity] = (tokens - 1.0 if admitted else tokens, now)
+            admitted, left = self._take(tokens, then, now)
+            self._buckets[identity] = (left, now)
         return admitted
+
+    def _take(self, tokens: float, then: float, now: float) -> tuple[bool, float]:
+        """Refills a bucket holding `tokens` at `then` up to `now` and takes one call if it
+        can: (admitted, tokens left)."""
+        tokens = min(self.burst, tokens + max(0.0, now - then) * self.rate)
+        return (True, tokens - 1.0) if tokens >= 1.0 else (False, tokens)
+
+
+class SharedCallerRate(CallerRate):
+    """The buckets in a file every process of a multi-process server maps: the kernel
+    spreads a caller's connections over the processes, and per process N of them would
+    admit N times the rate. Each admission takes the file's lock (fcntl, microseconds).
+
+    The file holds SLOTS buckets, each an identity's 16-byte digest, its tokens and when
+    they were counted (CLOCK_MONOTONIC, one clock for every process of the machine); an
+    identity past a full table keeps a bucket in its process, as CallerRate does.
+    """
+
+    SLOTS = 4096
+    _SLOT = struct.Struct("<16sdd")
+
+    def __init__(self, path: Path, rate: float, burst: int, create: bool) -> None:
+        super().__init__(rate, burst)
+        size = self.SLOTS * self._SLOT.size
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_TRUNC if create else 0)
+        self._fd = os.open(path, flags, 0o600)
+        if create:
+            os.ftruncate(self._fd, size)
+        self._map = mmap.mmap(self._fd, size)
+
+    def admit(self, identity: str) -> bool:
+        if self.rate <= 0:
+            return True
+        digest = hashlib.blake2b(identity.encode(), digest_size=16).digest()
+        with self._lock:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX)
+            try:
+                now = self.clock()
+                offset = self._slot_of(digest)
+                if offset is None:
+                    return self._admit_here(identity, now)
+                held, tokens, then = self._SLOT.unpack_from(self._map, offset)
+                if held != digest:
+                    tokens, then = self.burst, now
+                admitted, left = self._take(tokens, then, now)
+                self._SLOT.pack_into(self._map, offset, digest, left, now)
+                return admitted
+            finally:
+                fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+    def _slot_of(self, digest: bytes) -> int | None:
+        """The offset of the identity's slot, or of the free slot it takes (open
+        addressing); None when the table is full."""
+        first = int.from_bytes(digest[:8], "little") % self.SLOTS
+        for step in range(self.SLOTS):
+            offset = (first + step) % self.SLOTS * self._SLOT.size
+            held = self._map[offset:offset + 16]
+            if held == digest or held == bytes(16):
+                return offset
+        return None
+
+    def _admit_here(self, identity: str, now: float) -> bool:
+        tokens, then = self._buckets.get(identity, (self.burst, now))
+        admitted, left = self._take(tokens, then, now)
+        self._buckets[identity] = (left, now)
+        return admitted
+
+    def close(self) -> None:
+        self._map.close()
+        os.close(self._fd)

@@ -12,6 +12,7 @@ CHECKPOINT_FILE = "index.ckpt"  # the index checkpoint
 REBUILD_FILE = "index.ckpt.rebuild"  # a live rebuild's index until it is swapped in
 LOCK_FILE = "dedup.lock"  # held by the process that has the directory open for writing
 FORWARD_SOCKET = "forward.sock"  # `serve --processes N`: the primary's socket for replicas
+CHECK_RATES_FILE = "check-rates"  # `serve --processes N`: the desks' check rates, shared
 
 
 def store_dir(data_dir: Path) -> Path:
