@@ -60,7 +60,7 @@ from dedup.ops.migrate import STATE_FILE
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from harness import run_threads
-from milvus_server import MilvusServer
+from milvus_server import MilvusServer, drop_prefix
 from processes import ServerProcess
 
 RESULTS = Path(__file__).parent / "results"
@@ -295,17 +295,8 @@ def drop_collections(setup: Setup) -> None:
     """Drops what an earlier run left under the configuration's prefix (--milvus-uri):
     every configuration starts on empty collections, built with its own index."""
     prefix = prefix_of(setup)
-    if not setup.milvus_uri or prefix is None:
-        return
-    from pymilvus import MilvusClient
-
-    client = MilvusClient(uri=setup.milvus_uri)
-    try:
-        for name in client.list_collections():
-            if name.startswith(f"{prefix}_"):
-                client.drop_collection(name)
-    finally:
-        client.close()
+    if setup.milvus_uri and prefix is not None:
+        drop_prefix(setup.milvus_uri, prefix)
 
 
 @dataclass(frozen=True)

@@ -143,15 +143,9 @@ def milvus_on_server(server: Any) -> MilvusConfig:
 
 def drop_collections(config: MilvusConfig) -> None:
     """Drops the collections under `config.prefix` (a test's, on the session server)."""
-    from pymilvus import MilvusClient
+    from milvus_server import drop_prefix
 
-    client = MilvusClient(uri=config.uri)
-    try:
-        for name in client.list_collections():
-            if name.startswith(f"{config.prefix}_"):
-                client.drop_collection(name)
-    finally:
-        client.close()
+    drop_prefix(config.uri, config.prefix)
 
 
 @pytest.fixture

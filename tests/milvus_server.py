@@ -79,6 +79,19 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def drop_prefix(uri: str, prefix: str) -> None:
+    """Drops the collections under `prefix` on the Milvus at `uri`."""
+    from pymilvus import MilvusClient
+
+    client = MilvusClient(uri=uri)
+    try:
+        for name in client.list_collections():
+            if name.startswith(f"{prefix}_"):
+                client.drop_collection(name)
+    finally:
+        client.close()
+
+
 def alive(pid: int) -> bool:
     """Whether a process `pid` exists (and is not a zombie)."""
     try:

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -234,11 +236,35 @@ def test_an_abandoned_claim_holds_until_it_expires(make_server, faces, tmp_path)
     dead.close(checkpoint=False)
 
 
-def _migrate(source: Path, target: MilvusConfig) -> subprocess.CompletedProcess[str]:
+def _migrate(source: Path, target: MilvusConfig, *options: str
+             ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "dedup", "migrate", "--from",
                            str(source), "--to", target.uri, "--milvus-prefix", target.prefix,
-                           "--batch", "64", "--sample", "40"],
+                           *options],
                           capture_output=True, text=True, timeout=300)
+
+
+def _ivf_options(nlist: int, nprobe: int) -> list[str]:
+    return ["--milvus-index-type", "IVF_FLAT", "--milvus-index-params",
+            json.dumps({"nlist": nlist}), "--milvus-search-params", json.dumps({"nprobe": nprobe})]
+
+
+@contextmanager
+def _unmade_target(tmp_path: Path, to: str, request: pytest.FixtureRequest
+                   ) -> Iterator[MilvusConfig]:
+    """A Milvus Lite file, or a prefix on the session server whose collections are not made
+    ahead (so that migrate creates them with its index); released or dropped afterwards."""
+    pooled = MilvusConfig(uri=str(tmp_path / "migrated.db"), flush_interval_s=0.5) \
+        if to == "lite" else milvus_on_server(request.getfixturevalue("milvus_server"))
+    target = dataclasses.replace(pooled, prefix=f"{pooled.prefix}ivf")
+    try:
+        yield target
+    finally:
+        if to == "lite":
+            release_milvus_lite(Path(target.uri))
+        else:
+            drop_collections(target)
+            drop_collections(pooled)
 
 
 @pytest.mark.parametrize("backend", ["embedded"])
@@ -258,14 +284,14 @@ def test_migrate_copies_verifies_and_resumes(make_server, faces, tmp_path, to, r
     target = MilvusConfig(uri=str(tmp_path / "migrated.db"), flush_interval_s=0.5) \
         if to == "lite" else milvus_on_server(request.getfixturevalue("milvus_server"))
 
-    first = _migrate(source.data_dir, target)
+    first = _migrate(source.data_dir, target, "--batch", "64", "--sample", "40")
     assert first.returncode == 0, first.stderr
     assert "copied 301 registrations, 1 audit records" in first.stdout
     assert "store 301 registrations, Milvus 301; 40/40 sampled" in first.stdout
     state = source.data_dir / "milvus-migration.json"
     saved = json.loads(state.read_text())
     state.write_text(json.dumps(saved | {"last_key": 150}))  # as if cut off after key 150
-    resumed = _migrate(source.data_dir, target)
+    resumed = _migrate(source.data_dir, target, "--batch", "64", "--sample", "40")
     assert resumed.returncode == 0, resumed.stderr
     assert "copied 151 registrations (resumed after key 150)" in resumed.stdout
     assert "Milvus 301" in resumed.stdout and "verified" in resumed.stdout
@@ -295,22 +321,15 @@ def test_migrate_builds_the_index_asked_and_nodes_of_another_are_refused(
     for i, person in enumerate(faces.persons(40)):
         enroll(source.stub, f"r{i}", f"ID{i}", person)
     source.stop()
-    pooled = MilvusConfig(uri=str(tmp_path / "migrated.db"), flush_interval_s=0.5) \
-        if to == "lite" else milvus_on_server(request.getfixturevalue("milvus_server"))
-    target = dataclasses.replace(pooled, prefix=f"{pooled.prefix}ivf")  # none made ahead
     ivf = {"index_type": "IVF_FLAT", "index_params": {"nlist": 16},
-           "search_params": {"nprobe": 16}}
-    migrated = subprocess.run(
-        [sys.executable, "-m", "dedup", "migrate", "--from", str(source.data_dir), "--to",
-         target.uri, "--milvus-prefix", target.prefix, "--milvus-index-type", "IVF_FLAT",
-         "--milvus-index-params", '{"nlist": 16}', "--milvus-search-params", '{"nprobe": 1}',
-         "--sample", "10"], capture_output=True, text=True, timeout=300)
-    assert migrated.returncode == 0, migrated.stderr
-    assert "10/10 sampled searches found their own registration first (IVF_FLAT is " \
-        "approximate" in migrated.stdout
+           "search_params": {"nprobe": 1}}
     refused = [("type IVF_FLAT (this node: FLAT)", {}),
                ("nlist 16 (this node: 32)", ivf | {"index_params": {"nlist": 32}})]
-    try:
+    with _unmade_target(tmp_path, to, request) as target:
+        migrated = _migrate(source.data_dir, target, *_ivf_options(16, 1), "--sample", "10")
+        assert migrated.returncode == 0, migrated.stderr
+        assert "10/10 sampled searches found their own registration first (IVF_FLAT is " \
+            "approximate" in migrated.stdout
         for message, index in refused:
             with pytest.raises(StoreError, match=re.escape(message)):
                 MilvusGallery(dataclasses.replace(target, **index), "model-x",
@@ -321,12 +340,6 @@ def test_migrate_builds_the_index_asked_and_nodes_of_another_are_refused(
                                 background=False)
         assert gallery.stats().registrations == 40
         gallery.close(checkpoint=False)
-    finally:
-        if to == "lite":
-            release_milvus_lite(Path(target.uri))
-        else:
-            drop_collections(target)
-            drop_collections(pooled)
 
 
 @pytest.mark.parametrize("to", ["lite", pytest.param("server", marks=pytest.mark.milvus_server)])
@@ -342,23 +355,10 @@ def test_migrate_into_an_approximate_index_verifies_each_sample_finds_itself(
                                str(folder / "strangers.npy"), "--data-dir", str(data_dir)],
                               capture_output=True, text=True, timeout=300)
     assert imported.returncode == 0, imported.stderr
-    pooled = MilvusConfig(uri=str(tmp_path / "migrated.db")) if to == "lite" \
-        else milvus_on_server(request.getfixturevalue("milvus_server"))
-    target = dataclasses.replace(pooled, prefix=f"{pooled.prefix}ivf")
-    try:
-        migrated = subprocess.run(
-            [sys.executable, "-m", "dedup", "migrate", "--from", str(data_dir), "--to",
-             target.uri, "--milvus-prefix", target.prefix, "--milvus-index-type", "IVF_FLAT",
-             "--milvus-index-params", '{"nlist": 64}', "--milvus-search-params",
-             '{"nprobe": 1}', "--sample", "20"], capture_output=True, text=True, timeout=300)
+    with _unmade_target(tmp_path, to, request) as target:
+        migrated = _migrate(data_dir, target, *_ivf_options(64, 1), "--sample", "20")
         assert migrated.returncode == 0, migrated.stdout + migrated.stderr
         assert "20/20 sampled searches found their own registration first" in migrated.stdout
-    finally:
-        if to == "lite":
-            release_milvus_lite(Path(target.uri))
-        else:
-            drop_collections(target)
-            drop_collections(pooled)
 
 
 def test_an_index_of_another_metric_or_parameters_is_named_and_autoindex_passes():

@@ -33,11 +33,14 @@ class CallerRate:
         """Takes one call from the caller's bucket; False when it is empty."""
         if self.rate <= 0:
             return True
-        now = self.clock()
         with self._lock:
-            tokens, then = self._buckets.get(identity, (self.burst, now))
-            admitted, left = self._take(tokens, then, now)
-            self._buckets[identity] = (left, now)
+            return self._admit_here(identity, self.clock())
+
+    def _admit_here(self, identity: str, now: float) -> bool:
+        """Takes one call from this process's bucket of the caller (the lock held)."""
+        tokens, then = self._buckets.get(identity, (self.burst, now))
+        admitted, left = self._take(tokens, then, now)
+        self._buckets[identity] = (left, now)
         return admitted
 
     def _take(self, tokens: float, then: float, now: float) -> tuple[bool, float]:
@@ -99,12 +102,6 @@ class SharedCallerRate(CallerRate):
             if held == digest or held == bytes(16):
                 return offset
         return None
-
-    def _admit_here(self, identity: str, now: float) -> bool:
-        tokens, then = self._buckets.get(identity, (self.burst, now))
-        admitted, left = self._take(tokens, then, now)
-        self._buckets[identity] = (left, now)
-        return admitted
 
     def close(self) -> None:
         self._map.close()

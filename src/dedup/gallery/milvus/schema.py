@@ -118,9 +118,7 @@ def _index_differences(described: dict[str, Any], config: MilvusConfig) -> list[
     the description names (Milvus Lite and 2.3 keep them under "params", a server may also
     list them beside the type)."""
     built = dict(described)
-    nested = built.pop("params", None)
-    if isinstance(nested, str) and isinstance(_as_json(nested), dict):
-        nested = json.loads(nested)
+    nested = _loaded(built.pop("params", None))
     if isinstance(nested, dict):
         built |= nested
     differing = [f"{key} {built[key]} (this node: {value})"
@@ -135,14 +133,20 @@ def _index_differences(described: dict[str, Any], config: MilvusConfig) -> list[
     return differing
 
 
+def _loaded(value: Any) -> Any:
+    """A string as the JSON it holds, if it holds JSON; anything else as it is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
 def _as_json(value: Any) -> Any:
     """A described value as the JSON it holds ("16" -> 16.0, '{"a": 1}' -> {"a": 1.0}), so
     that a server's strings compare equal to the numbers a node was given."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            return value
+    value = _loaded(value)
     if isinstance(value, bool) or not isinstance(value, int | float | dict | list):
         return value
     if isinstance(value, dict):
