@@ -13,7 +13,9 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import lmdb
 import numpy as np
@@ -24,6 +26,7 @@ from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup.face.model_pack import default_pack_dir, model_id_for
 
 HEADER, SLOT = 4096, 2048
+_T = TypeVar("_T")
 FORMAT_1 = ("builds an LMDB store of the embedded backend's old format and upgrades it")
 
 
@@ -70,23 +73,29 @@ def write_format_1(data_dir: Path, people: np.ndarray, erased: list[int]) -> Non
     env.close()
 
 
+def read_store(data_dir: Path, work: Callable[[lmdb.Environment, lmdb.Transaction], _T]) -> _T:
+    """`work` in a read transaction of the store; opened again when a running `dedup upgrade`
+    grew the map between the open and the transaction (MDB_MAP_RESIZED)."""
+    while True:
+        env = lmdb.open(str(data_dir / "store"), readonly=True, lock=False, max_dbs=16)
+        try:
+            with env.begin() as txn:
+                return work(env, txn)
+        except lmdb.MapResizedError:
+            continue
+        finally:
+            env.close()
+
+
 def database_names(data_dir: Path) -> set[str]:
-    env = lmdb.open(str(data_dir / "store"), readonly=True, lock=False, max_dbs=16)
-    try:
-        with env.begin() as txn:
-            return {bytes(key).decode() for key, _ in txn.cursor()}
-    finally:
-        env.close()
+    return read_store(data_dir, lambda env, txn: {bytes(key).decode() for key, _ in txn.cursor()})
 
 
 def meta(data_dir: Path, name: bytes) -> int | None:
-    env = lmdb.open(str(data_dir / "store"), readonly=True, lock=False, max_dbs=16)
-    try:
-        with env.begin() as txn:
-            raw = txn.get(name, db=env.open_db(b"meta", txn=txn, create=False))
-            return None if raw is None else int(struct.unpack(">Q", raw)[0])
-    finally:
-        env.close()
+    def value(env: lmdb.Environment, txn: lmdb.Transaction) -> int | None:
+        raw = txn.get(name, db=env.open_db(b"meta", txn=txn, create=False))
+        return None if raw is None else int(struct.unpack(">Q", raw)[0])
+    return read_store(data_dir, value)
 
 
 def dedup(*args: str) -> subprocess.CompletedProcess[str]:
