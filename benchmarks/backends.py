@@ -145,9 +145,10 @@ def preload(setup: Setup, work: Path, preloaded: Path) -> None:
     else:
         (preloaded / STATE_FILE).unlink(missing_ok=True)  # another configuration's copy
         subprocess.run([sys.executable, "-m", "dedup", "migrate", "--from", str(preloaded),
-                        "--to", uri, "--milvus-prefix", str(prefix_of(setup)),
-                        *[part for name in ("--milvus-index-type", "--milvus-index-params",
-                                            "--milvus-search-params")
+                        "--to", uri,
+                        *[part for name in ("--milvus-prefix", "--milvus-index-type",
+                                            "--milvus-index-params", "--milvus-search-params")
+                          if option(setup, name) is not None
                           for part in (name, str(option(setup, name)))],
                         "--batch", "10000", "--sample", "10"], check=True,
                        stdout=subprocess.DEVNULL)
@@ -317,6 +318,10 @@ def measure(setup: Setup, work: Path, load: Workload, clients: int,
     with started_nodes(setup, work) as nodes:
         ports, scraped = [n.port for n in nodes], [metrics_port(n) for n in nodes]
         stubs = [pb_grpc.FaceDedupStub(grpc.insecure_channel(f"127.0.0.1:{p}")) for p in ports]
+        served = stubs[0].Stats(pb.StatsRequest(), timeout=120).registrations
+        if served != skip:
+            raise SystemExit(f"{setup.name}: the node serves {served:,} registrations, not "
+                             f"the {skip:,} preloaded")
         row: dict[str, float] = {}
         before = milvus_calls(scraped)
         streamed = load.registrations[skip:]

@@ -305,10 +305,25 @@ def test_migrate_copies_verifies_and_resumes(make_server, faces, tmp_path, to, r
         .msisdn == "+8613900000007"
     migrated.stop()
     assert [r["method"] for r in records(migrated)] == ["Investigate.Search"]
+
+    _made_anew(target)  # the state file's resume point no longer holds: copied from the start
+    again = _migrate(source.data_dir, target, "--batch", "64", "--sample", "40")
+    assert again.returncode == 0, again.stderr
+    assert "copied 301 registrations (from the start: the target no longer holds" in again.stdout
+    assert "Milvus 301" in again.stdout and "verified" in again.stdout
     if to == "lite":
         release_milvus_lite(Path(target.uri))
     else:
         drop_collections(target)
+
+
+def _made_anew(target: MilvusConfig) -> None:
+    """The target's collections dropped, as by an operator starting it over."""
+    if "://" not in target.uri:
+        release_milvus_lite(Path(target.uri))
+    drop_collections(target)
+    if "://" not in target.uri:
+        release_milvus_lite(Path(target.uri))
 
 
 @pytest.mark.parametrize("backend", ["embedded"])
@@ -382,6 +397,27 @@ def test_keys_with_quotes_and_backslashes_are_found_and_deleted(server, faces):
     deleted = server.stub.Delete(pb.DeleteRequest(id_number=tricky))
     assert list(deleted.registration_ids) == ['r"1\\']
     assert server.stub.Stats(pb.StatsRequest()).registrations == 1
+
+
+def test_a_node_on_a_new_prefix_beside_filled_ones_is_warned(tmp_path, caplog):
+    """A mistyped --milvus-prefix serves empty collections (CLEAR for everyone): the node
+    creating them says which prefixes this Milvus holds registrations under."""
+    lite = tmp_path / "milvus.db"
+    warned: list[list[str]] = []
+    try:
+        for prefix in ("carrier", "carrier", "carier"):
+            caplog.clear()
+            gallery = MilvusGallery(MilvusConfig(uri=str(lite), prefix=prefix), "model-x",
+                                    background=False)
+            gallery.close(checkpoint=False)
+            warned.append([r.getMessage() for r in caplog.records
+                           if r.levelname == "WARNING" and r.name == "dedup.milvus"])
+        assert warned[:2] == [[], []]  # the first prefix, made and opened again
+        assert len(warned[2]) == 1
+        assert "creating the empty collection carier_registrations" in warned[2][0]
+        assert "the prefix(es) carrier:" in warned[2][0]
+    finally:
+        release_milvus_lite(lite)
 
 
 def test_iteration_covers_every_registration_in_key_order(tmp_path, faces):

@@ -79,6 +79,9 @@ def migrate_command(args: argparse.Namespace) -> int:
     with _copy_progress() as start:
         report = migrate(args.source, config, args.batch, args.sample, start)
     resumed = f" (resumed after key {report.resumed_after})" if report.resumed_after else ""
+    if report.started_over:
+        resumed = (" (from the start: the target no longer holds what an earlier run copied "
+                   "there)")
     print(f"copied {report.copied:,} registrations{resumed}, {report.audit_records:,} audit "
           f"records and {report.adjudications:,} adjudications from {args.source} to "
           f"{args.target}")

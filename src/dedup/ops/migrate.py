@@ -2,10 +2,12 @@
 
 Registrations go over in key order, a batch at a time, under their LMDB keys as upserts: a
 batch copied twice is stored once. After each batch the last key copied is written to a
-state file, so an interrupted run resumes after it. Then the audit trail (as the chain
-"embedded:<data dir>", every record and hash unchanged) and the adjudications. Last, the
-copy is verified: Milvus holds exactly the store's registrations, and a sample of stored
-embeddings finds the same nearest registrations in both (exact top-k from the store).
+state file, so an interrupted run resumes after it (from the start when the target no
+longer holds what the earlier run copied there: dropped or made anew since). Then the audit
+trail (as the chain "embedded:<data dir>", every record and hash unchanged) and the
+adjudications. Last, the copy is verified: Milvus holds exactly the store's registrations,
+and a sample of stored embeddings finds the same nearest registrations in both (exact top-k
+from the store).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ Advance = Callable[[int], None]
 class Migration:
     copied: int
     resumed_after: int
+    started_over: bool  # the state file's target had lost an earlier run's copy
     audit_records: int
     adjudications: int
     store_registrations: int
@@ -86,14 +89,18 @@ def migrate(data_dir: Path, config: MilvusConfig, batch: int, sample: int,
         try:
             state_file = data_dir / STATE_FILE
             resumed = _resume_point(state_file, config)
+            done = _count_upto(store, resumed)
+            started_over = bool(resumed) and target.count_keys_upto(resumed) < done
+            if started_over:  # e.g. the target was dropped or made anew since
+                resumed, done = 0, 0
             copied = _copy_registrations(store, target, batch, resumed, state_file,
-                                         start(store.count(), _count_upto(store, resumed)))
+                                         start(store.count(), done))
             audit = target.import_audit(f"embedded:{data_dir.resolve()}",
                                         store.audit_records())
             adjudications = target.import_settlements(store.settlements())
             target.checkpoint()
             agreeing, sampled = _compare_samples(store, target, sample)
-            return Migration(copied, resumed, audit, adjudications, store.count(),
+            return Migration(copied, resumed, started_over, audit, adjudications, store.count(),
                              target.stats().registrations, sampled, agreeing)
         finally:
             target.close(checkpoint=False)

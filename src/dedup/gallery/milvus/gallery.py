@@ -142,6 +142,11 @@ class MilvusGallery:
                    np.asarray([entity["embedding"] for entity in page], np.float32))
 
     @unavailable
+    def count_keys_upto(self, last_key: int) -> int:
+        """Rows of any state keyed up to `last_key` (what a migration copied so far)."""
+        return self._rows.count(f"key <= {int(last_key)}")
+
+    @unavailable
     def comparable_count(self) -> int:
         return self._rows.count(self._rows.comparable())
 

@@ -163,6 +163,7 @@ def create_collections(client: Any, config: MilvusConfig, dimension: int,
 
     names = Collections.named(config.prefix)
     try:
+        _warn_of_other_prefixes(client, names)
         _create(client, names.registrations, _registration_schema(client, DataType, dimension),
                 "embedding", config.index_type, config.index_params, LOOKUP_FIELDS, version,
                 load=False)
@@ -174,6 +175,20 @@ def create_collections(client: Any, config: MilvusConfig, dimension: int,
         raise StoreError(f"milvus at {config.uri} ({version.name}): cannot create the "
                          f"collections ({error})") from error
     return names
+
+
+def _warn_of_other_prefixes(client: Any, names: Collections) -> None:
+    """A mistyped --milvus-prefix would serve empty collections beside the filled ones, and
+    answer CLEAR for everyone: said when the registrations are about to be created."""
+    if client.has_collection(names.registrations):
+        return
+    suffix = "_registrations"
+    others = sorted(name.removesuffix(suffix) for name in client.list_collections()
+                    if name.endswith(suffix) and name != names.registrations)
+    if others:
+        log.warning("creating the empty collection %s, while this Milvus holds the "
+                    "registrations of the prefix(es) %s: is --milvus-prefix meant?",
+                    names.registrations, ", ".join(others))
 
 
 def _create(client: Any, name: str, schema: Any, vector_field: str, index_type: str,
