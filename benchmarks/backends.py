@@ -254,8 +254,9 @@ def checks(ports: list[int], requests: list[pb.CheckRequest], clients: int
     def worker() -> Callable[[int], pb.CheckResponse]:
         with lock:
             port = ports[next(turn) % len(ports)]
-        stub = pb_grpc.FaceDedupStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-        stub.Stats(pb.StatsRequest(), timeout=120)  # connected before the clock starts
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(channel).result(timeout=120)  # connected before the clock
+        stub = pb_grpc.FaceDedupStub(channel)
         return lambda n: stub.Check(requests[n], timeout=120)
 
     stats, answers = run_threads(len(requests), clients, worker)
@@ -318,7 +319,7 @@ def measure(setup: Setup, work: Path, load: Workload, clients: int,
     with started_nodes(setup, work) as nodes:
         ports, scraped = [n.port for n in nodes], [metrics_port(n) for n in nodes]
         stubs = [pb_grpc.FaceDedupStub(grpc.insecure_channel(f"127.0.0.1:{p}")) for p in ports]
-        served = stubs[0].Stats(pb.StatsRequest(), timeout=120).registrations
+        served = stubs[0].Stats(pb.StatsRequest(), timeout=1800).registrations
         if served != skip:
             raise SystemExit(f"{setup.name}: the node serves {served:,} registrations, not "
                              f"the {skip:,} preloaded")

@@ -32,10 +32,10 @@ from trail import records
 
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
-from dedup.core.errors import StoreError
+from dedup.core.errors import BackendUnavailable, StoreError
 from dedup.core.records import Registration
 from dedup.core.settings import MilvusConfig
-from dedup.gallery.milvus import MilvusGallery
+from dedup.gallery.milvus import MilvusGallery, connection
 from dedup.gallery.milvus.schema import PENDING, _index_differences, _new_key, _now_us, _Row
 
 ROUNDS = 12
@@ -417,6 +417,52 @@ def test_a_node_on_a_new_prefix_beside_filled_ones_is_warned(tmp_path, caplog):
         assert "creating the empty collection carier_registrations" in warned[2][0]
         assert "the prefix(es) carrier:" in warned[2][0]
     finally:
+        release_milvus_lite(lite)
+
+
+def test_stats_at_once_share_one_scan_and_a_timed_out_call_is_unavailable(tmp_path, faces,
+                                                                            monkeypatch):
+    """Stats counts distinct ID numbers by a scan of the collection: callers at once share
+    computations and one scan (eight at once on 100,000 rows of Milvus Lite each ran past
+    the call's time limit). And a call past its time limit is UNAVAILABLE, not an internal
+    error: pymilvus lets grpc's DEADLINE_EXCEEDED out as it is."""
+    lite = tmp_path / "milvus.db"
+    gallery = MilvusGallery(MilvusConfig(uri=str(lite)), "model-x", background=False)
+    try:
+        gallery.insert_rows([(i + 1, Registration(f"r{i}", f"ID{i % 900}",
+                                                  embedding_model="model-x"), vector)
+                             for i, vector in enumerate(faces.persons(1_000))])
+        client = gallery._rows.client
+        before = client.calls_made
+        assert gallery.stats().distinct_id_numbers == 900
+        scanned_once = client.calls_made - before
+        before = client.calls_made
+        assert gallery.stats().distinct_id_numbers == 900
+        cached = client.calls_made - before
+
+        again = MilvusGallery(MilvusConfig(uri=str(lite)), "model-x", background=False)
+        try:
+            client = again._rows.client
+            before = client.calls_made
+            results: list[int] = []
+            threads = [threading.Thread(target=lambda: results.append(
+                again.stats().distinct_id_numbers)) for _ in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert results == [900] * 8
+            # One computation, and one more for those that arrived while it ran (or, where
+            # a thread came late, one of its own), over one scan: not eight scans.
+            assert client.calls_made - before <= scanned_once + 7 * cached
+
+            monkeypatch.setattr(connection, "CALL_TIMEOUT_S", 1e-6)
+            with pytest.raises(BackendUnavailable, match="DEADLINE_EXCEEDED"):
+                again.comparable_count()
+        finally:
+            again.close(checkpoint=False)
+    finally:
+        gallery.close(checkpoint=False)
         release_milvus_lite(lite)
 
 

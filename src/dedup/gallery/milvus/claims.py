@@ -45,7 +45,7 @@ from dedup.core.policy import Scored
 from dedup.core.records import CheckResult, Registration
 from dedup.core.vectors import Vector
 from dedup.gallery.base import EnrolmentCheck
-from dedup.gallery.milvus.connection import translated
+from dedup.gallery.milvus.connection import milvus_errors, translated
 from dedup.gallery.milvus.registrations import SESSION, STRONG, Registrations, nearest
 from dedup.gallery.milvus.schema import ACTIVE, PENDING, Row, new_key, now_us
 
@@ -118,13 +118,11 @@ class Claims:
                 if contested and not lost and not won:
                     self._wait_for(set().union(*waiting.values()), started, any_one=True)
         except BaseException as error:
-            from pymilvus.exceptions import MilvusException
-
             undecided = [claim.key for claim in claims if claim.key not in outcomes]
             for key in undecided:
                 self._remove_quietly(key)
             committed = sum(not isinstance(o, DedupError) for o in outcomes.values())
-            if isinstance(error, MilvusException):
+            if isinstance(error, milvus_errors()):
                 error = translated(error)
             elif not isinstance(error, DedupError):
                 if not committed:

@@ -117,8 +117,21 @@ def connect(config: MilvusConfig) -> Any:
 
 def translated(error: Exception) -> BackendUnavailable:
     """A Milvus error as the BackendUnavailable a caller gets."""
+    import grpc
+
+    if isinstance(error, grpc.Call):  # grpc's errors are Calls: code and details
+        return BackendUnavailable(f"milvus: {error.details()} (gRPC {error.code().name})")
     return BackendUnavailable(f"milvus: {getattr(error, 'message', error)} "
                               f"(code {getattr(error, 'code', '?')})")
+
+
+def milvus_errors() -> tuple[type[Exception], ...]:
+    """What a call to Milvus raises when Milvus fails it: pymilvus's errors, and gRPC's own
+    (a call past its time limit comes out of pymilvus as grpc's DEADLINE_EXCEEDED)."""
+    import grpc
+    from pymilvus.exceptions import MilvusException
+
+    return MilvusException, grpc.RpcError
 
 
 def unavailable(method: Callable[_P, _T]) -> Callable[_P, _T]:
@@ -127,22 +140,18 @@ def unavailable(method: Callable[_P, _T]) -> Callable[_P, _T]:
     if inspect.isgeneratorfunction(method):
         @functools.wraps(method)
         def iterate(*args: _P.args, **kwargs: _P.kwargs) -> Any:
-            from pymilvus.exceptions import MilvusException
-
             try:
                 yield from method(*args, **kwargs)
-            except MilvusException as error:
+            except milvus_errors() as error:
                 raise translated(error) from error
 
         return iterate
 
     @functools.wraps(method)
     def call(*args: _P.args, **kwargs: _P.kwargs) -> _T:
-        from pymilvus.exceptions import MilvusException
-
         try:
             return method(*args, **kwargs)
-        except MilvusException as error:
+        except milvus_errors() as error:
             raise translated(error) from error
 
     return call

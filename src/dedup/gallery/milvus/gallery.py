@@ -78,6 +78,7 @@ class MilvusGallery:
             raise
         self._rows = Registrations(self._client, self.collections.registrations, config,
                                    model_id)
+        self._stats = status.SharedStats(self._rows, self.dimension)
         self._claims = Claims(self._rows, self.server.orders_writes_by_timestamp)
         self._audit = AuditChain(self._client, self.collections.audit)
         self._adjudications = Adjudications(self._client, self.collections.adjudications)
@@ -152,7 +153,7 @@ class MilvusGallery:
 
     @unavailable
     def stats(self) -> GalleryStats:
-        return status.gallery_stats(self._rows, self.dimension)
+        return self._stats()
 
     @unavailable
     def index_status(self) -> IndexStatus:
