@@ -35,10 +35,20 @@ def run_threads(count: int, threads: int, worker: Callable[[], Callable[[int], T
     lock = threading.Lock()
     ready = threading.Barrier(threads + 1)
 
+    failures: list[BaseException] = []
+
     def run(index: int) -> None:
-        call = worker()
+        try:
+            call = worker()
+        except BaseException as error:  # the others, and the caller, must not wait for it
+            failures.append(error)
+            ready.abort()
+            return
         mine = []
-        ready.wait()
+        try:
+            ready.wait()
+        except threading.BrokenBarrierError:
+            return
         for n in range(index, count, threads):
             began = time.perf_counter()
             try:
@@ -53,7 +63,12 @@ def run_threads(count: int, threads: int, worker: Callable[[], Callable[[int], T
     pool = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
     for thread in pool:
         thread.start()
-    ready.wait()
+    try:
+        ready.wait()
+    except threading.BrokenBarrierError:
+        for thread in pool:
+            thread.join()
+        raise RuntimeError("a client thread could not start") from failures[0]
     started = time.perf_counter()
     for thread in pool:
         thread.join()
