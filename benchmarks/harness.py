@@ -28,7 +28,8 @@ def run_threads(count: int, threads: int, worker: Callable[[], Callable[[int], T
     """Items 0..count-1 spread over `threads` threads, each with its own `worker()` callable.
 
     Returns q/s, p50 and p99 of the calls that succeeded (an exception is kept as the item's
-    result and counted under "errors") and every item's result.
+    result and counted under "errors") and every item's result. A thread whose `worker()`
+    raises stops the run: RuntimeError, from that error.
     """
     results: list[T | BaseException | None] = [None] * count
     latencies: list[float] = []
@@ -81,8 +82,9 @@ def grpc_checks(port: int, requests: list[pb.CheckRequest], clients: int
                 ) -> tuple[dict[str, float], list[pb.CheckResponse | BaseException | None]]:
     """`clients` threads, each on its own channel, sending the Check requests."""
     def worker() -> Callable[[int], pb.CheckResponse]:
-        stub = pb_grpc.FaceDedupStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-        stub.Stats(pb.StatsRequest())  # connected before the clock starts
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(channel).result(timeout=120)  # connected before the clock
+        stub = pb_grpc.FaceDedupStub(channel)
         return lambda n: stub.Check(requests[n])
 
     return run_threads(len(requests), clients, worker)

@@ -49,8 +49,9 @@ class Client:
 
     def __init__(self, port: int, name: str, people: np.ndarray, id_numbers: list[str],
                  seed: int) -> None:
-        self.stub = pb_grpc.FaceDedupStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-        self.stub.Stats(pb.StatsRequest())  # connected before the clock starts
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(channel).result(timeout=120)  # connected before the clock
+        self.stub = pb_grpc.FaceDedupStub(channel)
         self.name = name
         self.people, self.id_numbers = people, id_numbers
         self.rng = np.random.default_rng(seed)

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -35,7 +35,7 @@ from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 from dedup.core.errors import BackendUnavailable, StoreError
 from dedup.core.records import Registration
 from dedup.core.settings import MilvusConfig
-from dedup.gallery.milvus import MilvusGallery, connection
+from dedup.gallery.milvus import MilvusGallery, connection, status
 from dedup.gallery.milvus.schema import PENDING, _index_differences, _new_key, _now_us, _Row
 
 ROUNDS = 12
@@ -283,7 +283,18 @@ def test_migrate_copies_verifies_and_resumes(make_server, faces, tmp_path, to, r
     source.stop()
     target = MilvusConfig(uri=str(tmp_path / "migrated.db"), flush_interval_s=0.5) \
         if to == "lite" else milvus_on_server(request.getfixturevalue("milvus_server"))
+    try:
+        _copy_resume_and_serve(make_server, source, target, probe, before)
+        _copy_again_or_refuse(source.data_dir, target)
+    finally:
+        if to == "lite":
+            release_milvus_lite(Path(target.uri))
+        else:
+            drop_collections(target)
 
+
+def _copy_resume_and_serve(make_server, source, target: MilvusConfig, probe: np.ndarray,
+                           before: pb.CheckResponse) -> None:
     first = _migrate(source.data_dir, target, "--batch", "64", "--sample", "40")
     assert first.returncode == 0, first.stderr
     assert "copied 301 registrations, 1 audit records" in first.stdout
@@ -306,24 +317,42 @@ def test_migrate_copies_verifies_and_resumes(make_server, faces, tmp_path, to, r
     migrated.stop()
     assert [r["method"] for r in records(migrated)] == ["Investigate.Search"]
 
-    _made_anew(target)  # the state file's resume point no longer holds: copied from the start
-    again = _migrate(source.data_dir, target, "--batch", "64", "--sample", "40")
+
+def _copy_again_or_refuse(data_dir: Path, target: MilvusConfig) -> None:
+    """A target made anew since the state file was written is copied from the start (it
+    failed verification on every run before); one missing part of the earlier copy (erased
+    there since?) is refused, not copied back."""
+    _in_target(target, lambda client, _: [  # as an operator starting the target over
+        client.drop_collection(name) for name in client.list_collections()
+        if name.startswith(f"{target.prefix}_")])
+    again = _migrate(data_dir, target, "--batch", "64", "--sample", "40")
     assert again.returncode == 0, again.stderr
-    assert "copied 301 registrations (from the start: the target no longer holds" in again.stdout
+    assert "copied 301 registrations (from the start: the target holds nothing" in again.stdout
     assert "Milvus 301" in again.stdout and "verified" in again.stdout
-    if to == "lite":
-        release_milvus_lite(Path(target.uri))
-    else:
-        drop_collections(target)
+
+    _in_target(target, lambda client, name: client.delete(name, ids=[5]))
+    refused = _migrate(data_dir, target, "--batch", "64", "--sample", "40")
+    assert refused.returncode == 1
+    assert "the target holds 300 of the 301 registrations an earlier run copied" in \
+        refused.stderr
 
 
-def _made_anew(target: MilvusConfig) -> None:
-    """The target's collections dropped, as by an operator starting it over."""
-    if "://" not in target.uri:
+def _in_target(target: MilvusConfig, change: Callable[[Any, str], object]) -> None:
+    """`change(client, collection)` on the target's registrations, as an operator would."""
+    from pymilvus import MilvusClient
+
+    lite = "://" not in target.uri
+    if lite:
         release_milvus_lite(Path(target.uri))
-    drop_collections(target)
-    if "://" not in target.uri:
-        release_milvus_lite(Path(target.uri))
+    client = MilvusClient(uri=target.uri)
+    try:
+        name = f"{target.prefix}_registrations"
+        client.load_collection(name)
+        change(client, name)
+    finally:
+        client.close()
+        if lite:
+            release_milvus_lite(Path(target.uri))
 
 
 @pytest.mark.parametrize("backend", ["embedded"])
@@ -420,14 +449,50 @@ def test_a_node_on_a_new_prefix_beside_filled_ones_is_warned(tmp_path, caplog):
         release_milvus_lite(lite)
 
 
-def test_stats_at_once_share_one_scan_and_a_timed_out_call_is_unavailable(tmp_path, faces,
-                                                                            monkeypatch):
+def _stats_at_once(gallery: MilvusGallery, monkeypatch: pytest.MonkeyPatch, callers: int = 8
+                   ) -> tuple[list[object], int]:
+    """Stats from `callers` threads, all of them arrived while the first computation runs:
+    each one's figures or error, and how many computations ran."""
+    real, computations = status.gallery_stats, []
+    first_may_end, arrived = threading.Event(), threading.Semaphore(0)
+
+    def held(*args: Any) -> Any:
+        computations.append(args)
+        if len(computations) == 1:
+            first_may_end.wait(30)
+        return real(*args)
+
+    def call() -> None:
+        arrived.release()
+        try:
+            outcomes.append(gallery.stats())
+        except Exception as error:
+            outcomes.append(error)
+
+    monkeypatch.setattr(status, "gallery_stats", held)
+    outcomes: list[object] = []
+    threads = [threading.Thread(target=call) for _ in range(callers)]
+    for thread in threads:
+        thread.start()
+    for _ in threads:
+        arrived.acquire(timeout=30)
+    time.sleep(0.2)  # each is past its first line, waiting for the computation
+    first_may_end.set()
+    for thread in threads:
+        thread.join(60)
+    monkeypatch.setattr(status, "gallery_stats", real)
+    return outcomes, len(computations)
+
+
+def test_stats_at_once_share_computations_and_failures(tmp_path, faces, monkeypatch):
     """Stats counts distinct ID numbers by a scan of the collection: callers at once share
-    computations and one scan (eight at once on 100,000 rows of Milvus Lite each ran past
-    the call's time limit). And a call past its time limit is UNAVAILABLE, not an internal
-    error: pymilvus lets grpc's DEADLINE_EXCEEDED out as it is."""
+    computations, and their failures (eight at once on 100,000 rows of Milvus Lite each ran
+    past the call's time limit; a failure each waiter then repeated would queue them). And
+    a call past its time limit is UNAVAILABLE, not an internal error: pymilvus lets grpc's
+    DEADLINE_EXCEEDED out as it is."""
     lite = tmp_path / "milvus.db"
     gallery = MilvusGallery(MilvusConfig(uri=str(lite)), "model-x", background=False)
+    again = None
     try:
         gallery.insert_rows([(i + 1, Registration(f"r{i}", f"ID{i % 900}",
                                                   embedding_model="model-x"), vector)
@@ -435,33 +500,27 @@ def test_stats_at_once_share_one_scan_and_a_timed_out_call_is_unavailable(tmp_pa
         client = gallery._rows.client
         before = client.calls_made
         assert gallery.stats().distinct_id_numbers == 900
-        scanned_once = client.calls_made - before
-        before = client.calls_made
+        scanned_once, before = client.calls_made - before, client.calls_made
         assert gallery.stats().distinct_id_numbers == 900
         cached = client.calls_made - before
 
         again = MilvusGallery(MilvusConfig(uri=str(lite)), "model-x", background=False)
-        try:
-            client = again._rows.client
-            before = client.calls_made
-            results: list[int] = []
-            threads = [threading.Thread(target=lambda: results.append(
-                again.stats().distinct_id_numbers)) for _ in range(8)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            assert results == [900] * 8
-            # One computation, and one more for those that arrived while it ran (or, where
-            # a thread came late, one of its own), over one scan: not eight scans.
-            assert client.calls_made - before <= scanned_once + 7 * cached
+        before = again._rows.client.calls_made
+        outcomes, computations = _stats_at_once(again, monkeypatch)
+        assert [getattr(o, "distinct_id_numbers", o) for o in outcomes] == [900] * 8
+        # The first caller's, and one for the seven that arrived while it ran.
+        assert computations == 2
+        assert again._rows.client.calls_made - before == scanned_once + cached
 
-            monkeypatch.setattr(connection, "CALL_TIMEOUT_S", 1e-6)
-            with pytest.raises(BackendUnavailable, match="DEADLINE_EXCEEDED"):
-                again.comparable_count()
-        finally:
-            again.close(checkpoint=False)
+        monkeypatch.setattr(connection, "CALL_TIMEOUT_S", 1e-6)
+        with pytest.raises(BackendUnavailable, match="DEADLINE_EXCEEDED"):
+            again.comparable_count()
+        outcomes, computations = _stats_at_once(again, monkeypatch)
+        assert computations == 2
+        assert all(isinstance(o, BackendUnavailable) for o in outcomes), outcomes
     finally:
+        if again is not None:
+            again.close(checkpoint=False)
         gallery.close(checkpoint=False)
         release_milvus_lite(lite)
 

@@ -76,15 +76,16 @@ def write_format_1(data_dir: Path, people: np.ndarray, erased: list[int]) -> Non
 def read_store(data_dir: Path, work: Callable[[lmdb.Environment, lmdb.Transaction], _T]) -> _T:
     """`work` in a read transaction of the store; opened again when a running `dedup upgrade`
     grew the map between the open and the transaction (MDB_MAP_RESIZED)."""
-    while True:
+    for _ in range(9):
         env = lmdb.open(str(data_dir / "store"), readonly=True, lock=False, max_dbs=16)
         try:
             with env.begin() as txn:
                 return work(env, txn)
         except lmdb.MapResizedError:
-            continue
+            time.sleep(0.01)
         finally:
             env.close()
+    raise AssertionError("the store's map grew under every one of 9 reads")
 
 
 def database_names(data_dir: Path) -> set[str]:

@@ -8,11 +8,14 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dedup.cli.serve import add_milvus_index_arguments, milvus_index_json
 from dedup.cli.subcommand import Subcommands, add_subcommand
 from dedup.core.settings import MilvusConfig, milvus_token
+
+if TYPE_CHECKING:
+    from dedup.ops.migrate import Migration
 
 # How migrate reports progress: start(total, already done) -> advance(count copied).
 ProgressStart = Callable[[int, int], Callable[[int], None]]
@@ -67,6 +70,14 @@ def _copy_progress() -> Iterator[ProgressStart]:
             bar.close()
 
 
+def _what_differs(report: Migration) -> str:
+    if report.milvus_registrations > report.store_registrations:
+        return ("Milvus holds more than the store: erased from the store since they were "
+                "copied? Drop the prefix's collections, delete the state file "
+                "milvus-migration.json in the data directory, and migrate again")
+    return "was the source written meanwhile? run again to copy what is missing"
+
+
 def migrate_command(args: argparse.Namespace) -> int:
     from dedup.ops.migrate import migrate, top_k
 
@@ -78,10 +89,11 @@ def migrate_command(args: argparse.Namespace) -> int:
                           index_params=index_params, search_params=search_params)
     with _copy_progress() as start:
         report = migrate(args.source, config, args.batch, args.sample, start)
-    resumed = f" (resumed after key {report.resumed_after})" if report.resumed_after else ""
+    resumed = ""
     if report.started_over:
-        resumed = (" (from the start: the target no longer holds what an earlier run copied "
-                   "there)")
+        resumed = " (from the start: the target holds nothing an earlier run copied there)"
+    elif report.resumed_after:
+        resumed = f" (resumed after key {report.resumed_after})"
     print(f"copied {report.copied:,} registrations{resumed}, {report.audit_records:,} audit "
           f"records and {report.adjudications:,} adjudications from {args.source} to "
           f"{args.target}")
@@ -92,8 +104,8 @@ def migrate_command(args: argparse.Namespace) -> int:
           f"{report.milvus_registrations:,}; {report.sample_agreeing}/{report.sampled} sampled "
           f"searches found {compared}")
     if not report.verified:
-        print("VERIFICATION FAILED: the copy differs (was the source written meanwhile? run "
-              "again to copy what is missing)", file=sys.stderr)
+        print(f"VERIFICATION FAILED: the copy differs ({_what_differs(report)})",
+              file=sys.stderr)
         return 1
     print("verified")
     return 0

@@ -2,8 +2,8 @@
 
 Registrations go over in key order, a batch at a time, under their LMDB keys as upserts: a
 batch copied twice is stored once. After each batch the last key copied is written to a
-state file, so an interrupted run resumes after it (from the start when the target no
-longer holds what the earlier run copied there: dropped or made anew since). Then the audit
+state file, so an interrupted run resumes after it (from the start when the target holds
+nothing of what the earlier run copied there: dropped or made anew since). Then the audit
 trail (as the chain "embedded:<data dir>", every record and hash unchanged) and the
 adjudications. Last, the copy is verified: Milvus holds exactly the store's registrations,
 and a sample of stored embeddings finds the same nearest registrations in both (exact top-k
@@ -90,8 +90,9 @@ def migrate(data_dir: Path, config: MilvusConfig, batch: int, sample: int,
             state_file = data_dir / STATE_FILE
             resumed = _resume_point(state_file, config)
             done = _count_upto(store, resumed)
-            started_over = bool(resumed) and target.count_keys_upto(resumed) < done
-            if started_over:  # e.g. the target was dropped or made anew since
+            started_over = bool(resumed) and _earlier_copy_gone(target, resumed, done,
+                                                                state_file)
+            if started_over:
                 resumed, done = 0, 0
             copied = _copy_registrations(store, target, batch, resumed, state_file,
                                          start(store.count(), done))
@@ -106,6 +107,22 @@ def migrate(data_dir: Path, config: MilvusConfig, batch: int, sample: int,
             target.close(checkpoint=False)
     finally:
         store.close()
+
+
+def _earlier_copy_gone(target: MilvusGallery, last_key: int, copied: int,
+                       state_file: Path) -> bool:
+    """Whether the target holds nothing of what an earlier run copied there (dropped or made
+    anew since: copy from the start). Holding only part of it is refused: registrations
+    erased there since would be copied back."""
+    held = target.count_keys_upto(last_key)
+    if held == 0:
+        return True
+    if held < copied:
+        raise StoreError(
+            f"the target holds {held:,} of the {copied:,} registrations an earlier run copied "
+            f"there (up to key {last_key}): erased there since, or partly dropped? To copy "
+            f"everything again, erased ones too, delete {state_file} and run again")
+    return False
 
 
 def _count_upto(store: Store, last_key: int) -> int:

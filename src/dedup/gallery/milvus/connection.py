@@ -115,12 +115,21 @@ def connect(config: MilvusConfig) -> Any:
         raise StoreError(f"cannot connect to Milvus at {config.uri}: {error}") from error
 
 
-def translated(error: Exception) -> BackendUnavailable:
-    """A Milvus error as the BackendUnavailable a caller gets."""
+# gRPC codes that pymilvus lets out unretried and that a retry may clear; the others
+# (PERMISSION_DENIED, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...) would fail again.
+TRANSIENT_GRPC_CODES = frozenset({"DEADLINE_EXCEEDED", "UNAVAILABLE", "CANCELLED"})
+
+
+def translated(error: Exception) -> BackendUnavailable | StoreError:
+    """A Milvus error as the BackendUnavailable a caller gets (retry), or as a StoreError
+    where Milvus refused the call for good."""
     import grpc
 
     if isinstance(error, grpc.Call):  # grpc's errors are Calls: code and details
-        return BackendUnavailable(f"milvus: {error.details()} (gRPC {error.code().name})")
+        code = error.code().name
+        message = f"milvus: {error.details() or 'no details'} (gRPC {code})"
+        return BackendUnavailable(message) if code in TRANSIENT_GRPC_CODES \
+            else StoreError(message)
     return BackendUnavailable(f"milvus: {getattr(error, 'message', error)} "
                               f"(code {getattr(error, 'code', '?')})")
 

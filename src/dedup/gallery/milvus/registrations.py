@@ -4,7 +4,6 @@ verdict scores are exact, counts, writes, and what is not flushed yet."""
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -42,7 +41,7 @@ class Registrations:
         self.shape = row_shape(client, collection)
         self.wrote_at: float | None = None  # monotonic time of the first unflushed write
         self._distinct: tuple[float, int, dict[str, int]] | None = None
-        self._scanning = threading.Lock()
+        self._active_writes = 0  # writes that changed the counts of registrations
 
     # -- filters ---------------------------------------------------------------------
 
@@ -136,23 +135,12 @@ class Registrations:
 
     def distinct(self) -> tuple[int, dict[str, int]]:
         """Distinct ID numbers and registrations per model: Milvus cannot count distinct
-        values, so one scan of two columns, reused for STATS_TTL_S. Callers meanwhile wait
-        for that scan rather than each making its own (eight at once on 100,000 rows of
-        Milvus Lite each outlasted a call's time limit)."""
-        if (fresh := self._fresh_distinct()) is not None:
-            return fresh
-        with self._scanning:
-            if (fresh := self._fresh_distinct()) is not None:
-                return fresh
-            return self._scan_distinct()
-
-    def _fresh_distinct(self) -> tuple[int, dict[str, int]] | None:
+        values, so one scan of two columns, reused for STATS_TTL_S or until this node
+        writes a registration. A scan that a write of this node overlapped is not kept."""
         cached = self._distinct
         if cached is not None and time.monotonic() - cached[0] < STATS_TTL_S:
             return cached[1], cached[2]
-        return None
-
-    def _scan_distinct(self) -> tuple[int, dict[str, int]]:
+        writes = self._active_writes
         id_numbers: set[str] = set()
         by_model: dict[str, int] = {}
         for page in self.pages(self.live(), ["id_number", "embedding_model"], 10_000):
@@ -160,7 +148,8 @@ class Registrations:
                 id_numbers.add(entity["id_number"])
                 model = entity["embedding_model"]
                 by_model[model] = by_model.get(model, 0) + 1
-        self._distinct = (time.monotonic(), len(id_numbers), by_model)
+        if writes == self._active_writes:
+            self._distinct = (time.monotonic(), len(id_numbers), by_model)
         return len(id_numbers), by_model
 
     # -- writes ----------------------------------------------------------------------
@@ -200,6 +189,7 @@ class Registrations:
         if self.wrote_at is None:
             self.wrote_at = time.monotonic()
         if active:  # the counts of registrations changed
+            self._active_writes += 1
             self._distinct = None
 
     def flush(self) -> None:

@@ -12,26 +12,32 @@ from dedup.gallery.milvus.schema import PENDING
 
 
 class SharedStats:
-    """Stats for callers at once: each takes the figures of a computation that began after
-    it arrived, waiting for one if need be, so callers at once cost one or two computations,
-    never one each. (On Milvus Lite a filtered count of 100,000 rows takes seconds: eight
-    Stats at once each ran past Milvus's call time limit.)"""
+    """Stats for callers at once: each takes the outcome (figures, or the error) of a
+    computation that began after it arrived, waiting for one if need be, so callers at once
+    cost one or two computations, never one each. (On Milvus Lite a filtered count of
+    100,000 rows takes seconds: eight Stats at once each ran past Milvus's call time limit.)
+    The distinct ID numbers within come from Registrations.distinct's cache."""
 
     def __init__(self, rows: Registrations, dimension: int) -> None:
         self._rows, self._dimension = rows, dimension
         self._computing = threading.Lock()
-        self._last: tuple[int, GalleryStats] | None = None  # began at (ns), figures
+        self._last: tuple[int, GalleryStats | Exception] | None = None  # began at (ns)
 
     def __call__(self) -> GalleryStats:
         arrived = time.monotonic_ns()
         with self._computing:
             last = self._last
-            if last is not None and last[0] > arrived:
-                return last[1]
-            began = time.monotonic_ns()
-            figures = gallery_stats(self._rows, self._dimension)
-            self._last = (began, figures)
-            return figures
+            if last is None or last[0] <= arrived:
+                last = self._last = (time.monotonic_ns(), self._outcome())
+        if isinstance(last[1], Exception):
+            raise last[1]
+        return last[1]
+
+    def _outcome(self) -> GalleryStats | Exception:
+        try:
+            return gallery_stats(self._rows, self._dimension)
+        except Exception as error:  # shared with the callers waiting meanwhile
+            return error
 
 
 def gallery_stats(rows: Registrations, dimension: int) -> GalleryStats:
