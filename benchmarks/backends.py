@@ -59,7 +59,7 @@ from dedup.ops.migrate import STATE_FILE
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from harness import run_threads
+from harness import connected_stub, run_threads
 from milvus_server import MilvusServer, drop_prefix
 from processes import ServerProcess
 
@@ -254,9 +254,7 @@ def checks(ports: list[int], requests: list[pb.CheckRequest], clients: int
     def worker() -> Callable[[int], pb.CheckResponse]:
         with lock:
             port = ports[next(turn) % len(ports)]
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        grpc.channel_ready_future(channel).result(timeout=120)  # connected before the clock
-        stub = pb_grpc.FaceDedupStub(channel)
+        stub = connected_stub(port)
         return lambda n: stub.Check(requests[n], timeout=120)
 
     stats, answers = run_threads(len(requests), clients, worker)

@@ -34,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gallery_data import captures_of, generate
+from harness import connected_stub
 from scale import RESULTS, Server, import_gallery
 
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
@@ -49,9 +50,7 @@ class Client:
 
     def __init__(self, port: int, name: str, people: np.ndarray, id_numbers: list[str],
                  seed: int) -> None:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        grpc.channel_ready_future(channel).result(timeout=120)  # connected before the clock
-        self.stub = pb_grpc.FaceDedupStub(channel)
+        self.stub = connected_stub(port)
         self.name = name
         self.people, self.id_numbers = people, id_numbers
         self.rng = np.random.default_rng(seed)

@@ -26,6 +26,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 # Milvus's own settings for a test server (dotted paths into its milvus.yaml).
 TEST_SETTINGS: dict[str, object] = {
@@ -85,11 +86,16 @@ def drop_prefix(uri: str, prefix: str) -> None:
 
     client = MilvusClient(uri=uri)
     try:
-        for name in client.list_collections():
-            if name.startswith(f"{prefix}_"):
-                client.drop_collection(name)
+        drop_collections_of(client, prefix)
     finally:
         client.close()
+
+
+def drop_collections_of(client: Any, prefix: str) -> None:
+    """Drops the collections under `prefix`, through `client`."""
+    for name in client.list_collections():
+        if name.startswith(f"{prefix}_"):
+            client.drop_collection(name)
 
 
 def alive(pid: int) -> bool:

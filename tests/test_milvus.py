@@ -26,6 +26,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import check, drop_collections, enroll, milvus_on_server, release_milvus_lite
+from milvus_server import drop_collections_of
 from processes import ServerProcess
 from test_bulk import write_batch
 from trail import records
@@ -244,6 +245,9 @@ def _migrate(source: Path, target: MilvusConfig, *options: str
                           capture_output=True, text=True, timeout=300)
 
 
+COPYING = ("--batch", "64", "--sample", "40")
+
+
 def _ivf_options(nlist: int, nprobe: int) -> list[str]:
     return ["--milvus-index-type", "IVF_FLAT", "--milvus-index-params",
             json.dumps({"nlist": nlist}), "--milvus-search-params", json.dumps({"nprobe": nprobe})]
@@ -295,14 +299,14 @@ def test_migrate_copies_verifies_and_resumes(make_server, faces, tmp_path, to, r
 
 def _copy_resume_and_serve(make_server, source, target: MilvusConfig, probe: np.ndarray,
                            before: pb.CheckResponse) -> None:
-    first = _migrate(source.data_dir, target, "--batch", "64", "--sample", "40")
+    first = _migrate(source.data_dir, target, *COPYING)
     assert first.returncode == 0, first.stderr
     assert "copied 301 registrations, 1 audit records" in first.stdout
     assert "store 301 registrations, Milvus 301; 40/40 sampled" in first.stdout
     state = source.data_dir / "milvus-migration.json"
     saved = json.loads(state.read_text())
     state.write_text(json.dumps(saved | {"last_key": 150}))  # as if cut off after key 150
-    resumed = _migrate(source.data_dir, target, "--batch", "64", "--sample", "40")
+    resumed = _migrate(source.data_dir, target, *COPYING)
     assert resumed.returncode == 0, resumed.stderr
     assert "copied 151 registrations (resumed after key 150)" in resumed.stdout
     assert "Milvus 301" in resumed.stdout and "verified" in resumed.stdout
@@ -322,16 +326,15 @@ def _copy_again_or_refuse(data_dir: Path, target: MilvusConfig) -> None:
     """A target made anew since the state file was written is copied from the start (it
     failed verification on every run before); one missing part of the earlier copy (erased
     there since?) is refused, not copied back."""
-    _in_target(target, lambda client, _: [  # as an operator starting the target over
-        client.drop_collection(name) for name in client.list_collections()
-        if name.startswith(f"{target.prefix}_")])
-    again = _migrate(data_dir, target, "--batch", "64", "--sample", "40")
+    # As an operator starting the target over.
+    _in_target(target, lambda client, _: drop_collections_of(client, target.prefix))
+    again = _migrate(data_dir, target, *COPYING)
     assert again.returncode == 0, again.stderr
     assert "copied 301 registrations (from the start: the target holds nothing" in again.stdout
     assert "Milvus 301" in again.stdout and "verified" in again.stdout
 
     _in_target(target, lambda client, name: client.delete(name, ids=[5]))
-    refused = _migrate(data_dir, target, "--batch", "64", "--sample", "40")
+    refused = _migrate(data_dir, target, *COPYING)
     assert refused.returncode == 1
     assert "the target holds 300 of the 301 registrations an earlier run copied" in \
         refused.stderr

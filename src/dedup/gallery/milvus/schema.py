@@ -180,16 +180,14 @@ def create_collections(client: Any, config: MilvusConfig, dimension: int,
 def _warn_of_other_prefixes(client: Any, names: Collections) -> None:
     """A mistyped --milvus-prefix would serve empty collections beside the filled ones, and
     answer CLEAR for everyone: said when the registrations are about to be created."""
-    suffix = "_registrations"
     try:
-        if client.has_collection(names.registrations):
-            return
-        others = sorted(name.removesuffix(suffix) for name in client.list_collections()
-                        if name.endswith(suffix) and name != names.registrations)
+        existing = client.list_collections()
     except Exception as error:  # only a warning: never a reason not to start
         log.debug("cannot list the collections to compare prefixes: %s", error)
         return
-    if others:
+    suffix = "_registrations"
+    others = sorted(name.removesuffix(suffix) for name in existing if name.endswith(suffix))
+    if names.registrations not in existing and others:
         log.warning("creating the empty collection %s, while this Milvus holds the "
                     "registrations of the prefix(es) %s: is --milvus-prefix meant?",
                     names.registrations, ", ".join(others))
