@@ -4,18 +4,21 @@ the gallery find the duplicates without scanning most of it?
 Reads the gallery that `benchmarks/scale.py --registrations N --variant V` generated (its
 chunks FILE.npy + FILE.csv and its probes, under --workdir/N-V/input), computes the exact
 ground truth (every registration scoring >= 0.40 with a probe; cached beside the input),
-builds a FAISS index of --kind (raw FAISS, trained on --train registrations, filled on
-2 threads) and sweeps nprobe. Per nprobe it reports the share of ground-truth pairs the
-top --depth candidates hold after an exact re-rank from the float32 rows, separately for
-registrations under the probe's own ID number and under another one (the fraud dedup
-exists to find; `Check` finds the former by ID-number lookup whatever the index), and
-queries/s on one thread, one query at a time (search only, and with the re-rank).
+builds a FAISS index of --kind (raw FAISS, or dedup's own SignIVF<n>: float k-means lists
+of 512-bit sign codes; trained on --train registrations, filled on 2 threads) and sweeps
+nprobe. Per nprobe it reports the share of ground-truth pairs the top --depth candidates
+hold after an exact re-rank from the float32 rows, separately for registrations under the
+probe's own ID number and under another one (the fraud dedup exists to find; `Check` finds
+the former by ID-number lookup whatever the index), and queries/s on one thread, one query
+at a time (search only, and with the re-rank).
 With --in-memory the gallery is generated in memory instead (gallery_data.in_memory, no ID
 numbers: the recall is of every match).
 
     .venv/bin/python benchmarks/ivf_at_scale.py --registrations 10000000 --variant iso
     .venv/bin/python benchmarks/ivf_at_scale.py --registrations 1000000 --variant uneven \
         --in-memory --nprobes 16 64 256
+    .venv/bin/python benchmarks/ivf_at_scale.py --registrations 1000000 --variant clustered \
+        --in-memory --kind SignIVF4096 --nprobes 256 512 1024
 
 Prints JSON lines and a table; writes benchmarks/results/ivf-<N>-<V>-<kind>.json.
 """
@@ -35,6 +38,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gallery_data import VARIANTS, in_memory
+
+from dedup.gallery.embedded.index import SearchOptions, new_index
 
 RESULTS = Path(__file__).parent / "results"
 MATCH = 0.40
@@ -89,9 +94,29 @@ def ground_truth(chunks: Chunks, probes: np.ndarray, cache: Path | None) -> list
     return truth
 
 
+class ServedIndex:
+    """One of dedup's own index types (e.g. SignIVF4096) behind FAISS's search signature."""
+
+    def __init__(self, kind: str, dimension: int) -> None:
+        self.index = new_index(kind, dimension)
+
+    def train(self, sample: np.ndarray) -> None:
+        self.index.train(sample)  # type: ignore[attr-defined]
+
+    def add_with_ids(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        self.index.add(ids, vectors)
+
+    def search(self, queries: np.ndarray, k: int, params: Any = None) -> tuple[Any, Any]:
+        options = SearchOptions(nprobe=params.nprobe if params is not None else 64)
+        ((ids, scores),) = self.index.search(queries, k, options)
+        return scores.reshape(1, -1), ids.reshape(1, -1)
+
+
 def build(chunks: Chunks, kind: str, train: int) -> tuple[Any, dict[str, float]]:
     faiss.omp_set_num_threads(BUILD_THREADS)
-    index = faiss.index_factory(chunks.arrays[0].shape[1], kind, faiss.METRIC_INNER_PRODUCT)
+    dimension = chunks.arrays[0].shape[1]
+    index = (ServedIndex(kind, dimension) if kind.startswith("SignIVF") else
+             faiss.index_factory(dimension, kind, faiss.METRIC_INNER_PRODUCT))
     rng = np.random.default_rng(1)
     started = time.perf_counter()
     index.train(chunks.rows(np.sort(rng.choice(len(chunks), train, replace=False))))

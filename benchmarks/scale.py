@@ -197,6 +197,16 @@ class Server:
             pb_grpc.FaceDedupStub(channel).Check(request, wait_for_ready=True, timeout=600)
         return time.monotonic() - self.started
 
+    def wait_for_type(self, kind: str) -> float:
+        """Seconds from the process's start until it serves an index of type `kind`."""
+        while self.index_info().index_type != kind:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited before serving {kind}")
+            if time.monotonic() - self.started > 3600:
+                raise RuntimeError(f"the server did not serve {kind} within an hour")
+            time.sleep(1)
+        return time.monotonic() - self.started
+
     def index_info(self) -> pb.IndexInfo:
         with self.channel() as channel:
             return pb_grpc.IndexAdminStub(channel).GetIndexInfo(pb.GetIndexInfoRequest())
@@ -244,6 +254,8 @@ def serve_and_measure(data_dir: Path, requests: list[pb.CheckRequest],
     server = Server(data_dir, kind, parameter)
     try:
         row: dict[str, object] = {"first_answer_s": server.first_answer_seconds(requests[0])}
+        if kind is not None:  # a type other than the checkpoint's is built by a live rebuild
+            row["serving_asked_type_s"] = server.wait_for_type(kind)
         info = server.index_info()
         row.update(index=info.index_type, parameter=parameter,
                    rerank=info.rerank_candidates, search_parameters=info.search_parameters,

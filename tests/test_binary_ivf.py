@@ -1,4 +1,5 @@
-"""The BinaryIVF index type on real FAISS: training, per-call nprobe from concurrent threads,
+"""The index types of sign codes in inverted lists on real FAISS (BinaryIVF: binary k-means;
+SignIVF: a float k-means partition): training, per-call nprobe from concurrent threads,
 deletions, and checkpoints that round-trip or are refused when damaged or mismatched."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dedup.gallery.embedded.checkpoint import Checkpoint, read_checkpoint, write
 from dedup.gallery.embedded.index import (
     BinaryIVFIndex,
     SearchOptions,
+    SignIVFIndex,
     load_index,
     new_index,
     training_size,
@@ -22,6 +24,12 @@ from dedup.gallery.embedded.index import (
 
 NLIST = 16
 SIZE = 2000
+CLASSES = {"BinaryIVF": BinaryIVFIndex, "SignIVF": SignIVFIndex}
+
+
+@pytest.fixture(params=sorted(CLASSES))
+def family(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +38,9 @@ def vectors() -> np.ndarray:
 
 
 @pytest.fixture
-def index(vectors) -> BinaryIVFIndex:
-    built = new_index(f"BinaryIVF{NLIST}", 512)
-    assert isinstance(built, BinaryIVFIndex)
+def index(vectors, family) -> BinaryIVFIndex | SignIVFIndex:
+    built = new_index(f"{family}{NLIST}", 512)
+    assert isinstance(built, CLASSES[family])
     built.train(vectors[: training_size(built.kind)])
     built.add(np.arange(SIZE, dtype=np.int64) * 10 + 3, vectors)  # ids are not positions
     return built
@@ -42,19 +50,19 @@ def ids_of(index, queries, k=5, nprobe=NLIST) -> list[list[int]]:
     return [ids.tolist() for ids, _ in index.search(queries, k, SearchOptions(nprobe=nprobe))]
 
 
-def test_names_and_training_size():
-    assert validate_kind("BinaryIVF4096") == "BinaryIVF4096"
-    assert training_size("BinaryIVF4096") == 39 * 4096
-    for bad in ("BinaryIVF", "BinaryIVF0", "BinaryIVF-4", "BinaryIVF12x"):
+def test_names_and_training_size(family):
+    assert validate_kind(f"{family}4096") == f"{family}4096"
+    assert training_size(f"{family}4096") == 39 * 4096
+    for bad in ("", "0", "-4", "12x"):
         with pytest.raises(InvalidArgument, match="not a supported index type"):
-            validate_kind(bad)
+            validate_kind(family + bad)
     with pytest.raises(InvalidArgument, match="at most 1,048,576 lists"):
-        validate_kind("BinaryIVF2000000")
+        validate_kind(f"{family}2000000")
 
 
-def test_training_needs_enough_vectors(vectors):
-    index = new_index("BinaryIVF64", 512)
-    assert isinstance(index, BinaryIVFIndex)
+def test_training_needs_enough_vectors(vectors, family):
+    index = new_index(f"{family}64", 512)
+    assert isinstance(index, CLASSES[family])
     with pytest.raises(FailedPrecondition, match="needs at least 2,496 training vectors"):
         index.train(vectors[:100])
 
@@ -63,6 +71,16 @@ def test_every_list_searched_finds_each_vector_first_with_its_own_id(index, vect
     assert len(index) == SIZE and not index.exact
     found = ids_of(index, vectors[:200], k=1)
     assert found == [[i * 10 + 3] for i in range(200)]
+
+
+def test_every_list_searched_ranks_as_the_flat_scan_of_the_same_codes(index, vectors):
+    flat = new_index("BinarySign512", 512)
+    flat.add(np.arange(SIZE, dtype=np.int64) * 10 + 3, vectors)
+    queries = FaceGenerator(7).persons(40)
+    every_list = SearchOptions(nprobe=NLIST)
+    for (_, got), (_, expected) in zip(index.search(queries, 10, every_list),
+                                       flat.search(queries, 10, every_list), strict=True):
+        assert got.tolist() == expected.tolist()  # the same Hamming distances, best first
 
 
 def test_nprobe_is_per_call_and_concurrent_searches_keep_their_own(index, vectors):
@@ -100,17 +118,20 @@ def test_removed_ids_are_never_returned(index, vectors):
     assert index.remove(np.array([3], np.int64)) == 0
 
 
-def test_checkpoint_round_trip_keeps_lists_ids_and_deletions(tmp_path, index, vectors):
+def test_checkpoint_round_trip_keeps_lists_ids_and_deletions(tmp_path, index, vectors,
+                                                            family):
     index.remove(np.array([43], np.int64))
     path = tmp_path / "index.ckpt"
     write_checkpoint(path, index.snapshot(sequence=7, model_id="m"))
     loaded, sequence = load_index(path, 512, "m")
-    assert sequence == 7 and isinstance(loaded, BinaryIVFIndex)
-    assert loaded.kind == f"BinaryIVF{NLIST}" and len(loaded) == SIZE - 1
+    assert sequence == 7 and isinstance(loaded, CLASSES[family])
+    assert loaded.kind == f"{family}{NLIST}" and len(loaded) == SIZE - 1
     queries = FaceGenerator(8).persons(50)
     for nprobe in (1, 4, NLIST):
         assert ids_of(loaded, queries, 10, nprobe) == ids_of(index, queries, 10, nprobe)
-    assert read_checkpoint(path).kind == f"BinaryIVF{NLIST}"
+    loaded.add(np.array([7], np.int64), queries[:1])  # the loaded one takes changes too
+    assert ids_of(loaded, queries[:1], 1, NLIST) == [[7]]
+    assert read_checkpoint(path).kind == f"{family}{NLIST}"
 
 
 def rewritten(path, **changes) -> None:
@@ -121,10 +142,24 @@ def rewritten(path, **changes) -> None:
     write_checkpoint(path, Checkpoint(**fields))
 
 
-def test_damaged_and_mismatched_checkpoints_are_refused(tmp_path, index):
+def refusals(family: str) -> dict[str, str]:
+    """What load_index says of a payload that is not of the labelled type."""
+    if family == "SignIVF":
+        return {"damaged": f"holds no SignIVF{NLIST} index FAISS can read",
+                "other lists": "holds no SignIVF32 index FAISS can read",
+                "read as BinarySign512": "FAISS cannot read the index",
+                "flat sign codes": f"holds no SignIVF{NLIST} index"}
+    return {"damaged": "FAISS cannot read the index",
+            "other lists": "not a BinaryIVF32 index",
+            "read as BinarySign512": "not a BinarySign512 index",
+            "flat sign codes": f"not a BinaryIVF{NLIST} index"}
+
+
+def test_damaged_and_mismatched_checkpoints_are_refused(tmp_path, index, family):
     path = tmp_path / "index.ckpt"
     write_checkpoint(path, index.snapshot(sequence=1, model_id="m"))
     good = path.read_bytes()
+    refused = refusals(family)
 
     damaged = bytearray(good)
     damaged[len(good) // 2] ^= 0xFF
@@ -133,9 +168,9 @@ def test_damaged_and_mismatched_checkpoints_are_refused(tmp_path, index):
         load_index(path, 512, "m")
 
     cases = [
-        ({"payload": memoryview(good)[200:len(good) // 2]}, "FAISS cannot read the index"),
-        ({"kind": "BinaryIVF32"}, "not a BinaryIVF32 index"),
-        ({"kind": "BinarySign512"}, "not a BinarySign512 index"),
+        ({"payload": memoryview(good)[200:len(good) // 2]}, refused["damaged"]),
+        ({"kind": f"{family}32"}, refused["other lists"]),
+        ({"kind": "BinarySign512"}, refused["read as BinarySign512"]),
         ({"kind": "Flat"}, "FAISS cannot read the index"),
         ({"vectors": SIZE + 1}, f"holds {SIZE} vectors, its header says {SIZE + 1}"),
         ({"model_id": "other"}, "model 'other'"),
@@ -149,6 +184,6 @@ def test_damaged_and_mismatched_checkpoints_are_refused(tmp_path, index):
     flat_sign = new_index("BinarySign512", 512)
     flat_sign.add(np.arange(3, dtype=np.int64), FaceGenerator(9).persons(3))
     write_checkpoint(path, flat_sign.snapshot(sequence=1, model_id="m"))
-    rewritten(path, kind=f"BinaryIVF{NLIST}")
-    with pytest.raises(CheckpointError, match=f"not a BinaryIVF{NLIST} index"):
+    rewritten(path, kind=f"{family}{NLIST}")
+    with pytest.raises(CheckpointError, match=refused["flat sign codes"]):
         load_index(path, 512, "m")

@@ -16,6 +16,7 @@ from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 from dedup.core.settings import IndexConfig, Limits
 from dedup.face.model_pack import default_pack_dir, model_id_for
 from dedup.gallery.embedded.checkpoint import read_checkpoint
+from dedup.gallery.embedded.index_plan import lists_for
 from dedup.gallery.embedded.gallery import EmbeddedGallery
 from dedup.ops.bulk_import import import_offline
 
@@ -58,6 +59,8 @@ def first_served(data_dir: Path, index: IndexConfig, probe: np.ndarray
 @pytest.mark.embedded_only(reason=OFFLINE)
 @pytest.mark.parametrize(("config", "wanted"), [
     (IndexConfig(auto_threshold=THRESHOLD), "BinarySign512"),
+    (IndexConfig(auto_threshold=100, auto_lists_threshold=THRESHOLD),
+     f"SignIVF{lists_for(THRESHOLD + 100)}"),  # trained and calibrated at the end
     (IndexConfig(index_factory="BinaryIVF8"), "BinaryIVF8"),  # trained at the end
     (IndexConfig(index_factory="IVF8,Flat"), "IVF8,Flat"),
 ])

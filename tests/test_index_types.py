@@ -18,12 +18,13 @@ from dedup.core.settings import IndexConfig
 from dedup.gallery.embedded.index import AUTO
 from dedup.gallery.embedded.index_plan import kind_for
 
-KINDS = ["BinarySign512", "BinarySign256", "BinaryIVF16", "IVF16,Flat", "IVF16,SQ8",
+KINDS = ["BinarySign512", "BinarySign256", "BinaryIVF16", "SignIVF16", "IVF16,Flat", "IVF16,SQ8",
          "IVF16,PQ8", "OPQ8,IVF16,PQ8"]
 # Every type "auto" can choose, from an empty gallery to a very large one.
-AUTO_KINDS = sorted({kind_for(AUTO, 1000, size) for size in (0, 999, 1000, 10**9)})
 PERSONS = 1200
 PLANTED = 40  # persons also registered under a second ID number
+AUTO_KINDS = sorted({kind_for(AUTO, size, 1000, 1100)
+                     for size in (0, 999, 1000, 1100, PERSONS + PLANTED)})
 
 FAISS_ONLY = ("FAISS index types, live rebuilds and checkpoints are the embedded backend's; "
               "Milvus builds and maintains its own index")
@@ -173,6 +174,7 @@ def test_a_damaged_binary_ivf_checkpoint_is_refused_and_rebuilt_at_start(tmp_pat
     try:
         info = admin(server).GetIndexInfo(pb.GetIndexInfoRequest())
         assert info.index_type == "BinaryIVF16" and info.vectors == PERSONS + PLANTED
+        assert info.search_parameters == "nprobe=16"  # was empty for binary lists
         assert outcome(server.stub.Check(checks[0])) == outcome(exact[0])
     finally:
         server.stop()

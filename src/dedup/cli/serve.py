@@ -134,11 +134,19 @@ def _admission_arguments(serve: argparse.ArgumentParser) -> None:
 def _index_arguments(serve: argparse.ArgumentParser) -> None:
     index = IndexConfig()
     serve.add_argument("--index-factory", default=index.index_factory,
-                       help="auto (Flat, then BinarySign512 from --auto-threshold), Flat, "
-                       "BinarySign512, BinarySign256, IVF<n>,Flat|SQ8|PQ<m>, OPQ<m>,IVF<n>,PQ<m>")
-    serve.add_argument("--auto-threshold", type=int, default=index.auto_threshold)
+                       help="auto (Flat, then BinarySign512 from --auto-threshold, then "
+                       "SignIVF<n> from --auto-lists-threshold), Flat, BinarySign512, "
+                       "BinarySign256, BinaryIVF<n>, SignIVF<n>, IVF<n>,Flat|SQ8|PQ<m>, "
+                       "OPQ<m>,IVF<n>,PQ<m>")
+    serve.add_argument("--auto-threshold", type=int, default=index.auto_threshold,
+                       help="registrations from which auto leaves Flat for BinarySign512")
+    serve.add_argument("--auto-lists-threshold", type=int,
+                       default=index.auto_lists_threshold,
+                       help="registrations from which auto serves SignIVF<n>, searched with "
+                       "the nprobe its build measured on the gallery's own duplicates")
     serve.add_argument("--nprobe", type=int, default=index.nprobe,
-                       help="IVF lists searched per query")
+                       help="lists searched per query by the types with lists; 0 (default): "
+                       "SignIVF's calibrated nprobe, 64 for IVF and BinaryIVF")
     serve.add_argument("--rerank-candidates", type=int, default=index.rerank_candidates,
                        help="candidates of an approximate index re-scored exactly")
     serve.add_argument("--max-batch", type=int, default=index.max_batch,
@@ -310,6 +318,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         stream_idle_timeout_s=args.stream_idle_timeout,
         index=IndexConfig(
             index_factory=args.index_factory, auto_threshold=args.auto_threshold,
+            auto_lists_threshold=args.auto_lists_threshold,
             nprobe=args.nprobe, rerank_candidates=args.rerank_candidates,
             max_batch=args.max_batch, max_batch_wait_s=args.batch_wait_ms / 1000,
         ),

@@ -135,14 +135,17 @@ class StoreConfig:
 class IndexConfig:
     """Which index, how it is searched, and how searches are batched."""
 
-    # "auto", "Flat", "BinarySign512", "BinarySign256", "BinaryIVF<n>" or an IVF-family
-    # factory string.
+    # "auto", "Flat", "BinarySign512", "BinarySign256", "BinaryIVF<n>", "SignIVF<n>" or an
+    # IVF-family factory string.
     index_factory: str = "auto"
-    # "auto" uses Flat below this many registrations and BinarySign512 from here on, at every
-    # size: no sub-linear type kept duplicate recall >= 0.995 (gallery/embedded/index.py).
+    # "auto" uses Flat below this many registrations and BinarySign512 from here on ...
     auto_threshold: int = 200_000
-    # Per-call search parameter of IVF and BinaryIVF types.
-    nprobe: int = 64
+    # ... and SignIVF from here on, searched with the nprobe its build measured on the
+    # gallery's own duplicates (gallery/embedded/index.py and calibration.py).
+    auto_lists_threshold: int = 1_000_000
+    # Lists searched per query by the types with inverted lists (IVF, BinaryIVF, SignIVF);
+    # 0: SignIVF's calibrated nprobe, 64 for the others.
+    nprobe: int = 0
     # Candidates an approximate index returns for exact re-ranking (a check asks for at least
     # Limits.min_search_k, 64, anyway). BinarySign512 kept duplicate recall at 1.000 from 16
     # on, on all three 1,000,000-registration variants of benchmarks/ann_binary.py.

@@ -159,7 +159,9 @@ def _index_before(gallery: EmbeddedGallery, expected: int) -> None:
     """Switches to the index type wanted at `expected` registrations before adding them;
     for a type that needs training, to a BinarySign512 until the end."""
     current = gallery.index.kind
-    wanted = kind_for(gallery.configured_kind, gallery.index_config.auto_threshold, expected)
+    config = gallery.index_config
+    wanted = kind_for(gallery.configured_kind, expected, config.auto_threshold,
+                      config.auto_lists_threshold)
     if training_size(wanted):
         wanted = BINARY_DEFAULT if current == FLAT else current
     if wanted != current:

@@ -37,7 +37,12 @@ from dedup.gallery.base import (
 )
 from dedup.gallery.embedded.checkpointer import Checkpointer
 from dedup.gallery.embedded.data_dir import open_data_dir
-from dedup.gallery.embedded.index import IVFIndex, SearchOptions, VectorIndex, validate_kind
+from dedup.gallery.embedded.index import (
+    SearchOptions,
+    VectorIndex,
+    search_parameters,
+    validate_kind,
+)
 from dedup.gallery.embedded.index_plan import IndexPlan
 from dedup.gallery.embedded.layout import CHECKPOINT_FILE
 from dedup.gallery.embedded.live_index import LiveIndex
@@ -72,7 +77,8 @@ class EmbeddedGallery:
         self._lock_file, self.store = open_data_dir(config)
         self._live = LiveIndex(self.store, model_id)
         self._plan = IndexPlan(self.store, model_id, self.configured_kind,
-                               self.index_config.auto_threshold)
+                               self.index_config.auto_threshold,
+                               self.index_config.auto_lists_threshold)
         self._checkpointer = Checkpointer(self._live, self.data_dir / CHECKPOINT_FILE, config)
         self._closed = threading.Event()
         self._rebuilder = Rebuilder(self._live, self._plan, self._checkpointer, config,
@@ -304,8 +310,7 @@ class EmbeddedGallery:
             index_type=index.kind, dimension=index.dimension, vectors=len(index),
             exact=index.exact,
             rerank_candidates=0 if index.exact else self.index_config.rerank_candidates,
-            search_parameters=(f"nprobe={self.search_options.nprobe}"
-                               if isinstance(index, IVFIndex) else ""),
+            search_parameters=search_parameters(index, self.search_options),
             configured_index_type=self.configured_kind, wanted_index_type=self.wanted_kind(),
             rebuilding=self._rebuilder.running, store_sequence=self.store.sequence(),
             checkpoint_sequence=self.checkpoint_sequence,

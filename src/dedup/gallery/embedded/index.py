@@ -10,30 +10,41 @@ configures:
                          needs no training and keeps no cluster assumption
     BinaryIVF<n>         the same 512-bit codes in n inverted lists (IndexBinaryIVF, binary
                          k-means on 39-64 codes a list); ids kept in the lists; per-call nprobe
+    SignIVF<n>           the same 512-bit codes in the n lists of a float (spherical) k-means
+                         partition: the float centroids nearest the probe name the lists
+                         searched (IndexBinaryIVF.search_preassigned); per-call nprobe
 Only Flat scores are exact; every other type's candidates are re-ranked against the stored
 float32 embeddings before a verdict. Searches run in parallel; changes take the index
 exclusively. HNSW is not offered: FAISS cannot delete from it.
 
 What "auto" serves (index_plan.kind_for): Flat below IndexConfig.auto_threshold (200,000),
-BinarySign512 from there on, at every size. benchmarks/ann_binary.py at 1,000,000 registrations
-of each synthetic variant (iso / uneven / clustered), duplicate recall (probes whose exact
-matches >= 0.40 all come back after the re-rank), q/s on one thread, batch 1, shared machine:
+BinarySign512 from there on, SignIVF4096 from IndexConfig.auto_lists_threshold (1,000,000).
+benchmarks/ann_binary.py at 1,000,000 registrations of each synthetic variant (iso / uneven /
+clustered), duplicate recall (probes whose exact matches >= 0.40 all come back after the
+re-rank), q/s on one thread, batch 1, shared machine:
     BinarySign512, re-rank 16, 64 or 256: recall 1.000 on all three, 240-460 q/s
     BinaryIVF1024, nprobe 512 (half the codes): 0.83 / 0.98 / 0.92, 220-420 q/s
     BinaryIVF2048, nprobe 1024 (half the codes): 0.88 / 0.98 / 0.95, 190-280 q/s
     multi-index hashing (32x16 or 64x8 bits): recall 0.02-0.04, or 0.95 at 5-12 q/s
-Same-person captures score 0.4-0.8, far from near-duplicates: no partition of the codes finds
-them without searching most of it, so binary IVF never reaches 0.995 faster than the flat scan
-and "auto" never chooses it. At 10,000,000 codes the flat scan did 33 q/s (60 in batches).
-Float IVF fares no better (benchmarks/ivf_at_scale.py): IVF4096,PQ64 with an exact re-rank
-found 0.64 of the other-ID matches (0.60 of the own-ID ones) at nprobe 64 of 10,000,000
-isotropic registrations, and on the uneven and clustered variants at 1,000,000 it stays
-under 0.995 (0.994) even at nprobe 256, a sixteenth of the gallery.
+Same-person captures score 0.4-0.8, far from near-duplicates: binary k-means on the codes
+partitions them too poorly to find them without searching most of it. A float k-means
+partition does better where the gallery has structure (benchmarks/ivf_at_scale.py, 1,000,000,
+matches >= 0.40 found after a re-rank of 64; recall at nprobe 256 / 512 / 1024 of 4,096):
+    IVF4096,Flat   uneven 0.994 / 0.999 / -      clustered 0.994 / 0.997 / -
+    SignIVF4096    uneven 0.996 / 0.999 / 1.000  clustered 0.995 / 0.997 / 0.998
+                   iso    0.883 / 0.947 / 0.986, at 705 / 563 / 373 q/s (uneven) against
+                   293 q/s for the flat scan of the same codes in the same script
+The partition, not the codes, is what misses (IVF4096,Flat misses as many), and how much it
+misses depends on the gallery: isotropic data has no structure to partition by. So a
+SignIVF build measures it on the gallery's own duplicates and keeps the smallest nprobe that
+finds them (calibration.py); where none does, it searches every list and finds what the flat
+scan finds. At 10,000,000 codes the flat scan did 33 q/s (60 in batches).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,21 +67,53 @@ BINARY_DEFAULT = "BinarySign512"
 _IVF = re.compile(r"^(OPQ(\d+)(_\d+)?,)?IVF(\d+),(Flat|SQ8|SQ4|SQfp16|PQ(\d+)(x\d+)?)$")
 _BINARY = re.compile(r"^BinarySign(256|512)$")
 _BINARY_IVF = re.compile(r"^BinaryIVF([1-9]\d{0,6})$")
+_SIGN_IVF = re.compile(r"^SignIVF([1-9]\d{0,6})$")
 ROTATION_SEED = 20191201  # fixed: the codes of a checkpoint depend on it
 SIGN_BITS = 512  # the code length of the binary IVF
 MAX_NLIST = 1 << 20
+DEFAULT_NPROBE = 64  # lists searched by the IVF and BinaryIVF types unless configured
 
 
 @dataclass(frozen=True)
 class SearchOptions:
     """Per-call search parameters; passed to FAISS per call, never set on the shared index.
 
-    `nprobe`: inverted lists searched (IVF and BinaryIVF types); `rerank_candidates`: how many
-    candidates of an approximate index are re-scored exactly from the stored vectors.
+    `nprobe`: inverted lists searched (IVF, BinaryIVF and SignIVF types); 0 leaves it to the
+    index: SignIVF's nprobe calibrated at its build, DEFAULT_NPROBE for the others.
+    `rerank_candidates`: how many candidates of an approximate index are re-scored exactly
+    from the stored vectors.
     """
 
-    nprobe: int = 64
+    nprobe: int = 0
     rerank_candidates: int = 64
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The nprobe a SignIVF index searches by default, and the measurement that chose it:
+    `recall` maps each nprobe tried to the share of `pairs` (registrations of one person
+    under one ID number) whose partner came back (calibration.py)."""
+
+    nprobe: int
+    pairs: int
+    recall: dict[int, float]
+
+    def to_json(self) -> str:
+        return json.dumps({"nprobe": self.nprobe, "pairs": self.pairs,
+                           "recall": {str(n): r for n, r in self.recall.items()}})
+
+    @classmethod
+    def from_json(cls, text: str) -> Calibration:
+        fields = json.loads(text)
+        return cls(int(fields["nprobe"]), int(fields["pairs"]),
+                   {int(n): float(r) for n, r in fields["recall"].items()})
+
+    def describe(self) -> str:
+        if not self.recall:
+            return (f"every list: {self.pairs:,} same-person pairs, too few to calibrate "
+                    "on")
+        return (f"calibrated: {self.recall.get(self.nprobe, float('nan')):.4f} of "
+                f"{self.pairs:,} same-person pairs found")
 
 
 class VectorIndex(Protocol):
@@ -112,15 +155,15 @@ def validate_kind(kind: str, field: str = "index_factory") -> str:
     """The canonical name of an index type, or InvalidArgument naming what is supported."""
     if kind in (FLAT, AUTO) or _IVF.match(kind) or _BINARY.match(kind):
         return kind
-    if (binary_ivf := _BINARY_IVF.match(kind)) is not None:
-        if int(binary_ivf.group(1)) > MAX_NLIST:
+    if (lists := _BINARY_IVF.match(kind) or _SIGN_IVF.match(kind)) is not None:
+        if int(lists.group(1)) > MAX_NLIST:
             raise InvalidArgument(field, f"{kind!r}: at most {MAX_NLIST:,} lists")
         return kind
     if "HNSW" in kind:
         raise InvalidArgument(field, f"{kind!r}: HNSW is not supported, FAISS cannot delete "
                                      "from it and erasure must work on every index")
     raise InvalidArgument(field, f"{kind!r} is not a supported index type: use Flat, "
-                                 "BinarySign512, BinarySign256, BinaryIVF<n>, "
+                                 "BinarySign512, BinarySign256, BinaryIVF<n>, SignIVF<n>, "
                                  "IVF<n>,Flat|SQ8|PQ<m> or OPQ<m>,IVF<n>,PQ<m>")
 
 
@@ -128,8 +171,8 @@ def nlist_of(kind: str) -> int:
     """The inverted lists of an IVF or BinaryIVF type; 0 for the others."""
     if (match := _IVF.match(kind)) is not None:
         return int(match.group(4))
-    if (binary_ivf := _BINARY_IVF.match(kind)) is not None:
-        return int(binary_ivf.group(1))
+    if (lists := _BINARY_IVF.match(kind) or _SIGN_IVF.match(kind)) is not None:
+        return int(lists.group(1))
     return 0
 
 
@@ -145,6 +188,8 @@ def new_index(kind: str, dimension: int) -> VectorIndex:
         return BinarySignIndex(dimension, int(binary.group(1)))
     if (binary_ivf := _BINARY_IVF.match(kind)) is not None:
         return BinaryIVFIndex(dimension, int(binary_ivf.group(1)))
+    if (sign_ivf := _SIGN_IVF.match(kind)) is not None:
+        return SignIVFIndex(dimension, int(sign_ivf.group(1)))
     if _IVF.match(kind):
         return IVFIndex(kind, dimension)
     raise InvalidArgument("index_factory", f"{kind!r} is not a concrete index type")
@@ -254,7 +299,7 @@ class IVFIndex(_Locked):
 
     def _params(self, options: SearchOptions) -> Any:
         ivf_params = faiss.SearchParametersIVF()
-        ivf_params.nprobe = options.nprobe
+        ivf_params.nprobe = options.nprobe or DEFAULT_NPROBE
         if isinstance(self._index, faiss.IndexPreTransform):
             params = faiss.SearchParametersPreTransform()
             params.index_params = ivf_params
@@ -360,11 +405,136 @@ class BinaryIVFIndex(_SignCoded):
 
     def search(self, queries: Matrix, k: int, options: SearchOptions) -> list[tuple[Ids, Scores]]:
         params = faiss.SearchParametersIVF()
-        params.nprobe = max(1, min(options.nprobe, self.nlist))
+        params.nprobe = max(1, min(options.nprobe or DEFAULT_NPROBE, self.nlist))
         return self._search_codes(queries, k, params)
 
 
-TRAINED = (IVFIndex, BinaryIVFIndex)
+class SignIVFIndex(_SignCoded):
+    """512-bit sign codes in the `nlist` lists of a float partition: spherical k-means on the
+    float32 embeddings, whose centroids (an exact IndexFlatIP) assign each vector its list
+    and name the `nprobe` lists a search scans (IndexBinaryIVF.search_preassigned).
+
+    Float k-means follows the gallery's structure where binary k-means on the codes does
+    not (BinaryIVF above). The codes' IndexBinaryIVF is only a container of lists: its own
+    binary quantizer holds the centroids' codes and is never searched.
+    """
+
+    KMEANS_ITERATIONS = 20
+
+    def __init__(self, dimension: int, nlist: int, centroids: Any = None,
+                 codes: Any = None, calibration: Calibration | None = None) -> None:
+        self.kind = f"SignIVF{nlist}"
+        self.nlist = nlist
+        # Every list until calibrated: then it finds what the flat scan of the codes finds.
+        self.calibration = calibration or Calibration(nprobe=nlist, pairs=0, recall={})
+        self._centroids = centroids if centroids is not None else faiss.IndexFlatIP(dimension)
+        if codes is None:
+            self._code_quantizer = faiss.IndexBinaryFlat(SIGN_BITS)  # the IVF does not own it
+            codes = faiss.IndexBinaryIVF(self._code_quantizer, SIGN_BITS, nlist)
+        super().__init__(dimension, SIGN_BITS, codes)
+
+    @property
+    def bytes_per_vector(self) -> float:
+        return self.bits / 8 + 8  # the code and its id in the inverted list
+
+    def train(self, sample: Matrix) -> None:
+        needed = training_size(self.kind)
+        if len(sample) < needed:
+            raise FailedPrecondition(
+                f"index_factory: {self.kind} needs at least {needed:,} training vectors, "
+                f"the store holds {len(sample):,}")
+        kmeans = faiss.Kmeans(self._dimension, self.nlist, niter=self.KMEANS_ITERATIONS,
+                              spherical=True, seed=ROTATION_SEED)
+        kmeans.train(np.ascontiguousarray(sample, dtype=np.float32))
+        centroids = np.asarray(kmeans.centroids, np.float32)
+        with self._lock.writing():
+            self._centroids.add(centroids)
+            self._index.quantizer.add(self.encode(centroids))
+            self._index.is_trained = True
+
+    def _lists_of(self, vectors: Matrix, nprobe: int) -> npt.NDArray[np.int64]:
+        _, lists = self._centroids.search(np.ascontiguousarray(vectors, np.float32), nprobe)
+        return np.ascontiguousarray(lists, dtype=np.int64)
+
+    def add(self, ids: Ids, vectors: Matrix) -> None:
+        if len(ids) == 0:
+            return
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        # The centroids change only in train, before the index holds or serves anything.
+        lists, codes = self._lists_of(vectors, 1), self.encode(vectors)
+        with self._lock.writing():
+            self._index.add_core(len(ids), faiss.swig_ptr(codes), faiss.swig_ptr(ids),
+                                 faiss.swig_ptr(lists))
+
+    def search(self, queries: Matrix, k: int, options: SearchOptions) -> list[tuple[Ids, Scores]]:
+        params = faiss.SearchParametersIVF()
+        params.nprobe = self.nprobe_for(options)
+        codes = self.encode(queries)
+        distances = np.empty((len(queries), k), np.int32)
+        ids = np.empty((len(queries), k), np.int64)
+        with self._lock.reading():
+            if self._index.ntotal == 0:
+                return [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in queries]
+            lists = self._lists_of(queries, params.nprobe)
+            # The C++ call: faiss's Python wrapper of search_preassigned reads the index's
+            # shared nprobe, which concurrent callers with other nprobes would race on.
+            self._index.search_preassigned_c(
+                len(queries), faiss.swig_ptr(codes), k, faiss.swig_ptr(lists),
+                faiss.swig_ptr(np.zeros(lists.shape, np.int32)), faiss.swig_ptr(distances),
+                faiss.swig_ptr(ids), False, params)
+        return self._split(-distances.astype(np.float32), ids)
+
+    def nprobe_for(self, options: SearchOptions) -> int:
+        return max(1, min(options.nprobe or self.calibration.nprobe, self.nlist))
+
+    def calibrated(self, calibration: Calibration) -> None:
+        self.calibration = calibration
+
+    def _serialize(self) -> npt.NDArray[np.uint8]:
+        # [8 bytes: n][n bytes: calibration, JSON][8 bytes: m][m bytes: centroids][codes]
+        parts = [np.frombuffer(self.calibration.to_json().encode(), np.uint8),
+                 faiss.serialize_index(self._centroids)]
+        framed = [piece for part in parts for piece in (
+            np.frombuffer(len(part).to_bytes(8, "little"), np.uint8), part)]
+        return np.concatenate([*framed, faiss.serialize_index_binary(self._index)])
+
+    @classmethod
+    def deserialize(cls, payload: npt.NDArray[np.uint8], dimension: int, nlist: int
+                    ) -> SignIVFIndex:
+        """Raises RuntimeError or ValueError when the payload is not one of this type's."""
+        calibration_json, rest = _framed(payload)
+        centroid_bytes, code_bytes = _framed(rest)
+        calibration = Calibration.from_json(calibration_json.tobytes().decode())
+        centroids = faiss.deserialize_index(centroid_bytes)
+        codes = faiss.deserialize_index_binary(code_bytes)
+        if not (isinstance(centroids, faiss.IndexFlatIP) and centroids.d == dimension
+                and centroids.ntotal == nlist and isinstance(codes, faiss.IndexBinaryIVF)
+                and codes.d == SIGN_BITS and codes.nlist == nlist and codes.is_trained
+                and 1 <= calibration.nprobe <= nlist):
+            raise ValueError(f"not the centroids, codes and calibration of {nlist} lists of "
+                             f"dimension {dimension}")
+        return cls(dimension, nlist, centroids, codes, calibration)
+
+
+def _framed(payload: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.uint8],
+                                                     npt.NDArray[np.uint8]]:
+    """The part after an 8-byte length, and the rest."""
+    length = int.from_bytes(payload[:8].tobytes(), "little")
+    if not 0 < length <= len(payload) - 8:
+        raise ValueError(f"a part of {length} bytes in {len(payload)}")
+    return payload[8:8 + length], payload[8 + length:]
+
+
+TRAINED = (IVFIndex, BinaryIVFIndex, SignIVFIndex)
+
+
+def search_parameters(index: VectorIndex, options: SearchOptions) -> str:
+    """What a search of `index` with `options` uses, for the index status ("" if nothing)."""
+    if isinstance(index, SignIVFIndex):
+        return f"nprobe={index.nprobe_for(options)} ({index.calibration.describe()})"
+    if isinstance(index, IVFIndex | BinaryIVFIndex):
+        return f"nprobe={options.nprobe or DEFAULT_NPROBE}"
+    return ""
 
 
 def load_index(path: Path, dimension: int, model_id: str) -> tuple[VectorIndex, int]:
@@ -384,6 +554,12 @@ def load_index(path: Path, dimension: int, model_id: str) -> tuple[VectorIndex, 
 def _deserialize(path: Path, checkpoint: Checkpoint, dimension: int) -> VectorIndex:
     kind = checkpoint.kind
     payload = np.frombuffer(checkpoint.payload, dtype=np.uint8)
+    if (sign_ivf := _SIGN_IVF.match(kind)) is not None:
+        try:
+            return SignIVFIndex.deserialize(payload, dimension, int(sign_ivf.group(1)))
+        except (RuntimeError, ValueError) as error:
+            raise CheckpointError(f"{path}: holds no {kind} index FAISS can read "
+                                  f"({error})") from error
     binary, binary_ivf = _BINARY.match(kind), _BINARY_IVF.match(kind)
     try:
         raw = (faiss.deserialize_index_binary(payload) if binary or binary_ivf

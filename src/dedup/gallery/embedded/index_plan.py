@@ -12,24 +12,38 @@ from dedup.gallery.embedded.index import AUTO, BINARY_DEFAULT, FLAT, training_si
 from dedup.gallery.embedded.store import Store
 
 log = logging.getLogger("dedup.gallery")
+MAX_AUTO_LISTS = 4096
 
 
-def kind_for(configured_kind: str, auto_threshold: int, count: int) -> str:
+def kind_for(configured_kind: str, count: int, auto_threshold: int,
+             lists_threshold: int) -> str:
     """The index type for a gallery of `count` comparable registrations: the configured
-    one; for "auto", Flat below `auto_threshold` and BinarySign512 from there on (why, with
-    the measurements: see index.py)."""
+    one; for "auto", Flat below `auto_threshold`, BinarySign512 from there on and SignIVF
+    from `lists_threshold` on (why, with the measurements: see index.py)."""
     if configured_kind != AUTO:
         return configured_kind
+    if count >= max(lists_threshold, auto_threshold):
+        return f"SignIVF{lists_for(count)}"
     return BINARY_DEFAULT if count >= auto_threshold else FLAT
+
+
+def lists_for(count: int) -> int:
+    """SignIVF's lists for `count` registrations: a power of two, at least 64 registrations
+    a list, at most MAX_AUTO_LISTS (4,096: 244 a list at 1,000,000, 2,441 at 10,000,000)."""
+    lists = 1
+    while lists * 2 <= min(MAX_AUTO_LISTS, count // 64):
+        lists *= 2
+    return lists
 
 
 class IndexPlan:
     def __init__(self, store: Store, model_id: str, configured_kind: str,
-                 auto_threshold: int) -> None:
+                 auto_threshold: int, lists_threshold: int) -> None:
         self.store = store
         self.model_id = model_id
         self.configured_kind = configured_kind
         self.auto_threshold = auto_threshold
+        self.lists_threshold = lists_threshold
 
     def only_model(self) -> str | None:
         """Filter builds by model only when the store holds another model's embeddings."""
@@ -43,7 +57,8 @@ class IndexPlan:
 
     def wanted_kind(self) -> str:
         """The configured index type; for "auto", what fits the gallery's size."""
-        return kind_for(self.configured_kind, self.auto_threshold, self.comparable_count())
+        return kind_for(self.configured_kind, self.comparable_count(), self.auto_threshold,
+                        self.lists_threshold)
 
     def warn_about_other_models(self) -> None:
         for model, count in self.store.model_counts().items():

@@ -22,8 +22,15 @@ import numpy as np
 from dedup.core.errors import FailedPrecondition, StoreError
 from dedup.core.settings import StoreConfig
 from dedup.gallery.base import Progress
+from dedup.gallery.embedded.calibration import calibrate_on_snapshot
 from dedup.gallery.embedded.checkpoint import write_checkpoint
-from dedup.gallery.embedded.index import TRAINED, VectorIndex, new_index, training_size
+from dedup.gallery.embedded.index import (
+    TRAINED,
+    SignIVFIndex,
+    VectorIndex,
+    new_index,
+    training_size,
+)
 from dedup.gallery.embedded.store import Snapshot, Store
 
 ADD_BATCH = 20_000
@@ -56,6 +63,9 @@ def build_from_snapshot(snapshot: Snapshot, kind: str, dimension: int, model_id:
         index.add(np.asarray(keys, np.int64), vectors)
         done += len(keys)
         progress("adding", done, total)
+    if isinstance(index, SignIVFIndex):
+        progress("calibrating", done, total)
+        calibrate_on_snapshot(index, snapshot, model_id)
     return Built(index, snapshot.sequence)
 
 

@@ -180,7 +180,8 @@ class ReplicaGallery:
 
     def _build(self, store: Store) -> tuple[VectorIndex, int]:
         plan = IndexPlan(store, self.model_id, self.index_config.index_factory,
-                         self.index_config.auto_threshold)
+                         self.index_config.auto_threshold,
+                         self.index_config.auto_lists_threshold)
         kind = plan.wanted_kind()
         kind = kind if plan.can_train(kind) else FLAT
         built = build_in_process(store, kind, self.model_id, plan.only_model(),

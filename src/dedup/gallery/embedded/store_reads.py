@@ -4,6 +4,7 @@ adjudications, consistent snapshots, verification and copies (Store adds the wri
 from __future__ import annotations
 
 import functools
+import random
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -227,6 +228,32 @@ class Snapshot:
     def vectors(self, batch: int, only_model: str | None) -> Iterator[tuple[list[int], Matrix]]:
         return vector_batches(
             lambda after: self._tables.vector_batch(after, batch, only_model))
+
+    def same_id_pairs(self, limit: int, model_id: str, seed: int
+                      ) -> tuple[Matrix, Matrix, list[int]]:
+        """Up to `limit` pairs of registrations under one ID number, both embedded by
+        `model_id`, drawn evenly from every ID number that has several (reservoir sampling
+        over one pass): (first vectors, second vectors, second keys)."""
+        rng = random.Random(seed)
+        chosen: list[tuple[int, int]] = []
+        for seen, keys in enumerate(self._tables.id_number_groups(), start=1):
+            if len(chosen) < limit:
+                chosen.append((keys[0], keys[1]))
+            elif (slot := rng.randrange(seen)) < limit:
+                chosen[slot] = (keys[0], keys[1])
+        ours = [(first, second) for first, second in chosen
+                if self._embedded_by(first, model_id) and self._embedded_by(second, model_id)]
+        found, matrix = self._tables.stored_vectors([key for pair in ours for key in pair])
+        vectors = dict(zip(found, matrix, strict=True))  # erased since the snapshot: left out
+        kept = [(a, b) for a, b in ours if a in vectors and b in vectors]
+        dimension = self._tables.dimension
+        return (np.array([vectors[a] for a, _ in kept], np.float32).reshape(-1, dimension),
+                np.array([vectors[b] for _, b in kept], np.float32).reshape(-1, dimension),
+                [b for _, b in kept])
+
+    def _embedded_by(self, key: int, model_id: str) -> bool:
+        face = self._tables.load(key)
+        return face is not None and face.registration.embedding_model == model_id
 
     def sample(self, size: int, model_id: str, only_model: str | None) -> Matrix:
         """About `size` vectors spread evenly over the store (every n-th), for training."""

@@ -111,6 +111,15 @@ class TableReader:
         packed = self.txn.get(raw, db=db)
         return [] if packed is None else [from_u64(packed)]
 
+    def id_number_groups(self) -> Iterator[list[int]]:
+        """The keys of each ID number that has several registrations, in ID-number order."""
+        cursor = self.txn.cursor(db=self.dbs.by_id_number)
+        found = cursor.first()
+        while found:
+            if cursor.count() > 1:
+                yield [from_u64(packed) for packed in cursor.iternext_dup()]
+            found = cursor.next_nodup()
+
     def load(self, key: int) -> StoredFace | None:
         """The registration under `key`, without its embedding."""
         raw = self.txn.get(u64(key), db=self.dbs.records)

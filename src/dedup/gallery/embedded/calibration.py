@@ -1,0 +1,79 @@
+"""How many lists a SignIVF index searches: measured at its build on the gallery's own
+duplicates.
+
+How far a probe's matches lie from the lists nearest it depends on the gallery. On galleries
+with structure (an uneven spectrum, persons gathered in groups) an eighth of 4,096 lists held
+0.997-0.999 of the duplicates of 1,000,000 registrations; on an isotropic one a quarter held
+0.986 (benchmarks/ivf_at_scale.py). So no fixed nprobe is safe, and the build measures it.
+
+Two registrations under one ID number that score at least the match threshold with each
+other are two captures of one person, as a probe and its match are. Each such pair's first
+registration is searched as a probe would be, at nprobe = nlist/64, nlist/32, ..., nlist; the
+smallest nprobe whose candidates hold the partner for at least TARGET of the pairs is kept.
+With fewer than MIN_PAIRS pairs nothing is measured and every list is searched: the index
+then finds what the flat scan of the same codes finds.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from dedup.core.settings import Limits, Policy
+from dedup.core.vectors import Matrix
+from dedup.gallery.embedded.index import Calibration, SearchOptions, SignIVFIndex
+from dedup.gallery.embedded.store import Snapshot
+
+log = logging.getLogger("dedup.gallery")
+
+TARGET = 0.998
+MAX_PAIRS = 2_000
+MIN_PAIRS = 200
+SEED = 20191201
+SEARCH_BATCH = 256
+COARSEST = 64  # the first nprobe tried is nlist / COARSEST
+
+
+def calibrate_on_snapshot(index: SignIVFIndex, snapshot: Snapshot, model_id: str) -> None:
+    first, second, partners = snapshot.same_id_pairs(MAX_PAIRS, model_id, SEED)
+    matching = np.einsum("ij,ij->i", first, second) >= Policy().match_threshold
+    calibration = calibrate(index, first[matching],
+                            np.asarray(partners, np.int64)[matching])
+    index.calibrated(calibration)
+    log.info("%s: nprobe %d (%s)", index.kind, calibration.nprobe, calibration.describe())
+
+
+def calibrate(index: SignIVFIndex, queries: Matrix, partners: np.ndarray) -> Calibration:
+    """The smallest nprobe at which the candidates of `queries[i]` hold `partners[i]` for
+    at least TARGET of the pairs; every list when there are too few pairs to tell."""
+    if len(partners) < MIN_PAIRS:
+        return Calibration(nprobe=index.nlist, pairs=len(partners), recall={})
+    recall: dict[int, float] = {}
+    for nprobe in nprobes_to_try(index.nlist):
+        recall[nprobe] = share_found(index, queries, partners, nprobe)
+        if recall[nprobe] >= TARGET:
+            return Calibration(nprobe=nprobe, pairs=len(partners), recall=recall)
+    return Calibration(nprobe=index.nlist, pairs=len(partners), recall=recall)
+
+
+def nprobes_to_try(nlist: int) -> list[int]:
+    tried, nprobe = [], max(1, nlist // COARSEST)
+    while nprobe < nlist:
+        tried.append(nprobe)
+        nprobe *= 2
+    return [*tried, nlist]
+
+
+def share_found(index: SignIVFIndex, queries: Matrix, partners: np.ndarray, nprobe: int
+                ) -> float:
+    # A check asks the index for at least min_search_k candidates; +1: the query's own
+    # registration is in the index too.
+    depth, options = Limits().min_search_k + 1, SearchOptions(nprobe=nprobe)
+    found = 0
+    for start in range(0, len(queries), SEARCH_BATCH):
+        results = index.search(queries[start:start + SEARCH_BATCH], depth, options)
+        wanted = partners[start:start + SEARCH_BATCH]
+        found += sum(int(partner in ids) for (ids, _), partner in
+                     zip(results, wanted, strict=True))
+    return found / len(partners)
