@@ -5,16 +5,24 @@ built by the rebuild's own code path, and kept by the checkpoint."""
 
 from __future__ import annotations
 
+import re
+import shutil
+
 import numpy as np
 import pytest
+from conftest import RunningServer, face
 
-from dedup import FaceGenerator, StoreConfig
+from dedup import FaceGenerator, ServerConfig, StoreConfig
+from dedup._proto.dedup.v1 import dedup_pb2 as pb
+from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 from dedup.core.records import Registration
+from dedup.core.settings import IndexConfig
 from dedup.core.vectors import Matrix, normalize_rows
-from dedup.gallery.embedded.calibration import MIN_PAIRS, TARGET, nprobes_to_try
+from dedup.face.model_pack import default_pack_dir, model_id_for
+from dedup.gallery.embedded.calibration import MAX_PAIRS, MIN_PAIRS, TARGET, nprobes_to_try
 from dedup.gallery.embedded.checkpoint import write_checkpoint
 from dedup.gallery.embedded.index import SearchOptions, SignIVFIndex, load_index
-from dedup.gallery.embedded.index_plan import kind_for, lists_for
+from dedup.gallery.embedded.index_plan import IndexPlan, kind_for, lists_for
 from dedup.gallery.embedded.rebuild import build_in_process
 from dedup.gallery.embedded.store import Store
 
@@ -22,6 +30,7 @@ MODEL = "m"
 NLIST = 64
 PERSONS = 3000
 GROUPS = 12
+OLDER = 2000  # persons with an older model's embedding too
 
 
 def grouped(generator: FaceGenerator, count: int) -> Matrix:
@@ -35,18 +44,21 @@ def grouped(generator: FaceGenerator, count: int) -> Matrix:
 def store_with(tmp_path, persons: Matrix, generator: FaceGenerator, repeated: int) -> Store:
     """Each person once under their own ID number; the first `repeated` of them twice."""
     store = Store(StoreConfig(data_dir=tmp_path / "data"))
-    rows = [(Registration(f"r{i}", f"ID{i}", embedding_model=MODEL), capture)
-            for i, capture in enumerate(generator.captures(persons))]
+    # An older model's embeddings first: the oldest pair of an ID number may not be
+    # comparable, and the calibration must look past it.
+    rows = [(Registration(f"older{i}", f"ID{i}", embedding_model="older"), capture)
+            for i, capture in enumerate(generator.captures(persons[:OLDER]))]
+    rows += [(Registration(f"r{i}", f"ID{i}", embedding_model=MODEL), capture)
+             for i, capture in enumerate(generator.captures(persons))]
     rows += [(Registration(f"again{i}", f"ID{i}", embedding_model=MODEL), capture)
              for i, capture in enumerate(generator.captures(persons[:repeated]))]
-    rows += [(Registration(f"other-model{i}", f"ID{i}", embedding_model="older"), capture)
-             for i, capture in enumerate(generator.captures(persons[:50]))]
     store.insert_many(rows)
     return store
 
 
-def built(store: Store) -> SignIVFIndex:
-    index = build_in_process(store, f"SignIVF{NLIST}", MODEL, MODEL, lambda *_: None).index
+def built(store: Store, pair_score: float = 0.30) -> SignIVFIndex:
+    index = build_in_process(store, f"SignIVF{NLIST}", MODEL, MODEL, lambda *_: None,
+                             pair_score).index
     assert isinstance(index, SignIVFIndex)
     return index
 
@@ -56,8 +68,8 @@ def share_of_fresh_captures_found(index: SignIVFIndex, persons: Matrix,
     """Fresh captures of enrolled persons: how often `r<i>` is among the 64 candidates."""
     probes = generator.captures(persons[:1000])
     results = index.search(probes, 64, SearchOptions())  # nprobe 0: the calibrated one
-    keys = {i: key for i, key in enumerate(range(1, len(persons) + 1))}  # r<i> has key i+1
-    return float(np.mean([keys[i] in ids for i, (ids, _) in enumerate(results)]))
+    key_of_r = {i: OLDER + 1 + i for i in range(len(persons))}  # keys count from 1
+    return float(np.mean([key_of_r[i] in ids for i, (ids, _) in enumerate(results)]))
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +87,7 @@ def test_on_a_structured_gallery_few_lists_are_searched_and_captures_still_found
         structured):
     index, persons, generator = structured
     calibration = index.calibration
-    assert calibration.pairs >= MIN_PAIRS
+    assert calibration.pairs == MAX_PAIRS  # the older model's pairs looked past
     assert calibration.nprobe < NLIST // 2  # the measured nprobe, not every list
     assert calibration.recall[calibration.nprobe] >= TARGET
     assert all(share < TARGET for nprobe, share in calibration.recall.items()
@@ -109,6 +121,17 @@ def test_too_few_pairs_to_tell_searches_every_list(tmp_path):
     assert "every list" in index.calibration.describe()
 
 
+def test_only_pairs_scoring_the_review_threshold_count(tmp_path):
+    generator = FaceGenerator(25)
+    persons = grouped(generator, PERSONS)
+    store = store_with(tmp_path, persons, generator, PERSONS)
+    try:
+        index = built(store, pair_score=0.95)  # two captures score about 0.64
+    finally:
+        store.close()
+    assert index.calibration.pairs == 0 and index.calibration.nprobe == NLIST
+
+
 def test_the_checkpoint_keeps_the_calibration(tmp_path, structured):
     index = structured[0]
     path = tmp_path / "index.ckpt"
@@ -137,3 +160,77 @@ def test_auto_serves_sign_lists_from_its_threshold_with_enough_per_list():
     assert kind_for("Flat", 10**9, 200_000, 1_000_000) == "Flat"
     assert [lists_for(n) for n in (0, 127, 128, 1300, 262_143, 262_144)] == \
         [1, 1, 2, 16, 2048, 4096]
+
+
+def test_a_doubled_gallery_calls_for_new_lists_and_calibration(structured):
+    index = structured[0]
+    assert index.calibration.vectors == len(index)
+    assert not index.outgrown(2 * len(index) - 1) and index.outgrown(2 * len(index))
+
+
+def test_a_start_without_checkpoint_builds_quickly_and_leaves_sign_lists_to_a_rebuild(
+        tmp_path):
+    store = Store(StoreConfig(data_dir=tmp_path / "data"))
+    try:
+        people = FaceGenerator(26).persons(300)
+        store.insert_many([(Registration(f"r{i}", f"ID{i}", embedding_model=MODEL), person)
+                           for i, person in enumerate(people)])
+
+        def plan(kind: str, lists_threshold: int = 200) -> IndexPlan:
+            return IndexPlan(store, MODEL, IndexConfig(index_factory=kind, auto_threshold=100,
+                                                       auto_lists_threshold=lists_threshold))
+
+        assert plan("auto").wanted_kind() == "SignIVF4"  # 300 // 64 -> 4 lists
+        assert plan("auto").start_kind() == "BinarySign512"
+        assert plan("auto", lists_threshold=1000).start_kind() == "BinarySign512"
+        assert plan("SignIVF4").start_kind() == "SignIVF4"  # asked for by name
+        assert plan("SignIVF64").start_kind() == "Flat"  # cannot be trained yet
+    finally:
+        store.close()
+
+
+def outcome(answer: pb.CheckResponse) -> tuple:
+    return (answer.verdict, answer.distinct_other_id_numbers,
+            [m.registration.registration_id for m in answer.matches if m.score >= 0.40])
+
+
+def test_a_server_on_calibrated_sign_lists_gives_the_exact_verdicts(tmp_path):
+    """Through gRPC: a server asked for SignIVF64 on a grouped gallery builds and
+    calibrates it at start (at its review threshold), says so in GetIndexInfo, and answers
+    fresh captures as an exact server does, duplicates under other ID numbers included."""
+    generator = FaceGenerator(27)
+    persons = grouped(generator, PERSONS)
+    model = model_id_for(default_pack_dir() / "w600k_mbf.onnx")
+    store = Store(StoreConfig(data_dir=tmp_path / "data"))
+    try:
+        store.insert_many(
+            [(Registration(f"r{i}", f"ID{i}", embedding_model=model), capture)
+             for i, capture in enumerate(generator.captures(persons))]
+            + [(Registration(f"again{i}", f"ID{i}", embedding_model=model), capture)
+               for i, capture in enumerate(generator.captures(persons[:1500]))]
+            + [(Registration(f"fake{i}", f"OTHER{i}", embedding_model=model), capture)
+               for i, capture in enumerate(generator.captures(persons[:100]))])
+    finally:
+        store.close()
+    (tmp_path / "data").chmod(0o700)  # as a server makes it (a bare Store does not)
+    shutil.copytree(tmp_path / "data", tmp_path / "exact")
+    probes = [pb.CheckRequest(face=face(capture), claimed_id_number=f"ID{i}")
+              for i, capture in enumerate(generator.captures(persons[:300]))]
+    answers = {}
+    for name, kind in (("data", f"SignIVF{NLIST}"), ("exact", "Flat")):
+        server = RunningServer(ServerConfig(store=StoreConfig(data_dir=tmp_path / name),
+                                            index=IndexConfig(index_factory=kind)))
+        try:
+            info = pb_grpc.IndexAdminStub(server.channel).GetIndexInfo(
+                pb.GetIndexInfoRequest())
+            answers[name] = [server.stub.Check(probe) for probe in probes]
+        finally:
+            server.stop()
+        if kind != "Flat":
+            nprobe = int(re.match(r"nprobe=(\d+) \(calibrated: ", info.search_parameters)[1])
+            assert info.index_type == kind and nprobe < NLIST // 2
+    # The verdicts and every match at the match threshold; group-mates of the probe's person
+    # scoring 0.30-0.40 (other persons: this gallery's groups are tight) may be left out.
+    verdicts = [outcome(answer) for answer in answers["exact"]]
+    assert [outcome(answer) for answer in answers["data"]] == verdicts
+    assert sum(verdict == pb.DUPLICATE_IDENTITY for verdict, *_ in verdicts) >= 90  # fake<i>

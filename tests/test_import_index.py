@@ -16,8 +16,8 @@ from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 from dedup.core.settings import IndexConfig, Limits
 from dedup.face.model_pack import default_pack_dir, model_id_for
 from dedup.gallery.embedded.checkpoint import read_checkpoint
-from dedup.gallery.embedded.index_plan import lists_for
 from dedup.gallery.embedded.gallery import EmbeddedGallery
+from dedup.gallery.embedded.index_plan import lists_for
 from dedup.ops.bulk_import import import_offline
 
 THRESHOLD = 300  # the test's lowered auto threshold

@@ -38,7 +38,7 @@ from dedup.api.wire import add_service
 from dedup.core.errors import ConfigError
 from dedup.core.files import PRIVATE_FILE_MODE
 from dedup.core.security import is_loopback
-from dedup.core.settings import ServerConfig
+from dedup.core.settings import IndexConfig, ServerConfig
 from dedup.face.embedder import FaceEmbedder
 from dedup.face.model_pack import resolve_model_dir
 from dedup.gallery.base import Gallery
@@ -103,10 +103,16 @@ class DedupServer:
         return self.grpc_server.wait_for_termination(timeout)
 
 
+def index_config(config: ServerConfig) -> IndexConfig:
+    """The configured index, calibrated (SignIVF) on what the verdicts turn on."""
+    return dataclasses.replace(config.index,
+                               calibration_min_score=config.policy.review_threshold)
+
+
 def open_backend(config: ServerConfig, model_id: str) -> Gallery:
     """The embedded gallery in the data directory, or Milvus when configured."""
     if config.milvus is None:
-        return EmbeddedGallery(config.store, model_id, config.index)
+        return EmbeddedGallery(config.store, model_id, index_config(config))
     from dedup.gallery.milvus import (
         MilvusGallery,  # needs pymilvus, only installed for this backend
     )
@@ -182,7 +188,7 @@ def create_replica_server(config: ServerConfig, address: str, forwarding: Forwar
     embedder = FaceEmbedder(resolve_model_dir(config.model_dir), config.capture,
                             workers=config.embed_workers, max_batch=config.embed_batch,
                             max_pending=config.max_pending_images, metrics=metrics)
-    gallery = ReplicaGallery(config.store, embedder.model_id, config.index, pin)
+    gallery = ReplicaGallery(config.store, embedder.model_id, index_config(config), pin)
     transport: Transport | None = None
     try:
         transport = _transport(config, reuse_port=True)

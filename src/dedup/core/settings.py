@@ -143,6 +143,10 @@ class IndexConfig:
     # ... and SignIVF from here on, searched with the nprobe its build measured on the
     # gallery's own duplicates (gallery/embedded/index.py and calibration.py).
     auto_lists_threshold: int = 1_000_000
+    # SignIVF calibrates its nprobe on pairs of registrations under one ID number scoring at
+    # least this; a server sets it to its policy's review_threshold, the lowest score a
+    # verdict turns on.
+    calibration_min_score: float = 0.30
     # Lists searched per query by the types with inverted lists (IVF, BinaryIVF, SignIVF);
     # 0: SignIVF's calibrated nprobe, 64 for the others.
     nprobe: int = 0

@@ -6,8 +6,9 @@ with structure (an uneven spectrum, persons gathered in groups) an eighth of 4,0
 0.997-0.999 of the duplicates of 1,000,000 registrations; on an isotropic one a quarter held
 0.986 (benchmarks/ivf_at_scale.py). So no fixed nprobe is safe, and the build measures it.
 
-Two registrations under one ID number that score at least the match threshold with each
-other are two captures of one person, as a probe and its match are. Each such pair's first
+Two registrations under one ID number that score at least the review threshold (the lowest
+score a verdict turns on) with each other are two captures of one person, as a probe and its
+match are. Each such pair's first
 registration is searched as a probe would be, at nprobe = nlist/64, nlist/32, ..., nlist; the
 smallest nprobe whose candidates hold the partner for at least TARGET of the pairs is kept.
 With fewer than MIN_PAIRS pairs nothing is measured and every list is searched: the index
@@ -20,14 +21,19 @@ import logging
 
 import numpy as np
 
-from dedup.core.settings import Limits, Policy
+from dedup.core.settings import Limits
 from dedup.core.vectors import Matrix
-from dedup.gallery.embedded.index import Calibration, SearchOptions, SignIVFIndex
+from dedup.gallery.embedded.index import (
+    CALIBRATION_TARGET,
+    Calibration,
+    SearchOptions,
+    SignIVFIndex,
+)
 from dedup.gallery.embedded.store import Snapshot
 
 log = logging.getLogger("dedup.gallery")
 
-TARGET = 0.998
+TARGET = CALIBRATION_TARGET
 MAX_PAIRS = 2_000
 MIN_PAIRS = 200
 SEED = 20191201
@@ -35,11 +41,12 @@ SEARCH_BATCH = 256
 COARSEST = 64  # the first nprobe tried is nlist / COARSEST
 
 
-def calibrate_on_snapshot(index: SignIVFIndex, snapshot: Snapshot, model_id: str) -> None:
-    first, second, partners = snapshot.same_id_pairs(MAX_PAIRS, model_id, SEED)
-    matching = np.einsum("ij,ij->i", first, second) >= Policy().match_threshold
-    calibration = calibrate(index, first[matching],
-                            np.asarray(partners, np.int64)[matching])
+def calibrate_on_snapshot(index: SignIVFIndex, snapshot: Snapshot, model_id: str,
+                          only_model: str | None, min_score: float) -> None:
+    """Calibrates on pairs scoring at least `min_score`; `only_model`: set when the store
+    holds other models' embeddings too (pairs are then drawn among `model_id`'s only)."""
+    first, partners = snapshot.same_id_pairs(MAX_PAIRS, only_model, SEED, min_score)
+    calibration = calibrate(index, first, np.asarray(partners, np.int64))
     index.calibrated(calibration)
     log.info("%s: nprobe %d (%s)", index.kind, calibration.nprobe, calibration.describe())
 

@@ -76,9 +76,7 @@ class EmbeddedGallery:
         self.dimension = config.dimension
         self._lock_file, self.store = open_data_dir(config)
         self._live = LiveIndex(self.store, model_id)
-        self._plan = IndexPlan(self.store, model_id, self.configured_kind,
-                               self.index_config.auto_threshold,
-                               self.index_config.auto_lists_threshold)
+        self._plan = IndexPlan(self.store, model_id, self.index_config)
         self._checkpointer = Checkpointer(self._live, self.data_dir / CHECKPOINT_FILE, config)
         self._closed = threading.Event()
         self._rebuilder = Rebuilder(self._live, self._plan, self._checkpointer, config,

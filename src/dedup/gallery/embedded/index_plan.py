@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 
-from dedup.gallery.embedded.index import AUTO, BINARY_DEFAULT, FLAT, training_size
+from dedup.core.settings import IndexConfig
+from dedup.gallery.embedded.index import AUTO, BINARY_DEFAULT, FLAT, training_size, validate_kind
 from dedup.gallery.embedded.store import Store
 
 log = logging.getLogger("dedup.gallery")
@@ -37,13 +38,14 @@ def lists_for(count: int) -> int:
 
 
 class IndexPlan:
-    def __init__(self, store: Store, model_id: str, configured_kind: str,
-                 auto_threshold: int, lists_threshold: int) -> None:
+    def __init__(self, store: Store, model_id: str, config: IndexConfig) -> None:
         self.store = store
         self.model_id = model_id
-        self.configured_kind = configured_kind
-        self.auto_threshold = auto_threshold
-        self.lists_threshold = lists_threshold
+        self.configured_kind = validate_kind(config.index_factory)
+        self.auto_threshold = config.auto_threshold
+        self.lists_threshold = config.auto_lists_threshold
+        # SignIVF calibrates on same-person pairs scoring at least this (calibration.py).
+        self.pair_score = config.calibration_min_score
 
     def only_model(self) -> str | None:
         """Filter builds by model only when the store holds another model's embeddings."""
@@ -54,6 +56,17 @@ class IndexPlan:
 
     def can_train(self, kind: str) -> bool:
         return training_size(kind) <= self.comparable_count()
+
+    def start_kind(self) -> str:
+        """What to build at start when no checkpoint serves: the wanted type, but quickly:
+        Flat while a trained type cannot be trained yet, and BinarySign512 while "auto"
+        wants SignIVF (k-means and calibration follow in a live rebuild, while serving)."""
+        wanted = self.wanted_kind()
+        if not self.can_train(wanted):
+            return FLAT
+        if self.configured_kind == AUTO and training_size(wanted):
+            return BINARY_DEFAULT
+        return wanted
 
     def wanted_kind(self) -> str:
         """The configured index type; for "auto", what fits the gallery's size."""

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 from dedup.core.settings import StoreConfig
 from dedup.gallery.embedded.checkpointer import Checkpointer
+from dedup.gallery.embedded.index import SignIVFIndex
 from dedup.gallery.embedded.index_plan import IndexPlan
 from dedup.gallery.embedded.live_index import LiveIndex
 from dedup.gallery.embedded.rebuilder import Rebuilder
@@ -70,15 +71,20 @@ class IndexSwitch:
     def switch_if_wanted(self) -> None:
         if self._pinned is not None:
             return
-        wanted = self.plan.wanted_kind()
-        if wanted == self.live.index.kind or self.rebuilder.running:
+        wanted, index = self.plan.wanted_kind(), self.live.index
+        outgrown = isinstance(index, SignIVFIndex) and index.outgrown(len(index))
+        if (wanted == index.kind and not outgrown) or self.rebuilder.running:
             return
         if not self.plan.can_train(wanted):
             return
         if time.monotonic() - self._failed_at < SWITCH_RETRY_S:
             return
-        log.info("gallery size calls for a %s index (now %s): rebuilding", wanted,
-                 self.live.index.kind)
+        if wanted == index.kind:
+            log.info("the gallery has doubled since its %s index was trained and calibrated: "
+                     "rebuilding", wanted)
+        else:
+            log.info("gallery size calls for a %s index (now %s): rebuilding", wanted,
+                     index.kind)
         try:
             self.rebuilder.rebuild(wanted, lambda *_: None)
         except Exception:

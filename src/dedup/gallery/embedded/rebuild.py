@@ -20,7 +20,7 @@ import faiss
 import numpy as np
 
 from dedup.core.errors import FailedPrecondition, StoreError
-from dedup.core.settings import StoreConfig
+from dedup.core.settings import IndexConfig, StoreConfig
 from dedup.gallery.base import Progress
 from dedup.gallery.embedded.calibration import calibrate_on_snapshot
 from dedup.gallery.embedded.checkpoint import write_checkpoint
@@ -36,6 +36,7 @@ from dedup.gallery.embedded.store import Snapshot, Store
 ADD_BATCH = 20_000
 # Training sample: enough points per centroid for k-means, not the whole gallery.
 SAMPLE_PER_CENTROID = 64
+DEFAULT_PAIR_SCORE = IndexConfig().calibration_min_score
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,10 @@ class Built:
 
 
 def build_from_snapshot(snapshot: Snapshot, kind: str, dimension: int, model_id: str,
-                        only_model: str | None, progress: Progress) -> Built:
+                        only_model: str | None, progress: Progress,
+                        pair_score: float = DEFAULT_PAIR_SCORE) -> Built:
+    """`pair_score`: a SignIVF index is calibrated on same-person pairs scoring at least
+    this (the server's review threshold: the lowest score a verdict turns on)."""
     total = snapshot.count(model_id)
     index = new_index(kind, dimension)
     if isinstance(index, TRAINED):
@@ -65,19 +69,20 @@ def build_from_snapshot(snapshot: Snapshot, kind: str, dimension: int, model_id:
         progress("adding", done, total)
     if isinstance(index, SignIVFIndex):
         progress("calibrating", done, total)
-        calibrate_on_snapshot(index, snapshot, model_id)
+        calibrate_on_snapshot(index, snapshot, model_id, only_model, pair_score)
     return Built(index, snapshot.sequence)
 
 
 def build_in_process(store: Store, kind: str, model_id: str, only_model: str | None,
-                     progress: Progress) -> Built:
+                     progress: Progress, pair_score: float = DEFAULT_PAIR_SCORE) -> Built:
     with store.snapshot() as snapshot:
         return build_from_snapshot(snapshot, kind, store.config.dimension, model_id,
-                                   only_model, progress)
+                                   only_model, progress, pair_score)
 
 
 def _child_main(config: StoreConfig, kind: str, model_id: str, only_model: str | None,
-                out: str, messages: multiprocessing.Queue[tuple[str, int, int, str]]) -> None:
+                out: str, messages: multiprocessing.Queue[tuple[str, int, int, str]],
+                pair_score: float) -> None:
     """Runs in the spawned process: build, write the side file, report."""
     faiss.omp_set_num_threads(1)
     try:
@@ -85,7 +90,8 @@ def _child_main(config: StoreConfig, kind: str, model_id: str, only_model: str |
         with store.snapshot() as snapshot:
             built = build_from_snapshot(
                 snapshot, kind, config.dimension, model_id, only_model,
-                lambda phase, done, total: messages.put((phase, done, total, "")))
+                lambda phase, done, total: messages.put((phase, done, total, "")),
+                pair_score)
         messages.put(("writing", 0, 1, ""))
         write_checkpoint(Path(out), built.index.snapshot(built.sequence, model_id))
         messages.put(("built", built.sequence, len(built.index), ""))
@@ -97,7 +103,7 @@ def _child_main(config: StoreConfig, kind: str, model_id: str, only_model: str |
 
 def build_in_child(config: StoreConfig, kind: str, model_id: str, only_model: str | None,
                    out: Path, progress: Progress, cancelled: Callable[[], bool],
-                   poll_s: float = 0.5) -> int:
+                   poll_s: float = 0.5, pair_score: float = DEFAULT_PAIR_SCORE) -> int:
     """Builds in a spawned process; returns the sequence the side file covers.
 
     `cancelled` is polled: when it turns true (the server is stopping) the child is killed.
@@ -105,7 +111,8 @@ def build_in_child(config: StoreConfig, kind: str, model_id: str, only_model: st
     context = multiprocessing.get_context("spawn")
     messages: multiprocessing.Queue[tuple[str, int, int, str]] = context.Queue()
     child = context.Process(target=_child_main, name="dedup-rebuild", daemon=True,
-                            args=(config, kind, model_id, only_model, str(out), messages))
+                            args=(config, kind, model_id, only_model, str(out), messages,
+                                  pair_score))
     child.start()
     try:
         for phase, first, second, text in _messages(child, messages, poll_s):

@@ -71,7 +71,8 @@ class Rebuilder:
         store, model_id = self.live.store, self.live.model_id
         progress("starting", 0, self.plan.comparable_count())
         covered = build_in_child(self.config, kind, model_id, self.plan.only_model(),
-                                 self.side_file, progress, cancelled=self._cancelled)
+                                 self.side_file, progress, cancelled=self._cancelled,
+                                 pair_score=self.plan.pair_score)
         built, _ = load_index(self.side_file, self.config.dimension, model_id)
         progress("catching_up", 0, store.sequence() - covered)
         covered = self._catch_up(built, covered)  # the bulk, while writes go on
@@ -96,7 +97,7 @@ class Rebuilder:
     def build_offline(self, kind: str, progress: Progress) -> Built:
         """For `dedup rebuild` on a data directory no server holds: build and swap here."""
         built = build_in_process(self.live.store, kind, self.live.model_id,
-                                 self.plan.only_model(), progress)
+                                 self.plan.only_model(), progress, self.plan.pair_score)
         with self.live.writes:
             self.live.index = built.index
         self.checkpointer.save(built.index, built.sequence)

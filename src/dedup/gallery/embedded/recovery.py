@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dedup.core.errors import CheckpointError
 from dedup.gallery.embedded.checkpointer import Checkpointer
-from dedup.gallery.embedded.index import FLAT, VectorIndex, load_index
+from dedup.gallery.embedded.index import VectorIndex, load_index
 from dedup.gallery.embedded.index_plan import IndexPlan
 from dedup.gallery.embedded.rebuild import build_in_process
 from dedup.gallery.embedded.replay import replay_changes
@@ -52,11 +52,9 @@ def recover_index(plan: IndexPlan, checkpointer: Checkpointer,
 
 def _rebuild_at_start(plan: IndexPlan, checkpointer: Checkpointer) -> tuple[VectorIndex, int]:
     started = time.monotonic()
-    kind = plan.wanted_kind()
-    if not plan.can_train(kind):
-        kind = FLAT  # a type that needs training starts exact; a rebuild switches later
+    kind = plan.start_kind()  # a rebuild switches to the wanted type later
     built = build_in_process(plan.store, kind, plan.model_id, plan.only_model(),
-                             lambda *_: None)
+                             lambda *_: None, plan.pair_score)
     log.info("built a %s index from the store: %d vectors in %.1f s",
              kind, len(built.index), time.monotonic() - started)
     return built.index, checkpointer.save_at_start(built.index, built.sequence, 0)

@@ -46,7 +46,7 @@ from dedup.gallery.base import (
     SweepSearch,
 )
 from dedup.gallery.embedded.checkpoint import checkpoint_kind
-from dedup.gallery.embedded.index import FLAT, SearchOptions, VectorIndex, load_index
+from dedup.gallery.embedded.index import SearchOptions, VectorIndex, load_index
 from dedup.gallery.embedded.index_plan import IndexPlan
 from dedup.gallery.embedded.layout import CHECKPOINT_FILE
 from dedup.gallery.embedded.live_index import LiveIndex
@@ -179,13 +179,10 @@ class ReplicaGallery:
         return self._build(store)
 
     def _build(self, store: Store) -> tuple[VectorIndex, int]:
-        plan = IndexPlan(store, self.model_id, self.index_config.index_factory,
-                         self.index_config.auto_threshold,
-                         self.index_config.auto_lists_threshold)
-        kind = plan.wanted_kind()
-        kind = kind if plan.can_train(kind) else FLAT
+        plan = IndexPlan(store, self.model_id, self.index_config)
+        kind = plan.start_kind()
         built = build_in_process(store, kind, self.model_id, plan.only_model(),
-                                 lambda *_: None)
+                                 lambda *_: None, plan.pair_score)
         self._pin(built.sequence)
         return built.index, built.sequence
 

@@ -16,7 +16,7 @@ import numpy.typing as npt
 
 from dedup.core.records import DeleteKey, Registration, StoredFace
 from dedup.core.settings import StoreConfig
-from dedup.core.vectors import Matrix
+from dedup.core.vectors import Matrix, Vector
 from dedup.gallery.embedded.layout import store_dir, vector_file
 from dedup.gallery.embedded.lmdb_env import LmdbEnv, StoreUsage
 from dedup.gallery.embedded.store_copy import StoreCopy, copy_store
@@ -218,6 +218,8 @@ class ReadableStore:
 class Snapshot:
     """A consistent read-only view of the store (see ReadableStore.snapshot)."""
 
+    OVERSAMPLE = 4
+
     def __init__(self, tables: TableReader) -> None:
         self._tables = tables
         self.sequence = tables.meta(b"sequence")
@@ -229,27 +231,40 @@ class Snapshot:
         return vector_batches(
             lambda after: self._tables.vector_batch(after, batch, only_model))
 
-    def same_id_pairs(self, limit: int, model_id: str, seed: int
-                      ) -> tuple[Matrix, Matrix, list[int]]:
-        """Up to `limit` pairs of registrations under one ID number, both embedded by
-        `model_id`, drawn evenly from every ID number that has several (reservoir sampling
-        over one pass): (first vectors, second vectors, second keys)."""
+    def same_id_pairs(self, limit: int, only_model: str | None, seed: int, min_score: float
+                      ) -> tuple[Matrix, list[int]]:
+        """Up to `limit` pairs of registrations under one ID number that score at least
+        `min_score` with each other (with `only_model`, among that model's embeddings
+        only): the first registrations' vectors, and their partners' keys. The ID numbers
+        are drawn evenly from all that have several registrations (reservoir sampling
+        over one pass, OVERSAMPLE times `limit` of them: not every one holds such a pair)."""
         rng = random.Random(seed)
-        chosen: list[tuple[int, int]] = []
+        groups: list[list[int]] = []
+        wanted = self.OVERSAMPLE * limit
         for seen, keys in enumerate(self._tables.id_number_groups(), start=1):
-            if len(chosen) < limit:
-                chosen.append((keys[0], keys[1]))
-            elif (slot := rng.randrange(seen)) < limit:
-                chosen[slot] = (keys[0], keys[1])
-        ours = [(first, second) for first, second in chosen
-                if self._embedded_by(first, model_id) and self._embedded_by(second, model_id)]
-        found, matrix = self._tables.stored_vectors([key for pair in ours for key in pair])
-        vectors = dict(zip(found, matrix, strict=True))  # erased since the snapshot: left out
-        kept = [(a, b) for a, b in ours if a in vectors and b in vectors]
-        dimension = self._tables.dimension
-        return (np.array([vectors[a] for a, _ in kept], np.float32).reshape(-1, dimension),
-                np.array([vectors[b] for _, b in kept], np.float32).reshape(-1, dimension),
-                [b for _, b in kept])
+            if len(groups) < wanted:
+                groups.append(keys)
+            elif (slot := rng.randrange(seen)) < wanted:
+                groups[slot] = keys
+        rng.shuffle(groups)  # a reservoir that never filled up is in ID-number order
+        chosen: list[tuple[Vector, int]] = []
+        for keys in groups:
+            if only_model is not None:
+                keys = [key for key in keys if self._embedded_by(key, only_model)]
+            if len(chosen) < limit and (pair := self._matching_pair(keys, min_score)):
+                chosen.append(pair)
+        vectors = np.array([vector for vector, _ in chosen], np.float32)
+        return vectors.reshape(-1, self._tables.dimension), [key for _, key in chosen]
+
+    def _matching_pair(self, keys: list[int], min_score: float) -> tuple[Vector, int] | None:
+        """The first of `keys` (among the first 8 still stored) scoring at least `min_score`
+        with a later one: its vector and the later one's key."""
+        found, matrix = self._tables.stored_vectors(keys[:8])  # erased since: left out
+        for i in range(len(found)):
+            for j in range(i + 1, len(found)):
+                if float(matrix[i] @ matrix[j]) >= min_score:
+                    return matrix[i], found[j]
+        return None
 
     def _embedded_by(self, key: int, model_id: str) -> bool:
         face = self._tables.load(key)
