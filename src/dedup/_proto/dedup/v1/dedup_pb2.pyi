@@ -692,9 +692,10 @@ class RebuildRequest(_message.Message):
 
     INDEX_FACTORY_FIELD_NUMBER: _builtins.int
     index_factory: _builtins.str
-    """"Flat", "BinarySign512", "BinarySign256", a FAISS index_factory string of the IVF
-    family ("IVF4096,Flat", "IVF4096,SQ8", "IVF4096,PQ64", "OPQ64,IVF4096,PQ64"), or
-    empty for the server's configured type ("auto": chosen by gallery size).
+    """"Flat", "BinarySign512", "BinarySign256", "BinaryIVF<n>", "SignIVF<n>", a FAISS
+    index_factory string of the IVF family ("IVF4096,Flat", "IVF4096,SQ8", "IVF4096,PQ64",
+    "OPQ64,IVF4096,PQ64"), or empty for the server's configured type ("auto": chosen by
+    gallery size).
     """
     def __init__(
         self,
@@ -718,7 +719,9 @@ class RebuildProgress(_message.Message):
     TOTAL_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
     phase: _builtins.str
-    """"starting", "training", "adding", "catching_up", "done"."""
+    """"starting", "training", "adding", "calibrating" (SignIVF), "writing", "catching_up",
+    "done".
+    """
     done: _builtins.int
     total: _builtins.int
     @_builtins.property
