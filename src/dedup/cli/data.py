@@ -38,13 +38,16 @@ def register(commands: Subcommands) -> None:
         built in a separate process while the old index keeps answering, the changes made
         meanwhile are applied, and the two are swapped atomically; with --data-dir it is
         built and checkpointed in a data directory no server holds. Shows the progress and
-        prints the index type and size built.
+        prints the index type and size built. A SignIVF index is calibrated as it is built:
+        the nprobe it searches is measured on the gallery's own duplicates.
         """, ["dedup rebuild --index-factory BinarySign512",
+              "dedup rebuild --data-dir index_data --index-factory SignIVF4096",
               "dedup rebuild --data-dir index_data --index-factory IVF4096,Flat"],
         rebuild_command)
     rebuild.add_argument("--index-factory", default="",
-                         help="Flat, BinarySign512, BinarySign256, IVF<n>,Flat|SQ8|PQ<m>, "
-                         "OPQ<m>,IVF<n>,PQ<m>; default: the server's configured type")
+                         help="Flat, BinarySign512, BinarySign256, BinaryIVF<n>, SignIVF<n>, "
+                         "IVF<n>,Flat|SQ8|PQ<m>, OPQ<m>,IVF<n>,PQ<m>; default: the server's "
+                         "configured type (offline: auto)")
     add_offline_arguments(rebuild)
 
     compact = add_client_subcommand(commands, "compact", "rewrite the store compacted, so "
@@ -117,6 +120,7 @@ def rebuild_command(args: argparse.Namespace) -> int:
                 built = gallery.build_offline(args.index_factory or gallery.wanted_kind(),
                                               progress)
                 kind, vectors = built.index.kind, len(built.index)
+                searched = gallery.index_status().search_parameters
             finally:
                 gallery.close(checkpoint=False)
         else:
@@ -126,7 +130,9 @@ def rebuild_command(args: argparse.Namespace) -> int:
                 for update in admin.Rebuild(pb.RebuildRequest(index_factory=args.index_factory)):
                     progress(update.phase, update.done, update.total)
                 kind, vectors = update.index.index_type, update.index.vectors
-    print(f"rebuilt the index as {kind} with {vectors:,} vectors")
+                searched = update.index.search_parameters
+    print(f"rebuilt the index as {kind} with {vectors:,} vectors"
+          + (f", searched with {searched}" if searched else ""))
     return 0
 
 
