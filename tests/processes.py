@@ -41,6 +41,13 @@ class ServerProcess:
         return f"127.0.0.1:{self.port}"
 
     def wait(self, timeout: float = 60) -> int:
-        code = self.process.wait(timeout)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            # Say what it was doing: py-spy is not at hand, its log is.
+            self.process.kill()
+            self.process.wait(10)
+            raise AssertionError(f"dedup serve did not exit within {timeout} s; its log:\n"
+                                 + "".join(self.lines[-40:])) from None
         self._reader.join(timeout=10)
         return code
