@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import signal
 import threading
 import time
@@ -127,3 +129,23 @@ def test_sigterm_drains_in_flight_calls_and_checkpoints(tmp_path, faces):
                    for line in restarted.lines)
     restarted.process.send_signal(signal.SIGTERM)
     assert restarted.wait() == 0
+
+
+TGKILL = {"x86_64": 234, "aarch64": 131}.get(os.uname().machine)
+
+
+@pytest.mark.skipif(TGKILL is None, reason="tgkill's syscall number is known for x86_64 and "
+                    "aarch64 only")
+@pytest.mark.timeout(120)
+def test_a_sigterm_that_another_thread_receives_still_stops_the_server(tmp_path):
+    """The kernel hands a process's SIGTERM to any of its threads. A server whose main
+    thread slept on a lock never ran its handler when a gRPC or FAISS thread took the signal
+    (a full test run caught it once, as a server that would not stop): sent to one of those
+    threads here, it must stop cleanly."""
+    server = ServerProcess(tmp_path / "data")
+    pid = server.process.pid
+    others = sorted(int(task) for task in os.listdir(f"/proc/{pid}/task") if int(task) != pid)
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.syscall(TGKILL, pid, others[-1], signal.SIGTERM) == 0
+    assert server.wait(timeout=30) == 0
+    assert any("received SIGTERM" in line for line in server.lines)

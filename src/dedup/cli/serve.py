@@ -7,7 +7,7 @@ import argparse
 import json
 import logging
 import signal
-import threading
+import time
 from dataclasses import fields
 from pathlib import Path
 from types import FrameType
@@ -31,6 +31,7 @@ from dedup.core.settings import (
 from dedup.face.model_pack import MODEL_DIR_ENV
 
 log = logging.getLogger("dedup.cli")
+SIGNAL_POLL_S = 0.2  # how soon a SIGTERM another thread received is acted on
 
 
 def register(commands: Subcommands) -> None:
@@ -337,11 +338,10 @@ def serve_command(args: argparse.Namespace) -> int:
     from dedup.replicas import create_servers
 
     config = server_config(args)
-    stopping = threading.Event()
+    received: list[int] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("received %s, shutting down gracefully", signal.Signals(signum).name)
-        stopping.set()
+        received.append(signum)  # only this: no lock the main thread may hold
 
     # Before anything starts, so that a signal during start-up also ends in a clean stop.
     signal.signal(signal.SIGTERM, on_signal)
@@ -360,7 +360,12 @@ def serve_command(args: argparse.Namespace) -> int:
     if server.metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", args.metrics_address.rsplit(":", 1)[0],
                  server.metrics_port)
-    stopping.wait()
+    # Python runs a handler only when the main thread runs bytecode. A SIGTERM the kernel
+    # hands to another thread (gRPC's, FAISS's) does not wake a main thread blocked on a
+    # lock, as Event.wait() is: the server went on serving. A short sleep is woken either way.
+    while not received:
+        time.sleep(SIGNAL_POLL_S)
+    log.info("received %s, shutting down gracefully", signal.Signals(received[0]).name)
     server.stop()
     log.info("stopped" if config.milvus else "stopped; index checkpointed")
     return 0
