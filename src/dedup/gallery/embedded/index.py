@@ -192,6 +192,14 @@ def training_size(kind: str) -> int:
     return 39 * nlist_of(kind)  # FAISS's k-means wants ~39 points per centroid
 
 
+def _require_training_sample(kind: str, sample: Matrix) -> None:
+    needed = training_size(kind)
+    if len(sample) < needed:
+        raise FailedPrecondition(
+            f"index_factory: {kind} needs at least {needed:,} training vectors, "
+            f"the store holds {len(sample):,}")
+
+
 def new_index(kind: str, dimension: int) -> VectorIndex:
     if kind == FLAT:
         return FlatIndex(dimension)
@@ -293,11 +301,7 @@ class IVFIndex(_Locked):
         return float(ivf.code_size) + 8  # the code and its id in the inverted list
 
     def train(self, sample: Matrix) -> None:
-        needed = training_size(self.kind)
-        if len(sample) < needed:
-            raise FailedPrecondition(
-                f"index_factory: {self.kind} needs at least {needed:,} training vectors, "
-                f"the store holds {len(sample):,}")
+        _require_training_sample(self.kind, sample)
         with self._lock.writing():
             self._index.train(np.ascontiguousarray(sample, dtype=np.float32))
 
@@ -405,11 +409,7 @@ class BinaryIVFIndex(_SignCoded):
         return self.bits / 8 + 8  # the code and its id in the inverted list
 
     def train(self, sample: Matrix) -> None:
-        needed = training_size(self.kind)
-        if len(sample) < needed:
-            raise FailedPrecondition(
-                f"index_factory: {self.kind} needs at least {needed:,} training vectors, "
-                f"the store holds {len(sample):,}")
+        _require_training_sample(self.kind, sample)
         codes = self.encode(sample)
         with self._lock.writing():
             self._index.train(codes)
@@ -449,11 +449,7 @@ class SignIVFIndex(_SignCoded):
         return self.bits / 8 + 8  # the code and its id in the inverted list
 
     def train(self, sample: Matrix) -> None:
-        needed = training_size(self.kind)
-        if len(sample) < needed:
-            raise FailedPrecondition(
-                f"index_factory: {self.kind} needs at least {needed:,} training vectors, "
-                f"the store holds {len(sample):,}")
+        _require_training_sample(self.kind, sample)
         kmeans = faiss.Kmeans(self._dimension, self.nlist, niter=self.KMEANS_ITERATIONS,
                               spherical=True, seed=ROTATION_SEED)
         kmeans.train(np.ascontiguousarray(sample, dtype=np.float32))
