@@ -11,7 +11,8 @@ one run, the way an operator runs dedup:
      clients (q/s, p50, p99), duplicate recall against exact ground truth (of every match,
      and of the matches under other ID numbers: the ones only the index finds), the server's CPU
      seconds per check, and raw FAISS on the same checkpoint, one query at a time;
-  5. optionally (--kinds) other index types and search parameters the same way;
+  5. optionally (--kinds) other index types and search parameters the same way, and
+     (--also-with) the default server started with other `dedup serve` options;
   6. a live rebuild while 8 clients keep checking (its time; Check p99 during against
      before), and a compaction while they keep checking (the longest check during it).
 Prints a table and writes JSON to benchmarks/results/scale-<N>-<variant>.json.
@@ -262,10 +263,12 @@ def raw_faiss(data_dir: Path, probes: np.ndarray, options: SearchOptions, k: int
 def serve_and_measure(data_dir: Path, requests: list[pb.CheckRequest],
                       truth: list[dict[str, str]],
                       client_counts: list[int], kind: str | None = None,
-                      parameter: int | None = None) -> dict[str, object]:
-    server = Server(data_dir, kind, parameter)
+                      parameter: int | None = None, options: tuple[str, ...] = ()
+                      ) -> dict[str, object]:
+    server = Server(data_dir, kind, parameter, options)
     try:
-        row: dict[str, object] = {"first_answer_s": server.first_answer_seconds(requests[0])}
+        row: dict[str, object] = {"first_answer_s": server.first_answer_seconds(requests[0]),
+                                  "options": " ".join(options)}
         # A type other than the checkpoint's (asked for, or wanted by auto at this size) is
         # built by a live rebuild after the start: measure that type, not the one before.
         row["serving_asked_type_s"] = server.wait_for_type(kind)
@@ -362,6 +365,10 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/dedup-scale"))
     parser.add_argument("--kinds", nargs="*", default=[],
                         help="other index types to measure, each optionally @param,param,...")
+    parser.add_argument("--also-with", action="append", default=[], metavar="OPTIONS",
+                        help="one more row of the default server, started with these "
+                             "`dedup serve` options (e.g. '--numpy-blas-threads 0'); "
+                             "repeatable")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--probes", type=int, default=1000)
     parser.add_argument("--skip-maintenance", action="store_true",
@@ -400,6 +407,11 @@ def main() -> None:
     rows = [serve_and_measure(data_dir, requests, truth, args.clients)]
     rows[0]["raw_faiss"] = raw_faiss_of_served(data_dir, gallery.probes, rows[0])
     print(json.dumps(rows[0]), flush=True)
+    for options in args.also_with:
+        rows.append(serve_and_measure(data_dir, requests, truth, args.clients,
+                                      options=tuple(options.split())))
+        rows[-1]["raw_faiss"] = raw_faiss_of_served(data_dir, gallery.probes, rows[-1])
+        print(json.dumps(rows[-1]), flush=True)
     for spec in args.kinds:
         kind, _, sweep = spec.partition("@")
         for parameter in [int(n) for n in sweep.split(",")] if sweep else [None]:
@@ -442,6 +454,8 @@ def print_table(result: dict[str, object]) -> None:
             return float(row.get(clients, {}).get(field, float("nan")))
 
         raw = row.get("raw_faiss", {}).get("cpu_ms_per_query", float("nan"))
+        if row.get("options"):
+            print(f"  with {row['options']}:")
         print(f"{row['index']:24} {row['parameter'] or '':>6} {row['first_answer_s']:7.1f} "
               f"{row.get('recall_8_clients', float('nan')):7.4f} "
               f"{row.get('recall_other_id_8_clients', float('nan')):7.4f} "

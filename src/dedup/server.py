@@ -35,6 +35,7 @@ from dedup.api.observe import CallObserver
 from dedup.api.rate_limit import SharedCallerRate
 from dedup.api.transport import Transport
 from dedup.api.wire import add_service
+from dedup.core.blas import limit_numpy_blas
 from dedup.core.errors import ConfigError
 from dedup.core.files import PRIVATE_FILE_MODE
 from dedup.core.security import is_loopback
@@ -144,6 +145,7 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0",
     if config.security is None and not is_loopback(address):
         raise ConfigError(f"refusing to listen on {address} without a security file: "
                          "unauthenticated, dedup serves on loopback only (see `dedup keys`)")
+    limit_numpy_blas(config.numpy_blas_threads)
     metrics = Metrics()
     embedder = FaceEmbedder(resolve_model_dir(config.model_dir), config.capture,
                             workers=config.embed_workers, max_batch=config.embed_batch,
@@ -184,6 +186,7 @@ def create_replica_server(config: ServerConfig, address: str, forwarding: Forwar
     started), its gallery (the store not open yet: the primary opens it) and its port.
     Metrics and audit anchoring are the primary's."""
     config = dataclasses.replace(config, metrics_address=None, audit_anchor_file=None)
+    limit_numpy_blas(config.numpy_blas_threads)
     metrics = Metrics()
     embedder = FaceEmbedder(resolve_model_dir(config.model_dir), config.capture,
                             workers=config.embed_workers, max_batch=config.embed_batch,
