@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import signal
 import statistics
 import subprocess
@@ -367,8 +368,9 @@ def main() -> None:
                         help="other index types to measure, each optionally @param,param,...")
     parser.add_argument("--also-with", action="append", default=[], metavar="OPTIONS",
                         help="one more row of the default server, started with these "
-                             "`dedup serve` options (e.g. '--numpy-blas-threads 0'); "
-                             "repeatable")
+                             "`dedup serve` options (e.g. --also-with='--numpy-blas-threads 0'); "
+                             "repeatable; the rows run one after the other, so the later "
+                             "one has a warm page cache")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--probes", type=int, default=1000)
     parser.add_argument("--skip-maintenance", action="store_true",
@@ -409,7 +411,7 @@ def main() -> None:
     print(json.dumps(rows[0]), flush=True)
     for options in args.also_with:
         rows.append(serve_and_measure(data_dir, requests, truth, args.clients,
-                                      options=tuple(options.split())))
+                                      options=tuple(shlex.split(options))))
         rows[-1]["raw_faiss"] = raw_faiss_of_served(data_dir, gallery.probes, rows[-1])
         print(json.dumps(rows[-1]), flush=True)
     for spec in args.kinds:

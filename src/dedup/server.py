@@ -141,6 +141,9 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0",
     data directory raises before anything listens. With `forwarding`, the primary of a
     multi-process server: `address` is bound with SO_REUSEPORT (the replicas bind it too),
     and the replicas' relayed calls are taken on the Unix socket.
+
+    It limits numpy's BLAS threads for the whole process (`config.numpy_blas_threads`,
+    core/blas.py), before the start-up build: they stay limited after the server stops.
     """
     if config.security is None and not is_loopback(address):
         raise ConfigError(f"refusing to listen on {address} without a security file: "

@@ -71,6 +71,13 @@ def register(commands: Subcommands) -> None:
                        help="serve Prometheus metrics over HTTP here (e.g. 127.0.0.1:9464)")
     serve.add_argument("--grace", type=float, default=ServerConfig.shutdown_grace_s,
                        help="seconds in-flight calls get to finish on SIGTERM")
+    serve.add_argument("--numpy-blas-threads", type=_non_negative,
+                       default=ServerConfig.numpy_blas_threads, metavar="N",
+                       help="threads of numpy's BLAS in the server process, over "
+                       "OPENBLAS_NUM_THREADS (default 1: idle BLAS threads spin after every "
+                       "small product of the request path, which cost a fifth of a check's "
+                       "CPU at 10,000,000 on 2 cores); 0: leave it as the environment sets "
+                       "it. FAISS's own BLAS is not affected")
     serve.add_argument("--processes", type=_positive, default=1, metavar="N",
                        help="serve the embedded data directory from N processes sharing "
                        "--address: one writes, N-1 read replicas answer checks on more "
@@ -94,6 +101,13 @@ def register(commands: Subcommands) -> None:
         only runs the (read-only) checks.
         """, ["dedup demo --data-dir /tmp/dedup-demo"], demo_command)
     demo.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -154,11 +168,6 @@ def _index_arguments(serve: argparse.ArgumentParser) -> None:
                        help="most concurrent checks coalesced into one index search")
     serve.add_argument("--batch-wait-ms", type=float, default=index.max_batch_wait_s * 1000,
                        help="how long a search waits for a batch to fill")
-    serve.add_argument("--numpy-blas-threads", type=int,
-                       default=ServerConfig.numpy_blas_threads, metavar="N",
-                       help="threads of numpy's BLAS in the server (default 1: its idle "
-                       "threads spin, which cost a third of the CPU of a check on 2 cores); "
-                       "0: numpy's default, one per core")
 
 
 def _query_arguments(serve: argparse.ArgumentParser) -> None:

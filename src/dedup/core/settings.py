@@ -267,7 +267,8 @@ class ServerConfig:
     # FAISS's OpenMP threads per search. A single-query exact search is slower with two
     # threads than with one here (2 cores), and concurrent calls already use both cores.
     faiss_omp_threads: int = 1
-    # Threads of numpy's own BLAS in this process (core/blas.py); 0: numpy's default.
+    # Threads of numpy's BLAS in the whole server process (core/blas.py); 0: as the
+    # environment sets them (OPENBLAS_NUM_THREADS, else one per core).
     numpy_blas_threads: int = 1
     # Admitted dedup calls in flight; beyond, RESOURCE_EXHAUSTED at once. Health,
     # reflection and refused calls take no slot.

@@ -19,6 +19,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from dedup.core.blas import limit_numpy_blas
 from dedup.core.errors import FailedPrecondition, StoreError
 from dedup.core.settings import IndexConfig, StoreConfig
 from dedup.gallery.base import Progress
@@ -85,6 +86,7 @@ def _child_main(config: StoreConfig, kind: str, model_id: str, only_model: str |
                 pair_score: float) -> None:
     """Runs in the spawned process: build, write the side file, report."""
     faiss.omp_set_num_threads(1)
+    limit_numpy_blas(1)  # one core: numpy's idle BLAS threads would spin on the server's
     try:
         store = Store(config, readonly=True)
         with store.snapshot() as snapshot:
