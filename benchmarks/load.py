@@ -5,7 +5,7 @@
 for a bounded time against a `dedup serve` process on a large gallery. Clients run in
 several processes (one Python process cannot drive the server to saturation). Prints
 throughput, p50/p95/p99/max latency per call type and the error count per status; writes
-JSON to benchmarks/results/load-<N>.json. Zero errors is the requirement.
+JSON to benchmarks/results/load-<N>-<variant>.json. Zero errors is the requirement.
 
     .venv/bin/python benchmarks/load.py --registrations 1000000 --clients 16 --seconds 60
 
@@ -33,7 +33,7 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gallery_data import captures_of, generate
+from gallery_data import VARIANTS, captures_of, generate
 from harness import connected_stub
 from scale import RESULTS, Server, import_gallery
 
@@ -150,12 +150,15 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2, help="client processes")
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--variant", choices=VARIANTS, default="iso",
+                        help="the data variant (see benchmarks/gallery_data.py)")
     parser.add_argument("--index-factory", default="BinarySign512",
-                        help="the type auto picks at this size; another one is rebuilt first")
+                        help="the index type served (another one is rebuilt first); auto: "
+                             "what the server's defaults pick, with their search parameters")
     args = parser.parse_args()
 
-    work = args.workdir / f"{args.registrations}-iso"
-    gallery = generate(work / "input", args.registrations, "iso", probes=10)
+    work = args.workdir / f"{args.registrations}-{args.variant}"
+    gallery = generate(work / "input", args.registrations, args.variant, probes=10)
     data_dir = work / "data"
     if not (work / "imported").exists():
         print(f"importing {gallery.registrations} registrations into {data_dir}")
@@ -163,7 +166,8 @@ def main() -> None:
         (work / "imported").touch()
     gallery_file, rows, id_numbers = probe_people(gallery.files, 20_000, seed=3)
 
-    server = Server(data_dir, args.index_factory, 64)
+    server = (Server(data_dir) if args.index_factory == "auto"
+              else Server(data_dir, args.index_factory, 64))
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             before = pb_grpc.FaceDedupStub(channel).Stats(pb.StatsRequest())
@@ -202,7 +206,7 @@ def main() -> None:
                   f"{row['p95_ms']:>9.2f}{row['p99_ms']:>9.2f}{row['max_ms']:>9.1f}")
     print(f"errors by status: {dict(errors) or 'none'}; server peak RSS {peak_rss:.2f} GB")
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"load-{args.registrations}.json"
+    path = RESULTS / f"load-{args.registrations}-{args.variant}.json"
     path.write_text(json.dumps({
         "registrations": before.registrations, "index_type": before.index_type,
         "clients": args.clients, "processes": args.processes, "seconds": args.seconds,
