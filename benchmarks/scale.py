@@ -352,6 +352,19 @@ def rebuild_and_compact(data_dir: Path, requests: list[pb.CheckRequest],
 
 # -- the run ------------------------------------------------------------------------------
 
+def served_setups(also_with: list[str], kinds: list[str]
+                  ) -> list[tuple[str | None, int | None, tuple[str, ...]]]:
+    """The servers measured, in order: the default one, the default one with each set of
+    --also-with options, then each --kinds type at each of its parameters."""
+    setups: list[tuple[str | None, int | None, tuple[str, ...]]] = [(None, None, ())]
+    setups += [(None, None, tuple(shlex.split(options))) for options in also_with]
+    for spec in kinds:
+        kind, _, sweep = spec.partition("@")
+        setups += [(kind, parameter, ())
+                   for parameter in ([int(n) for n in sweep.split(",")] if sweep else [None])]
+    return setups
+
+
 def check_requests(probes: np.ndarray, probe_ids: list[str]) -> list[pb.CheckRequest]:
     return [pb.CheckRequest(face=pb.Face(embedding=pb.Embedding(values=v.tolist())),
                             claimed_id_number=c, max_candidates=100)
@@ -406,22 +419,14 @@ def main() -> None:
         print(json.dumps(maintenance, indent=1), f"\nwrote {out}")
         return
     truth = ground_truth(data_dir, gallery.probes)
-    rows = [serve_and_measure(data_dir, requests, truth, args.clients)]
-    rows[0]["raw_faiss"] = raw_faiss_of_served(data_dir, gallery.probes, rows[0])
-    print(json.dumps(rows[0]), flush=True)
-    for options in args.also_with:
-        rows.append(serve_and_measure(data_dir, requests, truth, args.clients,
-                                      options=tuple(shlex.split(options))))
-        rows[-1]["raw_faiss"] = raw_faiss_of_served(data_dir, gallery.probes, rows[-1])
-        print(json.dumps(rows[-1]), flush=True)
-    for spec in args.kinds:
-        kind, _, sweep = spec.partition("@")
-        for parameter in [int(n) for n in sweep.split(",")] if sweep else [None]:
-            rows.append(serve_and_measure(data_dir, requests, truth, args.clients, kind,
-                                          parameter))
-            # the server checkpointed its index when it stopped: search that one here
-            rows[-1]["raw_faiss"] = raw_faiss_of_served(data_dir, gallery.probes, rows[-1])
-            print(json.dumps(rows[-1]), flush=True)
+    rows = []
+    for kind, parameter, options in served_setups(args.also_with, args.kinds):
+        row = serve_and_measure(data_dir, requests, truth, args.clients, kind, parameter,
+                                options)
+        # the server checkpointed its index when it stopped: search that one here
+        row["raw_faiss"] = raw_faiss_of_served(data_dir, gallery.probes, row)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     result["serving"] = rows
     if not args.skip_maintenance:
         result["maintenance"] = rebuild_and_compact(data_dir, requests)

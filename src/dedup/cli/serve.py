@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from types import FrameType
@@ -71,14 +72,14 @@ def register(commands: Subcommands) -> None:
                        help="serve Prometheus metrics over HTTP here (e.g. 127.0.0.1:9464)")
     serve.add_argument("--grace", type=float, default=ServerConfig.shutdown_grace_s,
                        help="seconds in-flight calls get to finish on SIGTERM")
-    serve.add_argument("--numpy-blas-threads", type=_non_negative,
+    serve.add_argument("--numpy-blas-threads", type=_at_least(0),
                        default=ServerConfig.numpy_blas_threads, metavar="N",
                        help="threads of numpy's BLAS in the server process, over "
                        "OPENBLAS_NUM_THREADS (default 1: idle BLAS threads spin after every "
                        "small product of the request path, which cost a fifth of a check's "
                        "CPU at 10,000,000 on 2 cores); 0: leave it as the environment sets "
                        "it. FAISS's own BLAS is not affected")
-    serve.add_argument("--processes", type=_positive, default=1, metavar="N",
+    serve.add_argument("--processes", type=_at_least(1), default=1, metavar="N",
                        help="serve the embedded data directory from N processes sharing "
                        "--address: one writes, N-1 read replicas answer checks on more "
                        "cores and relay every other call to it (default 1)")
@@ -103,21 +104,18 @@ def register(commands: Subcommands) -> None:
     demo.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
 
 
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1")
-    return value
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `minimum`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: give a whole number of at least {minimum}")
+        return value
+    return parse
 
 
 def _audit_arguments(serve: argparse.ArgumentParser) -> None:
