@@ -87,7 +87,7 @@ def client_process(port: int, process: int, threads: int, gallery_file: str,
                    id_numbers: list[str], rows: list[int], warmup: float, seconds: float,
                    out: Any) -> None:
     people = np.load(gallery_file, mmap_mode="r")[rows]
-    samples: list[tuple[str, float]] = []
+    samples: list[tuple[str, float, float]] = []
     errors: Counter[str] = Counter()
     lock = threading.Lock()
     clients = [Client(port, f"{os.getpid()}x{t}", people, id_numbers, 1000 * process + t)
@@ -96,7 +96,7 @@ def client_process(port: int, process: int, threads: int, gallery_file: str,
     measure_from, stop_at = start + warmup, start + warmup + seconds
 
     def run(client: Client) -> None:
-        mine: list[tuple[str, float]] = []
+        mine: list[tuple[str, float, float]] = []
         failed: Counter[str] = Counter()
         time.sleep(max(0.0, start - time.monotonic()))
         while (began := time.monotonic()) < stop_at:
@@ -107,7 +107,7 @@ def client_process(port: int, process: int, threads: int, gallery_file: str,
                     failed[error.code().name] += 1
                 continue
             if began >= measure_from:
-                mine.append((kind, time.monotonic() - began))
+                mine.append((kind, began, time.monotonic() - began))
         with lock:
             samples.extend(mine)
             errors.update(failed)
@@ -131,6 +131,38 @@ def percentiles(latencies: list[float], seconds: float) -> dict[str, float]:
     return {"calls": len(ordered), "per_second": len(ordered) / seconds,
             "p50_ms": statistics.median(ordered) * 1000, "p95_ms": at(0.95),
             "p99_ms": at(0.99), "max_ms": ordered[-1] * 1000}
+
+
+def beside_checkpoints(samples: list[tuple[str, float, float]],
+                       checkpoints: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Latencies per call type, split by whether the call overlapped an index checkpoint
+    (from the taking of its snapshot to the end of its write, as the server logged it)."""
+    windows = [(c["ended"] - c["held_s"] - c["written_s"], c["ended"]) for c in checkpoints]
+    split: dict[str, dict[str, float]] = {}
+    for kind in ("Check", "Enroll"):
+        overlapping, apart = [], []
+        for _, began, seconds in (s for s in samples if s[0] == kind):
+            hit = any(began < end and began + seconds > start for start, end in windows)
+            (overlapping if hit else apart).append(seconds)
+        for name, latencies in (("during", overlapping), ("apart", apart)):
+            row = percentiles(latencies, 1.0)
+            split[f"{kind} {name}"] = {k: v for k, v in row.items() if k != "per_second"}
+    return split
+
+
+def print_beside_checkpoints(split: dict[str, dict[str, float]],
+                             checkpoints: list[dict[str, float]]) -> None:
+    if not checkpoints:
+        print("no index checkpoint during the run")
+        return
+    held = max(c["held_s"] for c in checkpoints)
+    written = max(c["written_s"] for c in checkpoints)
+    print(f"{len(checkpoints)} index checkpoints (at most {held:.2f} s holding writes, "
+          f"{written:.2f} s writing); calls overlapping one and the rest:")
+    for name, row in split.items():
+        if row["calls"]:
+            print(f"  {name:<16}{row['calls']:>7} calls  p50 {row['p50_ms']:8.1f} ms  "
+                  f"p99 {row['p99_ms']:8.1f} ms  max {row['max_ms']:8.1f} ms")
 
 
 def probe_people(files: list[Path], count: int, seed: int) -> tuple[str, list[int], list[str]]:
@@ -183,7 +215,7 @@ def main() -> None:
             args.seconds, out)) for p, threads in enumerate(per_process) if threads]
         for worker in workers:
             worker.start()
-        samples: list[tuple[str, float]] = []
+        samples: list[tuple[str, float, float]] = []
         errors: Counter[str] = Counter()
         for _ in workers:
             got, failed = out.get()
@@ -195,9 +227,9 @@ def main() -> None:
     finally:
         server.stop()
 
-    table = {kind: percentiles([s for k, s in samples if k == kind], args.seconds)
+    table = {kind: percentiles([s for k, _, s in samples if k == kind], args.seconds)
              for kind in ("Check", "Enroll", "Delete")}
-    table["all"] = percentiles([s for _, s in samples], args.seconds)
+    table["all"] = percentiles([s for _, _, s in samples], args.seconds)
     print(f"\n{'call':<8}{'calls':>8}{'per s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
           f"{'max ms':>9}")
     for kind, row in table.items():
@@ -205,6 +237,8 @@ def main() -> None:
             print(f"{kind:<8}{row['calls']:>8}{row['per_second']:>9.1f}{row['p50_ms']:>9.2f}"
                   f"{row['p95_ms']:>9.2f}{row['p99_ms']:>9.2f}{row['max_ms']:>9.1f}")
     print(f"errors by status: {dict(errors) or 'none'}; server peak RSS {peak_rss:.2f} GB")
+    during = beside_checkpoints(samples, server.checkpoints)
+    print_beside_checkpoints(during, server.checkpoints)
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"load-{args.registrations}-{args.variant}.json"
     path.write_text(json.dumps({
@@ -212,6 +246,7 @@ def main() -> None:
         "clients": args.clients, "processes": args.processes, "seconds": args.seconds,
         "mix": {"Check": 0.90, "Enroll(check_first)": 0.09, "Delete": 0.01},
         "results": table, "errors": dict(errors), "server_peak_rss_gb": peak_rss,
+        "checkpoints": server.checkpoints, "beside_checkpoints": during,
     }, indent=2))
     print(f"wrote {path}")
     if errors:

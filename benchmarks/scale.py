@@ -193,6 +193,10 @@ class Server:
         else:
             raise RuntimeError("the server did not start")
         self.pauses: list[float] = []  # seconds a compaction paused writes, from its log
+        self.pause_details: list[str] = []  # and what the pause was spent on
+        # index checkpoints from its log: when each ended (time.monotonic), seconds holding
+        # writes, seconds writing
+        self.checkpoints: list[dict[str, float]] = []
         threading.Thread(target=self._read_log, daemon=True).start()
 
     def _read_log(self) -> None:
@@ -200,6 +204,11 @@ class Server:
         for line in self.process.stderr:
             if match := re.search(r"compaction paused writes for ([0-9.]+) s", line):
                 self.pauses.append(float(match.group(1)))
+                self.pause_details.append(line[match.start():].strip())
+            if match := re.search(r"writes held ([0-9.]+) s, written in ([0-9.]+) s", line):
+                self.checkpoints.append({"ended": time.monotonic(),
+                                         "held_s": float(match.group(1)),
+                                         "written_s": float(match.group(2))})
 
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(f"127.0.0.1:{self.port}")
@@ -344,7 +353,8 @@ def rebuild_and_compact(data_dir: Path, requests: list[pb.CheckRequest],
         if not skip_rebuild:
             result["live_rebuild"] = under_load(server, requests, rebuild)
         result["compaction"] = under_load(server, requests, compact) | {
-            "writes_paused_s": max(server.pauses, default=float("nan"))}
+            "writes_paused_s": max(server.pauses, default=float("nan")),
+            "writes_paused": server.pause_details}
         return result
     finally:
         server.stop()

@@ -5,6 +5,7 @@ deletions, and checkpoints that round-trip or are refused when damaged or mismat
 from __future__ import annotations
 
 import threading
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -138,7 +139,7 @@ def rewritten(path, **changes) -> None:
     """The checkpoint at `path` written again (valid checksum) with some fields changed."""
     old = read_checkpoint(path)
     fields = {"sequence": old.sequence, "vectors": old.vectors, "model_id": old.model_id,
-              "payload": old.payload, "kind": old.kind, **changes}
+              "parts": old.parts, "kind": old.kind, **changes}
     write_checkpoint(path, Checkpoint(**fields))
 
 
@@ -168,7 +169,7 @@ def test_damaged_and_mismatched_checkpoints_are_refused(tmp_path, index, family)
         load_index(path, 512, "m")
 
     cases = [
-        ({"payload": memoryview(good)[200:len(good) // 2]}, refused["damaged"]),
+        ({"parts": (memoryview(good)[200:len(good) // 2],)}, refused["damaged"]),
         ({"kind": f"{family}32"}, refused["other lists"]),
         ({"kind": "BinarySign512"}, refused["read as BinarySign512"]),
         ({"kind": "Flat"}, "FAISS cannot read the index"),
@@ -187,3 +188,18 @@ def test_damaged_and_mismatched_checkpoints_are_refused(tmp_path, index, family)
     rewritten(path, kind=f"{family}{NLIST}")
     with pytest.raises(CheckpointError, match=refused["flat sign codes"]):
         load_index(path, 512, "m")
+
+
+def test_a_snapshot_holds_one_copy_of_the_codes(index):
+    """A checkpoint's snapshot is taken with writes held: joining its parts into one buffer
+    copied every code again (2 s of the 3.1 s writes were held at 10,000,000)."""
+    tracemalloc.start()
+    try:
+        snapshot = index.snapshot(1, "m")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    payload = np.frombuffer(snapshot.payload, np.uint8)
+    assert peak < 1.5 * payload.nbytes
+    if isinstance(index, SignIVFIndex):
+        assert len(SignIVFIndex.deserialize(payload, 512, NLIST)) == len(index)

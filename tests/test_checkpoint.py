@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -51,7 +53,8 @@ def test_missing_file(tmp_path):
 
 def test_valid_checksum_but_not_faiss(tmp_path):
     path = tmp_path / "index.ckpt"
-    write_checkpoint(path, Checkpoint(1, 0, "model-a", memoryview(b"definitely not a faiss index")))
+    write_checkpoint(path, Checkpoint(1, 0, "model-a",
+                                        (memoryview(b"definitely not a faiss index"),)))
     with pytest.raises(CheckpointError, match="FAISS cannot read"):
         load_index(path, 512, "model-a")
 
@@ -64,3 +67,35 @@ def test_wrong_dimension(saved):
 def test_other_model(saved):
     with pytest.raises(CheckpointError, match="holds embeddings of model 'model-a'"):
         load_index(saved, 512, "model-b")
+
+
+def test_a_large_checkpoint_reaches_the_disk_as_it_is_written(tmp_path, monkeypatch):
+    """A checkpoint is flushed every `flush_every` bytes, not fsynced once at its end: written
+    whole, a 720 MB index left that much dirty data for the store's fsyncs to wait behind. Its
+    parts (FAISS writes an index in thousands of pieces) are flushed together."""
+    payload = np.random.default_rng(3).integers(0, 256, (10 << 20) + 7, dtype=np.uint8)
+    small = [memoryview(payload.data)[i:i + 10_000] for i in range(0, 3_000_000, 10_000)]
+    cases = {"one part": (memoryview(payload.data),),
+             "many parts": (*small, memoryview(payload.data)[3_000_000:])}
+    unflushed: list[int] = []
+    real_fdatasync, flushed_at = os.fdatasync, [0]
+
+    def fdatasync(descriptor: int) -> None:
+        size = os.fstat(descriptor).st_size
+        unflushed.append(size - flushed_at[0])
+        flushed_at[0] = size
+        real_fdatasync(descriptor)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    whole = tmp_path / "whole.ckpt"
+    write_checkpoint(whole, Checkpoint(7, 1, "model-a", cases["one part"]), flush_every=None)
+    assert not unflushed
+    for name, parts in cases.items():
+        unflushed.clear()
+        flushed_at[0] = 0
+        path = tmp_path / f"{name}.ckpt"
+        write_checkpoint(path, Checkpoint(7, 1, "model-a", parts), flush_every=1 << 20)
+        assert len(unflushed) >= 8, name
+        assert 1 << 20 <= max(unflushed) <= 2 << 20, name
+        assert path.read_bytes() == whole.read_bytes(), name
+        assert read_checkpoint(path).payload == memoryview(payload.data)

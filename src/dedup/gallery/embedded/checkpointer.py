@@ -40,6 +40,7 @@ class Checkpointer:
         """Writes the index with the sequence it covers; returns that sequence. With
         `covering`, nothing is written if the last checkpoint already covers that change."""
         with self.lock:
+            started = time.monotonic()
             with self.live.writes:  # the index and the sequence must agree
                 sequence = self.live.store.sequence()
                 if covering is not None and self.sequence >= covering:
@@ -47,7 +48,11 @@ class Checkpointer:
                 if sequence == self.sequence and self.path.exists():
                     return sequence
                 snapshot = self.live.index.snapshot(sequence, self.live.model_id)
+            held = time.monotonic() - started
             self.write(snapshot, sequence)
+            log.info("checkpoint at change %d: %d vectors, %.0f MB; writes held %.2f s, "
+                     "written in %.2f s", sequence, snapshot.vectors,
+                     snapshot.nbytes / 1e6, held, time.monotonic() - started - held)
             return sequence
 
     def checkpoint_if_due(self) -> None:
