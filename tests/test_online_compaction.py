@@ -4,6 +4,7 @@ be, and the bytes of one erased meanwhile are gone after the next compaction."""
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import numpy as np
@@ -12,6 +13,7 @@ from dedup.core.records import DeleteKey, Registration
 from dedup.core.settings import IndexConfig, StoreConfig
 from dedup.core.vectors import normalize_rows
 from dedup.gallery.embedded.gallery import EmbeddedGallery
+from dedup.gallery.embedded.layout import DATA_FILE, REPLACED_FILE, compaction_dir
 from dedup.ops.doctor import examine
 
 GALLERY = 40_000  # enough for the copy to take a while
@@ -77,3 +79,48 @@ def test_reads_and_writes_go_on_while_the_store_is_copied(tmp_path):
     for path in (tmp_path / "data").rglob("*"):
         if path.is_file():
             assert erased_id + b'"' not in path.read_bytes(), path
+
+
+def test_the_replaced_data_file_is_freed_after_writes_go_on(tmp_path, caplog):
+    """Renamed over, the old data file freed its blocks while writes waited (1.1 s at
+    10,000,000 here): it is kept linked through the swap and deleted with the compaction's
+    directory afterwards, so no file holds what it held once the compaction returns."""
+    rng = np.random.default_rng(6)
+    gallery = open_gallery(tmp_path / "data")
+    vectors = normalize_rows(rng.standard_normal((50, 512), dtype=np.float32))
+    gallery.insert_many([(registration(i), vectors[i]) for i in range(50)])
+    gallery.delete(DeleteKey.REGISTRATION_ID, "r3")
+    store = gallery.store._lmdb
+    data_file = store.path / DATA_FILE
+    old_bytes, kept = data_file.read_bytes(), {}
+    swap = store.replace_data_file
+
+    def replace_data_file(replacement, keep_replaced=None):
+        swap(replacement, keep_replaced)
+        kept["linked"] = keep_replaced is not None and keep_replaced.read_bytes() == old_bytes
+
+    store.replace_data_file = replace_data_file
+    caplog.set_level(logging.INFO, logger="dedup")
+    gallery.compact()
+    assert kept == {"linked": True}
+    assert not compaction_dir(store.path).exists()
+    assert "waiting for reads to finish" in caplog.text  # the pause's parts are logged
+    gallery.close(checkpoint=True)
+
+
+def test_a_compaction_killed_after_its_swap_leaves_nothing_at_the_next_start(tmp_path, caplog):
+    """Its directory holds the replaced data file, whose free pages may hold erased bytes:
+    the next opening for writing removes it."""
+    gallery = open_gallery(tmp_path / "data")
+    gallery.insert(registration(1), normalize_rows(np.ones((1, 512), np.float32))[0])
+    store_path = gallery.store._lmdb.path
+    gallery.close(checkpoint=True)
+    staging = compaction_dir(store_path)
+    staging.mkdir()
+    (staging / REPLACED_FILE).write_bytes(b'"ID-erased"' * 100)
+    caplog.set_level(logging.WARNING, logger="dedup")
+    gallery = open_gallery(tmp_path / "data")
+    assert not staging.exists()
+    assert "left by a compaction that did not finish" in caplog.text
+    assert gallery.is_enrolled("r1")
+    gallery.close(checkpoint=True)

@@ -23,7 +23,7 @@ from typing import Any
 import lmdb
 
 from dedup.core.files import PRIVATE_FILE_MODE, open_private, private_dir
-from dedup.gallery.embedded.layout import DATA_FILE
+from dedup.gallery.embedded.layout import DATA_FILE, REPLACED_FILE, compaction_dir
 from dedup.gallery.embedded.lmdb_env import DAMAGE, DUPSORT_DB, Databases, LmdbEnv, open_db
 from dedup.gallery.embedded.store_format import (
     ERASED_SINCE,
@@ -59,7 +59,7 @@ def compact(store: LmdbEnv) -> tuple[int, int]:
     rewrites). Returns the file's size before and after.
     """
     before = store.file_bytes()
-    staging = store.path.with_name(store.path.name + ".compacting")
+    staging = compaction_dir(store.path)
     shutil.rmtree(staging, ignore_errors=True)
     private_dir(staging)
     try:
@@ -77,11 +77,21 @@ def compact(store: LmdbEnv) -> tuple[int, int]:
                 target.sync(True)
                 open_target = None
                 target.close()  # once only: a second close frees LMDB's handles again
+                caught_up = time.monotonic()
                 _fsync(staging / DATA_FILE)
+                flushed = time.monotonic()
                 with store.exclusive():
-                    store.replace_data_file(staging / DATA_FILE)
+                    drained = time.monotonic()
+                    # The old file, which may hold erased bytes, goes with the staging
+                    # directory below, once writes go on.
+                    store.replace_data_file(staging / DATA_FILE,
+                                            keep_replaced=staging / REPLACED_FILE)
                 store.compacting_from = None
-                log.info("compaction paused writes for %.3f s", time.monotonic() - started)
+                ended = time.monotonic()
+                log.info("compaction paused writes for %.3f s (catching up %.3f s, flushing "
+                         "%.3f s, waiting for reads to finish %.3f s, swapping files %.3f s)",
+                         ended - started, caught_up - started, flushed - caught_up,
+                         drained - flushed, ended - drained)
         finally:
             store.compacting_from = None
             if open_target is not None:

@@ -13,10 +13,16 @@ REBUILD_FILE = "index.ckpt.rebuild"  # a live rebuild's index until it is swappe
 LOCK_FILE = "dedup.lock"  # held by the process that has the directory open for writing
 FORWARD_SOCKET = "forward.sock"  # `serve --processes N`: the primary's socket for replicas
 CHECK_RATES_FILE = "check-rates"  # `serve --processes N`: the desks' check rates, shared
+REPLACED_FILE = "replaced.mdb"  # in the compaction's directory: the data file it replaced
 
 
 def store_dir(data_dir: Path) -> Path:
     return Path(data_dir) / STORE_DIR
+
+
+def compaction_dir(store_path: Path) -> Path:
+    """Where a compaction writes the store anew, beside the store's directory."""
+    return store_path.with_name(store_path.name + ".compacting")
 
 
 def store_file(data_dir: Path) -> Path:

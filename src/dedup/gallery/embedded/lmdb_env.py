@@ -186,9 +186,13 @@ class LmdbEnv:
         except lmdb.NotFoundError:
             return None
 
-    def replace_data_file(self, replacement: Path) -> None:
+    def replace_data_file(self, replacement: Path, keep_replaced: Path | None = None) -> None:
         """Closes the environment, renames `replacement` over its data file with a new lock
         file (durably) and opens it again. Only inside `exclusive()`.
+
+        `keep_replaced`: where a link to the replaced data file is left, for the caller to
+        delete once writes go on. The rename would otherwise free its blocks while writes
+        wait: 1.1 s for the 1.9 GB file of 10,000,000 registrations here (ext4).
 
         Another process may have the environment open (doctor, backup, a rebuild's child).
         LMDB's lock file holds the last transaction's id, which it takes from the data file
@@ -209,6 +213,8 @@ class LmdbEnv:
         if previous_claim is not None:
             os.close(previous_claim)
         try:
+            if keep_replaced is not None:
+                os.link(self.path / DATA_FILE, keep_replaced)
             replacement.replace(self.path / DATA_FILE)
             fsync_directory(self.path)
         finally:
