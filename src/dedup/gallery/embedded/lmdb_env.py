@@ -214,7 +214,7 @@ class LmdbEnv:
             os.close(previous_claim)
         try:
             if keep_replaced is not None:
-                os.link(self.path / DATA_FILE, keep_replaced)
+                _link_if_possible(self.path / DATA_FILE, keep_replaced)
             replacement.replace(self.path / DATA_FILE)
             fsync_directory(self.path)
         finally:
@@ -354,6 +354,13 @@ def _lock_table_current(env: lmdb.Environment) -> bool:
     with env.begin(write=False) as txn:
         table_txnid = int(txn.id())
     return table_txnid == int(env.info()["last_txnid"])
+
+
+def _link_if_possible(source: Path, link: Path) -> None:
+    try:
+        os.link(source, link)
+    except OSError as error:  # a file system without hard links: freed during the rename
+        log.debug("could not keep %s as %s (%s)", source, link, error)
 
 
 def claim_new_lock_file(directory: Path) -> int:
