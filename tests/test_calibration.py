@@ -162,6 +162,30 @@ def test_auto_serves_sign_lists_from_its_threshold_with_enough_per_list():
         [1, 1, 2, 16, 2048, 4096]
 
 
+def test_auto_goes_back_to_a_smaller_type_only_well_below_its_threshold():
+    """A gallery hovering at a threshold (enrolments and erasures taking turns) keeps the
+    larger type it serves until it is 10% below; growing switches at the threshold."""
+    def wanted(count: int, serving: str | None) -> str:
+        return kind_for("auto", count, 200_000, 1_000_000, serving)
+
+    assert wanted(999_999, "SignIVF4096") == "SignIVF4096"
+    assert wanted(900_000, "SignIVF4096") == "SignIVF4096"
+    assert wanted(899_999, "SignIVF4096") == "BinarySign512"
+    assert wanted(180_000, "SignIVF4096") == "BinarySign512"
+    assert wanted(179_999, "SignIVF4096") == "Flat"
+    assert wanted(180_000, "BinarySign512") == "BinarySign512"
+    assert wanted(179_999, "BinarySign512") == "Flat"
+    assert wanted(200_000, "Flat") == "BinarySign512"  # growing: at the threshold
+    assert wanted(1_000_000, "BinarySign512") == "SignIVF4096"
+    assert wanted(199_999, "HNSW32") == "Flat"  # a type auto never picks is not kept
+    assert kind_for("Flat", 10, 200_000, 1_000_000, "SignIVF4096") == "Flat"
+    # fewer lists only once the smaller gallery would not call for as many again
+    assert kind_for("auto", 262_143, 100, 200, "SignIVF4096") == "SignIVF4096"
+    assert kind_for("auto", 235_929, 100, 200, "SignIVF4096") == "SignIVF4096"
+    assert kind_for("auto", 235_928, 100, 200, "SignIVF4096") == "SignIVF2048"
+    assert kind_for("auto", 262_144, 100, 200, "SignIVF2048") == "SignIVF4096"
+
+
 def test_a_doubled_gallery_calls_for_new_lists_and_calibration(structured):
     index = structured[0]
     assert index.calibration.vectors == len(index)

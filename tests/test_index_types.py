@@ -307,12 +307,35 @@ def test_auto_switches_to_binary_when_the_gallery_grows(make_server, faces):
     list(server.stub.EnrollStream(iter(
         pb.EnrollRequest(registration=registration(f"r{i}", f"ID{i}"), face=face(p))
         for i, p in enumerate(faces.persons(320)))))
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        info = admin(server).GetIndexInfo(pb.GetIndexInfoRequest())
-        if info.index_type == "BinarySign512" and not info.rebuilding:
-            break
-        time.sleep(0.5)
-    assert info.index_type == "BinarySign512"
+    info = wait_for_index(server, "BinarySign512")
     assert info.wanted_index_type == "BinarySign512" and info.configured_index_type == "auto"
     assert info.vectors == 320
+
+
+@pytest.mark.embedded_only(reason=FAISS_ONLY)
+def test_auto_goes_back_to_flat_only_well_below_its_threshold(make_server, faces):
+    """Erasures taking a gallery just under the threshold leave the larger type serving
+    (no rebuild back and forth at the threshold); 10% under it, auto switches back."""
+    server = make_server(index=IndexConfig(auto_threshold=300), checkpoint_interval_s=0.2)
+    list(server.stub.EnrollStream(iter(
+        pb.EnrollRequest(registration=registration(f"r{i}", f"ID{i}"), face=face(p))
+        for i, p in enumerate(faces.persons(300)))))
+    wait_for_index(server, "BinarySign512")
+    for i in range(30):  # 270 left: 90% of the threshold
+        server.stub.Delete(pb.DeleteRequest(registration_id=f"r{i}"))
+    time.sleep(2.0)  # ten looks of the automatic switch
+    info = admin(server).GetIndexInfo(pb.GetIndexInfoRequest())
+    assert (info.index_type, info.wanted_index_type, info.vectors) == (
+        "BinarySign512", "BinarySign512", 270)
+    server.stub.Delete(pb.DeleteRequest(registration_id="r30"))
+    assert wait_for_index(server, "Flat").vectors == 269
+
+
+def wait_for_index(server, kind: str, seconds: float = 90) -> pb.GetIndexInfoResponse:
+    deadline = time.monotonic() + seconds
+    while True:
+        info = admin(server).GetIndexInfo(pb.GetIndexInfoRequest())
+        if (info.index_type == kind and not info.rebuilding) or time.monotonic() > deadline:
+            assert (info.index_type, info.rebuilding) == (kind, False)
+            return info
+        time.sleep(0.2)

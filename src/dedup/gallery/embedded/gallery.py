@@ -116,8 +116,9 @@ class EmbeddedGallery:
         return self._plan.comparable_count()
 
     def wanted_kind(self) -> str:
-        """The configured index type; for "auto", what fits the gallery's size."""
-        return self._plan.wanted_kind()
+        """The configured index type; for "auto", what fits the gallery's size (see
+        index_plan.kind_for: a larger type serving now is kept a little below its threshold)."""
+        return self._plan.wanted_kind(serving=self._live.index.kind)
 
     # -- writes ----------------------------------------------------------------------
 

@@ -68,7 +68,7 @@ BINARY_DEFAULT = "BinarySign512"
 _IVF = re.compile(r"^(OPQ(\d+)(_\d+)?,)?IVF(\d+),(Flat|SQ8|SQ4|SQfp16|PQ(\d+)(x\d+)?)$")
 _BINARY = re.compile(r"^BinarySign(256|512)$")
 _BINARY_IVF = re.compile(r"^BinaryIVF([1-9]\d{0,6})$")
-_SIGN_IVF = re.compile(r"^SignIVF([1-9]\d{0,6})$")
+SIGN_IVF = re.compile(r"^SignIVF([1-9]\d{0,6})$")
 ROTATION_SEED = 20191201  # fixed: the codes of a checkpoint depend on it
 SIGN_BITS = 512  # the code length of the binary IVF
 MAX_NLIST = 1 << 20
@@ -166,7 +166,7 @@ def validate_kind(kind: str, field: str = "index_factory") -> str:
     """The canonical name of an index type, or InvalidArgument naming what is supported."""
     if kind in (FLAT, AUTO) or _IVF.match(kind) or _BINARY.match(kind):
         return kind
-    if (lists := _BINARY_IVF.match(kind) or _SIGN_IVF.match(kind)) is not None:
+    if (lists := _BINARY_IVF.match(kind) or SIGN_IVF.match(kind)) is not None:
         if int(lists.group(1)) > MAX_NLIST:
             raise InvalidArgument(field, f"{kind!r}: at most {MAX_NLIST:,} lists")
         return kind
@@ -182,7 +182,7 @@ def nlist_of(kind: str) -> int:
     """The inverted lists of an IVF or BinaryIVF type; 0 for the others."""
     if (match := _IVF.match(kind)) is not None:
         return int(match.group(4))
-    if (lists := _BINARY_IVF.match(kind) or _SIGN_IVF.match(kind)) is not None:
+    if (lists := _BINARY_IVF.match(kind) or SIGN_IVF.match(kind)) is not None:
         return int(lists.group(1))
     return 0
 
@@ -207,7 +207,7 @@ def new_index(kind: str, dimension: int) -> VectorIndex:
         return BinarySignIndex(dimension, int(binary.group(1)))
     if (binary_ivf := _BINARY_IVF.match(kind)) is not None:
         return BinaryIVFIndex(dimension, int(binary_ivf.group(1)))
-    if (sign_ivf := _SIGN_IVF.match(kind)) is not None:
+    if (sign_ivf := SIGN_IVF.match(kind)) is not None:
         return SignIVFIndex(dimension, int(sign_ivf.group(1)))
     if _IVF.match(kind):
         return IVFIndex(kind, dimension)
@@ -583,7 +583,7 @@ def load_index(path: Path, dimension: int, model_id: str) -> tuple[VectorIndex, 
 def _deserialize(path: Path, checkpoint: Checkpoint, dimension: int) -> VectorIndex:
     kind = checkpoint.kind
     payload = np.frombuffer(checkpoint.payload, dtype=np.uint8)
-    if (sign_ivf := _SIGN_IVF.match(kind)) is not None:
+    if (sign_ivf := SIGN_IVF.match(kind)) is not None:
         try:
             return SignIVFIndex.deserialize(payload, dimension, int(sign_ivf.group(1)))
         except (RuntimeError, ValueError) as error:

@@ -7,25 +7,57 @@ made (before a model change) stay in the store but are never compared with a pro
 from __future__ import annotations
 
 import logging
+import math
 
 from dedup.core.settings import IndexConfig
-from dedup.gallery.embedded.index import AUTO, BINARY_DEFAULT, FLAT, training_size, validate_kind
+from dedup.gallery.embedded.index import (
+    AUTO,
+    BINARY_DEFAULT,
+    FLAT,
+    SIGN_IVF,
+    training_size,
+    validate_kind,
+)
 from dedup.gallery.embedded.store import Store
 
 log = logging.getLogger("dedup.gallery")
 MAX_AUTO_LISTS = 4096
+# "auto" goes back to a smaller type only once the gallery has shrunk this far below the
+# threshold it grew past: a gallery hovering at a threshold, enrolments and erasures
+# taking turns, would otherwise be rebuilt back and forth (at 1,000,000, k-means each time).
+SWITCH_BACK_BELOW = 0.9
 
 
 def kind_for(configured_kind: str, count: int, auto_threshold: int,
-             lists_threshold: int) -> str:
+             lists_threshold: int, serving: str | None = None) -> str:
     """The index type for a gallery of `count` comparable registrations: the configured
     one; for "auto", Flat below `auto_threshold`, BinarySign512 from there on and SignIVF
-    from `lists_threshold` on (why, with the measurements: see index.py)."""
+    from `lists_threshold` on (why, with the measurements: see index.py). A larger type
+    `serving` now is kept down to SWITCH_BACK_BELOW of its threshold."""
     if configured_kind != AUTO:
         return configured_kind
+    grown = _auto_kind(count, auto_threshold, lists_threshold)
+    if serving is None or _auto_rank(serving) <= _auto_rank(grown):
+        return grown
+    spared = _auto_kind(math.ceil(count / SWITCH_BACK_BELOW), auto_threshold, lists_threshold)
+    return serving if _auto_rank(serving) <= _auto_rank(spared) else spared
+
+
+def _auto_kind(count: int, auto_threshold: int, lists_threshold: int) -> str:
     if count >= max(lists_threshold, auto_threshold):
         return f"SignIVF{lists_for(count)}"
     return BINARY_DEFAULT if count >= auto_threshold else FLAT
+
+
+def _auto_rank(kind: str) -> tuple[int, int]:
+    """Where `kind` stands in auto's sequence, smallest first, SignIVF by its lists
+    ((-1, 0): a type auto never picks)."""
+    if kind == FLAT:
+        return 0, 0
+    if kind == BINARY_DEFAULT:
+        return 1, 0
+    lists = SIGN_IVF.match(kind)
+    return (2, int(lists.group(1))) if lists else (-1, 0)
 
 
 def lists_for(count: int) -> int:
@@ -68,10 +100,11 @@ class IndexPlan:
             return BINARY_DEFAULT
         return wanted
 
-    def wanted_kind(self) -> str:
-        """The configured index type; for "auto", what fits the gallery's size."""
+    def wanted_kind(self, serving: str | None = None) -> str:
+        """The configured index type; for "auto", what fits the gallery's size (keeping
+        the larger type `serving` now until the gallery is well below its threshold)."""
         return kind_for(self.configured_kind, self.comparable_count(), self.auto_threshold,
-                        self.lists_threshold)
+                        self.lists_threshold, serving)
 
     def warn_about_other_models(self) -> None:
         for model, count in self.store.model_counts().items():

@@ -71,7 +71,8 @@ class IndexSwitch:
     def switch_if_wanted(self) -> None:
         if self._pinned is not None:
             return
-        wanted, index = self.plan.wanted_kind(), self.live.index
+        index = self.live.index
+        wanted = self.plan.wanted_kind(serving=index.kind)
         outgrown = isinstance(index, SignIVFIndex) and index.outgrown(len(index))
         if (wanted == index.kind and not outgrown) or self.rebuilder.running:
             return

@@ -51,7 +51,7 @@ class Rebuilder:
         """Builds `kind` (None: the configured type) in a child process and swaps it in."""
         target = validate_kind(kind) if kind else self.plan.configured_kind
         if target == AUTO:
-            target = self.plan.wanted_kind()
+            target = self.plan.wanted_kind(serving=self.live.index.kind)
         needed, have = training_size(target), self.plan.comparable_count()
         if needed > have:
             raise FailedPrecondition(f"index_factory: {target} needs at least {needed:,} "
