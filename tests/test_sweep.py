@@ -6,11 +6,16 @@ candidates before missed some)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from dedup.core.records import Registration
+from dedup.core.errors import StoreDamaged
+from dedup.core.records import DeleteKey, Registration
 from dedup.core.settings import IndexConfig, StoreConfig
 from dedup.core.vectors import normalize_rows
 from dedup.gallery.embedded.gallery import EmbeddedGallery
+from dedup.gallery.embedded.store import Store
+from dedup.gallery.embedded.sweep import SignCodeCandidates
+from dedup.gallery.embedded.vector_file import HEADER_BYTES
 from dedup.service.clusters import PAIRS_CAP, Caps, Cluster, find_clusters
 
 STRANGERS = 40_000
@@ -89,3 +94,42 @@ def test_a_link_the_pairs_cap_drops_marks_both_groups_truncated(tmp_path):
         gallery.close(checkpoint=False)
     with_b = [c for c in clusters if "B" in {r.registration_id for r in c.registrations}]
     assert with_b and all(PAIRS_CAP in cluster.truncated_by for cluster in with_b)
+
+
+def test_candidates_erased_during_a_job_drop_out_and_damaged_ones_stop_it(tmp_path):
+    """The job takes its codes at its start: a candidate erased since is left out (its slot
+    is zeros), one whose slot is damaged since stops the job naming the vector file."""
+    rng = np.random.default_rng(7)
+    strangers = normalize_rows(rng.standard_normal((2_000, 512)))
+    persons = normalize_rows(rng.standard_normal((3, 512)))
+    captures = normalize_rows(np.repeat(persons, 2, axis=0)
+                              + 0.5 * normalize_rows(rng.standard_normal((6, 512))))
+    ids = [f"p{i // 2}-{i % 2}" for i in range(6)] + [f"s{i}" for i in range(2_000)]
+    vectors = np.vstack([captures, strangers]).astype(np.float32)
+    store = Store(StoreConfig(data_dir=tmp_path / "data"))
+    try:
+        store.insert_many([(Registration(i, f"N-{i}", embedding_model="m"), v)
+                           for i, v in zip(ids, vectors, strict=True)])
+        keys = np.array([store.keys_of(i)[0] for i in ids], np.int64)
+        candidates = SignCodeCandidates(store, None, MIN_SCORE, threads=1)
+
+        def partners() -> dict[str, set[str]]:
+            rows = candidates.neighbours(keys[:6].tolist(), vectors[:6])
+            name = dict(zip(keys.tolist(), ids, strict=True))
+            return {ids[i]: {name[key] for key, _ in row} - {ids[i]}
+                    for i, row in enumerate(rows) if ids[i].endswith("-0")}  # the lower keys
+
+        assert partners() == {"p0-0": {"p0-1"}, "p1-0": {"p1-1"}, "p2-0": {"p2-1"}}
+        store.insert_many([(Registration("late", "N-late", embedding_model="m"), vectors[0])])
+        late = store.keys_of("late")[0]  # enrolled after the job started: encoded afresh
+        rows = candidates.neighbours([int(keys[0]), late], np.vstack([vectors[0], vectors[0]]))
+        assert {key for key, _ in rows[0]} - {int(keys[0])} == {int(keys[1])}
+        store.delete(DeleteKey.REGISTRATION_ID, "p1-1")
+        assert partners()["p1-0"] == set() and partners()["p0-0"] == {"p0-1"}
+        with (tmp_path / "data" / "store" / "vectors.f32").open("r+b") as handle:
+            handle.seek(HEADER_BYTES + (int(keys[5]) - 1) * 2048)
+            handle.write(b"\x7f" * 2048)
+        with pytest.raises(StoreDamaged, match=r"vectors\.f32: the store is damaged"):
+            partners()
+    finally:
+        store.close()

@@ -29,7 +29,7 @@ from dedup.gallery.embedded.store_tables import (
     vector_batches,
 )
 from dedup.gallery.embedded.store_verify import VectorCheck, check_vectors, verify
-from dedup.gallery.embedded.stored_vectors import stored_rows
+from dedup.gallery.embedded.stored_vectors import rows_in_place, stored_rows
 from dedup.gallery.embedded.vector_file import VectorFile
 
 _T = TypeVar("_T")
@@ -155,6 +155,12 @@ class ReadableStore:
         index into the vector file's map; LMDB is read only for a slot that is not a unit
         vector)."""
         return stored_rows(self._slots, np.fromiter(keys, dtype=np.int64), self._still_stored)
+
+    def vectors_in_place(self, keys: npt.NDArray[np.int64]
+                         ) -> tuple[Matrix, npt.NDArray[np.bool_]]:
+        """A row for each of `keys` in their shape, and which hold a stored embedding (see
+        stored_vectors.rows_in_place): many candidates scored at once, with no regrouping."""
+        return rows_in_place(self._slots, keys, self._still_stored)
 
     def _still_stored(self, keys: list[int]) -> set[int]:
         return self._lmdb.read(lambda txn: present(txn, self._lmdb.dbs, keys))

@@ -25,9 +25,9 @@ UNIT_TOLERANCE = 1e-3
 
 
 def unit_rows(matrix: Matrix) -> npt.NDArray[np.bool_]:
-    """Which rows are finite unit vectors."""
-    with np.errstate(all="ignore"):  # garbage bytes make overflowing or NaN floats
-        squares = np.einsum("ij,ij->i", matrix, matrix, dtype=np.float64)
+    """Which rows are finite unit vectors (garbage bytes overflow to inf or NaN: not unit)."""
+    with np.errstate(all="ignore"):
+        squares = np.einsum("ij,ij->i", matrix, matrix)
     unit: npt.NDArray[np.bool_] = np.isfinite(squares) & (
         np.abs(np.sqrt(squares) - 1.0) <= UNIT_TOLERANCE)
     return unit
@@ -37,14 +37,27 @@ def stored_rows(slots: VectorFile, keys: Keys, still_stored: StillStored
                 ) -> tuple[list[int], Matrix]:
     """The embeddings of those `keys` that are stored, in order, and those keys."""
     keys = keys[keys >= 1]  # an index pads a short answer with -1
-    rows = slots.rows(keys)
-    good = unit_rows(rows)
-    if good.all():
+    rows, stored = rows_in_place(slots, keys, still_stored)
+    if stored.all():
         return keys.tolist(), rows
-    damaged = sorted(still_stored(keys[~good].tolist()))
-    if damaged:
-        raise not_a_unit_vector(slots.path, damaged)
-    return keys[good].tolist(), rows[good]
+    return keys[stored].tolist(), rows[stored]
+
+
+def rows_in_place(slots: VectorFile, keys: Keys, still_stored: StillStored
+                  ) -> tuple[Matrix, npt.NDArray[np.bool_]]:
+    """A row for each of `keys`, in their order and shape (…, dimension), and which rows hold
+    a stored embedding (the others: keys < 1, as an index pads a short answer, or erased);
+    read in one gather, for callers that score many candidates at once."""
+    asked = keys >= 1
+    rows = slots.rows(np.where(asked, keys, 1).ravel())
+    good = unit_rows(rows) & asked.ravel()
+    if not good.all():
+        rows[~good] = 0.0
+        bad = keys.ravel()[asked.ravel() & ~good]
+        damaged = sorted(still_stored(bad.tolist())) if len(bad) else []
+        if damaged:
+            raise not_a_unit_vector(slots.path, damaged)
+    return rows.reshape(*keys.shape, slots.dimension), good.reshape(keys.shape)
 
 
 def not_a_unit_vector(path: Path, keys: list[int]) -> StoreDamaged:

@@ -62,11 +62,20 @@ class SignCodeCandidates:
             return []
         queries = np.ascontiguousarray(matrix, np.float32)
         first = int(np.searchsorted(self.keys, min(keys), side="right"))
-        codes = self.encoder.encode(queries)
+        codes = self._codes_of(np.asarray(keys, np.int64), queries)
         rows = self._confirmed(codes, queries, first, self.K)
         return widened(rows, lambda i, k: self._confirmed(codes[i:i + 1], queries[i:i + 1],
                                                           first, k)[0],
                        self.K, min(self.MAX_K, len(self.keys) - first))
+
+    def _codes_of(self, keys: npt.NDArray[np.int64], queries: Matrix
+                  ) -> npt.NDArray[np.uint8]:
+        """The rows' codes: taken at the job's start, encoded here only for registrations
+        enrolled since."""
+        at = np.minimum(np.searchsorted(self.keys, keys), max(len(self.keys) - 1, 0))
+        if len(self.keys) and (self.keys[at] == keys).all():
+            return self.codes[at]
+        return self.encoder.encode(queries)
 
     def _knn(self, codes: npt.NDArray[np.uint8], tail: npt.NDArray[np.uint8], k: int
              ) -> npt.NDArray[np.int64]:
@@ -100,18 +109,11 @@ class SignCodeCandidates:
 
     def _scores(self, keys: npt.NDArray[np.int64], found: npt.NDArray[np.bool_],
                 queries: Matrix) -> npt.NDArray[np.float32]:
-        """Exact scores of each query's candidates, -inf where a candidate is gone: one read
-        of the store for the whole block."""
-        kept, vectors = self.store.vectors(np.unique(keys[found]))
-        scores = np.full(keys.shape, -np.inf, np.float32)
-        if not kept:
-            return scores
-        stored = np.asarray(kept, np.int64)  # sorted, as asked
-        slot = np.minimum(np.searchsorted(stored, keys), len(stored) - 1)
-        present = found & (stored[slot] == keys)
-        exact = np.einsum("nkd,nd->nk", vectors[slot], queries)
-        scores[present] = exact[present]
-        return scores
+        """Exact scores of each query's candidates, -inf where a candidate is gone: one
+        gather from the vector file for the whole block, in the candidates' own layout."""
+        vectors, stored = self.store.vectors_in_place(np.where(found, keys, -1))
+        exact = np.einsum("nkd,nd->nk", vectors, queries)
+        return np.where(stored, exact, -np.inf).astype(np.float32, copy=False)
 
 
 def _usable_cores() -> int:
