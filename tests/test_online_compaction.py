@@ -8,10 +8,14 @@ import logging
 import threading
 
 import numpy as np
+import pytest
 
+from dedup.core.errors import StoreError
 from dedup.core.records import DeleteKey, Registration
 from dedup.core.settings import IndexConfig, StoreConfig
 from dedup.core.vectors import normalize_rows
+from dedup.gallery.embedded import compaction, lmdb_env
+from dedup.gallery.embedded.data_dir import open_data_dir
 from dedup.gallery.embedded.gallery import EmbeddedGallery
 from dedup.gallery.embedded.layout import DATA_FILE, REPLACED_FILE, compaction_dir
 from dedup.ops.doctor import examine
@@ -81,9 +85,9 @@ def test_reads_and_writes_go_on_while_the_store_is_copied(tmp_path):
             assert erased_id + b'"' not in path.read_bytes(), path
 
 
-def test_the_replaced_data_file_is_freed_after_writes_go_on(tmp_path, caplog):
-    """Renamed over, the old data file freed its blocks while writes waited (1.1 s at
-    10,000,000 here): it is kept linked through the swap and deleted with the compaction's
+def test_the_replaced_data_file_is_freed_after_writes_go_on(tmp_path, caplog, monkeypatch):
+    """Renamed over, the old data file freed its blocks while writes waited (about 1 s
+    at 10,000,000 here): it is kept linked through the swap and deleted with the compaction's
     directory afterwards, so no file holds what it held once the compaction returns."""
     rng = np.random.default_rng(6)
     gallery = open_gallery(tmp_path / "data")
@@ -99,10 +103,16 @@ def test_the_replaced_data_file_is_freed_after_writes_go_on(tmp_path, caplog):
         swap(replacement, keep_replaced)
         kept["linked"] = keep_replaced is not None and keep_replaced.read_bytes() == old_bytes
 
+    def rmtree(path, ignore_errors=False):
+        kept["writes going on"] = not store._writes.locked()
+        removed(path, ignore_errors=ignore_errors)
+
     store.replace_data_file = replace_data_file
+    removed = compaction.shutil.rmtree
+    monkeypatch.setattr(compaction.shutil, "rmtree", rmtree)
     caplog.set_level(logging.INFO, logger="dedup")
     gallery.compact()
-    assert kept == {"linked": True}
+    assert kept == {"linked": True, "writes going on": True}
     assert not compaction_dir(store.path).exists()
     assert "waiting for reads to finish" in caplog.text  # the pause's parts are logged
     gallery.close(checkpoint=True)
@@ -124,3 +134,45 @@ def test_a_compaction_killed_after_its_swap_leaves_nothing_at_the_next_start(tmp
     assert "left by a compaction that did not finish" in caplog.text
     assert gallery.is_enrolled("r1")
     gallery.close(checkpoint=True)
+
+
+def test_a_start_that_refuses_the_store_still_removes_an_unfinished_compaction(tmp_path):
+    """What a killed compaction left may hold erased bytes: it goes before anything that can
+    refuse the store (here a server configured for another dimension), and `dedup doctor`
+    reports it until then."""
+    gallery = open_gallery(tmp_path / "data")
+    gallery.insert(registration(1), normalize_rows(np.ones((1, 512), np.float32))[0])
+    staging = compaction_dir(gallery.store._lmdb.path)
+    gallery.close(checkpoint=True)
+    staging.mkdir()
+    (staging / REPLACED_FILE).write_bytes(b'"ID-erased"' * 100)
+    assert [f.check for f in examine(tmp_path / "data") if f.level == "warning"] == [
+        "compaction"]
+    with pytest.raises(StoreError, match="holds 512-d embeddings"):
+        open_data_dir(StoreConfig(data_dir=tmp_path / "data", dimension=128))
+    assert not staging.exists()
+    assert not [f for f in examine(tmp_path / "data") if f.level != "ok"]
+
+
+def test_without_hard_links_compaction_frees_the_replaced_file_in_the_swap(tmp_path, caplog,
+                                                                           monkeypatch):
+    """On a file system that refuses hard links the swap frees the old file during the
+    pause, as before, and says so; the erased registration is in no file afterwards."""
+    def refuse(source, link):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(lmdb_env.os, "link", refuse)
+    rng = np.random.default_rng(8)
+    gallery = open_gallery(tmp_path / "data")
+    vectors = normalize_rows(rng.standard_normal((50, 512), dtype=np.float32))
+    gallery.insert_many([(registration(i), vectors[i]) for i in range(50)])
+    gallery.delete(DeleteKey.REGISTRATION_ID, "r3")
+    caplog.set_level(logging.WARNING, logger="dedup")
+    gallery.compact()
+    assert "the replaced file is freed while writes are paused" in caplog.text
+    assert not compaction_dir(gallery.store._lmdb.path).exists()
+    assert gallery.is_enrolled("r4") and not gallery.is_enrolled("r3")
+    gallery.close(checkpoint=True)
+    for path in (tmp_path / "data").rglob("*"):
+        if path.is_file():
+            assert b'"ID-r3"' not in path.read_bytes(), path

@@ -15,7 +15,13 @@ from dedup.core.files import open_private, path_mode, shared_dir_mode
 from dedup.core.settings import GIB
 from dedup.gallery.embedded.checkpoint import read_checkpoint
 from dedup.gallery.embedded.index import load_index
-from dedup.gallery.embedded.layout import CHECKPOINT_FILE, LOCK_FILE, store_dir, store_file
+from dedup.gallery.embedded.layout import (
+    CHECKPOINT_FILE,
+    LOCK_FILE,
+    compaction_dir,
+    store_dir,
+    store_file,
+)
 from dedup.gallery.embedded.replay import replay_changes
 from dedup.gallery.embedded.store import Store
 from dedup.gallery.embedded.store_check import walk_store
@@ -35,7 +41,8 @@ def examine(data_dir: Path) -> list[Finding]:
     """Runs every check that applies; a damaged store stops the checks that need it."""
     if not store_file(data_dir).exists():
         return [Finding("problem", "store", f"no LMDB store under {store_dir(data_dir)}")]
-    findings = [_server_lock(data_dir), _access(data_dir), _pages(data_dir)]
+    findings = [_server_lock(data_dir), *_unfinished_compaction(data_dir), _access(data_dir),
+                _pages(data_dir)]
     if findings[-1].level == "problem":
         return findings
     try:
@@ -54,13 +61,28 @@ def examine(data_dir: Path) -> list[Finding]:
 
 
 def _server_lock(data_dir: Path) -> Finding:
+    if _held(data_dir):
+        return Finding("ok", "server", "a dedup server holds this directory; checked "
+                       "read-only beside it (its latest writes may not be in the checkpoint)")
+    return Finding("ok", "server", "no process holds this directory")
+
+
+def _held(data_dir: Path) -> bool:
     with open_private(data_dir / LOCK_FILE, "ab") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return Finding("ok", "server", "a dedup server holds this directory; checked "
-                           "read-only beside it (its latest writes may not be in the checkpoint)")
-    return Finding("ok", "server", "no process holds this directory")
+            return True
+    return False
+
+
+def _unfinished_compaction(data_dir: Path) -> list[Finding]:
+    staging = compaction_dir(store_dir(data_dir))
+    if not staging.exists() or _held(data_dir):  # held: maybe a compaction running now
+        return []
+    return [Finding("warning", "compaction", f"{staging} was left by a compaction that did not "
+                    "finish; it may hold erased registrations' bytes: the server removes it "
+                    "when it next opens the directory")]
 
 
 def _access(data_dir: Path) -> Finding:

@@ -17,6 +17,7 @@ next start.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -105,7 +106,8 @@ def _flush(handle: IO[Any]) -> None:
     handle.flush()
     os.fdatasync(handle.fileno())
     if hasattr(os, "posix_fadvise"):  # flushed pages are clean: dropping them is free
-        os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        with contextlib.suppress(OSError):  # only advice: the checkpoint is flushed anyway
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def read_checkpoint(path: Path) -> Checkpoint:

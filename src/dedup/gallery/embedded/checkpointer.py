@@ -40,8 +40,8 @@ class Checkpointer:
         """Writes the index with the sequence it covers; returns that sequence. With
         `covering`, nothing is written if the last checkpoint already covers that change."""
         with self.lock:
-            started = time.monotonic()
             with self.live.writes:  # the index and the sequence must agree
+                started = time.monotonic()  # holding writes from here, not waiting for them
                 sequence = self.live.store.sequence()
                 if covering is not None and self.sequence >= covering:
                     return self.sequence

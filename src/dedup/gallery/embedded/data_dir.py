@@ -18,6 +18,7 @@ from dedup.core.settings import StoreConfig
 from dedup.gallery.embedded.layout import LOCK_FILE, store_dir, store_file
 from dedup.gallery.embedded.store import Store
 from dedup.gallery.embedded.store_check import walk_store
+from dedup.gallery.embedded.store_open import remove_unfinished_compaction
 from dedup.gallery.embedded.store_upgrade import Upgrade, UpgradeProgress
 
 log = logging.getLogger("dedup.store")
@@ -72,6 +73,8 @@ def open_data_dir(config: StoreConfig, upgrade_progress: UpgradeProgress | None 
     check_access(data_dir, config.allow_shared_data_dir)
     lock = lock_data_dir(data_dir)
     try:
+        # before anything that may refuse the store: what it holds must not outlive a failed start
+        remove_unfinished_compaction(store_dir(data_dir))
         if config.check_on_open:
             walk_store(store_dir(data_dir))
         return lock, Store(config, upgrade_progress=upgrade_progress)

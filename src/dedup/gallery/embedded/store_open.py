@@ -55,7 +55,7 @@ def open_for_writing(store: LmdbEnv, path: Path, config: StoreConfig,
     1 upgraded first); and the upgrade, if one was made."""
     stored_format = store.write(
         lambda txn: initialise_meta(txn, store.dbs, store.path, config.dimension))
-    _remove_unfinished_compaction(store.path)
+    remove_unfinished_compaction(store.path)
     upgrading = stored_format == LEGACY_FORMAT
     assigned = _assigned(store)
     slots = VectorFile.open(path, config.dimension, 0 if upgrading else assigned, writable=True)
@@ -69,13 +69,20 @@ def open_for_writing(store: LmdbEnv, path: Path, config: StoreConfig,
     return slots, made
 
 
-def _remove_unfinished_compaction(store_path: Path) -> None:
+def remove_unfinished_compaction(store_path: Path) -> None:
     """A compaction killed before it cleaned up leaves its directory: a copy of the store, and
-    after the swap the replaced data file, whose free pages may hold erased registrations."""
+    after the swap the replaced data file, whose free pages may hold erased registrations.
+    Only by the holder of the data directory's lock (no compaction can be running)."""
     staging = compaction_dir(store_path)
-    if staging.exists():
+    if not staging.exists():
+        return
+    try:
         shutil.rmtree(staging)
-        log.warning("removed %s, left by a compaction that did not finish", staging)
+    except OSError as error:
+        raise StoreError(f"{staging}: left by a compaction that did not finish, and it may "
+                         f"hold erased registrations' bytes; cannot remove it ({error})"
+                         ) from error
+    log.warning("removed %s, left by a compaction that did not finish", staging)
 
 
 def open_for_reading(store: LmdbEnv, path: Path, dimension: int) -> VectorFile:
