@@ -120,7 +120,7 @@ def test_the_replaced_data_file_is_freed_after_writes_go_on(tmp_path, caplog, mo
 
 def test_a_compaction_killed_after_its_swap_leaves_nothing_at_the_next_start(tmp_path, caplog):
     """Its directory holds the replaced data file, whose free pages may hold erased bytes:
-    the next opening for writing removes it."""
+    the next opening of the data directory removes it."""
     gallery = open_gallery(tmp_path / "data")
     gallery.insert(registration(1), normalize_rows(np.ones((1, 512), np.float32))[0])
     store_path = gallery.store._lmdb.path

@@ -41,7 +41,8 @@ def examine(data_dir: Path) -> list[Finding]:
     """Runs every check that applies; a damaged store stops the checks that need it."""
     if not store_file(data_dir).exists():
         return [Finding("problem", "store", f"no LMDB store under {store_dir(data_dir)}")]
-    findings = [_server_lock(data_dir), *_unfinished_compaction(data_dir), _access(data_dir),
+    held = _held(data_dir)
+    findings = [_server_lock(held), *_unfinished_compaction(data_dir, held), _access(data_dir),
                 _pages(data_dir)]
     if findings[-1].level == "problem":
         return findings
@@ -60,8 +61,8 @@ def examine(data_dir: Path) -> list[Finding]:
     return findings
 
 
-def _server_lock(data_dir: Path) -> Finding:
-    if _held(data_dir):
+def _server_lock(held: bool) -> Finding:
+    if held:
         return Finding("ok", "server", "a dedup server holds this directory; checked "
                        "read-only beside it (its latest writes may not be in the checkpoint)")
     return Finding("ok", "server", "no process holds this directory")
@@ -76,9 +77,9 @@ def _held(data_dir: Path) -> bool:
     return False
 
 
-def _unfinished_compaction(data_dir: Path) -> list[Finding]:
+def _unfinished_compaction(data_dir: Path, held: bool) -> list[Finding]:
     staging = compaction_dir(store_dir(data_dir))
-    if not staging.exists() or _held(data_dir):  # held: maybe a compaction running now
+    if not staging.exists() or held:  # held: maybe a compaction running now
         return []
     return [Finding("warning", "compaction", f"{staging} was left by a compaction that did not "
                     "finish; it may hold erased registrations' bytes: the server removes it "

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import shutil
 from pathlib import Path
 from typing import IO
 
 from dedup.core.errors import SharedDataDir, StoreError
 from dedup.core.files import narrow_files, open_private, private_dir, shared_dir_mode
 from dedup.core.settings import StoreConfig
-from dedup.gallery.embedded.layout import LOCK_FILE, store_dir, store_file
+from dedup.gallery.embedded.layout import LOCK_FILE, compaction_dir, store_dir, store_file
 from dedup.gallery.embedded.store import Store
 from dedup.gallery.embedded.store_check import walk_store
-from dedup.gallery.embedded.store_open import remove_unfinished_compaction
 from dedup.gallery.embedded.store_upgrade import Upgrade, UpgradeProgress
 
 log = logging.getLogger("dedup.store")
@@ -81,6 +81,22 @@ def open_data_dir(config: StoreConfig, upgrade_progress: UpgradeProgress | None 
     except BaseException:
         lock.close()
         raise
+
+
+def remove_unfinished_compaction(store_path: Path) -> None:
+    """A compaction killed before it cleaned up leaves its directory: a copy of the store, and
+    after the swap the replaced data file, whose free pages may hold erased registrations.
+    Only by the holder of the data directory's lock (no compaction can be running)."""
+    staging = compaction_dir(store_path)
+    if not staging.exists():
+        return
+    try:
+        shutil.rmtree(staging)
+    except OSError as error:
+        raise StoreError(f"{staging}: left by a compaction that did not finish, and it may "
+                         f"hold erased registrations' bytes; cannot remove it ({error})"
+                         ) from error
+    log.warning("removed %s, left by a compaction that did not finish", staging)
 
 
 def upgrade_data_dir(data_dir: Path, progress: UpgradeProgress) -> Upgrade | None:

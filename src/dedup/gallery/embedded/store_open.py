@@ -10,14 +10,12 @@ a Delete is zeroing, store.py), so every removed key's slot still in the log is 
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import lmdb
 
 from dedup.core.errors import StoreError
 from dedup.core.settings import StoreConfig
-from dedup.gallery.embedded.layout import compaction_dir
 from dedup.gallery.embedded.lmdb_env import Databases, LmdbEnv
 from dedup.gallery.embedded.store_format import FORMAT, LEGACY_FORMAT, OP_REMOVE, from_u64, u64
 from dedup.gallery.embedded.store_upgrade import Upgrade, UpgradeProgress, upgrade
@@ -55,7 +53,6 @@ def open_for_writing(store: LmdbEnv, path: Path, config: StoreConfig,
     1 upgraded first); and the upgrade, if one was made."""
     stored_format = store.write(
         lambda txn: initialise_meta(txn, store.dbs, store.path, config.dimension))
-    remove_unfinished_compaction(store.path)
     upgrading = stored_format == LEGACY_FORMAT
     assigned = _assigned(store)
     slots = VectorFile.open(path, config.dimension, 0 if upgrading else assigned, writable=True)
@@ -67,22 +64,6 @@ def open_for_writing(store: LmdbEnv, path: Path, config: StoreConfig,
         slots.close()
         raise
     return slots, made
-
-
-def remove_unfinished_compaction(store_path: Path) -> None:
-    """A compaction killed before it cleaned up leaves its directory: a copy of the store, and
-    after the swap the replaced data file, whose free pages may hold erased registrations.
-    Only by the holder of the data directory's lock (no compaction can be running)."""
-    staging = compaction_dir(store_path)
-    if not staging.exists():
-        return
-    try:
-        shutil.rmtree(staging)
-    except OSError as error:
-        raise StoreError(f"{staging}: left by a compaction that did not finish, and it may "
-                         f"hold erased registrations' bytes; cannot remove it ({error})"
-                         ) from error
-    log.warning("removed %s, left by a compaction that did not finish", staging)
 
 
 def open_for_reading(store: LmdbEnv, path: Path, dimension: int) -> VectorFile:
