@@ -59,7 +59,7 @@ from dedup.ops.migrate import STATE_FILE
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from harness import connected_stub, run_threads
+from harness import connected_stub, own_channel, run_threads
 from milvus_server import MilvusServer, drop_prefix
 from processes import ServerProcess
 
@@ -232,8 +232,7 @@ def enrol_streams(stubs: list[pb_grpc.FaceDedupStub], registrations: list[pb.Reg
 def enrol_checked(ports: list[int], vectors: np.ndarray) -> float:
     """Enroll with check_first, one client per node: per second."""
     def worker() -> Callable[[int], pb.EnrollResponse]:
-        stubs = [pb_grpc.FaceDedupStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-                 for port in ports]
+        stubs = [pb_grpc.FaceDedupStub(own_channel(f"127.0.0.1:{port}")) for port in ports]
         return lambda n: stubs[n % len(stubs)].Enroll(pb.EnrollRequest(
             registration=pb.Registration(registration_id=f"new{n}", id_number=f"NEW{n}"),
             face=face(vectors[n]), check_first=True), timeout=120)

@@ -78,10 +78,19 @@ def run_threads(count: int, threads: int, worker: Callable[[], Callable[[int], T
     return stats, results
 
 
+def own_channel(target: str) -> grpc.Channel:
+    """A channel on a connection of its own, as a separate desk's would be. grpcio otherwise
+    shares one connection among every channel of a process to the same target: the
+    "clients" of a benchmark were then one HTTP/2 connection, which the kernel cannot spread
+    over the processes of `dedup serve --processes N` (they all reached one process)."""
+    return grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
 def connected_stub(port: int) -> pb_grpc.FaceDedupStub:
-    """A stub on a channel of its own to the server on loopback `port`, connected before
-    any clock starts (without a call: Stats on a large Milvus gallery takes seconds)."""
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    """A stub on a channel (and connection) of its own to the server on loopback `port`,
+    connected before any clock starts (without a call: Stats on a large Milvus gallery
+    takes seconds)."""
+    channel = own_channel(f"127.0.0.1:{port}")
     grpc.channel_ready_future(channel).result(timeout=120)
     return pb_grpc.FaceDedupStub(channel)
 
@@ -101,7 +110,7 @@ CHECK_METHOD = "/dedup.v1.FaceDedup/Check"
 
 def _raw_check_worker(target: str, payloads: list[bytes]) -> Callable[[], Callable[[int], bytes]]:
     def worker() -> Callable[[int], bytes]:
-        channel = grpc.insecure_channel(target)
+        channel = own_channel(target)
         grpc.channel_ready_future(channel).result(timeout=30)  # connected before the clock
         call = channel.unary_unary(CHECK_METHOD)  # no serialisers: bytes in, bytes out
         return lambda n: call(payloads[n])

@@ -30,14 +30,12 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
-
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 
 sys.path.insert(0, str(Path(__file__).parent))
 import scale
 from gallery_data import VARIANTS, generate
-from harness import CHECK_METHOD, process_cpu_seconds, run_threads
+from harness import CHECK_METHOD, own_channel, process_cpu_seconds, run_threads
 from scale import RESULTS, check_requests, ground_truth, import_gallery, recall
 
 _PROCESS_KEY = "x-dedup-process"
@@ -67,8 +65,7 @@ def _connected_worker(target: str, payloads: list[bytes], quota: int | None,
     it landed on has fewer than `quota` clients."""
     def worker() -> Callable[[int], bytes]:
         for _ in range(_RECONNECTS):
-            channel = grpc.insecure_channel(
-                target, options=[("grpc.use_local_subchannel_pool", 1)])
+            channel = own_channel(target)
             call = channel.unary_unary(CHECK_METHOD)
             _, answered = call.with_call(payloads[0], timeout=60)  # connected before the clock
             process = dict(answered.trailing_metadata() or ()).get(_PROCESS_KEY, "primary")
