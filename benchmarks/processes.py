@@ -23,7 +23,6 @@ import math
 import multiprocessing
 import os
 import statistics
-import subprocess
 import sys
 import threading
 from collections import Counter
@@ -35,7 +34,7 @@ from dedup._proto.dedup.v1 import dedup_pb2 as pb
 sys.path.insert(0, str(Path(__file__).parent))
 import scale
 from gallery_data import VARIANTS, generate
-from harness import CHECK_METHOD, own_channel, process_cpu_seconds, run_threads
+from harness import CHECK_METHOD, own_channel, run_threads
 from scale import RESULTS, check_requests, ground_truth, import_gallery, recall
 
 _PROCESS_KEY = "x-dedup-process"
@@ -47,15 +46,6 @@ class Server(scale.Server):
 
     def __init__(self, data_dir: Path, processes: int) -> None:
         super().__init__(data_dir, options=("--processes", str(processes)))
-
-    def pids(self) -> list[int]:
-        """The primary and its replicas (multiprocessing's resource tracker is idle)."""
-        listed = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.process.pid)],
-                                capture_output=True, text=True, check=False).stdout
-        return [self.process.pid, *(int(pid) for pid in listed.split())]
-
-    def cpu_seconds(self) -> float:
-        return sum(process_cpu_seconds(pid) for pid in self.pids())
 
 
 def _connected_worker(target: str, payloads: list[bytes], quota: int | None,

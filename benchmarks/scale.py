@@ -23,6 +23,7 @@ Prints a table and writes JSON to benchmarks/results/scale-<N>-<variant>.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -213,6 +214,16 @@ class Server:
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(f"127.0.0.1:{self.port}")
 
+    def pids(self) -> list[int]:
+        """The server and its children: with --processes N, its replicas (multiprocessing's
+        resource tracker is idle)."""
+        listed = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.process.pid)],
+                                capture_output=True, text=True, check=False).stdout
+        return [self.process.pid, *(int(pid) for pid in listed.split())]
+
+    def cpu_seconds(self) -> float:
+        return sum(process_cpu_seconds(pid) for pid in self.pids())
+
     def first_answer_seconds(self, request: pb.CheckRequest) -> float:
         """Seconds from the process's start to its first answered Check."""
         with self.channel() as channel:
@@ -242,6 +253,16 @@ class Server:
     def rss_gb(self) -> float:
         return memory_of(self.process.pid)["rss_mib"] / 1024
 
+    def pss_gb(self) -> float:
+        """The resident memory of the server and its replicas together, each shared page
+        (the vector file's, mapped by every process) counted once (Pss summed)."""
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+                total += int(re.search(r"^Pss:\s+(\d+) kB", rollup, re.M).group(1))  # type: ignore[union-attr]
+        return total / 2**20
+
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(timeout=600)
@@ -250,10 +271,10 @@ class Server:
 def checks(server: Server, requests: list[pb.CheckRequest], clients: int
            ) -> tuple[dict[str, float], list[pb.CheckResponse | BaseException | None]]:
     """Checks from a load process of its own, with the server's CPU seconds per check."""
-    cpu_before = process_cpu_seconds(server.process.pid)
+    cpu_before = server.cpu_seconds()
     stats, responses = process_checks(server.port, requests, clients)
     stats["server_cpu_ms_per_check"] = (
-        (process_cpu_seconds(server.process.pid) - cpu_before) * 1000 / len(requests))
+        (server.cpu_seconds() - cpu_before) * 1000 / len(requests))
     return stats, responses
 
 
@@ -294,6 +315,7 @@ def serve_and_measure(data_dir: Path, requests: list[pb.CheckRequest],
             row[f"recall_other_id_{clients}_clients"] = recall(
                 responses, under_other_id_numbers(truth, requests))
         row["server_rss_gb"] = server.rss_gb()
+        row["server_pss_gb_all_processes"] = server.pss_gb()
         row["server_peak_rss_gb"] = server.peak_rss_gb()
     finally:
         server.stop()
@@ -465,7 +487,7 @@ def print_table(result: dict[str, object]) -> None:
     print(f"disk: {result['disk']['bytes_per_registration']:,.0f} B/registration")  # type: ignore[index]
     print(f"{'index':24} {'param':>6} {'start s':>7} {'recall':>7} {'other':>7} {'q/s@1':>7} "
           f"{'q/s@8':>7} "
-          f"{'p50@8':>6} {'p99@8':>6} {'cpu ms':>6} {'raw ms':>6} {'RSS GB':>6}")
+          f"{'p50@8':>6} {'p99@8':>6} {'cpu ms':>6} {'raw ms':>6} {'RSS GB':>6} {'PSS GB':>6}")
     for row in result["serving"]:  # type: ignore[attr-defined]
         def get(clients: str, field: str, row: dict = row) -> float:
             return float(row.get(clients, {}).get(field, float("nan")))
@@ -480,7 +502,8 @@ def print_table(result: dict[str, object]) -> None:
               f"{get('8_clients', 'qps'):7.1f} {get('8_clients', 'p50_ms'):6.1f} "
               f"{get('8_clients', 'p99_ms'):6.1f} "
               f"{get('8_clients', 'server_cpu_ms_per_check'):6.2f} {raw:6.2f} "
-              f"{row['server_rss_gb']:6.2f}")
+              f"{row['server_rss_gb']:6.2f} "
+              f"{row.get('server_pss_gb_all_processes', float('nan')):6.2f}")
     if "maintenance" in result:
         print(json.dumps(result["maintenance"], indent=1))
 
