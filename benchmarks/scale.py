@@ -446,6 +446,7 @@ def main() -> None:
     requests = check_requests(gallery.probes, gallery.probe_ids)
     if args.maintenance_only:
         maintenance = rebuild_and_compact(data_dir, requests, args.skip_rebuild)
+        RESULTS.mkdir(exist_ok=True)
         out = RESULTS / f"scale-{name}-{'compaction' if args.skip_rebuild else 'maintenance'}.json"
         out.write_text(json.dumps(maintenance, indent=2))
         print(json.dumps(maintenance, indent=1), f"\nwrote {out}")
