@@ -47,6 +47,7 @@ import dataclasses
 import functools
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -59,6 +60,7 @@ from dedup.core.errors import CheckpointError, FailedPrecondition, InvalidArgume
 from dedup.core.rwlock import ReadWriteLock
 from dedup.core.vectors import Matrix
 from dedup.gallery.embedded.checkpoint import Checkpoint, read_checkpoint
+from dedup.gallery.embedded.list_assignment import ProjectedAssignment, fitted
 
 Ids = npt.NDArray[np.int64]
 Scores = npt.NDArray[np.float32]
@@ -423,7 +425,8 @@ class BinaryIVFIndex(_SignCoded):
 class SignIVFIndex(_SignCoded):
     """512-bit sign codes in the `nlist` lists of a float partition: spherical k-means on the
     float32 embeddings, whose centroids (an exact IndexFlatIP) assign each vector its list
-    and name the `nprobe` lists a search scans (IndexBinaryIVF.search_preassigned).
+    and name the `nprobe` lists a search scans (IndexBinaryIVF.search_preassigned). A
+    build's `fill` may choose the lists in list_assignment.py's cheaper two steps instead.
 
     Float k-means follows the gallery's structure where binary k-means on the codes does
     not (BinaryIVF above). The codes' IndexBinaryIVF is only a container of lists: its own
@@ -439,6 +442,7 @@ class SignIVFIndex(_SignCoded):
         # Every list until calibrated: then it finds what the flat scan of the codes finds.
         self.calibration = calibration or Calibration(nprobe=nlist, pairs=0, recall={})
         self._centroids = centroids if centroids is not None else faiss.IndexFlatIP(dimension)
+        self._fill_assignment: ProjectedAssignment | None = None  # fitted by train
         if codes is None:
             self._code_quantizer = faiss.IndexBinaryFlat(SIGN_BITS)  # the IVF does not own it
             codes = faiss.IndexBinaryIVF(self._code_quantizer, SIGN_BITS, nlist)
@@ -454,6 +458,7 @@ class SignIVFIndex(_SignCoded):
                               spherical=True, seed=ROTATION_SEED)
         kmeans.train(np.ascontiguousarray(sample, dtype=np.float32))
         centroids = np.asarray(kmeans.centroids, np.float32)
+        self._fill_assignment = fitted(centroids, sample)
         with self._lock.writing():
             self._centroids.add(centroids)
             self._index.quantizer.add(self.encode(centroids))
@@ -464,11 +469,27 @@ class SignIVFIndex(_SignCoded):
         return np.ascontiguousarray(lists, dtype=np.int64)
 
     def add(self, ids: Ids, vectors: Matrix) -> None:
+        """Each vector in the list of its nearest centroid."""
+        self._add_to_lists(ids, vectors, lambda: self._lists_of(vectors, 1))
+
+    def fill(self, ids: Ids, vectors: Matrix) -> None:
+        """A build's vectors, after train: each list chosen in list_assignment's cheaper
+        two steps where train found them as good as the exact choice."""
+        if not self._index.is_trained:
+            raise FailedPrecondition(f"{self.kind}: fill follows train")
+        assignment = self._fill_assignment
+        if assignment is None:
+            self.add(ids, vectors)
+        else:
+            self._add_to_lists(ids, vectors, lambda: assignment.lists_of(vectors))
+
+    def _add_to_lists(self, ids: Ids, vectors: Matrix,
+                      lists_of: Callable[[], npt.NDArray[np.int64]]) -> None:
         if len(ids) == 0:
             return
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         # The centroids change only in train, before the index holds or serves anything.
-        lists, codes = self._lists_of(vectors, 1), self.encode(vectors)
+        lists, codes = lists_of(), self.encode(vectors)
         with self._lock.writing():
             self._index.add_core(len(ids), faiss.swig_ptr(codes), faiss.swig_ptr(ids),
                                  faiss.swig_ptr(lists))

@@ -64,8 +64,9 @@ def build_from_snapshot(snapshot: Snapshot, kind: str, dimension: int, model_id:
         index.train(snapshot.sample(size, model_id, only_model))
     done = 0
     progress("adding", done, total)
+    add = index.fill if isinstance(index, SignIVFIndex) else index.add
     for keys, vectors in snapshot.vectors(ADD_BATCH, only_model):
-        index.add(np.asarray(keys, np.int64), vectors)
+        add(np.asarray(keys, np.int64), vectors)
         done += len(keys)
         progress("adding", done, total)
     if isinstance(index, SignIVFIndex):
