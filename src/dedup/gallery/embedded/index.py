@@ -433,7 +433,10 @@ class SignIVFIndex(_SignCoded):
     binary quantizer holds the centroids' codes and is never searched.
     """
 
-    KMEANS_ITERATIONS = 20
+    # 10 iterations rather than 20: half of k-means, a rebuild's largest fixed cost (~200 s
+    # on one core at 262,144 samples), for a 0.2% lower objective and the same duplicate
+    # recall within 0.001 at every nprobe measured (1,000,000 uneven).
+    KMEANS_ITERATIONS = 10
 
     def __init__(self, dimension: int, nlist: int, centroids: Any = None,
                  codes: Any = None, calibration: Calibration | None = None) -> None:
