@@ -326,9 +326,12 @@ def serve_and_measure(data_dir: Path, requests: list[pb.CheckRequest],
 
 def under_load(server: Server, requests: list[pb.CheckRequest], work: Callable[[], None]
                ) -> dict[str, float]:
-    """Check p99 at 8 clients before `work`, and during it while it runs."""
+    """Check p99 at 8 clients before `work` (after a warm-up pass: a server just started
+    answers its first checks from a cold page cache), and during it while it runs: the
+    median and the worst window, and when the worst ended (seconds into `work`)."""
+    checks(server, requests[:400], 8)
     before, _ = checks(server, requests[:400], 8)
-    done, timing = threading.Event(), {}
+    done, timing = threading.Event(), {"started": time.monotonic()}
 
     def run() -> None:
         started = time.monotonic()
@@ -343,10 +346,12 @@ def under_load(server: Server, requests: list[pb.CheckRequest], work: Callable[[
     during = []
     while not done.is_set():
         stats, _ = checks(server, requests[:200], 8)
-        during.append(stats)
+        during.append(stats | {"ended_s": time.monotonic() - timing["started"]})
     worker.join()
+    worst = max(during, key=lambda d: d["p99_ms"], default={"p99_ms": float("nan"),
+                                                          "ended_s": float("nan")})
     return {"seconds": timing["seconds"], "p99_before_ms": before["p99_ms"],
-            "p99_during_ms": max((d["p99_ms"] for d in during), default=float("nan")),
+            "p99_during_ms": worst["p99_ms"], "worst_window_ended_s": worst["ended_s"],
             "median_p99_during_ms": statistics.median(d["p99_ms"] for d in during)
             if during else float("nan"),
             "errors_during": sum(d["errors"] for d in during),
@@ -361,11 +366,14 @@ def rebuild_and_compact(data_dir: Path, requests: list[pb.CheckRequest],
         server.first_answer_seconds(requests[0])
         kind = server.index_info().index_type
 
+        phases: dict[str, float] = {}  # the rebuild's phases: seconds from its start
+
         def rebuild() -> None:
+            started = time.monotonic()
             with server.channel() as channel:
-                for _ in pb_grpc.IndexAdminStub(channel).Rebuild(
+                for progress in pb_grpc.IndexAdminStub(channel).Rebuild(
                         pb.RebuildRequest(index_factory=kind)):
-                    pass
+                    phases.setdefault(progress.phase, time.monotonic() - started)
 
         def compact() -> None:
             with server.channel() as channel:
@@ -373,7 +381,8 @@ def rebuild_and_compact(data_dir: Path, requests: list[pb.CheckRequest],
 
         result: dict[str, object] = {"index": kind}
         if not skip_rebuild:
-            result["live_rebuild"] = under_load(server, requests, rebuild)
+            result["live_rebuild"] = under_load(server, requests, rebuild) | {
+                "phases_started_s": phases}
         result["compaction"] = under_load(server, requests, compact) | {
             "writes_paused_s": max(server.pauses, default=float("nan")),
             "writes_paused": server.pause_details}
