@@ -19,7 +19,13 @@ from dedup.core.records import Registration
 from dedup.core.settings import IndexConfig
 from dedup.core.vectors import Matrix, normalize_rows
 from dedup.face.model_pack import default_pack_dir, model_id_for
-from dedup.gallery.embedded.calibration import MAX_PAIRS, MIN_PAIRS, TARGET, nprobes_to_try
+from dedup.gallery.embedded.calibration import (
+    MAX_PAIRS,
+    MIN_PAIRS,
+    TARGET,
+    narrowed,
+    nprobes_to_try,
+)
 from dedup.gallery.embedded.checkpoint import write_checkpoint
 from dedup.gallery.embedded.index import SearchOptions, SignIVFIndex, load_index
 from dedup.gallery.embedded.index_plan import IndexPlan, kind_for, lists_for
@@ -93,6 +99,29 @@ def test_on_a_structured_gallery_few_lists_are_searched_and_captures_still_found
     assert all(share < TARGET for nprobe, share in calibration.recall.items()
                if nprobe < calibration.nprobe)  # the smallest that reached it
     assert share_of_fresh_captures_found(index, persons, generator) >= 0.99
+
+
+def test_the_nprobe_kept_is_within_a_quarter_doubling_of_the_last_that_failed(structured):
+    """Not the next power of two: a search costs in proportion to its nprobe, and at
+    10,000,000 the doubling from 256 to 512 lists was 0.996 -> 0.9985 of the pairs."""
+    calibration = structured[0].calibration
+    failed = max(nprobe for nprobe in calibration.recall if nprobe < calibration.nprobe)
+    assert calibration.nprobe <= round(failed * 2 ** 0.25) + 1
+    assert any(nprobe & (nprobe - 1) for nprobe in calibration.recall)  # not a power of two
+
+
+@pytest.mark.parametrize(("smallest_reaching", "kept", "tried"), [
+    (300, 304, [362, 304]), (400, 431, [362, 431]), (512, 512, [362, 431]),
+    (257, 304, [362, 304])])
+def test_narrowing_halves_the_last_doubling_twice(smallest_reaching, kept, tried):
+    asked: list[int] = []
+
+    def reached(nprobe: int) -> bool:
+        asked.append(nprobe)
+        return nprobe >= smallest_reaching
+
+    assert narrowed(reached, 256, 512) == kept and asked == tried
+    assert narrowed(reached, 0, 64) == 64  # the first nprobe tried reached it: kept
 
 
 def test_on_an_isotropic_gallery_more_lists_are_searched(tmp_path, structured):
