@@ -122,7 +122,16 @@ def test_narrowing_halves_the_last_doubling_twice(smallest_reaching, kept, tried
         return nprobe >= smallest_reaching
 
     assert narrowed(reached, 256, 512) == kept and asked == tried
-    assert narrowed(reached, 0, 64) == 64  # the first nprobe tried reached it: kept
+
+
+def test_a_first_nprobe_that_reaches_the_target_is_kept_without_more_searches():
+    asked: list[int] = []
+
+    def reached(nprobe: int) -> bool:
+        asked.append(nprobe)
+        return True
+
+    assert narrowed(reached, 0, 64) == 64 and asked == []
 
 
 def test_on_an_isotropic_gallery_more_lists_are_searched(tmp_path, structured):

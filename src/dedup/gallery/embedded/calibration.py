@@ -81,13 +81,11 @@ def narrowed(reached: Callable[[int], bool], failed: int, passed: int) -> int:
     ratio (each a geometric midpoint), so the nprobe kept is at most 2**(1/4) of the
     smallest above `failed` that reaches the target, as far as the share found rises with
     nprobe (more lists can push a partner out of the candidates: it is measured, not
-    bounded). With `failed` 0 (the first nprobe tried passed) nothing is narrowed. A
-    search's cost grows with its nprobe: at 10,000,000
-    (4,096 lists) the doubling from 256 to 512 was 0.996 -> 0.9985 of the pairs, so 512
-    where 362 or 431 may do."""
+    bounded). With `failed` 0 (the first nprobe tried passed) nothing is narrowed: the
+    midpoint is 0. A search's cost grows with its nprobe: at 10,000,000 (4,096 lists) the
+    doubling from 256 to 512 was 0.996 -> 0.9985 of the pairs, so 512 where 362 or 431 may
+    do."""
     for _ in range(REFINEMENTS):
-        if failed == 0:
-            break
         middle = round(math.sqrt(failed * passed))
         if not failed < middle < passed:
             break
