@@ -122,6 +122,19 @@ def test_rebuild_fuzzed(fuzz_server, factory):
                                                           before.index_vectors)
 
 
+@pytest.mark.parametrize("factory", ["IVF0,Flat", "IVF\u0664,Flat", "SignIVF1\u0660"])
+def test_an_ivf_without_lists_is_refused_and_checks_go_on(fuzz_server, factory):
+    """"IVF0,Flat" needed no training: it was built and served, and every later search
+    failed with INTERNAL (found by test_rebuild_fuzzed's examples)."""
+    admin = pb_grpc.IndexAdminStub(fuzz_server.channel)
+    with pytest.raises(grpc.RpcError) as refused:
+        list(admin.Rebuild(pb.RebuildRequest(index_factory=factory), timeout=60))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "index_factory" in refused.value.details()
+    fuzz_server.stub.Check(pb.CheckRequest(claimed_id_number="ID0", face=face(
+        FaceGenerator(3).persons(1)[0])), timeout=30)
+
+
 METHODS = [(service, method) for service in pb.DESCRIPTOR.services_by_name.values()
            for method in service.methods]
 

@@ -67,10 +67,13 @@ Scores = npt.NDArray[np.float32]
 FLAT = "Flat"
 AUTO = "auto"
 BINARY_DEFAULT = "BinarySign512"
-_IVF = re.compile(r"^(OPQ(\d+)(_\d+)?,)?IVF(\d+),(Flat|SQ8|SQ4|SQfp16|PQ(\d+)(x\d+)?)$")
+# ASCII digits only (Python's \d also takes other scripts' digits), and at least one list:
+# an "IVF0,Flat" needs no training, so it was built, and every search then failed in FAISS.
+_IVF = re.compile(r"^(OPQ(\d+)(_\d+)?,)?IVF([1-9]\d*),(Flat|SQ8|SQ4|SQfp16|PQ(\d+)(x\d+)?)$",
+                  re.ASCII)
 _BINARY = re.compile(r"^BinarySign(256|512)$")
-_BINARY_IVF = re.compile(r"^BinaryIVF([1-9]\d{0,6})$")
-SIGN_IVF = re.compile(r"^SignIVF([1-9]\d{0,6})$")
+_BINARY_IVF = re.compile(r"^BinaryIVF([1-9]\d{0,6})$", re.ASCII)
+SIGN_IVF = re.compile(r"^SignIVF([1-9]\d{0,6})$", re.ASCII)
 ROTATION_SEED = 20191201  # fixed: the codes of a checkpoint depend on it
 SIGN_BITS = 512  # the code length of the binary IVF
 MAX_NLIST = 1 << 20
