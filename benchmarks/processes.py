@@ -25,6 +25,7 @@ import os
 import statistics
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +35,7 @@ from dedup._proto.dedup.v1 import dedup_pb2 as pb
 sys.path.insert(0, str(Path(__file__).parent))
 import scale
 from gallery_data import VARIANTS, generate
-from harness import CHECK_METHOD, own_channel, run_threads
+from harness import CHECK_METHOD, load_cpu_ms, own_channel, run_threads
 from scale import RESULTS, check_requests, ground_truth, import_gallery, recall
 
 _PROCESS_KEY = "x-dedup-process"
@@ -73,8 +74,10 @@ def _checks_in_child(target: str, payloads: list[bytes], clients: int, processes
                                              dict[str, int]]:
     placed: Counter[str] = Counter()
     quota = math.ceil(clients / processes) if balance else None
+    started_cpu = time.process_time()
     stats, results = run_threads(len(payloads), clients, _connected_worker(
         target, payloads, quota, placed, threading.Lock()))
+    stats["load_cpu_ms_per_check"] = load_cpu_ms(started_cpu, len(payloads))
     return (stats, [r if isinstance(r, bytes) or r is None else repr(r) for r in results],
             dict(placed))
 
@@ -147,13 +150,14 @@ def main() -> None:
     print(f"\n{args.registrations:,} registrations ({args.variant}), {args.clients} clients, "
           f"{len(requests)} checks a run, medians of {args.repeats}:")
     print(f"{'processes':>9} {'checks/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
-          f"{'recall':>7} {'cpu ms/check':>12}")
+          f"{'recall':>7} {'cpu ms/check':>12} {'load cpu ms/check':>17}")
     for row in rows:
         median = row["median"]
         assert isinstance(median, dict)
         print(f"{row['processes']:>9} {median['qps']:>9.0f} {median['p50_ms']:>7.1f} "
               f"{median['p99_ms']:>7.1f} {median['errors']:>6.0f} {median['recall']:>7.4f} "
-              f"{median['server_cpu_ms_per_check']:>12.2f}")
+              f"{median['server_cpu_ms_per_check']:>12.2f} "
+              f"{median['load_cpu_ms_per_check']:>17.2f}")
     first = rows[0]["median"]
     assert isinstance(first, dict)
     for row in rows[1:]:
