@@ -206,3 +206,18 @@ def test_a_registration_id_too_long_for_a_store_key_is_refused_naming_it(populat
     expect(getattr(server.stub, call), request_, INVALID,
            "registration_id: is 512 bytes in UTF-8, at most 511 allowed")
     assert snapshot(server, people) == before
+
+
+def test_an_embedding_of_huge_finite_values_keeps_its_direction(populated, faces):
+    """Finite float32 values whose norm overflows float32 (3e38 twice): normalised in float32
+    they became all zeros, were enrolled, and the face then matched nobody (a CLEAR for the
+    same face under another ID number)."""
+    server, _ = populated
+    person = faces.persons(1)[0]
+    huge = person / float(np.abs(person).max()) * np.float32(3.0e38)
+    server.stub.Enroll(pb.EnrollRequest(
+        registration=registration("huge-1", "ID-HUGE", "+8613900000009"),
+        face=embedding(float(v) for v in huge)))
+    answer = server.stub.Check(pb.CheckRequest(face=face(person), claimed_id_number="ID-OTHER"))
+    assert answer.verdict == pb.DUPLICATE_IDENTITY
+    assert answer.best_score == pytest.approx(1.0, abs=1e-5)

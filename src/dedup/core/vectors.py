@@ -28,7 +28,9 @@ def unit_vector(values: Sequence[float] | npt.NDArray[np.floating], dimension: i
     norm = float(np.linalg.norm(vector.astype(np.float64)))
     if norm < MIN_NORM:
         raise InvalidArgument(field, "the vector is all zeros (norm below 1e-6)")
-    unit: Vector = (vector / norm).astype(np.float32)
+    # In float64: finite float32 values can have a norm beyond float32's range (3.4e38), which
+    # as a float32 divisor is inf and turned the vector into zeros.
+    unit: Vector = (vector.astype(np.float64) / norm).astype(np.float32)
     return unit
 
 
