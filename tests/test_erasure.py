@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -187,3 +188,41 @@ def stopped_with_erasure(make_server, faces):
     assert files_holding(server.data_dir, stored_bytes(people[2])) == []
     assert files_holding(server.data_dir, b"VICTIM-ID-0002") == ["store/data.mdb"]
     return server.data_dir, b"VICTIM-ID-0002"
+
+
+def test_a_rebuild_that_is_not_swapped_in_leaves_no_side_file(tmp_path, faces):
+    """A live rebuild's side file holds every embedding as of its snapshot. A gallery closed
+    while it ran left the file behind (until the next start), with a registration erased
+    meanwhile in it; and close did not wait for the rebuild, which went on using the store."""
+    from dedup.core.records import DeleteKey, Registration
+    from dedup.core.settings import IndexConfig, StoreConfig
+    from dedup.gallery.embedded.gallery import EmbeddedGallery
+
+    data_dir = tmp_path / "data"
+    people = faces.persons(600)
+    gallery = EmbeddedGallery(StoreConfig(data_dir=data_dir), "test-model",
+                              IndexConfig(index_factory="Flat"), background=False)
+    gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), person)
+                         for i, person in enumerate(people)])
+    outcome: list[object] = []
+
+    def erase_and_close() -> None:
+        gallery.delete(DeleteKey.REGISTRATION_ID, "r0")
+        gallery.close()
+
+    closing = threading.Thread(target=erase_and_close)
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if phase == "writing":  # the child writes its side file: the gallery closes now
+            closing.start()
+            time.sleep(1.0)
+
+    try:
+        gallery.rebuild("BinarySign512", progress)
+        outcome.append("swapped")
+    except Exception as error:  # the outcome is what is asserted
+        outcome.append(error)
+    closing.join(timeout=60)
+    assert not closing.is_alive()
+    assert "cancelled" in str(outcome[0]), outcome
+    assert sorted(p.name for p in data_dir.iterdir() if "ckpt" in p.name) == ["index.ckpt"]

@@ -59,6 +59,11 @@ class Checkpoint:
         return sum(part.nbytes for part in self.parts)
 
 
+def temporary_of(path: Path) -> Path:
+    """Where write_checkpoint writes `path` before renaming it."""
+    return path.with_name(path.name + ".tmp")
+
+
 def write_checkpoint(path: Path, checkpoint: Checkpoint,
                      flush_every: int | None = FLUSH_EVERY) -> None:
     """`flush_every`: bytes between flushes to disk; None writes it all, then fsyncs once."""
@@ -70,7 +75,7 @@ def write_checkpoint(path: Path, checkpoint: Checkpoint,
         hashed.digest(),
         checkpoint.model_id.encode(), checkpoint.kind.encode(),
     )
-    temporary = path.with_name(path.name + ".tmp")
+    temporary = temporary_of(path)
     try:
         with open_private(temporary, "wb") as handle:
             handle.write(header)

@@ -337,6 +337,7 @@ class EmbeddedGallery:
     def close(self, checkpoint: bool = True) -> None:
         self._closed.set()
         self._maintenance.join()
+        self._rebuilder.wait()  # an operator's rebuild, on a thread of its own
         self._search.close()
         try:
             if checkpoint:

@@ -16,6 +16,7 @@ from pathlib import Path
 from dedup.core.errors import FailedPrecondition, StoreError
 from dedup.core.settings import StoreConfig
 from dedup.gallery.base import IndexStatus, Progress
+from dedup.gallery.embedded.checkpoint import temporary_of
 from dedup.gallery.embedded.checkpointer import Checkpointer
 from dedup.gallery.embedded.index import AUTO, VectorIndex, load_index, training_size, validate_kind
 from dedup.gallery.embedded.index_plan import IndexPlan
@@ -65,7 +66,22 @@ class Rebuilder:
             self.checkpointer.unpin_log()
             self._running.release()
 
+    def wait(self) -> None:
+        """Until no rebuild runs: a closing gallery's store must outlive it (a rebuild sees
+        the gallery closing and stops at its next step)."""
+        with self._running:
+            pass
+
     def _rebuild_live(self, kind: str, progress: Progress) -> None:
+        try:
+            self._build_and_swap(kind, progress)
+        finally:
+            # Swapped in or not, the side file holds every embedding as of the build's
+            # snapshot, registrations erased since among them: it must not outlive the rebuild.
+            for path in (self.side_file, temporary_of(self.side_file)):
+                path.unlink(missing_ok=True)
+
+    def _build_and_swap(self, kind: str, progress: Progress) -> None:
         started = time.monotonic()
         self.checkpointer.pin_log()
         store, model_id = self.live.store, self.live.model_id
@@ -84,7 +100,6 @@ class Rebuilder:
             self.live.index = built
             snapshot = built.snapshot(covered, model_id)
         self.checkpointer.write(snapshot, covered)
-        self.side_file.unlink(missing_ok=True)
         log.info("rebuilt the index as %s: %d vectors in %.1f s", kind, len(built),
                  time.monotonic() - started)
 
