@@ -99,3 +99,58 @@ def test_a_large_checkpoint_reaches_the_disk_as_it_is_written(tmp_path, monkeypa
         assert 1 << 20 <= max(unflushed) <= 2 << 20, name
         assert path.read_bytes() == whole.read_bytes(), name
         assert read_checkpoint(path).payload == memoryview(payload.data)
+
+
+def _flipped(data: bytes, offset: int, bit: int = 0) -> bytes:
+    return data[:offset] + bytes([data[offset] ^ (1 << bit)]) + data[offset + 1:]
+
+
+@pytest.mark.parametrize(("field", "offset", "bit"), [
+    ("sequence", 12, 1), ("vectors", 20, 0), ("model id", 72, 0), ("index type", 79, 0),
+])
+def test_a_flipped_bit_in_the_header_is_refused(saved, field, offset, bit):
+    """The SHA-256 covered only the payload: a bit flipped in the sequence started the change
+    log's replay from the wrong change (an acknowledged enrolment missing from the index, an
+    erased face still in it), and one in the model id or type escaped as a UnicodeDecodeError."""
+    saved.write_bytes(_flipped(saved.read_bytes(), offset, bit))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        load_index(saved, 512, "model-a")
+
+
+def test_a_model_id_that_is_not_utf8_is_a_clean_error(saved):
+    data = saved.read_bytes()
+    saved.write_bytes(data[:72] + b"\xed" + data[73:])  # the model id's first byte
+    with pytest.raises(CheckpointError, match="model id is not UTF-8"):
+        load_index(saved, 512, "model-a")
+
+
+def test_a_long_model_id_round_trips(tmp_path):
+    """Model ids were cut to 64 bytes: such a checkpoint never matched its model again (a
+    full rebuild at every start), or failed to open when the cut split a character."""
+    model = "Ünïcödé-recogniser-with-a-long-file-name-w600k_mbf-0123456789ab"
+    assert len(model.encode()) > 64
+    index = FlatIndex(512)
+    index.add(np.arange(3, dtype=np.int64), FaceGenerator(1).persons(3))
+    path = tmp_path / "index.ckpt"
+    write_checkpoint(path, index.snapshot(sequence=7, model_id=model))
+    loaded, sequence = load_index(path, 512, model)
+    assert (len(loaded), sequence) == (3, 7)
+
+
+def test_a_version_2_checkpoint_is_still_read(tmp_path):
+    """Written before the header was signed: loaded as it is (no rebuild at the upgrade)."""
+    import hashlib
+    import struct
+
+    index = FlatIndex(512)
+    index.add(np.arange(5, dtype=np.int64), FaceGenerator(2).persons(5))
+    payload = index.snapshot(sequence=9, model_id="model-a").payload.tobytes()
+    header = struct.pack("<8sIQQQ32s64s64s", b"DDUPCKPT", 2, 9, 5, len(payload),
+                         hashlib.sha256(payload).digest(), b"model-a", b"Flat")
+    path = tmp_path / "index.ckpt"
+    path.write_bytes(header + payload)
+    loaded, sequence = load_index(path, 512, "model-a")
+    assert (len(loaded), sequence, loaded.kind) == (5, 9, "Flat")
+    path.write_bytes(_flipped(header + payload, len(header) + 10))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        load_index(path, 512, "model-a")

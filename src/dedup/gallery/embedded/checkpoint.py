@@ -1,8 +1,12 @@
 """The index checkpoint file: a serialised index with the change sequence it covers.
 
-Layout: magic (8 bytes) | format version (u32) | sequence (u64) | vectors (u64)
-| payload length (u64) | SHA-256 of the payload (32 bytes) | embedding model id (64 bytes,
-NUL-padded) | index type (64 bytes, NUL-padded) | payload.
+Layout (version 3): magic (8 bytes) | format version (u32) | sequence (u64) | vectors (u64)
+| payload length (u64) | SHA-256 (32 bytes) | model id length (u16) | index type length (u16)
+| embedding model id (UTF-8) | index type (UTF-8) | payload. The SHA-256 covers everything
+but itself: a flipped bit in the sequence would otherwise make the start replay the change
+log from the wrong change (an acknowledged enrolment missing, an erased face served).
+Version 2 (fixed 64-byte model id and type, the SHA-256 over the payload alone) is still read;
+the next checkpoint is written as version 3.
 Written to a temporary file (mode 0600: the index holds every embedding), fsynced, renamed
 over the old one, then the directory is fsynced: a reader sees the old checkpoint or the new
 one, never a mix.
@@ -30,9 +34,12 @@ from dedup.core.errors import CheckpointError, ResourceExhausted
 from dedup.core.files import open_private
 
 MAGIC = b"DDUPCKPT"
-VERSION = 2
-_HEADER = struct.Struct("<8sIQQQ32s64s64s")
+VERSION = 3
+_FIXED = struct.Struct("<8sIQQQ32sHH")  # version 3, before the model id and index type
+_HEADER_V2 = struct.Struct("<8sIQQQ32s64s64s")
+_DIGEST_AT = 36  # the SHA-256's offset in both versions' headers
 FLUSH_EVERY = 4 << 20
+MAX_TEXT_BYTES = 0xFFFF
 
 
 @dataclass(frozen=True)
@@ -67,14 +74,7 @@ def temporary_of(path: Path) -> Path:
 def write_checkpoint(path: Path, checkpoint: Checkpoint,
                      flush_every: int | None = FLUSH_EVERY) -> None:
     """`flush_every`: bytes between flushes to disk; None writes it all, then fsyncs once."""
-    hashed = hashlib.sha256()
-    for part in checkpoint.parts:
-        hashed.update(part)
-    header = _HEADER.pack(
-        MAGIC, VERSION, checkpoint.sequence, checkpoint.vectors, checkpoint.nbytes,
-        hashed.digest(),
-        checkpoint.model_id.encode(), checkpoint.kind.encode(),
-    )
+    header = _header(checkpoint)
     temporary = temporary_of(path)
     try:
         with open_private(temporary, "wb") as handle:
@@ -90,6 +90,24 @@ def write_checkpoint(path: Path, checkpoint: Checkpoint,
                                     "the change log still covers every change") from error
         raise CheckpointError(f"{path}: cannot write the index checkpoint ({error})") from error
     fsync_directory(path.parent)
+
+
+def _header(checkpoint: Checkpoint) -> bytes:
+    model, kind = checkpoint.model_id.encode(), checkpoint.kind.encode()
+    if max(len(model), len(kind)) > MAX_TEXT_BYTES:
+        raise CheckpointError(f"model id or index type over {MAX_TEXT_BYTES} bytes")
+    unsigned = _FIXED.pack(MAGIC, VERSION, checkpoint.sequence, checkpoint.vectors,
+                           checkpoint.nbytes, bytes(32), len(model), len(kind)) + model + kind
+    digest = _sha256(unsigned, checkpoint.parts)
+    return unsigned[:_DIGEST_AT] + digest + unsigned[_DIGEST_AT + 32:]
+
+
+def _sha256(header: bytes, parts: tuple[memoryview, ...]) -> bytes:
+    """Of the header with its SHA-256 field zeroed, then the payload."""
+    hashed = hashlib.sha256(header[:_DIGEST_AT] + bytes(32) + header[_DIGEST_AT + 32:])
+    for part in parts:
+        hashed.update(part)
+    return hashed.digest()
 
 
 def _write_parts(handle: IO[Any], parts: tuple[memoryview, ...], flush_every: int | None
@@ -123,32 +141,80 @@ def read_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path}: no checkpoint") from error
     except OSError as error:
         raise CheckpointError(f"{path}: unreadable ({error.strerror})") from error
-    if len(data) < _HEADER.size:
-        raise CheckpointError(f"{path}: truncated header ({len(data)} bytes)")
-    magic, version, sequence, vectors, length, digest, model, kind = _HEADER.unpack_from(data)
-    if magic != MAGIC:
-        raise CheckpointError(f"{path}: not a dedup checkpoint (bad magic)")
-    if version != VERSION:
-        raise CheckpointError(f"{path}: unsupported checkpoint version {version}")
-    payload = memoryview(data)[_HEADER.size :]
-    if payload.nbytes != length:
-        raise CheckpointError(f"{path}: payload is {payload.nbytes} bytes, header says {length}")
-    if hashlib.sha256(payload).digest() != digest:
-        raise CheckpointError(f"{path}: checksum mismatch")
-    return Checkpoint(sequence=sequence, vectors=vectors, model_id=model.rstrip(b"\0").decode(),
-                      parts=(payload,), kind=kind.rstrip(b"\0").decode())
+    try:
+        return _parsed(data)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from error
+
+
+def _parsed(data: bytes) -> Checkpoint:
+    header = _header_of(data)
+    payload = memoryview(data)[header.size:]
+    if payload.nbytes != header.length:
+        raise CheckpointError(f"payload is {payload.nbytes} bytes, header says {header.length}")
+    signed = data[:header.size] if header.version == VERSION else b""
+    digest = _sha256(signed, (payload,)) if signed else hashlib.sha256(payload).digest()
+    if digest != header.digest:
+        raise CheckpointError("checksum mismatch")
+    return Checkpoint(sequence=header.sequence, vectors=header.vectors,
+                      model_id=header.model_id, parts=(payload,), kind=header.kind)
+
+
+@dataclass(frozen=True)
+class _Header:
+    version: int
+    sequence: int
+    vectors: int
+    length: int
+    digest: bytes
+    model_id: str
+    kind: str
+    size: int  # bytes before the payload
+
+
+def _header_of(data: bytes) -> _Header:
+    if len(data) < _FIXED.size or data[:len(MAGIC)] != MAGIC:
+        if len(data) >= len(MAGIC) and data[:len(MAGIC)] != MAGIC:
+            raise CheckpointError("not a dedup checkpoint (bad magic)")
+        raise CheckpointError(f"truncated header ({len(data)} bytes)")
+    version = struct.unpack_from("<I", data, len(MAGIC))[0]
+    if version == VERSION:
+        _, _, sequence, vectors, length, digest, model_bytes, kind_bytes = _FIXED.unpack_from(data)
+        size = _FIXED.size + model_bytes + kind_bytes
+        model, kind = data[_FIXED.size:_FIXED.size + model_bytes], data[size - kind_bytes:size]
+    elif version == 2:
+        size = _HEADER_V2.size
+        if len(data) < size:
+            raise CheckpointError(f"truncated header ({len(data)} bytes)")
+        _, _, sequence, vectors, length, digest, model, kind = _HEADER_V2.unpack_from(data)
+        model, kind = model.rstrip(b"\0"), kind.rstrip(b"\0")
+    else:
+        raise CheckpointError(f"unsupported checkpoint version {version}")
+    if len(data) < size:
+        raise CheckpointError(f"truncated header ({len(data)} bytes)")
+    return _Header(version, sequence, vectors, length, digest, _text(model, "model id"),
+                   _text(kind, "index type"), size)
+
+
+def _text(raw: bytes, name: str) -> str:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as error:
+        raise CheckpointError(f"damaged header: its {name} is not UTF-8") from error
 
 
 def checkpoint_kind(path: Path) -> str | None:
-    """The index type a checkpoint holds, from its header alone; None if there is none."""
+    """The index type a checkpoint holds, from its header alone; None if there is none or
+    it is damaged (the header's SHA-256 is checked only when the whole file is read)."""
     try:
         with open(path, "rb") as handle:
-            header = handle.read(_HEADER.size)
+            head = handle.read(_HEADER_V2.size + 2 * MAX_TEXT_BYTES)
     except OSError:
         return None
-    if len(header) < _HEADER.size or header[:len(MAGIC)] != MAGIC:
+    try:
+        return _header_of(head).kind
+    except CheckpointError:
         return None
-    return str(_HEADER.unpack(header)[7].rstrip(b"\0").decode())
 
 
 def fsync_directory(directory: Path) -> None:
