@@ -120,6 +120,30 @@ def test_not_found_lookups_are_audited(secure_server, keys):
     assert get["query"]["registration_id"] == "r-gone"
 
 
+def test_adjudicate_refusals_and_not_found_are_audited(secure_server, keys):
+    """Whether a registration_id exists shows in how Adjudicate refuses an application with no
+    score (NOT_FOUND: no such matched registration; INVALID_ARGUMENT: it exists): both are
+    recorded, as any read's refusal is."""
+    def adjudicate(matched: str) -> grpc.RpcError:
+        return refused(investigate.Adjudicate, pb.AdjudicateRequest(
+            **CASE, registration_id="r-application", matched_registration_id=matched,
+            decision=pb.DIFFERENT_PEOPLE))
+
+    with by(secure_server, keys, "investigator") as ch:
+        investigate = pb_grpc.InvestigateStub(ch)
+        misses = [adjudicate("r-none"), adjudicate("r0")]
+    assert [miss.code() for miss in misses] == [grpc.StatusCode.NOT_FOUND,
+                                                grpc.StatusCode.INVALID_ARGUMENT]
+    trail = trail_of(secure_server)
+    assert [record["method"] for record in trail] == ["Investigate.Adjudicate"] * 2
+    assert [record["query"]["outcome"] for record in trail] == ["NOT_FOUND",
+                                                                "INVALID_ARGUMENT"]
+    assert [record["query"]["matched_registration_id"] for record in trail] == ["r-none", "r0"]
+    for record in trail:
+        assert record["returned"] == [] and record["caller"] == "CN=investigator-client"
+        assert record["query"]["registration_id"] == "r-application"
+
+
 def test_token_callers_are_audited_too(secure_server, keys, faces):
     with channel(secure_server.server.token_port, keys, token=tokens(keys)["admin"]) as ch:
         pb_grpc.FaceDedupStub(ch).Check(pb.CheckRequest(face=face(faces.persons(1)[0])),

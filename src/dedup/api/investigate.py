@@ -199,17 +199,19 @@ class InvestigateServicer(pb_grpc.InvestigateServicer):
     @rpc
     def Adjudicate(self, request: pb.AdjudicateRequest, context: grpc.ServicerContext
                ) -> pb.AdjudicateResponse:
-        case_id, purpose = _case(request)
-        first, second, decision, note = _adjudicated_pair(request, self.limits)
-        score, checked, matched = self._pair(request, first, second)
         caller = current_caller()
-        record = Adjudication.now(first, second, decision, score, case_id, note,
-                                  caller.identity).encode()
-        make = self.audit.maker(caller, "Investigate.Adjudicate", case_id, purpose,
-                                {"registration_id": first, "matched_registration_id": second,
-                                 "decision": decision})
-        digest = self.gallery.settle(checked, matched, record,
-                                     lambda seq, prev: make(seq, prev, [first, second]))
+        with reads.read(self.audit, caller, "Investigate.Adjudicate") as read:
+            read.case_id, read.purpose = _case(request)
+            first, second, decision, note = _adjudicated_pair(request, self.limits)
+            read.query = {"registration_id": first, "matched_registration_id": second,
+                          "decision": decision}
+            score, checked, matched = self._pair(request, first, second)
+            record = Adjudication.now(first, second, decision, score, read.case_id, note,
+                                      caller.identity).encode()
+            # The settlement and the record of the answer are written together.
+            digest = read.answered_within(
+                functools.partial(self.gallery.settle, checked, matched, record),
+                [first, second])
         return pb.AdjudicateResponse(score=score, audit_record_hash=digest.hex())
 
     def _pair(self, request: pb.AdjudicateRequest, first: str, second: str

@@ -4,7 +4,7 @@ audit record for every read, whatever it ends in: an answer, NOT_FOUND or a refu
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +13,7 @@ import grpc
 
 from dedup.api.status import status_of
 from dedup.core import validation
-from dedup.core.audit_chain import Caller
+from dedup.core.audit_chain import Caller, RecordMaker
 from dedup.core.errors import AuditUnavailable, DedupError
 from dedup.service.audit import AuditTrail
 
@@ -56,6 +56,17 @@ class Read:
     def answered(self, returned: list[str]) -> str:
         """Writes the record of the answer, before it is sent; its hash ("" unaudited)."""
         return self._append(returned, "OK")
+
+    def answered_within(self, write: Callable[[RecordMaker], bytes], returned: list[str]
+                        ) -> bytes:
+        """Has `write` store the record of the answer inside its own store write (an
+        Adjudicate's settlement), the record and the write whole or not at all; its hash."""
+        assert self.trail is not None  # Investigate's reads are always audited
+        make = self.trail.maker(self.caller, self.method, self.case_id, self.purpose,
+                                self.query)
+        digest = write(lambda sequence, previous: make(sequence, previous, returned))
+        self.recorded = True
+        return digest
 
     def ended(self, outcome: str) -> None:
         """Writes the record of a read that ended without an answer (a status name)."""
