@@ -15,6 +15,9 @@ from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 
 CASE = {"case_id": "CASE-31", "purpose": "desk escalation"}
+# 128 characters, 509 bytes in UTF-8: a registration_id within LMDB's 511-byte key, but an
+# application's settlement key holds it and the matched registration's key.
+TOO_LONG_FOR_AN_APPLICATION = "\U0001F600" * 127 + "x"
 
 
 def test_different_people_settled_no_longer_duplicate(server, faces):
@@ -66,6 +69,8 @@ def test_different_people_settled_no_longer_duplicate(server, faces):
       "decision": pb.DIFFERENT_PEOPLE}, "score"),
     ({"registration_id": "new", "matched_registration_id": "a", "score": 3.0,
       "decision": pb.DIFFERENT_PEOPLE}, "score"),
+    ({"registration_id": TOO_LONG_FOR_AN_APPLICATION, "matched_registration_id": "a",
+      "score": 0.5, "decision": pb.DIFFERENT_PEOPLE}, "registration_id"),
 ])
 def test_adjudicate_bad_input(server, faces, fields, field):
     enroll(server.stub, "a", "ID-A", faces.persons(1)[0])
@@ -73,6 +78,15 @@ def test_adjudicate_bad_input(server, faces, fields, field):
         pb_grpc.InvestigateStub(server.channel).Adjudicate(pb.AdjudicateRequest(**CASE, **fields))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert refused.value.details().startswith(field)
+
+
+def test_the_longest_application_id_is_settled(server, faces):
+    enroll(server.stub, "a", "ID-A", faces.persons(1)[0])
+    longest = "\U0001F600" * 124 + "abcd"  # 128 characters, 500 bytes in UTF-8
+    settled = pb_grpc.InvestigateStub(server.channel).Adjudicate(pb.AdjudicateRequest(
+        **CASE, registration_id=longest, matched_registration_id="a", score=0.5,
+        decision=pb.DIFFERENT_PEOPLE))
+    assert len(settled.audit_record_hash) == 64
 
 
 def test_adjudicate_unknown_match_is_not_found(server):

@@ -224,6 +224,7 @@ class InvestigateServicer(pb_grpc.InvestigateServicer):
         checked = self.gallery.stored_face(first)
         if checked is not None:
             return float(checked[2] @ matched[2]), checked[0], matched[0]
+        validation.application_id(first, "registration_id")
         if not request.HasField("score"):
             raise InvalidArgument("score", f"required: registration {first!r} is not enrolled, "
                                   "so give the score from the verdict's evidence")

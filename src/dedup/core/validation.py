@@ -15,6 +15,10 @@ MSISDN = re.compile(r"\+?[0-9]{3,31}")
 
 # LMDB's longest key: registration_ids, ID numbers and phone numbers are keys of the store.
 MAX_KEY_BYTES = 511
+# An application settled while not enrolled is named in its settlement's keys by its
+# registration_id: b"p", the id and a NUL, then the matched registration's b"k" and 8-byte key
+# (gallery/embedded/store_format.party_key). One limit for every backend.
+MAX_APPLICATION_ID_BYTES = MAX_KEY_BYTES - 11
 
 
 def text(value: str, field: str, max_chars: int, required: bool, key: bool = False) -> str:
@@ -35,6 +39,17 @@ def text(value: str, field: str, max_chars: int, required: bool, key: bool = Fal
                                        for char in value):
         raise InvalidArgument(field, "contains control characters")
     return value
+
+
+def application_id(registration_id: str, field: str) -> str:
+    """The registration_id of an application (not enrolled), short enough for a settlement's
+    keys."""
+    size = len(registration_id.encode())
+    if size > MAX_APPLICATION_ID_BYTES:
+        raise InvalidArgument(field, f"is {size} bytes in UTF-8, at most "
+                              f"{MAX_APPLICATION_ID_BYTES} allowed for an application that is "
+                              "not enrolled")
+    return registration_id
 
 
 def msisdn(value: str, field: str, limits: Limits) -> str:
