@@ -169,6 +169,32 @@ def test_checks_are_rate_limited_per_registration_credential(make_server, keys, 
     assert value(samples, "dedup_check_refusals_total", reason="rate") == 2
 
 
+def test_check_first_enrolments_are_charged_to_the_desk_check_rate(make_server, keys, faces):
+    """An enrolment with check_first runs a check and answers its evidence: a desk's are
+    charged to its check rate, unary or streamed (a stream item refused, the stream goes on)."""
+    server = secured(make_server, keys, metrics_address="127.0.0.1:0",
+                     queries=QueryLimits(check_rate_per_caller=0.01, check_burst_per_caller=2))
+    person, other = faces.persons(2)
+    desk = stub(server, keys, "registration")
+    desk.Check(pb.CheckRequest(face=face(person), claimed_id_number="ID1"), timeout=30)
+    desk.Enroll(checked_enrolment("r-1", person), timeout=30)  # the burst of 2 spent
+    assert refused(desk.Enroll, checked_enrolment("r-2", person)).code() == \
+        grpc.StatusCode.RESOURCE_EXHAUSTED
+    unchecked = pb.EnrollRequest(registration=registration("r-4", "ID4"), face=face(other))
+    first, second = desk.EnrollStream(iter([checked_enrolment("r-3", person), unchecked]),
+                                      timeout=30)
+    assert (first.enrolled, first.error.code) == (False, "RESOURCE_EXHAUSTED")
+    assert "CN=registration-client" in first.error.message
+    assert second.enrolled  # no check, no charge
+    samples = scrape(server.server.metrics_port)
+    assert value(samples, "dedup_check_refusals_total", reason="rate") == 2
+
+
+def checked_enrolment(registration_id: str, person) -> pb.EnrollRequest:
+    return pb.EnrollRequest(registration=registration(registration_id, "ID1"),
+                            face=face(person), check_first=True)
+
+
 def test_store_reads_records_written_before_enrolled_by():
     old = b'{"r":"r1","i":"ID1","m":"","c":"","g":"","t":5,"e":"m"}'
     assert decode_registration(old).enrolled_by == ""

@@ -75,17 +75,20 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
         return convert.check_to_proto(result, claimed if desk else None)
 
     def _admit_desk_check(self, caller: Caller, request: pb.CheckRequest) -> None:
-        """A registration desk checks an applicant's claim, so names the claimed ID number;
-        each desk credential's checks are rate limited (refusals are counted: probing faces
-        fast is itself a signal)."""
-        if not self.check_rate.admit(caller.identity):
-            self.metrics.refusals.labels("rate").inc()
-            raise ResourceExhausted(
-                f"Check: {caller.identity} is over {self.check_rate.rate:g} checks a second "
-                f"(bursts of {self.check_rate.burst:g}); slow down")
+        """A registration desk checks an applicant's claim, so names the claimed ID number."""
+        self._charge_desk_check(caller, "Check")
         if not request.claimed_id_number:
             self.metrics.refusals.labels("no_claimed_id_number").inc()
             raise InvalidArgument("claimed_id_number", "is required for the registration role")
+
+    def _charge_desk_check(self, caller: Caller, method: str) -> None:
+        """Each desk credential's checks are rate limited, a Check's and an enrolment's with
+        check_first alike (refusals are counted: probing faces fast is itself a signal)."""
+        if not self.check_rate.admit(caller.identity):
+            self.metrics.refusals.labels("rate").inc()
+            raise ResourceExhausted(
+                f"{method}: {caller.identity} is over {self.check_rate.rate:g} checks a second "
+                f"(bursts of {self.check_rate.burst:g}); slow down")
 
     @rpc
     def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollResponse:
@@ -148,6 +151,8 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
     def _enroll(self, request: pb.EnrollRequest,
                 context: grpc.ServicerContext) -> pb.EnrollResponse:
         caller = current_caller()
+        if request.check_first and caller.role == "registration":
+            self._charge_desk_check(caller, "check_first")
         registration = self._registration(request)
         probe = self._probe(request, context)
         result = self.service.enroll(registration, probe, request.check_first,

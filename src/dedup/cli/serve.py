@@ -173,7 +173,8 @@ def _query_arguments(serve: argparse.ArgumentParser) -> None:
     group = serve.add_argument_group("query limits (beyond: RESOURCE_EXHAUSTED)")
     group.add_argument("--check-rate-per-caller", type=float,
                        default=limits.check_rate_per_caller, metavar="PER_SECOND",
-                       help="checks a second per registration-role credential; 0: no limit")
+                       help="checks a second per registration-role credential (Check, and "
+                       "Enroll with check_first); 0: no limit")
     group.add_argument("--check-burst-per-caller", type=int,
                        default=limits.check_burst_per_caller,
                        help="checks one registration-role credential may make at once")
