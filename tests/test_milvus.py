@@ -599,3 +599,43 @@ def _edit_second_record(uri: str) -> None:
     finally:
         client.close()
     release_milvus_lite(Path(uri))
+
+
+WHOLE_VECTOR_INDEXES = [
+    ("lite", "IVF_FLAT", {"nlist": 4}, {"nprobe": 4}),
+    pytest.param("server", "IVF_FLAT", {"nlist": 4}, {"nprobe": 4},
+                 marks=pytest.mark.milvus_server),
+    pytest.param("server", "HNSW", {"M": 8, "efConstruction": 64}, {"ef": 64},
+                 marks=pytest.mark.milvus_server),
+]
+
+
+@pytest.mark.parametrize(("where", "kind", "build", "search"), WHOLE_VECTOR_INDEXES)
+def test_an_index_that_keeps_vectors_whole_answers_exact_scores(
+        tmp_path, faces, request, where, kind, build, search):
+    """IVF_FLAT and HNSW keep the float32 vectors whole: the scores Milvus returns are the
+    exact ones, so dedup takes them without fetching the candidates' embeddings to re-score."""
+    base = MilvusConfig(uri=str(tmp_path / "whole.db"), flush_interval_s=0.5) \
+        if where == "lite" else milvus_on_server(request.getfixturevalue("milvus_server"))
+    config = dataclasses.replace(base, prefix=f"{base.prefix}whole", index_type=kind,
+                                 index_params=build, search_params=search)
+    assert config.scores_exact and not config.exact
+    people = faces.persons(120)
+    gallery = MilvusGallery(config, "model-x", background=False)
+    try:
+        gallery.insert_each([(Registration(f"r{i}", f"ID{i}"), person)
+                             for i, person in enumerate(people)])
+        probe = faces.capture(people[7])
+        found = gallery.neighbours(probe, 5, 0.0)
+        exact = people @ probe
+        assert found[0].registration.registration_id == "r7"
+        for scored in found:
+            index = int(scored.registration.registration_id[1:])
+            assert scored.score == pytest.approx(float(exact[index]), abs=1e-5)
+    finally:
+        gallery.close(checkpoint=False)
+        if where == "lite":
+            release_milvus_lite(Path(config.uri))
+        else:
+            drop_collections(config)
+            drop_collections(base)

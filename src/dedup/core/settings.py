@@ -209,6 +209,9 @@ class CaptureRules:
     quality_gate: QualityGate | None = field(default_factory=QualityGate)
 
 
+EXACT_SCORING_MILVUS_INDEXES = frozenset({"FLAT", "IVF_FLAT", "HNSW"})
+
+
 @dataclass(frozen=True)
 class MilvusConfig:
     """Where the collections live and how they are indexed and searched."""
@@ -242,7 +245,15 @@ class MilvusConfig:
 
     @property
     def exact(self) -> bool:
+        """Every row is compared: a search's candidates are complete."""
         return self.index_type.upper() == "FLAT"
+
+    @property
+    def scores_exact(self) -> bool:
+        """The scores a search returns are inner products of the stored float32 vectors
+        (FLAT; IVF_FLAT and HNSW keep the vectors whole): its candidates need no re-scoring,
+        so their embeddings are not fetched with them (64 x 2 KB a search)."""
+        return self.index_type.upper() in EXACT_SCORING_MILVUS_INDEXES
 
 
 @dataclass(frozen=True)

@@ -79,21 +79,21 @@ class Registrations:
     def search(self, queries: list[list[float]], k: int, where: str,
                consistency: str = STRONG) -> list[list[Row]]:
         """Each query's best rows by score, best first; at least k when there are."""
-        exact = self.config.exact
-        limit = min(k if exact else max(k, self.config.rerank_candidates), MAX_TOPK)
-        fields = self.shape.fields if exact else [*self.shape.fields, "embedding"]
+        complete, scored = self.config.exact, self.config.scores_exact
+        limit = min(k if complete else max(k, self.config.rerank_candidates), MAX_TOPK)
+        fields = self.shape.fields if scored else [*self.shape.fields, "embedding"]
         found = self.client.search(
             self.collection, data=queries, limit=limit, filter=where,
             output_fields=fields, consistency_level=consistency,
             search_params={"metric_type": "IP", "params": self.config.search_params})
-        return [self._ranked(query, hits, exact)
+        return [self._ranked(query, hits, scored)
                 for query, hits in zip(queries, found, strict=True)]
 
     @staticmethod
-    def _ranked(query: list[float], hits: list[dict[str, Any]], exact: bool) -> list[Row]:
+    def _ranked(query: list[float], hits: list[dict[str, Any]], scored: bool) -> list[Row]:
         near = [Row.of(hit["entity"] | {"key": hit["key"]}, float(hit["distance"]))
                 for hit in hits]
-        if not exact:  # verdicts never rest on approximate scores
+        if not scored:  # verdicts never rest on approximate scores
             probe = np.asarray(query, np.float32)
             near = [dataclasses.replace(row, score=float(row.vector @ probe))
                     for row in near if row.vector is not None]
