@@ -18,6 +18,7 @@ from secure import channel
 
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+from dedup.core.errors import FailedPrecondition
 from dedup.core.security import load_security
 from dedup.core.vectors import unit_vector
 
@@ -209,6 +210,7 @@ def test_a_rebuild_that_is_not_swapped_in_leaves_no_side_file(tmp_path, faces):
     def erase_and_close() -> None:
         gallery.delete(DeleteKey.REGISTRATION_ID, "r0")
         gallery.close()
+        outcome.append(("still rebuilding after close", gallery._rebuilder.running))
 
     closing = threading.Thread(target=erase_and_close)
 
@@ -224,5 +226,30 @@ def test_a_rebuild_that_is_not_swapped_in_leaves_no_side_file(tmp_path, faces):
         outcome.append(error)
     closing.join(timeout=60)
     assert not closing.is_alive()
-    assert "cancelled" in str(outcome[0]), outcome
+    assert ("still rebuilding after close", False) in outcome
+    assert any("cancelled" in str(item) for item in outcome), outcome
     assert sorted(p.name for p in data_dir.iterdir() if "ckpt" in p.name) == ["index.ckpt"]
+    with pytest.raises(FailedPrecondition, match="closing"):
+        gallery.rebuild("BinarySign512", progress)
+
+
+def test_files_a_crash_left_holding_embeddings_are_removed_at_start(tmp_path, faces):
+    """A live rebuild's side file and the temporary files of a checkpoint being written hold
+    every embedding as of their writing; after a crash nothing would ever replace them."""
+    from dedup.core.records import Registration
+    from dedup.core.settings import IndexConfig, StoreConfig
+    from dedup.gallery.embedded.gallery import EmbeddedGallery
+
+    data_dir = tmp_path / "data"
+    person = faces.persons(1)[0]
+    config = StoreConfig(data_dir=data_dir)
+    gallery = EmbeddedGallery(config, "test-model", IndexConfig(index_factory="Flat"),
+                              background=False)
+    gallery.insert(Registration("r0", "ID0"), person)
+    gallery.close()
+    leftovers = ["index.ckpt.rebuild", "index.ckpt.rebuild.tmp", "index.ckpt.tmp"]
+    for name in leftovers:
+        (data_dir / name).write_bytes(stored_bytes(person))
+    EmbeddedGallery(config, "test-model", IndexConfig(index_factory="Flat"),
+                    background=False).close()
+    assert not [name for name in leftovers if (data_dir / name).exists()]

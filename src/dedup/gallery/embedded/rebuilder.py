@@ -50,6 +50,7 @@ class Rebuilder:
 
     def rebuild(self, kind: str | None, progress: Progress) -> IndexStatus:
         """Builds `kind` (None: the configured type) in a child process and swaps it in."""
+        self._refuse_when_closing()
         target = validate_kind(kind) if kind else self.plan.configured_kind
         if target == AUTO:
             target = self.plan.wanted_kind(serving=self.live.index.kind)
@@ -60,11 +61,16 @@ class Rebuilder:
         if not self._running.acquire(blocking=False):
             raise FailedPrecondition("a rebuild is already running")
         try:
+            self._refuse_when_closing()  # again: close may have waited for rebuilds meanwhile
             self._rebuild_live(target, progress)
             return self._status()
         finally:
             self.checkpointer.unpin_log()
             self._running.release()
+
+    def _refuse_when_closing(self) -> None:
+        if self._cancelled():
+            raise FailedPrecondition("the gallery is closing: no rebuild")
 
     def wait(self) -> None:
         """Until no rebuild runs: a closing gallery's store must outlive it (a rebuild sees

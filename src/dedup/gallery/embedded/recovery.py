@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from dedup.core.errors import CheckpointError
+from dedup.gallery.embedded.checkpoint import temporary_of
 from dedup.gallery.embedded.checkpointer import Checkpointer
 from dedup.gallery.embedded.index import VectorIndex, load_index
 from dedup.gallery.embedded.index_plan import IndexPlan
@@ -26,7 +27,10 @@ def recover_index(plan: IndexPlan, checkpointer: Checkpointer,
     covers. `rebuild_file`: a live rebuild's side file, left over if it never swapped."""
     store, model_id, path = plan.store, plan.model_id, checkpointer.path
     plan.warn_about_other_models()
-    rebuild_file.unlink(missing_ok=True)
+    # Files a crash may have left, each holding every embedding as of its writing (erased
+    # ones among them): nothing reads them, and nothing else would ever replace them.
+    for leftover in (rebuild_file, temporary_of(rebuild_file), temporary_of(path)):
+        leftover.unlink(missing_ok=True)
     try:
         index, covered = load_index(path, store.config.dimension, model_id)
     except CheckpointError as error:
