@@ -36,7 +36,7 @@ from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 from dedup.core.errors import BackendUnavailable, StoreError
 from dedup.core.records import Registration
 from dedup.core.settings import MilvusConfig
-from dedup.gallery.milvus import MilvusGallery, connection, status
+from dedup.gallery.milvus import MilvusGallery, connection, schema, status
 from dedup.gallery.milvus.schema import PENDING, _index_differences, _new_key, _now_us, _Row
 
 ROUNDS = 12
@@ -622,11 +622,20 @@ def test_an_index_that_keeps_vectors_whole_answers_exact_scores(
     assert config.scores_exact and not config.exact
     people = faces.persons(120)
     gallery = MilvusGallery(config, "model-x", background=False)
+    client = gallery._rows.client
+    real_search, asked = client.search, []
+
+    def search(*args: Any, **kwargs: Any) -> Any:  # the real search, its fields noted
+        asked.append(list(kwargs.get("output_fields", [])))
+        return real_search(*args, **kwargs)
+
     try:
         gallery.insert_each([(Registration(f"r{i}", f"ID{i}"), person)
                              for i, person in enumerate(people)])
         probe = faces.capture(people[7])
+        client.search = search
         found = gallery.neighbours(probe, 5, 0.0)
+        assert asked and not any("embedding" in fields for fields in asked)
         exact = people @ probe
         assert found[0].registration.registration_id == "r7"
         for scored in found:
@@ -639,3 +648,14 @@ def test_an_index_that_keeps_vectors_whole_answers_exact_scores(
         else:
             drop_collections(config)
             drop_collections(base)
+
+
+def test_a_collection_whose_index_milvus_chose_is_searched_as_approximate():
+    """AUTOINDEX (a managed service's) may quantise and is never complete: a node started
+    with FLAT or IVF_FLAT took its scores as exact."""
+    for kind in ("FLAT", "IVF_FLAT", "HNSW"):
+        served = schema.as_served(MilvusConfig(uri="x.db", index_type=kind), "AUTOINDEX")
+        assert (served.index_type, served.exact, served.scores_exact) == \
+            ("AUTOINDEX", False, False)
+        assert schema.as_served(MilvusConfig(uri="x.db", index_type=kind), kind).index_type \
+            == kind

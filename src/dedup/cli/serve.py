@@ -161,7 +161,8 @@ def _index_arguments(serve: argparse.ArgumentParser) -> None:
                        help="lists searched per query by the types with lists; 0 (default): "
                        "SignIVF's calibrated nprobe, 64 for IVF and BinaryIVF")
     serve.add_argument("--rerank-candidates", type=int, default=index.rerank_candidates,
-                       help="candidates of an approximate index re-scored exactly")
+                       help="candidates an approximate index is searched for (re-scored "
+                       "exactly where its own scores are not: all but FLAT, IVF_FLAT, HNSW)")
     serve.add_argument("--max-batch", type=int, default=index.max_batch,
                        help="most concurrent checks coalesced into one index search")
     serve.add_argument("--batch-wait-ms", type=float, default=index.max_batch_wait_s * 1000,

@@ -72,7 +72,9 @@ class MilvusGallery:
                 log.warning("%s at %s is a Milvus Lite server: safe for one dedup node only "
                             "(its flushes can hide rows from other processes' searches)",
                             self.server.name, config.uri)
-            self.collections = open_collections(self._client, config, dimension, self.server)
+            self.collections, config = open_collections(self._client, config, dimension,
+                                                        self.server)
+            self.config = config
         except BaseException:
             client.close()
             raise

@@ -75,9 +75,10 @@ class Collections:
 
 
 def open_collections(client: Any, config: MilvusConfig, dimension: int,
-                     version: ServerVersion) -> Collections:
+                     version: ServerVersion) -> tuple[Collections, MilvusConfig]:
     """Creates the collections that are missing (as `version` supports them), loads them
-    all and checks that the registrations hold `dimension`-d embeddings."""
+    all and checks that the registrations hold `dimension`-d embeddings; with them, the
+    configuration to search them with (as_served)."""
     from pymilvus import DataType
 
     names = create_collections(client, config, dimension, version)
@@ -89,27 +90,40 @@ def open_collections(client: Any, config: MilvusConfig, dimension: int,
         raise StoreError(f"milvus at {config.uri} ({version.name}): cannot load the "
                          f"collections ({error})") from error
     _check_dimension(client, names.registrations, dimension)
-    _check_embedding_index(client, names.registrations, config)
+    described_type = _check_embedding_index(client, names.registrations, config)
     _add_enrolled_by(client, names.registrations, DataType, version)
     _add_quality_fields(client, names.registrations, DataType, version)
-    return names
+    return names, as_served(config, described_type)
 
 
-def _check_embedding_index(client: Any, name: str, config: MilvusConfig) -> None:
+def _check_embedding_index(client: Any, name: str, config: MilvusConfig) -> str | None:
     """Refuses a node configured for another index than the collection was created with:
-    its search parameters would be another index's (Milvus rejects or ignores them)."""
+    its search parameters would be another index's (Milvus rejects or ignores them).
+    Returns the described index type (None: not described)."""
     try:
         described = client.describe_index(name, "embedding") or {}
     except Exception as error:  # e.g. a role without DescribeIndex: serve, unchecked
         log.warning("cannot describe the index of %s (%s): not checked against "
                     "--milvus-index-type", name, error)
-        return
+        return None
     differing = _index_differences(described, config)
     if differing:
         raise StoreError(
             f"milvus at {config.uri}: the collection {name} has an embedding index of "
             f"{', '.join(differing)}: start the node with the collection's "
             "--milvus-index-type and --milvus-index-params, or use another --milvus-prefix")
+    return str(described.get("index_type", config.index_type)).upper()
+
+
+def as_served(config: MilvusConfig, described_type: str | None) -> MilvusConfig:
+    """The configuration the node searches with: a collection whose index Milvus chose
+    (AUTOINDEX) may quantise and is never complete, so its candidates are re-scored
+    whatever type the node was started with (FLAT would take them as exact and complete)."""
+    if described_type != "AUTOINDEX" or config.index_type == "AUTOINDEX":
+        return config
+    log.warning("the collection's embedding index is AUTOINDEX (Milvus's choice), not %s: "
+                "its candidates are re-scored from their embeddings", config.index_type)
+    return dataclasses.replace(config, index_type="AUTOINDEX")
 
 
 def _index_differences(described: dict[str, Any], config: MilvusConfig) -> list[str]:

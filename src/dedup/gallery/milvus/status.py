@@ -53,7 +53,7 @@ def gallery_stats(rows: Registrations, dimension: int) -> GalleryStats:
 def index_status(rows: Registrations, dimension: int) -> IndexStatus:
     """Milvus's index as configured: Milvus builds it, nothing is ever being rebuilt."""
     config = rows.config
-    kind, exact = config.index_type, config.exact
+    kind, exact = config.index_type, config.scores_exact  # the proto's "exact": the scores
     return IndexStatus(
         index_type=f"milvus:{kind}", dimension=dimension,
         vectors=rows.count(rows.comparable()), exact=exact,
