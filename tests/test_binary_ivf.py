@@ -42,7 +42,7 @@ def vectors() -> np.ndarray:
 def index(vectors, family) -> BinaryIVFIndex | SignIVFIndex:
     built = new_index(f"{family}{NLIST}", 512)
     assert isinstance(built, CLASSES[family])
-    built.train(vectors[: training_size(built.kind)])
+    built.train(vectors[: training_size(built.kind, 512)])
     built.add(np.arange(SIZE, dtype=np.int64) * 10 + 3, vectors)  # ids are not positions
     return built
 
@@ -53,7 +53,7 @@ def ids_of(index, queries, k=5, nprobe=NLIST) -> list[list[int]]:
 
 def test_names_and_training_size(family):
     assert validate_kind(f"{family}4096") == f"{family}4096"
-    assert training_size(f"{family}4096") == 39 * 4096
+    assert training_size(f"{family}4096", 512) == 39 * 4096
     for bad in ("", "0", "-4", "12x"):
         with pytest.raises(InvalidArgument, match="not a supported index type"):
             validate_kind(family + bad)

@@ -14,8 +14,16 @@ from conftest import RunningServer, face, registration
 from dedup import FaceGenerator, ServerConfig, StoreConfig
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+from dedup.core.errors import InvalidArgument
 from dedup.core.settings import IndexConfig
-from dedup.gallery.embedded.index import AUTO
+from dedup.core.vectors import normalize_rows
+from dedup.gallery.embedded.index import (
+    AUTO,
+    SearchOptions,
+    new_index,
+    training_size,
+    validate_kind,
+)
 from dedup.gallery.embedded.index_plan import kind_for
 
 KINDS = ["BinarySign512", "BinarySign256", "BinaryIVF16", "SignIVF16", "IVF16,Flat", "IVF16,SQ8",
@@ -292,6 +300,18 @@ def test_rebuild_refusals(server, faces):
 
 
 @pytest.mark.embedded_only(reason=FAISS_ONLY)
+def test_rebuild_refuses_a_pq_that_does_not_fit_or_cannot_be_trained_yet(server):
+    with pytest.raises(grpc.RpcError) as error:
+        list(admin(server).Rebuild(pb.RebuildRequest(index_factory="IVF1,PQ7")))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "PQ's 7 sub-quantizers do not divide the 512 dimensions" in error.value.details()
+    with pytest.raises(grpc.RpcError) as error:  # 256 centroids a sub-quantizer
+        list(admin(server).Rebuild(pb.RebuildRequest(index_factory="IVF1,PQ16")))
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "needs at least 256 registrations" in error.value.details()
+
+
+@pytest.mark.embedded_only(reason=FAISS_ONLY)
 def test_checkpoint_rpc(server, faces):
     server.stub.Enroll(pb.EnrollRequest(registration=registration("a", "ID1"),
                                         face=face(faces.persons(1)[0])))
@@ -339,3 +359,60 @@ def wait_for_index(server, kind: str, seconds: float = 90) -> pb.GetIndexInfoRes
             assert (info.index_type, info.rebuilding) == (kind, False)
             return info
         time.sleep(0.2)
+
+
+@pytest.mark.parametrize(("kind", "problem"), [
+    ("IVF1,PQ8x0", "PQ codes of 1 to 16 bits a sub-quantizer, not 0"),  # SIGFPE in FAISS
+    ("IVF1,PQ8x25", "PQ codes of 1 to 16 bits a sub-quantizer, not 25"),
+    ("IVF2,PQ0", "PQ needs at least one sub-quantizer"),
+    ("OPQ0,IVF2,Flat", "OPQ needs at least one sub-quantizer"),
+    ("OPQ4_0,IVF1,Flat", "OPQ's output needs at least one dimension"),  # SIGFPE in FAISS
+    ("OPQ4_6,IVF1,Flat", "OPQ's 4 sub-quantizers do not divide the 6 dimensions"),
+    ("OPQ4_64,IVF1,PQ5", "PQ's 5 sub-quantizers do not divide the 64 dimensions"),
+    ("IVF2000000,Flat", "at most 1,048,576 lists"),
+])
+def test_ivf_kinds_faiss_cannot_build_are_refused_naming_the_field(kind, problem):
+    """The kind alone shows it: refused without the vectors' dimension, before FAISS."""
+    with pytest.raises(InvalidArgument, match="index_factory") as refused:
+        validate_kind(kind)
+    assert problem in str(refused.value)
+
+
+@pytest.mark.parametrize(("kind", "problem"), [
+    ("IVF2,PQ7", "PQ's 7 sub-quantizers do not divide the 512 dimensions"),
+    ("OPQ3,IVF4,PQ8", "OPQ's 3 sub-quantizers do not divide the 512 dimensions"),
+    ("OPQ4_600,IVF1,Flat", "OPQ's output of 600 dimensions is wider than the vectors' 512"),
+])
+def test_ivf_kinds_that_do_not_fit_the_dimension_are_refused_where_it_is_known(kind, problem):
+    assert validate_kind(kind) == kind  # the dimension decides
+    for refuse in (lambda: validate_kind(kind, dimension=512), lambda: new_index(kind, 512)):
+        with pytest.raises(InvalidArgument, match="index_factory") as refused:
+            refuse()
+        assert problem in str(refused.value)
+
+
+# (kind, dimension, vectors its training needs): 39 a list, one a centroid of each PQ or
+# OPQ sub-quantizer (2**bits; OPQ's are 8 bits), and for an OPQ one a dimension of its output.
+TRAINING = [("IVF2,PQ16", 64, 256), ("IVF1,PQ8x4", 64, 39), ("IVF1,PQ16x6", 64, 64),
+            ("IVF64,PQ8", 64, 39 * 64), ("OPQ8,IVF2,Flat", 64, 256),
+            ("OPQ8,IVF2,Flat", 288, 288), ("OPQ8_32,IVF2,PQ16", 288, 256),
+            ("OPQ16_32,IVF16,PQ8x6", 64, 16 * 39)]
+
+
+@pytest.mark.parametrize(("kind", "dimension", "needed"), TRAINING)
+def test_every_accepted_ivf_kind_trains_on_its_training_size(kind, dimension, needed):
+    """'IVF2,PQ16' and 'OPQ8,IVF2,Flat' counted 78 vectors, FAISS refused fewer than 256;
+    an OPQ trained on fewer vectors than its output's dimensions corrupted FAISS's heap."""
+    assert validate_kind(kind, dimension=dimension) == kind
+    assert training_size(kind, dimension) == needed
+    vectors = normalize_rows(np.random.default_rng(3).standard_normal((needed, dimension),
+                                                                      dtype=np.float32))
+    index = new_index(kind, dimension)
+    index.train(vectors)
+    index.add(np.arange(needed, dtype=np.int64), vectors)
+    found = index.search(vectors[:4], 1, SearchOptions(nprobe=64))
+    assert len(found) == 4 and all(len(ids) == 1 for ids, _ in found)
+
+
+def test_a_sixteen_bit_pq_needs_its_65536_centroids_trained():
+    assert training_size("IVF64,PQ32x16", 512) == 1 << 16

@@ -33,7 +33,7 @@ def vectors() -> np.ndarray:
 @pytest.fixture(scope="module")
 def trained(vectors) -> SignIVFIndex:
     index = SignIVFIndex(512, NLIST)
-    index.train(vectors[: training_size(index.kind)])
+    index.train(vectors[: training_size(index.kind, 512)])
     return index
 
 
@@ -52,7 +52,7 @@ def projected(trained: SignIVFIndex, sample: np.ndarray) -> ProjectedAssignment:
 
 
 def test_the_build_lists_are_the_exact_nearest_centroids_nearly_always(trained, vectors):
-    assignment = projected(trained, vectors[:training_size(trained.kind)])
+    assignment = projected(trained, vectors[:training_size(trained.kind, 512)])
     assert assignment.agreement >= MIN_AGREEMENT
     chosen = assignment.lists_of(vectors)
     assert chosen.shape == (SIZE, 1) and chosen.dtype == np.int64
@@ -61,7 +61,7 @@ def test_the_build_lists_are_the_exact_nearest_centroids_nearly_always(trained, 
 
 
 def test_a_centroid_is_assigned_its_own_list(trained, vectors):
-    assignment = projected(trained, vectors[:training_size(trained.kind)])
+    assignment = projected(trained, vectors[:training_size(trained.kind, 512)])
     assert assignment.lists_of(centroids_of(trained))[:, 0].tolist() == list(range(NLIST))
 
 
@@ -73,7 +73,7 @@ def test_a_gallery_the_projection_misses_is_assigned_exactly(trained):
 def test_a_missed_nearest_centroid_gives_way_only_to_a_projected_candidate(trained, vectors):
     # isotropic vectors: the projection keeps little of them, so some nearest centroids are
     # missed; the list chosen instead is the best in full of the candidates projected
-    fit = projected(trained, vectors[:training_size(trained.kind)])
+    fit = projected(trained, vectors[:training_size(trained.kind, 512)])
     vectors = FaceGenerator(11).persons(4000)
     centroids = centroids_of(trained)
     assignment = ProjectedAssignment(centroids, fit.pca, fit.projected, 8, 0.0)
@@ -91,7 +91,7 @@ def test_an_index_filled_so_searches_as_one_filled_exactly(vectors):
     ids = np.arange(SIZE, dtype=np.int64) * 7 + 1
     filled, added = SignIVFIndex(512, NLIST), SignIVFIndex(512, NLIST)
     for index in (filled, added):
-        index.train(vectors[: training_size(index.kind)])
+        index.train(vectors[: training_size(index.kind, 512)])
     filled.fill(ids, vectors)
     added.add(ids, vectors)
     queries = normalize_rows(vectors[:300] + 0.5 * uneven(300, 9))

@@ -162,7 +162,7 @@ def _index_before(gallery: EmbeddedGallery, expected: int) -> None:
     config = gallery.index_config
     wanted = kind_for(gallery.configured_kind, expected, config.auto_threshold,
                       config.auto_lists_threshold)
-    if training_size(wanted):
+    if training_size(wanted, gallery.dimension):
         wanted = BINARY_DEFAULT if current == FLAT else current
     if wanted != current:
         gallery.build_offline(wanted, lambda *_: None)
@@ -172,7 +172,8 @@ def _index_after(gallery: EmbeddedGallery) -> str:
     """Builds the wanted index type if the import ends on another and it can be trained;
     returns the type the gallery now holds."""
     wanted = gallery.wanted_kind()
-    if wanted != gallery.index.kind and training_size(wanted) <= gallery.comparable_count():
+    trainable = training_size(wanted, gallery.dimension) <= gallery.comparable_count()
+    if wanted != gallery.index.kind and trainable:
         with tqdm(desc=f"building the {wanted} index", unit="reg") as bar:
             def progress(phase: str, done: int, total: int) -> None:
                 bar.total = total

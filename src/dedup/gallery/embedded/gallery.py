@@ -68,7 +68,8 @@ class EmbeddedGallery:
         self.config = config
         self.model_id = model_id
         self.index_config = index_config or IndexConfig()
-        self.configured_kind = validate_kind(self.index_config.index_factory)
+        self.configured_kind = validate_kind(self.index_config.index_factory,
+                                             dimension=config.dimension)
         self.search_options = SearchOptions(nprobe=self.index_config.nprobe)
         self.data_dir = Path(config.data_dir)
         self.location = str(self.data_dir)
@@ -322,7 +323,8 @@ class EmbeddedGallery:
         """Builds `kind` (None: the configured type) in a child process and swaps it in.
         A type asked for by name stays while this server runs: the automatic switch of
         `auto` leaves it alone until a rebuild to the configured type (None)."""
-        with self._switch.pinned(validate_kind(kind) if kind else None):
+        pinned = validate_kind(kind, dimension=self.dimension) if kind else None
+        with self._switch.pinned(pinned):
             return self._rebuilder.rebuild(kind, progress)
 
     def build_offline(self, kind: str, progress: Progress) -> Built:

@@ -69,14 +69,18 @@ AUTO = "auto"
 BINARY_DEFAULT = "BinarySign512"
 # ASCII digits only (Python's \d also takes other scripts' digits), and at least one list:
 # an "IVF0,Flat" needs no training, so it was built, and every search then failed in FAISS.
-_IVF = re.compile(r"^(OPQ(\d+)(_\d+)?,)?IVF([1-9]\d*),(Flat|SQ8|SQ4|SQfp16|PQ(\d+)(x\d+)?)$",
-                  re.ASCII)
+_IVF = re.compile(r"^(OPQ(?P<opq_m>\d+)(?:_(?P<opq_out>\d+))?,)?IVF(?P<nlist>[1-9]\d*),"
+                  r"(Flat|SQ8|SQ4|SQfp16|PQ(?P<pq_m>\d+)(?:x(?P<pq_bits>\d+))?)$", re.ASCII)
 _BINARY = re.compile(r"^BinarySign(256|512)$")
 _BINARY_IVF = re.compile(r"^BinaryIVF([1-9]\d{0,6})$", re.ASCII)
 SIGN_IVF = re.compile(r"^SignIVF([1-9]\d{0,6})$", re.ASCII)
 ROTATION_SEED = 20191201  # fixed: the codes of a checkpoint depend on it
 SIGN_BITS = 512  # the code length of the binary IVF
 MAX_NLIST = 1 << 20
+# A PQ sub-quantizer's centroids are 2**bits. FAISS refuses more than 24 bits and divides by
+# zero at 0 (SIGFPE: the process died); 16 bits are already 65,536 centroids each.
+MAX_PQ_BITS = 16
+OPQ_CENTROIDS = 256  # OPQ trains a PQ of 8 bits to find its rotation
 CALIBRATION_TARGET = 0.998  # of the same-person pairs found (calibration.py)
 DEFAULT_NPROBE = 64  # lists searched by the IVF and BinaryIVF types unless configured
 
@@ -167,9 +171,14 @@ class VectorIndex(Protocol):
         ...
 
 
-def validate_kind(kind: str, field: str = "index_factory") -> str:
-    """The canonical name of an index type, or InvalidArgument naming what is supported."""
-    if kind in (FLAT, AUTO) or _IVF.match(kind) or _BINARY.match(kind):
+def validate_kind(kind: str, field: str = "index_factory", dimension: int | None = None) -> str:
+    """The canonical name of an index type, or InvalidArgument naming what is supported.
+    With `dimension`, an IVF type's PQ and OPQ must also fit vectors of that dimension."""
+    if kind in (FLAT, AUTO) or _BINARY.match(kind):
+        return kind
+    if (ivf := _IVF.match(kind)) is not None:
+        if (problem := _ivf_problem(ivf, dimension)) is not None:
+            raise InvalidArgument(field, f"{kind!r}: {problem}")
         return kind
     if (lists := _BINARY_IVF.match(kind) or SIGN_IVF.match(kind)) is not None:
         if int(lists.group(1)) > MAX_NLIST:
@@ -183,22 +192,68 @@ def validate_kind(kind: str, field: str = "index_factory") -> str:
                                  "IVF<n>,Flat|SQ8|PQ<m> or OPQ<m>,IVF<n>,PQ<m>")
 
 
+def _ivf_problem(ivf: re.Match[str], dimension: int | None) -> str | None:
+    """Why FAISS would refuse to build or train this IVF type, or kill the process; None
+    when it would not (as far as `dimension`, if not None, tells)."""
+    if int(ivf["nlist"]) > MAX_NLIST:
+        return f"at most {MAX_NLIST:,} lists"
+    # The dimension of the vectors the lists and the PQ see: OPQ's output if it sets one.
+    width = int(ivf["opq_out"]) if ivf["opq_out"] is not None else dimension
+    if ivf["opq_m"] is not None and (problem := _opq_problem(ivf, width, dimension)):
+        return problem
+    if ivf["pq_m"] is None:
+        return None
+    if not 1 <= (bits := int(ivf["pq_bits"] or 8)) <= MAX_PQ_BITS:
+        return f"PQ codes of 1 to {MAX_PQ_BITS} bits a sub-quantizer, not {bits}"
+    return _subquantizer_problem("PQ", int(ivf["pq_m"]), width)
+
+
+def _opq_problem(ivf: re.Match[str], width: int | None, dimension: int | None) -> str | None:
+    if width is not None and width < 1:
+        return "OPQ's output needs at least one dimension"
+    if width is not None and dimension is not None and width > dimension:
+        return f"OPQ's output of {width} dimensions is wider than the vectors' {dimension}"
+    return _subquantizer_problem("OPQ", int(ivf["opq_m"]), width)
+
+
+def _subquantizer_problem(name: str, count: int, width: int | None) -> str | None:
+    if count < 1:
+        return f"{name} needs at least one sub-quantizer"
+    if width is not None and width % count:
+        return f"{name}'s {count} sub-quantizers do not divide the {width} dimensions"
+    return None
+
+
 def nlist_of(kind: str) -> int:
     """The inverted lists of an IVF or BinaryIVF type; 0 for the others."""
     if (match := _IVF.match(kind)) is not None:
-        return int(match.group(4))
+        return int(match["nlist"])
     if (lists := _BINARY_IVF.match(kind) or SIGN_IVF.match(kind)) is not None:
         return int(lists.group(1))
     return 0
 
 
-def training_size(kind: str) -> int:
-    """Vectors needed to train `kind` (0 for types without training)."""
-    return 39 * nlist_of(kind)  # FAISS's k-means wants ~39 points per centroid
+def training_size(kind: str, dimension: int) -> int:
+    """Vectors of `dimension` needed to train `kind` (0 for types without training): 39 a
+    list, as FAISS's k-means wants (ClusteringParameters.min_points_per_centroid), and for a
+    PQ or OPQ what its own training needs (_quantizer_training_size)."""
+    return max(39 * nlist_of(kind), _quantizer_training_size(kind, dimension))
 
 
-def _require_training_sample(kind: str, sample: Matrix) -> None:
-    needed = training_size(kind)
+def _quantizer_training_size(kind: str, dimension: int) -> int:
+    """One vector a centroid of each PQ or OPQ sub-quantizer, below which FAISS refuses to
+    train; and for an OPQ, one a dimension of its output: with fewer, FAISS corrupted its
+    heap and the process aborted."""
+    if (ivf := _IVF.match(kind)) is None:
+        return 0
+    pq = 2 ** int(ivf["pq_bits"] or 8) if ivf["pq_m"] is not None else 0
+    if ivf["opq_m"] is None:
+        return pq
+    return max(pq, OPQ_CENTROIDS, int(ivf["opq_out"] or dimension))
+
+
+def _require_training_sample(kind: str, dimension: int, sample: Matrix) -> None:
+    needed = training_size(kind, dimension)
     if len(sample) < needed:
         raise FailedPrecondition(
             f"index_factory: {kind} needs at least {needed:,} training vectors, "
@@ -215,7 +270,7 @@ def new_index(kind: str, dimension: int) -> VectorIndex:
     if (sign_ivf := SIGN_IVF.match(kind)) is not None:
         return SignIVFIndex(dimension, int(sign_ivf.group(1)))
     if _IVF.match(kind):
-        return IVFIndex(kind, dimension)
+        return IVFIndex(validate_kind(kind, dimension=dimension), dimension)
     raise InvalidArgument("index_factory", f"{kind!r} is not a concrete index type")
 
 
@@ -297,8 +352,8 @@ class IVFIndex(_Locked):
 
     def __init__(self, kind: str, dimension: int, index: Any = None) -> None:
         self.kind = kind
-        super().__init__(index if index is not None else faiss.index_factory(
-            dimension, kind, faiss.METRIC_INNER_PRODUCT), dimension)
+        super().__init__(index if index is not None else _from_factory(kind, dimension),
+                         dimension)
 
     @property
     def bytes_per_vector(self) -> float:
@@ -306,7 +361,7 @@ class IVFIndex(_Locked):
         return float(ivf.code_size) + 8  # the code and its id in the inverted list
 
     def train(self, sample: Matrix) -> None:
-        _require_training_sample(self.kind, sample)
+        _require_training_sample(self.kind, self.dimension, sample)
         with self._lock.writing():
             self._index.train(np.ascontiguousarray(sample, dtype=np.float32))
 
@@ -334,6 +389,16 @@ class IVFIndex(_Locked):
             scores, ids = self._index.search(np.ascontiguousarray(queries, np.float32), k,
                                              params=params)
         return self._split(scores, ids)
+
+
+def _from_factory(kind: str, dimension: int) -> Any:
+    index = faiss.index_factory(dimension, kind, faiss.METRIC_INNER_PRODUCT)
+    if kind.rsplit(",", 1)[-1].startswith("PQ"):
+        # Polysemous training orders a PQ's centroids for a Hamming pre-filter no search here
+        # uses; it took minutes at 12 bits, and at 14 its allocation aborted the process.
+        lists: Any = faiss.downcast_index(faiss.extract_index_ivf(index))  # IndexIVFPQ
+        lists.do_polysemous_training = False
+    return index
 
 
 @functools.lru_cache(maxsize=4)
@@ -414,7 +479,7 @@ class BinaryIVFIndex(_SignCoded):
         return self.bits / 8 + 8  # the code and its id in the inverted list
 
     def train(self, sample: Matrix) -> None:
-        _require_training_sample(self.kind, sample)
+        _require_training_sample(self.kind, self.dimension, sample)
         codes = self.encode(sample)
         with self._lock.writing():
             self._index.train(codes)
@@ -459,7 +524,7 @@ class SignIVFIndex(_SignCoded):
         return self.bits / 8 + 8  # the code and its id in the inverted list
 
     def train(self, sample: Matrix) -> None:
-        _require_training_sample(self.kind, sample)
+        _require_training_sample(self.kind, self.dimension, sample)
         kmeans = faiss.Kmeans(self._dimension, self.nlist, niter=self.KMEANS_ITERATIONS,
                               spherical=True, seed=ROTATION_SEED)
         kmeans.train(np.ascontiguousarray(sample, dtype=np.float32))

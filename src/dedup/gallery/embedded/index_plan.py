@@ -73,7 +73,8 @@ class IndexPlan:
     def __init__(self, store: Store, model_id: str, config: IndexConfig) -> None:
         self.store = store
         self.model_id = model_id
-        self.configured_kind = validate_kind(config.index_factory)
+        self.dimension = store.config.dimension
+        self.configured_kind = validate_kind(config.index_factory, dimension=self.dimension)
         self.auto_threshold = config.auto_threshold
         self.lists_threshold = config.auto_lists_threshold
         # SignIVF calibrates on same-person pairs scoring at least this (calibration.py).
@@ -87,7 +88,7 @@ class IndexPlan:
         return self.store.model_counts().get(self.model_id, 0)
 
     def can_train(self, kind: str) -> bool:
-        return training_size(kind) <= self.comparable_count()
+        return training_size(kind, self.dimension) <= self.comparable_count()
 
     def start_kind(self) -> str:
         """What to build at start when no checkpoint serves: the wanted type, but quickly:
@@ -96,7 +97,7 @@ class IndexPlan:
         wanted = self.wanted_kind()
         if not self.can_train(wanted):
             return FLAT
-        if self.configured_kind == AUTO and training_size(wanted):
+        if self.configured_kind == AUTO and training_size(wanted, self.dimension):
             return BINARY_DEFAULT
         return wanted
 

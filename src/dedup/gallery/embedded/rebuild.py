@@ -54,7 +54,7 @@ def build_from_snapshot(snapshot: Snapshot, kind: str, dimension: int, model_id:
     total = snapshot.count(model_id)
     index = new_index(kind, dimension)
     if isinstance(index, TRAINED):
-        needed = training_size(kind)
+        needed = training_size(kind, dimension)
         if total < needed:
             raise FailedPrecondition(
                 f"index_factory: {kind} needs at least {needed:,} registrations to train, the "

@@ -51,10 +51,12 @@ class Rebuilder:
     def rebuild(self, kind: str | None, progress: Progress) -> IndexStatus:
         """Builds `kind` (None: the configured type) in a child process and swaps it in."""
         self._refuse_when_closing()
-        target = validate_kind(kind) if kind else self.plan.configured_kind
+        target = (validate_kind(kind, dimension=self.config.dimension) if kind
+                  else self.plan.configured_kind)
         if target == AUTO:
             target = self.plan.wanted_kind(serving=self.live.index.kind)
-        needed, have = training_size(target), self.plan.comparable_count()
+        needed = training_size(target, self.config.dimension)
+        have = self.plan.comparable_count()
         if needed > have:
             raise FailedPrecondition(f"index_factory: {target} needs at least {needed:,} "
                                      f"registrations to train, the store holds {have:,}")
