@@ -85,6 +85,18 @@ def test_serve_stops_gracefully_on_sigterm(tmp_path):
         process.kill()
 
 
+def test_serve_refuses_a_negative_nprobe_before_it_starts(tmp_path):
+    """`--nprobe -1` was served: every IVF search failed, SignIVF searched one list."""
+    finished = subprocess.run(
+        [sys.executable, "-m", "dedup", "serve", "--data-dir", str(tmp_path / "d"),
+         "--address", "127.0.0.1:0", "--nprobe=-1"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert finished.returncode == 1
+    assert "error: index: nprobe must be >= 0, got -1" in finished.stderr
+    assert not (tmp_path / "d").exists()
+
+
 @pytest.mark.timeout(120)
 def test_demo_gets_every_expected_verdict(tmp_path, capsys):
     assert run_demo(tmp_path / "demo") == 0

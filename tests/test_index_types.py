@@ -416,3 +416,15 @@ def test_every_accepted_ivf_kind_trains_on_its_training_size(kind, dimension, ne
 
 def test_a_sixteen_bit_pq_needs_its_65536_centroids_trained():
     assert training_size("IVF64,PQ32x16", 512) == 1 << 16
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("nprobe", -1), ("auto_threshold", -1), ("auto_lists_threshold", -1),
+    ("rerank_candidates", 0), ("max_batch", 0), ("search_threads", 0),
+    ("max_batch_wait_s", -0.001), ("calibration_min_score", 1.5),
+])
+def test_index_settings_out_of_range_are_refused_naming_the_field(field, value):
+    """nprobe=-1 was taken: every IVF search failed (OverflowError), and SignIVF and
+    BinaryIVF searched a single list."""
+    with pytest.raises(ValueError, match=f"index: {field} must be"):
+        IndexConfig(**{field: value})

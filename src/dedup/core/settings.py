@@ -160,6 +160,22 @@ class IndexConfig:
     max_batch_wait_s: float = 0.0
     search_threads: int = 2
 
+    def __post_init__(self) -> None:
+        # A negative nprobe failed every IVF search (OverflowError) and made SignIVF and
+        # BinaryIVF search a single list; no search threads left every check waiting.
+        for name in ("nprobe", "auto_threshold", "auto_lists_threshold"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"index: {name} must be >= 0, got {getattr(self, name)}")
+        for name in ("rerank_candidates", "max_batch", "search_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"index: {name} must be >= 1, got {getattr(self, name)}")
+        if self.max_batch_wait_s < 0:
+            raise ValueError(f"index: max_batch_wait_s must be >= 0, got "
+                             f"{self.max_batch_wait_s}")
+        if not -1.0 <= self.calibration_min_score <= 1.0:
+            raise ValueError("index: calibration_min_score must be within -1..1, got "
+                             f"{self.calibration_min_score}")
+
 
 @dataclass(frozen=True)
 class QualityGate:
