@@ -82,8 +82,8 @@ def test_every_audited_call_leaves_a_record(audited):
 
 def test_probe_hash_is_of_the_embedding_used(audited):
     data_dir, _, probe = audited
-    values = np.asarray(probe.embedding.values, np.float32)
-    unit = (values / np.linalg.norm(values)).astype(np.float32)
+    values = np.asarray(probe.embedding.values, np.float32).astype(np.float64)
+    unit = (values / np.linalg.norm(values)).astype(np.float32)  # normalised as the server does
     assert records(data_dir)[0]["query"]["embedding_sha256"] == hashlib.sha256(
         unit.tobytes()).hexdigest()
 

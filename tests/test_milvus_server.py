@@ -352,7 +352,8 @@ def _files(base: Path) -> list[Path]:
 def embedding_pieces(vector: np.ndarray) -> list[bytes]:
     """The stored float32 embedding in 64-byte pieces: Milvus's write-ahead log (rocksdb)
     splits records into blocks, so the 2,048 bytes need not be contiguous in a file."""
-    stored = (vector / np.linalg.norm(vector)).astype(np.float32).tobytes()
+    values = np.asarray(vector, np.float32).astype(np.float64)  # normalised as the server does
+    stored = (values / np.linalg.norm(values)).astype(np.float32).tobytes()
     return [stored[i:i + 64] for i in range(0, len(stored), 64)]
 
 
