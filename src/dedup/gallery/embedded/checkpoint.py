@@ -152,8 +152,10 @@ def _parsed(data: bytes) -> Checkpoint:
     payload = memoryview(data)[header.size:]
     if payload.nbytes != header.length:
         raise CheckpointError(f"payload is {payload.nbytes} bytes, header says {header.length}")
-    signed = data[:header.size] if header.version == VERSION else b""
-    digest = _sha256(signed, (payload,)) if signed else hashlib.sha256(payload).digest()
+    if header.version == VERSION:
+        digest = _sha256(data[:header.size], (payload,))
+    else:  # version 2 signed its payload only
+        digest = hashlib.sha256(payload).digest()
     if digest != header.digest:
         raise CheckpointError("checksum mismatch")
     return Checkpoint(sequence=header.sequence, vectors=header.vectors,
@@ -173,27 +175,29 @@ class _Header:
 
 
 def _header_of(data: bytes) -> _Header:
-    if len(data) < _FIXED.size or data[:len(MAGIC)] != MAGIC:
-        if len(data) >= len(MAGIC) and data[:len(MAGIC)] != MAGIC:
-            raise CheckpointError("not a dedup checkpoint (bad magic)")
-        raise CheckpointError(f"truncated header ({len(data)} bytes)")
+    if len(data) >= len(MAGIC) and data[:len(MAGIC)] != MAGIC:
+        raise CheckpointError("not a dedup checkpoint (bad magic)")
+    _require(data, _FIXED.size)
     version = struct.unpack_from("<I", data, len(MAGIC))[0]
     if version == VERSION:
         _, _, sequence, vectors, length, digest, model_bytes, kind_bytes = _FIXED.unpack_from(data)
-        size = _FIXED.size + model_bytes + kind_bytes
+        size = _require(data, _FIXED.size + model_bytes + kind_bytes)
         model, kind = data[_FIXED.size:_FIXED.size + model_bytes], data[size - kind_bytes:size]
     elif version == 2:
-        size = _HEADER_V2.size
-        if len(data) < size:
-            raise CheckpointError(f"truncated header ({len(data)} bytes)")
+        size = _require(data, _HEADER_V2.size)
         _, _, sequence, vectors, length, digest, model, kind = _HEADER_V2.unpack_from(data)
         model, kind = model.rstrip(b"\0"), kind.rstrip(b"\0")
     else:
         raise CheckpointError(f"unsupported checkpoint version {version}")
-    if len(data) < size:
-        raise CheckpointError(f"truncated header ({len(data)} bytes)")
     return _Header(version, sequence, vectors, length, digest, _text(model, "model id"),
                    _text(kind, "index type"), size)
+
+
+def _require(data: bytes, size: int) -> int:
+    """`size`, once `data` is known to hold a header of that many bytes."""
+    if len(data) < size:
+        raise CheckpointError(f"truncated header ({len(data)} bytes)")
+    return size
 
 
 def _text(raw: bytes, name: str) -> str:
