@@ -1,6 +1,7 @@
-"""The index types of sign codes in inverted lists on real FAISS (BinaryIVF: binary k-means;
-SignIVF: a float k-means partition): training, per-call nprobe from concurrent threads,
-deletions, and checkpoints that round-trip or are refused when damaged or mismatched."""
+"""The index types of codes in inverted lists on real FAISS (BinaryIVF: sign codes, binary
+k-means; SignIVF: sign codes, a float k-means partition; FastScanIVF: 4-bit PQ codes in that
+partition): training, per-call nprobe from concurrent threads, deletions (an erased code in no
+checkpoint), and checkpoints that round-trip or are refused when damaged or mismatched."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dedup.core.errors import CheckpointError, FailedPrecondition, InvalidArgume
 from dedup.gallery.embedded.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from dedup.gallery.embedded.index import (
     BinaryIVFIndex,
+    FastScanIVFIndex,
     SearchOptions,
     SignIVFIndex,
     load_index,
@@ -25,7 +27,9 @@ from dedup.gallery.embedded.index import (
 
 NLIST = 16
 SIZE = 2000
-CLASSES = {"BinaryIVF": BinaryIVFIndex, "SignIVF": SignIVFIndex}
+CLASSES = {"BinaryIVF": BinaryIVFIndex, "SignIVF": SignIVFIndex,
+           "FastScanIVF": FastScanIVFIndex}
+SIGN_CODED = ("BinaryIVF", "SignIVF")
 
 
 @pytest.fixture(params=sorted(CLASSES))
@@ -39,7 +43,7 @@ def vectors() -> np.ndarray:
 
 
 @pytest.fixture
-def index(vectors, family) -> BinaryIVFIndex | SignIVFIndex:
+def index(vectors, family) -> BinaryIVFIndex | SignIVFIndex | FastScanIVFIndex:
     built = new_index(f"{family}{NLIST}", 512)
     assert isinstance(built, CLASSES[family])
     built.train(vectors[: training_size(built.kind, 512)])
@@ -74,7 +78,11 @@ def test_every_list_searched_finds_each_vector_first_with_its_own_id(index, vect
     assert found == [[i * 10 + 3] for i in range(200)]
 
 
-def test_every_list_searched_ranks_as_the_flat_scan_of_the_same_codes(index, vectors):
+def test_every_list_searched_ranks_as_the_flat_scan_of_the_same_codes(vectors):
+    index = new_index(f"SignIVF{NLIST}", 512)
+    assert isinstance(index, SignIVFIndex)
+    index.train(vectors[: training_size(index.kind, 512)])
+    index.add(np.arange(SIZE, dtype=np.int64) * 10 + 3, vectors)
     flat = new_index("BinarySign512", 512)
     flat.add(np.arange(SIZE, dtype=np.int64) * 10 + 3, vectors)
     queries = FaceGenerator(7).persons(40)
@@ -145,6 +153,11 @@ def rewritten(path, **changes) -> None:
 
 def refusals(family: str) -> dict[str, str]:
     """What load_index says of a payload that is not of the labelled type."""
+    if family == "FastScanIVF":
+        return {"damaged": f"holds no FastScanIVF{NLIST} index FAISS can read",
+                "other lists": "holds no FastScanIVF32 index FAISS can read",
+                "read as BinarySign512": "FAISS cannot read the index",
+                "flat sign codes": f"holds no FastScanIVF{NLIST} index"}
     if family == "SignIVF":
         return {"damaged": f"holds no SignIVF{NLIST} index FAISS can read",
                 "other lists": "holds no SignIVF32 index FAISS can read",
@@ -201,5 +214,36 @@ def test_a_snapshot_holds_one_copy_of_the_codes(index):
         tracemalloc.stop()
     payload = np.frombuffer(snapshot.payload, np.uint8)
     assert peak < 1.5 * payload.nbytes
-    if isinstance(index, SignIVFIndex):
-        assert len(SignIVFIndex.deserialize(payload, 512, NLIST)) == len(index)
+    if isinstance(index, SignIVFIndex | FastScanIVFIndex):
+        assert len(type(index).deserialize(payload, 512, NLIST)) == len(index)
+
+
+def test_fast_scan_finds_a_fresh_capture_of_each_person_first(vectors):
+    """FastScanIVF's PQ scores are rough (re-ranked before any verdict) but rank a capture's
+    person above everyone else: every list searched, its top 5 hold it."""
+    index = new_index(f"FastScanIVF{NLIST}", 512)
+    index.train(vectors[: training_size(index.kind, 512)])
+    index.add(np.arange(SIZE, dtype=np.int64), vectors)
+    captures = FaceGenerator(11).captures(vectors[:200])
+    found = ids_of(index, captures, k=5)
+    assert sum(i in row for i, row in enumerate(found)) >= 198
+
+
+def test_fast_scan_leaves_no_code_of_an_erased_vector_in_its_checkpoint(vectors):
+    """FAISS shortens a list on removal and keeps its blocks: a vector erased when it was
+    the last of its list stayed in the checkpoint. Adding one and erasing it must give the
+    checkpoint of the index that never held it."""
+    index = new_index(f"FastScanIVF{NLIST}", 512)
+    index.train(vectors[: training_size(index.kind, 512)])
+    index.add(np.arange(SIZE - 1, dtype=np.int64), vectors[:-1])
+    never_held = index.snapshot(sequence=1, model_id="m").payload
+    index.add(np.array([SIZE - 1], np.int64), vectors[-1:])
+    assert ids_of(index, vectors[-1:], k=1) == [[SIZE - 1]]
+    assert index.remove(np.array([SIZE - 1], np.int64)) == 1
+    assert index.snapshot(sequence=1, model_id="m").payload == never_held
+
+
+def test_fast_scan_needs_a_dimension_of_whole_sub_vectors():
+    assert validate_kind("FastScanIVF64", dimension=128) == "FastScanIVF64"
+    with pytest.raises(InvalidArgument, match="divisible by 8, not 100"):
+        validate_kind("FastScanIVF64", dimension=100)

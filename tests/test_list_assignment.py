@@ -5,13 +5,20 @@ projection would miss too often."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from dedup import FaceGenerator
 from dedup.core.errors import FailedPrecondition
 from dedup.core.vectors import normalize_rows
-from dedup.gallery.embedded.index import SearchOptions, SignIVFIndex, training_size
+from dedup.gallery.embedded.index import (
+    FastScanIVFIndex,
+    SearchOptions,
+    SignIVFIndex,
+    training_size,
+)
 from dedup.gallery.embedded.list_assignment import MIN_AGREEMENT, ProjectedAssignment, fitted
 
 NLIST = 64
@@ -87,9 +94,13 @@ def test_a_missed_nearest_centroid_gives_way_only_to_a_projected_candidate(train
         assert scores[row, chosen[row]] == pytest.approx(scores[row, best_candidate])
 
 
-def test_an_index_filled_so_searches_as_one_filled_exactly(vectors):
+PARTITIONED = [SignIVFIndex, FastScanIVFIndex]
+
+
+@pytest.mark.parametrize("kind", PARTITIONED, ids=lambda kind: kind.__name__)
+def test_an_index_filled_so_searches_as_one_filled_exactly(vectors, kind):
     ids = np.arange(SIZE, dtype=np.int64) * 7 + 1
-    filled, added = SignIVFIndex(512, NLIST), SignIVFIndex(512, NLIST)
+    filled, added = kind(512, NLIST), kind(512, NLIST)
     for index in (filled, added):
         index.train(vectors[: training_size(index.kind, 512)])
     filled.fill(ids, vectors)
@@ -104,7 +115,27 @@ def test_an_index_filled_so_searches_as_one_filled_exactly(vectors):
     assert [found.tolist() for found, _ in own] == [[i] for i in ids[:300]]
 
 
-def test_fill_needs_the_centroids_of_train(vectors):
-    index = SignIVFIndex(512, NLIST)
+def test_a_fast_scan_build_fills_the_lists_the_two_steps_choose(vectors):
+    """FastScanIVF's fill lets FAISS assign lists through list_assignment's two steps, made
+    a FAISS index (ProjectedAssignment.as_quantizer); the exact centroids come back after."""
+    index = FastScanIVFIndex(512, NLIST)
+    sample = vectors[: training_size(index.kind, 512)]
+    index.train(sample)
+    # One projected candidate, so that the two steps' lists differ from the exact ones.
+    assignment = dataclasses.replace(projected(index, sample), candidates=1)
+    index._fill_quantizer = assignment.as_quantizer()
+    index.fill(np.arange(SIZE, dtype=np.int64), vectors)
+    sizes = [index._index.invlists.list_size(i) for i in range(NLIST)]
+    assert sizes == np.bincount(assignment.lists_of(vectors)[:, 0], minlength=NLIST).tolist()
+    assert sizes != np.bincount(exact_lists(index, vectors), minlength=NLIST).tolist()
+    assert index._index.quantizer.this == index._centroids.this
+    index.add(np.array([SIZE], np.int64), vectors[:1])  # exactly: the centroids' choice
+    assert index._index.invlists.list_size(int(exact_lists(index, vectors[:1])[0])) == \
+        sizes[int(exact_lists(index, vectors[:1])[0])] + 1
+
+
+@pytest.mark.parametrize("kind", PARTITIONED, ids=lambda kind: kind.__name__)
+def test_fill_needs_the_centroids_of_train(vectors, kind):
+    index = kind(512, NLIST)
     with pytest.raises(FailedPrecondition, match="fill follows train"):
         index.fill(np.arange(3, dtype=np.int64), vectors[:3])

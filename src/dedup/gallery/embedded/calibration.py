@@ -1,5 +1,5 @@
-"""How many lists a SignIVF index searches: measured at its build on the gallery's own
-duplicates.
+"""How many lists a SignIVF or FastScanIVF index searches: measured at its build on the
+gallery's own duplicates.
 
 How far a probe's matches lie from the lists nearest it depends on the gallery. On galleries
 with structure (an uneven spectrum, persons gathered in groups) an eighth of 4,096 lists held
@@ -29,8 +29,8 @@ from dedup.core.vectors import Matrix
 from dedup.gallery.embedded.index import (
     CALIBRATION_TARGET,
     Calibration,
+    PartitionedIndex,
     SearchOptions,
-    SignIVFIndex,
 )
 from dedup.gallery.embedded.store import Snapshot
 
@@ -45,7 +45,7 @@ COARSEST = 64  # the first nprobe tried is nlist / COARSEST
 REFINEMENTS = 2  # geometric halvings of the last doubling (see narrowed)
 
 
-def calibrate_on_snapshot(index: SignIVFIndex, snapshot: Snapshot, model_id: str,
+def calibrate_on_snapshot(index: PartitionedIndex, snapshot: Snapshot, model_id: str,
                           only_model: str | None, min_score: float) -> None:
     """Calibrates on pairs scoring at least `min_score`; `only_model`: set when the store
     holds other models' embeddings too (pairs are then drawn among `model_id`'s only)."""
@@ -55,7 +55,7 @@ def calibrate_on_snapshot(index: SignIVFIndex, snapshot: Snapshot, model_id: str
     log.info("%s: nprobe %d (%s)", index.kind, calibration.nprobe, calibration.describe())
 
 
-def calibrate(index: SignIVFIndex, queries: Matrix, partners: np.ndarray) -> Calibration:
+def calibrate(index: PartitionedIndex, queries: Matrix, partners: np.ndarray) -> Calibration:
     """The smallest nprobe at which the candidates of `queries[i]` hold `partners[i]` for
     at least TARGET of the pairs, to within a quarter of a doubling; every list when there
     are too few pairs to tell."""
@@ -104,7 +104,7 @@ def nprobes_to_try(nlist: int) -> list[int]:
     return [*tried, nlist]
 
 
-def share_found(index: SignIVFIndex, queries: Matrix, partners: np.ndarray, nprobe: int
+def share_found(index: PartitionedIndex, queries: Matrix, partners: np.ndarray, nprobe: int
                 ) -> float:
     # A check asks the index for at least min_search_k candidates; +1: the query's own
     # registration is in the index too.

@@ -13,6 +13,9 @@ configures:
     SignIVF<n>           the same 512-bit codes in the n lists of a float (spherical) k-means
                          partition: the float centroids nearest the probe name the lists
                          searched (IndexBinaryIVF.search_preassigned); per-call nprobe
+    FastScanIVF<n>       4-bit PQ codes (32 bytes a vector of 512) in SignIVF's partition,
+                         scanned by FAISS's fast-scan kernel (IndexIVFPQFastScan), a batch's
+                         queries a list at a time; per-call nprobe
 Only Flat scores are exact; every other type's candidates are re-ranked against the stored
 float32 embeddings before a verdict. Searches run in parallel; changes take the index
 exclusively. HNSW is not offered: FAISS cannot delete from it.
@@ -74,6 +77,10 @@ _IVF = re.compile(r"^(OPQ(?P<opq_m>\d+)(?:_(?P<opq_out>\d+))?,)?IVF(?P<nlist>[1-
 _BINARY = re.compile(r"^BinarySign(256|512)$")
 _BINARY_IVF = re.compile(r"^BinaryIVF([1-9]\d{0,6})$", re.ASCII)
 SIGN_IVF = re.compile(r"^SignIVF([1-9]\d{0,6})$", re.ASCII)
+FAST_SCAN_IVF = re.compile(r"^FastScanIVF([1-9]\d{0,6})$", re.ASCII)
+# FastScanIVF's PQ: a 4-bit sub-quantizer (16 centroids) for every 8 dimensions, the only
+# code width FAISS's fast-scan kernel takes: 32 bytes a vector of 512.
+FAST_SCAN_SUBVECTOR = 8
 ROTATION_SEED = 20191201  # fixed: the codes of a checkpoint depend on it
 SIGN_BITS = 512  # the code length of the binary IVF
 MAX_NLIST = 1 << 20
@@ -180,16 +187,20 @@ def validate_kind(kind: str, field: str = "index_factory", dimension: int | None
         if (problem := _ivf_problem(ivf, dimension)) is not None:
             raise InvalidArgument(field, f"{kind!r}: {problem}")
         return kind
-    if (lists := _BINARY_IVF.match(kind) or SIGN_IVF.match(kind)) is not None:
+    if (lists := _lists_match(kind)) is not None:
         if int(lists.group(1)) > MAX_NLIST:
             raise InvalidArgument(field, f"{kind!r}: at most {MAX_NLIST:,} lists")
+        if FAST_SCAN_IVF.match(kind) and dimension is not None \
+                and dimension % FAST_SCAN_SUBVECTOR:
+            raise InvalidArgument(field, f"{kind!r}: needs a dimension divisible by "
+                                         f"{FAST_SCAN_SUBVECTOR}, not {dimension}")
         return kind
     if "HNSW" in kind:
         raise InvalidArgument(field, f"{kind!r}: HNSW is not supported, FAISS cannot delete "
                                      "from it and erasure must work on every index")
     raise InvalidArgument(field, f"{kind!r} is not a supported index type: use Flat, "
                                  "BinarySign512, BinarySign256, BinaryIVF<n>, SignIVF<n>, "
-                                 "IVF<n>,Flat|SQ8|PQ<m> or OPQ<m>,IVF<n>,PQ<m>")
+                                 "FastScanIVF<n>, IVF<n>,Flat|SQ8|PQ<m> or OPQ<m>,IVF<n>,PQ<m>")
 
 
 def _ivf_problem(ivf: re.Match[str], dimension: int | None) -> str | None:
@@ -228,9 +239,13 @@ def nlist_of(kind: str) -> int:
     """The inverted lists of an IVF or BinaryIVF type; 0 for the others."""
     if (match := _IVF.match(kind)) is not None:
         return int(match["nlist"])
-    if (lists := _BINARY_IVF.match(kind) or SIGN_IVF.match(kind)) is not None:
+    if (lists := _lists_match(kind)) is not None:
         return int(lists.group(1))
     return 0
+
+
+def _lists_match(kind: str) -> re.Match[str] | None:
+    return _BINARY_IVF.match(kind) or SIGN_IVF.match(kind) or FAST_SCAN_IVF.match(kind)
 
 
 def training_size(kind: str, dimension: int) -> int:
@@ -269,6 +284,9 @@ def new_index(kind: str, dimension: int) -> VectorIndex:
         return BinaryIVFIndex(dimension, int(binary_ivf.group(1)))
     if (sign_ivf := SIGN_IVF.match(kind)) is not None:
         return SignIVFIndex(dimension, int(sign_ivf.group(1)))
+    if (fast_scan := FAST_SCAN_IVF.match(kind)) is not None:
+        validate_kind(kind, dimension=dimension)
+        return FastScanIVFIndex(dimension, int(fast_scan.group(1)))
     if _IVF.match(kind):
         return IVFIndex(validate_kind(kind, dimension=dimension), dimension)
     raise InvalidArgument("index_factory", f"{kind!r} is not a concrete index type")
@@ -490,54 +508,102 @@ class BinaryIVFIndex(_SignCoded):
         return self._search_codes(queries, k, params)
 
 
-class SignIVFIndex(_SignCoded):
-    """512-bit sign codes in the `nlist` lists of a float partition: spherical k-means on the
-    float32 embeddings, whose centroids (an exact IndexFlatIP) assign each vector its list
-    and name the `nprobe` lists a search scans (IndexBinaryIVF.search_preassigned). A
-    build's `fill` may choose the lists in list_assignment.py's cheaper two steps instead.
+class PartitionedIndex(_Locked):
+    """Codes in the `nlist` lists of a float partition: spherical k-means on the float32
+    embeddings, whose centroids (an exact IndexFlatIP) assign each vector its list and name
+    the `nprobe` lists a search scans. A build's `fill` may choose the lists in
+    list_assignment.py's cheaper two steps instead. How many lists a search scans is
+    measured at the build on the gallery's own duplicates (calibration.py).
 
     Float k-means follows the gallery's structure where binary k-means on the codes does
-    not (BinaryIVF above). The codes' IndexBinaryIVF is only a container of lists: its own
-    binary quantizer holds the centroids' codes and is never searched.
+    not (BinaryIVF above). Subclasses hold the codes: SignIVF 512 sign bits, FastScanIVF
+    4-bit PQ codes.
     """
 
     # 10 iterations rather than 20: half of k-means, a rebuild's largest fixed cost (~200 s
     # on one core at 262,144 samples), for a 0.2% lower objective and the same duplicate
     # recall within 0.001 at every nprobe measured (1,000,000 uneven).
     KMEANS_ITERATIONS = 10
+    exact = False
+    nlist: int
+    calibration: Calibration
+    _centroids: Any
+
+    def _partition(self, nlist: int, calibration: Calibration | None) -> None:
+        self.nlist = nlist
+        # Every list until calibrated: then it finds what a scan of every code finds.
+        self.calibration = calibration or Calibration(nprobe=nlist, pairs=0, recall={})
+
+    def _train_centroids(self, sample: Matrix) -> npt.NDArray[np.float32]:
+        _require_training_sample(self.kind, self.dimension, sample)
+        kmeans = faiss.Kmeans(self._dimension, self.nlist, niter=self.KMEANS_ITERATIONS,
+                              spherical=True, seed=ROTATION_SEED)
+        kmeans.train(np.ascontiguousarray(sample, dtype=np.float32))
+        return np.asarray(kmeans.centroids, np.float32)
+
+    def _lists_of(self, vectors: Matrix, nprobe: int) -> npt.NDArray[np.int64]:
+        _, lists = self._centroids.search(np.ascontiguousarray(vectors, np.float32), nprobe)
+        return np.ascontiguousarray(lists, dtype=np.int64)
+
+    def fill(self, ids: Ids, vectors: Matrix) -> None:
+        """A build's vectors, after train (add chooses each list exactly)."""
+        raise NotImplementedError
+
+    def search(self, queries: Matrix, k: int, options: SearchOptions) -> list[tuple[Ids, Scores]]:
+        raise NotImplementedError
+
+    def nprobe_for(self, options: SearchOptions) -> int:
+        return max(1, min(options.nprobe or self.calibration.nprobe, self.nlist))
+
+    def calibrated(self, calibration: Calibration) -> None:
+        self.calibration = dataclasses.replace(calibration, vectors=len(self))
+
+    def outgrown(self, vectors: int) -> bool:
+        """True once the index holds twice what it was trained and calibrated on: its lists
+        and its nprobe are then due to be made again (a rebuild)."""
+        return self.calibration.vectors > 0 and vectors >= 2 * self.calibration.vectors
+
+    def _framed_snapshot(self, sequence: int, model_id: str,
+                         parts: list[memoryview]) -> Checkpoint:
+        """[8 bytes: n][n bytes: calibration, JSON], then each of `parts` framed the same
+        way, then the codes as FAISS writes them."""
+        with self._lock.reading():  # searches go on, changes wait for the copy
+            codes = self._serialize()
+            vectors = int(self._index.ntotal)
+        parts = [memoryview(self.calibration.to_json().encode()), *parts]
+        framed = [piece for part in parts for piece in (
+            memoryview(len(part).to_bytes(8, "little")), part)]
+        return Checkpoint(sequence, vectors, model_id, (*framed, *codes), kind=self.kind)
+
+
+class SignIVFIndex(PartitionedIndex, _SignCoded):
+    """512-bit sign codes in the lists of a float partition (PartitionedIndex), searched
+    with IndexBinaryIVF.search_preassigned. The codes' IndexBinaryIVF is only a container
+    of lists: its own binary quantizer holds the centroids' codes and is never searched.
+    """
 
     def __init__(self, dimension: int, nlist: int, centroids: Any = None,
                  codes: Any = None, calibration: Calibration | None = None) -> None:
         self.kind = f"SignIVF{nlist}"
-        self.nlist = nlist
-        # Every list until calibrated: then it finds what the flat scan of the codes finds.
-        self.calibration = calibration or Calibration(nprobe=nlist, pairs=0, recall={})
+        self._partition(nlist, calibration)
         self._centroids = centroids if centroids is not None else faiss.IndexFlatIP(dimension)
         self._fill_assignment: ProjectedAssignment | None = None  # fitted by train
         if codes is None:
             self._code_quantizer = faiss.IndexBinaryFlat(SIGN_BITS)  # the IVF does not own it
             codes = faiss.IndexBinaryIVF(self._code_quantizer, SIGN_BITS, nlist)
-        super().__init__(dimension, SIGN_BITS, codes)
+        _SignCoded.__init__(self, dimension, SIGN_BITS, codes)
 
     @property
     def bytes_per_vector(self) -> float:
         return self.bits / 8 + 8  # the code and its id in the inverted list
 
     def train(self, sample: Matrix) -> None:
-        _require_training_sample(self.kind, self.dimension, sample)
-        kmeans = faiss.Kmeans(self._dimension, self.nlist, niter=self.KMEANS_ITERATIONS,
-                              spherical=True, seed=ROTATION_SEED)
-        kmeans.train(np.ascontiguousarray(sample, dtype=np.float32))
-        centroids = np.asarray(kmeans.centroids, np.float32)
+        centroids = self._train_centroids(sample)
         self._fill_assignment = fitted(centroids, sample)
         with self._lock.writing():
             self._centroids.add(centroids)
             self._index.quantizer.add(self.encode(centroids))
             self._index.is_trained = True
-
-    def _lists_of(self, vectors: Matrix, nprobe: int) -> npt.NDArray[np.int64]:
-        _, lists = self._centroids.search(np.ascontiguousarray(vectors, np.float32), nprobe)
-        return np.ascontiguousarray(lists, dtype=np.int64)
 
     def add(self, ids: Ids, vectors: Matrix) -> None:
         """Each vector in the list of its nearest centroid."""
@@ -584,27 +650,10 @@ class SignIVFIndex(_SignCoded):
                 faiss.swig_ptr(ids), False, params)
         return self._split(-distances.astype(np.float32), ids)
 
-    def nprobe_for(self, options: SearchOptions) -> int:
-        return max(1, min(options.nprobe or self.calibration.nprobe, self.nlist))
-
-    def calibrated(self, calibration: Calibration) -> None:
-        self.calibration = dataclasses.replace(calibration, vectors=len(self))
-
-    def outgrown(self, vectors: int) -> bool:
-        """True once the index holds twice what it was trained and calibrated on: its lists
-        and its nprobe are then due to be made again (a rebuild)."""
-        return self.calibration.vectors > 0 and vectors >= 2 * self.calibration.vectors
-
     def snapshot(self, sequence: int, model_id: str) -> Checkpoint:
-        # [8 bytes: n][n bytes: calibration, JSON][8 bytes: m][m bytes: centroids][codes]
-        with self._lock.reading():  # searches go on, changes wait for the copy
-            codes = self._serialize()
-            vectors = int(self._index.ntotal)
-        parts = [memoryview(self.calibration.to_json().encode()),
-                 faiss.serialize_index(self._centroids).data]
-        framed = [piece for part in parts for piece in (
-            memoryview(len(part).to_bytes(8, "little")), part)]
-        return Checkpoint(sequence, vectors, model_id, (*framed, *codes), kind=self.kind)
+        # [calibration][centroids][codes]
+        return self._framed_snapshot(sequence, model_id,
+                                     [faiss.serialize_index(self._centroids).data])
 
     @classmethod
     def deserialize(cls, payload: npt.NDArray[np.uint8], dimension: int, nlist: int
@@ -622,6 +671,147 @@ class SignIVFIndex(_SignCoded):
             raise ValueError(f"not the centroids, codes and calibration of {nlist} lists of "
                              f"dimension {dimension}")
         return cls(dimension, nlist, centroids, codes, calibration)
+
+
+class FastScanIVFIndex(PartitionedIndex):
+    """4-bit PQ codes (a sub-quantizer every FAST_SCAN_SUBVECTOR dimensions, 32 bytes a
+    vector of 512) in the lists of a float partition (PartitionedIndex), searched by FAISS's
+    fast-scan kernel (IndexIVFPQFastScan.search_preassigned): SIMD over blocks of 32 codes,
+    and a batch's queries that probe a list scan it in one pass.
+
+    Why, measured (benchmarks/fast_scan.py): at 10,000,000 registrations a SignIVF check
+    reads the 64-byte codes of a third of the lists or more, one query at a time; memory,
+    not arithmetic, bounds it. These codes are half as long and shared by a batch. With
+    short lists (1,000,000 in 4,096 lists: 244 a list) the kernel's cost a list outweighs
+    that, and SignIVF is faster.
+
+    The PQ's scores are rough (a true 1.0 comes out near 0.4): they only choose candidates,
+    which are always re-ranked exactly. Its IndexFlatIP quantizer is the partition's
+    centroids; an erased vector's code is zeroed in its list's last block, which FAISS
+    leaves as it was when a list shrinks (and writes to the checkpoint).
+    """
+
+    def __init__(self, dimension: int, nlist: int, codes: Any = None,
+                 calibration: Calibration | None = None) -> None:
+        self.kind = f"FastScanIVF{nlist}"
+        self._partition(nlist, calibration)
+        self._fill_quantizer: Any = None  # set by train: a cheaper assignment for fill
+        if codes is None:
+            self._centroids = faiss.IndexFlatIP(dimension)  # the IVF does not own it
+            codes = faiss.IndexIVFPQFastScan(self._centroids, dimension, nlist,
+                                             dimension // FAST_SCAN_SUBVECTOR, 4,
+                                             faiss.METRIC_INNER_PRODUCT)
+            codes.by_residual = False  # one table a query, not one a list
+        else:
+            self._centroids = faiss.downcast_index(codes.quantizer)  # owned by `codes`
+        super().__init__(codes, dimension)
+
+    @property
+    def bytes_per_vector(self) -> float:
+        return float(self._index.code_size) + 8  # the code and its id in the inverted list
+
+    def train(self, sample: Matrix) -> None:
+        centroids = self._train_centroids(sample)
+        assignment = fitted(centroids, sample)
+        with self._lock.writing():
+            self._centroids.add(centroids)
+            # The quantizer holds nlist centroids: FAISS trains only the PQ.
+            self._index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        self._fill_quantizer = assignment.as_quantizer() if assignment is not None else None
+
+    def add(self, ids: Ids, vectors: Matrix) -> None:
+        """Each vector in the list of its nearest centroid."""
+        if len(ids) == 0:
+            return
+        with self._lock.writing():
+            self._index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
+                                     np.ascontiguousarray(ids, dtype=np.int64))
+
+    def fill(self, ids: Ids, vectors: Matrix) -> None:
+        """A build's vectors, after train: each list chosen in list_assignment's cheaper
+        two steps where train found them as good as the exact choice."""
+        if not self._index.is_trained:
+            raise FailedPrecondition(f"{self.kind}: fill follows train")
+        if self._fill_quantizer is None or len(ids) == 0:
+            self.add(ids, vectors)
+            return
+        with self._lock.writing():
+            # FAISS assigns lists with the IVF's quantizer; a build is not yet searched.
+            self._index.quantizer = self._fill_quantizer
+            try:
+                self._index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
+                                         np.ascontiguousarray(ids, dtype=np.int64))
+            finally:
+                self._index.quantizer = self._centroids
+
+    def remove(self, ids: Ids) -> int:
+        if len(ids) == 0:
+            return 0
+        with self._lock.writing():
+            before = self._list_sizes()
+            removed = int(self._index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64)))
+            self._zero_freed_slots(before, self._list_sizes())
+        return removed
+
+    def _list_sizes(self) -> npt.NDArray[np.int64]:
+        lists = self._index.invlists
+        return np.fromiter((lists.list_size(i) for i in range(self.nlist)), np.int64,
+                           self.nlist)
+
+    def _zero_freed_slots(self, before: npt.NDArray[np.int64],
+                          after: npt.NDArray[np.int64]) -> None:
+        """Zeroes the codes past each shrunk list's end that are still in its blocks. (A
+        removal moves the list's last code into the removed one's place and shortens the
+        list, keeping its blocks: the removed code, when it was last, stays there.)"""
+        lists = faiss.downcast_InvertedLists(self._index.invlists)
+        packer = lists.packer  # type: ignore[attr-defined]  # BlockInvertedLists's
+        zero = np.zeros(packer.code_size, np.uint8)
+        for list_no in np.flatnonzero(after < before).tolist():
+            blocks = -(-int(before[list_no]) // packer.nvec)
+            codes = faiss.rev_swig_ptr(lists.get_codes(list_no), blocks * packer.block_size)
+            codes = codes.reshape(blocks, packer.block_size)
+            for slot in range(int(after[list_no]), min(int(before[list_no]),
+                                                       blocks * packer.nvec)):
+                packer.pack_1(zero, slot, codes)
+
+    def search(self, queries: Matrix, k: int, options: SearchOptions) -> list[tuple[Ids, Scores]]:
+        params = faiss.SearchParametersIVF()
+        params.nprobe = self.nprobe_for(options)
+        queries = np.ascontiguousarray(queries, np.float32)
+        scores = np.empty((len(queries), k), np.float32)
+        ids = np.empty((len(queries), k), np.int64)
+        with self._lock.reading():
+            if self._index.ntotal == 0:
+                return [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in queries]
+            lists = self._lists_of(queries, params.nprobe)
+            list_scores = np.zeros(lists.shape, np.float32)  # kept alive through the call
+            # The C++ call, with a per-call nprobe (see SignIVFIndex.search).
+            self._index.search_preassigned_c(
+                len(queries), faiss.swig_ptr(queries), k, faiss.swig_ptr(lists),
+                faiss.swig_ptr(list_scores), faiss.swig_ptr(scores), faiss.swig_ptr(ids),
+                False, params)
+        return self._split(scores, ids)
+
+    def snapshot(self, sequence: int, model_id: str) -> Checkpoint:
+        # [calibration][codes, their IVF holding the centroids]
+        return self._framed_snapshot(sequence, model_id, [])
+
+    @classmethod
+    def deserialize(cls, payload: npt.NDArray[np.uint8], dimension: int, nlist: int
+                    ) -> FastScanIVFIndex:
+        """Raises RuntimeError or ValueError when the payload is not one of this type's."""
+        calibration_json, code_bytes = _framed(payload)
+        calibration = Calibration.from_json(calibration_json.tobytes().decode())
+        codes = faiss.deserialize_index(code_bytes)
+        if not (isinstance(codes, faiss.IndexIVFPQFastScan) and codes.d == dimension
+                and codes.nlist == nlist and codes.is_trained and not codes.by_residual
+                and codes.metric_type == faiss.METRIC_INNER_PRODUCT
+                and dimension // FAST_SCAN_SUBVECTOR == codes.M
+                and isinstance(faiss.downcast_index(codes.quantizer), faiss.IndexFlatIP)
+                and codes.quantizer.ntotal == nlist and 1 <= calibration.nprobe <= nlist):
+            raise ValueError(f"not the codes and calibration of {nlist} lists of "
+                             f"dimension {dimension}")
+        return cls(dimension, nlist, codes, calibration)
 
 
 def serialized(index: Any, binary: bool) -> tuple[memoryview, ...]:
@@ -644,12 +834,12 @@ def _framed(payload: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.uint8],
     return payload[8:8 + length], payload[8 + length:]
 
 
-TRAINED = (IVFIndex, BinaryIVFIndex, SignIVFIndex)
+TRAINED = (IVFIndex, BinaryIVFIndex, PartitionedIndex)
 
 
 def search_parameters(index: VectorIndex, options: SearchOptions) -> str:
     """What a search of `index` with `options` uses, for the index status ("" if nothing)."""
-    if isinstance(index, SignIVFIndex):
+    if isinstance(index, PartitionedIndex):
         return f"nprobe={index.nprobe_for(options)} ({index.calibration.describe()})"
     if isinstance(index, BinaryIVFIndex):
         return f"nprobe={max(1, min(options.nprobe or DEFAULT_NPROBE, index.nlist))}"
@@ -678,6 +868,12 @@ def _deserialize(path: Path, checkpoint: Checkpoint, dimension: int) -> VectorIn
     if (sign_ivf := SIGN_IVF.match(kind)) is not None:
         try:
             return SignIVFIndex.deserialize(payload, dimension, int(sign_ivf.group(1)))
+        except (RuntimeError, ValueError) as error:
+            raise CheckpointError(f"{path}: holds no {kind} index FAISS can read "
+                                  f"({error})") from error
+    if (fast_scan := FAST_SCAN_IVF.match(kind)) is not None:
+        try:
+            return FastScanIVFIndex.deserialize(payload, dimension, int(fast_scan.group(1)))
         except (RuntimeError, ValueError) as error:
             raise CheckpointError(f"{path}: holds no {kind} index FAISS can read "
                                   f"({error})") from error

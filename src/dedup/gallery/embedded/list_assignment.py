@@ -1,5 +1,5 @@
-"""The inverted list of each vector a SignIVF build adds: chosen in two steps where that is
-as good as the exact choice.
+"""The inverted list of each vector a SignIVF or FastScanIVF build adds: chosen in two
+steps where that is as good as the exact choice.
 
 Assigning each of a build's vectors its nearest of 4,096 float centroids is one 4,096 x 512
 product a vector: at 10,000,000 registrations the largest share of a live rebuild on its one
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import faiss
 import numpy as np
@@ -54,6 +55,16 @@ class ProjectedAssignment:
         vectors = np.ascontiguousarray(vectors, np.float32)
         candidates = self.shortlist(vectors, self.candidates)
         return best_of(self.centroids, vectors, candidates).reshape(-1, 1)
+
+    def as_quantizer(self) -> Any:
+        """The same two steps as a FAISS index whose assign() gives each vector its list,
+        for an IVF that chooses lists itself (FastScanIVF)."""
+        exact = faiss.IndexFlatIP(self.centroids.shape[1])
+        exact.add(self.centroids)
+        # faiss's constructors keep their arguments alive (add_ref_in_constructor).
+        refined = faiss.IndexRefine(faiss.IndexPreTransform(self.pca, self.projected), exact)
+        refined.k_factor = self.candidates
+        return refined
 
     def shortlist(self, vectors: Matrix, count: int) -> npt.NDArray[np.int64]:
         """The `count` centroids scoring highest in projection, best first."""

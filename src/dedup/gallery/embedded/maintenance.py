@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 from dedup.core.settings import StoreConfig
 from dedup.gallery.embedded.checkpointer import Checkpointer
-from dedup.gallery.embedded.index import SignIVFIndex
+from dedup.gallery.embedded.index import PartitionedIndex
 from dedup.gallery.embedded.index_plan import IndexPlan
 from dedup.gallery.embedded.live_index import LiveIndex
 from dedup.gallery.embedded.rebuilder import Rebuilder
@@ -73,7 +73,7 @@ class IndexSwitch:
             return
         index = self.live.index
         wanted = self.plan.wanted_kind(serving=index.kind)
-        outgrown = isinstance(index, SignIVFIndex) and index.outgrown(len(index))
+        outgrown = isinstance(index, PartitionedIndex) and index.outgrown(len(index))
         if (wanted == index.kind and not outgrown) or self.rebuilder.running:
             return
         if not self.plan.can_train(wanted):

@@ -27,7 +27,7 @@ from dedup.gallery.embedded.calibration import calibrate_on_snapshot
 from dedup.gallery.embedded.checkpoint import write_checkpoint
 from dedup.gallery.embedded.index import (
     TRAINED,
-    SignIVFIndex,
+    PartitionedIndex,
     VectorIndex,
     new_index,
     training_size,
@@ -49,8 +49,9 @@ class Built:
 def build_from_snapshot(snapshot: Snapshot, kind: str, dimension: int, model_id: str,
                         only_model: str | None, progress: Progress,
                         pair_score: float = DEFAULT_PAIR_SCORE) -> Built:
-    """`pair_score`: a SignIVF index is calibrated on same-person pairs scoring at least
-    this (the server's review threshold: the lowest score a verdict turns on)."""
+    """`pair_score`: a SignIVF or FastScanIVF index is calibrated on same-person pairs
+    scoring at least this (the server's review threshold: the lowest score a verdict turns
+    on)."""
     total = snapshot.count(model_id)
     index = new_index(kind, dimension)
     if isinstance(index, TRAINED):
@@ -64,12 +65,12 @@ def build_from_snapshot(snapshot: Snapshot, kind: str, dimension: int, model_id:
         index.train(snapshot.sample(size, model_id, only_model))
     done = 0
     progress("adding", done, total)
-    add = index.fill if isinstance(index, SignIVFIndex) else index.add
+    add = index.fill if isinstance(index, PartitionedIndex) else index.add
     for keys, vectors in snapshot.vectors(ADD_BATCH, only_model):
         add(np.asarray(keys, np.int64), vectors)
         done += len(keys)
         progress("adding", done, total)
-    if isinstance(index, SignIVFIndex):
+    if isinstance(index, PartitionedIndex):
         progress("calibrating", done, total)
         calibrate_on_snapshot(index, snapshot, model_id, only_model, pair_score)
     return Built(index, snapshot.sequence)
