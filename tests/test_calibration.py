@@ -189,13 +189,13 @@ def test_a_configured_nprobe_overrides_the_calibrated_one(structured):
     assert index.nprobe_for(SearchOptions(nprobe=10**6)) == NLIST
 
 
-def test_auto_serves_sign_lists_from_its_threshold_with_enough_per_list():
+def test_auto_serves_fast_scan_lists_from_its_threshold_with_enough_per_list():
     assert nprobes_to_try(4096) == [64, 128, 256, 512, 1024, 2048, 4096]
     assert nprobes_to_try(16) == [1, 2, 4, 8, 16]
     assert [kind_for("auto", n, 200_000, 1_000_000) for n in (199_999, 200_000, 999_999)] \
         == ["Flat", "BinarySign512", "BinarySign512"]
-    assert kind_for("auto", 1_000_000, 200_000, 1_000_000) == "SignIVF4096"
-    assert kind_for("auto", 10**9, 200_000, 1_000_000) == "SignIVF4096"
+    assert kind_for("auto", 1_000_000, 200_000, 1_000_000) == "FastScanIVF4096"
+    assert kind_for("auto", 10**9, 200_000, 1_000_000) == "FastScanIVF4096"
     assert kind_for("Flat", 10**9, 200_000, 1_000_000) == "Flat"
     assert [lists_for(n) for n in (0, 127, 128, 1300, 262_143, 262_144)] == \
         [1, 1, 2, 16, 2048, 4096]
@@ -207,22 +207,35 @@ def test_auto_goes_back_to_a_smaller_type_only_well_below_its_threshold():
     def wanted(count: int, serving: str | None) -> str:
         return kind_for("auto", count, 200_000, 1_000_000, serving)
 
-    assert wanted(999_999, "SignIVF4096") == "SignIVF4096"
-    assert wanted(900_000, "SignIVF4096") == "SignIVF4096"
-    assert wanted(899_999, "SignIVF4096") == "BinarySign512"
-    assert wanted(180_000, "SignIVF4096") == "BinarySign512"
-    assert wanted(179_999, "SignIVF4096") == "Flat"
+    assert wanted(999_999, "FastScanIVF4096") == "FastScanIVF4096"
+    assert wanted(900_000, "FastScanIVF4096") == "FastScanIVF4096"
+    assert wanted(899_999, "FastScanIVF4096") == "BinarySign512"
+    assert wanted(180_000, "FastScanIVF4096") == "BinarySign512"
+    assert wanted(179_999, "FastScanIVF4096") == "Flat"
     assert wanted(180_000, "BinarySign512") == "BinarySign512"
     assert wanted(179_999, "BinarySign512") == "Flat"
     assert wanted(200_000, "Flat") == "BinarySign512"  # growing: at the threshold
-    assert wanted(1_000_000, "BinarySign512") == "SignIVF4096"
+    assert wanted(1_000_000, "BinarySign512") == "FastScanIVF4096"
     assert wanted(199_999, "HNSW32") == "Flat"  # a type auto never picks is not kept
-    assert kind_for("Flat", 10, 200_000, 1_000_000, "SignIVF4096") == "Flat"
+    assert kind_for("Flat", 10, 200_000, 1_000_000, "FastScanIVF4096") == "Flat"
     # fewer lists only once the smaller gallery would not call for as many again
-    assert kind_for("auto", 262_143, 100, 200, "SignIVF4096") == "SignIVF4096"
-    assert kind_for("auto", 235_929, 100, 200, "SignIVF4096") == "SignIVF4096"
-    assert kind_for("auto", 235_928, 100, 200, "SignIVF4096") == "SignIVF2048"
-    assert kind_for("auto", 262_144, 100, 200, "SignIVF2048") == "SignIVF4096"
+    assert kind_for("auto", 262_143, 100, 200, "FastScanIVF4096") == "FastScanIVF4096"
+    assert kind_for("auto", 235_929, 100, 200, "FastScanIVF4096") == "FastScanIVF4096"
+    assert kind_for("auto", 235_928, 100, 200, "FastScanIVF4096") == "FastScanIVF2048"
+    assert kind_for("auto", 262_144, 100, 200, "FastScanIVF2048") == "FastScanIVF4096"
+
+
+def test_a_gallery_auto_served_with_sign_lists_moves_to_fast_scan_lists():
+    """Before FastScanIVF, auto chose SignIVF: such a gallery is rebuilt once, to
+    FastScanIVF of as many lists, and keeps SignIVF where it would have kept it."""
+    def wanted(count: int, serving: str | None) -> str:
+        return kind_for("auto", count, 200_000, 1_000_000, serving)
+
+    assert wanted(1_000_000, "SignIVF4096") == "FastScanIVF4096"
+    assert wanted(10**8, "SignIVF4096") == "FastScanIVF4096"
+    assert wanted(950_000, "SignIVF4096") == "SignIVF4096"  # no rebuild just to shrink
+    assert wanted(899_999, "SignIVF4096") == "BinarySign512"
+    assert kind_for("SignIVF4096", 10**8, 200_000, 1_000_000, "SignIVF4096") == "SignIVF4096"
 
 
 def test_a_doubled_gallery_calls_for_new_lists_and_calibration(structured):
@@ -231,7 +244,7 @@ def test_a_doubled_gallery_calls_for_new_lists_and_calibration(structured):
     assert not index.outgrown(2 * len(index) - 1) and index.outgrown(2 * len(index))
 
 
-def test_a_start_without_checkpoint_builds_quickly_and_leaves_sign_lists_to_a_rebuild(
+def test_a_start_without_checkpoint_builds_quickly_and_leaves_lists_to_a_rebuild(
         tmp_path):
     store = Store(StoreConfig(data_dir=tmp_path / "data"))
     try:
@@ -243,7 +256,7 @@ def test_a_start_without_checkpoint_builds_quickly_and_leaves_sign_lists_to_a_re
             return IndexPlan(store, MODEL, IndexConfig(index_factory=kind, auto_threshold=100,
                                                        auto_lists_threshold=lists_threshold))
 
-        assert plan("auto").wanted_kind() == "SignIVF4"  # 300 // 64 -> 4 lists
+        assert plan("auto").wanted_kind() == "FastScanIVF4"  # 300 // 64 -> 4 lists
         assert plan("auto").start_kind() == "BinarySign512"
         assert plan("auto", lists_threshold=1000).start_kind() == "BinarySign512"
         assert plan("SignIVF4").start_kind() == "SignIVF4"  # asked for by name

@@ -60,7 +60,7 @@ def first_served(data_dir: Path, index: IndexConfig, probe: np.ndarray
 @pytest.mark.parametrize(("config", "wanted"), [
     (IndexConfig(auto_threshold=THRESHOLD), "BinarySign512"),
     (IndexConfig(auto_threshold=100, auto_lists_threshold=THRESHOLD),
-     f"SignIVF{lists_for(THRESHOLD + 100)}"),  # trained and calibrated at the end
+     f"FastScanIVF{lists_for(THRESHOLD + 100)}"),  # trained and calibrated at the end
     (IndexConfig(index_factory="BinaryIVF8"), "BinaryIVF8"),  # trained at the end
     (IndexConfig(index_factory="IVF8,Flat"), "IVF8,Flat"),
 ])

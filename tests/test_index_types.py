@@ -26,8 +26,8 @@ from dedup.gallery.embedded.index import (
 )
 from dedup.gallery.embedded.index_plan import kind_for
 
-KINDS = ["BinarySign512", "BinarySign256", "BinaryIVF16", "SignIVF16", "IVF16,Flat", "IVF16,SQ8",
-         "IVF16,PQ8", "OPQ8,IVF16,PQ8"]
+KINDS = ["BinarySign512", "BinarySign256", "BinaryIVF16", "SignIVF16", "FastScanIVF16",
+         "IVF16,Flat", "IVF16,SQ8", "IVF16,PQ8", "OPQ8,IVF16,PQ8"]
 # Every type "auto" can choose, from an empty gallery to a very large one.
 PERSONS = 1200
 PLANTED = 40  # persons also registered under a second ID number
@@ -349,6 +349,28 @@ def test_auto_goes_back_to_flat_only_well_below_its_threshold(make_server, faces
         "BinarySign512", "BinarySign512", 270)
     server.stub.Delete(pb.DeleteRequest(registration_id="r30"))
     assert wait_for_index(server, "Flat").vectors == 269
+
+
+@pytest.mark.embedded_only(reason=FAISS_ONLY)
+def test_a_gallery_auto_served_with_sign_lists_is_rebuilt_to_fast_scan_lists(tmp_path, base):
+    """Upgrading: before FastScanIVF, auto served SignIVF. Such a gallery starts from its
+    SignIVF checkpoint, a live rebuild moves it to FastScanIVF, and the verdicts stay."""
+    base_dir, checks, exact = base
+    fast_scan = kind_for(AUTO, PERSONS + PLANTED, 1000, 1100)
+    assert fast_scan.startswith("FastScanIVF")
+    sign = start_with(tmp_path, base_dir, fast_scan.replace("FastScanIVF", "SignIVF"))
+    sign.stop()  # leaves its checkpoint
+    server = RunningServer(ServerConfig(
+        store=StoreConfig(data_dir=tmp_path / "data", checkpoint_interval_s=0.2),
+        index=IndexConfig(auto_threshold=1000, auto_lists_threshold=1100)))
+    try:
+        info = admin(server).GetIndexInfo(pb.GetIndexInfoRequest())
+        assert info.index_type.startswith("SignIVF") and info.wanted_index_type == fast_scan
+        assert wait_for_index(server, fast_scan).vectors == PERSONS + PLANTED
+        for check, expected in zip(checks, exact, strict=True):
+            assert outcome(server.stub.Check(check)) == outcome(expected)
+    finally:
+        server.stop()
 
 
 def wait_for_index(server, kind: str, seconds: float = 90) -> pb.GetIndexInfoResponse:

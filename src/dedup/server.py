@@ -105,7 +105,7 @@ class DedupServer:
 
 
 def index_config(config: ServerConfig) -> IndexConfig:
-    """The configured index, calibrated (SignIVF) on what the verdicts turn on."""
+    """The configured index, calibrated (SignIVF, FastScanIVF) on what the verdicts turn on."""
     return dataclasses.replace(config.index,
                                calibration_min_score=config.policy.review_threshold)
 

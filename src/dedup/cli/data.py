@@ -38,16 +38,16 @@ def register(commands: Subcommands) -> None:
         built in a separate process while the old index keeps answering, the changes made
         meanwhile are applied, and the two are swapped atomically; with --data-dir it is
         built and checkpointed in a data directory no server holds. Shows the progress and
-        prints the index type and size built. A SignIVF index is calibrated as it is built:
-        the nprobe it searches is measured on the gallery's own duplicates.
+        prints the index type and size built. A SignIVF or FastScanIVF index is calibrated as
+        it is built: the nprobe it searches is measured on the gallery's own duplicates.
         """, ["dedup rebuild --index-factory BinarySign512",
-              "dedup rebuild --data-dir index_data --index-factory SignIVF4096",
+              "dedup rebuild --data-dir index_data --index-factory FastScanIVF4096",
               "dedup rebuild --data-dir index_data --index-factory IVF4096,Flat"],
         rebuild_command)
     rebuild.add_argument("--index-factory", default="",
                          help="Flat, BinarySign512, BinarySign256, BinaryIVF<n>, SignIVF<n>, "
-                         "IVF<n>,Flat|SQ8|PQ<m>, OPQ<m>,IVF<n>,PQ<m>; default: the server's "
-                         "configured type (offline: auto)")
+                         "FastScanIVF<n>, IVF<n>,Flat|SQ8|PQ<m>, OPQ<m>,IVF<n>,PQ<m>; "
+                         "default: the server's configured type (offline: auto)")
     add_offline_arguments(rebuild)
 
     compact = add_client_subcommand(commands, "compact", "rewrite the store compacted, so "

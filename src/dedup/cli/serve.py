@@ -148,18 +148,20 @@ def _index_arguments(serve: argparse.ArgumentParser) -> None:
     index = IndexConfig()
     serve.add_argument("--index-factory", default=index.index_factory,
                        help="auto (Flat, then BinarySign512 from --auto-threshold, then "
-                       "SignIVF<n> from --auto-lists-threshold), Flat, BinarySign512, "
-                       "BinarySign256, BinaryIVF<n>, SignIVF<n>, IVF<n>,Flat|SQ8|PQ<m>, "
-                       "OPQ<m>,IVF<n>,PQ<m>")
+                       "FastScanIVF<n> from --auto-lists-threshold), Flat, BinarySign512, "
+                       "BinarySign256, BinaryIVF<n>, SignIVF<n>, FastScanIVF<n>, "
+                       "IVF<n>,Flat|SQ8|PQ<m>, OPQ<m>,IVF<n>,PQ<m>")
     serve.add_argument("--auto-threshold", type=int, default=index.auto_threshold,
                        help="registrations from which auto leaves Flat for BinarySign512")
     serve.add_argument("--auto-lists-threshold", type=int,
                        default=index.auto_lists_threshold,
-                       help="registrations from which auto serves SignIVF<n>, searched with "
+                       help="registrations from which auto serves FastScanIVF<n>, searched "
+                       "with "
                        "the nprobe its build measured on the gallery's own duplicates")
     serve.add_argument("--nprobe", type=int, default=index.nprobe,
                        help="lists searched per query by the types with lists; 0 (default): "
-                       "SignIVF's calibrated nprobe, 64 for IVF and BinaryIVF")
+                       "SignIVF's and FastScanIVF's calibrated nprobe, 64 for IVF and "
+                       "BinaryIVF")
     serve.add_argument("--rerank-candidates", type=int, default=index.rerank_candidates,
                        help="candidates an approximate index is searched for (re-scored "
                        "exactly where its own scores are not: all but FLAT, IVF_FLAT, HNSW)")

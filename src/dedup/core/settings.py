@@ -135,20 +135,20 @@ class StoreConfig:
 class IndexConfig:
     """Which index, how it is searched, and how searches are batched."""
 
-    # "auto", "Flat", "BinarySign512", "BinarySign256", "BinaryIVF<n>", "SignIVF<n>" or an
-    # IVF-family factory string.
+    # "auto", "Flat", "BinarySign512", "BinarySign256", "BinaryIVF<n>", "SignIVF<n>",
+    # "FastScanIVF<n>" or an IVF-family factory string.
     index_factory: str = "auto"
     # "auto" uses Flat below this many registrations and BinarySign512 from here on ...
     auto_threshold: int = 200_000
-    # ... and SignIVF from here on, searched with the nprobe its build measured on the
+    # ... and FastScanIVF from here on, searched with the nprobe its build measured on the
     # gallery's own duplicates (gallery/embedded/index.py and calibration.py).
     auto_lists_threshold: int = 1_000_000
-    # SignIVF calibrates its nprobe on pairs of registrations under one ID number scoring at
-    # least this; a server sets it to its policy's review_threshold, the lowest score a
-    # verdict turns on.
+    # SignIVF and FastScanIVF calibrate their nprobe on pairs of registrations under one ID
+    # number scoring at least this; a server sets it to its policy's review_threshold, the
+    # lowest score a verdict turns on.
     calibration_min_score: float = 0.30
-    # Lists searched per query by the types with inverted lists (IVF, BinaryIVF, SignIVF);
-    # 0: SignIVF's calibrated nprobe, 64 for the others.
+    # Lists searched per query by the types with inverted lists (IVF, BinaryIVF, SignIVF,
+    # FastScanIVF); 0: SignIVF's and FastScanIVF's calibrated nprobe, 64 for the others.
     nprobe: int = 0
     # Candidates an approximate index returns for exact re-ranking (a check asks for at least
     # Limits.min_search_k, 64, anyway). BinarySign512 kept duplicate recall at 1.000 from 16

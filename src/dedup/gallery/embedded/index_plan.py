@@ -13,6 +13,7 @@ from dedup.core.settings import IndexConfig
 from dedup.gallery.embedded.index import (
     AUTO,
     BINARY_DEFAULT,
+    FAST_SCAN_IVF,
     FLAT,
     SIGN_IVF,
     training_size,
@@ -31,9 +32,9 @@ SWITCH_BACK_BELOW = 0.9
 def kind_for(configured_kind: str, count: int, auto_threshold: int,
              lists_threshold: int, serving: str | None = None) -> str:
     """The index type for a gallery of `count` comparable registrations: the configured
-    one; for "auto", Flat below `auto_threshold`, BinarySign512 from there on and SignIVF
-    from `lists_threshold` on (why, with the measurements: see index.py). A larger type
-    `serving` now is kept down to SWITCH_BACK_BELOW of its threshold."""
+    one; for "auto", Flat below `auto_threshold`, BinarySign512 from there on and
+    FastScanIVF from `lists_threshold` on (why, with the measurements: see index.py). A
+    larger type `serving` now is kept down to SWITCH_BACK_BELOW of its threshold."""
     if configured_kind != AUTO:
         return configured_kind
     grown = _auto_kind(count, auto_threshold, lists_threshold)
@@ -45,23 +46,24 @@ def kind_for(configured_kind: str, count: int, auto_threshold: int,
 
 def _auto_kind(count: int, auto_threshold: int, lists_threshold: int) -> str:
     if count >= max(lists_threshold, auto_threshold):
-        return f"SignIVF{lists_for(count)}"
+        return f"FastScanIVF{lists_for(count)}"
     return BINARY_DEFAULT if count >= auto_threshold else FLAT
 
 
 def _auto_rank(kind: str) -> tuple[int, int]:
-    """Where `kind` stands in auto's sequence, smallest first, SignIVF by its lists
-    ((-1, 0): a type auto never picks)."""
+    """Where `kind` stands in auto's sequence, smallest first, FastScanIVF by its lists
+    ((-1, 0): a type auto never picks). SignIVF, which auto chose before FastScanIVF, stands
+    beside it: a gallery serving it moves to FastScanIVF of as many lists or more."""
     if kind == FLAT:
         return 0, 0
     if kind == BINARY_DEFAULT:
         return 1, 0
-    lists = SIGN_IVF.match(kind)
+    lists = FAST_SCAN_IVF.match(kind) or SIGN_IVF.match(kind)
     return (2, int(lists.group(1))) if lists else (-1, 0)
 
 
 def lists_for(count: int) -> int:
-    """SignIVF's lists for `count` registrations: a power of two, at least 64 registrations
+    """FastScanIVF's lists for `count` registrations: a power of two, at least 64 registrations
     a list, at most MAX_AUTO_LISTS (4,096: 244 a list at 1,000,000, 2,441 at 10,000,000)."""
     lists = 1
     while lists * 2 <= min(MAX_AUTO_LISTS, count // 64):
@@ -77,7 +79,8 @@ class IndexPlan:
         self.configured_kind = validate_kind(config.index_factory, dimension=self.dimension)
         self.auto_threshold = config.auto_threshold
         self.lists_threshold = config.auto_lists_threshold
-        # SignIVF calibrates on same-person pairs scoring at least this (calibration.py).
+        # SignIVF and FastScanIVF calibrate on same-person pairs scoring at least this
+        # (calibration.py).
         self.pair_score = config.calibration_min_score
 
     def only_model(self) -> str | None:
@@ -93,7 +96,8 @@ class IndexPlan:
     def start_kind(self) -> str:
         """What to build at start when no checkpoint serves: the wanted type, but quickly:
         Flat while a trained type cannot be trained yet, and BinarySign512 while "auto"
-        wants SignIVF (k-means and calibration follow in a live rebuild, while serving)."""
+        wants FastScanIVF (k-means and calibration follow in a live rebuild, while
+        serving)."""
         wanted = self.wanted_kind()
         if not self.can_train(wanted):
             return FLAT
