@@ -4,13 +4,16 @@ the gallery find the duplicates without scanning most of it?
 Reads the gallery that `benchmarks/scale.py --registrations N --variant V` generated (its
 chunks FILE.npy + FILE.csv and its probes, under --workdir/N-V/input), computes the exact
 ground truth (every registration scoring >= 0.40 with a probe; cached beside the input),
-builds a FAISS index of --kind (raw FAISS, or dedup's own SignIVF<n>: float k-means lists
-of 512-bit sign codes; trained on --train registrations, filled on 2 threads) and sweeps
+builds a FAISS index of each --kind in turn (raw FAISS, or dedup's own SignIVF<n>: float
+k-means lists of 512-bit sign codes, or FastScanIVF<n>: 4-bit PQ codes in those lists;
+trained on --train registrations, filled on 2 threads as a rebuild fills them) and sweeps
 nprobe. Per nprobe it reports the share of ground-truth pairs the top --depth candidates
 hold after an exact re-rank from the float32 rows, separately for registrations under the
 probe's own ID number and under another one (the fraud dedup exists to find; `Check` finds
 the former by ID-number lookup whatever the index), and queries/s on one thread, one query
-at a time (search only, and with the re-rank).
+at a time (search only, and with the re-rank); with --batches, also the search's queries/s
+in batches of B queries on 1 and 2 threads (the server searches a batch of concurrent
+checks in one call).
 With --in-memory the gallery is generated in memory instead (gallery_data.in_memory, no ID
 numbers: the recall is of every match).
 
@@ -19,6 +22,8 @@ numbers: the recall is of every match).
         --in-memory --nprobes 16 64 256
     .venv/bin/python benchmarks/ivf_at_scale.py --registrations 1000000 --variant clustered \
         --in-memory --kind SignIVF4096 --nprobes 256 512 1024
+    .venv/bin/python benchmarks/ivf_at_scale.py --registrations 10000000 --variant clustered \
+        --kind SignIVF4096 FastScanIVF4096 --nprobes 1024 1448 2048 --batches 8 16
 
 Prints JSON lines and a table; writes benchmarks/results/ivf-<N>-<V>-<kind>.json.
 """
@@ -39,6 +44,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from gallery_data import VARIANTS, in_memory
 
+from dedup.core.blas import limit_numpy_blas
 from dedup.gallery.embedded.index import SearchOptions, new_index
 
 RESULTS = Path(__file__).parent / "results"
@@ -104,18 +110,26 @@ class ServedIndex:
         self.index.train(sample)  # type: ignore[attr-defined]
 
     def add_with_ids(self, vectors: np.ndarray, ids: np.ndarray) -> None:
-        self.index.add(ids, vectors)
+        self.index.fill(ids, vectors)  # type: ignore[attr-defined]  # as a rebuild fills
 
     def search(self, queries: np.ndarray, k: int, params: Any = None) -> tuple[Any, Any]:
         options = SearchOptions(nprobe=params.nprobe if params is not None else 64)
-        ((ids, scores),) = self.index.search(queries, k, options)
-        return scores.reshape(1, -1), ids.reshape(1, -1)
+        found = self.index.search(queries, k, options)
+        ids = np.full((len(queries), k), -1, np.int64)
+        scores = np.zeros((len(queries), k), np.float32)
+        for row, (row_ids, row_scores) in enumerate(found):
+            ids[row, :len(row_ids)], scores[row, :len(row_ids)] = row_ids, row_scores
+        return scores, ids
+
+
+def dedup_kind(kind: str) -> bool:
+    return kind.startswith(("SignIVF", "FastScanIVF"))
 
 
 def build(chunks: Chunks, kind: str, train: int) -> tuple[Any, dict[str, float]]:
     faiss.omp_set_num_threads(BUILD_THREADS)
     dimension = chunks.arrays[0].shape[1]
-    index = (ServedIndex(kind, dimension) if kind.startswith("SignIVF") else
+    index = (ServedIndex(kind, dimension) if dedup_kind(kind) else
              faiss.index_factory(dimension, kind, faiss.METRIC_INNER_PRODUCT))
     rng = np.random.default_rng(1)
     started = time.perf_counter()
@@ -157,19 +171,40 @@ def sweep(index: Any, chunks: Chunks, probes: np.ndarray, truth: list[list[int]]
             "qps_with_rerank": len(probes) / (searching + reranking)}
 
 
+def batched_qps(index: Any, probes: np.ndarray, nprobe: int, depth: int, batch: int,
+                threads: int, seconds: float = 8.0) -> float:
+    """Queries a second of the search alone, `batch` queries a call on `threads`."""
+    faiss.omp_set_num_threads(threads)
+    params = faiss.SearchParametersIVF(nprobe=nprobe)
+    started, done, start = time.perf_counter(), 0, 0
+    while time.perf_counter() - started < seconds:
+        rows = np.arange(start, start + batch) % len(probes)
+        index.search(np.ascontiguousarray(probes[rows]), depth, params=params)
+        done, start = done + batch, start + batch
+    return done / (time.perf_counter() - started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--registrations", type=int, default=10_000_000)
     parser.add_argument("--variant", choices=VARIANTS, default="iso")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/dedup-scale"))
-    parser.add_argument("--kind", default="IVF4096,PQ64", help="a FAISS index_factory string")
+    parser.add_argument("--kind", nargs="+", default=["IVF4096,PQ64"],
+                        help="FAISS index_factory strings or dedup's SignIVF<n> / "
+                             "FastScanIVF<n>, built and measured one after the other")
+    parser.add_argument("--batches", type=int, nargs="*", default=[],
+                        help="also measure the search in batches of these sizes")
     parser.add_argument("--train", type=int, default=200_000, help="training registrations")
     parser.add_argument("--nprobes", type=int, nargs="+", default=[16, 32, 64, 128])
     parser.add_argument("--depth", type=int, default=64, help="candidates re-ranked")
     parser.add_argument("--in-memory", action="store_true",
                         help="generate the gallery in memory (recall of every match)")
     args = parser.parse_args()
+    # The re-rank's numpy products would leave BLAS threads spinning against FAISS's (a
+    # SignIVF256 batch on two threads then ran 20x slower than on one); the server limits
+    # them too (numpy_blas_threads).
+    limit_numpy_blas(1)
     folder = args.workdir / f"{args.registrations}-{args.variant}" / "input"
     if args.in_memory:
         gallery, probes = in_memory(args.registrations, args.variant)
@@ -185,27 +220,40 @@ def main() -> None:
         numbers = chunks.id_numbers({row for found in truth for row in found})
         own = [{row for row in found if numbers[row] == id_number}
                for found, id_number in zip(truth, probe_ids, strict=True)]
-    index, timing = build(chunks, args.kind, args.train)
+    for kind in args.kind:
+        report(kind, args, chunks, probes, truth, own)
+
+
+def report(kind: str, args: argparse.Namespace, chunks: Chunks, probes: np.ndarray,
+           truth: list[list[int]], own: list[set[int]]) -> None:
+    index, timing = build(chunks, kind, args.train)
     rows = []
     for nprobe in args.nprobes:
         rows.append(sweep(index, chunks, probes, truth, own, nprobe, args.depth))
+        for batch in args.batches:
+            for threads in (1, 2):
+                rows[-1][f"qps_batch_{batch}_threads_{threads}"] = batched_qps(
+                    index, probes, nprobe, args.depth, batch, threads)
         print(json.dumps(rows[-1]), flush=True)
-    result = {"registrations": len(chunks), "variant": args.variant, "kind": args.kind,
+    result = {"registrations": len(chunks), "variant": args.variant, "kind": kind,
               "in_memory": args.in_memory,
               "match": MATCH, **timing, "rows": rows}
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / (f"ivf-{args.registrations}-{args.variant}-{args.kind.replace(',', '_')}"
+    out = RESULTS / (f"ivf-{args.registrations}-{args.variant}-{kind.replace(',', '_')}"
                      f"{'-in-memory' if args.in_memory else ''}.json")
     out.write_text(json.dumps(result, indent=2))
-    print(f"\n{len(chunks):,} registrations ({args.variant}), {args.kind}: train "
+    print(f"\n{len(chunks):,} registrations ({args.variant}), {kind}: train "
           f"{timing['train_seconds']:.0f} s, add {timing['add_seconds']:.0f} s")
     other = "recall, all" if args.in_memory else "recall other ID"
+    batched = "".join(f" {f'q/s b{b} t{t}':>11}" for b in args.batches for t in (1, 2))
     print(f"{'nprobe':>6} {'recall own ID':>14} {other:>16} {'q/s search':>11}"
-          f" {'q/s +rerank':>12}")
+          f" {'q/s +rerank':>12}{batched}")
     for row in rows:
+        values = "".join(f" {row[f'qps_batch_{b}_threads_{t}']:11.1f}"
+                         for b in args.batches for t in (1, 2))
         print(f"{row['nprobe']:6} {row['recall_own_id']:14.4f} {row['recall_other_id']:16.4f}"
-              f" {row['qps_search']:11.1f} {row['qps_with_rerank']:12.1f}")
-    print(f"\nwrote {out}")
+              f" {row['qps_search']:11.1f} {row['qps_with_rerank']:12.1f}{values}")
+    print(f"\nwrote {out}", flush=True)
 
 
 if __name__ == "__main__":
