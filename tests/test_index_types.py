@@ -444,9 +444,12 @@ def test_a_sixteen_bit_pq_needs_its_65536_centroids_trained():
     ("nprobe", -1), ("auto_threshold", -1), ("auto_lists_threshold", -1),
     ("rerank_candidates", 0), ("max_batch", 0), ("search_threads", 0),
     ("max_batch_wait_s", -0.001), ("calibration_min_score", 1.5),
+    ("nprobe", 2**63), ("nprobe", 2**64), ("nprobe", (1 << 20) + 1),
+    ("rerank_candidates", 100_001), ("max_batch", 100_001),
 ])
 def test_index_settings_out_of_range_are_refused_naming_the_field(field, value):
     """nprobe=-1 was taken: every IVF search failed (OverflowError), and SignIVF and
-    BinaryIVF searched a single list."""
+    BinaryIVF searched a single list; so was nprobe=2**63 (every IVF search failed in FAISS)
+    and 2**64 (OverflowError)."""
     with pytest.raises(ValueError, match=f"index: {field} must be"):
         IndexConfig(**{field: value})

@@ -131,6 +131,10 @@ class StoreConfig:
     allow_shared_data_dir: bool = False
 
 
+MAX_NPROBE = 1 << 20  # as many lists as an index may have
+MAX_RERANK = 100_000
+
+
 @dataclass(frozen=True)
 class IndexConfig:
     """Which index, how it is searched, and how searches are batched."""
@@ -169,6 +173,13 @@ class IndexConfig:
         for name in ("rerank_candidates", "max_batch", "search_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"index: {name} must be >= 1, got {getattr(self, name)}")
+        # Beyond these every IVF search failed (2**63 lists: FAISS's 'cur_nprobe > 0';
+        # 2**64: OverflowError). No index has more lists than 2**20 (index.MAX_NLIST), and
+        # a re-rank depth is an allocation of that many candidates a query.
+        for name, most in (("nprobe", MAX_NPROBE), ("rerank_candidates", MAX_RERANK),
+                           ("max_batch", MAX_RERANK)):
+            if getattr(self, name) > most:
+                raise ValueError(f"index: {name} must be <= {most:,}, got {getattr(self, name)}")
         if self.max_batch_wait_s < 0:
             raise ValueError(f"index: max_batch_wait_s must be >= 0, got "
                              f"{self.max_batch_wait_s}")
