@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import tracemalloc
 
+import faiss
 import numpy as np
 import pytest
 
@@ -247,3 +248,78 @@ def test_fast_scan_needs_a_dimension_of_whole_sub_vectors():
     assert validate_kind("FastScanIVF64", dimension=128) == "FastScanIVF64"
     with pytest.raises(InvalidArgument, match="divisible by 8, not 100"):
         validate_kind("FastScanIVF64", dimension=100)
+
+
+def stale_codes(index: FastScanIVFIndex) -> list[tuple[int, int]]:
+    """(list, slot) of every non-zero code past a list's end in the blocks FAISS keeps (and
+    writes to a checkpoint)."""
+    lists = faiss.downcast_InvertedLists(index._index.invlists)
+    packer, stale = lists.packer, []
+    for list_no in range(index.nlist):
+        size = lists.list_size(list_no)
+        blocks = -(-size // packer.nvec)
+        if blocks == 0:
+            continue
+        codes = faiss.rev_swig_ptr(lists.get_codes(list_no), blocks * packer.block_size)
+        codes = codes.reshape(blocks, packer.block_size)
+        stale += [(list_no, slot) for slot in range(size, blocks * packer.nvec)
+                  if packer.unpack_1(codes, slot).any()]
+    return stale
+
+
+def list_ids(index: FastScanIVFIndex, list_no: int) -> list[int]:
+    lists = index._index.invlists
+    return faiss.rev_swig_ptr(lists.get_ids(list_no), lists.list_size(list_no)).tolist()
+
+
+def test_fast_scan_removals_that_drop_blocks_or_empty_lists_leave_no_code_behind(
+        tmp_path, vectors):
+    """The zeroing of freed slots wrote past a list's buffer once FAISS had moved a list
+    that lost blocks to a smaller one (glibc aborted the process), and an emptied list (no
+    buffer) failed the removal half-way, its erased codes and later lists' left in the
+    checkpoint. One removal here shrinks one list to a block, empties another, and takes
+    one code from every other list."""
+    index = new_index(f"FastScanIVF{NLIST}", 512)
+    index.train(vectors[: training_size(index.kind, 512)])
+    index.add(np.arange(SIZE, dtype=np.int64), vectors)
+    by_list = {list_no: list_ids(index, list_no) for list_no in range(NLIST)}
+    shrunk, emptied = sorted(by_list, key=lambda list_no: -len(by_list[list_no]))[:2]
+    assert len(by_list[shrunk]) > 64 and by_list[emptied]
+    gone = (by_list[shrunk][32:] + by_list[emptied]
+            + [ids[0] for list_no, ids in by_list.items() if list_no not in (shrunk, emptied)])
+    assert index.remove(np.array(gone, np.int64)) == len(gone)
+    assert stale_codes(index) == []
+    assert len(list_ids(index, shrunk)) == 32 and list_ids(index, emptied) == []
+    path = tmp_path / "index.ckpt"
+    write_checkpoint(path, index.snapshot(sequence=1, model_id="m"))
+    loaded, _ = load_index(path, 512, "m")
+    assert isinstance(loaded, FastScanIVFIndex) and stale_codes(loaded) == []
+    found = {i for row in ids_of(loaded, vectors[:300], k=5) for i in row}
+    assert not found & set(gone)
+
+
+@pytest.mark.parametrize("damage", ["implem", "direct map"])
+def test_fast_scan_checkpoints_faiss_reads_but_no_search_or_removal_could_use_are_refused(
+        tmp_path, vectors, damage):
+    """FAISS loaded them: with another implem every search failed, with a direct map every
+    removal (an erasure) did."""
+    index = new_index(f"FastScanIVF{NLIST}", 512)
+    index.train(vectors[: training_size(index.kind, 512)])
+    index.add(np.arange(SIZE, dtype=np.int64), vectors)
+    if damage == "implem":
+        index._index.implem = 1
+    else:
+        index._index.set_direct_map_type(faiss.DirectMap.Hashtable)
+    path = tmp_path / "index.ckpt"
+    write_checkpoint(path, index.snapshot(sequence=1, model_id="m"))
+    with pytest.raises(CheckpointError, match=f"holds no FastScanIVF{NLIST} index"):
+        load_index(path, 512, "m")
+
+
+@pytest.mark.parametrize("kind", ["BinarySign512\n", "BinaryIVF64\n", "SignIVF64\n",
+                                  "FastScanIVF64\n", "IVF16,Flat\n"])
+def test_a_kind_with_a_trailing_newline_is_refused(kind):
+    """'$' matched before a final newline: the kind was accepted, never equal to the
+    index's own name (a rebuild every time the switch looked)."""
+    with pytest.raises(InvalidArgument, match="not a supported index type"):
+        validate_kind(kind)

@@ -21,7 +21,8 @@ float32 embeddings before a verdict. Searches run in parallel; changes take the 
 exclusively. HNSW is not offered: FAISS cannot delete from it.
 
 What "auto" serves (index_plan.kind_for): Flat below IndexConfig.auto_threshold (200,000),
-BinarySign512 from there on, SignIVF4096 from IndexConfig.auto_lists_threshold (1,000,000).
+BinarySign512 from there on, FastScanIVF4096 from IndexConfig.auto_lists_threshold
+(1,000,000); SignIVF4096 there before FastScanIVF (why both, and why the change: below).
 benchmarks/ann_binary.py at 1,000,000 registrations of each synthetic variant (iso / uneven /
 clustered), duplicate recall (probes whose exact matches >= 0.40 all come back after the
 re-rank), q/s on one thread, batch 1, shared machine:
@@ -42,6 +43,17 @@ misses depends on the gallery: isotropic data has no structure to partition by. 
 SignIVF build measures it on the gallery's own duplicates and keeps the smallest nprobe that
 finds them (calibration.py); where none does, it searches every list and finds what the flat
 scan finds. At 10,000,000 codes the flat scan did 33 q/s (60 in batches).
+At 10,000,000 a SignIVF check reads the 64-byte codes of a third of the lists or more, one
+query at a time: FAISS's binary IVF scans a code at 2.6-6 ns, and memory bounds it. The same
+partition holding 4-bit PQ codes (FastScanIVF: 32 bytes, FAISS's SIMD fast-scan kernel,
+which scans a list once for all of a batch's queries that probe it) finds the same
+candidates after the exact re-rank. benchmarks/ivf_at_scale.py --kind SignIVF4096
+FastScanIVF4096 --batches 4 8 at 1,000,000 clustered, recall of matches >= 0.40 under the
+probe's own ID number at nprobe 256 / 512 / 1024: 0.9924 / 0.9972 / 0.9992 for both, q/s
+one query at a time 1,607 / 979 / 570 (SignIVF) against 1,729 / 1,192 / 716, batches of 8
+on two threads 3,247 / 2,035 / 1,075 against 4,237 / 2,751 / 1,786. At 10,000,000 clustered
+(a throwaway script, one run, nprobe 1,448: recall 0.999 for both) batches of 8 on two
+threads did 155 against 472 q/s, one query at a time 105 against 143.
 """
 
 from __future__ import annotations
@@ -73,11 +85,11 @@ BINARY_DEFAULT = "BinarySign512"
 # ASCII digits only (Python's \d also takes other scripts' digits), and at least one list:
 # an "IVF0,Flat" needs no training, so it was built, and every search then failed in FAISS.
 _IVF = re.compile(r"^(OPQ(?P<opq_m>\d+)(?:_(?P<opq_out>\d+))?,)?IVF(?P<nlist>[1-9]\d*),"
-                  r"(Flat|SQ8|SQ4|SQfp16|PQ(?P<pq_m>\d+)(?:x(?P<pq_bits>\d+))?)$", re.ASCII)
-_BINARY = re.compile(r"^BinarySign(256|512)$")
-_BINARY_IVF = re.compile(r"^BinaryIVF([1-9]\d{0,6})$", re.ASCII)
-SIGN_IVF = re.compile(r"^SignIVF([1-9]\d{0,6})$", re.ASCII)
-FAST_SCAN_IVF = re.compile(r"^FastScanIVF([1-9]\d{0,6})$", re.ASCII)
+                  r"(Flat|SQ8|SQ4|SQfp16|PQ(?P<pq_m>\d+)(?:x(?P<pq_bits>\d+))?)\Z", re.ASCII)
+_BINARY = re.compile(r"^BinarySign(256|512)\Z")
+_BINARY_IVF = re.compile(r"^BinaryIVF([1-9]\d{0,6})\Z", re.ASCII)
+SIGN_IVF = re.compile(r"^SignIVF([1-9]\d{0,6})\Z", re.ASCII)
+FAST_SCAN_IVF = re.compile(r"^FastScanIVF([1-9]\d{0,6})\Z", re.ASCII)
 # FastScanIVF's PQ: a 4-bit sub-quantizer (16 centroids) for every 8 dimensions, the only
 # code width FAISS's fast-scan kernel takes: 32 bytes a vector of 512.
 FAST_SCAN_SUBVECTOR = 8
@@ -96,8 +108,9 @@ DEFAULT_NPROBE = 64  # lists searched by the IVF and BinaryIVF types unless conf
 class SearchOptions:
     """Per-call search parameters; passed to FAISS per call, never set on the shared index.
 
-    `nprobe`: inverted lists searched (IVF, BinaryIVF and SignIVF types); 0 leaves it to the
-    index: SignIVF's nprobe calibrated at its build, DEFAULT_NPROBE for the others.
+    `nprobe`: inverted lists searched (IVF, BinaryIVF, SignIVF and FastScanIVF types); 0
+    leaves it to the index: SignIVF's and FastScanIVF's nprobe calibrated at their build,
+    DEFAULT_NPROBE for the others.
     `rerank_candidates`: how many candidates of an approximate index are re-scored exactly
     from the stored vectors.
     """
@@ -108,9 +121,9 @@ class SearchOptions:
 
 @dataclass(frozen=True)
 class Calibration:
-    """The nprobe a SignIVF index searches by default, and the measurement that chose it:
-    `recall` maps each nprobe tried to the share of `pairs` (registrations of one person
-    under one ID number) whose partner came back (calibration.py)."""
+    """The nprobe a SignIVF or FastScanIVF index searches by default, and the measurement
+    that chose it: `recall` maps each nprobe tried to the share of `pairs` (registrations of
+    one person under one ID number) whose partner came back (calibration.py)."""
 
     nprobe: int
     pairs: int
@@ -679,11 +692,10 @@ class FastScanIVFIndex(PartitionedIndex):
     fast-scan kernel (IndexIVFPQFastScan.search_preassigned): SIMD over blocks of 32 codes,
     and a batch's queries that probe a list scan it in one pass.
 
-    Why, measured (benchmarks/fast_scan.py): at 10,000,000 registrations a SignIVF check
-    reads the 64-byte codes of a third of the lists or more, one query at a time; memory,
-    not arithmetic, bounds it. These codes are half as long and shared by a batch. With
-    short lists (1,000,000 in 4,096 lists: 244 a list) the kernel's cost a list outweighs
-    that, and SignIVF is faster.
+    Why: at 10,000,000 registrations a SignIVF check reads the 64-byte codes of a third of
+    the lists or more, one query at a time, and memory bounds it; these codes are half as
+    long and read once for a batch. The same candidates, faster at 1,000,000 and 10,000,000
+    (the measurements: the module's docstring).
 
     The PQ's scores are rough (a true 1.0 comes out near 0.4): they only choose candidates,
     which are always re-ranked exactly. Its IndexFlatIP quantizer is the partition's
@@ -767,7 +779,11 @@ class FastScanIVFIndex(PartitionedIndex):
         packer = lists.packer  # type: ignore[attr-defined]  # BlockInvertedLists's
         zero = np.zeros(packer.code_size, np.uint8)
         for list_no in np.flatnonzero(after < before).tolist():
-            blocks = -(-int(before[list_no]) // packer.nvec)
+            # Only the blocks FAISS kept: a list that lost a block may have been moved to a
+            # smaller buffer (the rest freed), an emptied one has none.
+            blocks = -(-int(after[list_no]) // packer.nvec)
+            if blocks == 0:
+                continue
             codes = faiss.rev_swig_ptr(lists.get_codes(list_no), blocks * packer.block_size)
             codes = codes.reshape(blocks, packer.block_size)
             for slot in range(int(after[list_no]), min(int(before[list_no]),
@@ -803,15 +819,33 @@ class FastScanIVFIndex(PartitionedIndex):
         calibration_json, code_bytes = _framed(payload)
         calibration = Calibration.from_json(calibration_json.tobytes().decode())
         codes = faiss.deserialize_index(code_bytes)
-        if not (isinstance(codes, faiss.IndexIVFPQFastScan) and codes.d == dimension
-                and codes.nlist == nlist and codes.is_trained and not codes.by_residual
-                and codes.metric_type == faiss.METRIC_INNER_PRODUCT
-                and dimension // FAST_SCAN_SUBVECTOR == codes.M
-                and isinstance(faiss.downcast_index(codes.quantizer), faiss.IndexFlatIP)
-                and codes.quantizer.ntotal == nlist and 1 <= calibration.nprobe <= nlist):
+        if not (_is_fast_scan_of(codes, dimension, nlist) and 1 <= calibration.nprobe <= nlist):
             raise ValueError(f"not the codes and calibration of {nlist} lists of "
                              f"dimension {dimension}")
         return cls(dimension, nlist, codes, calibration)
+
+
+def _is_fast_scan_of(found: Any, dimension: int, nlist: int) -> bool:
+    """The codes a FastScanIVFIndex of `nlist` lists makes, searchable and erasable: FAISS
+    reads a checkpoint whose search settings, id map or block layout differ, and then every
+    search or every removal failed, or a search returned wrong ids."""
+    if not isinstance(found, faiss.IndexIVFPQFastScan):
+        return False
+    codes: Any = found  # faiss's type stubs lack most of what is checked
+    module: Any = faiss
+    if not (codes.d == dimension and codes.nlist == nlist and codes.is_trained
+            and not codes.by_residual and codes.metric_type == faiss.METRIC_INNER_PRODUCT
+            and dimension // FAST_SCAN_SUBVECTOR == codes.M and codes.nbits == 4
+            and codes.bbs == 32 and codes.implem == 0 and codes.qbs == 0 and codes.qbs2 == 0
+            and codes.direct_map.type == module.DirectMap.NoMap):
+        return False
+    centroids = faiss.downcast_index(codes.quantizer)
+    lists = faiss.downcast_InvertedLists(codes.invlists)
+    return (isinstance(centroids, faiss.IndexFlatIP) and centroids.d == dimension
+            and centroids.ntotal == nlist and isinstance(lists, module.BlockInvertedLists)
+            and lists.n_per_block == codes.bbs and lists.block_size == codes.bbs * codes.M2 // 2
+            and lists.packer is not None and lists.packer.nvec == codes.bbs
+            and sum(lists.list_size(i) for i in range(nlist)) == codes.ntotal)
 
 
 def serialized(index: Any, binary: bool) -> tuple[memoryview, ...]:
@@ -868,20 +902,20 @@ def _deserialize(path: Path, checkpoint: Checkpoint, dimension: int) -> VectorIn
     if (sign_ivf := SIGN_IVF.match(kind)) is not None:
         try:
             return SignIVFIndex.deserialize(payload, dimension, int(sign_ivf.group(1)))
-        except (RuntimeError, ValueError) as error:
+        except (RuntimeError, ValueError, MemoryError) as error:
             raise CheckpointError(f"{path}: holds no {kind} index FAISS can read "
                                   f"({error})") from error
     if (fast_scan := FAST_SCAN_IVF.match(kind)) is not None:
         try:
             return FastScanIVFIndex.deserialize(payload, dimension, int(fast_scan.group(1)))
-        except (RuntimeError, ValueError) as error:
+        except (RuntimeError, ValueError, MemoryError) as error:
             raise CheckpointError(f"{path}: holds no {kind} index FAISS can read "
                                   f"({error})") from error
     binary, binary_ivf = _BINARY.match(kind), _BINARY_IVF.match(kind)
     try:
         raw = (faiss.deserialize_index_binary(payload) if binary or binary_ivf
                else faiss.deserialize_index(payload))
-    except RuntimeError as error:
+    except (RuntimeError, MemoryError) as error:  # MemoryError: a damaged length
         raise CheckpointError(f"{path}: FAISS cannot read the index ({error})") from error
     expected_dimension = (int(binary.group(1)) if binary else SIGN_BITS if binary_ivf
                           else dimension)
