@@ -329,6 +329,11 @@ class _Locked:
             # faiss's Python wrapper turns an id array into an IDSelectorBatch.
             return int(self._index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64)))
 
+    def _add_floats(self, ids: Ids, vectors: Matrix) -> None:
+        """FAISS's add of float vectors with their ids; the caller holds the write lock."""
+        self._index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
+                                 np.ascontiguousarray(ids, dtype=np.int64))
+
     def _serialize(self) -> tuple[memoryview, ...]:
         return serialized(self._index, binary=False)
 
@@ -365,8 +370,7 @@ class FlatIndex(_Locked):
         if len(ids) == 0:
             return
         with self._lock.writing():
-            self._index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
-                                     np.ascontiguousarray(ids, dtype=np.int64))
+            self._add_floats(ids, vectors)
 
     def search(self, queries: Matrix, k: int, options: SearchOptions) -> list[tuple[Ids, Scores]]:
         with self._lock.reading():
@@ -400,8 +404,7 @@ class IVFIndex(_Locked):
         if len(ids) == 0:
             return
         with self._lock.writing():
-            self._index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
-                                     np.ascontiguousarray(ids, dtype=np.int64))
+            self._add_floats(ids, vectors)
 
     def _params(self, options: SearchOptions) -> Any:
         ivf_params = faiss.SearchParametersIVF()
@@ -565,6 +568,29 @@ class PartitionedIndex(_Locked):
     def search(self, queries: Matrix, k: int, options: SearchOptions) -> list[tuple[Ids, Scores]]:
         raise NotImplementedError
 
+    def _search_lists(self, queries: Matrix, encoded: npt.NDArray[Any], k: int,
+                      options: SearchOptions, distance: type[np.generic]
+                      ) -> tuple[npt.NDArray[Any], Ids] | None:
+        """The codes' index searched for `encoded` (the queries as it takes them) in the
+        nprobe lists whose centroids are nearest `queries`: distances and ids, or None when
+        the index is empty."""
+        params = faiss.SearchParametersIVF()
+        params.nprobe = self.nprobe_for(options)
+        distances = np.empty((len(queries), k), distance)
+        ids = np.empty((len(queries), k), np.int64)
+        with self._lock.reading():
+            if self._index.ntotal == 0:
+                return None
+            lists = self._lists_of(queries, params.nprobe)
+            list_distances = np.zeros(lists.shape, distance)  # kept alive through the call
+            # The C++ call: faiss's Python wrapper of search_preassigned reads the index's
+            # shared nprobe, which concurrent callers with other nprobes would race on.
+            self._index.search_preassigned_c(
+                len(queries), faiss.swig_ptr(encoded), k, faiss.swig_ptr(lists),
+                faiss.swig_ptr(list_distances), faiss.swig_ptr(distances),
+                faiss.swig_ptr(ids), False, params)
+        return distances, ids
+
     def nprobe_for(self, options: SearchOptions) -> int:
         return max(1, min(options.nprobe or self.calibration.nprobe, self.nlist))
 
@@ -645,22 +671,10 @@ class SignIVFIndex(PartitionedIndex, _SignCoded):
                                  faiss.swig_ptr(lists))
 
     def search(self, queries: Matrix, k: int, options: SearchOptions) -> list[tuple[Ids, Scores]]:
-        params = faiss.SearchParametersIVF()
-        params.nprobe = self.nprobe_for(options)
-        codes = self.encode(queries)
-        distances = np.empty((len(queries), k), np.int32)
-        ids = np.empty((len(queries), k), np.int64)
-        with self._lock.reading():
-            if self._index.ntotal == 0:
-                return [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in queries]
-            lists = self._lists_of(queries, params.nprobe)
-            list_distances = np.zeros(lists.shape, np.int32)  # kept alive through the call
-            # The C++ call: faiss's Python wrapper of search_preassigned reads the index's
-            # shared nprobe, which concurrent callers with other nprobes would race on.
-            self._index.search_preassigned_c(
-                len(queries), faiss.swig_ptr(codes), k, faiss.swig_ptr(lists),
-                faiss.swig_ptr(list_distances), faiss.swig_ptr(distances),
-                faiss.swig_ptr(ids), False, params)
+        found = self._search_lists(queries, self.encode(queries), k, options, np.int32)
+        if found is None:
+            return [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in queries]
+        distances, ids = found
         return self._split(-distances.astype(np.float32), ids)
 
     def snapshot(self, sequence: int, model_id: str) -> Checkpoint:
@@ -736,8 +750,7 @@ class FastScanIVFIndex(PartitionedIndex):
         if len(ids) == 0:
             return
         with self._lock.writing():
-            self._index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
-                                     np.ascontiguousarray(ids, dtype=np.int64))
+            self._add_floats(ids, vectors)
 
     def fill(self, ids: Ids, vectors: Matrix) -> None:
         """A build's vectors, after train: each list chosen in list_assignment's cheaper
@@ -751,8 +764,7 @@ class FastScanIVFIndex(PartitionedIndex):
             # FAISS assigns lists with the IVF's quantizer; a build is not yet searched.
             self._index.quantizer = self._fill_quantizer
             try:
-                self._index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
-                                         np.ascontiguousarray(ids, dtype=np.int64))
+                self._add_floats(ids, vectors)
             finally:
                 self._index.quantizer = self._centroids
 
@@ -791,22 +803,11 @@ class FastScanIVFIndex(PartitionedIndex):
                 packer.pack_1(zero, slot, codes)
 
     def search(self, queries: Matrix, k: int, options: SearchOptions) -> list[tuple[Ids, Scores]]:
-        params = faiss.SearchParametersIVF()
-        params.nprobe = self.nprobe_for(options)
         queries = np.ascontiguousarray(queries, np.float32)
-        scores = np.empty((len(queries), k), np.float32)
-        ids = np.empty((len(queries), k), np.int64)
-        with self._lock.reading():
-            if self._index.ntotal == 0:
-                return [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in queries]
-            lists = self._lists_of(queries, params.nprobe)
-            list_scores = np.zeros(lists.shape, np.float32)  # kept alive through the call
-            # The C++ call, with a per-call nprobe (see SignIVFIndex.search).
-            self._index.search_preassigned_c(
-                len(queries), faiss.swig_ptr(queries), k, faiss.swig_ptr(lists),
-                faiss.swig_ptr(list_scores), faiss.swig_ptr(scores), faiss.swig_ptr(ids),
-                False, params)
-        return self._split(scores, ids)
+        found = self._search_lists(queries, queries, k, options, np.float32)
+        if found is None:
+            return [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in queries]
+        return self._split(*found)
 
     def snapshot(self, sequence: int, model_id: str) -> Checkpoint:
         # [calibration][codes, their IVF holding the centroids]
