@@ -116,18 +116,22 @@ def finds_nothing(vector: Any) -> Callable[[grpc.Channel], Any]:
 
 
 def test_a_check_on_any_process_finds_what_was_just_enrolled(start):
+    """At least 8 enrolments, and on until one went through the replica: the kernel puts
+    each connection on either process, and once in CI all 8 landed on the primary."""
     server = start()
     faces = FaceGenerator(seed=11)
-    persons = faces.persons(8)
+    persons = faces.persons(64)
     relayed = 0
     for number, person in enumerate(persons):
+        if number >= 8 and relayed:
+            break
         # Enrolled through whichever process the connection lands on (a replica relays it),
         # then checked at once, on new connections, until both processes have found it.
         with fresh_channel(server.address) as ch:
             relayed += served_by(enroll(ch, f"r{number}", f"ID{number}", person)) == [
                 "replica-1", "primary"]
         on_every_process(server.address, finds(f"r{number}", faces.capture(person)))
-    assert relayed, "no enrolment went through the replica: 8 connections all on the primary"
+    assert relayed, "no enrolment went through the replica: 64 connections all on the primary"
 
 
 def test_a_delete_is_seen_by_the_next_check_on_every_process(start):
