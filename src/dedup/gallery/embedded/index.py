@@ -305,6 +305,10 @@ def new_index(kind: str, dimension: int) -> VectorIndex:
     raise InvalidArgument("index_factory", f"{kind!r} is not a concrete index type")
 
 
+def _no_results(queries: int) -> list[tuple[Ids, Scores]]:
+    return [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in range(queries)]
+
+
 class _Locked:
     """Shared plumbing: a FAISS index behind a readers-writer lock."""
 
@@ -375,7 +379,7 @@ class FlatIndex(_Locked):
     def search(self, queries: Matrix, k: int, options: SearchOptions) -> list[tuple[Ids, Scores]]:
         with self._lock.reading():
             if self._index.ntotal == 0:
-                return [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in queries]
+                return _no_results(len(queries))
             scores, ids = self._index.search(np.ascontiguousarray(queries, np.float32), k)
         return self._split(scores, ids)
 
@@ -419,7 +423,7 @@ class IVFIndex(_Locked):
         params, _keep = self._params(options)
         with self._lock.reading():
             if self._index.ntotal == 0:
-                return [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in queries]
+                return _no_results(len(queries))
             scores, ids = self._index.search(np.ascontiguousarray(queries, np.float32), k,
                                              params=params)
         return self._split(scores, ids)
@@ -474,7 +478,7 @@ class _SignCoded(_Locked):
         codes = self.encode(queries)
         with self._lock.reading():
             if self._index.ntotal == 0:
-                return [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in queries]
+                return _no_results(len(queries))
             distances, ids = self._index.search(codes, k, params=params)
         return self._split(-distances.astype(np.float32), ids)
 
@@ -673,7 +677,7 @@ class SignIVFIndex(PartitionedIndex, _SignCoded):
     def search(self, queries: Matrix, k: int, options: SearchOptions) -> list[tuple[Ids, Scores]]:
         found = self._search_lists(queries, self.encode(queries), k, options, np.int32)
         if found is None:
-            return [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in queries]
+            return _no_results(len(queries))
         distances, ids = found
         return self._split(-distances.astype(np.float32), ids)
 
@@ -806,7 +810,7 @@ class FastScanIVFIndex(PartitionedIndex):
         queries = np.ascontiguousarray(queries, np.float32)
         found = self._search_lists(queries, queries, k, options, np.float32)
         if found is None:
-            return [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in queries]
+            return _no_results(len(queries))
         return self._split(*found)
 
     def snapshot(self, sequence: int, model_id: str) -> Checkpoint:
@@ -900,15 +904,11 @@ def load_index(path: Path, dimension: int, model_id: str) -> tuple[VectorIndex, 
 def _deserialize(path: Path, checkpoint: Checkpoint, dimension: int) -> VectorIndex:
     kind = checkpoint.kind
     payload = np.frombuffer(checkpoint.payload, dtype=np.uint8)
-    if (sign_ivf := SIGN_IVF.match(kind)) is not None:
+    for pattern, partitioned in ((SIGN_IVF, SignIVFIndex), (FAST_SCAN_IVF, FastScanIVFIndex)):
+        if (lists := pattern.match(kind)) is None:
+            continue
         try:
-            return SignIVFIndex.deserialize(payload, dimension, int(sign_ivf.group(1)))
-        except (RuntimeError, ValueError, MemoryError) as error:
-            raise CheckpointError(f"{path}: holds no {kind} index FAISS can read "
-                                  f"({error})") from error
-    if (fast_scan := FAST_SCAN_IVF.match(kind)) is not None:
-        try:
-            return FastScanIVFIndex.deserialize(payload, dimension, int(fast_scan.group(1)))
+            return partitioned.deserialize(payload, dimension, int(lists.group(1)))
         except (RuntimeError, ValueError, MemoryError) as error:
             raise CheckpointError(f"{path}: holds no {kind} index FAISS can read "
                                   f"({error})") from error
