@@ -446,6 +446,7 @@ def test_a_sixteen_bit_pq_needs_its_65536_centroids_trained():
     ("max_batch_wait_s", -0.001), ("calibration_min_score", 1.5),
     ("nprobe", 2**63), ("nprobe", 2**64), ("nprobe", (1 << 20) + 1),
     ("rerank_candidates", 100_001), ("max_batch", 100_001),
+    ("search_dispatchers", 0), ("search_dispatchers", 1025), ("search_threads", 1025),
 ])
 def test_index_settings_out_of_range_are_refused_naming_the_field(field, value):
     """nprobe=-1 was taken: every IVF search failed (OverflowError), and SignIVF and

@@ -169,6 +169,12 @@ def _index_arguments(serve: argparse.ArgumentParser) -> None:
                        help="most concurrent checks coalesced into one index search")
     serve.add_argument("--batch-wait-ms", type=float, default=index.max_batch_wait_s * 1000,
                        help="how long a search waits for a batch to fill")
+    serve.add_argument("--search-threads", type=int, default=index.search_threads,
+                       help="slices each batch search is cut into, searched at once on "
+                       "as many threads (one FAISS thread each)")
+    serve.add_argument("--search-dispatchers", type=int, default=index.search_dispatchers,
+                       help="threads taking batches of concurrent checks, each searching "
+                       "its batch at once with the others'")
 
 
 def _query_arguments(serve: argparse.ArgumentParser) -> None:
@@ -339,6 +345,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
             auto_lists_threshold=args.auto_lists_threshold,
             nprobe=args.nprobe, rerank_candidates=args.rerank_candidates,
             max_batch=args.max_batch, max_batch_wait_s=args.batch_wait_ms / 1000,
+            search_threads=args.search_threads, search_dispatchers=args.search_dispatchers,
         ),
         model_dir=args.model_dir,
         capture=CaptureRules(

@@ -133,6 +133,7 @@ class StoreConfig:
 
 MAX_NPROBE = 1 << 20  # as many lists as an index may have
 MAX_RERANK = 100_000
+MAX_SEARCH_THREADS = 1024
 
 
 @dataclass(frozen=True)
@@ -159,10 +160,13 @@ class IndexConfig:
     # on, on all three 1,000,000-registration variants of benchmarks/ann_binary.py.
     rerank_candidates: int = 64
     # Micro-batching of concurrent checks: at most this many queries per FAISS search,
-    # waiting at most this long for a batch to fill, on this many dispatcher threads.
+    # waiting at most this long for a batch to fill; this many dispatcher threads each take a
+    # batch and search it cut into search_threads slices at once (one dispatcher a core, or
+    # one cutting its batch in two, measured the same: batcher.py).
     max_batch: int = 64
     max_batch_wait_s: float = 0.0
-    search_threads: int = 2
+    search_dispatchers: int = 2
+    search_threads: int = 1
 
     def __post_init__(self) -> None:
         # A negative nprobe failed every IVF search (OverflowError) and made SignIVF and
@@ -170,14 +174,16 @@ class IndexConfig:
         for name in ("nprobe", "auto_threshold", "auto_lists_threshold"):
             if getattr(self, name) < 0:
                 raise ValueError(f"index: {name} must be >= 0, got {getattr(self, name)}")
-        for name in ("rerank_candidates", "max_batch", "search_threads"):
+        for name in ("rerank_candidates", "max_batch", "search_dispatchers", "search_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"index: {name} must be >= 1, got {getattr(self, name)}")
         # Beyond these every IVF search failed (2**63 lists: FAISS's 'cur_nprobe > 0';
         # 2**64: OverflowError). No index has more lists than 2**20 (index.MAX_NLIST), and
         # a re-rank depth is an allocation of that many candidates a query.
         for name, most in (("nprobe", MAX_NPROBE), ("rerank_candidates", MAX_RERANK),
-                           ("max_batch", MAX_RERANK)):
+                           ("max_batch", MAX_RERANK),
+                           ("search_dispatchers", MAX_SEARCH_THREADS),
+                           ("search_threads", MAX_SEARCH_THREADS)):
             if getattr(self, name) > most:
                 raise ValueError(f"index: {name} must be <= {most:,}, got {getattr(self, name)}")
         if self.max_batch_wait_s < 0:

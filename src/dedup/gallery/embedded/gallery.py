@@ -274,6 +274,7 @@ class EmbeddedGallery:
     def gauges(self) -> list[Gauge]:
         usage = self.store.usage()
         status = self.index_status()
+        batches, queries = self._search.batch_counts()
         return [
             Gauge("dedup_registrations", "registrations in the store", self.store.count()),
             Gauge("dedup_store_file_bytes", "size of the LMDB data file", usage.file_bytes),
@@ -281,6 +282,9 @@ class EmbeddedGallery:
             Gauge("dedup_store_map_bytes", "the LMDB map's current size", usage.map_bytes),
             Gauge("dedup_checkpoint_lag", "changes not yet in the index checkpoint",
                   status.store_sequence - status.checkpoint_sequence),
+            Gauge("dedup_search_batches", "index batch searches of checks since start",
+                  batches),
+            Gauge("dedup_search_batched_queries", "queries in those batch searches", queries),
         ]
 
     def is_enrolled(self, registration_id: str) -> bool:

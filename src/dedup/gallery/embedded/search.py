@@ -33,7 +33,8 @@ class ExactSearch:
             dimension=dimension,
             max_batch=index_config.max_batch,
             max_wait_s=index_config.max_batch_wait_s,
-            dispatchers=index_config.search_threads,
+            dispatchers=index_config.search_dispatchers,
+            threads=index_config.search_threads,
         )
 
     def neighbours(self, vector: Vector, k: int, floor: float) -> list[Scored]:
@@ -85,6 +86,10 @@ class ExactSearch:
 
     def close(self) -> None:
         self._batcher.close()
+
+    def batch_counts(self) -> tuple[int, int]:
+        """(batch searches, queries in them) so far."""
+        return self._batcher.batches, self._batcher.queries
 
     def _search_batch(self, queries: Matrix, k: int, options: SearchOptions | None = None
                       ) -> tuple[bool, list[tuple[Ids, Scores]]]:
