@@ -10,7 +10,8 @@ one run, the way an operator runs dedup:
   4. Check over gRPC from a load process of its own with pre-serialised requests, at 1 and 8
      clients (q/s, p50, p99), duplicate recall against exact ground truth (of every match,
      and of the matches under other ID numbers: the ones only the index finds), the server's CPU
-     seconds per check, and raw FAISS on the same checkpoint, one query at a time;
+     seconds per check, the queries a batch search of checks held on average (its metrics),
+     and raw FAISS on the same checkpoint, one query at a time;
   5. optionally (--kinds) other index types and search parameters the same way, and
      (--also-with) the default server started with other `dedup serve` options;
   6. a live rebuild while 8 clients keep checking (its time; Check p99 during against
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -178,7 +180,7 @@ class Server:
     def __init__(self, data_dir: Path, kind: str | None = None, parameter: int | None = None,
                  options: tuple[str, ...] = ()) -> None:
         command = [sys.executable, "-m", "dedup", "serve", "--data-dir", str(data_dir),
-                   "--address", "127.0.0.1:0", *options]
+                   "--address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0", *options]
         if kind is not None:
             command += ["--index-factory", kind]
         if parameter is not None:
@@ -187,6 +189,7 @@ class Server:
         self.started = time.monotonic()
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         assert self.process.stderr is not None
+        self.metrics_port = 0  # from its log, after the line above
         for line in self.process.stderr:
             if match := re.search(r"serving on 127\.0\.0\.1:(\d+)", line):
                 self.port = int(match.group(1))
@@ -203,6 +206,8 @@ class Server:
     def _read_log(self) -> None:
         assert self.process.stderr is not None
         for line in self.process.stderr:
+            if match := re.search(r"metrics on http://127\.0\.0\.1:(\d+)", line):
+                self.metrics_port = int(match.group(1))
             if match := re.search(r"compaction paused writes for ([0-9.]+) s", line):
                 self.pauses.append(float(match.group(1)))
                 self.pause_details.append(line[match.start():].strip())
@@ -263,6 +268,16 @@ class Server:
                 total += int(re.search(r"^Pss:\s+(\d+) kB", rollup, re.M).group(1))  # type: ignore[union-attr]
         return total / 2**20
 
+    def search_batches(self) -> tuple[float, float]:
+        """(batch searches of checks, queries in them) so far, from the server's metrics."""
+        while not self.metrics_port:
+            time.sleep(0.1)
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                    timeout=10) as page:
+            text = page.read().decode()
+        return tuple(float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))  # type: ignore[union-attr,return-value]
+                     for name in ("dedup_search_batches", "dedup_search_batched_queries"))
+
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(timeout=600)
@@ -271,10 +286,13 @@ class Server:
 def checks(server: Server, requests: list[pb.CheckRequest], clients: int
            ) -> tuple[dict[str, float], list[pb.CheckResponse | BaseException | None]]:
     """Checks from a load process of its own, with the server's CPU seconds per check."""
-    cpu_before = server.cpu_seconds()
+    cpu_before, batches_before = server.cpu_seconds(), server.search_batches()
     stats, responses = process_checks(server.port, requests, clients)
     stats["server_cpu_ms_per_check"] = (
         (server.cpu_seconds() - cpu_before) * 1000 / len(requests))
+    batches, queries = (after - before for after, before in
+                        zip(server.search_batches(), batches_before, strict=True))
+    stats["queries_per_batch_search"] = queries / batches if batches else 0.0
     return stats, responses
 
 
@@ -497,7 +515,8 @@ def print_table(result: dict[str, object]) -> None:
     print(f"disk: {result['disk']['bytes_per_registration']:,.0f} B/registration")  # type: ignore[index]
     print(f"{'index':24} {'param':>6} {'start s':>7} {'recall':>7} {'other':>7} {'q/s@1':>7} "
           f"{'q/s@8':>7} "
-          f"{'p50@8':>6} {'p99@8':>6} {'cpu ms':>6} {'raw ms':>6} {'RSS GB':>6} {'PSS GB':>6}")
+          f"{'p50@8':>6} {'p99@8':>6} {'cpu ms':>6} {'raw ms':>6} {'q/bat8':>6} {'RSS GB':>6} "
+          f"{'PSS GB':>6}")
     for row in result["serving"]:  # type: ignore[attr-defined]
         def get(clients: str, field: str, row: dict = row) -> float:
             return float(row.get(clients, {}).get(field, float("nan")))
@@ -512,6 +531,7 @@ def print_table(result: dict[str, object]) -> None:
               f"{get('8_clients', 'qps'):7.1f} {get('8_clients', 'p50_ms'):6.1f} "
               f"{get('8_clients', 'p99_ms'):6.1f} "
               f"{get('8_clients', 'server_cpu_ms_per_check'):6.2f} {raw:6.2f} "
+              f"{get('8_clients', 'queries_per_batch_search'):6.2f} "
               f"{row['server_rss_gb']:6.2f} "
               f"{row.get('server_pss_gb_all_processes', float('nan')):6.2f}")
     if "maintenance" in result:
