@@ -206,7 +206,7 @@ class Server:
     def _read_log(self) -> None:
         assert self.process.stderr is not None
         for line in self.process.stderr:
-            if match := re.search(r"metrics on http://127\.0\.0\.1:(\d+)", line):
+            if match := re.search(r"metrics on http://[^:]+:(\d+)", line):
                 self.metrics_port = int(match.group(1))
             if match := re.search(r"compaction paused writes for ([0-9.]+) s", line):
                 self.pauses.append(float(match.group(1)))
@@ -269,8 +269,12 @@ class Server:
         return total / 2**20
 
     def search_batches(self) -> tuple[float, float]:
-        """(batch searches of checks, queries in them) so far, from the server's metrics."""
+        """(batches of checks searched, queries in them) so far, from the server's metrics:
+        its primary's only (replicas of --processes N keep their own)."""
+        deadline = time.monotonic() + 60
         while not self.metrics_port:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the server logged no metrics address")
             time.sleep(0.1)
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
                                     timeout=10) as page:
@@ -292,7 +296,7 @@ def checks(server: Server, requests: list[pb.CheckRequest], clients: int
         (server.cpu_seconds() - cpu_before) * 1000 / len(requests))
     batches, queries = (after - before for after, before in
                         zip(server.search_batches(), batches_before, strict=True))
-    stats["queries_per_batch_search"] = queries / batches if batches else 0.0
+    stats["queries_per_batch_search"] = queries / batches if batches else float("nan")
     return stats, responses
 
 

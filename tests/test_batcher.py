@@ -26,8 +26,11 @@ class RecordingSearch:
         self.failing_size = failing_size
         self.batches: list[int] = []
         self.omp_threads: list[int] = []
+        self.failed_rows: list[int] = []  # the queries (rows of QUERIES) of a failed batch
         self.first_started = threading.Event()
         self.release = threading.Event()
+        self.overlap = threading.Barrier(2)  # with slices: both must be searching at once
+        self.waits_for_overlap = False
         self._lock = threading.Lock()
 
     def __call__(self, queries, k):
@@ -37,7 +40,10 @@ class RecordingSearch:
         with self._lock:
             self.batches.append(len(queries))
             self.omp_threads.append(faiss.omp_get_max_threads())
+        if self.waits_for_overlap and len(queries) > 1:
+            self.overlap.wait(10)  # BrokenBarrierError unless the other slice runs meanwhile
         if len(queries) == self.failing_size:
+            self.failed_rows += [int(np.argmax(query)) for query in queries]
             raise RuntimeError("this slice failed")
         scores, ids = self.index.search(queries, k)
         return True, list(zip(ids, scores, strict=True))
@@ -75,11 +81,13 @@ def test_queries_arriving_during_a_search_go_into_the_next_batch_together():
 
 def test_a_batch_is_cut_into_one_slice_a_thread_each_on_one_faiss_thread():
     search = RecordingSearch()
+    search.waits_for_overlap = True
     batcher = SearchBatcher(search, dimension=8, dispatchers=1, threads=2)
     try:
         futures = eight_queries_seven_queued(batcher, search)
     finally:
         batcher.close()
+    assert all(future.exception() is None for future in futures)  # the slices overlapped
     assert sorted(search.batches) == [1, 3, 4]  # the seven waiting, in two slices
     assert search.omp_threads == [1, 1, 1]  # FAISS's own threads would spin between batches
     assert (batcher.batches, batcher.queries) == (2, 8)
@@ -88,13 +96,28 @@ def test_a_batch_is_cut_into_one_slice_a_thread_each_on_one_faiss_thread():
 
 
 def test_a_failed_slice_fails_its_own_callers_only():
-    search = RecordingSearch(failing_size=3)  # the first slice of the seven
+    search = RecordingSearch(failing_size=3)  # the smaller slice of the seven
     batcher = SearchBatcher(search, dimension=8, dispatchers=1, threads=2)
     try:
         futures = eight_queries_seven_queued(batcher, search)
+        after = batcher.search(QUERIES[5], 3)  # the dispatcher goes on
     finally:
         batcher.close()
     failed = [i for i, future in enumerate(futures) if future.exception() is not None]
-    assert failed == [1, 2, 3]
-    for i in (0, 4, 5, 6, 7):
+    assert len(failed) == 3 and failed == sorted(search.failed_rows)
+    for i in set(range(8)) - set(failed):
         assert futures[i].result().ids.tolist() == search.expected(i)
+    assert after.ids.tolist() == search.expected(5)
+
+
+def test_callers_with_different_k_in_one_slice_each_get_their_own():
+    search = RecordingSearch()
+    search.release.set()
+    batcher = SearchBatcher(search, dimension=8, dispatchers=1, threads=1)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            found = list(pool.map(lambda k: batcher.search(QUERIES[k], k), [1, 2, 3, 4]))
+    finally:
+        batcher.close()
+    for k, neighbours in zip([1, 2, 3, 4], found, strict=True):
+        assert neighbours.ids.tolist() == search.index.search(QUERIES[k:k + 1], k)[1][0].tolist()

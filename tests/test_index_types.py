@@ -440,6 +440,11 @@ def test_a_sixteen_bit_pq_needs_its_65536_centroids_trained():
     assert training_size("IVF64,PQ32x16", 512) == 1 << 16
 
 
+def test_search_dispatchers_times_threads_is_bounded():
+    with pytest.raises(ValueError, match="index: search_dispatchers x search_threads"):
+        IndexConfig(search_dispatchers=64, search_threads=32)
+
+
 @pytest.mark.parametrize(("field", "value"), [
     ("nprobe", -1), ("auto_threshold", -1), ("auto_lists_threshold", -1),
     ("rerank_candidates", 0), ("max_batch", 0), ("search_threads", 0),

@@ -186,6 +186,10 @@ class IndexConfig:
                            ("search_threads", MAX_SEARCH_THREADS)):
             if getattr(self, name) > most:
                 raise ValueError(f"index: {name} must be <= {most:,}, got {getattr(self, name)}")
+        if self.search_dispatchers * self.search_threads > MAX_SEARCH_THREADS:
+            raise ValueError(f"index: search_dispatchers x search_threads must be <= "
+                             f"{MAX_SEARCH_THREADS:,}, got {self.search_dispatchers} x "
+                             f"{self.search_threads}")
         if self.max_batch_wait_s < 0:
             raise ValueError(f"index: max_batch_wait_s must be >= 0, got "
                              f"{self.max_batch_wait_s}")

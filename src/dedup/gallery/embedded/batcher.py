@@ -94,25 +94,45 @@ class SearchBatcher:
     def _dispatch(self) -> None:
         faiss.omp_set_num_threads(1)
         while (batch := take_batch(self._queue, self.max_batch, self.max_wait_s)) is not None:
-            with self._counting:
-                self.batches, self.queries = self.batches + 1, self.queries + len(batch)
             first, *others = _slices(batch, self.threads)
-            running = [self._slices.submit(self._answer, part) for part in others
-                       ] if self._slices else []
+            running = [self._start(part) for part in others]
             self._answer(first)
             for future in running:
-                future.result()
+                future.result()  # _answer never raises: each caller has its outcome
+            with self._counting:
+                self.batches, self.queries = self.batches + 1, self.queries + len(batch)
+
+    def _start(self, part: list[_Query]) -> Future[None]:
+        """`part` answered on a slice thread; on this one once the pool is shut down (a
+        dispatcher still searching when close() gave up waiting for it)."""
+        try:
+            if self._slices:
+                return self._slices.submit(self._answer, part)
+        except RuntimeError:
+            pass
+        self._answer(part)
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
 
     def _answer(self, batch: Sequence[_Query]) -> None:
+        """Every caller of `batch` gets its row or the search's error; never raises."""
         try:
             exact, results = self._search(np.vstack([q.vector for q in batch]),
                                           max(q.k for q in batch))
+            rows = [Neighbours(ids[:query.k], scores[:query.k], exact)
+                    for query, (ids, scores) in zip(batch, results, strict=True)]
         except BaseException as error:  # hand the failure to every waiting caller
             for query in batch:
                 query.future.set_exception(error)
             return
-        for query, (ids, scores) in zip(batch, results, strict=True):
-            query.future.set_result(Neighbours(ids[:query.k], scores[:query.k], exact))
+        for query, row in zip(batch, rows, strict=True):
+            query.future.set_result(row)
+
+    def counts(self) -> tuple[int, int]:
+        """(batches searched, queries in them) so far."""
+        with self._counting:
+            return self.batches, self.queries
 
     def close(self) -> None:
         for _ in self._dispatchers:
@@ -121,9 +141,10 @@ class SearchBatcher:
             thread.join(timeout=10)
         if self._slices:
             self._slices.shutdown(wait=True)
-        if self.batches:
-            log.info("searched %d queries in %d batches (%.2f a batch)", self.queries,
-                     self.batches, self.queries / self.batches)
+        batches, queries = self.counts()
+        if batches:
+            log.info("searched %d queries in %d batches (%.2f a batch)", queries, batches,
+                     queries / batches)
 
 
 def _slices(batch: list[_Query], threads: int) -> list[list[_Query]]:

@@ -282,7 +282,8 @@ class EmbeddedGallery:
             Gauge("dedup_store_map_bytes", "the LMDB map's current size", usage.map_bytes),
             Gauge("dedup_checkpoint_lag", "changes not yet in the index checkpoint",
                   status.store_sequence - status.checkpoint_sequence),
-            Gauge("dedup_search_batches", "index batch searches of checks since start",
+            Gauge("dedup_search_batches", "batches of checks searched since start (each "
+                  "cut into --search-threads index searches)",
                   batches),
             Gauge("dedup_search_batched_queries", "queries in those batch searches", queries),
         ]

@@ -89,7 +89,7 @@ class ExactSearch:
 
     def batch_counts(self) -> tuple[int, int]:
         """(batch searches, queries in them) so far."""
-        return self._batcher.batches, self._batcher.queries
+        return self._batcher.counts()
 
     def _search_batch(self, queries: Matrix, k: int, options: SearchOptions | None = None
                       ) -> tuple[bool, list[tuple[Ids, Scores]]]:
