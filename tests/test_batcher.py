@@ -74,7 +74,7 @@ def test_queries_arriving_during_a_search_go_into_the_next_batch_together():
     finally:
         batcher.close()
     assert search.batches == [1, 7]
-    assert (batcher.batches, batcher.queries) == (2, 8)
+    assert batcher.counts() == (2, 8)
     for i, future in enumerate(futures):  # each caller got its own row
         assert future.result().ids.tolist() == search.expected(i)
 
@@ -90,7 +90,7 @@ def test_a_batch_is_cut_into_one_slice_a_thread_each_on_one_faiss_thread():
     assert all(future.exception() is None for future in futures)  # the slices overlapped
     assert sorted(search.batches) == [1, 3, 4]  # the seven waiting, in two slices
     assert search.omp_threads == [1, 1, 1]  # FAISS's own threads would spin between batches
-    assert (batcher.batches, batcher.queries) == (2, 8)
+    assert batcher.counts() == (2, 8)
     for i, future in enumerate(futures):
         assert future.result().ids.tolist() == search.expected(i)
 

@@ -42,6 +42,10 @@ def test_metrics_count_requests_verdicts_and_sizes(make_server, faces, backend):
     if backend == "embedded":
         assert value(samples, "dedup_store_file_bytes") >= \
             value(samples, "dedup_store_used_bytes") > 0
+        # the three checks (one by Enroll with check_first) went through the micro-batcher
+        assert value(samples, "dedup_search_batched_queries") >= 3
+        assert 1 <= value(samples, "dedup_search_batches") <= \
+            value(samples, "dedup_search_batched_queries")
     else:
         assert value(samples, "dedup_milvus_pending_claims") == 0
     assert value(samples, "dedup_index_rebuilding") == 0

@@ -72,7 +72,7 @@ class SearchBatcher:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.threads = threads
-        self.batches = self.queries = 0  # searched so far (the average batch: their ratio)
+        self._batches = self._queries = 0  # searched so far (the average batch: ratio)
         self._counting = threading.Lock()
         self._queue: queue.Queue[_Query | None] = queue.Queue()
         faiss.cvar.distance_compute_blas_threshold = BLAS_FROM_BATCH * dimension
@@ -100,7 +100,7 @@ class SearchBatcher:
             for future in running:
                 future.result()  # _answer never raises: each caller has its outcome
             with self._counting:
-                self.batches, self.queries = self.batches + 1, self.queries + len(batch)
+                self._batches, self._queries = self._batches + 1, self._queries + len(batch)
 
     def _start(self, part: list[_Query]) -> Future[None]:
         """`part` answered on a slice thread; on this one once the pool is shut down (a
@@ -132,7 +132,7 @@ class SearchBatcher:
     def counts(self) -> tuple[int, int]:
         """(batches searched, queries in them) so far."""
         with self._counting:
-            return self.batches, self.queries
+            return self._batches, self._queries
 
     def close(self) -> None:
         for _ in self._dispatchers:
