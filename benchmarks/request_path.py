@@ -1,0 +1,171 @@
+"""Where a Check's server CPU goes, layer by layer, on a gallery of benchmarks/scale.py.
+
+Against `dedup serve` on the gallery, each call from `--clients` threads in a load process of
+their own (requests serialised before the clock), the server's CPU milliseconds a call for:
+  - grpc.health.v1.Health/Check: grpc.aio's own floor for a unary call (no dedup code);
+  - FaceDedup/Stats: dedup's call path (request id, access log, metrics, admission, the
+    worker pool) around a servicer that only counts;
+  - FaceDedup/Check: the whole check.
+Then, the server stopped, in this process on one thread over the same data directory:
+  - DedupService.check: the verdict without gRPC (the micro-batcher's thread included);
+  - the served index searched alone (as scale.py's raw FAISS).
+The server's rounds alternate the three calls; each figure is the median of --rounds.
+Imports the gallery first when scale.py has not (same work directory). Prints a table and
+writes benchmarks/results/request_path-<registrations>-<variant>.json.
+
+    .venv/bin/python benchmarks/request_path.py --registrations 1000000 --variant clustered
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import statistics
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+from gallery_data import VARIANTS, generate
+from harness import own_channel, process_cpu_seconds, run_threads
+from scale import RESULTS, Server, check_requests, import_gallery, raw_faiss_of_served
+from tqdm import tqdm
+
+from dedup._proto.dedup.v1 import dedup_pb2 as pb
+from dedup.core.records import Probe
+from dedup.core.settings import ServerConfig, StoreConfig
+from dedup.server import create_server
+
+HEALTH = "/grpc.health.v1.Health/Check"
+STATS = "/dedup.v1.FaceDedup/Stats"
+CHECK = "/dedup.v1.FaceDedup/Check"
+
+
+def _calls_in_child(target: str, method: str, payloads: list[bytes], clients: int
+                    ) -> dict[str, float]:
+    def worker():  # type: ignore[no-untyped-def]
+        channel = own_channel(target)
+        grpc.channel_ready_future(channel).result(timeout=30)
+        call = channel.unary_unary(method)  # bytes in, bytes out
+        return lambda n: call(payloads[n])
+
+    stats, results = run_threads(len(payloads), clients, worker)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        raise RuntimeError(f"{method}: {len(errors)} calls failed, the first: {errors[0]!r}")
+    return stats
+
+
+def server_cpu_ms(server: Server, pool: multiprocessing.pool.Pool, method: str,
+                  payloads: list[bytes], clients: int) -> dict[str, float]:
+    """Calls/s and the server's CPU milliseconds a call, for `payloads` sent to `method`."""
+    before = process_cpu_seconds(server.process.pid)
+    stats = pool.apply(_calls_in_child, (f"127.0.0.1:{server.port}", method, payloads,
+                                         clients))
+    used = process_cpu_seconds(server.process.pid) - before
+    return {"calls_per_s": stats["qps"], "server_cpu_ms": used * 1000 / len(payloads)}
+
+
+def served(data_dir: Path, requests: list[pb.CheckRequest], clients: int, rounds: int
+           ) -> tuple[dict[str, dict[str, float]], dict[str, object]]:
+    calls = {"health": (HEALTH, [b""] * len(requests)),
+             "stats": (STATS, [pb.StatsRequest().SerializeToString()] * len(requests)),
+             "check": (CHECK, [r.SerializeToString() for r in requests])}
+    server = Server(data_dir)
+    try:
+        server.first_answer_seconds(requests[0])
+        info = server.index_info()
+        row: dict[str, object] = {"index": info.index_type, "rerank": info.rerank_candidates,
+                                  "search_parameters": info.search_parameters}
+        measured: dict[str, list[dict[str, float]]] = {name: [] for name in calls}
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            server_cpu_ms(server, pool, CHECK, calls["check"][1][:300], clients)  # warm-up
+            for _ in tqdm(range(rounds), desc="served rounds"):
+                for name, (method, payloads) in calls.items():
+                    measured[name].append(server_cpu_ms(server, pool, method, payloads,
+                                                        clients))
+    finally:
+        server.stop()
+    return {name: _medians(runs) for name, runs in measured.items()}, row
+
+
+def in_process(data_dir: Path, probes: np.ndarray, claimed: list[str], rounds: int
+               ) -> dict[str, float]:
+    """DedupService.check one probe after another on this thread: CPU ms a check (the
+    whole process's, so the search thread's included)."""
+    server, _ = create_server(ServerConfig(store=StoreConfig(data_dir=data_dir)),
+                              "127.0.0.1:0")
+    try:
+        service = server.service
+        vectors = [Probe(np.ascontiguousarray(p, np.float32)) for p in probes]
+        for i in range(min(200, len(vectors))):  # warm-up
+            service.check(vectors[i], claimed[i], 100)
+        per_round = []
+        for _ in range(rounds):
+            started = time.process_time()
+            for vector, claim in zip(vectors, claimed, strict=True):
+                service.check(vector, claim, 100)
+            per_round.append((time.process_time() - started) * 1000 / len(vectors))
+        return {"cpu_ms_per_check": statistics.median(per_round)}
+    finally:
+        server.stop(0)
+
+
+def _medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def print_table(result: dict[str, object]) -> None:
+    served_calls: dict[str, dict[str, float]] = result["served"]  # type: ignore[assignment]
+    print(f"\n{result['registrations']:,} registrations, {result['variant']}, "
+          f"{result['index']} ({result['search_parameters']}), {result['clients']} clients, "
+          f"medians of {result['rounds']} rounds")
+    print(f"{'what':<44}{'calls/s':>10}{'server CPU ms a call':>24}")
+    for name, label in (("health", "gRPC health check (grpc.aio's floor)"),
+                        ("stats", "FaceDedup.Stats (dedup's call path)"),
+                        ("check", "FaceDedup.Check (all of it)")):
+        row = served_calls[name]
+        print(f"{label:<44}{row['calls_per_s']:>10.1f}{row['server_cpu_ms']:>24.3f}")
+    print(f"{'DedupService.check in process, 1 thread':<44}{'':>10}"
+          f"{result['in_process']['cpu_ms_per_check']:>24.3f}")  # type: ignore[index]
+    print(f"{'the index search alone (raw FAISS)':<44}{'':>10}"
+          f"{result['raw_faiss']['cpu_ms_per_query']:>24.3f}")  # type: ignore[index]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--registrations", type=int, default=1_000_000)
+    parser.add_argument("--variant", choices=VARIANTS, default="clustered")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/dedup-scale"))
+    parser.add_argument("--probes", type=int, default=1000,
+                        help="checks a round (fresh captures of enrolled persons)")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    name = f"{args.registrations}-{args.variant}"
+    work = args.workdir / name
+    gallery = generate(work / "input", args.registrations, args.variant, args.probes)
+    data_dir = work / "data"
+    if not (work / "imported").exists():
+        print("import", json.dumps({k: v for k, v in import_gallery(data_dir, gallery.files)
+                                    .items() if k != "samples"}), flush=True)
+        (work / "imported").touch()
+    requests = check_requests(gallery.probes, gallery.probe_ids)
+    calls, row = served(data_dir, requests, args.clients, args.rounds)
+    result: dict[str, object] = {"registrations": args.registrations, "variant": args.variant,
+                                 "clients": args.clients, "rounds": args.rounds, **row,
+                                 "served": calls}
+    result["in_process"] = in_process(data_dir, gallery.probes, gallery.probe_ids,
+                                      args.rounds)
+    result["raw_faiss"] = raw_faiss_of_served(data_dir, gallery.probes, row)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"request_path-{name}.json"
+    out.write_text(json.dumps(result, indent=2))
+    print_table(result)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
