@@ -382,8 +382,9 @@ def under_load(server: Server, requests: list[pb.CheckRequest], work: Callable[[
 
 
 def rebuild_and_compact(data_dir: Path, requests: list[pb.CheckRequest],
-                        skip_rebuild: bool = False) -> dict[str, object]:
-    server = Server(data_dir)
+                        skip_rebuild: bool = False, options: tuple[str, ...] = ()
+                        ) -> dict[str, object]:
+    server = Server(data_dir, options=options)
     try:
         server.first_answer_seconds(requests[0])
         kind = server.index_info().index_type
@@ -401,7 +402,7 @@ def rebuild_and_compact(data_dir: Path, requests: list[pb.CheckRequest],
             with server.channel() as channel:
                 pb_grpc.IndexAdminStub(channel).Compact(pb.CompactRequest())
 
-        result: dict[str, object] = {"index": kind}
+        result: dict[str, object] = {"index": kind, "options": " ".join(options)}
         if not skip_rebuild:
             result["live_rebuild"] = under_load(server, requests, rebuild) | {
                 "phases_started_s": phases}
@@ -451,6 +452,9 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=1000)
     parser.add_argument("--skip-maintenance", action="store_true",
                         help="skip the live rebuild and the compaction under load")
+    parser.add_argument("--maintenance-with", default="", metavar="OPTIONS",
+                        help="`dedup serve` options of the server the rebuild and compaction "
+                             "run on (e.g. --maintenance-with='--rebuild-niceness 0')")
     parser.add_argument("--maintenance-only", action="store_true",
                         help="only the live rebuild and the compaction under load (on a "
                              "gallery an earlier run imported)")
@@ -476,7 +480,8 @@ def main() -> None:
     print("disk", json.dumps(result["disk"]), flush=True)
     requests = check_requests(gallery.probes, gallery.probe_ids)
     if args.maintenance_only:
-        maintenance = rebuild_and_compact(data_dir, requests, args.skip_rebuild)
+        maintenance = rebuild_and_compact(data_dir, requests, args.skip_rebuild,
+                                          tuple(shlex.split(args.maintenance_with)))
         RESULTS.mkdir(exist_ok=True)
         out = RESULTS / f"scale-{name}-{'compaction' if args.skip_rebuild else 'maintenance'}.json"
         out.write_text(json.dumps(maintenance, indent=2))
@@ -493,7 +498,8 @@ def main() -> None:
         rows.append(row)
     result["serving"] = rows
     if not args.skip_maintenance:
-        result["maintenance"] = rebuild_and_compact(data_dir, requests)
+        result["maintenance"] = rebuild_and_compact(data_dir, requests, options=tuple(
+            shlex.split(args.maintenance_with)))
         print("maintenance", json.dumps(result["maintenance"]), flush=True)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"scale-{name}.json"

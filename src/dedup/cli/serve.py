@@ -175,6 +175,11 @@ def _index_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--search-dispatchers", type=int, default=index.search_dispatchers,
                        help="threads taking batches of concurrent checks, each searching "
                        "its batch at once with the others'")
+    serve.add_argument("--rebuild-niceness", type=int, default=index.rebuild_niceness,
+                       metavar="0..19",
+                       help="niceness of a live rebuild's process, added to the server's: "
+                       "higher leaves the checks more of a busy machine and the rebuild "
+                       "takes longer (0: the same priority as the checks)")
 
 
 def _query_arguments(serve: argparse.ArgumentParser) -> None:
@@ -346,6 +351,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
             nprobe=args.nprobe, rerank_candidates=args.rerank_candidates,
             max_batch=args.max_batch, max_batch_wait_s=args.batch_wait_ms / 1000,
             search_threads=args.search_threads, search_dispatchers=args.search_dispatchers,
+            rebuild_niceness=args.rebuild_niceness,
         ),
         model_dir=args.model_dir,
         capture=CaptureRules(

@@ -134,6 +134,7 @@ class StoreConfig:
 MAX_NPROBE = 1 << 20  # as many lists as an index may have
 MAX_RERANK = 100_000
 MAX_SEARCH_THREADS = 1024
+REBUILD_NICENESS = 10
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,11 @@ class IndexConfig:
     max_batch_wait_s: float = 0.0
     search_dispatchers: int = 2
     search_threads: int = 1
+    # A live rebuild's process runs at this niceness (0..19, added to the server's): at 10 it
+    # takes what CPU the checks leave, so they keep their latency on a busy node, and the
+    # rebuild takes longer there (benchmarks/scale.py --rebuild-niceness; the README's
+    # figures).
+    rebuild_niceness: int = REBUILD_NICENESS
 
     def __post_init__(self) -> None:
         # A negative nprobe failed every IVF search (OverflowError) and made SignIVF and
@@ -190,6 +196,9 @@ class IndexConfig:
             raise ValueError(f"index: search_dispatchers x search_threads must be <= "
                              f"{MAX_SEARCH_THREADS:,}, got {self.search_dispatchers} x "
                              f"{self.search_threads}")
+        if not 0 <= self.rebuild_niceness <= 19:
+            raise ValueError(f"index: rebuild_niceness must be within 0..19, got "
+                             f"{self.rebuild_niceness}")
         if self.max_batch_wait_s < 0:
             raise ValueError(f"index: max_batch_wait_s must be >= 0, got "
                              f"{self.max_batch_wait_s}")

@@ -82,6 +82,7 @@ class IndexPlan:
         # SignIVF and FastScanIVF calibrate on same-person pairs scoring at least this
         # (calibration.py).
         self.pair_score = config.calibration_min_score
+        self.rebuild_niceness = config.rebuild_niceness
 
     def only_model(self) -> str | None:
         """Filter builds by model only when the store holds another model's embeddings."""

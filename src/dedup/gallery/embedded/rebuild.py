@@ -9,11 +9,14 @@ then applies the changes that arrived meanwhile and swaps.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
 import queue
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import faiss
@@ -21,7 +24,7 @@ import numpy as np
 
 from dedup.core.blas import limit_numpy_blas
 from dedup.core.errors import FailedPrecondition, StoreError
-from dedup.core.settings import IndexConfig, StoreConfig
+from dedup.core.settings import REBUILD_NICENESS, IndexConfig, StoreConfig
 from dedup.gallery.base import Progress
 from dedup.gallery.embedded.calibration import calibrate_on_snapshot
 from dedup.gallery.embedded.checkpoint import write_checkpoint
@@ -83,6 +86,15 @@ def build_in_process(store: Store, kind: str, model_id: str, only_model: str | N
                                    only_model, progress, pair_score)
 
 
+def _lower_priority(child: BaseProcess, niceness: int) -> None:
+    """`niceness` added to the child's priority (this process's) before its imports are
+    done: its own threads, made after, inherit it."""
+    if niceness and child.pid is not None:
+        nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + niceness)
+        with contextlib.suppress(ProcessLookupError):  # it failed at its start
+            os.setpriority(os.PRIO_PROCESS, child.pid, nice)
+
+
 def _child_main(config: StoreConfig, kind: str, model_id: str, only_model: str | None,
                 out: str, messages: multiprocessing.Queue[tuple[str, int, int, str]],
                 pair_score: float) -> None:
@@ -107,8 +119,10 @@ def _child_main(config: StoreConfig, kind: str, model_id: str, only_model: str |
 
 def build_in_child(config: StoreConfig, kind: str, model_id: str, only_model: str | None,
                    out: Path, progress: Progress, cancelled: Callable[[], bool],
-                   poll_s: float = 0.5, pair_score: float = DEFAULT_PAIR_SCORE) -> int:
-    """Builds in a spawned process; returns the sequence the side file covers.
+                   poll_s: float = 0.5, pair_score: float = DEFAULT_PAIR_SCORE,
+                   niceness: int = REBUILD_NICENESS) -> int:
+    """Builds in a spawned process at `niceness` (added to this one's); returns the
+    sequence the side file covers.
 
     `cancelled` is polled: when it turns true (the server is stopping) the child is killed.
     """
@@ -118,6 +132,7 @@ def build_in_child(config: StoreConfig, kind: str, model_id: str, only_model: st
                             args=(config, kind, model_id, only_model, str(out), messages,
                                   pair_score))
     child.start()
+    _lower_priority(child, niceness)
     try:
         for phase, first, second, text in _messages(child, messages, poll_s):
             if cancelled():

@@ -96,7 +96,8 @@ class Rebuilder:
         progress("starting", 0, self.plan.comparable_count())
         covered = build_in_child(self.config, kind, model_id, self.plan.only_model(),
                                  self.side_file, progress, cancelled=self._cancelled,
-                                 pair_score=self.plan.pair_score)
+                                 pair_score=self.plan.pair_score,
+                                 niceness=self.plan.rebuild_niceness)
         built, _ = load_index(self.side_file, self.config.dimension, model_id)
         progress("catching_up", 0, store.sequence() - covered)
         covered = self._catch_up(built, covered)  # the bulk, while writes go on
