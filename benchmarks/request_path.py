@@ -4,12 +4,15 @@ Against `dedup serve` on the gallery, each call from `--clients` threads in a lo
 their own (requests serialised before the clock), the server's CPU milliseconds a call for:
   - grpc.health.v1.Health/Check: grpc.aio's own floor for a unary call (no dedup code);
   - FaceDedup/Stats: dedup's call path (request id, access log, metrics, admission, the
-    worker pool) around a servicer that only counts;
+    worker pool) around a small servicer (four LMDB reads and the calibration file);
   - FaceDedup/Check: the whole check.
-Then, the server stopped, in this process on one thread over the same data directory:
+Then, the server stopped, in this process over the same data directory, one check after
+another from one thread:
   - DedupService.check: the verdict without gRPC (the micro-batcher's thread included);
   - the served index searched alone (as scale.py's raw FAISS).
-The server's rounds alternate the three calls; each figure is the median of --rounds.
+The server's rounds alternate the three calls (health and Stats 5 times as many, so that the
+10 ms ticks of /proc's CPU counts stay small against them); user and system CPU apart; each
+figure is the median of --rounds. The clients' connection set-up is inside the window.
 Imports the gallery first when scale.py has not (same work directory). Prints a table and
 writes benchmarks/results/request_path-<registrations>-<variant>.json.
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import statistics
 import time
 from pathlib import Path
@@ -28,7 +32,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 from gallery_data import VARIANTS, generate
-from harness import own_channel, process_cpu_seconds, run_threads
+from harness import own_channel, run_threads
 from scale import RESULTS, Server, check_requests, import_gallery, raw_faiss_of_served
 from tqdm import tqdm
 
@@ -57,24 +61,36 @@ def _calls_in_child(target: str, method: str, payloads: list[bytes], clients: in
     return stats
 
 
+def user_and_system_seconds(pid: int) -> tuple[float, float]:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def server_cpu_ms(server: Server, pool: multiprocessing.pool.Pool, method: str,
                   payloads: list[bytes], clients: int) -> dict[str, float]:
-    """Calls/s and the server's CPU milliseconds a call, for `payloads` sent to `method`."""
-    before = process_cpu_seconds(server.process.pid)
+    """Calls/s and the server's CPU milliseconds a call (all, user, system), for
+    `payloads` sent to `method`."""
+    user, system = user_and_system_seconds(server.process.pid)
     stats = pool.apply(_calls_in_child, (f"127.0.0.1:{server.port}", method, payloads,
                                          clients))
-    used = process_cpu_seconds(server.process.pid) - before
-    return {"calls_per_s": stats["qps"], "server_cpu_ms": used * 1000 / len(payloads)}
+    user_after, system_after = user_and_system_seconds(server.process.pid)
+    per_call = 1000 / len(payloads)
+    return {"calls_per_s": stats["qps"],
+            "server_cpu_ms": (user_after - user + system_after - system) * per_call,
+            "user_ms": (user_after - user) * per_call,
+            "system_ms": (system_after - system) * per_call}
 
 
 def served(data_dir: Path, requests: list[pb.CheckRequest], clients: int, rounds: int
            ) -> tuple[dict[str, dict[str, float]], dict[str, object]]:
-    calls = {"health": (HEALTH, [b""] * len(requests)),
-             "stats": (STATS, [pb.StatsRequest().SerializeToString()] * len(requests)),
+    calls = {"health": (HEALTH, [b""] * (5 * len(requests))),
+             "stats": (STATS, [pb.StatsRequest().SerializeToString()] * (5 * len(requests))),
              "check": (CHECK, [r.SerializeToString() for r in requests])}
     server = Server(data_dir)
     try:
         server.first_answer_seconds(requests[0])
+        server.wait_for_type(None)  # not during a rebuild to the type auto wants
         info = server.index_info()
         row: dict[str, object] = {"index": info.index_type, "rerank": info.rerank_candidates,
                                   "search_parameters": info.search_parameters}
@@ -121,13 +137,14 @@ def print_table(result: dict[str, object]) -> None:
     print(f"\n{result['registrations']:,} registrations, {result['variant']}, "
           f"{result['index']} ({result['search_parameters']}), {result['clients']} clients, "
           f"medians of {result['rounds']} rounds")
-    print(f"{'what':<44}{'calls/s':>10}{'server CPU ms a call':>24}")
+    print(f"{'what':<44}{'calls/s':>10}{'server CPU ms a call':>24}{'user / system':>18}")
     for name, label in (("health", "gRPC health check (grpc.aio's floor)"),
-                        ("stats", "FaceDedup.Stats (dedup's call path)"),
+                        ("stats", "FaceDedup.Stats (call path, small servicer)"),
                         ("check", "FaceDedup.Check (all of it)")):
         row = served_calls[name]
-        print(f"{label:<44}{row['calls_per_s']:>10.1f}{row['server_cpu_ms']:>24.3f}")
-    print(f"{'DedupService.check in process, 1 thread':<44}{'':>10}"
+        print(f"{label:<44}{row['calls_per_s']:>10.1f}{row['server_cpu_ms']:>24.3f}"
+              f"{row['user_ms']:>10.3f} / {row['system_ms']:.3f}")
+    print(f"{'DedupService.check in process, 1 caller':<44}{'':>10}"
           f"{result['in_process']['cpu_ms_per_check']:>24.3f}")  # type: ignore[index]
     print(f"{'the index search alone (raw FAISS)':<44}{'':>10}"
           f"{result['raw_faiss']['cpu_ms_per_query']:>24.3f}")  # type: ignore[index]

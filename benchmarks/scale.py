@@ -483,7 +483,9 @@ def main() -> None:
         maintenance = rebuild_and_compact(data_dir, requests, args.skip_rebuild,
                                           tuple(shlex.split(args.maintenance_with)))
         RESULTS.mkdir(exist_ok=True)
-        out = RESULTS / f"scale-{name}-{'compaction' if args.skip_rebuild else 'maintenance'}.json"
+        with_options = re.sub(r"[^A-Za-z0-9]+", "-", args.maintenance_with).strip("-")
+        out = RESULTS / (f"scale-{name}-{'compaction' if args.skip_rebuild else 'maintenance'}"
+                         f"{'-' + with_options if with_options else ''}.json")
         out.write_text(json.dumps(maintenance, indent=2))
         print(json.dumps(maintenance, indent=1), f"\nwrote {out}")
         return

@@ -1,13 +1,11 @@
 """A live rebuild's process runs below the server's priority (IndexConfig.rebuild_niceness):
-on a busy node its k-means and fill take only what CPU the checks leave."""
+on a busy node its k-means and fill weigh less against the checks."""
 
 from __future__ import annotations
 
-import contextlib
-import multiprocessing
 import os
-import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +13,7 @@ from dedup import FaceGenerator, StoreConfig
 from dedup.cli.main import build_parser
 from dedup.cli.serve import server_config
 from dedup.core.records import Registration
-from dedup.gallery.embedded.rebuild import build_in_child
+from dedup.gallery.embedded import rebuild
 from dedup.gallery.embedded.store import Store
 
 
@@ -28,33 +26,39 @@ def _store_of(data_dir: Path, count: int) -> StoreConfig:
     return config
 
 
-def _niceness_of_rebuild_children(stop: threading.Event, seen: list[int]) -> None:
-    while not stop.is_set():
-        for child in multiprocessing.active_children():
-            if child.name == "dedup-rebuild" and child.pid is not None:
-                with contextlib.suppress(OSError):  # gone between the listing and the look
-                    seen.append(os.getpriority(os.PRIO_PROCESS, child.pid))
-        stop.wait(0.002)
+def _thread_niceness(pid: int) -> list[int]:
+    """The niceness of each of the process's threads (field 19 of /proc/PID/task/TID/stat)."""
+    tasks = Path(f"/proc/{pid}/task")
+    return [int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])
+            for task in tasks.iterdir()]
 
 
 @pytest.mark.parametrize("niceness", [10, 0])
-def test_a_live_rebuilds_process_runs_at_the_configured_niceness(tmp_path: Path,
-                                                                 niceness: int) -> None:
+def test_a_live_rebuilds_process_runs_at_the_configured_niceness(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, niceness: int) -> None:
     config = _store_of(tmp_path / "data", 3000)
     ours = os.getpriority(os.PRIO_PROCESS, 0)
-    stop, seen = threading.Event(), []  # type: ignore[var-annotated]
-    watcher = threading.Thread(target=_niceness_of_rebuild_children, args=(stop, seen))
-    watcher.start()
-    try:
-        covered = build_in_child(config, "BinarySign512", "m", None, tmp_path / "side.ckpt",
-                                 lambda *_: None, cancelled=lambda: False, poll_s=0.05,
-                                 niceness=niceness)
-    finally:
-        stop.set()
-        watcher.join()
+    children: list[int] = []
+    lower = rebuild._lower_priority
+
+    def recording(child: Any, value: int) -> None:
+        children.append(child.pid)
+        lower(child, value)
+
+    monkeypatch.setattr(rebuild, "_lower_priority", recording)
+    seen: list[list[int]] = []
+
+    def progress(phase: str, done: int, total: int) -> None:
+        # The child is not joined before build_in_child returns: its /proc entry is there.
+        if phase == "adding" and done == total:
+            seen.append(_thread_niceness(children[0]))
+
+    covered = rebuild.build_in_child(config, "BinarySign512", "m", None,
+                                     tmp_path / "side.ckpt", progress,
+                                     cancelled=lambda: False, poll_s=0.05, niceness=niceness)
     assert covered > 0 and (tmp_path / "side.ckpt").exists()
-    assert seen, "the rebuild's process was seen while it ran"
-    assert max(seen) == min(19, ours + niceness)
+    assert seen and seen[0], "the rebuild's threads were looked at while it ran"
+    assert set(seen[0]) == {min(19, ours + niceness)}  # every thread of it
     assert os.getpriority(os.PRIO_PROCESS, 0) == ours  # the server's own is unchanged
 
 

@@ -177,9 +177,10 @@ def _index_arguments(serve: argparse.ArgumentParser) -> None:
                        "its batch at once with the others'")
     serve.add_argument("--rebuild-niceness", type=int, default=index.rebuild_niceness,
                        metavar="0..19",
-                       help="niceness of a live rebuild's process, added to the server's: "
-                       "higher leaves the checks more of a busy machine and the rebuild "
-                       "takes longer (0: the same priority as the checks)")
+                       help="raise a live rebuild's process this much above the server's "
+                       "niceness (capped at 19): higher leaves the checks more of a busy "
+                       "machine and the rebuild takes longer; 0: the checks' own priority "
+                       "(default %(default)d)")
 
 
 def _query_arguments(serve: argparse.ArgumentParser) -> None:

@@ -168,10 +168,10 @@ class IndexConfig:
     max_batch_wait_s: float = 0.0
     search_dispatchers: int = 2
     search_threads: int = 1
-    # A live rebuild's process runs at this niceness (0..19, added to the server's): at 10 it
-    # takes what CPU the checks leave, so they keep their latency on a busy node, and the
-    # rebuild takes longer there (benchmarks/scale.py --rebuild-niceness; the README's
-    # figures).
+    # A live rebuild's process runs this much above the server's niceness (0..19, capped at
+    # 19): at 10 the scheduler weighs it about a tenth of a check thread on a busy core, so
+    # the checks keep more of their throughput and the rebuild takes longer (measured with
+    # benchmarks/scale.py --maintenance-with='--rebuild-niceness N'; the README's figures).
     rebuild_niceness: int = REBUILD_NICENESS
 
     def __post_init__(self) -> None:

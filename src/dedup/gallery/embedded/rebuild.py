@@ -10,6 +10,7 @@ then applies the changes that arrived meanwhile and swaps.
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import os
 import queue
@@ -36,6 +37,8 @@ from dedup.gallery.embedded.index import (
     training_size,
 )
 from dedup.gallery.embedded.store import Snapshot, Store
+
+log = logging.getLogger("dedup.gallery")
 
 ADD_BATCH = 20_000
 # Training sample: enough points per centroid for k-means, not the whole gallery.
@@ -86,19 +89,32 @@ def build_in_process(store: Store, kind: str, model_id: str, only_model: str | N
                                    only_model, progress, pair_score)
 
 
-def _lower_priority(child: BaseProcess, niceness: int) -> None:
-    """`niceness` added to the child's priority (this process's) before its imports are
-    done: its own threads, made after, inherit it."""
-    if niceness and child.pid is not None:
-        nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + niceness)
-        with contextlib.suppress(ProcessLookupError):  # it failed at its start
-            os.setpriority(os.PRIO_PROCESS, child.pid, nice)
+def _lower_priority(child: BaseProcess, nice: int) -> None:
+    """The child's main thread (where the whole build runs) at niceness `nice`, right
+    after the spawn: its imports too, and the threads they make inherit it (the child sets
+    any made before, _every_thread_at). Logged, never a failed rebuild, when refused."""
+    if child.pid is None or nice == os.getpriority(os.PRIO_PROCESS, 0):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, child.pid, nice)
+    except OSError as error:
+        log.warning("the rebuild's process keeps the server's priority: %s", error)
+
+
+def _every_thread_at(nice: int | None) -> None:
+    """In the child: each of its threads at niceness `nice` (Linux keeps one a thread)."""
+    if nice is None:
+        return
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            os.setpriority(os.PRIO_PROCESS, int(task.name), nice)
 
 
 def _child_main(config: StoreConfig, kind: str, model_id: str, only_model: str | None,
                 out: str, messages: multiprocessing.Queue[tuple[str, int, int, str]],
-                pair_score: float) -> None:
+                pair_score: float, nice: int | None = None) -> None:
     """Runs in the spawned process: build, write the side file, report."""
+    _every_thread_at(nice)
     faiss.omp_set_num_threads(1)
     limit_numpy_blas(1)  # one core: numpy's idle BLAS threads would spin on the server's
     try:
@@ -121,19 +137,20 @@ def build_in_child(config: StoreConfig, kind: str, model_id: str, only_model: st
                    out: Path, progress: Progress, cancelled: Callable[[], bool],
                    poll_s: float = 0.5, pair_score: float = DEFAULT_PAIR_SCORE,
                    niceness: int = REBUILD_NICENESS) -> int:
-    """Builds in a spawned process at `niceness` (added to this one's); returns the
-    sequence the side file covers.
+    """Builds in a spawned process `niceness` above this thread's (capped at 19); returns
+    the sequence the side file covers.
 
     `cancelled` is polled: when it turns true (the server is stopping) the child is killed.
     """
     context = multiprocessing.get_context("spawn")
     messages: multiprocessing.Queue[tuple[str, int, int, str]] = context.Queue()
+    nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + niceness)
     child = context.Process(target=_child_main, name="dedup-rebuild", daemon=True,
                             args=(config, kind, model_id, only_model, str(out), messages,
-                                  pair_score))
+                                  pair_score, nice))
     child.start()
-    _lower_priority(child, niceness)
     try:
+        _lower_priority(child, nice)
         for phase, first, second, text in _messages(child, messages, poll_s):
             if cancelled():
                 raise StoreError("rebuild cancelled: the server is stopping")
