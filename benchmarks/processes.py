@@ -34,9 +34,9 @@ from dedup._proto.dedup.v1 import dedup_pb2 as pb
 
 sys.path.insert(0, str(Path(__file__).parent))
 import scale
-from gallery_data import VARIANTS, generate
+from gallery_data import VARIANTS
 from harness import CHECK_METHOD, load_cpu_ms, own_channel, run_threads
-from scale import RESULTS, check_requests, ground_truth, import_gallery, recall
+from scale import RESULTS, check_requests, ground_truth, recall
 
 _PROCESS_KEY = "x-dedup-process"
 _RECONNECTS = 400
@@ -133,15 +133,8 @@ def main() -> None:
                         help="leave the clients' connections where the kernel puts them")
     args = parser.parse_args()
 
-    name = f"{args.registrations}-{args.variant}"
-    work = args.workdir / name
-    gallery = generate(work / "input", args.registrations, args.variant, args.probes)
-    data_dir = work / "data"
-    if not (work / "imported").exists():
-        print("import", json.dumps({key: value for key, value in
-                                    import_gallery(data_dir, gallery.files).items()
-                                    if key != "samples"}), flush=True)
-        (work / "imported").touch()
+    gallery, data_dir = scale.imported_gallery(args.workdir, args.registrations, args.variant,
+                                               args.probes)
     requests = check_requests(gallery.probes, gallery.probe_ids) * args.rounds
     truth = ground_truth(data_dir, gallery.probes) * args.rounds
     rows = [serve_and_measure(data_dir, requests, truth, processes, args.clients,
@@ -166,7 +159,7 @@ def main() -> None:
         print(f"{row['processes']} processes / {rows[0]['processes']}: "
               f"{median['qps'] / first['qps']:.2f}x checks/s")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"processes-{name}.json"
+    out = RESULTS / f"processes-{args.registrations}-{args.variant}.json"
     out.write_text(json.dumps({"registrations": args.registrations, "variant": args.variant,
                                "clients": args.clients, "balanced": not args.no_balance,
                                "rows": rows}, indent=2))

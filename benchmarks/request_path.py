@@ -31,9 +31,9 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from gallery_data import VARIANTS, generate
+from gallery_data import VARIANTS
 from harness import own_channel, run_threads
-from scale import RESULTS, Server, check_requests, import_gallery, raw_faiss_of_served
+from scale import RESULTS, Server, check_requests, imported_gallery, raw_faiss_of_served
 from tqdm import tqdm
 
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
@@ -162,13 +162,8 @@ def main() -> None:
     args = parser.parse_args()
 
     name = f"{args.registrations}-{args.variant}"
-    work = args.workdir / name
-    gallery = generate(work / "input", args.registrations, args.variant, args.probes)
-    data_dir = work / "data"
-    if not (work / "imported").exists():
-        print("import", json.dumps({k: v for k, v in import_gallery(data_dir, gallery.files)
-                                    .items() if k != "samples"}), flush=True)
-        (work / "imported").touch()
+    gallery, data_dir = imported_gallery(args.workdir, args.registrations, args.variant,
+                                         args.probes)
     requests = check_requests(gallery.probes, gallery.probe_ids)
     calls, row = served(data_dir, requests, args.clients, args.rounds)
     result: dict[str, object] = {"registrations": args.registrations, "variant": args.variant,

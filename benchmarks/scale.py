@@ -54,6 +54,7 @@ from dedup.gallery.embedded.store import Store
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gallery_data import VARIANTS, generate
+from gallery_data import EmbeddedGallery as GeneratedGallery
 from harness import process_checks, process_cpu_seconds
 
 RESULTS = Path(__file__).parent / "results"
@@ -112,6 +113,21 @@ def import_gallery(data_dir: Path, files: list[Path]) -> dict[str, object]:
             "peak_anon_mib": max(anon, default=0), "anon_mib_at_first_third": third,
             "anon_mib_growth_after_first_third": max(anon, default=0) - third,
             "samples": samples[:: max(1, len(samples) // 200)]}
+
+
+def imported_gallery(workdir: Path, registrations: int, variant: str, probes: int
+                     ) -> tuple[GeneratedGallery, Path]:
+    """The generated gallery of `workdir` (this script's layout) and its data directory,
+    imported first when it has not been (for the benchmarks that reuse scale.py's galleries)."""
+    work = workdir / f"{registrations}-{variant}"
+    gallery = generate(work / "input", registrations, variant, probes)
+    data_dir = work / "data"
+    if not (work / "imported").exists():
+        print("import", json.dumps({key: value for key, value in
+                                    import_gallery(data_dir, gallery.files).items()
+                                    if key != "samples"}), flush=True)
+        (work / "imported").touch()
+    return gallery, data_dir
 
 
 def disk_bytes(data_dir: Path) -> dict[str, int]:
