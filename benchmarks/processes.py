@@ -133,8 +133,8 @@ def main() -> None:
                         help="leave the clients' connections where the kernel puts them")
     args = parser.parse_args()
 
-    gallery, data_dir = scale.imported_gallery(args.workdir, args.registrations, args.variant,
-                                               args.probes)
+    gallery, data_dir, _ = scale.imported_gallery(args.workdir, args.registrations,
+                                                  args.variant, args.probes)
     requests = check_requests(gallery.probes, gallery.probe_ids) * args.rounds
     truth = ground_truth(data_dir, gallery.probes) * args.rounds
     rows = [serve_and_measure(data_dir, requests, truth, processes, args.clients,

@@ -162,8 +162,8 @@ def main() -> None:
     args = parser.parse_args()
 
     name = f"{args.registrations}-{args.variant}"
-    gallery, data_dir = imported_gallery(args.workdir, args.registrations, args.variant,
-                                         args.probes)
+    gallery, data_dir, _ = imported_gallery(args.workdir, args.registrations, args.variant,
+                                            args.probes)
     requests = check_requests(gallery.probes, gallery.probe_ids)
     calls, row = served(data_dir, requests, args.clients, args.rounds)
     result: dict[str, object] = {"registrations": args.registrations, "variant": args.variant,

@@ -116,18 +116,19 @@ def import_gallery(data_dir: Path, files: list[Path]) -> dict[str, object]:
 
 
 def imported_gallery(workdir: Path, registrations: int, variant: str, probes: int
-                     ) -> tuple[GeneratedGallery, Path]:
-    """The generated gallery of `workdir` (this script's layout) and its data directory,
-    imported first when it has not been (for the benchmarks that reuse scale.py's galleries)."""
+                     ) -> tuple[GeneratedGallery, Path, dict[str, object] | None]:
+    """The generated gallery of `workdir` (this script's layout), its data directory and,
+    when this call imported it (an earlier one had not), the import's figures."""
     work = workdir / f"{registrations}-{variant}"
     gallery = generate(work / "input", registrations, variant, probes)
     data_dir = work / "data"
-    if not (work / "imported").exists():
-        print("import", json.dumps({key: value for key, value in
-                                    import_gallery(data_dir, gallery.files).items()
-                                    if key != "samples"}), flush=True)
-        (work / "imported").touch()
-    return gallery, data_dir
+    if (work / "imported").exists():
+        return gallery, data_dir, None
+    imported = import_gallery(data_dir, gallery.files)
+    print("import", json.dumps({key: value for key, value in imported.items()
+                                if key != "samples"}), flush=True)
+    (work / "imported").touch()
+    return gallery, data_dir, imported
 
 
 def disk_bytes(data_dir: Path) -> dict[str, int]:
@@ -479,17 +480,13 @@ def main() -> None:
     args = parser.parse_args()
 
     name = f"{args.registrations}-{args.variant}"
-    work = args.workdir / name
-    gallery = generate(work / "input", args.registrations, args.variant, args.probes)
-    data_dir = work / "data"
+    maintenance_options = tuple(shlex.split(args.maintenance_with))
+    gallery, data_dir, imported = imported_gallery(args.workdir, args.registrations,
+                                                   args.variant, args.probes)
     result: dict[str, object] = {"registrations": gallery.registrations,
                                  "variant": args.variant}
-    done_marker = work / "imported"
-    if not done_marker.exists():
-        result["import"] = import_gallery(data_dir, gallery.files)
-        print("import", json.dumps({k: v for k, v in result["import"].items()  # type: ignore[union-attr]
-                                    if k != "samples"}), flush=True)
-        done_marker.touch()
+    if imported is not None:
+        result["import"] = imported
     files = disk_bytes(data_dir)
     result["disk"] = {"files": files,
                       "bytes_per_registration": sum(files.values()) / gallery.registrations}
@@ -497,7 +494,7 @@ def main() -> None:
     requests = check_requests(gallery.probes, gallery.probe_ids)
     if args.maintenance_only:
         maintenance = rebuild_and_compact(data_dir, requests, args.skip_rebuild,
-                                          tuple(shlex.split(args.maintenance_with)))
+                                          maintenance_options)
         RESULTS.mkdir(exist_ok=True)
         with_options = re.sub(r"[^A-Za-z0-9]+", "-", args.maintenance_with).strip("-")
         out = RESULTS / (f"scale-{name}-{'compaction' if args.skip_rebuild else 'maintenance'}"
@@ -516,8 +513,8 @@ def main() -> None:
         rows.append(row)
     result["serving"] = rows
     if not args.skip_maintenance:
-        result["maintenance"] = rebuild_and_compact(data_dir, requests, options=tuple(
-            shlex.split(args.maintenance_with)))
+        result["maintenance"] = rebuild_and_compact(data_dir, requests,
+                                                    options=maintenance_options)
         print("maintenance", json.dumps(result["maintenance"]), flush=True)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"scale-{name}.json"

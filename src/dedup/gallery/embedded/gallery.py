@@ -283,8 +283,7 @@ class EmbeddedGallery:
             Gauge("dedup_checkpoint_lag", "changes not yet in the index checkpoint",
                   status.store_sequence - status.checkpoint_sequence),
             Gauge("dedup_search_batches", "batches of checks searched since start (each "
-                  "cut into --search-threads index searches)",
-                  batches),
+                  "cut into --search-threads index searches)", batches),
             Gauge("dedup_search_batched_queries", "queries in those batch searches", queries),
         ]
 
