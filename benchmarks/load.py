@@ -33,9 +33,9 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gallery_data import VARIANTS, captures_of, generate
+from gallery_data import VARIANTS, captures_of
 from harness import connected_stub
-from scale import RESULTS, Server, import_gallery
+from scale import RESULTS, Server, imported_gallery
 
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
@@ -189,13 +189,9 @@ def main() -> None:
                              "what the server's defaults pick, with their search parameters")
     args = parser.parse_args()
 
-    work = args.workdir / f"{args.registrations}-{args.variant}"
-    gallery = generate(work / "input", args.registrations, args.variant, probes=10)
-    data_dir = work / "data"
-    if not (work / "imported").exists():
-        print(f"importing {gallery.registrations} registrations into {data_dir}")
-        import_gallery(data_dir, gallery.files)
-        (work / "imported").touch()
+    # scale.py's probe count: a gallery it generated is reused, not generated again
+    gallery, data_dir, _ = imported_gallery(args.workdir, args.registrations, args.variant,
+                                            probes=1000)
     gallery_file, rows, id_numbers = probe_people(gallery.files, 20_000, seed=3)
 
     server = (Server(data_dir) if args.index_factory == "auto"
