@@ -7,9 +7,18 @@ import os
 import numpy as np
 import pytest
 
-from dedup import CheckpointError, FaceGenerator
+from dedup import CheckpointError, FaceGenerator, StoreConfig
 from dedup.gallery.embedded.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
-from dedup.gallery.embedded.index import FlatIndex, SearchOptions, load_index
+from dedup.core.records import DeleteKey, Registration
+from dedup.gallery.embedded.gallery import EmbeddedGallery
+from dedup.gallery.embedded.index import (
+    FlatIndex,
+    SearchOptions,
+    SnapshotBuffer,
+    load_index,
+    new_index,
+    training_size,
+)
 
 
 @pytest.fixture
@@ -154,3 +163,45 @@ def test_a_version_2_checkpoint_is_still_read(tmp_path):
     path.write_bytes(_flipped(header + payload, len(header) + 10))
     with pytest.raises(CheckpointError, match="checksum mismatch"):
         load_index(path, 512, "model-a")
+
+
+@pytest.mark.parametrize("kind", ["Flat", "SignIVF16", "FastScanIVF16"])
+def test_snapshots_into_a_kept_buffer_hold_the_index_as_it_was(tmp_path, kind):
+    """A buffer serves one snapshot after another (a smaller after a larger one): each file
+    holds the index as it was when its snapshot was taken, and the memory is kept."""
+    vectors = FaceGenerator(3).persons(1000)
+    index = new_index(kind, 512)
+    if training_size(kind, 512):
+        index.train(vectors[:training_size(kind, 512)])  # type: ignore[attr-defined]
+    index.add(np.arange(1000, dtype=np.int64), vectors)
+    buffer = SnapshotBuffer()
+    path = tmp_path / "index.ckpt"
+    write_checkpoint(path, index.snapshot(1, "model-a", buffer))
+    address = buffer.address
+    index.remove(np.arange(500, dtype=np.int64))
+    shrunk = index.snapshot(2, "model-a", buffer)
+    index.add(np.arange(500, dtype=np.int64), vectors[:500])  # after the copy: not in it
+    write_checkpoint(path, shrunk)
+    loaded, sequence = load_index(path, 512, "model-a")
+    assert (sequence, len(loaded)) == (2, 500)
+    found = [ids.tolist() for ids, _ in loaded.search(vectors[[0, 700]], 1,
+                                                       SearchOptions(nprobe=16))]
+    assert found[0] != [0] and found[1] == [700]
+    assert buffer.address == address  # the second snapshot reused the first's memory
+
+
+def test_the_checkpointer_takes_every_checkpoint_in_one_kept_buffer(tmp_path):
+    people = FaceGenerator(4).persons(300)
+    gallery = EmbeddedGallery(StoreConfig(data_dir=tmp_path / "data"), "model-a",
+                              background=False)
+    try:
+        gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(300)])
+        gallery.checkpoint()
+        address = gallery._checkpointer.buffer.address
+        gallery.delete(DeleteKey.REGISTRATION_ID, "r0")
+        gallery.checkpoint()
+        assert gallery._checkpointer.buffer.address == address != 0
+    finally:
+        gallery.close()
+    loaded, _ = load_index(tmp_path / "data" / "index.ckpt", 512, "model-a")
+    assert len(loaded) == 299

@@ -16,7 +16,7 @@ from pathlib import Path
 from dedup.core.errors import CheckpointError, ResourceExhausted
 from dedup.core.settings import StoreConfig
 from dedup.gallery.embedded.checkpoint import Checkpoint, write_checkpoint
-from dedup.gallery.embedded.index import VectorIndex
+from dedup.gallery.embedded.index import SnapshotBuffer, VectorIndex
 from dedup.gallery.embedded.live_index import LiveIndex
 
 log = logging.getLogger("dedup.gallery")
@@ -33,8 +33,10 @@ class Checkpointer:
         self.log_pin: int | None = None
         # When the checkpoint must be rewritten without erased registrations (time.time()).
         self.erasure_due: float | None = None
-        # One checkpoint writer at a time: they share the temporary file's name.
+        # One checkpoint writer at a time: they share the temporary file's name, and the
+        # buffer each snapshot is taken into (written out before the next is taken).
         self.lock = threading.RLock()
+        self.buffer = SnapshotBuffer()
 
     def checkpoint(self, covering: int | None = None) -> int:
         """Writes the index with the sequence it covers; returns that sequence. With
@@ -47,7 +49,7 @@ class Checkpointer:
                     return self.sequence
                 if sequence == self.sequence and self.path.exists():
                     return sequence
-                snapshot = self.live.index.snapshot(sequence, self.live.model_id)
+                snapshot = self.live.index.snapshot(sequence, self.live.model_id, self.buffer)
             held = time.monotonic() - started
             self.write(snapshot, sequence)
             log.info("checkpoint at change %d: %d vectors, %.0f MB; writes held %.2f s, "
@@ -81,7 +83,7 @@ class Checkpointer:
     def save(self, index: VectorIndex, sequence: int) -> None:
         """Writes `index` as covering `sequence` (a freshly built or recovered one)."""
         with self.lock:
-            self.write(index.snapshot(sequence, self.live.model_id), sequence)
+            self.write(index.snapshot(sequence, self.live.model_id, self.buffer), sequence)
 
     def save_at_start(self, index: VectorIndex, sequence: int, on_disk: int) -> int:
         """Checkpoints the recovered index; returns the sequence the checkpoint on disk covers

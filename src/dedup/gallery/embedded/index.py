@@ -183,8 +183,10 @@ class VectorIndex(Protocol):
         """Per query: ids and scores of up to k neighbours, best first."""
         ...
 
-    def snapshot(self, sequence: int, model_id: str) -> Checkpoint:
-        """The serialised index, labelled as covering the store's changes up to `sequence`.
+    def snapshot(self, sequence: int, model_id: str,
+                 buffer: SnapshotBuffer | None = None) -> Checkpoint:
+        """The serialised index, labelled as covering the store's changes up to `sequence`;
+        in `buffer` where given (its parts are then valid until its next use).
 
         Callers write it with `write_checkpoint` (temp file, fsync, rename) outside any lock.
         """
@@ -338,13 +340,14 @@ class _Locked:
         self._index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
                                  np.ascontiguousarray(ids, dtype=np.int64))
 
-    def _serialize(self) -> tuple[memoryview, ...]:
-        return serialized(self._index, binary=False)
+    def _serialize(self, buffer: SnapshotBuffer | None) -> tuple[memoryview, ...]:
+        return serialized(self._index, binary=False, buffer=buffer)
 
-    def snapshot(self, sequence: int, model_id: str) -> Checkpoint:
+    def snapshot(self, sequence: int, model_id: str,
+                 buffer: SnapshotBuffer | None = None) -> Checkpoint:
         # Under the read lock: searches go on, changes wait for the copy.
         with self._lock.reading():
-            parts = self._serialize()
+            parts = self._serialize(buffer)
             vectors = int(self._index.ntotal)
         return Checkpoint(sequence, vectors, model_id, parts, kind=self.kind)
 
@@ -482,8 +485,8 @@ class _SignCoded(_Locked):
             distances, ids = self._index.search(codes, k, params=params)
         return self._split(-distances.astype(np.float32), ids)
 
-    def _serialize(self) -> tuple[memoryview, ...]:
-        return serialized(self._index, binary=True)
+    def _serialize(self, buffer: SnapshotBuffer | None) -> tuple[memoryview, ...]:
+        return serialized(self._index, binary=True, buffer=buffer)
 
 
 class BinarySignIndex(_SignCoded):
@@ -606,12 +609,12 @@ class PartitionedIndex(_Locked):
         and its nprobe are then due to be made again (a rebuild)."""
         return self.calibration.vectors > 0 and vectors >= 2 * self.calibration.vectors
 
-    def _framed_snapshot(self, sequence: int, model_id: str,
-                         parts: list[memoryview]) -> Checkpoint:
+    def _framed_snapshot(self, sequence: int, model_id: str, parts: list[memoryview],
+                         buffer: SnapshotBuffer | None) -> Checkpoint:
         """[8 bytes: n][n bytes: calibration, JSON], then each of `parts` framed the same
         way, then the codes as FAISS writes them."""
         with self._lock.reading():  # searches go on, changes wait for the copy
-            codes = self._serialize()
+            codes = self._serialize(buffer)
             vectors = int(self._index.ntotal)
         parts = [memoryview(self.calibration.to_json().encode()), *parts]
         framed = [piece for part in parts for piece in (
@@ -681,10 +684,11 @@ class SignIVFIndex(PartitionedIndex, _SignCoded):
         distances, ids = found
         return self._split(-distances.astype(np.float32), ids)
 
-    def snapshot(self, sequence: int, model_id: str) -> Checkpoint:
+    def snapshot(self, sequence: int, model_id: str,
+                 buffer: SnapshotBuffer | None = None) -> Checkpoint:
         # [calibration][centroids][codes]
         return self._framed_snapshot(sequence, model_id,
-                                     [faiss.serialize_index(self._centroids).data])
+                                     [faiss.serialize_index(self._centroids).data], buffer)
 
     @classmethod
     def deserialize(cls, payload: npt.NDArray[np.uint8], dimension: int, nlist: int
@@ -813,9 +817,10 @@ class FastScanIVFIndex(PartitionedIndex):
             return _no_results(len(queries))
         return self._split(*found)
 
-    def snapshot(self, sequence: int, model_id: str) -> Checkpoint:
+    def snapshot(self, sequence: int, model_id: str,
+                 buffer: SnapshotBuffer | None = None) -> Checkpoint:
         # [calibration][codes, their IVF holding the centroids]
-        return self._framed_snapshot(sequence, model_id, [])
+        return self._framed_snapshot(sequence, model_id, [], buffer)
 
     @classmethod
     def deserialize(cls, payload: npt.NDArray[np.uint8], dimension: int, nlist: int
@@ -853,11 +858,43 @@ def _is_fast_scan_of(found: Any, dimension: int, nlist: int) -> bool:
             and sum(lists.list_size(i) for i in range(nlist)) == codes.ntotal)
 
 
-def serialized(index: Any, binary: bool) -> tuple[memoryview, ...]:
-    """The index as FAISS writes it, in the pieces it writes them: one copy. (A snapshot is
-    taken with writes held. At 10,000,000 on SignIVF, faiss.serialize_index_binary, which
-    grows one buffer and copies it out, took 1.1-1.5 s, joining it with the centroids another
-    2 s; the pieces take 0.4 s.)"""
+class SnapshotBuffer:
+    """Memory an owner's snapshots are serialised into, kept from one to the next.
+
+    A checkpoint copies the index with writes held. Into fresh memory the copy paid for
+    every page it touched (and, on a node whose page cache is full, for reclaiming it) and,
+    with checks running, the GIL for each of the ~16,000 pieces FAISS writes through a
+    Python callback: writes were held 0.4-1.5 s a checkpoint at 10,000,000 on FastScanIVF
+    (benchmarks/load.py), and one copy into this memory took 0.08-0.10 s beside 8 searching
+    threads (0.29-0.44 s in pieces). It keeps as many bytes as the largest snapshot taken in
+    it for as long as its owner lives. A snapshot's parts are views of it: the owner writes
+    them before it takes the next.
+    """
+
+    def __init__(self) -> None:
+        self._writer = faiss.VectorIOWriter()
+
+    def serialized(self, index: Any, binary: bool) -> tuple[memoryview, ...]:
+        data = self._writer.data
+        data.clear()  # the memory stays allocated, and its pages touched
+        (faiss.write_index_binary if binary else faiss.write_index)(index, self._writer)
+        view: npt.NDArray[np.uint8] = faiss.rev_swig_ptr(data.data(), data.size())
+        return (view.data,)
+
+    @property
+    def address(self) -> int:
+        """Where the memory is (for tests: kept, not allocated again)."""
+        return int(self._writer.data.data())
+
+
+def serialized(index: Any, binary: bool, buffer: SnapshotBuffer | None = None
+               ) -> tuple[memoryview, ...]:
+    """The index as FAISS writes it: into `buffer`, or in the pieces FAISS writes, one copy.
+    (A snapshot is taken with writes held. At 10,000,000 on SignIVF,
+    faiss.serialize_index_binary, which grows one buffer and copies it out, took 1.1-1.5 s,
+    joining it with the centroids another 2 s; the pieces take 0.4 s.)"""
+    if buffer is not None:
+        return buffer.serialized(index, binary)
     pieces: list[bytes] = []
     writer = faiss.PyCallbackIOWriter(pieces.append)  # type: ignore[attr-defined]  # not in the stubs
     (faiss.write_index_binary if binary else faiss.write_index)(index, writer)
