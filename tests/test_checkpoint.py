@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from dedup import CheckpointError, FaceGenerator, StoreConfig
-from dedup.gallery.embedded.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from dedup.core.records import DeleteKey, Registration
+from dedup.core.settings import IndexConfig
+from dedup.gallery.embedded.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from dedup.gallery.embedded.gallery import EmbeddedGallery
 from dedup.gallery.embedded.index import (
     FlatIndex,
@@ -205,3 +206,47 @@ def test_the_checkpointer_takes_every_checkpoint_in_one_kept_buffer(tmp_path):
         gallery.close()
     loaded, _ = load_index(tmp_path / "data" / "index.ckpt", 512, "model-a")
     assert len(loaded) == 299
+
+
+def test_a_live_rebuild_checkpoints_its_new_index_in_the_kept_buffer(tmp_path, monkeypatch):
+    """The swap copies the new index with writes held: into the checkpointer's kept memory,
+    as every other checkpoint, not into fresh pieces."""
+    people = FaceGenerator(6).persons(600)
+    gallery = EmbeddedGallery(StoreConfig(data_dir=tmp_path / "data"), "model-a",
+                              IndexConfig(index_factory="Flat"), background=False)
+    taken: list[int] = []
+    real = SnapshotBuffer.serialized
+
+    def counted(self, index, binary):
+        taken.append(binary)
+        return real(self, index, binary)
+
+    try:
+        gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(600)])
+        monkeypatch.setattr(SnapshotBuffer, "serialized", counted)
+        gallery.rebuild("BinarySign512", lambda phase, done, total: None)
+        assert taken == [True]  # the new (binary) index's one snapshot, in the buffer
+    finally:
+        gallery.close(checkpoint=False)
+    loaded, _ = load_index(tmp_path / "data" / "index.ckpt", 512, "model-a")
+    assert (loaded.kind, len(loaded)) == ("BinarySign512", 600)
+
+
+def test_a_gallery_opened_on_a_checkpoint_sizes_the_buffer_before_the_first(tmp_path):
+    """The first checkpoint after a start copies into memory taken at the start, not grown
+    (page by page, copy by copy) while writes are held."""
+    people = FaceGenerator(7).persons(400)
+    config = StoreConfig(data_dir=tmp_path / "data")
+    gallery = EmbeddedGallery(config, "model-a", background=False)
+    gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(300)])
+    gallery.close()  # checkpoints
+    gallery = EmbeddedGallery(config, "model-a", background=False)
+    try:
+        address = gallery._checkpointer.buffer.address
+        assert address != 0  # taken at the start
+        gallery.insert_many([(Registration(f"s{i}", f"JD{i}"), people[i])
+                             for i in range(300, 320)])  # grows the index, within an eighth
+        gallery.checkpoint()
+        assert gallery._checkpointer.buffer.address == address
+    finally:
+        gallery.close()

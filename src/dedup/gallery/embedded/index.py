@@ -874,6 +874,14 @@ class SnapshotBuffer:
     def __init__(self) -> None:
         self._writer = faiss.VectorIOWriter()
 
+    def reserve(self, nbytes: int) -> None:
+        """Takes the memory for a snapshot of `nbytes` now (its pages touched), so that the
+        first snapshot does not, with writes held (0.9-1.6 s at 10,000,000 on FastScanIVF)."""
+        data = self._writer.data
+        if nbytes > 0 and self.address == 0:
+            data.resize(nbytes)  # to exactly this capacity, zeroed
+            data.clear()
+
     def serialized(self, index: Any, binary: bool) -> tuple[memoryview, ...]:
         data = self._writer.data
         data.clear()  # the memory stays allocated, and its pages touched
@@ -883,8 +891,9 @@ class SnapshotBuffer:
 
     @property
     def address(self) -> int:
-        """Where the memory is (for tests: kept, not allocated again)."""
-        return int(self._writer.data.data())
+        """Where the memory is (0 before any); for tests: kept, not allocated again."""
+        pointer = self._writer.data.data()  # None while the vector has no memory
+        return 0 if pointer is None else int(pointer)
 
 
 def serialized(index: Any, binary: bool, buffer: SnapshotBuffer | None = None

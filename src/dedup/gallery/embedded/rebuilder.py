@@ -101,14 +101,17 @@ class Rebuilder:
         built, _ = load_index(self.side_file, self.config.dimension, model_id)
         progress("catching_up", 0, store.sequence() - covered)
         covered = self._catch_up(built, covered)  # the bulk, while writes go on
-        with self.live.writes:  # the tail, with writes held off, then the swap
-            covered = self._catch_up(built, covered)
-            if len(built) != self.plan.comparable_count():
-                raise StoreError(f"rebuilt index holds {len(built)} vectors, the store "
-                                 f"{self.plan.comparable_count()}: kept the old index")
-            self.live.index = built
-            snapshot = built.snapshot(covered, model_id)
-        self.checkpointer.write(snapshot, covered)
+        # The checkpointer's lock first (as its checkpoints take them): its kept buffer
+        # holds the new index's snapshot until it is written.
+        with self.checkpointer.lock:
+            with self.live.writes:  # the tail, with writes held off, then the swap
+                covered = self._catch_up(built, covered)
+                if len(built) != self.plan.comparable_count():
+                    raise StoreError(f"rebuilt index holds {len(built)} vectors, the store "
+                                     f"{self.plan.comparable_count()}: kept the old index")
+                self.live.index = built
+                snapshot = built.snapshot(covered, model_id, self.checkpointer.buffer)
+            self.checkpointer.write(snapshot, covered)
         log.info("rebuilt the index as %s: %d vectors in %.1f s", kind, len(built),
                  time.monotonic() - started)
 
