@@ -15,6 +15,8 @@ from conftest import RunningServer, face
 from dedup import FaceGenerator, ServerConfig, StoreConfig
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+from dedup.cli.main import build_parser
+from dedup.cli.serve import server_config
 from dedup.core.records import Registration
 from dedup.core.settings import IndexConfig
 from dedup.core.vectors import Matrix, normalize_rows
@@ -27,7 +29,13 @@ from dedup.gallery.embedded.calibration import (
     nprobes_to_try,
 )
 from dedup.gallery.embedded.checkpoint import write_checkpoint
-from dedup.gallery.embedded.index import SearchOptions, SignIVFIndex, load_index
+from dedup.gallery.embedded.index import (
+    Calibration,
+    SearchOptions,
+    SignIVFIndex,
+    load_index,
+    search_parameters,
+)
 from dedup.gallery.embedded.index_plan import IndexPlan, kind_for, lists_for
 from dedup.gallery.embedded.rebuild import build_in_process
 from dedup.gallery.embedded.store import Store
@@ -187,6 +195,42 @@ def test_a_configured_nprobe_overrides_the_calibrated_one(structured):
     assert index.nprobe_for(SearchOptions()) == index.calibration.nprobe
     assert index.nprobe_for(SearchOptions(nprobe=7)) == 7
     assert index.nprobe_for(SearchOptions(nprobe=10**6)) == NLIST
+
+
+# The calibration of FastScanIVF4096 at 10,000,000 clustered registrations (its checkpoint).
+MEASURED_10M = Calibration(nprobe=1448, pairs=2000, vectors=10_000_000, recall={
+    64: 0.972, 128: 0.9795, 256: 0.988, 512: 0.995, 1024: 0.9965, 2048: 0.9995, 1448: 0.9985,
+    1218: 0.9975})
+
+
+@pytest.mark.parametrize(("target", "nprobe"), [
+    (0.0, 1448), (TARGET, 1448), (0.995, 512), (0.99, 512), (0.9966, 1218), (0.5, 64),
+    (0.9999, 4096), (1.0, 4096)])
+def test_a_calibration_target_searches_the_fewest_lists_measured_holding_it(target, nprobe):
+    assert MEASURED_10M.nprobe_reaching(target, 4096) == nprobe
+
+
+def test_a_calibration_target_reaches_the_search_and_the_status(structured):
+    index = structured[0]
+    lowest = min(index.calibration.recall.items())  # the fewest lists the build tried
+    options = SearchOptions(calibration_target=lowest[1])
+    assert index.nprobe_for(options) == lowest[0] < index.nprobe_for(SearchOptions())
+    assert index.nprobe_for(SearchOptions(nprobe=7, calibration_target=lowest[1])) == 7
+    status = search_parameters(index, options)
+    assert status.startswith(f"nprobe={lowest[0]} (calibrated for a {lowest[1]} target: ")
+    assert search_parameters(index, SearchOptions()).startswith(
+        f"nprobe={index.calibration.nprobe} (calibrated: ")
+    # too few pairs measured: every list, whatever the target
+    assert Calibration(nprobe=NLIST, pairs=5, recall={}).nprobe_reaching(0.5, NLIST) == NLIST
+
+
+def test_serve_takes_a_calibration_target_and_refuses_one_out_of_range():
+    parser = build_parser()
+    assert server_config(parser.parse_args(["serve"])).index.calibration_target == 0.0
+    config = server_config(parser.parse_args(["serve", "--calibration-target", "0.995"]))
+    assert config.index.calibration_target == 0.995
+    with pytest.raises(ValueError, match=r"calibration_target must be within 0\.\.1, got 1\.5"):
+        server_config(parser.parse_args(["serve", "--calibration-target", "1.5"]))
 
 
 def test_auto_serves_fast_scan_lists_from_its_threshold_with_enough_per_list():

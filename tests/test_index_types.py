@@ -453,6 +453,7 @@ def test_search_dispatchers_times_threads_is_bounded():
     ("rerank_candidates", 100_001), ("max_batch", 100_001),
     ("search_dispatchers", 0), ("search_dispatchers", 1025), ("search_threads", 1025),
     ("rebuild_niceness", -1), ("rebuild_niceness", 20),
+    ("calibration_target", -0.1), ("calibration_target", 1.5),
 ])
 def test_index_settings_out_of_range_are_refused_naming_the_field(field, value):
     """nprobe=-1 was taken: every IVF search failed (OverflowError), and SignIVF and

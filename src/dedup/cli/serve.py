@@ -162,6 +162,12 @@ def _index_arguments(serve: argparse.ArgumentParser) -> None:
                        help="lists searched per query by the types with lists; 0 (default): "
                        "SignIVF's and FastScanIVF's calibrated nprobe, 64 for IVF and "
                        "BinaryIVF")
+    serve.add_argument("--calibration-target", type=float, default=index.calibration_target,
+                       metavar="0..1",
+                       help="with --nprobe 0: SignIVF and FastScanIVF search the fewest lists "
+                       "their build found holding this share of same-person pairs; 0 "
+                       "(default): the build's choice, for 0.998. Lower: faster checks, more "
+                       "missed duplicates (the README's table)")
     serve.add_argument("--rerank-candidates", type=int, default=index.rerank_candidates,
                        help="candidates an approximate index is searched for (re-scored "
                        "exactly where its own scores are not: all but FLAT, IVF_FLAT, HNSW)")
@@ -350,6 +356,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
             index_factory=args.index_factory, auto_threshold=args.auto_threshold,
             auto_lists_threshold=args.auto_lists_threshold,
             nprobe=args.nprobe, rerank_candidates=args.rerank_candidates,
+            calibration_target=args.calibration_target,
             max_batch=args.max_batch, max_batch_wait_s=args.batch_wait_ms / 1000,
             search_threads=args.search_threads, search_dispatchers=args.search_dispatchers,
             rebuild_niceness=args.rebuild_niceness,

@@ -153,6 +153,11 @@ class IndexConfig:
     # number scoring at least this; a server sets it to its policy's review_threshold, the
     # lowest score a verdict turns on.
     calibration_min_score: float = 0.30
+    # 0: SignIVF and FastScanIVF search the nprobe their build chose, the fewest lists that
+    # held 0.998 of those pairs (to within a quarter of a doubling); otherwise the fewest the
+    # build's measurement found holding this share: fewer lists, faster checks, more missed
+    # duplicates (benchmarks/scale.py --kinds FastScanIVF4096@N measures both; README).
+    calibration_target: float = 0.0
     # Lists searched per query by the types with inverted lists (IVF, BinaryIVF, SignIVF,
     # FastScanIVF); 0: SignIVF's and FastScanIVF's calibrated nprobe, 64 for the others.
     nprobe: int = 0
@@ -202,6 +207,9 @@ class IndexConfig:
         if self.max_batch_wait_s < 0:
             raise ValueError(f"index: max_batch_wait_s must be >= 0, got "
                              f"{self.max_batch_wait_s}")
+        if not 0.0 <= self.calibration_target <= 1.0:
+            raise ValueError("index: calibration_target must be within 0..1, got "
+                             f"{self.calibration_target}")
         if not -1.0 <= self.calibration_min_score <= 1.0:
             raise ValueError("index: calibration_min_score must be within -1..1, got "
                              f"{self.calibration_min_score}")

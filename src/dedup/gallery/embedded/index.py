@@ -113,10 +113,14 @@ class SearchOptions:
     DEFAULT_NPROBE for the others.
     `rerank_candidates`: how many candidates of an approximate index are re-scored exactly
     from the stored vectors.
+    `calibration_target`: with nprobe 0, SignIVF and FastScanIVF search the fewest lists
+    their build's calibration found holding this share of the same-person pairs (0: the
+    nprobe the build chose, for CALIBRATION_TARGET).
     """
 
     nprobe: int = 0
     rerank_candidates: int = 64
+    calibration_target: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -145,14 +149,29 @@ class Calibration:
         except (KeyError, TypeError, AttributeError, OverflowError) as error:
             raise ValueError(f"not a calibration: {error!r}") from error
 
-    def describe(self) -> str:
+    def nprobe_reaching(self, target: float, nlist: int) -> int:
+        """The fewest lists the measurement found holding `target` of the pairs (every
+        list where none did; the build's own nprobe for target 0). Only the nprobes the
+        build tried are known: a doubling apart, a quarter of one near its own target."""
+        if not target:
+            return self.nprobe
+        if not self.recall:
+            return nlist  # too few pairs were measured: every list, as the build chose
+        return min((n for n, found in self.recall.items() if found >= target), default=nlist)
+
+    def describe(self, nprobe: int | None = None, target: float = 0.0) -> str:
+        """How `nprobe` (the build's own by default) was chosen, for the index status."""
         if not self.recall:
             return (f"every list: {self.pairs:,} same-person pairs, too few to calibrate "
                     "on")
-        found = (f"{self.recall.get(self.nprobe, float('nan')):.4f} of {self.pairs:,} "
+        nprobe = self.nprobe if nprobe is None else nprobe
+        target = target or CALIBRATION_TARGET
+        found = (f"{self.recall.get(nprobe, float('nan')):.4f} of {self.pairs:,} "
                  "same-person pairs found")
-        if self.recall.get(self.nprobe, 0.0) < CALIBRATION_TARGET:
-            return f"every list, under the {CALIBRATION_TARGET} target: {found}"
+        if self.recall.get(nprobe, 0.0) < target:
+            return f"every list, under the {target} target: {found}"
+        if target != CALIBRATION_TARGET:
+            return f"calibrated for a {target} target: {found}"
         return f"calibrated: {found}"
 
 
@@ -599,7 +618,9 @@ class PartitionedIndex(_Locked):
         return distances, ids
 
     def nprobe_for(self, options: SearchOptions) -> int:
-        return max(1, min(options.nprobe or self.calibration.nprobe, self.nlist))
+        nprobe = options.nprobe or self.calibration.nprobe_reaching(options.calibration_target,
+                                                                    self.nlist)
+        return max(1, min(nprobe, self.nlist))
 
     def calibrated(self, calibration: Calibration) -> None:
         self.calibration = dataclasses.replace(calibration, vectors=len(self))
@@ -925,7 +946,11 @@ TRAINED = (IVFIndex, BinaryIVFIndex, PartitionedIndex)
 def search_parameters(index: VectorIndex, options: SearchOptions) -> str:
     """What a search of `index` with `options` uses, for the index status ("" if nothing)."""
     if isinstance(index, PartitionedIndex):
-        return f"nprobe={index.nprobe_for(options)} ({index.calibration.describe()})"
+        nprobe = index.nprobe_for(options)
+        if options.nprobe:
+            return f"nprobe={nprobe} (set; {index.calibration.describe()})"
+        return (f"nprobe={nprobe} "
+                f"({index.calibration.describe(nprobe, options.calibration_target)})")
     if isinstance(index, BinaryIVFIndex):
         return f"nprobe={max(1, min(options.nprobe or DEFAULT_NPROBE, index.nlist))}"
     if isinstance(index, IVFIndex):
