@@ -29,6 +29,7 @@ from dedup.gallery.embedded.calibration import (
     nprobes_to_try,
 )
 from dedup.gallery.embedded.checkpoint import write_checkpoint
+from dedup.gallery.embedded.gallery import EmbeddedGallery
 from dedup.gallery.embedded.index import (
     Calibration,
     SearchOptions,
@@ -210,6 +211,37 @@ def test_a_calibration_target_searches_the_fewest_lists_measured_holding_it(targ
     assert MEASURED_10M.nprobe_reaching(target, 4096) == nprobe
 
 
+def test_a_target_no_nprobe_measured_held_searches_every_list_and_says_so():
+    assert MEASURED_10M.describe(4096, 0.9999) == (
+        "every list: no nprobe measured held the 0.9999 target, at most 0.9995 of 2,000 "
+        "same-person pairs at 2048")
+    assert MEASURED_10M.describe(512, 0.995) == (
+        "calibrated for a 0.995 target: 0.9950 of 2,000 same-person pairs found")
+
+
+def test_a_gallery_searches_with_its_configured_calibration_target(tmp_path):
+    """From the server's settings to its searches: the gallery's status names the fewer
+    lists, and the checks search them."""
+    generator = FaceGenerator(29)
+    persons = grouped(generator, PERSONS)
+    store_with(tmp_path, persons, generator, PERSONS).close()
+    (tmp_path / "data").chmod(0o700)  # as a server makes it (a bare Store does not)
+    statuses = {}
+    for target in (0.0, 0.5):
+        gallery = EmbeddedGallery(
+            StoreConfig(data_dir=tmp_path / "data"), MODEL,
+            IndexConfig(index_factory=f"SignIVF{NLIST}", calibration_target=target),
+            background=False)
+        try:
+            statuses[target] = gallery.index_status().search_parameters
+            assert gallery.search_options.calibration_target == target
+        finally:
+            gallery.close()
+    default = int(re.match(r"nprobe=(\d+) \(calibrated: ", statuses[0.0])[1])
+    lowered = int(re.match(r"nprobe=(\d+) \(calibrated for a 0.5 target: ", statuses[0.5])[1])
+    assert lowered < default
+
+
 def test_a_calibration_target_reaches_the_search_and_the_status(structured):
     index = structured[0]
     lowest = min(index.calibration.recall.items())  # the fewest lists the build tried
@@ -231,6 +263,9 @@ def test_serve_takes_a_calibration_target_and_refuses_one_out_of_range():
     assert config.index.calibration_target == 0.995
     with pytest.raises(ValueError, match=r"calibration_target must be within 0\.\.1, got 1\.5"):
         server_config(parser.parse_args(["serve", "--calibration-target", "1.5"]))
+    with pytest.raises(ValueError, match="set it or nprobe, not both"):
+        server_config(parser.parse_args(["serve", "--calibration-target", "0.99",
+                                         "--nprobe", "64"]))
 
 
 def test_auto_serves_fast_scan_lists_from_its_threshold_with_enough_per_list():

@@ -191,17 +191,26 @@ def test_snapshots_into_a_kept_buffer_hold_the_index_as_it_was(tmp_path, kind):
     assert buffer.address == address  # the second snapshot reused the first's memory
 
 
-def test_the_checkpointer_takes_every_checkpoint_in_one_kept_buffer(tmp_path):
+def test_the_checkpointer_takes_every_checkpoint_in_one_kept_buffer(tmp_path, monkeypatch):
     people = FaceGenerator(4).persons(300)
     gallery = EmbeddedGallery(StoreConfig(data_dir=tmp_path / "data"), "model-a",
                               background=False)
+    taken: list[bool] = []
+    real = SnapshotBuffer.serialized
+
+    def counted(self, index, binary):
+        taken.append(binary)
+        return real(self, index, binary)
+
+    monkeypatch.setattr(SnapshotBuffer, "serialized", counted)
     try:
         gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(300)])
         gallery.checkpoint()
         address = gallery._checkpointer.buffer.address
         gallery.delete(DeleteKey.REGISTRATION_ID, "r0")
         gallery.checkpoint()
-        assert gallery._checkpointer.buffer.address == address != 0
+        assert len(taken) == 2  # both checkpoints in the buffer
+        assert gallery._checkpointer.buffer.address == address != 0  # fitted, kept
     finally:
         gallery.close()
     loaded, _ = load_index(tmp_path / "data" / "index.ckpt", 512, "model-a")
@@ -240,7 +249,7 @@ def test_a_gallery_opened_on_a_checkpoint_sizes_the_buffer_before_the_first(tmp_
     gallery = EmbeddedGallery(config, "model-a", background=False)
     gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(300)])
     gallery.close()  # checkpoints
-    gallery = EmbeddedGallery(config, "model-a", background=False)
+    gallery = EmbeddedGallery(config, "model-a")  # as a server opens it: offline tools do not
     try:
         address = gallery._checkpointer.buffer.address
         assert address != 0  # taken at the start

@@ -29,11 +29,15 @@ def files_left_by(tmp_path: Path, outcome: str) -> list[str]:
     (tmp_path / "test_writer.py").write_text(WRITING_TESTS.format(outcome=outcome))
     root = tmp_path / "temp-root"
     root.mkdir()
-    subprocess.run(
+    environment = {name: value for name, value in os.environ.items()
+                   if name != "PYTEST_ADDOPTS"} | {"PYTEST_DEBUG_TEMPROOT": str(root)}
+    run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(PROJECT_CONFIG),
          "--rootdir", str(tmp_path), str(tmp_path / "test_writer.py")],
-        env={**os.environ, "PYTEST_DEBUG_TEMPROOT": str(root)}, cwd=tmp_path,
-        capture_output=True, timeout=120, check=False)
+        env=environment, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        check=False)
+    passed = "2 passed" if outcome == "passes" else "1 failed, 1 passed"
+    assert passed in run.stdout and run.returncode == (outcome != "passes"), run.stdout
     return sorted(path.name for path in root.rglob("*") if path.is_file())
 
 

@@ -165,9 +165,9 @@ def _index_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--calibration-target", type=float, default=index.calibration_target,
                        metavar="0..1",
                        help="with --nprobe 0: SignIVF and FastScanIVF search the fewest lists "
-                       "their build found holding this share of same-person pairs; 0 "
-                       "(default): the build's choice, for 0.998. Lower: faster checks, more "
-                       "missed duplicates (the README's table)")
+                       "their build found holding this share of same-person pairs (every list "
+                       "where none did); 0 (default): the build's choice, for 0.998. Lower: "
+                       "faster checks, more missed duplicates (the README's table)")
     serve.add_argument("--rerank-candidates", type=int, default=index.rerank_candidates,
                        help="candidates an approximate index is searched for (re-scored "
                        "exactly where its own scores are not: all but FLAT, IVF_FLAT, HNSW)")

@@ -210,6 +210,9 @@ class IndexConfig:
         if not 0.0 <= self.calibration_target <= 1.0:
             raise ValueError("index: calibration_target must be within 0..1, got "
                              f"{self.calibration_target}")
+        if self.calibration_target and self.nprobe:
+            raise ValueError("index: calibration_target applies to the calibrated nprobe "
+                             "only: set it or nprobe, not both")
         if not -1.0 <= self.calibration_min_score <= 1.0:
             raise ValueError("index: calibration_min_score must be within -1..1, got "
                              f"{self.calibration_min_score}")

@@ -8,7 +8,6 @@ registrations leave the file on disk too).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -99,15 +98,25 @@ class Checkpointer:
 
     def recovered(self, sequence: int) -> None:
         """Start is over: the checkpoint on disk covers `sequence`; the interval counts
-        from now. The snapshot buffer takes its memory now, not in the first checkpoint."""
+        from now."""
         self.sequence = sequence
         self.written_at = time.monotonic()
-        with contextlib.suppress(OSError):  # no checkpoint to size it by: the first sizes it
-            self.buffer.reserve(self.path.stat().st_size * 9 // 8)  # room to grow an eighth
+
+    def fit_buffer(self, nbytes: int) -> None:
+        """Sizes the snapshot buffer for a snapshot of about `nbytes` now, writes not held
+        (a server at its start, a rebuild before its swap). Without the memory, the next
+        checkpoint grows the buffer itself."""
+        with self.lock:
+            try:
+                self.buffer.fit(nbytes)
+            except MemoryError:
+                log.warning("no memory for a %d MB checkpoint buffer now: the next "
+                            "checkpoint takes it", nbytes // 10**6)
 
     def write(self, snapshot: Checkpoint, sequence: int) -> None:
         with self.lock:
             write_checkpoint(self.path, snapshot)
+            self.fit_buffer(snapshot.nbytes)  # the views are written: the buffer may move
             self.sequence = sequence
             self.written_at = time.monotonic()
             pin = self.log_pin

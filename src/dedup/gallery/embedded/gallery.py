@@ -88,6 +88,8 @@ class EmbeddedGallery:
         self._live.index, covered = recover_index(self._plan, self._checkpointer,
                                                   self._rebuilder.side_file)
         self._checkpointer.recovered(covered)
+        if background and self._checkpointer.path.exists():  # a server: not offline tools
+            self._checkpointer.fit_buffer(self._checkpointer.path.stat().st_size)
         self._search = ExactSearch(self._live, config.dimension, self.index_config,
                                    self.search_options)
         self._switch = IndexSwitch(self._live, self._plan, self._rebuilder)

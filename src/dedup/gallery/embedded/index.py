@@ -166,9 +166,13 @@ class Calibration:
                     "on")
         nprobe = self.nprobe if nprobe is None else nprobe
         target = target or CALIBRATION_TARGET
-        found = (f"{self.recall.get(nprobe, float('nan')):.4f} of {self.pairs:,} "
-                 "same-person pairs found")
-        if self.recall.get(nprobe, 0.0) < target:
+        if nprobe not in self.recall:  # a target above every nprobe the build measured
+            most = max(self.recall, key=lambda n: (self.recall[n], -n))
+            return (f"every list: no nprobe measured held the {target} target, at most "
+                    f"{self.recall[most]:.4f} of {self.pairs:,} same-person pairs at "
+                    f"{most}")
+        found = (f"{self.recall[nprobe]:.4f} of {self.pairs:,} same-person pairs found")
+        if self.recall[nprobe] < target:
             return f"every list, under the {target} target: {found}"
         if target != CALIBRATION_TARGET:
             return f"calibrated for a {target} target: {found}"
@@ -887,26 +891,35 @@ class SnapshotBuffer:
     with checks running, the GIL for each of the ~16,000 pieces FAISS writes through a
     Python callback: writes were held 0.4-1.5 s a checkpoint at 10,000,000 on FastScanIVF
     (benchmarks/load.py), and one copy into this memory took 0.08-0.10 s beside 8 searching
-    threads (0.29-0.44 s in pieces). It keeps as many bytes as the largest snapshot taken in
-    it for as long as its owner lives. A snapshot's parts are views of it: the owner writes
-    them before it takes the next.
+    threads (0.29-0.44 s in pieces). Its owner fits it to each snapshot's size after
+    writing it (`fit`): it then holds about an eighth more than the index's serialised size.
+    A snapshot's parts are views of it: the owner writes them before the next snapshot or
+    fit.
     """
 
     def __init__(self) -> None:
         self._writer = faiss.VectorIOWriter()
+        self._capacity = 0  # known after fit; FAISS's writes grow it by doubling
+        self._grown = False
 
-    def reserve(self, nbytes: int) -> None:
-        """Takes the memory for a snapshot of `nbytes` now (its pages touched), so that the
-        first snapshot does not, with writes held (0.9-1.6 s at 10,000,000 on FastScanIVF)."""
-        data = self._writer.data
-        if nbytes > 0 and self.address == 0:
-            data.resize(nbytes)  # to exactly this capacity, zeroed
-            data.clear()
+    def fit(self, nbytes: int) -> None:
+        """Room for a snapshot of `nbytes` and an eighth more, taken now (its pages touched),
+        so that the next snapshot, with writes held, neither grows it (1-1.6 s at 10,000,000
+        on FastScanIVF) nor keeps twice what it needs. Writes are not held here."""
+        wanted = nbytes + nbytes // 8
+        if nbytes <= 0 or (not self._grown and nbytes <= self._capacity <= 2 * wanted):
+            return
+        writer = faiss.VectorIOWriter()
+        writer.data.resize(wanted)  # to exactly this capacity, zeroed
+        writer.data.clear()
+        self._writer, self._capacity, self._grown = writer, wanted, False
 
     def serialized(self, index: Any, binary: bool) -> tuple[memoryview, ...]:
         data = self._writer.data
         data.clear()  # the memory stays allocated, and its pages touched
+        before = self.address
         (faiss.write_index_binary if binary else faiss.write_index)(index, self._writer)
+        self._grown = self._grown or self.address != before
         view: npt.NDArray[np.uint8] = faiss.rev_swig_ptr(data.data(), data.size())
         return (view.data,)
 
@@ -948,7 +961,8 @@ def search_parameters(index: VectorIndex, options: SearchOptions) -> str:
     if isinstance(index, PartitionedIndex):
         nprobe = index.nprobe_for(options)
         if options.nprobe:
-            return f"nprobe={nprobe} (set; {index.calibration.describe()})"
+            return (f"nprobe={nprobe} (set; the build calibrated nprobe="
+                    f"{index.calibration.nprobe}: {index.calibration.describe()})")
         return (f"nprobe={nprobe} "
                 f"({index.calibration.describe(nprobe, options.calibration_target)})")
     if isinstance(index, BinaryIVFIndex):

@@ -102,8 +102,9 @@ class Rebuilder:
         progress("catching_up", 0, store.sequence() - covered)
         covered = self._catch_up(built, covered)  # the bulk, while writes go on
         # The checkpointer's lock first (as its checkpoints take them): its kept buffer
-        # holds the new index's snapshot until it is written.
+        # holds the new index's snapshot until it is written, sized for it beforehand.
         with self.checkpointer.lock:
+            self.checkpointer.fit_buffer(self.side_file.stat().st_size)
             with self.live.writes:  # the tail, with writes held off, then the swap
                 covered = self._catch_up(built, covered)
                 if len(built) != self.plan.comparable_count():
