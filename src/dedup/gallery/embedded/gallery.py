@@ -70,9 +70,7 @@ class EmbeddedGallery:
         self.index_config = index_config or IndexConfig()
         self.configured_kind = validate_kind(self.index_config.index_factory,
                                              dimension=config.dimension)
-        self.search_options = SearchOptions(
-            nprobe=self.index_config.nprobe,
-            calibration_target=self.index_config.calibration_target)
+        self.search_options = SearchOptions.configured(self.index_config)
         self.data_dir = Path(config.data_dir)
         self.location = str(self.data_dir)
         self.reads_wait = False

@@ -73,6 +73,7 @@ import numpy.typing as npt
 
 from dedup.core.errors import CheckpointError, FailedPrecondition, InvalidArgument
 from dedup.core.rwlock import ReadWriteLock
+from dedup.core.settings import IndexConfig
 from dedup.core.vectors import Matrix
 from dedup.gallery.embedded.checkpoint import Checkpoint, read_checkpoint
 from dedup.gallery.embedded.list_assignment import ProjectedAssignment, fitted
@@ -121,6 +122,11 @@ class SearchOptions:
     nprobe: int = 0
     rerank_candidates: int = 64
     calibration_target: float = 0.0
+
+    @classmethod
+    def configured(cls, config: IndexConfig) -> SearchOptions:
+        """A server's searches, as its settings ask (re-ranking depth is the service's)."""
+        return cls(nprobe=config.nprobe, calibration_target=config.calibration_target)
 
 
 @dataclass(frozen=True)

@@ -113,9 +113,7 @@ class ReplicaGallery:
             live.index, self.covered = self._load(store)
             self._live = live
             self._search = ExactSearch(live, self.dimension, self.index_config,
-                                       SearchOptions(
-                                           nprobe=self.index_config.nprobe,
-                                           calibration_target=self.index_config.calibration_target))
+                                       SearchOptions.configured(self.index_config))
         else:
             self._live.store = store
         self._catch_up(store)
