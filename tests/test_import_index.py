@@ -114,3 +114,33 @@ def test_an_import_whose_rows_are_mostly_skipped_stays_exact(tmp_path):
     summary = imported(data_dir, [npy, npy], config)  # 400 rows counted, none stored
     assert "imported 0, already enrolled 400" in summary and "index: Flat" in summary
     assert read_checkpoint(data_dir / "index.ckpt").kind == "Flat"
+
+
+@pytest.mark.embedded_only(reason=OFFLINE)
+def test_an_import_that_ends_building_its_index_indexes_nothing_before(tmp_path):
+    """An import that ends by building a trained type from the store adds no row to the
+    interim index (at 10,000,000 that index grew ~220 bytes a registration), and one that
+    fails before its build checkpoints no index short of the rows it stored: the next start
+    replays them into the checkpoint written before the import, and serves every one."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    vectors = FaceGenerator(24).persons(THRESHOLD + 100)
+    stored = write_batch(folder, "a", 0, vectors[:200])
+    broken = write_batch(folder, "b", 200, vectors[200:])
+    broken.with_suffix(".csv").unlink()
+    config = IndexConfig(auto_threshold=100, auto_lists_threshold=THRESHOLD)
+    data_dir = tmp_path / "data"
+    model_id = model_id_for(default_pack_dir() / "w600k_mbf.onnx")
+    gallery = EmbeddedGallery(StoreConfig(data_dir=data_dir), model_id, config, background=False)
+    try:
+        with pytest.raises(ValueError, match=r"no b\.csv beside it"):
+            import_offline(gallery, [stored, broken], Limits())
+        assert gallery.comparable_count() == 200
+        assert gallery.index.kind == "BinarySign512" and len(gallery.index) == 0
+    finally:
+        gallery.close(checkpoint=True)
+    checkpoint = read_checkpoint(data_dir / "index.ckpt")
+    assert (checkpoint.kind, checkpoint.vectors, checkpoint.sequence) == ("BinarySign512", 0, 0)
+    info, response = first_served(data_dir, config, vectors[150])
+    assert info.index_type == "BinarySign512" and info.vectors == 200
+    assert response.matches[0].registration.registration_id == "i150"

@@ -128,7 +128,8 @@ def import_offline(gallery: EmbeddedGallery, files: list[Path], limits: Limits) 
     report = ImportReport()
     dimension = gallery.config.dimension
     total = count_rows(files)
-    _index_before(gallery, gallery.comparable_count() + total)
+    if _index_before(gallery, gallery.comparable_count() + total):
+        gallery.defer_indexing()
     with tqdm(total=total, desc="importing", unit="reg") as progress:
         for npy in files:
             rows = rows_of(npy)
@@ -155,25 +156,31 @@ def import_offline(gallery: EmbeddedGallery, files: list[Path], limits: Limits) 
     return report
 
 
-def _index_before(gallery: EmbeddedGallery, expected: int) -> None:
+def _index_before(gallery: EmbeddedGallery, expected: int) -> bool:
     """Switches to the index type wanted at `expected` registrations before adding them;
-    for a type that needs training, to a BinarySign512 until the end."""
+    for a type that needs training, to a BinarySign512 until the end. True when the import
+    will end by building another type from the store: then the rows need not be indexed
+    meanwhile (at 10,000,000 the interim BinarySign512 grew ~220 bytes a registration)."""
     current = gallery.index.kind
     config = gallery.index_config
     wanted = kind_for(gallery.configured_kind, expected, config.auto_threshold,
                       config.auto_lists_threshold)
+    interim = wanted
     if training_size(wanted, gallery.dimension):
-        wanted = BINARY_DEFAULT if current == FLAT else current
-    if wanted != current:
-        gallery.build_offline(wanted, lambda *_: None)
+        interim = BINARY_DEFAULT if current == FLAT else current
+    if interim != current:
+        gallery.build_offline(interim, lambda *_: None)
+    return interim != wanted and training_size(wanted, gallery.dimension) <= expected
 
 
 def _index_after(gallery: EmbeddedGallery) -> str:
-    """Builds the wanted index type if the import ends on another and it can be trained;
-    returns the type the gallery now holds."""
+    """Builds the wanted index type if the import ends on another and it can be trained (or
+    else the interim type again, if the rows were stored without being indexed); returns the
+    type the gallery now holds."""
     wanted = gallery.wanted_kind()
-    trainable = training_size(wanted, gallery.dimension) <= gallery.comparable_count()
-    if wanted != gallery.index.kind and trainable:
+    if training_size(wanted, gallery.dimension) > gallery.comparable_count():
+        wanted = gallery.index.kind
+    if wanted != gallery.index.kind or gallery.indexing_deferred:
         with tqdm(desc=f"building the {wanted} index", unit="reg") as bar:
             def progress(phase: str, done: int, total: int) -> None:
                 bar.total = total

@@ -45,6 +45,10 @@ class Checkpointer:
             with self.live.writes:  # the index and the sequence must agree
                 started = time.monotonic()  # holding writes from here, not waiting for them
                 sequence = self.live.store.sequence()
+                if self.live.deferred:
+                    log.info("no checkpoint at change %d: the index is built when the "
+                             "import ends", sequence)
+                    return self.sequence
                 if covering is not None and self.sequence >= covering:
                     return self.sequence
                 if sequence == self.sequence and self.path.exists():

@@ -184,9 +184,23 @@ class EmbeddedGallery:
         """Stores a batch in one durable transaction (bulk loads), then indexes it."""
         with self._live.writes:
             faces = self.store.insert_many([(self._stamped(r), v) for r, v in batch])
-            keys = np.array([face.key for face in faces], np.int64)
-            self.index.add(keys, np.vstack([vector for _, vector in batch]))
+            if not self._live.deferred:
+                keys = np.array([face.key for face in faces], np.int64)
+                self.index.add(keys, np.vstack([vector for _, vector in batch]))
         return [face.registration for face in faces]
+
+    def defer_indexing(self) -> None:
+        """For an offline import that ends by building its index from the store
+        (`build_offline`): `insert_many` stores rows without adding them to the index, whose
+        memory then stays as it was, and the index is not checkpointed until that build
+        replaces it. A crash before then leaves the checkpoint written before the import:
+        the next start replays the store's change log into it."""
+        with self._live.writes:
+            self._live.deferred = True
+
+    @property
+    def indexing_deferred(self) -> bool:
+        return self._live.deferred
 
     def _stamped(self, registration: Registration) -> Registration:
         return dataclasses.replace(registration, embedding_model=self.model_id)

@@ -21,3 +21,6 @@ class LiveIndex:
         self.writes = threading.RLock()
         # Set once recovered at start; a rebuild swaps it under `writes`.
         self.index: VectorIndex
+        # An offline import that ends by building its index from the store stores rows
+        # without indexing them; until that build replaces `index`, it is not checkpointed.
+        self.deferred = False

@@ -128,5 +128,6 @@ class Rebuilder:
                                  self.plan.only_model(), progress, self.plan.pair_score)
         with self.live.writes:
             self.live.index = built.index
+            self.live.deferred = False
         self.checkpointer.save(built.index, built.sequence)
         return built
