@@ -8,8 +8,10 @@ node a `dedup serve` process:
   - server INDEX, N nodes: a Milvus 2.3.5 standalone server (the `milvus` package, started
     here by tests/milvus_server.py with Milvus's own settings unless --milvus-setting says
     otherwise; or --milvus-uri), with one dedup node or two on it.
-INDEX is FLAT (exact), or IVF_FLAT, IVF_SQ8, HNSW, whose candidates the backend re-scores
-exactly from the stored embeddings (so verdicts never rest on approximate scores).
+INDEX is FLAT (exact), or IVF_FLAT, IVF_SQ8, HNSW. Verdicts never rest on approximate
+scores: IVF_FLAT and HNSW keep the vectors whole, so the scores Milvus returns for their
+candidates are the exact inner products; the types that quantise (IVF_SQ8) have their
+candidates re-scored from the stored embeddings.
 Measured for each:
   - enrol/s through EnrollStream (--registrations, one stream per node at once), then a
     flush and Milvus's index build; enrol/s by Enroll with check_first (--checked new

@@ -1,6 +1,7 @@
 """A real Milvus server for tests and benchmarks: the `milvus` package's Milvus 2.3.5
 standalone (`milvus run standalone`, with its embedded etcd, local object storage and
-rocksmq WAL) as a child process on free loopback ports.
+rocksmq WAL) as a child process on free ports (Milvus 2.3.5 binds its gRPC ports on every
+interface, its etcd on loopback: `ss -ltn` while one runs).
 
 The package's own `start()` leaves the server running when its Python parent is killed, so
 the server is started here instead, from the package's binaries and config template: in a
