@@ -46,8 +46,9 @@ class Checkpointer:
                 started = time.monotonic()  # holding writes from here, not waiting for them
                 sequence = self.live.store.sequence()
                 if self.live.deferred:
-                    log.info("no checkpoint at change %d: the index is built when the "
-                             "import ends", sequence)
+                    log.info("no checkpoint at change %d: an import left its rows to be "
+                             "indexed when it ends (else by the next start, from the change "
+                             "log)", sequence)
                     return self.sequence
                 if covering is not None and self.sequence >= covering:
                     return self.sequence
