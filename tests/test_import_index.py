@@ -4,6 +4,7 @@ started on the data directory serves that type first, with no rebuild."""
 from __future__ import annotations
 
 import csv
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 from dedup.core.settings import IndexConfig, Limits
 from dedup.face.model_pack import default_pack_dir, model_id_for
+from dedup.gallery.embedded import replay
 from dedup.gallery.embedded.checkpoint import read_checkpoint
 from dedup.gallery.embedded.gallery import EmbeddedGallery
 from dedup.gallery.embedded.index_plan import lists_for
@@ -144,3 +146,42 @@ def test_an_import_that_ends_building_its_index_indexes_nothing_before(tmp_path)
     info, response = first_served(data_dir, config, vectors[150])
     assert info.index_type == "BinarySign512" and info.vectors == 200
     assert response.matches[0].registration.registration_id == "i150"
+
+
+@pytest.mark.embedded_only(reason=OFFLINE)
+def test_the_start_after_a_failed_import_replays_its_rows_a_batch_at_a_time(
+        tmp_path, monkeypatch):
+    """The start after a failed deferred import replays every stored row into the checkpoint
+    from before it: at 10,000,000 registrations their vectors at once (20 GB) would not fit,
+    so the replay reads them from the store a batch at a time."""
+    rows, batch = 12_000, 1_000
+    folder = tmp_path / "in"
+    folder.mkdir()
+    vectors = FaceGenerator(25).persons(rows + 1)
+    stored = write_batch(folder, "a", 0, vectors[:rows])
+    broken = write_batch(folder, "b", rows, vectors[rows:])
+    broken.with_suffix(".csv").unlink()
+    config = IndexConfig(auto_threshold=100, auto_lists_threshold=rows // 2)
+    data_dir = tmp_path / "data"
+    model_id = model_id_for(default_pack_dir() / "w600k_mbf.onnx")
+    gallery = EmbeddedGallery(StoreConfig(data_dir=data_dir), model_id, config, background=False)
+    try:
+        with pytest.raises(ValueError, match=r"no b\.csv beside it"):
+            import_offline(gallery, [stored, broken], Limits())
+    finally:
+        gallery.close(checkpoint=True)
+    monkeypatch.setattr(replay, "REPLAY_BATCH", batch)
+    tracemalloc.start()
+    try:
+        reopened = EmbeddedGallery(StoreConfig(data_dir=data_dir), model_id, config,
+                                   background=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    try:
+        assert reopened.index.kind == "BinarySign512" and len(reopened.index) == rows
+        # The rows' vectors at once are 25 MB (54 MiB traced with their records, read at
+        # once); a batch of them 2 MB (5 MiB traced).
+        assert peak < rows * vectors.shape[1] * 4 / 3, f"{peak / 2**20:.1f} MiB traced"
+    finally:
+        reopened.close(checkpoint=False)

@@ -181,7 +181,8 @@ class EmbeddedGallery:
                 for outcome in outcomes]
 
     def insert_many(self, batch: list[tuple[Registration, Vector]]) -> list[Registration]:
-        """Stores a batch in one durable transaction (bulk loads), then indexes it."""
+        """Stores a batch in one durable transaction (bulk loads), then indexes it unless
+        indexing is deferred (`defer_indexing`)."""
         with self._live.writes:
             faces = self.store.insert_many([(self._stamped(r), v) for r, v in batch])
             if not self._live.deferred:
@@ -194,7 +195,7 @@ class EmbeddedGallery:
         (`build_offline`): `insert_many` stores rows without adding them to the index, whose
         memory then stays as it was, and the index is not checkpointed until that build
         replaces it. A crash before then leaves the checkpoint written before the import:
-        the next start replays the store's change log into it."""
+        the next start replays the store's change log into it, a batch of rows at a time."""
         with self._live.writes:
             self._live.deferred = True
 

@@ -14,6 +14,10 @@ from dedup.gallery.embedded.store_format import OP_ADD
 
 log = logging.getLogger("dedup.gallery")
 
+# Added rows are read from the store and indexed this many at a time: a log after a failed
+# import can hold millions of additions, whose vectors at once would not fit in memory.
+REPLAY_BATCH = 20_000
+
 
 @dataclass(frozen=True)
 class ChangeDelta:
@@ -60,9 +64,12 @@ def replay_changes(store: Store, index: VectorIndex, covered: int, model_id: str
 
 
 def apply_delta(store: Store, index: VectorIndex, delta: ChangeDelta, model_id: str) -> None:
-    """Applies a complete delta to an index that covers `delta.since`."""
-    ours = [face.key for face in store.faces(delta.added, with_vectors=False)
-            if face.registration.embedding_model == model_id]
-    keys, vectors = store.vectors(ours)
-    index.add(np.asarray(keys, np.int64), vectors)
+    """Applies a complete delta to an index that covers `delta.since`, reading the added
+    rows from the store REPLAY_BATCH at a time."""
+    for start in range(0, len(delta.added), REPLAY_BATCH):
+        chunk = delta.added[start:start + REPLAY_BATCH]
+        ours = [face.key for face in store.faces(chunk, with_vectors=False)
+                if face.registration.embedding_model == model_id]
+        keys, vectors = store.vectors(ours)
+        index.add(np.asarray(keys, np.int64), vectors)
     index.remove(np.asarray(sorted(delta.removed_older), np.int64))
