@@ -11,7 +11,9 @@ alternating, so that a change and the commit before it are measured in one sessi
     benchmarks/import_memory.py --registrations 1000000 --variant clustered \\
         --sources /tmp/before/src src --repeats 2
 
-Prints a table; writes benchmarks/results/import-memory-<N>-<variant>.json."""
+Prints a table (the median samples of the rows phase's first and last thirds show its trend
+under the ~70 MiB spikes of each batch's arrays); writes
+benchmarks/results/import-memory-<N>-<variant>.json, whose table `--table-of FILE` prints again."""
 from __future__ import annotations
 
 import argparse
@@ -72,7 +74,12 @@ def phases(samples: list[tuple[float, int]], build_at: float | None, seconds: fl
     rows = [mib for t, mib in samples if mib and (build_at is None or t < build_at)]
     build = [mib for t, mib in samples if mib and build_at is not None and t >= build_at]
     third = rows[len(rows) // 3] if rows else 0
+    steady = rows[3:]  # the first seconds load the interpreter, FAISS and the first batch
+    thirds = max(1, len(steady) // 3)
     return {"seconds": round(seconds, 1),
+            # a batch's arrays come and go (spikes of ~70 MiB): the medians show the trend
+            "rows_median_mib_first_third": _median(steady[:thirds]),
+            "rows_median_mib_last_third": _median(steady[-thirds:]),
             "rows_seconds": round(build_at if build_at is not None else seconds, 1),
             "rows_anon_mib_at_first_third": third,
             "rows_anon_mib_at_end": rows[-1] if rows else 0,
@@ -81,6 +88,19 @@ def phases(samples: list[tuple[float, int]], build_at: float | None, seconds: fl
             "build_peak_anon_mib": max(build, default=0),
             "peak_anon_mib": max(rows + build, default=0),
             "samples": [(round(t), mib) for t, mib in samples[:: max(1, len(samples) // 300)]]}
+
+
+def _median(values: list[int]) -> float:
+    return float(statistics.median(values)) if values else 0.0
+
+
+def phases_again(run: dict[str, object]) -> dict[str, object]:
+    """A run of a results file summarised by this version of `phases`, from its samples."""
+    samples = [(float(t), int(mib)) for t, mib in run["samples"]]  # type: ignore[attr-defined]
+    rows_seconds = float(run["rows_seconds"])  # type: ignore[arg-type]
+    build_at = rows_seconds if rows_seconds < float(run["seconds"]) else None  # type: ignore[arg-type]
+    return {"run": run["run"], "source": run["source"],
+            **phases(samples, build_at, float(run["seconds"]))}  # type: ignore[arg-type]
 
 
 def main() -> None:
@@ -94,7 +114,12 @@ def main() -> None:
                         help="source trees (a checkout's src/) to take dedup from, "
                              "alternating; none: the installed dedup")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--table-of", type=Path, metavar="JSON",
+                        help="print the table of an earlier run's results file and stop")
     args = parser.parse_args()
+    if args.table_of:
+        print_table([phases_again(run) for run in json.loads(args.table_of.read_text())["runs"]])
+        return
 
     work = args.workdir / f"{args.registrations}-{args.variant}"
     gallery = generate(work / "input", args.registrations, args.variant)
@@ -123,11 +148,14 @@ def main() -> None:
 
 def print_table(runs: list[dict[str, object]]) -> None:
     print(f"\n{'run':>3} {'source':<24} {'import s':>8} {'rows s':>7} {'rows MiB @1/3':>13} "
-          f"{'@end':>6} {'rows peak':>9} {'build peak':>10} {'peak':>6}")
+          f"{'@end':>6} {'median 1st/last third':>21} {'rows peak':>9} {'build peak':>10} "
+          f"{'peak':>6}")
     for run in runs:
+        medians = (f"{run['rows_median_mib_first_third']:,.0f} / "
+                   f"{run['rows_median_mib_last_third']:,.0f}")
         print(f"{run['run']:>3} {str(run['source'])[-24:]:<24} {run['seconds']:>8} "
               f"{run['rows_seconds']:>7} {run['rows_anon_mib_at_first_third']:>13,} "
-              f"{run['rows_anon_mib_at_end']:>6,} {run['rows_peak_anon_mib']:>9,} "
+              f"{run['rows_anon_mib_at_end']:>6,} {medians:>21} {run['rows_peak_anon_mib']:>9,} "
               f"{run['build_peak_anon_mib']:>10,} {run['peak_anon_mib']:>6,}")
     for source in dict.fromkeys(str(run["source"]) for run in runs):
         peaks = [run["peak_anon_mib"] for run in runs if run["source"] == source]
