@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import processes
 import pytest
 
 from dedup import FaceGenerator, ServerConfig, StoreConfig, create_server
@@ -258,3 +259,14 @@ def secure_server(make_server, keys, faces):
         pb_grpc.FaceDedupStub(admin).Enroll(pb.EnrollRequest(
             registration=registration("r0", "ID0"), face=face(faces.persons(1)[0])), timeout=30)
     return server
+
+
+@pytest.fixture(autouse=True)
+def no_server_process_outlives_its_test() -> Iterator[None]:
+    """A test that fails before stopping its `dedup serve` processes leaves them running
+    (a failed Milvus node test left one retrying against a stopped server for the rest of
+    the session): they are killed when the test ends. Servers of wider-scoped fixtures,
+    started before this mark, are theirs to stop."""
+    mark = len(processes.STARTED)
+    yield
+    processes.kill_leftovers(mark)

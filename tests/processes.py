@@ -10,13 +10,15 @@ from pathlib import Path
 
 
 class ServerProcess:
-    """A started `dedup serve`; `lines` collects its stderr as it comes."""
+    """A started `dedup serve`; `lines` collects its stderr as it comes. One a test leaves
+    running (it failed before stopping it) is killed at the test's end (conftest.py)."""
 
     def __init__(self, data_dir: Path, *serve_args: str, log_format: str = "text") -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "dedup", "--log-format", log_format, "serve",
              "--data-dir", str(data_dir), "--address", "127.0.0.1:0", *serve_args],
             stderr=subprocess.PIPE, text=True)
+        STARTED.append(self)
         self.lines: list[str] = []
         self.port = self._wait_for_port()
         self._reader = threading.Thread(target=self._collect, daemon=True)
@@ -51,3 +53,17 @@ class ServerProcess:
                                  + "".join(self.lines[-40:])) from None
         self._reader.join(timeout=10)
         return code
+
+
+STARTED: list[ServerProcess] = []
+
+
+def kill_leftovers(since: int = 0) -> list[int]:
+    """Kills the servers started after the first `since` of STARTED that still run (a
+    module's shared server is started before its tests' marks); their pids."""
+    left = [server.process for server in STARTED[since:] if server.process.poll() is None]
+    del STARTED[since:]
+    for process in left:
+        process.kill()
+        process.wait(10)
+    return [process.pid for process in left]

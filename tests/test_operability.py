@@ -10,6 +10,7 @@ import threading
 import time
 
 import grpc
+import processes
 import pytest
 from conftest import check, enroll, face, registration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -155,3 +156,13 @@ def test_a_sigterm_that_another_thread_receives_still_stops_the_server(tmp_path)
     assert libc.syscall(TGKILL, pid, others[-1], signal.SIGTERM) == 0
     assert server.wait(timeout=30) == 0
     assert any("received SIGTERM" in line for line in server.lines)
+
+
+def test_a_server_process_a_test_left_running_is_killed_at_its_end(tmp_path):
+    """What the autouse fixture does after every test (a failed one left `dedup serve`
+    running for the rest of the session before)."""
+    mark = len(processes.STARTED)
+    server = ServerProcess(tmp_path / "data")
+    assert server.process.poll() is None
+    assert processes.kill_leftovers(mark) == [server.process.pid]
+    assert server.process.poll() is not None and processes.kill_leftovers(mark) == []
