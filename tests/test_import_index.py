@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,29 @@ def first_served(data_dir: Path, index: IndexConfig, probe: np.ndarray
             values=probe.tolist()))))
     finally:
         server.stop()
+
+
+def import_failing_after(tmp_path: Path, vectors: np.ndarray, stored: int, config: IndexConfig,
+                         before_closing: Callable[[EmbeddedGallery], None] = lambda _: None
+                         ) -> str:
+    """An offline import into tmp_path/data of `vectors` in two files whose second has no
+    CSV: the first `stored` rows are stored, then it fails. `before_closing` looks at the
+    gallery as the import left it. Returns the model id."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    first = write_batch(folder, "a", 0, vectors[:stored])
+    broken = write_batch(folder, "b", stored, vectors[stored:])
+    broken.with_suffix(".csv").unlink()
+    model_id = model_id_for(default_pack_dir() / "w600k_mbf.onnx")
+    gallery = EmbeddedGallery(StoreConfig(data_dir=tmp_path / "data"), model_id, config,
+                              background=False)
+    try:
+        with pytest.raises(ValueError, match=r"no b\.csv beside it"):
+            import_offline(gallery, [first, broken], Limits())
+        before_closing(gallery)
+    finally:
+        gallery.close(checkpoint=True)
+    return model_id
 
 
 @pytest.mark.embedded_only(reason=OFFLINE)
@@ -124,23 +148,15 @@ def test_an_import_that_ends_building_its_index_indexes_nothing_before(tmp_path)
     interim index (at 10,000,000 that index grew ~220 bytes a registration), and one that
     fails before its build checkpoints no index short of the rows it stored: the next start
     replays them into the checkpoint written before the import, and serves every one."""
-    folder = tmp_path / "in"
-    folder.mkdir()
     vectors = FaceGenerator(24).persons(THRESHOLD + 100)
-    stored = write_batch(folder, "a", 0, vectors[:200])
-    broken = write_batch(folder, "b", 200, vectors[200:])
-    broken.with_suffix(".csv").unlink()
     config = IndexConfig(auto_threshold=100, auto_lists_threshold=THRESHOLD)
     data_dir = tmp_path / "data"
-    model_id = model_id_for(default_pack_dir() / "w600k_mbf.onnx")
-    gallery = EmbeddedGallery(StoreConfig(data_dir=data_dir), model_id, config, background=False)
-    try:
-        with pytest.raises(ValueError, match=r"no b\.csv beside it"):
-            import_offline(gallery, [stored, broken], Limits())
+
+    def before_closing(gallery: EmbeddedGallery) -> None:
         assert gallery.comparable_count() == 200
         assert gallery.index.kind == "BinarySign512" and len(gallery.index) == 0
-    finally:
-        gallery.close(checkpoint=True)
+
+    import_failing_after(tmp_path, vectors, 200, config, before_closing)
     checkpoint = read_checkpoint(data_dir / "index.ckpt")
     assert (checkpoint.kind, checkpoint.vectors, checkpoint.sequence) == ("BinarySign512", 0, 0)
     info, response = first_served(data_dir, config, vectors[150])
@@ -155,21 +171,10 @@ def test_the_start_after_a_failed_import_replays_its_rows_a_batch_at_a_time(
     from before it: at 10,000,000 registrations their vectors at once (20 GB) would not fit,
     so the replay reads them from the store a batch at a time."""
     rows, batch = 12_000, 1_000
-    folder = tmp_path / "in"
-    folder.mkdir()
     vectors = FaceGenerator(25).persons(rows + 1)
-    stored = write_batch(folder, "a", 0, vectors[:rows])
-    broken = write_batch(folder, "b", rows, vectors[rows:])
-    broken.with_suffix(".csv").unlink()
     config = IndexConfig(auto_threshold=100, auto_lists_threshold=rows // 2)
     data_dir = tmp_path / "data"
-    model_id = model_id_for(default_pack_dir() / "w600k_mbf.onnx")
-    gallery = EmbeddedGallery(StoreConfig(data_dir=data_dir), model_id, config, background=False)
-    try:
-        with pytest.raises(ValueError, match=r"no b\.csv beside it"):
-            import_offline(gallery, [stored, broken], Limits())
-    finally:
-        gallery.close(checkpoint=True)
+    model_id = import_failing_after(tmp_path, vectors, rows, config)
     monkeypatch.setattr(replay, "REPLAY_BATCH", batch)
     tracemalloc.start()
     try:

@@ -133,8 +133,9 @@ def _pending_claims(config: MilvusConfig, where: str = "state == 0") -> list[dic
 
 
 def _claims_of_stopped(node: ServerProcess, config: MilvusConfig,
-                       on_a: Callable[[int], bool]) -> list[dict]:
-    """Stops `node` (SIGSTOP) at a moment it holds PENDING claims, and returns them.
+                       its_person: Callable[[int], bool]) -> list[dict]:
+    """Stops `node` (SIGSTOP) at a moment it holds PENDING claims, and returns them (the
+    claims of the persons `its_person` says it enrols).
 
     A claim is PENDING for a few of Milvus's time ticks: a kill at a random moment can find
     none, or one whose commit was already on its way (then it lands after the kill and the
@@ -144,7 +145,7 @@ def _claims_of_stopped(node: ServerProcess, config: MilvusConfig,
         node.process.send_signal(signal.SIGSTOP)
         time.sleep(1)
         pending = [claim for claim in _pending_claims(config)
-                   if on_a(int(claim["registration_id"][1:]))]
+                   if its_person(int(claim["registration_id"][1:]))]
         if pending:
             return pending
         node.process.send_signal(signal.SIGCONT)
@@ -191,7 +192,7 @@ def test_a_node_killed_in_the_middle_of_claims(milvus_server, tmp_path, faces):
     for thread in [*on_a, on_b]:
         thread.start()
     time.sleep(4)
-    abandoned = _claims_of_stopped(a, config, on_a=lambda n: n % 10 != 8)
+    abandoned = _claims_of_stopped(a, config, its_person=lambda n: n % 10 != 8)
     a.process.kill()
     a.wait()
     for thread in on_a:
@@ -208,13 +209,12 @@ def test_a_node_killed_in_the_middle_of_claims(milvus_server, tmp_path, faces):
             top = check(stub, people[n], max_candidates=1).matches
             assert [m.registration.registration_id for m in top] == [registration_id]
         ghost = abandoned[0]
+        face_of_ghost = people[int(ghost["registration_id"][1:])]
         wait = max(claim["claimed_at_us"] for claim in abandoned) / 1e6 + 30 - time.time()
         if wait > 1:  # still claimed: refused as if enrolled, and nothing is stored
-            refused = enroll(stub, "again-1", "ID-AGAIN-1",
-                             people[int(ghost["registration_id"][1:])], check_first=True)
+            refused = enroll(stub, "again-1", "ID-AGAIN-1", face_of_ghost, check_first=True)
             assert not refused.enrolled and refused.check.verdict == pb.DUPLICATE_IDENTITY
         time.sleep(max(0.0, wait + 0.5))
-        face_of_ghost = people[int(ghost["registration_id"][1:])]
         retried = enroll(stub, "again-2", "ID-AGAIN-2", face_of_ghost, check_first=True)
         names = json.dumps([claim["registration_id"] for claim in abandoned])
         assert retried.enrolled and retried.check.verdict == pb.CLEAR, (

@@ -159,7 +159,8 @@ def import_offline(gallery: EmbeddedGallery, files: list[Path], limits: Limits) 
 
 def _index_before(gallery: EmbeddedGallery, expected: int) -> bool:
     """Switches to the index type wanted at `expected` registrations before adding them;
-    for a type that needs training, to a BinarySign512 until the end. True when the import
+    where that type needs training, keeps the current one until the end (an exact Flat
+    becomes a BinarySign512). True when the import
     will end by building another type from the store: then the rows need not be indexed
     meanwhile (at 10,000,000 the interim BinarySign512 grew ~220 bytes a registration)."""
     current = gallery.index.kind
