@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import faiss
@@ -47,36 +47,10 @@ def say(text: str) -> None:
     print(f"[{time.time() - started:6.0f} s] {text}", flush=True)
 
 
-def blocks(registrations: int, kind: str, seed: int = 7
-           ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-    """gallery_data.in_memory's stream, a block at a time: (rows, probes cut from them)."""
-    rng = np.random.default_rng(seed)
-    scale = gd.spectrum(kind, rng)
-    rotation = None if kind != "uneven" else np.linalg.qr(
-        rng.standard_normal((gd.DIMENSION, gd.DIMENSION)))[0].astype(np.float32)
-    groups = gd.groups_of(kind, seed)
-    written = probes_made = 0
-    while written < registrations:
-        people = gd.persons_of(rng, BLOCK, scale, rotation, groups)
-        copies = rng.integers(1, 5, size=BLOCK) + (rng.random(BLOCK) < gd.FRAUD_SHARE)
-        rows = np.repeat(np.arange(BLOCK), copies)[:registrations - written]
-        captures = gd.captures_of(rng, people[rows])
-        written += len(rows)
-        wanted = PROBES - probes_made
-        share = 0
-        if wanted > 0:
-            share = wanted if written >= registrations else min(
-                wanted, PROBES * len(rows) // registrations + 1)
-        probes = gd.captures_of(rng, people[rng.choice(rows, share, replace=False)]) \
-            if share else None
-        probes_made += share
-        yield captures, probes
-
-
 def sample_and_probes(registrations: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     sample, probes = [], []
-    for rows, cut in blocks(registrations, kind):
+    for rows, cut in gd.streamed(registrations, kind, PROBES, block=BLOCK):
         sample.append(rows[rng.random(len(rows)) < 1_100_000 / registrations])
         if cut is not None:
             probes.append(cut)
@@ -233,7 +207,7 @@ def main() -> None:
     by_probe = flat(probes)
     matches4, matches16 = [], []
     added = 0
-    for rows, _ in blocks(args.registrations, args.variant):
+    for rows, _ in gd.streamed(args.registrations, args.variant, PROBES, block=BLOCK):
         ids = np.arange(added, added + len(rows), dtype=np.int64)
         index4.add_with_ids(rows, ids)
         index16.quantizer = chooser  # add_with_ids chooses lists with the quantizer

@@ -18,6 +18,7 @@ of enrolled persons with the ID number each presents.
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,23 +149,38 @@ def in_memory(registrations: int, kind: str = "iso", probes: int = 1000, seed: i
     """The same kind of gallery as `generate`, at numpy speed and without files: the
     registrations' embeddings (unit float32 rows; persons with 1-4 captures plus a fraud
     share) and `probes` fresh captures of enrolled persons."""
+    gallery = np.empty((registrations, DIMENSION), np.float32)
+    probe_rows: list[np.ndarray] = []
+    written = 0
+    for rows, cut in streamed(registrations, kind, probes, seed, block):
+        gallery[written:written + len(rows)] = rows
+        written += len(rows)
+        if cut is not None:
+            probe_rows.append(cut)
+    return gallery, np.vstack(probe_rows)[:probes]
+
+
+def streamed(registrations: int, kind: str = "iso", probes: int = 1000, seed: int = 7,
+             block: int = 100_000) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """in_memory's gallery a block at a time, for galleries larger than memory: each block's
+    rows, and the probes cut from its persons (None when the block gives none)."""
     rng = np.random.default_rng(seed)
     scale = spectrum(kind, rng)
     rotation = None if kind != "uneven" else np.linalg.qr(
         rng.standard_normal((DIMENSION, DIMENSION)))[0].astype(np.float32)
     groups = groups_of(kind, seed)
-    gallery = np.empty((registrations, DIMENSION), np.float32)
-    probe_rows: list[np.ndarray] = []
-    written = 0
+    written = probes_made = 0
     while written < registrations:
         people = persons_of(rng, block, scale, rotation, groups)
         copies = rng.integers(1, 5, size=block) + (rng.random(block) < FRAUD_SHARE)
         rows = np.repeat(np.arange(block), copies)[:registrations - written]
-        gallery[written:written + len(rows)] = captures_of(rng, people[rows])
+        captures = captures_of(rng, people[rows])
         written += len(rows)
-        wanted = probes - sum(len(p) for p in probe_rows)
+        wanted = probes - probes_made
+        cut = None
         if wanted > 0:  # probes spread over the whole gallery
             share = wanted if written >= registrations else min(
                 wanted, probes * len(rows) // registrations + 1)
-            probe_rows.append(captures_of(rng, people[rng.choice(rows, share, replace=False)]))
-    return gallery, np.vstack(probe_rows)[:probes]
+            cut = captures_of(rng, people[rng.choice(rows, share, replace=False)])
+            probes_made += share
+        yield captures, cut
