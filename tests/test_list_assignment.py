@@ -1,11 +1,9 @@
-"""A SignIVF build's cheaper choice of lists (list_assignment.py) on real FAISS: nearly always
-the exact nearest centroid, never a list the exact scores rank below another candidate, and
-an index filled so searches as one filled exactly; and the exact choice wherever the
-projection would miss too often."""
+"""A build's choice of lists by int8 products (list_assignment.py) on real FAISS and
+onnxruntime: always the exact nearest centroid, on any gallery, including where the integer
+scores alone cannot tell two centroids apart; and an index filled so is the index added
+exactly, code for code."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import numpy as np
 import pytest
@@ -19,7 +17,11 @@ from dedup.gallery.embedded.index import (
     SignIVFIndex,
     training_size,
 )
-from dedup.gallery.embedded.list_assignment import MIN_AGREEMENT, ProjectedAssignment, fitted
+from dedup.gallery.embedded.list_assignment import (
+    _product_session,
+    _products_exact,
+    int8_assignment,
+)
 
 NLIST = 64
 SIZE = 20_000
@@ -48,63 +50,77 @@ def centroids_of(index: SignIVFIndex) -> np.ndarray:
     return index._centroids.reconstruct_n(0, index.nlist)
 
 
-def exact_lists(index: SignIVFIndex, vectors: np.ndarray) -> np.ndarray:
-    return (vectors @ centroids_of(index).T).argmax(axis=1)
+def assert_nearest(chosen: np.ndarray, vectors: np.ndarray, centroids: np.ndarray) -> None:
+    """Each chosen centroid scores the best in float64 (within float32's rounding)."""
+    scores = vectors.astype(np.float64) @ centroids.astype(np.float64).T
+    best = scores.max(axis=1)
+    mine = scores[np.arange(len(vectors)), chosen]
+    assert np.all(mine >= best - 1e-6), np.flatnonzero(mine < best - 1e-6)[:10]
 
 
-def projected(trained: SignIVFIndex, sample: np.ndarray) -> ProjectedAssignment:
-    assignment = fitted(centroids_of(trained), sample)
-    assert assignment is not None
-    return assignment
-
-
-def test_the_build_lists_are_the_exact_nearest_centroids_nearly_always(trained, vectors):
-    assignment = projected(trained, vectors[:training_size(trained.kind, 512)])
-    assert assignment.agreement >= MIN_AGREEMENT
-    chosen = assignment.lists_of(vectors)
-    assert chosen.shape == (SIZE, 1) and chosen.dtype == np.int64
-    agreement = float(np.mean(chosen[:, 0] == exact_lists(trained, vectors)))
-    assert agreement >= MIN_AGREEMENT - 0.01, agreement
-
-
-def test_a_centroid_is_assigned_its_own_list(trained, vectors):
-    assignment = projected(trained, vectors[:training_size(trained.kind, 512)])
-    assert assignment.lists_of(centroids_of(trained))[:, 0].tolist() == list(range(NLIST))
-
-
-def test_a_gallery_the_projection_misses_is_assigned_exactly(trained):
-    isotropic = FaceGenerator(11).persons(12_000)
-    assert fitted(centroids_of(trained), isotropic) is None
-
-
-def test_a_missed_nearest_centroid_gives_way_only_to_a_projected_candidate(trained, vectors):
-    # isotropic vectors: the projection keeps little of them, so some nearest centroids are
-    # missed; the list chosen instead is the best in full of the candidates projected
-    fit = projected(trained, vectors[:training_size(trained.kind, 512)])
-    vectors = FaceGenerator(11).persons(4000)
+@pytest.mark.parametrize("gallery", ["uneven", "isotropic"])
+def test_every_list_is_the_exact_nearest_centroid(trained, vectors, gallery):
+    rows = vectors if gallery == "uneven" else FaceGenerator(11).persons(SIZE)
     centroids = centroids_of(trained)
-    assignment = ProjectedAssignment(centroids, fit.pca, fit.projected, 8, 0.0)
-    chosen = assignment.lists_of(vectors)[:, 0]
-    scores = vectors @ centroids.T
-    shortlists = assignment.shortlist(vectors, 8)
-    assert np.sum(chosen != scores.argmax(axis=1)) >= 20  # the case under test occurs
-    for row in range(len(vectors)):
-        assert chosen[row] in shortlists[row]
-        best_candidate = shortlists[row][np.argmax(scores[row, shortlists[row]])]
-        assert scores[row, chosen[row]] == pytest.approx(scores[row, best_candidate])
+    assignment = int8_assignment(centroids)
+    assert assignment is not None  # this machine's int8 products are exact
+    chosen = assignment.lists_of(rows)
+    assert chosen.shape == (SIZE,) and chosen.dtype == np.int64
+    assert_nearest(chosen, rows, centroids)
+
+
+def test_centroids_the_integer_scores_cannot_tell_apart_are_told_apart_in_float(trained):
+    # each vector halfway between two centroids, nudged towards one: the integer scores'
+    # error bound covers both, so the float re-score decides
+    centroids = centroids_of(trained)
+    rng = np.random.default_rng(5)
+    first, second = rng.integers(0, NLIST, 2000), rng.integers(0, NLIST, 2000)
+    keep = first != second
+    nudge = rng.choice([-1e-3, 1e-3], keep.sum())[:, None]
+    rows = normalize_rows((0.5 + nudge) * centroids[first[keep]]
+                          + (0.5 - nudge) * centroids[second[keep]])
+    assignment = int8_assignment(centroids)
+    chosen = assignment.lists_of(rows)
+    assert_nearest(chosen, rows, centroids)
+    codes, slack = assignment._codes(rows)
+    integer = (codes.astype(np.int64) - 128) @ np.rint(centroids * assignment.scale).T
+    tied = np.sort(integer, axis=1)[:, -2] >= integer.max(axis=1) - slack
+    assert tied.mean() > 0.9  # the case under test occurs
+
+
+def test_a_centroid_is_assigned_its_own_list(trained):
+    centroids = centroids_of(trained)
+    assert int8_assignment(centroids).lists_of(centroids).tolist() == list(range(NLIST))
+
+
+def test_integer_products_that_are_not_exact_are_refused(trained):
+    codes = np.rint(centroids_of(trained) * 100).astype(np.int8)
+    session = _product_session(codes, threads=1)
+    assert _products_exact(session, codes)
+    other = codes.copy()
+    other[3, 7] += 1  # a session whose products differ from these codes' in one place
+    assert not _products_exact(session, other)
 
 
 PARTITIONED = [SignIVFIndex, FastScanIVFIndex]
 
 
+def snapshot_bytes(index) -> bytes:
+    return b"".join(bytes(part) for part in index.snapshot(1, "model").parts)
+
+
 @pytest.mark.parametrize("kind", PARTITIONED, ids=lambda kind: kind.__name__)
-def test_an_index_filled_so_searches_as_one_filled_exactly(vectors, kind):
+def test_an_index_filled_so_is_the_index_added_exactly(vectors, kind):
     ids = np.arange(SIZE, dtype=np.int64) * 7 + 1
     filled, added = kind(512, NLIST), kind(512, NLIST)
     for index in (filled, added):
         index.train(vectors[: training_size(index.kind, 512)])
-    filled.fill(ids, vectors)
+    for batch in np.array_split(np.arange(SIZE), 3):  # as a build fills, batch by batch
+        filled.fill(ids[batch], vectors[batch])
+    assert len(filled) == SIZE
+    filled.finish_fill()
     added.add(ids, vectors)
+    assert snapshot_bytes(filled) == snapshot_bytes(added)
     queries = normalize_rows(vectors[:300] + 0.5 * uneven(300, 9))
     every_list = SearchOptions(nprobe=NLIST)
     for (_, filled_scores), (_, added_scores) in zip(
@@ -115,23 +131,36 @@ def test_an_index_filled_so_searches_as_one_filled_exactly(vectors, kind):
     assert [found.tolist() for found, _ in own] == [[i] for i in ids[:300]]
 
 
-def test_a_fast_scan_build_fills_the_lists_the_two_steps_choose(vectors):
-    """FastScanIVF's fill lets FAISS assign lists through list_assignment's two steps, made
-    a FAISS index (ProjectedAssignment.as_quantizer); the exact centroids come back after."""
+def test_a_fast_scan_fill_is_searched_changed_and_saved_whole_without_finish_fill(vectors):
+    """Whatever comes after a fill sees every filled vector: a search, an add, a removal
+    and a snapshot each finish the fill first."""
+    def filled() -> FastScanIVFIndex:
+        index = FastScanIVFIndex(512, NLIST)
+        index.train(vectors[: training_size(index.kind, 512)])
+        index.fill(np.arange(SIZE - 1, dtype=np.int64), vectors[:-1])
+        return index
+
+    searched = filled()
+    found = searched.search(vectors[:50], 1, SearchOptions(nprobe=4))
+    assert [ids.tolist() for ids, _ in found] == [[i] for i in range(50)]
+    grown = filled()
+    grown.add(np.array([SIZE - 1], np.int64), vectors[-1:])
+    assert len(grown) == SIZE
+    assert grown.search(vectors[-1:], 1, SearchOptions(nprobe=4))[0][0].tolist() == [SIZE - 1]
+    shrunk = filled()
+    assert shrunk.remove(np.arange(10, dtype=np.int64)) == 10 and len(shrunk) == SIZE - 11
+    saved, reference = filled(), filled()
+    reference.finish_fill()
+    assert snapshot_bytes(saved) == snapshot_bytes(reference)
+
+
+def test_a_fill_after_vectors_were_added_adds_exactly(vectors):
     index = FastScanIVFIndex(512, NLIST)
-    sample = vectors[: training_size(index.kind, 512)]
-    index.train(sample)
-    # One projected candidate, so that the two steps' lists differ from the exact ones.
-    assignment = dataclasses.replace(projected(index, sample), candidates=1)
-    index._fill_quantizer = assignment.as_quantizer()
-    index.fill(np.arange(SIZE, dtype=np.int64), vectors)
-    sizes = [index._index.invlists.list_size(i) for i in range(NLIST)]
-    assert sizes == np.bincount(assignment.lists_of(vectors)[:, 0], minlength=NLIST).tolist()
-    assert sizes != np.bincount(exact_lists(index, vectors), minlength=NLIST).tolist()
-    assert index._index.quantizer.this == index._centroids.this
-    index.add(np.array([SIZE], np.int64), vectors[:1])  # exactly: the centroids' choice
-    assert index._index.invlists.list_size(int(exact_lists(index, vectors[:1])[0])) == \
-        sizes[int(exact_lists(index, vectors[:1])[0])] + 1
+    index.train(vectors[: training_size(index.kind, 512)])
+    index.add(np.arange(100, dtype=np.int64), vectors[:100])
+    index.fill(np.arange(100, 200, dtype=np.int64), vectors[100:200])
+    assert len(index) == 200 and index._filling is None  # nothing held back
+    assert index.search(vectors[150:151], 1, SearchOptions(nprobe=4))[0][0].tolist() == [150]
 
 
 @pytest.mark.parametrize("kind", PARTITIONED, ids=lambda kind: kind.__name__)

@@ -76,7 +76,8 @@ from dedup.core.rwlock import ReadWriteLock
 from dedup.core.settings import IndexConfig
 from dedup.core.vectors import Matrix
 from dedup.gallery.embedded.checkpoint import Checkpoint, read_checkpoint
-from dedup.gallery.embedded.list_assignment import ProjectedAssignment, fitted
+from dedup.gallery.embedded.kmeans import spherical_kmeans
+from dedup.gallery.embedded.list_assignment import Int8Assignment, int8_assignment
 
 Ids = npt.NDArray[np.int64]
 Scores = npt.NDArray[np.float32]
@@ -563,18 +564,19 @@ class BinaryIVFIndex(_SignCoded):
 class PartitionedIndex(_Locked):
     """Codes in the `nlist` lists of a float partition: spherical k-means on the float32
     embeddings, whose centroids (an exact IndexFlatIP) assign each vector its list and name
-    the `nprobe` lists a search scans. A build's `fill` may choose the lists in
-    list_assignment.py's cheaper two steps instead. How many lists a search scans is
+    the `nprobe` lists a search scans. A build's `fill` chooses the same lists by
+    list_assignment.py's int8 products, for a fraction of the cost. How many lists a search scans is
     measured at the build on the gallery's own duplicates (calibration.py).
 
-    Float k-means follows the gallery's structure where binary k-means on the codes does
-    not (BinaryIVF above). Subclasses hold the codes: SignIVF 512 sign bits, FastScanIVF
-    4-bit PQ codes.
+    The centroids are kmeans.py's spherical k-means, whose assignments are the same int8
+    products. Float k-means follows the gallery's structure where binary k-means on the codes
+    does not (BinaryIVF above). Subclasses hold the codes: SignIVF 512 sign bits,
+    FastScanIVF 4-bit PQ codes.
     """
 
     # 10 iterations rather than 20: half of k-means, a rebuild's largest fixed cost (~200 s
-    # on one core at 262,144 samples), for a 0.2% lower objective and the same duplicate
-    # recall within 0.001 at every nprobe measured (1,000,000 uneven).
+    # on one core at 262,144 samples with FAISS's k-means), for a 0.2% lower objective and
+    # the same duplicate recall within 0.001 at every nprobe measured (1,000,000 uneven).
     KMEANS_ITERATIONS = 10
     exact = False
     nlist: int
@@ -588,10 +590,8 @@ class PartitionedIndex(_Locked):
 
     def _train_centroids(self, sample: Matrix) -> npt.NDArray[np.float32]:
         _require_training_sample(self.kind, self.dimension, sample)
-        kmeans = faiss.Kmeans(self._dimension, self.nlist, niter=self.KMEANS_ITERATIONS,
-                              spherical=True, seed=ROTATION_SEED)
-        kmeans.train(np.ascontiguousarray(sample, dtype=np.float32))
-        return np.asarray(kmeans.centroids, np.float32)
+        return spherical_kmeans(sample, self.nlist, self.KMEANS_ITERATIONS, ROTATION_SEED,
+                                threads=faiss.omp_get_max_threads())
 
     def _lists_of(self, vectors: Matrix, nprobe: int) -> npt.NDArray[np.int64]:
         _, lists = self._centroids.search(np.ascontiguousarray(vectors, np.float32), nprobe)
@@ -600,6 +600,12 @@ class PartitionedIndex(_Locked):
     def fill(self, ids: Ids, vectors: Matrix) -> None:
         """A build's vectors, after train (add chooses each list exactly)."""
         raise NotImplementedError
+
+    def finish_fill(self) -> None:
+        """After a build's last fill: the index as add would have left it."""
+
+    def _assignment_of(self, centroids: npt.NDArray[np.float32]) -> Int8Assignment | None:
+        return int8_assignment(centroids, threads=faiss.omp_get_max_threads())
 
     def search(self, queries: Matrix, k: int, options: SearchOptions) -> list[tuple[Ids, Scores]]:
         raise NotImplementedError
@@ -664,7 +670,7 @@ class SignIVFIndex(PartitionedIndex, _SignCoded):
         self.kind = f"SignIVF{nlist}"
         self._partition(nlist, calibration)
         self._centroids = centroids if centroids is not None else faiss.IndexFlatIP(dimension)
-        self._fill_assignment: ProjectedAssignment | None = None  # fitted by train
+        self._fill_assignment: Int8Assignment | None = None  # made by train
         if codes is None:
             self._code_quantizer = faiss.IndexBinaryFlat(SIGN_BITS)  # the IVF does not own it
             codes = faiss.IndexBinaryIVF(self._code_quantizer, SIGN_BITS, nlist)
@@ -676,7 +682,7 @@ class SignIVFIndex(PartitionedIndex, _SignCoded):
 
     def train(self, sample: Matrix) -> None:
         centroids = self._train_centroids(sample)
-        self._fill_assignment = fitted(centroids, sample)
+        self._fill_assignment = self._assignment_of(centroids)
         with self._lock.writing():
             self._centroids.add(centroids)
             self._index.quantizer.add(self.encode(centroids))
@@ -687,8 +693,8 @@ class SignIVFIndex(PartitionedIndex, _SignCoded):
         self._add_to_lists(ids, vectors, lambda: self._lists_of(vectors, 1))
 
     def fill(self, ids: Ids, vectors: Matrix) -> None:
-        """A build's vectors, after train: each list chosen in list_assignment's cheaper
-        two steps where train found them as good as the exact choice."""
+        """A build's vectors, after train: each list chosen by list_assignment's int8
+        products."""
         if not self._index.is_trained:
             raise FailedPrecondition(f"{self.kind}: fill follows train")
         assignment = self._fill_assignment
@@ -760,7 +766,10 @@ class FastScanIVFIndex(PartitionedIndex):
                  calibration: Calibration | None = None) -> None:
         self.kind = f"FastScanIVF{nlist}"
         self._partition(nlist, calibration)
-        self._fill_quantizer: Any = None  # set by train: a cheaper assignment for fill
+        self._fill_assignment: Int8Assignment | None = None  # made by train
+        # A build's codes until finish_fill: FAISS's fast-scan lists take no lists chosen
+        # outside them, an IndexIVFPQ does (add_core), and converts to them code for code.
+        self._filling: Any = None
         if codes is None:
             self._centroids = faiss.IndexFlatIP(dimension)  # the IVF does not own it
             codes = faiss.IndexIVFPQFastScan(self._centroids, dimension, nlist,
@@ -777,37 +786,55 @@ class FastScanIVFIndex(PartitionedIndex):
 
     def train(self, sample: Matrix) -> None:
         centroids = self._train_centroids(sample)
-        assignment = fitted(centroids, sample)
         with self._lock.writing():
             self._centroids.add(centroids)
             # The quantizer holds nlist centroids: FAISS trains only the PQ.
             self._index.train(np.ascontiguousarray(sample, dtype=np.float32))
-        self._fill_quantizer = assignment.as_quantizer() if assignment is not None else None
+        self._fill_assignment = self._assignment_of(centroids)
 
     def add(self, ids: Ids, vectors: Matrix) -> None:
         """Each vector in the list of its nearest centroid."""
+        self.finish_fill()
         if len(ids) == 0:
             return
         with self._lock.writing():
             self._add_floats(ids, vectors)
 
     def fill(self, ids: Ids, vectors: Matrix) -> None:
-        """A build's vectors, after train: each list chosen in list_assignment's cheaper
-        two steps where train found them as good as the exact choice."""
+        """A build's vectors, after train: each list chosen by list_assignment's int8
+        products; the index holds them after finish_fill."""
         if not self._index.is_trained:
             raise FailedPrecondition(f"{self.kind}: fill follows train")
-        if self._fill_quantizer is None or len(ids) == 0:
+        assignment = self._fill_assignment
+        if assignment is None or len(ids) == 0 or (self._filling is None and len(self)):
             self.add(ids, vectors)
             return
+        if self._filling is None:
+            self._filling = faiss.IndexIVFPQ(self._centroids, self._dimension, self.nlist,
+                                             self._index.pq.M, 4, faiss.METRIC_INNER_PRODUCT)
+            self._filling.by_residual = False
+            self._filling.pq = self._index.pq
+            self._filling.is_trained = True
+        vectors = np.ascontiguousarray(vectors, np.float32)
+        ids = np.ascontiguousarray(ids, np.int64)
+        lists = assignment.lists_of(vectors)
+        self._filling.add_core(len(ids), faiss.swig_ptr(vectors), faiss.swig_ptr(ids),
+                               faiss.swig_ptr(lists))
+
+    def finish_fill(self) -> None:
+        if self._filling is None:
+            return
         with self._lock.writing():
-            # FAISS assigns lists with the IVF's quantizer; a build is not yet searched.
-            self._index.quantizer = self._fill_quantizer
-            try:
-                self._add_floats(ids, vectors)
-            finally:
-                self._index.quantizer = self._centroids
+            self._index = faiss.IndexIVFPQFastScan(self._filling, self._index.bbs)
+            self._filling.reset()  # the converted index keeps a reference to it
+            self._filling = None
+
+    def __len__(self) -> int:
+        filling = 0 if self._filling is None else int(self._filling.ntotal)
+        return int(self._index.ntotal) + filling
 
     def remove(self, ids: Ids) -> int:
+        self.finish_fill()
         if len(ids) == 0:
             return 0
         with self._lock.writing():
@@ -842,6 +869,7 @@ class FastScanIVFIndex(PartitionedIndex):
                 packer.pack_1(zero, slot, codes)
 
     def search(self, queries: Matrix, k: int, options: SearchOptions) -> list[tuple[Ids, Scores]]:
+        self.finish_fill()
         queries = np.ascontiguousarray(queries, np.float32)
         found = self._search_lists(queries, queries, k, options, np.float32)
         if found is None:
@@ -851,6 +879,7 @@ class FastScanIVFIndex(PartitionedIndex):
     def snapshot(self, sequence: int, model_id: str,
                  buffer: SnapshotBuffer | None = None) -> Checkpoint:
         # [calibration][codes, their IVF holding the centroids]
+        self.finish_fill()
         return self._framed_snapshot(sequence, model_id, [], buffer)
 
     @classmethod

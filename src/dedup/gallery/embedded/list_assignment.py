@@ -1,22 +1,21 @@
-"""The inverted list of each vector a SignIVF or FastScanIVF build adds: chosen in two
-steps where that is as good as the exact choice.
+"""The inverted list of each vector a SignIVF or FastScanIVF build adds: its exact nearest
+centroid, for a fraction of the float product's cost.
 
 Assigning each of a build's vectors its nearest of 4,096 float centroids is one 4,096 x 512
 product a vector: at 10,000,000 registrations the largest share of a live rebuild on its one
-core (38 s a million here, so ~380 s). A build instead projects the vectors and centroids to
-their first PROJECTED principal directions (a PCA of the training sample), takes the
-centroids scoring highest there, and of those keeps the one nearest in full
-(faiss.fvec_inner_products_by_idx): about a third of the work.
+core (26-38 s a million here). A build instead takes the products in 8-bit integers
+(onnxruntime's MatMulInteger, whose kernels use the int8 matrix units of CPUs that have them:
+7x the float product's throughput on this machine's AMX), bounds how far each integer score
+can be from the float one, and scores again in float32 only the centroids within twice that
+bound of the best. The nearest centroid is always among them, so the choice is the exact one
+(two centroids within float32 rounding of each other aside), on any gallery.
 
-How many candidates it takes to hold the nearest centroid depends on the gallery: a few
-strong directions (as face embeddings have) put it among the first 8 nearly always, an
-isotropic gallery has nothing for a projection to keep. So the assignment is fitted: on
-CHECKED training vectors it takes the fewest candidates whose choice is the exact one for at
-least MIN_AGREEMENT of them, and where no count does, the build assigns exactly. A vector
-whose nearest centroid is missed goes to a list nearly as near, which the nprobe lists a
-search scans hold as well; the build's calibration measures recall on the lists as filled.
+Before an assignment is used, its integer products are compared with numpy's exact ones on
+extreme inputs: a CPU kernel that saturates (onnxruntime warns of some without VNNI) makes the
+build assign by the float product instead.
 
-Vectors added one by one while serving always go to their exact nearest centroid.
+Vectors added one by one while serving always go to their exact nearest centroid (the index's
+own IndexFlatIP).
 """
 
 from __future__ import annotations
@@ -25,93 +24,126 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import faiss
 import numpy as np
 import numpy.typing as npt
+import onnxruntime as ort
+from onnx import TensorProto, helper
 
 from dedup.core.vectors import Matrix
 
 log = logging.getLogger("dedup.gallery")
 
-PROJECTED = 128
-CANDIDATE_COUNTS = (8, 16, 32, 64)
-MIN_AGREEMENT = 0.99
-CHECKED = 10_000
-PCA_SAMPLE = 50_000
+BLOCK = 2048  # rows a product: its int32 scores (32 MB at 4,096 lists) stay in cache-sized passes
+_LEVELS = 127  # |an int8 code| at most
+_ZERO = 128  # a vector's codes are sent as uint8 with this zero point
 
 
 @dataclass(frozen=True)
-class ProjectedAssignment:
-    """Nearest-centroid lists by a projected pre-selection and an exact choice among it."""
+class Int8Assignment:
+    """Nearest-centroid lists by int8 products, checked in float32 where they are close."""
 
-    centroids: npt.NDArray[np.float32]
-    pca: faiss.PCAMatrix
-    projected: faiss.IndexFlatIP
-    candidates: int
-    agreement: float  # the share of CHECKED training vectors given their exact nearest
+    centroids: npt.NDArray[np.float32]  # (nlist, dimension)
+    scale: float  # a centroid's int8 codes are its values times this
+    error: float  # the largest |centroid - its dequantised codes|
+    norm: float  # the largest |centroid|
+    session: Any  # onnxruntime: uint8 vectors x int8 centroids -> int32
 
     def lists_of(self, vectors: Matrix) -> npt.NDArray[np.int64]:
-        """A column: each vector's list."""
+        """Each vector's nearest centroid (a row of `vectors` each)."""
         vectors = np.ascontiguousarray(vectors, np.float32)
-        candidates = self.shortlist(vectors, self.candidates)
-        return best_of(self.centroids, vectors, candidates).reshape(-1, 1)
+        lists = np.empty(len(vectors), np.int64)
+        for start in range(0, len(vectors), BLOCK):
+            lists[start:start + BLOCK] = self._nearest(vectors[start:start + BLOCK])
+        return lists
 
-    def as_quantizer(self) -> Any:
-        """The same two steps as a FAISS index whose assign() gives each vector its list,
-        for an IVF that chooses lists itself (FastScanIVF)."""
-        exact = faiss.IndexFlatIP(self.centroids.shape[1])
-        exact.add(self.centroids)
-        # faiss's constructors keep their arguments alive (add_ref_in_constructor).
-        refined = faiss.IndexRefine(faiss.IndexPreTransform(self.pca, self.projected), exact)
-        refined.k_factor = self.candidates
-        return refined
+    def _nearest(self, vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.int64]:
+        codes, slack = self._codes(vectors)
+        scores: npt.NDArray[np.int32] = self.session.run(None, {"vectors": codes})[0]
+        rows = np.arange(len(vectors))
+        best: npt.NDArray[np.int64] = scores.argmax(axis=1)
+        top = scores[rows, best].copy()
+        scores[rows, best] = np.iinfo(np.int32).min
+        unsure = np.flatnonzero(scores.max(axis=1) >= top - slack)
+        if len(unsure):
+            scores[unsure, best[unsure]] = top[unsure]
+            best[unsure] = self._best_in_float(vectors[unsure], scores[unsure],
+                                               (top - slack)[unsure])
+        return best.astype(np.int64)
 
-    def shortlist(self, vectors: Matrix, count: int) -> npt.NDArray[np.int64]:
-        """The `count` centroids scoring highest in projection, best first."""
-        found: npt.NDArray[np.int64] = self.projected.search(self.pca.apply(vectors), count)[1]
-        return found
+    def _codes(self, vectors: npt.NDArray[np.float32]
+               ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
+        """The vectors' uint8 codes, and how far below a row's best integer
+        score its nearest centroid's may be (twice the row's error bound, in score units)."""
+        largest = np.abs(vectors).max(axis=1)
+        row_scale = (_LEVELS / np.maximum(largest, np.finfo(np.float32).tiny)).astype(np.float32)
+        scaled = vectors * row_scale[:, None]
+        rounded = np.rint(scaled)
+        residue = scaled - rounded
+        vector_error = np.sqrt(np.einsum("ij,ij->i", residue, residue)) / row_scale
+        vector_norm = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))
+        # |<x, c> - <x', c'>| <= |x - x'| |c| + |x'| |c - c'|, and |x'| <= |x| + |x - x'|
+        bound = vector_error * self.norm + (vector_norm + vector_error) * self.error
+        slack = np.ceil(2 * bound * row_scale * self.scale * (1 + 1e-4)).astype(np.int64) + 1
+        return (rounded + _ZERO).astype(np.uint8), slack
+
+    def _best_in_float(self, vectors: npt.NDArray[np.float32], scores: npt.NDArray[np.int32],
+                       floor: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """For each row, the best in float32 of the centroids whose integer score is at
+        least the row's `floor`."""
+        rows, columns = np.nonzero(scores >= floor[:, None])
+        exact = np.einsum("ij,ij->i", vectors[rows], self.centroids[columns])
+        order = np.lexsort((-exact, rows))  # each row's best first
+        first = np.flatnonzero(np.r_[True, rows[order][1:] != rows[order][:-1]])
+        return columns[order[first]].astype(np.int64)
 
 
-def fitted(centroids: Matrix, sample: Matrix) -> ProjectedAssignment | None:
-    """The cheapest projected assignment as good as the exact one on `sample`, or None."""
+def int8_assignment(centroids: Matrix, threads: int = 1) -> Int8Assignment | None:
+    """The int8 assignment to `centroids`, or None when this CPU's integer products are not
+    exact (the build then assigns by the float product)."""
     centroids = np.ascontiguousarray(centroids, np.float32)
-    dimension, nlist = centroids.shape[1], len(centroids)
-    pca = faiss.PCAMatrix(dimension, min(PROJECTED, dimension))
-    pca.train(np.ascontiguousarray(sample[:PCA_SAMPLE], np.float32))
-    projected = faiss.IndexFlatIP(pca.d_out)
-    projected.add(pca.apply(centroids))
-    counts = [count for count in CANDIDATE_COUNTS if count < nlist // 4]
-    checked = np.ascontiguousarray(sample[-CHECKED:], np.float32)
-    if not counts or len(checked) == 0:
+    scale = _LEVELS / max(float(np.abs(centroids).max()), float(np.finfo(np.float32).tiny))
+    codes = np.rint(centroids * scale).astype(np.int8)
+    error = float(np.linalg.norm(centroids - codes.astype(np.float32) / scale, axis=1).max())
+    assignment = Int8Assignment(centroids, scale, error,
+                                float(np.linalg.norm(centroids, axis=1).max()),
+                                _product_session(codes, threads))
+    if not _products_exact(assignment.session, codes):
+        log.warning("onnxruntime's int8 products are not exact on this CPU: a build assigns "
+                    "lists by the float product")
         return None
-    trial = ProjectedAssignment(centroids, pca, projected, counts[-1], 0.0)
-    exact = exact_nearest(centroids, checked)
-    widest = trial.shortlist(checked, counts[-1])
-    for count in counts:
-        agreement = float(np.mean(best_of(centroids, checked, widest[:, :count]) == exact))
-        if agreement >= MIN_AGREEMENT:
-            log.info("a build's %d lists: the best of %d projected candidates (the nearest "
-                     "for %.4f of %d training vectors)", nlist, count, agreement, len(checked))
-            return ProjectedAssignment(centroids, pca, projected, count, agreement)
-    log.info("a build's %d lists: exact (%d projected candidates held the nearest for only "
-             "%.4f of %d training vectors)", nlist, counts[-1], agreement, len(checked))
-    return None
+    return assignment
 
 
-def best_of(centroids: npt.NDArray[np.float32], vectors: npt.NDArray[np.float32],
-            candidates: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-    """For each vector, the one of its candidate centroids with the highest inner product."""
-    candidates = np.ascontiguousarray(candidates, np.int64)
-    scores = np.empty(candidates.shape, np.float32)
-    faiss.fvec_inner_products_by_idx(  # type: ignore[attr-defined]  # not in faiss's stubs
-        faiss.swig_ptr(scores), faiss.swig_ptr(vectors), faiss.swig_ptr(centroids),
-        faiss.swig_ptr(candidates), vectors.shape[1], len(vectors), candidates.shape[1])
-    return np.ascontiguousarray(candidates[np.arange(len(vectors)), scores.argmax(axis=1)])
+def _product_session(codes: npt.NDArray[np.int8], threads: int) -> Any:
+    nlist, dimension = codes.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["vectors", "centroids", "zero"], ["scores"])],
+        "nearest_centroid",
+        [helper.make_tensor_value_info("vectors", TensorProto.UINT8, [None, dimension])],
+        [helper.make_tensor_value_info("scores", TensorProto.INT32, [None, nlist])],
+        initializer=[
+            helper.make_tensor("zero", TensorProto.UINT8, [], [_ZERO]),
+            helper.make_tensor("centroids", TensorProto.INT8, [dimension, nlist],
+                               np.ascontiguousarray(codes.T).tobytes(), raw=True)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)],
+                              ir_version=8)  # what onnxruntime 1.23 reads
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
 
 
-def exact_nearest(centroids: npt.NDArray[np.float32], vectors: npt.NDArray[np.float32]
-                  ) -> npt.NDArray[np.int64]:
-    flat = faiss.IndexFlatIP(centroids.shape[1])
-    flat.add(centroids)
-    nearest: npt.NDArray[np.int64] = flat.search(vectors, 1)[1][:, 0]
-    return nearest
+def _products_exact(session: Any, codes: npt.NDArray[np.int8]) -> bool:
+    """The session's products against numpy's exact ones, on rows at the codes' extremes
+    (all 1s, all 255s, alternating) and random ones."""
+    dimension = codes.shape[1]
+    rng = np.random.default_rng(0)
+    rows = np.vstack([np.full((1, dimension), 1), np.full((1, dimension), 255),
+                      np.tile([1, 255], dimension // 2 + 1)[None, :dimension],
+                      rng.integers(1, 256, (61, dimension))]).astype(np.uint8)
+    got = session.run(None, {"vectors": rows})[0]
+    expected = (rows.astype(np.int64) - _ZERO) @ codes.T.astype(np.int64)
+    return bool(np.array_equal(got, expected))

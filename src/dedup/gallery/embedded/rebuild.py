@@ -77,6 +77,7 @@ def build_from_snapshot(snapshot: Snapshot, kind: str, dimension: int, model_id:
         done += len(keys)
         progress("adding", done, total)
     if isinstance(index, PartitionedIndex):
+        index.finish_fill()
         progress("calibrating", done, total)
         calibrate_on_snapshot(index, snapshot, model_id, only_model, pair_score)
     return Built(index, snapshot.sequence)
