@@ -564,17 +564,17 @@ class PartitionedIndex(_Locked):
     """Codes in the `nlist` lists of a float partition: spherical k-means on the float32
     embeddings, whose centroids (an exact IndexFlatIP) assign each vector its list and name
     the `nprobe` lists a search scans. A build's `fill` chooses the same lists by
-    list_assignment.py's int8 products, for a fraction of the cost. How many lists a search scans is
-    measured at the build on the gallery's own duplicates (calibration.py).
+    list_assignment.py's int8 products, for a fraction of the cost. How many lists a search
+    scans is measured at the build on the gallery's own duplicates (calibration.py).
 
-    Float k-means follows the gallery's structure where binary k-means on the codes
-    does not (BinaryIVF above). Subclasses hold the codes: SignIVF 512 sign bits,
-    FastScanIVF 4-bit PQ codes.
+    Float k-means follows the gallery's structure where binary k-means on the codes does
+    not (BinaryIVF above). Subclasses hold the codes: SignIVF 512 sign bits, FastScanIVF
+    4-bit PQ codes.
     """
 
     # 10 iterations rather than 20: half of k-means, a rebuild's largest fixed cost (~200 s
-    # on one core at 262,144 samples with FAISS's k-means), for a 0.2% lower objective and
-    # the same duplicate recall within 0.001 at every nprobe measured (1,000,000 uneven).
+    # on one core at 262,144 samples), for a 0.2% lower objective and the same duplicate
+    # recall within 0.001 at every nprobe measured (1,000,000 uneven).
     KMEANS_ITERATIONS = 10
     exact = False
     nlist: int

@@ -33,7 +33,7 @@ from dedup.core.vectors import Matrix
 
 log = logging.getLogger("dedup.gallery")
 
-BLOCK = 2048  # rows a product: its int32 scores (32 MB at 4,096 lists) stay in cache-sized passes
+BLOCK = 2048  # rows a product: 13.3 s a million against 17.7 with 8,192 (200,000 clustered)
 _LEVELS = 127  # |an int8 code| at most
 _ZERO = 128  # a vector's codes are sent as uint8 with this zero point
 
