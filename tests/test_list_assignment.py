@@ -11,6 +11,7 @@ import pytest
 from dedup import FaceGenerator
 from dedup.core.errors import FailedPrecondition
 from dedup.core.vectors import normalize_rows
+from dedup.gallery.embedded import list_assignment
 from dedup.gallery.embedded.index import (
     FastScanIVFIndex,
     SearchOptions,
@@ -18,8 +19,10 @@ from dedup.gallery.embedded.index import (
     training_size,
 )
 from dedup.gallery.embedded.list_assignment import (
+    Int8Assignment,
     _product_session,
     _products_exact,
+    _row_groups,
     int8_assignment,
 )
 
@@ -50,6 +53,15 @@ def centroids_of(index: SignIVFIndex) -> np.ndarray:
     return index._centroids.reconstruct_n(0, index.nlist)
 
 
+def exact_int8(centroids: np.ndarray) -> Int8Assignment:
+    """The int8 assignment, or a skip on a CPU whose int8 products are not exact (builds
+    there assign by the float product, which the index tests cover)."""
+    assignment = int8_assignment(centroids)
+    if assignment is None:
+        pytest.skip("onnxruntime's int8 products are not exact on this CPU")
+    return assignment
+
+
 def assert_nearest(chosen: np.ndarray, vectors: np.ndarray, centroids: np.ndarray) -> None:
     """Each chosen centroid scores the best in float64 (within float32's rounding)."""
     scores = vectors.astype(np.float64) @ centroids.astype(np.float64).T
@@ -62,8 +74,7 @@ def assert_nearest(chosen: np.ndarray, vectors: np.ndarray, centroids: np.ndarra
 def test_every_list_is_the_exact_nearest_centroid(trained, vectors, gallery):
     rows = vectors if gallery == "uneven" else FaceGenerator(11).persons(SIZE)
     centroids = centroids_of(trained)
-    assignment = int8_assignment(centroids)
-    assert assignment is not None  # this machine's int8 products are exact
+    assignment = exact_int8(centroids)
     chosen = assignment.lists_of(rows)
     assert chosen.shape == (SIZE,) and chosen.dtype == np.int64
     assert_nearest(chosen, rows, centroids)
@@ -79,7 +90,7 @@ def test_centroids_the_integer_scores_cannot_tell_apart_are_told_apart_in_float(
     nudge = rng.choice([-1e-3, 1e-3], keep.sum())[:, None]
     rows = normalize_rows((0.5 + nudge) * centroids[first[keep]]
                           + (0.5 - nudge) * centroids[second[keep]])
-    assignment = int8_assignment(centroids)
+    assignment = exact_int8(centroids)
     chosen = assignment.lists_of(rows)
     assert_nearest(chosen, rows, centroids)
     codes, slack = assignment._codes(rows)
@@ -90,7 +101,42 @@ def test_centroids_the_integer_scores_cannot_tell_apart_are_told_apart_in_float(
 
 def test_a_centroid_is_assigned_its_own_list(trained):
     centroids = centroids_of(trained)
-    assert int8_assignment(centroids).lists_of(centroids).tolist() == list(range(NLIST))
+    assert exact_int8(centroids).lists_of(centroids).tolist() == list(range(NLIST))
+
+
+def test_float_rescoring_in_small_groups_chooses_the_same_exact_lists(trained, vectors,
+                                                                      monkeypatch):
+    # uneven rows leave many centroids close in integers: with room for only 50 candidates
+    # at a time, the re-score runs a row or two per group and must choose as before
+    centroids = centroids_of(trained)
+    assignment = exact_int8(centroids)
+    rows = vectors[:3000]
+    whole = assignment.lists_of(rows)
+    monkeypatch.setattr(list_assignment, "_CANDIDATES", 50)
+    grouped = assignment.lists_of(rows)
+    assert grouped.tolist() == whole.tolist()
+    assert_nearest(grouped, rows, centroids)
+
+
+def test_row_groups_hold_at_most_the_limit_and_every_row_once():
+    counts = np.array([3, 4, 10, 1, 1, 1, 0, 7, 2], np.int64)
+    groups = _row_groups(counts, 5)
+    assert [(g.start, g.stop) for g in groups] == [(0, 1), (1, 2), (2, 3), (3, 7), (7, 8),
+                                                   (8, 9)]
+    assert all(counts[g].sum() <= 5 or g.stop - g.start == 1 for g in groups)
+    assert _row_groups(np.zeros(0, np.int64), 5) == []
+
+
+def test_a_zero_row_gets_a_list_and_a_nan_row_is_refused(trained):
+    assignment = exact_int8(centroids_of(trained))
+    rows = np.zeros((2, 512), np.float32)
+    rows[1, 0] = 1.0
+    with np.errstate(all="raise"):  # no overflow or NaN on the way
+        chosen = assignment.lists_of(rows)
+    assert 0 <= chosen[0] < NLIST
+    rows[1, 5] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        assignment.lists_of(rows)
 
 
 def test_integer_products_that_are_not_exact_are_refused(trained):
@@ -152,6 +198,19 @@ def test_a_fast_scan_fill_is_searched_changed_and_saved_whole_without_finish_fil
     saved, reference = filled(), filled()
     reference.finish_fill()
     assert snapshot_bytes(saved) == snapshot_bytes(reference)
+
+
+def test_an_empty_batch_mid_fill_keeps_the_fill_pending(vectors):
+    index = FastScanIVFIndex(512, NLIST)
+    index.train(vectors[: training_size(index.kind, 512)])
+    if index._fill_assignment is None:
+        pytest.skip("onnxruntime's int8 products are not exact on this CPU")
+    index.fill(np.arange(100, dtype=np.int64), vectors[:100])
+    index.fill(np.zeros(0, np.int64), np.zeros((0, 512), np.float32))
+    index.fill(np.arange(100, 200, dtype=np.int64), vectors[100:200])
+    assert index._filling is not None and int(index._filling.ntotal) == 200
+    index.finish_fill()
+    assert len(index) == 200
 
 
 def test_a_fill_after_vectors_were_added_adds_exactly(vectors):

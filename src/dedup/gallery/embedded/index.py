@@ -805,8 +805,10 @@ class FastScanIVFIndex(PartitionedIndex):
         products; the index holds them after finish_fill."""
         if not self._index.is_trained:
             raise FailedPrecondition(f"{self.kind}: fill follows train")
+        if len(ids) == 0:  # nothing to hold back, and a pending fill stays pending
+            return
         assignment = self._fill_assignment
-        if assignment is None or len(ids) == 0 or (self._filling is None and len(self)):
+        if assignment is None or (self._filling is None and len(self)):
             self.add(ids, vectors)
             return
         if self._filling is None:
