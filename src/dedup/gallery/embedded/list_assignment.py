@@ -33,13 +33,14 @@ from dedup.core.vectors import Matrix
 
 log = logging.getLogger("dedup.gallery")
 
-# Rows a product: its scores (4 MB) stay in cache through the passes over them. 13.3 s a
-# million against 21.8 with 2,048 rows (10,000,000 clustered, its own centroids).
+# Rows a product: its scores (4 MB at 4,096 lists) stay in cache through the passes over
+# them. 13.3 s a million against 21.8 with 2,048 rows (100,000 rows of the 10,000,000
+# clustered gallery and its own centroids).
 BLOCK = 256
 _LEVELS = 127  # |an int8 code| at most
 _ZERO = 128  # a vector's codes are sent as uint8 with this zero point
 # Centroid candidates scored in float32 at a time: where the integer scores leave many
-# close (uneven spectra: ~60 a row, and on degenerate rows up to all 4,096), gathering them
+# close (63 a row on an uneven gallery, stop 38's review; a zero row all of them), gathering them
 # all at once is unbounded; this keeps the gathered vectors and centroids to ~64 MB.
 _CANDIDATES = 16_384
 
@@ -57,8 +58,6 @@ class Int8Assignment:
     def lists_of(self, vectors: Matrix) -> npt.NDArray[np.int64]:
         """Each vector's nearest centroid (a row of `vectors` each)."""
         vectors = np.ascontiguousarray(vectors, np.float32)
-        if not np.isfinite(vectors).all():
-            raise ValueError("vectors: a row holds NaN or infinity")
         lists = np.empty(len(vectors), np.int64)
         for start in range(0, len(vectors), BLOCK):
             lists[start:start + BLOCK] = self._nearest(vectors[start:start + BLOCK])
@@ -82,7 +81,8 @@ class Int8Assignment:
                ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
         """The vectors' uint8 codes, and how far below a row's best integer
         score its nearest centroid's may be (twice the row's error bound, in score units)."""
-        largest = np.abs(vectors).max(axis=1)
+        largest = np.abs(vectors).max(axis=1)  # NaN or inf where the row holds one
+        _require_scalable(largest)
         # a zero row keeps scale 1: its codes are all zero and every centroid ties
         row_scale = (_LEVELS / np.where(largest > 0, largest, _LEVELS)).astype(np.float32)
         scaled = vectors * row_scale[:, None]
@@ -112,6 +112,19 @@ class Int8Assignment:
         order = np.lexsort((-exact, rows))  # each row's best first
         first = np.flatnonzero(np.r_[True, rows[order][1:] != rows[order][:-1]])
         return columns[order[first]].astype(np.int64)
+
+
+# A row's scale (127 / its largest value) and norm stay finite in float32 within these.
+_SMALLEST, _LARGEST = 1e-30, 1e30
+
+
+def _require_scalable(largest: npt.NDArray[np.float32]) -> None:
+    """Refuses rows holding NaN or infinity, or whose largest value (zero aside) is outside
+    _SMALLEST.._LARGEST: their integer codes and error bound would overflow."""
+    fine = (largest == 0) | ((largest >= _SMALLEST) & (largest <= _LARGEST))
+    if not fine.all():
+        raise ValueError(f"vectors: row {int(np.flatnonzero(~fine)[0])} holds NaN, infinity "
+                         f"or values outside {_SMALLEST:g}..{_LARGEST:g} in magnitude")
 
 
 def _row_groups(counts: npt.NDArray[np.int64], limit: int) -> list[slice]:
