@@ -40,7 +40,7 @@ BLOCK = 256
 _LEVELS = 127  # |an int8 code| at most
 _ZERO = 128  # a vector's codes are sent as uint8 with this zero point
 # Centroid candidates scored in float32 at a time: where the integer scores leave many
-# close (63 a row on an uneven gallery, stop 38's review; a zero row all of them), gathering them
+# close (~63 a row on uneven galleries; a zero row all of them), gathering them
 # all at once is unbounded; this keeps the gathered vectors and centroids to ~64 MB.
 _CANDIDATES = 16_384
 
