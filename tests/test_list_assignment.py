@@ -5,6 +5,9 @@ exactly, code for code."""
 
 from __future__ import annotations
 
+import threading
+import tracemalloc
+
 import numpy as np
 import pytest
 
@@ -22,8 +25,8 @@ from dedup.gallery.embedded.list_assignment import (
     Int8Assignment,
     _product_session,
     _products_exact,
-    _row_groups,
     int8_assignment,
+    rows_per_product,
 )
 
 NLIST = 64
@@ -118,15 +121,31 @@ def test_float_rescoring_in_small_groups_chooses_the_same_exact_lists(trained, v
     assert_nearest(grouped, rows, centroids)
 
 
-def test_row_groups_hold_at_most_the_limit_and_every_row_once():
-    counts = np.array([3, 4, 10, 1, 1, 1, 0, 7, 2], np.int64)
-    groups = _row_groups(counts, 5)
-    assert [(g.start, g.stop) for g in groups] == [(0, 1), (1, 2), (2, 3), (3, 7), (7, 8),
-                                                   (8, 9)]
-    assert all(counts[g].sum() <= 5 or g.stop - g.start == 1 for g in groups)
-    assert _row_groups(np.zeros(0, np.int64), 5) == []
-    exactly = _row_groups(np.array([2, 3, 5], np.int64), 5)  # a group may reach the limit
-    assert [(g.start, g.stop) for g in exactly] == [(0, 2), (2, 3)]
+def test_a_product_holds_a_cache_sized_block_of_scores_whatever_the_lists():
+    assert rows_per_product(4096) == 256  # the size measured on 10,000,000 rows
+    assert rows_per_product(65_536) == 16  # 4 MB of scores, not the 64 MB of 256 rows
+    assert rows_per_product(64) == 4096  # few lists: at most 4,096 rows of vectors
+    assert rows_per_product(1 << 22) == 16
+
+
+def test_a_row_close_to_every_centroid_is_rescored_a_bounded_group_at_a_time(monkeypatch):
+    # a zero row ties with all 4,096 centroids: its float re-score must not gather them all
+    # at once (16 MB of vectors and centroids here; 256 MB at 65,536 lists)
+    centroids = normalize_rows(np.random.default_rng(8).standard_normal((4096, 512),
+                                                                        dtype=np.float32))
+    assignment = exact_int8(centroids)
+    rows = np.zeros((3, 512), np.float32)
+    rows[1] = centroids[77]
+    whole = assignment.lists_of(rows)
+    monkeypatch.setattr(list_assignment, "_CANDIDATES", 256)
+    tracemalloc.start()
+    try:
+        grouped = assignment.lists_of(rows)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert grouped.tolist() == whole.tolist() and grouped[1] == 77
+    assert peak < 4 << 20, f"{peak / 2**20:.1f} MiB at most 256 pairs at a time"
 
 
 def test_a_zero_row_gets_a_list_and_rows_that_would_overflow_are_refused(trained):
@@ -235,3 +254,36 @@ def test_fill_needs_the_centroids_of_train(vectors, kind):
     index = kind(512, NLIST)
     with pytest.raises(FailedPrecondition, match="fill follows train"):
         index.fill(np.arange(3, dtype=np.int64), vectors[:3])
+
+
+@pytest.mark.parametrize("kind", PARTITIONED, ids=lambda kind: kind.__name__)
+@pytest.mark.parametrize("int8", [True, False], ids=["int8", "float"])
+def test_a_fill_refuses_the_same_rows_whether_or_not_int8_products_are_exact(vectors, kind,
+                                                                             int8):
+    index = kind(512, NLIST)
+    index.train(vectors[: training_size(index.kind, 512)])
+    if int8 and index._fill_assignment is None:
+        pytest.skip("onnxruntime's int8 products are not exact on this CPU")
+    if not int8:
+        index._fill_assignment = None  # as train leaves it on such a CPU
+    rows = vectors[:3].copy()
+    rows[1, 4] = np.nan
+    with pytest.raises(ValueError, match="vectors: row 1 holds NaN"):
+        index.fill(np.arange(3, dtype=np.int64), rows)
+    index.finish_fill()
+    assert len(index) == 0  # nothing of the batch was added
+
+
+def test_a_fast_scan_fill_waits_for_a_search_in_progress(vectors):
+    index = FastScanIVFIndex(512, NLIST)
+    index.train(vectors[: training_size(index.kind, 512)])
+    if index._fill_assignment is None:
+        pytest.skip("onnxruntime's int8 products are not exact on this CPU")
+    fill = threading.Thread(target=index.fill, args=(np.arange(100, dtype=np.int64),
+                                                     vectors[:100]))
+    with index._lock.reading():  # as a search holds it
+        fill.start()
+        fill.join(1.0)
+        assert fill.is_alive(), "the fill changed the index under a reader"
+    fill.join(30)
+    assert not fill.is_alive() and len(index) == 100

@@ -76,7 +76,11 @@ from dedup.core.rwlock import ReadWriteLock
 from dedup.core.settings import IndexConfig
 from dedup.core.vectors import Matrix
 from dedup.gallery.embedded.checkpoint import Checkpoint, read_checkpoint
-from dedup.gallery.embedded.list_assignment import Int8Assignment, int8_assignment
+from dedup.gallery.embedded.list_assignment import (
+    Int8Assignment,
+    int8_assignment,
+    require_assignable,
+)
 
 Ids = npt.NDArray[np.int64]
 Scores = npt.NDArray[np.float32]
@@ -699,6 +703,7 @@ class SignIVFIndex(PartitionedIndex, _SignCoded):
             raise FailedPrecondition(f"{self.kind}: fill follows train")
         assignment = self._fill_assignment
         if assignment is None:
+            require_assignable(vectors)
             self.add(ids, vectors)
         else:
             self._add_to_lists(ids, vectors, lambda: assignment.lists_of(vectors))
@@ -809,19 +814,27 @@ class FastScanIVFIndex(PartitionedIndex):
             return
         assignment = self._fill_assignment
         if assignment is None or (self._filling is None and len(self)):
+            require_assignable(vectors)
             self.add(ids, vectors)
             return
-        if self._filling is None:
-            self._filling = faiss.IndexIVFPQ(self._centroids, self._dimension, self.nlist,
-                                             self._index.pq.M, 4, faiss.METRIC_INNER_PRODUCT)
-            self._filling.by_residual = False
-            self._filling.pq = self._index.pq
-            self._filling.is_trained = True
         vectors = np.ascontiguousarray(vectors, np.float32)
         ids = np.ascontiguousarray(ids, np.int64)
         lists = assignment.lists_of(vectors)
-        self._filling.add_core(len(ids), faiss.swig_ptr(vectors), faiss.swig_ptr(ids),
-                               faiss.swig_ptr(lists))
+        with self._lock.writing():  # a fill excludes finish_fill, add and remove
+            if self._filling is None:
+                self._filling = self._empty_filling()
+            self._filling.add_core(len(ids), faiss.swig_ptr(vectors), faiss.swig_ptr(ids),
+                                   faiss.swig_ptr(lists))
+
+    def _empty_filling(self) -> Any:
+        """An IndexIVFPQ over the index's centroids and PQ: it takes the lists a fill chose
+        (add_core), and finish_fill converts it to fast-scan lists code for code."""
+        filling = faiss.IndexIVFPQ(self._centroids, self._dimension, self.nlist,
+                                   self._index.pq.M, 4, faiss.METRIC_INNER_PRODUCT)
+        filling.by_residual = False
+        filling.pq = self._index.pq
+        filling.is_trained = True
+        return filling
 
     def finish_fill(self) -> None:
         if self._filling is None:

@@ -33,16 +33,18 @@ from dedup.core.vectors import Matrix
 
 log = logging.getLogger("dedup.gallery")
 
-# Rows a product: its scores (4 MB at 4,096 lists) stay in cache through the passes over
-# them. 13.3 s a million against 21.8 with 2,048 rows (100,000 rows of the 10,000,000
-# clustered gallery and its own centroids).
-BLOCK = 256
+# Integer scores a product makes (4 MB): they stay in cache through the passes over them.
+# At 4,096 lists that is 256 rows, 13.3 s a million against 21.8 with 2,048 rows (100,000
+# rows of the 10,000,000 clustered gallery and its own centroids).
+_BLOCK_SCORES = 1 << 20
+_BLOCK_ROWS = (16, 4096)  # the fewest and the most rows a product, whatever the lists
 _LEVELS = 127  # |an int8 code| at most
 _ZERO = 128  # a vector's codes are sent as uint8 with this zero point
-# Centroid candidates scored in float32 at a time: where the integer scores leave many
-# close (~63 a row on uneven galleries; a zero row all of them), gathering them
-# all at once is unbounded; this keeps the gathered vectors and centroids to ~64 MB.
-_CANDIDATES = 16_384
+# (row, centroid) pairs scored in float32 at a time: the gathered vectors and centroids (4 MB)
+# stay in cache, however many centroids the integer scores leave close (a zero row: all).
+# 61.4 s a million against 120.9 with 16,384 pairs where every row has ~89 (20,000 uneven
+# rows, 4,096 centroids drawn from the same data); the same within 3% where rows have few.
+_CANDIDATES = 1024
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,9 @@ class Int8Assignment:
         """Each vector's nearest centroid (a row of `vectors` each)."""
         vectors = np.ascontiguousarray(vectors, np.float32)
         lists = np.empty(len(vectors), np.int64)
-        for start in range(0, len(vectors), BLOCK):
-            lists[start:start + BLOCK] = self._nearest(vectors[start:start + BLOCK])
+        block = rows_per_product(len(self.centroids))
+        for start in range(0, len(vectors), block):
+            lists[start:start + block] = self._nearest(vectors[start:start + block])
         return lists
 
     def _nearest(self, vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.int64]:
@@ -98,24 +101,33 @@ class Int8Assignment:
     def _best_in_float(self, vectors: npt.NDArray[np.float32], scores: npt.NDArray[np.int32],
                        floor: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
         """For each row, the best in float32 of the centroids whose integer score is at
-        least the row's `floor`."""
-        candidates = scores >= floor[:, None]
-        best = np.empty(len(vectors), np.int64)
-        for rows in _row_groups(candidates.sum(axis=1), _CANDIDATES):
-            best[rows] = self._best_of(vectors[rows], candidates[rows])
-        return best
-
-    def _best_of(self, vectors: npt.NDArray[np.float32],
-                 candidates: npt.NDArray[np.bool_]) -> npt.NDArray[np.int64]:
-        rows, columns = np.nonzero(candidates)
-        exact = np.einsum("ij,ij->i", vectors[rows], self.centroids[columns])
+        least the row's `floor`, scored _CANDIDATES (row, centroid) pairs at a time."""
+        rows, columns = np.nonzero(scores >= floor[:, None])
+        exact = np.empty(len(rows), np.float32)
+        for start in range(0, len(rows), _CANDIDATES):
+            pairs = slice(start, start + _CANDIDATES)
+            exact[pairs] = np.einsum("ij,ij->i", vectors[rows[pairs]],
+                                     self.centroids[columns[pairs]])
         order = np.lexsort((-exact, rows))  # each row's best first
         first = np.flatnonzero(np.r_[True, rows[order][1:] != rows[order][:-1]])
         return columns[order[first]].astype(np.int64)
 
 
+def rows_per_product(nlist: int) -> int:
+    """Rows whose integer scores against `nlist` centroids stay within _BLOCK_SCORES."""
+    fewest, most = _BLOCK_ROWS
+    return min(most, max(fewest, _BLOCK_SCORES // max(nlist, 1)))
+
+
 # A row's scale (127 / its largest value) and norm stay finite in float32 within these.
 _SMALLEST, _LARGEST = 1e-30, 1e30
+
+
+def require_assignable(vectors: Matrix) -> None:
+    """Refuses the rows an int8 assignment refuses, so that a build refuses the same rows
+    whether or not this CPU's int8 products are exact."""
+    if len(vectors):
+        _require_scalable(np.abs(np.asarray(vectors, np.float32)).max(axis=1))
 
 
 def _require_scalable(largest: npt.NDArray[np.float32]) -> None:
@@ -125,18 +137,6 @@ def _require_scalable(largest: npt.NDArray[np.float32]) -> None:
     if not fine.all():
         raise ValueError(f"vectors: row {int(np.flatnonzero(~fine)[0])} holds NaN, infinity "
                          f"or values outside {_SMALLEST:g}..{_LARGEST:g} in magnitude")
-
-
-def _row_groups(counts: npt.NDArray[np.int64], limit: int) -> list[slice]:
-    """Consecutive rows whose `counts` sum to at most `limit` (a row over it alone)."""
-    totals = np.cumsum(counts)
-    groups, start = [], 0
-    while start < len(counts):
-        before = int(totals[start - 1]) if start else 0
-        end = max(start + 1, int(np.searchsorted(totals, before + limit, side="right")))
-        groups.append(slice(start, end))
-        start = end
-    return groups
 
 
 def int8_assignment(centroids: Matrix, threads: int = 1) -> Int8Assignment | None:
