@@ -137,13 +137,18 @@ def test_hot_backup_while_enrolling_is_a_consistent_prefix(make_server, faces, t
     backup_ended, done = threading.Event(), threading.Event()
     attempted = [100]  # the people the writer began to enrol
 
+    failures: list[BaseException] = []
+
     def keep_enrolling() -> None:
-        for i in range(100, len(people)):
-            if backup_ended.is_set():
-                return
-            attempted[0] = i + 1
-            enroll(server.stub, f"r{i}", f"ID{i}", people[i])
-        done.set()
+        try:
+            for i in range(100, len(people)):
+                if backup_ended.is_set():
+                    return
+                attempted[0] = i + 1
+                enroll(server.stub, f"r{i}", f"ID{i}", people[i])
+            done.set()
+        except BaseException as error:  # re-raised below: a thread's error is otherwise lost
+            failures.append(error)
 
     writer = threading.Thread(target=keep_enrolling)
     writer.start()
@@ -151,6 +156,8 @@ def test_hot_backup_while_enrolling_is_a_consistent_prefix(make_server, faces, t
     result = dedup("backup", str(server.data_dir), str(dest))
     backup_ended.set()
     writer.join()
+    if failures:
+        raise failures[0]
     assert result.returncode == 0, result.stderr
     assert "backed up" in result.stdout
     assert not done.is_set(), "the backup did not overlap the enrolments"
