@@ -6,6 +6,7 @@ exactly, code for code."""
 from __future__ import annotations
 
 import threading
+import time
 import tracemalloc
 
 import numpy as np
@@ -26,11 +27,13 @@ from dedup.gallery.embedded.list_assignment import (
     _product_session,
     _products_exact,
     int8_assignment,
+    paying_rescores,
     rows_per_product,
 )
 
 NLIST = 64
 SIZE = 20_000
+PAYING_AT_4096 = list_assignment._PAYING_RESCORES_AT_4096  # the default, before the patch
 
 
 def uneven(count: int, seed: int) -> np.ndarray:
@@ -38,6 +41,15 @@ def uneven(count: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     spectrum = (1.0 / np.sqrt(np.arange(1, 513))).astype(np.float32)
     return normalize_rows(rng.standard_normal((count, 512), dtype=np.float32) * spectrum)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def int8_choice_at_any_cost():
+    """The int8 choice is what this module tests: builds take it however many centroids it
+    leaves to score again (at 64 lists the float product is the cheaper choice)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(list_assignment, "_PAYING_RESCORES_AT_4096", float("inf"))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +119,10 @@ def test_a_centroid_is_assigned_its_own_list(trained):
     assert exact_int8(centroids).lists_of(centroids).tolist() == list(range(NLIST))
 
 
-def test_float_rescoring_in_small_groups_chooses_the_same_exact_lists(trained, vectors,
+def test_float_rescoring_in_small_chunks_chooses_the_same_exact_lists(trained, vectors,
                                                                       monkeypatch):
-    # uneven rows leave many centroids close in integers: with room for only 50 candidates
-    # at a time, the re-score runs a row or two per group and must choose as before
+    # uneven rows leave many centroids close in integers: re-scored 50 (row, centroid)
+    # pairs at a time, a row's candidates span chunks, and it must choose as before
     centroids = centroids_of(trained)
     assignment = exact_int8(centroids)
     rows = vectors[:3000]
@@ -121,10 +133,10 @@ def test_float_rescoring_in_small_groups_chooses_the_same_exact_lists(trained, v
     assert_nearest(grouped, rows, centroids)
 
 
-def test_a_product_holds_a_cache_sized_block_of_scores_whatever_the_lists():
+def test_a_product_holds_a_cache_sized_block_of_scores_up_to_65536_lists():
     assert rows_per_product(4096) == 256  # the size measured on 10,000,000 rows
     assert rows_per_product(65_536) == 16  # 4 MB of scores, not the 64 MB of 256 rows
-    assert rows_per_product(64) == 4096  # few lists: at most 4,096 rows of vectors
+    assert rows_per_product(64) == 1024  # few lists: at most 1,024 rows of vectors
     assert rows_per_product(1 << 22) == 16
 
 
@@ -137,6 +149,7 @@ def test_a_row_close_to_every_centroid_is_rescored_a_bounded_group_at_a_time(mon
     rows = np.zeros((3, 512), np.float32)
     rows[1] = centroids[77]
     whole = assignment.lists_of(rows)
+    # 256 pairs gather ~1 MB; the 4,096 at once (or the default 1,024's 4 MB) would not fit
     monkeypatch.setattr(list_assignment, "_CANDIDATES", 256)
     tracemalloc.start()
     try:
@@ -145,6 +158,7 @@ def test_a_row_close_to_every_centroid_is_rescored_a_bounded_group_at_a_time(mon
     finally:
         tracemalloc.stop()
     assert grouped.tolist() == whole.tolist() and grouped[1] == 77
+    assert_nearest(grouped, rows, centroids)
     assert peak < 4 << 20, f"{peak / 2**20:.1f} MiB at most 256 pairs at a time"
 
 
@@ -258,20 +272,33 @@ def test_fill_needs_the_centroids_of_train(vectors, kind):
 
 @pytest.mark.parametrize("kind", PARTITIONED, ids=lambda kind: kind.__name__)
 @pytest.mark.parametrize("int8", [True, False], ids=["int8", "float"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1e31, 1e-31])
 def test_a_fill_refuses_the_same_rows_whether_or_not_int8_products_are_exact(vectors, kind,
-                                                                             int8):
+                                                                             int8, bad):
     index = kind(512, NLIST)
     index.train(vectors[: training_size(index.kind, 512)])
     if int8 and index._fill_assignment is None:
         pytest.skip("onnxruntime's int8 products are not exact on this CPU")
     if not int8:
         index._fill_assignment = None  # as train leaves it on such a CPU
-    rows = vectors[:3].copy()
-    rows[1, 4] = np.nan
-    with pytest.raises(ValueError, match="vectors: row 1 holds NaN"):
-        index.fill(np.arange(3, dtype=np.int64), rows)
+    rows = vectors[:5000].copy()
+    rows[4100] = 0
+    rows[4100, 4] = bad  # past the first product's rows: named by its row in the batch
+    with pytest.raises(ValueError, match="vectors: row 4100 holds NaN"):
+        index.fill(np.arange(5000, dtype=np.int64), rows)
     index.finish_fill()
     assert len(index) == 0  # nothing of the batch was added
+
+
+def test_a_fast_scan_fill_after_an_add_refuses_what_a_fill_refuses(vectors):
+    index = FastScanIVFIndex(512, NLIST)
+    index.train(vectors[: training_size(index.kind, 512)])
+    index.add(np.arange(10, dtype=np.int64), vectors[:10])
+    rows = vectors[10:13].copy()
+    rows[1, 4] = np.nan
+    with pytest.raises(ValueError, match="vectors: row 1 holds NaN"):
+        index.fill(np.arange(10, 13, dtype=np.int64), rows)
+    assert len(index) == 10
 
 
 def test_a_fast_scan_fill_waits_for_a_search_in_progress(vectors):
@@ -283,7 +310,71 @@ def test_a_fast_scan_fill_waits_for_a_search_in_progress(vectors):
                                                      vectors[:100]))
     with index._lock.reading():  # as a search holds it
         fill.start()
-        fill.join(1.0)
-        assert fill.is_alive(), "the fill changed the index under a reader"
+        deadline = time.monotonic() + 30
+        while index._lock._writers_waiting == 0 and fill.is_alive():
+            assert time.monotonic() < deadline, "the fill neither waited nor ended"
+            time.sleep(0.001)
+        assert index._filling is None and len(index) == 0, "the fill changed the index"
     fill.join(30)
     assert not fill.is_alive() and len(index) == 100
+
+
+class FinishingFirst:
+    """An assignment whose list choice lets a search finish the pending fill first, as one
+    may between a fill's checks and its write lock."""
+
+    def __init__(self, index: FastScanIVFIndex, assignment: Int8Assignment) -> None:
+        self.index, self.assignment = index, assignment
+
+    def lists_of(self, vectors: np.ndarray) -> np.ndarray:
+        self.index.search(vectors[:1], 1, SearchOptions(nprobe=1))  # finishes the fill
+        return self.assignment.lists_of(vectors)
+
+
+def test_a_fill_that_finds_the_fill_finished_meanwhile_adds_to_the_index(vectors):
+    # the batch must join the vectors the index holds, not start a new fill that would
+    # replace them at the next finish_fill
+    index = FastScanIVFIndex(512, NLIST)
+    index.train(vectors[: training_size(index.kind, 512)])
+    if index._fill_assignment is None:
+        pytest.skip("onnxruntime's int8 products are not exact on this CPU")
+    index.fill(np.arange(100, dtype=np.int64), vectors[:100])
+    index._fill_assignment = FinishingFirst(index, index._fill_assignment)
+    index.fill(np.arange(100, 200, dtype=np.int64), vectors[100:200])
+    index.finish_fill()
+    assert len(index) == 200
+    found = index.search(vectors[[5, 150]], 1, SearchOptions(nprobe=4))
+    assert [ids.tolist() for ids, _ in found] == [[5], [150]]
+
+
+def test_the_rescores_a_row_that_pay_scale_with_the_lists(monkeypatch):
+    monkeypatch.setattr(list_assignment, "_PAYING_RESCORES_AT_4096", PAYING_AT_4096)
+    assert paying_rescores(4096) == 16.0  # measured there
+    assert paying_rescores(64) == 0.25
+
+
+def test_rescored_a_row_counts_the_centroids_integer_scores_leave_close(trained, vectors):
+    assignment = exact_int8(centroids_of(trained))
+    own = assignment.rescored_a_row(vectors[:2048])  # the gallery the centroids were made on
+    other = assignment.rescored_a_row(FaceGenerator(11).persons(2048))  # another one
+    assert 1 < own < 8 < other
+    assert assignment.rescored_a_row(vectors[:0]) == 0.0
+
+
+@pytest.mark.parametrize("kind", PARTITIONED, ids=lambda kind: kind.__name__)
+def test_a_build_takes_the_float_product_where_the_int8_choice_does_not_pay(vectors, kind,
+                                                                            monkeypatch):
+    monkeypatch.setattr(list_assignment, "_PAYING_RESCORES_AT_4096", PAYING_AT_4096)
+    ids = np.arange(SIZE, dtype=np.int64)
+    filled, added = kind(512, NLIST), kind(512, NLIST)
+    for index in (filled, added):
+        index.train(vectors[: training_size(index.kind, 512)])
+    if filled._fill_assignment is None:
+        pytest.skip("onnxruntime's int8 products are not exact on this CPU")
+    for batch in np.array_split(np.arange(SIZE), 3):
+        filled.fill(ids[batch], vectors[batch])
+        # the first batch leaves ~4 centroids a row close: more than 64 lists pay for
+        assert filled._fill_assignment is None
+    filled.finish_fill()
+    added.add(ids, vectors)
+    assert snapshot_bytes(filled) == snapshot_bytes(added)

@@ -12,7 +12,9 @@ bound of the best. The nearest centroid is always among them, so the choice is t
 
 Before an assignment is used, its integer products are compared with numpy's exact ones on
 extreme inputs: a CPU kernel that saturates (onnxruntime warns of some without VNNI) makes the
-build assign by the float product instead.
+build assign by the float product instead. So does a gallery whose rows leave so many
+centroids close in integers that the float re-score costs more than the float product saves
+(`paying_rescores`, measured on the build's first batch).
 
 Vectors added one by one while serving always go to their exact nearest centroid (the index's
 own IndexFlatIP).
@@ -33,15 +35,19 @@ from dedup.core.vectors import Matrix
 
 log = logging.getLogger("dedup.gallery")
 
-# Integer scores a product makes (4 MB): they stay in cache through the passes over them.
+# Integer scores a product makes (4 MB, up to 65,536 lists): they stay in cache through the
+# passes over them.
 # At 4,096 lists that is 256 rows, 13.3 s a million against 21.8 with 2,048 rows (100,000
 # rows of the 10,000,000 clustered gallery and its own centroids).
 _BLOCK_SCORES = 1 << 20
-_BLOCK_ROWS = (16, 4096)  # the fewest and the most rows a product, whatever the lists
+# The fewest and the most rows a product. Over 1,024 rows the float temporaries of a row's
+# codes leave the cache: at 256 lists 13.3 s a million with 4,096 rows, 10.1 with 1,024.
+_BLOCK_ROWS = (16, 1024)
 _LEVELS = 127  # |an int8 code| at most
 _ZERO = 128  # a vector's codes are sent as uint8 with this zero point
 # (row, centroid) pairs scored in float32 at a time: the gathered vectors and centroids (4 MB)
-# stay in cache, however many centroids the integer scores leave close (a zero row: all).
+# stay in cache, however many centroids the integer scores leave close (a zero row: all;
+# the pairs' row and column numbers, 16 bytes a pair, are not chunked).
 # 61.4 s a million against 120.9 with 16,384 pairs where every row has ~89 (20,000 uneven
 # rows, 4,096 centroids drawn from the same data); the same within 3% where rows have few.
 _CANDIDATES = 1024
@@ -63,11 +69,23 @@ class Int8Assignment:
         lists = np.empty(len(vectors), np.int64)
         block = rows_per_product(len(self.centroids))
         for start in range(0, len(vectors), block):
-            lists[start:start + block] = self._nearest(vectors[start:start + block])
+            lists[start:start + block] = self._nearest(vectors[start:start + block], start)
         return lists
 
-    def _nearest(self, vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.int64]:
+    def rescored_a_row(self, vectors: Matrix) -> float:
+        """How many centroids a row of `vectors` leaves to score again in float32, on
+        average (a row whose integer scores are sure: none)."""
+        vectors = np.ascontiguousarray(vectors, np.float32)
+        if not len(vectors):
+            return 0.0
         codes, slack = self._codes(vectors)
+        scores: npt.NDArray[np.int32] = self.session.run(None, {"vectors": codes})[0]
+        close = (scores >= (scores.max(axis=1) - slack)[:, None]).sum(axis=1)
+        return float(np.where(close > 1, close, 0).mean())
+
+    def _nearest(self, vectors: npt.NDArray[np.float32], first_row: int
+                 ) -> npt.NDArray[np.int64]:
+        codes, slack = self._codes(vectors, first_row)
         scores: npt.NDArray[np.int32] = self.session.run(None, {"vectors": codes})[0]
         rows = np.arange(len(vectors))
         best: npt.NDArray[np.int64] = scores.argmax(axis=1)
@@ -80,12 +98,13 @@ class Int8Assignment:
                                                (top - slack)[unsure])
         return best.astype(np.int64)
 
-    def _codes(self, vectors: npt.NDArray[np.float32]
+    def _codes(self, vectors: npt.NDArray[np.float32], first_row: int = 0
                ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
         """The vectors' uint8 codes, and how far below a row's best integer
-        score its nearest centroid's may be (twice the row's error bound, in score units)."""
+        score its nearest centroid's may be (twice the row's error bound, in score units).
+        `first_row`: the first's row number in the caller's batch, for an error."""
         largest = np.abs(vectors).max(axis=1)  # NaN or inf where the row holds one
-        _require_scalable(largest)
+        _require_scalable(largest, first_row)
         # a zero row keeps scale 1: its codes are all zero and every centroid ties
         row_scale = (_LEVELS / np.where(largest > 0, largest, _LEVELS)).astype(np.float32)
         scaled = vectors * row_scale[:, None]
@@ -113,6 +132,20 @@ class Int8Assignment:
         return columns[order[first]].astype(np.int64)
 
 
+# Where a row leaves more centroids than this to score again in float32, the int8 choice
+# costs more than FAISS's float product (at 4,096 lists, one core, k-means centroids and
+# 50,000 rows of benchmarks/gallery_data.py's variants: clustered 2.4 a row, 12.2 s a
+# million against FAISS's 22.3; uneven 8.1, 19.1 against 23.4; isotropic 18.1, 24.2 against
+# 23.0). Both products scale with the lists, the re-score does not: the limit scales too.
+_PAYING_RESCORES_AT_4096 = 16.0
+PAYING_SAMPLE = 2048  # rows of its first batch a build measures that on
+
+
+def paying_rescores(nlist: int) -> float:
+    """The most float re-scores a row at which the int8 choice pays at `nlist` lists."""
+    return _PAYING_RESCORES_AT_4096 * nlist / 4096
+
+
 def rows_per_product(nlist: int) -> int:
     """Rows whose integer scores against `nlist` centroids stay within _BLOCK_SCORES."""
     fewest, most = _BLOCK_ROWS
@@ -130,12 +163,13 @@ def require_assignable(vectors: Matrix) -> None:
         _require_scalable(np.abs(np.asarray(vectors, np.float32)).max(axis=1))
 
 
-def _require_scalable(largest: npt.NDArray[np.float32]) -> None:
+def _require_scalable(largest: npt.NDArray[np.float32], first_row: int = 0) -> None:
     """Refuses rows holding NaN or infinity, or whose largest value (zero aside) is outside
     _SMALLEST.._LARGEST: their integer codes and error bound would overflow."""
     fine = (largest == 0) | ((largest >= _SMALLEST) & (largest <= _LARGEST))
     if not fine.all():
-        raise ValueError(f"vectors: row {int(np.flatnonzero(~fine)[0])} holds NaN, infinity "
+        row = first_row + int(np.flatnonzero(~fine)[0])
+        raise ValueError(f"vectors: row {row} holds NaN, infinity "
                          f"or values outside {_SMALLEST:g}..{_LARGEST:g} in magnitude")
 
 
