@@ -33,7 +33,6 @@ from dedup.gallery.embedded.list_assignment import (
 
 NLIST = 64
 SIZE = 20_000
-PAYING_AT_4096 = list_assignment._PAYING_RESCORES_AT_4096  # the default, before the patch
 
 
 def uneven(count: int, seed: int) -> np.ndarray:
@@ -41,15 +40,6 @@ def uneven(count: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     spectrum = (1.0 / np.sqrt(np.arange(1, 513))).astype(np.float32)
     return normalize_rows(rng.standard_normal((count, 512), dtype=np.float32) * spectrum)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def int8_choice_at_any_cost():
-    """The int8 choice is what this module tests: builds take it however many centroids it
-    leaves to score again (at 64 lists the float product is the cheaper choice)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(list_assignment, "_PAYING_RESCORES_AT_4096", float("inf"))
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -347,10 +337,15 @@ def test_a_fill_that_finds_the_fill_finished_meanwhile_adds_to_the_index(vectors
     assert [ids.tolist() for ids, _ in found] == [[5], [150]]
 
 
-def test_the_rescores_a_row_that_pay_scale_with_the_lists(monkeypatch):
-    monkeypatch.setattr(list_assignment, "_PAYING_RESCORES_AT_4096", PAYING_AT_4096)
+def test_the_rescores_a_row_that_pay_scale_with_the_lists():
     assert paying_rescores(4096) == 16.0  # measured there
-    assert paying_rescores(64) == 0.25
+    assert paying_rescores(16_384) == 64.0
+    assert paying_rescores(64) == float("inf")  # both cheap, unmeasured: int8 kept
+
+
+def measured_at_64_lists(monkeypatch) -> None:
+    """The limit as at 4,096 lists, scaled to 64 (0.25 a row)."""
+    monkeypatch.setattr(list_assignment, "_FEWEST_LISTS_MEASURED", 1)
 
 
 def test_rescored_a_row_counts_the_centroids_integer_scores_leave_close(trained, vectors):
@@ -364,7 +359,7 @@ def test_rescored_a_row_counts_the_centroids_integer_scores_leave_close(trained,
 @pytest.mark.parametrize("kind", PARTITIONED, ids=lambda kind: kind.__name__)
 def test_a_build_takes_the_float_product_where_the_int8_choice_does_not_pay(vectors, kind,
                                                                             monkeypatch):
-    monkeypatch.setattr(list_assignment, "_PAYING_RESCORES_AT_4096", PAYING_AT_4096)
+    measured_at_64_lists(monkeypatch)
     ids = np.arange(SIZE, dtype=np.int64)
     filled, added = kind(512, NLIST), kind(512, NLIST)
     for index in (filled, added):
@@ -378,3 +373,22 @@ def test_a_build_takes_the_float_product_where_the_int8_choice_does_not_pay(vect
     filled.finish_fill()
     added.add(ids, vectors)
     assert snapshot_bytes(filled) == snapshot_bytes(added)
+
+
+def test_the_first_batch_decides_for_the_whole_build(vectors, monkeypatch):
+    measured_at_64_lists(monkeypatch)
+    monkeypatch.setattr(list_assignment, "_PAYING_RESCORES_AT_4096", 2_000.0)  # 31 at 64
+    index = SignIVFIndex(512, NLIST)
+    index.train(vectors[: training_size(index.kind, 512)])
+    if index._fill_assignment is None:
+        pytest.skip("onnxruntime's int8 products are not exact on this CPU")
+    index.fill(np.arange(1000, dtype=np.int64), vectors[:1000])  # ~4 a row: int8 pays
+    assert index._fill_assignment is not None
+    other = FaceGenerator(11).persons(1000)  # ~45 a row: a first batch of these would not
+    assert index._fill_assignment.rescored_a_row(other) > 31
+    index.fill(np.arange(1000, 2000, dtype=np.int64), other)
+    assert index._fill_assignment is not None and len(index) == 2000
+    another = SignIVFIndex(512, NLIST)  # another build, whose first batch is those rows
+    another.train(vectors[: training_size(another.kind, 512)])
+    another.fill(np.arange(1000, dtype=np.int64), other)
+    assert another._fill_assignment is None and len(another) == 1000

@@ -573,7 +573,8 @@ class PartitionedIndex(_Locked):
     """Codes in the `nlist` lists of a float partition: spherical k-means on the float32
     embeddings, whose centroids (an exact IndexFlatIP) assign each vector its list and name
     the `nprobe` lists a search scans. A build's `fill` chooses the same lists by
-    list_assignment.py's int8 products, for a fraction of the cost. How many lists a search
+    list_assignment.py's int8 products, for a fraction of the cost (or by the float product,
+    where those do not pay: _fill_assignment_for). How many lists a search
     scans is measured at the build on the gallery's own duplicates (calibration.py).
 
     Float k-means follows the gallery's structure where binary k-means on the codes does
@@ -621,14 +622,16 @@ class PartitionedIndex(_Locked):
 
     def _fill_assignment_for(self, vectors: Matrix) -> Int8Assignment | None:
         """The int8 assignment a fill takes, or None where FAISS's float product is the
-        cheaper choice. Decided on the build's first batch: on its training sample, which
-        the centroids fit, the integer scores leave a fraction of the centroids close that
-        they leave on the rest of a gallery (0.6-1.3 against 2.4-18 a row)."""
+        cheaper choice. Decided on rows spread over the build's first batch, not on the
+        training sample: the centroids fit their sample, whose rows leave a fraction of the
+        centroids close that the rest of a gallery does (0.6-1.3 against 2.4-18 a row). (A
+        gallery under twice its sample starts with sample rows: it keeps the int8 choice.)"""
         assignment = self._fill_assignment
         if assignment is None or self._fill_decided or not len(vectors):
             return assignment
+        spread = vectors[::max(1, len(vectors) // PAYING_SAMPLE)][:PAYING_SAMPLE]
+        rescored = assignment.rescored_a_row(spread)
         self._fill_decided = True
-        rescored = assignment.rescored_a_row(vectors[:PAYING_SAMPLE])
         if rescored > paying_rescores(self.nlist):
             log.info("%s: a build assigns lists by the float product: the int8 products leave "
                      "%.1f centroids a row to score again in float32", self.kind, rescored)
@@ -722,7 +725,7 @@ class SignIVFIndex(PartitionedIndex, _SignCoded):
 
     def fill(self, ids: Ids, vectors: Matrix) -> None:
         """A build's vectors, after train: each list chosen by list_assignment's int8
-        products."""
+        products (or the float product where those do not pay)."""
         if not self._index.is_trained:
             raise FailedPrecondition(f"{self.kind}: fill follows train")
         assignment = self._fill_assignment_for(vectors)
@@ -831,13 +834,18 @@ class FastScanIVFIndex(PartitionedIndex):
 
     def fill(self, ids: Ids, vectors: Matrix) -> None:
         """A build's vectors, after train: each list chosen by list_assignment's int8
-        products; the index holds them after finish_fill."""
+        products (or the float product where those do not pay); the index holds them after
+        finish_fill."""
         if not self._index.is_trained:
             raise FailedPrecondition(f"{self.kind}: fill follows train")
         if len(ids) == 0:  # nothing to hold back, and a pending fill stays pending
             return
+        if self._filling is None and len(self):  # vectors were added: add these too
+            require_assignable(vectors)
+            self.add(ids, vectors)
+            return
         assignment = self._fill_assignment_for(vectors)
-        if assignment is None or (self._filling is None and len(self)):
+        if assignment is None:
             require_assignable(vectors)
             self.add(ids, vectors)
             return
@@ -876,7 +884,8 @@ class FastScanIVFIndex(PartitionedIndex):
             self._index, self._filling, self._fill_assignment = converted, None, None
 
     def __len__(self) -> int:
-        index, filling = self._index, self._filling  # finish_fill may swap them meanwhile
+        # each read once: finish_fill may swap them meanwhile (a count then can miss the fill)
+        index, filling = self._index, self._filling
         return int(index.ntotal) + (0 if filling is None else int(filling.ntotal))
 
     def remove(self, ids: Ids) -> int:

@@ -78,10 +78,13 @@ class Int8Assignment:
         vectors = np.ascontiguousarray(vectors, np.float32)
         if not len(vectors):
             return 0.0
-        codes, slack = self._codes(vectors)
-        scores: npt.NDArray[np.int32] = self.session.run(None, {"vectors": codes})[0]
-        close = (scores >= (scores.max(axis=1) - slack)[:, None]).sum(axis=1)
-        return float(np.where(close > 1, close, 0).mean())
+        rescored, block = 0, rows_per_product(len(self.centroids))
+        for start in range(0, len(vectors), block):
+            codes, slack = self._codes(vectors[start:start + block], start)
+            scores: npt.NDArray[np.int32] = self.session.run(None, {"vectors": codes})[0]
+            close = (scores >= (scores.max(axis=1) - slack)[:, None]).sum(axis=1)
+            rescored += int(close[close > 1].sum())
+        return rescored / len(vectors)
 
     def _nearest(self, vectors: npt.NDArray[np.float32], first_row: int
                  ) -> npt.NDArray[np.int64]:
@@ -135,14 +138,19 @@ class Int8Assignment:
 # Where a row leaves more centroids than this to score again in float32, the int8 choice
 # costs more than FAISS's float product (at 4,096 lists, one core, k-means centroids and
 # 50,000 rows of benchmarks/gallery_data.py's variants: clustered 2.4 a row, 12.2 s a
-# million against FAISS's 22.3; uneven 8.1, 19.1 against 23.4; isotropic 18.1, 24.2 against
-# 23.0). Both products scale with the lists, the re-score does not: the limit scales too.
+# million against FAISS's 22.3; uneven 8.1, 19.1-19.5 against 23.4-23.6; iso 18.1,
+# 24.0-24.2 against 22.9-23.1). Both products scale with the lists, the re-score does not:
+# the limit scales too. Only 4,096 lists were measured; below 1,024 both choices are cheap
+# and a build keeps the int8 one.
 _PAYING_RESCORES_AT_4096 = 16.0
+_FEWEST_LISTS_MEASURED = 1024
 PAYING_SAMPLE = 2048  # rows of its first batch a build measures that on
 
 
 def paying_rescores(nlist: int) -> float:
     """The most float re-scores a row at which the int8 choice pays at `nlist` lists."""
+    if nlist < _FEWEST_LISTS_MEASURED:
+        return float("inf")
     return _PAYING_RESCORES_AT_4096 * nlist / 4096
 
 
