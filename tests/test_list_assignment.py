@@ -67,6 +67,16 @@ def exact_int8(centroids: np.ndarray) -> Int8Assignment:
     return assignment
 
 
+def trained_with_int8(kind, vectors: np.ndarray):
+    """An index of `kind` trained on `vectors`, or a skip on a CPU whose int8 products are
+    not exact (its fills take the float product)."""
+    index = kind(512, NLIST)
+    index.train(vectors[: training_size(index.kind, 512)])
+    if index._fill_assignment is None:
+        pytest.skip("onnxruntime's int8 products are not exact on this CPU")
+    return index
+
+
 def assert_nearest(chosen: np.ndarray, vectors: np.ndarray, centroids: np.ndarray) -> None:
     """Each chosen centroid scores the best in float64 (within float32's rounding)."""
     scores = vectors.astype(np.float64) @ centroids.astype(np.float64).T
@@ -232,10 +242,7 @@ def test_a_fast_scan_fill_is_searched_changed_and_saved_whole_without_finish_fil
 
 
 def test_an_empty_batch_mid_fill_keeps_the_fill_pending(vectors):
-    index = FastScanIVFIndex(512, NLIST)
-    index.train(vectors[: training_size(index.kind, 512)])
-    if index._fill_assignment is None:
-        pytest.skip("onnxruntime's int8 products are not exact on this CPU")
+    index = trained_with_int8(FastScanIVFIndex, vectors)
     index.fill(np.arange(100, dtype=np.int64), vectors[:100])
     index.fill(np.zeros(0, np.int64), np.zeros((0, 512), np.float32))
     index.fill(np.arange(100, 200, dtype=np.int64), vectors[100:200])
@@ -292,10 +299,7 @@ def test_a_fast_scan_fill_after_an_add_refuses_what_a_fill_refuses(vectors):
 
 
 def test_a_fast_scan_fill_waits_for_a_search_in_progress(vectors):
-    index = FastScanIVFIndex(512, NLIST)
-    index.train(vectors[: training_size(index.kind, 512)])
-    if index._fill_assignment is None:
-        pytest.skip("onnxruntime's int8 products are not exact on this CPU")
+    index = trained_with_int8(FastScanIVFIndex, vectors)
     fill = threading.Thread(target=index.fill, args=(np.arange(100, dtype=np.int64),
                                                      vectors[:100]))
     with index._lock.reading():  # as a search holds it
@@ -324,10 +328,7 @@ class FinishingFirst:
 def test_a_fill_that_finds_the_fill_finished_meanwhile_adds_to_the_index(vectors):
     # the batch must join the vectors the index holds, not start a new fill that would
     # replace them at the next finish_fill
-    index = FastScanIVFIndex(512, NLIST)
-    index.train(vectors[: training_size(index.kind, 512)])
-    if index._fill_assignment is None:
-        pytest.skip("onnxruntime's int8 products are not exact on this CPU")
+    index = trained_with_int8(FastScanIVFIndex, vectors)
     index.fill(np.arange(100, dtype=np.int64), vectors[:100])
     index._fill_assignment = FinishingFirst(index, index._fill_assignment)
     index.fill(np.arange(100, 200, dtype=np.int64), vectors[100:200])
@@ -378,10 +379,7 @@ def test_a_build_takes_the_float_product_where_the_int8_choice_does_not_pay(vect
 def test_the_first_batch_decides_for_the_whole_build(vectors, monkeypatch):
     measured_at_64_lists(monkeypatch)
     monkeypatch.setattr(list_assignment, "_PAYING_RESCORES_AT_4096", 2_000.0)  # 31 at 64
-    index = SignIVFIndex(512, NLIST)
-    index.train(vectors[: training_size(index.kind, 512)])
-    if index._fill_assignment is None:
-        pytest.skip("onnxruntime's int8 products are not exact on this CPU")
+    index = trained_with_int8(SignIVFIndex, vectors)
     index.fill(np.arange(1000, dtype=np.int64), vectors[:1000])  # ~4 a row: int8 pays
     assert index._fill_assignment is not None
     other = FaceGenerator(11).persons(1000)  # ~45 a row: a first batch of these would not

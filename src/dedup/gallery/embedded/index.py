@@ -840,11 +840,8 @@ class FastScanIVFIndex(PartitionedIndex):
             raise FailedPrecondition(f"{self.kind}: fill follows train")
         if len(ids) == 0:  # nothing to hold back, and a pending fill stays pending
             return
-        if self._filling is None and len(self):  # vectors were added: add these too
-            require_assignable(vectors)
-            self.add(ids, vectors)
-            return
-        assignment = self._fill_assignment_for(vectors)
+        added = self._filling is None and len(self) > 0  # vectors were added: add these too
+        assignment = None if added else self._fill_assignment_for(vectors)
         if assignment is None:
             require_assignable(vectors)
             self.add(ids, vectors)

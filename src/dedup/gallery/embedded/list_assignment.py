@@ -80,16 +80,14 @@ class Int8Assignment:
             return 0.0
         rescored, block = 0, rows_per_product(len(self.centroids))
         for start in range(0, len(vectors), block):
-            codes, slack = self._codes(vectors[start:start + block], start)
-            scores: npt.NDArray[np.int32] = self.session.run(None, {"vectors": codes})[0]
+            scores, slack = self._integer_scores(vectors[start:start + block], start)
             close = (scores >= (scores.max(axis=1) - slack)[:, None]).sum(axis=1)
             rescored += int(close[close > 1].sum())
         return rescored / len(vectors)
 
     def _nearest(self, vectors: npt.NDArray[np.float32], first_row: int
                  ) -> npt.NDArray[np.int64]:
-        codes, slack = self._codes(vectors, first_row)
-        scores: npt.NDArray[np.int32] = self.session.run(None, {"vectors": codes})[0]
+        scores, slack = self._integer_scores(vectors, first_row)
         rows = np.arange(len(vectors))
         best: npt.NDArray[np.int64] = scores.argmax(axis=1)
         top = scores[rows, best].copy()
@@ -100,6 +98,12 @@ class Int8Assignment:
             best[unsure] = self._best_in_float(vectors[unsure], scores[unsure],
                                                (top - slack)[unsure])
         return best.astype(np.int64)
+
+    def _integer_scores(self, vectors: npt.NDArray[np.float32], first_row: int
+                        ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]]:
+        """Each row's integer score against every centroid, and its slack (_codes)."""
+        codes, slack = self._codes(vectors, first_row)
+        return self.session.run(None, {"vectors": codes})[0], slack
 
     def _codes(self, vectors: npt.NDArray[np.float32], first_row: int = 0
                ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
