@@ -9,13 +9,14 @@ registrations leave the file on disk too).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
 
 from dedup.core.errors import CheckpointError, ResourceExhausted
 from dedup.core.settings import StoreConfig
-from dedup.gallery.embedded.checkpoint import Checkpoint, write_checkpoint
+from dedup.gallery.embedded.checkpoint import Checkpoint, fsync_directory, write_checkpoint
 from dedup.gallery.embedded.index import SnapshotBuffer, VectorIndex
 from dedup.gallery.embedded.live_index import LiveIndex
 
@@ -122,10 +123,28 @@ class Checkpointer:
         with self.lock:
             write_checkpoint(self.path, snapshot)
             self.fit_buffer(snapshot.nbytes)  # the views are written: the buffer may move
-            self.sequence = sequence
-            self.written_at = time.monotonic()
-            pin = self.log_pin
-            self.live.store.truncate_changes(sequence if pin is None else min(pin, sequence))
+            self._covers(sequence)
+
+    def adopt(self, written: Path, sequence: int) -> None:
+        """Makes `written`, a checkpoint already on disk (fsynced) covering `sequence`, the
+        checkpoint, by a rename: a live rebuild's side file, not written a second time. The
+        change log is kept from `sequence` on, so a start replays what came after it."""
+        with self.lock:
+            try:
+                os.replace(written, self.path)
+            except OSError as error:
+                raise CheckpointError(f"{self.path}: cannot take the rebuilt index's file "
+                                      f"{written.name} as the checkpoint ({error})") from error
+            fsync_directory(self.path.parent)
+            self._covers(sequence)
+
+    def _covers(self, sequence: int) -> None:
+        """The checkpoint on disk now covers `sequence`: the log before it goes (unless a
+        live rebuild still needs it)."""
+        self.sequence = sequence
+        self.written_at = time.monotonic()
+        pin = self.log_pin
+        self.live.store.truncate_changes(sequence if pin is None else min(pin, sequence))
 
     def pin_log(self) -> None:
         """Keeps the change log from the current checkpoint on, until `unpin_log`."""

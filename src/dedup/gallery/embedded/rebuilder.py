@@ -2,7 +2,9 @@
 
 A live rebuild builds in a child process (see rebuild.py) while writes go on, keeps the
 change log from the current checkpoint on, applies the changes made meanwhile (the bulk
-beside the writes, the tail with writes held off), swaps and checkpoints.
+beside the writes, the tail with writes held off) and swaps. The side file, a checkpoint as
+of the build, then becomes the checkpoint by a rename; only when someone was erased since
+the build is the new index written again instead (the side file still holds them).
 """
 
 from __future__ import annotations
@@ -22,8 +24,13 @@ from dedup.gallery.embedded.index import AUTO, VectorIndex, load_index, training
 from dedup.gallery.embedded.index_plan import IndexPlan
 from dedup.gallery.embedded.layout import REBUILD_FILE
 from dedup.gallery.embedded.live_index import LiveIndex
-from dedup.gallery.embedded.rebuild import Built, build_in_child, build_in_process
-from dedup.gallery.embedded.replay import replay_changes
+from dedup.gallery.embedded.rebuild import (
+    Built,
+    below_this_thread,
+    build_in_child,
+    build_in_process,
+)
+from dedup.gallery.embedded.replay import change_delta, replay_changes
 
 log = logging.getLogger("dedup.gallery")
 
@@ -94,15 +101,16 @@ class Rebuilder:
         self.checkpointer.pin_log()
         store, model_id = self.live.store, self.live.model_id
         progress("starting", 0, self.plan.comparable_count())
-        covered = build_in_child(self.config, kind, model_id, self.plan.only_model(),
-                                 self.side_file, progress, cancelled=self._cancelled,
-                                 pair_score=self.plan.pair_score,
-                                 niceness=self.plan.rebuild_niceness)
-        built, _ = load_index(self.side_file, self.config.dimension, model_id)
-        progress("catching_up", 0, store.sequence() - covered)
-        covered = self._catch_up(built, covered)  # the bulk, while writes go on
+        built_at = build_in_child(self.config, kind, model_id, self.plan.only_model(),
+                                  self.side_file, progress, cancelled=self._cancelled,
+                                  pair_score=self.plan.pair_score,
+                                  niceness=self.plan.rebuild_niceness)
+        built = below_this_thread(self.plan.rebuild_niceness, lambda: load_index(
+            self.side_file, self.config.dimension, model_id)[0])
+        progress("catching_up", 0, store.sequence() - built_at)
+        covered = self._catch_up(built, built_at)  # the bulk, while writes go on
         # The checkpointer's lock first (as its checkpoints take them): its kept buffer
-        # holds the new index's snapshot until it is written, sized for it beforehand.
+        # holds the next checkpoint's snapshot, sized for the new index beforehand.
         with self.checkpointer.lock:
             self.checkpointer.fit_buffer(self.side_file.stat().st_size)
             with self.live.writes:  # the tail, with writes held off, then the swap
@@ -111,10 +119,18 @@ class Rebuilder:
                     raise StoreError(f"rebuilt index holds {len(built)} vectors, the store "
                                      f"{self.plan.comparable_count()}: kept the old index")
                 self.live.index = built
-                snapshot = built.snapshot(covered, model_id, self.checkpointer.buffer)
-            self.checkpointer.write(snapshot, covered)
+                snapshot = (built.snapshot(covered, model_id, self.checkpointer.buffer)
+                            if self._erased_since(built_at) else None)
+            if snapshot is None:
+                # The side file is a checkpoint as of the build: the log holds the rest.
+                self.checkpointer.adopt(self.side_file, built_at)
+            else:  # the side file holds someone erased since: it must not stay on disk
+                self.checkpointer.write(snapshot, covered)
         log.info("rebuilt the index as %s: %d vectors in %.1f s", kind, len(built),
                  time.monotonic() - started)
+
+    def _erased_since(self, sequence: int) -> bool:
+        return bool(change_delta(self.live.store, sequence).removed)
 
     def _catch_up(self, index: VectorIndex, covered: int) -> int:
         replayed = replay_changes(self.live.store, index, covered, self.live.model_id)
