@@ -107,5 +107,6 @@ def test_the_server_loads_a_rebuilt_index_below_its_checks(
         gallery.close(checkpoint=False)
     assert len(loads) == 1
     thread, seen = loads[0]
-    assert thread != threading.get_native_id() and seen == min(19, ours + niceness)
+    assert seen == min(19, ours + niceness)
+    assert (thread != threading.get_native_id()) == (niceness > 0)  # 0: no thread needed
     assert os.getpriority(os.PRIO_PROCESS, 0) == ours

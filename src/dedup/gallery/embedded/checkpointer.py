@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from dedup.core.errors import CheckpointError, ResourceExhausted
+from dedup.core.priority import below_this_thread
 from dedup.core.settings import StoreConfig
 from dedup.gallery.embedded.checkpoint import Checkpoint, fsync_directory, write_checkpoint
 from dedup.gallery.embedded.index import SnapshotBuffer, VectorIndex
@@ -119,9 +120,11 @@ class Checkpointer:
                 log.warning("no memory for a %d MB checkpoint buffer now: the next "
                             "checkpoint takes it", nbytes // 10**6)
 
-    def write(self, snapshot: Checkpoint, sequence: int) -> None:
+    def write(self, snapshot: Checkpoint, sequence: int, niceness: int = 0) -> None:
+        """`niceness`: the checksum and the writing run that far below the checks (this
+        thread waits for them, holding the lock)."""
         with self.lock:
-            write_checkpoint(self.path, snapshot)
+            below_this_thread(niceness, lambda: write_checkpoint(self.path, snapshot))
             self.fit_buffer(snapshot.nbytes)  # the views are written: the buffer may move
             self._covers(sequence)
 
@@ -132,10 +135,10 @@ class Checkpointer:
         with self.lock:
             try:
                 os.replace(written, self.path)
-            except OSError as error:
+                fsync_directory(self.path.parent)
+            except OSError as error:  # the sequence stays the older one: the log keeps more
                 raise CheckpointError(f"{self.path}: cannot take the rebuilt index's file "
                                       f"{written.name} as the checkpoint ({error})") from error
-            fsync_directory(self.path.parent)
             self._covers(sequence)
 
     def _covers(self, sequence: int) -> None:

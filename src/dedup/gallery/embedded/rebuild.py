@@ -14,14 +14,11 @@ import logging
 import multiprocessing
 import os
 import queue
-import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import TypeVar
 
 import faiss
 import numpy as np
@@ -42,8 +39,6 @@ from dedup.gallery.embedded.index import (
 from dedup.gallery.embedded.store import Snapshot, Store
 
 log = logging.getLogger("dedup.gallery")
-
-T = TypeVar("T")
 
 ADD_BATCH = 20_000
 # Training sample: enough points per centroid for k-means, not the whole gallery.
@@ -105,24 +100,6 @@ def _lower_priority(child: BaseProcess, nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, child.pid, nice)
     except OSError as error:
         log.warning("the rebuild's process keeps the server's priority: %s", error)
-
-
-def below_this_thread(niceness: int, work: Callable[[], T]) -> T:
-    """`work`'s result, run in a thread of its own `niceness` above this one's (capped at
-    19; Linux keeps a niceness a thread, and the thread's ends with it). The server loads a
-    rebuild's side file this way: at 10,000,000 that is ~1.5 s of one core (reading, the
-    checksum, FAISS's parse), which the checks had to share at the swap."""
-    nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + niceness)
-
-    def lowered() -> None:
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-        except OSError as error:
-            log.warning("loading the rebuilt index at the server's priority: %s", error)
-
-    with ThreadPoolExecutor(1, thread_name_prefix="dedup-rebuild-load",
-                            initializer=lowered) as pool:
-        return pool.submit(work).result()
 
 
 def _every_thread_at(nice: int | None) -> None:

@@ -3,8 +3,9 @@
 A live rebuild builds in a child process (see rebuild.py) while writes go on, keeps the
 change log from the current checkpoint on, applies the changes made meanwhile (the bulk
 beside the writes, the tail with writes held off) and swaps. The side file, a checkpoint as
-of the build, then becomes the checkpoint by a rename; only when someone was erased since
-the build is the new index written again instead (the side file still holds them).
+of the build, then becomes the checkpoint by a rename; the new index is written again instead
+when someone was erased since the build (the side file still holds them) or a checkpoint was
+written meanwhile (the side file would replace a later one).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dedup.core.errors import FailedPrecondition, StoreError
+from dedup.core.priority import below_this_thread
 from dedup.core.settings import StoreConfig
 from dedup.gallery.base import IndexStatus, Progress
 from dedup.gallery.embedded.checkpoint import temporary_of
@@ -24,13 +26,8 @@ from dedup.gallery.embedded.index import AUTO, VectorIndex, load_index, training
 from dedup.gallery.embedded.index_plan import IndexPlan
 from dedup.gallery.embedded.layout import REBUILD_FILE
 from dedup.gallery.embedded.live_index import LiveIndex
-from dedup.gallery.embedded.rebuild import (
-    Built,
-    below_this_thread,
-    build_in_child,
-    build_in_process,
-)
-from dedup.gallery.embedded.replay import change_delta, replay_changes
+from dedup.gallery.embedded.rebuild import Built, build_in_child, build_in_process
+from dedup.gallery.embedded.replay import apply_delta, change_delta
 
 log = logging.getLogger("dedup.gallery")
 
@@ -105,38 +102,42 @@ class Rebuilder:
                                   self.side_file, progress, cancelled=self._cancelled,
                                   pair_score=self.plan.pair_score,
                                   niceness=self.plan.rebuild_niceness)
-        built = below_this_thread(self.plan.rebuild_niceness, lambda: load_index(
+        niced = self.plan.rebuild_niceness
+        built = below_this_thread(niced, lambda: load_index(
             self.side_file, self.config.dimension, model_id)[0])
         progress("catching_up", 0, store.sequence() - built_at)
-        covered = self._catch_up(built, built_at)  # the bulk, while writes go on
+        covered, erased = self._catch_up(built, built_at)  # the bulk, while writes go on
         # The checkpointer's lock first (as its checkpoints take them): its kept buffer
-        # holds the next checkpoint's snapshot, sized for the new index beforehand.
+        # holds the new index's snapshot if one is taken, sized for it beforehand.
         with self.checkpointer.lock:
             self.checkpointer.fit_buffer(self.side_file.stat().st_size)
             with self.live.writes:  # the tail, with writes held off, then the swap
-                covered = self._catch_up(built, covered)
+                covered, erased_in_tail = self._catch_up(built, covered)
                 if len(built) != self.plan.comparable_count():
                     raise StoreError(f"rebuilt index holds {len(built)} vectors, the store "
                                      f"{self.plan.comparable_count()}: kept the old index")
                 self.live.index = built
-                snapshot = (built.snapshot(covered, model_id, self.checkpointer.buffer)
-                            if self._erased_since(built_at) else None)
+                # The side file is a checkpoint as of the build, the log holds the rest; it
+                # may not stay if it holds someone erased since, nor replace a later one.
+                adopt = not (erased or erased_in_tail) and self.checkpointer.sequence <= built_at
+                snapshot = (None if adopt else
+                            built.snapshot(covered, model_id, self.checkpointer.buffer))
             if snapshot is None:
-                # The side file is a checkpoint as of the build: the log holds the rest.
                 self.checkpointer.adopt(self.side_file, built_at)
-            else:  # the side file holds someone erased since: it must not stay on disk
-                self.checkpointer.write(snapshot, covered)
-        log.info("rebuilt the index as %s: %d vectors in %.1f s", kind, len(built),
-                 time.monotonic() - started)
+            else:
+                self.checkpointer.write(snapshot, covered, niceness=niced)
+        log.info("rebuilt the index as %s: %d vectors in %.1f s%s", kind, len(built),
+                 time.monotonic() - started,
+                 "" if snapshot is None else "; written again as the checkpoint")
 
-    def _erased_since(self, sequence: int) -> bool:
-        return bool(change_delta(self.live.store, sequence).removed)
-
-    def _catch_up(self, index: VectorIndex, covered: int) -> int:
-        replayed = replay_changes(self.live.store, index, covered, self.live.model_id)
-        if replayed is None:
+    def _catch_up(self, index: VectorIndex, covered: int) -> tuple[int, bool]:
+        """Applies the logged changes after `covered`; returns the sequence now covered and
+        whether any of them removed someone."""
+        delta = change_delta(self.live.store, covered)
+        if not delta.complete:
             raise StoreError("the change log no longer reaches back to the rebuild's snapshot")
-        return replayed
+        apply_delta(self.live.store, index, delta, self.live.model_id)
+        return delta.current, bool(delta.removed)
 
     def build_offline(self, kind: str, progress: Progress) -> Built:
         """For `dedup rebuild` on a data directory no server holds: build and swap here."""
