@@ -367,7 +367,8 @@ def under_load(server: Server, requests: list[pb.CheckRequest], work: Callable[[
                ) -> dict[str, float]:
     """Check p99 at 8 clients before `work` (after a warm-up pass: a server just started
     answers its first checks from a cold page cache), and during it while it runs: the
-    median and the worst window, and when the worst ended (seconds into `work`)."""
+    median and the worst window, and when the worst ended (seconds into `work`); and each
+    window of 200 checks with what the server and the machine did in it."""
     checks(server, requests[:400], 8)
     before, _ = checks(server, requests[:400], 8)
     done, timing = threading.Event(), {"started": time.monotonic()}
@@ -384,8 +385,10 @@ def under_load(server: Server, requests: list[pb.CheckRequest], work: Callable[[
     worker.start()
     during = []
     while not done.is_set():
+        before_window = _machine_counters(server.process.pid)
         stats, _ = checks(server, requests[:200], 8)
-        during.append(stats | {"ended_s": time.monotonic() - timing["started"]})
+        during.append(stats | {"ended_s": time.monotonic() - timing["started"]}
+                      | _counted_since(before_window, server.process.pid))
     worker.join()
     worst = max(during, key=lambda d: d["p99_ms"], default={"p99_ms": float("nan"),
                                                           "ended_s": float("nan")})
@@ -395,7 +398,33 @@ def under_load(server: Server, requests: list[pb.CheckRequest], work: Callable[[
             if during else float("nan"),
             "errors_during": sum(d["errors"] for d in during),
             "qps_before": before["qps"],
-            "qps_during": statistics.median(d["qps"] for d in during) if during else 0.0}
+            "qps_during": statistics.median(d["qps"] for d in during) if during else 0.0,
+            "windows": [{key: round(d[key], 3) for key in _WINDOW_FIELDS} for d in during]}
+
+
+_WINDOW_FIELDS = ("ended_s", "p99_ms", "qps", "server_cpu_s", "server_major_faults",
+                  "machine_major_faults", "disk_read_mb", "disk_written_mb")
+
+
+def _machine_counters(pid: int) -> dict[str, float]:
+    """The server process's CPU seconds and major page faults (pages read from disk), and
+    the machine's major faults and disk reads and writes in MB (/proc/diskstats, whole disks
+    only)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    read = written = 0
+    for line in Path("/proc/diskstats").read_text().splitlines():
+        parts = line.split()
+        if Path(f"/sys/block/{parts[2]}").exists():  # a disk, not a partition
+            read, written = read + int(parts[5]), written + int(parts[9])
+    vmstat = dict(line.split() for line in Path("/proc/vmstat").read_text().splitlines())
+    return {"server_cpu_s": process_cpu_seconds(pid), "server_major_faults": int(fields[9]),
+            "machine_major_faults": int(vmstat["pgmajfault"]),
+            "disk_read_mb": read * 512 / 1e6, "disk_written_mb": written * 512 / 1e6}
+
+
+def _counted_since(before: dict[str, float], pid: int) -> dict[str, float]:
+    now = _machine_counters(pid)
+    return {key: now[key] - before[key] for key in now}
 
 
 def rebuild_and_compact(data_dir: Path, requests: list[pb.CheckRequest],
