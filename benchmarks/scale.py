@@ -364,7 +364,7 @@ def serve_and_measure(data_dir: Path, requests: list[pb.CheckRequest],
 # -- 4. a rebuild and a compaction under load --------------------------------------------
 
 def under_load(server: Server, requests: list[pb.CheckRequest], work: Callable[[], None]
-               ) -> dict[str, float]:
+               ) -> dict[str, object]:
     """Check p99 at 8 clients before `work` (after a warm-up pass: a server just started
     answers its first checks from a cold page cache), and during it while it runs: the
     median and the worst window, and when the worst ended (seconds into `work`); and each
