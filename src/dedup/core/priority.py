@@ -16,12 +16,17 @@ log = logging.getLogger("dedup")
 T = TypeVar("T")
 
 
+def niceness_above_this_thread(niceness: int) -> int:
+    """This thread's niceness plus `niceness`, capped at 19 (the lowest priority)."""
+    return min(19, os.getpriority(os.PRIO_PROCESS, 0) + niceness)
+
+
 def below_this_thread(niceness: int, work: Callable[[], T]) -> T:
     """`work`'s result, run in a thread `niceness` above this one's (capped at 19); here
     where that is not Linux or `niceness` is 0. Its exceptions are raised here."""
     if niceness <= 0 or sys.platform != "linux":
         return work()
-    nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + niceness)
+    nice = niceness_above_this_thread(niceness)
 
     def lowered() -> None:
         try:

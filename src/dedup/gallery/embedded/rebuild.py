@@ -25,6 +25,7 @@ import numpy as np
 
 from dedup.core.blas import limit_numpy_blas
 from dedup.core.errors import FailedPrecondition, StoreError
+from dedup.core.priority import niceness_above_this_thread
 from dedup.core.settings import REBUILD_NICENESS, IndexConfig, StoreConfig
 from dedup.gallery.base import Progress
 from dedup.gallery.embedded.calibration import calibrate_on_snapshot
@@ -145,7 +146,7 @@ def build_in_child(config: StoreConfig, kind: str, model_id: str, only_model: st
     """
     context = multiprocessing.get_context("spawn")
     messages: multiprocessing.Queue[tuple[str, int, int, str]] = context.Queue()
-    nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + niceness)
+    nice = niceness_above_this_thread(niceness)
     child = context.Process(target=_child_main, name="dedup-rebuild", daemon=True,
                             args=(config, kind, model_id, only_model, str(out), messages,
                                   pair_score, nice))

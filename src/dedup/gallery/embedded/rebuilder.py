@@ -27,7 +27,7 @@ from dedup.gallery.embedded.index_plan import IndexPlan
 from dedup.gallery.embedded.layout import REBUILD_FILE
 from dedup.gallery.embedded.live_index import LiveIndex
 from dedup.gallery.embedded.rebuild import Built, build_in_child, build_in_process
-from dedup.gallery.embedded.replay import apply_delta, change_delta
+from dedup.gallery.embedded.replay import apply_logged_changes
 
 log = logging.getLogger("dedup.gallery")
 
@@ -133,10 +133,9 @@ class Rebuilder:
     def _catch_up(self, index: VectorIndex, covered: int) -> tuple[int, bool]:
         """Applies the logged changes after `covered`; returns the sequence now covered and
         whether any of them removed someone."""
-        delta = change_delta(self.live.store, covered)
+        delta = apply_logged_changes(self.live.store, index, covered, self.live.model_id)
         if not delta.complete:
             raise StoreError("the change log no longer reaches back to the rebuild's snapshot")
-        apply_delta(self.live.store, index, delta, self.live.model_id)
         return delta.current, bool(delta.removed)
 
     def build_offline(self, kind: str, progress: Progress) -> Built:

@@ -50,17 +50,26 @@ def replay_changes(store: Store, index: VectorIndex, covered: int, model_id: str
 
     None if the log has a gap (it was truncated past `covered`): rebuild instead.
     """
-    delta = change_delta(store, covered)
+    delta = apply_logged_changes(store, index, covered, model_id)
     if not delta.complete:
         log.warning(
             "checkpoint covers change %d, store is at %d with %d logged changes after it: "
             "rebuilding", covered, delta.current, delta.logged,
         )
         return None
-    apply_delta(store, index, delta, model_id)
-    if delta.logged:
-        log.info("replayed %d change(s) after sequence %d", delta.logged, covered)
     return delta.current
+
+
+def apply_logged_changes(store: Store, index: VectorIndex, covered: int, model_id: str
+                         ) -> ChangeDelta:
+    """The logged changes after `covered`, applied to `index` if the log holds them all
+    (else, `complete` false, nothing is applied)."""
+    delta = change_delta(store, covered)
+    if delta.complete:
+        apply_delta(store, index, delta, model_id)
+        if delta.logged:
+            log.info("replayed %d change(s) after sequence %d", delta.logged, covered)
+    return delta
 
 
 def apply_delta(store: Store, index: VectorIndex, delta: ChangeDelta, model_id: str) -> None:
