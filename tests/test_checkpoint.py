@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -348,3 +349,36 @@ def test_a_gallery_opened_on_a_checkpoint_sizes_the_buffer_before_the_first(tmp_
         assert gallery._checkpointer.buffer.address == address
     finally:
         gallery.close()
+
+
+def test_an_erasures_receipt_allows_twice_the_last_checkpoints_time_and_holds(tmp_path,
+                                                                               monkeypatch):
+    """A slow checkpoint (a large index, a busy disk: here each write waits 0.4 s more)
+    makes the next erasure's promise later by twice its time, and that promise is kept."""
+    real_write = checkpointer.write_checkpoint
+
+    def slow(*args, **kwargs):
+        time.sleep(0.4)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(checkpointer, "write_checkpoint", slow)
+    people = FaceGenerator(8).persons(50)
+    config = StoreConfig(data_dir=tmp_path / "data", checkpoint_interval_s=3600,
+                         erasure_checkpoint_delay_s=0.5)
+    gallery = EmbeddedGallery(config, "model-a")
+    try:
+        gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(50)])
+        started = time.monotonic()
+        gallery.checkpoint()
+        took = time.monotonic() - started
+        erasure = gallery.delete(DeleteKey.REGISTRATION_ID, "r0")
+        erased = gallery.index_status().store_sequence
+        assert erasure.checkpoint_due is not None
+        assert erasure.checkpoint_due - time.time() >= 0.5 + 2 * took - 0.05
+        while gallery.checkpoint_sequence < erased:
+            assert time.time() <= erasure.checkpoint_due
+            time.sleep(0.01)
+    finally:
+        gallery.close(checkpoint=False)
+    on_disk = read_checkpoint(tmp_path / "data" / "index.ckpt")
+    assert (on_disk.vectors, on_disk.sequence) == (49, erased)

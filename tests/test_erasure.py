@@ -100,6 +100,27 @@ def test_delete_then_compact_leaves_no_byte_of_the_embedding(make_server, faces)
     assert server.stub.Stats(pb.StatsRequest()).registrations == 49
 
 
+@pytest.mark.embedded_only(reason=LMDB_BYTES)
+def test_the_checkpoint_leaves_the_erased_out_by_the_receipts_checkpoint_due(make_server,
+                                                                             faces):
+    """The receipt's checkpoint_due is a promise: by then no file holds the embedding.
+    (The checkpoint used to start at the first poll of the maintenance thread after it, so
+    it was written up to a second and the writing late.)"""
+    server = make_server(checkpoint_interval_s=3600, erasure_checkpoint_delay_s=1.5)
+    people = faces.persons(40)
+    for i, person in enumerate(people):
+        enroll(server.stub, f"r{i}", f"ID{i}", person)
+    server.server.gallery.checkpoint()
+    victim = stored_bytes(people[3])
+    receipt = server.stub.Delete(pb.DeleteRequest(registration_id="r3"))
+    due = receipt.checkpoint_due.ToNanoseconds() / 1e9
+    assert files_holding(server.data_dir, victim) == ["index.ckpt"]
+    while files_holding(server.data_dir, victim):
+        assert time.time() <= due, "the checkpoint still held the erased after checkpoint_due"
+        time.sleep(0.01)
+    assert time.time() - receipt.erased_at.ToNanoseconds() / 1e9 >= 1.5  # not before its delay
+
+
 # One victim per erasure key: (delete by, registration_id, ID number, phone number).
 VICTIMS = [("registration_id", "victim-r", "VICTIM-ID-1001", "+8613911110001"),
            ("id_number", "victim-i", "VICTIM-ID-2002", "+8613922220002"),

@@ -2,13 +2,15 @@
 change log behind it.
 
 A checkpoint is due after checkpoint_every_changes changes, after checkpoint_interval_s with
-any change pending, and within erasure_checkpoint_delay_s of an erasure (so that erased
-registrations leave the file on disk too).
+any change pending, and erasure_checkpoint_delay_s after an erasure (so that erased
+registrations leave the file on disk too). An erasure's receipt promises when that checkpoint
+will have been written: its start plus an allowance for the writing (`writing_allowance`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -23,6 +25,13 @@ from dedup.gallery.embedded.live_index import LiveIndex
 
 log = logging.getLogger("dedup.gallery")
 
+# The least time allowed for writing an erasure's checkpoint: an fsync alone can take
+# hundreds of milliseconds on a busy disk (benchmarks/checkpoint_write.py).
+MIN_WRITING_ALLOWANCE_S = 0.5
+# Until this server has written a checkpoint, its time is taken as the one on disk written at
+# this rate: half the measured (410 MB held and written in 1.15 s at 10,000,000, README).
+ASSUMED_BYTES_PER_S = 180e6
+
 
 class Checkpointer:
     def __init__(self, live: LiveIndex, path: Path, config: StoreConfig) -> None:
@@ -33,8 +42,11 @@ class Checkpointer:
         self.written_at = time.monotonic()
         # While a live rebuild runs, the change log is kept from this sequence on.
         self.log_pin: int | None = None
-        # When the checkpoint must be rewritten without erased registrations (time.time()).
+        # When the checkpoint without erased registrations starts (time.time()), and by when
+        # it will have been written (the erasure receipts' promise).
+        self.erasure_start: float | None = None
         self.erasure_due: float | None = None
+        self.last_seconds = 0.0  # the last checkpoint's, writes held and written
         # One checkpoint writer at a time: they share the temporary file's name, and the
         # buffer each snapshot is taken into (written out before the next is taken).
         self.lock = threading.RLock()
@@ -59,6 +71,7 @@ class Checkpointer:
                 snapshot = self.live.index.snapshot(sequence, self.live.model_id, self.buffer)
             held = time.monotonic() - started
             self.write(snapshot, sequence)
+            self.last_seconds = time.monotonic() - started
             log.info("checkpoint at change %d: %d vectors, %.0f MB; writes held %.2f s, "
                      "written in %.2f s", sequence, snapshot.vectors,
                      snapshot.nbytes / 1e6, held, time.monotonic() - started - held)
@@ -74,23 +87,37 @@ class Checkpointer:
             self.checkpoint()
 
     def erasure_checkpoint_by(self) -> float:
-        """After an erasure (under the write lock): when the checkpoint will leave it out."""
-        if self.erasure_due is None:
-            self.erasure_due = time.time() + self.config.erasure_checkpoint_delay_s
+        """After an erasure (under the write lock): when the checkpoint will have been
+        written without it. One checkpoint covers every erasure until it starts."""
+        if self.erasure_start is None or self.erasure_due is None:
+            self.erasure_start = time.time() + self.config.erasure_checkpoint_delay_s
+            self.erasure_due = self.erasure_start + self.writing_allowance()
         return self.erasure_due
 
+    def writing_allowance(self) -> float:
+        """Twice the last checkpoint's time, at least MIN_WRITING_ALLOWANCE_S (~1.2 s a
+        checkpoint of 10,000,000 FastScanIVF4096 registrations)."""
+        return max(MIN_WRITING_ALLOWANCE_S, 2 * self.last_seconds)
+
+    def seconds_to_erasure_checkpoint(self) -> float:
+        """Until the erasure checkpoint starts (0: now, inf: none is due)."""
+        start = self.erasure_start
+        return math.inf if start is None else max(0.0, start - time.time())
+
     def _erasure_checkpoint_now(self) -> bool:
-        due = self.erasure_due
-        if due is None or time.time() < due:
+        start = self.erasure_start
+        if start is None or time.time() < start:
             return False
-        with self.live.writes:
-            self.erasure_due = None
+        with self.live.writes:  # an erasure from here on waits for the next checkpoint
+            self.erasure_start = self.erasure_due = None
         return True
 
     def save(self, index: VectorIndex, sequence: int) -> None:
         """Writes `index` as covering `sequence` (a freshly built or recovered one)."""
         with self.lock:
+            started = time.monotonic()
             self.write(index.snapshot(sequence, self.live.model_id, self.buffer), sequence)
+            self.last_seconds = time.monotonic() - started
 
     def save_at_start(self, index: VectorIndex, sequence: int, on_disk: int) -> int:
         """Checkpoints the recovered index; returns the sequence the checkpoint on disk covers
@@ -108,6 +135,8 @@ class Checkpointer:
         from now."""
         self.sequence = sequence
         self.written_at = time.monotonic()
+        if not self.last_seconds and self.path.exists():
+            self.last_seconds = self.path.stat().st_size / ASSUMED_BYTES_PER_S
 
     def fit_buffer(self, nbytes: int) -> None:
         """Sizes the snapshot buffer for a snapshot of about `nbytes` now, writes not held

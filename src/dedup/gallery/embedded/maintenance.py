@@ -21,6 +21,7 @@ log = logging.getLogger("dedup.gallery")
 
 # After a failed automatic switch of index type, wait this long before trying again.
 SWITCH_RETRY_S = 600.0
+MIN_POLL_S = 0.05  # a zero erasure delay must not make the thread spin
 
 
 class CompactionSchedule:
@@ -113,10 +114,13 @@ class Maintenance:
             self._thread.join()
 
     def _run(self) -> None:
-        poll = min(1.0, self.config.checkpoint_interval_s)  # erasure checkpoints are due fast
+        # An erasure is seen by a poll before its checkpoint starts, which then is waited
+        # for exactly: the erasure's receipt promises when that checkpoint is written.
+        poll = max(MIN_POLL_S, min(1.0, self.config.checkpoint_interval_s,
+                                   self.config.erasure_checkpoint_delay_s))
         switch_every = max(1, round(min(5.0, self.config.checkpoint_interval_s) / poll))
         rounds = 0
-        while not self.closed.wait(poll):
+        while not self.closed.wait(min(poll, self.checkpointer.seconds_to_erasure_checkpoint())):
             rounds += 1
             try:
                 self.checkpointer.checkpoint_if_due()
