@@ -112,13 +112,38 @@ def test_the_checkpoint_leaves_the_erased_out_by_the_receipts_checkpoint_due(mak
         enroll(server.stub, f"r{i}", f"ID{i}", person)
     server.server.gallery.checkpoint()
     victim = stored_bytes(people[3])
+    before = time.time()
     receipt = server.stub.Delete(pb.DeleteRequest(registration_id="r3"))
     due = receipt.checkpoint_due.ToNanoseconds() / 1e9
     assert files_holding(server.data_dir, victim) == ["index.ckpt"]
-    while files_holding(server.data_dir, victim):
-        assert time.time() <= due, "the checkpoint still held the erased after checkpoint_due"
+    clean_at = _first_time_without(server.data_dir, victim, due, "checkpoint_due")
+    assert clean_at - before >= 1.5  # not before its delay
+
+
+@pytest.mark.embedded_only(reason=LMDB_BYTES)
+def test_the_store_is_compacted_by_the_receipts_compaction_due(make_server, faces):
+    """compaction_due is a promise too: by then the erased ID number is in no file."""
+    server = make_server(checkpoint_interval_s=3600, erasure_checkpoint_delay_s=0.2,
+                         compact_delay_s=1.5)
+    for i, person in enumerate(faces.persons(40)):
+        enroll(server.stub, f"r{i}", f"VICTIM-ID-{i:04d}", person)
+    before = time.time()
+    receipt = server.stub.Delete(pb.DeleteRequest(registration_id="r3"))
+    due = receipt.compaction_due.ToNanoseconds() / 1e9
+    assert files_holding(server.data_dir, b"VICTIM-ID-0003") == ["store/data.mdb"]
+    clean_at = _first_time_without(server.data_dir, b"VICTIM-ID-0003", due, "compaction_due")
+    assert clean_at - before >= 1.5  # not before its delay
+
+
+def _first_time_without(data_dir: Path, needle: bytes, due: float, promise: str) -> float:
+    """The time (read before the files) from which no file holds `needle`; fails once
+    the files still hold it at `due`."""
+    while True:
+        now = time.time()
+        if not files_holding(data_dir, needle):
+            return now
+        assert now <= due, f"a file still held the erased after the receipt's {promise}"
         time.sleep(0.01)
-    assert time.time() - receipt.erased_at.ToNanoseconds() / 1e9 >= 1.5  # not before its delay
 
 
 # One victim per erasure key: (delete by, registration_id, ID number, phone number).

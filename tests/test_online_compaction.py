@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from dedup.core.errors import StoreError
 from dedup.core.records import DeleteKey, Registration
 from dedup.core.settings import IndexConfig, StoreConfig
 from dedup.core.vectors import normalize_rows
-from dedup.gallery.embedded import compaction, lmdb_env
+from dedup.gallery.embedded import compaction, lmdb_env, maintenance
 from dedup.gallery.embedded.data_dir import open_data_dir
 from dedup.gallery.embedded.gallery import EmbeddedGallery
 from dedup.gallery.embedded.layout import DATA_FILE, REPLACED_FILE, compaction_dir
@@ -176,3 +177,34 @@ def test_without_hard_links_compaction_frees_the_replaced_file_in_the_swap(tmp_p
     for path in (tmp_path / "data").rglob("*"):
         if path.is_file():
             assert b'"ID-r3"' not in path.read_bytes(), path
+
+
+def test_an_erasures_compaction_due_allows_twice_the_last_compactions_time(tmp_path,
+                                                                          monkeypatch):
+    """The receipt promises the compaction's end: its start, compact_delay_s after the
+    erasure, plus twice the last compaction's time (here each is made 0.8 s slower), or
+    before any, the store's size at COMPACTION_BYTES_PER_S."""
+    gallery = EmbeddedGallery(StoreConfig(data_dir=tmp_path / "data", compact_delay_s=30),
+                              "model-a", IndexConfig(index_factory="Flat"), background=False)
+    try:
+        vectors = normalize_rows(np.random.default_rng(5).standard_normal((20, 512),
+                                                                          np.float32))
+        gallery.insert_many([(registration(n), vectors[n]) for n in range(20)])
+        first = gallery.delete(DeleteKey.REGISTRATION_ID, "r1")
+        by_size = max(maintenance.MIN_COMPACTION_ALLOWANCE_S, 2 * gallery.store.file_bytes()
+                      / maintenance.COMPACTION_BYTES_PER_S)
+        assert first.compaction_due == pytest.approx(
+            gallery.store.erased_since() + 30 + by_size)
+        real_compact = gallery.store.compact
+
+        def slower():
+            time.sleep(0.8)
+            return real_compact()
+
+        monkeypatch.setattr(gallery.store, "compact", slower)
+        gallery.compact()
+        second = gallery.delete(DeleteKey.REGISTRATION_ID, "r2")
+        assert second.compaction_due is not None
+        assert second.compaction_due - (gallery.store.erased_since() + 30) >= 1.6
+    finally:
+        gallery.close(checkpoint=False)

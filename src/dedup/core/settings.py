@@ -119,11 +119,12 @@ class StoreConfig:
     # about 0.5 s per million registrations when cached, 4 s from disk.
     check_on_open: bool = True
     # Erased registrations' bytes stay on freed LMDB pages until a compaction rewrites the
-    # file; the server compacts at most this long after an erasure (reads go on; writes
-    # pause only while the copy is caught up and swapped in).
+    # file; the server starts one this long after the first erasure since the last (reads go
+    # on; writes pause only while the copy is caught up and swapped in). The receipt's
+    # compaction_due adds twice the last compaction's time.
     compact_delay_s: float = 3600.0
-    # The index checkpoint's rewrite without erased registrations starts this long after an
-    # erasure (one rewrite covers every erasure meanwhile: a checkpoint per Delete would hold
+    # The index checkpoint's rewrite without erased registrations starts this long after the
+    # first erasure since the last rewrite began (one rewrite covers every erasure meanwhile: a checkpoint per Delete would hold
     # up enrolments, measured in benchmarks/load.py). The receipt's checkpoint_due adds twice
     # the last checkpoint's time for the writing, at least 0.5 s.
     erasure_checkpoint_delay_s: float = 5.0

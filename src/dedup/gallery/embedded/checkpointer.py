@@ -79,7 +79,13 @@ class Checkpointer:
 
     def checkpoint_if_due(self) -> None:
         if self._erasure_checkpoint_now():
-            self.checkpoint()
+            erased_by = self.live.store.sequence()
+            written = False
+            try:
+                written = self.checkpoint() >= erased_by
+            finally:  # not written (a full disk, an import deferring it): again later
+                if not written:
+                    self._erasure_checkpoint_again()
             return
         pending = self.live.store.sequence() - self.sequence
         overdue = time.monotonic() - self.written_at >= self.config.checkpoint_interval_s
@@ -111,6 +117,14 @@ class Checkpointer:
         with self.live.writes:  # an erasure from here on waits for the next checkpoint
             self.erasure_start = self.erasure_due = None
         return True
+
+    def _erasure_checkpoint_again(self) -> None:
+        with self.live.writes:
+            if self.erasure_start is None:  # no erasure since: this one's promise is broken
+                self.erasure_start = time.time() + self.config.erasure_checkpoint_delay_s
+                self.erasure_due = self.erasure_start + self.writing_allowance()
+        log.warning("the checkpoint after an erasure was not written: trying again at %s",
+                    time.strftime("%H:%M:%S", time.localtime(self.erasure_start)))
 
     def save(self, index: VectorIndex, sequence: int) -> None:
         """Writes `index` as covering `sequence` (a freshly built or recovered one)."""

@@ -110,6 +110,10 @@ class Store(ReadableStore):
                         zeroed)
         return sizes
 
+    def file_bytes(self) -> int:
+        """data.mdb's size, what a compaction rewrites."""
+        return self._lmdb.file_bytes()
+
     def share_with_replicas(self, released: Callable[[], AbstractContextManager[object]],
                             floor: Callable[[], int | None]) -> None:
         """Read replicas in other processes have this store open: `released` closes theirs

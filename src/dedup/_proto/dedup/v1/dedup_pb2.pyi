@@ -588,11 +588,17 @@ class DeleteResponse(_message.Message):
     def erased_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def compaction_due(self) -> _timestamp_pb2.Timestamp:
-        """When the store will be compacted at the latest (the schedule's next run)."""
+        """When the store will have been compacted at the latest: the next compaction's start
+        (compact_delay_s after the first erasure since the last) plus twice the last one's time
+        (on Milvus: when the compaction is asked of Milvus, which runs it in the background).
+        """
 
     @_builtins.property
     def checkpoint_due(self) -> _timestamp_pb2.Timestamp:
-        """When the index checkpoint will have been rewritten without them at the latest."""
+        """When the index checkpoint will have been rewritten without them at the latest: its start
+        (erasure_checkpoint_delay_s after the first erasure since the last) plus twice the last
+        checkpoint's time. Unset on Milvus, which keeps no index checkpoint.
+        """
 
     def __init__(
         self,
