@@ -208,3 +208,42 @@ def test_an_erasures_compaction_due_allows_twice_the_last_compactions_time(tmp_p
         assert second.compaction_due - (gallery.store.erased_since() + 30) >= 1.6
     finally:
         gallery.close(checkpoint=False)
+
+
+def test_a_checkpoint_during_the_copy_loses_no_change(tmp_path, monkeypatch):
+    """The checkpoint thread runs beside a compaction: a checkpoint that truncates the
+    change log while the store is copied leaves the compacted store with every change, and
+    the next start with nothing to mend."""
+    vectors = normalize_rows(np.random.default_rng(6).standard_normal((301, 512), np.float32))
+    gallery = open_gallery(tmp_path / "data")
+    gallery.insert_many([(registration(n), vectors[n]) for n in range(300)])
+    gallery.delete(DeleteKey.REGISTRATION_ID, "r0")
+    gallery.checkpoint()
+    real_copy = compaction._copy_entries
+    checkpointed: list[int] = []
+
+    def change_and_checkpoint() -> None:
+        gallery.insert_many([(registration(300, "live"), vectors[300])])
+        gallery.delete(DeleteKey.REGISTRATION_ID, "r5")
+        checkpointed.append(gallery.checkpoint())
+
+    def copying(*args, **kwargs):
+        if not checkpointed:  # on another thread, as the checkpoint thread would
+            changer = threading.Thread(target=change_and_checkpoint)
+            changer.start()
+            changer.join()
+        return real_copy(*args, **kwargs)
+
+    monkeypatch.setattr(compaction, "_copy_entries", copying)
+    gallery.compact()
+    assert checkpointed and gallery.checkpoint_sequence == checkpointed[0]
+    assert gallery.is_enrolled("live300")
+    assert not gallery.is_enrolled("r5") and not gallery.is_enrolled("r0")
+    gallery.close(checkpoint=False)
+    gallery = open_gallery(tmp_path / "data")
+    try:
+        assert gallery.is_enrolled("live300") and not gallery.is_enrolled("r5")
+        assert gallery.stats().registrations == 299
+    finally:
+        gallery.close(checkpoint=False)
+    assert [f for f in examine(tmp_path / "data") if f.level == "problem"] == []

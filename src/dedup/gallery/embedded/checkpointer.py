@@ -79,9 +79,9 @@ class Checkpointer:
 
     def checkpoint_if_due(self) -> None:
         if self._erasure_checkpoint_now():
-            erased_by = self.live.store.sequence()
             written = False
             try:
+                erased_by = self.live.store.sequence()
                 written = self.checkpoint() >= erased_by
             finally:  # not written (a full disk, an import deferring it): again later
                 if not written:

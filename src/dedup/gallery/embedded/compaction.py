@@ -122,6 +122,9 @@ def _open_target(store: LmdbEnv, staging: Path) -> lmdb.Environment:
 
 def _copy(store: LmdbEnv, target: lmdb.Environment) -> _Snapshot:
     """Phase 1: every entry as one read transaction sees it; reads and writes go on."""
+    # The whole log is kept until the copy's sequence is known: a checkpoint truncating it
+    # between the transaction's start and that would take changes the catch-up replays.
+    store.compacting_from = 0
     with store.shared() as env, env.begin(write=False) as source:
         meta = store.dbs.meta
         sequence = from_u64(source.get(b"sequence", db=meta, default=u64(0)))

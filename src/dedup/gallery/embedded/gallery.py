@@ -2,9 +2,9 @@
 
 Writes are serialised by one lock and applied to the store first, then to the index (see
 live_index.py). At start the index is recovered (recovery.py); two maintenance threads keep
-it checkpointed, the store compacted and the index of the wanted type (maintenance.py); rebuilds swap in a new one
-(rebuilder.py). An approximate index's candidates are re-scored exactly from the stored
-float32 vectors.
+it checkpointed, the store compacted and the index of the wanted type (maintenance.py);
+rebuilds swap in a new one (rebuilder.py). An approximate index's candidates are re-scored
+exactly from the stored float32 vectors.
 """
 
 from __future__ import annotations

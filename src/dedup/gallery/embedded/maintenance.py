@@ -24,6 +24,7 @@ log = logging.getLogger("dedup.gallery")
 SWITCH_RETRY_S = 600.0
 MIN_POLL_S = 0.05  # a zero erasure delay must not make the thread spin
 SWITCH_EVERY_S = 5.0  # how often the wanted index type is looked at, at most
+COMPACTION_RETRY_S = 60.0  # after a failed compaction (a full disk, say)
 # An erasure's receipt allows a compaction twice the last one's time, at least this; until
 # this server has compacted, its data.mdb at COMPACTION_BYTES_PER_S (under half the rate
 # measured: 1.90 GB at 10,000,000 registrations in 25-44 s, checks going on).
@@ -41,6 +42,7 @@ class CompactionSchedule:
         self.delay_s = delay_s
         self._running = threading.Lock()
         self.last_seconds: float | None = None  # the last compaction's, on this server
+        self._failed_at = -COMPACTION_RETRY_S
 
     def start(self) -> float | None:
         """Unix time at which the next compaction starts (None: nobody erased)."""
@@ -67,7 +69,8 @@ class CompactionSchedule:
 
     def seconds_to_start(self) -> float:
         start = self.start()
-        return math.inf if start is None else max(0.0, start - time.time())
+        retry = COMPACTION_RETRY_S - (time.monotonic() - self._failed_at)
+        return math.inf if start is None else max(0.0, start - time.time(), retry)
 
     def compact(self) -> tuple[int, int]:
         """Rewrites the store compacted (reads go on); see compaction.compact."""
@@ -75,10 +78,16 @@ class CompactionSchedule:
             return self._compact()
 
     def compact_if_due(self) -> None:
+        if time.monotonic() - self._failed_at < COMPACTION_RETRY_S:
+            return
         with self._running:  # an operator's compaction meanwhile may have done it
             start = self.start()
             if start is not None and time.time() >= start:
-                self._compact()
+                try:
+                    self._compact()
+                except Exception:
+                    self._failed_at = time.monotonic()  # each try copies the whole store
+                    raise
 
     def _compact(self) -> tuple[int, int]:
         started = time.monotonic()
@@ -174,7 +183,10 @@ class Maintenance:
 
         def compact_and_switch() -> None:
             nonlocal switched
-            self.compaction.compact_if_due()
+            try:
+                self.compaction.compact_if_due()
+            except Exception:  # tried again COMPACTION_RETRY_S later; the switch goes on
+                log.exception("compaction failed")
             if time.monotonic() - switched >= switch_every:
                 switched = time.monotonic()
                 self.switch.switch_if_wanted()
