@@ -352,6 +352,20 @@ def test_a_gallery_opened_on_a_checkpoint_sizes_the_buffer_before_the_first(tmp_
         gallery.close()
 
 
+def _enrolled_gallery(tmp_path, seed: int, n: int, **store) -> EmbeddedGallery:
+    """A serving gallery with n people enrolled (r{i}, ID{i}); its periodic checkpoint is an
+    hour off, so only erasures checkpoint."""
+    people = FaceGenerator(seed).persons(n)
+    config = StoreConfig(data_dir=tmp_path / "data", checkpoint_interval_s=3600, **store)
+    gallery = EmbeddedGallery(config, "model-a")
+    try:
+        gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(n)])
+    except BaseException:
+        gallery.close(checkpoint=False)
+        raise
+    return gallery
+
+
 def test_an_erasures_receipt_allows_twice_the_last_checkpoints_time_and_holds(tmp_path,
                                                                                monkeypatch):
     """A slow checkpoint (a large index, a busy disk: here each write waits 0.4 s more)
@@ -363,12 +377,8 @@ def test_an_erasures_receipt_allows_twice_the_last_checkpoints_time_and_holds(tm
         return real_write(*args, **kwargs)
 
     monkeypatch.setattr(checkpointer, "write_checkpoint", slow)
-    people = FaceGenerator(8).persons(50)
-    config = StoreConfig(data_dir=tmp_path / "data", checkpoint_interval_s=3600,
-                         erasure_checkpoint_delay_s=0.5)
-    gallery = EmbeddedGallery(config, "model-a")
+    gallery = _enrolled_gallery(tmp_path, 8, 50, erasure_checkpoint_delay_s=0.5)
     try:
-        gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(50)])
         started = time.monotonic()
         gallery.checkpoint()
         took = time.monotonic() - started
@@ -389,10 +399,8 @@ def test_an_erasures_receipt_allows_twice_the_last_checkpoints_time_and_holds(tm
 def test_an_erasures_checkpoint_does_not_wait_for_a_compaction(tmp_path, monkeypatch):
     """A compaction takes a minute at 10,000,000 registrations (here one is made to take
     3 s more); an erasure meanwhile still gets its checkpoint by its receipt's due."""
-    people = FaceGenerator(9).persons(30)
-    config = StoreConfig(data_dir=tmp_path / "data", checkpoint_interval_s=3600,
-                         erasure_checkpoint_delay_s=0.5, compact_delay_s=0.1)
-    gallery = EmbeddedGallery(config, "model-a")
+    gallery = _enrolled_gallery(tmp_path, 9, 30, erasure_checkpoint_delay_s=0.5,
+                                compact_delay_s=0.1)
     compacting = threading.Event()
     real_compact = gallery.store.compact
 
@@ -403,7 +411,6 @@ def test_an_erasures_checkpoint_does_not_wait_for_a_compaction(tmp_path, monkeyp
 
     monkeypatch.setattr(gallery.store, "compact", slow)
     try:
-        gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(30)])
         gallery.checkpoint()
         gallery.delete(DeleteKey.REGISTRATION_ID, "r0")
         assert compacting.wait(5)
@@ -428,12 +435,8 @@ def test_an_erasures_checkpoint_that_fails_is_tried_again(tmp_path, monkeypatch)
             raise failures.pop()
         return real_write(*args, **kwargs)
 
-    people = FaceGenerator(10).persons(20)
-    config = StoreConfig(data_dir=tmp_path / "data", checkpoint_interval_s=3600,
-                         erasure_checkpoint_delay_s=0.3)
-    gallery = EmbeddedGallery(config, "model-a")
+    gallery = _enrolled_gallery(tmp_path, 10, 20, erasure_checkpoint_delay_s=0.3)
     try:
-        gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(20)])
         gallery.checkpoint()
         monkeypatch.setattr(checkpointer, "write_checkpoint", failing_once)
         gallery.delete(DeleteKey.REGISTRATION_ID, "r0")

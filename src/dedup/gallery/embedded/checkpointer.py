@@ -95,9 +95,14 @@ class Checkpointer:
     def erasure_checkpoint_by(self) -> float:
         """After an erasure (under the write lock): when the checkpoint will have been
         written without it. One checkpoint covers every erasure until it starts."""
-        if self.erasure_start is None or self.erasure_due is None:
-            self.erasure_start = time.time() + self.config.erasure_checkpoint_delay_s
-            self.erasure_due = self.erasure_start + self.writing_allowance()
+        due = self.erasure_due  # set and cleared with erasure_start
+        return self._schedule_erasure_checkpoint() if due is None else due
+
+    def _schedule_erasure_checkpoint(self) -> float:
+        """Under the write lock: the erasure checkpoint starts after the erasure delay;
+        returns by when it will have been written."""
+        self.erasure_start = time.time() + self.config.erasure_checkpoint_delay_s
+        self.erasure_due = self.erasure_start + self.writing_allowance()
         return self.erasure_due
 
     def writing_allowance(self) -> float:
@@ -121,8 +126,7 @@ class Checkpointer:
     def _erasure_checkpoint_again(self) -> None:
         with self.live.writes:
             if self.erasure_start is None:  # no erasure since: this one's promise is broken
-                self.erasure_start = time.time() + self.config.erasure_checkpoint_delay_s
-                self.erasure_due = self.erasure_start + self.writing_allowance()
+                self._schedule_erasure_checkpoint()
         log.warning("the checkpoint after an erasure was not written: trying again at %s",
                     time.strftime("%H:%M:%S", time.localtime(self.erasure_start)))
 
