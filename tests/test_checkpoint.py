@@ -332,6 +332,39 @@ def test_a_live_rebuild_never_puts_back_an_older_checkpoint(tmp_path, monkeypatc
         gallery.close(checkpoint=False)
 
 
+def test_after_a_live_rebuild_an_erasures_receipt_allows_for_the_new_index(tmp_path,
+                                                                           monkeypatch):
+    """A rebuild's swap may write an index slower to write than the one before (another
+    type, more vectors; here each BinarySign512 write waits 0.6 s more): the next erasure's
+    promise allows twice that writing, and holds."""
+    real_write = checkpointer.write_checkpoint
+
+    def slow_for_the_new_type(path, snapshot):
+        if snapshot.kind == "BinarySign512":
+            time.sleep(0.6)
+        return real_write(path, snapshot)
+
+    gallery = _enrolled_gallery(tmp_path, 11, 600, erasure_checkpoint_delay_s=0.3)
+    monkeypatch.setattr(checkpointer, "write_checkpoint", slow_for_the_new_type)
+    try:
+        gallery.checkpoint()  # the Flat index, fast
+        # An erasure during the build: the swap writes the new index (not its side file).
+        _rebuild_with(gallery, lambda: gallery.delete(DeleteKey.REGISTRATION_ID, "r0"),
+                      monkeypatch)
+        assert read_checkpoint(tmp_path / "data" / "index.ckpt").kind == "BinarySign512"
+        before = time.time()
+        erasure = gallery.delete(DeleteKey.REGISTRATION_ID, "r1")
+        erased = gallery.index_status().store_sequence
+        assert erasure.checkpoint_due is not None
+        assert erasure.checkpoint_due - before >= 0.3 + 2 * 0.6
+        while gallery.checkpoint_sequence < erased:
+            assert time.time() <= erasure.checkpoint_due
+            time.sleep(0.01)
+    finally:
+        gallery.close(checkpoint=False)
+    assert read_checkpoint(tmp_path / "data" / "index.ckpt").vectors == 598
+
+
 def test_a_gallery_opened_on_a_checkpoint_sizes_the_buffer_before_the_first(tmp_path):
     """The first checkpoint after a start copies into memory taken at the start, not grown
     (page by page, copy by copy) while writes are held."""

@@ -171,7 +171,11 @@ class Checkpointer:
         """`niceness`: the checksum and the writing run that far below the checks (this
         thread waits for them, holding the lock)."""
         with self.lock:
+            started = time.monotonic()
             below_this_thread(niceness, lambda: write_checkpoint(self.path, snapshot))
+            # The erasure receipts' allowance follows the index as it is now (a rebuild's
+            # swap writes another type and size); checkpoint() counts the held writes too.
+            self.last_seconds = time.monotonic() - started
             self.fit_buffer(snapshot.nbytes)  # the views are written: the buffer may move
             self._covers(sequence)
 
@@ -186,6 +190,8 @@ class Checkpointer:
             except OSError as error:  # the sequence stays the older one: the log keeps more
                 raise CheckpointError(f"{self.path}: cannot take the rebuilt index's file "
                                       f"{written.name} as the checkpoint ({error})") from error
+            # Not written by this server: its allowance as at the start, from its size.
+            self.last_seconds = self.path.stat().st_size / ASSUMED_BYTES_PER_S
             self._covers(sequence)
 
     def _covers(self, sequence: int) -> None:
