@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -352,6 +353,7 @@ def test_after_a_live_rebuild_an_erasures_receipt_allows_for_the_new_index(tmp_p
         _rebuild_with(gallery, lambda: gallery.delete(DeleteKey.REGISTRATION_ID, "r0"),
                       monkeypatch)
         assert read_checkpoint(tmp_path / "data" / "index.ckpt").kind == "BinarySign512"
+        _no_erasure_checkpoint_pending(gallery)  # r1's is a promise of its own
         before = time.time()
         erasure = gallery.delete(DeleteKey.REGISTRATION_ID, "r1")
         erased = gallery.index_status().store_sequence
@@ -363,6 +365,42 @@ def test_after_a_live_rebuild_an_erasures_receipt_allows_for_the_new_index(tmp_p
     finally:
         gallery.close(checkpoint=False)
     assert read_checkpoint(tmp_path / "data" / "index.ckpt").vectors == 598
+
+
+def test_an_adopted_side_file_keeps_the_measured_writing_allowance(tmp_path, monkeypatch):
+    """On a slow disk (here 4 MB/s), the side file a live rebuild adopts unwritten does not
+    lower the erasure receipts' allowance to a guess at a fast disk's rate: the next
+    erasure's promise allows for the rate measured, and holds."""
+    real_write = checkpointer.write_checkpoint
+
+    def at_4_mb_a_second(path, snapshot):
+        time.sleep(snapshot.nbytes / 4e6)
+        return real_write(path, snapshot)
+
+    gallery = _enrolled_gallery(tmp_path, 12, 2000, erasure_checkpoint_delay_s=0.3)
+    monkeypatch.setattr(checkpointer, "write_checkpoint", at_4_mb_a_second)
+    try:
+        gallery.checkpoint()  # 2,000 x 2 KB: ~1 s
+        gallery.rebuild("Flat", lambda *_: None)  # nobody erased: the side file is adopted
+        _no_erasure_checkpoint_pending(gallery)
+        before = time.time()
+        erasure = gallery.delete(DeleteKey.REGISTRATION_ID, "r0")
+        erased = gallery.index_status().store_sequence
+        assert erasure.checkpoint_due is not None
+        assert erasure.checkpoint_due - before >= 0.3 + 2 * 1.0
+        while gallery.checkpoint_sequence < erased:
+            assert time.time() <= erasure.checkpoint_due
+            time.sleep(0.01)
+    finally:
+        gallery.close(checkpoint=False)
+
+
+def _no_erasure_checkpoint_pending(gallery: EmbeddedGallery) -> None:
+    """Waits (at most 10 s) until no erasure's checkpoint waits to start."""
+    deadline = time.monotonic() + 10
+    while gallery._checkpointer.seconds_to_erasure_checkpoint() != math.inf:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
 
 
 def test_a_gallery_opened_on_a_checkpoint_sizes_the_buffer_before_the_first(tmp_path):

@@ -47,6 +47,7 @@ class Checkpointer:
         self.erasure_start: float | None = None
         self.erasure_due: float | None = None
         self.last_seconds = 0.0  # the last checkpoint's, writes held and written
+        self.last_bytes = 0  # and its size: the disk's rate as this server measured it
         # One checkpoint writer at a time: they share the temporary file's name, and the
         # buffer each snapshot is taken into (written out before the next is taken).
         self.lock = threading.RLock()
@@ -154,7 +155,8 @@ class Checkpointer:
         self.sequence = sequence
         self.written_at = time.monotonic()
         if not self.last_seconds and self.path.exists():
-            self.last_seconds = self.path.stat().st_size / ASSUMED_BYTES_PER_S
+            self.last_bytes = self.path.stat().st_size
+            self.last_seconds = self.last_bytes / ASSUMED_BYTES_PER_S
 
     def fit_buffer(self, nbytes: int) -> None:
         """Sizes the snapshot buffer for a snapshot of about `nbytes` now, writes not held
@@ -176,6 +178,7 @@ class Checkpointer:
             # The erasure receipts' allowance follows the index as it is now (a rebuild's
             # swap writes another type and size); checkpoint() counts the held writes too.
             self.last_seconds = time.monotonic() - started
+            self.last_bytes = snapshot.nbytes
             self.fit_buffer(snapshot.nbytes)  # the views are written: the buffer may move
             self._covers(sequence)
 
@@ -185,14 +188,24 @@ class Checkpointer:
         change log is kept from `sequence` on, so a start replays what came after it."""
         with self.lock:
             try:
+                size = written.stat().st_size
                 os.replace(written, self.path)
                 fsync_directory(self.path.parent)
             except OSError as error:  # the sequence stays the older one: the log keeps more
                 raise CheckpointError(f"{self.path}: cannot take the rebuilt index's file "
                                       f"{written.name} as the checkpoint ({error})") from error
-            # Not written by this server: its allowance as at the start, from its size.
-            self.last_seconds = self.path.stat().st_size / ASSUMED_BYTES_PER_S
+            # Not written by this server: the allowance for writing it, never lowered here
+            # (a measured one goes only by a measurement).
+            estimate = self.seconds_to_write(size)
+            if estimate > self.last_seconds:
+                self.last_seconds, self.last_bytes = estimate, size
             self._covers(sequence)
+
+    def seconds_to_write(self, nbytes: int) -> float:
+        """A checkpoint of `nbytes`, at the slower of the rate last measured here and
+        ASSUMED_BYTES_PER_S."""
+        measured = self.last_seconds * nbytes / self.last_bytes if self.last_bytes else 0.0
+        return max(measured, nbytes / ASSUMED_BYTES_PER_S)
 
     def _covers(self, sequence: int) -> None:
         """The checkpoint on disk now covers `sequence`: the log before it goes (unless a
