@@ -187,7 +187,8 @@ class Call:
         first = feed.taken == 0
         waits = self.gate.waits
         try:
-            await asyncio.wait_for(feed.arrival(), waits.request_s if first else waits.idle_s)
+            async with asyncio.timeout(waits.request_s if first else waits.idle_s):
+                await feed.arrival()
         except TimeoutError:
             raise self.timed_out(first) from None
 
