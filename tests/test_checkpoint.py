@@ -354,14 +354,7 @@ def test_after_a_live_rebuild_an_erasures_receipt_allows_for_the_new_index(tmp_p
                       monkeypatch)
         assert read_checkpoint(tmp_path / "data" / "index.ckpt").kind == "BinarySign512"
         _no_erasure_checkpoint_pending(gallery)  # r1's is a promise of its own
-        before = time.time()
-        erasure = gallery.delete(DeleteKey.REGISTRATION_ID, "r1")
-        erased = gallery.index_status().store_sequence
-        assert erasure.checkpoint_due is not None
-        assert erasure.checkpoint_due - before >= 0.3 + 2 * 0.6
-        while gallery.checkpoint_sequence < erased:
-            assert time.time() <= erasure.checkpoint_due
-            time.sleep(0.01)
+        _erased_by_the_receipts_due(gallery, "r1", allowing=0.3 + 2 * 0.6)
     finally:
         gallery.close(checkpoint=False)
     assert read_checkpoint(tmp_path / "data" / "index.ckpt").vectors == 598
@@ -383,16 +376,23 @@ def test_an_adopted_side_file_keeps_the_measured_writing_allowance(tmp_path, mon
         gallery.checkpoint()  # 2,000 x 2 KB: ~1 s
         gallery.rebuild("Flat", lambda *_: None)  # nobody erased: the side file is adopted
         _no_erasure_checkpoint_pending(gallery)
-        before = time.time()
-        erasure = gallery.delete(DeleteKey.REGISTRATION_ID, "r0")
-        erased = gallery.index_status().store_sequence
-        assert erasure.checkpoint_due is not None
-        assert erasure.checkpoint_due - before >= 0.3 + 2 * 1.0
-        while gallery.checkpoint_sequence < erased:
-            assert time.time() <= erasure.checkpoint_due
-            time.sleep(0.01)
+        _erased_by_the_receipts_due(gallery, "r0", allowing=0.3 + 2 * 1.0)
     finally:
         gallery.close(checkpoint=False)
+
+
+def _erased_by_the_receipts_due(gallery: EmbeddedGallery, registration_id: str,
+                                allowing: float) -> None:
+    """Erases `registration_id`: its receipt's checkpoint_due is at least `allowing` s off,
+    and the checkpoint without it is written by then."""
+    before = time.time()
+    erasure = gallery.delete(DeleteKey.REGISTRATION_ID, registration_id)
+    erased = gallery.index_status().store_sequence
+    assert erasure.checkpoint_due is not None
+    assert erasure.checkpoint_due - before >= allowing
+    while gallery.checkpoint_sequence < erased:
+        assert time.time() <= erasure.checkpoint_due
+        time.sleep(0.01)
 
 
 def _no_erasure_checkpoint_pending(gallery: EmbeddedGallery) -> None:
