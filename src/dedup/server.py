@@ -38,6 +38,7 @@ from dedup.api.wire import add_service
 from dedup.core.blas import limit_numpy_blas
 from dedup.core.errors import ConfigError
 from dedup.core.files import PRIVATE_FILE_MODE
+from dedup.core.latency import RecentLatencies
 from dedup.core.security import is_loopback
 from dedup.core.settings import IndexConfig, ServerConfig
 from dedup.face.embedder import FaceEmbedder
@@ -110,10 +111,14 @@ def index_config(config: ServerConfig) -> IndexConfig:
                                calibration_min_score=config.policy.review_threshold)
 
 
-def open_backend(config: ServerConfig, model_id: str) -> Gallery:
-    """The embedded gallery in the data directory, or Milvus when configured."""
+def open_backend(config: ServerConfig, model_id: str,
+                 check_latencies: RecentLatencies | None = None) -> Gallery:
+    """The embedded gallery in the data directory, or Milvus when configured.
+    `check_latencies`: the server's Checks, which the embedded gallery's live rebuilds
+    yield to."""
     if config.milvus is None:
-        return EmbeddedGallery(config.store, model_id, index_config(config))
+        return EmbeddedGallery(config.store, model_id, index_config(config),
+                               check_latencies=check_latencies)
     from dedup.gallery.milvus import (
         MilvusGallery,  # needs pymilvus, only installed for this backend
     )
@@ -154,7 +159,7 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0",
                             workers=config.embed_workers, max_batch=config.embed_batch,
                             max_pending=config.max_pending_images, metrics=metrics)
     try:
-        gallery = open_backend(config, embedder.model_id)
+        gallery = open_backend(config, embedder.model_id, metrics.checks)
     except BaseException:
         embedder.close()
         raise
