@@ -218,6 +218,7 @@ class Server:
         # index checkpoints from its log: when each ended (time.monotonic), seconds holding
         # writes, seconds writing
         self.checkpoints: list[dict[str, float]] = []
+        self.paced: dict[str, float] = {}  # how a live rebuild was paced, from its log
         threading.Thread(target=self._read_log, daemon=True).start()
 
     def _read_log(self) -> None:
@@ -228,6 +229,10 @@ class Server:
             if match := re.search(r"compaction paused writes for ([0-9.]+) s", line):
                 self.pauses.append(float(match.group(1)))
                 self.pause_details.append(line[match.start():].strip())
+            if match := re.search(r"rebuild paced: stopped (\d+) times, ([0-9.]+) s in all, "
+                                  r"holding checks' p90 to ([0-9.]+) ms", line):
+                self.paced = {"stops": int(match.group(1)), "stopped_s": float(match.group(2)),
+                              "p90_limit_ms": float(match.group(3))}
             if match := re.search(r"writes held ([0-9.]+) s, written in ([0-9.]+) s", line):
                 self.checkpoints.append({"ended": time.monotonic(),
                                          "held_s": float(match.group(1)),
@@ -456,7 +461,7 @@ def rebuild_and_compact(data_dir: Path, requests: list[pb.CheckRequest],
         result: dict[str, object] = {"index": kind, "options": " ".join(options)}
         if not skip_rebuild:
             result["live_rebuild"] = under_load(server, requests, rebuild) | {
-                "phases_started_s": phases}
+                "phases_started_s": phases, "paced": server.paced}
         result["compaction"] = under_load(server, requests, compact) | {
             "writes_paused_s": max(server.pauses, default=float("nan")),
             "writes_paused": server.pause_details}
