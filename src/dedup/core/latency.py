@@ -27,12 +27,29 @@ class RecentLatencies:
         with self._lock:
             self._calls.append((ended, seconds))
 
-    def quantile(self, share: float, since: float) -> tuple[float, int]:
-        """The `share` quantile of the calls that ended at `since` or later (on this
-        recorder's clock), and how many those are (0: the quantile is 0.0)."""
+    def since(self, since: float) -> list[tuple[float, float]]:
+        """(when it ended, seconds) of each call that ended at `since` or later (on this
+        recorder's clock), oldest first."""
         with self._lock:
             calls = list(self._calls)
-        latest = [seconds for ended, seconds in calls if ended >= since]
+        return [call for call in calls if call[0] >= since]
+
+    def quantile(self, share: float, since: float) -> tuple[float, int]:
+        """The `share` quantile of the calls that ended at `since` or later, and how many
+        those are (0: the quantile is 0.0)."""
+        latest = [seconds for _, seconds in self.since(since)]
         if not latest:
             return 0.0, 0
         return float(np.quantile(latest, share)), len(latest)
+
+    def typical_quantile(self, share: float, since: float, window: float, fewest: int
+                         ) -> float | None:
+        """The median over the `window`-second stretches since `since` of each one's `share`
+        quantile (stretches of fewer than `fewest` calls left out): a few slow stretches,
+        such as a cold start's, do not move it. None: no stretch had `fewest` calls."""
+        stretches: dict[int, list[float]] = {}
+        for ended, seconds in self.since(since):
+            stretches.setdefault(int((ended - since) // window), []).append(seconds)
+        quantiles = [float(np.quantile(calls, share)) for calls in stretches.values()
+                     if len(calls) >= fewest]
+        return float(np.median(quantiles)) if quantiles else None

@@ -2,7 +2,8 @@
 
 Niceness gives a rebuild a fixed share of a busy CPU, whatever that does to the checks. The
 pacer holds the checks to a budget instead: while the slowest tenth of the last second's
-checks take more than `budget` times what they took in the minute before the rebuild began,
+checks take more than `budget` times what they took in the minute before the rebuild began
+(the median of its seconds' 90th percentiles),
 the rebuild's process is stopped (SIGSTOP), and it is continued (SIGCONT) as soon as they are
 back within it. So a rebuild on an idle or lightly loaded node runs at full speed, and on a
 saturated one takes what the checks can spare.
@@ -48,11 +49,16 @@ class RebuildPacer:
         self.pauses = 0
 
     def start(self) -> None:
-        """Takes the checks of the minute before as the measure (as the rebuild begins)."""
+        """Takes the checks of the minute before as the measure (as the rebuild begins):
+        the median of its seconds' p90s, so that a cold start's slow seconds in it do not
+        raise the limit."""
         now = self._checks.clock()
         self._started = now
-        before, count = self._checks.quantile(QUANTILE, since=now - BEFORE_S)
-        if self._budget > 0 and count >= FEWEST_BEFORE:
+        since = now - BEFORE_S
+        if self._budget <= 0 or self._checks.quantile(QUANTILE, since)[1] < FEWEST_BEFORE:
+            return
+        before = self._checks.typical_quantile(QUANTILE, since, WINDOW_S, FEWEST_NOW)
+        if before is not None:
             self._limit = self._budget * before
 
     @property
