@@ -218,7 +218,6 @@ class Server:
         # index checkpoints from its log: when each ended (time.monotonic), seconds holding
         # writes, seconds writing
         self.checkpoints: list[dict[str, float]] = []
-        self.paced: dict[str, float] = {}  # how a live rebuild was paced, from its log
         threading.Thread(target=self._read_log, daemon=True).start()
 
     def _read_log(self) -> None:
@@ -229,10 +228,6 @@ class Server:
             if match := re.search(r"compaction paused writes for ([0-9.]+) s", line):
                 self.pauses.append(float(match.group(1)))
                 self.pause_details.append(line[match.start():].strip())
-            if match := re.search(r"rebuild paced: stopped (\d+) times, ([0-9.]+) s in all, "
-                                  r"holding checks' p90 to ([0-9.]+) ms", line):
-                self.paced = {"stops": int(match.group(1)), "stopped_s": float(match.group(2)),
-                              "p90_limit_ms": float(match.group(3))}
             if match := re.search(r"writes held ([0-9.]+) s, written in ([0-9.]+) s", line):
                 self.checkpoints.append({"ended": time.monotonic(),
                                          "held_s": float(match.group(1)),
@@ -368,20 +363,13 @@ def serve_and_measure(data_dir: Path, requests: list[pb.CheckRequest],
 
 # -- 4. a rebuild and a compaction under load --------------------------------------------
 
-WARM_UP_S = 20.0
-
-
 def under_load(server: Server, requests: list[pb.CheckRequest], work: Callable[[], None]
                ) -> dict[str, object]:
-    """Check p99 at 8 clients before `work` (after a warm-up: a server just started
+    """Check p99 at 8 clients before `work` (after a warm-up pass: a server just started
     answers its first checks from a cold page cache), and during it while it runs: the
     median and the worst window, and when the worst ended (seconds into `work`); and each
-    window of 200 checks with what the server and the machine did in it. The warm-up goes
-    on for WARM_UP_S, so that a paced rebuild's measure of the checks before it
-    (--rebuild-check-budget: the median second of the minute before) is a warm one."""
-    warming = time.monotonic()
-    while time.monotonic() - warming < WARM_UP_S:
-        checks(server, requests[:400], 8)
+    window of 200 checks with what the server and the machine did in it."""
+    checks(server, requests[:400], 8)
     before, _ = checks(server, requests[:400], 8)
     done, timing = threading.Event(), {"started": time.monotonic()}
 
@@ -468,7 +456,7 @@ def rebuild_and_compact(data_dir: Path, requests: list[pb.CheckRequest],
         result: dict[str, object] = {"index": kind, "options": " ".join(options)}
         if not skip_rebuild:
             result["live_rebuild"] = under_load(server, requests, rebuild) | {
-                "phases_started_s": phases, "paced": server.paced}
+                "phases_started_s": phases}
         result["compaction"] = under_load(server, requests, compact) | {
             "writes_paused_s": max(server.pauses, default=float("nan")),
             "writes_paused": server.pause_details}

@@ -38,7 +38,6 @@ from dedup.api.wire import add_service
 from dedup.core.blas import limit_numpy_blas
 from dedup.core.errors import ConfigError
 from dedup.core.files import PRIVATE_FILE_MODE
-from dedup.core.latency import RecentLatencies
 from dedup.core.security import is_loopback
 from dedup.core.settings import IndexConfig, ServerConfig
 from dedup.face.embedder import FaceEmbedder
@@ -111,14 +110,10 @@ def index_config(config: ServerConfig) -> IndexConfig:
                                calibration_min_score=config.policy.review_threshold)
 
 
-def open_backend(config: ServerConfig, model_id: str,
-                 check_latencies: RecentLatencies | None = None) -> Gallery:
-    """The embedded gallery in the data directory, or Milvus when configured.
-    `check_latencies`: the server's Checks, which the embedded gallery's live rebuilds
-    yield to."""
+def open_backend(config: ServerConfig, model_id: str) -> Gallery:
+    """The embedded gallery in the data directory, or Milvus when configured."""
     if config.milvus is None:
-        return EmbeddedGallery(config.store, model_id, index_config(config),
-                               check_latencies=check_latencies)
+        return EmbeddedGallery(config.store, model_id, index_config(config))
     from dedup.gallery.milvus import (
         MilvusGallery,  # needs pymilvus, only installed for this backend
     )
@@ -159,7 +154,7 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0",
                             workers=config.embed_workers, max_batch=config.embed_batch,
                             max_pending=config.max_pending_images, metrics=metrics)
     try:
-        gallery = open_backend(config, embedder.model_id, metrics.checks)
+        gallery = open_backend(config, embedder.model_id)
     except BaseException:
         embedder.close()
         raise

@@ -9,7 +9,6 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from dedup.core.latency import RecentLatencies
 from dedup.gallery.base import Gallery
 
 _LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -47,9 +46,6 @@ class Metrics:
             ["reason"], registry=self.registry)
         for reason in REFUSAL_REASONS:
             self.calls_refused.labels(reason)
-        # The latest Checks' latencies, which a live rebuild of the embedded gallery yields
-        # to (IndexConfig.rebuild_check_budget).
-        self.checks = RecentLatencies()
 
     def watch_gallery(self, gallery: Gallery) -> None:
         self.registry.register(_GalleryCollector(gallery))

@@ -62,8 +62,6 @@ class ObservedCall:
         seconds = time.perf_counter() - self.started
         self.metrics.requests.labels(self.method, status).inc()
         self.metrics.latency.labels(self.method).observe(seconds)
-        if self.method == "Check":
-            self.metrics.checks.add(seconds)
         access_log.info("%s %s %.1f ms", self.method, status, seconds * 1000,
                         extra={"method": self.method, "status": status,
                                "duration_ms": round(seconds * 1000, 3),

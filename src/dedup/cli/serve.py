@@ -187,12 +187,6 @@ def _index_arguments(serve: argparse.ArgumentParser) -> None:
                        "niceness (capped at 19): higher leaves the checks more of a busy "
                        "machine and the rebuild takes longer; 0: the checks' own priority "
                        "(default %(default)d)")
-    serve.add_argument("--rebuild-check-budget", type=float,
-                       default=index.rebuild_check_budget, metavar="FACTOR",
-                       help="during a live rebuild, hold the 90th percentile of the last "
-                       "second's Check latencies to FACTOR times that of the minute before "
-                       "it, by stopping the rebuild's process for moments (at most half the "
-                       "time); 0: never stop it, niceness alone (default %(default)g)")
 
 
 def _query_arguments(serve: argparse.ArgumentParser) -> None:
@@ -366,7 +360,6 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
             max_batch=args.max_batch, max_batch_wait_s=args.batch_wait_ms / 1000,
             search_threads=args.search_threads, search_dispatchers=args.search_dispatchers,
             rebuild_niceness=args.rebuild_niceness,
-            rebuild_check_budget=args.rebuild_check_budget,
         ),
         model_dir=args.model_dir,
         capture=CaptureRules(

@@ -20,7 +20,6 @@ import numpy as np
 
 from dedup.core.audit_chain import AuditMaker, RecordMaker
 from dedup.core.errors import CheckpointError, DedupError, ResourceExhausted
-from dedup.core.latency import RecentLatencies
 from dedup.core.policy import Scored
 from dedup.core.records import CheckResult, DeleteKey, Registration, StoredFace
 from dedup.core.settings import IndexConfig, StoreConfig
@@ -63,11 +62,9 @@ class EmbeddedGallery:
     process."""
 
     def __init__(self, config: StoreConfig, model_id: str,
-                 index_config: IndexConfig | None = None, background: bool = True,
-                 check_latencies: RecentLatencies | None = None) -> None:
+                 index_config: IndexConfig | None = None, background: bool = True) -> None:
         """`background`: run periodic checkpoints and automatic index switches (a server);
-        offline tools turn it off and checkpoint when they close. `check_latencies`: the
-        server's checks, which a live rebuild is paced by (IndexConfig.rebuild_check_budget)."""
+        offline tools turn it off and checkpoint when they close."""
         self.config = config
         self.model_id = model_id
         self.index_config = index_config or IndexConfig()
@@ -84,8 +81,7 @@ class EmbeddedGallery:
         self._checkpointer = Checkpointer(self._live, self.data_dir / CHECKPOINT_FILE, config)
         self._closed = threading.Event()
         self._rebuilder = Rebuilder(self._live, self._plan, self._checkpointer, config,
-                                    status=self.index_status, cancelled=self._closed.is_set,
-                                    check_latencies=check_latencies)
+                                    status=self.index_status, cancelled=self._closed.is_set)
         self._compaction = CompactionSchedule(self.store, config.compact_delay_s)
         self._live.index, covered = recover_index(self._plan, self._checkpointer,
                                                   self._rebuilder.side_file)

@@ -83,7 +83,6 @@ class IndexPlan:
         # (calibration.py).
         self.pair_score = config.calibration_min_score
         self.rebuild_niceness = config.rebuild_niceness
-        self.rebuild_check_budget = config.rebuild_check_budget
 
     def only_model(self) -> str | None:
         """Filter builds by model only when the store holds another model's embeddings."""

@@ -40,7 +40,6 @@ from dedup.gallery.embedded.index import (
     new_index,
     training_size,
 )
-from dedup.gallery.embedded.rebuild_pace import TICK_S, RebuildPacer
 from dedup.gallery.embedded.store import Snapshot, Store
 
 log = logging.getLogger("dedup.gallery")
@@ -117,13 +116,13 @@ def _every_thread_at(nice: int | None) -> None:
 
 
 _PR_SET_PDEATHSIG = 1
-# The child's first message: it dies with the server from here on, so the pacer may stop it.
-_MAY_STOP = "may_stop"
 
 
 def _die_with_the_server(server: int) -> None:
-    """In the child: killed when the server's thread that started it ends, even while the
-    pacer holds it stopped (a stopped orphan would keep its snapshot of the store forever)."""
+    """In the child: killed (SIGKILL) when the server's thread that started it ends, the
+    server killed too. Otherwise an orphan builds on for up to half an hour, holding its
+    snapshot of the store (whose pages LMDB then cannot reuse) and a core beside the
+    restarted server, which may start a rebuild of its own."""
     if sys.platform != "linux":
         return
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -137,7 +136,6 @@ def _child_main(config: StoreConfig, kind: str, model_id: str, only_model: str |
     """Runs in the spawned process: build, write the side file, report."""
     if server is not None:
         _die_with_the_server(server)
-    messages.put((_MAY_STOP, 0, 0, ""))
     _every_thread_at(nice)
     faiss.omp_set_num_threads(1)
     limit_numpy_blas(1)  # one core: numpy's idle BLAS threads would spin on the server's
@@ -159,13 +157,12 @@ def _child_main(config: StoreConfig, kind: str, model_id: str, only_model: str |
 
 def build_in_child(config: StoreConfig, kind: str, model_id: str, only_model: str | None,
                    out: Path, progress: Progress, cancelled: Callable[[], bool],
-                   poll_s: float = TICK_S, pair_score: float = DEFAULT_PAIR_SCORE,
-                   niceness: int = REBUILD_NICENESS, pacer: RebuildPacer | None = None) -> int:
+                   poll_s: float = 0.5, pair_score: float = DEFAULT_PAIR_SCORE,
+                   niceness: int = REBUILD_NICENESS) -> int:
     """Builds in a spawned process `niceness` above this thread's (capped at 19); returns
     the sequence the side file covers.
 
     `cancelled` is polled: when it turns true (the server is stopping) the child is killed.
-    `pacer`, when given, stops and continues the child by the checks' latency meanwhile.
     """
     context = multiprocessing.get_context("spawn")
     messages: multiprocessing.Queue[tuple[str, int, int, str]] = context.Queue()
@@ -173,17 +170,10 @@ def build_in_child(config: StoreConfig, kind: str, model_id: str, only_model: st
     child = context.Process(target=_child_main, name="dedup-rebuild", daemon=True,
                             args=(config, kind, model_id, only_model, str(out), messages,
                                   pair_score, nice, os.getpid()))
-    if pacer is not None:
-        pacer.start()
     child.start()
-    assert child.pid is not None  # started
     try:
         _lower_priority(child, nice)
-        may_stop = False
         for phase, first, second, text in _messages(child, messages, poll_s):
-            may_stop = may_stop or phase == _MAY_STOP
-            if pacer is not None and may_stop:
-                pacer.pace(child.pid)
             if cancelled():
                 raise StoreError("rebuild cancelled: the server is stopping")
             if phase == "built":
@@ -192,13 +182,10 @@ def build_in_child(config: StoreConfig, kind: str, model_id: str, only_model: st
                 raise FailedPrecondition(text)
             if phase == "error":
                 raise StoreError(f"rebuild failed in the build process: {text}")
-            if phase not in ("waiting", _MAY_STOP):
+            if phase != "waiting":
                 progress(phase, first, second)
         raise StoreError(f"rebuild process exited with code {child.exitcode} before finishing")
     finally:
-        if pacer is not None:
-            pacer.resume(child.pid)  # before it is waited for: a stopped child never ends
-            pacer.report()
         if cancelled():
             child.kill()
         child.join(timeout=30)

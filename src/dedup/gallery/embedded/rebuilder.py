@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dedup.core.errors import FailedPrecondition, StoreError
-from dedup.core.latency import RecentLatencies
 from dedup.core.priority import below_this_thread
 from dedup.core.settings import StoreConfig
 from dedup.gallery.base import IndexStatus, Progress
@@ -28,7 +27,6 @@ from dedup.gallery.embedded.index_plan import IndexPlan
 from dedup.gallery.embedded.layout import REBUILD_FILE
 from dedup.gallery.embedded.live_index import LiveIndex
 from dedup.gallery.embedded.rebuild import Built, build_in_child, build_in_process
-from dedup.gallery.embedded.rebuild_pace import RebuildPacer
 from dedup.gallery.embedded.replay import apply_logged_changes
 
 log = logging.getLogger("dedup.gallery")
@@ -38,13 +36,10 @@ log = logging.getLogger("dedup.gallery")
 class Rebuilder:
     def __init__(self, live: LiveIndex, plan: IndexPlan, checkpointer: Checkpointer,
                  config: StoreConfig, status: Callable[[], IndexStatus],
-                 cancelled: Callable[[], bool],
-                 check_latencies: RecentLatencies | None = None) -> None:
+                 cancelled: Callable[[], bool]) -> None:
         """`status`: the gallery's index status, reported when a rebuild is done;
-        `cancelled`: true once the gallery is closing; `check_latencies`: the server's
-        checks, which a live rebuild is paced by (rebuild_pace.py)."""
+        `cancelled`: true once the gallery is closing."""
         self.live = live
-        self.check_latencies = check_latencies
         self.plan = plan
         self.checkpointer = checkpointer
         self.config = config
@@ -106,8 +101,7 @@ class Rebuilder:
         built_at = build_in_child(self.config, kind, model_id, self.plan.only_model(),
                                   self.side_file, progress, cancelled=self._cancelled,
                                   pair_score=self.plan.pair_score,
-                                  niceness=self.plan.rebuild_niceness,
-                                  pacer=self._pacer())
+                                  niceness=self.plan.rebuild_niceness)
         niced = self.plan.rebuild_niceness
         built = below_this_thread(niced, lambda: load_index(
             self.side_file, self.config.dimension, model_id)[0])
@@ -135,11 +129,6 @@ class Rebuilder:
         log.info("rebuilt the index as %s: %d vectors in %.1f s%s", kind, len(built),
                  time.monotonic() - started,
                  "" if snapshot is None else "; written again as the checkpoint")
-
-    def _pacer(self) -> RebuildPacer | None:
-        if self.check_latencies is None or not self.plan.rebuild_check_budget:
-            return None
-        return RebuildPacer(self.check_latencies, self.plan.rebuild_check_budget)
 
     def _catch_up(self, index: VectorIndex, covered: int) -> tuple[int, bool]:
         """Applies the logged changes after `covered`; returns the sequence now covered and
