@@ -72,9 +72,9 @@ def test_a_live_rebuilds_process_runs_at_the_configured_niceness(
 
 def test_serve_takes_the_rebuild_niceness_and_refuses_one_out_of_range() -> None:
     parser = build_parser()
-    assert server_config(parser.parse_args(["serve"])).index.rebuild_niceness == 5
-    config = server_config(parser.parse_args(["serve", "--rebuild-niceness", "0"]))
-    assert config.index.rebuild_niceness == 0
+    assert server_config(parser.parse_args(["serve"])).index.rebuild_niceness == 0
+    config = server_config(parser.parse_args(["serve", "--rebuild-niceness", "5"]))
+    assert config.index.rebuild_niceness == 5
     with pytest.raises(ValueError, match=r"rebuild_niceness must be within 0\.\.19, got 20"):
         server_config(parser.parse_args(["serve", "--rebuild-niceness", "20"]))
 

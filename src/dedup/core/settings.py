@@ -136,8 +136,7 @@ class StoreConfig:
 MAX_NPROBE = 1 << 20  # as many lists as an index may have
 MAX_RERANK = 100_000
 MAX_SEARCH_THREADS = 1024
-REBUILD_NICENESS = 5
-REBUILD_CHECK_BUDGET = 0.0
+REBUILD_NICENESS = 0
 
 
 @dataclass(frozen=True)
@@ -177,16 +176,13 @@ class IndexConfig:
     search_dispatchers: int = 2
     search_threads: int = 1
     # A live rebuild's process runs this much above the server's niceness (0..19, capped at
-    # 19): higher leaves the checks more of a busy core and the rebuild takes longer. At 5
-    # (the scheduler weighs it about a third of a check thread) the 10,000,000 clustered
-    # rebuild took 882 s with check p99 1.34x; 1,099 s and 1.22x at 10; 605 s and 1.61x at
-    # 0 (benchmarks/scale.py --maintenance-with='--rebuild-niceness N'; the README's figures).
+    # 19): higher leaves the checks more of a busy core and the rebuild takes longer. At 0
+    # the 10,000,000 clustered rebuild under 8 checking clients took 605-891 s in three runs
+    # on the current code, the p99 of all checks during it 1.56x and 1.70x before (two runs);
+    # at 5 it took 742-1,314 s in eight, within 15 minutes in two, and side by side with 0 on
+    # 2026-12-06 977 s against 891 with its checks' p99 no better (1.61x against 1.56x):
+    # benchmarks/scale.py --maintenance-with='--rebuild-niceness N', the README's figures.
     rebuild_niceness: int = REBUILD_NICENESS
-    # While a live rebuild runs, the 90th percentile of the last second's checks is held to
-    # this times that of the minute before it: the rebuild's process is stopped for moments
-    # while they run slower (at most half the time). 0: never paused, niceness alone
-    # (gallery/embedded/rebuild_pace.py).
-    rebuild_check_budget: float = REBUILD_CHECK_BUDGET
 
     def __post_init__(self) -> None:
         # A negative nprobe failed every IVF search (OverflowError) and made SignIVF and
@@ -213,9 +209,6 @@ class IndexConfig:
         if not 0 <= self.rebuild_niceness <= 19:
             raise ValueError(f"index: rebuild_niceness must be within 0..19, got "
                              f"{self.rebuild_niceness}")
-        if self.rebuild_check_budget != 0 and not 1 <= self.rebuild_check_budget <= 100:
-            raise ValueError(f"index: rebuild_check_budget must be 0 or within 1..100, got "
-                             f"{self.rebuild_check_budget}")
         if self.max_batch_wait_s < 0:
             raise ValueError(f"index: max_batch_wait_s must be >= 0, got "
                              f"{self.max_batch_wait_s}")
