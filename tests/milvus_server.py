@@ -67,6 +67,11 @@ _PORT_KEYS = ("proxy_port", "proxy_internal_port", "etcd_port", "root_coord_port
               "data_coord_port", "data_node_port")
 _PR_SET_PDEATHSIG = 1
 _started: list[MilvusServer] = []
+_FIRST_START_ATTEMPTS = 3
+
+
+class _PortTaken(RuntimeError):
+    """Milvus exited at start because one of its ports was taken."""
 
 
 def free_port() -> int:
@@ -115,9 +120,13 @@ class MilvusServer:
     def __init__(self, base_dir: Path, settings: dict[str, object] | None = None) -> None:
         self.base_dir = Path(base_dir).resolve()
         self.settings = TEST_SETTINGS if settings is None else settings
+        self.process: subprocess.Popen[bytes] | None = None
+        self._has_run = False  # started healthy once: its clients know its ports
+        self._choose_ports()
+
+    def _choose_ports(self) -> None:
         self.ports = {key: free_port() for key in _PORT_KEYS}
         self.metrics_port, self.etcd_peer_port = free_port(), free_port()
-        self.process: subprocess.Popen[bytes] | None = None
         self._configure()
 
     @property
@@ -147,6 +156,22 @@ class MilvusServer:
         _initialize_data_files(str(self.base_dir))
 
     def start(self, timeout: float = 120) -> None:
+        """Starts it and waits until it is healthy. A first start whose ports another
+        process took since they were chosen free (CI once met "bind: address already in
+        use") is tried again on new ones; a restart keeps its ports, as its clients know them."""
+        first = not self._has_run
+        for attempt in range(_FIRST_START_ATTEMPTS if first else 1):
+            try:
+                self._start(timeout)
+                self._has_run = True
+                return
+            except _PortTaken:
+                if attempt + 1 == _FIRST_START_ATTEMPTS or not first:
+                    raise
+                self._signal_group(signal.SIGKILL)  # whatever of it is left
+                self._choose_ports()
+
+    def _start(self, timeout: float) -> None:
         binary = self.base_dir / "bin" / "milvus"
         env = os.environ | {
             "DEPLOY_MODE": "STANDALONE", "METRICS_PORT": str(self.metrics_port),
@@ -157,6 +182,8 @@ class MilvusServer:
             **{key.upper().replace(".", "_"): str(value)
                for key, value in self.settings.items()}}
         logs = self.base_dir / "logs"
+        self._log_from = (logs / "milvus-stdout.log").stat().st_size \
+            if (logs / "milvus-stdout.log").exists() else 0
         with open(logs / "milvus-stdout.log", "ab") as out, \
                 open(logs / "milvus-stderr.log", "ab") as err:
             self.process = subprocess.Popen(
@@ -172,8 +199,9 @@ class MilvusServer:
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
-                raise RuntimeError(f"milvus exited with {self.process.returncode}; see "
-                                   f"{self.base_dir / 'logs'}")
+                failure = (_PortTaken if self._port_was_taken() else RuntimeError)
+                raise failure(f"milvus exited with {self.process.returncode}; see "
+                              f"{self.base_dir / 'logs'}")
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
                     if b"OK" in response.read():
@@ -183,6 +211,12 @@ class MilvusServer:
             time.sleep(0.1)
         self.kill()
         raise TimeoutError(f"milvus did not become healthy in {timeout:.0f} s")
+
+    def _port_was_taken(self) -> bool:
+        """Whether this start's log (the file is appended to) says a port was taken."""
+        with open(self.base_dir / "logs" / "milvus-stdout.log", "rb") as log:
+            log.seek(self._log_from)
+            return b"address already in use" in log.read()
 
     def _signal_group(self, signum: int) -> None:
         if self.process is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -68,6 +69,22 @@ def test_the_server_dies_with_the_process_that_started_it(tmp_path, signum):
     while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive(pid), f"the Milvus server {pid} outlived its parent"
+
+
+def test_a_first_start_whose_port_was_taken_meanwhile_starts_on_new_ones(tmp_path):
+    """Ports are chosen free and bound by Milvus later: in between another process may take
+    one (CI met it: Milvus exited with SIGABRT, "bind: address already in use")."""
+    server = MilvusServer(tmp_path / "milvus")
+    taken = server.ports["proxy_internal_port"]
+    with socket.socket() as squatter:
+        squatter.bind(("0.0.0.0", taken))
+        squatter.listen()
+        try:
+            server.start()
+            assert server.ports["proxy_internal_port"] != taken
+            assert alive(server.pid)
+        finally:
+            server.kill()
 
 
 def _index_types(gallery: MilvusGallery) -> dict[str, str]:
