@@ -66,7 +66,7 @@ MILVUS_SERVER_SUBSET = (
     "tests/test_milvus.py::test_a_checked_enrolment_sees_what_another_node_just_acknowledged",
     "tests/test_milvus.py::test_a_checked_enrolment_waits_for_milvus_only_before_its_claim",
     "tests/test_milvus_server.py::test_the_server_dies_with_the_process_that_started_it",
-    "tests/test_milvus_server.py::test_a_first_start_whose_port_was_taken_meanwhile",
+    "tests/test_milvus_server.py::test_a_first_start_whose_port_was_taken_meanwhile_starts_on_new_ones",
     "tests/test_milvus_server.py::test_collections_are_built_with_the_indexes")
 
 

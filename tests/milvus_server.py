@@ -20,6 +20,7 @@ import ctypes
 import os
 import queue
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -160,6 +161,7 @@ class MilvusServer:
         process took since they were chosen free (CI once met "bind: address already in
         use") is tried again on new ones; a restart keeps its ports, as its clients know them."""
         first = not self._has_run
+        fresh = not (self.base_dir / "data").exists()
         for attempt in range(_FIRST_START_ATTEMPTS if first else 1):
             try:
                 self._start(timeout)
@@ -169,6 +171,8 @@ class MilvusServer:
                 if attempt + 1 == _FIRST_START_ATTEMPTS or not first:
                     raise
                 self._signal_group(signal.SIGKILL)  # whatever of it is left
+                if fresh:  # its etcd would keep the failed attempt's members and ports
+                    shutil.rmtree(self.base_dir / "data", ignore_errors=True)
                 self._choose_ports()
 
     def _start(self, timeout: float) -> None:
@@ -182,8 +186,8 @@ class MilvusServer:
             **{key.upper().replace(".", "_"): str(value)
                for key, value in self.settings.items()}}
         logs = self.base_dir / "logs"
-        self._log_from = (logs / "milvus-stdout.log").stat().st_size \
-            if (logs / "milvus-stdout.log").exists() else 0
+        self._logs_from = {name: (logs / name).stat().st_size if (logs / name).exists() else 0
+                           for name in ("milvus-stdout.log", "milvus-stderr.log")}
         with open(logs / "milvus-stdout.log", "ab") as out, \
                 open(logs / "milvus-stderr.log", "ab") as err:
             self.process = subprocess.Popen(
@@ -213,10 +217,13 @@ class MilvusServer:
         raise TimeoutError(f"milvus did not become healthy in {timeout:.0f} s")
 
     def _port_was_taken(self) -> bool:
-        """Whether this start's log (the file is appended to) says a port was taken."""
-        with open(self.base_dir / "logs" / "milvus-stdout.log", "rb") as log:
-            log.seek(self._log_from)
-            return b"address already in use" in log.read()
+        """Whether this start's part of its logs (appended to) says a port was taken."""
+        for name, start in self._logs_from.items():
+            with open(self.base_dir / "logs" / name, "rb") as log:
+                log.seek(start)
+                if b"address already in use" in log.read():
+                    return True
+        return False
 
     def _signal_group(self, signum: int) -> None:
         if self.process is not None:

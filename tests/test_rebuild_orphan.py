@@ -51,15 +51,19 @@ def _store_of(data_dir: Path, count: int) -> StoreConfig:
 
 
 def test_a_rebuilds_process_dies_with_its_server(tmp_path: Path) -> None:
-    config = _store_of(tmp_path / "data", 3000)
+    config = _store_of(tmp_path / "data", 20_000)
     server = subprocess.Popen([sys.executable, "-c", _SERVER, str(config.data_dir),
                                str(tmp_path / "side.ckpt")], stdout=subprocess.PIPE, text=True)
     child = 0
     try:
         assert server.stdout is not None
         child = int(server.stdout.readline())
-        # Stopped, so that it cannot end on its own first (a small build takes a second).
+        # Stopped, so that it cannot end on its own first (a small build takes seconds).
         os.kill(child, signal.SIGSTOP)
+        deadline = time.monotonic() + 5
+        while _state(child) != "T" and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert _state(child) == "T", "the build was still running when it was stopped"
         server.kill()
         server.wait()
         deadline = time.monotonic() + 10

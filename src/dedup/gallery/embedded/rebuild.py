@@ -125,7 +125,9 @@ def _die_with_the_server(server: int) -> None:
     restarted server, which may start a rebuild of its own."""
     if sys.platform != "linux":
         return
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        log.warning("the rebuild's process may outlive its server: prctl failed (errno %d)",
+                    ctypes.get_errno())
     if os.getppid() != server:  # the server ended before the line above
         os._exit(1)
 
