@@ -160,15 +160,15 @@ class MilvusServer:
         """Starts it and waits until it is healthy. A first start whose ports another
         process took since they were chosen free (CI once met "bind: address already in
         use") is tried again on new ones; a restart keeps its ports, as its clients know them."""
-        first = not self._has_run
+        attempts = 1 if self._has_run else _FIRST_START_ATTEMPTS
         fresh = not (self.base_dir / "data").exists()
-        for attempt in range(_FIRST_START_ATTEMPTS if first else 1):
+        for attempt in range(1, attempts + 1):
             try:
                 self._start(timeout)
                 self._has_run = True
                 return
             except _PortTaken:
-                if attempt + 1 == _FIRST_START_ATTEMPTS or not first:
+                if attempt == attempts:
                     raise
                 self._signal_group(signal.SIGKILL)  # whatever of it is left
                 if fresh:  # its etcd would keep the failed attempt's members and ports
@@ -203,7 +203,7 @@ class MilvusServer:
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
-                failure = (_PortTaken if self._port_was_taken() else RuntimeError)
+                failure = _PortTaken if self._port_was_taken() else RuntimeError
                 raise failure(f"milvus exited with {self.process.returncode}; see "
                               f"{self.base_dir / 'logs'}")
             try:
