@@ -27,6 +27,7 @@ from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 from dedup.core.records import Registration
 from dedup.face.model_pack import default_pack_dir, model_id_for
 from dedup.gallery.embedded.gallery import EmbeddedGallery
+from dedup.gallery.embedded.vector_file import VectorFile
 
 HEADER, SLOT = 4096, 2048
 KILL_SEEDS = int(os.environ.get("DEDUP_SOAK_SEEDS", "2"))  # benchmarks/soak.py runs 100
@@ -185,3 +186,60 @@ def test_compaction_zeroes_an_erased_slot_that_holds_bytes(make_server, faces):
     pb_grpc.IndexAdminStub(server.channel).Compact(pb.CompactRequest())
     assert slot_bytes(people[4]) not in vector_file.read_bytes()
     assert slot_bytes(people[5]) in vector_file.read_bytes()
+
+
+def _written_vector_file(path: Path, count: int) -> tuple[VectorFile, np.ndarray]:
+    """A vector file whose keys 1..`count` hold random unit rows, every seventh left unwritten
+    (zeros, as an erased key's slot); the rows as the file holds them."""
+    rows = np.random.default_rng(5).standard_normal((count, 512)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    rows[::7] = 0.0
+    slots = VectorFile.open(path, 512, 0, writable=True)
+    keys = [key for key in range(1, count + 1) if (key - 1) % 7]
+    slots.write(keys, rows[np.asarray(keys) - 1])
+    slots.sync()
+    return slots, rows
+
+
+def test_a_scan_of_slots_reads_what_scattered_reads_do(tmp_path):
+    """Runs of keys (a fill's, a compaction's) are read by preadv, scattered ones through the
+    map: both give each key's slot, and zeros for keys past the file's end."""
+    slots, rows = _written_vector_file(tmp_path / "vectors.f32", 2000)
+    in_file = slots.slots()  # 32,768: one 64 MB step
+    try:
+        def expected(keys: np.ndarray) -> np.ndarray:
+            held = np.zeros((len(keys), 512), np.float32)
+            written = keys <= len(rows)
+            held[written] = rows[keys[written] - 1]
+            return held
+
+        run = np.arange(1, 2001, dtype=np.int64)
+        shuffled = np.random.default_rng(1).permutation(run)
+        with_gaps = run[run % 3 != 0]
+        past_the_end = np.arange(in_file - 400, in_file + 400, dtype=np.int64)
+        scattered = np.array([1, 9, 500, 1999, in_file + 5], dtype=np.int64)
+        for keys in (run, shuffled, with_gaps, past_the_end, scattered):
+            np.testing.assert_array_equal(slots.rows(keys), expected(keys))
+        np.testing.assert_array_equal(slots.block(1, 2000), rows)
+        assert len(slots.block(in_file - 9, 100)) == 10  # fewer rows: the file ends
+        assert len(slots.block(in_file + 1, 100)) == 0
+    finally:
+        slots.close()
+
+
+def test_a_scans_rows_are_its_own(tmp_path):
+    """A compaction copies the block it read while a Delete may zero a slot in it: the rows a
+    scan returned must not change with the file, and may be written to (a re-rank's rows
+    are)."""
+    slots, rows = _written_vector_file(tmp_path / "vectors.f32", 2000)
+    try:
+        scanned, block = slots.rows(np.arange(1, 2001, dtype=np.int64)), slots.block(1, 2000)
+        assert slots.zero([2, 3, 4]) == 3
+        slots.sync()
+        np.testing.assert_array_equal(scanned, rows)
+        np.testing.assert_array_equal(block, rows)
+        assert not slots.rows(np.arange(1, 2001, dtype=np.int64))[1:4].any()
+        scanned[0] = 1.0
+        block[0] = 1.0
+    finally:
+        slots.close()

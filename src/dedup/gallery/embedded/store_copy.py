@@ -52,7 +52,7 @@ def _copy_slots(slots: VectorFile, target_path: Path, assigned: int) -> list[int
     try:
         for first in range(1, assigned + 1, _SLOTS_AT_ONCE):
             count = min(_SLOTS_AT_ONCE, assigned + 1 - first)
-            block = np.array(slots.block(first, count))  # a copy: a Delete may zero a slot
+            block = slots.block(first, count)  # a copy: a Delete may zero a slot meanwhile
             if len(block) < count:
                 raise damaged(slots.path, f"holds no slot for key {first + len(block)}")
             keys = np.arange(first, first + count, dtype=np.int64)
