@@ -1,0 +1,124 @@
+"""A scan of the vector file from a cold page cache: through a memory map, as dedup read it
+until 2026-12-06, against preadv, as it reads a scan now.
+
+A rebuild's fill, a compaction and `dedup doctor` read the whole vector file (20 GB at
+10,000,000 registrations) in runs of 20,000 slots. The store maps the file with MADV_RANDOM,
+because a re-rank reads a few scattered slots; a scan through that map (MADV_WILLNEED over the
+run, the rows gathered, MADV_DONTNEED after, the code before commit d418456) faults a cold
+file in a page at a time. `VectorFile.rows` now reads a run by preadv. Before each round the
+file's pages are dropped from the page cache (posix_fadvise DONTNEED: no root needed, nothing
+else evicted); the two ways alternate, each round reading the same `--rows` slots. Prints a
+table of medians and writes benchmarks/results/vector_scan.json.
+
+    .venv/bin/python benchmarks/vector_scan.py --data-dir /tmp/dedup-scale/10000000-clustered/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from dedup.gallery.embedded.vector_file import HEADER_BYTES, VectorFile
+
+RESULTS = Path(__file__).parent / "results"
+BATCH = 20_000  # the rows of one fill batch (rebuild.ADD_BATCH)
+
+
+def through_the_map(path: Path, dimension: int) -> Callable[[np.ndarray], np.ndarray]:
+    descriptor = os.open(path, os.O_RDONLY)
+    mapped = mmap.mmap(descriptor, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    mapped.madvise(mmap.MADV_RANDOM)
+    slots = (len(mapped) - HEADER_BYTES) // (4 * dimension)
+    view = np.frombuffer(mapped, np.float32, count=slots * dimension,
+                         offset=HEADER_BYTES).reshape(slots, dimension)
+
+    def read(keys: np.ndarray) -> np.ndarray:
+        first = HEADER_BYTES + int(keys[0] - 1) * 4 * dimension
+        start = first // mmap.PAGESIZE * mmap.PAGESIZE
+        end = HEADER_BYTES + int(keys[-1]) * 4 * dimension
+        mapped.madvise(mmap.MADV_WILLNEED, start, end - start)
+        rows = view[keys - 1]
+        mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
+        return rows
+
+    return read
+
+
+def by_preadv(path: Path, dimension: int) -> Callable[[np.ndarray], np.ndarray]:
+    slots = VectorFile.open(path, dimension, 0, writable=False)
+    return slots.rows
+
+
+def drop_from_page_cache(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(descriptor)
+
+
+def scan(read: Callable[[np.ndarray], np.ndarray], rows: int, first_key: int
+         ) -> dict[str, float]:
+    """Seconds, CPU seconds and major page faults to read `rows` slots in fill batches."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    started, cpu = time.monotonic(), time.process_time()
+    checksum = 0.0
+    for first in range(first_key, first_key + rows, BATCH):
+        keys = np.arange(first, min(first + BATCH, first_key + rows), dtype=np.int64)
+        checksum += float(read(keys)[:, 0].sum())
+    seconds = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return {"seconds": seconds, "cpu_seconds": time.process_time() - cpu,
+            "major_faults": after.ru_majflt - before.ru_majflt,
+            "mb_per_s": rows * 2048 / seconds / 1e6, "checksum": checksum}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path,
+                        default=Path("/tmp/dedup-scale/10000000-clustered/data"),
+                        help="a data directory of store format 2 (store/vectors.f32)")
+    parser.add_argument("--rows", type=int, default=1_000_000, help="slots a round reads")
+    parser.add_argument("--first-key", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dimension", type=int, default=512)
+    args = parser.parse_args()
+
+    path = args.data_dir / "store" / "vectors.f32"
+    ways = {"memory map (MADV_RANDOM)": through_the_map(path, args.dimension),
+            "preadv (now)": by_preadv(path, args.dimension)}
+    measured: dict[str, list[dict[str, float]]] = {name: [] for name in ways}
+    for _ in tqdm(range(args.rounds), desc="rounds"):
+        for name, read in ways.items():
+            drop_from_page_cache(path)
+            measured[name].append(scan(read, args.rows, args.first_key))
+    sums = {round(run["checksum"], 3) for runs in measured.values() for run in runs}
+    if len(sums) != 1:
+        raise SystemExit(f"the two ways read different rows: checksums {sorted(sums)}")
+    medians = {name: {key: statistics.median(run[key] for run in runs)
+                      for key in ("seconds", "cpu_seconds", "major_faults", "mb_per_s")}
+               for name, runs in measured.items()}
+    print(f"\n{args.rows:,} slots of {path}, cold page cache, medians of {args.rounds}:\n")
+    print("| read | s | CPU s | major faults | MB/s |\n|---|---|---|---|---|")
+    for name, row in medians.items():
+        print(f"| {name} | {row['seconds']:.1f} | {row['cpu_seconds']:.1f} | "
+              f"{row['major_faults']:,.0f} | {row['mb_per_s']:.0f} |")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "vector_scan.json"
+    out.write_text(json.dumps({"rows": args.rows, "rounds": args.rounds, "path": str(path),
+                               "medians": medians, "runs": measured}, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
