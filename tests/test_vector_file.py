@@ -24,6 +24,7 @@ from processes import ServerProcess
 from dedup import FaceGenerator, StoreConfig
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+from dedup.core.errors import StoreError
 from dedup.core.records import Registration
 from dedup.face.model_pack import default_pack_dir, model_id_for
 from dedup.gallery.embedded.gallery import EmbeddedGallery
@@ -217,12 +218,32 @@ def test_a_scan_of_slots_reads_what_scattered_reads_do(tmp_path):
         shuffled = np.random.default_rng(1).permutation(run)
         with_gaps = run[run % 3 != 0]
         past_the_end = np.arange(in_file - 400, in_file + 400, dtype=np.int64)
+        repeated = np.concatenate([run[:1000], run[:1000]])
+        from_the_end = np.arange(in_file + 1, in_file + 400, dtype=np.int64)
+        over_chunks = np.arange(1, 3 * in_file, 2, dtype=np.int64)  # a span of several reads
         scattered = np.array([1, 9, 500, 1999, in_file + 5], dtype=np.int64)
-        for keys in (run, shuffled, with_gaps, past_the_end, scattered):
+        for keys in (run, shuffled, with_gaps, repeated, past_the_end, from_the_end,
+                     over_chunks, scattered):
             np.testing.assert_array_equal(slots.rows(keys), expected(keys))
         np.testing.assert_array_equal(slots.block(1, 2000), rows)
         assert len(slots.block(in_file - 9, 100)) == 10  # fewer rows: the file ends
         assert len(slots.block(in_file + 1, 100)) == 0
+    finally:
+        slots.close()
+
+
+def test_a_scan_reads_slots_written_after_the_file_grew(tmp_path):
+    """A scan past the slots the file had when it was mapped maps it again and reads them."""
+    slots, rows = _written_vector_file(tmp_path / "vectors.f32", 2000)
+    try:
+        in_file = slots.slots()
+        assert len(slots.rows(np.arange(1, 2001, dtype=np.int64))) == 2000  # mapped
+        late = rows[1:301] * -1.0
+        slots.write(list(range(in_file + 1, in_file + 301)), late)  # grows the file
+        slots.sync()
+        keys = np.arange(in_file + 1, in_file + 301, dtype=np.int64)
+        np.testing.assert_array_equal(slots.rows(keys), late)
+        np.testing.assert_array_equal(slots.block(in_file + 1, 300), late)
     finally:
         slots.close()
 
@@ -242,4 +263,20 @@ def test_a_scans_rows_are_its_own(tmp_path):
         scanned[0] = 1.0
         block[0] = 1.0
     finally:
+        slots.close()
+
+
+def test_a_scan_that_cannot_read_the_file_raises_a_store_error_naming_it(tmp_path):
+    """A read error (here the descriptor closed under the reader, as EIO would fail it) is a
+    StoreError naming the file, not an OSError, nor zeros taken for erased slots."""
+    slots, _ = _written_vector_file(tmp_path / "vectors.f32", 2000)
+    slots.rows(np.arange(1, 10, dtype=np.int64))  # mapped
+    descriptor = slots._descriptor
+    assert descriptor is not None
+    os.close(descriptor)
+    try:
+        with pytest.raises(StoreError, match=r"vectors\.f32: the vector file could not be read"):
+            slots.rows(np.arange(1, 2001, dtype=np.int64))
+    finally:
+        slots._descriptor = None
         slots.close()

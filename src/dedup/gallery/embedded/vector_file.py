@@ -10,7 +10,8 @@ that references them commits (store.py). Scattered slots (a re-rank's candidates
 through a read-only shared memory map, remapped when the file has grown; runs of slots (a
 scan: a rebuild's fill, compaction, doctor) with os.preadv into fresh memory, because the
 map, advised MADV_RANDOM for the re-rank, faults a cold file in a page at a time (1,000,000
-rows of the 10,000,000 gallery: 66 MB/s through the map, 424 MB/s by preadv). The file grows
+slots of the 10,000,000 gallery from a cold cache: 70 MB/s through the map, 482 MB/s by
+preadv; benchmarks/vector_scan.py). The file grows
 in 64 MB steps by ftruncate, so it is sparse: only written slots take disk.
 """
 
@@ -39,6 +40,7 @@ HEADER_BYTES = 4096  # one page, so that slots stay page-aligned
 GROWTH_BYTES = 64 << 20
 _HEADER = struct.Struct("<16sIII")  # magic, file format, dimension, slot bytes
 _SCAN_ROWS = 256  # more rows than this, of a dense run of keys, at once: a scan
+_SCAN_CHUNK = 32_768  # slots a scan reads at once (64 MB at 512 dimensions)
 
 Keys = npt.NDArray[np.int64]
 
@@ -56,7 +58,6 @@ class VectorFile:
         self._refusal = refusal  # why this store's embeddings cannot be read here, if so
         self._size = HEADER_BYTES if descriptor is None else os.fstat(descriptor).st_size
         self._remapping = threading.Lock()
-        self._mapped: mmap.mmap | None = None
         self._view: Matrix = np.empty((0, dimension), np.float32)
         self._remap()
 
@@ -110,8 +111,7 @@ class VectorFile:
         first, stop = (int(index.min()), int(index.max()) + 1) if len(index) else (0, 0)
         view = self._view_covering(stop)
         if len(keys) > _SCAN_ROWS and stop - first <= 2 * len(keys):  # a dense run: a scan
-            run = self._read_slots(first, stop, len(view))
-            return run if _consecutive(index) else run[index - first]
+            return self._scan(index, first, stop, len(view))
         inside = index < len(view)
         if inside.all():
             return view[index]
@@ -126,6 +126,19 @@ class VectorFile:
         slots = len(self._view_covering(start + count))
         return self._read_slots(start, max(start, min(start + count, slots)), slots)
 
+    def _scan(self, index: Keys, first: int, stop: int, slots: int) -> Matrix:
+        """The rows of slots `index` (first..stop-1 their span), read a chunk of the span at a
+        time: at most one chunk beyond the rows is in memory."""
+        if stop - first <= _SCAN_CHUNK and _consecutive(index):
+            return self._read_slots(first, stop, slots)
+        rows = np.empty((len(index), self.dimension), np.float32)
+        for start in range(first, stop, _SCAN_CHUNK):
+            end = min(start + _SCAN_CHUNK, stop)
+            inside = (index >= start) & (index < end)
+            if inside.any():
+                rows[inside] = self._read_slots(start, end, slots)[index[inside] - start]
+        return rows
+
     def _read_slots(self, start: int, stop: int, slots: int) -> Matrix:
         """Slots start..stop-1 by preadv, zeros for those at or past `slots` (the file's end
         when it was mapped)."""
@@ -133,10 +146,24 @@ class VectorFile:
         raw = rows.reshape(-1).view(np.uint8)
         wanted = max(0, min(stop, slots) - start) * self.slot_bytes
         descriptor = self._descriptor
-        done = 0 if descriptor is None else _read_into(
+        done = 0 if descriptor is None else self._read_into(
             descriptor, raw[:wanted], HEADER_BYTES + start * self.slot_bytes)
         raw[done:] = 0
         return rows
+
+    def _read_into(self, descriptor: int, buffer: npt.NDArray[np.uint8], offset: int) -> int:
+        """Reads into `buffer` from `offset`; how many bytes (fewer if the file ends sooner)."""
+        done = 0
+        try:
+            while done < len(buffer):
+                read = os.preadv(descriptor, [buffer[done:].data], offset + done)
+                if read == 0:
+                    break
+                done += read
+        except OSError as error:  # EIO, or a read racing close(): not a damaged slot
+            raise StoreError(f"{self.path}: the vector file could not be read: "
+                             f"{error.strerror or error}") from error
+        return done
 
     def _view_covering(self, slots: int) -> Matrix:
         if self._refusal:
@@ -154,7 +181,6 @@ class VectorFile:
                 mapped = mmap.mmap(self._descriptor, HEADER_BYTES + slots * self.slot_bytes,
                                    flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
                 mapped.madvise(mmap.MADV_RANDOM)  # re-ranking reads a few scattered slots
-                self._mapped = mapped
                 self._view = np.frombuffer(mapped, np.float32, count=slots * self.dimension,
                                            offset=HEADER_BYTES).reshape(slots, self.dimension)
             return self._view
@@ -202,7 +228,7 @@ class VectorFile:
             os.ftruncate(descriptor, end)
             os.fdatasync(descriptor)
         self._size = end
-        self._mapped, self._view = None, np.empty((0, self.dimension), np.float32)
+        self._view = np.empty((0, self.dimension), np.float32)
         self._remap()
         return dropped
 
@@ -212,7 +238,7 @@ class VectorFile:
             os.fdatasync(self._writable())
 
     def close(self) -> None:
-        self._mapped, self._view = None, np.empty((0, self.dimension), np.float32)
+        self._view = np.empty((0, self.dimension), np.float32)
         if self._descriptor is not None:
             os.close(self._descriptor)
             self._descriptor = None
@@ -303,6 +329,7 @@ def _check_header(path: Path, descriptor: int, dimension: int) -> None:
 
 
 def _consecutive(index: Keys) -> bool:
+    """Whether `index` is one run of consecutive slots, in order."""
     return len(index) > 0 and bool((np.diff(index) == 1).all())
 
 
@@ -313,17 +340,6 @@ def _runs(keys: list[int]) -> Iterator[tuple[int, int]]:
         if i == len(keys) or keys[i] != keys[i - 1] + 1:
             yield start, i
             start = i
-
-
-def _read_into(descriptor: int, buffer: npt.NDArray[np.uint8], offset: int) -> int:
-    """Reads into `buffer` from `offset`; how many bytes (fewer if the file ends sooner)."""
-    done = 0
-    while done < len(buffer):
-        read = os.preadv(descriptor, [buffer[done:].data], offset + done)
-        if read == 0:
-            break
-        done += read
-    return done
 
 
 def _pwrite_all(descriptor: int, data: bytes, offset: int) -> None:
