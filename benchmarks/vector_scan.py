@@ -1,14 +1,19 @@
 """A scan of the vector file from a cold page cache: through a memory map, as dedup read it
-until 2026-12-06, against preadv, as it reads a scan now.
+until 2026-12-06, against preadv, as it reads a scan now; and a training sample's scattered
+slots, fault by fault through the map against their reads queued first.
 
 A rebuild's fill, a compaction and `dedup doctor` read the whole vector file (20 GB at
 10,000,000 registrations) in runs of 20,000 slots. The store maps the file with MADV_RANDOM,
 because a re-rank reads a few scattered slots; a scan through that map (MADV_WILLNEED over the
 run, the rows gathered, MADV_DONTNEED after, the code before commit d418456) faults a cold
-file in a page at a time. `VectorFile.rows` now reads a run by preadv. Before each round the
-file's pages are dropped from the page cache (posix_fadvise DONTNEED: no root needed, nothing
-else evicted); the two ways alternate, each round reading the same `--rows` slots. Prints a
-table of medians and writes benchmarks/results/vector_scan.json.
+file in a page at a time. `VectorFile.rows` now reads a run by preadv. The sample is every
+38th slot, 262,144 of them at 10,000,000, as a rebuild's k-means takes it (`Snapshot.sample`):
+through the map one page fault after another (before), against `VectorFile.rows`, which
+queues each chunk's reads first (POSIX_FADV_WILLNEED). Before each round the page cache is
+dropped (/proc/sys/vm/drop_caches as root, else posix_fadvise DONTNEED of the file's unmapped
+pages), and every map is made for its round and gone after it; the ways alternate, each round
+reading the same slots. Prints a table of medians and writes
+benchmarks/results/vector_scan.json.
 
     .venv/bin/python benchmarks/vector_scan.py --data-dir /tmp/dedup-scale/10000000-clustered/data
 """
@@ -57,12 +62,40 @@ def through_the_map(path: Path, dimension: int) -> Callable[[np.ndarray], np.nda
     return read
 
 
-def by_preadv(path: Path, dimension: int) -> Callable[[np.ndarray], np.ndarray]:
+def fault_by_fault(path: Path, dimension: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Scattered slots through a MADV_RANDOM map, one page fault after another."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        mapped = mmap.mmap(descriptor, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    finally:
+        os.close(descriptor)
+    mapped.madvise(mmap.MADV_RANDOM)
+    slots = (len(mapped) - HEADER_BYTES) // (4 * dimension)
+    view = np.frombuffer(mapped, np.float32, count=slots * dimension,
+                         offset=HEADER_BYTES).reshape(slots, dimension)
+    return lambda keys: view[keys - 1]
+
+
+def with_the_store(path: Path, dimension: int,
+                   measure: Callable[[Callable[[np.ndarray], np.ndarray]], dict[str, float]]
+                   ) -> dict[str, float]:
+    """`measure` with VectorFile.rows of a store's file opened for it alone (its map holds
+    the pages it gathered: closed after, so that the next round starts cold)."""
     slots = VectorFile.open(path, dimension, 0, writable=False)
-    return slots.rows
+    try:
+        return measure(slots.rows)
+    finally:
+        slots.close()
 
 
 def drop_from_page_cache(path: Path) -> None:
+    """The whole page cache when this process may (root), else the file's unmapped pages."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1")
+        return
+    except OSError:
+        pass
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -73,11 +106,22 @@ def drop_from_page_cache(path: Path) -> None:
 def scan(read: Callable[[np.ndarray], np.ndarray], rows: int, first_key: int
          ) -> dict[str, float]:
     """Seconds, CPU seconds and major page faults to read `rows` slots in fill batches."""
+    batches = [np.arange(first, min(first + BATCH, first_key + rows), dtype=np.int64)
+               for first in range(first_key, first_key + rows, BATCH)]
+    return timed(read, batches)
+
+
+def sample(read: Callable[[np.ndarray], np.ndarray], slots: int) -> dict[str, float]:
+    """The same for a training sample: every 38th of `slots` slots, up to 262,144, at once."""
+    return timed(read, [np.arange(1, slots + 1, 38, dtype=np.int64)[:262_144]])
+
+
+def timed(read: Callable[[np.ndarray], np.ndarray], batches: list[np.ndarray]
+          ) -> dict[str, float]:
     before = resource.getrusage(resource.RUSAGE_SELF)
     started, cpu = time.monotonic(), time.process_time()
     checksum, read_bytes = 0.0, 0
-    for first in range(first_key, first_key + rows, BATCH):
-        keys = np.arange(first, min(first + BATCH, first_key + rows), dtype=np.int64)
+    for keys in batches:
         rows_read = read(keys)
         checksum += float(rows_read[:, 0].sum())
         read_bytes += rows_read.nbytes
@@ -100,20 +144,31 @@ def main() -> None:
     args = parser.parse_args()
 
     path = args.data_dir / "store" / "vectors.f32"
-    ways = {"memory map (MADV_RANDOM)": through_the_map(path, args.dimension),
-            "preadv (now)": by_preadv(path, args.dimension)}
+    slots = (path.stat().st_size - HEADER_BYTES) // (4 * args.dimension)
+    ways: dict[str, Callable[[], dict[str, float]]] = {
+        "scan: memory map (MADV_RANDOM)": lambda: scan(
+            through_the_map(path, args.dimension), args.rows, args.first_key),
+        "scan: preadv (now)": lambda: with_the_store(
+            path, args.dimension, lambda read: scan(read, args.rows, args.first_key)),
+        "sample: map, fault by fault": lambda: sample(fault_by_fault(path, args.dimension),
+                                                      slots),
+        "sample: reads queued first (now)": lambda: with_the_store(
+            path, args.dimension, lambda read: sample(read, slots))}
     measured: dict[str, list[dict[str, float]]] = {name: [] for name in ways}
     for _ in tqdm(range(args.rounds), desc="rounds"):
-        for name, read in ways.items():
+        for name, run in ways.items():
             drop_from_page_cache(path)
-            measured[name].append(scan(read, args.rows, args.first_key))
-    sums = {round(run["checksum"], 3) for runs in measured.values() for run in runs}
-    if len(sums) != 1:
-        raise SystemExit(f"the two ways read different rows: checksums {sorted(sums)}")
+            measured[name].append(run())
+    for kind in ("scan", "sample"):
+        sums = {round(run["checksum"], 3) for name, runs in measured.items()
+                if name.startswith(kind) for run in runs}
+        if len(sums) != 1:
+            raise SystemExit(f"the {kind}s read different rows: checksums {sorted(sums)}")
     medians = {name: {key: statistics.median(run[key] for run in runs)
                       for key in ("seconds", "cpu_seconds", "major_faults", "mb_per_s")}
                for name, runs in measured.items()}
-    print(f"\n{args.rows:,} slots of {path}, cold page cache, medians of {args.rounds}:\n")
+    print(f"\n{path}, cold page cache, medians of {args.rounds}; a scan reads {args.rows:,} "
+          "slots, a sample every 38th slot (up to 262,144):\n")
     print("| read | s | CPU s | major faults | MB/s |\n|---|---|---|---|---|")
     for name, row in medians.items():
         print(f"| {name} | {row['seconds']:.1f} | {row['cpu_seconds']:.1f} | "

@@ -222,8 +222,9 @@ def test_a_scan_of_slots_reads_what_scattered_reads_do(tmp_path):
         from_the_end = np.arange(in_file + 1, in_file + 400, dtype=np.int64)
         over_chunks = np.arange(1, 3 * in_file, 2, dtype=np.int64)  # a span of several reads
         scattered = np.array([1, 9, 500, 1999, in_file + 5], dtype=np.int64)
+        many_scattered = np.arange(1, 5 * in_file, 7, dtype=np.int64)  # reads queued first
         for keys in (run, shuffled, with_gaps, repeated, past_the_end, from_the_end,
-                     over_chunks, scattered):
+                     over_chunks, scattered, many_scattered):
             np.testing.assert_array_equal(slots.rows(keys), expected(keys))
         np.testing.assert_array_equal(slots.block(1, 2000), rows)
         assert len(slots.block(in_file - 9, 100)) == 10  # fewer rows: the file ends
