@@ -39,7 +39,8 @@ RESULTS = Path(__file__).parent / "results"
 BATCH = 20_000  # the rows of one fill batch (rebuild.ADD_BATCH)
 
 
-def through_the_map(path: Path, dimension: int) -> Callable[[np.ndarray], np.ndarray]:
+def random_map(path: Path, dimension: int) -> tuple[mmap.mmap, np.ndarray]:
+    """The file mapped as the store maps it (MADV_RANDOM), and its slots as a matrix."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
         mapped = mmap.mmap(descriptor, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
@@ -47,8 +48,13 @@ def through_the_map(path: Path, dimension: int) -> Callable[[np.ndarray], np.nda
         os.close(descriptor)  # the map keeps its own
     mapped.madvise(mmap.MADV_RANDOM)
     slots = (len(mapped) - HEADER_BYTES) // (4 * dimension)
-    view = np.frombuffer(mapped, np.float32, count=slots * dimension,
-                         offset=HEADER_BYTES).reshape(slots, dimension)
+    return mapped, np.frombuffer(mapped, np.float32, count=slots * dimension,
+                                 offset=HEADER_BYTES).reshape(slots, dimension)
+
+
+def through_the_map(path: Path, dimension: int) -> Callable[[np.ndarray], np.ndarray]:
+    """A run of slots as the store read a scan before d418456."""
+    mapped, view = random_map(path, dimension)
 
     def read(keys: np.ndarray) -> np.ndarray:
         first = HEADER_BYTES + int(keys[0] - 1) * 4 * dimension
@@ -64,15 +70,7 @@ def through_the_map(path: Path, dimension: int) -> Callable[[np.ndarray], np.nda
 
 def fault_by_fault(path: Path, dimension: int) -> Callable[[np.ndarray], np.ndarray]:
     """Scattered slots through a MADV_RANDOM map, one page fault after another."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        mapped = mmap.mmap(descriptor, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-    finally:
-        os.close(descriptor)
-    mapped.madvise(mmap.MADV_RANDOM)
-    slots = (len(mapped) - HEADER_BYTES) // (4 * dimension)
-    view = np.frombuffer(mapped, np.float32, count=slots * dimension,
-                         offset=HEADER_BYTES).reshape(slots, dimension)
+    _, view = random_map(path, dimension)
     return lambda keys: view[keys - 1]
 
 

@@ -177,11 +177,11 @@ class IndexConfig:
     search_threads: int = 1
     # A live rebuild's process runs this much above the server's niceness (0..19, capped at
     # 19): higher leaves the checks more of a busy core and the rebuild takes longer. At 0
-    # the 10,000,000 clustered rebuild under 8 checking clients took 605-891 s in three runs
-    # on the current code, the p99 of all checks during it 1.56x and 1.70x before (two runs);
-    # at 5 it took 742-1,314 s in eight, within 15 minutes in two, and side by side with 0 on
-    # 2026-12-06 977 s against 891 with its checks' p99 no better (1.61x against 1.56x):
-    # benchmarks/scale.py --maintenance-with='--rebuild-niceness N', the README's figures.
+    # the 10,000,000 clustered rebuild under 8 checking clients took 496 and 502 s once its
+    # fill read by preadv (2026-12-06), no window of 200 checks with a p99 over 2x before. At
+    # 5, side by side with 0 earlier that day, it took 977 s against 891 with its checks' p99
+    # no better (1.61x against 1.56x): benchmarks/scale.py --maintenance-with=
+    # '--rebuild-niceness N', the README's figures.
     rebuild_niceness: int = REBUILD_NICENESS
 
     def __post_init__(self) -> None:

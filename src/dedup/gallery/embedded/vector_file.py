@@ -121,6 +121,13 @@ class VectorFile:
             return self._gather_queued(view, index)
         return self._gather(view, index)
 
+    def block(self, first_key: int, count: int) -> Matrix:
+        """The slots of keys `first_key` .. `first_key` + `count` - 1, read into fresh memory
+        (fewer rows if the file ends before)."""
+        start = first_key - 1
+        slots = len(self._view_covering(start + count))
+        return self._read_slots(start, max(start, min(start + count, slots)), slots)
+
     def _gather(self, view: Matrix, index: Keys) -> Matrix:
         inside = index < len(view)
         if inside.all():
@@ -132,7 +139,8 @@ class VectorFile:
     def _gather_queued(self, view: Matrix, index: Keys) -> Matrix:
         """Many scattered slots through the map, each chunk's reads first queued to the disk
         at once (POSIX_FADV_WILLNEED), where the map would fault them in one after another
-        (262,144 slots of the 10,000,000 gallery from a cold cache: 20.6 s, 3.2 s queued)."""
+        (262,144 slots of the 10,000,000 gallery from a cold cache: 19.5 s, 2.6 s queued;
+        benchmarks/vector_scan.py)."""
         rows = np.empty((len(index), self.dimension), np.float32)
         for start in range(0, len(index), _QUEUE_CHUNK):
             part = index[start:start + _QUEUE_CHUNK]
@@ -150,13 +158,6 @@ class VectorFile:
                                  self.slot_bytes, os.POSIX_FADV_WILLNEED)
         except OSError:  # only advice: the map reads them regardless
             pass
-
-    def block(self, first_key: int, count: int) -> Matrix:
-        """The slots of keys `first_key` .. `first_key` + `count` - 1, read into fresh memory
-        (fewer rows if the file ends before)."""
-        start = first_key - 1
-        slots = len(self._view_covering(start + count))
-        return self._read_slots(start, max(start, min(start + count, slots)), slots)
 
     def _scan(self, index: Keys, first: int, stop: int, slots: int) -> Matrix:
         """The rows of slots `index` (first..stop-1 their span), read a chunk of the span at a
