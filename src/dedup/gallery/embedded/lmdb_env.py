@@ -132,7 +132,11 @@ class LmdbEnv:
         return env
 
     def _open_lmdb(self) -> lmdb.Environment:
-        map_size = max(self.config.initial_map_size, self.file_bytes())
+        # Room to grow: a map no larger than the file (a compacted store) makes the next
+        # write grow it, which waits for every reader and holds up the reads after it.
+        used = self.file_bytes()
+        map_size = min(max(self.config.initial_map_size, 2 * used),
+                       max(self.config.max_map_size, used))
         try:
             env = lmdb.open(
                 str(self.path), map_size=map_size, max_dbs=16, max_readers=self.config.max_readers,

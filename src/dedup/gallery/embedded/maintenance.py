@@ -143,9 +143,10 @@ class IndexSwitch:
 
 
 class Maintenance:
-    """Two threads until `closed` is set: one writes the index checkpoints, the other
-    compacts the store and switches the index type. A compaction or a rebuild takes minutes
-    at 10,000,000 registrations, and an erasure's checkpoint must not wait for it."""
+    """Three threads until `closed` is set: one writes the index checkpoints, one compacts
+    the store, one switches the index type. A compaction or a rebuild takes minutes at
+    10,000,000 registrations, and an erasure's checkpoint or compaction must not wait for
+    either: each is promised by its receipt."""
 
     def __init__(self, config: StoreConfig, closed: threading.Event, checkpointer: Checkpointer,
                  compaction: CompactionSchedule, switch: IndexSwitch) -> None:
@@ -156,7 +157,8 @@ class Maintenance:
         self.switch = switch
         self._threads = [
             threading.Thread(target=self._checkpoints, name="dedup-checkpoints", daemon=True),
-            threading.Thread(target=self._store_and_index, name="dedup-maintenance",
+            threading.Thread(target=self._compactions, name="dedup-compaction", daemon=True),
+            threading.Thread(target=self._index_type, name="dedup-index-switch",
                              daemon=True)]
 
     def start(self) -> None:
@@ -174,27 +176,21 @@ class Maintenance:
         poll = max(MIN_POLL_S, min(1.0, self.config.checkpoint_interval_s,
                                    self.config.erasure_checkpoint_delay_s))
         self._every(poll, self.checkpointer.seconds_to_erasure_checkpoint,
-                    self.checkpointer.checkpoint_if_due)
+                    self.checkpointer.checkpoint_if_due, "index checkpoint")
 
-    def _store_and_index(self) -> None:
+    def _compactions(self) -> None:
+        # A failed compaction is tried again COMPACTION_RETRY_S later (compact_if_due).
         poll = max(MIN_POLL_S, min(1.0, self.config.checkpoint_interval_s))
-        switch_every = min(SWITCH_EVERY_S, self.config.checkpoint_interval_s)
-        switched = time.monotonic()
+        self._every(poll, self.compaction.seconds_to_start, self.compaction.compact_if_due,
+                    "compaction")
 
-        def compact_and_switch() -> None:
-            nonlocal switched
-            try:
-                self.compaction.compact_if_due()
-            except Exception:  # tried again COMPACTION_RETRY_S later; the switch goes on
-                log.exception("compaction failed")
-            if time.monotonic() - switched >= switch_every:
-                switched = time.monotonic()
-                self.switch.switch_if_wanted()
-
-        self._every(poll, self.compaction.seconds_to_start, compact_and_switch)
+    def _index_type(self) -> None:
+        switch_every = max(MIN_POLL_S, min(SWITCH_EVERY_S, self.config.checkpoint_interval_s))
+        self._every(switch_every, lambda: switch_every, self.switch.switch_if_wanted,
+                    "index type switch")
 
     def _every(self, poll: float, seconds_to_next: Callable[[], float],
-               work: Callable[[], None]) -> None:
+               work: Callable[[], None], what: str) -> None:
         """Runs `work` every `poll` seconds and when `seconds_to_next` says, until closed;
         after a failure, again a poll later."""
         wait = poll
@@ -203,5 +199,5 @@ class Maintenance:
                 work()
                 wait = max(0.0, min(poll, seconds_to_next()))
             except Exception:  # the store is the truth; a failure here only costs time
-                log.exception("background index maintenance failed")
+                log.exception("background %s failed", what)
                 wait = poll

@@ -290,7 +290,7 @@ class Snapshot:
         stride = max(1, self.count(model_id) // max(1, size))
         rows = []
         for _, matrix in self.vectors(20_000, only_model):
-            rows.append(matrix[::stride])
+            rows.append(matrix[::stride].copy())  # a view would keep the whole batch
         if not rows:
             return np.empty((0, self._tables.dimension), np.float32)
         return np.vstack(rows)[:size]

@@ -155,9 +155,13 @@ class TableReader:
 
     def erased_keys(self) -> Keys:
         """Every key assigned that has no record (its registration was erased)."""
+        # A mask, not a set difference: at 10,000,000 keys one byte a key (10 MB) beside the
+        # record keys, where np.setdiff1d sorted 160 MB of them together.
         assigned = self.meta(b"next_key") - 1
-        return np.setdiff1d(np.arange(1, assigned + 1, dtype=np.int64), self.record_keys(),
-                            assume_unique=True)
+        erased = np.ones(assigned + 1, np.bool_)
+        erased[0] = False
+        erased[self.record_keys()] = False
+        return np.flatnonzero(erased).astype(np.int64)
 
     def changes_after(self, sequence: int) -> list[Change]:
         cursor = self.txn.cursor(db=self.dbs.changes)

@@ -236,8 +236,12 @@ class VectorFile:
         """Overwrites with zeros the slots of `keys` that hold anything; how many did (durable
         only after sync())."""
         descriptor = self._writable()
-        rows = self.rows(np.asarray(keys, np.int64))
-        held = [key for key, row in zip(keys, rows, strict=True) if row.any()]
+        held: list[int] = []
+        # A chunk at a time: a compaction hands every key ever erased (1,000,000 slots would
+        # be 2 GB read at once).
+        for start in range(0, len(keys), _SCAN_CHUNK):
+            chunk = np.asarray(keys[start:start + _SCAN_CHUNK], np.int64)
+            held += chunk[self.rows(chunk).any(axis=1)].tolist()
         zeros = bytes(self.slot_bytes)
         with self._writing():
             for key in held:

@@ -1,0 +1,161 @@
+"""Defects of the store's maintenance that only show at 10,000,000 registrations, each found
+on a small gallery: memory that grows with the whole gallery or with every erasure ever
+made, a compaction held up behind an automatic rebuild, and a store reopened without room
+to grow."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from dedup import FaceGenerator, StoreConfig
+from dedup.core.records import DeleteKey, Registration
+from dedup.core.settings import IndexConfig
+from dedup.core.vectors import normalize_rows
+from dedup.gallery.embedded import rebuild
+from dedup.gallery.embedded.gallery import EmbeddedGallery
+from dedup.gallery.embedded.store import Store
+
+DIMENSION = 512
+ROW_BYTES = DIMENSION * 4
+
+
+def _vectors(count: int, seed: int) -> np.ndarray:
+    return normalize_rows(np.random.default_rng(seed).standard_normal((count, DIMENSION)))
+
+
+def _fill(store: Store, count: int, model: str = "m", id_number: str | None = None,
+          first: int = 0, seed: int = 1) -> None:
+    vectors = _vectors(count, seed)
+    for start in range(0, count, 10_000):
+        store.insert_many([
+            (Registration(f"r{first + i}", id_number or f"ID{first + i}",
+                          embedding_model=model), vectors[i])
+            for i in range(start, min(count, start + 10_000))])
+
+
+def _traced_peak(work: Any) -> tuple[Any, int]:
+    tracemalloc.start()
+    try:
+        result = work()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_training_sample_among_two_models_keeps_only_its_rows(tmp_path: Path) -> None:
+    """With another model's registrations in the store (a model change under way), the
+    sample is read batch by batch; it kept a view of each batch of 20,000 rows, so the whole
+    model's vectors stayed in memory (20 GB at 10,000,000) for a sample of 512 MB."""
+    store = Store(StoreConfig(data_dir=tmp_path / "data"))
+    try:
+        _fill(store, 100_000)
+        _fill(store, 10, model="old", first=100_000, seed=2)
+        with store.snapshot() as snapshot:
+            sample, peak = _traced_peak(lambda: snapshot.sample(100, "m", "m"))
+        assert sample.shape == (100, DIMENSION)
+        assert np.allclose(np.linalg.norm(sample, axis=1), 1.0, atol=1e-5)
+        # A batch is 41 MB; before, all five stayed (205 MB).
+        assert peak < 3 * 20_000 * ROW_BYTES, f"{peak / 2**20:.0f} MiB traced"
+    finally:
+        store.close()
+
+
+def test_a_compaction_reads_the_erased_slots_a_chunk_at_a_time(tmp_path: Path) -> None:
+    """A compaction checks every slot ever erased for bytes left: it read them all at once
+    (1,000,000 erasures: 2 GB)."""
+    store = Store(StoreConfig(data_dir=tmp_path / "data"))
+    try:
+        _fill(store, 100_000, id_number="ID-gone")
+        _fill(store, 100, first=100_000, seed=2)
+        deleted, _ = store.delete(DeleteKey.ID_NUMBER, "ID-gone")
+        assert len(deleted) == 100_000
+        _, peak = _traced_peak(store.compact)
+        # 100,000 erased slots are 205 MB; a chunk of them is 67 MB.
+        assert peak < 0.6 * 100_000 * ROW_BYTES, f"{peak / 2**20:.0f} MiB traced"
+        assert store.count() == 100
+        assert store.verify() == []
+    finally:
+        store.close()
+
+
+def test_writes_after_a_compaction_do_not_have_to_grow_the_map(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A store reopened by a compaction got a map of its file's size, so the next writes
+    grew it: a resize waits for every reader (at 10,000,000, the compaction's own seconds-long
+    read of every key) and holds up every read that comes after it meanwhile."""
+    store = Store(StoreConfig(data_dir=tmp_path / "data", initial_map_size=256 * 1024))
+    try:
+        _fill(store, 3000, id_number="ID-gone")
+        _fill(store, 3000, first=3000, seed=2)
+        store.delete(DeleteKey.ID_NUMBER, "ID-gone")
+        store.compact()
+        caplog.set_level(logging.INFO, logger="dedup.store")
+        caplog.clear()
+        _fill(store, 1000, first=6000, seed=3)
+        assert "grew the LMDB map" not in caplog.text
+        assert store.count() == 4000
+    finally:
+        store.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_compaction_is_not_held_up_by_an_automatic_rebuild(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compaction and the automatic switch of index type shared one thread: at 10,000,000 a
+    rebuild takes 8 minutes or more, and an erasure's compaction promised meanwhile waited
+    for it. Here the rebuild's process is stopped (SIGSTOP) as soon as it starts; the
+    erasure's compaction must still end by its `compaction_due`, and the rebuild, continued,
+    must swap in an index without the erased registrations."""
+    children: list[int] = []
+    started = threading.Event()
+    lower = rebuild._lower_priority
+
+    def stopping(child: Any, value: int) -> None:
+        lower(child, value)
+        os.kill(child.pid, signal.SIGSTOP)
+        children.append(child.pid)
+        started.set()
+
+    monkeypatch.setattr(rebuild, "_lower_priority", stopping)
+    people = FaceGenerator(seed=31).persons(400)
+    config = StoreConfig(data_dir=tmp_path / "data", checkpoint_interval_s=0.1,
+                         compact_delay_s=0.2, erasure_checkpoint_delay_s=0.2)
+    gallery = EmbeddedGallery(config, "m", IndexConfig(auto_threshold=300))
+    try:
+        gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(200)])
+        assert gallery.index.kind == "Flat"
+        gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i])
+                             for i in range(200, 400)])
+        assert started.wait(30), "the automatic switch started no rebuild"
+        erasure = gallery.delete(DeleteKey.REGISTRATION_ID, "r7")
+        assert erasure.compaction_due is not None
+        while gallery.compaction_due() is not None:
+            assert time.time() < erasure.compaction_due + 5, "the compaction waited"
+            time.sleep(0.05)
+        assert gallery.index.kind == "Flat"  # the rebuild is still stopped
+        os.kill(children[0], signal.SIGCONT)
+        deadline = time.monotonic() + 60
+        while gallery.index.kind != "BinarySign512":
+            assert time.monotonic() < deadline, "the rebuild did not swap"
+            time.sleep(0.05)
+        assert len(gallery.index) == gallery.comparable_count() == 399
+        best = gallery.neighbours(people[7], 5, 0.5)  # the best is given even below 0.5
+        assert [s.registration.registration_id for s in best if s.score >= 0.5] == []
+        assert gallery.stored_face("r7") is None
+        assert gallery.store.verify() == []
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        gallery.close()
