@@ -275,6 +275,12 @@ class Server:
     def rss_gb(self) -> float:
         return memory_of(self.process.pid)["rss_mib"] / 1024
 
+    def anon_gb(self) -> float:
+        """The memory the server itself holds (RssAnon): its RSS also counts the pages of
+        the page cache it maps, up to the whole vector file once that is cached (README,
+        *What the server's resident memory counts*)."""
+        return memory_of(self.process.pid)["anon_mib"] / 1024
+
     def pss_gb(self) -> float:
         """The resident memory of the server and its replicas together, each shared page
         (the vector file's, mapped by every process) counted once (Pss summed)."""
@@ -354,6 +360,7 @@ def serve_and_measure(data_dir: Path, requests: list[pb.CheckRequest],
             row[f"recall_other_id_{clients}_clients"] = recall(
                 responses, under_other_id_numbers(truth, requests))
         row["server_rss_gb"] = server.rss_gb()
+        row["server_anon_gb"] = server.anon_gb()
         row["server_pss_gb_all_processes"] = server.pss_gb()
         row["server_peak_rss_gb"] = server.peak_rss_gb()
     finally:
@@ -575,7 +582,7 @@ def print_table(result: dict[str, object]) -> None:
     print(f"{'index':24} {'param':>6} {'start s':>7} {'recall':>7} {'other':>7} {'q/s@1':>7} "
           f"{'q/s@8':>7} "
           f"{'p50@8':>6} {'p99@8':>6} {'cpu ms':>6} {'raw ms':>6} {'q/bat8':>6} {'RSS GB':>6} "
-          f"{'PSS GB':>6}")
+          f"{'anon':>6} {'PSS GB':>6}")
     for row in result["serving"]:  # type: ignore[attr-defined]
         def get(clients: str, field: str, row: dict = row) -> float:
             return float(row.get(clients, {}).get(field, float("nan")))
@@ -592,6 +599,7 @@ def print_table(result: dict[str, object]) -> None:
               f"{get('8_clients', 'server_cpu_ms_per_check'):6.2f} {raw:6.2f} "
               f"{get('8_clients', 'queries_per_batch_search'):6.2f} "
               f"{row['server_rss_gb']:6.2f} "
+              f"{row.get('server_anon_gb', float('nan')):6.2f} "
               f"{row.get('server_pss_gb_all_processes', float('nan')):6.2f}")
     if "maintenance" in result:
         print(json.dumps(result["maintenance"], indent=1))
