@@ -160,7 +160,8 @@ class TableReader:
         assigned = self.meta(b"next_key") - 1
         erased = np.ones(assigned + 1, np.bool_)
         erased[0] = False
-        erased[self.record_keys()] = False
+        keys = self.record_keys()
+        erased[keys[keys <= assigned]] = False  # one past it is damage, for doctor to find
         return np.flatnonzero(erased).astype(np.int64)
 
     def changes_after(self, sequence: int) -> list[Change]:
