@@ -156,7 +156,7 @@ class EmbeddedGallery:
         delta = change_delta(self.store, seen)
         if not delta.complete:  # a checkpoint truncated the log meanwhile: search again, locked
             return self._candidates(vector, check)
-        added = self._search.score(vector, self.store.faces(delta.added, True))
+        added = self._search.score(vector, self.store.faces(delta.added.tolist(), True))
         fresh = [scored for scored in added if scored.score >= check.floor]
         return [scored for scored in candidates if scored.key not in delta.removed] + fresh
 

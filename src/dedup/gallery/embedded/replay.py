@@ -11,6 +11,7 @@ import numpy as np
 from dedup.gallery.embedded.index import VectorIndex
 from dedup.gallery.embedded.store import Store
 from dedup.gallery.embedded.store_format import OP_ADD
+from dedup.gallery.embedded.vector_file import Keys
 
 log = logging.getLogger("dedup.gallery")
 
@@ -26,9 +27,9 @@ class ChangeDelta:
     since: int
     current: int  # the store's sequence when the log was read
     logged: int  # how many changes the log holds after `since`
-    added: list[int]  # keys added after `since` and not removed since, in log order
+    added: Keys  # keys added after `since` and not removed since, in log order
     removed: set[int]  # keys removed after `since`
-    removed_older: set[int]  # of those, the ones not added after `since`
+    removed_older: Keys  # of those, the ones not added after `since`, in increasing order
 
     @property
     def complete(self) -> bool:
@@ -37,12 +38,13 @@ class ChangeDelta:
 
 
 def change_delta(store: Store, since: int) -> ChangeDelta:
-    changes, current = store.changes_after(since)
-    added = [change.key for change in changes if change.op == OP_ADD]
-    removed = {change.key for change in changes if change.op != OP_ADD}
-    return ChangeDelta(since=since, current=current, logged=len(changes),
-                       added=[key for key in added if key not in removed], removed=removed,
-                       removed_older=removed.difference(added))
+    ops, keys, current = store.change_log(since)
+    is_add = ops == OP_ADD[0]
+    added, removed = keys[is_add], keys[~is_add]
+    return ChangeDelta(since=since, current=current, logged=len(ops),
+                       added=added[~np.isin(added, removed)] if len(removed) else added,
+                       removed=set(removed.tolist()),
+                       removed_older=np.setdiff1d(removed, added))
 
 
 def replay_changes(store: Store, index: VectorIndex, covered: int, model_id: str) -> int | None:
@@ -76,9 +78,9 @@ def apply_delta(store: Store, index: VectorIndex, delta: ChangeDelta, model_id: 
     """Applies a complete delta to an index that covers `delta.since`, reading the added
     rows from the store REPLAY_BATCH at a time."""
     for start in range(0, len(delta.added), REPLAY_BATCH):
-        chunk = delta.added[start:start + REPLAY_BATCH]
+        chunk = delta.added[start:start + REPLAY_BATCH].tolist()
         ours = [face.key for face in store.faces(chunk, with_vectors=False)
                 if face.registration.embedding_model == model_id]
         keys, vectors = store.vectors(ours)
         index.add(np.asarray(keys, np.int64), vectors)
-    index.remove(np.asarray(sorted(delta.removed_older), np.int64))
+    index.remove(delta.removed_older)

@@ -31,11 +31,11 @@ from dedup.gallery.embedded.lmdb_env import StoreUsage
 from dedup.gallery.embedded.store_format import OP_ADD, OP_REMOVE
 from dedup.gallery.embedded.store_open import open_for_writing
 from dedup.gallery.embedded.store_reads import ReadableStore, Snapshot
-from dedup.gallery.embedded.store_tables import Change, TableReader, TableWriter
+from dedup.gallery.embedded.store_tables import TableReader, TableWriter
 from dedup.gallery.embedded.store_upgrade import Upgrade, UpgradeProgress, logged_progress
 from dedup.gallery.embedded.vector_file import VectorFile
 
-__all__ = ["OP_ADD", "OP_REMOVE", "Change", "Snapshot", "Store", "StoreUsage", "Upgrade"]
+__all__ = ["OP_ADD", "OP_REMOVE", "Snapshot", "Store", "StoreUsage", "Upgrade"]
 
 log = logging.getLogger("dedup.store")
 

@@ -22,7 +22,6 @@ from dedup.gallery.embedded.lmdb_env import LmdbEnv, StoreUsage
 from dedup.gallery.embedded.store_copy import StoreCopy, copy_store
 from dedup.gallery.embedded.store_open import open_for_reading
 from dedup.gallery.embedded.store_tables import (
-    Change,
     TableReader,
     TableWriter,
     present,
@@ -30,7 +29,7 @@ from dedup.gallery.embedded.store_tables import (
 )
 from dedup.gallery.embedded.store_verify import VectorCheck, check_vectors, verify
 from dedup.gallery.embedded.stored_vectors import rows_in_place, stored_rows
-from dedup.gallery.embedded.vector_file import VectorFile
+from dedup.gallery.embedded.vector_file import Keys, VectorFile
 
 _T = TypeVar("_T")
 _Tables = TypeVar("_Tables", TableReader, TableWriter)
@@ -184,14 +183,13 @@ class ReadableStore:
     def sequence(self) -> int:
         return self._read(lambda tables: tables.meta(b"sequence"))
 
-    def changes_after(self, sequence: int) -> tuple[list[Change], int]:
-        """The logged changes after `sequence`, and the store's current sequence.
+    def change_log(self, sequence: int) -> tuple[npt.NDArray[np.uint8], Keys, int]:
+        """The ops and keys of the logged changes after `sequence` (TableReader.change_log),
+        and the store's current sequence, read in one transaction."""
+        def read(tables: TableReader) -> tuple[npt.NDArray[np.uint8], Keys, int]:
+            return (*tables.change_log(sequence), tables.meta(b"sequence"))
 
-        The log is truncated behind each checkpoint, so a caller holding an older
-        checkpoint sees fewer changes than the sequences span and must rebuild instead.
-        """
-        return self._read(
-            lambda tables: (tables.changes_after(sequence), tables.meta(b"sequence")))
+        return self._read(read)
 
     # -- the audit trail and adjudications -------------------------------------------
 

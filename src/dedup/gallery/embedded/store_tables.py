@@ -8,12 +8,12 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lmdb
 import numpy as np
+import numpy.typing as npt
 
 from dedup.core.errors import StoreError, msisdn_taken, registration_id_taken
 from dedup.core.records import DeleteKey, Registration, StoredFace
@@ -39,11 +39,7 @@ VectorBatch = tuple[int, list[int], Matrix]  # (last key read, keys, their vecto
 Peek = Callable[[], AbstractContextManager[lmdb.Transaction]]
 
 
-@dataclass(frozen=True)
-class Change:
-    sequence: int
-    op: bytes
-    key: int
+_LOGGED_CHANGE = np.dtype([("op", "u1"), ("key", ">u8")])  # a change log entry's value
 
 
 def present(txn: lmdb.Transaction, dbs: Databases, keys: list[int]) -> set[int]:
@@ -164,14 +160,18 @@ class TableReader:
         erased[keys[keys <= assigned]] = False  # one past it is damage, for doctor to find
         return np.flatnonzero(erased).astype(np.int64)
 
-    def changes_after(self, sequence: int) -> list[Change]:
+    def change_log(self, sequence: int) -> tuple[npt.NDArray[np.uint8], Keys]:
+        """The op and the key of each logged change after `sequence`, in log order, as two
+        arrays: 9 bytes a change, where a Change object took ~150 (an import of 10,000,000
+        that failed leaves that many changes for the next start to replay)."""
         cursor = self.txn.cursor(db=self.dbs.changes)
-        found = []
-        if cursor.set_range(u64(sequence + 1)):
-            for raw_sequence, value in cursor:
-                found.append(
-                    Change(from_u64(raw_sequence), bytes(value[:1]), from_u64(value[1:])))
-        return found
+        if not cursor.set_range(u64(sequence + 1)):
+            return np.empty(0, np.uint8), np.empty(0, np.int64)
+        values = cursor.iternext(keys=False, values=True)
+        chunks = [np.frombuffer(b"".join(chunk), dtype=_LOGGED_CHANGE)
+                  for chunk in iter(lambda: list(itertools.islice(values, 1 << 14)), [])]
+        entries = np.concatenate(chunks)
+        return entries["op"].copy(), entries["key"].astype(np.int64)
 
     def vector_batch(self, after: int, batch: int, only_model: str | None) -> VectorBatch:
         """Up to `batch` vectors in key order from key `after` + 1 (of `only_model`'s, if

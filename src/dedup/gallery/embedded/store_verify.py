@@ -45,7 +45,8 @@ def check_vectors(tables: TableReader, progress: Callable[[int], object]) -> Vec
     an erased one's zeros (reporting progress per block of slots)."""
     assigned = tables.meta(b"next_key") - 1
     stored = tables.record_keys()
-    removed = {change.key for change in tables.changes_after(0) if change.op == OP_REMOVE}
+    ops, logged_keys = tables.change_log(0)
+    removed = set(logged_keys[ops == OP_REMOVE[0]].tolist())
     problems: list[str] = []
     unzeroed: list[int] = []
     for first in range(1, assigned + 1, _SLOTS_AT_ONCE):
