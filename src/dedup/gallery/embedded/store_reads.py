@@ -185,7 +185,11 @@ class ReadableStore:
 
     def change_log(self, sequence: int) -> tuple[npt.NDArray[np.uint8], Keys, int]:
         """The ops and keys of the logged changes after `sequence` (TableReader.change_log),
-        and the store's current sequence, read in one transaction."""
+        and the store's current sequence, read in one transaction.
+
+        The log is truncated behind each checkpoint, so a caller holding an older
+        checkpoint sees fewer changes than the sequences span and must rebuild instead.
+        """
         def read(tables: TableReader) -> tuple[npt.NDArray[np.uint8], Keys, int]:
             return (*tables.change_log(sequence), tables.meta(b"sequence"))
 
