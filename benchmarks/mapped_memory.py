@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +25,9 @@ import numpy as np
 
 from dedup.gallery.embedded.layout import vector_file
 from dedup.gallery.embedded.vector_file import HEADER_BYTES, VectorFile
+
+sys.path.insert(0, str(Path(__file__).parent))
+import harness
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -35,8 +38,8 @@ def rss_file_bytes() -> int:
 
 
 def drop_page_cache() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    if not harness.drop_page_cache():
+        raise SystemExit("dropping the page cache needs root")
 
 
 def warm_page_cache(path: Path) -> None:

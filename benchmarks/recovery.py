@@ -30,19 +30,10 @@ from dedup.gallery.embedded.layout import CHECKPOINT_FILE
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gallery_data import VARIANTS
+from harness import drop_page_cache
 from scale import RESULTS, Server, check_requests, checks, ground_truth, imported_gallery, recall
 
 WINDOW = 200
-
-
-def drop_page_cache() -> bool:
-    """Empties the page cache (root only); whether it was emptied."""
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("1\n")
-    except OSError:
-        return False
-    return True
 
 
 def damage(checkpoint: Path, how: str) -> None:

@@ -26,6 +26,7 @@ import mmap
 import os
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,9 @@ import numpy as np
 from tqdm import tqdm
 
 from dedup.gallery.embedded.vector_file import HEADER_BYTES, VectorFile
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import drop_page_cache
 
 RESULTS = Path(__file__).parent / "results"
 BATCH = 20_000  # the rows of one fill batch (rebuild.ADD_BATCH)
@@ -88,12 +92,8 @@ def with_the_store(path: Path, dimension: int,
 
 def drop_from_page_cache(path: Path) -> None:
     """The whole page cache when this process may (root), else the file's unmapped pages."""
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("1")
+    if drop_page_cache():
         return
-    except OSError:
-        pass
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)

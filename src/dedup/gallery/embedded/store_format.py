@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import numpy as np
+import numpy.typing as npt
 
 from dedup.core.errors import StoreError
 from dedup.core.records import Registration
@@ -16,6 +23,7 @@ LEGACY_FORMAT = 1
 LEGACY_VECTORS_DB = "vectors"  # format 1's database of embeddings: key -> float32 bytes
 OP_ADD = b"A"  # change-log operations
 OP_REMOVE = b"R"
+_LOGGED_CHANGE = np.dtype([("op", "u1"), ("key", ">u8")])  # a change-log entry's value
 
 ERASED_SINCE = b"erased_since"  # meta: when the first erasure not yet compacted away was made
 MODEL_PREFIX = b"model:"  # meta "model:<model_id>": registrations per embedding model
@@ -86,3 +94,25 @@ def decode_registration(raw: bytes) -> Registration:
         quality=fields.get("q"),  # only in records of photos since it is recorded
         client_quality=fields.get("k"),  # only when the client sent one
     )
+
+
+def logged_changes(txn: lmdb.Transaction, changes: Any, after: int, where: Path
+                   ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
+    """The op and the key of each change in the log `changes` after sequence `after`, in log
+    order, as two arrays: 9 bytes a change, where an object apiece took ~168 (an import of
+    10,000,000 that failed leaves that many changes for the next start to replay)."""
+    cursor = txn.cursor(db=changes)
+    if not cursor.set_range(u64(after + 1)):
+        return np.empty(0, np.uint8), np.empty(0, np.int64)
+    values = cursor.iternext(keys=False, values=True)
+    entries = np.concatenate([_logged(chunk, where) for chunk in
+                              iter(lambda: list(itertools.islice(values, 1 << 14)), [])])
+    return entries["op"].copy(), entries["key"].astype(np.int64)
+
+
+def _logged(values: list[bytes | memoryview], where: Path) -> npt.NDArray[np.void]:
+    # Checked entry by entry: two damaged entries whose lengths add up to 18 would be misread.
+    if any(len(value) != _LOGGED_CHANGE.itemsize for value in values):
+        raise StoreError(f"{where}: the store is damaged: a change-log entry is not "
+                         f"{_LOGGED_CHANGE.itemsize} bytes")
+    return np.frombuffer(b"".join(values), dtype=_LOGGED_CHANGE)

@@ -27,6 +27,7 @@ from dedup.gallery.embedded.store_format import (
     decode_registration,
     encode_registration,
     from_u64,
+    logged_changes,
     model_key,
     u64,
 )
@@ -37,9 +38,6 @@ from dedup.gallery.embedded.vector_file import Keys, VectorFile
 VectorBatch = tuple[int, list[int], Matrix]  # (last key read, keys, their vectors)
 # A read transaction of its own, seeing the latest commit (LmdbEnv.peek).
 Peek = Callable[[], AbstractContextManager[lmdb.Transaction]]
-
-
-_LOGGED_CHANGE = np.dtype([("op", "u1"), ("key", ">u8")])  # a change log entry's value
 
 
 def present(txn: lmdb.Transaction, dbs: Databases, keys: list[int]) -> set[int]:
@@ -161,24 +159,8 @@ class TableReader:
         return np.flatnonzero(erased).astype(np.int64)
 
     def change_log(self, sequence: int) -> tuple[npt.NDArray[np.uint8], Keys]:
-        """The op and the key of each logged change after `sequence`, in log order, as two
-        arrays: 9 bytes a change, where a Change object took ~168 (an import of 10,000,000
-        that failed leaves that many changes for the next start to replay)."""
-        cursor = self.txn.cursor(db=self.dbs.changes)
-        if not cursor.set_range(u64(sequence + 1)):
-            return np.empty(0, np.uint8), np.empty(0, np.int64)
-        values = cursor.iternext(keys=False, values=True)
-        chunks = [self._logged(chunk)
-                  for chunk in iter(lambda: list(itertools.islice(values, 1 << 14)), [])]
-        entries = np.concatenate(chunks)
-        return entries["op"].copy(), entries["key"].astype(np.int64)
-
-    def _logged(self, values: list[bytes | memoryview]) -> npt.NDArray[np.void]:
-        # Checked as a whole: two damaged entries whose lengths add up to 18 would be misread.
-        if any(len(value) != _LOGGED_CHANGE.itemsize for value in values):
-            raise StoreError(f"{self.where}: the store is damaged: a change-log entry is not "
-                             f"{_LOGGED_CHANGE.itemsize} bytes")
-        return np.frombuffer(b"".join(values), dtype=_LOGGED_CHANGE)
+        """The op and the key of each logged change after `sequence` (logged_changes)."""
+        return logged_changes(self.txn, self.dbs.changes, sequence, self.where)
 
     def vector_batch(self, after: int, batch: int, only_model: str | None) -> VectorBatch:
         """Up to `batch` vectors in key order from key `after` + 1 (of `only_model`'s, if
