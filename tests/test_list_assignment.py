@@ -390,3 +390,42 @@ def test_the_first_batch_decides_for_the_whole_build(vectors, monkeypatch):
     another.train(vectors[: training_size(another.kind, 512)])
     another.fill(np.arange(1000, dtype=np.int64), other)
     assert another._fill_assignment is None and len(another) == 1000
+
+
+@pytest.mark.parametrize("gallery", ["uneven", "isotropic"])
+def test_a_search_scans_the_lists_nearest_in_integer_scores(trained, vectors, gallery):
+    rows = (vectors if gallery == "uneven" else FaceGenerator(11).persons(SIZE))[:2000]
+    centroids = centroids_of(trained)
+    nprobe = 8
+    chosen = exact_int8(centroids).probed_lists(rows, nprobe)
+    assert chosen.shape == (len(rows), nprobe) and chosen.dtype == np.int64
+    assert all(len(set(row)) == nprobe for row in chosen.tolist())
+    scores = rows.astype(np.float64) @ centroids.astype(np.float64).T
+    by_float = np.argsort(-scores, axis=1)[:, :nprobe]
+    shared = [len(set(a) & set(b)) / nprobe
+              for a, b in zip(chosen.tolist(), by_float.tolist(), strict=True)]
+    # Not checked in float: the lists near the nprobe-th may differ, the nearest may not.
+    assert np.mean(shared) >= 0.95
+    assert np.mean([best in row for best, row in zip(by_float[:, 0], chosen, strict=True)]) \
+        >= 0.999
+
+
+@pytest.mark.parametrize("kind", PARTITIONED, ids=lambda kind: kind.__name__)
+def test_a_search_takes_the_int8_choice_of_lists_and_the_float_one_without_it(vectors, kind):
+    index = trained_with_int8(kind, vectors)
+    ids = np.arange(SIZE, dtype=np.int64)
+    index.add(ids, vectors)
+    queries = normalize_rows(vectors[:200] + 0.5 * uneven(200, 5))
+    few = SearchOptions(nprobe=4)
+    by_int8 = index.search(queries, 10, few)
+    assert index._search_choice is not None  # made by the first search
+    lists = index._search_choice.probed_lists(queries, 4)
+    home = index._lists_of(vectors, 1)[:, 0]  # each vector's list (add's exact choice)
+    for (found, _), probed in zip(by_int8, lists, strict=True):
+        assert set(home[found[found >= 0]].tolist()) <= set(probed.tolist())
+    index._search_choice = None  # as on a CPU whose int8 products are not exact
+    float_lists = index._lists_of(queries, 4)
+    for (found, _), probed in zip(index.search(queries, 10, few), float_lists, strict=True):
+        assert set(home[found[found >= 0]].tolist()) <= set(probed.tolist())
+    every = index.search(queries, 10, SearchOptions(nprobe=NLIST))  # every list: no choice
+    assert all(len(found[found >= 0]) == 10 for found, _ in every)

@@ -63,6 +63,7 @@ import functools
 import json
 import logging
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -571,11 +572,11 @@ class BinaryIVFIndex(_SignCoded):
 
 class PartitionedIndex(_Locked):
     """Codes in the `nlist` lists of a float partition: spherical k-means on the float32
-    embeddings, whose centroids (an exact IndexFlatIP) assign each vector its list and name
-    the `nprobe` lists a search scans. A build's `fill` chooses the same lists by
-    list_assignment.py's int8 products, for a fraction of the cost (or by the float product,
-    where those do not pay: _fill_assignment_for). How many lists a search
-    scans is measured at the build on the gallery's own duplicates (calibration.py).
+    embeddings, whose centroids (an exact IndexFlatIP) assign each vector its list. A build's
+    `fill` chooses the same lists by list_assignment.py's int8 products, for a fraction of
+    the cost (or by the float product, where those do not pay: _fill_assignment_for). A
+    search scans the `nprobe` lists of the highest int8 scores (_probed_lists); how many is
+    measured at the build on the gallery's own duplicates (calibration.py).
 
     Float k-means follows the gallery's structure where binary k-means on the codes does
     not (BinaryIVF above). Subclasses hold the codes: SignIVF 512 sign bits, FastScanIVF
@@ -597,6 +598,9 @@ class PartitionedIndex(_Locked):
         self._fill_decided = False  # a build's first fill batch chose int8 or float lists
         # Every list until calibrated: then it finds what a scan of every code finds.
         self.calibration = calibration or Calibration(nprobe=nlist, pairs=0, recall={})
+        self._search_choice: Int8Assignment | None = None  # made at the first search
+        self._search_choice_made = False
+        self._making_search_choice = threading.Lock()
 
     def _train_centroids(self, sample: Matrix) -> npt.NDArray[np.float32]:
         _require_training_sample(self.kind, self.dimension, sample)
@@ -608,6 +612,29 @@ class PartitionedIndex(_Locked):
     def _lists_of(self, vectors: Matrix, nprobe: int) -> npt.NDArray[np.int64]:
         _, lists = self._centroids.search(np.ascontiguousarray(vectors, np.float32), nprobe)
         return np.ascontiguousarray(lists, dtype=np.int64)
+
+    def _probed_lists(self, queries: Matrix, nprobe: int) -> npt.NDArray[np.int64]:
+        """The `nprobe` lists each query scans, by list_assignment.py's int8 products: the
+        float product reads all 8 MB of the centroids (4,096 lists) a query, 0.39 ms of a
+        1.10 ms search on 1,000,000 clustered here, the int8 choice 0.07-0.2 ms (2 MB). By
+        the float product where this CPU's int8 products are not exact."""
+        if nprobe >= self.nlist:
+            return np.tile(np.arange(self.nlist, dtype=np.int64), (len(queries), 1))
+        choice = self._search_choice_of()
+        if choice is None:
+            return self._lists_of(queries, nprobe)
+        return choice.probed_lists(queries, nprobe)
+
+    def _search_choice_of(self) -> Int8Assignment | None:
+        """The int8 choice of a search's lists, made once the centroids are trained (they
+        never change after): 0.1 s and 10 MB at 4,096 lists, on one thread."""
+        if not self._search_choice_made:
+            with self._making_search_choice:
+                if not self._search_choice_made:
+                    centroids = self._centroids.reconstruct_n(0, self._centroids.ntotal)
+                    self._search_choice = int8_assignment(centroids, threads=1)
+                    self._search_choice_made = True
+        return self._search_choice
 
     def fill(self, ids: Ids, vectors: Matrix) -> None:
         """A build's vectors, after train (add chooses each list exactly)."""
@@ -654,7 +681,7 @@ class PartitionedIndex(_Locked):
         with self._lock.reading():
             if self._index.ntotal == 0:
                 return None
-            lists = self._lists_of(queries, params.nprobe)
+            lists = self._probed_lists(queries, params.nprobe)
             list_distances = np.zeros(lists.shape, distance)  # kept alive through the call
             # The C++ call: faiss's Python wrapper of search_preassigned reads the index's
             # shared nprobe, which concurrent callers with other nprobes would race on.
