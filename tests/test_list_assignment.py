@@ -15,11 +15,14 @@ import pytest
 from dedup import FaceGenerator
 from dedup.core.errors import FailedPrecondition
 from dedup.core.vectors import normalize_rows
+from dedup.gallery.embedded import index as index_module
 from dedup.gallery.embedded import list_assignment
+from dedup.gallery.embedded.checkpoint import write_checkpoint
 from dedup.gallery.embedded.index import (
     FastScanIVFIndex,
     SearchOptions,
     SignIVFIndex,
+    load_index,
     training_size,
 )
 from dedup.gallery.embedded.list_assignment import (
@@ -410,22 +413,61 @@ def test_a_search_scans_the_lists_nearest_in_integer_scores(trained, vectors, ga
         >= 0.999
 
 
+def in_lists(found, lists: np.ndarray, home: np.ndarray) -> bool:
+    """Every id a search found is in one of the lists it was to scan."""
+    return all(set(home[ids[ids >= 0]].tolist()) <= set(probed.tolist())
+               for (ids, _), probed in zip(found, lists, strict=True))
+
+
 @pytest.mark.parametrize("kind", PARTITIONED, ids=lambda kind: kind.__name__)
-def test_a_search_takes_the_int8_choice_of_lists_and_the_float_one_without_it(vectors, kind):
+def test_a_search_scans_the_int8_choice_of_lists_nearest_first(vectors, kind):
     index = trained_with_int8(kind, vectors)
-    ids = np.arange(SIZE, dtype=np.int64)
-    index.add(ids, vectors)
-    queries = normalize_rows(vectors[:200] + 0.5 * uneven(200, 5))
-    few = SearchOptions(nprobe=4)
-    by_int8 = index.search(queries, 10, few)
-    assert index._search_choice is not None  # made by the first search
-    lists = index._search_choice.probed_lists(queries, 4)
+    assert index._search_choice is not None  # made by train, not on a check's time
+    index.add(np.arange(SIZE, dtype=np.int64), vectors)
     home = index._lists_of(vectors, 1)[:, 0]  # each vector's list (add's exact choice)
-    for (found, _), probed in zip(by_int8, lists, strict=True):
-        assert set(home[found[found >= 0]].tolist()) <= set(probed.tolist())
-    index._search_choice = None  # as on a CPU whose int8 products are not exact
-    float_lists = index._lists_of(queries, 4)
-    for (found, _), probed in zip(index.search(queries, 10, few), float_lists, strict=True):
-        assert set(home[found[found >= 0]].tolist()) <= set(probed.tolist())
-    every = index.search(queries, 10, SearchOptions(nprobe=NLIST))  # every list: no choice
-    assert all(len(found[found >= 0]) == 10 for found, _ in every)
+    queries = normalize_rows(vectors[:200] + 0.5 * uneven(200, 5))
+    lists = index._probed_lists(queries, 4)
+    assert np.array_equal(lists, index._search_choice.probed_lists(queries, 4))
+    assert in_lists(index.search(queries, 10, SearchOptions(nprobe=4)), lists, home)
+    centroids = centroids_of(index)
+    scores = np.take_along_axis(queries @ centroids.T, index._probed_lists(queries, NLIST), 1)
+    # nearest first, as FAISS's float choice orders them (int8 rounding swaps near-ties)
+    position_against_rank = [np.corrcoef(np.arange(NLIST), np.argsort(np.argsort(-row)))[0, 1]
+                             for row in scores]
+    assert np.min(position_against_rank) >= 0.99
+    every = index.search(queries, 10, SearchOptions(nprobe=NLIST))
+    assert all(len(ids[ids >= 0]) == 10 for ids, _ in every)
+
+
+@pytest.mark.parametrize("kind", PARTITIONED, ids=lambda kind: kind.__name__)
+def test_a_loaded_checkpoint_has_its_search_choice_before_the_first_search(vectors, kind,
+                                                                          tmp_path):
+    index = trained_with_int8(kind, vectors)
+    index.add(np.arange(2000, dtype=np.int64), vectors[:2000])
+    write_checkpoint(tmp_path / "index.ckpt", index.snapshot(1, "model"))
+    loaded, _ = load_index(tmp_path / "index.ckpt", 512, "model")
+    assert loaded._search_choice_made and loaded._search_choice is not None
+
+
+@pytest.mark.parametrize("kind", PARTITIONED, ids=lambda kind: kind.__name__)
+@pytest.mark.parametrize("cpu", ["inexact int8 products", "no onnxruntime session"])
+def test_without_the_int8_choice_a_search_scans_the_float_choice(vectors, kind, cpu,
+                                                                 monkeypatch, caplog):
+    if cpu == "inexact int8 products":
+        monkeypatch.setattr(list_assignment, "_products_exact", lambda session, codes: False)
+    else:
+        def no_session_for_searches(centroids, threads=1, fallback=""):
+            if "search" in fallback:  # the fill's assignment is made as ever
+                raise RuntimeError("onnxruntime could not make the session")
+            return int8_assignment(centroids, threads, fallback)
+        monkeypatch.setattr(index_module, "int8_assignment", no_session_for_searches)
+    index = kind(512, NLIST)
+    index.train(vectors[: training_size(index.kind, 512)])
+    assert index._search_choice_made and index._search_choice is None
+    assert "a search chooses its lists by the float product" in caplog.text
+    index.add(np.arange(SIZE, dtype=np.int64), vectors)
+    home = index._lists_of(vectors, 1)[:, 0]
+    queries = normalize_rows(vectors[:200] + 0.5 * uneven(200, 5))
+    lists = index._lists_of(queries, 4)
+    assert np.array_equal(index._probed_lists(queries, 4), lists)
+    assert in_lists(index.search(queries, 10, SearchOptions(nprobe=4)), lists, home)

@@ -11,8 +11,9 @@ configures:
     BinaryIVF<n>         the same 512-bit codes in n inverted lists (IndexBinaryIVF, binary
                          k-means on 39-64 codes a list); ids kept in the lists; per-call nprobe
     SignIVF<n>           the same 512-bit codes in the n lists of a float (spherical) k-means
-                         partition: the float centroids nearest the probe name the lists
-                         searched (IndexBinaryIVF.search_preassigned); per-call nprobe
+                         partition: the centroids nearest the probe (by int8 products)
+                         name the lists searched (IndexBinaryIVF.search_preassigned);
+                         per-call nprobe
     FastScanIVF<n>       4-bit PQ codes (32 bytes a vector of 512) in SignIVF's partition,
                          scanned by FAISS's fast-scan kernel (IndexIVFPQFastScan), a batch's
                          queries a list at a time; per-call nprobe
@@ -614,27 +615,34 @@ class PartitionedIndex(_Locked):
         return np.ascontiguousarray(lists, dtype=np.int64)
 
     def _probed_lists(self, queries: Matrix, nprobe: int) -> npt.NDArray[np.int64]:
-        """The `nprobe` lists each query scans, by list_assignment.py's int8 products: the
-        float product reads all 8 MB of the centroids (4,096 lists) a query, 0.39 ms of a
-        1.10 ms search on 1,000,000 clustered here, the int8 choice 0.07-0.2 ms (2 MB). By
-        the float product where this CPU's int8 products are not exact."""
-        if nprobe >= self.nlist:
-            return np.tile(np.arange(self.nlist, dtype=np.int64), (len(queries), 1))
+        """The `nprobe` lists each query scans, nearest first, by list_assignment.py's int8
+        products: the float product reads all 8 MB of the centroids (4,096 lists) a query,
+        0.39 ms of a 1.10 ms search on 1,000,000 clustered here, the int8 choice 0.07-0.13 ms
+        (2 MB). By the float product where this CPU's int8 products are not exact."""
         choice = self._search_choice_of()
         if choice is None:
             return self._lists_of(queries, nprobe)
         return choice.probed_lists(queries, nprobe)
 
     def _search_choice_of(self) -> Int8Assignment | None:
-        """The int8 choice of a search's lists, made once the centroids are trained (they
-        never change after): 0.1 s and 10 MB at 4,096 lists, on one thread."""
+        """The int8 choice of a search's lists: made once the centroids are trained (they
+        never change after), by train and by a checkpoint's load (0.1 s and 10 MB at 4,096
+        lists), else by the first search. None where it cannot be made."""
         if not self._search_choice_made:
             with self._making_search_choice:
                 if not self._search_choice_made:
-                    centroids = self._centroids.reconstruct_n(0, self._centroids.ntotal)
-                    self._search_choice = int8_assignment(centroids, threads=1)
+                    self._search_choice = self._made_search_choice()
                     self._search_choice_made = True
         return self._search_choice
+
+    def _made_search_choice(self) -> Int8Assignment | None:
+        centroids = self._centroids.reconstruct_n(0, self._centroids.ntotal)
+        try:
+            return int8_assignment(centroids, threads=1,
+                                   fallback="a search chooses its lists by the float product")
+        except Exception:  # onnxruntime's session: searches go on by the float product
+            log.exception("%s: a search chooses its lists by the float product", self.kind)
+            return None
 
     def fill(self, ids: Ids, vectors: Matrix) -> None:
         """A build's vectors, after train (add chooses each list exactly)."""
@@ -672,8 +680,8 @@ class PartitionedIndex(_Locked):
                       options: SearchOptions, distance: type[np.generic]
                       ) -> tuple[npt.NDArray[Any], Ids] | None:
         """The codes' index searched for `encoded` (the queries as it takes them) in the
-        nprobe lists whose centroids are nearest `queries`: distances and ids, or None when
-        the index is empty."""
+        nprobe lists whose centroids are nearest `queries` (_probed_lists): distances and ids,
+        or None when the index is empty."""
         params = faiss.SearchParametersIVF()
         params.nprobe = self.nprobe_for(options)
         distances = np.empty((len(queries), k), distance)
@@ -745,6 +753,7 @@ class SignIVFIndex(PartitionedIndex, _SignCoded):
             self._centroids.add(centroids)
             self._index.quantizer.add(self.encode(centroids))
             self._index.is_trained = True
+        self._search_choice_of()
 
     def add(self, ids: Ids, vectors: Matrix) -> None:
         """Each vector in the list of its nearest centroid."""
@@ -801,7 +810,9 @@ class SignIVFIndex(PartitionedIndex, _SignCoded):
                 and 1 <= calibration.nprobe <= nlist):
             raise ValueError(f"not the centroids, codes and calibration of {nlist} lists of "
                              f"dimension {dimension}")
-        return cls(dimension, nlist, centroids, codes, calibration)
+        index = cls(dimension, nlist, centroids, codes, calibration)
+        index._search_choice_of()  # not on the first check's time
+        return index
 
 
 class FastScanIVFIndex(PartitionedIndex):
@@ -850,6 +861,7 @@ class FastScanIVFIndex(PartitionedIndex):
             # The quantizer holds nlist centroids: FAISS trains only the PQ.
             self._index.train(np.ascontiguousarray(sample, dtype=np.float32))
         self._fill_assignment = self._assignment_of(centroids)
+        self._search_choice_of()
 
     def add(self, ids: Ids, vectors: Matrix) -> None:
         """Each vector in the list of its nearest centroid."""
@@ -971,7 +983,9 @@ class FastScanIVFIndex(PartitionedIndex):
         if not (_is_fast_scan_of(codes, dimension, nlist) and 1 <= calibration.nprobe <= nlist):
             raise ValueError(f"not the codes and calibration of {nlist} lists of "
                              f"dimension {dimension}")
-        return cls(dimension, nlist, codes, calibration)
+        index = cls(dimension, nlist, codes, calibration)
+        index._search_choice_of()  # not on the first check's time
+        return index
 
 
 def _is_fast_scan_of(found: Any, dimension: int, nlist: int) -> bool:

@@ -1,5 +1,5 @@
-"""The inverted list of each vector a SignIVF or FastScanIVF build adds: its exact nearest
-centroid, for a fraction of the float product's cost.
+"""The inverted list of each vector a SignIVF or FastScanIVF build adds (its exact nearest
+centroid, for a fraction of the float product's cost), and the lists a search scans.
 
 Assigning each of a build's vectors its nearest of 4,096 float centroids is one 4,096 x 512
 product a vector: at 10,000,000 registrations the largest share of a live rebuild on its one
@@ -77,7 +77,8 @@ class Int8Assignment:
 
     def probed_lists(self, vectors: Matrix, nprobe: int) -> npt.NDArray[np.int64]:
         """For each row of `vectors`, the `nprobe` lists whose centroids have its highest
-        integer scores: the lists a search scans (in no order).
+        integer scores, the highest first (as FAISS's float choice orders them: a scan keeps
+        the candidate it met first among equal distances): the lists a search scans.
 
         Not checked in float32, unlike lists_of: the bound that makes a nearest centroid
         sure leaves most centroids unsure at a search's nprobe, and which lists near the
@@ -86,13 +87,15 @@ class Int8Assignment:
         nprobe is calibrated with this choice (calibration.py searches the index)."""
         vectors = np.ascontiguousarray(vectors, np.float32)
         nlist = len(self.centroids)
-        lists = np.empty((len(vectors), min(nprobe, nlist)), np.int64)
+        wanted = min(nprobe, nlist)
+        lists = np.empty((len(vectors), wanted), np.int64)
         block = rows_per_product(nlist)
         for start in range(0, len(vectors), block):
             codes, _ = self._codes(vectors[start:start + block], start)
             scores = self.session.run(None, {"vectors": codes})[0]
-            lists[start:start + block] = np.argpartition(
-                scores, nlist - lists.shape[1], axis=1)[:, nlist - lists.shape[1]:]
+            top = np.argpartition(scores, nlist - wanted, axis=1)[:, nlist - wanted:]
+            order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
+            lists[start:start + block] = np.take_along_axis(top, order, axis=1)
         return lists
 
     def rescored_a_row(self, vectors: Matrix) -> float:
@@ -208,9 +211,11 @@ def _require_scalable(largest: npt.NDArray[np.float32], first_row: int = 0) -> N
                          f"or values outside {_SMALLEST:g}..{_LARGEST:g} in magnitude")
 
 
-def int8_assignment(centroids: Matrix, threads: int = 1) -> Int8Assignment | None:
+def int8_assignment(centroids: Matrix, threads: int = 1,
+                    fallback: str = "a build assigns lists by the float product"
+                    ) -> Int8Assignment | None:
     """The int8 assignment to `centroids`, or None when this CPU's integer products are not
-    exact (the build then assigns by the float product)."""
+    exact (`fallback` says what is done instead, in the warning)."""
     centroids = np.ascontiguousarray(centroids, np.float32)
     scale = _LEVELS / max(float(np.abs(centroids).max()), float(np.finfo(np.float32).tiny))
     codes = np.rint(centroids * scale).astype(np.int8)
@@ -219,8 +224,7 @@ def int8_assignment(centroids: Matrix, threads: int = 1) -> Int8Assignment | Non
                                 float(np.linalg.norm(centroids, axis=1).max()),
                                 _product_session(codes, threads))
     if not _products_exact(assignment.session, codes):
-        log.warning("onnxruntime's int8 products are not exact on this CPU: a build assigns "
-                    "lists by the float product")
+        log.warning("onnxruntime's int8 products are not exact on this CPU: %s", fallback)
         return None
     return assignment
 
