@@ -329,7 +329,7 @@ def raw_faiss(data_dir: Path, probes: np.ndarray, options: SearchOptions, k: int
     index, _ = load_index(data_dir / CHECKPOINT_FILE, probes.shape[1], model_id())
     faiss.omp_set_num_threads(1)
     count = min(len(probes), 500)
-    index.search(probes[:1], k, options)  # the first search makes the lists' int8 choice
+    index.search(probes[:1], k, options)  # a warm-up search, before the clock
     started_cpu, started = time.process_time(), time.perf_counter()
     for vector in probes[:count]:
         index.search(vector.reshape(1, -1), k, options)

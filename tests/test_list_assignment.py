@@ -413,6 +413,17 @@ def test_a_search_scans_the_lists_nearest_in_integer_scores(trained, vectors, ga
         >= 0.999
 
 
+class FarthestLists:
+    """A stand-in search choice taking the lists farthest from each query: a search that
+    scans only them scans what it was handed."""
+
+    def __init__(self, centroids: np.ndarray) -> None:
+        self.centroids = centroids
+
+    def probed_lists(self, queries: np.ndarray, nprobe: int) -> np.ndarray:
+        return np.argsort(queries @ self.centroids.T, axis=1)[:, :nprobe].astype(np.int64)
+
+
 def in_lists(found, lists: np.ndarray, home: np.ndarray) -> bool:
     """Every id a search found is in one of the lists it was to scan."""
     return all(set(home[ids[ids >= 0]].tolist()) <= set(probed.tolist())
@@ -427,8 +438,14 @@ def test_a_search_scans_the_int8_choice_of_lists_nearest_first(vectors, kind):
     home = index._lists_of(vectors, 1)[:, 0]  # each vector's list (add's exact choice)
     queries = normalize_rows(vectors[:200] + 0.5 * uneven(200, 5))
     lists = index._probed_lists(queries, 4)
-    assert np.array_equal(lists, index._search_choice.probed_lists(queries, 4))
     assert in_lists(index.search(queries, 10, SearchOptions(nprobe=4)), lists, home)
+    chosen = index._search_choice
+    index._search_choice = FarthestLists(centroids_of(index))  # lists no float choice takes
+    farthest = index._probed_lists(queries, 4)
+    assert not any(set(mine) & set(nearest) for mine, nearest in zip(
+        farthest.tolist(), index._lists_of(queries, 4).tolist(), strict=True))
+    assert in_lists(index.search(queries, 10, SearchOptions(nprobe=4)), farthest, home)
+    index._search_choice = chosen
     centroids = centroids_of(index)
     scores = np.take_along_axis(queries @ centroids.T, index._probed_lists(queries, NLIST), 1)
     # nearest first, as FAISS's float choice orders them (int8 rounding swaps near-ties)

@@ -599,7 +599,7 @@ class PartitionedIndex(_Locked):
         self._fill_decided = False  # a build's first fill batch chose int8 or float lists
         # Every list until calibrated: then it finds what a scan of every code finds.
         self.calibration = calibration or Calibration(nprobe=nlist, pairs=0, recall={})
-        self._search_choice: Int8Assignment | None = None  # made at the first search
+        self._search_choice: Int8Assignment | None = None  # made by train or a load
         self._search_choice_made = False
         self._making_search_choice = threading.Lock()
 
@@ -627,8 +627,9 @@ class PartitionedIndex(_Locked):
     def _search_choice_of(self) -> Int8Assignment | None:
         """The int8 choice of a search's lists: made once the centroids are trained (they
         never change after), by train and by a checkpoint's load (0.1 s and 10 MB at 4,096
-        lists), else by the first search. None where it cannot be made."""
-        if not self._search_choice_made:
+        lists), else by the first search. None where it cannot be made, and before the
+        centroids are trained (then made when asked after)."""
+        if not self._search_choice_made and self._centroids.ntotal == self.nlist:
             with self._making_search_choice:
                 if not self._search_choice_made:
                     self._search_choice = self._made_search_choice()

@@ -76,9 +76,10 @@ class Int8Assignment:
         return lists
 
     def probed_lists(self, vectors: Matrix, nprobe: int) -> npt.NDArray[np.int64]:
-        """For each row of `vectors`, the `nprobe` lists whose centroids have its highest
-        integer scores, the highest first (as FAISS's float choice orders them: a scan keeps
-        the candidate it met first among equal distances): the lists a search scans.
+        """For each row of `vectors`, the `nprobe` lists (every list, if fewer) whose
+        centroids have its highest integer scores, the highest first (as FAISS's float
+        choice orders them: a scan keeps the candidate it met first among equal distances):
+        the lists a search scans.
 
         Not checked in float32, unlike lists_of: the bound that makes a nearest centroid
         sure leaves most centroids unsure at a search's nprobe, and which lists near the
