@@ -31,38 +31,14 @@ from pathlib import Path
 import faiss
 import gallery_data as gd
 import numpy as np
+from finer_lists import BLOCK, PROBES, flat, kmeans, sample_and_probes, say
 
-BLOCK = 100_000
-PROBES = 2_000
 MATCH = 0.40
 TARGETS = (0.995, 0.998, 0.999)
 CANDIDATES = (64, 128, 256, 512, 1024)
 CODE_BYTES = (32, 16)
 TIMED_PROBES = 400
 RESULTS = Path(__file__).parent / "results"
-started = time.time()
-
-
-def say(text: str) -> None:
-    print(f"[{time.time() - started:6.0f} s] {text}", flush=True)
-
-
-def sample_and_probes(registrations: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
-    sample, probes = [], []
-    for rows, cut in gd.streamed(registrations, kind, PROBES, block=BLOCK):
-        sample.append(rows[rng.random(len(rows)) < 300_000 / registrations])
-        if cut is not None:
-            probes.append(cut)
-    return np.ascontiguousarray(np.vstack(sample)), np.ascontiguousarray(np.vstack(probes))
-
-
-def centroids_of(sample: np.ndarray, nlist: int) -> faiss.IndexFlatIP:
-    km = faiss.Kmeans(sample.shape[1], nlist, niter=10, spherical=True, seed=1)
-    km.train(sample[:262_144])
-    index = faiss.IndexFlatIP(sample.shape[1])
-    index.add(np.asarray(km.centroids, np.float32))
-    return index
 
 
 def filling(quantizer: faiss.Index, code_bytes: int, sample: np.ndarray) -> faiss.Index:
@@ -111,9 +87,9 @@ def main() -> None:
     parser.add_argument("--variant", choices=gd.VARIANTS, default="clustered")
     args = parser.parse_args()
     faiss.omp_set_num_threads(2)
-    sample, probes = sample_and_probes(args.registrations, args.variant)
+    sample, probes = sample_and_probes(args.registrations, args.variant, 300_000)
     say(f"training sample {len(sample):,}, probes {len(probes):,}")
-    quantizer = centroids_of(sample, 4096)
+    quantizer = flat(kmeans(sample[:262_144], 4096))  # as finer_lists.py's 4,096 lists
     say("k-means: 4,096 lists")
     indexes = {size: filling(quantizer, size, sample) for size in CODE_BYTES}
     del sample

@@ -47,11 +47,13 @@ def say(text: str) -> None:
     print(f"[{time.time() - started:6.0f} s] {text}", flush=True)
 
 
-def sample_and_probes(registrations: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
+def sample_and_probes(registrations: int, kind: str, sample_rows: int = 1_100_000
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """About `sample_rows` rows drawn from the streamed gallery, and its PROBES probes."""
     rng = np.random.default_rng(0)
     sample, probes = [], []
     for rows, cut in gd.streamed(registrations, kind, PROBES, block=BLOCK):
-        sample.append(rows[rng.random(len(rows)) < 1_100_000 / registrations])
+        sample.append(rows[rng.random(len(rows)) < sample_rows / registrations])
         if cut is not None:
             probes.append(cut)
     return np.ascontiguousarray(np.vstack(sample)), np.ascontiguousarray(np.vstack(probes))
