@@ -13,6 +13,7 @@ import pytest
 from dedup import CheckpointError, FaceGenerator, StoreConfig
 from dedup.core.records import DeleteKey, Registration
 from dedup.core.settings import IndexConfig
+from dedup.gallery.base import Erasure
 from dedup.gallery.embedded import checkpointer
 from dedup.gallery.embedded.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from dedup.gallery.embedded.gallery import EmbeddedGallery
@@ -221,8 +222,8 @@ def test_the_checkpointer_takes_every_checkpoint_in_one_kept_buffer(tmp_path, mo
     assert len(loaded) == 299
 
 
-def _rebuild_with(gallery, change, monkeypatch):
-    """A live rebuild to BinarySign512 with `change` made while its child fills; the swap's
+def _rebuild_with(gallery, change, monkeypatch, kind="BinarySign512"):
+    """A live rebuild to `kind` with `change` made while its child fills; the swap's
     snapshots counted."""
     taken: list[bool] = []
     real = SnapshotBuffer.serialized
@@ -239,7 +240,7 @@ def _rebuild_with(gallery, change, monkeypatch):
             changed.append(True)
 
     monkeypatch.setattr(SnapshotBuffer, "serialized", counted)
-    gallery.rebuild("BinarySign512", progress)
+    gallery.rebuild(kind, progress)
     assert changed
     return taken
 
@@ -358,6 +359,109 @@ def test_after_a_live_rebuild_an_erasures_receipt_allows_for_the_new_index(tmp_p
     finally:
         gallery.close(checkpoint=False)
     assert read_checkpoint(tmp_path / "data" / "index.ckpt").vectors == 598
+
+
+def test_an_erasure_during_a_rebuild_allows_for_its_swap_writing_the_larger_index(
+        tmp_path, monkeypatch):
+    """An erasure while a live rebuild builds (BinarySign512 of 140 KB to Flat of 4 MB, at
+    2 MB/s) promises its checkpoint allowing for the swap writing the new index first: the
+    swap's write holds the lock the erasure's checkpoint needs past the old index's allowance
+    (0.6 s + 0.5 before), and the promise holds."""
+    erasures: list[_Watched] = []
+
+    def erase_r0() -> None:
+        erasures.append(_erased(gallery, "r0"))
+
+    gallery = _binary_gallery_writing_at_2_mb_a_second(tmp_path, 13, monkeypatch)
+    try:
+        _rebuild_with(gallery, erase_r0, monkeypatch, kind="Flat")
+        _kept(erasures)
+    finally:
+        gallery.close(checkpoint=False)
+    assert read_checkpoint(tmp_path / "data" / "index.ckpt").vectors == 1999
+
+
+def test_an_erasure_while_a_rebuilds_swap_writes_allows_for_the_rest_of_that_write(
+        tmp_path, monkeypatch):
+    """An erasure made while a live rebuild's swap writes the new index (4 MB of Flat at 2
+    MB/s, after a BinarySign512 of 140 KB) has its checkpoint wait for that write: its promise
+    allows for the rest of it and for writing the larger index again, and holds."""
+    erasures: list[_Watched] = []
+
+    def erase_r0_and_wait_for_its_checkpoint() -> None:
+        _erased(gallery, "r0").join()
+
+    def erase_r1_in_the_swaps_write(snapshot: Checkpoint) -> None:
+        if snapshot.kind == "Flat" and not erasures:
+            erasures.append(_erased(gallery, "r1"))
+
+    gallery = _binary_gallery_writing_at_2_mb_a_second(tmp_path, 14, monkeypatch,
+                                                       erase_r1_in_the_swaps_write)
+    try:
+        _rebuild_with(gallery, erase_r0_and_wait_for_its_checkpoint, monkeypatch, kind="Flat")
+        _kept(erasures)
+    finally:
+        gallery.close(checkpoint=False)
+    assert read_checkpoint(tmp_path / "data" / "index.ckpt").vectors == 1998
+
+
+def _binary_gallery_writing_at_2_mb_a_second(tmp_path, seed: int, monkeypatch,
+                                             before_each_write=lambda snapshot: None
+                                             ) -> EmbeddedGallery:
+    """2,000 people enrolled in BinarySign512 and checkpointed; from then on each checkpoint
+    write takes its size at 2 MB/s, after `before_each_write(snapshot)`; an erasure's
+    checkpoint starts 0.6 s after it."""
+    real_write = checkpointer.write_checkpoint
+    people = FaceGenerator(seed).persons(2000)
+    config = StoreConfig(data_dir=tmp_path / "data", checkpoint_interval_s=3600,
+                         erasure_checkpoint_delay_s=0.6)
+    gallery = EmbeddedGallery(config, "model-a", IndexConfig(index_factory="BinarySign512"))
+
+    def at_2_mb_a_second(path, snapshot):
+        before_each_write(snapshot)
+        time.sleep(snapshot.nbytes / 2e6)
+        return real_write(path, snapshot)
+
+    try:
+        gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(2000)])
+        monkeypatch.setattr(checkpointer, "write_checkpoint", at_2_mb_a_second)
+        gallery.checkpoint()
+    except BaseException:
+        gallery.close(checkpoint=False)
+        raise
+    return gallery
+
+
+def _erased(gallery: EmbeddedGallery, registration_id: str) -> _Watched:
+    """Erases `registration_id`; watches (on a thread) for the checkpoint without it."""
+    erasure = gallery.delete(DeleteKey.REGISTRATION_ID, registration_id)
+    return _Watched(gallery, erasure, gallery.index_status().store_sequence)
+
+
+class _Watched(threading.Thread):
+    """When the checkpoint first covered an erasure (time.time())."""
+
+    def __init__(self, gallery: EmbeddedGallery, erasure: Erasure, erased: int) -> None:
+        super().__init__(daemon=True)
+        self.gallery, self.erasure, self.erased = gallery, erasure, erased
+        self.covered_at = math.inf
+        self.start()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 30
+        while self.gallery.checkpoint_sequence < self.erased and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if self.gallery.checkpoint_sequence >= self.erased:
+            self.covered_at = time.time()
+
+
+def _kept(erasures: list[_Watched]) -> None:
+    """Each erasure's checkpoint was written by its receipt's checkpoint_due."""
+    assert erasures
+    for watched in erasures:
+        watched.join()
+        assert watched.erasure.checkpoint_due is not None
+        assert watched.covered_at <= watched.erasure.checkpoint_due
 
 
 def test_an_adopted_side_file_keeps_the_measured_writing_allowance(tmp_path, monkeypatch):

@@ -4,7 +4,8 @@ change log behind it.
 A checkpoint is due after checkpoint_every_changes changes, after checkpoint_interval_s with
 any change pending, and erasure_checkpoint_delay_s after an erasure (so that erased
 registrations leave the file on disk too). An erasure's receipt promises when that checkpoint
-will have been written: its start plus an allowance for the writing (`writing_allowance`).
+will have been written: its start, plus the writes it may wait for (one under way, a live
+rebuild's swap still to come), plus an allowance for its own writing (`writing_allowance`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ class Checkpointer:
         self.erasure_start: float | None = None
         self.erasure_due: float | None = None
         self.last_seconds = 0.0  # the last checkpoint's, writes held and written
+        # A write under way: when it started (time.monotonic) and its size. An erasure's
+        # checkpoint waits for it, and a rebuild's swap writes another type and size.
+        self.writing: tuple[float, int] | None = None
+        # While a live rebuild runs, about the size of the new index its swap may write.
+        self.swap_bytes = 0
         self.last_bytes = 0  # and its size: the disk's rate as this server measured it
         # One checkpoint writer at a time: they share the temporary file's name, and the
         # buffer each snapshot is taken into (written out before the next is taken).
@@ -103,13 +109,31 @@ class Checkpointer:
         """Under the write lock: the erasure checkpoint starts after the erasure delay;
         returns by when it will have been written."""
         self.erasure_start = time.time() + self.config.erasure_checkpoint_delay_s
-        self.erasure_due = self.erasure_start + self.writing_allowance()
+        self.erasure_due = self.erasure_start + self._writes_ahead() + self.writing_allowance()
         return self.erasure_due
 
     def writing_allowance(self) -> float:
-        """Twice the last checkpoint's time, at least MIN_WRITING_ALLOWANCE_S (~1.2 s a
-        checkpoint of 10,000,000 FastScanIVF4096 registrations)."""
-        return max(MIN_WRITING_ALLOWANCE_S, 2 * self.last_seconds)
+        """Twice the time to write the largest of the last checkpoint, a write under way and
+        a live rebuild's new index (at the rate measured), at least MIN_WRITING_ALLOWANCE_S
+        (~1.2 s a checkpoint of 10,000,000 FastScanIVF4096 registrations)."""
+        writing = self.writing
+        largest = max(self.swap_bytes, 0 if writing is None else writing[1])
+        return max(MIN_WRITING_ALLOWANCE_S, 2 * self.last_seconds,
+                   2 * self.seconds_to_write(largest) if largest else 0.0)
+
+    def _writes_ahead(self) -> float:
+        """How long after the erasure checkpoint's start other writes may still hold the
+        lock it needs: what is left of a write under way and a live rebuild's swap still to
+        come (counted until the rebuild ends: twice when the write under way is the swap),
+        each allowed twice its estimated time."""
+        ahead = 0.0
+        if (writing := self.writing) is not None:
+            started, nbytes = writing
+            ends = started + 2 * self.seconds_to_write(nbytes)
+            ahead = max(0.0, ends - time.monotonic() - self.config.erasure_checkpoint_delay_s)
+        if self.swap_bytes:
+            ahead += 2 * self.seconds_to_write(self.swap_bytes)
+        return ahead
 
     def seconds_to_erasure_checkpoint(self) -> float:
         """Until the erasure checkpoint starts (0: now, inf: none is due)."""
@@ -174,7 +198,11 @@ class Checkpointer:
         thread waits for them, holding the lock)."""
         with self.lock:
             started = time.monotonic()
-            below_this_thread(niceness, lambda: write_checkpoint(self.path, snapshot))
+            self.writing = (started, snapshot.nbytes)
+            try:
+                below_this_thread(niceness, lambda: write_checkpoint(self.path, snapshot))
+            finally:
+                self.writing = None
             # The erasure receipts' allowance follows the index as it is now (a rebuild's
             # swap writes another type and size); checkpoint() counts the held writes too.
             self.last_seconds = time.monotonic() - started
@@ -215,9 +243,12 @@ class Checkpointer:
         pin = self.log_pin
         self.live.store.truncate_changes(sequence if pin is None else min(pin, sequence))
 
-    def pin_log(self) -> None:
-        """Keeps the change log from the current checkpoint on, until `unpin_log`."""
+    def pin_log(self, swap_bytes: int) -> None:
+        """A live rebuild starts: keeps the change log from the current checkpoint on, until
+        `unpin_log`; its swap may write a new index of about `swap_bytes`."""
         self.log_pin = self.sequence
+        self.swap_bytes = swap_bytes
 
     def unpin_log(self) -> None:
         self.log_pin = None
+        self.swap_bytes = 0

@@ -22,7 +22,14 @@ from dedup.core.settings import StoreConfig
 from dedup.gallery.base import IndexStatus, Progress
 from dedup.gallery.embedded.checkpoint import temporary_of
 from dedup.gallery.embedded.checkpointer import Checkpointer
-from dedup.gallery.embedded.index import AUTO, VectorIndex, load_index, training_size, validate_kind
+from dedup.gallery.embedded.index import (
+    AUTO,
+    VectorIndex,
+    load_index,
+    new_index,
+    training_size,
+    validate_kind,
+)
 from dedup.gallery.embedded.index_plan import IndexPlan
 from dedup.gallery.embedded.layout import REBUILD_FILE
 from dedup.gallery.embedded.live_index import LiveIndex
@@ -95,13 +102,14 @@ class Rebuilder:
 
     def _build_and_swap(self, kind: str, progress: Progress) -> None:
         started = time.monotonic()
-        self.checkpointer.pin_log()
+        self.checkpointer.pin_log(self._about_the_size_of(kind))
         store, model_id = self.live.store, self.live.model_id
         progress("starting", 0, self.plan.comparable_count())
         built_at = build_in_child(self.config, kind, model_id, self.plan.only_model(),
                                   self.side_file, progress, cancelled=self._cancelled,
                                   pair_score=self.plan.pair_score,
                                   niceness=self.plan.rebuild_niceness)
+        self.checkpointer.swap_bytes = self.side_file.stat().st_size  # no longer a guess
         niced = self.plan.rebuild_niceness
         built = below_this_thread(niced, lambda: load_index(
             self.side_file, self.config.dimension, model_id)[0])
@@ -129,6 +137,12 @@ class Rebuilder:
         log.info("rebuilt the index as %s: %d vectors in %.1f s%s", kind, len(built),
                  time.monotonic() - started,
                  "" if snapshot is None else "; written again as the checkpoint")
+
+    def _about_the_size_of(self, kind: str) -> int:
+        """The bytes of a `kind` index of the store's registrations (the erasure receipts
+        allow for the swap writing it)."""
+        per_vector = new_index(kind, self.config.dimension).bytes_per_vector
+        return int(per_vector * self.plan.comparable_count())
 
     def _catch_up(self, index: VectorIndex, covered: int) -> tuple[int, bool]:
         """Applies the logged changes after `covered`; returns the sequence now covered and
