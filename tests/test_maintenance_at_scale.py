@@ -25,11 +25,13 @@ from dedup.core.records import DeleteKey, Registration
 from dedup.core.settings import IndexConfig
 from dedup.core.vectors import normalize_rows
 from dedup.gallery.embedded import rebuild
+from dedup.gallery.embedded import store as store_module
 from dedup.gallery.embedded.gallery import EmbeddedGallery
 from dedup.gallery.embedded.layout import store_dir
 from dedup.gallery.embedded.replay import change_delta
 from dedup.gallery.embedded.store import OP_ADD, Store
 from dedup.gallery.embedded.store_format import u64
+from dedup.gallery.embedded.store_tables import TableWriter
 
 DIMENSION = 512
 ROW_BYTES = DIMENSION * 4
@@ -133,6 +135,32 @@ def test_the_change_log_is_read_as_arrays_not_an_object_a_change(tmp_path: Path)
         assert peak < 100 * 100_002, f"{peak / 2**20:.1f} MiB traced"
         later = change_delta(store, 50_000)
         assert later.added[0] == 50_001 and [int(k) for k in later.removed_older] == [6]
+    finally:
+        store.close()
+
+
+def test_the_change_log_is_truncated_a_bounded_number_of_entries_a_transaction(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpoint after an import of 10,000,000 truncates as many logged changes: one
+    write transaction dropped them all, holding every write ~4.6 s (0.46 s a million measured
+    here); now TRUNCATED_A_TRANSACTION a transaction, so a write waits for one chunk."""
+    monkeypatch.setattr(store_module, "TRUNCATED_A_TRANSACTION", 10_000, raising=False)
+    dropped: list[int] = []
+    real = TableWriter.truncate_changes
+
+    def counted(self: TableWriter, through: int, **most: int) -> int:
+        dropped.append(real(self, through, **most))
+        return dropped[-1]
+
+    monkeypatch.setattr(TableWriter, "truncate_changes", counted)
+    store = Store(StoreConfig(data_dir=tmp_path / "data"))
+    try:
+        _fill(store, 35_000)
+        assert store.truncate_changes(30_000) == 30_000
+        assert dropped == [10_000, 10_000, 10_000, 0]
+        assert not change_delta(store, 29_999).complete  # the log starts after 30,000
+        kept = change_delta(store, 30_000)
+        assert kept.complete and kept.logged == 5_000 and kept.added[0] == 30_001
     finally:
         store.close()
 

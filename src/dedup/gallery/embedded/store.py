@@ -15,6 +15,7 @@ import logging
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -44,6 +45,9 @@ _T = TypeVar("_T")
 # The change log is kept for a read replica this many changes behind at most; one further
 # behind loads the index checkpoint again.
 REPLICA_LAG_KEPT = 1_000_000
+# Change-log entries dropped in one write transaction: ~25 ms of held writes (0.46 s a
+# million measured here); the 10,000,000 an import logs held them ~4.6 s in one.
+TRUNCATED_A_TRANSACTION = 50_000
 
 
 class Store(ReadableStore):
@@ -184,15 +188,27 @@ class Store(ReadableStore):
         return deleted, digest
 
     def truncate_changes(self, through: int) -> int:
-        """Drops change-log entries up to and including `through` (a checkpoint covers them)."""
+        """Drops change-log entries up to and including `through` (a checkpoint covers them),
+        TRUNCATED_A_TRANSACTION at a time; returns how many it dropped."""
+        removed = 0
+        while True:
+            kept_after = self._truncatable(through)  # again each time: a compaction may start
+            with self._erasing:
+                chunk = self._write(partial(TableWriter.truncate_changes, through=kept_after,
+                                            most=TRUNCATED_A_TRANSACTION))
+            removed += chunk
+            if chunk < TRUNCATED_A_TRANSACTION:
+                return removed
+
+    def _truncatable(self, through: int) -> int:
+        """`through`, or less where a compaction or a replica still needs the log."""
         floor = self._lmdb.compacting_from
         if floor is not None:  # a compaction catches its copy up from the log after `floor`
             through = min(through, floor)
         replicas = self.replica_floor()
         if replicas is not None and through - replicas <= REPLICA_LAG_KEPT:
             through = min(through, replicas)  # replicas catch up from the log after it
-        with self._erasing:
-            return self._write(lambda tables: tables.truncate_changes(through))
+        return through
 
     # -- the audit trail and adjudications -------------------------------------------
 

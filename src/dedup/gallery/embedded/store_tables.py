@@ -250,10 +250,12 @@ class TableWriter(TableReader):
             txn.delete(registration.msisdn.encode(), db=dbs.by_msisdn)
         self._log_change(OP_REMOVE, face.key)
 
-    def truncate_changes(self, through: int) -> int:
+    def truncate_changes(self, through: int, most: int) -> int:
+        """Drops up to `most` of the oldest change-log entries up to `through`; returns how
+        many it dropped."""
         removed = 0
         cursor = self.txn.cursor(db=self.dbs.changes)
-        while cursor.first() and from_u64(cursor.key()) <= through:
+        while removed < most and cursor.first() and from_u64(cursor.key()) <= through:
             cursor.delete()
             removed += 1
         return removed
