@@ -27,11 +27,12 @@ from dedup.core.vectors import normalize_rows
 from dedup.gallery.embedded import rebuild
 from dedup.gallery.embedded import store as store_module
 from dedup.gallery.embedded.gallery import EmbeddedGallery
-from dedup.gallery.embedded.layout import store_dir
+from dedup.gallery.embedded.layout import CHECKPOINT_FILE, store_dir
 from dedup.gallery.embedded.replay import change_delta
 from dedup.gallery.embedded.store import OP_ADD, Store
 from dedup.gallery.embedded.store_format import u64
 from dedup.gallery.embedded.store_tables import TableWriter
+from dedup.ops.doctor import examine
 
 DIMENSION = 512
 ROW_BYTES = DIMENSION * 4
@@ -163,6 +164,22 @@ def test_the_change_log_is_truncated_a_bounded_number_of_entries_a_transaction(
         assert kept.complete and kept.logged == 5_000 and kept.added[0] == 30_001
     finally:
         store.close()
+
+
+def test_doctor_reads_the_checkpoint_once(tmp_path: Path) -> None:
+    """`dedup doctor` held the checkpoint file's bytes twice beside the index loaded from it
+    (1.2 GB at 10,000,000); now once: its traced peak stays under 1.5 times the file."""
+    config = StoreConfig(data_dir=tmp_path / "data")
+    gallery = EmbeddedGallery(config, "m", IndexConfig(index_factory="Flat"))
+    try:
+        gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), vector)
+                             for i, vector in enumerate(_vectors(5_000, 3))])
+    finally:
+        gallery.close()  # checkpointed
+    size = (config.data_dir / CHECKPOINT_FILE).stat().st_size
+    findings, peak = _traced_peak(lambda: examine(config.data_dir))
+    assert [f.level for f in findings if f.check == "index"] == ["ok"]
+    assert peak < 1.5 * size, f"{peak / size:.2f} times the {size:,}-byte checkpoint"
 
 
 @pytest.mark.parametrize("lengths", [(8, 10), (12,)])

@@ -211,14 +211,28 @@ def checkpoint_kind(path: Path) -> str | None:
     """The index type a checkpoint holds, from its header alone; None if there is none or
     it is damaged (the header's SHA-256 is checked only when the whole file is read)."""
     try:
-        with open(path, "rb") as handle:
-            head = handle.read(_HEADER_V2.size + 2 * MAX_TEXT_BYTES)
-    except OSError:
-        return None
-    try:
-        return _header_of(head).kind
+        return _head_of(path).kind
     except CheckpointError:
         return None
+
+
+def checkpoint_model_id(path: Path) -> str:
+    """The embedding model a checkpoint's header names, read from the header alone
+    (unchecked until the whole file is read); a CheckpointError naming the file if it
+    cannot be read."""
+    return _head_of(path).model_id
+
+
+def _head_of(path: Path) -> _Header:
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(_HEADER_V2.size + 2 * MAX_TEXT_BYTES)
+    except OSError as error:
+        raise CheckpointError(f"{path}: unreadable ({error.strerror})") from error
+    try:
+        return _header_of(head)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from error
 
 
 def fsync_directory(directory: Path) -> None:
