@@ -25,6 +25,7 @@ from dedup.gallery.embedded.index import (
     new_index,
     training_size,
 )
+from dedup.gallery.embedded.rebuilder import Rebuilder
 
 
 @pytest.fixture
@@ -223,18 +224,22 @@ def test_the_checkpointer_takes_every_checkpoint_in_one_kept_buffer(tmp_path, mo
 
 
 def _rebuild_with(gallery, change, monkeypatch, kind="BinarySign512"):
-    """A live rebuild to `kind` with `change` made while its child fills; the swap's
-    snapshots counted."""
+    """A live rebuild to `kind` with `change` made while its child fills; the snapshots
+    taken once it reported its start counted (not a checkpoint pending before, which is
+    written first)."""
     taken: list[bool] = []
     real = SnapshotBuffer.serialized
+    started: list[bool] = []
 
     def counted(self, index, binary):
-        taken.append(binary)
+        if started:
+            taken.append(binary)
         return real(self, index, binary)
 
     changed: list[bool] = []
 
     def progress(phase, done, total):
+        started.append(True)
         if phase == "adding" and not changed:
             change()
             changed.append(True)
@@ -361,24 +366,31 @@ def test_after_a_live_rebuild_an_erasures_receipt_allows_for_the_new_index(tmp_p
     assert read_checkpoint(tmp_path / "data" / "index.ckpt").vectors == 598
 
 
-def test_an_erasure_during_a_rebuild_allows_for_its_swap_writing_the_larger_index(
+def test_erasures_before_and_during_a_rebuild_allow_for_its_swap_writing_the_larger_index(
         tmp_path, monkeypatch):
-    """An erasure while a live rebuild builds (BinarySign512 of 140 KB to Flat of 4 MB, at
-    2 MB/s) promises its checkpoint allowing for the swap writing the new index first: the
-    swap's write holds the lock the erasure's checkpoint needs past the old index's allowance
-    (0.6 s + 0.5 before), and the promise holds."""
+    """A live rebuild from BinarySign512 (140 KB) to Flat (4 MB, written at 1 MB/s). r0 is
+    erased just before it starts: its checkpoint, promised for the old index 3 s on, is
+    written before the rebuild goes on, not behind the swap's 4 s write. r1 is erased after
+    the build, before the swap: its promise allows for writing the new index. Both hold."""
     erasures: list[_Watched] = []
+    real_catch_up = Rebuilder._catch_up
 
-    def erase_r0() -> None:
-        erasures.append(_erased(gallery, "r0"))
+    def erase_r1_first(self, index, covered):
+        if len(erasures) == 1:
+            erasures.append(_erased(gallery, "r1"))
+        return real_catch_up(self, index, covered)
 
-    gallery = _binary_gallery_writing_at_2_mb_a_second(tmp_path, 13, monkeypatch)
+    gallery = _binary_gallery_writing_at(1e6, tmp_path, 13, monkeypatch,
+                                         erasure_checkpoint_delay_s=3.0)
     try:
-        _rebuild_with(gallery, erase_r0, monkeypatch, kind="Flat")
+        monkeypatch.setattr(Rebuilder, "_catch_up", erase_r1_first)
+        erasures.append(_erased(gallery, "r0"))
+        gallery.rebuild("Flat", lambda *_: None)
         _kept(erasures)
     finally:
         gallery.close(checkpoint=False)
-    assert read_checkpoint(tmp_path / "data" / "index.ckpt").vectors == 1999
+    assert len(erasures) == 2
+    assert read_checkpoint(tmp_path / "data" / "index.ckpt").vectors == 1998
 
 
 def test_an_erasure_while_a_rebuilds_swap_writes_allows_for_the_rest_of_that_write(
@@ -395,8 +407,8 @@ def test_an_erasure_while_a_rebuilds_swap_writes_allows_for_the_rest_of_that_wri
         if snapshot.kind == "Flat" and not erasures:
             erasures.append(_erased(gallery, "r1"))
 
-    gallery = _binary_gallery_writing_at_2_mb_a_second(tmp_path, 14, monkeypatch,
-                                                       erase_r1_in_the_swaps_write)
+    gallery = _binary_gallery_writing_at(2e6, tmp_path, 14, monkeypatch,
+                                         erase_r1_in_the_swaps_write)
     try:
         _rebuild_with(gallery, erase_r0_and_wait_for_its_checkpoint, monkeypatch, kind="Flat")
         _kept(erasures)
@@ -405,26 +417,25 @@ def test_an_erasure_while_a_rebuilds_swap_writes_allows_for_the_rest_of_that_wri
     assert read_checkpoint(tmp_path / "data" / "index.ckpt").vectors == 1998
 
 
-def _binary_gallery_writing_at_2_mb_a_second(tmp_path, seed: int, monkeypatch,
-                                             before_each_write=lambda snapshot: None
-                                             ) -> EmbeddedGallery:
+def _binary_gallery_writing_at(rate: float, tmp_path, seed: int, monkeypatch,
+                               before_each_write=lambda snapshot: None,
+                               erasure_checkpoint_delay_s: float = 0.6) -> EmbeddedGallery:
     """2,000 people enrolled in BinarySign512 and checkpointed; from then on each checkpoint
-    write takes its size at 2 MB/s, after `before_each_write(snapshot)`; an erasure's
-    checkpoint starts 0.6 s after it."""
+    write takes its size at `rate` bytes a second, after `before_each_write(snapshot)`."""
     real_write = checkpointer.write_checkpoint
     people = FaceGenerator(seed).persons(2000)
     config = StoreConfig(data_dir=tmp_path / "data", checkpoint_interval_s=3600,
-                         erasure_checkpoint_delay_s=0.6)
+                         erasure_checkpoint_delay_s=erasure_checkpoint_delay_s)
     gallery = EmbeddedGallery(config, "model-a", IndexConfig(index_factory="BinarySign512"))
 
-    def at_2_mb_a_second(path, snapshot):
+    def slowed(path, snapshot):
         before_each_write(snapshot)
-        time.sleep(snapshot.nbytes / 2e6)
+        time.sleep(snapshot.nbytes / rate)
         return real_write(path, snapshot)
 
     try:
         gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(2000)])
-        monkeypatch.setattr(checkpointer, "write_checkpoint", at_2_mb_a_second)
+        monkeypatch.setattr(checkpointer, "write_checkpoint", slowed)
         gallery.checkpoint()
     except BaseException:
         gallery.close(checkpoint=False)

@@ -126,7 +126,8 @@ class StoreConfig:
     # The index checkpoint's rewrite without erased registrations starts this long after the
     # first erasure since the last rewrite began (one rewrite covers every erasure meanwhile:
     # a checkpoint per Delete would hold up enrolments, measured in benchmarks/load.py). The
-    # receipt's checkpoint_due adds twice the last checkpoint's time, at least 0.5 s.
+    # receipt's checkpoint_due adds twice the last checkpoint's time, at least 0.5 s (more
+    # beside a checkpoint being written or a live rebuild: gallery/embedded/checkpointer.py).
     erasure_checkpoint_delay_s: float = 5.0
     # A data directory that group or other users may enter is refused at start (SharedDataDir);
     # True serves it anyway, with a warning (`dedup serve --allow-shared-data-dir`).

@@ -4,8 +4,8 @@ change log behind it.
 A checkpoint is due after checkpoint_every_changes changes, after checkpoint_interval_s with
 any change pending, and erasure_checkpoint_delay_s after an erasure (so that erased
 registrations leave the file on disk too). An erasure's receipt promises when that checkpoint
-will have been written: its start, plus the writes it may wait for (one under way, a live
-rebuild's swap still to come), plus an allowance for its own writing (`writing_allowance`).
+will have been written: its start, plus what is left of a write under way, plus an
+allowance for writing (`writing_allowance`), a live rebuild's new index included.
 """
 
 from __future__ import annotations
@@ -48,12 +48,12 @@ class Checkpointer:
         self.erasure_start: float | None = None
         self.erasure_due: float | None = None
         self.last_seconds = 0.0  # the last checkpoint's, writes held and written
+        self.last_bytes = 0  # and its size: the disk's rate as this server measured it
         # A write under way: when it started (time.monotonic) and its size. An erasure's
         # checkpoint waits for it, and a rebuild's swap writes another type and size.
         self.writing: tuple[float, int] | None = None
         # While a live rebuild runs, about the size of the new index its swap may write.
         self.swap_bytes = 0
-        self.last_bytes = 0  # and its size: the disk's rate as this server measured it
         # One checkpoint writer at a time: they share the temporary file's name, and the
         # buffer each snapshot is taken into (written out before the next is taken).
         self.lock = threading.RLock()
@@ -85,68 +85,76 @@ class Checkpointer:
             return sequence
 
     def checkpoint_if_due(self) -> None:
-        if self._erasure_checkpoint_now():
-            written = False
-            try:
-                erased_by = self.live.store.sequence()
-                written = self.checkpoint() >= erased_by
-            finally:  # not written (a full disk, an import deferring it): again later
-                if not written:
-                    self._erasure_checkpoint_again()
+        start = self.erasure_start
+        if start is not None and time.time() >= start:
+            self.write_erasure_checkpoint()
             return
         pending = self.live.store.sequence() - self.sequence
         overdue = time.monotonic() - self.written_at >= self.config.checkpoint_interval_s
         if pending >= self.config.checkpoint_every_changes or (pending and overdue):
             self.checkpoint()
 
+    def write_erasure_checkpoint(self) -> None:
+        """Writes the checkpoint erasures wait for, if one is pending (now: at its start, or
+        earlier, before a live rebuild may change what a write takes)."""
+        with self.live.writes:  # an erasure from here on waits for the next checkpoint
+            if self.erasure_start is None:
+                return
+            self.erasure_start = self.erasure_due = None
+        written = False
+        try:
+            erased_by = self.live.store.sequence()
+            written = self.checkpoint() >= erased_by
+        finally:  # not written (a full disk, an import deferring it): again later
+            if not written:
+                self._erasure_checkpoint_again()
+
     def erasure_checkpoint_by(self) -> float:
         """After an erasure (under the write lock): when the checkpoint will have been
-        written without it. One checkpoint covers every erasure until it starts."""
-        due = self.erasure_due  # set and cleared with erasure_start
-        return self._schedule_erasure_checkpoint() if due is None else due
+        written without it. One checkpoint covers every erasure until it starts; an erasure
+        that finds one pending gets the later of its promise and its own."""
+        start = self.erasure_start  # set and cleared with erasure_due
+        if start is None:
+            return self._schedule_erasure_checkpoint()
+        due = max(self.erasure_due or 0.0, self._due_when_started_at(start))
+        self.erasure_due = due
+        return due
 
     def _schedule_erasure_checkpoint(self) -> float:
         """Under the write lock: the erasure checkpoint starts after the erasure delay;
         returns by when it will have been written."""
         self.erasure_start = time.time() + self.config.erasure_checkpoint_delay_s
-        self.erasure_due = self.erasure_start + self._writes_ahead() + self.writing_allowance()
+        self.erasure_due = self._due_when_started_at(self.erasure_start)
         return self.erasure_due
+
+    def _due_when_started_at(self, start: float) -> float:
+        return start + self._rest_of_the_write_under_way(start) + self.writing_allowance()
 
     def writing_allowance(self) -> float:
         """Twice the time to write the largest of the last checkpoint, a write under way and
-        a live rebuild's new index (at the rate measured), at least MIN_WRITING_ALLOWANCE_S
-        (~1.2 s a checkpoint of 10,000,000 FastScanIVF4096 registrations)."""
+        a live rebuild's new index (`seconds_to_write`), at least MIN_WRITING_ALLOWANCE_S
+        (the last checkpoint of 10,000,000 FastScanIVF4096 registrations gives ~1.2 s). A
+        rebuild's swap covers every erasure made before its snapshot with its own write, so
+        an erasure meanwhile waits for one write of the new index at most."""
         writing = self.writing
         largest = max(self.swap_bytes, 0 if writing is None else writing[1])
         return max(MIN_WRITING_ALLOWANCE_S, 2 * self.last_seconds,
                    2 * self.seconds_to_write(largest) if largest else 0.0)
 
-    def _writes_ahead(self) -> float:
-        """How long after the erasure checkpoint's start other writes may still hold the
-        lock it needs: what is left of a write under way and a live rebuild's swap still to
-        come (counted until the rebuild ends: twice when the write under way is the swap),
-        each allowed twice its estimated time."""
-        ahead = 0.0
-        if (writing := self.writing) is not None:
-            started, nbytes = writing
-            ends = started + 2 * self.seconds_to_write(nbytes)
-            ahead = max(0.0, ends - time.monotonic() - self.config.erasure_checkpoint_delay_s)
-        if self.swap_bytes:
-            ahead += 2 * self.seconds_to_write(self.swap_bytes)
-        return ahead
+    def _rest_of_the_write_under_way(self, start: float) -> float:
+        """How long after `start` (time.time()) a write under way may still hold the lock the
+        erasure checkpoint needs, allowing it twice its estimated time."""
+        writing = self.writing
+        if writing is None:
+            return 0.0
+        began, nbytes = writing
+        ends = began + 2 * self.seconds_to_write(nbytes)  # time.monotonic()
+        return max(0.0, ends - time.monotonic() - (start - time.time()))
 
     def seconds_to_erasure_checkpoint(self) -> float:
         """Until the erasure checkpoint starts (0: now, inf: none is due)."""
         start = self.erasure_start
         return math.inf if start is None else max(0.0, start - time.time())
-
-    def _erasure_checkpoint_now(self) -> bool:
-        start = self.erasure_start
-        if start is None or time.time() < start:
-            return False
-        with self.live.writes:  # an erasure from here on waits for the next checkpoint
-            self.erasure_start = self.erasure_due = None
-        return True
 
     def _erasure_checkpoint_again(self) -> None:
         with self.live.writes:
@@ -245,9 +253,13 @@ class Checkpointer:
 
     def pin_log(self, swap_bytes: int) -> None:
         """A live rebuild starts: keeps the change log from the current checkpoint on, until
-        `unpin_log`; its swap may write a new index of about `swap_bytes`."""
-        self.log_pin = self.sequence
-        self.swap_bytes = swap_bytes
+        `unpin_log`; its swap may write a new index of about `swap_bytes`, which erasures
+        from now on allow for. A checkpoint pending for earlier erasures, whose promise
+        allowed for the index served now, is written first."""
+        with self.live.writes:
+            self.log_pin = self.sequence
+            self.swap_bytes = swap_bytes
+        self.write_erasure_checkpoint()
 
     def unpin_log(self) -> None:
         self.log_pin = None

@@ -27,6 +27,7 @@ from dedup.gallery.embedded.index import (
     VectorIndex,
     load_index,
     new_index,
+    nlist_of,
     training_size,
     validate_kind,
 )
@@ -140,9 +141,11 @@ class Rebuilder:
 
     def _about_the_size_of(self, kind: str) -> int:
         """The bytes of a `kind` index of the store's registrations (the erasure receipts
-        allow for the swap writing it)."""
-        per_vector = new_index(kind, self.config.dimension).bytes_per_vector
-        return int(per_vector * self.plan.comparable_count())
+        allow for the swap writing it): an empty one's (PQ codebooks among them), its lists'
+        float centroids, and its codes."""
+        empty, dimension = new_index(kind, self.config.dimension), self.config.dimension
+        return (empty.snapshot(0, self.live.model_id).nbytes + nlist_of(kind) * dimension * 4
+                + int(empty.bytes_per_vector * self.plan.comparable_count()))
 
     def _catch_up(self, index: VectorIndex, covered: int) -> tuple[int, bool]:
         """Applies the logged changes after `covered`; returns the sequence now covered and

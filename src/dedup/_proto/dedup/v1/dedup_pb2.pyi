@@ -596,8 +596,10 @@ class DeleteResponse(_message.Message):
     @_builtins.property
     def checkpoint_due(self) -> _timestamp_pb2.Timestamp:
         """When the index checkpoint will have been rewritten without them at the latest: its start
-        (erasure_checkpoint_delay_s after the first erasure since the last) plus twice the last
-        checkpoint's time. Unset on Milvus, which keeps no index checkpoint.
+        (erasure_checkpoint_delay_s after the first erasure since the last), plus what is left of
+        a checkpoint being written, plus twice the time to write the largest of the last
+        checkpoint, that one and, while a live rebuild runs, the new index. Unset on Milvus, which
+        keeps no index checkpoint.
         """
 
     def __init__(
