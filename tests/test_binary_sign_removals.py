@@ -63,6 +63,14 @@ def test_removing_what_is_not_there_changes_nothing():
     assert len(index) == COUNT - 2
 
 
+def test_a_removal_that_reaches_the_limit_counts_only_what_was_there(monkeypatch):
+    monkeypatch.setattr(index_module, "MARKED_REMOVALS_MOST", 3)
+    index, _ = _filled()
+    assert index.remove(np.array([5, 6], np.int64)) == 2
+    assert index.remove(np.array([5, 6, COUNT + 10, -3, 7], np.int64)) == 1  # all at once
+    assert index._index.ntotal == COUNT - 3 == len(index)
+
+
 def test_a_snapshot_holds_no_removed_code():
     index, vectors = _filled()
     removed = _removed_ids()

@@ -47,6 +47,7 @@ class Checkpointer:
         # it will have been written (the erasure receipts' promise).
         self.erasure_start: float | None = None
         self.erasure_due: float | None = None
+        self.erased_through = 0  # the store's change at the latest erasure
         self.last_seconds = 0.0  # the last checkpoint's, writes held and written
         self.last_bytes = 0  # and its size: the disk's rate as this server measured it
         # A write under way: when it started (time.monotonic) and its size. An erasure's
@@ -101,10 +102,12 @@ class Checkpointer:
             if self.erasure_start is None:
                 return
             self.erasure_start = self.erasure_due = None
+            erased_by = self.erased_through
         written = False
         try:
-            erased_by = self.live.store.sequence()
-            written = self.checkpoint() >= erased_by
+            # Not again when one already covers the erasures (a rebuild's swap wrote the new
+            # index after them), whatever was enrolled since.
+            written = self.checkpoint(covering=erased_by) >= erased_by
         finally:  # not written (a full disk, an import deferring it): again later
             if not written:
                 self._erasure_checkpoint_again()
@@ -113,6 +116,7 @@ class Checkpointer:
         """After an erasure (under the write lock): when the checkpoint will have been
         written without it. One checkpoint covers every erasure until it starts; an erasure
         that finds one pending gets the later of its promise and its own."""
+        self.erased_through = self.live.store.sequence()
         start = self.erasure_start  # set and cleared with erasure_due
         if start is None:
             return self._schedule_erasure_checkpoint()
@@ -255,7 +259,8 @@ class Checkpointer:
         """A live rebuild starts: keeps the change log from the current checkpoint on, until
         `unpin_log`; its swap may write a new index of about `swap_bytes`, which erasures
         from now on allow for. A checkpoint pending for earlier erasures, whose promise
-        allowed for the index served now, is written first."""
+        allowed for the index served now, is written first (a full disk then fails the
+        rebuild, as it would fail writing the rebuild's side file)."""
         with self.live.writes:
             self.log_pin = self.sequence
             self.swap_bytes = swap_bytes
