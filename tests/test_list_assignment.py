@@ -209,6 +209,7 @@ def test_an_index_filled_so_is_the_index_added_exactly(vectors, kind):
         filled.fill(ids[batch], vectors[batch])
     assert len(filled) == SIZE
     filled.finish_fill()
+    assert filled._fill_assignment is None  # its session and centroids' copy not kept
     added.add(ids, vectors)
     assert snapshot_bytes(filled) == snapshot_bytes(added)
     queries = normalize_rows(vectors[:300] + 0.5 * uneven(300, 9))
