@@ -64,11 +64,14 @@ def test_removing_what_is_not_there_changes_nothing():
 
 
 def test_a_removal_that_reaches_the_limit_counts_only_what_was_there(monkeypatch):
-    monkeypatch.setattr(index_module, "MARKED_REMOVALS_MOST", 3)
+    monkeypatch.setattr(index_module, "MARKED_REMOVALS_MOST", 4)
     index, _ = _filled()
     assert index.remove(np.array([5, 6], np.int64)) == 2
-    assert index.remove(np.array([5, 6, COUNT + 10, -3, 7], np.int64)) == 1  # all at once
-    assert index._index.ntotal == COUNT - 3 == len(index)
+    # ids not held do not count to the limit: 7 is marked beside 5 and 6
+    assert index.remove(np.array([5, 6, COUNT + 10, -3, 7], np.int64)) == 1
+    assert (index._index.ntotal, len(index)) == (COUNT, COUNT - 3)
+    assert index.remove(np.array([COUNT + 1, COUNT + 2, 9], np.int64)) == 1  # the 4th: all
+    assert index._index.ntotal == COUNT - 4 == len(index)
 
 
 def test_a_snapshot_holds_no_removed_code():

@@ -546,8 +546,8 @@ class BinarySignIndex(_SignCoded):
         index = index if index is not None else faiss.IndexBinaryIDMap2(
             faiss.IndexBinaryFlat(bits))
         if not isinstance(index, faiss.IndexBinaryIDMap2):  # _holds looks ids up in its map
-            raise CheckpointError(f"a {self.kind} index must map its ids both ways, not "
-                                  f"{type(index).__name__}")
+            raise TypeError(f"a {self.kind} index must map its ids both ways, not "
+                            f"{type(index).__name__}")
         super().__init__(dimension, bits, index)
         self._marked: Ids = np.empty(0, np.int64)  # removed, their codes still in _index
 
@@ -573,14 +573,16 @@ class BinarySignIndex(_SignCoded):
             return 0
         with self._lock.writing():
             wanted = np.setdiff1d(np.asarray(ids, np.int64), self._marked)  # unique
+            if len(wanted) < MARKED_REMOVALS_MOST:  # ids not held do not count to the limit
+                wanted = np.asarray([key for key in wanted.tolist() if self._holds(key)],
+                                    np.int64)
             if len(self._marked) + len(wanted) >= MARKED_REMOVALS_MOST:  # all at once
                 marked = len(self._marked)
                 removed = int(self._index.remove_ids(np.union1d(self._marked, wanted)))
                 self._marked = np.empty(0, np.int64)
                 return removed - marked
-            fresh = [key for key in wanted.tolist() if self._holds(key)]
-            self._marked = np.union1d(self._marked, np.asarray(fresh, np.int64))
-            return len(fresh)
+            self._marked = np.union1d(self._marked, wanted)
+            return len(wanted)
 
     def _holds(self, key: int) -> bool:
         """Whether the index holds a code under `key` (the id map's lookup)."""
@@ -988,6 +990,7 @@ class FastScanIVFIndex(PartitionedIndex):
 
     def finish_fill(self) -> None:
         if self._filling is None:
+            self._fill_assignment = None
             return
         with self._lock.writing():
             if self._filling is None:  # another caller finished it meanwhile
