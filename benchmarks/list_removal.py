@@ -75,7 +75,8 @@ def main() -> None:
     rng = np.random.default_rng(2)
     queries = rng.standard_normal((100, DIMENSION), dtype=np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    keys = rng.choice(len(index), 2 * args.removals, replace=False).astype(int).tolist()
+    held = np.flatnonzero(index._held)  # keys start at 1; erased ones are gaps
+    keys = rng.choice(held, 2 * args.removals, replace=False).astype(int).tolist()
     most = index_module.MARKED_LIST_REMOVALS_MOST
     row: dict[str, float | int | str] = {"checkpoint": str(args.checkpoint),
                                          "registrations": len(index)}
@@ -85,7 +86,8 @@ def main() -> None:
         row[f"{way}_median_ms"], row[f"{way}_worst_ms"] = statistics.median(times), max(times)
     with index._lock.writing():
         index._remove_marked()
-    index.remove(np.array(rng.choice(len(index), most - 1, replace=False), np.int64))
+    index.remove(np.array(rng.choice(np.flatnonzero(index._held), most - 1, replace=False),
+                          np.int64))
     row["marked_for_search"] = len(index._marked)
     row["search_ms_marked"] = search_ms(index, queries)
     for name, value in row.items():

@@ -1,6 +1,6 @@
 """FastScanIVF removals are marked, not found by reading every list's ids each time (FAISS's
-remove_ids: 4.7-5.9 ms at 1,000,000 registrations, ~20 ms at 10,000,000, every check
-waiting). Searches, counts, checkpoints and loads must not tell the difference."""
+remove_ids: 6.3-6.5 ms at 1,000,000 registrations, 37-38 ms at 10,000,000 on one thread,
+every check waiting). Searches, counts, checkpoints and loads must not tell the difference."""
 
 from __future__ import annotations
 
@@ -120,3 +120,11 @@ def test_a_built_index_knows_what_its_fill_holds():
     assert index.remove(np.array([4, COUNT + 4], np.int64)) == 1  # finishes the fill first
     assert len(index) == COUNT - 1
     assert 4 not in index.search(vectors[4:5], 3, EVERY_LIST)[0][0]
+
+
+def test_a_loaded_index_flags_ids_past_the_ones_it_was_loaded_with():
+    vectors = _vectors()
+    loaded = _reloaded(_filled(vectors))
+    loaded.add(np.array([10 * COUNT], np.int64), vectors[:1])  # _held grows
+    assert loaded.remove(np.array([10 * COUNT], np.int64)) == 1
+    assert len(loaded) == COUNT

@@ -613,8 +613,9 @@ class BinarySignIndex(_SignCoded):
     def snapshot(self, sequence: int, model_id: str,
                  buffer: SnapshotBuffer | None = None) -> Checkpoint:
         while True:  # again should a removal come between the two locks
-            with self._lock.writing():
-                self._remove_marked()
+            if len(self._marked):
+                with self._lock.writing():
+                    self._remove_marked()
             with self._lock.reading():
                 if not len(self._marked):
                     parts = self._serialize(buffer)
@@ -793,10 +794,14 @@ class PartitionedIndex(_Locked):
         return self.calibration.vectors > 0 and vectors >= 2 * self.calibration.vectors
 
     def _framed_snapshot(self, sequence: int, model_id: str, parts: list[memoryview],
-                         buffer: SnapshotBuffer | None) -> Checkpoint:
+                         buffer: SnapshotBuffer | None,
+                         marked: Callable[[], int] = lambda: 0) -> Checkpoint | None:
         """[8 bytes: n][n bytes: calibration, JSON], then each of `parts` framed the same
-        way, then the codes as FAISS writes them."""
+        way, then the codes as FAISS writes them; None when `marked()` counts removals whose
+        codes are still in the lists (read under the copy's lock)."""
         with self._lock.reading():  # searches go on, changes wait for the copy
+            if marked():
+                return None
             codes = self._serialize(buffer)
             vectors = int(self._index.ntotal)
         parts = [memoryview(self.calibration.to_json().encode()), *parts]
@@ -872,8 +877,10 @@ class SignIVFIndex(PartitionedIndex, _SignCoded):
     def snapshot(self, sequence: int, model_id: str,
                  buffer: SnapshotBuffer | None = None) -> Checkpoint:
         # [calibration][centroids][codes]
-        return self._framed_snapshot(sequence, model_id,
-                                     [faiss.serialize_index(self._centroids).data], buffer)
+        snapshot = self._framed_snapshot(sequence, model_id,
+                                         [faiss.serialize_index(self._centroids).data], buffer)
+        assert snapshot is not None  # a SignIVF marks no removals
+        return snapshot
 
     @classmethod
     def deserialize(cls, payload: npt.NDArray[np.uint8], dimension: int, nlist: int
@@ -915,8 +922,10 @@ class FastScanIVFIndex(PartitionedIndex):
     ms at 1,000,000, 37-38 at 10,000,000 (one thread). So a removal only marks the ids the
     index holds (`_held`, a flag a key): searches ask for as many more neighbours and drop the
     marked, and the codes go together once MARKED_LIST_REMOVALS_MOST are marked, or before a
-    snapshot. With 63 marked a search costs 1.23 ms against 1.13 at 1,000,000 and 15.15
-    against 14.99 at 10,000,000; with 255, 1.53 against 1.26 (benchmarks/list_removal.py).
+    snapshot. Every 64th removal still pays FAISS's removal of them all. With 63 marked a
+    search costs 1.23 ms against 1.13 at 1,000,000 and 15.15 against 14.99 at 10,000,000;
+    with 255 marked (the limit tried first), 1.53 against 1.26 at 1,000,000
+    (benchmarks/list_removal.py).
     """
 
     def __init__(self, dimension: int, nlist: int, codes: Any = None,
@@ -965,15 +974,17 @@ class FastScanIVFIndex(PartitionedIndex):
         ids = np.ascontiguousarray(ids, np.int64)
         if len(self._marked) and np.isin(ids, self._marked).any():
             self._remove_marked()  # an id back: its old code goes first
+        self._make_room(ids)
         self._add_floats(ids, vectors)
-        self._hold(ids)
+        self._held[ids] = True
 
-    def _hold(self, ids: Ids) -> None:
+    def _make_room(self, ids: Ids) -> None:
+        """`_held` grown to flag `ids`, before they go into the lists (so that a failure to
+        grow leaves no code unflagged, which a removal would then miss)."""
         if len(ids) and (most := int(ids.max())) >= len(self._held):
             grown = np.zeros(max(most + 1, 2 * len(self._held)), bool)
             grown[:len(self._held)] = self._held
             self._held = grown
-        self._held[ids] = True
 
     def fill(self, ids: Ids, vectors: Matrix) -> None:
         """A build's vectors, after train: each list chosen by list_assignment's int8
@@ -998,9 +1009,10 @@ class FastScanIVFIndex(PartitionedIndex):
                 return
             if self._filling is None:
                 self._filling = self._empty_filling()
+            self._make_room(ids)
             self._filling.add_core(len(ids), faiss.swig_ptr(vectors), faiss.swig_ptr(ids),
                                    faiss.swig_ptr(lists))
-            self._hold(ids)
+            self._held[ids] = True
 
     def _empty_filling(self) -> Any:
         """An IndexIVFPQ over the index's centroids and PQ: it takes the lists a fill chose
@@ -1038,8 +1050,9 @@ class FastScanIVFIndex(PartitionedIndex):
             wanted = np.setdiff1d(np.asarray(ids, np.int64), self._marked)  # unique
             wanted = wanted[(wanted >= 0) & (wanted < len(self._held))]
             held = wanted[self._held[wanted]]
+            marked = np.union1d(self._marked, held)
             self._held[held] = False
-            self._marked = np.union1d(self._marked, held)
+            self._marked = marked
             if len(self._marked) >= MARKED_LIST_REMOVALS_MOST:
                 self._remove_marked()
             return len(held)
@@ -1090,11 +1103,13 @@ class FastScanIVFIndex(PartitionedIndex):
                  buffer: SnapshotBuffer | None = None) -> Checkpoint:
         # [calibration][codes, their IVF holding the centroids]
         self.finish_fill()
-        while True:  # again should a removal be marked during the copy
-            with self._lock.writing():
-                self._remove_marked()
-            snapshot = self._framed_snapshot(sequence, model_id, [], buffer)
-            if not len(self._marked):
+        while True:  # again should a removal be marked between the two locks
+            if len(self._marked):
+                with self._lock.writing():
+                    self._remove_marked()
+            snapshot = self._framed_snapshot(sequence, model_id, [], buffer,
+                                             lambda: len(self._marked))
+            if snapshot is not None:
                 return snapshot
 
     @classmethod
@@ -1115,7 +1130,7 @@ class FastScanIVFIndex(PartitionedIndex):
 def _ids_in_lists(codes: Any) -> npt.NDArray[np.bool_]:
     """A flag a key, set for every id in the lists of the IVF `codes`."""
     lists = codes.invlists
-    ids = [faiss.rev_swig_ptr(lists.get_ids(list_no), size).copy()
+    ids = [faiss.rev_swig_ptr(lists.get_ids(list_no), size)  # views: `codes` outlives them
            for list_no in range(codes.nlist) if (size := lists.list_size(list_no))]
     every = np.concatenate(ids) if ids else np.empty(0, np.int64)
     held = np.zeros(int(every.max()) + 1 if len(every) else 0, bool)
