@@ -22,13 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
-from collections.abc import Callable
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from dedup.gallery.embedded.index import BinarySignIndex, SearchOptions
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import timed_ms
 
 RESULTS = Path(__file__).parent / "results"
 DIMENSION = 512
@@ -43,12 +45,6 @@ def filled(size: int, seed: int = 1) -> BinarySignIndex:
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         index.add(np.arange(start, start + rows, dtype=np.int64), vectors)
     return index
-
-
-def timed_ms(work: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    work()
-    return (time.perf_counter() - started) * 1000
 
 
 def one_way(index: BinarySignIndex, compacted: bool, removals: int) -> dict[str, float]:

@@ -178,3 +178,10 @@ def drop_page_cache() -> bool:
     except OSError:
         return False
     return True
+
+
+def timed_ms(work: Callable[[], object]) -> float:
+    """Milliseconds `work()` took."""
+    started = time.perf_counter()
+    work()
+    return (time.perf_counter() - started) * 1000

@@ -23,8 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
-from collections.abc import Callable
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,9 @@ import numpy as np
 from dedup.gallery.embedded import index as index_module
 from dedup.gallery.embedded.checkpoint import checkpoint_model_id
 from dedup.gallery.embedded.index import FastScanIVFIndex, SearchOptions, load_index
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import timed_ms
 
 RESULTS = Path(__file__).parent / "results"
 DIMENSION = 512
@@ -42,12 +44,6 @@ def loaded(path: Path) -> FastScanIVFIndex:
     if not isinstance(index, FastScanIVFIndex):
         raise SystemExit(f"{path} holds a {index.kind} index, not FastScanIVF")
     return index
-
-
-def timed_ms(work: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    work()
-    return (time.perf_counter() - started) * 1000
 
 
 def search_ms(index: FastScanIVFIndex, queries: np.ndarray) -> float:

@@ -5,6 +5,7 @@ every check waiting). Searches, counts, checkpoints and loads must not tell the 
 from __future__ import annotations
 
 import numpy as np
+from marked_removals import assert_marked_searches_as_removed
 
 from dedup.core.vectors import normalize_rows
 from dedup.gallery.embedded import index as index_module
@@ -50,23 +51,7 @@ def test_searches_with_marked_removals_find_what_they_would_after_the_removal(mo
     vectors = _vectors()
     marked, compacted = _filled(vectors), _filled(vectors)
     removed = _removed_ids()
-    for key in removed[:100]:  # one by one, as deletes come
-        assert marked.remove(np.array([key])) == 1
-    assert marked.remove(removed[100:]) == 100
-    compacted.remove(removed)
-    with compacted._lock.writing():
-        compacted._remove_marked()
-    assert len(marked) == len(compacted) == COUNT - 200
-    assert marked._index.ntotal == COUNT and compacted._index.ntotal == COUNT - 200
-    queries = vectors[:60] + 0.05 * np.random.default_rng(3).standard_normal(
-        (60, DIMENSION), dtype=np.float32)
-    for (ids, scores), (want_ids, want_scores) in zip(
-            marked.search(queries, 64, EVERY_LIST), compacted.search(queries, 64, EVERY_LIST),
-            strict=True):
-        assert not np.isin(ids, removed).any()
-        np.testing.assert_array_equal(scores, want_scores)
-        above_the_last = want_scores > want_scores[-1]  # ties at the k-th may come in any order
-        assert set(ids[above_the_last]) == set(want_ids[above_the_last])
+    assert_marked_searches_as_removed(marked, compacted, vectors, removed, EVERY_LIST)
 
 
 def test_removing_what_is_not_there_changes_nothing():
