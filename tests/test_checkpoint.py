@@ -643,6 +643,49 @@ def test_an_erasures_checkpoint_does_not_wait_for_a_compaction(tmp_path, monkeyp
         gallery.close(checkpoint=False)
 
 
+@pytest.mark.parametrize("damaged", [False, True], ids=["replayed", "rebuilt"])
+def test_a_start_that_cannot_checkpoint_away_an_erasure_tries_again(tmp_path, monkeypatch,
+                                                                    damaged):
+    """A server stopped before its erasure checkpoint leaves the erased in index.ckpt. The
+    next start replays the erasure (or rebuilds from the store, the checkpoint damaged) and
+    checkpoints; a full disk fails that write. It is tried again after the erasure delay, not
+    left for the next periodic checkpoint (an hour here)."""
+    gallery = _enrolled_gallery(tmp_path, 12, 20, erasure_checkpoint_delay_s=3600)
+    try:
+        gallery.checkpoint()
+        gallery.delete(DeleteKey.REGISTRATION_ID, "r0")
+        erased = gallery.index_status().store_sequence
+    finally:
+        gallery.close(checkpoint=False)
+    path = tmp_path / "data" / "index.ckpt"
+    assert read_checkpoint(path).vectors == 20
+    if damaged:
+        with open(path, "r+b") as file:
+            file.seek(path.stat().st_size - 100)
+            file.write(b"\0" * 16)
+    real_write = checkpointer.write_checkpoint
+    failures = [CheckpointError("index.ckpt: no space left on device (injected)")]
+
+    def failing_once(*args, **kwargs):
+        if failures:
+            raise failures.pop()
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(checkpointer, "write_checkpoint", failing_once)
+    config = StoreConfig(data_dir=tmp_path / "data", checkpoint_interval_s=3600,
+                         erasure_checkpoint_delay_s=0.3)
+    gallery = EmbeddedGallery(config, "model-a")
+    try:
+        assert not failures, "the start's checkpoint was not attempted"
+        deadline = time.monotonic() + 10
+        while gallery.checkpoint_sequence < erased and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert gallery.checkpoint_sequence >= erased
+    finally:
+        gallery.close(checkpoint=False)
+    assert read_checkpoint(path).vectors == 19
+
+
 def test_an_erasures_checkpoint_that_fails_is_tried_again(tmp_path, monkeypatch):
     """A full disk fails the checkpoint after an erasure: it is tried again after the
     erasure delay, not left for the next periodic one (an hour here)."""

@@ -156,9 +156,9 @@ def _index(store: Store, data_dir: Path) -> list[Finding]:
                      f"{index.kind} index of {len(index)} vectors of model "
                      f"{model_id}, covers change {covered}, "
                      f"{behind} change(s) behind the store")]
-    replayed = replay_changes(store, index, covered, model_id)
+    delta = replay_changes(store, index, covered, model_id)
     expected = store.model_counts().get(model_id, 0)
-    if replayed is None:
+    if delta is None:
         found.append(Finding("problem", "index", "the change log no longer reaches back to the "
                              "checkpoint: the server rebuilds the index at its next start"))
     elif len(index) != expected:

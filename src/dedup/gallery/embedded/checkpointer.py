@@ -174,14 +174,21 @@ class Checkpointer:
             self.write(index.snapshot(sequence, self.live.model_id, self.buffer), sequence)
             self.last_seconds = time.monotonic() - started
 
-    def save_at_start(self, index: VectorIndex, sequence: int, on_disk: int) -> int:
+    def save_at_start(self, index: VectorIndex, sequence: int, on_disk: int,
+                      holds_erased: bool) -> int:
         """Checkpoints the recovered index; returns the sequence the checkpoint on disk covers
-        (`on_disk` if this one cannot be written, e.g. on a full disk)."""
+        (`on_disk` if this one cannot be written, e.g. on a full disk). `holds_erased`: the
+        checkpoint on disk may hold erased registrations, so a failed write is tried again
+        as an erasure's checkpoint is, not left to the periodic one."""
         try:
             self.save(index, sequence)
         except (ResourceExhausted, CheckpointError) as error:
             # The server can run without it: the change log keeps covering the index.
             log.error("could not checkpoint the recovered index: %s", error)
+            if holds_erased:
+                with self.live.writes:
+                    self.erased_through = sequence
+                    self._schedule_erasure_checkpoint()
             return on_disk
         return sequence
 

@@ -39,8 +39,8 @@ def recover_index(plan: IndexPlan, checkpointer: Checkpointer,
         else:
             log.info("no index checkpoint at %s, building from the store", path)
         return _rebuild_at_start(plan, checkpointer)
-    replayed = replay_changes(store, index, covered, model_id)
-    if replayed is None:
+    delta = replay_changes(store, index, covered, model_id)
+    if delta is None:
         return _rebuild_at_start(plan, checkpointer)
     count = plan.comparable_count()
     if len(index) != count:
@@ -49,9 +49,11 @@ def recover_index(plan: IndexPlan, checkpointer: Checkpointer,
             len(index), count,
         )
         return _rebuild_at_start(plan, checkpointer)
-    if replayed != covered:
-        return index, checkpointer.save_at_start(index, replayed, covered)
-    return index, replayed
+    if delta.current != covered:
+        # The checkpoint on disk still holds those erased since it was written.
+        return index, checkpointer.save_at_start(index, delta.current, covered,
+                                                 holds_erased=bool(delta.removed))
+    return index, delta.current
 
 
 def _rebuild_at_start(plan: IndexPlan, checkpointer: Checkpointer) -> tuple[VectorIndex, int]:
@@ -61,4 +63,6 @@ def _rebuild_at_start(plan: IndexPlan, checkpointer: Checkpointer) -> tuple[Vect
                              lambda *_: None, plan.pair_score)
     log.info("built a %s index from the store: %d vectors in %.1f s",
              kind, len(built.index), time.monotonic() - started)
-    return built.index, checkpointer.save_at_start(built.index, built.sequence, 0)
+    # An unusable checkpoint may still hold anyone erased since it was written.
+    return built.index, checkpointer.save_at_start(built.index, built.sequence, 0,
+                                                   holds_erased=checkpointer.path.exists())

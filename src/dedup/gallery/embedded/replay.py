@@ -47,8 +47,10 @@ def change_delta(store: Store, since: int) -> ChangeDelta:
                        removed_older=np.setdiff1d(removed, added))
 
 
-def replay_changes(store: Store, index: VectorIndex, covered: int, model_id: str) -> int | None:
-    """Applies the logged changes after `covered` to `index`; returns the sequence now covered.
+def replay_changes(store: Store, index: VectorIndex, covered: int, model_id: str
+                   ) -> ChangeDelta | None:
+    """Applies the logged changes after `covered` to `index`; returns them (the index now
+    covers their `current`).
 
     None if the log has a gap (it was truncated past `covered`): rebuild instead.
     """
@@ -59,7 +61,7 @@ def replay_changes(store: Store, index: VectorIndex, covered: int, model_id: str
             "rebuilding", covered, delta.current, delta.logged,
         )
         return None
-    return delta.current
+    return delta
 
 
 def apply_logged_changes(store: Store, index: VectorIndex, covered: int, model_id: str
