@@ -17,8 +17,9 @@ from conftest import check, enroll
 from dedup import FaceGenerator, StoreConfig
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
-from dedup.core.records import Registration
+from dedup.core.records import DeleteKey, Registration
 from dedup.face.model_pack import default_pack_dir, model_id_for
+from dedup.gallery.embedded import store_copy
 from dedup.gallery.embedded.gallery import EmbeddedGallery
 
 DATA_DIR_TOOLS = ("dedup doctor and dedup backup work on an embedded data directory; a Milvus "
@@ -239,3 +240,33 @@ def test_backup_while_erasing_holds_every_registration_whole_and_no_erased_one(m
     top = check(restored.stub, people[len(copied) - 1]).matches[0]
     assert top.registration.registration_id == f"r{len(copied) - 1}" and top.score > 0.999
 
+
+
+def test_a_store_copy_holds_no_lmdb_snapshot_while_it_reads_the_slots(tmp_path, monkeypatch):
+    """LMDB reuses no page freed after an open reader's snapshot, so a copy that held its
+    transaction across the vector file's slots (20 GB at 10,000,000) grew the store by every
+    write meanwhile. The transaction ends with LMDB's copy; a registration erased before its
+    slot was read is still found, from the copy's own records."""
+    people = FaceGenerator(43).persons(200)
+    gallery = EmbeddedGallery(StoreConfig(data_dir=tmp_path / "data"), "model-a",
+                              background=False)
+    try:
+        gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(200)])
+        real_copy = store_copy._copy_slots
+        seen: list[str] = []
+
+        def copy_slots(*args):
+            with gallery.store._lmdb.shared() as env:
+                seen.append(env.readers())
+            gallery.delete(DeleteKey.REGISTRATION_ID, "r199")  # its slot zeroed before read
+            return real_copy(*args)
+
+        monkeypatch.setattr(store_copy, "_copy_slots", copy_slots)
+        target = tmp_path / "copy"
+        target.mkdir()
+        copied = gallery.store.copy_to(target)
+    finally:
+        gallery.close(checkpoint=False)
+    readers = [line.split() for line in seen[0].splitlines()[1:]]
+    assert readers and all(txnid == "-" for _, _, txnid in readers), seen[0]
+    assert copied.assigned == 200 and copied.erased_meanwhile == ["r199"]

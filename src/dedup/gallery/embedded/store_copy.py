@@ -2,11 +2,15 @@
 file's slots, both as of one read transaction.
 
 LMDB is copied from the transaction itself; the slots are read from the live file after it,
-up to that transaction's last key assigned (later enrolments are not in the copy). A Delete
-committed meanwhile may have zeroed a slot (or be zeroing it) whose record the copy holds:
-that registration is returned in `erased_meanwhile`, for the caller to erase in the copy
-too; a slot that is not a unit vector while its record is still stored is damage. A slot that
-is not a unit vector is never copied, so no erased registration's bytes are.
+up to that transaction's last key assigned (later enrolments are not in the copy). The
+transaction ends before the slots are read: LMDB reuses no page freed after a reader's
+snapshot while it is open, and the slots of 10,000,000 registrations are 20 GB to read, so
+the store would grow by every write meanwhile. What the copy's records hold is then read from
+the copy itself. A Delete committed meanwhile may have zeroed a slot (or be zeroing it) whose
+record the copy holds: that registration is returned in `erased_meanwhile`, for the caller to
+erase in the copy too; a slot that is not a unit vector while its record is still stored is
+damage. A slot that is not a unit vector is never copied, so no erased registration's bytes
+are.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import numpy as np
 
 from dedup.gallery.embedded import compaction
 from dedup.gallery.embedded.layout import VECTOR_FILE
-from dedup.gallery.embedded.lmdb_env import LmdbEnv
+from dedup.gallery.embedded.lmdb_env import LmdbEnv, open_db
 from dedup.gallery.embedded.store_format import decode_registration, from_u64, u64
 from dedup.gallery.embedded.store_tables import present
 from dedup.gallery.embedded.stored_vectors import not_a_unit_vector, unit_rows
@@ -41,8 +45,8 @@ def copy_store(store: LmdbEnv, slots: VectorFile, directory: Path) -> StoreCopy:
         if not slots.available:  # format 1: the embeddings are in LMDB, copied with it
             return StoreCopy(0, [])
         assigned = from_u64(txn.get(b"next_key", db=store.dbs.meta)) - 1
-        suspects = _copy_slots(slots, directory / VECTOR_FILE, assigned)
-        return StoreCopy(assigned, _erased_meanwhile(store, txn, suspects, slots.path))
+    suspects = _copy_slots(slots, directory / VECTOR_FILE, assigned)
+    return StoreCopy(assigned, _erased_meanwhile(store, directory, suspects, slots.path))
 
 
 def _copy_slots(slots: VectorFile, target_path: Path, assigned: int) -> list[int]:
@@ -66,15 +70,25 @@ def _copy_slots(slots: VectorFile, target_path: Path, assigned: int) -> list[int
     return suspects
 
 
-def _erased_meanwhile(store: LmdbEnv, txn: lmdb.Transaction, suspects: list[int],
+def _erased_meanwhile(store: LmdbEnv, directory: Path, suspects: list[int],
                       path: Path) -> list[str]:
-    """The registration_ids of the copy's records among `suspects`: erased since `txn`."""
-    in_copy = sorted(present(txn, store.dbs, suspects))
-    if not in_copy:
+    """The registration_ids of the copy's records (in `directory`) among `suspects`: erased
+    since the copy's transaction."""
+    if not suspects:
         return []
-    with store.peek() as current:
-        still = sorted(present(current, store.dbs, in_copy))
-    if still:
-        raise not_a_unit_vector(path, still)
-    return [decode_registration(bytes(txn.get(u64(key), db=store.dbs.records, default=b"")))
-            .registration_id for key in in_copy]
+    copied = lmdb.open(str(directory), readonly=True, lock=False, max_dbs=16)
+    try:
+        records = open_db(copied, "records", create=False)
+        with copied.begin() as txn:
+            in_copy = sorted(key for key in suspects
+                             if txn.get(u64(key), db=records) is not None)
+            if not in_copy:
+                return []
+            with store.shared() as env, env.begin(write=False) as current:
+                still = sorted(present(current, store.dbs, in_copy))
+            if still:
+                raise not_a_unit_vector(path, still)
+            return [decode_registration(bytes(txn.get(u64(key), db=records, default=b"")))
+                    .registration_id for key in in_copy]
+    finally:
+        copied.close()
