@@ -686,6 +686,41 @@ def test_a_start_that_cannot_checkpoint_away_an_erasure_tries_again(tmp_path, mo
     assert read_checkpoint(path).vectors == 19
 
 
+def test_an_erasure_the_index_fails_to_remove_is_removed_before_its_checkpoint(tmp_path,
+                                                                              monkeypatch):
+    """The store erased r0, then the index's removal failed (no memory), twice. The erasure
+    stands (the store is the truth), searches never return r0, and no checkpoint holds its
+    code: the first erasure checkpoint is not written while the index cannot remove it, the
+    next one removes it first."""
+    gallery = _enrolled_gallery(tmp_path, 14, 20, erasure_checkpoint_delay_s=0.3)
+    path = tmp_path / "data" / "index.ckpt"
+    try:
+        gallery.checkpoint()
+        index = gallery.index
+        real_remove, failures = index.remove, [MemoryError(), MemoryError()]
+
+        def failing_twice(ids):
+            if failures:
+                raise failures.pop()
+            return real_remove(ids)
+
+        monkeypatch.setattr(index, "remove", failing_twice)
+        erasure = gallery.delete(DeleteKey.REGISTRATION_ID, "r0")
+        erased = gallery.index_status().store_sequence
+        assert [r.registration_id for r in erasure.registrations] == ["r0"]
+        probe = FaceGenerator(14).persons(20)[0]
+        assert "r0" not in {scored.registration.registration_id
+                            for scored in gallery.neighbours(probe, 5, -1.0)}
+        deadline = time.monotonic() + 10
+        while gallery.checkpoint_sequence < erased and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not failures and gallery.checkpoint_sequence >= erased
+        assert len(gallery.index) == 19
+    finally:
+        gallery.close(checkpoint=False)
+    assert read_checkpoint(path).vectors == 19
+
+
 def test_an_erasures_checkpoint_that_fails_is_tried_again(tmp_path, monkeypatch):
     """A full disk fails the checkpoint after an erasure: it is tried again after the
     erasure delay, not left for the next periodic one (an hour here)."""

@@ -76,6 +76,7 @@ class Checkpointer:
                     return self.sequence
                 if sequence == self.sequence and self.path.exists():
                     return sequence
+                self.live.remove_unremoved()
                 snapshot = self.live.index.snapshot(sequence, self.live.model_id, self.buffer)
             held = time.monotonic() - started
             self.write(snapshot, sequence)

@@ -213,7 +213,7 @@ class EmbeddedGallery:
         next compaction (`compaction_due`)."""
         with self._live.writes:
             faces, digest = self.store.delete(by, value, audit)
-            self.index.remove(np.array([face.key for face in faces], np.int64))
+            self._live.remove(np.array([face.key for face in faces], np.int64))
             checkpoint_due = self._checkpointer.erasure_checkpoint_by() if faces else None
         return Erasure([face.registration for face in faces], digest, self.compaction_due(),
                        checkpoint_due)

@@ -125,7 +125,7 @@ class Rebuilder:
                 if len(built) != self.plan.comparable_count():
                     raise StoreError(f"rebuilt index holds {len(built)} vectors, the store "
                                      f"{self.plan.comparable_count()}: kept the old index")
-                self.live.index = built
+                self.live.swap(built)
                 # The side file is a checkpoint as of the build, the log holds the rest; it
                 # may not stay if it holds someone erased since, nor replace a later one.
                 adopt = not (erased or erased_in_tail) and self.checkpointer.sequence <= built_at
@@ -160,7 +160,7 @@ class Rebuilder:
         built = build_in_process(self.live.store, kind, self.live.model_id,
                                  self.plan.only_model(), progress, self.plan.pair_score)
         with self.live.writes:
-            self.live.index = built.index
+            self.live.swap(built.index)
             self.live.deferred = False
         self.checkpointer.save(built.index, built.sequence)
         return built
