@@ -1,11 +1,11 @@
-"""What a removal costs a served FastScanIVF index, which `auto` serves from 1,000,000
-registrations on.
+"""What a removal costs a served list index: FastScanIVF, which `auto` serves from 1,000,000
+registrations on, or SignIVF.
 
 Each removal holds the index's write lock, so every check waits for it. Loads a checkpoint a
 server wrote (benchmarks/scale.py's galleries) and, one process, one thread:
 
-- `at once`: each removal's code taken out of its list at once (dedup before 2026-12-06):
-  FAISS reads every list's ids to find it;
+- `at once`: each removal's code taken out of its list at once (dedup before 2026-12-06 for
+  FastScanIVF, 2026-12-06 for SignIVF): FAISS reads every list's ids to find it;
 - `marked`: the id marked and skipped by searches, the codes removed together once
   MARKED_LIST_REMOVALS_MOST are marked or before a snapshot (dedup since).
 
@@ -30,7 +30,7 @@ import numpy as np
 
 from dedup.gallery.embedded import index as index_module
 from dedup.gallery.embedded.checkpoint import checkpoint_model_id
-from dedup.gallery.embedded.index import FastScanIVFIndex, SearchOptions, load_index
+from dedup.gallery.embedded.index import PartitionedIndex, SearchOptions, load_index
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import timed_ms
@@ -39,20 +39,20 @@ RESULTS = Path(__file__).parent / "results"
 DIMENSION = 512
 
 
-def loaded(path: Path) -> FastScanIVFIndex:
+def loaded(path: Path) -> PartitionedIndex:
     index, _ = load_index(path, DIMENSION, checkpoint_model_id(path))
-    if not isinstance(index, FastScanIVFIndex):
-        raise SystemExit(f"{path} holds a {index.kind} index, not FastScanIVF")
+    if not isinstance(index, PartitionedIndex):
+        raise SystemExit(f"{path} holds a {index.kind} index, not FastScanIVF or SignIVF")
     return index
 
 
-def search_ms(index: FastScanIVFIndex, queries: np.ndarray) -> float:
+def search_ms(index: PartitionedIndex, queries: np.ndarray) -> float:
     return statistics.median(timed_ms(lambda row=row: index.search(row[None, :], 64,
                                                                     SearchOptions()))
                              for row in queries)
 
 
-def removals_ms(index: FastScanIVFIndex, keys: list[int], at_once: bool) -> list[float]:
+def removals_ms(index: PartitionedIndex, keys: list[int], at_once: bool) -> list[float]:
     def remove(key: int) -> None:
         index.remove(np.array([key], np.int64))
         if at_once:
@@ -64,7 +64,8 @@ def removals_ms(index: FastScanIVFIndex, keys: list[int], at_once: bool) -> list
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", type=Path, help="a FastScanIVF index.ckpt")
+    parser.add_argument("checkpoint", type=Path,
+                        help="a FastScanIVF or SignIVF index.ckpt")
     parser.add_argument("--removals", type=int, default=100)
     args = parser.parse_args()
     index = loaded(args.checkpoint)
@@ -75,7 +76,7 @@ def main() -> None:
     keys = rng.choice(held, 2 * args.removals, replace=False).astype(int).tolist()
     most = index_module.MARKED_LIST_REMOVALS_MOST
     row: dict[str, float | int | str] = {"checkpoint": str(args.checkpoint),
-                                         "registrations": len(index)}
+                                         "index": index.kind, "registrations": len(index)}
     row["search_ms_none_marked"] = search_ms(index, queries)
     for way, part in (("at_once", keys[:args.removals]), ("marked", keys[args.removals:])):
         times = removals_ms(index, part, way == "at_once")

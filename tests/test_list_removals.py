@@ -1,15 +1,23 @@
-"""FastScanIVF removals are marked, not found by reading every list's ids each time (FAISS's
-remove_ids: 6.3-6.5 ms at 1,000,000 registrations, 37-38 ms at 10,000,000 on one thread,
-every check waiting). Searches, counts, checkpoints and loads must not tell the difference."""
+"""Removals from the list types (FastScanIVF, SignIVF) are marked, not found by reading every
+list's ids each time (FAISS's remove_ids: 6.3-6.5 ms at 1,000,000 registrations, 37-38 ms at
+10,000,000 on one thread for FastScanIVF, every check waiting). Searches, counts, checkpoints
+and loads must not tell the difference."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from marked_removals import assert_marked_searches_as_removed
 
 from dedup.core.vectors import normalize_rows
 from dedup.gallery.embedded import index as index_module
-from dedup.gallery.embedded.index import FastScanIVFIndex, SearchOptions, training_size
+from dedup.gallery.embedded.index import (
+    FastScanIVFIndex,
+    PartitionedIndex,
+    SearchOptions,
+    SignIVFIndex,
+    training_size,
+)
 
 DIMENSION = 512
 NLIST = 16
@@ -22,8 +30,13 @@ def _vectors(seed: int = 1) -> np.ndarray:
         (COUNT, DIMENSION), dtype=np.float32))
 
 
-def _filled(vectors: np.ndarray) -> FastScanIVFIndex:
-    index = FastScanIVFIndex(DIMENSION, NLIST)
+@pytest.fixture(params=[FastScanIVFIndex, SignIVFIndex], ids=["FastScanIVF", "SignIVF"])
+def kind(request) -> type[PartitionedIndex]:
+    return request.param
+
+
+def _filled(kind: type[PartitionedIndex], vectors: np.ndarray) -> PartitionedIndex:
+    index = kind(DIMENSION, NLIST)
     index.train(vectors[:training_size(index.kind, DIMENSION)])
     index.add(np.arange(COUNT, dtype=np.int64), vectors)
     return index
@@ -33,37 +46,37 @@ def _removed_ids() -> np.ndarray:
     return np.random.default_rng(7).choice(COUNT, 200, replace=False).astype(np.int64)
 
 
-def _reloaded(index: FastScanIVFIndex) -> FastScanIVFIndex:
+def _reloaded(index: PartitionedIndex) -> PartitionedIndex:
     payload = np.frombuffer(b"".join(bytes(part) for part in index.snapshot(1, "m").parts),
                             np.uint8)
-    return FastScanIVFIndex.deserialize(payload, DIMENSION, NLIST)
+    return type(index).deserialize(payload, DIMENSION, NLIST)
 
 
-def test_a_removal_marks_its_ids_instead_of_reading_every_list():
-    index = _filled(_vectors())
+def test_a_removal_marks_its_ids_instead_of_reading_every_list(kind):
+    index = _filled(kind, _vectors())
     assert index.remove(np.array([17], np.int64)) == 1
     assert len(index) == COUNT - 1
     assert index._index.ntotal == COUNT  # before: removed from its list at once
 
 
-def test_searches_with_marked_removals_find_what_they_would_after_the_removal(monkeypatch):
+def test_searches_with_marked_removals_find_what_they_would_after_the_removal(kind, monkeypatch):
     monkeypatch.setattr(index_module, "MARKED_LIST_REMOVALS_MOST", 1024)  # all 200 marked
     vectors = _vectors()
-    marked, compacted = _filled(vectors), _filled(vectors)
+    marked, compacted = _filled(kind, vectors), _filled(kind, vectors)
     removed = _removed_ids()
     assert_marked_searches_as_removed(marked, compacted, vectors, removed, EVERY_LIST)
 
 
-def test_removing_what_is_not_there_changes_nothing():
-    index = _filled(_vectors())
+def test_removing_what_is_not_there_changes_nothing(kind):
+    index = _filled(kind, _vectors())
     assert index.remove(np.array([5, 6], np.int64)) == 2
     assert index.remove(np.array([5, 6, COUNT + 10, 10 * COUNT, -3], np.int64)) == 0
     assert len(index) == COUNT - 2
 
 
-def test_a_snapshot_holds_no_removed_id_and_a_load_knows_what_it_holds():
+def test_a_snapshot_holds_no_removed_id_and_a_load_knows_what_it_holds(kind):
     vectors = _vectors()
-    index = _filled(vectors)
+    index = _filled(kind, vectors)
     removed = _removed_ids()
     index.remove(removed)
     loaded = _reloaded(index)
@@ -76,18 +89,18 @@ def test_a_snapshot_holds_no_removed_id_and_a_load_knows_what_it_holds():
     assert len(loaded) == COUNT - 203
 
 
-def test_the_codes_go_once_enough_removals_are_marked(monkeypatch):
+def test_the_codes_go_once_enough_removals_are_marked(kind, monkeypatch):
     monkeypatch.setattr(index_module, "MARKED_LIST_REMOVALS_MOST", 50)
-    index = _filled(_vectors())
+    index = _filled(kind, _vectors())
     assert index.remove(np.arange(49, dtype=np.int64)) == 49
     assert index._index.ntotal == COUNT
     assert index.remove(np.array([49, 50, COUNT + 1], np.int64)) == 2
     assert index._index.ntotal == COUNT - 51 == len(index)
 
 
-def test_an_id_added_again_after_its_removal_is_found_by_its_new_code():
+def test_an_id_added_again_after_its_removal_is_found_by_its_new_code(kind):
     vectors = _vectors()
-    index = _filled(vectors)
+    index = _filled(kind, vectors)
     index.remove(np.array([5], np.int64))
     index.add(np.array([5], np.int64), vectors[6:7])  # now id 5 holds person 6's face
     ids, _ = index.search(vectors[6:7], 2, EVERY_LIST)[0]
@@ -96,9 +109,9 @@ def test_an_id_added_again_after_its_removal_is_found_by_its_new_code():
     assert index.remove(np.array([5], np.int64)) == 1 and len(index) == COUNT - 1
 
 
-def test_a_built_index_knows_what_its_fill_holds():
+def test_a_built_index_knows_what_its_fill_holds(kind):
     vectors = _vectors()
-    index = FastScanIVFIndex(DIMENSION, NLIST)
+    index = kind(DIMENSION, NLIST)
     index.train(vectors[:training_size(index.kind, DIMENSION)])
     for batch in np.array_split(np.arange(COUNT, dtype=np.int64), 3):  # as a build fills
         index.fill(batch, vectors[batch])
@@ -107,9 +120,9 @@ def test_a_built_index_knows_what_its_fill_holds():
     assert 4 not in index.search(vectors[4:5], 3, EVERY_LIST)[0][0]
 
 
-def test_a_loaded_index_flags_ids_past_the_ones_it_was_loaded_with():
+def test_a_loaded_index_flags_ids_past_the_ones_it_was_loaded_with(kind):
     vectors = _vectors()
-    loaded = _reloaded(_filled(vectors))
+    loaded = _reloaded(_filled(kind, vectors))
     loaded.add(np.array([10 * COUNT], np.int64), vectors[:1])  # _held grows
     assert loaded.remove(np.array([10 * COUNT], np.int64)) == 1
     assert len(loaded) == COUNT

@@ -659,7 +659,7 @@ class PartitionedIndex(_Locked):
 
     Float k-means follows the gallery's structure where binary k-means on the codes does
     not (BinaryIVF above). Subclasses hold the codes: SignIVF 512 sign bits, FastScanIVF
-    4-bit PQ codes.
+    4-bit PQ codes. Removals are marked and skipped, their codes removed together (below).
     """
 
     # 10 iterations rather than 20: half of k-means, a rebuild's largest fixed cost (~200 s
@@ -793,6 +793,71 @@ class PartitionedIndex(_Locked):
         and its nprobe are then due to be made again (a rebuild)."""
         return self.calibration.vectors > 0 and vectors >= 2 * self.calibration.vectors
 
+    # -- removals, marked ------------------------------------------------------------
+    # FAISS finds a removed id in an IVF by reading every list's ids, with every check
+    # waiting: 6.3-6.5 ms at 1,000,000, 37-38 at 10,000,000 (FastScanIVF, one thread). So a
+    # removal only marks the ids the index holds (`_held`, a flag a key): searches ask for as
+    # many more neighbours and drop the marked, and the codes go together once
+    # MARKED_LIST_REMOVALS_MOST are marked, or before a snapshot.
+
+    _held: npt.NDArray[np.bool_]
+    _marked: Ids
+
+    def _track_removals(self, codes: Any) -> None:
+        self._held = _ids_in_lists(codes)  # by key: the index holds a code under it
+        self._marked = np.empty(0, np.int64)  # removed, their codes still in lists
+
+    def _about_to_hold(self, ids: Ids) -> None:
+        """Before `ids` go into the lists (the caller holds the write lock): an id back
+        drops its old code first, and `_held` grows to flag them all (so that a failure to
+        grow leaves no code unflagged, which a removal would then miss)."""
+        if len(self._marked) and np.isin(ids, self._marked).any():
+            self._remove_marked()
+        if len(ids) and (most := int(ids.max())) >= len(self._held):
+            grown = np.zeros(max(most + 1, 2 * len(self._held)), bool)
+            grown[:len(self._held)] = self._held
+            self._held = grown
+
+    def __len__(self) -> int:
+        index, marked = self._index, self._marked  # each read once
+        return int(index.ntotal) - len(marked)
+
+    def remove(self, ids: Ids) -> int:
+        self.finish_fill()
+        if len(ids) == 0:
+            return 0
+        with self._lock.writing():
+            wanted = np.setdiff1d(np.asarray(ids, np.int64), self._marked)  # unique
+            wanted = wanted[(wanted >= 0) & (wanted < len(self._held))]
+            held = wanted[self._held[wanted]]
+            marked = np.union1d(self._marked, held)
+            self._held[held] = False
+            self._marked = marked
+            if len(self._marked) >= MARKED_LIST_REMOVALS_MOST:
+                self._remove_marked()
+            return len(held)
+
+    def _remove_marked(self) -> None:
+        """The marked codes out of their lists; the caller holds the write lock."""
+        if len(self._marked):
+            self._remove_codes(self._marked)
+            self._marked = np.empty(0, np.int64)
+
+    def _remove_codes(self, ids: Ids) -> None:
+        self._index.remove_ids(ids)
+
+    def _snapshot_without_marked(self, sequence: int, model_id: str, parts: list[memoryview],
+                                 buffer: SnapshotBuffer | None) -> Checkpoint:
+        """_framed_snapshot, the marked codes removed first."""
+        while True:  # again should a removal be marked between the two locks
+            if len(self._marked):
+                with self._lock.writing():
+                    self._remove_marked()
+            snapshot = self._framed_snapshot(sequence, model_id, parts, buffer,
+                                             lambda: len(self._marked))
+            if snapshot is not None:
+                return snapshot
+
     def _framed_snapshot(self, sequence: int, model_id: str, parts: list[memoryview],
                          buffer: SnapshotBuffer | None,
                          marked: Callable[[], int] = lambda: 0) -> Checkpoint | None:
@@ -826,6 +891,7 @@ class SignIVFIndex(PartitionedIndex, _SignCoded):
             self._code_quantizer = faiss.IndexBinaryFlat(SIGN_BITS)  # the IVF does not own it
             codes = faiss.IndexBinaryIVF(self._code_quantizer, SIGN_BITS, nlist)
         _SignCoded.__init__(self, dimension, SIGN_BITS, codes)
+        self._track_removals(codes)
 
     @property
     def bytes_per_vector(self) -> float:
@@ -864,23 +930,25 @@ class SignIVFIndex(PartitionedIndex, _SignCoded):
         # The centroids change only in train, before the index holds or serves anything.
         lists, codes = lists_of(), self.encode(vectors)
         with self._lock.writing():
+            self._about_to_hold(ids)
             self._index.add_core(len(ids), faiss.swig_ptr(codes), faiss.swig_ptr(ids),
                                  faiss.swig_ptr(lists))
+            self._held[ids] = True
 
     def search(self, queries: Matrix, k: int, options: SearchOptions) -> list[tuple[Ids, Scores]]:
-        found = self._search_lists(queries, self.encode(queries), k, options, np.int32)
+        marked = self._marked  # removed ones marked later: the store no longer has them
+        found = self._search_lists(queries, self.encode(queries), k + len(marked), options,
+                                   np.int32)
         if found is None:
             return _no_results(len(queries))
         distances, ids = found
-        return self._split(-distances.astype(np.float32), ids)
+        return _without_marked(self._split(-distances.astype(np.float32), ids), marked, k)
 
     def snapshot(self, sequence: int, model_id: str,
                  buffer: SnapshotBuffer | None = None) -> Checkpoint:
         # [calibration][centroids][codes]
-        snapshot = self._framed_snapshot(sequence, model_id,
-                                         [faiss.serialize_index(self._centroids).data], buffer)
-        assert snapshot is not None  # a SignIVF marks no removals
-        return snapshot
+        return self._snapshot_without_marked(
+            sequence, model_id, [faiss.serialize_index(self._centroids).data], buffer)
 
     @classmethod
     def deserialize(cls, payload: npt.NDArray[np.uint8], dimension: int, nlist: int
@@ -918,14 +986,10 @@ class FastScanIVFIndex(PartitionedIndex):
     centroids; an erased vector's code is zeroed in its list's last block, which FAISS
     leaves as it was when a list shrinks (and writes to the checkpoint).
 
-    FAISS finds a removed id by reading every list's ids, with every check waiting: 6.3-6.5
-    ms at 1,000,000, 37-38 at 10,000,000 (one thread). So a removal only marks the ids the
-    index holds (`_held`, a flag a key): searches ask for as many more neighbours and drop the
-    marked, and the codes go together once MARKED_LIST_REMOVALS_MOST are marked, or before a
-    snapshot. Every 64th removal still pays FAISS's removal of them all. With 63 marked a
-    search costs 1.23 ms against 1.13 at 1,000,000 and 15.15 against 14.99 at 10,000,000;
-    with 255 marked (the limit tried first), 1.53 against 1.26 at 1,000,000
-    (benchmarks/list_removal.py).
+    Removals are marked (PartitionedIndex): every 64th removal pays FAISS's removal of them
+    all, the freed slots zeroed (_remove_codes). With 63 marked a search costs 1.23 ms
+    against 1.13 at 1,000,000 and 15.15 against 14.99 at 10,000,000; with 255 marked (the
+    limit tried first), 1.53 against 1.26 at 1,000,000 (benchmarks/list_removal.py).
     """
 
     def __init__(self, dimension: int, nlist: int, codes: Any = None,
@@ -945,8 +1009,7 @@ class FastScanIVFIndex(PartitionedIndex):
         else:
             self._centroids = faiss.downcast_index(codes.quantizer)  # owned by `codes`
         super().__init__(codes, dimension)
-        self._held = _ids_in_lists(codes)  # by key: the index holds a code under it
-        self._marked: Ids = np.empty(0, np.int64)  # removed, their codes still in lists
+        self._track_removals(codes)
 
     @property
     def bytes_per_vector(self) -> float:
@@ -972,19 +1035,9 @@ class FastScanIVFIndex(PartitionedIndex):
     def _add_held(self, ids: Ids, vectors: Matrix) -> None:
         """FAISS's add, noting the ids held; the caller holds the write lock."""
         ids = np.ascontiguousarray(ids, np.int64)
-        if len(self._marked) and np.isin(ids, self._marked).any():
-            self._remove_marked()  # an id back: its old code goes first
-        self._make_room(ids)
+        self._about_to_hold(ids)
         self._add_floats(ids, vectors)
         self._held[ids] = True
-
-    def _make_room(self, ids: Ids) -> None:
-        """`_held` grown to flag `ids`, before they go into the lists (so that a failure to
-        grow leaves no code unflagged, which a removal would then miss)."""
-        if len(ids) and (most := int(ids.max())) >= len(self._held):
-            grown = np.zeros(max(most + 1, 2 * len(self._held)), bool)
-            grown[:len(self._held)] = self._held
-            self._held = grown
 
     def fill(self, ids: Ids, vectors: Matrix) -> None:
         """A build's vectors, after train: each list chosen by list_assignment's int8
@@ -1009,7 +1062,7 @@ class FastScanIVFIndex(PartitionedIndex):
                 return
             if self._filling is None:
                 self._filling = self._empty_filling()
-            self._make_room(ids)
+            self._about_to_hold(ids)
             self._filling.add_core(len(ids), faiss.swig_ptr(vectors), faiss.swig_ptr(ids),
                                    faiss.swig_ptr(lists))
             self._held[ids] = True
@@ -1042,28 +1095,10 @@ class FastScanIVFIndex(PartitionedIndex):
         index, filling, marked = self._index, self._filling, self._marked
         return int(index.ntotal) + (0 if filling is None else int(filling.ntotal)) - len(marked)
 
-    def remove(self, ids: Ids) -> int:
-        self.finish_fill()
-        if len(ids) == 0:
-            return 0
-        with self._lock.writing():
-            wanted = np.setdiff1d(np.asarray(ids, np.int64), self._marked)  # unique
-            wanted = wanted[(wanted >= 0) & (wanted < len(self._held))]
-            held = wanted[self._held[wanted]]
-            marked = np.union1d(self._marked, held)
-            self._held[held] = False
-            self._marked = marked
-            if len(self._marked) >= MARKED_LIST_REMOVALS_MOST:
-                self._remove_marked()
-            return len(held)
-
-    def _remove_marked(self) -> None:
-        """The marked codes out of their lists; the caller holds the write lock."""
-        if len(self._marked):
-            before = self._list_sizes()
-            self._index.remove_ids(self._marked)
-            self._zero_freed_slots(before, self._list_sizes())
-            self._marked = np.empty(0, np.int64)
+    def _remove_codes(self, ids: Ids) -> None:
+        before = self._list_sizes()
+        self._index.remove_ids(ids)
+        self._zero_freed_slots(before, self._list_sizes())
 
     def _list_sizes(self) -> npt.NDArray[np.int64]:
         lists = self._index.invlists
@@ -1103,14 +1138,7 @@ class FastScanIVFIndex(PartitionedIndex):
                  buffer: SnapshotBuffer | None = None) -> Checkpoint:
         # [calibration][codes, their IVF holding the centroids]
         self.finish_fill()
-        while True:  # again should a removal be marked between the two locks
-            if len(self._marked):
-                with self._lock.writing():
-                    self._remove_marked()
-            snapshot = self._framed_snapshot(sequence, model_id, [], buffer,
-                                             lambda: len(self._marked))
-            if snapshot is not None:
-                return snapshot
+        return self._snapshot_without_marked(sequence, model_id, [], buffer)
 
     @classmethod
     def deserialize(cls, payload: npt.NDArray[np.uint8], dimension: int, nlist: int
