@@ -721,6 +721,37 @@ def test_an_erasure_the_index_fails_to_remove_is_removed_before_its_checkpoint(t
     assert read_checkpoint(path).vectors == 19
 
 
+def test_erased_registrations_the_index_cannot_remove_go_with_a_rebuild(tmp_path,
+                                                                         monkeypatch):
+    """The index cannot remove r0 at all. A sweep's exact search (no re-rank from the store)
+    still skips it; a live rebuild, whose index is built from the store, is not refused for
+    the erasure checkpoint that cannot be written before it, and its swap leaves no index,
+    and no checkpoint, holding r0."""
+    people = FaceGenerator(15).persons(20)
+    gallery = EmbeddedGallery(StoreConfig(data_dir=tmp_path / "data"), "model-a",
+                              IndexConfig(index_factory="Flat"), background=False)
+    try:
+        gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(20)])
+        gallery.checkpoint()
+        erased_key = gallery.stored_face("r0")[0]
+
+        def no_memory(ids):
+            raise MemoryError
+
+        monkeypatch.setattr(gallery.index, "remove", no_memory)
+        gallery.delete(DeleteKey.REGISTRATION_ID, "r0")
+        swept = gallery.neighbours_of_many(people[:1], 5, -1.0)[0]
+        assert gallery.index.exact and erased_key not in {key for key, _ in swept}
+        with pytest.raises(CheckpointError, match="cannot remove"):
+            gallery.checkpoint()
+        gallery.rebuild("Flat", lambda *_: None)
+        assert len(gallery.index) == 19 and not len(gallery._live.unremoved())
+        assert erased_key not in gallery.index.search(people[:1], 5, SearchOptions())[0][0]
+    finally:
+        gallery.close(checkpoint=False)
+    assert read_checkpoint(tmp_path / "data" / "index.ckpt").vectors == 19
+
+
 def test_an_erasures_checkpoint_that_fails_is_tried_again(tmp_path, monkeypatch):
     """A full disk fails the checkpoint after an erasure: it is tried again after the
     erasure delay, not left for the next periodic one (an hour here)."""

@@ -52,7 +52,7 @@ def recover_index(plan: IndexPlan, checkpointer: Checkpointer,
     if delta.current != covered:
         # The checkpoint on disk still holds those erased since it was written.
         return index, checkpointer.save_at_start(index, delta.current, covered,
-                                                 holds_erased=bool(delta.removed))
+                                                 holds_erased=len(delta.removed_older) > 0)
     return index, delta.current
 
 

@@ -60,10 +60,14 @@ class ExactSearch:
         """
         options = options or self.options
         exact, found = self._search_batch(queries, max(k, options.rerank_candidates), options)
+        gone = self.live.unremoved()  # erased, their removal from the index failed: rare
         rows = []
         for query, (keys, scores) in zip(queries, found, strict=True):
             if not exact:
                 keys, scores = self._rerank(keys[keys >= 0], query)
+            elif len(gone):  # not re-ranked from the store, which no longer has them
+                kept = ~np.isin(keys, gone)
+                keys, scores = keys[kept], scores[kept]
             rows.append([(int(key), float(score)) for key, score in zip(keys[:k], scores[:k],
                                                                           strict=True)
                          if key >= 0 and score >= floor])

@@ -21,6 +21,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
+from dedup.core.errors import StoreError
 from dedup.gallery.embedded import compaction
 from dedup.gallery.embedded.layout import VECTOR_FILE
 from dedup.gallery.embedded.lmdb_env import LmdbEnv, open_db
@@ -76,7 +77,10 @@ def _erased_meanwhile(store: LmdbEnv, directory: Path, suspects: list[int],
     since the copy's transaction."""
     if not suspects:
         return []
-    copied = lmdb.open(str(directory), readonly=True, lock=False, max_dbs=16)
+    try:
+        copied = lmdb.open(str(directory), readonly=True, lock=False, max_dbs=16)
+    except lmdb.Error as error:
+        raise StoreError(f"{directory}: cannot read the copy just made ({error})") from error
     try:
         records = open_db(copied, "records", create=False)
         with copied.begin() as txn:
@@ -84,8 +88,7 @@ def _erased_meanwhile(store: LmdbEnv, directory: Path, suspects: list[int],
                              if txn.get(u64(key), db=records) is not None)
             if not in_copy:
                 return []
-            with store.shared() as env, env.begin(write=False) as current:
-                still = sorted(present(current, store.dbs, in_copy))
+            still = sorted(store.read(lambda current: present(current, store.dbs, in_copy)))
             if still:
                 raise not_a_unit_vector(path, still)
             return [decode_registration(bytes(txn.get(u64(key), db=records, default=b"")))
