@@ -270,3 +270,53 @@ def test_a_store_copy_holds_no_lmdb_snapshot_while_it_reads_the_slots(tmp_path, 
     readers = [line.split() for line in seen[0].splitlines()[1:]]
     assert readers and all(txnid == "-" for _, _, txnid in readers), seen[0]
     assert copied.assigned == 200 and copied.erased_meanwhile == ["r199"]
+
+
+_BACKUP_ACROSS_A_COMPACTION = """
+import sys
+from pathlib import Path
+
+import grpc
+
+from dedup._proto.dedup.v1 import dedup_pb2 as pb
+from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+from dedup.gallery.embedded import store_copy
+from dedup.ops.backup import backup
+
+port, data_dir, dest = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+copy_slots = store_copy._copy_slots
+
+
+def compacted_and_erased_first(*args):
+    stub = pb_grpc.FaceDedupStub(channel)
+    stub.Delete(pb.DeleteRequest(registration_id="r0"))
+    pb_grpc.IndexAdminStub(channel).Compact(pb.CompactRequest())
+    stub.Delete(pb.DeleteRequest(registration_id="r29"))  # into the new data file only
+    return copy_slots(*args)
+
+
+store_copy._copy_slots = compacted_and_erased_first
+print("erased in the copy:", backup(data_dir, dest).erased_meanwhile)
+"""
+
+
+@pytest.mark.embedded_only(reason=DATA_DIR_TOOLS)
+def test_a_backup_across_a_compaction_erases_in_the_copy_not_reports_damage(make_server,
+                                                                           tmp_path):
+    """After the backup's LMDB copy, before the slots are read, the server erases r0,
+    compacts its store, then erases r29. The backup's environment still reads the replaced
+    data file, where r29 is stored: its zeroed slot looked like damage ("restore from a
+    backup"). The store is opened again, and both are erased in the copy."""
+    server = make_server()
+    for i, person in enumerate(FaceGenerator(44).persons(30)):
+        enroll(server.stub, f"r{i}", f"ID{i}", person)
+    dest = tmp_path / "backup"
+    result = subprocess.run([sys.executable, "-c", _BACKUP_ACROSS_A_COMPACTION,
+                             str(server.port), str(server.data_dir), str(dest)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "erased in the copy: 2" in result.stdout
+    server.stop()
+    checked = dedup("doctor", str(dest))
+    assert checked.returncode == 0 and "28 registrations" in checked.stdout, checked.stdout

@@ -111,10 +111,44 @@ class LmdbEnv:
     # -- opening ---------------------------------------------------------------------
 
     def _open_environment(self) -> lmdb.Environment:
+        """The environment, and which data file it reads (`_opened_file`): the same before
+        and after opening it, so that a compaction's swap meanwhile is seen."""
         try:
             private_dir(self.path)  # before lmdb.open, which would make it with `mode` (0600)
         except OSError as error:
             raise StoreError(f"{self.path}: cannot create the store directory ({error})") from error
+        for _ in range(_STALE_TABLE_REOPENINGS):
+            before = self._data_file_id()
+            env = self._open_current()
+            if self._data_file_id() == before:
+                break
+            env.close()
+        else:
+            before = self._data_file_id()
+            env = self._open_current()
+        self._opened_file = before
+        return env
+
+    def _data_file_id(self) -> tuple[int, int] | None:
+        try:
+            status = (self.path / DATA_FILE).stat()
+        except FileNotFoundError:
+            return None
+        return status.st_dev, status.st_ino
+
+    def reopen_if_replaced(self) -> bool:
+        """A reader in another process than the server's (backup, doctor) keeps reading the
+        data file a compaction replaced, as the store was before its swap: opens the store
+        again if so (no transaction of this process may be open). True if it did."""
+        with self._resize.writing():
+            if self._data_file_id() == self._opened_file:
+                return False
+            self._env.close()
+            self._env = self._open_environment()
+            self.dbs = self._open_dbs()
+            return True
+
+    def _open_current(self) -> lmdb.Environment:
         env = self._open_lmdb()
         for reopenings in range(_STALE_TABLE_REOPENINGS + 1):
             if _lock_table_current(env):

@@ -88,6 +88,8 @@ def _erased_meanwhile(store: LmdbEnv, directory: Path, suspects: list[int],
                              if txn.get(u64(key), db=records) is not None)
             if not in_copy:
                 return []
+            # A compaction meanwhile: an erasure after its swap is not in the replaced file.
+            store.reopen_if_replaced()
             still = sorted(store.read(lambda current: present(current, store.dbs, in_copy)))
             if still:
                 raise not_a_unit_vector(path, still)
