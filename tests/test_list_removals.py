@@ -126,3 +126,37 @@ def test_a_loaded_index_flags_ids_past_the_ones_it_was_loaded_with(kind):
     loaded.add(np.array([10 * COUNT], np.int64), vectors[:1])  # _held grows
     assert loaded.remove(np.array([10 * COUNT], np.int64)) == 1
     assert len(loaded) == COUNT
+
+
+def test_codes_an_add_put_in_before_it_failed_can_be_removed(kind):
+    """FAISS adds a batch's codes one after another: one failing partway (no memory) leaves
+    some in the lists. A removal must still find them (their flags are read again from the
+    lists), or no checkpoint would ever drop an erased one."""
+    vectors = _vectors()
+    index = kind(DIMENSION, NLIST)
+    index.train(vectors[:training_size(index.kind, DIMENSION)])
+    first = COUNT - 10
+    index.add(np.arange(first, dtype=np.int64), vectors[:first])
+    index.remove(np.array([0], np.int64))  # a mark stays a mark
+    name = "add_core" if kind is SignIVFIndex else "add_with_ids"
+    real = getattr(index._index, name)
+
+    def three_then_no_memory(*args):
+        if name == "add_core":
+            real(3, *args[1:])
+        else:
+            real(args[0][:3], args[1][:3])
+        raise MemoryError
+
+    setattr(index._index, name, three_then_no_memory)
+    with pytest.raises(MemoryError):
+        index.add(np.arange(first, COUNT, dtype=np.int64), vectors[first:])
+    setattr(index._index, name, real)
+    assert len(index) == first + 3 - 1
+    assert index.remove(np.arange(first, COUNT, dtype=np.int64)) == 3
+    assert index.remove(np.array([0], np.int64)) == 0
+    loaded = _reloaded(index)
+    assert len(loaded) == first - 1
+    found = {int(key) for ids, _ in loaded.search(vectors[first:first + 3], 3, EVERY_LIST)
+             for key in ids}
+    assert not found & set(range(first, COUNT))

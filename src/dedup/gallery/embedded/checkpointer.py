@@ -22,7 +22,7 @@ from dedup.core.priority import below_this_thread
 from dedup.core.settings import StoreConfig
 from dedup.gallery.embedded.checkpoint import Checkpoint, fsync_directory, write_checkpoint
 from dedup.gallery.embedded.index import SnapshotBuffer, VectorIndex
-from dedup.gallery.embedded.live_index import LiveIndex
+from dedup.gallery.embedded.live_index import IndexHoldsErased, LiveIndex
 
 log = logging.getLogger("dedup.gallery")
 
@@ -277,9 +277,7 @@ class Checkpointer:
             self.swap_bytes = swap_bytes
         try:
             self.write_erasure_checkpoint()
-        except CheckpointError:
-            if not len(self.live.unremoved()):
-                raise
+        except IndexHoldsErased:
             log.warning("the checkpoint after an erasure waits for the rebuild: the index "
                         "could not remove the erased")
 

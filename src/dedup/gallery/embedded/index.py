@@ -115,7 +115,8 @@ OPQ_CENTROIDS = 256  # OPQ trains a PQ of 8 bits to find its rotation
 CALIBRATION_TARGET = 0.998  # of the same-person pairs found (calibration.py)
 DEFAULT_NPROBE = 64  # lists searched by the IVF and BinaryIVF types unless configured
 # BinarySign removes the codes of this many removed ids at once (see BinarySignIndex);
-# FastScanIVF those of this many: its searches pay more for each (FastScanIVFIndex).
+# SignIVF and FastScanIVF those of this many: their searches pay more for each
+# (PartitionedIndex, FastScanIVFIndex).
 MARKED_REMOVALS_MOST = 1024
 MARKED_LIST_REMOVALS_MOST = 64
 
@@ -818,6 +819,21 @@ class PartitionedIndex(_Locked):
             grown[:len(self._held)] = self._held
             self._held = grown
 
+    def _hold(self, ids: Ids, into: Any, add: Callable[[], object]) -> None:
+        """`add` puts the codes of `ids` into the lists of `into` (the index's codes, or a
+        build's pending fill); the caller holds the write lock. An add that fails partway
+        (no memory) may have put some in: the flags are then read again from those lists,
+        so that a removal still finds them."""
+        self._about_to_hold(ids)
+        try:
+            add()
+        except BaseException:
+            found = _ids_in_lists(into)  # no longer than _held, grown for `ids`
+            self._held[:len(found)] |= found
+            self._held[self._marked] = False
+            raise
+        self._held[ids] = True
+
     def __len__(self) -> int:
         index, marked = self._index, self._marked  # each read once
         return int(index.ntotal) - len(marked)
@@ -930,10 +946,8 @@ class SignIVFIndex(PartitionedIndex, _SignCoded):
         # The centroids change only in train, before the index holds or serves anything.
         lists, codes = lists_of(), self.encode(vectors)
         with self._lock.writing():
-            self._about_to_hold(ids)
-            self._index.add_core(len(ids), faiss.swig_ptr(codes), faiss.swig_ptr(ids),
-                                 faiss.swig_ptr(lists))
-            self._held[ids] = True
+            self._hold(ids, self._index, lambda: self._index.add_core(
+                len(ids), faiss.swig_ptr(codes), faiss.swig_ptr(ids), faiss.swig_ptr(lists)))
 
     def search(self, queries: Matrix, k: int, options: SearchOptions) -> list[tuple[Ids, Scores]]:
         marked = self._marked  # removed ones marked later: the store no longer has them
@@ -1035,9 +1049,7 @@ class FastScanIVFIndex(PartitionedIndex):
     def _add_held(self, ids: Ids, vectors: Matrix) -> None:
         """FAISS's add, noting the ids held; the caller holds the write lock."""
         ids = np.ascontiguousarray(ids, np.int64)
-        self._about_to_hold(ids)
-        self._add_floats(ids, vectors)
-        self._held[ids] = True
+        self._hold(ids, self._index, lambda: self._add_floats(ids, vectors))
 
     def fill(self, ids: Ids, vectors: Matrix) -> None:
         """A build's vectors, after train: each list chosen by list_assignment's int8
@@ -1062,10 +1074,9 @@ class FastScanIVFIndex(PartitionedIndex):
                 return
             if self._filling is None:
                 self._filling = self._empty_filling()
-            self._about_to_hold(ids)
-            self._filling.add_core(len(ids), faiss.swig_ptr(vectors), faiss.swig_ptr(ids),
-                                   faiss.swig_ptr(lists))
-            self._held[ids] = True
+            filling = self._filling
+            self._hold(ids, filling, lambda: filling.add_core(
+                len(ids), faiss.swig_ptr(vectors), faiss.swig_ptr(ids), faiss.swig_ptr(lists)))
 
     def _empty_filling(self) -> Any:
         """An IndexIVFPQ over the index's centroids and PQ: it takes the lists a fill chose

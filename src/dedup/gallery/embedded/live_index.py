@@ -20,6 +20,10 @@ from dedup.gallery.embedded.store import Store
 log = logging.getLogger("dedup.gallery")
 
 
+class IndexHoldsErased(CheckpointError):
+    """No checkpoint: the index holds erased registrations it cannot remove."""
+
+
 class LiveIndex:
     def __init__(self, store: Store, model_id: str) -> None:
         self.store = store
@@ -54,7 +58,7 @@ class LiveIndex:
         return np.unique(np.concatenate(parts)) if parts else np.empty(0, np.int64)
 
     def remove_unremoved(self) -> None:
-        """Under `writes`, before a snapshot of the index: raises CheckpointError while the
+        """Under `writes`, before a snapshot of the index: raises IndexHoldsErased while the
         erased it still holds cannot be removed."""
         if not self._unremoved:
             return
@@ -62,7 +66,7 @@ class LiveIndex:
         try:
             self.index.remove(keys)
         except Exception as error:
-            raise CheckpointError(f"the index still holds {len(keys)} erased registration(s) "
+            raise IndexHoldsErased(f"the index still holds {len(keys)} erased registration(s) "
                                   f"it cannot remove ({error!r}): no checkpoint until it can"
                                   ) from error
         self._unremoved = []

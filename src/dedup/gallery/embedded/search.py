@@ -59,8 +59,8 @@ class ExactSearch:
         to this call only.
         """
         options = options or self.options
-        exact, found = self._search_batch(queries, max(k, options.rerank_candidates), options)
         gone = self.live.unremoved()  # erased, their removal from the index failed: rare
+        exact, found = self._search_batch(queries, max(k, options.rerank_candidates), options)
         rows = []
         for query, (keys, scores) in zip(queries, found, strict=True):
             if not exact:
