@@ -752,6 +752,47 @@ def test_erased_registrations_the_index_cannot_remove_go_with_a_rebuild(tmp_path
     assert read_checkpoint(tmp_path / "data" / "index.ckpt").vectors == 19
 
 
+def test_registrations_the_index_fails_to_add_are_found_and_added_before_a_checkpoint(
+        tmp_path, monkeypatch):
+    """The store committed two enrolments the index could not add (no memory): the single
+    one is acknowledged, the bulk load's raises. Every search scores both exactly (a check
+    would have missed them: a fraudster's second SIM), no checkpoint is written while the
+    index cannot take them, and the next one adds them first."""
+    people = FaceGenerator(16).persons(22)
+    gallery = EmbeddedGallery(StoreConfig(data_dir=tmp_path / "data"), "model-a",
+                              IndexConfig(index_factory="Flat"), background=False)
+    path = tmp_path / "data" / "index.ckpt"
+    try:
+        gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(20)])
+        gallery.checkpoint()
+        index = gallery.index
+        real_add, failures = index.add, [MemoryError(), MemoryError(), MemoryError()]
+
+        def failing(ids, vectors):
+            if failures:
+                raise failures.pop()
+            return real_add(ids, vectors)
+
+        monkeypatch.setattr(index, "add", failing)
+        gallery.insert(Registration("r20", "ID20"), people[20])
+        with pytest.raises(MemoryError):
+            gallery.insert_many([(Registration("r21", "ID21"), people[21])])
+        for i in (20, 21):
+            best = gallery.neighbours(people[i], 5, 0.4)[0]
+            assert best.registration.registration_id == f"r{i}" and best.score > 0.999
+            key = gallery.stored_face(f"r{i}")[0]
+            assert key in {k for k, _ in gallery.neighbours_of_many(people[i:i + 1], 5, 0.4)[0]}
+        with pytest.raises(CheckpointError, match="cannot add"):
+            gallery.checkpoint()
+        assert read_checkpoint(path).vectors == 20
+        gallery.checkpoint()
+        assert not failures and len(gallery.index) == 22
+        assert not len(gallery._live.unadded())
+    finally:
+        gallery.close(checkpoint=False)
+    assert read_checkpoint(path).vectors == 22
+
+
 def test_an_erasures_checkpoint_that_fails_is_tried_again(tmp_path, monkeypatch):
     """A full disk fails the checkpoint after an erasure: it is tried again after the
     erasure delay, not left for the next periodic one (an hour here)."""

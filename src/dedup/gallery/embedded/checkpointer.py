@@ -22,7 +22,7 @@ from dedup.core.priority import below_this_thread
 from dedup.core.settings import StoreConfig
 from dedup.gallery.embedded.checkpoint import Checkpoint, fsync_directory, write_checkpoint
 from dedup.gallery.embedded.index import SnapshotBuffer, VectorIndex
-from dedup.gallery.embedded.live_index import IndexHoldsErased, LiveIndex
+from dedup.gallery.embedded.live_index import IndexOutOfStep, LiveIndex
 
 log = logging.getLogger("dedup.gallery")
 
@@ -63,8 +63,8 @@ class Checkpointer:
     def checkpoint(self, covering: int | None = None) -> int:
         """Writes the index with the sequence it covers; returns that sequence. With
         `covering`, nothing is written if the last checkpoint already covers that change.
-        CheckpointError when it cannot be written, also while the index holds erased
-        registrations it cannot remove (LiveIndex.remove_unremoved)."""
+        CheckpointError when it cannot be written, also while the index cannot take changes
+        the store made (IndexOutOfStep: LiveIndex.add_unadded, remove_unremoved)."""
         with self.lock:
             with self.live.writes:  # the index and the sequence must agree
                 started = time.monotonic()  # holding writes from here, not waiting for them
@@ -78,6 +78,7 @@ class Checkpointer:
                     return self.sequence
                 if sequence == self.sequence and self.path.exists():
                     return sequence
+                self.live.add_unadded()
                 self.live.remove_unremoved()
                 snapshot = self.live.index.snapshot(sequence, self.live.model_id, self.buffer)
             held = time.monotonic() - started
@@ -270,16 +271,16 @@ class Checkpointer:
         `unpin_log`; its swap may write a new index of about `swap_bytes`, which erasures
         from now on allow for. A checkpoint pending for earlier erasures, whose promise
         allowed for the index served now, is written first (a full disk then fails the
-        rebuild, as it would fail writing the rebuild's side file; erased registrations the
-        index could not remove do not: the swap's index holds none of them)."""
+        rebuild, as it would fail writing the rebuild's side file; an index out of step with the
+        store does not: the swap's index, built from the store, is in step)."""
         with self.live.writes:
             self.log_pin = self.sequence
             self.swap_bytes = swap_bytes
         try:
             self.write_erasure_checkpoint()
-        except IndexHoldsErased:
+        except IndexOutOfStep:
             log.warning("the checkpoint after an erasure waits for the rebuild: the index "
-                        "could not remove the erased")
+                        "is out of step with the store")
 
     def unpin_log(self) -> None:
         self.log_pin = None

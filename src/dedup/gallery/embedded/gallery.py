@@ -164,7 +164,7 @@ class EmbeddedGallery:
         """Stores a registration whose vector the server's model made, then indexes it."""
         with self._live.writes:
             face = self.store.insert(self._stamped(registration), vector)
-            self.index.add(np.array([face.key], np.int64), vector.reshape(1, -1))
+            self._live.add(np.array([face.key], np.int64), vector.reshape(1, -1))
         return face.registration
 
     def insert_each(self, batch: list[tuple[Registration, Vector]]
@@ -175,7 +175,7 @@ class EmbeddedGallery:
             stored = [(outcome.key, vector) for outcome, (_, vector)
                       in zip(outcomes, batch, strict=True) if isinstance(outcome, StoredFace)]
             if stored:
-                self.index.add(np.array([key for key, _ in stored], np.int64),
+                self._live.add(np.array([key for key, _ in stored], np.int64),
                                np.vstack([vector for _, vector in stored]))
         return [outcome.registration if isinstance(outcome, StoredFace) else outcome
                 for outcome in outcomes]
@@ -187,7 +187,7 @@ class EmbeddedGallery:
             faces = self.store.insert_many([(self._stamped(r), v) for r, v in batch])
             if not self._live.deferred:
                 keys = np.array([face.key for face in faces], np.int64)
-                self.index.add(keys, np.vstack([vector for _, vector in batch]))
+                self._live.add(keys, np.vstack([vector for _, vector in batch]), reraise=True)
         return [face.registration for face in faces]
 
     def defer_indexing(self) -> None:

@@ -1,9 +1,11 @@
 """The store and the index derived from it, kept in step by one write lock.
 
 Writes are applied to the store first (committed durably), then to the index, under the
-lock, so the index never holds a vector the store does not; but for an erasure whose removal
-from the index failed (no memory), whose keys it holds until they are removed again
-(`unremoved`): before any checkpoint, or by a rebuild's swap.
+lock, so the index never holds a vector the store does not, and holds every one of the
+server's model. Should the index fail to take a change (no memory), the store's commit stands
+and the index catches up before any checkpoint, or by a rebuild's swap: an erasure it could
+not remove (`unremoved`) is skipped by every search meanwhile, a registration it could not
+add (`unadded`) is scored exactly by every search.
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ import threading
 import numpy as np
 
 from dedup.core.errors import CheckpointError
+from dedup.core.vectors import Matrix
 from dedup.gallery.embedded.index import Ids, VectorIndex
 from dedup.gallery.embedded.store import Store
 
 log = logging.getLogger("dedup.gallery")
 
 
-class IndexHoldsErased(CheckpointError):
-    """No checkpoint: the index holds erased registrations it cannot remove."""
+class IndexOutOfStep(CheckpointError):
+    """No checkpoint: the index cannot take changes the store made (no memory)."""
 
 
 class LiveIndex:
@@ -40,6 +43,41 @@ class LiveIndex:
         # before any snapshot of the index is taken, so that no checkpoint holds their codes.
         # A list of the arrays as they came: appending one needs no memory to speak of.
         self._unremoved: list[Ids] = []
+        # Keys stored whose addition to the index failed: added before any snapshot.
+        self._unadded: list[Ids] = []
+
+    def add(self, keys: Ids, vectors: Matrix, reraise: bool = False) -> None:
+        """Under `writes`, once the store holds `keys`: into the index. A failure (no memory)
+        keeps them (`unadded`), scored exactly by every search meanwhile; `reraise`: then
+        raises it too (a bulk load stops)."""
+        try:
+            self.index.add(keys, vectors)
+        except Exception:
+            self._unadded.append(keys)
+            log.exception("could not add %d stored registration(s) to the index: searches "
+                          "score them exactly until it can, tried before the next "
+                          "checkpoint", len(keys))
+            if reraise:
+                raise
+
+    def unadded(self) -> Ids:
+        """The keys stored that the index may lack, sorted."""
+        return _keys_of(self._unadded)
+
+    def add_unadded(self) -> None:
+        """Under `writes`, before a snapshot of the index: raises IndexOutOfStep while the
+        registrations it lacks cannot be added (those erased since are not)."""
+        if not self._unadded:
+            return
+        try:
+            kept, vectors = self.store.vectors(self.unadded())
+            keys = np.asarray(kept, np.int64)
+            self.index.remove(keys)  # any a failed add put in
+            self.index.add(keys, vectors)
+        except Exception as error:
+            raise IndexOutOfStep(f"the index lacks stored registrations it cannot add "
+                                 f"({error!r}): no checkpoint until it can") from error
+        self._unadded = []
 
     def remove(self, keys: Ids) -> None:
         """Under `writes`, once the store has erased `keys`: out of the index. A failure (no
@@ -54,11 +92,10 @@ class LiveIndex:
 
     def unremoved(self) -> Ids:
         """The keys erased from the store that the index may still hold, sorted."""
-        parts = list(self._unremoved)
-        return np.unique(np.concatenate(parts)) if parts else np.empty(0, np.int64)
+        return _keys_of(self._unremoved)
 
     def remove_unremoved(self) -> None:
-        """Under `writes`, before a snapshot of the index: raises IndexHoldsErased while the
+        """Under `writes`, before a snapshot of the index: raises IndexOutOfStep while the
         erased it still holds cannot be removed."""
         if not self._unremoved:
             return
@@ -66,13 +103,18 @@ class LiveIndex:
         try:
             self.index.remove(keys)
         except Exception as error:
-            raise IndexHoldsErased(f"the index still holds {len(keys)} erased registration(s) "
+            raise IndexOutOfStep(f"the index still holds {len(keys)} erased registration(s) "
                                   f"it cannot remove ({error!r}): no checkpoint until it can"
                                   ) from error
         self._unremoved = []
 
     def swap(self, index: VectorIndex) -> None:
         """Under `writes`: `index`, built from the store and caught up with its log, holds
-        none of the erased."""
+        every registration stored and none erased."""
         self.index = index
-        self._unremoved = []
+        self._unremoved, self._unadded = [], []
+
+
+def _keys_of(parts: list[Ids]) -> Ids:
+    parts = list(parts)  # as it is now: appended to under `writes`, read without
+    return np.unique(np.concatenate(parts)) if parts else np.empty(0, np.int64)

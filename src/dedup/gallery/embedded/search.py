@@ -46,8 +46,23 @@ class ExactSearch:
         wanted = [i for i, score in enumerate(scores) if i == 0 or score >= floor]
         by_key = {int(keys[i]): float(scores[i]) for i in wanted}
         faces = self.live.store.faces(by_key, with_vectors=False)
-        return [Scored(face.key, face.registration, by_key[face.key]) for face in faces
+        ours = [Scored(face.key, face.registration, by_key[face.key]) for face in faces
                 if face.registration.embedding_model == self.live.model_id]
+        return self._with_unadded(ours, vector, floor)
+
+    def _with_unadded(self, found: list[Scored], vector: Vector, floor: float
+                      ) -> list[Scored]:
+        """`found`, with the stored registrations the index failed to take scored exactly
+        (LiveIndex.add; none but after a failure for want of memory), best first."""
+        missing = self.live.unadded()
+        if not len(missing):
+            return found
+        have = {scored.key for scored in found}
+        extra = [scored for scored in self.score(
+            vector, self.live.store.faces(missing.tolist(), with_vectors=True))
+            if scored.key not in have]
+        merged = sorted(found + extra, key=lambda scored: -scored.score)
+        return [scored for i, scored in enumerate(merged) if i == 0 or scored.score >= floor]
 
     def neighbours_of_many(self, queries: Matrix, k: int, floor: float,
                            options: SearchOptions | None = None
@@ -71,7 +86,25 @@ class ExactSearch:
             rows.append([(int(key), float(score)) for key, score in zip(keys[:k], scores[:k],
                                                                           strict=True)
                          if key >= 0 and score >= floor])
-        return rows
+        return self._rows_with_unadded(rows, queries, k, floor)
+
+    def _rows_with_unadded(self, rows: list[list[tuple[int, float]]], queries: Matrix, k: int,
+                           floor: float) -> list[list[tuple[int, float]]]:
+        """Each row with the stored registrations the index failed to take, scored exactly."""
+        missing = self.live.unadded()
+        if not len(missing):
+            return rows
+        kept, vectors = self.live.store.vectors(missing)
+        if not kept:
+            return rows
+        scores = np.asarray(queries, np.float32) @ vectors.T
+        merged = []
+        for row, row_scores in zip(rows, scores, strict=True):
+            have = {key for key, _ in row}
+            extra = [(key, float(score)) for key, score in zip(kept, row_scores, strict=True)
+                     if score >= floor and key not in have]
+            merged.append(sorted(row + extra, key=lambda pair: -pair[1])[:k])
+        return merged
 
     def same_id_number(self, vector: Vector, id_number: str) -> list[Scored]:
         """Every registration under `id_number`, scored 1:1 against the probe."""
