@@ -793,6 +793,39 @@ def test_registrations_the_index_fails_to_add_are_found_and_added_before_a_check
     assert read_checkpoint(path).vectors == 22
 
 
+def test_an_erasure_whose_slot_cannot_be_zeroed_still_leaves_the_index_and_checkpoint(
+        tmp_path, monkeypatch):
+    """A disk error zeroing r0's slot after the store's commit: the Delete fails, but r0 is
+    out of the index and its checkpoint is written as promised (the zeroing skipped both),
+    and the compaction, which erasures schedule, zeroes the slot."""
+    people = FaceGenerator(17).persons(20)
+    gallery = _enrolled_gallery(tmp_path, 17, 20, erasure_checkpoint_delay_s=0.3)
+    try:
+        gallery.checkpoint()
+
+        def disk_error(keys):
+            raise OSError(5, "Input/output error (injected)")
+
+        monkeypatch.setattr(gallery.store._slots, "zero", disk_error)
+        with pytest.raises(OSError):
+            gallery.delete(DeleteKey.REGISTRATION_ID, "r0")
+        erased = gallery.index_status().store_sequence
+        assert len(gallery.index) == 19
+        deadline = time.monotonic() + 10
+        while gallery.checkpoint_sequence < erased and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert gallery.checkpoint_sequence >= erased
+        vector_file = tmp_path / "data" / "store" / "vectors.f32"
+        assert people[0].tobytes() in vector_file.read_bytes()
+        monkeypatch.undo()
+        assert gallery.compaction_due() is not None
+        gallery.compact()
+        assert people[0].tobytes() not in vector_file.read_bytes()
+    finally:
+        gallery.close(checkpoint=False)
+    assert read_checkpoint(tmp_path / "data" / "index.ckpt").vectors == 19
+
+
 def test_an_erasures_checkpoint_that_fails_is_tried_again(tmp_path, monkeypatch):
     """A full disk fails the checkpoint after an erasure: it is tried again after the
     erasure delay, not left for the next periodic one (an hour here)."""

@@ -211,12 +211,18 @@ class EmbeddedGallery:
         the same transaction) and the index. The index checkpoint is rewritten without them
         within erasure_checkpoint_delay_s (`checkpoint_due`), the freed store pages by the
         next compaction (`compaction_due`)."""
-        with self._live.writes:
-            faces, digest = self.store.delete(by, value, audit)
+        due: list[float] = []
+
+        def out_of_the_index(faces: list[StoredFace]) -> None:
+            # Before the slots are zeroed, whose failure (a disk error) would skip it.
             self._live.remove(np.array([face.key for face in faces], np.int64))
-            checkpoint_due = self._checkpointer.erasure_checkpoint_by() if faces else None
+            if faces:
+                due.append(self._checkpointer.erasure_checkpoint_by())
+
+        with self._live.writes:
+            faces, digest = self.store.delete(by, value, audit, committed=out_of_the_index)
         return Erasure([face.registration for face in faces], digest, self.compaction_due(),
-                       checkpoint_due)
+                       due[0] if due else None)
 
     def share_with_replicas(self, released: Callable[[], AbstractContextManager[object]],
                             floor: Callable[[], int | None]) -> None:

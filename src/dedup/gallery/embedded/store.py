@@ -163,14 +163,16 @@ class Store(ReadableStore):
         """AlreadyExists if the registration_id or msisdn is taken (checked again on insert)."""
         self._read(lambda tables: tables.ensure_unique(registration))
 
-    def delete(self, by: DeleteKey, value: str, audit: AuditMaker | None = None
+    def delete(self, by: DeleteKey, value: str, audit: AuditMaker | None = None,
+               committed: Callable[[list[StoredFace]], object] = lambda _: None
                ) -> tuple[list[StoredFace], bytes | None]:
         """Deletes every registration under one key, and appends the audit record `audit`
         makes for them in the same transaction: both commit, or neither does.
 
-        Every settlement naming a deleted registration goes with it. Returns what was
-        deleted and the audit record's hash (None without `audit`, or when nothing was
-        deleted).
+        Every settlement naming a deleted registration goes with it. `committed` is called
+        with the deleted right after the commit, before their slots are zeroed (which may
+        fail: a start then zeroes them from the change log). Returns what was deleted and the
+        audit record's hash (None without `audit`, or when nothing was deleted).
         """
         def delete(tables: TableWriter) -> tuple[list[StoredFace], bytes | None]:
             deleted = tables.delete(by, value)
@@ -184,6 +186,7 @@ class Store(ReadableStore):
 
         with self._erasing:
             deleted, digest = self._write(delete)
+            committed(deleted)
             self._erase_slots([face.key for face in deleted])
         return deleted, digest
 
