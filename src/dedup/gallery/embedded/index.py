@@ -819,20 +819,17 @@ class PartitionedIndex(_Locked):
             grown[:len(self._held)] = self._held
             self._held = grown
 
-    def _hold(self, ids: Ids, into: Any, add: Callable[[], object]) -> None:
-        """`add` puts the codes of `ids` into the lists of `into` (the index's codes, or a
-        build's pending fill); the caller holds the write lock. An add that fails partway
-        (no memory) may have put some in: the flags are then read again from those lists,
-        so that a removal still finds them."""
+    def _hold(self, ids: Ids, add: Callable[[], object]) -> None:
+        """`add` puts the codes of `ids` into the lists (the index's codes, or a build's
+        pending fill); the caller holds the write lock. An add that fails partway (no
+        memory) may have put some in: all of `ids` are flagged then (no memory needed: the
+        flags were grown for them), so that a removal still finds them. (One that is not in
+        the lists counts as removed, and FAISS's removal skips it.)"""
         self._about_to_hold(ids)
         try:
             add()
-        except BaseException:
-            found = _ids_in_lists(into)  # no longer than _held, grown for `ids`
-            self._held[:len(found)] |= found
-            self._held[self._marked] = False
-            raise
-        self._held[ids] = True
+        finally:
+            self._held[ids] = True
 
     def __len__(self) -> int:
         index, marked = self._index, self._marked  # each read once
@@ -946,7 +943,7 @@ class SignIVFIndex(PartitionedIndex, _SignCoded):
         # The centroids change only in train, before the index holds or serves anything.
         lists, codes = lists_of(), self.encode(vectors)
         with self._lock.writing():
-            self._hold(ids, self._index, lambda: self._index.add_core(
+            self._hold(ids, lambda: self._index.add_core(
                 len(ids), faiss.swig_ptr(codes), faiss.swig_ptr(ids), faiss.swig_ptr(lists)))
 
     def search(self, queries: Matrix, k: int, options: SearchOptions) -> list[tuple[Ids, Scores]]:
@@ -1049,7 +1046,7 @@ class FastScanIVFIndex(PartitionedIndex):
     def _add_held(self, ids: Ids, vectors: Matrix) -> None:
         """FAISS's add, noting the ids held; the caller holds the write lock."""
         ids = np.ascontiguousarray(ids, np.int64)
-        self._hold(ids, self._index, lambda: self._add_floats(ids, vectors))
+        self._hold(ids, lambda: self._add_floats(ids, vectors))
 
     def fill(self, ids: Ids, vectors: Matrix) -> None:
         """A build's vectors, after train: each list chosen by list_assignment's int8
@@ -1075,7 +1072,7 @@ class FastScanIVFIndex(PartitionedIndex):
             if self._filling is None:
                 self._filling = self._empty_filling()
             filling = self._filling
-            self._hold(ids, filling, lambda: filling.add_core(
+            self._hold(ids, lambda: filling.add_core(
                 len(ids), faiss.swig_ptr(vectors), faiss.swig_ptr(ids), faiss.swig_ptr(lists)))
 
     def _empty_filling(self) -> Any:

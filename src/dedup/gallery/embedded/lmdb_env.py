@@ -120,7 +120,9 @@ class LmdbEnv:
         for _ in range(_STALE_TABLE_REOPENINGS):
             before = self._data_file_id()
             env = self._open_current()
-            if self._data_file_id() == before:
+            after = self._data_file_id()
+            if after == before or before is None:  # the same file, or one lmdb.open made
+                before = after
                 break
             env.close()
         else:
@@ -139,7 +141,10 @@ class LmdbEnv:
     def reopen_if_replaced(self) -> bool:
         """A reader in another process than the server's (backup, doctor) keeps reading the
         data file a compaction replaced, as the store was before its swap: opens the store
-        again if so (no transaction of this process may be open). True if it did."""
+        again if so (no transaction of this process may be open). True if it did. (The
+        server's own store follows its compactions itself: see replace_data_file.)"""
+        if not self.readonly:
+            return False
         with self._resize.writing():
             if self._data_file_id() == self._opened_file:
                 return False

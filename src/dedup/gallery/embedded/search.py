@@ -39,6 +39,8 @@ class ExactSearch:
 
     def neighbours(self, vector: Vector, k: int, floor: float) -> list[Scored]:
         """The probe's nearest registrations scoring >= floor, and always the best one."""
+        # Before the search: a checkpoint adding them to the index meanwhile empties it.
+        missing = self.live.unadded()
         found = self._batcher.search(vector, max(k, self.options.rerank_candidates))
         keys, scores = found.ids, found.scores
         if not found.exact:
@@ -48,19 +50,23 @@ class ExactSearch:
         faces = self.live.store.faces(by_key, with_vectors=False)
         ours = [Scored(face.key, face.registration, by_key[face.key]) for face in faces
                 if face.registration.embedding_model == self.live.model_id]
-        return self._with_unadded(ours, vector, floor)
+        return self._with_unadded(ours, missing, vector, floor)
 
-    def _with_unadded(self, found: list[Scored], vector: Vector, floor: float
+    def _with_unadded(self, found: list[Scored], missing: Ids, vector: Vector, floor: float
                       ) -> list[Scored]:
-        """`found`, with the stored registrations the index failed to take scored exactly
-        (LiveIndex.add; none but after a failure for want of memory), best first."""
-        missing = self.live.unadded()
+        """`found`, with `missing` (stored registrations the index failed to take:
+        LiveIndex.add; none but after a failure for want of memory) scored exactly, best
+        first."""
         if not len(missing):
             return found
+        kept, vectors = self.live.store.vectors(missing)
+        scores = vectors @ vector if kept else np.empty(0, np.float32)
         have = {scored.key for scored in found}
-        extra = [scored for scored in self.score(
-            vector, self.live.store.faces(missing.tolist(), with_vectors=True))
-            if scored.key not in have]
+        by_key = {key: float(score) for key, score in zip(kept, scores, strict=True)
+                  if key not in have and (score >= floor or not found)}
+        extra = [Scored(face.key, face.registration, by_key[face.key])
+                 for face in self.live.store.faces(by_key, with_vectors=False)
+                 if face.registration.embedding_model == self.live.model_id]
         merged = sorted(found + extra, key=lambda scored: -scored.score)
         return [scored for i, scored in enumerate(merged) if i == 0 or scored.score >= floor]
 
@@ -74,7 +80,9 @@ class ExactSearch:
         to this call only.
         """
         options = options or self.options
+        # Both before the search: a checkpoint or a swap meanwhile empties them.
         gone = self.live.unremoved()  # erased, their removal from the index failed: rare
+        missing = self.live.unadded()  # stored, their addition failed: rare
         exact, found = self._search_batch(queries, max(k, options.rerank_candidates), options)
         rows = []
         for query, (keys, scores) in zip(queries, found, strict=True):
@@ -86,12 +94,13 @@ class ExactSearch:
             rows.append([(int(key), float(score)) for key, score in zip(keys[:k], scores[:k],
                                                                           strict=True)
                          if key >= 0 and score >= floor])
-        return self._rows_with_unadded(rows, queries, k, floor)
+        return self._rows_with_unadded(rows, missing, queries, k, floor)
 
-    def _rows_with_unadded(self, rows: list[list[tuple[int, float]]], queries: Matrix, k: int,
-                           floor: float) -> list[list[tuple[int, float]]]:
-        """Each row with the stored registrations the index failed to take, scored exactly."""
-        missing = self.live.unadded()
+    def _rows_with_unadded(self, rows: list[list[tuple[int, float]]], missing: Ids,
+                           queries: Matrix, k: int, floor: float
+                           ) -> list[list[tuple[int, float]]]:
+        """Each row with `missing` (stored registrations the index failed to take) scored
+        exactly. (They are the server's model's: every insert path stamps it.)"""
         if not len(missing):
             return rows
         kept, vectors = self.live.store.vectors(missing)

@@ -88,12 +88,22 @@ def _erased_meanwhile(store: LmdbEnv, directory: Path, suspects: list[int],
                              if txn.get(u64(key), db=records) is not None)
             if not in_copy:
                 return []
-            # A compaction meanwhile: an erasure after its swap is not in the replaced file.
-            store.reopen_if_replaced()
-            still = sorted(store.read(lambda current: present(current, store.dbs, in_copy)))
+            still = _still_stored(store, in_copy)
             if still:
                 raise not_a_unit_vector(path, still)
             return [decode_registration(bytes(txn.get(u64(key), db=records, default=b"")))
                     .registration_id for key in in_copy]
     finally:
         copied.close()
+
+
+def _still_stored(store: LmdbEnv, keys: list[int]) -> list[int]:
+    """Those of `keys` the store holds now. A compaction meanwhile: an erasure after its
+    swap is not in the data file this process read, so it reads the newest (again, should
+    another compaction swap while it reads)."""
+    for _ in range(3):
+        store.reopen_if_replaced()
+        still = sorted(store.read(lambda current: present(current, store.dbs, keys)))
+        if not store.reopen_if_replaced():
+            return still
+    return sorted(store.read(lambda current: present(current, store.dbs, keys)))
