@@ -63,8 +63,8 @@ class Checkpointer:
     def checkpoint(self, covering: int | None = None) -> int:
         """Writes the index with the sequence it covers; returns that sequence. With
         `covering`, nothing is written if the last checkpoint already covers that change.
-        CheckpointError when it cannot be written, also while the index holds erased
-        registrations it cannot remove (IndexOutOfStep: LiveIndex.remove_unremoved)."""
+        CheckpointError when it cannot be written, also while the index cannot take changes
+        the store made (IndexOutOfStep: LiveIndex.add_unadded, remove_unremoved)."""
         with self.lock:
             with self.live.writes:  # the index and the sequence must agree
                 started = time.monotonic()  # holding writes from here, not waiting for them
@@ -271,8 +271,8 @@ class Checkpointer:
         `unpin_log`; its swap may write a new index of about `swap_bytes`, which erasures
         from now on allow for. A checkpoint pending for earlier erasures, whose promise
         allowed for the index served now, is written first (a full disk then fails the
-        rebuild, as it would fail writing the rebuild's side file; erased registrations the
-        index cannot remove do not: the swap's index, built from the store, holds none)."""
+        rebuild, as it would fail writing the rebuild's side file; an index out of step with the
+        store does not: the swap's index, built from the store, is in step)."""
         with self.live.writes:
             self.log_pin = self.sequence
             self.swap_bytes = swap_bytes
@@ -280,7 +280,7 @@ class Checkpointer:
             self.write_erasure_checkpoint()
         except IndexOutOfStep:
             log.warning("the checkpoint after an erasure waits for the rebuild: the index "
-                        "could not remove the erased")
+                        "is out of step with the store")
 
     def unpin_log(self) -> None:
         self.log_pin = None

@@ -3,11 +3,11 @@
 Writes are applied to the store first (committed durably), then to the index, under the
 lock, so the index never holds a vector the store does not, and holds every one of the
 server's model. Should the index fail to take a change (no memory), the store's commit stands
-and the index catches up at the next checkpoint, or by a rebuild's swap: an erasure it could
-not remove (`unremoved`) is skipped by every search meanwhile, and no checkpoint is written
-until it is removed; a registration it could not add (`unadded`) is scored exactly by every
-search, and a checkpoint that cannot add it is written without it (an erasure's promise does
-not wait for memory; a start that finds the index short of the store rebuilds it).
+and the index catches up before the next checkpoint, or by a rebuild's swap: an erasure it
+could not remove (`unremoved`) is skipped by every search meanwhile, a registration it could
+not add (`unadded`) is scored exactly by every search. No checkpoint is written until the
+index is in step: one covering a change the index lacks would be loaded by a read replica,
+which replays only the log after it, and miss the registration for good.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ log = logging.getLogger("dedup.gallery")
 
 
 class IndexOutOfStep(CheckpointError):
-    """No checkpoint: the index holds erased registrations it cannot remove (no memory)."""
+    """No checkpoint: the index cannot take changes the store made (no memory)."""
 
 
 class LiveIndex:
@@ -68,7 +68,7 @@ class LiveIndex:
 
     def add_unadded(self) -> None:
         """Under `writes`, before a snapshot of the index: adds the registrations it lacks
-        (not those erased since). A failure is logged, and the snapshot taken without them."""
+        (not those erased since); raises IndexOutOfStep while it cannot."""
         if not self._unadded:
             return
         try:
@@ -76,11 +76,9 @@ class LiveIndex:
             keys = np.asarray(kept, np.int64)
             self.index.remove(keys)  # any a failed add put in
             self.index.add(keys, vectors)
-        except Exception:
-            log.exception("the index still lacks stored registrations (searches score them "
-                          "exactly); this checkpoint is written without them, and a start "
-                          "before they are added rebuilds the index")
-            return
+        except Exception as error:
+            raise IndexOutOfStep(f"the index lacks stored registrations it cannot add "
+                                 f"({error!r}): no checkpoint until it can") from error
         self._unadded = []
 
     def remove(self, keys: Ids) -> None:

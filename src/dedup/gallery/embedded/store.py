@@ -186,8 +186,10 @@ class Store(ReadableStore):
 
         with self._erasing:
             deleted, digest = self._write(delete)
-            committed(deleted)
-            self._erase_slots([face.key for face in deleted])
+            try:
+                committed(deleted)
+            finally:
+                self._erase_slots([face.key for face in deleted])
         return deleted, digest
 
     def truncate_changes(self, through: int) -> int:
@@ -198,7 +200,8 @@ class Store(ReadableStore):
             kept_after = self._truncatable(through)  # again each time: a compaction may start
             with self._erasing:
                 chunk = self._write(partial(TableWriter.truncate_changes, through=kept_after,
-                                            most=TRUNCATED_A_TRANSACTION))
+                                            most=TRUNCATED_A_TRANSACTION,
+                                            zero=self._erase_slots))
             removed += chunk
             if chunk < TRUNCATED_A_TRANSACTION:
                 return removed

@@ -250,14 +250,22 @@ class TableWriter(TableReader):
             txn.delete(registration.msisdn.encode(), db=dbs.by_msisdn)
         self._log_change(OP_REMOVE, face.key)
 
-    def truncate_changes(self, through: int, most: int) -> int:
+    def truncate_changes(self, through: int, most: int,
+                         zero: Callable[[list[int]], object] = lambda _: None) -> int:
         """Drops up to `most` of the oldest change-log entries up to `through`; returns how
-        many it dropped."""
-        removed = 0
+        many it dropped. `zero` is given the keys of the removals among them, before the
+        commit: a removal leaves the log only once its slot is zeros (a Delete whose zeroing
+        failed, on a disk error, left it to the log)."""
+        removed, erased = 0, []
         cursor = self.txn.cursor(db=self.dbs.changes)
         while removed < most and cursor.first() and from_u64(cursor.key()) <= through:
+            value = cursor.value()
+            if value[:1] == OP_REMOVE:
+                erased.append(from_u64(value[1:]))
             cursor.delete()
             removed += 1
+        if erased:
+            zero(erased)
         return removed
 
     def _bump(self, name: bytes, delta: int) -> None:
