@@ -320,3 +320,29 @@ def test_a_backup_across_a_compaction_erases_in_the_copy_not_reports_damage(make
     server.stop()
     checked = dedup("doctor", str(dest))
     assert checked.returncode == 0 and "28 registrations" in checked.stdout, checked.stdout
+
+
+def test_a_store_copy_never_holds_a_slot_whose_zeroing_failed(tmp_path, monkeypatch):
+    """A disk error zeroed nothing when r3 was erased: its embedding stays in the vector
+    file until its removal leaves the change log. A copy taken meanwhile leaves it out."""
+    people = FaceGenerator(45).persons(20)
+    gallery = EmbeddedGallery(StoreConfig(data_dir=tmp_path / "data"), "model-a",
+                              background=False)
+    try:
+        gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(20)])
+
+        def disk_error(keys):
+            raise OSError(5, "Input/output error (injected)")
+
+        monkeypatch.setattr(gallery.store._slots, "zero", disk_error)
+        with pytest.raises(OSError):
+            gallery.delete(DeleteKey.REGISTRATION_ID, "r3")
+        monkeypatch.undo()
+        assert people[3].tobytes() in (tmp_path / "data" / "store" / "vectors.f32").read_bytes()
+        target = tmp_path / "copy"
+        target.mkdir()
+        gallery.store.copy_to(target)
+    finally:
+        gallery.close(checkpoint=False)
+    copied = (target / "vectors.f32").read_bytes()
+    assert people[3].tobytes() not in copied and people[4].tobytes() in copied

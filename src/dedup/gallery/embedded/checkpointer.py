@@ -264,7 +264,11 @@ class Checkpointer:
         self.sequence = sequence
         self.written_at = time.monotonic()
         pin = self.log_pin
-        self.live.store.truncate_changes(sequence if pin is None else min(pin, sequence))
+        try:
+            self.live.store.truncate_changes(sequence if pin is None else min(pin, sequence))
+        except Exception:  # the checkpoint is written; a longer log is always safe
+            log.exception("could not truncate the change log behind the checkpoint at change "
+                          "%d: the next checkpoint tries again", sequence)
 
     def pin_log(self, swap_bytes: int) -> None:
         """A live rebuild starts: keeps the change log from the current checkpoint on, until

@@ -171,8 +171,9 @@ class Store(ReadableStore):
 
         Every settlement naming a deleted registration goes with it. `committed` is called
         with the deleted right after the commit, before their slots are zeroed (which may
-        fail: a start then zeroes them from the change log). Returns what was deleted and the
-        audit record's hash (None without `audit`, or when nothing was deleted).
+        fail, on a disk error: then the truncation of their removal from the change log, a
+        start, or a compaction zeroes them). Returns what was deleted and the audit record's
+        hash (None without `audit`, or when nothing was deleted).
         """
         def delete(tables: TableWriter) -> tuple[list[StoredFace], bytes | None]:
             deleted = tables.delete(by, value)
@@ -199,9 +200,14 @@ class Store(ReadableStore):
         while True:
             kept_after = self._truncatable(through)  # again each time: a compaction may start
             with self._erasing:
+                # A removal leaves the log only once its slot is zeros (a Delete whose
+                # zeroing failed, on a disk error, left that to the log), zeroed before
+                # the write, not inside it.
+                self._erase_slots(self._read(partial(
+                    TableReader.oldest_removals, through=kept_after,
+                    most=TRUNCATED_A_TRANSACTION)))
                 chunk = self._write(partial(TableWriter.truncate_changes, through=kept_after,
-                                            most=TRUNCATED_A_TRANSACTION,
-                                            zero=self._erase_slots))
+                                            most=TRUNCATED_A_TRANSACTION))
             removed += chunk
             if chunk < TRUNCATED_A_TRANSACTION:
                 return removed

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import lmdb
 import numpy as np
+import numpy.typing as npt
 
 from dedup.core.errors import StoreError
 from dedup.gallery.embedded import compaction
 from dedup.gallery.embedded.layout import VECTOR_FILE
 from dedup.gallery.embedded.lmdb_env import LmdbEnv, open_db
-from dedup.gallery.embedded.store_format import decode_registration, from_u64, u64
+from dedup.gallery.embedded.store_format import OP_REMOVE, decode_registration, from_u64, u64
 from dedup.gallery.embedded.store_tables import present
 from dedup.gallery.embedded.stored_vectors import not_a_unit_vector, unit_rows
 from dedup.gallery.embedded.vector_file import VectorFile, damaged
@@ -46,12 +47,18 @@ def copy_store(store: LmdbEnv, slots: VectorFile, directory: Path) -> StoreCopy:
         if not slots.available:  # format 1: the embeddings are in LMDB, copied with it
             return StoreCopy(0, [])
         assigned = from_u64(txn.get(b"next_key", db=store.dbs.meta)) - 1
-    suspects = _copy_slots(slots, directory / VECTOR_FILE, assigned)
+        # A removal still in the log may have left its slot unzeroed (a Delete whose
+        # zeroing failed, on a disk error): never copied.
+        removed = np.array([from_u64(value[1:]) for value in txn.cursor(
+            db=store.dbs.changes).iternext(keys=False) if value[:1] == OP_REMOVE], np.int64)
+    suspects = _copy_slots(slots, directory / VECTOR_FILE, assigned, removed)
     return StoreCopy(assigned, _erased_meanwhile(store, directory, suspects, slots.path))
 
 
-def _copy_slots(slots: VectorFile, target_path: Path, assigned: int) -> list[int]:
-    """Copies the unit vectors among the slots of keys 1..`assigned`; the other keys."""
+def _copy_slots(slots: VectorFile, target_path: Path, assigned: int,
+                removed: npt.NDArray[np.int64]) -> list[int]:
+    """Copies the unit vectors among the slots of keys 1..`assigned`, but for those of
+    `removed`; the other keys."""
     target = VectorFile.open(target_path, slots.dimension, 0, writable=True)
     suspects: list[int] = []
     try:
@@ -61,7 +68,7 @@ def _copy_slots(slots: VectorFile, target_path: Path, assigned: int) -> list[int
             if len(block) < count:
                 raise damaged(slots.path, f"holds no slot for key {first + len(block)}")
             keys = np.arange(first, first + count, dtype=np.int64)
-            good = unit_rows(block)
+            good = unit_rows(block) & ~np.isin(keys, removed)
             target.write(keys[good].tolist(), block[good])
             suspects += keys[~good].tolist()
         target.reserve(assigned)

@@ -162,6 +162,20 @@ class TableReader:
         """The op and the key of each logged change after `sequence` (logged_changes)."""
         return logged_changes(self.txn, self.dbs.changes, sequence, self.where)
 
+    def oldest_removals(self, through: int, most: int) -> list[int]:
+        """The keys removed by the oldest `most` change-log entries up to `through` (those
+        truncate_changes would drop)."""
+        keys, seen = [], 0
+        cursor = self.txn.cursor(db=self.dbs.changes)
+        found = cursor.first()
+        while found and seen < most and from_u64(cursor.key()) <= through:
+            value = cursor.value()
+            if value[:1] == OP_REMOVE:
+                keys.append(from_u64(value[1:]))
+            seen += 1
+            found = cursor.next()
+        return keys
+
     def vector_batch(self, after: int, batch: int, only_model: str | None) -> VectorBatch:
         """Up to `batch` vectors in key order from key `after` + 1 (of `only_model`'s, if
         given), with the last key read."""
@@ -250,22 +264,14 @@ class TableWriter(TableReader):
             txn.delete(registration.msisdn.encode(), db=dbs.by_msisdn)
         self._log_change(OP_REMOVE, face.key)
 
-    def truncate_changes(self, through: int, most: int,
-                         zero: Callable[[list[int]], object] = lambda _: None) -> int:
+    def truncate_changes(self, through: int, most: int) -> int:
         """Drops up to `most` of the oldest change-log entries up to `through`; returns how
-        many it dropped. `zero` is given the keys of the removals among them, before the
-        commit: a removal leaves the log only once its slot is zeros (a Delete whose zeroing
-        failed, on a disk error, left it to the log)."""
-        removed, erased = 0, []
+        many it dropped."""
+        removed = 0
         cursor = self.txn.cursor(db=self.dbs.changes)
         while removed < most and cursor.first() and from_u64(cursor.key()) <= through:
-            value = cursor.value()
-            if value[:1] == OP_REMOVE:
-                erased.append(from_u64(value[1:]))
             cursor.delete()
             removed += 1
-        if erased:
-            zero(erased)
         return removed
 
     def _bump(self, name: bytes, delta: int) -> None:
