@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from dedup.core.errors import CheckpointError, ResourceExhausted
+from dedup.core.errors import CheckpointError, ResourceExhausted, StoreDamaged
 from dedup.core.priority import below_this_thread
 from dedup.core.settings import StoreConfig
 from dedup.gallery.embedded.checkpoint import Checkpoint, fsync_directory, write_checkpoint
@@ -266,6 +266,8 @@ class Checkpointer:
         pin = self.log_pin
         try:
             self.live.store.truncate_changes(sequence if pin is None else min(pin, sequence))
+        except StoreDamaged:
+            raise  # DATA_LOSS to a caller, not a log line
         except Exception:  # the checkpoint is written; a longer log is always safe
             log.exception("could not truncate the change log behind the checkpoint at change "
                           "%d: the next checkpoint tries again", sequence)

@@ -26,7 +26,13 @@ from dedup.core.errors import StoreError
 from dedup.gallery.embedded import compaction
 from dedup.gallery.embedded.layout import VECTOR_FILE
 from dedup.gallery.embedded.lmdb_env import LmdbEnv, open_db
-from dedup.gallery.embedded.store_format import OP_REMOVE, decode_registration, from_u64, u64
+from dedup.gallery.embedded.store_format import (
+    OP_REMOVE,
+    decode_registration,
+    from_u64,
+    logged_changes,
+    u64,
+)
 from dedup.gallery.embedded.store_tables import present
 from dedup.gallery.embedded.stored_vectors import not_a_unit_vector, unit_rows
 from dedup.gallery.embedded.vector_file import VectorFile, damaged
@@ -49,15 +55,16 @@ def copy_store(store: LmdbEnv, slots: VectorFile, directory: Path) -> StoreCopy:
         assigned = from_u64(txn.get(b"next_key", db=store.dbs.meta)) - 1
         # A removal still in the log may have left its slot unzeroed (a Delete whose
         # zeroing failed, on a disk error): never copied.
-        removed = np.array([from_u64(value[1:]) for value in txn.cursor(
-            db=store.dbs.changes).iternext(keys=False) if value[:1] == OP_REMOVE], np.int64)
+        ops, keys = logged_changes(txn, store.dbs.changes, 0, store.path)
+        removed = np.zeros(assigned + 1, bool)  # by key
+        removed[keys[(ops == OP_REMOVE[0]) & (keys <= assigned)]] = True
     suspects = _copy_slots(slots, directory / VECTOR_FILE, assigned, removed)
     return StoreCopy(assigned, _erased_meanwhile(store, directory, suspects, slots.path))
 
 
 def _copy_slots(slots: VectorFile, target_path: Path, assigned: int,
-                removed: npt.NDArray[np.int64]) -> list[int]:
-    """Copies the unit vectors among the slots of keys 1..`assigned`, but for those of
+                removed: npt.NDArray[np.bool_]) -> list[int]:
+    """Copies the unit vectors among the slots of keys 1..`assigned`, but for those flagged
     `removed`; the other keys."""
     target = VectorFile.open(target_path, slots.dimension, 0, writable=True)
     suspects: list[int] = []
@@ -68,7 +75,7 @@ def _copy_slots(slots: VectorFile, target_path: Path, assigned: int,
             if len(block) < count:
                 raise damaged(slots.path, f"holds no slot for key {first + len(block)}")
             keys = np.arange(first, first + count, dtype=np.int64)
-            good = unit_rows(block) & ~np.isin(keys, removed)
+            good = unit_rows(block) & ~removed[first:first + count]
             target.write(keys[good].tolist(), block[good])
             suspects += keys[~good].tolist()
         target.reserve(assigned)
