@@ -585,6 +585,29 @@ def _enrolled_gallery(tmp_path, seed: int, n: int, **store) -> EmbeddedGallery:
     return gallery
 
 
+def _disk_full_once(monkeypatch) -> list[CheckpointError]:
+    """The next checkpoint write fails as on a full disk; the list returned empties then."""
+    real_write = checkpointer.write_checkpoint
+    failures = [CheckpointError("index.ckpt: no space left on device (injected)")]
+
+    def failing_once(*args, **kwargs):
+        if failures:
+            raise failures.pop()
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(checkpointer, "write_checkpoint", failing_once)
+    return failures
+
+
+def _checkpointed_through(gallery: EmbeddedGallery, sequence: int,
+                          seconds: float = 10.0) -> bool:
+    """Whether the gallery's checkpoint covers `sequence` within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while gallery.checkpoint_sequence < sequence and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return gallery.checkpoint_sequence >= sequence
+
+
 def test_an_erasures_receipt_allows_twice_the_last_checkpoints_time_and_holds(tmp_path,
                                                                                monkeypatch):
     """A slow checkpoint (a large index, a busy disk: here each write waits 0.4 s more)
@@ -663,24 +686,13 @@ def test_a_start_that_cannot_checkpoint_away_an_erasure_tries_again(tmp_path, mo
         with open(path, "r+b") as file:
             file.seek(path.stat().st_size - 100)
             file.write(b"\0" * 16)
-    real_write = checkpointer.write_checkpoint
-    failures = [CheckpointError("index.ckpt: no space left on device (injected)")]
-
-    def failing_once(*args, **kwargs):
-        if failures:
-            raise failures.pop()
-        return real_write(*args, **kwargs)
-
-    monkeypatch.setattr(checkpointer, "write_checkpoint", failing_once)
+    failures = _disk_full_once(monkeypatch)
     config = StoreConfig(data_dir=tmp_path / "data", checkpoint_interval_s=3600,
                          erasure_checkpoint_delay_s=0.3)
     gallery = EmbeddedGallery(config, "model-a")
     try:
         assert not failures, "the start's checkpoint was not attempted"
-        deadline = time.monotonic() + 10
-        while gallery.checkpoint_sequence < erased and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert gallery.checkpoint_sequence >= erased
+        assert _checkpointed_through(gallery, erased)
     finally:
         gallery.close(checkpoint=False)
     assert read_checkpoint(path).vectors == 19
@@ -711,10 +723,7 @@ def test_an_erasure_the_index_fails_to_remove_is_removed_before_its_checkpoint(t
         probe = FaceGenerator(14).persons(20)[0]
         assert "r0" not in {scored.registration.registration_id
                             for scored in gallery.neighbours(probe, 5, -1.0)}
-        deadline = time.monotonic() + 10
-        while gallery.checkpoint_sequence < erased and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert not failures and gallery.checkpoint_sequence >= erased
+        assert _checkpointed_through(gallery, erased) and not failures
         assert len(gallery.index) == 19
     finally:
         gallery.close(checkpoint=False)
@@ -856,10 +865,7 @@ def test_an_erasure_whose_slot_cannot_be_zeroed_still_leaves_the_index_and_check
             gallery.delete(DeleteKey.REGISTRATION_ID, "r0")
         erased = gallery.index_status().store_sequence
         assert len(gallery.index) == 19
-        deadline = time.monotonic() + 10
-        while gallery.checkpoint_sequence < erased and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert gallery.checkpoint_sequence >= erased
+        assert _checkpointed_through(gallery, erased)
         vector_file = tmp_path / "data" / "store" / "vectors.f32"
         assert people[0].tobytes() in vector_file.read_bytes()
         monkeypatch.undo()
@@ -874,24 +880,13 @@ def test_an_erasure_whose_slot_cannot_be_zeroed_still_leaves_the_index_and_check
 def test_an_erasures_checkpoint_that_fails_is_tried_again(tmp_path, monkeypatch):
     """A full disk fails the checkpoint after an erasure: it is tried again after the
     erasure delay, not left for the next periodic one (an hour here)."""
-    real_write = checkpointer.write_checkpoint
-    failures = [CheckpointError("index.ckpt: no space left on device (injected)")]
-
-    def failing_once(*args, **kwargs):
-        if failures:
-            raise failures.pop()
-        return real_write(*args, **kwargs)
-
     gallery = _enrolled_gallery(tmp_path, 10, 20, erasure_checkpoint_delay_s=0.3)
     try:
         gallery.checkpoint()
-        monkeypatch.setattr(checkpointer, "write_checkpoint", failing_once)
+        failures = _disk_full_once(monkeypatch)
         gallery.delete(DeleteKey.REGISTRATION_ID, "r0")
         erased = gallery.index_status().store_sequence
-        deadline = time.monotonic() + 10
-        while gallery.checkpoint_sequence < erased and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert not failures and gallery.checkpoint_sequence >= erased
+        assert _checkpointed_through(gallery, erased) and not failures
     finally:
         gallery.close(checkpoint=False)
     assert read_checkpoint(tmp_path / "data" / "index.ckpt").vectors == 19

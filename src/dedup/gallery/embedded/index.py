@@ -808,24 +808,19 @@ class PartitionedIndex(_Locked):
         self._held = _ids_in_lists(codes)  # by key: the index holds a code under it
         self._marked = np.empty(0, np.int64)  # removed, their codes still in lists
 
-    def _about_to_hold(self, ids: Ids) -> None:
-        """Before `ids` go into the lists (the caller holds the write lock): an id back
-        drops its old code first, and `_held` grows to flag them all (so that a failure to
-        grow leaves no code unflagged, which a removal would then miss)."""
+    def _hold(self, ids: Ids, add: Callable[[], object]) -> None:
+        """`add` puts the codes of `ids` into the lists (the index's codes, or a build's
+        pending fill); the caller holds the write lock. An id back drops its old code first.
+        `_held` grows to flag them all before the add, so that a failure to grow leaves no
+        code unflagged; an add that fails partway (no memory) may have put some in, so all
+        of `ids` are flagged then too (no memory needed), and a removal still finds them.
+        (One that is not in the lists counts as removed, and FAISS's removal skips it.)"""
         if len(self._marked) and np.isin(ids, self._marked).any():
             self._remove_marked()
         if len(ids) and (most := int(ids.max())) >= len(self._held):
             grown = np.zeros(max(most + 1, 2 * len(self._held)), bool)
             grown[:len(self._held)] = self._held
             self._held = grown
-
-    def _hold(self, ids: Ids, add: Callable[[], object]) -> None:
-        """`add` puts the codes of `ids` into the lists (the index's codes, or a build's
-        pending fill); the caller holds the write lock. An add that fails partway (no
-        memory) may have put some in: all of `ids` are flagged then (no memory needed: the
-        flags were grown for them), so that a removal still finds them. (One that is not in
-        the lists counts as removed, and FAISS's removal skips it.)"""
-        self._about_to_hold(ids)
         try:
             add()
         finally:

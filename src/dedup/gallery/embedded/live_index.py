@@ -117,6 +117,11 @@ class LiveIndex:
         self._unremoved, self._unadded = [], []
 
 
+_NO_KEYS: Ids = np.empty(0, np.int64)
+_NO_KEYS.flags.writeable = False
+
+
 def _keys_of(parts: list[Ids]) -> Ids:
+    """Every check asks (search.py): nothing allocated when there are none."""
     parts = list(parts)  # as it is now: appended to under `writes`, read without
-    return np.unique(np.concatenate(parts)) if parts else np.empty(0, np.int64)
+    return np.unique(np.concatenate(parts)) if parts else _NO_KEYS

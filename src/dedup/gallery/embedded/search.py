@@ -47,10 +47,13 @@ class ExactSearch:
             keys, scores = self._rerank(keys, vector)
         wanted = [i for i, score in enumerate(scores) if i == 0 or score >= floor]
         by_key = {int(keys[i]): float(scores[i]) for i in wanted}
-        faces = self.live.store.faces(by_key, with_vectors=False)
-        ours = [Scored(face.key, face.registration, by_key[face.key]) for face in faces
+        return self._with_unadded(self._scored(by_key), missing, vector, floor)
+
+    def _scored(self, by_key: dict[int, float]) -> list[Scored]:
+        """The stored registrations of the server's model among `by_key`, with its scores."""
+        return [Scored(face.key, face.registration, by_key[face.key])
+                for face in self.live.store.faces(by_key, with_vectors=False)
                 if face.registration.embedding_model == self.live.model_id]
-        return self._with_unadded(ours, missing, vector, floor)
 
     def _with_unadded(self, found: list[Scored], missing: Ids, vector: Vector, floor: float
                       ) -> list[Scored]:
@@ -64,10 +67,7 @@ class ExactSearch:
         have = {scored.key for scored in found}
         by_key = {key: float(score) for key, score in zip(kept, scores, strict=True)
                   if key not in have and (score >= floor or not found)}
-        extra = [Scored(face.key, face.registration, by_key[face.key])
-                 for face in self.live.store.faces(by_key, with_vectors=False)
-                 if face.registration.embedding_model == self.live.model_id]
-        merged = sorted(found + extra, key=lambda scored: -scored.score)
+        merged = sorted(found + self._scored(by_key), key=lambda scored: -scored.score)
         return [scored for i, scored in enumerate(merged) if i == 0 or scored.score >= floor]
 
     def neighbours_of_many(self, queries: Matrix, k: int, floor: float,

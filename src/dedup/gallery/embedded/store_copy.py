@@ -119,5 +119,5 @@ def _still_stored(store: LmdbEnv, keys: list[int]) -> list[int]:
         store.reopen_if_replaced()
         still = sorted(store.read(lambda current: present(current, store.dbs, keys)))
         if not store.reopen_if_replaced():
-            return still
-    return sorted(store.read(lambda current: present(current, store.dbs, keys)))
+            break
+    return still
