@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from dedup.core.errors import StoreError
-from dedup.core.records import Registration
+from dedup.core.records import DeleteKey, Registration
 from dedup.core.settings import StoreConfig
 from dedup.core.vectors import normalize_rows
 from dedup.gallery.embedded.layout import DATA_FILE, store_dir
@@ -218,3 +218,57 @@ def test_a_reader_refuses_a_lock_file_that_stays_older_than_its_data_file(tmp_pa
             Store.reader(config.data_dir)
     finally:
         reader.stop()
+
+
+# A live rebuild's child (rebuild._child_main, as the server spawns it), paused once it holds
+# its snapshot of the store until a line comes on stdin; prints its last message.
+REBUILD_CHILD = """
+import sys
+from pathlib import Path
+from dedup.core.settings import StoreConfig
+from dedup.gallery.embedded import rebuild
+
+build = rebuild.build_from_snapshot
+def paused(*args, **kwargs):
+    print("holding a snapshot", flush=True)
+    sys.stdin.readline()
+    return build(*args, **kwargs)
+rebuild.build_from_snapshot = paused
+
+class Messages(list):
+    put = list.append
+
+messages = Messages()
+config = StoreConfig(data_dir=Path(sys.argv[1]), check_on_open=False)
+rebuild._child_main(config, "Flat", "", None, sys.argv[2], messages, 0.3)
+print(repr(messages[-1]), flush=True)
+"""
+
+
+def test_a_rebuild_across_a_compaction_builds_not_reports_damage(tmp_path):
+    """A registration erased after the swap is not in the data file the rebuild's child
+    reads, so its zeroed slot looked like damage and the rebuild failed (StoreDamaged): now
+    the child reads whether it is still stored in the current file, and leaves it out (the
+    server applies the erasure after the child's snapshot anyway)."""
+    rng = np.random.default_rng(3)
+    config = StoreConfig(data_dir=tmp_path / "data", check_on_open=False)
+    store = Store(config)
+    store.insert_many(registrations("r", 30, rng))
+    child = subprocess.Popen([sys.executable, "-c", REBUILD_CHILD, str(config.data_dir),
+                              str(tmp_path / "side.ckpt")],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert child.stdout.readline().strip() == "holding a snapshot"
+        store.delete(DeleteKey.REGISTRATION_ID, "r-0")  # before the swap
+        store.compact()
+        store.delete(DeleteKey.REGISTRATION_ID, "r-29")  # after it
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        last = child.stdout.readline().strip()
+    finally:
+        child.stdin.close()
+        child.wait(timeout=60)
+        store.close()
+    assert last.startswith("('built', "), last
+    assert last.endswith(", 28, '')"), last  # r-0 and r-29 left out

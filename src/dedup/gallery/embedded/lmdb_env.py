@@ -129,11 +129,17 @@ class LmdbEnv:
             before = self._data_file_id()
             env = self._open_current()
         self._opened_file = before
+        # Read after opening: a lock file swapped in meanwhile is taken for this one, never
+        # the reverse (see peek).
+        self._opened_lock_file = self._file_id(LMDB_LOCK_FILE)
         return env
 
     def _data_file_id(self) -> tuple[int, int] | None:
+        return self._file_id(DATA_FILE)
+
+    def _file_id(self, name: str) -> tuple[int, int] | None:
         try:
-            status = (self.path / DATA_FILE).stat()
+            status = (self.path / name).stat()
         except FileNotFoundError:
             return None
         return status.st_dev, status.st_ino
@@ -315,12 +321,28 @@ class LmdbEnv:
                       int(self._env.info()["map_size"]))
 
     @contextmanager
-    def peek(self) -> Iterator[lmdb.Transaction]:
-        """A read transaction of its own, seeing the latest commit, taken without the lock:
-        only inside another transaction of this thread, which holds it already (taking it
-        again could wait forever behind a waiting map growth)."""
+    def peek(self) -> Iterator[tuple[lmdb.Transaction, Databases]]:
+        """A read transaction of its own, seeing the latest commit, and the databases to
+        read in it; taken without the lock: only inside another transaction of this thread,
+        which holds it already (taking it again could wait forever behind a waiting map
+        growth).
+
+        A read-only store in another process than the server's (a live rebuild's child,
+        a backup) reads the data file a compaction replaced as it was before the swap: the
+        latest commit is then read from the current files, through an environment opened
+        for the read. Only where the lock file is a new one too: LMDB's locks would not
+        survive a second environment on the lock file this one holds."""
+        if self.readonly and self._data_file_id() != self._opened_file \
+                and self._file_id(LMDB_LOCK_FILE) != self._opened_lock_file:
+            current = LmdbEnv(self.path, self.config, readonly=True)
+            try:
+                with current._env.begin(write=False) as txn:
+                    yield txn, current.dbs
+            finally:
+                current.close()
+            return
         with self._env.begin(write=False) as txn:
-            yield txn
+            yield txn, self.dbs
 
     def read(self, work: Callable[[lmdb.Transaction], _T]) -> _T:
         with self.read_txn() as txn:

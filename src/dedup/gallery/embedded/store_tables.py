@@ -36,8 +36,8 @@ from dedup.gallery.embedded.stored_vectors import stored_rows
 from dedup.gallery.embedded.vector_file import Keys, VectorFile
 
 VectorBatch = tuple[int, list[int], Matrix]  # (last key read, keys, their vectors)
-# A read transaction of its own, seeing the latest commit (LmdbEnv.peek).
-Peek = Callable[[], AbstractContextManager[lmdb.Transaction]]
+# A read transaction of its own, seeing the latest commit, and its databases (LmdbEnv.peek).
+Peek = Callable[[], AbstractContextManager[tuple[lmdb.Transaction, Databases]]]
 
 
 def present(txn: lmdb.Transaction, dbs: Databases, keys: list[int]) -> set[int]:
@@ -137,8 +137,8 @@ class TableReader:
     def still_stored(self, keys: list[int]) -> set[int]:
         """Those of `keys` whose record is stored as of the latest commit, which this
         transaction may predate."""
-        with self._peek() as current:
-            return present(current, self.dbs, keys)
+        with self._peek() as (current, dbs):
+            return present(current, dbs, keys)
 
     def record_keys(self) -> Keys:
         """Every stored registration's key, in increasing order."""
