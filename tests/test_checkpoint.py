@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import threading
@@ -889,4 +890,33 @@ def test_an_erasures_checkpoint_that_fails_is_tried_again(tmp_path, monkeypatch)
         assert _checkpointed_through(gallery, erased) and not failures
     finally:
         gallery.close(checkpoint=False)
+    assert read_checkpoint(tmp_path / "data" / "index.ckpt").vectors == 19
+
+
+def test_a_checkpoint_failing_again_and_again_is_tried_less_and_less_often(tmp_path,
+                                                                          monkeypatch):
+    """A disk that stays full fails every try, and each try may write most of the index
+    first (gigabytes at 10,000,000): the tries back off, doubling from the erasure delay
+    (0.2 s here), and the first once the disk has room writes the checkpoint."""
+    real_write = checkpointer.write_checkpoint
+    tries: list[float] = []
+
+    def full_for_five(*args, **kwargs):
+        tries.append(time.monotonic())
+        if len(tries) <= 5:
+            raise CheckpointError("index.ckpt: no space left on device (injected)")
+        return real_write(*args, **kwargs)
+
+    gallery = _enrolled_gallery(tmp_path, 15, 20, erasure_checkpoint_delay_s=0.2)
+    try:
+        gallery.checkpoint()
+        monkeypatch.setattr(checkpointer, "write_checkpoint", full_for_five)
+        gallery.delete(DeleteKey.REGISTRATION_ID, "r0")
+        erased = gallery.index_status().store_sequence
+        assert _checkpointed_through(gallery, erased, seconds=30)
+    finally:
+        gallery.close(checkpoint=False)
+    gaps = np.diff(tries)
+    assert len(tries) == 6, tries
+    assert all(later >= 1.6 * earlier for earlier, later in itertools.pairwise(gaps)), gaps
     assert read_checkpoint(tmp_path / "data" / "index.ckpt").vectors == 19

@@ -6,6 +6,10 @@ any change pending, and erasure_checkpoint_delay_s after an erasure (so that era
 registrations leave the file on disk too). An erasure's receipt promises when that checkpoint
 will have been written: its start, plus what is left of a write under way, plus an
 allowance for writing (`writing_allowance`), a live rebuild's new index included.
+
+A checkpoint that fails (a full disk, an index out of step with the store) is tried again
+after erasure_checkpoint_delay_s, then after twice as long each time it fails again, up to
+RETRY_AT_MOST_S: each try may write most of the index before it fails.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ MIN_WRITING_ALLOWANCE_S = 0.5
 # Until this server has written a checkpoint, its time is taken as the one on disk written at
 # this rate: half the measured (410 MB held and written in 1.15 s at 10,000,000, README).
 ASSUMED_BYTES_PER_S = 180e6
+RETRY_AT_MOST_S = 60.0
 
 
 class Checkpointer:
@@ -59,12 +64,34 @@ class Checkpointer:
         # buffer each snapshot is taken into (written out before the next is taken).
         self.lock = threading.RLock()
         self.buffer = SnapshotBuffer()
+        self._failures = 0  # checkpoints failed in a row
+        self._retry_at = 0.0  # time.monotonic(): no due checkpoint is tried before
 
     def checkpoint(self, covering: int | None = None) -> int:
         """Writes the index with the sequence it covers; returns that sequence. With
         `covering`, nothing is written if the last checkpoint already covers that change.
         CheckpointError when it cannot be written, also while the index cannot take changes
         the store made (IndexOutOfStep: LiveIndex.add_unadded, remove_unremoved)."""
+        try:
+            sequence = self._checkpoint(covering)
+        except BaseException:
+            self._failures += 1
+            self._retry_at = time.monotonic() + self.retry_delay()
+            raise
+        self._failures = 0
+        return sequence
+
+    def retry_delay(self) -> float:
+        """How long after the last failed checkpoint the next due one is tried."""
+        if not self._failures:
+            return 0.0
+        doubling = self.config.erasure_checkpoint_delay_s * float(2 ** min(self._failures - 1, 32))
+        return min(RETRY_AT_MOST_S, doubling)
+
+    def _seconds_to_retry(self) -> float:
+        return max(0.0, self._retry_at - time.monotonic())
+
+    def _checkpoint(self, covering: int | None) -> int:
         with self.lock:
             with self.live.writes:  # the index and the sequence must agree
                 started = time.monotonic()  # holding writes from here, not waiting for them
@@ -90,6 +117,8 @@ class Checkpointer:
             return sequence
 
     def checkpoint_if_due(self) -> None:
+        if self._seconds_to_retry():
+            return
         start = self.erasure_start
         if start is not None and time.time() >= start:
             self.write_erasure_checkpoint()
@@ -129,9 +158,11 @@ class Checkpointer:
         return due
 
     def _schedule_erasure_checkpoint(self) -> float:
-        """Under the write lock: the erasure checkpoint starts after the erasure delay;
-        returns by when it will have been written."""
-        self.erasure_start = time.time() + self.config.erasure_checkpoint_delay_s
+        """Under the write lock: the erasure checkpoint starts after the erasure delay (or
+        when a failed checkpoint is tried again, if later); returns by when it will have
+        been written."""
+        self.erasure_start = time.time() + max(self.config.erasure_checkpoint_delay_s,
+                                                self._seconds_to_retry())
         self.erasure_due = self._due_when_started_at(self.erasure_start)
         return self.erasure_due
 
