@@ -84,6 +84,9 @@ class ReplicaGallery:
         self._live: LiveIndex | None = None
         self._search: ExactSearch | None = None
         self.covered = -1  # the last change the index holds
+        # A catch-up failed partway: the index holds some of its changes, which replaying
+        # them again would add twice. The next catch-up loads the index again first.
+        self._partly_caught_up = False
         self._checkpoint_seen: tuple[int, int] | None = None  # (inode, mtime) last compared
         self._closed = threading.Event()
         self._follower = threading.Thread(target=self._follow, name="dedup-replica-follow",
@@ -143,16 +146,25 @@ class ReplicaGallery:
 
     def _catch_up(self, store: Store) -> None:
         """Replays the changes committed since the index's last one (read-your-writes)."""
-        if store.sequence() <= self.covered:
+        if store.sequence() <= self.covered and not self._partly_caught_up:
             return
         live = self._live
         assert live is not None
         with live.writes:
+            if self._partly_caught_up:
+                log.warning("replica: loading the index again after a catch-up that failed "
+                            "partway")
+                live.index, self.covered = self._load(store)  # pins what it covers
+                self._partly_caught_up = False
             delta = change_delta(store, self.covered)
             if delta.current <= self.covered:
                 return
             if delta.complete:
-                apply_delta(store, live.index, delta, self.model_id)
+                try:
+                    apply_delta(store, live.index, delta, self.model_id)
+                except BaseException:
+                    self._partly_caught_up = True
+                    raise
                 self.covered = delta.current
             else:
                 log.warning("the change log no longer reaches back to change %d (now %d): "

@@ -1,0 +1,73 @@
+"""A read replica's catch-up with the primary's change log (ReplicaGallery._catch_up), in
+this process, the primary's writes made by another."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from dedup import FaceGenerator, StoreConfig
+from dedup.core.records import Registration
+from dedup.core.settings import IndexConfig
+from dedup.gallery.embedded import replay
+from dedup.gallery.embedded.gallery import EmbeddedGallery
+from dedup.gallery.embedded.replica import ReplicaGallery
+
+MODEL = "model-a"
+
+# The primary's enrolments, from a process of its own (LMDB allows one environment a
+# process): registrations late0..late{n-1}, faces FaceGenerator(seed).persons(n).
+ENROL = """
+import sys
+from pathlib import Path
+from dedup import FaceGenerator, StoreConfig
+from dedup.core.records import Registration
+from dedup.gallery.embedded.store import Store
+data_dir, seed, n = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+store = Store(StoreConfig(data_dir=data_dir, check_on_open=False))
+faces = FaceGenerator(seed).persons(n)
+store.insert_many([(Registration(f"late{i}", f"ID-late{i}", embedding_model="model-a"),
+                    faces[i]) for i in range(n)])
+store.close()
+"""
+
+
+def test_a_catch_up_that_fails_partway_adds_nothing_twice(tmp_path, monkeypatch):
+    """Three enrolments are replayed in chunks of two; the second chunk's add fails (no
+    memory). The next catch-up used to replay the delta again from the start: the first
+    chunk's rows twice in the replica's index, each found twice by a check. Now the replica
+    loads the index again (checkpoint and log) before it catches up."""
+    config = StoreConfig(data_dir=tmp_path / "data", check_on_open=False)
+    primary = EmbeddedGallery(config, MODEL)
+    people = FaceGenerator(1).persons(20)
+    primary.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(20)])
+    primary.checkpoint()
+    primary.close(checkpoint=False)
+    replica = ReplicaGallery(config, MODEL, IndexConfig(), follow_s=3600)
+    try:
+        replica.open()
+        subprocess.run([sys.executable, "-c", ENROL, str(config.data_dir), "7", "3"],
+                       check=True)
+        monkeypatch.setattr(replay, "REPLAY_BATCH", 2)
+        index = replica._live.index
+        real_add, adds = index.add, []
+
+        def fails_second(keys, vectors):
+            adds.append(len(keys))
+            if len(adds) == 2:
+                raise MemoryError("injected: the second chunk")
+            return real_add(keys, vectors)
+
+        monkeypatch.setattr(index, "add", fails_second)
+        late = FaceGenerator(7).persons(3)
+        with pytest.raises(MemoryError, match="injected"):
+            replica.neighbours(late[0], 10, 0.5)  # a check fails closed
+        found = replica.neighbours(late[0], 10, 0.5)
+        assert len(found) == 1, found
+        assert len(replica._live.index) == 23  # 25 before: late0 and late1 twice
+        assert replica.covered == replica._store.sequence()
+    finally:
+        replica.close()
+
