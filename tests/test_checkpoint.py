@@ -893,30 +893,96 @@ def test_an_erasures_checkpoint_that_fails_is_tried_again(tmp_path, monkeypatch)
     assert read_checkpoint(tmp_path / "data" / "index.ckpt").vectors == 19
 
 
+def _disk_full_for(monkeypatch, writes: int) -> list[float]:
+    """The next `writes` checkpoint writes fail as on a full disk; returns the list of when
+    each write was tried (time.monotonic()), failed or not."""
+    real_write = checkpointer.write_checkpoint
+    tries: list[float] = []
+
+    def full_for_a_while(*args, **kwargs):
+        tries.append(time.monotonic())
+        if len(tries) <= writes:
+            raise CheckpointError("index.ckpt: no space left on device (injected)")
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(checkpointer, "write_checkpoint", full_for_a_while)
+    return tries
+
+
 def test_a_checkpoint_failing_again_and_again_is_tried_less_and_less_often(tmp_path,
                                                                           monkeypatch):
     """A disk that stays full fails every try, and each try may write most of the index
     first (gigabytes at 10,000,000): the tries back off, doubling from the erasure delay
-    (0.2 s here), and the first once the disk has room writes the checkpoint."""
-    real_write = checkpointer.write_checkpoint
-    tries: list[float] = []
-
-    def full_for_five(*args, **kwargs):
-        tries.append(time.monotonic())
-        if len(tries) <= 5:
-            raise CheckpointError("index.ckpt: no space left on device (injected)")
-        return real_write(*args, **kwargs)
-
-    gallery = _enrolled_gallery(tmp_path, 15, 20, erasure_checkpoint_delay_s=0.2)
+    (0.3 s here), and the first once the disk has room writes the checkpoint."""
+    monkeypatch.setattr(checkpointer, "MIN_RETRY_S", 0.1)
+    gallery = _enrolled_gallery(tmp_path, 15, 20, erasure_checkpoint_delay_s=0.3)
     try:
         gallery.checkpoint()
-        monkeypatch.setattr(checkpointer, "write_checkpoint", full_for_five)
+        tries = _disk_full_for(monkeypatch, 4)
         gallery.delete(DeleteKey.REGISTRATION_ID, "r0")
         erased = gallery.index_status().store_sequence
         assert _checkpointed_through(gallery, erased, seconds=30)
     finally:
         gallery.close(checkpoint=False)
     gaps = np.diff(tries)
-    assert len(tries) == 6, tries
-    assert all(later >= 1.6 * earlier for earlier, later in itertools.pairwise(gaps)), gaps
+    assert len(tries) == 5, tries
+    assert all(later >= 1.4 * earlier for earlier, later in itertools.pairwise(gaps)), gaps
     assert read_checkpoint(tmp_path / "data" / "index.ckpt").vectors == 19
+
+
+def test_an_erasure_pending_when_another_checkpoint_fails_waits_for_the_retry(tmp_path,
+                                                                             monkeypatch):
+    """An erasure's checkpoint is due in 0.3 s when an operator's checkpoint fails on a full
+    disk, whose retry waits 1 s: the erasure's start moves to the retry and its promise
+    with it. Before, the start passed while no try could begin: the checkpoint thread then
+    polled without waiting (thousands of times a second) and the next erasure's receipt
+    promised a time already past."""
+    gallery = _enrolled_gallery(tmp_path, 16, 20, erasure_checkpoint_delay_s=0.3)
+    polls = []
+    try:
+        gallery.checkpoint()
+        gallery.delete(DeleteKey.REGISTRATION_ID, "r0")
+        tries = _disk_full_for(monkeypatch, 1)
+        with pytest.raises(CheckpointError, match="injected"):
+            gallery.checkpoint()
+        retry = tries[0] + checkpointer.MIN_RETRY_S
+        real_seconds_to_retry = gallery._checkpointer._seconds_to_retry
+
+        def counted():
+            polls.append(time.monotonic())
+            return real_seconds_to_retry()
+
+        monkeypatch.setattr(gallery._checkpointer, "_seconds_to_retry", counted)
+        time.sleep(0.6)  # past the erasure's first start, before the retry
+        receipt = gallery.delete(DeleteKey.REGISTRATION_ID, "r1")
+        assert receipt.checkpoint_due is not None and receipt.checkpoint_due > time.time()
+        erased = gallery.index_status().store_sequence
+        assert _checkpointed_through(gallery, erased)
+        assert tries[1] >= retry, "the erasure's checkpoint was tried before the retry"
+    finally:
+        gallery.close(checkpoint=False)
+    while_waiting = [poll for poll in polls if poll < retry]
+    assert len(while_waiting) < 200, f"{len(while_waiting)} polls in the second of waiting"
+    assert read_checkpoint(tmp_path / "data" / "index.ckpt").vectors == 18
+
+
+def test_a_checkpoint_written_ends_the_waiting_of_the_retries(tmp_path, monkeypatch):
+    """Four failures make the next try wait 8 s; the operator frees the disk and writes a
+    checkpoint: the next erasure's checkpoint comes after the erasure delay (0.5 s), not
+    after the 8 s."""
+    gallery = _enrolled_gallery(tmp_path, 17, 20, erasure_checkpoint_delay_s=0.5)
+    try:
+        gallery.checkpoint()
+        gallery.insert(Registration("late", "ID-late"), FaceGenerator(98).persons(1)[0])
+        _disk_full_for(monkeypatch, 4)
+        for _ in range(4):
+            with pytest.raises(CheckpointError, match="injected"):
+                gallery.checkpoint()
+        gallery.checkpoint()  # the disk has room again
+        started = time.monotonic()
+        gallery.delete(DeleteKey.REGISTRATION_ID, "r0")
+        erased = gallery.index_status().store_sequence
+        assert _checkpointed_through(gallery, erased, seconds=10)
+        assert time.monotonic() - started < 2.0
+    finally:
+        gallery.close(checkpoint=False)

@@ -8,8 +8,9 @@ will have been written: its start, plus what is left of a write under way, plus 
 allowance for writing (`writing_allowance`), a live rebuild's new index included.
 
 A checkpoint that fails (a full disk, an index out of step with the store) is tried again
-after erasure_checkpoint_delay_s, then after twice as long each time it fails again, up to
-RETRY_AT_MOST_S: each try may write most of the index before it fails.
+after erasure_checkpoint_delay_s (at least MIN_RETRY_S), then after twice as long each time
+it fails again, up to RETRY_AT_MOST_S: each try may write most of the index before it fails.
+Any checkpoint written ends the waiting.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ MIN_WRITING_ALLOWANCE_S = 0.5
 # this rate: half the measured (410 MB held and written in 1.15 s at 10,000,000, README).
 ASSUMED_BYTES_PER_S = 180e6
 RETRY_AT_MOST_S = 60.0
+MIN_RETRY_S = 1.0  # a zero erasure delay (tests) must not retry a full disk every poll
 
 
 class Checkpointer:
@@ -64,8 +66,10 @@ class Checkpointer:
         # buffer each snapshot is taken into (written out before the next is taken).
         self.lock = threading.RLock()
         self.buffer = SnapshotBuffer()
-        self._failures = 0  # checkpoints failed in a row
-        self._retry_at = 0.0  # time.monotonic(): no due checkpoint is tried before
+        # Checkpoints failed in a row, and until when (time.monotonic()) no due one is tried.
+        self._retrying = threading.Lock()
+        self._failures = 0
+        self._retry_at = 0.0
 
     def checkpoint(self, covering: int | None = None) -> int:
         """Writes the index with the sequence it covers; returns that sequence. With
@@ -75,18 +79,30 @@ class Checkpointer:
         try:
             sequence = self._checkpoint(covering)
         except BaseException:
-            self._failures += 1
-            self._retry_at = time.monotonic() + self.retry_delay()
+            self._failed()
             raise
-        self._failures = 0
+        self._succeeded()
         return sequence
 
-    def retry_delay(self) -> float:
-        """How long after the last failed checkpoint the next due one is tried."""
-        if not self._failures:
-            return 0.0
-        doubling = self.config.erasure_checkpoint_delay_s * float(2 ** min(self._failures - 1, 32))
-        return min(RETRY_AT_MOST_S, doubling)
+    def _failed(self) -> None:
+        """A checkpoint failed: due ones wait for the retry, and so does a pending erasure's
+        (its promise moves with it, rather than pass while no try may start)."""
+        with self._retrying:
+            self._failures += 1
+            doubling = self._first_retry_s() * float(2 ** min(self._failures - 1, 32))
+            self._retry_at = time.monotonic() + min(RETRY_AT_MOST_S, doubling)
+        with self.live.writes:
+            start, retry = self.erasure_start, time.time() + self._seconds_to_retry()
+            if start is not None and start < retry:
+                self.erasure_start = retry
+                self.erasure_due = max(self.erasure_due or 0.0, self._due_when_started_at(retry))
+
+    def _first_retry_s(self) -> float:
+        return max(MIN_RETRY_S, self.config.erasure_checkpoint_delay_s)
+
+    def _succeeded(self) -> None:
+        with self._retrying:
+            self._failures, self._retry_at = 0, 0.0
 
     def _seconds_to_retry(self) -> float:
         return max(0.0, self._retry_at - time.monotonic())
@@ -193,7 +209,9 @@ class Checkpointer:
     def seconds_to_erasure_checkpoint(self) -> float:
         """Until the erasure checkpoint starts (0: now, inf: none is due)."""
         start = self.erasure_start
-        return math.inf if start is None else max(0.0, start - time.time())
+        if start is None:
+            return math.inf
+        return max(0.0, start - time.time(), self._seconds_to_retry())
 
     def _erasure_checkpoint_again(self) -> None:
         with self.live.writes:
@@ -292,6 +310,7 @@ class Checkpointer:
     def _covers(self, sequence: int) -> None:
         """The checkpoint on disk now covers `sequence`: the log before it goes (unless a
         live rebuild still needs it)."""
+        self._succeeded()
         self.sequence = sequence
         self.written_at = time.monotonic()
         pin = self.log_pin
