@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
 from dedup import FaceGenerator, StoreConfig
+from dedup.core.errors import NotServedHere
 from dedup.core.records import Registration
 from dedup.core.settings import IndexConfig
 from dedup.gallery.embedded import replay
+from dedup.gallery.embedded import replica as replica_module
 from dedup.gallery.embedded.gallery import EmbeddedGallery
 from dedup.gallery.embedded.replica import ReplicaGallery
 
@@ -23,6 +26,7 @@ ENROL = """
 import sys
 from pathlib import Path
 from dedup import FaceGenerator, StoreConfig
+from dedup.core.errors import NotServedHere
 from dedup.core.records import Registration
 from dedup.gallery.embedded.store import Store
 data_dir, seed, n = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
@@ -37,15 +41,17 @@ store.close()
 def test_a_catch_up_that_fails_partway_adds_nothing_twice(tmp_path, monkeypatch):
     """Three enrolments are replayed in chunks of two; the second chunk's add fails (no
     memory). The next catch-up used to replay the delta again from the start: the first
-    chunk's rows twice in the replica's index, each found twice by a check. Now the replica
-    loads the index again (checkpoint and log) before it catches up."""
+    chunk's rows twice in the replica's index. Now the replica's checks go to the primary
+    (NotServedHere) until its follower has loaded the index again, from the checkpoint and
+    the log; a load that fails too is tried again later, checks still relayed meanwhile."""
+    monkeypatch.setattr(replica_module, "_RELOAD_FIRST_S", 0.3)
     config = StoreConfig(data_dir=tmp_path / "data", check_on_open=False)
     primary = EmbeddedGallery(config, MODEL)
     people = FaceGenerator(1).persons(20)
     primary.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(20)])
     primary.checkpoint()
     primary.close(checkpoint=False)
-    replica = ReplicaGallery(config, MODEL, IndexConfig(), follow_s=3600)
+    replica = ReplicaGallery(config, MODEL, IndexConfig(), follow_s=3600)  # follow_once here
     try:
         replica.open()
         subprocess.run([sys.executable, "-c", ENROL, str(config.data_dir), "7", "3"],
@@ -62,12 +68,29 @@ def test_a_catch_up_that_fails_partway_adds_nothing_twice(tmp_path, monkeypatch)
 
         monkeypatch.setattr(index, "add", fails_second)
         late = FaceGenerator(7).persons(3)
-        with pytest.raises(MemoryError, match="injected"):
-            replica.neighbours(late[0], 10, 0.5)  # a check fails closed
+        with pytest.raises(NotServedHere, match="failed partway"):
+            replica.neighbours(late[0], 10, 0.5)  # the primary answers it
+        real_load, loads = replica_module.load_index, []
+
+        def load_fails_first(*args, **kwargs):
+            loads.append(time.monotonic())
+            if len(loads) == 1:
+                raise MemoryError("injected: the first load")
+            return real_load(*args, **kwargs)
+
+        monkeypatch.setattr(replica_module, "load_index", load_fails_first)
+        with pytest.raises(MemoryError, match="first load"):
+            replica.follow_once()
+        replica.follow_once()  # too soon to try again
+        assert len(loads) == 1
+        with pytest.raises(NotServedHere, match="loaded again"):
+            replica.neighbours(late[0], 10, 0.5)
+        time.sleep(0.35)
+        replica.follow_once()
+        assert len(loads) == 2
         found = replica.neighbours(late[0], 10, 0.5)
         assert len(found) == 1, found
         assert len(replica._live.index) == 23  # 25 before: late0 and late1 twice
         assert replica.covered == replica._store.sequence()
     finally:
         replica.close()
-

@@ -58,6 +58,7 @@ from dedup.gallery.embedded.store import Store
 log = logging.getLogger("dedup.gallery")
 
 _CHECKPOINT_ATTEMPTS = 3  # the primary may checkpoint (and truncate) between load and replay
+_RELOAD_FIRST_S, _RELOAD_AT_MOST_S = 1.0, 60.0  # the index loaded again after a failed catch-up
 _TYPE_CHECK_S = 5.0  # how often the checkpoint's index type is compared with this one's
 
 
@@ -84,9 +85,13 @@ class ReplicaGallery:
         self._live: LiveIndex | None = None
         self._search: ExactSearch | None = None
         self.covered = -1  # the last change the index holds
-        # A catch-up failed partway: the index holds some of its changes, which replaying
-        # them again would add twice. The next catch-up loads the index again first.
+        # A catch-up failed partway: the index held some of its changes, which replaying
+        # them again would add twice. Until the follower has loaded it again (trying at
+        # `_reload_at`, time.monotonic(), each failure doubling `_reload_wait`) every read
+        # raises NotServedHere: the primary answers them.
         self._partly_caught_up = False
+        self._reload_at = 0.0
+        self._reload_wait = _RELOAD_FIRST_S
         self._checkpoint_seen: tuple[int, int] | None = None  # (inode, mtime) last compared
         self._closed = threading.Event()
         self._follower = threading.Thread(target=self._follow, name="dedup-replica-follow",
@@ -119,7 +124,8 @@ class ReplicaGallery:
                                        SearchOptions.configured(self.index_config))
         else:
             self._live.store = store
-        self._catch_up(store)
+        if not self._partly_caught_up:  # else the follower loads the index again
+            self._catch_up(store)
 
     def release(self) -> None:
         """Closes the store (in-flight reads finish first); the index stays."""
@@ -146,31 +152,55 @@ class ReplicaGallery:
 
     def _catch_up(self, store: Store) -> None:
         """Replays the changes committed since the index's last one (read-your-writes)."""
-        if store.sequence() <= self.covered and not self._partly_caught_up:
+        self._refuse_if_reloading()
+        if store.sequence() <= self.covered:
             return
         live = self._live
         assert live is not None
         with live.writes:
-            if self._partly_caught_up:
-                log.warning("replica: loading the index again after a catch-up that failed "
-                            "partway")
-                live.index, self.covered = self._load(store)  # pins what it covers
-                self._partly_caught_up = False
+            self._refuse_if_reloading()
             delta = change_delta(store, self.covered)
             if delta.current <= self.covered:
                 return
             if delta.complete:
                 try:
                     apply_delta(store, live.index, delta, self.model_id)
-                except BaseException:
+                except Exception as error:
+                    # Kept until the follower has loaded another: a search that caught up
+                    # before this may be reading it (it holds every change before this one).
                     self._partly_caught_up = True
-                    raise
+                    log.exception("replica: a catch-up failed partway: the primary answers "
+                                  "its checks until the index is loaded again")
+                    raise NotServedHere("this replica's catch-up failed partway") from error
                 self.covered = delta.current
             else:
                 log.warning("the change log no longer reaches back to change %d (now %d): "
                             "loading the checkpoint again", self.covered, delta.current)
                 live.index, self.covered = self._load(store)
             self._pin(self.covered)
+
+    def _refuse_if_reloading(self) -> None:
+        if self._partly_caught_up:
+            raise NotServedHere("this replica's index is being loaded again")
+
+    def _reload_if_due(self, store: Store) -> None:
+        """After a catch-up that failed partway: the index loaded again, from the checkpoint
+        and the log (or the store), when the last try is long enough ago."""
+        if time.monotonic() < self._reload_at:
+            return
+        live = self._live
+        assert live is not None
+        with live.writes:
+            try:
+                live.index, self.covered = self._load(store)  # pins what it covers
+            except Exception:
+                self._reload_at = time.monotonic() + self._reload_wait
+                self._reload_wait = min(_RELOAD_AT_MOST_S, 2 * self._reload_wait)
+                raise
+            self._partly_caught_up = False
+            self._reload_at, self._reload_wait = 0.0, _RELOAD_FIRST_S
+        log.info("replica: the index is loaded again (%d vectors): answering checks",
+                 len(live.index))
 
     def _load(self, store: Store) -> tuple[VectorIndex, int]:
         """The primary's checkpoint with the log after it replayed; built from the store
@@ -201,15 +231,28 @@ class ReplicaGallery:
     def _follow(self) -> None:
         checked_type = time.monotonic()
         while not self._closed.wait(self._follow_s):
+            type_too = time.monotonic() - checked_type >= _TYPE_CHECK_S
+            if type_too:
+                checked_type = time.monotonic()
             try:
-                with self._holding.reading():
-                    if self._store is not None:
-                        self._catch_up(self._store)
-                if time.monotonic() - checked_type >= _TYPE_CHECK_S:
-                    checked_type = time.monotonic()
-                    self._follow_index_type()
+                self.follow_once(type_too)
+            except NotServedHere:
+                pass  # the store was released, or the index is being loaded again
             except Exception:
                 log.exception("replica: following the primary failed")
+
+    def follow_once(self, type_too: bool = False) -> None:
+        """One round of the follower: the changes since the index's last one replayed (or,
+        after a catch-up that failed partway, the index loaded again); with `type_too`, the
+        primary's index type taken up."""
+        with self._holding.reading():
+            if self._store is not None:
+                if self._partly_caught_up:
+                    self._reload_if_due(self._store)
+                else:
+                    self._catch_up(self._store)
+        if type_too and not self._partly_caught_up:
+            self._follow_index_type()
 
     def _follow_index_type(self) -> None:
         """Loads the primary's checkpoint when it holds another index type than this one
