@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -24,6 +25,7 @@ MODEL = "model-a"
 # process): registrations late0..late{n-1}, faces FaceGenerator(seed).persons(n).
 ENROL = """
 import sys
+import threading
 from pathlib import Path
 from dedup import FaceGenerator, StoreConfig
 from dedup.core.errors import NotServedHere
@@ -44,7 +46,7 @@ def test_a_catch_up_that_fails_partway_adds_nothing_twice(tmp_path, monkeypatch)
     chunk's rows twice in the replica's index. Now the replica's checks go to the primary
     (NotServedHere) until its follower has loaded the index again, from the checkpoint and
     the log; a load that fails too is tried again later, checks still relayed meanwhile."""
-    monkeypatch.setattr(replica_module, "_RELOAD_FIRST_S", 0.3)
+    monkeypatch.setattr(replica_module, "_RELOAD_FIRST_S", 1.0)
     config = StoreConfig(data_dir=tmp_path / "data", check_on_open=False)
     primary = EmbeddedGallery(config, MODEL)
     people = FaceGenerator(1).persons(20)
@@ -70,6 +72,7 @@ def test_a_catch_up_that_fails_partway_adds_nothing_twice(tmp_path, monkeypatch)
         late = FaceGenerator(7).persons(3)
         with pytest.raises(NotServedHere, match="failed partway"):
             replica.neighbours(late[0], 10, 0.5)  # the primary answers it
+        assert not replica.serving  # the next checks go there before the face model runs
         real_load, loads = replica_module.load_index, []
 
         def load_fails_first(*args, **kwargs):
@@ -85,12 +88,56 @@ def test_a_catch_up_that_fails_partway_adds_nothing_twice(tmp_path, monkeypatch)
         assert len(loads) == 1
         with pytest.raises(NotServedHere, match="loaded again"):
             replica.neighbours(late[0], 10, 0.5)
-        time.sleep(0.35)
+        time.sleep(1.05)
         replica.follow_once()
-        assert len(loads) == 2
+        assert len(loads) == 2 and replica.serving
         found = replica.neighbours(late[0], 10, 0.5)
         assert len(found) == 1, found
         assert len(replica._live.index) == 23  # 25 before: late0 and late1 twice
         assert replica.covered == replica._store.sequence()
+    finally:
+        replica.close()
+
+
+def test_a_compaction_never_waits_for_the_replicas_reload(tmp_path, monkeypatch):
+    """The reload reads the checkpoint without holding the store: the primary's release of
+    the replicas around a compaction's swap goes on while it reads (a release waiting for
+    it held every check on the replica, and got the replica killed after 30 s). A reload
+    that finds the store released tries again, and serves once reopened."""
+    config = StoreConfig(data_dir=tmp_path / "data", check_on_open=False)
+    primary = EmbeddedGallery(config, MODEL)
+    people = FaceGenerator(2).persons(20)
+    primary.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(20)])
+    primary.checkpoint()
+    primary.close(checkpoint=False)
+    replica = ReplicaGallery(config, MODEL, IndexConfig(), follow_s=3600)
+    try:
+        replica.open()
+        replica._partly_caught_up = True  # as a catch-up failing partway leaves it
+        reading, go_on = threading.Event(), threading.Event()
+        real_load = replica_module.load_index
+
+        def slow_load(*args, **kwargs):
+            reading.set()
+            go_on.wait(30)
+            return real_load(*args, **kwargs)
+
+        monkeypatch.setattr(replica_module, "load_index", slow_load)
+        follower = threading.Thread(target=replica.follow_once)
+        follower.start()
+        assert reading.wait(10)
+        released = threading.Thread(target=replica.release)
+        released.start()
+        released.join(timeout=5)
+        released_in_time = not released.is_alive()
+        go_on.set()
+        follower.join(timeout=30)
+        released.join(timeout=30)
+        assert released_in_time, "the release waited for the checkpoint's read"
+        assert not replica.serving
+        replica.open()
+        replica.follow_once()
+        assert replica.serving and len(replica._live.index) == 20
+        assert [found.key for found in replica.neighbours(people[3], 10, 0.5)] == [4]
     finally:
         replica.close()

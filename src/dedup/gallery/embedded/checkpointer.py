@@ -10,7 +10,8 @@ allowance for writing (`writing_allowance`), a live rebuild's new index included
 A checkpoint that fails (a full disk, an index out of step with the store) is tried again
 after erasure_checkpoint_delay_s (at least MIN_RETRY_S), then after twice as long each time
 it fails again, up to RETRY_AT_MOST_S: each try may write most of the index before it fails.
-Any checkpoint written ends the waiting.
+Any checkpoint written ends the waiting. A new erasure's checkpoint is tried at the start its
+receipt promised whatever failed before it; a promise made while a retry waits allows for it.
 """
 
 from __future__ import annotations
@@ -76,26 +77,23 @@ class Checkpointer:
         `covering`, nothing is written if the last checkpoint already covers that change.
         CheckpointError when it cannot be written, also while the index cannot take changes
         the store made (IndexOutOfStep: LiveIndex.add_unadded, remove_unremoved)."""
-        try:
-            sequence = self._checkpoint(covering)
-        except BaseException:
-            self._failed()
-            raise
-        self._succeeded()
-        return sequence
+        with self.lock:  # the outcome recorded before another checkpoint is written
+            try:
+                sequence = self._checkpoint(covering)
+            except BaseException:
+                self._failed()
+                raise
+            self._succeeded()
+            return sequence
 
     def _failed(self) -> None:
-        """A checkpoint failed: due ones wait for the retry, and so does a pending erasure's
-        (its promise moves with it, rather than pass while no try may start)."""
+        """A checkpoint failed: the periodic one waits for the retry. An erasure's is tried
+        at its start still (its receipt promised that); when it fails, its next start is
+        the retry (_erasure_checkpoint_again)."""
         with self._retrying:
             self._failures += 1
             doubling = self._first_retry_s() * float(2 ** min(self._failures - 1, 32))
             self._retry_at = time.monotonic() + min(RETRY_AT_MOST_S, doubling)
-        with self.live.writes:
-            start, retry = self.erasure_start, time.time() + self._seconds_to_retry()
-            if start is not None and start < retry:
-                self.erasure_start = retry
-                self.erasure_due = max(self.erasure_due or 0.0, self._due_when_started_at(retry))
 
     def _first_retry_s(self) -> float:
         return max(MIN_RETRY_S, self.config.erasure_checkpoint_delay_s)
@@ -133,11 +131,11 @@ class Checkpointer:
             return sequence
 
     def checkpoint_if_due(self) -> None:
-        if self._seconds_to_retry():
-            return
         start = self.erasure_start
         if start is not None and time.time() >= start:
             self.write_erasure_checkpoint()
+            return
+        if self._seconds_to_retry():
             return
         pending = self.live.store.sequence() - self.sequence
         overdue = time.monotonic() - self.written_at >= self.config.checkpoint_interval_s
@@ -209,9 +207,7 @@ class Checkpointer:
     def seconds_to_erasure_checkpoint(self) -> float:
         """Until the erasure checkpoint starts (0: now, inf: none is due)."""
         start = self.erasure_start
-        if start is None:
-            return math.inf
-        return max(0.0, start - time.time(), self._seconds_to_retry())
+        return math.inf if start is None else max(0.0, start - time.time())
 
     def _erasure_checkpoint_again(self) -> None:
         with self.live.writes:

@@ -136,8 +136,10 @@ class ReplicaGallery:
 
     @property
     def serving(self) -> bool:
-        """Whether reads can be answered here now."""
-        return self._store is not None
+        """Whether reads can be answered here now (not while the index is loaded again
+        after a catch-up that failed partway: the primary answers them, face model and
+        all)."""
+        return self._store is not None and not self._partly_caught_up
 
     def close(self, checkpoint: bool = True) -> None:
         """`checkpoint` is the primary's business: ignored."""
@@ -183,24 +185,51 @@ class ReplicaGallery:
         if self._partly_caught_up:
             raise NotServedHere("this replica's index is being loaded again")
 
-    def _reload_if_due(self, store: Store) -> None:
-        """After a catch-up that failed partway: the index loaded again, from the checkpoint
-        and the log (or the store), when the last try is long enough ago."""
-        if time.monotonic() < self._reload_at:
+    def _reload_if_due(self) -> None:
+        """After a catch-up that failed partway: the index loaded again (the checkpoint read
+        without holding the store, so that a compaction's release never waits for it; then
+        the log after it replayed) when the last try is long enough ago."""
+        if time.monotonic() < self._reload_at or self._store is None:
             return
+        try:
+            loaded = self._load_again()
+        except Exception:
+            self._reload_at = time.monotonic() + self._reload_wait
+            self._reload_wait = min(_RELOAD_AT_MOST_S, 2 * self._reload_wait)
+            raise
+        if loaded is not None:
+            self._reload_at, self._reload_wait = 0.0, _RELOAD_FIRST_S
+            log.info("replica: the index is loaded again (%d vectors): answering checks",
+                     loaded)
+
+    def _load_again(self) -> int | None:
+        """The index loaded again and served; its size, or None if the store was released
+        or the log truncated meanwhile (the next round tries again)."""
         live = self._live
         assert live is not None
-        with live.writes:
-            try:
-                live.index, self.covered = self._load(store)  # pins what it covers
-            except Exception:
-                self._reload_at = time.monotonic() + self._reload_wait
-                self._reload_wait = min(_RELOAD_AT_MOST_S, 2 * self._reload_wait)
-                raise
-            self._partly_caught_up = False
-            self._reload_at, self._reload_wait = 0.0, _RELOAD_FIRST_S
-        log.info("replica: the index is loaded again (%d vectors): answering checks",
-                 len(live.index))
+        try:
+            index, covered = load_index(self.checkpoint_path, self.dimension, self.model_id)
+        except CheckpointError as error:
+            log.warning("replica: no usable index checkpoint (%s): building from the store",
+                        error)
+            with self._holding.reading():  # the rare way: the store held for the build
+                if self._store is None:
+                    return None
+                index, covered = self._build(self._store)
+        self._pin(covered)
+        with self._holding.reading():
+            store = self._store
+            if store is None:
+                return None
+            with live.writes:
+                delta = change_delta(store, covered)
+                if not delta.complete:
+                    return None
+                apply_delta(store, index, delta, self.model_id)
+                live.index, self.covered = index, delta.current
+                self._partly_caught_up = False
+                self._pin(self.covered)
+        return len(index)
 
     def _load(self, store: Store) -> tuple[VectorIndex, int]:
         """The primary's checkpoint with the log after it replayed; built from the store
@@ -245,13 +274,13 @@ class ReplicaGallery:
         """One round of the follower: the changes since the index's last one replayed (or,
         after a catch-up that failed partway, the index loaded again); with `type_too`, the
         primary's index type taken up."""
+        if self._partly_caught_up:
+            self._reload_if_due()
+            return
         with self._holding.reading():
             if self._store is not None:
-                if self._partly_caught_up:
-                    self._reload_if_due(self._store)
-                else:
-                    self._catch_up(self._store)
-        if type_too and not self._partly_caught_up:
+                self._catch_up(self._store)
+        if type_too:
             self._follow_index_type()
 
     def _follow_index_type(self) -> None:
