@@ -26,6 +26,7 @@ from dedup.gallery.embedded.index import (
     new_index,
     training_size,
 )
+from dedup.gallery.embedded.maintenance import run_every
 from dedup.gallery.embedded.rebuilder import Rebuilder
 
 
@@ -932,12 +933,12 @@ def test_a_checkpoint_failing_again_and_again_is_tried_less_and_less_often(tmp_p
 
 def test_an_erasures_promise_is_kept_though_another_checkpoint_failed_before(tmp_path,
                                                                             monkeypatch):
-    """An erasure's checkpoint is due in 0.3 s when an operator's checkpoint fails (the disk
+    """An erasure's checkpoint is due in 1 s when an operator's checkpoint fails (the disk
     was full for that one write), whose retry would wait 1 s: the erasure's checkpoint is
     tried at its start all the same, and written by its receipt's promise. (c446b85 moved
     the start to the retry, after the promise; 3a0c56c let the start pass while no try
     could begin, and the checkpoint thread polled without waiting meanwhile.)"""
-    gallery = _enrolled_gallery(tmp_path, 16, 20, erasure_checkpoint_delay_s=0.3)
+    gallery = _enrolled_gallery(tmp_path, 16, 20, erasure_checkpoint_delay_s=1.0)
     try:
         gallery.checkpoint()
         receipt = gallery.delete(DeleteKey.REGISTRATION_ID, "r0")
@@ -948,7 +949,7 @@ def test_an_erasures_promise_is_kept_though_another_checkpoint_failed_before(tmp
         assert receipt.checkpoint_due is not None
         assert _checkpointed_through(gallery, erased, seconds=5)
         assert time.time() <= receipt.checkpoint_due
-        assert tries[1] < tries[0] + checkpointer.MIN_RETRY_S
+        assert tries[1] < tries[0] + max(checkpointer.MIN_RETRY_S, 1.0) + 0.1
     finally:
         gallery.close(checkpoint=False)
     assert read_checkpoint(tmp_path / "data" / "index.ckpt").vectors == 19
@@ -993,3 +994,46 @@ def test_a_checkpoint_written_ends_the_waiting_of_the_retries(tmp_path, monkeypa
         assert time.monotonic() - started < 2.0
     finally:
         gallery.close(checkpoint=False)
+
+
+def test_an_early_erasure_checkpoint_that_fails_keeps_the_promised_start(tmp_path,
+                                                                        monkeypatch):
+    """A live rebuild starting writes a pending erasure's checkpoint early (pin_log); on a
+    disk full for that one write it fails, and the checkpoint is tried again at the start
+    the receipt promised, not a full erasure delay after the early try (which broke the
+    promise)."""
+    gallery = _enrolled_gallery(tmp_path, 19, 20, erasure_checkpoint_delay_s=2.0)
+    try:
+        gallery.checkpoint()
+        receipt = gallery.delete(DeleteKey.REGISTRATION_ID, "r0")
+        erased = gallery.index_status().store_sequence
+        time.sleep(1.0)
+        _disk_full_for(monkeypatch, 1)
+        with pytest.raises(CheckpointError, match="injected"):
+            gallery._checkpointer.pin_log(0)
+        gallery._checkpointer.unpin_log()
+        assert receipt.checkpoint_due is not None
+        assert _checkpointed_through(gallery, erased, seconds=5)
+        assert time.time() <= receipt.checkpoint_due
+    finally:
+        gallery.close(checkpoint=False)
+
+
+def test_after_a_failure_the_maintenance_thread_wakes_when_work_is_due():
+    """A failed round (a periodic checkpoint on a full disk) used to wait a whole poll
+    whatever was due sooner: an erasure's checkpoint due 0.1 s later started up to a poll
+    late. Now it waits for what is due, and never not at all."""
+    closed, calls = threading.Event(), []
+
+    def fails_first():
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise CheckpointError("injected")
+        closed.set()
+
+    thread = threading.Thread(target=run_every,
+                              args=(closed, 2.0, lambda: 0.1, fails_first, "test"))
+    thread.start()
+    thread.join(timeout=10)
+    assert len(calls) == 2, calls
+    assert calls[1] - calls[0] < 1.0

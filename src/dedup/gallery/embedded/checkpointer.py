@@ -148,6 +148,7 @@ class Checkpointer:
         with self.live.writes:  # an erasure from here on waits for the next checkpoint
             if self.erasure_start is None:
                 return
+            promised = (self.erasure_start, self.erasure_due)
             self.erasure_start = self.erasure_due = None
             erased_by = self.erased_through
         written = False
@@ -157,7 +158,7 @@ class Checkpointer:
             written = self.checkpoint(covering=erased_by) >= erased_by
         finally:  # not written (a full disk, an import deferring it): again later
             if not written:
-                self._erasure_checkpoint_again()
+                self._erasure_checkpoint_again(promised)
 
     def erasure_checkpoint_by(self) -> float:
         """After an erasure (under the write lock): when the checkpoint will have been
@@ -209,9 +210,14 @@ class Checkpointer:
         start = self.erasure_start
         return math.inf if start is None else max(0.0, start - time.time())
 
-    def _erasure_checkpoint_again(self) -> None:
+    def _erasure_checkpoint_again(self, promised: tuple[float, float | None]) -> None:
+        """After a failed erasure checkpoint: at its promised start if that is still ahead
+        (an early try, before a live rebuild, failed), else after the erasure delay or the
+        retry, whichever is later (its promise is broken then)."""
         with self.live.writes:
-            if self.erasure_start is None:  # no erasure since: this one's promise is broken
+            if self.erasure_start is None and promised[0] > time.time():
+                self.erasure_start, self.erasure_due = promised
+            elif self.erasure_start is None:  # no erasure since
                 self._schedule_erasure_checkpoint()
         log.warning("the checkpoint after an erasure was not written: trying again at %s",
                     time.strftime("%H:%M:%S", time.localtime(self.erasure_start)))

@@ -175,29 +175,32 @@ class Maintenance:
         # for exactly: the erasure's receipt promises when that checkpoint is written.
         poll = max(MIN_POLL_S, min(1.0, self.config.checkpoint_interval_s,
                                    self.config.erasure_checkpoint_delay_s))
-        self._every(poll, self.checkpointer.seconds_to_erasure_checkpoint,
-                    self.checkpointer.checkpoint_if_due, "index checkpoint")
+        run_every(self.closed, poll, self.checkpointer.seconds_to_erasure_checkpoint,
+                  self.checkpointer.checkpoint_if_due, "index checkpoint")
 
     def _compactions(self) -> None:
         # A failed compaction is tried again COMPACTION_RETRY_S later (compact_if_due).
         poll = max(MIN_POLL_S, min(1.0, self.config.checkpoint_interval_s))
-        self._every(poll, self.compaction.seconds_to_start, self.compaction.compact_if_due,
-                    "compaction")
+        run_every(self.closed, poll, self.compaction.seconds_to_start,
+                  self.compaction.compact_if_due, "compaction")
 
     def _index_type(self) -> None:
         switch_every = max(MIN_POLL_S, min(SWITCH_EVERY_S, self.config.checkpoint_interval_s))
-        self._every(switch_every, lambda: switch_every, self.switch.switch_if_wanted,
-                    "index type switch")
+        run_every(self.closed, switch_every, lambda: switch_every,
+                  self.switch.switch_if_wanted, "index type switch")
 
-    def _every(self, poll: float, seconds_to_next: Callable[[], float],
-               work: Callable[[], None], what: str) -> None:
-        """Runs `work` every `poll` seconds and when `seconds_to_next` says, until closed;
-        after a failure, again a poll later."""
-        wait = poll
-        while not self.closed.wait(wait):
-            try:
-                work()
-                wait = max(0.0, min(poll, seconds_to_next()))
-            except Exception:  # the store is the truth; a failure here only costs time
-                log.exception("background %s failed", what)
-                wait = poll
+
+
+def run_every(closed: threading.Event, poll: float, seconds_to_next: Callable[[], float],
+              work: Callable[[], None], what: str) -> None:
+    """Runs `work` every `poll` seconds and when `seconds_to_next` says, until `closed`;
+    after a failure, again a poll later at most (an erasure's checkpoint due sooner keeps its
+    start), never at once."""
+    wait = poll
+    while not closed.wait(wait):
+        try:
+            work()
+            wait = max(0.0, min(poll, seconds_to_next()))
+        except Exception:  # the store is the truth; a failure here only costs time
+            log.exception("background %s failed", what)
+            wait = max(MIN_POLL_S, min(poll, seconds_to_next()))
