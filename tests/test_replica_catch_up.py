@@ -11,7 +11,7 @@ import time
 import pytest
 
 from dedup import FaceGenerator, StoreConfig
-from dedup.core.errors import NotServedHere
+from dedup.core.errors import CheckpointError, NotServedHere
 from dedup.core.records import Registration
 from dedup.core.settings import IndexConfig
 from dedup.gallery.embedded import replay
@@ -28,7 +28,7 @@ import sys
 import threading
 from pathlib import Path
 from dedup import FaceGenerator, StoreConfig
-from dedup.core.errors import NotServedHere
+from dedup.core.errors import CheckpointError, NotServedHere
 from dedup.core.records import Registration
 from dedup.gallery.embedded.store import Store
 data_dir, seed, n = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
@@ -139,5 +139,34 @@ def test_a_compaction_never_waits_for_the_replicas_reload(tmp_path, monkeypatch)
         replica.follow_once()
         assert replica.serving and len(replica._live.index) == 20
         assert [found.key for found in replica.neighbours(people[3], 10, 0.5)] == [4]
+    finally:
+        replica.close()
+
+
+def test_a_reload_waits_for_a_usable_checkpoint_rather_than_build(tmp_path, monkeypatch):
+    """Where the primary's checkpoint is unusable the reload does not build the index from
+    the store (minutes at 10,000,000, holding the store, and a compaction's release with
+    it): the primary answers the checks until a usable checkpoint is there."""
+    monkeypatch.setattr(replica_module, "_RELOAD_FIRST_S", 0.1)
+    config = StoreConfig(data_dir=tmp_path / "data", check_on_open=False)
+    primary = EmbeddedGallery(config, MODEL)
+    people = FaceGenerator(3).persons(20)
+    primary.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(20)])
+    primary.checkpoint()
+    primary.close(checkpoint=False)
+    replica = ReplicaGallery(config, MODEL, IndexConfig(), follow_s=3600)
+    checkpoint = replica.checkpoint_path
+    good = checkpoint.read_bytes()
+    try:
+        replica.open()
+        replica._partly_caught_up = True  # as a catch-up failing partway leaves it
+        checkpoint.write_bytes(good[: len(good) // 2])  # cut short
+        with pytest.raises(CheckpointError):
+            replica.follow_once()
+        assert not replica.serving
+        checkpoint.write_bytes(good)
+        time.sleep(0.15)
+        replica.follow_once()
+        assert replica.serving and len(replica._live.index) == 20
     finally:
         replica.close()

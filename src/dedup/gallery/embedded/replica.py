@@ -207,15 +207,10 @@ class ReplicaGallery:
         or the log truncated meanwhile (the next round tries again)."""
         live = self._live
         assert live is not None
-        try:
-            index, covered = load_index(self.checkpoint_path, self.dimension, self.model_id)
-        except CheckpointError as error:
-            log.warning("replica: no usable index checkpoint (%s): building from the store",
-                        error)
-            with self._holding.reading():  # the rare way: the store held for the build
-                if self._store is None:
-                    return None
-                index, covered = self._build(self._store)
+        # No build from the store where the checkpoint is unusable: it would hold the store
+        # for minutes, and a compaction's release with it. The primary answers meanwhile,
+        # and its next checkpoint is tried.
+        index, covered = load_index(self.checkpoint_path, self.dimension, self.model_id)
         self._pin(covered)
         with self._holding.reading():
             store = self._store
