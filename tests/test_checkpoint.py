@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from dedup import CheckpointError, FaceGenerator, StoreConfig
+from dedup.core.errors import StoreError
 from dedup.core.records import DeleteKey, Registration
 from dedup.core.settings import IndexConfig
 from dedup.gallery.base import Erasure
@@ -1037,3 +1039,63 @@ def test_after_a_failure_the_maintenance_thread_wakes_when_work_is_due():
     thread.join(timeout=10)
     assert len(calls) == 2, calls
     assert calls[1] - calls[0] < 1.0
+
+
+def test_an_early_erasure_checkpoint_failing_slowly_keeps_the_earlier_promise(tmp_path,
+                                                                             monkeypatch):
+    """As above, while the failing write takes 0.5 s another erasure comes and schedules a
+    checkpoint of its own, later: the earlier start is kept for both (the later erasure
+    only ever gets a later promise), so the first receipt's promise holds."""
+    real_write = checkpointer.write_checkpoint
+    failures = [CheckpointError("index.ckpt: no space left on device (injected)")]
+
+    def slow_failure_once(*args, **kwargs):
+        if failures:
+            time.sleep(0.5)
+            raise failures.pop()
+        return real_write(*args, **kwargs)
+
+    gallery = _enrolled_gallery(tmp_path, 20, 20, erasure_checkpoint_delay_s=2.0)
+    try:
+        gallery.checkpoint()
+        first = gallery.delete(DeleteKey.REGISTRATION_ID, "r0")
+        time.sleep(0.5)
+        monkeypatch.setattr(checkpointer, "write_checkpoint", slow_failure_once)
+        def pin_log_failing() -> None:
+            with contextlib.suppress(CheckpointError):
+                gallery._checkpointer.pin_log(0)
+
+        early = threading.Thread(target=pin_log_failing)
+        early.start()
+        time.sleep(0.2)
+        second = gallery.delete(DeleteKey.REGISTRATION_ID, "r1")
+        erased = gallery.index_status().store_sequence
+        early.join(timeout=10)
+        gallery._checkpointer.unpin_log()
+        assert not failures and first.checkpoint_due and second.checkpoint_due
+        assert _checkpointed_through(gallery, erased, seconds=5)
+        assert time.time() <= first.checkpoint_due
+    finally:
+        gallery.close(checkpoint=False)
+    assert read_checkpoint(tmp_path / "data" / "index.ckpt").vectors == 18
+
+
+def test_the_maintenance_thread_outlives_a_failure_of_what_it_asks_after_one():
+    """After a failed compaction, the time to the next is read from the store too; a read
+    error there ended the thread, and nothing compacted until a restart."""
+    closed, calls = threading.Event(), []
+
+    def fails_twice():
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            raise StoreError("injected")
+        closed.set()
+
+    def unreadable() -> float:
+        raise StoreError("injected: the store's read")
+
+    thread = threading.Thread(target=run_every,
+                              args=(closed, 0.1, unreadable, fails_twice, "test"))
+    thread.start()
+    thread.join(timeout=10)
+    assert len(calls) == 3, calls

@@ -215,8 +215,10 @@ class Checkpointer:
         (an early try, before a live rebuild, failed), else after the erasure delay or the
         retry, whichever is later (its promise is broken then)."""
         with self.live.writes:
-            if self.erasure_start is None and promised[0] > time.time():
-                self.erasure_start, self.erasure_due = promised
+            start, due = promised
+            if start > time.time():  # one scheduled since (an erasure meanwhile) starts later
+                self.erasure_start = min(start, self.erasure_start or start)
+                self.erasure_due = max(due or 0.0, self.erasure_due or 0.0)
             elif self.erasure_start is None:  # no erasure since
                 self._schedule_erasure_checkpoint()
         log.warning("the checkpoint after an erasure was not written: trying again at %s",

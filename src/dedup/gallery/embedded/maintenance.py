@@ -203,4 +203,13 @@ def run_every(closed: threading.Event, poll: float, seconds_to_next: Callable[[]
             wait = max(0.0, min(poll, seconds_to_next()))
         except Exception:  # the store is the truth; a failure here only costs time
             log.exception("background %s failed", what)
-            wait = max(MIN_POLL_S, min(poll, seconds_to_next()))
+            wait = max(MIN_POLL_S, min(poll, _or_poll(seconds_to_next, poll)))
+
+
+def _or_poll(seconds_to_next: Callable[[], float], poll: float) -> float:
+    """`seconds_to_next()`, or `poll` should it fail too (a compaction's reads the store:
+    after a read error the thread must go on, not end)."""
+    try:
+        return seconds_to_next()
+    except Exception:
+        return poll
