@@ -89,6 +89,8 @@ def test_https_sets_a_secure_host_only_cookie_and_strict_headers(keys):
         text = refused.read().decode()
         assert refused.status == 502 and "cannot be reached" in text
         assert "Traceback" not in text and "a-token" not in text
+        # Nothing of the console's insides to someone not signed in: no address, no TLS.
+        assert "127.0.0.1:9" not in text and "ipv4" not in text and "UNAVAILABLE" not in text
     finally:
         console.stop()
 
@@ -147,5 +149,110 @@ def test_an_unauthenticated_development_server_needs_no_token(server):
         assert admin.url.endswith("/search")
         dashboard = client.get("/admin").read().decode()
         assert "registrations" in dashboard and "C-1" in dashboard
+    finally:
+        console.stop()
+
+
+def _get_as(url: str, host: str) -> tuple[int, str]:
+    request = urllib.request.Request(url + "/signin", headers={"Host": host})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def test_plain_http_answers_loopback_names_only(keys):
+    """A page of another site whose name it made resolve to 127.0.0.1 (DNS rebinding) sends
+    its own name as Host: refused, so it cannot read the console as its own origin."""
+    console = ConsoleProcess("--server", "127.0.0.1:9", "--ca", str(keys / "ca.crt"))
+    try:
+        port = urllib.parse.urlsplit(console.url).port
+        assert _get_as(console.url, f"evil.example:{port}")[0] == 421
+        assert _get_as(console.url, "evil.example")[0] == 421
+        assert _get_as(console.url, f"127.0.0.1.evil.example:{port}")[0] == 421
+        for name in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost"):
+            status, page = _get_as(console.url, name)
+            assert status == 200 and "csrf" in page, name
+    finally:
+        console.stop()
+
+
+def test_a_flood_of_sign_in_pages_keeps_at_most_the_cap_and_the_signed_in():
+    """Every sign-in page served makes a session; at most `max_unsigned` are kept, the
+    oldest ended first, and a signed-in session outlives the flood."""
+    store = SessionStore(idle_timeout_s=60, lifetime_s=600, max_unsigned=100)
+    signed = store.sign_in("the-bearer-token", "investigator")
+    first = [store.new() for _ in range(50)]
+    for _ in range(1000):
+        store.new()
+    assert len(store) == 101
+    assert store.get(signed.id) is signed and signed.token == "the-bearer-token"
+    assert all(store.get(session.id) is None for session in first)
+
+
+@pytest.mark.embedded_only(reason="the console is a gRPC client; which backend answers does "
+                           "not change what it sends")
+def test_a_settlement_is_marked_for_its_session_and_case_only(server):
+    """Investigator A settles a pair in case C-A: A's links page marks it; investigator B
+    (case C-B) sees no mark, nor does A once another case is open (the marks were one store
+    for the whole console: B learned A's decision, unaudited)."""
+    from conftest import enroll
+
+    from dedup import FaceGenerator
+
+    people = FaceGenerator(31)
+    person = people.persons(1)[0]
+    enroll(server.stub, "r-one", "ID-ONE", people.capture(person))
+    enroll(server.stub, "r-two", "ID-TWO", people.capture(person))
+    console = ConsoleProcess("--server", f"127.0.0.1:{server.port}")
+
+    def signed_in(case_id: str) -> tuple[Client, str]:
+        client = Client(console.url)
+        page = client.get("/signin").read().decode()
+        text = client.post("/signin", {"csrf": csrf_of(page)}).read().decode()
+        client.post("/case", {"csrf": csrf_of(text), "case_id": case_id, "purpose": "test"})
+        return client, csrf_of(client.get("/case").read().decode())
+
+    def marked(client: Client) -> bool:
+        return "settled: same person" in client.get("/links?id_number=ID-ONE").read().decode()
+
+    try:
+        a, a_csrf = signed_in("C-A")
+        b, _ = signed_in("C-B")
+        assert not marked(a)
+        done = a.post("/adjudicate", {"csrf": a_csrf, "registration_id": "r-one",
+                                      "matched_registration_id": "r-two", "decision": "same",
+                                      "note": "", "score": "", "confirmed": "yes"})
+        assert done.status == 200, done.read().decode()
+        assert marked(a)
+        assert not marked(b)
+        a.post("/case", {"csrf": a_csrf, "case_id": "C-A2", "purpose": "another"})
+        assert not marked(a)
+    finally:
+        console.stop()
+
+
+@pytest.mark.embedded_only(reason="the audit pages read an embedded data directory here")
+def test_the_audit_page_asks_the_server_about_the_token_on_every_read(server):
+    """The audit trail is read from the data directory, not through the server: each read
+    asks the server about the admin's token first, so a token expired or revoked since
+    sign-in (here: a server that no longer answers) reads nothing more."""
+    console = ConsoleProcess("--server", f"127.0.0.1:{server.port}",
+                             "--audit-data-dir", str(server.config.store.data_dir))
+    try:
+        client = Client(console.url)
+        page = client.get("/signin").read().decode()
+        text = client.post("/signin", {"csrf": csrf_of(page)}).read().decode()
+        client.post("/case", {"csrf": csrf_of(text), "case_id": "C-1", "purpose": "audit"})
+        shown = client.get("/admin/audit")
+        assert shown.status == 200 and 'id="verification"' in shown.read().decode()
+        server.stop()
+        try:
+            refused = client.get("/admin/audit")
+            status, text = refused.status, refused.read().decode()
+        except urllib.error.HTTPError as error:
+            status, text = error.code, error.read().decode()
+        assert status == 502 and 'id="verification"' not in text, text
     finally:
         console.stop()

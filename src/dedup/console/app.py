@@ -5,13 +5,16 @@ images from the console itself only, the carrier's photo origin added when confi
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -68,6 +71,39 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+class LoopbackHostsOnly:
+    """Plain HTTP (which the console serves on loopback only): a request must name a loopback
+    host. A page of another site whose name it made resolve to 127.0.0.1 (DNS rebinding)
+    names that site, and is refused: it would otherwise read the console as its own origin,
+    signing in, as anyone can on a development server, and reading every page."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not _names_loopback(Headers(scope=scope).get("host")):
+            refused = PlainTextResponse("This console answers to loopback names only (such as "
+                                        "127.0.0.1 and localhost).", status_code=421)
+            await refused(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _names_loopback(host: str | None) -> bool:
+    try:
+        name = urlsplit(f"//{host}").hostname if host else None
+    except ValueError:
+        return False
+    if name is None:
+        return False
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 async def _failed(request: Request, error: Exception) -> Response:
     """Any fault of the console: logged here, a message (no stack trace) on the page."""
     log.error("console: %s on %s %s", type(error).__name__, request.method, request.url.path,
@@ -88,9 +124,12 @@ def create_app(settings: ConsoleSettings, backend: Backend | None = None) -> Sta
     routes = [*pages_session.ROUTES, *pages_search.ROUTES, *pages_links.ROUTES,
               *pages_clusters.ROUTES, *pages_admin.ROUTES,
               Mount("/static", StaticFiles(directory=HERE / "static"), name="static")]
-    app = Starlette(routes=routes, middleware=[Middleware(
-        SecurityHeaders, policy=content_security_policy(settings), https=settings.https)],
-        exception_handlers={404: _not_found, Exception: _failed})
+    middleware = [Middleware(SecurityHeaders, policy=content_security_policy(settings),
+                             https=settings.https)]
+    if not settings.https:  # over HTTPS a rebound name fails the certificate's check
+        middleware.append(Middleware(LoopbackHostsOnly))
+    app = Starlette(routes=routes, middleware=middleware,
+                    exception_handlers={404: _not_found, Exception: _failed})
     app.state.console = Console(settings, backend or Backend(settings), templates,
                                 SessionStore(settings.idle_timeout_s, settings.session_lifetime_s))
     return app

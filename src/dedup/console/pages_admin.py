@@ -7,15 +7,16 @@ import asyncio
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from dedup.console import audit, forms
+from dedup.console.backend import SignInRefused
 from dedup.console.forms import Form
 from dedup.console.sessions import Session
 from dedup.console.settings import AuditSource
 from dedup.console.views import index_view, now_text, stats_view
-from dedup.console.web import call, console_of, page, render
+from dedup.console.web import call, console_of, log, message, page, render
 
 
 @page(need="admin")
@@ -38,7 +39,21 @@ def _filter(request: Request) -> audit.RecordFilter:
 
 @page(need="admin")
 async def audit_page(request: Request, session: Session, form: Form | None) -> Response:
-    source = console_of(request).settings.audit
+    console = console_of(request)
+    # The trail is read from the data directory, not through the server: the admin's token
+    # is asked about first on every read, so one expired or revoked since sign-in reads
+    # nothing more.
+    try:
+        role = await call(console.backend.role_of, session.token)
+    except SignInRefused:
+        console.sessions.end(session)
+        return RedirectResponse("/signin?ended=1", status_code=303)
+    if role != "admin":
+        return message(request, session, "Admins only", "This token no longer has the admin "
+                       "role.", 403)
+    assert session.case is not None
+    log.info("console: the audit trail read by an admin for case %r", session.case.case_id)
+    source = console.settings.audit
     context: dict[str, object] = {"configured": source.configured,
                                   "query": dict(request.query_params)}
     if not source.configured:

@@ -30,7 +30,7 @@ async def links(request: Request, session: Session, form: Form | None) -> Respon
     reply = await call(console.backend.links, session.token, session.case, id_number)
     return render(request, session, "links.html",
                   {"id_number": id_number,
-                   **links_view(reply, id_number, console.settings, console.settled)})
+                   **links_view(reply, id_number, console.settings, session.settled)})
 
 
 def _return_to(form: Form) -> str:
@@ -63,7 +63,7 @@ async def adjudicate(request: Request, session: Session, form: Form | None) -> R
         adjudication.score = float(pair["score"])
     console = console_of(request)
     reply = await call(console.backend.adjudicate, session.token, session.case, adjudication)
-    console.settled.add(pair["registration_id"], pair["matched_registration_id"], label)
+    session.settled.add(pair["registration_id"], pair["matched_registration_id"], label)
     log.info("console: a pair settled as %s", label)
     return render(request, session, "adjudicated.html",
                   {**context, "score": f"{reply.score:.4f}",

@@ -70,17 +70,17 @@ async def search(request: Request, session: Session, form: Form | None) -> Respo
         return render(request, session, "search.html",
                       {**context, "error": "Give a photo or a registration ID."}, 400)
     reply = await call(console.backend.search, session.token, session.case, query)
-    context.update(_results(reply, checked, console, bool(form.photo)))
+    context.update(_results(reply, checked, console, session, bool(form.photo)))
     if form.photo:
         session.probe, session.probe_type = form.photo, _image_type(form.photo)
     context["probe"] = "photo" if form.photo else registration_id
     return render(request, session, "search.html", context)
 
 
-def _results(reply: pb.SearchResponse, checked: str, console: Any, by_photo: bool
-             ) -> dict[str, Any]:
+def _results(reply: pb.SearchResponse, checked: str, console: Any, session: Session,
+             by_photo: bool) -> dict[str, Any]:
     results: dict[str, Any] = {
-        "rows": match_rows(reply.matches, checked, console.settings, console.settled),
+        "rows": match_rows(reply.matches, checked, console.settings, session.settled),
         "checked": checked, "audit_record_hash": reply.audit_record_hash,
         "searched": True}
     if by_photo and reply.HasField("quality"):

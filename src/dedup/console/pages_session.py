@@ -9,7 +9,7 @@ from starlette.routing import Route
 
 from dedup.console.backend import SignInRefused
 from dedup.console.forms import Form
-from dedup.console.sessions import Case, Session
+from dedup.console.sessions import Case, Session, SettledPairs
 from dedup.console.web import call, console_of, log, message, page, render, set_cookie
 from dedup.core import validation
 from dedup.core.errors import InvalidArgument
@@ -46,8 +46,7 @@ async def signin(request: Request, session: Session, form: Form | None) -> Respo
                        "role. The console is for investigators and admins: a registration "
                        "desk's token cannot sign in here. Nothing was searched.", 403)
     console.sessions.end(session)
-    signed = console.sessions.new()  # a new id: one seen before sign-in is worthless
-    signed.token, signed.role = token, role
+    signed = console.sessions.sign_in(token, role)
     log.info("console: signed in, role %s", role)
     response = RedirectResponse("/case", status_code=303)
     set_cookie(console, response, signed)
@@ -83,6 +82,7 @@ async def open_case(request: Request, session: Session, form: Form | None) -> Re
         job.cancel()
     session.jobs.clear()
     session.probe = None
+    session.settled = SettledPairs()  # another case's decisions are not this one's
     return RedirectResponse("/search", status_code=303)
 
 

@@ -11,11 +11,30 @@ import hmac
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 COOKIE = "dedup-console"
 SECURE_COOKIE = "__Host-dedup-console"  # the prefix: Secure, Path=/, no Domain
+
+
+class SettledPairs:
+    """Pairs this session settled in its case, so that its later results mark them (the
+    server keeps the settlements; its Search does not say which pairs are settled). Never
+    shared: another investigator, or another case, learns nothing of them here."""
+
+    def __init__(self) -> None:
+        self._pairs: dict[frozenset[str], str] = {}
+        self._lock = threading.Lock()
+
+    def add(self, first: str, second: str, decision: str) -> None:
+        with self._lock:
+            self._pairs[frozenset((first, second))] = decision
+
+    def of(self, first: str, second: str) -> str:
+        with self._lock:
+            return self._pairs.get(frozenset((first, second)), "")
 
 
 @dataclass
@@ -38,6 +57,7 @@ class Session:
     probe_type: str = "image/jpeg"
     # Cluster jobs this session started, by job id (console.clusters.ClusterJob).
     jobs: dict[str, Any] = field(default_factory=dict)
+    settled: SettledPairs = field(default_factory=SettledPairs)
 
     @property
     def signed_in(self) -> bool:
@@ -48,19 +68,49 @@ class Session:
 
 
 class SessionStore:
-    def __init__(self, idle_timeout_s: float, lifetime_s: float) -> None:
+    """The live sessions. A session not signed in yet (one for each sign-in page served)
+    costs next to nothing, and at most `max_unsigned` are kept, the oldest ended first: a
+    flood of sign-in pages cannot fill memory nor slow the sessions signed in (expired ones
+    are purged every PURGE_EVERY_S, not on every new session)."""
+
+    PURGE_EVERY_S = 10.0
+
+    def __init__(self, idle_timeout_s: float, lifetime_s: float,
+                 max_unsigned: int = 10_000) -> None:
         self.idle_timeout_s = idle_timeout_s
         self.lifetime_s = lifetime_s
+        self.max_unsigned = max_unsigned
         self._sessions: dict[str, Session] = {}
+        self._unsigned: OrderedDict[str, None] = OrderedDict()  # their ids, oldest first
+        self._purged = time.monotonic()
         self._lock = threading.Lock()
 
     def new(self) -> Session:
+        """A session not signed in yet."""
         now = time.monotonic()
         session = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32), now, now)
         with self._lock:
-            self._purge(now)
+            if now - self._purged >= self.PURGE_EVERY_S:
+                self._purge(now)
+                self._purged = now
             self._sessions[session.id] = session
+            self._unsigned[session.id] = None
+            while len(self._unsigned) > self.max_unsigned:
+                oldest, _ = self._unsigned.popitem(last=False)
+                self._end(self._sessions[oldest])
         return session
+
+    def sign_in(self, token: str | None, role: str) -> Session:
+        """A new session (a new id: one seen before sign-in is worthless), signed in."""
+        session = self.new()
+        with self._lock:
+            session.token, session.role = token, role
+            self._unsigned.pop(session.id, None)
+        return session
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)
 
     def get(self, session_id: str, touch: bool = True) -> Session | None:
         """The live session of this id; `touch`: the person made this request (it resets the
@@ -87,6 +137,7 @@ class SessionStore:
 
     def _end(self, session: Session) -> None:
         self._sessions.pop(session.id, None)
+        self._unsigned.pop(session.id, None)
         session.token = None
         session.probe = None
         for job in session.jobs.values():

@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
+from dedup.console.sessions import SettledPairs
 from dedup.console.settings import ConsoleSettings
-from dedup.console.web import SettledPairs
 
 QUALITY_COMPONENTS = ("face_size", "inter_eye", "exposure", "contrast", "uniformity",
                       "sharpness", "compression", "roll", "yaw", "pitch", "detection",

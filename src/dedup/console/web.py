@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -30,30 +29,12 @@ Handler = Callable[[Request, Session, Form | None], Awaitable[Response]]
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-class SettledPairs:
-    """Pairs settled through this console, so that later results mark them (the server keeps
-    the settlements; its Search does not say which pairs are settled)."""
-
-    def __init__(self) -> None:
-        self._pairs: dict[frozenset[str], str] = {}
-        self._lock = threading.Lock()
-
-    def add(self, first: str, second: str, decision: str) -> None:
-        with self._lock:
-            self._pairs[frozenset((first, second))] = decision
-
-    def of(self, first: str, second: str) -> str:
-        with self._lock:
-            return self._pairs.get(frozenset((first, second)), "")
-
-
 @dataclass
 class Console:
     settings: ConsoleSettings
     backend: Backend
     templates: Jinja2Templates
     sessions: SessionStore
-    settled: SettledPairs = field(default_factory=SettledPairs)
 
     @property
     def cookie_name(self) -> str:
@@ -128,6 +109,13 @@ def page(need: str = "case", form: str = "", touch: bool = True) -> Callable[[Ha
             try:
                 return await handler(request, session, posted)
             except ServerRefused as refused:
+                if not session.signed_in:  # no internals (addresses, TLS) before sign-in
+                    log.warning("console: sign-in could not ask the server: %s",
+                                refused_text(refused))
+                    return message(request, session, "The server cannot answer", "Signing "
+                                   "in asks the server, which cannot be reached or did not "
+                                   "answer the console; try again later. The console's log "
+                                   "has the details.", 502)
                 return message(request, session, "The server refused", refused_text(refused),
                                502 if refused.code == "UNAVAILABLE" else 400)
         return endpoint
