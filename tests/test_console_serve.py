@@ -76,8 +76,8 @@ def test_https_sets_a_secure_host_only_cookie_and_strict_headers(keys):
         assert console.url.startswith("https://")
         client = Client(console.url, ssl.create_default_context(cafile=str(keys / "ca.crt")))
         reply = client.get("/signin")
-        cookie = reply.headers["Set-Cookie"]
-        assert cookie.startswith("__Host-dedup-console=")
+        cookie = reply.headers["Set-Cookie"]  # the sign-in form's nonce (no session yet)
+        assert cookie.startswith("__Host-dedup-console-sign-in=")
         for flag in ("HttpOnly", "Secure", "SameSite=strict", "Path=/"):
             assert flag in cookie
         assert reply.headers["Content-Security-Policy"] == CSP
@@ -106,13 +106,13 @@ def test_every_page_has_the_headers_and_static_files_are_cacheable(keys):
         assert page.headers["X-Frame-Options"] == "DENY"
         assert page.headers["Referrer-Policy"] == "no-referrer"
         cookie = page.headers["Set-Cookie"]
-        assert cookie.startswith("dedup-console=") and "Secure" not in cookie
+        assert cookie.startswith("dedup-console-sign-in=") and "Secure" not in cookie
         assert "HttpOnly" in cookie and "SameSite=strict" in cookie
         assert "<script>" not in page.read().decode()  # no inline script
         static = client.get("/static/console.js")
         assert static.headers["Cache-Control"].startswith("private, max-age=")
         # A page that needs a session sends the person to sign in, never shows data.
-        assert client.get("/links?id_number=X").url.endswith("/signin")
+        assert urllib.parse.urlsplit(client.get("/links?id_number=X").url).path == "/signin"
         no_session = Client(console.url).post("/case", {"case_id": "C", "purpose": "P"})
         assert no_session.url.endswith("/signin?ended=1")
     finally:
@@ -121,8 +121,7 @@ def test_every_page_has_the_headers_and_static_files_are_cacheable(keys):
 
 def test_an_idle_session_ends_and_polling_does_not_keep_it_alive():
     store = SessionStore(idle_timeout_s=0.3, lifetime_s=60)
-    session = store.new()
-    session.token = "the-bearer-token"
+    session = store.sign_in("the-bearer-token", "investigator")
     time.sleep(0.2)
     assert store.get(session.id) is session  # the person's request: the clock starts again
     time.sleep(0.2)
@@ -171,24 +170,68 @@ def test_plain_http_answers_loopback_names_only(keys):
         assert _get_as(console.url, f"evil.example:{port}")[0] == 421
         assert _get_as(console.url, "evil.example")[0] == 421
         assert _get_as(console.url, f"127.0.0.1.evil.example:{port}")[0] == 421
-        for name in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost"):
+        for name in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", "localhost.",
+                     f"[::1]:{port}", "127.0.0.2"):
             status, page = _get_as(console.url, name)
             assert status == 200 and "csrf" in page, name
     finally:
         console.stop()
 
 
-def test_a_flood_of_sign_in_pages_keeps_at_most_the_cap_and_the_signed_in():
-    """Every sign-in page served makes a session; at most `max_unsigned` are kept, the
-    oldest ended first, and a signed-in session outlives the flood."""
-    store = SessionStore(idle_timeout_s=60, lifetime_s=600, max_unsigned=100)
-    signed = store.sign_in("the-bearer-token", "investigator")
-    first = [store.new() for _ in range(50)]
-    for _ in range(1000):
-        store.new()
-    assert len(store) == 101
-    assert store.get(signed.id) is signed and signed.token == "the-bearer-token"
-    assert all(store.get(session.id) is None for session in first)
+def _asgi(app, method: str, path: str, cookies: str = "", body: bytes = b""
+          ) -> tuple[int, dict[str, str], str]:
+    """One request to the console's ASGI app in this process: status, headers, body."""
+    import asyncio
+
+    sent: list[dict] = []
+    headers = [(b"host", b"127.0.0.1:8080"), (b"cookie", cookies.encode())]
+    if body:
+        headers.append((b"content-type", b"application/x-www-form-urlencoded"))
+    scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(),
+             "query_string": b"", "headers": headers, "scheme": "http",
+             "server": ("127.0.0.1", 8080), "client": ("127.0.0.1", 5555),
+             "http_version": "1.1", "root_path": ""}
+    chunks = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        return chunks.pop(0) if chunks else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    start = next(message for message in sent if message["type"] == "http.response.start")
+    reply_headers: dict[str, str] = {}
+    for name, value in start["headers"]:
+        reply_headers.setdefault(name.decode(), value.decode())
+    text = b"".join(message.get("body", b"") for message in sent
+                    if message["type"] == "http.response.body").decode()
+    return start["status"], reply_headers, text
+
+
+def test_a_flood_of_sign_in_pages_costs_the_console_nothing_and_ends_no_one():
+    """A sign-in page keeps no session: its CSRF token is a MAC of a nonce in a cookie of
+    its own. A flood of them (any site can send them to a loopback console) keeps nothing,
+    so it cannot fill memory nor end an investigator's sign-in in progress (before, each kept
+    a session: memory, then with a cap the oldest ended); a sign-in form posted with another
+    page's nonce is refused."""
+    from dedup.console.app import create_app
+    from dedup.console.settings import ConsoleSettings
+
+    app = create_app(ConsoleSettings(server="127.0.0.1:9"))
+    sessions = app.state.console.sessions
+    status, headers, page = _asgi(app, "GET", "/signin")
+    nonce_cookie = headers["set-cookie"].split(";")[0]
+    assert status == 200 and nonce_cookie.startswith("dedup-console-sign-in=")
+    for _ in range(300):
+        assert _asgi(app, "GET", "/signin")[0] == 200
+    assert len(sessions) == 0
+    again = _asgi(app, "GET", "/signin", cookies=nonce_cookie)[2]
+    assert csrf_of(again) == csrf_of(page)  # the same nonce, the same token
+    other = _asgi(app, "GET", "/signin")[1]["set-cookie"].split(";")[0]
+    refused = _asgi(app, "POST", "/signin", cookies=other,
+                    body=urllib.parse.urlencode({"csrf": csrf_of(page)}).encode())
+    assert refused[0] == 403 and "Form refused" in refused[2]
 
 
 @pytest.mark.embedded_only(reason="the console is a gRPC client; which backend answers does "

@@ -96,7 +96,7 @@ def _names_loopback(host: str | None) -> bool:
         return False
     if name is None:
         return False
-    if name == "localhost":
+    if name.rstrip(".") == "localhost":
         return True
     try:
         return ipaddress.ip_address(name).is_loopback

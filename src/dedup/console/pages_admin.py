@@ -49,6 +49,7 @@ async def audit_page(request: Request, session: Session, form: Form | None) -> R
         console.sessions.end(session)
         return RedirectResponse("/signin?ended=1", status_code=303)
     if role != "admin":
+        session.role = role  # the admin pages go from its menu too
         return message(request, session, "Admins only", "This token no longer has the admin "
                        "role.", 403)
     assert session.case is not None

@@ -62,8 +62,9 @@ async def adjudicate(request: Request, session: Session, form: Form | None) -> R
     if pair["score"]:
         adjudication.score = float(pair["score"])
     console = console_of(request)
+    settled = session.settled  # the case's marks: another case may open meanwhile
     reply = await call(console.backend.adjudicate, session.token, session.case, adjudication)
-    session.settled.add(pair["registration_id"], pair["matched_registration_id"], label)
+    settled.add(pair["registration_id"], pair["matched_registration_id"], label)
     log.info("console: a pair settled as %s", label)
     return render(request, session, "adjudicated.html",
                   {**context, "score": f"{reply.score:.4f}",

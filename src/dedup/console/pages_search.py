@@ -14,7 +14,7 @@ from starlette.routing import Route
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup.console import forms
 from dedup.console.forms import Form
-from dedup.console.sessions import Session
+from dedup.console.sessions import Session, SettledPairs
 from dedup.console.views import detected_view, match_rows, quality_view, registration_view
 from dedup.console.web import call, console_of, message, page, render
 
@@ -69,18 +69,19 @@ async def search(request: Request, session: Session, form: Form | None) -> Respo
     else:
         return render(request, session, "search.html",
                       {**context, "error": "Give a photo or a registration ID."}, 400)
-    reply = await call(console.backend.search, session.token, session.case, query)
-    context.update(_results(reply, checked, console, session, bool(form.photo)))
-    if form.photo:
+    case, settled = session.case, session.settled  # another case may open meanwhile
+    reply = await call(console.backend.search, session.token, case, query)
+    context.update(_results(reply, checked, console, settled, bool(form.photo)))
+    if form.photo and session.case is case:
         session.probe, session.probe_type = form.photo, _image_type(form.photo)
     context["probe"] = "photo" if form.photo else registration_id
     return render(request, session, "search.html", context)
 
 
-def _results(reply: pb.SearchResponse, checked: str, console: Any, session: Session,
+def _results(reply: pb.SearchResponse, checked: str, console: Any, settled: SettledPairs,
              by_photo: bool) -> dict[str, Any]:
     results: dict[str, Any] = {
-        "rows": match_rows(reply.matches, checked, console.settings, session.settled),
+        "rows": match_rows(reply.matches, checked, console.settings, settled),
         "checked": checked, "audit_record_hash": reply.audit_record_hash,
         "searched": True}
     if by_photo and reply.HasField("quality"):

@@ -11,12 +11,13 @@ import hmac
 import secrets
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 COOKIE = "dedup-console"
 SECURE_COOKIE = "__Host-dedup-console"  # the prefix: Secure, Path=/, no Domain
+SIGN_IN_COOKIE = "dedup-console-sign-in"  # the sign-in form's nonce (web._before_sign_in)
+SECURE_SIGN_IN_COOKIE = "__Host-dedup-console-sign-in"
 
 
 class SettledPairs:
@@ -68,49 +69,41 @@ class Session:
 
 
 class SessionStore:
-    """The live sessions. A session not signed in yet (one for each sign-in page served)
-    costs next to nothing, and at most `max_unsigned` are kept, the oldest ended first: a
-    flood of sign-in pages cannot fill memory nor slow the sessions signed in (expired ones
-    are purged every PURGE_EVERY_S, not on every new session)."""
+    """The sessions signed in (the sign-in page's own is kept nowhere: web._before_sign_in).
+    Expired sessions are ended, their token, photo and sweeps with them, by a thread every
+    PURGE_EVERY_S, and when asked for."""
 
     PURGE_EVERY_S = 10.0
 
-    def __init__(self, idle_timeout_s: float, lifetime_s: float,
-                 max_unsigned: int = 10_000) -> None:
+    def __init__(self, idle_timeout_s: float, lifetime_s: float) -> None:
         self.idle_timeout_s = idle_timeout_s
         self.lifetime_s = lifetime_s
-        self.max_unsigned = max_unsigned
         self._sessions: dict[str, Session] = {}
-        self._unsigned: OrderedDict[str, None] = OrderedDict()  # their ids, oldest first
-        self._purged = time.monotonic()
         self._lock = threading.Lock()
-
-    def new(self) -> Session:
-        """A session not signed in yet."""
-        now = time.monotonic()
-        session = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32), now, now)
-        with self._lock:
-            if now - self._purged >= self.PURGE_EVERY_S:
-                self._purge(now)
-                self._purged = now
-            self._sessions[session.id] = session
-            self._unsigned[session.id] = None
-            while len(self._unsigned) > self.max_unsigned:
-                oldest, _ = self._unsigned.popitem(last=False)
-                self._end(self._sessions[oldest])
-        return session
+        self._purging: threading.Thread | None = None
 
     def sign_in(self, token: str | None, role: str) -> Session:
         """A new session (a new id: one seen before sign-in is worthless), signed in."""
-        session = self.new()
+        now = time.monotonic()
+        session = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32), now, now,
+                          token=token, role=role)
         with self._lock:
-            session.token, session.role = token, role
-            self._unsigned.pop(session.id, None)
+            self._sessions[session.id] = session
+            if self._purging is None:
+                self._purging = threading.Thread(target=self._purge_every, daemon=True,
+                                                 name="dedup-console-sessions")
+                self._purging.start()
         return session
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._sessions)
+
+    def _purge_every(self) -> None:
+        while True:
+            time.sleep(self.PURGE_EVERY_S)
+            with self._lock:
+                self._purge(time.monotonic())
 
     def get(self, session_id: str, touch: bool = True) -> Session | None:
         """The live session of this id; `touch`: the person made this request (it resets the
@@ -137,7 +130,6 @@ class SessionStore:
 
     def _end(self, session: Session) -> None:
         self._sessions.pop(session.id, None)
-        self._unsigned.pop(session.id, None)
         session.token = None
         session.probe = None
         for job in session.jobs.values():

@@ -5,9 +5,13 @@ into a message on the page (never a stack trace)."""
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
 import logging
+import secrets
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -18,7 +22,14 @@ from starlette.templating import Jinja2Templates
 
 from dedup.console.backend import Backend, ServerRefused
 from dedup.console.forms import Form, UploadRefused, read_multipart
-from dedup.console.sessions import COOKIE, SECURE_COOKIE, Session, SessionStore
+from dedup.console.sessions import (
+    COOKIE,
+    SECURE_COOKIE,
+    SECURE_SIGN_IN_COOKIE,
+    SIGN_IN_COOKIE,
+    Session,
+    SessionStore,
+)
 from dedup.console.settings import ConsoleSettings
 
 log = logging.getLogger("dedup.console")
@@ -36,9 +47,16 @@ class Console:
     templates: Jinja2Templates
     sessions: SessionStore
 
+    # The sign-in page's CSRF tokens are MACs of their cookie's nonce under this key.
+    sign_in_key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+
     @property
     def cookie_name(self) -> str:
         return SECURE_COOKIE if self.settings.https else COOKIE
+
+    @property
+    def sign_in_cookie_name(self) -> str:
+        return SECURE_SIGN_IN_COOKIE if self.settings.https else SIGN_IN_COOKIE
 
 
 def console_of(request: Request) -> Console:
@@ -89,8 +107,11 @@ def page(need: str = "case", form: str = "", touch: bool = True) -> Callable[[Ha
         async def endpoint(request: Request) -> Response:
             console = console_of(request)
             session = console.sessions.get(request.cookies.get(console.cookie_name, ""), touch)
+            nonce = ""
+            if session is None and need == "session" and request.url.path == "/signin":
+                session, nonce = _before_sign_in(request, console)
             if session is None:
-                return _no_session(request, console, need)
+                return _no_session(request)
             refusal = _missing(request, session, need)
             if refusal is not None:
                 return refusal
@@ -107,8 +128,14 @@ def page(need: str = "case", form: str = "", touch: bool = True) -> Callable[[Ha
                                    "an earlier session: nothing was done. Open the page again "
                                    "and resubmit.", 403)
             try:
-                return await handler(request, session, posted)
+                response = await handler(request, session, posted)
+                if nonce:
+                    set_sign_in_cookie(console, response, nonce)
+                return response
             except ServerRefused as refused:
+                if refused.code == "UNAUTHENTICATED" and session.signed_in:
+                    console.sessions.end(session)  # the token expired or was revoked
+                    return RedirectResponse("/signin?ended=1", status_code=303)
                 if not session.signed_in:  # no internals (addresses, TLS) before sign-in
                     log.warning("console: sign-in could not ask the server: %s",
                                 refused_text(refused))
@@ -122,12 +149,24 @@ def page(need: str = "case", form: str = "", touch: bool = True) -> Callable[[Ha
     return wrap
 
 
-def _no_session(request: Request, console: Console, need: str) -> Response:
-    if need == "session" and request.method == "GET":
-        session = console.sessions.new()
-        response = render(request, session, "signin.html")
-        set_cookie(console, response, session)
-        return response
+def _before_sign_in(request: Request, console: Console) -> tuple[Session, str]:
+    """The sign-in page's own session: kept nowhere (a flood of sign-in pages costs the
+    console no memory, and can end no one's session), its CSRF token a MAC of a random
+    nonce in a cookie of its own, which another site can neither read nor set. Returns it
+    and the nonce to set as that cookie ("" if the browser has it already)."""
+    sent = request.cookies.get(console.sign_in_cookie_name, "")
+    nonce = sent if 16 <= len(sent) <= 64 else secrets.token_urlsafe(24)
+    csrf = hmac.new(console.sign_in_key, nonce.encode(), hashlib.sha256).hexdigest()
+    now = time.monotonic()
+    return Session("", csrf, now, now), "" if nonce == sent else nonce
+
+
+def set_sign_in_cookie(console: Console, response: Response, nonce: str) -> None:
+    response.set_cookie(console.sign_in_cookie_name, nonce, httponly=True, samesite="strict",
+                        secure=console.settings.https, path="/")
+
+
+def _no_session(request: Request) -> Response:
     if request.url.path.endswith((".json", "/state")):
         return message(request, None, "Signed out", "Your session has ended.", 401)
     return RedirectResponse("/signin?ended=1", status_code=303)
