@@ -189,6 +189,7 @@ def test_an_investigator_searches_links_sweeps_and_settles(stack: Stack) -> None
     # planted before it is worth nothing.
     assert before is None and after is not None and after["value"]
     assert after["httpOnly"] and after["sameSite"] == "Strict"
+    assert after["httpOnly"] and after["sameSite"] == "Strict"
     assert stack.tokens["investigator"] not in browser.page_source
     stack.shot("case")
     open_case(stack)

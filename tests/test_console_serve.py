@@ -78,7 +78,7 @@ def test_https_sets_a_secure_host_only_cookie_and_strict_headers(keys):
         reply = client.get("/signin")
         cookie = reply.headers["Set-Cookie"]  # the sign-in form's nonce (no session yet)
         assert cookie.startswith("__Host-dedup-console-sign-in=")
-        for flag in ("HttpOnly", "Secure", "SameSite=strict", "Path=/"):
+        for flag in ("HttpOnly", "Secure", "SameSite=lax", "Path=/"):
             assert flag in cookie
         assert reply.headers["Content-Security-Policy"] == CSP
         assert reply.headers["Cache-Control"] == "no-store"
@@ -107,7 +107,7 @@ def test_every_page_has_the_headers_and_static_files_are_cacheable(keys):
         assert page.headers["Referrer-Policy"] == "no-referrer"
         cookie = page.headers["Set-Cookie"]
         assert cookie.startswith("dedup-console-sign-in=") and "Secure" not in cookie
-        assert "HttpOnly" in cookie and "SameSite=strict" in cookie
+        assert "HttpOnly" in cookie and "SameSite=lax" in cookie
         assert "<script>" not in page.read().decode()  # no inline script
         static = client.get("/static/console.js")
         assert static.headers["Cache-Control"].startswith("private, max-age=")
@@ -299,3 +299,25 @@ def test_the_audit_page_asks_the_server_about_the_token_on_every_read(server):
         assert status == 502 and 'id="verification"' not in text, text
     finally:
         console.stop()
+
+
+def test_expired_sessions_are_ended_by_the_purge_even_when_one_fails_to():
+    """The purging thread ends every expired session, its token with it, even when ending
+    one fails (a sweep that does not cancel): before, that failure ended the thread, and
+    every later expired session kept its token in memory until its cookie came again."""
+
+    class Stuck:
+        def cancel(self) -> None:
+            raise RuntimeError("injected: a sweep that does not cancel")
+
+    store = SessionStore(idle_timeout_s=0.1, lifetime_s=60)
+    store.PURGE_EVERY_S = 0.05
+    first = store.sign_in("token-one", "investigator")
+    first.jobs["J1"] = Stuck()
+    time.sleep(0.4)
+    second = store.sign_in("token-two", "investigator")
+    deadline = time.monotonic() + 5
+    while len(store) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(store) == 0
+    assert first.token is None and second.token is None

@@ -48,10 +48,13 @@ async def audit_page(request: Request, session: Session, form: Form | None) -> R
     except SignInRefused:
         console.sessions.end(session)
         return RedirectResponse("/signin?ended=1", status_code=303)
-    if role != "admin":
+    if role == "investigator":
         session.role = role  # the admin pages go from its menu too
         return message(request, session, "Admins only", "This token no longer has the admin "
                        "role.", 403)
+    if role != "admin":  # no longer a role the console signs in
+        console.sessions.end(session)
+        return RedirectResponse("/signin?ended=1", status_code=303)
     assert session.case is not None
     log.info("console: the audit trail read by an admin for case %r", session.case.case_id)
     source = console.settings.audit

@@ -62,12 +62,12 @@ async def adjudicate(request: Request, session: Session, form: Form | None) -> R
     if pair["score"]:
         adjudication.score = float(pair["score"])
     console = console_of(request)
-    settled = session.settled  # the case's marks: another case may open meanwhile
-    reply = await call(console.backend.adjudicate, session.token, session.case, adjudication)
+    case, settled = session.case, session.settled  # another case may open meanwhile
+    reply = await call(console.backend.adjudicate, session.token, case, adjudication)
     settled.add(pair["registration_id"], pair["matched_registration_id"], label)
     log.info("console: a pair settled as %s", label)
     return render(request, session, "adjudicated.html",
-                  {**context, "score": f"{reply.score:.4f}",
+                  {**context, "case": case, "score": f"{reply.score:.4f}",
                    "audit_record_hash": reply.audit_record_hash})
 
 

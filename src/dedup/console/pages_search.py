@@ -74,7 +74,10 @@ async def search(request: Request, session: Session, form: Form | None) -> Respo
     context.update(_results(reply, checked, console, settled, bool(form.photo)))
     if form.photo and session.case is case:
         session.probe, session.probe_type = form.photo, _image_type(form.photo)
+    elif form.photo:  # not kept for another case: no picture of it on this page
+        context.pop("detected", None)
     context["probe"] = "photo" if form.photo else registration_id
+    context["case"] = case  # the case it was searched under, whatever opened meanwhile
     return render(request, session, "search.html", context)
 
 

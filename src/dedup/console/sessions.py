@@ -8,11 +8,15 @@ sign-in is worth nothing after it."""
 from __future__ import annotations
 
 import hmac
+import logging
 import secrets
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
+
+log = logging.getLogger("dedup.console")
 
 COOKIE = "dedup-console"
 SECURE_COOKIE = "__Host-dedup-console"  # the prefix: Secure, Path=/, no Domain
@@ -90,8 +94,8 @@ class SessionStore:
         with self._lock:
             self._sessions[session.id] = session
             if self._purging is None:
-                self._purging = threading.Thread(target=self._purge_every, daemon=True,
-                                                 name="dedup-console-sessions")
+                self._purging = threading.Thread(target=_purge_every, args=(weakref.ref(self),),
+                                                 daemon=True, name="dedup-console-sessions")
                 self._purging.start()
         return session
 
@@ -99,11 +103,10 @@ class SessionStore:
         with self._lock:
             return len(self._sessions)
 
-    def _purge_every(self) -> None:
-        while True:
-            time.sleep(self.PURGE_EVERY_S)
-            with self._lock:
-                self._purge(time.monotonic())
+    def purge(self) -> None:
+        """Ends every expired session."""
+        with self._lock:
+            self._purge(time.monotonic())
 
     def get(self, session_id: str, touch: bool = True) -> Session | None:
         """The live session of this id; `touch`: the person made this request (it resets the
@@ -132,9 +135,26 @@ class SessionStore:
         self._sessions.pop(session.id, None)
         session.token = None
         session.probe = None
-        for job in session.jobs.values():
-            job.cancel()
+        for job in list(session.jobs.values()):  # a request may be adding one meanwhile
+            try:
+                job.cancel()
+            except Exception:  # the session ends all the same
+                log.exception("console: a sweep of an ending session did not cancel")
 
     def _purge(self, now: float) -> None:
         for session in [s for s in self._sessions.values() if self._expired(s, now)]:
             self._end(session)
+
+
+def _purge_every(store: weakref.ReferenceType[SessionStore]) -> None:
+    """The purging thread: until its store is gone; a failure is logged, never its end."""
+    while (alive := store()) is not None:
+        interval = alive.PURGE_EVERY_S
+        del alive  # not kept alive by this thread while it sleeps
+        time.sleep(interval)
+        if (alive := store()) is None:
+            return
+        try:
+            alive.purge()
+        except Exception:
+            log.exception("console: purging expired sessions failed")

@@ -133,7 +133,8 @@ def page(need: str = "case", form: str = "", touch: bool = True) -> Callable[[Ha
                     set_sign_in_cookie(console, response, nonce)
                 return response
             except ServerRefused as refused:
-                if refused.code == "UNAUTHENTICATED" and session.signed_in:
+                if refused.code == "UNAUTHENTICATED" and session.signed_in \
+                        and need != "session":  # (signing in again: its own page says why)
                     console.sessions.end(session)  # the token expired or was revoked
                     return RedirectResponse("/signin?ended=1", status_code=303)
                 if not session.signed_in:  # no internals (addresses, TLS) before sign-in
@@ -162,7 +163,10 @@ def _before_sign_in(request: Request, console: Console) -> tuple[Session, str]:
 
 
 def set_sign_in_cookie(console: Console, response: Response, nonce: str) -> None:
-    response.set_cookie(console.sign_in_cookie_name, nonce, httponly=True, samesite="strict",
+    # Lax, not Strict: a link from another site to the sign-in page then sends it and keeps
+    # the nonce (a form already open in another tab stays good); a cross-site POST still
+    # goes without it, so its token never matches.
+    response.set_cookie(console.sign_in_cookie_name, nonce, httponly=True, samesite="lax",
                         secure=console.settings.https, path="/")
 
 
