@@ -321,3 +321,43 @@ def test_expired_sessions_are_ended_by_the_purge_even_when_one_fails_to():
         time.sleep(0.02)
     assert len(store) == 0
     assert first.token is None and second.token is None
+
+
+@pytest.mark.embedded_only(reason="the console is a gRPC client; which backend answers does "
+                           "not change what it sends")
+def test_a_form_shown_under_one_case_is_refused_once_another_is_open(server):
+    """A confirmation page shown under case C-A, then C-B opened in another tab: its Confirm
+    is refused and sends nothing (it went out under C-B, a purpose the investigator never
+    chose for it). A page of C-B posts; signing out takes a page of any case."""
+    from conftest import enroll
+
+    from dedup import FaceGenerator
+
+    people = FaceGenerator(32)
+    person = people.persons(1)[0]
+    enroll(server.stub, "r-one", "ID-ONE", people.capture(person))
+    enroll(server.stub, "r-two", "ID-TWO", people.capture(person))
+    console = ConsoleProcess("--server", f"127.0.0.1:{server.port}")
+    pair = {"registration_id": "r-one", "matched_registration_id": "r-two",
+            "decision": "same", "note": "", "score": "", "confirmed": "yes"}
+    try:
+        client = Client(console.url)
+        page = client.get("/signin").read().decode()
+        text = client.post("/signin", {"csrf": csrf_of(page)}).read().decode()
+        client.post("/case", {"csrf": csrf_of(text), "case_id": "C-A", "purpose": "one"})
+        under_a = csrf_of(client.get("/search").read().decode())
+        client.post("/case", {"csrf": under_a, "case_id": "C-B", "purpose": "two"})
+        refused = client.post("/adjudicate", {"csrf": under_a, **pair})
+        assert refused.status == 403 and "another case" in refused.read().decode()
+        assert "settled:" not in links_of(client)  # nothing was settled
+        under_b = csrf_of(client.get("/search").read().decode())
+        done = client.post("/adjudicate", {"csrf": under_b, **pair})
+        assert done.status == 200 and "settled: same person" in links_of(client)
+        signed_out = client.post("/signout", {"csrf": under_a})
+        assert urllib.parse.urlsplit(signed_out.url).path == "/signin"
+    finally:
+        console.stop()
+
+
+def links_of(client: Client) -> str:
+    return client.get("/links?id_number=ID-ONE").read().decode()

@@ -77,12 +77,16 @@ async def open_case(request: Request, session: Session, form: Form | None) -> Re
     except InvalidArgument as error:
         return render(request, session, "case.html", {"error": str(error),
                                                       "form": form.fields}, 400)
-    session.case = case
-    for job in session.jobs.values():
-        job.cancel()
-    session.jobs.clear()
+    # The earlier case's sweeps, photo and marks go before the new case is open.
+    jobs, session.jobs = list(session.jobs.values()), {}
     session.probe = None
     session.settled = SettledPairs()  # another case's decisions are not this one's
+    session.case = case
+    for job in jobs:
+        try:
+            job.cancel()
+        except Exception:
+            log.exception("console: a sweep of the earlier case did not cancel")
     return RedirectResponse("/search", status_code=303)
 
 

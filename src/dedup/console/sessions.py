@@ -7,6 +7,7 @@ sign-in is worth nothing after it."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import secrets
@@ -68,8 +69,25 @@ class Session:
     def signed_in(self) -> bool:
         return self.role is not None
 
-    def csrf_matches(self, sent: str) -> bool:
-        return bool(sent) and hmac.compare_digest(self.csrf.encode(), sent.encode())
+    def form_token(self) -> str:
+        """The CSRF token of the forms on the pages rendered now: the session's, and a tag
+        of the case open (a form of a page shown under one case is refused once another
+        is open, whichever tab opened it)."""
+        return f"{self.csrf}.{self._case_tag()}"
+
+    def csrf_matches(self, sent: str, case_bound: bool = True) -> bool:
+        """Whether `sent` is this session's form token; `case_bound`: for the case open now
+        (sign-out and the case form itself take a page of any case)."""
+        token, _, tag = sent.partition(".")
+        session_ok = bool(token) and hmac.compare_digest(self.csrf.encode(), token.encode())
+        case_ok = hmac.compare_digest(self._case_tag().encode(), tag.encode())
+        return session_ok and (case_ok or not case_bound)
+
+    def _case_tag(self) -> str:
+        if self.case is None:
+            return ""
+        opened = f"{self.case.case_id}\0{self.case.purpose}".encode()
+        return hmac.new(self.csrf.encode(), opened, hashlib.sha256).hexdigest()[:24]
 
 
 class SessionStore:

@@ -72,7 +72,7 @@ def set_cookie(console: Console, response: Response, session: Session) -> None:
 def render(request: Request, session: Session | None, template: str,
            context: dict[str, Any] | None = None, status_code: int = 200) -> Response:
     console = console_of(request)
-    values = {"session": session, "csrf": session.csrf if session else "",
+    values = {"session": session, "csrf": session.form_token() if session else "",
               "case": session.case if session else None,
               "role": session.role if session else None,
               "photos": bool(console.settings.photo_url_template),
@@ -122,10 +122,12 @@ def page(need: str = "case", form: str = "", touch: bool = True) -> Callable[[Ha
                 except UploadRefused as refused:
                     return message(request, session, refused.title, refused.text,
                                    refused.status_code)
-                if not session.csrf_matches(posted.get("csrf")):
+                if not session.csrf_matches(posted.get("csrf"),
+                                            case_bound=need in ("case", "admin")):
                     return message(request, session, "Form refused", "This form did not "
                                    "come from this console's own page, or the page is from "
-                                   "an earlier session: nothing was done. Open the page again "
+                                   "an earlier session or was shown under another case than "
+                                   "the one open now: nothing was done. Open the page again "
                                    "and resubmit.", 403)
             try:
                 response = await handler(request, session, posted)
