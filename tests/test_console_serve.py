@@ -361,3 +361,52 @@ def test_a_form_shown_under_one_case_is_refused_once_another_is_open(server):
 
 def links_of(client: Client) -> str:
     return client.get("/links?id_number=ID-ONE").read().decode()
+
+
+@pytest.mark.embedded_only(reason="the console is a gRPC client; which backend answers does "
+                           "not change what it sends")
+def test_a_token_that_expires_after_sign_in_ends_the_session(make_server, keys, tmp_path):
+    """The investigator's token expires 6 s after the server starts: the next page the server
+    refuses as UNAUTHENTICATED ends the session and goes to the sign-in (before, the page
+    showed the refusal and the session stayed, its token with it)."""
+    from datetime import UTC, datetime, timedelta
+
+    from secure import tokens
+
+    from dedup.core.security import load_security
+
+    expires = (datetime.now(UTC) + timedelta(seconds=6)).isoformat(timespec="seconds")
+    lines, in_investigator = [], False
+    for line in (keys / "security.toml").read_text().splitlines():
+        if line.startswith("name = "):
+            in_investigator = line == 'name = "investigator-token"'
+        if in_investigator and line.startswith("expires"):
+            line = f"expires = {expires}"
+        lines.append(line)
+    for name in ("server.crt", "server.key", "ca.crt", "audit.key"):
+        (tmp_path / name).write_bytes((keys / name).read_bytes())
+    (tmp_path / "security.toml").write_text("\n".join(lines) + "\n")
+    server = make_server(security=load_security(tmp_path / "security.toml"))
+    console = ConsoleProcess("--server", f"127.0.0.1:{server.server.token_port}",
+                             "--ca", str(keys / "ca.crt"))
+    try:
+        client = Client(console.url)
+        page = client.get("/signin").read().decode()
+        text = client.post("/signin", {"csrf": csrf_of(page),
+                                       "token": tokens(keys)["investigator"]}).read().decode()
+        client.post("/case", {"csrf": csrf_of(text), "case_id": "C-1", "purpose": "expiry"})
+        def links_page() -> tuple[str, str]:  # where it ended up, and what it says
+            try:
+                reply = client.get("/links?id_number=110101199001010011")
+            except urllib.error.HTTPError as error:  # a refusal shown as a page
+                return urllib.parse.urlsplit(error.url).path, error.read().decode()
+            return urllib.parse.urlsplit(reply.url).path, reply.read().decode()
+
+        assert links_page()[0] == "/links"
+        time.sleep(max(0.0, (datetime.fromisoformat(expires) - datetime.now(UTC))
+                       .total_seconds()) + 1.0)
+        where, text = links_page()
+        assert where == "/signin", text
+        assert urllib.parse.urlsplit(client.get("/case").url).path == "/signin"
+    finally:
+        console.stop()
