@@ -734,6 +734,20 @@ def test_an_erasure_the_index_fails_to_remove_is_removed_before_its_checkpoint(t
     assert read_checkpoint(path).vectors == 19
 
 
+def _flat_gallery_of_twenty(tmp_path, people: np.ndarray) -> EmbeddedGallery:
+    """A Flat gallery without its background threads, holding r0..r19 (ID0..ID19, the first
+    20 of `people`) and checkpointed."""
+    gallery = EmbeddedGallery(StoreConfig(data_dir=tmp_path / "data"), "model-a",
+                              IndexConfig(index_factory="Flat"), background=False)
+    try:
+        gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(20)])
+        gallery.checkpoint()
+    except BaseException:
+        gallery.close(checkpoint=False)
+        raise
+    return gallery
+
+
 def test_erased_registrations_the_index_cannot_remove_go_with_a_rebuild(tmp_path,
                                                                          monkeypatch):
     """The index cannot remove r0 at all. A sweep's exact search (no re-rank from the store)
@@ -741,11 +755,8 @@ def test_erased_registrations_the_index_cannot_remove_go_with_a_rebuild(tmp_path
     the erasure checkpoint that cannot be written before it, and its swap leaves no index,
     and no checkpoint, holding r0."""
     people = FaceGenerator(15).persons(20)
-    gallery = EmbeddedGallery(StoreConfig(data_dir=tmp_path / "data"), "model-a",
-                              IndexConfig(index_factory="Flat"), background=False)
+    gallery = _flat_gallery_of_twenty(tmp_path, people)
     try:
-        gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(20)])
-        gallery.checkpoint()
         erased_key = gallery.stored_face("r0")[0]
 
         def no_memory(ids):
@@ -773,12 +784,9 @@ def test_registrations_the_index_fails_to_add_are_found_and_added_before_a_check
     index cannot take them (a replica loading it would miss them for good), and the next
     one adds them first."""
     people = FaceGenerator(16).persons(22)
-    gallery = EmbeddedGallery(StoreConfig(data_dir=tmp_path / "data"), "model-a",
-                              IndexConfig(index_factory="Flat"), background=False)
+    gallery = _flat_gallery_of_twenty(tmp_path, people)
     path = tmp_path / "data" / "index.ckpt"
     try:
-        gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(20)])
-        gallery.checkpoint()
         index = gallery.index
         real_add, failures = index.add, [MemoryError(), MemoryError(), MemoryError()]
 
@@ -813,11 +821,8 @@ def test_an_unadded_registration_is_found_by_a_search_a_checkpoint_overtakes(tmp
     checkpoint added r20 and emptied the list of the unadded: the check still finds r20.
     While memory stays short, no checkpoint is written, not even an erasure's."""
     people = FaceGenerator(18).persons(21)
-    gallery = EmbeddedGallery(StoreConfig(data_dir=tmp_path / "data"), "model-a",
-                              IndexConfig(index_factory="Flat"), background=False)
+    gallery = _flat_gallery_of_twenty(tmp_path, people)
     try:
-        gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(20)])
-        gallery.checkpoint()
         index = gallery.index
         real_add, real_search = index.add, index.search
         short = [True]

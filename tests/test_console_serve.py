@@ -68,6 +68,17 @@ def csrf_of(page: str) -> str:
     return re.search(r'name="csrf" value="([^"]+)"', page).group(1)
 
 
+def signed_in(url: str, case_id: str, token: str = "") -> Client:
+    """A client of the console at `url` signed in (with `token`; none for a development
+    server) with case `case_id` open."""
+    client = Client(url)
+    page = client.get("/signin").read().decode()
+    fields = {"csrf": csrf_of(page)} | ({"token": token} if token else {})
+    text = client.post("/signin", fields).read().decode()
+    client.post("/case", {"csrf": csrf_of(text), "case_id": case_id, "purpose": "a test"})
+    return client
+
+
 def test_https_sets_a_secure_host_only_cookie_and_strict_headers(keys):
     console = ConsoleProcess("--server", "127.0.0.1:9", "--ca", str(keys / "ca.crt"),
                              "--certificate", str(keys / "server.crt"),
@@ -250,19 +261,16 @@ def test_a_settlement_is_marked_for_its_session_and_case_only(server):
     enroll(server.stub, "r-two", "ID-TWO", people.capture(person))
     console = ConsoleProcess("--server", f"127.0.0.1:{server.port}")
 
-    def signed_in(case_id: str) -> tuple[Client, str]:
-        client = Client(console.url)
-        page = client.get("/signin").read().decode()
-        text = client.post("/signin", {"csrf": csrf_of(page)}).read().decode()
-        client.post("/case", {"csrf": csrf_of(text), "case_id": case_id, "purpose": "test"})
+    def with_case(case_id: str) -> tuple[Client, str]:
+        client = signed_in(console.url, case_id)
         return client, csrf_of(client.get("/case").read().decode())
 
     def marked(client: Client) -> bool:
         return "settled: same person" in client.get("/links?id_number=ID-ONE").read().decode()
 
     try:
-        a, a_csrf = signed_in("C-A")
-        b, _ = signed_in("C-B")
+        a, a_csrf = with_case("C-A")
+        b, _ = with_case("C-B")
         assert not marked(a)
         done = a.post("/adjudicate", {"csrf": a_csrf, "registration_id": "r-one",
                                       "matched_registration_id": "r-two", "decision": "same",
@@ -284,10 +292,7 @@ def test_the_audit_page_asks_the_server_about_the_token_on_every_read(server):
     console = ConsoleProcess("--server", f"127.0.0.1:{server.port}",
                              "--audit-data-dir", str(server.config.store.data_dir))
     try:
-        client = Client(console.url)
-        page = client.get("/signin").read().decode()
-        text = client.post("/signin", {"csrf": csrf_of(page)}).read().decode()
-        client.post("/case", {"csrf": csrf_of(text), "case_id": "C-1", "purpose": "audit"})
+        client = signed_in(console.url, "C-1")
         shown = client.get("/admin/audit")
         assert shown.status == 200 and 'id="verification"' in shown.read().decode()
         server.stop()
@@ -341,10 +346,7 @@ def test_a_form_shown_under_one_case_is_refused_once_another_is_open(server):
     pair = {"registration_id": "r-one", "matched_registration_id": "r-two",
             "decision": "same", "note": "", "score": "", "confirmed": "yes"}
     try:
-        client = Client(console.url)
-        page = client.get("/signin").read().decode()
-        text = client.post("/signin", {"csrf": csrf_of(page)}).read().decode()
-        client.post("/case", {"csrf": csrf_of(text), "case_id": "C-A", "purpose": "one"})
+        client = signed_in(console.url, "C-A")
         under_a = csrf_of(client.get("/search").read().decode())
         client.post("/case", {"csrf": under_a, "case_id": "C-B", "purpose": "two"})
         refused = client.post("/adjudicate", {"csrf": under_a, **pair})
@@ -390,11 +392,8 @@ def test_a_token_that_expires_after_sign_in_ends_the_session(make_server, keys, 
     console = ConsoleProcess("--server", f"127.0.0.1:{server.server.token_port}",
                              "--ca", str(keys / "ca.crt"))
     try:
-        client = Client(console.url)
-        page = client.get("/signin").read().decode()
-        text = client.post("/signin", {"csrf": csrf_of(page),
-                                       "token": tokens(keys)["investigator"]}).read().decode()
-        client.post("/case", {"csrf": csrf_of(text), "case_id": "C-1", "purpose": "expiry"})
+        client = signed_in(console.url, "C-1", tokens(keys)["investigator"])
+
         def links_page() -> tuple[str, str]:  # where it ended up, and what it says
             try:
                 reply = client.get("/links?id_number=110101199001010011")

@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from dedup import FaceGenerator, StoreConfig
@@ -40,6 +41,20 @@ store.close()
 """
 
 
+def _a_replica_of_twenty(tmp_path, seed: int
+                         ) -> tuple[StoreConfig, np.ndarray, ReplicaGallery]:
+    """A primary's data directory with r0..r19 (ID0..ID19, faces FaceGenerator(seed)) and
+    its checkpoint, the primary closed; and a replica of it, not open yet, whose follower
+    waits an hour (the test runs follow_once itself)."""
+    config = StoreConfig(data_dir=tmp_path / "data", check_on_open=False)
+    primary = EmbeddedGallery(config, MODEL)
+    people = FaceGenerator(seed).persons(20)
+    primary.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(20)])
+    primary.checkpoint()
+    primary.close(checkpoint=False)
+    return config, people, ReplicaGallery(config, MODEL, IndexConfig(), follow_s=3600)
+
+
 def test_a_catch_up_that_fails_partway_adds_nothing_twice(tmp_path, monkeypatch):
     """Three enrolments are replayed in chunks of two; the second chunk's add fails (no
     memory). The next catch-up used to replay the delta again from the start: the first
@@ -47,13 +62,7 @@ def test_a_catch_up_that_fails_partway_adds_nothing_twice(tmp_path, monkeypatch)
     (NotServedHere) until its follower has loaded the index again, from the checkpoint and
     the log; a load that fails too is tried again later, checks still relayed meanwhile."""
     monkeypatch.setattr(replica_module, "_RELOAD_FIRST_S", 1.0)
-    config = StoreConfig(data_dir=tmp_path / "data", check_on_open=False)
-    primary = EmbeddedGallery(config, MODEL)
-    people = FaceGenerator(1).persons(20)
-    primary.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(20)])
-    primary.checkpoint()
-    primary.close(checkpoint=False)
-    replica = ReplicaGallery(config, MODEL, IndexConfig(), follow_s=3600)  # follow_once here
+    config, _, replica = _a_replica_of_twenty(tmp_path, 1)
     try:
         replica.open()
         subprocess.run([sys.executable, "-c", ENROL, str(config.data_dir), "7", "3"],
@@ -104,13 +113,7 @@ def test_a_compaction_never_waits_for_the_replicas_reload(tmp_path, monkeypatch)
     the replicas around a compaction's swap goes on while it reads (a release waiting for
     it held every check on the replica, and got the replica killed after 30 s). A reload
     that finds the store released tries again, and serves once reopened."""
-    config = StoreConfig(data_dir=tmp_path / "data", check_on_open=False)
-    primary = EmbeddedGallery(config, MODEL)
-    people = FaceGenerator(2).persons(20)
-    primary.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(20)])
-    primary.checkpoint()
-    primary.close(checkpoint=False)
-    replica = ReplicaGallery(config, MODEL, IndexConfig(), follow_s=3600)
+    _, people, replica = _a_replica_of_twenty(tmp_path, 2)
     try:
         replica.open()
         replica._partly_caught_up = True  # as a catch-up failing partway leaves it
@@ -148,13 +151,7 @@ def test_a_reload_waits_for_a_usable_checkpoint_rather_than_build(tmp_path, monk
     the store (minutes at 10,000,000, holding the store, and a compaction's release with
     it): the primary answers the checks until a usable checkpoint is there."""
     monkeypatch.setattr(replica_module, "_RELOAD_FIRST_S", 0.1)
-    config = StoreConfig(data_dir=tmp_path / "data", check_on_open=False)
-    primary = EmbeddedGallery(config, MODEL)
-    people = FaceGenerator(3).persons(20)
-    primary.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(20)])
-    primary.checkpoint()
-    primary.close(checkpoint=False)
-    replica = ReplicaGallery(config, MODEL, IndexConfig(), follow_s=3600)
+    _, _, replica = _a_replica_of_twenty(tmp_path, 3)
     checkpoint = replica.checkpoint_path
     good = checkpoint.read_bytes()
     try:

@@ -7,7 +7,7 @@ import asyncio
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from dedup.console import audit, forms
@@ -16,7 +16,7 @@ from dedup.console.forms import Form
 from dedup.console.sessions import Session
 from dedup.console.settings import AuditSource
 from dedup.console.views import index_view, now_text, stats_view
-from dedup.console.web import call, console_of, log, message, page, render
+from dedup.console.web import call, console_of, log, message, page, render, signed_out
 
 
 @page(need="admin")
@@ -46,15 +46,13 @@ async def audit_page(request: Request, session: Session, form: Form | None) -> R
     try:
         role = await call(console.backend.role_of, session.token)
     except SignInRefused:
-        console.sessions.end(session)
-        return RedirectResponse("/signin?ended=1", status_code=303)
+        return signed_out(console, session)
     if role == "investigator":
         session.role = role  # the admin pages go from its menu too
         return message(request, session, "Admins only", "This token no longer has the admin "
                        "role.", 403)
     if role != "admin":  # no longer a role the console signs in
-        console.sessions.end(session)
-        return RedirectResponse("/signin?ended=1", status_code=303)
+        return signed_out(console, session)
     assert session.case is not None
     log.info("console: the audit trail read by an admin for case %r", session.case.case_id)
     source = console.settings.audit

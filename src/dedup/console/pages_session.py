@@ -78,15 +78,10 @@ async def open_case(request: Request, session: Session, form: Form | None) -> Re
         return render(request, session, "case.html", {"error": str(error),
                                                       "form": form.fields}, 400)
     # The earlier case's sweeps, photo and marks go before the new case is open.
-    jobs, session.jobs = list(session.jobs.values()), {}
+    session.end_sweeps()
     session.probe = None
     session.settled = SettledPairs()  # another case's decisions are not this one's
     session.case = case
-    for job in jobs:
-        try:
-            job.cancel()
-        except Exception:
-            log.exception("console: a sweep of the earlier case did not cancel")
     return RedirectResponse("/search", status_code=303)
 
 

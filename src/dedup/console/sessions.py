@@ -69,6 +69,16 @@ class Session:
     def signed_in(self) -> bool:
         return self.role is not None
 
+    def end_sweeps(self) -> None:
+        """Cancels this session's sweeps and forgets them; one that fails to cancel is
+        logged (the session, or its case, ends all the same)."""
+        jobs, self.jobs = list(self.jobs.values()), {}
+        for job in jobs:
+            try:
+                job.cancel()
+            except Exception:
+                log.exception("console: a sweep did not cancel")
+
     def form_token(self) -> str:
         """The CSRF token of the forms on the pages rendered now: the session's, and a tag
         of the case open (a form of a page shown under one case is refused once another
@@ -153,11 +163,7 @@ class SessionStore:
         self._sessions.pop(session.id, None)
         session.token = None
         session.probe = None
-        for job in list(session.jobs.values()):  # a request may be adding one meanwhile
-            try:
-                job.cancel()
-            except Exception:  # the session ends all the same
-                log.exception("console: a sweep of an ending session did not cancel")
+        session.end_sweeps()
 
     def _purge(self, now: float) -> None:
         for session in [s for s in self._sessions.values() if self._expired(s, now)]:

@@ -137,8 +137,7 @@ def page(need: str = "case", form: str = "", touch: bool = True) -> Callable[[Ha
             except ServerRefused as refused:
                 if refused.code == "UNAUTHENTICATED" and session.signed_in \
                         and need != "session":  # (signing in again: its own page says why)
-                    console.sessions.end(session)  # the token expired or was revoked
-                    return RedirectResponse("/signin?ended=1", status_code=303)
+                    return signed_out(console, session)  # the token expired or was revoked
                 if not session.signed_in:  # no internals (addresses, TLS) before sign-in
                     log.warning("console: sign-in could not ask the server: %s",
                                 refused_text(refused))
@@ -170,6 +169,13 @@ def set_sign_in_cookie(console: Console, response: Response, nonce: str) -> None
     # goes without it, so its token never matches.
     response.set_cookie(console.sign_in_cookie_name, nonce, httponly=True, samesite="lax",
                         secure=console.settings.https, path="/")
+
+
+def signed_out(console: Console, session: Session) -> Response:
+    """Ends `session` (its token is no longer one the console signs in with): the sign-in
+    page next."""
+    console.sessions.end(session)
+    return RedirectResponse("/signin?ended=1", status_code=303)
 
 
 def _no_session(request: Request) -> Response:

@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+from dedup.core.backoff import Backoff
 from dedup.core.errors import CheckpointError, ResourceExhausted, StoreDamaged
 from dedup.core.priority import below_this_thread
 from dedup.core.settings import StoreConfig
@@ -67,10 +68,9 @@ class Checkpointer:
         # buffer each snapshot is taken into (written out before the next is taken).
         self.lock = threading.RLock()
         self.buffer = SnapshotBuffer()
-        # Checkpoints failed in a row, and until when (time.monotonic()) no due one is tried.
-        self._retrying = threading.Lock()
-        self._failures = 0
-        self._retry_at = 0.0
+        # After checkpoints failed in a row, no periodic one is tried until it says.
+        self._retry = Backoff(max(MIN_RETRY_S, config.erasure_checkpoint_delay_s),
+                              RETRY_AT_MOST_S)
 
     def checkpoint(self, covering: int | None = None) -> int:
         """Writes the index with the sequence it covers; returns that sequence. With
@@ -81,29 +81,13 @@ class Checkpointer:
             try:
                 sequence = self._checkpoint(covering)
             except BaseException:
-                self._failed()
+                # The periodic checkpoint waits for the retry. An erasure's is tried at its
+                # start still (its receipt promised that); when it fails, its next start is
+                # the retry (_erasure_checkpoint_again).
+                self._retry.failed()
                 raise
-            self._succeeded()
+            self._retry.succeeded()
             return sequence
-
-    def _failed(self) -> None:
-        """A checkpoint failed: the periodic one waits for the retry. An erasure's is tried
-        at its start still (its receipt promised that); when it fails, its next start is
-        the retry (_erasure_checkpoint_again)."""
-        with self._retrying:
-            self._failures += 1
-            doubling = self._first_retry_s() * float(2 ** min(self._failures - 1, 32))
-            self._retry_at = time.monotonic() + min(RETRY_AT_MOST_S, doubling)
-
-    def _first_retry_s(self) -> float:
-        return max(MIN_RETRY_S, self.config.erasure_checkpoint_delay_s)
-
-    def _succeeded(self) -> None:
-        with self._retrying:
-            self._failures, self._retry_at = 0, 0.0
-
-    def _seconds_to_retry(self) -> float:
-        return max(0.0, self._retry_at - time.monotonic())
 
     def _checkpoint(self, covering: int | None) -> int:
         with self.lock:
@@ -135,7 +119,7 @@ class Checkpointer:
         if start is not None and time.time() >= start:
             self.write_erasure_checkpoint()
             return
-        if self._seconds_to_retry():
+        if self._retry.seconds_left():
             return
         pending = self.live.store.sequence() - self.sequence
         overdue = time.monotonic() - self.written_at >= self.config.checkpoint_interval_s
@@ -177,7 +161,7 @@ class Checkpointer:
         when a failed checkpoint is tried again, if later); returns by when it will have
         been written."""
         self.erasure_start = time.time() + max(self.config.erasure_checkpoint_delay_s,
-                                                self._seconds_to_retry())
+                                                self._retry.seconds_left())
         self.erasure_due = self._due_when_started_at(self.erasure_start)
         return self.erasure_due
 
@@ -314,7 +298,7 @@ class Checkpointer:
     def _covers(self, sequence: int) -> None:
         """The checkpoint on disk now covers `sequence`: the log before it goes (unless a
         live rebuild still needs it)."""
-        self._succeeded()
+        self._retry.succeeded()
         self.sequence = sequence
         self.written_at = time.monotonic()
         pin = self.log_pin

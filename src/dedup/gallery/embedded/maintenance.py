@@ -190,7 +190,6 @@ class Maintenance:
                   self.switch.switch_if_wanted, "index type switch")
 
 
-
 def run_every(closed: threading.Event, poll: float, seconds_to_next: Callable[[], float],
               work: Callable[[], None], what: str) -> None:
     """Runs `work` every `poll` seconds and when `seconds_to_next` says, until `closed`;

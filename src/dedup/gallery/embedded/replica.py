@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from dedup.core.audit_chain import AuditMaker, RecordMaker
+from dedup.core.backoff import Backoff
 from dedup.core.errors import CheckpointError, DedupError, NotServedHere
 from dedup.core.policy import Scored
 from dedup.core.records import CheckResult, DeleteKey, Registration, StoredFace
@@ -86,12 +87,10 @@ class ReplicaGallery:
         self._search: ExactSearch | None = None
         self.covered = -1  # the last change the index holds
         # A catch-up failed partway: the index held some of its changes, which replaying
-        # them again would add twice. Until the follower has loaded it again (trying at
-        # `_reload_at`, time.monotonic(), each failure doubling `_reload_wait`) every read
-        # raises NotServedHere: the primary answers them.
+        # them again would add twice. Until the follower has loaded it again (tried as
+        # `_reload` allows) every read raises NotServedHere: the primary answers them.
         self._partly_caught_up = False
-        self._reload_at = 0.0
-        self._reload_wait = _RELOAD_FIRST_S
+        self._reload = Backoff(_RELOAD_FIRST_S, _RELOAD_AT_MOST_S)
         self._checkpoint_seen: tuple[int, int] | None = None  # (inode, mtime) last compared
         self._closed = threading.Event()
         self._follower = threading.Thread(target=self._follow, name="dedup-replica-follow",
@@ -189,16 +188,15 @@ class ReplicaGallery:
         """After a catch-up that failed partway: the index loaded again (the checkpoint read
         without holding the store, so that a compaction's release never waits for it; then
         the log after it replayed) when the last try is long enough ago."""
-        if time.monotonic() < self._reload_at or self._store is None:
+        if self._reload.seconds_left() or self._store is None:
             return
         try:
             loaded = self._load_again()
         except Exception:
-            self._reload_at = time.monotonic() + self._reload_wait
-            self._reload_wait = min(_RELOAD_AT_MOST_S, 2 * self._reload_wait)
+            self._reload.failed()
             raise
         if loaded is not None:
-            self._reload_at, self._reload_wait = 0.0, _RELOAD_FIRST_S
+            self._reload.succeeded()
             log.info("replica: the index is loaded again (%d vectors): answering checks",
                      loaded)
 
