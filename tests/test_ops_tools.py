@@ -346,3 +346,46 @@ def test_a_store_copy_never_holds_a_slot_whose_zeroing_failed(tmp_path, monkeypa
         gallery.close(checkpoint=False)
     copied = (target / "vectors.f32").read_bytes()
     assert people[3].tobytes() not in copied and people[4].tobytes() in copied
+
+
+@pytest.mark.parametrize("zeroing", ["fails", "after the slots are read"])
+def test_a_store_copy_erases_what_was_erased_before_it_finished(tmp_path, monkeypatch, zeroing):
+    """r7 is erased after the copy's LMDB snapshot: its Delete's zeroing fails on a disk
+    error before the slots are read, or succeeds only after they were. Either way its slot
+    was read holding its embedding, whole, so nothing marked it: the copy is told to erase
+    it, as one whose zeroed slot was read."""
+    people = FaceGenerator(46).persons(20)
+    gallery = EmbeddedGallery(StoreConfig(data_dir=tmp_path / "data"), "model-a",
+                              background=False)
+    real_copy = store_copy._copy_slots
+
+    def erase_r7() -> None:
+        if zeroing == "fails":
+            monkeypatch.setattr(gallery.store._slots, "zero", _disk_error)
+            with pytest.raises(OSError):
+                gallery.delete(DeleteKey.REGISTRATION_ID, "r7")
+            monkeypatch.undo()
+        else:
+            gallery.delete(DeleteKey.REGISTRATION_ID, "r7")
+
+    def copy_slots(*args):
+        if zeroing == "fails":
+            erase_r7()
+            return real_copy(*args)
+        suspects = real_copy(*args)
+        erase_r7()
+        return suspects
+
+    try:
+        gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(20)])
+        monkeypatch.setattr(store_copy, "_copy_slots", copy_slots)
+        target = tmp_path / "copy"
+        target.mkdir()
+        copied = gallery.store.copy_to(target)
+    finally:
+        gallery.close(checkpoint=False)
+    assert copied.erased_meanwhile == ["r7"]
+
+
+def _disk_error(keys):
+    raise OSError(5, "Input/output error (injected)")

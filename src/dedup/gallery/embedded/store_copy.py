@@ -6,17 +6,19 @@ up to that transaction's last key assigned (later enrolments are not in the copy
 transaction ends before the slots are read: LMDB reuses no page freed after a reader's
 snapshot while it is open, and the slots of 10,000,000 registrations are 20 GB to read, so
 the store would grow by every write meanwhile. What the copy's records hold is then read from
-the copy itself. A Delete committed meanwhile may have zeroed a slot (or be zeroing it) whose
-record the copy holds: that registration is returned in `erased_meanwhile`, for the caller to
-erase in the copy too; a slot that is not a unit vector while its record is still stored is
-damage. A slot that is not a unit vector is never copied, so no erased registration's bytes
-are.
+the copy itself, and compared with the records the store holds once the slots are read: a
+registration erased meanwhile is returned in `erased_meanwhile`, for the caller to erase in
+the copy too, whether its slot was read zeroed or still holding its embedding (its Delete's
+zeroing failed on a disk error, or came after the read). A slot that is not a unit vector
+while its record is still stored is damage. A slot that is not a unit vector is never copied.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import numpy as np
@@ -33,11 +35,11 @@ from dedup.gallery.embedded.store_format import (
     logged_changes,
     u64,
 )
-from dedup.gallery.embedded.store_tables import present
 from dedup.gallery.embedded.stored_vectors import not_a_unit_vector, unit_rows
 from dedup.gallery.embedded.vector_file import VectorFile, damaged
 
 _SLOTS_AT_ONCE = 16_384
+_KEYS_AT_ONCE = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -87,10 +89,10 @@ def _copy_slots(slots: VectorFile, target_path: Path, assigned: int,
 
 def _erased_meanwhile(store: LmdbEnv, directory: Path, suspects: list[int],
                       path: Path) -> list[str]:
-    """The registration_ids of the copy's records (in `directory`) among `suspects`: erased
-    since the copy's transaction."""
-    if not suspects:
-        return []
+    """The registration_ids of the copy's records (in `directory`) the store no longer holds:
+    erased since the copy's transaction, whether their slots were read zeroed (`suspects`)
+    or not (a Delete whose zeroing failed on a disk error, or came after its slot was read).
+    A suspect still stored is damage."""
     try:
         copied = lmdb.open(str(directory), readonly=True, lock=False, max_dbs=16)
     except lmdb.Error as error:
@@ -98,26 +100,35 @@ def _erased_meanwhile(store: LmdbEnv, directory: Path, suspects: list[int],
     try:
         records = open_db(copied, "records", create=False)
         with copied.begin() as txn:
-            in_copy = sorted(key for key in suspects
-                             if txn.get(u64(key), db=records) is not None)
-            if not in_copy:
-                return []
-            still = _still_stored(store, in_copy)
-            if still:
-                raise not_a_unit_vector(path, still)
+            in_copy = _record_keys(txn, records)
+            stored = _still_stored(store, int(in_copy[-1]) if len(in_copy) else 0)
+            damage = np.intersect1d(np.intersect1d(suspects, in_copy), stored)
+            if len(damage):
+                raise not_a_unit_vector(path, damage.tolist())
             return [decode_registration(bytes(txn.get(u64(key), db=records, default=b"")))
-                    .registration_id for key in in_copy]
+                    .registration_id for key in np.setdiff1d(in_copy, stored).tolist()]
     finally:
         copied.close()
 
 
-def _still_stored(store: LmdbEnv, keys: list[int]) -> list[int]:
-    """Those of `keys` the store holds now. A compaction meanwhile: an erasure after its
-    swap is not in the data file this process read, so it reads the newest (again, should
-    another compaction swap while it reads)."""
+def _record_keys(txn: lmdb.Transaction, records: Any, through: int | None = None
+                 ) -> npt.NDArray[np.int64]:
+    """The keys of the records in `txn` (up to `through`), ascending: 8 bytes a key, read
+    _KEYS_AT_ONCE at a time."""
+    keys = txn.cursor(db=records).iternext(keys=True, values=False)
+    chunks = [np.frombuffer(b"".join(chunk), ">u8").astype(np.int64) for chunk in
+              iter(lambda: list(itertools.islice(keys, _KEYS_AT_ONCE)), [])]
+    found = np.concatenate(chunks) if chunks else np.empty(0, np.int64)
+    return found if through is None else found[:np.searchsorted(found, through, "right")]
+
+
+def _still_stored(store: LmdbEnv, through: int) -> npt.NDArray[np.int64]:
+    """The keys up to `through` the store holds records of now. A compaction meanwhile: an
+    erasure after its swap is not in the data file this process read, so it reads the newest
+    (again, should another compaction swap while it reads)."""
     for _ in range(3):
         store.reopen_if_replaced()
-        still = sorted(store.read(lambda current: present(current, store.dbs, keys)))
+        still = store.read(lambda current: _record_keys(current, store.dbs.records, through))
         if not store.reopen_if_replaced():
             break
     return still
