@@ -142,6 +142,20 @@ def test_an_idle_session_ends_and_polling_does_not_keep_it_alive():
     assert session.token is None  # forgotten with the session
 
 
+def test_a_token_signing_in_again_and_again_ends_its_own_oldest_sessions():
+    """Each session may hold a probe photo and sweeps running on the server: a token signed
+    in over and over (an insider's script) kept every one until it expired (12 hours)."""
+    store = SessionStore(idle_timeout_s=60, lifetime_s=60)
+    other = store.sign_in("another-token", "investigator")
+    mine = [store.sign_in("the-bearer-token", "investigator")
+            for _ in range(3 * SessionStore.SESSIONS_A_TOKEN)]
+    assert len(store) == SessionStore.SESSIONS_A_TOKEN + 1
+    kept = mine[-SessionStore.SESSIONS_A_TOKEN:]
+    assert all(store.get(session.id) is session for session in [*kept, other])
+    assert all(store.get(session.id) is None and session.token is None
+               for session in mine[:-SessionStore.SESSIONS_A_TOKEN])
+
+
 @pytest.mark.embedded_only(reason="the console is a gRPC client; which backend answers does "
                            "not change what it sends")
 def test_an_unauthenticated_development_server_needs_no_token(server):

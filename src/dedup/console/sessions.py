@@ -101,11 +101,15 @@ class Session:
 
 
 class SessionStore:
-    """The sessions signed in (the sign-in page's own is kept nowhere: web._before_sign_in).
-    Expired sessions are ended, their token, photo and sweeps with them, by a thread every
-    PURGE_EVERY_S, and when asked for."""
+    """The sessions signed in (the sign-in page's own is kept nowhere: web._before_sign_in),
+    at most SESSIONS_A_TOKEN a token. Expired sessions are ended, their token, photo and
+    sweeps with them, by a thread every PURGE_EVERY_S, and when asked for."""
 
     PURGE_EVERY_S = 10.0
+    # Sessions one token may hold at once (browsers signed in with it); signing in past it
+    # ends that token's oldest. Each may hold a probe photo and cluster sweeps running on
+    # the server, so a token signing in again and again must not add them without end.
+    SESSIONS_A_TOKEN = 8
 
     def __init__(self, idle_timeout_s: float, lifetime_s: float) -> None:
         self.idle_timeout_s = idle_timeout_s
@@ -120,6 +124,7 @@ class SessionStore:
         session = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32), now, now,
                           token=token, role=role)
         with self._lock:
+            self._end_oldest_beyond(token, self.SESSIONS_A_TOKEN - 1)
             self._sessions[session.id] = session
             if self._purging is None:
                 self._purging = threading.Thread(target=_purge_every, args=(weakref.ref(self),),
@@ -164,6 +169,16 @@ class SessionStore:
         session.token = None
         session.probe = None
         session.end_sweeps()
+
+    def _end_oldest_beyond(self, token: str | None, kept: int) -> None:
+        """Ends the oldest sessions of `token` (None: an unauthenticated server's) beyond
+        the newest `kept`."""
+        same = sorted((s for s in self._sessions.values() if s.token == token),
+                      key=lambda s: s.started)
+        for session in same[:max(0, len(same) - kept)]:
+            log.warning("console: a session ended: its token signed in %d times since",
+                        self.SESSIONS_A_TOKEN)
+            self._end(session)
 
     def _purge(self, now: float) -> None:
         for session in [s for s in self._sessions.values() if self._expired(s, now)]:
