@@ -108,3 +108,50 @@ def test_rebuild_command_live_and_offline(tmp_path, capsys, server):
     code, out, _ = run(capsys, "rebuild", "--data-dir", str(server.data_dir),
                        "--index-factory", "Flat")
     assert code == 0 and "rebuilt the index as Flat with 400 vectors" in out
+
+
+def _files_that_disagree(folder):
+    """good (3 rows), short (3 embeddings, its CSV without b11's row) and empty (one
+    embedding, a CSV of its header only)."""
+    folder.mkdir()
+    write_batch(folder, "good", 0, 3, seed=6)
+    write_batch(folder, "short", 10, 3, seed=7)
+    with open(folder / "short.csv", newline="") as handle:
+        rows = list(csv.reader(handle))
+    with open(folder / "short.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows(rows[:2] + rows[3:])
+    write_batch(folder, "empty", 20, 1, seed=8)
+    with open(folder / "empty.csv", newline="") as handle:
+        header = next(csv.reader(handle))
+    with open(folder / "empty.csv", "w", newline="") as handle:
+        csv.writer(handle).writerow(header)
+
+
+def _import_refused(capsys, folder, *target):
+    for name, said in (("short", "2 rows for the 3 embeddings of short.npy"),
+                       ("empty", "0 rows for the 1 embeddings of empty.npy")):
+        code, _, err = run(capsys, "import", str(folder / "good.npy"),
+                           str(folder / f"{name}.npy"), *target)
+        assert code != 0 and said in err and "nothing imported" in err, err
+
+
+@pytest.mark.embedded_only(reason=OFFLINE)
+def test_a_csv_that_disagrees_with_its_embeddings_imports_nothing_offline(tmp_path, capsys):
+    """Row i goes with embedding i. A row missing halfway stored everyone after it under the
+    face before (b12 with b11's), acknowledged; a rerun then skipped them as already
+    enrolled. A CSV with its header only beside one embedding imported nothing and said
+    nothing."""
+    _files_that_disagree(tmp_path / "in")
+    _import_refused(capsys, tmp_path / "in", "--data-dir", str(tmp_path / "data"))
+    gallery = EmbeddedGallery(StoreConfig(data_dir=tmp_path / "data"), "any-model")
+    try:
+        assert gallery.store.count() == 0
+    finally:
+        gallery.close(checkpoint=False)
+
+
+def test_a_csv_that_disagrees_with_its_embeddings_imports_nothing_into_a_server(
+        tmp_path, capsys, server):
+    _files_that_disagree(tmp_path / "in")
+    _import_refused(capsys, tmp_path / "in", "--server", f"127.0.0.1:{server.port}")
+    assert server.stub.Stats(pb.StatsRequest()).registrations == 0

@@ -20,11 +20,13 @@ def register(commands: Subcommands) -> None:
     bulk = add_client_subcommand(commands, "import", "bulk-load embeddings from .npy + .csv "
                                  "files", """
         Loads registrations with their embeddings: row i of each FILE.npy (N x 512 float32)
-        with row i of the FILE.csv beside it. Into a running server (EnrollStream), or with
-        --data-dir straight into a data directory no server holds (one LMDB transaction per
-        batch). Registration IDs already enrolled are skipped, so an interrupted import
-        resumes when run again; rows that fail validation or collide are reported, never
-        half-stored. Prints a summary and the rate; exit status 2 when any row was rejected.
+        with row i of the FILE.csv beside it; a CSV with more or fewer rows than its
+        embeddings stops the import before anything is stored. Into a running server
+        (EnrollStream), or with --data-dir straight into a data directory no server holds
+        (one LMDB transaction per batch). Registration IDs already enrolled are skipped,
+        so an interrupted import resumes when run again; rows that fail validation or
+        collide are reported, never half-stored. Prints a summary and the rate; exit
+        status 2 when any row was rejected.
         """, ["dedup import batch-1.npy batch-2.npy --server 127.0.0.1:50051",
               "dedup import batch-1.npy --data-dir index_data"], import_command)
     bulk.add_argument("files", type=Path, nargs="+", metavar="FILE.npy",

@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 import itertools
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,18 +75,13 @@ class Row:
 
 
 def rows_of(npy: Path) -> Iterator[Row]:
-    table = npy.with_suffix(".csv")
-    if not table.exists():
-        raise ValueError(f"{npy}: no {table.name} beside it with the registrations")
-    vectors = np.load(npy, mmap_mode="r", allow_pickle=False)
-    if vectors.ndim != 2:
-        raise ValueError(f"{npy}: expected a 2-d array of embeddings, got shape {vectors.shape}")
+    """`npy`'s registrations, row i of its CSV with embedding i. (count_rows checks that the
+    two agree before anything is stored; checked here again, should a file change since.)"""
+    vectors, table = _embeddings(npy), _table_of(npy)
     with open(table, newline="") as handle:
         reader = csv.DictReader(handle)
-        missing = [c for c in COLUMNS[:2] if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{table}: lacks the column(s) {', '.join(missing)}")
-        count = 0
+        _check_columns(table, reader.fieldnames)
+        count = -1
         for count, record in enumerate(reader):
             if count >= len(vectors):
                 raise ValueError(f"{table}: more rows than {npy.name} has embeddings "
@@ -101,7 +96,43 @@ def rows_of(npy: Path) -> Iterator[Row]:
 
 
 def count_rows(files: list[Path]) -> int:
-    return sum(int(np.load(f, mmap_mode="r", allow_pickle=False).shape[0]) for f in files)
+    """The registrations in `files`, every file checked before any row is stored: its CSV
+    beside it, with the columns needed and as many rows as the .npy has embeddings. (Row i
+    goes with embedding i: a row missing or added halfway would store everyone after it
+    under another person's face, and a rerun would skip them as already enrolled.)"""
+    return sum(_checked_rows(npy) for npy in files)
+
+
+def _checked_rows(npy: Path) -> int:
+    vectors, table = _embeddings(npy), _table_of(npy)
+    with open(table, newline="") as handle:
+        reader = csv.reader(handle)
+        _check_columns(table, next(reader, None))
+        rows = sum(1 for row in reader if row)  # blank lines, as DictReader skips them
+    if rows != len(vectors):
+        raise ValueError(f"{table}: {rows:,} rows for the {len(vectors):,} embeddings of "
+                         f"{npy.name} (row i goes with embedding i): nothing imported")
+    return rows
+
+
+def _embeddings(npy: Path) -> np.ndarray:
+    vectors: np.ndarray = np.load(npy, mmap_mode="r", allow_pickle=False)
+    if vectors.ndim != 2:
+        raise ValueError(f"{npy}: expected a 2-d array of embeddings, got shape {vectors.shape}")
+    return vectors
+
+
+def _table_of(npy: Path) -> Path:
+    table = npy.with_suffix(".csv")
+    if not table.exists():
+        raise ValueError(f"{npy}: no {table.name} beside it with the registrations")
+    return table
+
+
+def _check_columns(table: Path, header: Sequence[str] | None) -> None:
+    missing = [c for c in COLUMNS[:2] if c not in (header or [])]
+    if missing:
+        raise ValueError(f"{table}: lacks the column(s) {', '.join(missing)}")
 
 
 def unit_rows(block: np.ndarray, dimension: int) -> tuple[np.ndarray, list[str | None]]:
@@ -126,9 +157,9 @@ def unit_rows(block: np.ndarray, dimension: int) -> tuple[np.ndarray, list[str |
 
 
 def import_offline(gallery: EmbeddedGallery, files: list[Path], limits: Limits) -> ImportReport:
+    total = count_rows(files)  # every file checked first
     report = ImportReport()
     dimension = gallery.config.dimension
-    total = count_rows(files)
     if _index_before(gallery, gallery.comparable_count() + total):
         gallery.defer_indexing()
     with tqdm(total=total, desc="importing", unit="reg") as progress:
@@ -223,6 +254,7 @@ def _store_batch(gallery: EmbeddedGallery, batch: list[tuple[Registration, Vecto
 
 def import_to_server(stub: pb_grpc.FaceDedupStub, files: list[Path], timeout: float | None
                      ) -> ImportReport:
+    total = count_rows(files)  # every file checked first
     report = ImportReport()
 
     def requests() -> Iterator[pb.EnrollRequest]:
@@ -231,7 +263,7 @@ def import_to_server(stub: pb_grpc.FaceDedupStub, files: list[Path], timeout: fl
                 yield pb.EnrollRequest(registration=row.registration, face=pb.Face(
                     embedding=pb.Embedding(values=np.asarray(row.values, np.float32).tolist())))
 
-    with tqdm(total=count_rows(files), desc="importing", unit="reg") as progress:
+    with tqdm(total=total, desc="importing", unit="reg") as progress:
         for response in stub.EnrollStream(requests(), timeout=timeout):
             if response.enrolled:
                 report.imported += 1
