@@ -17,6 +17,7 @@ from conftest import check, enroll
 from dedup import FaceGenerator, StoreConfig
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+from dedup.core.errors import StoreDamaged
 from dedup.core.records import DeleteKey, Registration
 from dedup.face.model_pack import default_pack_dir, model_id_for
 from dedup.gallery.embedded import store_copy
@@ -385,7 +386,87 @@ def test_a_store_copy_erases_what_was_erased_before_it_finished(tmp_path, monkey
     finally:
         gallery.close(checkpoint=False)
     assert copied.erased_meanwhile == ["r7"]
+    held = (tmp_path / "copy" / "vectors.f32").read_bytes()
+    assert people[7].tobytes() not in held and people[8].tobytes() in held
 
 
 def _disk_error(keys):
     raise OSError(5, "Input/output error (injected)")
+
+
+def test_a_store_copy_of_a_damaged_slot_fails_and_names_its_key(tmp_path):
+    """r5's slot is zeros while its record is stored (damage, not an erasure): the copy
+    fails, naming the key, rather than restoring a registration without its embedding."""
+    people = FaceGenerator(47).persons(20)
+    gallery = EmbeddedGallery(StoreConfig(data_dir=tmp_path / "data"), "model-a",
+                              background=False)
+    try:
+        gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(20)])
+        vectors = tmp_path / "data" / "store" / "vectors.f32"
+        with open(vectors, "r+b") as handle:
+            handle.seek(4096 + 5 * 2048)  # key 6, r5's
+            handle.write(bytes(2048))
+        target = tmp_path / "copy"
+        target.mkdir()
+        with pytest.raises(StoreDamaged, match="key 6 is not a unit vector"):
+            gallery.store.copy_to(target)
+    finally:
+        gallery.close(checkpoint=False)
+
+
+def _every_file_under(root: Path) -> bytes:
+    return b"".join(path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file())
+
+
+@pytest.mark.embedded_only(reason=DATA_DIR_TOOLS)
+def test_a_backup_holds_no_byte_of_anyone_erased_before_it(make_server, tmp_path):
+    """Half of 400 registrations erased by ID number after the last checkpoint, before the
+    backup (the server's erasure checkpoint not yet due, its compaction an hour off). The
+    copied checkpoint (Flat: every embedding exact) held their embeddings, and LMDB's copy
+    of whole pages kept ID and phone numbers in their free space. Now the checkpoint is
+    brought up to the copy and the copy compacted: no file of the backup holds any of them,
+    and the copy serves the other 200 from that checkpoint."""
+    n = 400
+    server = make_server(erasure_checkpoint_delay_s=600.0)
+    people = FaceGenerator(48).persons(n)
+    for i, person in enumerate(people):
+        enroll(server.stub, f"r{i}", f"PERSON-{i:04d}-ID", person, msisdn=f"+86139{i:08d}")
+    pb_grpc.IndexAdminStub(server.channel).Checkpoint(pb.CheckpointRequest())
+    slots = (server.data_dir / "store" / "vectors.f32").read_bytes()
+    stored = [slots[4096 + i * 2048:4096 + (i + 1) * 2048] for i in range(n)]  # key i + 1
+    for i in range(0, n, 2):
+        server.stub.Delete(pb.DeleteRequest(id_number=f"PERSON-{i:04d}-ID"))
+    dest = tmp_path / "backup"
+    result = dedup("backup", str(server.data_dir), str(dest))
+    server.stop()
+    assert result.returncode == 0, result.stderr
+    assert "index checkpoint brought up to the copy" in result.stdout
+    held = _every_file_under(dest)
+    for i in range(n):
+        personal = (stored[i], f"PERSON-{i:04d}-ID".encode(), f"+86139{i:08d}".encode())
+        assert [part in held for part in personal] == [i % 2 == 1] * 3, i
+    restored = make_server(data_dir=dest)
+    stats = restored.stub.Stats(pb.StatsRequest())
+    assert stats.registrations == stats.index_vectors == n // 2
+    assert check(restored.stub, people[7]).matches[0].registration.registration_id == "r7"
+
+
+def test_a_backup_that_fails_leaves_nothing_behind(tmp_path):
+    """A damaged slot fails the backup after the store was copied: the copy (every other
+    registration's record and embedding) is removed, not left in DEST."""
+    people = FaceGenerator(49).persons(20)
+    gallery = EmbeddedGallery(StoreConfig(data_dir=tmp_path / "data"), "model-a",
+                              background=False)
+    try:
+        gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(20)])
+    finally:
+        gallery.close()
+    with open(tmp_path / "data" / "store" / "vectors.f32", "r+b") as handle:
+        handle.seek(4096 + 5 * 2048)
+        handle.write(bytes(2048))
+    made, given = tmp_path / "new-backup", tmp_path / "empty-backup"
+    given.mkdir()
+    for dest in (made, given):
+        result = dedup("backup", str(tmp_path / "data"), str(dest))
+        assert result.returncode != 0 and "key 6 is not a unit vector" in result.stderr
+    assert not made.exists() and given.is_dir() and not any(given.iterdir())

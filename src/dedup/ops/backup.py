@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dedup.core.errors import StoreError
+from dedup.core.errors import CheckpointError, StoreError
 from dedup.core.files import open_private, private_dir
 from dedup.core.records import DeleteKey
 from dedup.core.settings import StoreConfig
+from dedup.gallery.embedded.checkpoint import (
+    checkpoint_model_id,
+    fsync_directory,
+    read_checkpoint_sequence,
+    write_checkpoint,
+)
+from dedup.gallery.embedded.index import load_index
 from dedup.gallery.embedded.layout import CHECKPOINT_FILE, store_dir, store_file
+from dedup.gallery.embedded.replay import apply_delta, change_delta
 from dedup.gallery.embedded.store import Store
+
+log = logging.getLogger("dedup.ops")
 
 
 @dataclass(frozen=True)
@@ -24,6 +35,10 @@ class BackupReport:
     checkpoint_bytes: int
     seconds: float
     erased_meanwhile: int = 0  # erased in the source while it was copied: erased in the copy
+    # What became of the index checkpoint: "copied", "brought up to the copy" (it held
+    # registrations erased since it was written), "left out" (see _checkpoint_of_the_copy)
+    # or "none" (the source had none).
+    checkpoint: str = "copied"
 
 
 def backup(data_dir: Path, dest: Path) -> BackupReport:
@@ -32,16 +47,32 @@ def backup(data_dir: Path, dest: Path) -> BackupReport:
 
     The checkpoint is copied first so that it never covers changes the copied store lacks;
     a restored server replays the log after it, or rebuilds from the store. A registration
-    erased in the source between the two store copies (its slot zeroed before it was read) is
-    erased in the copy too, which is then compacted: the copy never holds a record without
-    its embedding, nor any byte of it. `dest` and its store directory are 0700 and every file
-    in them 0600, as in a data directory.
+    erased in the source before the slots are all read is erased in the copy too. The copy
+    holds no byte of a registration erased before the backup ended:
+    - its store is compacted (entry by entry, as the server's compaction) whenever it holds
+      erasures not compacted away: LMDB's copy copies whole pages, whose free space can hold
+      bytes of deleted entries;
+    - the checkpoint, when the copy's change log removes registrations after it, is loaded,
+      brought up to the copy by that log and written again (or left out where the log no
+      longer reaches back to it, or it cannot be read: a restored server builds its index
+      from the store).
+    `dest` and its store directory are 0700 and every file in them 0600, as in a data
+    directory. A backup that fails removes what it wrote.
     """
     started = time.monotonic()
     if not store_file(data_dir).exists():
         raise StoreError(f"{data_dir}: no dedup store to back up")
     if dest.exists() and any(dest.iterdir()):
         raise StoreError(f"{dest}: not empty; back up into a new directory")
+    made = not dest.exists()
+    try:
+        return _backup(data_dir, dest, started)
+    except BaseException:
+        _remove_written(dest, made)
+        raise
+
+
+def _backup(data_dir: Path, dest: Path, started: float) -> BackupReport:
     private_dir(store_dir(private_dir(dest, narrow=True)))
     checkpoint_bytes = _copy_checkpoint(data_dir / CHECKPOINT_FILE, dest / CHECKPOINT_FILE)
     source = Store.reader(data_dir)
@@ -49,13 +80,14 @@ def backup(data_dir: Path, dest: Path) -> BackupReport:
         erased = source.copy_to(store_dir(dest)).erased_meanwhile
     finally:
         source.close()
-    if erased:
-        _erase_in_copy(dest, erased)
+    _erase_in_copy(dest, erased)
+    checkpoint = _checkpoint_of_the_copy(dest) if checkpoint_bytes else "none"
     copied = Store.reader(dest)
     try:
         report = BackupReport(copied.count(), copied.sequence(),
                               store_file(dest).stat().st_size + copied.vector_file_bytes()[1],
-                              checkpoint_bytes, time.monotonic() - started, len(erased))
+                              _size_of(dest / CHECKPOINT_FILE), time.monotonic() - started,
+                              len(erased), checkpoint)
     finally:
         copied.close()
     (store_dir(dest) / "lock.mdb").unlink(missing_ok=True)  # a reader's lock file, not data
@@ -64,14 +96,68 @@ def backup(data_dir: Path, dest: Path) -> BackupReport:
 
 def _erase_in_copy(dest: Path, registration_ids: list[str]) -> None:
     """Erases the registrations in the copy (each logged, so a restored server's index
-    replays it) and compacts it."""
+    replays it), and compacts it if it holds any erasure not compacted away."""
     copy = Store(StoreConfig(data_dir=dest, check_on_open=False))
     try:
         for registration_id in registration_ids:
             copy.delete(DeleteKey.REGISTRATION_ID, registration_id)
-        copy.compact()
+        if copy.erased_since() is not None:
+            copy.compact()
     finally:
         copy.close()
+
+
+def _checkpoint_of_the_copy(dest: Path) -> str:
+    """The copied checkpoint, brought up to the copy's store if the change log after it
+    removes registrations (its index holds their embeddings or codes); left out if the log
+    no longer reaches back to it (a checkpoint written since truncated it) or it cannot be
+    read. Returns what was done (BackupReport.checkpoint)."""
+    path = dest / CHECKPOINT_FILE
+    copy = Store.reader(dest)
+    try:
+        try:
+            model_id = checkpoint_model_id(path)
+            covered = read_checkpoint_sequence(path)
+        except CheckpointError as error:
+            return _left_out(path, f"it cannot be read ({error})")
+        delta = change_delta(copy, covered)
+        if delta.complete and not delta.removed:
+            return "copied"
+        if not delta.complete:
+            return _left_out(path, "the change log no longer reaches back to it")
+        try:
+            index, _ = load_index(path, copy.config.dimension, model_id)
+        except CheckpointError as error:
+            return _left_out(path, f"it cannot be read ({error})")
+        apply_delta(copy, index, delta, model_id)
+        write_checkpoint(path, index.snapshot(delta.current, model_id))
+        return "brought up to the copy"
+    finally:
+        copy.close()
+
+
+def _left_out(path: Path, why: str) -> str:
+    log.warning("backup: the index checkpoint is left out of the copy: %s; a server started "
+                "on it builds its index from the store", why)
+    path.unlink()
+    fsync_directory(path.parent)
+    return "left out"
+
+
+def _size_of(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _remove_written(dest: Path, made: bool) -> None:
+    """What a failed backup wrote into `dest` (and `dest` itself if it made it)."""
+    if made:
+        shutil.rmtree(dest, ignore_errors=True)
+        return
+    for child in list(dest.iterdir()) if dest.exists() else []:
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 def _copy_checkpoint(source: Path, target: Path) -> int:

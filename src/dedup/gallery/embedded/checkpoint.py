@@ -223,6 +223,12 @@ def checkpoint_model_id(path: Path) -> str:
     return _head_of(path).model_id
 
 
+def read_checkpoint_sequence(path: Path) -> int:
+    """The change sequence a checkpoint's header says it covers (unchecked until the whole
+    file is read); a CheckpointError naming the file if it cannot be read."""
+    return _head_of(path).sequence
+
+
 def _head_of(path: Path) -> _Header:
     try:
         with open(path, "rb") as handle:

@@ -38,11 +38,27 @@ from dedup.gallery.embedded.vector_file import Keys, VectorFile
 VectorBatch = tuple[int, list[int], Matrix]  # (last key read, keys, their vectors)
 # A read transaction of its own, seeing the latest commit, and its databases (LmdbEnv.peek).
 Peek = Callable[[], AbstractContextManager[tuple[lmdb.Transaction, Databases]]]
+_KEYS_AT_ONCE = 1 << 16
 
 
 def present(txn: lmdb.Transaction, dbs: Databases, keys: list[int]) -> set[int]:
     """Those of `keys` that have a record in `txn`."""
     return {key for key in keys if txn.get(u64(key), db=dbs.records) is not None}
+
+
+def record_keys(txn: lmdb.Transaction, records: Any, through: int | None = None) -> Keys:
+    """The keys of the records in `txn`'s table `records` (up to `through`), in increasing
+    order, read _KEYS_AT_ONCE at a time."""
+    keys = txn.cursor(db=records).iternext(keys=True, values=False)
+    chunks: list[Keys] = []
+    for chunk in iter(lambda: list(itertools.islice(keys, _KEYS_AT_ONCE)), []):
+        if any(len(key) != 8 for key in chunk):
+            raise StoreError("the store is damaged: a record's key is not 8 bytes")
+        chunks.append(np.frombuffer(b"".join(chunk), dtype=">u8").astype(np.int64))
+        if through is not None and chunks[-1][-1] > through:
+            break
+    found = np.concatenate(chunks) if chunks else np.empty(0, np.int64)
+    return found if through is None else found[:np.searchsorted(found, through, "right")]
 
 
 def vector_batches(read_batch: Callable[[int], VectorBatch], after: int = 0
@@ -142,10 +158,7 @@ class TableReader:
 
     def record_keys(self) -> Keys:
         """Every stored registration's key, in increasing order."""
-        keys = self.txn.cursor(db=self.dbs.records).iternext(keys=True, values=False)
-        chunks = [np.frombuffer(b"".join(chunk), dtype=">u8").astype(np.int64)
-                  for chunk in iter(lambda: list(itertools.islice(keys, 1 << 20)), [])]
-        return np.concatenate(chunks) if chunks else np.empty(0, np.int64)
+        return record_keys(self.txn, self.dbs.records)
 
     def erased_keys(self) -> Keys:
         """Every key assigned that has no record (its registration was erased)."""
