@@ -24,16 +24,16 @@ ProgressStart = Callable[[int, int], Callable[[int], None]]
 def register(commands: Subcommands) -> None:
     migrate = add_subcommand(commands, "migrate", "copy an embedded data directory into Milvus "
                              "(resumable, verified)", """
-        Copies an embedded data directory (no server may write it meanwhile) into the Milvus
-        collections under --milvus-prefix: the registrations in key order, --batch at a
-        time as upserts (a run that was interrupted resumes after the last batch copied),
-        then the audit trail (as the chain "embedded:<data dir>", every record and hash
-        unchanged) and the adjudications. Last it verifies the copy: Milvus must hold
-        exactly the store's registrations, and --sample stored embeddings must find the
-        same top-10 registrations in both (on an approximate index, whose top-10 of
-        unrelated registrations may rightly differ: their own registration first, re-scored
-        from its copied embedding). The Milvus token comes from
-        $DEDUP_MILVUS_TOKEN. Exit status 1 when the verification fails.
+        Copies an embedded data directory (locked: no server may run on it meanwhile)
+        into the Milvus collections under --milvus-prefix: the registrations in key order,
+        --batch at a time as upserts (a run that was interrupted resumes after the last
+        batch copied), then the audit trail (as the chain "embedded:<data dir>", every
+        record and hash unchanged) and the adjudications. Last it verifies the copy: Milvus
+        must hold exactly the store's registrations, key by key, and --sample stored
+        embeddings must find the same top-10 registrations in both (on an approximate
+        index, whose top-10 of unrelated registrations may rightly differ: their own
+        registration first, re-scored from its copied embedding). The Milvus token comes
+        from $DEDUP_MILVUS_TOKEN. Exit status 1 when the verification fails.
         """, ["dedup migrate --from index_data --to milvus://milvus:19530",
               "dedup migrate --from index_data --to /srv/dedup/milvus.db --batch 10000"],
         migrate_command)
@@ -71,6 +71,11 @@ def _copy_progress() -> Iterator[ProgressStart]:
 
 
 def _what_differs(report: Migration) -> str:
+    if report.not_in_store or report.missing_in_milvus:
+        return ("Milvus holds registrations the store does not (erased from the store since "
+                "they were copied?) or lacks some of its own: drop the prefix's collections, "
+                "delete the state file milvus-migration.json in the data directory, and "
+                "migrate again")
     if report.milvus_registrations > report.store_registrations:
         return ("Milvus holds more than the store: erased from the store since they were "
                 "copied? Drop the prefix's collections, delete the state file "
@@ -100,9 +105,13 @@ def migrate_command(args: argparse.Namespace) -> int:
     compared = "the same top-10 in both" if top_k(config) > 1 else \
         f"their own registration first ({config.index_type} is approximate: only the best " \
         "is compared)"
+    by_key = ""
+    if report.missing_in_milvus or report.not_in_store:
+        by_key = (f" ({report.missing_in_milvus:,} of the store's missing, "
+                  f"{report.not_in_store:,} not in the store)")
     print(f"verify: store {report.store_registrations:,} registrations, Milvus "
-          f"{report.milvus_registrations:,}; {report.sample_agreeing}/{report.sampled} sampled "
-          f"searches found {compared}")
+          f"{report.milvus_registrations:,}{by_key}; {report.sample_agreeing}/{report.sampled} "
+          f"sampled searches found {compared}")
     if not report.verified:
         print(f"VERIFICATION FAILED: the copy differs ({_what_differs(report)})",
               file=sys.stderr)

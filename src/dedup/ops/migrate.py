@@ -6,8 +6,9 @@ state file, so an interrupted run resumes after it (from the start when the targ
 nothing of what the earlier run copied there: dropped or made anew since). Then the audit
 trail (as the chain "embedded:<data dir>", every record and hash unchanged) and the
 adjudications. Last, the copy is verified: Milvus holds exactly the store's registrations,
-and a sample of stored embeddings finds the same nearest registrations in both (exact top-k
-from the store).
+key by key, and a sample of stored embeddings finds the same nearest registrations in both
+(exact top-k from the store). The data directory is locked throughout: no server may write
+it meanwhile.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from dedup.core.errors import StoreError
-from dedup.core.files import write_private
+from dedup.core.files import open_private
 from dedup.core.settings import MilvusConfig
 from dedup.core.vectors import Matrix
+from dedup.gallery.embedded.checkpoint import fsync_directory
+from dedup.gallery.embedded.data_dir import lock_data_dir
 from dedup.gallery.embedded.store import Store
 from dedup.gallery.milvus import MilvusGallery
 
@@ -35,6 +38,7 @@ STATE_FILE = "milvus-migration.json"
 # rows outlasted a call's time limit on a Milvus 2.3 server (2 cores).
 SAMPLES_PER_SEARCH = 10
 TOP_K = 10
+_KEYS_A_PAGE = 16_384
 SCORE_TOLERANCE = 1e-5
 
 Advance = Callable[[int], None]
@@ -52,9 +56,15 @@ class Migration:
     sampled: int
     sample_agreeing: int  # sampled probes whose top-k keys are the same in both
 
+    # Keys the store holds and Milvus lacks, and keys Milvus holds the store does not (erased
+    # from the store since an earlier run copied them): compared key by key, not by count.
+    missing_in_milvus: int = 0
+    not_in_store: int = 0
+
     @property
     def verified(self) -> bool:
         return (self.store_registrations == self.milvus_registrations
+                and not self.missing_in_milvus and not self.not_in_store
                 and self.sample_agreeing == self.sampled)
 
 
@@ -66,21 +76,37 @@ def _resume_point(state_file: Path, config: MilvusConfig) -> int:
         return 0
     except (OSError, ValueError) as error:
         raise StoreError(f"{state_file}: unreadable migration state ({error}); delete it to "
-                         "start over (copies are upserts: nothing is duplicated)") from error
+                         "copy everything again (copies are upserts: nothing is duplicated; "
+                         "registrations erased in Milvus since are copied back too)"
+                         ) from error
     same_target = state.get("uri") == config.uri and state.get("prefix") == config.prefix
     return int(state.get("last_key", 0)) if same_target else 0
 
 
 def _save_state(state_file: Path, config: MilvusConfig, last_key: int) -> None:
+    """Durably: a state file a power cut left empty would have the run start over, and an
+    operator follow its error's advice."""
     temporary = state_file.with_suffix(".tmp")
-    write_private(temporary, json.dumps({"uri": config.uri, "prefix": config.prefix,
-                                         "last_key": last_key}))
+    with open_private(temporary, "wb") as handle:
+        handle.write(json.dumps({"uri": config.uri, "prefix": config.prefix,
+                                 "last_key": last_key}).encode())
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(temporary, state_file)
+    fsync_directory(state_file.parent)
 
 
 def migrate(data_dir: Path, config: MilvusConfig, batch: int, sample: int,
             start: Callable[[int, int], Advance]) -> Migration:
-    """`start(total, already_done)` makes the progress callback (a bar in the CLI)."""
+    """`start(total, already_done)` makes the progress callback (a bar in the CLI). Holds
+    the data directory's lock throughout: a server writing it meanwhile would leave an
+    enrolment uncopied or an erased registration in Milvus."""
+    with lock_data_dir(data_dir):
+        return _migrate(data_dir, config, batch, sample, start)
+
+
+def _migrate(data_dir: Path, config: MilvusConfig, batch: int, sample: int,
+             start: Callable[[int, int], Advance]) -> Migration:
     store = Store.reader(data_dir)
     try:
         counts = store.model_counts()
@@ -101,8 +127,9 @@ def migrate(data_dir: Path, config: MilvusConfig, batch: int, sample: int,
             adjudications = target.import_settlements(store.settlements())
             target.checkpoint()
             agreeing, sampled = _compare_samples(store, target, sample)
+            missing, extra = _keys_differing(store, target)
             return Migration(copied, resumed, started_over, audit, adjudications, store.count(),
-                             target.stats().registrations, sampled, agreeing)
+                             target.stats().registrations, sampled, agreeing, missing, extra)
         finally:
             target.close(checkpoint=False)
     finally:
@@ -123,6 +150,16 @@ def _earlier_copy_gone(target: MilvusGallery, last_key: int, copied: int,
             f"there (up to key {last_key}): erased there since, or partly dropped? To copy "
             f"everything again, erased ones too, delete {state_file} and run again")
     return False
+
+
+def _keys_differing(store: Store, target: MilvusGallery) -> tuple[int, int]:
+    """How many of the store's keys Milvus lacks, and how many keys Milvus holds that the
+    store does not."""
+    stored = store.record_keys()
+    copied = target.keys_upto(int(stored[-1]) if len(stored) else 0, _KEYS_A_PAGE)
+    beyond = target.count_keys_upto(2**62) - len(copied)  # keys past the store's last
+    held = np.isin(stored, copied, assume_unique=True)
+    return int((~held).sum()), int(len(copied) - held.sum()) + beyond
 
 
 def _count_upto(store: Store, last_key: int) -> int:

@@ -78,6 +78,10 @@ class ReadableStore:
         and cannot be read until it is upgraded."""
         return not self._slots.available
 
+    def record_keys(self) -> Keys:
+        """Every stored registration's key, ascending."""
+        return self._read(TableReader.record_keys)
+
     def erased_since(self) -> float | None:
         """When the first erasure not yet compacted away was made (Unix time), if any."""
         return self._read(TableReader.erased_since)

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from dedup.core.audit_chain import AuditMaker, RecordMaker
 from dedup.core.errors import DedupError, FailedPrecondition, NotFound
@@ -143,6 +144,13 @@ class MilvusGallery:
         for page in self._rows.pages(self._rows.comparable(), ["embedding"], block):
             yield ([int(entity["key"]) for entity in page],
                    np.asarray([entity["embedding"] for entity in page], np.float32))
+
+    @unavailable
+    def keys_upto(self, last_key: int, block: int) -> npt.NDArray[np.int64]:
+        """The keys of rows of any state up to `last_key`, ascending (a migration's check)."""
+        pages = [np.fromiter((entity["key"] for entity in page), np.int64, len(page))
+                 for page in self._rows.pages(f"key <= {int(last_key)}", [], block)]
+        return np.concatenate(pages) if pages else np.empty(0, np.int64)
 
     @unavailable
     def count_keys_upto(self, last_key: int) -> int:
