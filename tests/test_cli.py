@@ -149,6 +149,7 @@ def test_import_photos_summarises_rejects_and_resumes(server, crops, tmp_path, c
     assert "rejected 1 x cannot read the file" in out
     assert "rejected 1 x INVALID_ARGUMENT: face.image: unsupported format" in out
     assert len(rejects.read_text().splitlines()) == 4
+    assert rejects.stat().st_mode & 0o777 == 0o600  # a reason can name a phone number
 
     code, out, _ = run(capsys, "import-photos", str(folder), "--manifest", str(manifest),
                        "--server", address)

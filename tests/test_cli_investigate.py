@@ -81,3 +81,10 @@ def test_clusters_command_jsonl_and_csv(server, tmp_path):
     missing = dedup("clusters", "--server", address, "--out", str(tmp_path / "x.jsonl"),
                     "--case-id", "", "--purpose", "sweep")
     assert missing.returncode == 1 and "case_id" in missing.stderr
+    # A refused run leaves an earlier export as it was (it was emptied), and no partial one.
+    earlier = (tmp_path / "clusters.jsonl").read_bytes()
+    refused = dedup("clusters", "--server", address, "--out", str(tmp_path / "clusters.jsonl"),
+                    "--case-id", "C-1", "--purpose", "sweep", "--min-score", "7")
+    assert refused.returncode == 1 and "min_score" in refused.stderr, refused.stderr
+    assert (tmp_path / "clusters.jsonl").read_bytes() == earlier
+    assert not (tmp_path / "clusters.jsonl.partial").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,10 +17,23 @@ from dedup.core.files import open_private
 def write_clusters(updates: Iterable[pb.ClusterUpdate], out: Path) -> int:
     """Writes each cluster as it arrives: one JSON object a line (.jsonl, .json) or one CSV row
     per registration (.csv, with a cluster number), into a file of mode 0600. Returns how many
-    clusters were written."""
+    clusters were written. Written beside `out` and renamed over it once the stream ended: a
+    refused or broken stream leaves no partial export, and an earlier one as it was."""
+    partial = out.with_name(out.name + ".partial")
+    try:
+        found = _write_clusters(updates, out, partial)
+        os.replace(partial, out)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return found
+
+
+def _write_clusters(updates: Iterable[pb.ClusterUpdate], out: Path, partial: Path) -> int:
     as_csv = out.suffix.lower() == ".csv"
     found = 0
-    with open_private(out, "w", newline="") as handle, tqdm(desc="searching", unit="reg") as bar:
+    with open_private(partial, "w", newline="") as handle, \
+            tqdm(desc="searching", unit="reg") as bar:
         writer = csv.writer(handle) if as_csv else None
         if writer is not None:
             writer.writerow(["cluster", "id_numbers", "min_link_score", "registration_id",
@@ -50,4 +64,6 @@ def write_clusters(updates: Iterable[pb.ClusterUpdate], out: Path) -> int:
                                      r.id_number, r.msisdn, r.carrier, r.region,
                                      update.audit_record_hash, " ".join(cluster.truncated_by)])
         bar.refresh()
+        handle.flush()
+        os.fsync(handle.fileno())
     return found

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
+from dedup.core.files import open_private
 
 REQUIRED_COLUMNS = ("file", "registration_id", "id_number")
 RETRIES = 5
@@ -42,7 +43,8 @@ class ImportSummary:
         return "\n".join(lines)
 
     def write_rejects(self, path: Path) -> None:
-        with open(path, "w", newline="") as handle:
+        """Mode 0600: a reason can name a phone number or registration ID."""
+        with open_private(path, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["file", "reason"])
             writer.writerows(self.rejected)
