@@ -147,3 +147,21 @@ def test_allowed_shared_data_directory_starts_with_a_warning(make_server, faces,
     finally:
         served.process.send_signal(signal.SIGTERM)
         assert served.wait() == 0
+
+
+def test_a_milvus_lite_file_is_private_even_with_an_open_umask(tmp_path, open_umask):
+    """Milvus Lite made its directory and files with the umask's modes (0755 and 0644): every
+    embedding, ID number and phone number readable by any user of the machine."""
+    from conftest import release_milvus_lite
+
+    from dedup.core.settings import MilvusConfig
+    from dedup.gallery.milvus import MilvusGallery
+
+    older = tmp_path / "older.db"
+    older.mkdir(mode=0o755)
+    os.chmod(older, 0o755)
+    for lite in (tmp_path / "made" / "dedup.db", older):
+        gallery = MilvusGallery(MilvusConfig(uri=str(lite)), "model-a", background=False)
+        gallery.close(checkpoint=False)
+        release_milvus_lite(lite)
+        assert mode(lite) == 0o700, lite

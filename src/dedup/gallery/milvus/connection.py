@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from dedup.core.errors import BackendUnavailable, ConfigError, StoreError
+from dedup.core.files import private_dir
 from dedup.core.settings import MilvusConfig
 
 _P = ParamSpec("_P")
@@ -108,11 +109,20 @@ def connect(config: MilvusConfig) -> Any:
                          "milvus-lite too for a local .db file)") from error
     uri = client_uri(config.uri)
     if config.is_lite:
-        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        _private_lite_directory(Path(uri))
     try:
         return TimedClient(MilvusClient(uri=uri, token=config.token, timeout=CALL_TIMEOUT_S))
     except Exception as error:
         raise StoreError(f"cannot connect to Milvus at {config.uri}: {error}") from error
+
+
+def _private_lite_directory(path: Path) -> None:
+    """Milvus Lite keeps every embedding, ID number and phone number in a directory at
+    `path`, its files made with the umask's modes (0644 under the usual 022): the directory
+    is made 0700 first (narrowed if older), so that no other user can enter it."""
+    if path.exists() and not path.is_dir():
+        return  # not Lite's directory: Lite refuses it itself
+    private_dir(path, narrow=True)
 
 
 # gRPC codes that pymilvus lets out unretried and that a retry may clear; the others
