@@ -21,6 +21,7 @@ from dedup.gallery.embedded import replay
 from dedup.gallery.embedded.checkpoint import read_checkpoint
 from dedup.gallery.embedded.gallery import EmbeddedGallery
 from dedup.gallery.embedded.index_plan import lists_for
+from dedup.ops import bulk_import
 from dedup.ops.bulk_import import import_offline
 
 THRESHOLD = 300  # the test's lowered auto threshold
@@ -62,19 +63,27 @@ def first_served(data_dir: Path, index: IndexConfig, probe: np.ndarray
 def import_failing_after(tmp_path: Path, vectors: np.ndarray, stored: int, config: IndexConfig,
                          before_closing: Callable[[EmbeddedGallery], None] = lambda _: None
                          ) -> str:
-    """An offline import into tmp_path/data of `vectors` in two files whose second has no
-    CSV: the first `stored` rows are stored, then it fails. `before_closing` looks at the
-    gallery as the import left it. Returns the model id."""
+    """An offline import into tmp_path/data of `vectors` in two files whose second loses its
+    CSV once every file was checked: the first `stored` rows are stored, then it fails.
+    `before_closing` looks at the gallery as the import left it. Returns the model id."""
     folder = tmp_path / "in"
     folder.mkdir()
     first = write_batch(folder, "a", 0, vectors[:stored])
     broken = write_batch(folder, "b", stored, vectors[stored:])
-    broken.with_suffix(".csv").unlink()
     model_id = model_id_for(default_pack_dir() / "w600k_mbf.onnx")
     gallery = EmbeddedGallery(StoreConfig(data_dir=tmp_path / "data"), model_id, config,
                               background=False)
+    checked = bulk_import.count_rows
+
+    def then_gone(files: list[Path]) -> int:
+        rows = checked(files)
+        broken.with_suffix(".csv").unlink()  # as a disk error or an operator would, mid-way
+        return rows
+
     try:
-        with pytest.raises(ValueError, match=r"no b\.csv beside it"):
+        with pytest.MonkeyPatch.context() as patched, \
+                pytest.raises(ValueError, match=r"no b\.csv beside it"):
+            patched.setattr(bulk_import, "count_rows", then_gone)
             import_offline(gallery, [first, broken], Limits())
         before_closing(gallery)
     finally:

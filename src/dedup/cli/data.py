@@ -90,19 +90,20 @@ def _register_doctor_and_backup(commands: Subcommands) -> None:
 
 
 def import_command(args: argparse.Namespace) -> int:
-    from dedup.ops.bulk_import import import_offline, import_to_server
+    from dedup.ops.bulk_import import count_rows, import_offline, import_to_server
 
     started = time.monotonic()
+    total = count_rows(args.files)  # every file checked before the data directory or server
     if args.data_dir is not None:
         gallery = open_offline_gallery(args)
         try:
-            report = import_offline(gallery, args.files, Limits())
+            report = import_offline(gallery, args.files, Limits(), total)
         finally:
             gallery.close(checkpoint=True)
     else:
         channel, stub = open_dedup_stub(args)
         with channel:
-            report = import_to_server(stub, args.files, timeout=None)
+            report = import_to_server(stub, args.files, timeout=None, total=total)
     elapsed = time.monotonic() - started
     print(report.summary())
     print(f"{report.imported / max(elapsed, 1e-9):,.0f} registrations/s over {elapsed:.1f} s")

@@ -78,7 +78,7 @@ def rows_of(npy: Path) -> Iterator[Row]:
     """`npy`'s registrations, row i of its CSV with embedding i. (count_rows checks that the
     two agree before anything is stored; checked here again, should a file change since.)"""
     vectors, table = _embeddings(npy), _table_of(npy)
-    with open(table, newline="") as handle:
+    with open(table, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         _check_columns(table, reader.fieldnames)
         count = -1
@@ -105,10 +105,14 @@ def count_rows(files: list[Path]) -> int:
 
 def _checked_rows(npy: Path) -> int:
     vectors, table = _embeddings(npy), _table_of(npy)
-    with open(table, newline="") as handle:
+    with open(table, newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
-        _check_columns(table, next(reader, None))
-        rows = sum(1 for row in reader if row)  # blank lines, as DictReader skips them
+        try:
+            _check_columns(table, next(reader, None))
+            rows = sum(1 for row in reader if row)  # blank lines, as DictReader skips them
+        except csv.Error as error:
+            raise ValueError(f"{table}, line {reader.line_num}: not CSV ({error}): nothing "
+                             "imported") from error
     if rows != len(vectors):
         raise ValueError(f"{table}: {rows:,} rows for the {len(vectors):,} embeddings of "
                          f"{npy.name} (row i goes with embedding i): nothing imported")
@@ -156,8 +160,10 @@ def unit_rows(block: np.ndarray, dimension: int) -> tuple[np.ndarray, list[str |
     return units, problems
 
 
-def import_offline(gallery: EmbeddedGallery, files: list[Path], limits: Limits) -> ImportReport:
-    total = count_rows(files)  # every file checked first
+def import_offline(gallery: EmbeddedGallery, files: list[Path], limits: Limits,
+                   total: int | None = None) -> ImportReport:
+    """`total`: count_rows(files), if the caller checked them already."""
+    total = count_rows(files) if total is None else total  # every file checked first
     report = ImportReport()
     dimension = gallery.config.dimension
     if _index_before(gallery, gallery.comparable_count() + total):
@@ -252,9 +258,10 @@ def _store_batch(gallery: EmbeddedGallery, batch: list[tuple[Registration, Vecto
         report.imported += len(fresh)
 
 
-def import_to_server(stub: pb_grpc.FaceDedupStub, files: list[Path], timeout: float | None
-                     ) -> ImportReport:
-    total = count_rows(files)  # every file checked first
+def import_to_server(stub: pb_grpc.FaceDedupStub, files: list[Path], timeout: float | None,
+                     total: int | None = None) -> ImportReport:
+    """`total`: count_rows(files), if the caller checked them already."""
+    total = count_rows(files) if total is None else total  # every file checked first
     report = ImportReport()
 
     def requests() -> Iterator[pb.EnrollRequest]:
