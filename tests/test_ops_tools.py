@@ -17,11 +17,14 @@ from conftest import check, enroll
 from dedup import FaceGenerator, StoreConfig
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
-from dedup.core.errors import StoreDamaged
+from dedup.core.errors import StoreDamaged, StoreError
 from dedup.core.records import DeleteKey, Registration
+from dedup.core.settings import IndexConfig
 from dedup.face.model_pack import default_pack_dir, model_id_for
 from dedup.gallery.embedded import store_copy
 from dedup.gallery.embedded.gallery import EmbeddedGallery
+from dedup.gallery.embedded.index import load_index
+from dedup.gallery.embedded.store import Store
 
 DATA_DIR_TOOLS = ("dedup doctor and dedup backup work on an embedded data directory; a Milvus "
                   "deployment is checked and backed up with Milvus's tools (docs/milvus.md)")
@@ -419,7 +422,8 @@ def _every_file_under(root: Path) -> bytes:
 
 
 @pytest.mark.embedded_only(reason=DATA_DIR_TOOLS)
-def test_a_backup_holds_no_byte_of_anyone_erased_before_it(make_server, tmp_path):
+@pytest.mark.parametrize("kind", ["Flat", "BinarySign512"])
+def test_a_backup_holds_no_byte_of_anyone_erased_before_it(make_server, tmp_path, kind):
     """Half of 400 registrations erased by ID number after the last checkpoint, before the
     backup (the server's erasure checkpoint not yet due, its compaction an hour off). The
     copied checkpoint (Flat: every embedding exact) held their embeddings, and LMDB's copy
@@ -427,7 +431,8 @@ def test_a_backup_holds_no_byte_of_anyone_erased_before_it(make_server, tmp_path
     brought up to the copy and the copy compacted: no file of the backup holds any of them,
     and the copy serves the other 200 from that checkpoint."""
     n = 400
-    server = make_server(erasure_checkpoint_delay_s=600.0)
+    server = make_server(erasure_checkpoint_delay_s=600.0,
+                         index=IndexConfig(index_factory=kind))
     people = FaceGenerator(48).persons(n)
     for i, person in enumerate(people):
         enroll(server.stub, f"r{i}", f"PERSON-{i:04d}-ID", person, msisdn=f"+86139{i:08d}")
@@ -445,7 +450,14 @@ def test_a_backup_holds_no_byte_of_anyone_erased_before_it(make_server, tmp_path
     for i in range(n):
         personal = (stored[i], f"PERSON-{i:04d}-ID".encode(), f"+86139{i:08d}".encode())
         assert [part in held for part in personal] == [i % 2 == 1] * 3, i
-    restored = make_server(data_dir=dest)
+    copied = Store.reader(dest)
+    try:
+        (model_id,) = copied.model_counts()
+        index, covered = load_index(dest / "index.ckpt", 512, model_id)
+        assert (index.kind, len(index), covered) == (kind, n // 2, copied.sequence())
+    finally:
+        copied.close()
+    restored = make_server(data_dir=dest, index=IndexConfig(index_factory=kind))
     stats = restored.stub.Stats(pb.StatsRequest())
     assert stats.registrations == stats.index_vectors == n // 2
     assert check(restored.stub, people[7]).matches[0].registration.registration_id == "r7"
@@ -470,3 +482,67 @@ def test_a_backup_that_fails_leaves_nothing_behind(tmp_path):
         result = dedup("backup", str(tmp_path / "data"), str(dest))
         assert result.returncode != 0 and "key 6 is not a unit vector" in result.stderr
     assert not made.exists() and given.is_dir() and not any(given.iterdir())
+
+
+_BACKUP_KILLED = """
+import os
+import signal
+import sys
+from pathlib import Path
+
+from dedup.gallery.embedded import store_copy
+from dedup.ops.backup import backup
+
+
+def killed(*args):
+    os.kill(os.getpid(), signal.SIGKILL)  # after LMDB's copy, before the slots
+
+
+store_copy._copy_slots = killed
+backup(Path(sys.argv[1]), Path(sys.argv[2]))
+"""
+
+
+def test_a_killed_backup_is_refused_as_a_data_directory(tmp_path):
+    """A backup killed after LMDB's copy left a directory that looked like a data directory,
+    with the records of anyone erased meanwhile: a server served it. Its marker stays, and
+    a server, another backup into it and doctor refuse it."""
+    people = FaceGenerator(50).persons(20)
+    gallery = EmbeddedGallery(StoreConfig(data_dir=tmp_path / "data"), "model-a",
+                              background=False)
+    try:
+        gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(20)])
+    finally:
+        gallery.close()
+    dest = tmp_path / "backup"
+    killed = subprocess.run([sys.executable, "-c", _BACKUP_KILLED, str(tmp_path / "data"),
+                             str(dest)], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    assert (dest / "BACKUP-NOT-FINISHED").exists() and (dest / "store" / "data.mdb").exists()
+    with pytest.raises(StoreError, match="a backup that did not finish"):
+        EmbeddedGallery(StoreConfig(data_dir=dest), "model-a", background=False)
+    again = dedup("backup", str(tmp_path / "data"), str(dest))
+    assert again.returncode != 0 and "not empty" in again.stderr
+    checked = dedup("doctor", str(dest))
+    assert checked.returncode == 1 and "backup that did not finish" in checked.stdout
+
+
+def test_a_backup_leaves_out_a_checkpoint_whose_checksum_fails(tmp_path):
+    """Whether the copied checkpoint holds anyone erased since is judged by the sequence in
+    its header: a damaged file (a sequence raised, say) was copied as good. Its checksum is
+    verified first; a damaged one is left out and the copy's server builds from the store."""
+    people = FaceGenerator(51).persons(20)
+    gallery = EmbeddedGallery(StoreConfig(data_dir=tmp_path / "data"), "model-a",
+                              background=False)
+    try:
+        gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(20)])
+    finally:
+        gallery.close()  # checkpointed
+    checkpoint = tmp_path / "data" / "index.ckpt"
+    damaged = bytearray(checkpoint.read_bytes())
+    damaged[-100] ^= 0xFF
+    checkpoint.write_bytes(bytes(damaged))
+    result = dedup("backup", str(tmp_path / "data"), str(tmp_path / "backup"))
+    assert result.returncode == 0, result.stderr
+    assert "index checkpoint left out" in result.stdout and "checksum mismatch" in result.stderr
+    assert not (tmp_path / "backup" / "index.ckpt").exists()

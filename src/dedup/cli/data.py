@@ -78,12 +78,13 @@ def _register_doctor_and_backup(commands: Subcommands) -> None:
         Copies a data directory into DEST, also while a server runs on it: first the index
         checkpoint, then the store (LMDB's compacting copy in one read transaction, then the
         embeddings' file up to that transaction's last registration), so the checkpoint
-        never covers changes the copy lacks. A registration erased before the copy ends is
-        erased in it too: the copy's store is compacted if it holds erasures not compacted
-        away, and its checkpoint brought up to it if it holds registrations erased since
-        (or left out, where it cannot be). A failed backup removes what it wrote. Prints
-        the registrations, change sequence and sizes copied. To restore, stop the server
-        and serve the copy.
+        never covers changes the copy lacks. A registration erased before the slots are all
+        read is erased in the copy too, which is compacted if it holds erasures not
+        compacted away; its checkpoint is brought up to it if it holds registrations erased
+        since (or left out, where it cannot be). A failed backup removes what it wrote; one
+        killed leaves BACKUP-NOT-FINISHED in DEST, which a server then refuses. Prints the
+        registrations, change sequence and sizes copied. To restore, stop the server and
+        serve the copy.
         """, ["dedup backup index_data /backups/dedup-2024-06-01"], backup_command)
     backup.add_argument("data_dir", type=Path, metavar="DATA_DIR")
     backup.add_argument("dest", type=Path, metavar="DEST", help="a new or empty directory")

@@ -16,11 +16,16 @@ from dedup.core.settings import StoreConfig
 from dedup.gallery.embedded.checkpoint import (
     checkpoint_model_id,
     fsync_directory,
-    read_checkpoint_sequence,
+    verified_sequence,
     write_checkpoint,
 )
 from dedup.gallery.embedded.index import load_index
-from dedup.gallery.embedded.layout import CHECKPOINT_FILE, store_dir, store_file
+from dedup.gallery.embedded.layout import (
+    CHECKPOINT_FILE,
+    UNFINISHED_BACKUP,
+    store_dir,
+    store_file,
+)
 from dedup.gallery.embedded.replay import apply_delta, change_delta
 from dedup.gallery.embedded.store import Store
 
@@ -47,8 +52,8 @@ def backup(data_dir: Path, dest: Path) -> BackupReport:
 
     The checkpoint is copied first so that it never covers changes the copied store lacks;
     a restored server replays the log after it, or rebuilds from the store. A registration
-    erased in the source before the slots are all read is erased in the copy too. The copy
-    holds no byte of a registration erased before the backup ended:
+    erased in the source before the slots are all read is erased in the copy too, and then
+    the copy holds no byte of it, nor of anyone erased before the backup began:
     - its store is compacted (entry by entry, as the server's compaction) whenever it holds
       erasures not compacted away: LMDB's copy copies whole pages, whose free space can hold
       bytes of deleted entries;
@@ -57,7 +62,8 @@ def backup(data_dir: Path, dest: Path) -> BackupReport:
       longer reaches back to it, or it cannot be read: a restored server builds its index
       from the store).
     `dest` and its store directory are 0700 and every file in them 0600, as in a data
-    directory. A backup that fails removes what it wrote.
+    directory. A backup that fails removes what it wrote; one killed leaves its marker
+    (UNFINISHED_BACKUP), and a server refuses the directory.
     """
     started = time.monotonic()
     if not store_file(data_dir).exists():
@@ -65,15 +71,25 @@ def backup(data_dir: Path, dest: Path) -> BackupReport:
     if dest.exists() and any(dest.iterdir()):
         raise StoreError(f"{dest}: not empty; back up into a new directory")
     made = not dest.exists()
+    marker = dest / UNFINISHED_BACKUP
+    private_dir(dest, narrow=True)
     try:
-        return _backup(data_dir, dest, started)
+        with open_private(marker, "wb", exclusive=True) as handle:  # one backup a DEST
+            os.fsync(handle.fileno())
+    except FileExistsError:
+        raise StoreError(f"{dest}: another backup is being written there") from None
+    try:
+        report = _backup(data_dir, dest, started)
+        marker.unlink()
+        fsync_directory(dest)
+        return report
     except BaseException:
         _remove_written(dest, made)
         raise
 
 
 def _backup(data_dir: Path, dest: Path, started: float) -> BackupReport:
-    private_dir(store_dir(private_dir(dest, narrow=True)))
+    private_dir(store_dir(dest))
     checkpoint_bytes = _copy_checkpoint(data_dir / CHECKPOINT_FILE, dest / CHECKPOINT_FILE)
     source = Store.reader(data_dir)
     try:
@@ -117,7 +133,7 @@ def _checkpoint_of_the_copy(dest: Path) -> str:
     try:
         try:
             model_id = checkpoint_model_id(path)
-            covered = read_checkpoint_sequence(path)
+            covered = verified_sequence(path)
         except CheckpointError as error:
             return _left_out(path, f"it cannot be read ({error})")
         delta = change_delta(copy, covered)
@@ -125,10 +141,16 @@ def _checkpoint_of_the_copy(dest: Path) -> str:
             return "copied"
         if not delta.complete:
             return _left_out(path, "the change log no longer reaches back to it")
+        available = _memory_available()
+        if available is not None and path.stat().st_size * 3 > available:
+            return _left_out(path, f"bringing it up would take about three times its size in "
+                             f"memory, and {available / 2**30:.1f} GiB is available")
         try:
             index, _ = load_index(path, copy.config.dimension, model_id)
         except CheckpointError as error:
             return _left_out(path, f"it cannot be read ({error})")
+        except MemoryError:
+            return _left_out(path, "not enough memory to bring it up")
         apply_delta(copy, index, delta, model_id)
         write_checkpoint(path, index.snapshot(delta.current, model_id))
         return "brought up to the copy"
@@ -144,20 +166,40 @@ def _left_out(path: Path, why: str) -> str:
     return "left out"
 
 
+def _memory_available() -> int | None:
+    """MemAvailable (Linux), in bytes; None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def _size_of(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
 def _remove_written(dest: Path, made: bool) -> None:
-    """What a failed backup wrote into `dest` (and `dest` itself if it made it)."""
-    if made:
-        shutil.rmtree(dest, ignore_errors=True)
-        return
-    for child in list(dest.iterdir()) if dest.exists() else []:
+    """What a failed backup wrote into `dest` (and `dest` itself if it made it): everything
+    in it, which was empty when its marker was made (exclusively: no other backup writes
+    there). A part that cannot be removed is logged; the marker goes last."""
+    def failed(_function: object, path: str, error: object) -> None:
+        log.error("backup: cannot remove %s, written by the backup that failed: %s", path,
+                  error[1] if isinstance(error, tuple) else error)
+
+    for child in sorted(dest.iterdir(), key=lambda path: path.name == UNFINISHED_BACKUP):
         if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
+            shutil.rmtree(child, onerror=failed)  # onexc from Python 3.12 only
         else:
-            child.unlink(missing_ok=True)
+            try:
+                child.unlink(missing_ok=True)
+            except OSError as error:
+                failed(None, str(child), error)
+    if made:
+        shutil.rmtree(dest, onerror=failed)
 
 
 def _copy_checkpoint(source: Path, target: Path) -> int:

@@ -18,6 +18,7 @@ from dedup.gallery.embedded.index import load_index
 from dedup.gallery.embedded.layout import (
     CHECKPOINT_FILE,
     LOCK_FILE,
+    UNFINISHED_BACKUP,
     compaction_dir,
     store_dir,
     store_file,
@@ -42,8 +43,8 @@ def examine(data_dir: Path) -> list[Finding]:
     if not store_file(data_dir).exists():
         return [Finding("problem", "store", f"no LMDB store under {store_dir(data_dir)}")]
     held = _held(data_dir)
-    findings = [_server_lock(held), *_unfinished_compaction(data_dir, held), _access(data_dir),
-                _pages(data_dir)]
+    findings = [_server_lock(held), *_unfinished_compaction(data_dir, held),
+                *_unfinished_backup(data_dir), _access(data_dir), _pages(data_dir)]
     if findings[-1].level == "problem":
         return findings
     try:
@@ -75,6 +76,14 @@ def _held(data_dir: Path) -> bool:
         except BlockingIOError:
             return True
     return False
+
+
+def _unfinished_backup(data_dir: Path) -> list[Finding]:
+    if not (data_dir / UNFINISHED_BACKUP).exists():
+        return []
+    return [Finding("problem", "backup", f"{data_dir} is a backup that did not finish "
+                    "(killed?): it may hold registrations erased since; a server refuses it. "
+                    "Remove it and back up again")]
 
 
 def _unfinished_compaction(data_dir: Path, held: bool) -> list[Finding]:

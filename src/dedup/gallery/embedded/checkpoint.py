@@ -223,10 +223,25 @@ def checkpoint_model_id(path: Path) -> str:
     return _head_of(path).model_id
 
 
-def read_checkpoint_sequence(path: Path) -> int:
-    """The change sequence a checkpoint's header says it covers (unchecked until the whole
-    file is read); a CheckpointError naming the file if it cannot be read."""
-    return _head_of(path).sequence
+def verified_sequence(path: Path, chunk: int = 1 << 24) -> int:
+    """The change sequence a checkpoint covers, its checksum verified by reading the file a
+    chunk at a time (not held in memory whole, as read_checkpoint does); a CheckpointError
+    naming the file if it is damaged or unreadable."""
+    header = _head_of(path)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(header.size)
+            hashed = hashlib.sha256(head[:_DIGEST_AT] + bytes(32) + head[_DIGEST_AT + 32:]) \
+                if header.version == VERSION else hashlib.sha256()
+            length = 0
+            while piece := handle.read(chunk):
+                hashed.update(piece)
+                length += len(piece)
+    except OSError as error:
+        raise CheckpointError(f"{path}: unreadable ({error.strerror})") from error
+    if length != header.length or hashed.digest() != header.digest:
+        raise CheckpointError(f"{path}: checksum mismatch")
+    return header.sequence
 
 
 def _head_of(path: Path) -> _Header:

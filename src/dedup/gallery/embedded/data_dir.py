@@ -16,7 +16,13 @@ from typing import IO
 from dedup.core.errors import SharedDataDir, StoreError
 from dedup.core.files import narrow_files, open_private, private_dir, shared_dir_mode
 from dedup.core.settings import StoreConfig
-from dedup.gallery.embedded.layout import LOCK_FILE, compaction_dir, store_dir, store_file
+from dedup.gallery.embedded.layout import (
+    LOCK_FILE,
+    UNFINISHED_BACKUP,
+    compaction_dir,
+    store_dir,
+    store_file,
+)
 from dedup.gallery.embedded.store import Store
 from dedup.gallery.embedded.store_check import walk_store
 from dedup.gallery.embedded.store_upgrade import Upgrade, UpgradeProgress
@@ -73,6 +79,7 @@ def open_data_dir(config: StoreConfig, upgrade_progress: UpgradeProgress | None 
     check_access(data_dir, config.allow_shared_data_dir)
     lock = lock_data_dir(data_dir)
     try:
+        refuse_unfinished_backup(data_dir)
         # before anything that may refuse the store: what it holds must not outlive a failed start
         remove_unfinished_compaction(store_dir(data_dir))
         if config.check_on_open:
@@ -81,6 +88,15 @@ def open_data_dir(config: StoreConfig, upgrade_progress: UpgradeProgress | None 
     except BaseException:
         lock.close()
         raise
+
+
+def refuse_unfinished_backup(data_dir: Path) -> None:
+    """A backup killed before it finished leaves its marker in its directory: what it holds
+    is no backup (registrations erased meanwhile may still be in it)."""
+    if (data_dir / UNFINISHED_BACKUP).exists():
+        raise StoreError(f"{data_dir}: a backup that did not finish (killed?) was being "
+                         "written here: it may hold registrations erased since, and is no "
+                         "backup. Remove the directory and back up again")
 
 
 def remove_unfinished_compaction(store_path: Path) -> None:

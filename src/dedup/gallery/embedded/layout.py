@@ -13,6 +13,9 @@ REBUILD_FILE = "index.ckpt.rebuild"  # a live rebuild's index until it is swappe
 LOCK_FILE = "dedup.lock"  # held by the process that has the directory open for writing
 FORWARD_SOCKET = "forward.sock"  # `serve --processes N`: the primary's socket for replicas
 CHECK_RATES_FILE = "check-rates"  # `serve --processes N`: the desks' check rates, shared
+# `dedup backup`: in DEST from its start until it finished; a directory holding it is no
+# backup (it may hold registrations erased since) and is refused.
+UNFINISHED_BACKUP = "BACKUP-NOT-FINISHED"
 REPLACED_FILE = "replaced.mdb"  # in the compaction's directory: the data file it replaced
 
 
