@@ -112,7 +112,16 @@ def _backup(data_dir: Path, dest: Path, started: float) -> BackupReport:
 
 def _erase_in_copy(dest: Path, registration_ids: list[str]) -> None:
     """Erases the registrations in the copy (each logged, so a restored server's index
-    replays it), and compacts it if it holds any erasure not compacted away."""
+    replays it), and compacts it if it holds any erasure not compacted away. A copy of
+    a format-1 store (an older version's) is left as it is: opened for writing it would be
+    upgraded, and no longer be a copy; the server that upgrades it compacts it."""
+    reader = Store.reader(dest)
+    try:
+        legacy, erased_since = reader.legacy_format, reader.erased_since()
+    finally:
+        reader.close()
+    if not registration_ids and (erased_since is None or legacy):
+        return
     copy = Store(StoreConfig(data_dir=dest, check_on_open=False))
     try:
         for registration_id in registration_ids:
