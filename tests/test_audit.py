@@ -188,3 +188,29 @@ def test_a_failed_audit_write_fails_the_call(make_server, faces):
     assert "audit" in refused.value.details()
     server.stop()
     assert len(records(server)) == answered  # no reply without its record
+
+
+def test_an_erasure_records_its_reason_and_a_miss_its_outcome(server, faces):
+    """Delete's record had no case or purpose, and the caller could give none: the one act
+    that cannot be undone was the one audited without a reason. It takes both from metadata
+    (or neither; one alone is refused, naming the other, and erases nothing); a Delete that
+    found nothing is recorded as NOT_FOUND, as other refused calls are."""
+    for i, person in enumerate(faces.persons(2)):
+        enroll(server.stub, f"r{i}", f"ID{i}", person)
+    reason = (("x-case-id", "ERASURE-118"), ("x-purpose", "subject request"))
+    erased = server.stub.Delete(pb.DeleteRequest(registration_id="r0"), metadata=reason)
+    with pytest.raises(grpc.RpcError) as missing:
+        server.stub.Delete(pb.DeleteRequest(registration_id="r-none"), metadata=reason)
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as half:
+        server.stub.Delete(pb.DeleteRequest(registration_id="r1"), metadata=reason[:1])
+    assert half.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "x-purpose" in half.value.details()
+    assert server.stub.GetRegistration(pb.GetRegistrationRequest(registration_id="r1"))
+    server.stop()
+    first, second = records(server)
+    assert (first["case_id"], first["purpose"], first["returned"]) == (
+        "ERASURE-118", "subject request", ["r0"])
+    assert first["hash"] == erased.audit_record_hash
+    assert second["query"] == {"registration_id": "r-none", "outcome": "NOT_FOUND"}
+    assert (second["case_id"], second["returned"]) == ("ERASURE-118", [])

@@ -197,3 +197,32 @@ def test_policy_applies_to_photos(make_server, crops):
     response = server.stub.Check(pb.CheckRequest(face=photo(crops["t1"][3].path.read_bytes()),
                                                  claimed_id_number="ID-A"))
     assert response.verdict == pb.ID_FACE_MISMATCH
+
+
+def test_a_photo_is_refused_before_it_is_decoded_while_the_pool_is_full(server):
+    """A photo was decoded (up to 25 megapixels, 75 MB) before it was refused for want of a
+    slot: a flood of large photos held that much memory each, and cost the server their
+    decoding. With every slot taken, even an undecodable photo is refused as such."""
+    embedder = server.server.service.embedder
+    for _ in range(embedder.max_pending):
+        assert embedder._admitted.acquire(blocking=False)
+    try:
+        with pytest.raises(grpc.RpcError) as refused:
+            server.stub.Check(pb.CheckRequest(face=photo(YAOMING.read_bytes()[:4] + bytes(200))))
+    finally:
+        for _ in range(embedder.max_pending):
+            embedder._admitted.release()
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "photos are already being embedded" in refused.value.details()
+
+
+def test_an_enrolment_already_made_is_refused_before_its_photo(server, crops):
+    """Enroll without check_first of a registration_id already enrolled decoded and embedded
+    the photo before the store refused it: a caller repeating it spent the server's photo
+    capacity for nothing, unlimited. It is refused first, with the store's own answer."""
+    enroll_photo(server.stub, "p1", "ID-P1", crops["t1"][0].path.read_bytes())
+    for check_first in (False, True):
+        with pytest.raises(grpc.RpcError) as taken:
+            enroll_photo(server.stub, "p1", "ID-P2", b"\xff\xd8" + bytes(200), check_first)
+        assert taken.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert "'p1' is already enrolled" in taken.value.details()

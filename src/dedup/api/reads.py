@@ -34,6 +34,14 @@ def metadata_case(context: grpc.ServicerContext) -> tuple[str, str]:
     return case_and_purpose(case_id, purpose, CASE_METADATA)
 
 
+def optional_metadata_case(context: grpc.ServicerContext) -> tuple[str, str]:
+    """The case and purpose an erasure names in its metadata: both, or neither ("", "")."""
+    metadata = dict(context.invocation_metadata() or ())
+    if not any(metadata.get(name) for name in CASE_METADATA):
+        return "", ""
+    return metadata_case(context)
+
+
 def audited(caller: Caller) -> bool:
     """Whether FaceDedup's reads by this caller are audited: an identified investigator's or
     admin's. Without a security file nobody is identified (loopback only, every caller has

@@ -24,10 +24,17 @@ def register(commands: Subcommands) -> None:
         number (Delete) and prints the reply as JSON: the erased registration IDs, the hash
         of the erasure's audit record, and the times by which the store is compacted and
         the index checkpoint rewritten without them (`dedup compact` compacts at once).
-        """, ["dedup delete --msisdn +8613800000001"], delete_command)
+        --case-id and --purpose, the erasure's reason (a subject's request, a case), are
+        recorded in its audit record.
+        """, ["dedup delete --msisdn +8613800000001",
+              "dedup delete --id-number 110101199003077777 --case-id ERASURE-2024-118 "
+              "--purpose 'subject request (PIPL art. 47)'"], delete_command)
     delete_keys = delete.add_mutually_exclusive_group(required=True)
     for name in ("registration-id", "id-number", "msisdn"):
         delete_keys.add_argument(f"--{name}")
+    for name, what in (("case-id", "the case or request"), ("purpose", "the reason")):
+        delete.add_argument(f"--{name}", default="", help=f"{what} of the erasure (sent as "
+                            f"x-{name} metadata; both or neither; audited)")
 
     get = add_client_subcommand(commands, "get", "show one registration", """
         Prints one registration by its registration ID (GetRegistration) as JSON: its ID
@@ -177,7 +184,7 @@ def delete_command(args: argparse.Namespace) -> int:
         request = pb.DeleteRequest(msisdn=args.msisdn)
     channel, stub = open_dedup_stub(args)
     with channel:
-        print_message(stub.Delete(request, timeout=args.timeout))
+        print_message(stub.Delete(request, timeout=args.timeout, metadata=case_metadata(args)))
     return 0
 
 

@@ -164,12 +164,14 @@ class FaceEmbedder:
 
     def embed(self, data: bytes, use_largest: bool, field: str,
               timeout: float | None = None) -> EmbeddedFace:
-        """Blocks the caller until its photo is embedded; the work runs in the pool."""
-        pixels = decode_image(data, field, self.rules.max_image_bytes, self.rules.max_pixels)
+        """Blocks the caller until its photo is embedded; the work runs in the pool. A photo
+        is admitted before it is decoded (up to 25 megapixels, 75 MB of pixels): refused
+        ones cost nothing, and at most `max_pending` decoded photos are held at once."""
         if not self._admitted.acquire(blocking=False):
             raise ResourceExhausted(
                 f"{field}: {self.max_pending} photos are already being embedded; retry shortly")
         try:
+            pixels = decode_image(data, field, self.rules.max_image_bytes, self.rules.max_pixels)
             job = _Job(pixels, use_largest, field, Future())
             self._queue.put(job)
             try:

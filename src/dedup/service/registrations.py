@@ -156,6 +156,10 @@ class DedupService:
             return [key, registration_id]
         return []
 
+    def ensure_unique(self, registration: Registration) -> None:
+        """AlreadyExists if its registration_id or msisdn is taken (checked again on insert)."""
+        self.gallery.ensure_unique(registration)
+
     def enroll(self, registration: Registration, probe: Probe, check_first: bool,
                trusted: bool = False) -> EnrollResult:
         """With `check_first`, the check applies settlements as `check` does: the
