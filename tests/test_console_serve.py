@@ -154,6 +154,9 @@ def test_a_token_signing_in_again_and_again_ends_its_own_oldest_sessions():
     assert all(store.get(session.id) is session for session in [*kept, other])
     assert all(store.get(session.id) is None and session.token is None
                for session in mine[:-SessionStore.SESSIONS_A_TOKEN])
+    # Without authentication every session's token is None: everyone's, not one token's.
+    local = [store.sign_in(None, "admin") for _ in range(2 * SessionStore.SESSIONS_A_TOKEN)]
+    assert all(store.get(session.id) is session for session in local)
 
 
 @pytest.mark.embedded_only(reason="the console is a gRPC client; which backend answers does "

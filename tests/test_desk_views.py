@@ -243,3 +243,34 @@ def _make_legacy_registrations(lite: Path) -> None:
     index.add_index("embedding", index_type="FLAT", metric_type="IP")
     client.create_index("dedup_registrations", index)
     client.close()
+
+
+def test_a_server_can_hold_desks_to_photos_and_checked_enrolments(make_server, keys, faces,
+                                                                   crops):
+    """A desk that embeds a blurred capture itself escapes the capture gate, and one that
+    enrols without check_first stores a face unsearched (and uncharged): the outside check's
+    blurred fraudster got CLEAR that way. With --desk-photos-only and --desk-enrolments-checked
+    both are PERMISSION_DENIED naming the field, nothing stored; photos with check_first and
+    the admin's embeddings go on."""
+    server = secured(make_server, keys, queries=QueryLimits(desk_photos_only=True,
+                                                            desk_enrolments_checked=True))
+    desk, admin = stub(server, keys, "registration"), stub(server, keys, "admin")
+    embedding = face(faces.persons(1)[0])
+    photo = pb.Face(image=crops["t1"][0].path.read_bytes())
+    for call, request, field in (
+            (desk.Check, pb.CheckRequest(face=embedding, claimed_id_number="ID-1"),
+             "face.embedding"),
+            (desk.Enroll, pb.EnrollRequest(registration=registration("d1", "ID-1"),
+                                           face=embedding, check_first=True), "face.embedding"),
+            (desk.Enroll, pb.EnrollRequest(registration=registration("d1", "ID-1"),
+                                           face=photo), "check_first")):
+        error = refused(call, request)
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED and field in error.details()
+    streamed = list(desk.EnrollStream(iter([pb.EnrollRequest(
+        registration=registration("d2", "ID-2"), face=photo)]), timeout=30))
+    assert streamed[0].error.code == "PERMISSION_DENIED"
+    assert desk.Enroll(pb.EnrollRequest(registration=registration("d1", "ID-1"), face=photo,
+                                        check_first=True), timeout=30).enrolled
+    assert admin.Enroll(pb.EnrollRequest(registration=registration("a1", "ID-A"),
+                                         face=embedding), timeout=30).enrolled
+    assert admin.Stats(pb.StatsRequest(), timeout=30).registrations == 2

@@ -525,6 +525,12 @@ def test_a_killed_backup_is_refused_as_a_data_directory(tmp_path):
     assert again.returncode != 0 and "not empty" in again.stderr
     checked = dedup("doctor", str(dest))
     assert checked.returncode == 1 and "backup that did not finish" in checked.stdout
+    for tool in (("backup", str(dest), str(tmp_path / "again")),
+                 ("migrate", "--from", str(dest), "--to", str(tmp_path / "m.db")),
+                 ("audit", "verify", str(dest))):
+        refused = dedup(*tool)
+        assert refused.returncode != 0 and "a backup that did not finish" in refused.stderr, \
+            (tool, refused.stderr)
 
 
 def test_a_backup_leaves_out_a_checkpoint_whose_checksum_fails(tmp_path):

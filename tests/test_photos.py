@@ -202,13 +202,18 @@ def test_policy_applies_to_photos(make_server, crops):
 def test_a_photo_is_refused_before_it_is_decoded_while_the_pool_is_full(server):
     """A photo was decoded (up to 25 megapixels, 75 MB) before it was refused for want of a
     slot: a flood of large photos held that much memory each, and cost the server their
-    decoding. With every slot taken, even an undecodable photo is refused as such."""
+    decoding. With every slot taken, a photo whose header is good but whose pixels are
+    damaged is refused for want of a slot (its pixels never decoded); one whose header is
+    bad is still INVALID_ARGUMENT, whatever the load."""
     embedder = server.server.service.embedder
+    good = YAOMING.read_bytes()
+    undecoded = good[:len(good) // 3]  # its header whole: only decoding finds the damage
     for _ in range(embedder.max_pending):
         assert embedder._admitted.acquire(blocking=False)
     try:
         with pytest.raises(grpc.RpcError) as refused:
-            server.stub.Check(pb.CheckRequest(face=photo(YAOMING.read_bytes()[:4] + bytes(200))))
+            server.stub.Check(pb.CheckRequest(face=photo(undecoded)))
+        expect_invalid(server.stub, good[:4] + bytes(200), "face.image: undecodable JPEG")
     finally:
         for _ in range(embedder.max_pending):
             embedder._admitted.release()

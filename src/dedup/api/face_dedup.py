@@ -20,7 +20,13 @@ from dedup.api.rate_limit import CallerRate
 from dedup.api.status import details, rpc, seconds_left, status_of
 from dedup.core import validation
 from dedup.core.audit_chain import Caller
-from dedup.core.errors import DedupError, InvalidArgument, NotFound, ResourceExhausted
+from dedup.core.errors import (
+    DedupError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
 from dedup.core.records import EnrollResult, Probe, Registration
 from dedup.core.settings import Policy, ServerConfig
 from dedup.service import calibration as calibration
@@ -44,6 +50,7 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
         queries = config.queries
         self.check_rate = check_rate or CallerRate(queries.check_rate_per_caller,
                                                    queries.check_burst_per_caller)
+        self.queries = queries
 
     def _probe(self, request: pb.CheckRequest | pb.EnrollRequest,
                context: grpc.ServicerContext) -> Probe:
@@ -74,8 +81,27 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
         self.metrics.verdicts.labels(result.verdict.name).inc()
         return convert.check_to_proto(result, claimed if desk else None)
 
+    def _refuse_what_desks_may_not(self, request: pb.CheckRequest | pb.EnrollRequest
+                                   ) -> None:
+        """Where the server asks it (QueryLimits): a registration desk sends the photo, which
+        the server measures and embeds, and enrols with check_first."""
+        if current_caller().role != "registration":
+            return
+        if request.face.WhichOneof("input") == "embedding" and self.queries.desk_photos_only:
+            self.metrics.refusals.labels("desk_embedding").inc()
+            raise PermissionDenied(
+                "face.embedding: a registration desk sends the photo on this server "
+                "(--desk-photos-only: the server measures its quality and embeds it)")
+        if isinstance(request, pb.EnrollRequest) and not request.check_first and \
+                self.queries.desk_enrolments_checked:
+            self.metrics.refusals.labels("desk_unchecked").inc()
+            raise PermissionDenied(
+                "check_first: a registration desk enrols with check_first on this server "
+                "(--desk-enrolments-checked: the enrolment is searched first)")
+
     def _admit_desk_check(self, caller: Caller, request: pb.CheckRequest) -> None:
         """A registration desk checks an applicant's claim, so names the claimed ID number."""
+        self._refuse_what_desks_may_not(request)
         self._charge_desk_check(caller, "Check")
         if not request.claimed_id_number:
             self.metrics.refusals.labels("no_claimed_id_number").inc()
@@ -116,6 +142,7 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
                 responses.append(self._enroll_one(request, context))
                 continue
             try:
+                self._refuse_what_desks_may_not(request)
                 run.append((request, self._new_registration(request),
                             self._probe(request, context)))
             except Exception as error:
@@ -150,18 +177,20 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
         ), enrolled_by=current_caller().identity)
 
     def _new_registration(self, request: pb.EnrollRequest) -> Registration:
-        """The request's registration; with a photo, one whose registration_id or msisdn is
-        taken is refused before the photo is decoded and embedded (tens of milliseconds of
-        a core, which a caller repeating an enrolment would otherwise spend for nothing).
-        The store checks again as it stores."""
+        """The request's registration; with a photo, one whose registration_id is enrolled
+        is refused before the photo is decoded and embedded (tens of milliseconds of a core,
+        which a caller repeating an enrolment would otherwise spend for nothing). Not the
+        msisdn: that would tell a desk, for a junk photo, whether a phone number is taken.
+        The store checks both as it stores."""
         registration = self._registration(request)
         if request.face.image:
-            self.service.ensure_unique(registration)
+            self.service.ensure_not_enrolled(registration.registration_id)
         return registration
 
     def _enroll(self, request: pb.EnrollRequest,
                 context: grpc.ServicerContext) -> pb.EnrollResponse:
         caller = current_caller()
+        self._refuse_what_desks_may_not(request)
         if request.check_first and caller.role == "registration":
             self._charge_desk_check(caller, "check_first")
         registration = self._new_registration(request)

@@ -69,7 +69,8 @@ def _register_doctor_and_backup(commands: Subcommands) -> None:
         one) and prints a report: whether a server holds it, that every page of the LMDB
         store reads, that every registration has its lookups and a unit embedding, that the
         index checkpoint plus the change log give as many vectors as the store holds, the
-        map's use and the free disk space. Exit status 1 when any check found a problem.
+        map's use and the free disk space, and whether it is a backup that did not finish.
+        Exit status 1 when any check found a problem.
         """, ["dedup doctor index_data"], doctor_command)
     doctor.add_argument("data_dir", type=Path, metavar="DATA_DIR")
 
@@ -81,7 +82,8 @@ def _register_doctor_and_backup(commands: Subcommands) -> None:
         never covers changes the copy lacks. A registration erased before the slots are all
         read is erased in the copy too, which is compacted if it holds erasures not
         compacted away; its checkpoint is brought up to it if it holds registrations erased
-        since (or left out, where it cannot be). A failed backup removes what it wrote; one
+        since (or left out, where it cannot be, or would take more than the memory
+        available: about three times its size). A failed backup removes what it wrote; one
         killed leaves BACKUP-NOT-FINISHED in DEST, which a server then refuses. Prints the
         registrations, change sequence and sizes copied. To restore, stop the server and
         serve the copy.

@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from dedup.core.settings import IndexConfig, StoreConfig
+from dedup.gallery.embedded.data_dir import refuse_unfinished_backup
 from dedup.gallery.embedded.gallery import EmbeddedGallery
 from dedup.gallery.embedded.layout import store_file
 from dedup.gallery.embedded.store import Store
@@ -37,4 +38,5 @@ def open_store_reader(data_dir: Path) -> Store:
     """The store in `data_dir`, read-only; a directory without one is a ValueError."""
     if not store_file(data_dir).exists():
         raise ValueError(f"{data_dir}: no dedup store here")
+    refuse_unfinished_backup(data_dir)
     return Store.reader(data_dir)

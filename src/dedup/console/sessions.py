@@ -124,7 +124,8 @@ class SessionStore:
         session = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32), now, now,
                           token=token, role=role)
         with self._lock:
-            self._end_oldest_beyond(token, self.SESSIONS_A_TOKEN - 1)
+            if token is not None:  # an unauthenticated server's sessions are everyone's
+                self._end_oldest_beyond(token, self.SESSIONS_A_TOKEN - 1)
             self._sessions[session.id] = session
             if self._purging is None:
                 self._purging = threading.Thread(target=_purge_every, args=(weakref.ref(self),),
@@ -170,9 +171,8 @@ class SessionStore:
         session.probe = None
         session.end_sweeps()
 
-    def _end_oldest_beyond(self, token: str | None, kept: int) -> None:
-        """Ends the oldest sessions of `token` (None: an unauthenticated server's) beyond
-        the newest `kept`."""
+    def _end_oldest_beyond(self, token: str, kept: int) -> None:
+        """Ends the oldest sessions of `token` beyond the newest `kept`."""
         same = sorted((s for s in self._sessions.values() if s.token == token),
                       key=lambda s: s.started)
         for session in same[:max(0, len(same) - kept)]:

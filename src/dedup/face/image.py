@@ -67,6 +67,16 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
 
 def decode_image(data: bytes, field: str, max_bytes: int, max_pixels: int) -> Pixels:
     """Validated BGR pixels of a JPEG or PNG, or InvalidArgument saying why not."""
+    kind = check_image(data, field, max_bytes, max_pixels)
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if pixels is None:
+        raise InvalidArgument(field, f"undecodable {kind}: the image data is damaged")
+    return np.asarray(pixels, dtype=np.uint8)
+
+
+def check_image(data: bytes, field: str, max_bytes: int, max_pixels: int) -> str:
+    """The format of a JPEG or PNG whose size, format and header are within the limits (no
+    pixel decoded), or InvalidArgument saying why not."""
     if not data:
         raise InvalidArgument(field, "is empty")
     if len(data) > max_bytes:
@@ -84,7 +94,4 @@ def decode_image(data: bytes, field: str, max_bytes: int, max_pixels: int) -> Pi
         raise InvalidArgument(
             field, f"is {width}x{height} = {width * height:,} pixels, the limit is {max_pixels:,}"
         )
-    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if pixels is None:
-        raise InvalidArgument(field, f"undecodable {kind}: the image data is damaged")
-    return np.asarray(pixels, dtype=np.uint8)
+    return kind

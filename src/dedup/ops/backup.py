@@ -19,6 +19,7 @@ from dedup.gallery.embedded.checkpoint import (
     verified_sequence,
     write_checkpoint,
 )
+from dedup.gallery.embedded.data_dir import refuse_unfinished_backup
 from dedup.gallery.embedded.index import load_index
 from dedup.gallery.embedded.layout import (
     CHECKPOINT_FILE,
@@ -68,6 +69,7 @@ def backup(data_dir: Path, dest: Path) -> BackupReport:
     started = time.monotonic()
     if not store_file(data_dir).exists():
         raise StoreError(f"{data_dir}: no dedup store to back up")
+    refuse_unfinished_backup(data_dir)
     if dest.exists() and any(dest.iterdir()):
         raise StoreError(f"{dest}: not empty; back up into a new directory")
     made = not dest.exists()
@@ -150,18 +152,20 @@ def _checkpoint_of_the_copy(dest: Path) -> str:
             return "copied"
         if not delta.complete:
             return _left_out(path, "the change log no longer reaches back to it")
+        if copy.legacy_format:  # its embeddings are in LMDB, which the replay does not read
+            return _left_out(path, "the copy is of a format-1 store")
         available = _memory_available()
         if available is not None and path.stat().st_size * 3 > available:
             return _left_out(path, f"bringing it up would take about three times its size in "
                              f"memory, and {available / 2**30:.1f} GiB is available")
         try:
             index, _ = load_index(path, copy.config.dimension, model_id)
+            apply_delta(copy, index, delta, model_id)
+            write_checkpoint(path, index.snapshot(delta.current, model_id))
         except CheckpointError as error:
             return _left_out(path, f"it cannot be read ({error})")
         except MemoryError:
             return _left_out(path, "not enough memory to bring it up")
-        apply_delta(copy, index, delta, model_id)
-        write_checkpoint(path, index.snapshot(delta.current, model_id))
         return "brought up to the copy"
     finally:
         copy.close()
@@ -176,7 +180,14 @@ def _left_out(path: Path, why: str) -> str:
 
 
 def _memory_available() -> int | None:
-    """MemAvailable (Linux), in bytes; None where unknown."""
+    """The memory this process may still take, in bytes: MemAvailable (Linux), or less where
+    its cgroup's limit (v2 memory.max, v1 memory.limit_in_bytes) leaves less; None where
+    neither is known."""
+    known = [value for value in (_mem_available(), _cgroup_room()) if value is not None]
+    return min(known) if known else None
+
+
+def _mem_available() -> int | None:
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
@@ -184,6 +195,20 @@ def _memory_available() -> int | None:
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         return None
+    return None
+
+
+def _cgroup_room() -> int | None:
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                          "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            most = Path(limit).read_text().strip()
+            if most == "max" or int(most) >= 1 << 60:  # no limit
+                return None
+            return max(0, int(most) - int(Path(usage).read_text()))
+        except (OSError, ValueError):
+            continue
     return None
 
 

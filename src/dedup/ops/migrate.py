@@ -27,7 +27,8 @@ from dedup.core.files import open_private
 from dedup.core.settings import MilvusConfig
 from dedup.core.vectors import Matrix
 from dedup.gallery.embedded.checkpoint import fsync_directory
-from dedup.gallery.embedded.data_dir import lock_data_dir
+from dedup.gallery.embedded.data_dir import lock_data_dir, refuse_unfinished_backup
+from dedup.gallery.embedded.layout import store_file
 from dedup.gallery.embedded.store import Store
 from dedup.gallery.milvus import MilvusGallery
 
@@ -101,6 +102,9 @@ def migrate(data_dir: Path, config: MilvusConfig, batch: int, sample: int,
     """`start(total, already_done)` makes the progress callback (a bar in the CLI). Holds
     the data directory's lock throughout: a server writing it meanwhile would leave an
     enrolment uncopied or an erased registration in Milvus."""
+    if not store_file(data_dir).exists():
+        raise StoreError(f"{data_dir}: no dedup store to migrate")
+    refuse_unfinished_backup(data_dir)
     with lock_data_dir(data_dir):
         return _migrate(data_dir, config, batch, sample, start)
 

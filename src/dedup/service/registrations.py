@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from dedup.core.adjudication import Adjudication
 from dedup.core.audit_chain import AuditMaker
-from dedup.core.errors import DedupError, FailedPrecondition, NotFound
+from dedup.core.errors import DedupError, FailedPrecondition, NotFound, registration_id_taken
 from dedup.core.logs import mask
 from dedup.core.policy import Scored, decide
 from dedup.core.records import (
@@ -156,9 +156,11 @@ class DedupService:
             return [key, registration_id]
         return []
 
-    def ensure_unique(self, registration: Registration) -> None:
-        """AlreadyExists if its registration_id or msisdn is taken (checked again on insert)."""
-        self.gallery.ensure_unique(registration)
+    def ensure_not_enrolled(self, registration_id: str) -> None:
+        """AlreadyExists if `registration_id` is enrolled (checked again on insert, with the
+        msisdn)."""
+        if self.gallery.get(registration_id) is not None:
+            raise registration_id_taken(registration_id)
 
     def enroll(self, registration: Registration, probe: Probe, check_first: bool,
                trusted: bool = False) -> EnrollResult:

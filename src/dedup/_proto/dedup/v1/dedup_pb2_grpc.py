@@ -95,7 +95,9 @@ class FaceDedupServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Delete(self, request, context):
-        """Erases registrations by one key; returns how many were erased.
+        """Erases registrations by one key; returns how many were erased. The reason (a subject's
+        request, a case) goes in `x-case-id` and `x-purpose` metadata, both or neither, and is
+        recorded in the erasure's audit record.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

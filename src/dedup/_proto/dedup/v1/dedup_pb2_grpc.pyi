@@ -49,7 +49,10 @@ class FaceDedupStub:
     naming a case and purpose (`x-case-id`, `x-purpose` metadata), audited.
     """
     Delete: _grpc.UnaryUnaryMultiCallable[_dedup_pb2.DeleteRequest, _dedup_pb2.DeleteResponse]
-    """Erases registrations by one key; returns how many were erased."""
+    """Erases registrations by one key; returns how many were erased. The reason (a subject's
+    request, a case) goes in `x-case-id` and `x-purpose` metadata, both or neither, and is
+    recorded in the erasure's audit record.
+    """
     GetRegistration: _grpc.UnaryUnaryMultiCallable[_dedup_pb2.GetRegistrationRequest, _dedup_pb2.Registration]
     """One registration by its registration_id (never its embedding). The registration role
     finds only registrations its own credential enrolled (others are NOT_FOUND);
@@ -74,7 +77,10 @@ class FaceDedupAsyncStub(FaceDedupStub):
     naming a case and purpose (`x-case-id`, `x-purpose` metadata), audited.
     """
     Delete: _aio.UnaryUnaryMultiCallable[_dedup_pb2.DeleteRequest, _dedup_pb2.DeleteResponse]  # type: ignore[assignment]
-    """Erases registrations by one key; returns how many were erased."""
+    """Erases registrations by one key; returns how many were erased. The reason (a subject's
+    request, a case) goes in `x-case-id` and `x-purpose` metadata, both or neither, and is
+    recorded in the erasure's audit record.
+    """
     GetRegistration: _aio.UnaryUnaryMultiCallable[_dedup_pb2.GetRegistrationRequest, _dedup_pb2.Registration]  # type: ignore[assignment]
     """One registration by its registration_id (never its embedding). The registration role
     finds only registrations its own credential enrolled (others are NOT_FOUND);
@@ -120,7 +126,10 @@ class FaceDedupServicer(metaclass=_abc_1.ABCMeta):
         request: _dedup_pb2.DeleteRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_dedup_pb2.DeleteResponse, _abc.Awaitable[_dedup_pb2.DeleteResponse]]:
-        """Erases registrations by one key; returns how many were erased."""
+        """Erases registrations by one key; returns how many were erased. The reason (a subject's
+        request, a case) goes in `x-case-id` and `x-purpose` metadata, both or neither, and is
+        recorded in the erasure's audit record.
+        """
 
     @_abc_1.abstractmethod
     def GetRegistration(
