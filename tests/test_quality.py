@@ -8,6 +8,7 @@ as the embedder has them.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -194,6 +195,11 @@ def test_the_gate_names_the_component_its_value_and_the_minimum(
     assert refusal(both).startswith("face size 20 is below the minimum 50")
     # A value just under its minimum is never shown as equal to it.
     assert "34 is below the minimum 35" in refusal(with_scores(good, sharpness=34.96))
+    # A score that is not a number (a pose from NaN landmarks) fails; it passed every
+    # comparison before.
+    assert refusal(with_scores(good, yaw=math.nan)).startswith("yaw nan is below the minimum")
+    assert refusal(dataclasses.replace(good, unified=math.nan)).startswith(
+        "unified quality nan is below the minimum")
 
 
 def test_unified_score_refusal_names_the_weakest_component(

@@ -308,11 +308,11 @@ def failure(gate: QualityGate, quality: Quality) -> Failure | None:
     """The first component under its minimum (in the order of Scores), else unified."""
     for item in fields(Scores):
         value, minimum = getattr(quality.scores, item.name), getattr(gate, item.name)
-        if value < minimum:
+        if not value >= minimum:  # NaN (from NaN landmarks, say) fails too
             hint, native = _HINTS[item.name]
             return Failure(item.name, value, minimum, _message(
                 item.name, value, minimum, f"{hint} ({native(quality.measures)})"))
-    if quality.unified < gate.unified:
+    if not quality.unified >= gate.unified:
         weakest = min(_UNIFIED_WEIGHTS, key=lambda name: getattr(quality.scores, name))
         return Failure("unified", quality.unified, gate.unified, _message(
             "unified quality", quality.unified, gate.unified,
@@ -328,5 +328,6 @@ def refusal(gate: QualityGate, quality: Quality) -> str | None:
 
 
 def _message(name: str, value: float, minimum: float, hint: str) -> str:
-    shown = math.floor(value)  # rounded down: never "35 is below the minimum 35"
+    # Rounded down: never "35 is below the minimum 35".
+    shown = math.floor(value) if math.isfinite(value) else value
     return f"{name.replace('_', ' ')} {shown} is below the minimum {minimum:g}: {hint}"
