@@ -25,6 +25,7 @@ from dedup.gallery.embedded import store_copy
 from dedup.gallery.embedded.gallery import EmbeddedGallery
 from dedup.gallery.embedded.index import load_index
 from dedup.gallery.embedded.store import Store
+from dedup.ops import backup as backup_module
 
 DATA_DIR_TOOLS = ("dedup doctor and dedup backup work on an embedded data directory; a Milvus "
                   "deployment is checked and backed up with Milvus's tools (docs/milvus.md)")
@@ -285,6 +286,7 @@ import grpc
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 from dedup.gallery.embedded import store_copy
+from dedup.ops import backup as backup_module
 from dedup.ops.backup import backup
 
 port, data_dir, dest = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
@@ -491,6 +493,7 @@ import sys
 from pathlib import Path
 
 from dedup.gallery.embedded import store_copy
+from dedup.ops import backup as backup_module
 from dedup.ops.backup import backup
 
 
@@ -552,3 +555,37 @@ def test_a_backup_leaves_out_a_checkpoint_whose_checksum_fails(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "index checkpoint left out" in result.stdout and "checksum mismatch" in result.stderr
     assert not (tmp_path / "backup" / "index.ckpt").exists()
+
+
+def _cgroup_files(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+@pytest.mark.parametrize(("proc", "files", "room"), [
+    ("0::/a/b\n", {"a/b/memory.max": "max\n", "a/memory.max": "1000000\n",
+                   "a/memory.current": "600000\n",
+                   "a/memory.stat": "anon 400000\ninactive_file 100000\n"}, 500000),
+    ("4:memory:/x\n1:cpu:/\n", {"memory/x/memory.limit_in_bytes": "9223372036854771712\n",
+                                "memory/memory.limit_in_bytes": "2000\n",
+                                "memory/memory.usage_in_bytes": "1500\n",
+                                "memory/memory.stat": "total_inactive_file 300\n"}, 800),
+    ("0::/\n", {"memory.max": "max\n"}, None),
+])
+def test_the_backups_memory_budget_reads_its_own_cgroup(tmp_path, proc, files, room):
+    """The room under the smallest limit on the process's own cgroup path (the mount's root
+    was read: a limit set on the process's cgroup was missed), its reclaimable page cache
+    counted as room (the server's mapped vector file is charged to the cgroup)."""
+    (tmp_path / "cgroup").write_text(proc)
+    _cgroup_files(tmp_path / "fs", files)
+    assert backup_module.cgroup_room(tmp_path / "cgroup", tmp_path / "fs") == room
+
+
+def test_a_migration_from_a_directory_without_a_store_leaves_nothing(tmp_path):
+    """A mistyped --from was made a data directory (0700, a lock file) by the lock taken
+    before anything was read; it is refused first now."""
+    result = dedup("migrate", "--from", str(tmp_path / "mistyped"), "--to",
+                   str(tmp_path / "m.db"))
+    assert result.returncode != 0 and "no dedup store to migrate" in result.stderr
+    assert not (tmp_path / "mistyped").exists() and not (tmp_path / "m.db").exists()

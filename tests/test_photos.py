@@ -231,3 +231,12 @@ def test_an_enrolment_already_made_is_refused_before_its_photo(server, crops):
             enroll_photo(server.stub, "p1", "ID-P2", b"\xff\xd8" + bytes(200), check_first)
         assert taken.value.code() == grpc.StatusCode.ALREADY_EXISTS
         assert "'p1' is already enrolled" in taken.value.details()
+    # Not the phone number: a junk photo must not tell a desk whether one is held.
+    server.stub.Enroll(pb.EnrollRequest(registration=registration("p2", "ID-P2",
+                                                                  "+8613900000002"),
+                                        face=photo(crops["t1"][1].path.read_bytes())))
+    with pytest.raises(grpc.RpcError) as junk:
+        server.stub.Enroll(pb.EnrollRequest(registration=registration("p3", "ID-P3",
+                                                                      "+8613900000002"),
+                                            face=photo(b"\xff\xd8" + bytes(200))))
+    assert junk.value.code() == grpc.StatusCode.INVALID_ARGUMENT

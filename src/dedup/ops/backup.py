@@ -183,7 +183,7 @@ def _memory_available() -> int | None:
     """The memory this process may still take, in bytes: MemAvailable (Linux), or less where
     its cgroup's limit (v2 memory.max, v1 memory.limit_in_bytes) leaves less; None where
     neither is known."""
-    known = [value for value in (_mem_available(), _cgroup_room()) if value is not None]
+    known = [value for value in (_mem_available(), cgroup_room()) if value is not None]
     return min(known) if known else None
 
 
@@ -198,18 +198,45 @@ def _mem_available() -> int | None:
     return None
 
 
-def _cgroup_room() -> int | None:
-    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                          "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        try:
-            most = Path(limit).read_text().strip()
-            if most == "max" or int(most) >= 1 << 60:  # no limit
-                return None
-            return max(0, int(most) - int(Path(usage).read_text()))
-        except (OSError, ValueError):
-            continue
+def cgroup_room(proc_cgroup: Path = Path("/proc/self/cgroup"),
+                root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """What this process's memory cgroup still lets it take: the smallest limit along its
+    path (v2 memory.max, v1 memory.limit_in_bytes) less what that cgroup uses, its
+    reclaimable page cache not counted (the server's mapped vector file is charged to it);
+    None without a limit, or where it cannot be read."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2
+            return _room(root, path, "memory.max", "memory.current", "inactive_file")
+        if "memory" in controllers.split(","):  # v1
+            return _room(root / "memory", path, "memory.limit_in_bytes",
+                         "memory.usage_in_bytes", "total_inactive_file")
     return None
+
+
+def _room(root: Path, path: str, limit_file: str, usage_file: str, reclaimable: str
+          ) -> int | None:
+    """The room under the smallest limit from `root`/`path` up to `root`, measured in the
+    cgroup that sets it (a namespaced /proc/self/cgroup names "/": `root` itself)."""
+    directory, rooms = root / path.strip("/"), []
+    while True:
+        try:
+            most = (directory / limit_file).read_text().strip()
+            if most != "max" and int(most) < 1 << 60:
+                used = int((directory / usage_file).read_text())
+                stat = dict(line.split() for line in
+                            (directory / "memory.stat").read_text().splitlines())
+                rooms.append(max(0, int(most) - used + int(stat.get(reclaimable, 0))))
+        except (OSError, ValueError):
+            pass
+        if directory == root or root not in directory.parents:
+            break
+        directory = directory.parent
+    return min(rooms) if rooms else None
 
 
 def _size_of(path: Path) -> int:
