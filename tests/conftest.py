@@ -16,7 +16,7 @@ import pytest
 from dedup import FaceGenerator, ServerConfig, StoreConfig, create_server
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
-from dedup.core.settings import MilvusConfig
+from dedup.core.settings import MilvusConfig, QueryLimits
 
 
 class RunningServer:
@@ -55,6 +55,9 @@ class RunningServer:
 
 
 BACKENDS = ("embedded", "milvus", "milvus-server")
+# The tests' servers take desks' embeddings and unchecked enrolments (refused by default:
+# test_desk_views checks that), so that desks' checks can be tested with synthetic faces.
+DESKS_SEND_EMBEDDINGS = QueryLimits(desk_embeddings=True, desk_unchecked_enrolments=True)
 # Tests on a real Milvus server (marked milvus_server: the `milvus-server` backend, and the
 # real-server tests of test_milvus.py and test_milvus_server.py) that `make test` runs, by
 # node id prefix; `make test-milvus` (DEDUP_MILVUS_SERVER=all) runs every one of them. See
@@ -168,6 +171,7 @@ def make_server(tmp_path: Path, backend: str, request: pytest.FixtureRequest
             server_args.setdefault("milvus", milvus_lite(lite))
         elif on_server is not None:
             server_args.setdefault("milvus", on_server)
+        server_args.setdefault("queries", DESKS_SEND_EMBEDDINGS)
         config = ServerConfig(store=StoreConfig(**store_args), **server_args)
         server = RunningServer(config)
         started.append(server)

@@ -4,12 +4,13 @@ one job per caller and a few in all. Real TLS, keys from `dedup keys`, both back
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import face
+from conftest import DESKS_SEND_EMBEDDINGS, face
 from secure import channel, tokens
 from trail import records
 
@@ -26,7 +27,7 @@ RINGS, RING_MEMBERS = 40, 20
 
 def secured(make_server, keys: Path, **limits: int):
     return make_server(security=load_security(keys / "security.toml"),
-                       queries=QueryLimits(**limits))
+                       queries=dataclasses.replace(DESKS_SEND_EMBEDDINGS, **limits))
 
 
 def plant(server, keys: Path, faces, members: int, rings: int = 1,

@@ -5,11 +5,12 @@ enrolments by registration_id; checks rate limited per credential. Real TLS, key
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import face, registration
+from conftest import DESKS_SEND_EMBEDDINGS, face, registration
 from metrics import scrape, value
 from secure import channel, secured, tokens
 
@@ -152,7 +153,8 @@ def test_enrolling_principal_is_stored(gallery, keys, faces):
 
 def test_checks_are_rate_limited_per_registration_credential(make_server, keys, faces):
     server = secured(make_server, keys, metrics_address="127.0.0.1:0",
-                     queries=QueryLimits(check_rate_per_caller=0.01, check_burst_per_caller=3))
+                     queries=dataclasses.replace(DESKS_SEND_EMBEDDINGS, check_rate_per_caller=0.01,
+                                                  check_burst_per_caller=3))
     request = pb.CheckRequest(face=face(faces.persons(1)[0]), claimed_id_number="ID1")
     desk = stub(server, keys, "registration")
     for _ in range(3):
@@ -173,7 +175,8 @@ def test_check_first_enrolments_are_charged_to_the_desk_check_rate(make_server, 
     """An enrolment with check_first runs a check and answers its evidence: a desk's are
     charged to its check rate, unary or streamed (a stream item refused, the stream goes on)."""
     server = secured(make_server, keys, metrics_address="127.0.0.1:0",
-                     queries=QueryLimits(check_rate_per_caller=0.01, check_burst_per_caller=2))
+                     queries=dataclasses.replace(DESKS_SEND_EMBEDDINGS, check_rate_per_caller=0.01,
+                                                  check_burst_per_caller=2))
     person, other = faces.persons(2)
     desk = stub(server, keys, "registration")
     desk.Check(pb.CheckRequest(face=face(person), claimed_id_number="ID1"), timeout=30)
@@ -245,15 +248,12 @@ def _make_legacy_registrations(lite: Path) -> None:
     client.close()
 
 
-def test_a_server_can_hold_desks_to_photos_and_checked_enrolments(make_server, keys, faces,
-                                                                   crops):
+def test_desks_send_photos_and_enrol_checked_unless_allowed(make_server, keys, faces, crops):
     """A desk that embeds a blurred capture itself escapes the capture gate, and one that
     enrols without check_first stores a face unsearched (and uncharged): the outside check's
-    blurred fraudster got CLEAR that way. With --desk-photos-only and --desk-enrolments-checked
-    both are PERMISSION_DENIED naming the field, nothing stored; photos with check_first and
-    the admin's embeddings go on."""
-    server = secured(make_server, keys, queries=QueryLimits(desk_photos_only=True,
-                                                            desk_enrolments_checked=True))
+    blurred fraudster got CLEAR that way. By default both are PERMISSION_DENIED naming the
+    field, nothing stored; photos with check_first and the admin's embeddings go on."""
+    server = secured(make_server, keys, queries=QueryLimits())  # the defaults
     desk, admin = stub(server, keys, "registration"), stub(server, keys, "admin")
     embedding = face(faces.persons(1)[0])
     photo = pb.Face(image=crops["t1"][0].path.read_bytes())

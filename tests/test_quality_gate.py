@@ -122,10 +122,11 @@ def test_serve_quality_flags():
     assert config.policy.review_quality == 0
     off = server_config(parser.parse_args(["serve", "--no-quality-gate"]))
     assert off.capture.quality_gate is None
-    assert not defaults.queries.desk_photos_only and not defaults.queries.desk_enrolments_checked
-    held = server_config(parser.parse_args(["serve", "--desk-photos-only",
-                                            "--desk-enrolments-checked"]))
-    assert held.queries.desk_photos_only and held.queries.desk_enrolments_checked
+    assert not defaults.queries.desk_embeddings
+    assert not defaults.queries.desk_unchecked_enrolments
+    allowed = server_config(parser.parse_args(["serve", "--allow-desk-embeddings",
+                                               "--allow-unchecked-desk-enrolments"]))
+    assert allowed.queries.desk_embeddings and allowed.queries.desk_unchecked_enrolments
     for bad in ("blur=3", "sharpness=x", "sharpness=120"):
         with pytest.raises(SystemExit, match="dedup: "):
             server_config(parser.parse_args(["serve", "--quality-min", bad]))

@@ -9,6 +9,7 @@ index, not by relaying the call to the primary.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -22,7 +23,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import face, registration
+from conftest import DESKS_SEND_EMBEDDINGS, face, registration
 from processes import ServerProcess
 
 from dedup import FaceGenerator, ServerConfig, StoreConfig
@@ -30,7 +31,6 @@ from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 from dedup.api.rate_limit import SharedCallerRate
 from dedup.core.errors import ConfigError
-from dedup.core.settings import QueryLimits
 from dedup.gallery.embedded.layout import store_dir
 from dedup.replicas import MultiProcessServer, create_servers
 
@@ -72,6 +72,7 @@ def start(tmp_path: Path) -> Iterator[Callable[..., MultiProcessServer]]:
         store = StoreConfig(data_dir=tmp_path / "data",
                             **{key: overrides.pop(key) for key in list(overrides)
                                if key in StoreConfig.__dataclass_fields__})
+        overrides.setdefault("queries", DESKS_SEND_EMBEDDINGS)
         server, port = create_servers(ServerConfig(store=store, **overrides), "127.0.0.1:0", 2)
         assert isinstance(server, MultiProcessServer)
         server.start()
@@ -412,7 +413,8 @@ def test_a_desk_checks_at_its_rate_whichever_process_its_connections_reach(start
     from dedup.core.security import load_security
 
     server = start(security=load_security(keys / "security.toml"),
-                   queries=QueryLimits(check_rate_per_caller=0.001, check_burst_per_caller=6))
+                   queries=dataclasses.replace(DESKS_SEND_EMBEDDINGS, check_rate_per_caller=0.001,
+                                               check_burst_per_caller=6))
     desk = secure_channel(keys, role="registration")
     probe = pb.CheckRequest(face=face(FaceGenerator(seed=5).persons(1)[0]),
                             claimed_id_number="ID-X")

@@ -83,21 +83,22 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
 
     def _refuse_what_desks_may_not(self, request: pb.CheckRequest | pb.EnrollRequest
                                    ) -> None:
-        """Where the server asks it (QueryLimits): a registration desk sends the photo, which
-        the server measures and embeds, and enrols with check_first."""
+        """A registration desk sends the photo, which the server measures and embeds, and
+        enrols with check_first, unless the server allows otherwise (QueryLimits)."""
         if current_caller().role != "registration":
             return
-        if request.face.WhichOneof("input") == "embedding" and self.queries.desk_photos_only:
+        if request.face.WhichOneof("input") == "embedding" and not self.queries.desk_embeddings:
             self.metrics.refusals.labels("desk_embedding").inc()
             raise PermissionDenied(
-                "face.embedding: a registration desk sends the photo on this server "
-                "(--desk-photos-only: the server measures its quality and embeds it)")
+                "face.embedding: a registration desk sends the photo, whose quality the server "
+                "measures before it embeds it (a server started with --allow-desk-embeddings "
+                "takes desks' embeddings)")
         if isinstance(request, pb.EnrollRequest) and not request.check_first and \
-                self.queries.desk_enrolments_checked:
+                not self.queries.desk_unchecked_enrolments:
             self.metrics.refusals.labels("desk_unchecked").inc()
             raise PermissionDenied(
-                "check_first: a registration desk enrols with check_first on this server "
-                "(--desk-enrolments-checked: the enrolment is searched first)")
+                "check_first: a registration desk enrols with check_first, searched first (a "
+                "server started with --allow-unchecked-desk-enrolments takes them without)")
 
     def _admit_desk_check(self, caller: Caller, request: pb.CheckRequest) -> None:
         """A registration desk checks an applicant's claim, so names the claimed ID number."""

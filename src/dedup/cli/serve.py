@@ -210,14 +210,14 @@ def _query_arguments(serve: argparse.ArgumentParser) -> None:
     group.add_argument("--cluster-job-threads", type=int, default=limits.cluster_job_threads,
                        help="threads a FindClusters job scans on with an approximate index "
                        "(0: one a core; 1 keeps a core for the checks while a job runs)")
-    group.add_argument("--desk-photos-only", action="store_true",
-                       help="refuse embeddings from registration-role callers: they send photos, "
-                       "whose quality the server measures (an embedding escapes the capture "
-                       "gate and the REVIEW rule for marginal captures); PERMISSION_DENIED")
-    group.add_argument("--desk-enrolments-checked", action="store_true",
-                       help="refuse registration-role enrolments without check_first (stored "
-                       "without a search, and not charged to the check rate); "
-                       "PERMISSION_DENIED")
+    group.add_argument("--allow-desk-embeddings", action="store_true",
+                       help="take embeddings from registration-role callers (refused by "
+                       "default: the server cannot measure their capture's quality, so they "
+                       "escape the capture gate and the REVIEW rule for marginal captures)")
+    group.add_argument("--allow-unchecked-desk-enrolments", action="store_true",
+                       help="take registration-role enrolments without check_first (refused "
+                       "by default: stored without a search, and not charged to the check "
+                       "rate)")
 
 
 def query_limits(args: argparse.Namespace) -> QueryLimits:
@@ -226,8 +226,8 @@ def query_limits(args: argparse.Namespace) -> QueryLimits:
                        cluster_jobs=args.cluster_jobs, max_cluster_size=args.max_cluster_size,
                        max_pairs_per_registration=args.max_pairs_per_registration,
                        cluster_job_threads=args.cluster_job_threads,
-                       desk_photos_only=args.desk_photos_only,
-                       desk_enrolments_checked=args.desk_enrolments_checked)
+                       desk_embeddings=args.allow_desk_embeddings,
+                       desk_unchecked_enrolments=args.allow_unchecked_desk_enrolments)
 
 
 def _capture_arguments(serve: argparse.ArgumentParser) -> None:

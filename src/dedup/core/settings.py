@@ -88,13 +88,12 @@ class QueryLimits:
     # a core. A job then takes the cores from the checks while it runs: a server that must
     # keep its check latency during a sweep sets 1.
     cluster_job_threads: int = 0
-    # What a registration-role credential may not send, where set: an embedding (computed on
-    # the desk: the server can neither measure its capture's quality nor tell a blurred
-    # capture from a good one), and an enrolment without check_first (stored unsearched,
-    # and not charged to the check rate). Off by default, as before; a production server
-    # sets both (README, Capture quality).
-    desk_photos_only: bool = False
-    desk_enrolments_checked: bool = False
+    # What a registration-role credential may send only where allowed: an embedding
+    # (computed on the desk: the server can neither measure its capture's quality nor tell
+    # a blurred capture from a good one), and an enrolment without check_first (stored
+    # unsearched, and not charged to the check rate).
+    desk_embeddings: bool = False
+    desk_unchecked_enrolments: bool = False
 
     def __post_init__(self) -> None:
         if self.check_rate_per_caller < 0 or self.check_burst_per_caller < 1:
