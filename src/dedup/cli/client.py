@@ -75,7 +75,9 @@ def _register_enroll_and_check(commands: Subcommands) -> None:
         enroll.add_argument(f"--{name}", default="")
     _face_arguments(enroll)
     enroll.add_argument("--check-first", action="store_true",
-                        help="check first; store only on CLEAR or SAME_PERSON")
+                        help="check first; store only on CLEAR or SAME_PERSON (required of a "
+                        "registration-role credential, which also sends --image, unless the "
+                        "server allows otherwise)")
 
     check = add_client_subcommand(commands, "check", "check a face against the gallery", """
         Searches the whole gallery for a face (Check, read-only) and prints the verdict
@@ -105,7 +107,9 @@ def _register_import_photos(commands: Subcommands) -> None:
     photos.add_argument("--manifest", type=Path, required=True,
                         help="CSV with columns file, registration_id, id_number "
                         "(and optionally msisdn, carrier, region)")
-    photos.add_argument("--check-first", action="store_true")
+    photos.add_argument("--check-first", action="store_true",
+                        help="check each first; store only on CLEAR or SAME_PERSON (required "
+                        "of a registration-role credential unless the server allows otherwise)")
     photos.add_argument("--largest-face", action="store_true")
     photos.add_argument("--parallel", type=int, default=4, help="calls in flight")
     photos.add_argument("--rejects", type=Path, help="write rejected rows and why to this CSV")

@@ -22,8 +22,9 @@ def register(commands: Subcommands) -> None:
         Loads registrations with their embeddings: row i of each FILE.npy (N x 512 float32)
         with row i of the FILE.csv beside it; a CSV with more or fewer rows than its
         embeddings stops the import before anything is stored. Into a running server
-        (EnrollStream), or with --data-dir straight into a data directory no server holds
-        (one LMDB transaction per batch). Registration IDs already enrolled are skipped,
+        (EnrollStream, with an admin's credential: a registration desk's embeddings are
+        refused), or with --data-dir straight into a data directory no server holds (one
+        LMDB transaction per batch). Registration IDs already enrolled are skipped,
         so an interrupted import resumes when run again; rows that fail validation or
         collide are reported, never half-stored. Prints a summary and the rate; exit
         status 2 when any row was rejected.

@@ -4,7 +4,7 @@ isort:skip_file
 dedup: face de-duplication for SIM registration.
 
 The registration-desk API. A registration service sends the applicant's face
-(an embedding now; a photo once the embedding pipeline lands) with the ID number
+(a photo, whose quality the server measures before it embeds it) with the ID number
 the applicant presented, and gets a verdict with its evidence.
 """
 
@@ -191,7 +191,11 @@ class Face(_message.Message):
     instead of refusing the capture.
     """
     @_builtins.property
-    def embedding(self) -> Global___Embedding: ...
+    def embedding(self) -> Global___Embedding:
+        """Refused (PERMISSION_DENIED) from the registration role unless the server is started
+        with --allow-desk-embeddings: an embedding escapes the capture-quality gate.
+        """
+
     def __init__(
         self,
         *,
@@ -442,7 +446,8 @@ class EnrollRequest(_message.Message):
     CHECK_FIRST_FIELD_NUMBER: _builtins.int
     check_first: _builtins.bool
     """Check first and store only on CLEAR or SAME_PERSON, atomically with respect
-    to every other enrolment.
+    to every other enrolment. Required of the registration role (PERMISSION_DENIED
+    without it) unless the server is started with --allow-unchecked-desk-enrolments.
     """
     @_builtins.property
     def registration(self) -> Global___Registration: ...

@@ -4,7 +4,7 @@ isort:skip_file
 dedup: face de-duplication for SIM registration.
 
 The registration-desk API. A registration service sends the applicant's face
-(an embedding now; a photo once the embedding pipeline lands) with the ID number
+(a photo, whose quality the server measures before it embeds it) with the ID number
 the applicant presented, and gets a verdict with its evidence.
 """
 
