@@ -286,7 +286,6 @@ import grpc
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 from dedup.gallery.embedded import store_copy
-from dedup.ops import backup as backup_module
 from dedup.ops.backup import backup
 
 port, data_dir, dest = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
@@ -407,10 +406,7 @@ def test_a_store_copy_of_a_damaged_slot_fails_and_names_its_key(tmp_path):
                               background=False)
     try:
         gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(20)])
-        vectors = tmp_path / "data" / "store" / "vectors.f32"
-        with open(vectors, "r+b") as handle:
-            handle.seek(4096 + 5 * 2048)  # key 6, r5's
-            handle.write(bytes(2048))
+        _zero_slot(tmp_path / "data", key=6)  # r5's
         target = tmp_path / "copy"
         target.mkdir()
         with pytest.raises(StoreDamaged, match="key 6 is not a unit vector"):
@@ -465,19 +461,29 @@ def test_a_backup_holds_no_byte_of_anyone_erased_before_it(make_server, tmp_path
     assert check(restored.stub, people[7]).matches[0].registration.registration_id == "r7"
 
 
-def test_a_backup_that_fails_leaves_nothing_behind(tmp_path):
-    """A damaged slot fails the backup after the store was copied: the copy (every other
-    registration's record and embedding) is removed, not left in DEST."""
-    people = FaceGenerator(49).persons(20)
+def _stored_twenty(tmp_path: Path, seed: int) -> None:
+    """Twenty registrations r0..r19 in tmp_path/data, checkpointed and closed."""
+    people = FaceGenerator(seed).persons(20)
     gallery = EmbeddedGallery(StoreConfig(data_dir=tmp_path / "data"), "model-a",
                               background=False)
     try:
         gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(20)])
     finally:
         gallery.close()
-    with open(tmp_path / "data" / "store" / "vectors.f32", "r+b") as handle:
-        handle.seek(4096 + 5 * 2048)
+
+
+def _zero_slot(data_dir: Path, key: int) -> None:
+    """Zeros in `key`'s slot of the vector file, its record left alone: damage."""
+    with open(data_dir / "store" / "vectors.f32", "r+b") as handle:
+        handle.seek(4096 + (key - 1) * 2048)
         handle.write(bytes(2048))
+
+
+def test_a_backup_that_fails_leaves_nothing_behind(tmp_path):
+    """A damaged slot fails the backup after the store was copied: the copy (every other
+    registration's record and embedding) is removed, not left in DEST."""
+    _stored_twenty(tmp_path, 49)
+    _zero_slot(tmp_path / "data", key=6)
     made, given = tmp_path / "new-backup", tmp_path / "empty-backup"
     given.mkdir()
     for dest in (made, given):
@@ -493,7 +499,6 @@ import sys
 from pathlib import Path
 
 from dedup.gallery.embedded import store_copy
-from dedup.ops import backup as backup_module
 from dedup.ops.backup import backup
 
 
@@ -510,13 +515,7 @@ def test_a_killed_backup_is_refused_as_a_data_directory(tmp_path):
     """A backup killed after LMDB's copy left a directory that looked like a data directory,
     with the records of anyone erased meanwhile: a server served it. Its marker stays, and
     a server, another backup into it and doctor refuse it."""
-    people = FaceGenerator(50).persons(20)
-    gallery = EmbeddedGallery(StoreConfig(data_dir=tmp_path / "data"), "model-a",
-                              background=False)
-    try:
-        gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(20)])
-    finally:
-        gallery.close()
+    _stored_twenty(tmp_path, 50)
     dest = tmp_path / "backup"
     killed = subprocess.run([sys.executable, "-c", _BACKUP_KILLED, str(tmp_path / "data"),
                              str(dest)], capture_output=True, text=True, timeout=120)
@@ -540,13 +539,7 @@ def test_a_backup_leaves_out_a_checkpoint_whose_checksum_fails(tmp_path):
     """Whether the copied checkpoint holds anyone erased since is judged by the sequence in
     its header: a damaged file (a sequence raised, say) was copied as good. Its checksum is
     verified first; a damaged one is left out and the copy's server builds from the store."""
-    people = FaceGenerator(51).persons(20)
-    gallery = EmbeddedGallery(StoreConfig(data_dir=tmp_path / "data"), "model-a",
-                              background=False)
-    try:
-        gallery.insert_many([(Registration(f"r{i}", f"ID{i}"), people[i]) for i in range(20)])
-    finally:
-        gallery.close()  # checkpointed
+    _stored_twenty(tmp_path, 51)
     checkpoint = tmp_path / "data" / "index.ckpt"
     damaged = bytearray(checkpoint.read_bytes())
     damaged[-100] ^= 0xFF

@@ -33,7 +33,7 @@ from dedup.core.records import DetectedFace
 from dedup.core.settings import CaptureRules
 from dedup.core.vectors import Vector
 from dedup.core.work_queue import take_batch
-from dedup.face.image import Pixels, check_image, decode_image
+from dedup.face.image import Pixels, check_image, decode_checked
 from dedup.face.model_pack import ModelPack, check_model_dir, describe_pack
 from dedup.face.quality import Quality, assess, refusal
 
@@ -168,12 +168,12 @@ class FaceEmbedder:
         format and header are checked first (a bad photo is INVALID_ARGUMENT, whatever the
         load); then it is admitted before its pixels are decoded (up to 25 megapixels, 75 MB):
         one refused for want of a slot costs nothing more."""
-        check_image(data, field, self.rules.max_image_bytes, self.rules.max_pixels)
+        kind = check_image(data, field, self.rules.max_image_bytes, self.rules.max_pixels)
         if not self._admitted.acquire(blocking=False):
             raise ResourceExhausted(
                 f"{field}: {self.max_pending} photos are already being embedded; retry shortly")
         try:
-            pixels = decode_image(data, field, self.rules.max_image_bytes, self.rules.max_pixels)
+            pixels = decode_checked(data, field, kind)
             job = _Job(pixels, use_largest, field, Future())
             self._queue.put(job)
             try:

@@ -67,7 +67,11 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
 
 def decode_image(data: bytes, field: str, max_bytes: int, max_pixels: int) -> Pixels:
     """Validated BGR pixels of a JPEG or PNG, or InvalidArgument saying why not."""
-    kind = check_image(data, field, max_bytes, max_pixels)
+    return decode_checked(data, field, check_image(data, field, max_bytes, max_pixels))
+
+
+def decode_checked(data: bytes, field: str, kind: str) -> Pixels:
+    """The BGR pixels of an image `check_image` found to be a `kind` within the limits."""
     pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if pixels is None:
         raise InvalidArgument(field, f"undecodable {kind}: the image data is damaged")

@@ -137,38 +137,37 @@ def _erase_in_copy(dest: Path, registration_ids: list[str]) -> None:
 def _checkpoint_of_the_copy(dest: Path) -> str:
     """The copied checkpoint, brought up to the copy's store if the change log after it
     removes registrations (its index holds their embeddings or codes); left out if the log
-    no longer reaches back to it (a checkpoint written since truncated it) or it cannot be
-    read. Returns what was done (BackupReport.checkpoint)."""
+    no longer reaches back to it (a checkpoint written since truncated it), it cannot be
+    read, or the memory would not hold it. Returns what was done (BackupReport.checkpoint)."""
     path = dest / CHECKPOINT_FILE
     copy = Store.reader(dest)
     try:
-        try:
-            model_id = checkpoint_model_id(path)
-            covered = verified_sequence(path)
-        except CheckpointError as error:
-            return _left_out(path, f"it cannot be read ({error})")
-        delta = change_delta(copy, covered)
-        if delta.complete and not delta.removed:
-            return "copied"
-        if not delta.complete:
-            return _left_out(path, "the change log no longer reaches back to it")
-        if copy.legacy_format:  # its embeddings are in LMDB, which the replay does not read
-            return _left_out(path, "the copy is of a format-1 store")
-        available = _memory_available()
-        if available is not None and path.stat().st_size * 3 > available:
-            return _left_out(path, f"bringing it up would take about three times its size in "
-                             f"memory, and {available / 2**30:.1f} GiB is available")
-        try:
-            index, _ = load_index(path, copy.config.dimension, model_id)
-            apply_delta(copy, index, delta, model_id)
-            write_checkpoint(path, index.snapshot(delta.current, model_id))
-        except CheckpointError as error:
-            return _left_out(path, f"it cannot be read ({error})")
-        except MemoryError:
-            return _left_out(path, "not enough memory to bring it up")
-        return "brought up to the copy"
+        return _bring_up(path, copy)
+    except CheckpointError as error:
+        return _left_out(path, f"it cannot be read ({error})")
+    except MemoryError:
+        return _left_out(path, "not enough memory to bring it up")
     finally:
         copy.close()
+
+
+def _bring_up(path: Path, copy: Store) -> str:
+    model_id, covered = checkpoint_model_id(path), verified_sequence(path)
+    delta = change_delta(copy, covered)
+    if delta.complete and not delta.removed:
+        return "copied"
+    if not delta.complete:
+        return _left_out(path, "the change log no longer reaches back to it")
+    if copy.legacy_format:  # its embeddings are in LMDB, which the replay does not read
+        return _left_out(path, "the copy is of a format-1 store")
+    available = _memory_available()
+    if available is not None and path.stat().st_size * 3 > available:
+        return _left_out(path, f"bringing it up would take about three times its size in "
+                         f"memory, and {available / 2**30:.1f} GiB is available")
+    index, _ = load_index(path, copy.config.dimension, model_id)
+    apply_delta(copy, index, delta, model_id)
+    write_checkpoint(path, index.snapshot(delta.current, model_id))
+    return "brought up to the copy"
 
 
 def _left_out(path: Path, why: str) -> str:

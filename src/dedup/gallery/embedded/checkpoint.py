@@ -102,12 +102,19 @@ def _header(checkpoint: Checkpoint) -> bytes:
     return unsigned[:_DIGEST_AT] + digest + unsigned[_DIGEST_AT + 32:]
 
 
-def _sha256(header: bytes, parts: tuple[memoryview, ...]) -> bytes:
-    """Of the header with its SHA-256 field zeroed, then the payload."""
-    hashed = hashlib.sha256(header[:_DIGEST_AT] + bytes(32) + header[_DIGEST_AT + 32:])
+def _sha256(header: bytes, parts: tuple[memoryview, ...], version: int = VERSION) -> bytes:
+    """Of the header with its SHA-256 field zeroed, then the payload (version 2: of the
+    payload alone)."""
+    hashed = _hash_of_header(header, version)
     for part in parts:
         hashed.update(part)
     return hashed.digest()
+
+
+def _hash_of_header(header: bytes, version: int) -> hashlib._Hash:
+    """A SHA-256 fed what a checkpoint signs before its payload."""
+    signed = header[:_DIGEST_AT] + bytes(32) + header[_DIGEST_AT + 32:]
+    return hashlib.sha256(signed if version == VERSION else b"")
 
 
 def _write_parts(handle: IO[Any], parts: tuple[memoryview, ...], flush_every: int | None
@@ -152,11 +159,7 @@ def _parsed(data: bytes) -> Checkpoint:
     payload = memoryview(data)[header.size:]
     if payload.nbytes != header.length:
         raise CheckpointError(f"payload is {payload.nbytes} bytes, header says {header.length}")
-    if header.version == VERSION:
-        digest = _sha256(data[:header.size], (payload,))
-    else:  # version 2 signed its payload only
-        digest = hashlib.sha256(payload).digest()
-    if digest != header.digest:
+    if _sha256(data[:header.size], (payload,), header.version) != header.digest:
         raise CheckpointError("checksum mismatch")
     return Checkpoint(sequence=header.sequence, vectors=header.vectors,
                       model_id=header.model_id, parts=(payload,), kind=header.kind)
@@ -230,9 +233,7 @@ def verified_sequence(path: Path, chunk: int = 1 << 24) -> int:
     header = _head_of(path)
     try:
         with open(path, "rb") as handle:
-            head = handle.read(header.size)
-            hashed = hashlib.sha256(head[:_DIGEST_AT] + bytes(32) + head[_DIGEST_AT + 32:]) \
-                if header.version == VERSION else hashlib.sha256()
+            hashed = _hash_of_header(handle.read(header.size), header.version)
             length = 0
             while piece := handle.read(chunk):
                 hashed.update(piece)

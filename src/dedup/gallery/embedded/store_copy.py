@@ -66,7 +66,8 @@ def copy_store(store: LmdbEnv, slots: VectorFile, directory: Path) -> StoreCopy:
     target = VectorFile.open(directory / VECTOR_FILE, slots.dimension, 0, writable=True)
     try:
         suspect = _copy_slots(slots, target, assigned, removed)
-        erased, damaged_keys = _erased_meanwhile(store, directory, suspect, assigned)
+        erased, erased_ids, damaged_keys = _erased_meanwhile(store, directory, suspect,
+                                                             assigned)
         target.zero(erased.tolist())
         target.reserve(assigned)
         target.sync()
@@ -74,7 +75,7 @@ def copy_store(store: LmdbEnv, slots: VectorFile, directory: Path) -> StoreCopy:
         target.close()
     if len(damaged_keys):
         raise not_a_unit_vector(slots.path, damaged_keys.tolist())
-    return StoreCopy(assigned, _registration_ids(directory, erased))
+    return StoreCopy(assigned, erased_ids)
 
 
 def _copy_slots(slots: VectorFile, target: VectorFile, assigned: int,
@@ -95,24 +96,19 @@ def _copy_slots(slots: VectorFile, target: VectorFile, assigned: int,
 
 
 def _erased_meanwhile(store: LmdbEnv, directory: Path, suspect: npt.NDArray[np.bool_],
-                      assigned: int) -> tuple[Keys, Keys]:
-    """The keys of the copy's records (in `directory`) the store no longer holds: erased
-    since the copy's transaction, whether their slots were read zeroed (`suspect`) or not
-    (a Delete whose zeroing failed on a disk error, or came after its slot was read); and
-    those of its suspect slots whose record is still stored: damage."""
-    with _copy_of(directory) as (txn, records):
-        in_copy = record_keys(txn, records)
+                      assigned: int) -> tuple[Keys, list[str], Keys]:
+    """The keys and registration_ids of the copy's records (in `directory`) the store no
+    longer holds: erased since the copy's transaction, whether their slots were read zeroed
+    (`suspect`) or not (a Delete whose zeroing failed on a disk error, or came after its slot
+    was read); and the keys of its suspect slots whose record is still stored: damage."""
     stored = np.zeros(assigned + 1, bool)  # masks, not set operations: 10 MB at 10,000,000
     stored[_still_stored(store, assigned)] = True
-    return in_copy[~stored[in_copy]], in_copy[suspect[in_copy] & stored[in_copy]]
-
-
-def _registration_ids(directory: Path, keys: Keys) -> list[str]:
-    if not len(keys):
-        return []
     with _copy_of(directory) as (txn, records):
-        return [decode_registration(bytes(txn.get(u64(key), db=records, default=b"")))
-                .registration_id for key in keys.tolist()]
+        in_copy = record_keys(txn, records)
+        erased = in_copy[~stored[in_copy]]
+        ids = [decode_registration(bytes(txn.get(u64(key), db=records, default=b"")))
+               .registration_id for key in erased.tolist()]
+    return erased, ids, in_copy[suspect[in_copy] & stored[in_copy]]
 
 
 @contextlib.contextmanager
