@@ -15,6 +15,7 @@ import pytest
 from conftest import face
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from metrics import scrape, value
+from photos import YAOMING
 from processes import ServerProcess
 from secure import channel, secured, tokens
 
@@ -210,6 +211,45 @@ def test_one_caller_beyond_its_limit_is_refused_while_others_are_served(make_ser
     assert value(samples, "dedup_calls_refused_total", reason="caller_limit") == 1
     assert value(samples, "dedup_requests_total", method="Check",
                  status="RESOURCE_EXHAUSTED") == 1
+
+
+@TRANSPORT_ONLY
+def test_one_callers_photos_take_no_more_than_its_share_of_the_photo_slots(make_server, keys):
+    """The 16 photo slots were the server's only: one desk's photos in flight could take them
+    all and leave every other desk refused. A caller now has its share (here 2 of 4)."""
+    server = secured(make_server, keys, max_pending_images=4, max_pending_images_per_caller=2)
+    slots = server.server.service.embedder.slots
+    desk = channel(server.port, keys, role="registration")
+    other_desk = channel(server.server.token_port, keys, token=tokens(keys)["registration"])
+    photo = pb.CheckRequest(face=pb.Face(image=YAOMING.read_bytes()),
+                            claimed_id_number="ID-YAO")
+    held = 2
+    for _ in range(held):  # two of this desk's photos being embedded
+        slots.take("CN=registration-client", "face.image")
+    try:
+        with pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.FaceDedupStub(desk).Check(photo, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "face.image: CN=registration-client has 2 photos being embedded" in \
+            refused.value.details()
+        assert "max_pending_images_per_caller" in refused.value.details()
+        assert pb_grpc.FaceDedupStub(other_desk).Check(photo, timeout=30).verdict == pb.CLEAR
+    finally:
+        for _ in range(held):
+            slots.give_back("CN=registration-client")
+        desk.close()
+        other_desk.close()
+    desk = channel(server.port, keys, role="registration")
+    try:  # its share given back
+        assert pb_grpc.FaceDedupStub(desk).Check(photo, timeout=30).verdict == pb.CLEAR
+    finally:
+        desk.close()
+
+
+def test_without_a_security_file_photo_slots_are_the_servers_only(make_server):
+    server = make_server(max_pending_images=4, max_pending_images_per_caller=1)
+    slots = server.server.service.embedder.slots
+    assert (slots.total, slots.per_holder) == (4, None)  # every call is the one loopback caller
 
 
 @TRANSPORT_ONLY

@@ -150,9 +150,7 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0",
                          "unauthenticated, dedup serves on loopback only (see `dedup keys`)")
     limit_numpy_blas(config.numpy_blas_threads)
     metrics = Metrics()
-    embedder = FaceEmbedder(resolve_model_dir(config.model_dir), config.capture,
-                            workers=config.embed_workers, max_batch=config.embed_batch,
-                            max_pending=config.max_pending_images, metrics=metrics)
+    embedder = _embedder(config, metrics)
     try:
         gallery = open_backend(config, embedder.model_id)
     except BaseException:
@@ -180,6 +178,15 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0",
     return dedup_server, port
 
 
+def _embedder(config: ServerConfig, metrics: Metrics) -> FaceEmbedder:
+    """The photo pipeline; a caller's share of its slots only where callers are told apart."""
+    per_caller = None if config.security is None else config.max_pending_images_per_caller
+    return FaceEmbedder(resolve_model_dir(config.model_dir), config.capture,
+                        workers=config.embed_workers, max_batch=config.embed_batch,
+                        max_pending=config.max_pending_images, metrics=metrics,
+                        max_pending_per_holder=per_caller)
+
+
 def create_replica_server(config: ServerConfig, address: str, forwarding: Forwarding,
                           number: int, pin: Callable[[int], None]
                           ) -> tuple[DedupServer, ReplicaGallery, int]:
@@ -191,9 +198,7 @@ def create_replica_server(config: ServerConfig, address: str, forwarding: Forwar
     config = dataclasses.replace(config, metrics_address=None, audit_anchor_file=None)
     limit_numpy_blas(config.numpy_blas_threads)
     metrics = Metrics()
-    embedder = FaceEmbedder(resolve_model_dir(config.model_dir), config.capture,
-                            workers=config.embed_workers, max_batch=config.embed_batch,
-                            max_pending=config.max_pending_images, metrics=metrics)
+    embedder = _embedder(config, metrics)
     gallery = ReplicaGallery(config.store, embedder.model_id, index_config(config), pin)
     transport: Transport | None = None
     try:

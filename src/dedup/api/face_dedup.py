@@ -55,7 +55,8 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
     def _probe(self, request: pb.CheckRequest | pb.EnrollRequest,
                context: grpc.ServicerContext) -> Probe:
         face = convert.face_input(request.face, request.HasField("face"), "face", self.dimension)
-        return self.service.probe(face, "face", timeout=seconds_left(context))
+        return self.service.probe(face, "face", timeout=seconds_left(context),
+                                  caller=current_caller().identity)
 
     @rpc
     def Check(self, request: pb.CheckRequest, context: grpc.ServicerContext) -> pb.CheckResponse:

@@ -174,7 +174,8 @@ class InvestigateServicer(pb_grpc.InvestigateServicer):
         if which != "face":
             raise InvalidArgument("probe", "give face or registration_id")
         face = convert.face_input(request.face, True, "face", self.dimension)
-        probe = self.service.probe(face, "face", timeout=seconds_left(context))
+        probe = self.service.probe(face, "face", timeout=seconds_left(context),
+                                   caller=current_caller().identity)
         query["embedding_sha256"] = embedding_digest(probe.vector.tobytes())
         return probe.vector, None, probe
 

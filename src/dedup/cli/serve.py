@@ -134,6 +134,11 @@ def _admission_arguments(serve: argparse.ArgumentParser) -> None:
                        default=ServerConfig.max_calls_per_caller,
                        help="calls in flight per certificate subject or token; beyond, "
                        "RESOURCE_EXHAUSTED")
+    serve.add_argument("--max-pending-images-per-caller", type=int, metavar="N",
+                       default=ServerConfig.max_pending_images_per_caller,
+                       help="photos being decoded or embedded at once per certificate subject "
+                       f"or token, of the server's {ServerConfig.max_pending_images}; beyond, "
+                       "RESOURCE_EXHAUSTED naming the caller (with a security file only)")
     serve.add_argument("--request-read-timeout", type=float, metavar="SECONDS",
                        default=ServerConfig.request_read_timeout_s,
                        help="how long a call may take to send its request; beyond, "
@@ -360,6 +365,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         shutdown_grace_s=args.grace,
         numpy_blas_threads=args.numpy_blas_threads,
         max_calls_per_caller=args.max_calls_per_caller,
+        max_pending_images_per_caller=args.max_pending_images_per_caller,
         request_read_timeout_s=args.request_read_timeout,
         stream_idle_timeout_s=args.stream_idle_timeout,
         index=IndexConfig(

@@ -27,7 +27,6 @@ from dedup.core.errors import (
     DedupError,
     InvalidArgument,
     ModelError,
-    ResourceExhausted,
 )
 from dedup.core.records import DetectedFace
 from dedup.core.settings import CaptureRules
@@ -35,6 +34,7 @@ from dedup.core.vectors import Vector
 from dedup.core.work_queue import take_batch
 from dedup.face.image import Pixels, check_image, decode_checked
 from dedup.face.model_pack import ModelPack, check_model_dir, describe_pack
+from dedup.face.photo_slots import PhotoSlots
 from dedup.face.quality import Quality, assess, refusal
 
 log = logging.getLogger("dedup.embedder")
@@ -113,14 +113,15 @@ def choose_face(boxes: np.ndarray, rules: CaptureRules, use_largest: bool, field
 class FaceEmbedder:
     def __init__(self, model_dir: Path, rules: CaptureRules | None = None, workers: int = 2,
                  max_batch: int = 8, max_pending: int = 16,
-                 metrics: EmbeddingMetrics | None = None) -> None:
+                 metrics: EmbeddingMetrics | None = None,
+                 max_pending_per_holder: int | None = None) -> None:
         check_model_dir(model_dir)
         self.metrics = metrics
         self.rules = rules or CaptureRules()
         self.max_batch = max_batch
         self.max_pending = max_pending
         self._queue: queue.Queue[_Job | None] = queue.Queue()
-        self._admitted = threading.BoundedSemaphore(max_pending)
+        self.slots = PhotoSlots(max_pending, max_pending_per_holder)
         analyzers = [self._load(model_dir) for _ in range(workers)]
         detector, recogniser = analyzers[0].models["detection"], analyzers[0].models["recognition"]
         self.pack: ModelPack = describe_pack(
@@ -163,15 +164,14 @@ class FaceEmbedder:
         return analyzer
 
     def embed(self, data: bytes, use_largest: bool, field: str,
-              timeout: float | None = None) -> EmbeddedFace:
+              timeout: float | None = None, holder: str | None = None) -> EmbeddedFace:
         """Blocks the caller until its photo is embedded; the work runs in the pool. Its size,
         format and header are checked first (a bad photo is INVALID_ARGUMENT, whatever the
         load); then it is admitted before its pixels are decoded (up to 25 megapixels, 75 MB):
-        one refused for want of a slot costs nothing more."""
+        one refused for want of a slot costs nothing more. `holder` (the caller) is held to
+        its own share of the slots where the embedder has one."""
         kind = check_image(data, field, self.rules.max_image_bytes, self.rules.max_pixels)
-        if not self._admitted.acquire(blocking=False):
-            raise ResourceExhausted(
-                f"{field}: {self.max_pending} photos are already being embedded; retry shortly")
+        self.slots.take(holder, field)
         try:
             pixels = decode_checked(data, field, kind)
             job = _Job(pixels, use_largest, field, Future())
@@ -183,7 +183,7 @@ class FaceEmbedder:
                 raise DeadlineExceeded(f"{field}: the deadline passed while the photo "
                                        "waited to be embedded") from error
         finally:
-            self._admitted.release()
+            self.slots.give_back(holder)
 
     def _work(self, analyzer: Any) -> None:
         while (jobs := take_batch(self._queue, self.max_batch)) is not None:

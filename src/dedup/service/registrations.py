@@ -80,8 +80,10 @@ class DedupService:
         self._lookups = ThreadPoolExecutor(max_workers=64, thread_name_prefix="dedup-lookup") \
             if gallery.reads_wait else None
 
-    def probe(self, face: FaceInput, field: str, timeout: float | None = None) -> Probe:
-        """The face as a unit vector of the server's model, embedding a photo if need be."""
+    def probe(self, face: FaceInput, field: str, timeout: float | None = None,
+              caller: str | None = None) -> Probe:
+        """The face as a unit vector of the server's model, embedding a photo if need be
+        (`caller`: whose share of the photo slots it takes)."""
         if face.vector is not None:
             if face.vector_model and face.vector_model != self.embedder.model_id:
                 raise FailedPrecondition(
@@ -90,7 +92,7 @@ class DedupService:
                     "compared")
             return Probe(face.vector, client_quality=face.client_quality)
         embedded = self.embedder.embed(face.image, face.use_largest_face, f"{field}.image",
-                                       timeout)
+                                       timeout, holder=caller)
         return Probe(embedded.vector, embedded.face, capture_quality(embedded.quality))
 
     def check(self, probe: Probe, claimed_id_number: str, max_matches: int,
