@@ -244,8 +244,10 @@ def test_one_callers_photos_take_no_more_than_its_share_of_the_photo_slots(make_
         assert pb_grpc.FaceDedupStub(desk).Check(photo, timeout=30).verdict == pb.CLEAR
     finally:
         desk.close()
+    assert slots.taken == 0
 
 
+@TRANSPORT_ONLY
 def test_without_a_security_file_photo_slots_are_the_servers_only(make_server):
     server = make_server(max_pending_images=4, max_pending_images_per_caller=1)
     slots = server.server.service.embedder.slots

@@ -40,6 +40,10 @@ class Metrics:
             "dedup_photos_abandoned",
             "queued photos skipped because their caller's deadline had passed",
             registry=self.registry)
+        self.photos_refused = Counter(
+            "dedup_photos_refused",
+            "photos refused for want of a slot: the caller's share or the server's",
+            ["reason"], registry=self.registry)
         self.calls_refused = Counter(
             "dedup_calls_refused",
             "calls refused before their work ran, or ended waiting for the client, by reason",

@@ -134,7 +134,7 @@ def _admission_arguments(serve: argparse.ArgumentParser) -> None:
                        default=ServerConfig.max_calls_per_caller,
                        help="calls in flight per certificate subject or token; beyond, "
                        "RESOURCE_EXHAUSTED")
-    serve.add_argument("--max-pending-images-per-caller", type=int, metavar="N",
+    serve.add_argument("--max-pending-images-per-caller", type=_at_least(1), metavar="N",
                        default=ServerConfig.max_pending_images_per_caller,
                        help="photos being decoded or embedded at once per certificate subject "
                        f"or token, of the server's {ServerConfig.max_pending_images}; beyond, "

@@ -344,7 +344,7 @@ class ServerConfig:
     max_pending_images: int = 16
     # Of those, at most this many of one caller's (certificate subject or token), so that
     # one desk's photos never take every slot; unauthenticated (loopback), the server's only.
-    max_pending_images_per_caller: int = 8
+    max_pending_images_per_caller: int = 4
     # Worker threads that run admitted calls' work; no worker waits for a client.
     max_workers: int = 32
     # FAISS's OpenMP threads per search. A single-query exact search is slower with two

@@ -34,7 +34,7 @@ from dedup.core.vectors import Vector
 from dedup.core.work_queue import take_batch
 from dedup.face.image import Pixels, check_image, decode_checked
 from dedup.face.model_pack import ModelPack, check_model_dir, describe_pack
-from dedup.face.photo_slots import PhotoSlots
+from dedup.face.photo_slots import PhotoSlots, SlotRefused
 from dedup.face.quality import Quality, assess, refusal
 
 log = logging.getLogger("dedup.embedder")
@@ -48,11 +48,17 @@ class _Histogram(Protocol):
     def observe(self, amount: float) -> None: ...
 
 
+class _LabelledCounter(Protocol):
+    def labels(self, *values: str) -> _Counter: ...
+
+
 class EmbeddingMetrics(Protocol):
     """What the embedder counts (the server's Prometheus metrics have these)."""
 
     @property
     def photos_abandoned(self) -> _Counter: ...
+    @property
+    def photos_refused(self) -> _LabelledCounter: ...
     @property
     def embedding(self) -> _Histogram: ...
     @property
@@ -83,6 +89,7 @@ class _Job:
     use_largest: bool
     field: str
     future: Future[EmbeddedFace]
+    holder: str | None  # whose photo slot it holds until a worker is done with it
 
 
 def choose_face(boxes: np.ndarray, rules: CaptureRules, use_largest: bool, field: str
@@ -169,28 +176,50 @@ class FaceEmbedder:
         format and header are checked first (a bad photo is INVALID_ARGUMENT, whatever the
         load); then it is admitted before its pixels are decoded (up to 25 megapixels, 75 MB):
         one refused for want of a slot costs nothing more. `holder` (the caller) is held to
-        its own share of the slots where the embedder has one."""
+        its own share of the slots where the embedder has one. The slot is held for as long
+        as the decoded photo is: a photo whose caller's deadline passed keeps it until a
+        worker drops the photo from the queue."""
         kind = check_image(data, field, self.rules.max_image_bytes, self.rules.max_pixels)
-        self.slots.take(holder, field)
+        try:
+            self.slots.take(holder, field)
+        except SlotRefused as refused:
+            if self.metrics is not None:
+                self.metrics.photos_refused.labels(refused.reason).inc()
+            raise
         try:
             pixels = decode_checked(data, field, kind)
-            job = _Job(pixels, use_largest, field, Future())
-            self._queue.put(job)
-            try:
-                return job.future.result(timeout)
-            except FutureTimeout as error:
-                job.future.cancel()
-                raise DeadlineExceeded(f"{field}: the deadline passed while the photo "
-                                       "waited to be embedded") from error
-        finally:
+        except BaseException:
+            self.slots.give_back(holder)
+            raise
+        job = _Job(pixels, use_largest, field, Future(), holder)
+        job.future.add_done_callback(lambda done: self._answered(done, holder))
+        self._queue.put(job)
+        try:
+            return job.future.result(timeout)
+        except FutureTimeout as error:
+            job.future.cancel()
+            raise DeadlineExceeded(f"{field}: the deadline passed while the photo "
+                                   "waited to be embedded") from error
+
+    def _answered(self, future: Future[EmbeddedFace], holder: str | None) -> None:
+        # A cancelled job is still queued: the worker that drops it gives its slot back.
+        if not future.cancelled():
             self.slots.give_back(holder)
 
     def _work(self, analyzer: Any) -> None:
         while (jobs := take_batch(self._queue, self.max_batch)) is not None:
             # A job whose caller gave up (deadline) was cancelled: skip it.
             live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+            for dropped in (job for job in jobs if job.future.cancelled()):
+                self.slots.give_back(dropped.holder)
             started = time.perf_counter()
-            self._embed_batch(analyzer, live)
+            try:
+                self._embed_batch(analyzer, live)
+            except Exception as error:  # never a caller (and its slot) left waiting
+                log.exception("embedding failed")
+                for job in live:
+                    if not job.future.done():
+                        job.future.set_exception(error)
             if self.metrics is not None:
                 self.metrics.photos_abandoned.inc(len(jobs) - len(live))
                 if live:
@@ -200,6 +229,8 @@ class FaceEmbedder:
     def _embed_batch(self, analyzer: Any, jobs: list[_Job]) -> None:
         from insightface.utils import face_align
 
+        if not jobs:  # every caller of the batch gave up
+            return
         recogniser = analyzer.models["recognition"]
         ready: list[_Detected] = []
         for job in jobs:

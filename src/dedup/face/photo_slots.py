@@ -10,40 +10,62 @@ import threading
 from dedup.core.errors import ResourceExhausted
 
 
+class SlotRefused(ResourceExhausted):
+    """No slot: `reason` is "caller_limit" or "server_limit"."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class PhotoSlots:
     """At most `total` photos at once, and at most `per_holder` of any one holder's (a
-    caller's identity; None: no holder, or no limit per holder)."""
+    caller's identity). Without `per_holder`, or for the holder None, only `total` counts."""
 
     def __init__(self, total: int, per_holder: int | None = None) -> None:
-        if per_holder is not None and per_holder < 1:
-            raise ValueError(f"max_pending_images_per_caller must be >= 1, got {per_holder}")
+        if total < 1 or (per_holder is not None and not 1 <= per_holder <= total):
+            raise ValueError(f"photo slots: need 1 <= max_pending_images_per_caller <= "
+                             f"max_pending_images, got {per_holder} of {total}")
         self.total = total
         self.per_holder = per_holder
         self._lock = threading.Lock()
         self._taken = 0
         self._by_holder: dict[str, int] = {}
 
+    @property
+    def taken(self) -> int:
+        return self._taken
+
+    def held_by(self, holder: str) -> int:
+        return self._by_holder.get(holder, 0)
+
     def take(self, holder: str | None, field: str) -> None:
-        """One slot for `holder`; else ResourceExhausted naming `field` and the limit."""
-        limit = self.per_holder
-        key = holder if limit is not None else None
+        """One slot for `holder`; else SlotRefused naming `field` and the limit."""
+        key = self._key(holder)
         with self._lock:
-            held = self._by_holder.get(key, 0) if key is not None else 0
-            if limit is not None and key is not None and held >= limit:
-                raise ResourceExhausted(
-                    f"{field}: {holder} has {held} photos being embedded, its limit "
-                    "(max_pending_images_per_caller); retry when one is done")
+            held = 0 if key is None else self._by_holder.get(key, 0)
+            if key is not None and held >= (self.per_holder or 0):
+                raise SlotRefused(
+                    f"{field}: {key} has {held} photos being embedded, its limit "
+                    "(max_pending_images_per_caller); retry when one is done", "caller_limit")
             if self._taken >= self.total:
-                raise ResourceExhausted(
-                    f"{field}: {self.total} photos are already being embedded; retry shortly")
+                raise SlotRefused(
+                    f"{field}: {self.total} photos are already being embedded; retry shortly",
+                    "server_limit")
             self._taken += 1
             if key is not None:
                 self._by_holder[key] = held + 1
 
     def give_back(self, holder: str | None) -> None:
+        key = self._key(holder)
         with self._lock:
+            if self._taken < 1 or (key is not None and key not in self._by_holder):
+                raise RuntimeError(f"photo slots: {holder!r} gives back a slot it has not")
             self._taken -= 1
-            if holder is not None and self.per_holder is not None:
-                held = self._by_holder.pop(holder) - 1
+            if key is not None:
+                held = self._by_holder.pop(key) - 1
                 if held:
-                    self._by_holder[holder] = held
+                    self._by_holder[key] = held
+
+    def _key(self, holder: str | None) -> str | None:
+        return holder if self.per_holder is not None else None

@@ -25,7 +25,8 @@ sharpness       share of the aligned face's gradient energy (Sobel) lost  L(x; 0
                 fine detail left to lose)
 compression     8x8 blockiness: mean |step| across the 8-px grid lines   L(x; 2.0, -0.3)
                 (each axis at its strongest phase: a crop moves the
-                grid) / mean |step| elsewhere, on the face (1 = none;
+                grid) / mean |step| elsewhere, on the face (1.1-1.4
+                uncompressed: the strongest phase's own noise;
                 JPEG quality 30: about 1.5, 10: 2.2, 5: 3)
 roll, yaw,      head pose from the five landmarks (degrees; roll: eye     100 cos^2(angle),
 pitch           line; yaw: nose off the eye-mouth midline; pitch: nose    0 from 90 degrees
@@ -207,7 +208,7 @@ def _blockiness(pixels: Pixels, box: tuple[float, float, float, float]) -> float
     half_h = min((y2 - y1) * 0.6, _BLOCK_WINDOW / 2)
     top, left = max(0, int(cy - half_h)), max(0, int(cx - half_w))
     region = _gray(pixels[top:max(top, int(cy + half_h)), left:max(left, int(cx + half_w))])
-    if min(region.shape) < 16:
+    if min(region.shape) < 24:  # under 3 lines a phase, one straight edge would pick it
         return 1.0
     across_at, across_inside = _grid_steps(np.abs(np.diff(region, axis=1)))
     down_at, down_inside = _grid_steps(np.abs(np.diff(region, axis=0)).T)
