@@ -58,7 +58,8 @@ def test_a_slot_given_back_twice_is_an_error_that_changes_nothing() -> None:
 
 @pytest.mark.parametrize("share", [0, 5])
 def test_a_share_must_be_within_the_servers_slots(share: int) -> None:
-    with pytest.raises(ValueError, match="max_pending_images_per_caller"):
+    with pytest.raises(ValueError, match="max-pending-images-per-caller must be 1 to the "
+                                         "server's 4 photo slots"):
         PhotoSlots(4, per_holder=share)
 
 

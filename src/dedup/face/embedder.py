@@ -84,12 +84,20 @@ class _Detected:
 
 
 @dataclass
+class _Slot:
+    """A photo's slot: given back once, when the photo is answered or dropped."""
+
+    holder: str | None
+    released: bool = False
+
+
+@dataclass
 class _Job:
     pixels: Pixels
     use_largest: bool
     field: str
     future: Future[EmbeddedFace]
-    holder: str | None  # whose photo slot it holds until a worker is done with it
+    slot: _Slot
 
 
 def choose_face(boxes: np.ndarray, rules: CaptureRules, use_largest: bool, field: str
@@ -129,6 +137,7 @@ class FaceEmbedder:
         self.max_pending = max_pending
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self.slots = PhotoSlots(max_pending, max_pending_per_holder)
+        self._releasing = threading.Lock()
         analyzers = [self._load(model_dir) for _ in range(workers)]
         detector, recogniser = analyzers[0].models["detection"], analyzers[0].models["recognition"]
         self.pack: ModelPack = describe_pack(
@@ -176,9 +185,9 @@ class FaceEmbedder:
         format and header are checked first (a bad photo is INVALID_ARGUMENT, whatever the
         load); then it is admitted before its pixels are decoded (up to 25 megapixels, 75 MB):
         one refused for want of a slot costs nothing more. `holder` (the caller) is held to
-        its own share of the slots where the embedder has one. The slot is held for as long
-        as the decoded photo is: a photo whose caller's deadline passed keeps it until a
-        worker drops the photo from the queue."""
+        its own share of the slots where the embedder has one. The slot is held until the
+        photo is answered: a photo whose caller's deadline passed keeps it until a worker
+        drops the photo from the queue."""
         kind = check_image(data, field, self.rules.max_image_bytes, self.rules.max_pixels)
         try:
             self.slots.take(holder, field)
@@ -191,8 +200,10 @@ class FaceEmbedder:
         except BaseException:
             self.slots.give_back(holder)
             raise
-        job = _Job(pixels, use_largest, field, Future(), holder)
-        job.future.add_done_callback(lambda done: self._answered(done, holder))
+        slot = _Slot(holder)
+        job = _Job(pixels, use_largest, field, Future(), slot)
+        # Not the job: a callback holding it would keep its pixels in a reference cycle.
+        job.future.add_done_callback(lambda done: self._answered(done, slot))
         self._queue.put(job)
         try:
             return job.future.result(timeout)
@@ -200,31 +211,48 @@ class FaceEmbedder:
             job.future.cancel()
             raise DeadlineExceeded(f"{field}: the deadline passed while the photo "
                                    "waited to be embedded") from error
+        finally:
+            if job.future.done() and not job.future.cancelled():
+                self._release(slot)  # before the answer leaves: the callback may come later
 
-    def _answered(self, future: Future[EmbeddedFace], holder: str | None) -> None:
+    def _answered(self, future: Future[EmbeddedFace], slot: _Slot) -> None:
         # A cancelled job is still queued: the worker that drops it gives its slot back.
         if not future.cancelled():
-            self.slots.give_back(holder)
+            self._release(slot)
+
+    def _release(self, slot: _Slot) -> None:
+        with self._releasing:
+            if slot.released:
+                return
+            slot.released = True
+        self.slots.give_back(slot.holder)
 
     def _work(self, analyzer: Any) -> None:
         while (jobs := take_batch(self._queue, self.max_batch)) is not None:
-            # A job whose caller gave up (deadline) was cancelled: skip it.
-            live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
-            for dropped in (job for job in jobs if job.future.cancelled()):
-                self.slots.give_back(dropped.holder)
-            started = time.perf_counter()
             try:
-                self._embed_batch(analyzer, live)
-            except Exception as error:  # never a caller (and its slot) left waiting
-                log.exception("embedding failed")
-                for job in live:
-                    if not job.future.done():
-                        job.future.set_exception(error)
-            if self.metrics is not None:
-                self.metrics.photos_abandoned.inc(len(jobs) - len(live))
-                if live:
-                    self.metrics.embedding.observe(time.perf_counter() - started)
-                    self.metrics.embedded.inc(len(live))
+                self._run_batch(analyzer, jobs)
+            except Exception:  # a dead worker would leave its callers and slots waiting
+                log.exception("embedding worker: a batch failed")
+            del jobs  # an idle worker holds no photo
+
+    def _run_batch(self, analyzer: Any, jobs: list[_Job]) -> None:
+        # A job whose caller gave up (deadline) was cancelled: skip it.
+        live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+        for dropped in (job for job in jobs if job.future.cancelled()):
+            self._release(dropped.slot)
+        started = time.perf_counter()
+        try:
+            self._embed_batch(analyzer, live)
+        except Exception as error:  # never a caller (and its slot) left waiting
+            log.exception("embedding failed")
+            for job in live:
+                if not job.future.done():
+                    job.future.set_exception(error)
+        if self.metrics is not None:
+            self.metrics.photos_abandoned.inc(len(jobs) - len(live))
+            if live:
+                self.metrics.embedding.observe(time.perf_counter() - started)
+                self.metrics.embedded.inc(len(live))
 
     def _embed_batch(self, analyzer: Any, jobs: list[_Job]) -> None:
         from insightface.utils import face_align

@@ -24,8 +24,8 @@ class PhotoSlots:
 
     def __init__(self, total: int, per_holder: int | None = None) -> None:
         if total < 1 or (per_holder is not None and not 1 <= per_holder <= total):
-            raise ValueError(f"photo slots: need 1 <= max_pending_images_per_caller <= "
-                             f"max_pending_images, got {per_holder} of {total}")
+            raise ValueError(f"--max-pending-images-per-caller must be 1 to the server's "
+                             f"{total} photo slots, got {per_holder}")
         self.total = total
         self.per_holder = per_holder
         self._lock = threading.Lock()

@@ -208,7 +208,7 @@ def _blockiness(pixels: Pixels, box: tuple[float, float, float, float]) -> float
     half_h = min((y2 - y1) * 0.6, _BLOCK_WINDOW / 2)
     top, left = max(0, int(cy - half_h)), max(0, int(cx - half_w))
     region = _gray(pixels[top:max(top, int(cy + half_h)), left:max(left, int(cx + half_w))])
-    if min(region.shape) < 24:  # under 3 lines a phase, one straight edge would pick it
+    if min(region.shape) < 25:  # under 3 lines a phase, one straight edge would pick it
         return 1.0
     across_at, across_inside = _grid_steps(np.abs(np.diff(region, axis=1)))
     down_at, down_inside = _grid_steps(np.abs(np.diff(region, axis=0)).T)
