@@ -3,10 +3,14 @@ its decoded photo is (a real FaceEmbedder with the packaged model)."""
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
+
 import pytest
 from photos import YAOMING
 
-from dedup.core.errors import DeadlineExceeded
+from dedup.core.errors import DeadlineExceeded, Stopping
 from dedup.face.embedder import FaceEmbedder
 from dedup.face.model_pack import resolve_model_dir
 from dedup.face.photo_slots import PhotoSlots, SlotRefused
@@ -63,17 +67,54 @@ def test_a_share_must_be_within_the_servers_slots(share: int) -> None:
         PhotoSlots(4, per_holder=share)
 
 
-def test_a_photo_past_its_deadline_holds_its_slot_until_a_worker_drops_it() -> None:
+@pytest.fixture
+def stalled() -> Iterator[FaceEmbedder]:
+    """A real embedder whose one worker has stopped: a queued photo waits."""
+    embedder = FaceEmbedder(resolve_model_dir(None), workers=1, max_pending=4,
+                            max_pending_per_holder=1)
+    embedder._queue.put(None)
+    embedder._workers[0].join(timeout=10)
+    assert not embedder._workers[0].is_alive()
+    yield embedder
+    embedder.close()
+
+
+def test_a_photo_past_its_deadline_holds_its_slot_until_a_worker_drops_it(
+        stalled: FaceEmbedder) -> None:
     """A photo whose caller's deadline passed gave its slot back at once, while its decoded
     pixels (up to 75 MB) stayed queued: a caller with short deadlines could queue any number
     of decoded photos past its share and the server's limit."""
-    embedder = FaceEmbedder(resolve_model_dir(None), workers=1, max_pending=4,
-                            max_pending_per_holder=1)
-    embedder.close()  # its worker stopped: a queued photo waits
     with pytest.raises(DeadlineExceeded):
-        embedder.embed(YAOMING.read_bytes(), False, "face.image", timeout=0.2, holder="desk")
-    assert (embedder.slots.taken, embedder.slots.held_by("desk")) == (1, 1)
-    assert refusal(embedder.slots, "desk").reason == "caller_limit"
-    embedder._queue.put(None)
-    embedder._work(None)  # a worker takes the abandoned photo, drops it, then stops
-    assert embedder.slots.taken == 0
+        stalled.embed(YAOMING.read_bytes(), False, "face.image", timeout=0.2, holder="desk")
+    assert (stalled.slots.taken, stalled.slots.held_by("desk")) == (1, 1)
+    assert refusal(stalled.slots, "desk").reason == "caller_limit"
+    stalled._queue.put(None)
+    stalled._work(None)  # a worker takes the abandoned photo, drops it, then stops
+    assert stalled.slots.taken == 0
+
+
+def test_photos_queued_when_the_embedder_closes_are_answered_stopping(
+        stalled: FaceEmbedder) -> None:
+    """A photo queued behind close()'s stop signals was never answered: without a deadline
+    its caller waited for ever (and held up the process's exit), with one it kept its slot;
+    a photo sent after close() was queued the same way."""
+    answers: list[BaseException] = []
+
+    def wait_for_photo() -> None:
+        try:
+            stalled.embed(YAOMING.read_bytes(), False, "face.image", holder="desk")
+        except Stopping as error:
+            answers.append(error)
+
+    caller = threading.Thread(target=wait_for_photo)
+    caller.start()
+    deadline = time.monotonic() + 30
+    while stalled._queue.qsize() < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stalled.close()
+    caller.join(timeout=10)
+    assert not caller.is_alive()
+    assert [str(a) for a in answers] == ["face.image: the server is stopping; retry"]
+    with pytest.raises(Stopping):
+        stalled.embed(YAOMING.read_bytes(), False, "face.image", holder="desk")
+    assert stalled.slots.taken == 0

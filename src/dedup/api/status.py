@@ -21,6 +21,7 @@ from dedup.core.errors import (
     NotFound,
     PermissionDenied,
     ResourceExhausted,
+    Stopping,
     StoreDamaged,
     Unauthenticated,
 )
@@ -42,6 +43,7 @@ _STATUS: dict[type[DedupError], grpc.StatusCode] = {
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     AuditUnavailable: grpc.StatusCode.UNAVAILABLE,
     BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
+    Stopping: grpc.StatusCode.UNAVAILABLE,
 }
 
 

@@ -12,6 +12,7 @@ so a client always sees the same status for the same kind of failure.
     ├── DeadlineExceeded     the call's deadline passed   -> DEADLINE_EXCEEDED
     ├── Unauthenticated      no valid credential          -> UNAUTHENTICATED
     ├── PermissionDenied     the caller's role may not call this -> PERMISSION_DENIED
+    ├── Stopping             the server is stopping; the work did not run -> UNAVAILABLE
     ├── AuditUnavailable     the audit record could not be written -> UNAVAILABLE
     ├── BackendUnavailable   Milvus unreachable, or an enrolment not confirmed in time
     │                        (nothing was stored)       -> UNAVAILABLE
@@ -81,6 +82,10 @@ class Unauthenticated(DedupError):
 
 class PermissionDenied(DedupError):
     """The caller is known, but its role does not allow this method."""
+
+
+class Stopping(DedupError):
+    """The server is stopping: the call's work did not run, and it may be retried."""
 
 
 class AuditUnavailable(DedupError):

@@ -27,6 +27,7 @@ from dedup.core.errors import (
     DedupError,
     InvalidArgument,
     ModelError,
+    Stopping,
 )
 from dedup.core.records import DetectedFace
 from dedup.core.settings import CaptureRules
@@ -138,6 +139,8 @@ class FaceEmbedder:
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self.slots = PhotoSlots(max_pending, max_pending_per_holder)
         self._releasing = threading.Lock()
+        self._closing = threading.Lock()
+        self._closed = False
         analyzers = [self._load(model_dir) for _ in range(workers)]
         detector, recogniser = analyzers[0].models["detection"], analyzers[0].models["recognition"]
         self.pack: ModelPack = describe_pack(
@@ -204,7 +207,11 @@ class FaceEmbedder:
         job = _Job(pixels, use_largest, field, Future(), slot)
         # Not the job: a callback holding it would keep its pixels in a reference cycle.
         job.future.add_done_callback(lambda done: self._answered(done, slot))
-        self._queue.put(job)
+        with self._closing:
+            if self._closed:  # no worker would take it
+                self._release(slot)
+                raise Stopping(f"{field}: the server is stopping; retry")
+            self._queue.put(job)
         try:
             return job.future.result(timeout)
         except FutureTimeout as error:
@@ -306,7 +313,27 @@ class FaceEmbedder:
             job.future.set_result(EmbeddedFace(vector, detected.face, quality))
 
     def close(self) -> None:
-        for _ in self._workers:
-            self._queue.put(None)
+        """Stops the workers once they have answered what they took; photos still queued
+        are answered Stopping, and any photo sent from now on too."""
+        with self._closing:
+            self._closed = True
+            for _ in self._workers:
+                self._queue.put(None)
         for worker in self._workers:
             worker.join(timeout=10)
+        self._answer_queued()
+
+    def _answer_queued(self) -> None:
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                continue
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(Stopping(f"{job.field}: the server is stopping; retry"))
+            else:
+                self._release(job.slot)
+        for _ in (worker for worker in self._workers if worker.is_alive()):
+            self._queue.put(None)  # its stop signal, should it still be in a batch
