@@ -208,14 +208,14 @@ def test_a_photo_is_refused_before_it_is_decoded_while_the_pool_is_full(server):
     embedder = server.server.service.embedder
     good = YAOMING.read_bytes()
     undecoded = good[:len(good) // 3]  # its header whole: only decoding finds the damage
-    for _ in range(embedder.max_pending):
+    for _ in range(embedder.slots.total):
         embedder.slots.take(None, "test")
     try:
         with pytest.raises(grpc.RpcError) as refused:
             server.stub.Check(pb.CheckRequest(face=photo(undecoded)))
         expect_invalid(server.stub, good[:4] + bytes(200), "face.image: undecodable JPEG")
     finally:
-        for _ in range(embedder.max_pending):
+        for _ in range(embedder.slots.total):
             embedder.slots.give_back(None)
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "photos are already being embedded" in refused.value.details()

@@ -135,7 +135,6 @@ class FaceEmbedder:
         self.metrics = metrics
         self.rules = rules or CaptureRules()
         self.max_batch = max_batch
-        self.max_pending = max_pending
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self.slots = PhotoSlots(max_pending, max_pending_per_holder)
         self._releasing = threading.Lock()
@@ -198,12 +197,12 @@ class FaceEmbedder:
             if self.metrics is not None:
                 self.metrics.photos_refused.labels(refused.reason).inc()
             raise
+        slot = _Slot(holder)
         try:
             pixels = decode_checked(data, field, kind)
         except BaseException:
-            self.slots.give_back(holder)
+            self._release(slot)
             raise
-        slot = _Slot(holder)
         job = _Job(pixels, use_largest, field, Future(), slot)
         # Not the job: a callback holding it would keep its pixels in a reference cycle.
         job.future.add_done_callback(lambda done: self._answered(done, slot))
