@@ -572,3 +572,26 @@ def test_a_second_server_cannot_share_the_port(start, tmp_path):
     other = ServerConfig(store=StoreConfig(data_dir=tmp_path / "other"))
     with pytest.raises(ConfigError, match="another server holds the port"):
         create_servers(other, f"127.0.0.1:{port}", 2)
+
+
+def test_a_check_stream_through_a_replica_is_relayed_to_the_primary(start):
+    """A replica answers single Checks itself, and relays a CheckStream whole: every item is
+    answered, in order, by the primary (README: *Several serving processes*)."""
+    server = start()
+    faces = FaceGenerator(seed=21)
+    persons = faces.persons(2)
+    with fresh_channel(server.address) as ch:
+        enroll(ch, "c0", "IDC0", persons[0])
+
+    def streamed(ch: grpc.Channel) -> Any:
+        stream = pb_grpc.FaceDedupStub(ch).CheckStream(iter([
+            pb.CheckRequest(face=face(faces.capture(persons[0])), claimed_id_number="ID-X"),
+            pb.CheckRequest(face=face(persons[1]), claimed_id_number="ID-Y")]), timeout=30)
+        first, second = stream
+        assert [m.registration.registration_id for m in first.matches][:1] == ["c0"]
+        assert (first.verdict, second.verdict) == (pb.DUPLICATE_IDENTITY, pb.CLEAR)
+        return stream
+
+    seen = on_every_process(server.address, streamed,
+                            expected=frozenset({"primary", "replica-1>primary"}))
+    assert set(seen) == {"primary", "replica-1>primary"}

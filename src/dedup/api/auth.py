@@ -22,9 +22,9 @@ from dedup.core.security import SecurityConfig
 
 # Methods by service; admin may call everything.
 _ALLOWED: dict[str, frozenset[str]] = {
-    "registration": frozenset({"FaceDedup.Check", "FaceDedup.Enroll", "FaceDedup.EnrollStream",
-                               "FaceDedup.GetRegistration"}),
-    "investigator": frozenset({"Investigate.*", "FaceDedup.Check",
+    "registration": frozenset({"FaceDedup.Check", "FaceDedup.CheckStream", "FaceDedup.Enroll",
+                               "FaceDedup.EnrollStream", "FaceDedup.GetRegistration"}),
+    "investigator": frozenset({"Investigate.*", "FaceDedup.Check", "FaceDedup.CheckStream",
                                "FaceDedup.GetRegistration"}),
 }
 

@@ -60,11 +60,25 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
 
     @rpc
     def Check(self, request: pb.CheckRequest, context: grpc.ServicerContext) -> pb.CheckResponse:
+        return self._check(request, context, "FaceDedup.Check")
+
+    def CheckStream(self, requests: Iterator[pb.CheckRequest],
+                    context: grpc.ServicerContext) -> Iterator[pb.CheckResponse]:
+        # One response per request, in order; each request is checked as Check would, its
+        # error answered in its place (api/calls.py reads the next request meanwhile).
+        for request in requests:
+            try:
+                yield self._check(request, context, "FaceDedup.CheckStream")
+            except Exception as error:
+                yield pb.CheckResponse(error=_item_error(error, "CheckStream"))
+
+    def _check(self, request: pb.CheckRequest, context: grpc.ServicerContext,
+               method: str) -> pb.CheckResponse:
         caller = current_caller()
         desk = caller.role == "registration"
         if desk:
             self._admit_desk_check(caller, request)
-        with reads.face_dedup_read(self.audit, caller, "FaceDedup.Check", context) as read:
+        with reads.face_dedup_read(self.audit, caller, method, context) as read:
             claimed = validation.text(request.claimed_id_number, "claimed_id_number",
                                       self.limits.max_id_number_chars, required=False,
                                       key=True)
@@ -268,17 +282,17 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
 
 
 def _stream_failure(request: pb.EnrollRequest, error: Exception) -> pb.EnrollResponse:
-    """A stream item's error, in its place in the response stream."""
-    if isinstance(error, DedupError):
-        return _stream_error(request, status_of(error), details(error))
-    log.error("EnrollStream item failed", exc_info=error)
-    return _stream_error(request, grpc.StatusCode.INTERNAL, "internal error")
-
-
-def _stream_error(request: pb.EnrollRequest, code: grpc.StatusCode,
-                  message: str) -> pb.EnrollResponse:
+    """An EnrollStream item's error, in its place in the response stream."""
     return pb.EnrollResponse(registration=request.registration, enrolled=False,
-                             error=pb.StreamError(code=code.name, message=message))
+                             error=_item_error(error, "EnrollStream"))
+
+
+def _item_error(error: Exception, method: str) -> pb.StreamError:
+    """A stream item's error: the status and message a unary call would have ended with."""
+    if isinstance(error, DedupError):
+        return pb.StreamError(code=status_of(error).name, message=details(error))
+    log.error("%s item failed", method, exc_info=error)
+    return pb.StreamError(code=grpc.StatusCode.INTERNAL.name, message="internal error")
 
 
 def _stats_response(stats: ServiceStats) -> pb.StatsResponse:

@@ -399,6 +399,7 @@ class CheckResponse(_message.Message):
     BEST_SCORE_FIELD_NUMBER: _builtins.int
     DETECTED_FACE_FIELD_NUMBER: _builtins.int
     QUALITY_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     verdict: Global___Verdict.ValueType
     distinct_other_id_numbers: _builtins.int
     """ID numbers other than the claimed one with a match at or above the match threshold."""
@@ -418,6 +419,12 @@ class CheckResponse(_message.Message):
     def quality(self) -> Global___Quality:
         """The image's quality, when the probe was an image."""
 
+    @_builtins.property
+    def error(self) -> Global___StreamError:
+        """CheckStream only: this request failed (its status and message, as Check would have
+        ended the call with); the other fields are empty.
+        """
+
     def __init__(
         self,
         *,
@@ -428,10 +435,11 @@ class CheckResponse(_message.Message):
         best_score: _builtins.float = ...,
         detected_face: Global___DetectedFace | None = ...,
         quality: Global___Quality | None = ...,
+        error: Global___StreamError | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["detected_face", b"detected_face", "quality", b"quality"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["detected_face", b"detected_face", "error", b"error", "quality", b"quality"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_score", b"best_score", "detected_face", b"detected_face", "distinct_other_id_numbers", b"distinct_other_id_numbers", "matches", b"matches", "quality", b"quality", "same_id_registrations", b"same_id_registrations", "verdict", b"verdict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_score", b"best_score", "detected_face", b"detected_face", "distinct_other_id_numbers", b"distinct_other_id_numbers", "error", b"error", "matches", b"matches", "quality", b"quality", "same_id_registrations", b"same_id_registrations", "verdict", b"verdict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

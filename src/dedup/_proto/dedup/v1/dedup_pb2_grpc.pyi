@@ -48,6 +48,12 @@ class FaceDedupStub:
     characters of their id_number and msisdn; investigators and admins see them whole,
     naming a case and purpose (`x-case-id`, `x-purpose` metadata), audited.
     """
+    CheckStream: _grpc.StreamStreamMultiCallable[_dedup_pb2.CheckRequest, _dedup_pb2.CheckResponse]
+    """Checks one after another on one call: one response per request, in order, each as
+    Check would answer it (the same roles, rate limits, audit and masking). A request that
+    fails gets a response with `error` set, and the stream goes on. For callers that check
+    at high throughput: a stream's check costs the server less than a call's.
+    """
     Delete: _grpc.UnaryUnaryMultiCallable[_dedup_pb2.DeleteRequest, _dedup_pb2.DeleteResponse]
     """Erases registrations by one key; returns how many were erased. The reason (a subject's
     request, a case) goes in `x-case-id` and `x-purpose` metadata, both or neither, and is
@@ -75,6 +81,12 @@ class FaceDedupAsyncStub(FaceDedupStub):
     role, matches under ID numbers other than the claimed one show only the last four
     characters of their id_number and msisdn; investigators and admins see them whole,
     naming a case and purpose (`x-case-id`, `x-purpose` metadata), audited.
+    """
+    CheckStream: _aio.StreamStreamMultiCallable[_dedup_pb2.CheckRequest, _dedup_pb2.CheckResponse]  # type: ignore[assignment]
+    """Checks one after another on one call: one response per request, in order, each as
+    Check would answer it (the same roles, rate limits, audit and masking). A request that
+    fails gets a response with `error` set, and the stream goes on. For callers that check
+    at high throughput: a stream's check costs the server less than a call's.
     """
     Delete: _aio.UnaryUnaryMultiCallable[_dedup_pb2.DeleteRequest, _dedup_pb2.DeleteResponse]  # type: ignore[assignment]
     """Erases registrations by one key; returns how many were erased. The reason (a subject's
@@ -118,6 +130,18 @@ class FaceDedupServicer(metaclass=_abc_1.ABCMeta):
         role, matches under ID numbers other than the claimed one show only the last four
         characters of their id_number and msisdn; investigators and admins see them whole,
         naming a case and purpose (`x-case-id`, `x-purpose` metadata), audited.
+        """
+
+    @_abc_1.abstractmethod
+    def CheckStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_dedup_pb2.CheckRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dedup_pb2.CheckResponse], _abc.AsyncIterator[_dedup_pb2.CheckResponse]]:
+        """Checks one after another on one call: one response per request, in order, each as
+        Check would answer it (the same roles, rate limits, audit and masking). A request that
+        fails gets a response with `error` set, and the stream goes on. For callers that check
+        at high throughput: a stream's check costs the server less than a call's.
         """
 
     @_abc_1.abstractmethod
