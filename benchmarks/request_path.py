@@ -5,7 +5,10 @@ their own (requests serialised before the clock), the server's CPU milliseconds 
   - grpc.health.v1.Health/Check: grpc.aio's own floor for a unary call (no dedup code);
   - FaceDedup/Stats: dedup's call path (request id, access log, metrics, admission, the
     worker pool) around a small servicer (four LMDB reads and the calibration file);
-  - FaceDedup/Check: the whole check.
+  - FaceDedup/Check: the whole check;
+  - FaceDedup/CheckStream: the same checks, each client sending its checks one after another
+    on one stream of its own, waiting for each answer before it sends the next (a desk's
+    terminal pool on one call).
 Then, the server stopped, in this process over the same data directory, one check after
 another from one thread:
   - DedupService.check: the verdict without gRPC (the micro-batcher's thread included);
@@ -25,9 +28,11 @@ import argparse
 import json
 import multiprocessing
 import os
+import queue
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -44,21 +49,43 @@ from dedup.server import create_server
 HEALTH = "/grpc.health.v1.Health/Check"
 STATS = "/dedup.v1.FaceDedup/Stats"
 CHECK = "/dedup.v1.FaceDedup/Check"
+CHECK_STREAM = "/dedup.v1.FaceDedup/CheckStream"
 
 
 def _calls_in_child(target: str, method: str, payloads: list[bytes], clients: int
                     ) -> dict[str, float]:
+    streams: list[queue.SimpleQueue[bytes | None]] = []
+
     def worker():  # type: ignore[no-untyped-def]
         channel = own_channel(target)
         grpc.channel_ready_future(channel).result(timeout=30)
-        call = channel.unary_unary(method)  # bytes in, bytes out
-        return lambda n: call(payloads[n])
+        if method != CHECK_STREAM:
+            call = channel.unary_unary(method)  # bytes in, bytes out
+            return lambda n: call(payloads[n])
+        outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        streams.append(outbox)
+        responses = channel.stream_stream(method)(iter(outbox.get, None))
+        return lambda n: _answer_of_stream(outbox, responses, payloads[n])
 
-    stats, results = run_threads(len(payloads), clients, worker)
+    try:
+        stats, results = run_threads(len(payloads), clients, worker)
+    finally:
+        for outbox in streams:
+            outbox.put(None)  # ends the stream
     errors = [r for r in results if isinstance(r, BaseException)]
     if errors:
         raise RuntimeError(f"{method}: {len(errors)} calls failed, the first: {errors[0]!r}")
     return stats
+
+
+def _answer_of_stream(outbox: queue.SimpleQueue[bytes | None], responses: Any,
+                      payload: bytes) -> bytes:
+    """Sends one check on the stream and waits for its answer (raised when it failed)."""
+    outbox.put(payload)
+    answer = next(responses)
+    if pb.CheckResponse.FromString(answer).HasField("error"):
+        raise RuntimeError(f"CheckStream item failed: {pb.CheckResponse.FromString(answer)}")
+    return answer
 
 
 def user_and_system_seconds(pid: int) -> tuple[float, float]:
@@ -86,7 +113,8 @@ def served(data_dir: Path, requests: list[pb.CheckRequest], clients: int, rounds
            ) -> tuple[dict[str, dict[str, float]], dict[str, object]]:
     calls = {"health": (HEALTH, [b""] * (5 * len(requests))),
              "stats": (STATS, [pb.StatsRequest().SerializeToString()] * (5 * len(requests))),
-             "check": (CHECK, [r.SerializeToString() for r in requests])}
+             "check": (CHECK, [r.SerializeToString() for r in requests]),
+             "check_stream": (CHECK_STREAM, [r.SerializeToString() for r in requests])}
     server = Server(data_dir)
     try:
         server.first_answer_seconds(requests[0])
@@ -140,7 +168,8 @@ def print_table(result: dict[str, object]) -> None:
     print(f"{'what':<44}{'calls/s':>10}{'server CPU ms a call':>24}{'user / system':>18}")
     for name, label in (("health", "gRPC health check (grpc.aio's floor)"),
                         ("stats", "FaceDedup.Stats (call path, small servicer)"),
-                        ("check", "FaceDedup.Check (all of it)")):
+                        ("check", "FaceDedup.Check (all of it)"),
+                        ("check_stream", "FaceDedup.CheckStream (a stream a client)")):
         row = served_calls[name]
         print(f"{label:<44}{row['calls_per_s']:>10.1f}{row['server_cpu_ms']:>24.3f}"
               f"{row['user_ms']:>10.3f} / {row['system_ms']:.3f}")
