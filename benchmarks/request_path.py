@@ -13,8 +13,9 @@ Then, the server stopped, in this process over the same data directory, one chec
 another from one thread:
   - DedupService.check: the verdict without gRPC (the micro-batcher's thread included);
   - the served index searched alone (as scale.py's raw FAISS).
-The server's rounds alternate the three calls (health and Stats 5 times as many, so that the
-10 ms ticks of /proc's CPU counts stay small against them); user and system CPU apart; each
+The server's rounds alternate the four calls, every other round in the reverse order (health
+and Stats 5 times as many, so that the 10 ms ticks of /proc's CPU counts stay small against
+them); user and system CPU apart; each
 figure is the median of --rounds. The clients' connection set-up is inside the window.
 Imports the gallery first when scale.py has not (same work directory). Prints a table and
 writes benchmarks/results/request_path-<registrations>-<variant>.json.
@@ -125,8 +126,10 @@ def served(data_dir: Path, requests: list[pb.CheckRequest], clients: int, rounds
         measured: dict[str, list[dict[str, float]]] = {name: [] for name in calls}
         with multiprocessing.get_context("spawn").Pool(1) as pool:
             server_cpu_ms(server, pool, CHECK, calls["check"][1][:300], clients)  # warm-up
-            for _ in tqdm(range(rounds), desc="served rounds"):
-                for name, (method, payloads) in calls.items():
+            for round_number in tqdm(range(rounds), desc="served rounds"):
+                # every other round in the reverse order: no call always runs after another
+                order = list(calls.items())[::-1 if round_number % 2 else 1]
+                for name, (method, payloads) in order:
                     measured[name].append(server_cpu_ms(server, pool, method, payloads,
                                                         clients))
     finally:

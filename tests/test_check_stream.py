@@ -5,10 +5,15 @@ and audit by role. Real TLS, keys from `dedup keys`, both backends."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import queue
+import time
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
-from conftest import DESKS_SEND_EMBEDDINGS, enroll, face
+from conftest import DESKS_SEND_EMBEDDINGS, enroll, face, registration
+from metrics import scrape, value
 from secure import channel, secured
 from trail import records
 
@@ -16,6 +21,8 @@ from dedup import FaceGenerator
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup._proto.dedup.v1 import dedup_pb2_grpc as pb_grpc
 from dedup.api.auth import allowed
+from dedup.core.security import Token, load_security
+from dedup.core.settings import QueryLimits
 
 CASE = (("x-case-id", "CASE-21"), ("x-purpose", "ring review"))
 
@@ -114,3 +121,81 @@ def test_an_unauthenticated_stream_is_refused(secure_server, keys, faces):
         with pytest.raises(grpc.RpcError) as error:
             list(responses)
     assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_items_are_counted_by_their_status(make_server, faces):
+    server = make_server(metrics_address="127.0.0.1:0")
+    person = faces.persons(1)[0]
+    good = pb.CheckRequest(face=face(person), claimed_id_number="ID0")
+    replies = list(server.stub.CheckStream(iter([good, pb.CheckRequest(), good]), timeout=30))
+    assert [reply.error.code for reply in replies] == ["", "INVALID_ARGUMENT", ""]
+    samples = scrape(server.server.metrics_port)
+    assert value(samples, "dedup_stream_items_total", method="CheckStream", status="OK") == 2
+    assert value(samples, "dedup_stream_items_total", method="CheckStream",
+                 status="INVALID_ARGUMENT") == 1
+    assert value(samples, "dedup_verdicts_total", verdict="CLEAR") == 2
+
+
+def test_desks_stream_photos_and_not_embeddings_by_default(make_server, keys, faces, crops):
+    server = secured(make_server, keys, queries=QueryLimits())  # the defaults
+    photo = pb.Face(image=crops["t1"][0].path.read_bytes())
+    with channel(server.port, keys, role="registration") as desk:
+        by_photo, by_embedding = pb_grpc.FaceDedupStub(desk).CheckStream(iter([
+            pb.CheckRequest(face=photo, claimed_id_number="ID-1"),
+            pb.CheckRequest(face=face(faces.persons(1)[0]), claimed_id_number="ID-1")]),
+            timeout=60)
+    assert by_photo.verdict == pb.CLEAR and by_photo.quality.unified > 0
+    assert by_photo.detected_face.detection_score > 0.5
+    assert by_embedding.error.code == "PERMISSION_DENIED"
+    assert "face.embedding" in by_embedding.error.message
+
+
+def test_a_token_that_expires_mid_stream_ends_it(make_server, keys, faces):
+    """Every item is a request: one taken after its caller's token expired is refused, as a
+    new call with that token would be, and the stream ends."""
+    security = load_security(keys / "security.toml")
+    secret = "brief-desk-secret"
+    expires = datetime.now(UTC) + timedelta(seconds=2)
+    brief = Token("brief", "registration", hashlib.sha256(secret.encode()).digest(), expires)
+    server = make_server(security=dataclasses.replace(security,
+                                                      tokens=(*security.tokens, brief)))
+    request = pb.CheckRequest(face=face(faces.persons(1)[0]), claimed_id_number="ID-1")
+    outbox: queue.SimpleQueue[pb.CheckRequest | None] = queue.SimpleQueue()
+    with channel(server.server.token_port, keys, token=secret) as desk:
+        responses = pb_grpc.FaceDedupStub(desk).CheckStream(iter(outbox.get, None),
+                                                            timeout=30)
+        outbox.put(request)
+        assert next(responses).verdict == pb.CLEAR
+        time.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 0.5)
+        outbox.put(request)
+        with pytest.raises(grpc.RpcError) as error:
+            next(responses)
+        outbox.put(None)
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "token:brief" in error.value.details() and "expired" in error.value.details()
+
+
+@pytest.mark.embedded_only(reason="the write's bound lives in the gRPC layer; Milvus Lite checks "
+                            "too slowly to fill the client's window in the test's time")
+def test_a_client_that_reads_no_answers_is_cut_off(make_server, faces):
+    """A stream's answers wait in the client's flow-control window; one that reads none for
+    stream_idle_timeout_s ends, rather than hold its call and its read-ahead for ever."""
+    server = make_server(stream_idle_timeout_s=1.0, metrics_address="127.0.0.1:0")
+    person = faces.persons(1)[0]
+    list(server.stub.EnrollStream(iter([pb.EnrollRequest(
+        registration=registration(f"r{i}", f"ID{i}"), face=face(person)) for i in range(100)]),
+        timeout=60))
+    request = pb.CheckRequest(face=face(person), claimed_id_number="ID-X", max_candidates=100)
+    assert server.stub.Check(request, timeout=30).ByteSize() > 8000
+    responses = server.stub.CheckStream(iter([request] * 3000), timeout=120)
+    time.sleep(6)  # reading nothing: 3,000 answers of 8 KB are more than the window holds
+    read = 0
+    with pytest.raises(grpc.RpcError) as error:
+        for _ in responses:
+            read += 1
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "read no response" in error.value.details()
+    assert read < 3000
+    samples = scrape(server.server.metrics_port)
+    assert value(samples, "dedup_calls_refused_total", reason="stream_unread") == 1
+    assert server.stub.Check(request, timeout=30).matches  # served on

@@ -595,3 +595,43 @@ def test_a_check_stream_through_a_replica_is_relayed_to_the_primary(start):
     seen = on_every_process(server.address, streamed,
                             expected=frozenset({"primary", "replica-1>primary"}))
     assert set(seen) == {"primary", "replica-1>primary"}
+
+
+def test_a_relayed_stream_ends_when_its_token_expires(start, keys):
+    """The replica names the caller's token expiry to the primary, which refuses the items
+    of a relayed stream once it has passed, as its own (16 streams: 2**-16 to land none on
+    the replica)."""
+    import hashlib
+    import queue
+    from datetime import UTC, datetime, timedelta
+
+    from dedup.core.security import Token, load_security
+
+    security = load_security(keys / "security.toml")
+    expires = datetime.now(UTC) + timedelta(seconds=12)
+    brief = Token("brief", "registration", hashlib.sha256(b"brief-secret").digest(), expires)
+    server = start(security=dataclasses.replace(security, tokens=(*security.tokens, brief)))
+    request = pb.CheckRequest(face=face(FaceGenerator(seed=22).persons(1)[0]),
+                              claimed_id_number="ID-1")
+    channels = [secure_channel(keys, token="brief-secret")(f"127.0.0.1:{server.token_port}")
+                for _ in range(16)]
+    streams = []
+    for ch in channels:
+        outbox: queue.SimpleQueue[pb.CheckRequest | None] = queue.SimpleQueue()
+        responses = pb_grpc.FaceDedupStub(ch).CheckStream(iter(outbox.get, None), timeout=60)
+        outbox.put(request)
+        assert next(responses).verdict == pb.CLEAR  # answered while the token holds
+        streams.append((outbox, responses))
+    time.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 0.5)
+    paths = Counter()
+    for outbox, responses in streams:
+        outbox.put(request)
+        with pytest.raises(grpc.RpcError) as error:
+            next(responses)
+        outbox.put(None)
+        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "token:brief" in error.value.details()
+        paths[">".join(served_by(error.value))] += 1
+    for ch in channels:
+        ch.close()
+    assert paths["replica-1>primary"] > 0, paths

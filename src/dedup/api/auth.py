@@ -66,7 +66,8 @@ def tls_credentials(security: SecurityConfig) -> grpc.ServerCredentials:
 
 def forwarded_caller_metadata(caller: Caller, secret: str) -> list[tuple[str, str]]:
     """What a replica adds to a call it relays: the caller it authenticated."""
-    named = json.dumps([caller.identity, caller.role, caller.via])
+    expires = None if caller.expires is None else caller.expires.isoformat()
+    named = json.dumps([caller.identity, caller.role, caller.via, expires])
     return [(FORWARD_SECRET_KEY, secret), (FORWARDED_CALLER_KEY, named)]
 
 
@@ -108,10 +109,11 @@ class Authorizer:
                 secret.encode(), self.forward_secret.encode()):
             raise Unauthenticated("a forwarded call must come from a replica of this server")
         try:
-            identity, role, via = json.loads(str(metadata.get(FORWARDED_CALLER_KEY)))
+            identity, role, via, expires = json.loads(str(metadata.get(FORWARDED_CALLER_KEY)))
+            until = None if expires is None else datetime.fromisoformat(str(expires))
         except (TypeError, ValueError) as error:
             raise Unauthenticated("a forwarded call must name its caller") from error
-        return Caller(str(identity), str(role), str(via))
+        return Caller(str(identity), str(role), str(via), until)
 
     def _token_caller(self, context: grpc.ServicerContext) -> Caller:
         assert self.security is not None
@@ -125,7 +127,7 @@ class Authorizer:
                 if token.expires is not None and token.expires <= datetime.now(UTC):
                     raise Unauthenticated(f"token {token.name!r} expired at "
                                           f"{token.expires.isoformat()}")
-                return Caller(f"token:{token.name}", token.role, "token")
+                return Caller(f"token:{token.name}", token.role, "token", token.expires)
         raise Unauthenticated("unknown token")
 
     def check(self, caller: Caller, service: str, method: str) -> None:

@@ -10,6 +10,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import grpc
@@ -168,13 +169,15 @@ class Call:
         written = 0
         try:
             while True:
-                if feed is not None and written >= feed.taken:
-                    await self._next_request(feed)
+                if feed is not None:
+                    if written >= feed.taken:
+                        await self._next_request(feed)
+                    self._refuse_if_expired()
                 response = await self.work.step(responses)
                 if isinstance(response, End):
                     finished = True
                     return
-                await self.context.write(response)
+                await self.write(response)
                 written += 1
         finally:
             if reader is not None and feed is not None:
@@ -182,6 +185,31 @@ class Call:
                 feed.close()
             if not finished:
                 self.work.close(responses)
+
+    async def write(self, response: Message | bytes) -> None:
+        """Sends one response of a response stream. A client that reads none for
+        stream_idle_timeout_s ends the call: its flow control would otherwise hold the call,
+        its slot and its read-ahead for as long as it pleased."""
+        seconds = self.gate.waits.idle_s
+        try:
+            async with asyncio.timeout(seconds):
+                await self.context.write(response)
+        except TimeoutError:
+            self.gate.metrics.calls_refused.labels("stream_unread").inc()
+            raise Aborted(grpc.StatusCode.DEADLINE_EXCEEDED,
+                          f"{self.method.name}: the client read no response within "
+                          f"{seconds:g} s (stream_idle_timeout_s)") from None
+
+    def _refuse_if_expired(self) -> None:
+        """A request stream's items are answered only while its caller's credential holds: a
+        token that expires mid-stream ends the stream, as it would refuse a new call."""
+        caller = CALLER.get()
+        if caller is None or caller.expires is None or caller.expires > datetime.now(UTC):
+            return
+        self.gate.metrics.calls_refused.labels("unauthenticated").inc()
+        raise Aborted(grpc.StatusCode.UNAUTHENTICATED,
+                      f"{self.method.name}: the credential of {caller.identity} expired at "
+                      f"{caller.expires.isoformat()}; the stream ends")
 
     async def _next_request(self, feed: RequestFeed) -> None:
         first = feed.taken == 0

@@ -68,16 +68,22 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
         # error answered in its place (api/calls.py reads the next request meanwhile).
         for request in requests:
             try:
-                yield self._check(request, context, "FaceDedup.CheckStream")
+                response = self._check(request, context, "FaceDedup.CheckStream")
             except Exception as error:
-                yield pb.CheckResponse(error=_item_error(error, "CheckStream"))
+                response = pb.CheckResponse(error=_item_error(error, "CheckStream"))
+            self._count_item("CheckStream", response)
+            yield response
+
+    def _count_item(self, method: str, response: pb.CheckResponse | pb.EnrollResponse) -> None:
+        status = response.error.code if response.HasField("error") else "OK"
+        self.metrics.stream_items.labels(method, status).inc()
 
     def _check(self, request: pb.CheckRequest, context: grpc.ServicerContext,
                method: str) -> pb.CheckResponse:
         caller = current_caller()
         desk = caller.role == "registration"
         if desk:
-            self._admit_desk_check(caller, request)
+            self._admit_desk_check(caller, request, method.removeprefix("FaceDedup."))
         with reads.face_dedup_read(self.audit, caller, method, context) as read:
             claimed = validation.text(request.claimed_id_number, "claimed_id_number",
                                       self.limits.max_id_number_chars, required=False,
@@ -115,10 +121,10 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
                 "check_first: a registration desk enrols with check_first, searched first (a "
                 "server started with --allow-unchecked-desk-enrolments takes them without)")
 
-    def _admit_desk_check(self, caller: Caller, request: pb.CheckRequest) -> None:
+    def _admit_desk_check(self, caller: Caller, request: pb.CheckRequest, method: str) -> None:
         """A registration desk checks an applicant's claim, so names the claimed ID number."""
         self._refuse_what_desks_may_not(request)
-        self._charge_desk_check(caller, "Check")
+        self._charge_desk_check(caller, method)
         if not request.claimed_id_number:
             self.metrics.refusals.labels("no_claimed_id_number").inc()
             raise InvalidArgument("claimed_id_number", "is required for the registration role")
@@ -143,7 +149,9 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
         batches = (requests.batches(ENROLL_BATCH) if isinstance(requests, RequestFeed)
                    else ([request] for request in requests))
         for batch in batches:
-            yield from self._enroll_batch(batch, context)
+            for response in self._enroll_batch(batch, context):
+                self._count_item("EnrollStream", response)
+                yield response
 
     def _enroll_batch(self, batch: list[pb.EnrollRequest], context: grpc.ServicerContext
                       ) -> list[pb.EnrollResponse]:

@@ -94,7 +94,7 @@ async def relay(call: Call, primary: Primary, request: bytes | None = None) -> b
     try:
         if method.server_streaming:
             async for response in rpc:
-                await context.write(response)
+                await call.write(response)
                 counts.answered += 1
             answer = None
         else:

@@ -15,7 +15,7 @@ _LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2
 # Why a call was refused before its work ran (api/admission.py), or ended waiting for its
 # client (api/calls.py).
 REFUSAL_REASONS = ("unauthenticated", "permission_denied", "caller_limit", "server_limit",
-                   "request_timeout", "stream_idle")
+                   "request_timeout", "stream_idle", "stream_unread")
 
 
 class Metrics:
@@ -48,6 +48,11 @@ class Metrics:
             "dedup_calls_refused",
             "calls refused before their work ran, or ended waiting for the client, by reason",
             ["reason"], registry=self.registry)
+        self.stream_items = Counter(
+            "dedup_stream_items",
+            "items of a request stream (CheckStream, EnrollStream) answered, by method and "
+            "status: OK, or the code of the item's error",
+            ["method", "status"], registry=self.registry)
         for reason in REFUSAL_REASONS:
             self.calls_refused.labels(reason)
 

@@ -45,6 +45,9 @@ class Caller:
     identity: str
     role: str
     via: str  # "mtls", "token" or "none"
+    # When the credential stops being accepted (a token's `expires`); a request stream's
+    # items are refused from then on (api/calls.py).
+    expires: datetime | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
