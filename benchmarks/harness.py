@@ -114,6 +114,7 @@ def grpc_checks(port: int, requests: list[pb.CheckRequest], clients: int
 
 
 CHECK_METHOD = "/dedup.v1.FaceDedup/Check"
+CHECK_STREAM_METHOD = "/dedup.v1.FaceDedup/CheckStream"
 
 
 def _raw_check_worker(target: str, payloads: list[bytes]) -> Callable[[], Callable[[int], bytes]]:

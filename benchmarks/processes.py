@@ -1,6 +1,7 @@
 """Checks a second from 1 and from 2 serving processes (dedup serve --processes N).
 
-Side by side in one run, on the same gallery.
+Side by side in one run, on the same gallery; with `--calls check stream`, single Checks and
+each client's checks on one CheckStream side by side on each server.
 
 The gallery is scale.py's (same generator, same work directory: a gallery scale.py imported
 is reused, else it is imported here). For each process count the server is started, warmed
@@ -22,6 +23,7 @@ import json
 import math
 import multiprocessing
 import os
+import queue
 import statistics
 import sys
 import threading
@@ -29,13 +31,14 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 
 sys.path.insert(0, str(Path(__file__).parent))
 import scale
 from gallery_data import VARIANTS
-from harness import CHECK_METHOD, load_cpu_ms, own_channel, run_threads
+from harness import CHECK_METHOD, CHECK_STREAM_METHOD, load_cpu_ms, own_channel, run_threads
 from scale import RESULTS, check_requests, ground_truth, recall
 
 _PROCESS_KEY = "x-dedup-process"
@@ -50,10 +53,13 @@ class Server(scale.Server):
 
 
 def _connected_worker(target: str, payloads: list[bytes], quota: int | None,
-                      placed: Counter[str], lock: threading.Lock
+                      placed: Counter[str], lock: threading.Lock,
+                      streams: list[queue.SimpleQueue[bytes | None]] | None
                       ) -> Callable[[], Callable[[int], bytes]]:
     """Each client on a connection of its own; with `quota`, reconnecting until the process
-    it landed on has fewer than `quota` clients."""
+    it landed on has fewer than `quota` clients. With `streams`, each client then sends its
+    checks on one CheckStream on that connection, waiting for each answer (its stream's
+    outbox is added to `streams`, to be ended after the run)."""
     def worker() -> Callable[[int], bytes]:
         for _ in range(_RECONNECTS):
             channel = own_channel(target)
@@ -63,33 +69,51 @@ def _connected_worker(target: str, payloads: list[bytes], quota: int | None,
             with lock:
                 if quota is None or placed[process] < quota:
                     placed[process] += 1
-                    return lambda n: call(payloads[n])
+                    if streams is None:
+                        return lambda n: call(payloads[n])
+                    outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+                    streams.append(outbox)
+                    responses = channel.stream_stream(CHECK_STREAM_METHOD)(
+                        iter(outbox.get, None), timeout=3600)
+                    return lambda n: _streamed(outbox, responses, payloads[n])
             channel.close()
         raise RuntimeError(f"could not spread the clients evenly: {dict(placed)}")
     return worker
 
 
+def _streamed(outbox: queue.SimpleQueue[bytes | None], responses: Any, payload: bytes
+              ) -> bytes:
+    outbox.put(payload)
+    answer: bytes = next(responses)
+    return answer
+
+
 def _checks_in_child(target: str, payloads: list[bytes], clients: int, processes: int,
-                     balance: bool) -> tuple[dict[str, float], list[bytes | str | None],
-                                             dict[str, int]]:
+                     balance: bool, stream: bool
+                     ) -> tuple[dict[str, float], list[bytes | str | None], dict[str, int]]:
     placed: Counter[str] = Counter()
     quota = math.ceil(clients / processes) if balance else None
+    streams: list[queue.SimpleQueue[bytes | None]] | None = [] if stream else None
     started_cpu = time.process_time()
-    stats, results = run_threads(len(payloads), clients, _connected_worker(
-        target, payloads, quota, placed, threading.Lock()))
+    try:
+        stats, results = run_threads(len(payloads), clients, _connected_worker(
+            target, payloads, quota, placed, threading.Lock(), streams))
+    finally:
+        for outbox in streams or []:
+            outbox.put(None)
     stats["load_cpu_ms_per_check"] = load_cpu_ms(started_cpu, len(payloads))
     return (stats, [r if isinstance(r, bytes) or r is None else repr(r) for r in results],
             dict(placed))
 
 
 def measure(server: Server, requests: list[pb.CheckRequest], clients: int, processes: int,
-            balance: bool) -> tuple[dict[str, float], list[pb.CheckResponse | None],
-                                    dict[str, int]]:
+            balance: bool, stream: bool = False
+            ) -> tuple[dict[str, float], list[pb.CheckResponse | None], dict[str, int]]:
     payloads = [request.SerializeToString() for request in requests]
     cpu_before = server.cpu_seconds()
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         stats, raw, placed = pool.apply(_checks_in_child, (
-            f"127.0.0.1:{server.port}", payloads, clients, processes, balance))
+            f"127.0.0.1:{server.port}", payloads, clients, processes, balance, stream))
     stats["server_cpu_ms_per_check"] = (server.cpu_seconds() - cpu_before) * 1000 / len(
         requests)
     responses = [pb.CheckResponse.FromString(item) if isinstance(item, bytes) else None
@@ -98,21 +122,30 @@ def measure(server: Server, requests: list[pb.CheckRequest], clients: int, proce
 
 
 def serve_and_measure(data_dir: Path, requests: list[pb.CheckRequest], truth: list[dict[str, str]],
-                      processes: int, clients: int, repeats: int, balance: bool
-                      ) -> dict[str, object]:
+                      processes: int, clients: int, repeats: int, balance: bool,
+                      calls: list[str]) -> list[dict[str, object]]:
+    """One row per kind of call ("check": single Checks, "stream": one CheckStream a
+    client), measured on one server, the kinds alternating (every other repeat reversed)."""
     server = Server(data_dir, processes)
+    runs: dict[str, list[dict[str, object]]] = {kind: [] for kind in calls}
     try:
-        measure(server, requests[:200], clients, processes, balance)  # warm-up
-        runs = []
-        for _ in range(repeats):
-            stats, responses, placed = measure(server, requests, clients, processes, balance)
-            stats["recall"] = recall(responses, truth)
-            runs.append({**stats, "clients_per_process": placed})
-            print(processes, "process(es):", json.dumps(runs[-1]), flush=True)
+        for kind in calls:
+            measure(server, requests[:200], clients, processes, balance, kind == "stream")
+        for repeat in range(repeats):
+            for kind in calls[::-1] if repeat % 2 else calls:
+                stats, responses, placed = measure(server, requests, clients, processes,
+                                                   balance, kind == "stream")
+                stats["recall"] = recall(responses, truth)
+                runs[kind].append({**stats, "clients_per_process": placed})
+                print(processes, "process(es),", kind, json.dumps(runs[kind][-1]), flush=True)
     finally:
         server.stop()
+    return [_row(processes, kind, kind_runs) for kind, kind_runs in runs.items()]
+
+
+def _row(processes: int, kind: str, runs: list[dict[str, object]]) -> dict[str, object]:
     numbers = [key for key, value in runs[0].items() if isinstance(value, (int, float))]
-    return {"processes": processes, "runs": runs,
+    return {"processes": processes, "calls": kind, "runs": runs,
             "median": {key: statistics.median(float(run[key]) for run in runs)  # type: ignore[arg-type]
                        for key in numbers}}
 
@@ -131,24 +164,28 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-balance", action="store_true",
                         help="leave the clients' connections where the kernel puts them")
+    parser.add_argument("--calls", nargs="+", choices=("check", "stream"), default=["check"],
+                        help="single Checks, and/or each client's checks on one CheckStream "
+                             "(waiting for each answer); several: side by side")
     args = parser.parse_args()
 
     gallery, data_dir, _ = scale.imported_gallery(args.workdir, args.registrations,
                                                   args.variant, args.probes)
     requests = check_requests(gallery.probes, gallery.probe_ids) * args.rounds
     truth = ground_truth(data_dir, gallery.probes) * args.rounds
-    rows = [serve_and_measure(data_dir, requests, truth, processes, args.clients,
-                              args.repeats, not args.no_balance)
-            for processes in args.processes]
+    rows = [row for processes in args.processes
+            for row in serve_and_measure(data_dir, requests, truth, processes, args.clients,
+                                         args.repeats, not args.no_balance, args.calls)]
     print(f"\n{args.registrations:,} registrations ({args.variant}), {args.clients} clients, "
           f"{len(requests)} checks a run, medians of {args.repeats}:")
-    print(f"{'processes':>9} {'checks/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
-          f"{'recall':>7} {'cpu ms/check':>12} {'load cpu ms/check':>17}")
+    print(f"{'processes':>9} {'calls':>6} {'checks/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
+          f"{'errors':>6} {'recall':>7} {'cpu ms/check':>12} {'load cpu ms/check':>17}")
     for row in rows:
         median = row["median"]
         assert isinstance(median, dict)
-        print(f"{row['processes']:>9} {median['qps']:>9.0f} {median['p50_ms']:>7.1f} "
-              f"{median['p99_ms']:>7.1f} {median['errors']:>6.0f} {median['recall']:>7.4f} "
+        print(f"{row['processes']:>9} {row['calls']:>6} {median['qps']:>9.0f} "
+              f"{median['p50_ms']:>7.1f} {median['p99_ms']:>7.1f} {median['errors']:>6.0f} "
+              f"{median['recall']:>7.4f} "
               f"{median['server_cpu_ms_per_check']:>12.2f} "
               f"{median['load_cpu_ms_per_check']:>17.2f}")
     first = rows[0]["median"]
@@ -156,8 +193,8 @@ def main() -> None:
     for row in rows[1:]:
         median = row["median"]
         assert isinstance(median, dict)
-        print(f"{row['processes']} processes / {rows[0]['processes']}: "
-              f"{median['qps'] / first['qps']:.2f}x checks/s")
+        print(f"{row['processes']} processes, {row['calls']} / {rows[0]['processes']}, "
+              f"{rows[0]['calls']}: {median['qps'] / first['qps']:.2f}x checks/s")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"processes-{args.registrations}-{args.variant}.json"
     out.write_text(json.dumps({"registrations": args.registrations, "variant": args.variant,

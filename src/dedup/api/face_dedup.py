@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -24,6 +24,7 @@ from dedup.core.errors import (
     DedupError,
     InvalidArgument,
     NotFound,
+    NotServedHere,
     PermissionDenied,
     ResourceExhausted,
 )
@@ -64,11 +65,20 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
 
     def CheckStream(self, requests: Iterator[pb.CheckRequest],
                     context: grpc.ServicerContext) -> Iterator[pb.CheckResponse]:
-        # One response per request, in order; each request is checked as Check would, its
-        # error answered in its place (api/calls.py reads the next request meanwhile).
+        return self.checks(requests, context)
+
+    def checks(self, requests: Iterator[pb.CheckRequest], context: grpc.ServicerContext,
+               elsewhere: Callable[[pb.CheckRequest], pb.CheckResponse] | None = None
+               ) -> Iterator[pb.CheckResponse]:
+        """CheckStream's answers: one a request, in order, each checked as Check would, its
+        error answered in its place (api/calls.py reads the next request meanwhile). On a
+        read replica, `elsewhere` answers a request its store cannot (NotServedHere)."""
         for request in requests:
             try:
                 response = self._check(request, context, "FaceDedup.CheckStream")
+            except NotServedHere as error:
+                response = (elsewhere(request) if elsewhere is not None
+                            else pb.CheckResponse(error=_item_error(error, "CheckStream")))
             except Exception as error:
                 response = pb.CheckResponse(error=_item_error(error, "CheckStream"))
             self._count_item("CheckStream", response)

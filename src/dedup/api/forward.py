@@ -1,5 +1,5 @@
-"""A read replica's services (`dedup serve --processes N`): it answers unaudited Checks
-itself and relays every other call to the primary process.
+"""A read replica's services (`dedup serve --processes N`): it answers unaudited Checks and
+CheckStreams itself and relays every other call to the primary process.
 
 Every call is admitted here first, as on the primary (api/admission.py): a caller without
 credentials is refused before any request byte is read. A relayed call goes over the
@@ -26,6 +26,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 
+from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup.api.auth import FORWARD_KEYS, current_caller, forwarded_caller_metadata
 from dedup.api.bridge import End
 from dedup.api.calls import Call, Gate
@@ -37,6 +38,9 @@ from dedup.core.logs import REQUEST_ID
 
 # Served by a replica itself (when the read is not audited); every other method is relayed.
 LOCAL_METHODS = frozenset({"dedup.v1.FaceDedup/Check"})
+# A stream of checks: served by a replica item by item, an item its store cannot answer
+# relayed to the primary as a Check of its own.
+LOCAL_STREAMS = frozenset({"dedup.v1.FaceDedup/CheckStream"})
 
 
 def _passthrough(response: Message | bytes) -> bytes:
@@ -166,6 +170,43 @@ def _local_or_relayed(behaviour: Callable[..., Any], primary: Primary,
     return answer
 
 
+def _local_stream_or_relayed(servicer: Any, primary: Primary, serving: Callable[[], bool]
+                             ) -> Callable[[Call], Any]:
+    """A CheckStream: answered here item by item unless its reads are audited or the store is
+    not open here when it starts (then relayed whole); an item the store cannot answer
+    meanwhile (released for a compaction) goes to the primary as a Check."""
+    async def answer(call: Call) -> None:
+        if audited(current_caller()) or not serving():
+            await relay(call, primary)
+            return
+        elsewhere = functools.partial(_check_on_primary, primary, call,
+                                      asyncio.get_running_loop())
+        feed = call.feed()
+        await call.stream(await call.run(servicer.checks, feed, call.sync, elsewhere), feed)
+
+    return answer
+
+
+def _check_on_primary(primary: Primary, call: Call, loop: asyncio.AbstractEventLoop,
+                      request: pb.CheckRequest) -> pb.CheckResponse:
+    """One request of a stream answered by the primary, from a worker of this replica."""
+    check = primary.callable(call.method.containing_service.methods_by_name["Check"])
+    metadata = primary.metadata(call.sync)  # here: the call's caller and request id
+    timeout = call.sync.time_remaining()
+
+    async def relayed() -> bytes:
+        answer: bytes = await check(request.SerializeToString(), metadata=metadata,
+                                    timeout=None if timeout is None or timeout > 1e9 else timeout)
+        return answer
+
+    try:
+        return pb.CheckResponse.FromString(
+            asyncio.run_coroutine_threadsafe(relayed(), loop).result())
+    except grpc.aio.AioRpcError as error:
+        return pb.CheckResponse(error=pb.StreamError(code=error.code().name,
+                                                     message=error.details() or ""))
+
+
 def _handler(method: MethodDescriptor, answer: Callable[[Call], Any],
              gate: Gate) -> grpc.RpcMethodHandler:
     request_class = message_factory.GetMessageClass(method.input_type)
@@ -185,8 +226,11 @@ def add_replica_service(server: grpc.aio.Server, service: ServiceDescriptor,
     methods of LOCAL_METHODS) answered by `servicer` while `serving()`."""
     handlers = {}
     for method in service.methods:
-        if f"{service.full_name}/{method.name}" in LOCAL_METHODS:
+        path = f"{service.full_name}/{method.name}"
+        if path in LOCAL_METHODS:
             answer = _local_or_relayed(_unwrapped(servicer, method.name), primary, serving)
+        elif path in LOCAL_STREAMS:
+            answer = _local_stream_or_relayed(servicer, primary, serving)
         else:
             answer = _relayed(primary)
         handlers[method.name] = _handler(method, answer, gate)
