@@ -71,6 +71,14 @@ def forwarded_caller_metadata(caller: Caller, secret: str) -> list[tuple[str, st
     return [(FORWARD_SECRET_KEY, secret), (FORWARDED_CALLER_KEY, named)]
 
 
+def _expiry(named: object) -> datetime | None:
+    """A forwarded caller's expiry (ISO 8601; one without a zone is UTC)."""
+    if named is None:
+        return None
+    until = datetime.fromisoformat(str(named))
+    return until if until.tzinfo is not None else until.replace(tzinfo=UTC)
+
+
 class Authorizer:
     def __init__(self, security: SecurityConfig | None, forward_secret: str | None = None
                  ) -> None:
@@ -109,10 +117,13 @@ class Authorizer:
                 secret.encode(), self.forward_secret.encode()):
             raise Unauthenticated("a forwarded call must come from a replica of this server")
         try:
-            identity, role, via, expires = json.loads(str(metadata.get(FORWARDED_CALLER_KEY)))
-            until = None if expires is None else datetime.fromisoformat(str(expires))
+            identity, role, via, *rest = json.loads(str(metadata.get(FORWARDED_CALLER_KEY)))
+            until = _expiry(rest[0] if rest else None)
         except (TypeError, ValueError) as error:
             raise Unauthenticated("a forwarded call must name its caller") from error
+        if until is not None and until <= datetime.now(UTC):
+            raise Unauthenticated(f"the credential of {identity} expired at "
+                                  f"{until.isoformat()}")
         return Caller(str(identity), str(role), str(via), until)
 
     def _token_caller(self, context: grpc.ServicerContext) -> Caller:

@@ -169,9 +169,10 @@ class Call:
         written = 0
         try:
             while True:
-                if feed is not None:
-                    if written >= feed.taken:
-                        await self._next_request(feed)
+                if feed is not None and written >= feed.taken:
+                    # the servicer takes a request next (an EnrollStream's step answers a
+                    # batch already stored: never refused halfway)
+                    await self._next_request(feed)
                     self._refuse_if_expired()
                 response = await self.work.step(responses)
                 if isinstance(response, End):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 
@@ -40,6 +41,16 @@ log = logging.getLogger("dedup.server")
 ENROLL_BATCH = 64
 
 
+class CheckElsewhere(Protocol):
+    """Where a read replica sends the stream items its store cannot answer: the primary."""
+
+    def serving(self) -> bool:
+        """Whether this process's store answers checks now."""
+
+    def __call__(self, request: pb.CheckRequest) -> pb.CheckResponse:
+        """The request answered elsewhere, or its error in the response."""
+
+
 class FaceDedupServicer(pb_grpc.FaceDedupServicer):
     def __init__(self, service: DedupService, config: ServerConfig, metrics: Metrics,
                  audit: AuditTrail, check_rate: CallerRate | None = None) -> None:
@@ -68,14 +79,18 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
         return self.checks(requests, context)
 
     def checks(self, requests: Iterator[pb.CheckRequest], context: grpc.ServicerContext,
-               elsewhere: Callable[[pb.CheckRequest], pb.CheckResponse] | None = None
-               ) -> Iterator[pb.CheckResponse]:
+               elsewhere: CheckElsewhere | None = None) -> Iterator[pb.CheckResponse]:
         """CheckStream's answers: one a request, in order, each checked as Check would, its
         error answered in its place (api/calls.py reads the next request meanwhile). On a
-        read replica, `elsewhere` answers a request its store cannot (NotServedHere)."""
+        read replica, `elsewhere` answers a request its store cannot: one that comes while
+        the store is not served here goes there before anything is charged or embedded; one
+        caught by a release mid-check (NotServedHere) goes there too, as a Check would."""
         for request in requests:
             try:
-                response = self._check(request, context, "FaceDedup.CheckStream")
+                if elsewhere is not None and not elsewhere.serving():
+                    response = elsewhere(request)
+                else:
+                    response = self._check(request, context, "FaceDedup.CheckStream")
             except NotServedHere as error:
                 response = (elsewhere(request) if elsewhere is not None
                             else pb.CheckResponse(error=_item_error(error, "CheckStream")))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +37,15 @@ from dedup.api.sync_context import Aborted
 from dedup.core.errors import NotServedHere
 from dedup.core.logs import REQUEST_ID
 
+log = logging.getLogger("dedup.server")
+
 # Served by a replica itself (when the read is not audited); every other method is relayed.
 LOCAL_METHODS = frozenset({"dedup.v1.FaceDedup/Check"})
 # A stream of checks: served by a replica item by item, an item its store cannot answer
 # relayed to the primary as a Check of its own.
 LOCAL_STREAMS = frozenset({"dedup.v1.FaceDedup/CheckStream"})
+# The longest a replica's worker waits for the primary to check one stream item for it.
+_FALLBACK_S = 60.0
 
 
 def _passthrough(response: Message | bytes) -> bytes:
@@ -179,32 +184,53 @@ def _local_stream_or_relayed(servicer: Any, primary: Primary, serving: Callable[
         if audited(current_caller()) or not serving():
             await relay(call, primary)
             return
-        elsewhere = functools.partial(_check_on_primary, primary, call,
-                                      asyncio.get_running_loop())
+        elsewhere = _ChecksOnPrimary(primary, call, asyncio.get_running_loop(), serving)
         feed = call.feed()
         await call.stream(await call.run(servicer.checks, feed, call.sync, elsewhere), feed)
 
     return answer
 
 
-def _check_on_primary(primary: Primary, call: Call, loop: asyncio.AbstractEventLoop,
-                      request: pb.CheckRequest) -> pb.CheckResponse:
-    """One request of a stream answered by the primary, from a worker of this replica."""
-    check = primary.callable(call.method.containing_service.methods_by_name["Check"])
-    metadata = primary.metadata(call.sync)  # here: the call's caller and request id
-    timeout = call.sync.time_remaining()
+class _ChecksOnPrimary:
+    """A replica's stream items its store cannot answer, each sent to the primary as a Check
+    of its own, from the worker that steps the stream (servicer `checks`)."""
 
-    async def relayed() -> bytes:
-        answer: bytes = await check(request.SerializeToString(), metadata=metadata,
-                                    timeout=None if timeout is None or timeout > 1e9 else timeout)
-        return answer
+    def __init__(self, primary: Primary, call: Call, loop: asyncio.AbstractEventLoop,
+                 serving: Callable[[], bool]) -> None:
+        self.primary = primary
+        self.call = call
+        self.loop = loop
+        self.serving = serving
 
-    try:
-        return pb.CheckResponse.FromString(
-            asyncio.run_coroutine_threadsafe(relayed(), loop).result())
-    except grpc.aio.AioRpcError as error:
-        return pb.CheckResponse(error=pb.StreamError(code=error.code().name,
-                                                     message=error.details() or ""))
+    def __call__(self, request: pb.CheckRequest) -> pb.CheckResponse:
+        check = self.primary.callable(self.call.method.containing_service.methods_by_name["Check"])
+        metadata = self.primary.metadata(self.call.sync)  # here: the call's caller, request id
+        remaining = self.call.sync.time_remaining()
+        # Bounded even for a stream without a deadline: the worker waits for the answer.
+        timeout = _FALLBACK_S if remaining is None else min(remaining, _FALLBACK_S)
+
+        async def relayed() -> bytes:
+            answer: bytes = await check(request.SerializeToString(), metadata=metadata,
+                                        timeout=timeout)
+            return answer
+
+        future = None
+        try:
+            future = asyncio.run_coroutine_threadsafe(relayed(), self.loop)
+            return pb.CheckResponse.FromString(future.result(timeout + 1.0))
+        except grpc.aio.AioRpcError as error:
+            return _item_failure(error.code(), error.details() or "")
+        except Exception:  # the loop stopping, a timeout: this item fails, the stream goes on
+            log.warning("CheckStream item not answered by the primary", exc_info=True)
+            if future is not None:
+                future.cancel()
+            return _item_failure(grpc.StatusCode.UNAVAILABLE,
+                                 "CheckStream: this item could not be checked now; send it "
+                                 "again")
+
+
+def _item_failure(code: grpc.StatusCode, message: str) -> pb.CheckResponse:
+    return pb.CheckResponse(error=pb.StreamError(code=code.name, message=message))
 
 
 def _handler(method: MethodDescriptor, answer: Callable[[Call], Any],
@@ -223,7 +249,7 @@ def add_replica_service(server: grpc.aio.Server, service: ServiceDescriptor,
                         servicer: object, gate: Gate, primary: Primary,
                         serving: Callable[[], bool]) -> None:
     """Every method of `service`: admitted here, then relayed to the primary, or (the
-    methods of LOCAL_METHODS) answered by `servicer` while `serving()`."""
+    methods of LOCAL_METHODS and LOCAL_STREAMS) answered by `servicer` while `serving()`."""
     handlers = {}
     for method in service.methods:
         path = f"{service.full_name}/{method.name}"
