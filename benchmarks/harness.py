@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import queue
 import statistics
 import threading
 import time
@@ -115,6 +116,27 @@ def grpc_checks(port: int, requests: list[pb.CheckRequest], clients: int
 
 CHECK_METHOD = "/dedup.v1.FaceDedup/Check"
 CHECK_STREAM_METHOD = "/dedup.v1.FaceDedup/CheckStream"
+
+
+class LockStepStream:
+    """One CheckStream on `channel`, its checks sent one at a time, each waiting for its
+    answer (as a desk would); `end()` closes it."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._responses = channel.stream_stream(CHECK_STREAM_METHOD)(
+            iter(self._outbox.get, None), timeout=3600)
+
+    def check(self, payload: bytes) -> bytes:
+        """The answer to one serialised CheckRequest (RuntimeError for an item's error)."""
+        self._outbox.put(payload)
+        answer: bytes = next(self._responses)
+        if (response := pb.CheckResponse.FromString(answer)).HasField("error"):
+            raise RuntimeError(f"CheckStream item failed: {response.error}")
+        return answer
+
+    def end(self) -> None:
+        self._outbox.put(None)
 
 
 def _raw_check_worker(target: str, payloads: list[bytes]) -> Callable[[], Callable[[int], bytes]]:

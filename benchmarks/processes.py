@@ -23,7 +23,6 @@ import json
 import math
 import multiprocessing
 import os
-import queue
 import statistics
 import sys
 import threading
@@ -31,14 +30,13 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 
 sys.path.insert(0, str(Path(__file__).parent))
 import scale
 from gallery_data import VARIANTS
-from harness import CHECK_METHOD, CHECK_STREAM_METHOD, load_cpu_ms, own_channel, run_threads
+from harness import CHECK_METHOD, LockStepStream, load_cpu_ms, own_channel, run_threads
 from scale import RESULTS, check_requests, ground_truth, recall
 
 _PROCESS_KEY = "x-dedup-process"
@@ -54,12 +52,12 @@ class Server(scale.Server):
 
 def _connected_worker(target: str, payloads: list[bytes], quota: int | None,
                       placed: Counter[str], lock: threading.Lock,
-                      streams: list[queue.SimpleQueue[bytes | None]] | None
+                      streams: list[LockStepStream] | None
                       ) -> Callable[[], Callable[[int], bytes]]:
     """Each client on a connection of its own; with `quota`, reconnecting until the process
     it landed on has fewer than `quota` clients. With `streams`, each client then sends its
-    checks on one CheckStream on that connection, waiting for each answer (its stream's
-    outbox is added to `streams`, to be ended after the run)."""
+    checks on one CheckStream on that connection, waiting for each answer (its stream is
+    added to `streams`, to be ended after the run)."""
     def worker() -> Callable[[int], bytes]:
         for _ in range(_RECONNECTS):
             channel = own_channel(target)
@@ -71,21 +69,12 @@ def _connected_worker(target: str, payloads: list[bytes], quota: int | None,
                     placed[process] += 1
                     if streams is None:
                         return lambda n: call(payloads[n])
-                    outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-                    streams.append(outbox)
-                    responses = channel.stream_stream(CHECK_STREAM_METHOD)(
-                        iter(outbox.get, None), timeout=3600)
-                    return lambda n: _streamed(outbox, responses, payloads[n])
+                    stream = LockStepStream(channel)
+                    streams.append(stream)
+                    return lambda n: stream.check(payloads[n])
             channel.close()
         raise RuntimeError(f"could not spread the clients evenly: {dict(placed)}")
     return worker
-
-
-def _streamed(outbox: queue.SimpleQueue[bytes | None], responses: Any, payload: bytes
-              ) -> bytes:
-    outbox.put(payload)
-    answer: bytes = next(responses)
-    return answer
 
 
 def _checks_in_child(target: str, payloads: list[bytes], clients: int, processes: int,
@@ -93,14 +82,14 @@ def _checks_in_child(target: str, payloads: list[bytes], clients: int, processes
                      ) -> tuple[dict[str, float], list[bytes | str | None], dict[str, int]]:
     placed: Counter[str] = Counter()
     quota = math.ceil(clients / processes) if balance else None
-    streams: list[queue.SimpleQueue[bytes | None]] | None = [] if stream else None
+    streams: list[LockStepStream] | None = [] if stream else None
     started_cpu = time.process_time()
     try:
         stats, results = run_threads(len(payloads), clients, _connected_worker(
             target, payloads, quota, placed, threading.Lock(), streams))
     finally:
-        for outbox in streams or []:
-            outbox.put(None)
+        for opened in streams or []:
+            opened.end()
     stats["load_cpu_ms_per_check"] = load_cpu_ms(started_cpu, len(payloads))
     return (stats, [r if isinstance(r, bytes) or r is None else repr(r) for r in results],
             dict(placed))

@@ -29,16 +29,14 @@ import argparse
 import json
 import multiprocessing
 import os
-import queue
 import statistics
 import time
 from pathlib import Path
-from typing import Any
 
 import grpc
 import numpy as np
 from gallery_data import VARIANTS
-from harness import own_channel, run_threads
+from harness import CHECK_METHOD, CHECK_STREAM_METHOD, LockStepStream, own_channel, run_threads
 from scale import RESULTS, Server, check_requests, imported_gallery, raw_faiss_of_served
 from tqdm import tqdm
 
@@ -49,44 +47,31 @@ from dedup.server import create_server
 
 HEALTH = "/grpc.health.v1.Health/Check"
 STATS = "/dedup.v1.FaceDedup/Stats"
-CHECK = "/dedup.v1.FaceDedup/Check"
-CHECK_STREAM = "/dedup.v1.FaceDedup/CheckStream"
 
 
 def _calls_in_child(target: str, method: str, payloads: list[bytes], clients: int
                     ) -> dict[str, float]:
-    streams: list[queue.SimpleQueue[bytes | None]] = []
+    streams: list[LockStepStream] = []
 
     def worker():  # type: ignore[no-untyped-def]
         channel = own_channel(target)
         grpc.channel_ready_future(channel).result(timeout=30)
-        if method != CHECK_STREAM:
+        if method != CHECK_STREAM_METHOD:
             call = channel.unary_unary(method)  # bytes in, bytes out
             return lambda n: call(payloads[n])
-        outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        streams.append(outbox)
-        responses = channel.stream_stream(method)(iter(outbox.get, None))
-        return lambda n: _answer_of_stream(outbox, responses, payloads[n])
+        stream = LockStepStream(channel)
+        streams.append(stream)
+        return lambda n: stream.check(payloads[n])
 
     try:
         stats, results = run_threads(len(payloads), clients, worker)
     finally:
-        for outbox in streams:
-            outbox.put(None)  # ends the stream
+        for stream in streams:
+            stream.end()
     errors = [r for r in results if isinstance(r, BaseException)]
     if errors:
         raise RuntimeError(f"{method}: {len(errors)} calls failed, the first: {errors[0]!r}")
     return stats
-
-
-def _answer_of_stream(outbox: queue.SimpleQueue[bytes | None], responses: Any,
-                      payload: bytes) -> bytes:
-    """Sends one check on the stream and waits for its answer (raised when it failed)."""
-    outbox.put(payload)
-    answer = next(responses)
-    if pb.CheckResponse.FromString(answer).HasField("error"):
-        raise RuntimeError(f"CheckStream item failed: {pb.CheckResponse.FromString(answer)}")
-    return answer
 
 
 def user_and_system_seconds(pid: int) -> tuple[float, float]:
@@ -114,8 +99,8 @@ def served(data_dir: Path, requests: list[pb.CheckRequest], clients: int, rounds
            ) -> tuple[dict[str, dict[str, float]], dict[str, object]]:
     calls = {"health": (HEALTH, [b""] * (5 * len(requests))),
              "stats": (STATS, [pb.StatsRequest().SerializeToString()] * (5 * len(requests))),
-             "check": (CHECK, [r.SerializeToString() for r in requests]),
-             "check_stream": (CHECK_STREAM, [r.SerializeToString() for r in requests])}
+             "check": (CHECK_METHOD, [r.SerializeToString() for r in requests]),
+             "check_stream": (CHECK_STREAM_METHOD, [r.SerializeToString() for r in requests])}
     server = Server(data_dir)
     try:
         server.first_answer_seconds(requests[0])
@@ -125,7 +110,7 @@ def served(data_dir: Path, requests: list[pb.CheckRequest], clients: int, rounds
                                   "search_parameters": info.search_parameters}
         measured: dict[str, list[dict[str, float]]] = {name: [] for name in calls}
         with multiprocessing.get_context("spawn").Pool(1) as pool:
-            server_cpu_ms(server, pool, CHECK, calls["check"][1][:300], clients)  # warm-up
+            server_cpu_ms(server, pool, CHECK_METHOD, calls["check"][1][:300], clients)  # warm-up
             for round_number in tqdm(range(rounds), desc="served rounds"):
                 # every other round in the reverse order: no call always runs after another
                 order = list(calls.items())[::-1 if round_number % 2 else 1]
