@@ -7,7 +7,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import queue
+import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -202,6 +204,91 @@ def test_a_client_that_reads_no_answers_is_cut_off(make_server, faces):
     assert "read no response" in error.value.details()
     assert read < 3000
     assert server.stub.Check(request, timeout=30).matches  # served on
+
+
+def test_a_stream_open_at_shutdown_ends_unavailable_after_half_the_grace(make_server, faces):
+    """A registration service's stream never ends on its own. Stopping, the server takes its
+    items for the first half of the grace period, then ends it between two items with
+    UNAVAILABLE: every item answered is done and the client knows which to send again
+    elsewhere, instead of the whole stream cancelled when the grace runs out."""
+    server = make_server(shutdown_grace_s=12.0)
+    person = faces.persons(1)[0]
+    enroll(server.stub, "r0", "ID0", person)
+    request = pb.CheckRequest(face=face(faces.capture(person, 0.3)), claimed_id_number="ID0")
+    outbox: queue.SimpleQueue[pb.CheckRequest | None] = queue.SimpleQueue()
+    responses = server.stub.CheckStream(iter(outbox.get, None), timeout=60)
+    outbox.put(request)
+    assert next(responses).verdict == pb.SAME_PERSON
+    stopping = threading.Thread(target=server.server.stop)
+    started = time.monotonic()
+    stopping.start()
+    answered = 0
+    with pytest.raises(grpc.RpcError) as ended:
+        while True:
+            outbox.put(request)  # one item at a time, each answered before the next
+            assert next(responses).verdict == pb.SAME_PERSON
+            answered += 1
+            time.sleep(0.1)
+    ended_after = time.monotonic() - started
+    outbox.put(None)
+    stopping.join(30)
+    assert not stopping.is_alive()
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in ended.value.details()
+    assert answered >= 5  # items were still taken in the first half
+    assert ended_after < 10.0  # not cut off when the grace ran out
+
+
+def test_an_enrolment_stream_cut_by_a_stop_stored_exactly_what_it_acknowledged(
+        make_server, faces):
+    """An import still streaming when the server stops: the stream ends between two items,
+    so the registrations acknowledged are the ones stored, and the client sends the rest
+    again (items read ahead but not taken are not enrolled)."""
+    server = make_server(shutdown_grace_s=6.0)
+    people = faces.persons(400)
+
+    def paced() -> Iterator[pb.EnrollRequest]:
+        for i, person in enumerate(people):
+            yield pb.EnrollRequest(registration=registration(f"r{i}", f"ID{i}"),
+                                   face=face(person))
+            time.sleep(0.02)
+
+    replies = server.stub.EnrollStream(paced(), timeout=60)
+    acknowledged = [next(replies).registration.registration_id]
+    stopping = threading.Thread(target=server.server.stop)
+    stopping.start()
+    with pytest.raises(grpc.RpcError) as ended:
+        for reply in replies:
+            assert reply.enrolled
+            acknowledged.append(reply.registration.registration_id)
+    stopping.join(30)
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert f"after {len(acknowledged)} answered" in ended.value.details()
+    assert len(acknowledged) < len(people)
+    server.restart()
+    stored = [server.stub.GetRegistration(pb.GetRegistrationRequest(registration_id=f"r{i}"),
+                                          timeout=30).registration_id
+              for i in range(len(acknowledged))]
+    assert stored == acknowledged == [f"r{i}" for i in range(len(acknowledged))]
+    assert server.stub.Stats(pb.StatsRequest(), timeout=30).registrations == len(acknowledged)
+
+
+def test_an_idle_stream_ends_at_half_the_grace_of_a_stop(make_server, faces):
+    """A stream waiting for its client's next item is ended too, not waited for."""
+    server = make_server(shutdown_grace_s=12.0)
+    outbox: queue.SimpleQueue[pb.CheckRequest | None] = queue.SimpleQueue()
+    responses = server.stub.CheckStream(iter(outbox.get, None), timeout=60)
+    outbox.put(pb.CheckRequest(face=face(faces.persons(1)[0]), claimed_id_number="ID0"))
+    assert next(responses).verdict == pb.CLEAR
+    started = time.monotonic()
+    server.server.stop()
+    stopped_after = time.monotonic() - started
+    with pytest.raises(grpc.RpcError) as ended:
+        next(responses)
+    outbox.put(None)
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in ended.value.details()
+    assert stopped_after < 10.0
 
 
 class _TwoHoursOn(datetime):

@@ -16,6 +16,7 @@ import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -691,6 +692,62 @@ def test_a_relayed_stream_ends_when_its_token_expires(start, keys, monkeypatch):
     for ch in channels:
         ch.close()
     assert paths["replica-1>primary"] > 0, paths
+
+
+def test_streams_cut_by_a_stop_end_between_items_on_every_process(start):
+    """Stopping, each process ends its request streams between two items (UNAVAILABLE), a
+    replica's relayed ones too: it ends the primary's stream and passes on the answers to
+    what it sent. What the enrolment streams acknowledged is what is stored."""
+    server = start(shutdown_grace_s=8.0)
+    people = FaceGenerator(seed=23).persons(300)
+    streams = 16
+    acknowledged: list[list[str]] = [[] for _ in range(streams)]
+    ended: list[grpc.RpcError | None] = [None] * streams
+    first_answers = threading.Barrier(streams + 1, timeout=60)
+
+    def paced(stream: int) -> Iterator[pb.EnrollRequest]:
+        for i, person in enumerate(people):
+            yield pb.EnrollRequest(registration=registration(f"e{stream}-{i}",
+                                                             f"ID{stream}-{i}"),
+                                   face=face(person))
+            time.sleep(0.05)
+
+    def enrol(stream: int) -> None:
+        with fresh_channel(server.address) as ch:
+            replies = pb_grpc.FaceDedupStub(ch).EnrollStream(paced(stream), timeout=120)
+            try:
+                for n, reply in enumerate(replies):
+                    assert reply.enrolled
+                    acknowledged[stream].append(reply.registration.registration_id)
+                    if n == 0:
+                        first_answers.wait()
+            except grpc.RpcError as error:
+                ended[stream] = error
+
+    threads = [threading.Thread(target=enrol, args=(k,)) for k in range(streams)]
+    for thread in threads:
+        thread.start()
+    first_answers.wait()
+    server.stop()
+    for thread in threads:
+        thread.join(60)
+    paths = Counter()
+    for stream, error in enumerate(ended):
+        assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE, error
+        assert f"after {len(acknowledged[stream])} answered" in error.details()
+        assert "shutting down" in error.details()
+        paths[">".join(served_by(error))] += 1
+    assert set(paths) == {"primary", "replica-1>primary"}, paths  # 2**-15 to miss one
+
+    again = start()
+    with fresh_channel(again.address) as ch:
+        stub = pb_grpc.FaceDedupStub(ch)
+        assert stub.Stats(pb.StatsRequest(), timeout=30).registrations == \
+            sum(map(len, acknowledged))
+        for stream, ids in enumerate(acknowledged):
+            assert ids == [f"e{stream}-{i}" for i in range(len(ids))]
+            stub.GetRegistration(pb.GetRegistrationRequest(registration_id=ids[-1]),
+                                 timeout=30)
 
 
 class _TwoHoursOn(datetime):

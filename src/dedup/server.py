@@ -60,8 +60,9 @@ class DedupServer:
 
     def __init__(self, transport: Transport, service: DedupService,
                  health_servicer: health.aio.HealthServicer, config: ServerConfig,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, gate: Gate) -> None:
         self.grpc_server = transport
+        self.gate = gate
         self.metrics = metrics
         self.metrics_port: int | None = None
         self.token_port: int | None = None
@@ -84,13 +85,17 @@ class DedupServer:
             self.grpc_server.run(self.health.set(name, health_pb2.HealthCheckResponse.SERVING))
 
     def stop(self, grace: float | None = None) -> None:
-        """Graceful: health turns NOT_SERVING, in-flight calls finish, the index is checkpointed."""
+        """Graceful: health turns NOT_SERVING, in-flight calls finish within `grace` seconds
+        (request streams take new items for the first half of it), the index is
+        checkpointed."""
+        grace = self.config.shutdown_grace_s if grace is None else grace
         with self._stop_lock:
             if self._stopped.is_set():
                 return
             if not self.grpc_server.stopped.is_set():
                 self.grpc_server.run(self.health.enter_graceful_shutdown())
-            self.grpc_server.stop(self.config.shutdown_grace_s if grace is None else grace).wait()
+                self.grpc_server.on_loop(self.gate.drain_after, grace / 2)
+            self.grpc_server.stop(grace).wait()
             self.service.embedder.close()
             if self.audit is not None:
                 self.audit.close()  # a last anchor of the trail's head
@@ -161,7 +166,9 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0",
         transport = _transport(config, reuse_port=forwarding is not None)
         service = DedupService(gallery, embedder, config.policy, config.limits)
         metrics.watch_gallery(gallery)
-        audit = _add_dedup_services(transport, config, service, metrics, forwarding)
+        gate = (_gate(config, transport, metrics) if forwarding is None else
+                _gate(config, transport, metrics, forwarding.secret, "primary"))
+        audit = _add_dedup_services(transport, config, service, gate, forwarding)
         health_servicer = transport.on_loop(_add_health_and_reflection, transport.server, config)
         port, token_port = transport.on_loop(_listen, transport.server, config, address)
         if forwarding is not None:
@@ -172,7 +179,7 @@ def create_server(config: ServerConfig, address: str = "127.0.0.1:0",
         embedder.close()
         gallery.close(checkpoint=False)
         raise
-    dedup_server = DedupServer(transport, service, health_servicer, config, metrics)
+    dedup_server = DedupServer(transport, service, health_servicer, config, metrics, gate)
     dedup_server.token_port = token_port
     dedup_server.audit = audit
     return dedup_server, port
@@ -222,7 +229,8 @@ def create_replica_server(config: ServerConfig, address: str, forwarding: Forwar
         embedder.close()
         gallery.close()
         raise
-    return DedupServer(transport, service, health_servicer, config, metrics), gallery, port
+    return (DedupServer(transport, service, health_servicer, config, metrics, gate), gallery,
+            port)
 
 
 async def _primary(forwarding: Forwarding, config: ServerConfig) -> Primary:
@@ -259,11 +267,10 @@ def _gate(config: ServerConfig, transport: Transport, metrics: Metrics,
 
 
 def _add_dedup_services(transport: Transport, config: ServerConfig, service: DedupService,
-                        metrics: Metrics, forwarding: Forwarding | None = None) -> AuditTrail:
-    """FaceDedup, IndexAdmin and Investigate, each call observed and admitted; returns
-    their audit trail."""
-    gate = (_gate(config, transport, metrics) if forwarding is None else
-            _gate(config, transport, metrics, forwarding.secret, "primary"))
+                        gate: Gate, forwarding: Forwarding | None = None) -> AuditTrail:
+    """FaceDedup, IndexAdmin and Investigate, each call observed and admitted by `gate`;
+    returns their audit trail."""
+    metrics = gate.metrics
     audit = AuditTrail.for_server(service.gallery, config)
     services = pb.DESCRIPTOR.services_by_name
     check_rate = None if forwarding is None else \

@@ -96,6 +96,7 @@ class RequestFeed:
         self.received = 0  # read from the client so far
         self.taken = 0  # taken by the servicer so far
         self.ended = False
+        self._woken = False
 
     # -- on the event loop -----------------------------------------------------------
 
@@ -110,13 +111,18 @@ class RequestFeed:
             await self._room.wait()
 
     async def arrival(self) -> None:
-        """Until an item waits to be taken, or the stream ended."""
+        """Until an item waits to be taken, the stream ended, or `wake` was called."""
         while True:
             self._arrived.clear()
             with self._changed:
-                if self._items or self.ended:
+                if self._items or self.ended or self._woken:
                     return
             await self._arrived.wait()
+
+    def wake(self) -> None:
+        """Ends every wait in `arrival`, now and after (the server is shutting down)."""
+        self._woken = True
+        self._arrived.set()
 
     def put(self, item: Any) -> None:
         """A request read from the client, or END."""

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf.descriptor import MethodDescriptor
@@ -31,6 +32,15 @@ log = logging.getLogger("dedup.server")
 _T = TypeVar("_T")
 
 
+class Wakeable(Protocol):
+    """A request stream's reader, waiting for the client's next item until woken."""
+
+    def wake(self) -> None: ...
+
+
+_W = TypeVar("_W", bound=Wakeable)
+
+
 @dataclass(frozen=True)
 class Waits:
     """How long a call may wait for its client."""
@@ -48,6 +58,26 @@ class Gate:
         self.admission = admission
         self.pool = pool
         self.waits = waits
+        self.draining = False  # read and set on the event loop only
+        self._streams: weakref.WeakSet[Wakeable] = weakref.WeakSet()
+
+    def drain_after(self, seconds: float) -> None:
+        """On the loop, as the server stops: `seconds` on, every request stream takes no
+        next item (Call.stream ends it UNAVAILABLE), so what is left of the grace period
+        goes to the work already taken rather than to items that keep coming."""
+        asyncio.get_running_loop().call_later(seconds, self._drain)
+
+    def _drain(self) -> None:
+        self.draining = True
+        for stream in list(self._streams):
+            stream.wake()
+
+    def follow(self, stream: _W) -> _W:
+        """Has `stream` woken when the server drains (at once if it already does)."""
+        self._streams.add(stream)
+        if self.draining:
+            stream.wake()
+        return stream
 
     @property
     def metrics(self) -> Metrics:
@@ -156,8 +186,8 @@ class Call:
     def feed(self) -> RequestFeed:
         """The request stream a client-streaming servicer reads (filled by `stream`)."""
         waits = self.gate.waits
-        return RequestFeed(asyncio.get_running_loop(), (waits.request_s, waits.idle_s),
-                           self.timed_out)
+        return self.gate.follow(RequestFeed(asyncio.get_running_loop(),
+                                            (waits.request_s, waits.idle_s), self.timed_out))
 
     async def stream(self, responses: Iterator[Message], feed: RequestFeed | None) -> None:
         """Writes the servicer's responses, stepping its generator on the pool one item at a
@@ -173,6 +203,7 @@ class Call:
                     # the servicer takes a request next (an EnrollStream's step answers a
                     # batch already stored: never refused halfway)
                     await self._next_request(feed)
+                    self._end_if_draining(written)
                     self._refuse_if_expired()
                 response = await self.work.step(responses)
                 if isinstance(response, End):
@@ -200,6 +231,17 @@ class Call:
             raise Aborted(grpc.StatusCode.DEADLINE_EXCEEDED,
                           f"{self.method.name}: the client read no response within "
                           f"{seconds:g} s (stream_idle_timeout_s)") from None
+
+    def _end_if_draining(self, answered: int) -> None:
+        if self.gate.draining:
+            raise self.shutting_down(answered)
+
+    def shutting_down(self, answered: int) -> Aborted:
+        """UNAVAILABLE for a request stream the server's stop ends, between two items."""
+        self.gate.metrics.calls_refused.labels("shutting_down").inc()
+        return Aborted(grpc.StatusCode.UNAVAILABLE,
+                       f"{self.method.name}: the server is shutting down; the stream ends "
+                       f"after {answered} answered requests: send the rest on a new call")
 
     def _refuse_if_expired(self) -> None:
         """A request stream's items are answered only while its caller's credential holds: a

@@ -18,7 +18,6 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,11 +91,10 @@ async def relay(call: Call, primary: Primary, request: bytes | None = None) -> b
     method, context = call.method, call.context
     rpc_callable = primary.callable(method)
     options = {"metadata": primary.metadata(context), "timeout": context.time_remaining()}
-    pump: asyncio.Task[None] | None = None
-    counts = _Counts()
+    pump: _Pump | None = None
     if method.client_streaming:
         rpc = rpc_callable(**options)
-        pump = asyncio.ensure_future(_pump(call, rpc, counts))
+        pump = _Pump(call, rpc)
     else:
         rpc = rpc_callable(request if request is not None else await call.request_bytes(),
                            **options)
@@ -104,53 +102,93 @@ async def relay(call: Call, primary: Primary, request: bytes | None = None) -> b
         if method.server_streaming:
             async for response in rpc:
                 await call.write(response)
-                counts.answered += 1
+                if pump is not None:
+                    pump.answered += 1
             answer = None
         else:
             answer = await rpc
         _relay_trailing(context, await rpc.trailing_metadata())
+        if pump is not None and pump.drained:
+            raise call.shutting_down(pump.answered)
         return answer
     except (grpc.aio.AioRpcError, asyncio.CancelledError) as error:
-        if pump is not None and pump.done() and not pump.cancelled() \
-                and isinstance(failure := pump.exception(), Aborted):
+        if pump is not None and (failure := pump.failure()) is not None:
             raise failure from None  # the client's stream broke its time bound
         if isinstance(error, asyncio.CancelledError):
             raise  # the client went away
         _relay_trailing(context, error.trailing_metadata())
         raise Aborted(error.code(), error.details() or "") from None
     finally:
-        if pump is not None and not pump.done():
+        if pump is not None:
             pump.cancel()
         if not rpc.done():
             rpc.cancel()
 
 
-@dataclass
-class _Counts:
-    """A relayed request stream's items sent to the primary and responses relayed back."""
-
-    sent: int = 0
-    answered: int = 0
-
-
-async def _pump(call: Call, rpc: Any, counts: _Counts) -> None:
+class _Pump:
     """The client's request stream, item by item, to the primary, read within the same time
     bounds as any request stream: the idle bound applies while every item sent is answered
     (a client waiting for answers is not idle; once they came, the primary's own bound ends
-    a silent stream). On a timeout the relayed call is cancelled."""
-    first = True
-    try:
-        while not isinstance(item := await call.read_bytes(
-                first, bounded=first or counts.answered >= counts.sent), End):
-            first = False
-            await rpc.write(item)
-            counts.sent += 1
-        await rpc.done_writing()
-    except Aborted:
-        rpc.cancel()
-        raise
-    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-        return  # the primary ended the call: its status comes with the responses
+    a silent stream). On a timeout the relayed call is cancelled. Once this server drains
+    for its stop (Gate.drain_after), it sends no next item: it ends the primary's request
+    stream, whose answers to the items sent still come back, and `drained` is set."""
+
+    def __init__(self, call: Call, rpc: Any) -> None:
+        self.call, self.rpc = call, rpc
+        self.sent = 0
+        self.answered = 0
+        self.drained = False
+        self._waking = False
+        self._read: asyncio.Future[bytes | End] | None = None
+        self._task = asyncio.ensure_future(self._run())
+        call.gate.follow(self)
+
+    def wake(self) -> None:
+        """The server drains: the read waiting for the client's next item ends."""
+        self._waking = True
+        if self._read is not None and not self._read.done():
+            self._read.cancel()
+
+    def failure(self) -> Aborted | None:
+        task = self._task
+        if task.done() and not task.cancelled() and isinstance(task.exception(), Aborted):
+            return task.exception()  # type: ignore[return-value]
+        return None
+
+    def cancel(self) -> None:
+        if not self._task.done():
+            self._task.cancel()
+
+    async def _run(self) -> None:
+        first = True
+        try:
+            while (item := await self._next(first)) is not None:
+                first = False
+                await self.rpc.write(item)
+                self.sent += 1
+            await self.rpc.done_writing()
+        except Aborted:
+            self.rpc.cancel()
+            raise
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            return  # the primary ended the call: its status comes with the responses
+
+    async def _next(self, first: bool) -> bytes | None:
+        """The client's next item; None at its end, or once the server drains."""
+        if self._waking:
+            self.drained = True
+            return None
+        self._read = asyncio.ensure_future(self.call.read_bytes(
+            first, bounded=first or self.answered >= self.sent))
+        try:
+            item = await self._read
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if self._waking and current is not None and not current.cancelling():
+                self.drained = True
+                return None
+            raise
+        return None if isinstance(item, End) else item
 
 
 def _relay_trailing(context: Any, metadata: Any) -> None:

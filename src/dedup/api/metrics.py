@@ -15,7 +15,7 @@ _LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2
 # Why a call was refused before its work ran (api/admission.py), or ended waiting for its
 # client (api/calls.py).
 REFUSAL_REASONS = ("unauthenticated", "permission_denied", "caller_limit", "server_limit",
-                   "request_timeout", "stream_idle", "stream_unread")
+                   "request_timeout", "stream_idle", "stream_unread", "shutting_down")
 
 
 class Metrics:
