@@ -3,6 +3,7 @@ can hold, on a real secured server (mutual TLS and bearer tokens from `dedup key
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import face
+from conftest import DESKS_SEND_EMBEDDINGS, face, registration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from metrics import scrape, value
 from photos import YAOMING
@@ -245,6 +246,48 @@ def test_one_callers_photos_take_no_more_than_its_share_of_the_photo_slots(make_
     finally:
         desk.close()
     assert slots.taken == 0
+
+
+@TRANSPORT_ONLY
+def test_a_desks_photo_refused_for_want_of_a_slot_keeps_its_check_rate(make_server, keys):
+    """A desk's checks are rate limited. One refused because the server had no photo slot
+    did nothing, so it is not charged: after the rush the desk still has its burst (it was
+    rate refused on its next check)."""
+    server = secured(make_server, keys, max_pending_images=4, max_pending_images_per_caller=2,
+                     queries=dataclasses.replace(DESKS_SEND_EMBEDDINGS,
+                                                 check_rate_per_caller=0.01,
+                                                 check_burst_per_caller=2))
+    slots = server.server.service.embedder.slots
+    desk = channel(server.port, keys, role="registration")
+    stub = pb_grpc.FaceDedupStub(desk)
+    photo = pb.CheckRequest(face=pb.Face(image=YAOMING.read_bytes()),
+                            claimed_id_number="ID-YAO")
+    enrolment = pb.EnrollRequest(registration=registration("r-yao", "ID-YAO"),
+                                 face=pb.Face(image=YAOMING.read_bytes()), check_first=True)
+    for holder in ("desk-a", "desk-a", "desk-b", "desk-b"):  # every slot taken
+        slots.take(holder, "face.image")
+    try:
+        refusals = []
+        for _ in range(3):
+            for call in (lambda: stub.Check(photo, timeout=30),
+                         lambda: stub.Enroll(enrolment, timeout=30)):
+                with pytest.raises(grpc.RpcError) as refused:
+                    call()
+                refusals.append(refused.value)
+        assert {error.code() for error in refusals} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert all("photos are already being embedded" in error.details()
+                   for error in refusals)
+    finally:
+        for holder in ("desk-a", "desk-a", "desk-b", "desk-b"):
+            slots.give_back(holder)
+    try:
+        assert [stub.Check(photo, timeout=30).verdict for _ in range(2)] == [pb.CLEAR] * 2
+        with pytest.raises(grpc.RpcError) as over:
+            stub.Check(photo, timeout=30)
+        assert over.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "checks a second" in over.value.details()
+    finally:
+        desk.close()
 
 
 @TRANSPORT_ONLY

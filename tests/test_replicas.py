@@ -455,6 +455,29 @@ def test_shared_check_rates_refill_and_outlast_a_full_table(tmp_path, monkeypatc
     second.close()
 
 
+def test_a_refund_gives_back_one_call_in_every_process_up_to_the_burst(tmp_path, monkeypatch):
+    """A check refused before any of its work was done is given back to the desk's shared
+    bucket, seen by every process; never past the burst; per process past a full table."""
+    monkeypatch.setattr(SharedCallerRate, "SLOTS", 1)
+    now = [100.0]
+    first, second = (SharedCallerRate(tmp_path / "rates", 0.001, 2, create=create)
+                     for create in (True, False))
+    for rates in (first, second):
+        rates.clock = lambda: now[0]
+    assert [first.admit("a"), second.admit("a"), first.admit("a")] == [True, True, False]
+    second.refund("a")
+    assert [first.admit("a"), second.admit("a")] == [True, False]
+    for _ in range(5):
+        first.refund("a")
+    assert [second.admit("a"), first.admit("a"), second.admit("a")] == [True, True, False]
+    # past the full table: in its process
+    assert [first.admit("c"), first.admit("c"), first.admit("c")] == [True, True, False]
+    first.refund("c")
+    assert [first.admit("c"), first.admit("c")] == [True, False]
+    first.close()
+    second.close()
+
+
 def test_audited_checks_are_relayed_and_recorded_once(start, keys):
     from secure import tokens
     from trail import records

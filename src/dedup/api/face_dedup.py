@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from dedup.core.errors import (
     NotFound,
     NotServedHere,
     PermissionDenied,
+    RefusedUnstarted,
     ResourceExhausted,
 )
 from dedup.core.records import EnrollResult, Probe, Registration
@@ -109,7 +111,8 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
         desk = caller.role == "registration"
         if desk:
             self._admit_desk_check(caller, request, method.removeprefix("FaceDedup."))
-        with reads.face_dedup_read(self.audit, caller, method, context) as read:
+        with self._refunded_unless_checked_here(caller if desk else None), \
+                reads.face_dedup_read(self.audit, caller, method, context) as read:
             claimed = validation.text(request.claimed_id_number, "claimed_id_number",
                                       self.limits.max_id_number_chars, required=False,
                                       key=True)
@@ -153,6 +156,18 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
         if not request.claimed_id_number:
             self.metrics.refusals.labels("no_claimed_id_number").inc()
             raise InvalidArgument("claimed_id_number", "is required for the registration role")
+
+    @contextlib.contextmanager
+    def _refunded_unless_checked_here(self, charged: Caller | None) -> Iterator[None]:
+        """A desk's check charged to its rate is given back when it is not done here: refused
+        before any of its work was done for what the server is short of (a photo slot), or
+        going to the primary, which charges it (NotServedHere, on a read replica)."""
+        try:
+            yield
+        except (RefusedUnstarted, NotServedHere):
+            if charged is not None:
+                self.check_rate.refund(charged.identity)
+            raise
 
     def _charge_desk_check(self, caller: Caller, method: str) -> None:
         """Each desk credential's checks are rate limited, a Check's and an enrolment's with
@@ -240,10 +255,12 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
                 context: grpc.ServicerContext) -> pb.EnrollResponse:
         caller = current_caller()
         self._refuse_what_desks_may_not(request)
-        if request.check_first and caller.role == "registration":
+        charged = request.check_first and caller.role == "registration"
+        if charged:
             self._charge_desk_check(caller, "check_first")
-        registration = self._new_registration(request)
-        probe = self._probe(request, context)
+        with self._refunded_unless_checked_here(caller if charged else None):
+            registration = self._new_registration(request)
+            probe = self._probe(request, context)
         result = self.service.enroll(registration, probe, request.check_first,
                                      trusted=caller.role in TRUSTED_ROLES)
         return self._enroll_response(result, registration)

@@ -3,6 +3,7 @@ by the processes of a multi-process server."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import mmap
@@ -10,7 +11,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -35,6 +36,17 @@ class CallerRate:
             return True
         with self._lock:
             return self._admit_here(identity, self.clock())
+
+    def refund(self, identity: str) -> None:
+        """Gives back the call `admit` took last: the call did nothing (RefusedUnstarted)."""
+        if self.rate <= 0:
+            return
+        with self._lock:
+            self._refund_here(identity)
+
+    def _refund_here(self, identity: str) -> None:
+        tokens, then = self._buckets.get(identity, (self.burst, self.clock()))
+        self._buckets[identity] = (min(self.burst, tokens + 1.0), then)
 
     def _admit_here(self, identity: str, now: float) -> bool:
         """Takes one call from this process's bucket of the caller (the lock held)."""
@@ -75,22 +87,40 @@ class SharedCallerRate(CallerRate):
     def admit(self, identity: str) -> bool:
         if self.rate <= 0:
             return True
-        digest = hashlib.blake2b(identity.encode(), digest_size=16).digest()
-        with self._lock:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX)
-            try:
-                now = self.clock()
-                offset = self._slot_of(digest)
-                if offset is None:
-                    return self._admit_here(identity, now)
-                held, tokens, then = self._SLOT.unpack_from(self._map, offset)
-                if held != digest:
-                    tokens, then = self.burst, now
-                admitted, left = self._take(tokens, then, now)
-                self._SLOT.pack_into(self._map, offset, digest, left, now)
-                return admitted
-            finally:
-                fcntl.lockf(self._fd, fcntl.LOCK_UN)
+        digest = _digest(identity)
+        with self._lock, self._file_locked():
+            now = self.clock()
+            offset = self._slot_of(digest)
+            if offset is None:
+                return self._admit_here(identity, now)
+            held, tokens, then = self._SLOT.unpack_from(self._map, offset)
+            if held != digest:
+                tokens, then = self.burst, now
+            admitted, left = self._take(tokens, then, now)
+            self._SLOT.pack_into(self._map, offset, digest, left, now)
+            return admitted
+
+    def refund(self, identity: str) -> None:
+        if self.rate <= 0:
+            return
+        digest = _digest(identity)
+        with self._lock, self._file_locked():
+            offset = self._slot_of(digest)
+            if offset is None:
+                self._refund_here(identity)
+                return
+            held, tokens, then = self._SLOT.unpack_from(self._map, offset)
+            if held == digest:
+                self._SLOT.pack_into(self._map, offset, digest, min(self.burst, tokens + 1.0),
+                                     then)
+
+    @contextlib.contextmanager
+    def _file_locked(self) -> Iterator[None]:
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
 
     def _slot_of(self, digest: bytes) -> int | None:
         """The offset of the identity's slot, or of the free slot it takes (open
@@ -106,3 +136,7 @@ class SharedCallerRate(CallerRate):
     def close(self) -> None:
         self._map.close()
         os.close(self._fd)
+
+
+def _digest(identity: str) -> bytes:
+    return hashlib.blake2b(identity.encode(), digest_size=16).digest()

@@ -72,6 +72,11 @@ class ResourceExhausted(DedupError):
     """The store cannot take more data (map cap or disk full), or a limit was hit."""
 
 
+class RefusedUnstarted(ResourceExhausted):
+    """A limit refused the work before any of it was done (a photo slot): what the server
+    is short of, not what the caller asked for, so a caller's check rate is not charged."""
+
+
 class DeadlineExceeded(DedupError):
     """The caller's deadline passed before the work was done; the work was dropped."""
 

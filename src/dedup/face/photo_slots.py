@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import threading
 
-from dedup.core.errors import ResourceExhausted
+from dedup.core.errors import RefusedUnstarted
 
 
-class SlotRefused(ResourceExhausted):
+class SlotRefused(RefusedUnstarted):
     """No slot: `reason` is "caller_limit" or "server_limit"."""
 
     def __init__(self, message: str, reason: str) -> None:
