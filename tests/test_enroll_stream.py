@@ -6,10 +6,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 from conftest import enroll, face, registration
+from photos import YAOMING
 
 from dedup import FaceGenerator
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
@@ -116,3 +118,21 @@ def last_transaction(server) -> int:
             "max_dbs=16); print(env.info()['last_txnid'])")
     return int(subprocess.run([sys.executable, "-c", read, str(store_dir(server.data_dir))],
                               capture_output=True, text=True, check=True).stdout)
+
+
+def test_a_stream_its_client_ended_is_answered_to_its_end_when_the_server_drains(server):
+    """Stopping, the server takes no new item of an open stream after half its grace; but a
+    stream whose client has ended it has every item read already (at most a read-ahead's
+    worth), so it is answered to its end rather than cut."""
+    photo = pb.Face(image=YAOMING.read_bytes())
+    requests = [pb.EnrollRequest(registration=registration(f"y{i}", f"IDY{i}"), face=photo)
+                for i in range(20)]
+    replies = server.stub.EnrollStream(iter(requests), timeout=120)
+    slots = server.server.service.embedder.slots
+    deadline = time.monotonic() + 30
+    while slots.taken == 0:  # its first batch is being embedded
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    server.server.grpc_server.on_loop(server.server.gate.drain_after, 0.0)
+    answered = [(reply.registration.registration_id, reply.enrolled) for reply in replies]
+    assert answered == [(f"y{i}", True) for i in range(20)]

@@ -71,6 +71,10 @@ class CallWork:
         self.when_idle(close_on_pool)
 
 
+# Requests of a stream read ahead of the servicer, at most (besides a budget in bytes).
+READ_AHEAD_ITEMS = 64
+
+
 class RequestFeed:
     """The request iterator of a client-streaming servicer: items the call's coroutine reads
     ahead on the event loop (Call.stream), up to `most_items` or `most_bytes`, while the
@@ -81,7 +85,7 @@ class RequestFeed:
     `timed_out` makes. Thread-safe: the loop puts, a worker takes."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, waits: tuple[float, float],
-                 timed_out: Callable[[bool], BaseException], most_items: int = 64,
+                 timed_out: Callable[[bool], BaseException], most_items: int = READ_AHEAD_ITEMS,
                  most_bytes: int = 4 << 20) -> None:
         self._loop = loop
         self._first_s, self._idle_s = waits

@@ -203,7 +203,8 @@ class Call:
                     # the servicer takes a request next (an EnrollStream's step answers a
                     # batch already stored: never refused halfway)
                     await self._next_request(feed)
-                    self._end_if_draining(written)
+                    if not feed.ended:  # one whose client ended is answered to its end
+                        self._end_if_draining(written)
                     self._refuse_if_expired()
                 response = await self.work.step(responses)
                 if isinstance(response, End):
@@ -241,7 +242,8 @@ class Call:
         self.gate.metrics.calls_refused.labels("shutting_down").inc()
         return Aborted(grpc.StatusCode.UNAVAILABLE,
                        f"{self.method.name}: the server is shutting down; the stream ends "
-                       f"after {answered} answered requests: send the rest on a new call")
+                       f"after {answered} answered {'request' if answered == 1 else 'requests'}"
+                       ": send the rest on a new call")
 
     def _refuse_if_expired(self) -> None:
         """A request stream's items are answered only while its caller's credential holds: a

@@ -160,8 +160,8 @@ class FaceDedupServicer(pb_grpc.FaceDedupServicer):
     @contextlib.contextmanager
     def _refunded_unless_checked_here(self, charged: Caller | None) -> Iterator[None]:
         """A desk's check charged to its rate is given back when it is not done here: refused
-        before any of its work was done for what the server is short of (a photo slot), or
-        going to the primary, which charges it (NotServedHere, on a read replica)."""
+        before any of its work was done (no photo slot), or going to the primary, which
+        charges it (NotServedHere, on a read replica)."""
         try:
             yield
         except (RefusedUnstarted, NotServedHere):

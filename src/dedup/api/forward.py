@@ -28,7 +28,7 @@ from google.protobuf.message import Message
 
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 from dedup.api.auth import FORWARD_KEYS, current_caller, forwarded_caller_metadata
-from dedup.api.bridge import End
+from dedup.api.bridge import READ_AHEAD_ITEMS, End
 from dedup.api.calls import Call, Gate
 from dedup.api.observe import REQUEST_ID_KEY
 from dedup.api.reads import audited
@@ -45,6 +45,9 @@ LOCAL_METHODS = frozenset({"dedup.v1.FaceDedup/Check"})
 LOCAL_STREAMS = frozenset({"dedup.v1.FaceDedup/CheckStream"})
 # The longest a replica's worker waits for the primary to check one stream item for it.
 _FALLBACK_S = 60.0
+# Items of a relayed request stream sent to the primary and not yet answered, at most: what
+# the primary still owes when this replica drains is what a stream it serves itself owes.
+_UNANSWERED = READ_AHEAD_ITEMS
 
 
 def _passthrough(response: Message | bytes) -> bytes:
@@ -103,7 +106,7 @@ async def relay(call: Call, primary: Primary, request: bytes | None = None) -> b
             async for response in rpc:
                 await call.write(response)
                 if pump is not None:
-                    pump.answered += 1
+                    pump.answer_relayed()
             answer = None
         else:
             answer = await rpc
@@ -131,7 +134,9 @@ class _Pump:
     (a client waiting for answers is not idle; once they came, the primary's own bound ends
     a silent stream). On a timeout the relayed call is cancelled. Once this server drains
     for its stop (Gate.drain_after), it sends no next item: it ends the primary's request
-    stream, whose answers to the items sent still come back, and `drained` is set."""
+    stream, whose answers to the items sent still come back, and `drained` is set. At most
+    _UNANSWERED items are sent and not yet answered: what the primary still owes when the
+    drain comes is one read-ahead's worth, as on a stream it serves itself."""
 
     def __init__(self, call: Call, rpc: Any) -> None:
         self.call, self.rpc = call, rpc
@@ -140,14 +145,20 @@ class _Pump:
         self.drained = False
         self._waking = False
         self._read: asyncio.Future[bytes | End] | None = None
+        self._room = asyncio.Event()
         self._task = asyncio.ensure_future(self._run())
         call.gate.follow(self)
 
     def wake(self) -> None:
         """The server drains: the read waiting for the client's next item ends."""
         self._waking = True
+        self._room.set()
         if self._read is not None and not self._read.done():
             self._read.cancel()
+
+    def answer_relayed(self) -> None:
+        self.answered += 1
+        self._room.set()
 
     def failure(self) -> Aborted | None:
         task = self._task
@@ -175,6 +186,9 @@ class _Pump:
 
     async def _next(self, first: bool) -> bytes | None:
         """The client's next item; None at its end, or once the server drains."""
+        while self.sent - self.answered >= _UNANSWERED and not self._waking:
+            self._room.clear()
+            await self._room.wait()
         if self._waking:
             self.drained = True
             return None

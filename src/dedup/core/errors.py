@@ -73,8 +73,9 @@ class ResourceExhausted(DedupError):
 
 
 class RefusedUnstarted(ResourceExhausted):
-    """A limit refused the work before any of it was done (a photo slot): what the server
-    is short of, not what the caller asked for, so a caller's check rate is not charged."""
+    """A limit refused the work before any of it was done (no photo slot, the server's or
+    the caller's share of them): no check was done, so a caller's check rate is not
+    charged for it."""
 
 
 class DeadlineExceeded(DedupError):
