@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 import pytest
 from conftest import DESKS_SEND_EMBEDDINGS, face, registration
+from metrics import scrape, value
 from processes import ServerProcess
 
 from dedup import FaceGenerator, ServerConfig, StoreConfig
@@ -621,15 +622,15 @@ def test_a_check_stream_is_answered_by_the_process_it_reaches(start):
     assert set(on_every_process(server.address, streamed)) == PROCESSES
 
 
-def test_a_replicas_stream_items_go_to_the_primary_while_its_store_is_released(start, keys):
+def test_a_replicas_stream_items_go_to_the_primary_while_its_store_is_released(start, keys,
+                                                                               caplog):
     """Around a compaction's swap the replicas close their store: a desk's stream items that
     come meanwhile are checked by the primary, each once and charged once to the desk's
     rate, and the stream goes on (16 streams: 2**-16 to have none on the replica)."""
-    from metrics import scrape, value
-
     from dedup.core.security import load_security
 
-    server = start(metrics_address="127.0.0.1:0", security=load_security(keys / "security.toml"),
+    caplog.set_level(logging.INFO, logger="dedup.access")  # the primary's, in this process
+    server = start(security=load_security(keys / "security.toml"),
                    queries=dataclasses.replace(DESKS_SEND_EMBEDDINGS, check_rate_per_caller=0.001,
                                                check_burst_per_caller=48))  # 3 items x 16
     faces = FaceGenerator(seed=23)
@@ -654,9 +655,10 @@ def test_a_replicas_stream_items_go_to_the_primary_while_its_store_is_released(s
             assert [m.registration.registration_id for m in reply.matches][:1] == [
                 f"k{number}"]
 
-    def checks_on_the_primary() -> float:
-        return value(scrape(server.metrics_port), "dedup_requests_total", method="Check",
-                     status="OK")
+    def checks_on_the_primary() -> int:  # the replicas' items sent there as Checks
+        return sum(1 for record in caplog.records if record.name == "dedup.access"
+                   and getattr(record, "method", None) == "Check"
+                   and getattr(record, "status", None) == "OK")
 
     checked_by_every_stream(0)  # every stream open, on the process it reached
     before = checks_on_the_primary()
@@ -771,6 +773,42 @@ def test_streams_cut_by_a_stop_end_between_items_on_every_process(start):
             assert ids == [f"e{stream}-{i}" for i in range(len(ids))]
             stub.GetRegistration(pb.GetRegistrationRequest(registration_id=ids[-1]),
                                  timeout=30)
+
+
+def test_the_primarys_metrics_count_what_every_process_served_once(start):
+    """/metrics is the primary's, and adds its replicas' counts: a Check a replica answered
+    is counted, and a call it relayed is counted once (where its client called), not again
+    by the primary."""
+    server = start(metrics_address="127.0.0.1:0")
+    faces = FaceGenerator(seed=24)
+    person = faces.persons(1)[0]
+    enrolled = {"primary": 0, "replica-1>primary": 0}
+    for attempt in range(TRIES):
+        with fresh_channel(server.address) as ch:
+            path = ">".join(served_by(enroll(ch, f"m{attempt}", f"IDM{attempt}", person)))
+        enrolled[path] += 1
+        if min(enrolled.values()) and sum(enrolled.values()) >= 4:
+            break
+    assert min(enrolled.values()) >= 1, enrolled
+    checked = on_every_process(server.address, finds("m0", faces.capture(person)))
+    assert set(checked) == PROCESSES
+    checks = sum(checked.values())
+    expected = {
+        ("dedup_requests_total", "Enroll", "OK"): sum(enrolled.values()),
+        ("dedup_requests_total", "Check", "OK"): checks,
+        ("dedup_request_seconds_count", "Check", None): checks,
+    }
+    deadline = time.monotonic() + 30
+    while True:  # a call is counted as it ends, after its answer went out
+        samples = scrape(server.metrics_port)
+        seen = {key: value(samples, key[0], method=key[1], **({"status": key[2]}
+                                                              if key[2] else {}))
+                for key in expected}
+        if seen == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert seen == expected
+    assert value(samples, "dedup_verdicts_total", verdict="DUPLICATE_IDENTITY") == checks
 
 
 class _TwoHoursOn(datetime):

@@ -32,6 +32,7 @@ import logging
 import multiprocessing
 import os
 import secrets
+import shutil
 import signal
 import socket
 import threading
@@ -47,7 +48,7 @@ from dedup.core.errors import ConfigError, StartupError
 from dedup.core.logs import JsonFormatter, configure_logging
 from dedup.core.settings import ServerConfig
 from dedup.gallery.embedded.gallery import EmbeddedGallery
-from dedup.gallery.embedded.layout import CHECK_RATES_FILE, FORWARD_SOCKET
+from dedup.gallery.embedded.layout import CHECK_RATES_FILE, FORWARD_SOCKET, REPLICA_METRICS_DIR
 from dedup.server import DedupServer, Forwarding, create_replica_server, create_server
 
 log = logging.getLogger("dedup.server")
@@ -79,13 +80,23 @@ def create_servers(config: ServerConfig, address: str, processes: int
         _refuse_a_taken_port(config.security.token_address)
     data_dir = Path(config.store.data_dir).resolve()
     forwarding = Forwarding(data_dir / FORWARD_SOCKET, secrets.token_hex(32),
-                            data_dir / CHECK_RATES_FILE)
+                            data_dir / CHECK_RATES_FILE, data_dir / REPLICA_METRICS_DIR)
     primary, port = create_server(config, address, forwarding)
+    _empty_metrics_dir(forwarding.metrics)  # the data directory is the primary's now
+    primary.metrics.add_replicas(forwarding.metrics)
     gallery = primary.gallery
     assert isinstance(gallery, EmbeddedGallery)
     replicas = ReplicaSet(_replica_config(config, primary.token_port),
                           f"{_host(address)}:{port}", forwarding, processes - 1, gallery)
     return MultiProcessServer(primary, replicas), port
+
+
+def _empty_metrics_dir(directory: Path) -> None:
+    """The replicas' metrics files start anew with the server (a replica started again
+    keeps the files of the one before: its counts are not lost)."""
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(mode=0o700)
 
 
 def _refuse_a_taken_port(address: str) -> None:

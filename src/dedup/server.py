@@ -30,7 +30,7 @@ from dedup.api.face_dedup import FaceDedupServicer
 from dedup.api.forward import Primary, add_replica_service
 from dedup.api.index_admin import IndexAdminServicer
 from dedup.api.investigate import InvestigateServicer
-from dedup.api.metrics import Metrics
+from dedup.api.metrics import Metrics, write_to_files
 from dedup.api.observe import CallObserver
 from dedup.api.rate_limit import SharedCallerRate
 from dedup.api.transport import Transport
@@ -136,6 +136,7 @@ class Forwarding:
     socket: Path
     secret: str
     rates: Path  # the desks' check-rate buckets every process maps (api/rate_limit.py)
+    metrics: Path  # the replicas' counts, which the primary's /metrics adds to its own
 
 
 def create_server(config: ServerConfig, address: str = "127.0.0.1:0",
@@ -201,9 +202,11 @@ def create_replica_server(config: ServerConfig, address: str, forwarding: Forwar
     on the primary's `address` (SO_REUSEPORT), answering Checks from a ReplicaGallery and
     relaying every other call to the primary (api/forward.py). Returns the server (not
     started), its gallery (the store not open yet: the primary opens it) and its port.
-    Metrics and audit anchoring are the primary's."""
+    Its counters and histograms go to files the primary's /metrics adds to its own; audit
+    anchoring is the primary's."""
     config = dataclasses.replace(config, metrics_address=None, audit_anchor_file=None)
     limit_numpy_blas(config.numpy_blas_threads)
+    write_to_files(forwarding.metrics)  # this process is a replica: for good
     metrics = Metrics()
     embedder = _embedder(config, metrics)
     gallery = ReplicaGallery(config.store, embedder.model_id, index_config(config), pin)

@@ -86,6 +86,15 @@ class Authorizer:
         self.security = security
         self.forward_secret = forward_secret
 
+    def relayed(self, context: grpc.ServicerContext) -> bool:
+        """Whether a replica of this server relayed the call (it names the primary's
+        secret): the replica counts the call in the metrics, this process does not."""
+        if self.forward_secret is None:
+            return False
+        secret = dict(context.invocation_metadata() or ()).get(FORWARD_SECRET_KEY)
+        return isinstance(secret, str) and hmac.compare_digest(secret.encode(),
+                                                               self.forward_secret.encode())
+
     def caller(self, context: grpc.ServicerContext) -> Caller:
         """The authenticated caller, or Unauthenticated."""
         if self.security is None:

@@ -89,6 +89,8 @@ class Gate:
         """Runs `body` for an admitted call (CALLER set); whatever ends the call becomes its
         status, counted and logged before it is sent."""
         with self.observer.call(method.name, context) as observed:
+            # A call a replica relayed is counted there, where its client called.
+            observed.counted = not self.admission.authorizer.relayed(context)
             try:
                 caller = self.admission.admit(method, context)
             except DedupError as error:

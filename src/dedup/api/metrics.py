@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server, values
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from dedup.gallery.base import Gallery
 
@@ -23,6 +27,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._replicas: Path | None = None
         self.requests = Counter("dedup_requests", "RPCs answered, by method and status",
                                 ["method", "status"], registry=self.registry)
         self.latency = Histogram("dedup_request_seconds", "RPC latency, by method",
@@ -59,12 +64,62 @@ class Metrics:
     def watch_gallery(self, gallery: Gallery) -> None:
         self.registry.register(_GalleryCollector(gallery))
 
+    def add_replicas(self, directory: Path) -> None:
+        """A multi-process server's primary: /metrics adds the counts of its replicas, which
+        write them to `directory` (`write_to_files`)."""
+        self._replicas = directory
+
     def serve(self, address: str) -> tuple[Any, int]:
         """Starts the /metrics HTTP server on HOST:PORT (port 0 picks one)."""
         host, _, port = address.rpartition(":")
-        server, _thread = start_http_server(int(port), host or "127.0.0.1",
-                                            registry=self.registry)
+        exposed = self.registry
+        if self._replicas is not None:
+            exposed = CollectorRegistry()
+            exposed.register(_WithReplicas(self.registry, self._replicas))
+        server, _thread = start_http_server(int(port), host or "127.0.0.1", registry=exposed)
         return server, int(server.server_port)
+
+
+def write_to_files(directory: Path) -> None:
+    """A replica process, before its Metrics are made: its counters and histograms are kept
+    in prometheus-client's multiprocess files in `directory`, where the primary reads them.
+    The library takes the directory from the environment, and its kind of value when a
+    metric is made (values.get_value_class, otherwise run once at its import)."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+
+
+class _WithReplicas(Collector):
+    """The primary's metrics, each counter and histogram summed with its replicas' (same
+    name and labels), so that /metrics counts the whole server."""
+
+    def __init__(self, own: CollectorRegistry, replicas: Path) -> None:
+        self.own = own
+        self.replicas = replicas
+
+    def collect(self) -> Iterator[Metric]:
+        files = MultiProcessCollector(None, path=str(self.replicas))  # type: ignore[no-untyped-call]
+        theirs = {family.name: family for family in files.collect()}  # type: ignore[no-untyped-call]
+        for family in self.own.collect():
+            other = theirs.get(family.name)
+            if other is None or family.type not in ("counter", "histogram"):
+                yield family
+                continue
+            yield _summed(family, other)
+
+
+def _summed(own: Metric, theirs: Metric) -> Metric:
+    totals: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for sample in (*own.samples, *theirs.samples):
+        key = (sample.name, tuple(sorted(sample.labels.items())))
+        if sample.name.endswith("_created"):  # the primary's start; replicas have none
+            totals.setdefault(key, sample.value)
+        else:
+            totals[key] = totals.get(key, 0.0) + sample.value
+    summed = Metric(own.name, own.documentation, own.type, own.unit)
+    summed.samples = [Sample(name, dict(labels), value)
+                      for (name, labels), value in totals.items()]
+    return summed
 
 
 class _GalleryCollector(Collector):

@@ -48,6 +48,7 @@ class ObservedCall:
         self.context = context  # the call's grpc.aio.ServicerContext
         self.started = time.perf_counter()
         self.recorded = False
+        self.counted = True  # in the request count and latency (else only logged)
 
     async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
         """Ends the call with `code`, counted and logged before the status is sent."""
@@ -60,8 +61,9 @@ class ObservedCall:
             return
         self.recorded = True
         seconds = time.perf_counter() - self.started
-        self.metrics.requests.labels(self.method, status).inc()
-        self.metrics.latency.labels(self.method).observe(seconds)
+        if self.counted:
+            self.metrics.requests.labels(self.method, status).inc()
+            self.metrics.latency.labels(self.method).observe(seconds)
         access_log.info("%s %s %.1f ms", self.method, status, seconds * 1000,
                         extra={"method": self.method, "status": status,
                                "duration_ms": round(seconds * 1000, 3),

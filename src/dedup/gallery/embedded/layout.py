@@ -13,6 +13,9 @@ REBUILD_FILE = "index.ckpt.rebuild"  # a live rebuild's index until it is swappe
 LOCK_FILE = "dedup.lock"  # held by the process that has the directory open for writing
 FORWARD_SOCKET = "forward.sock"  # `serve --processes N`: the primary's socket for replicas
 CHECK_RATES_FILE = "check-rates"  # `serve --processes N`: the desks' check rates, shared
+# `serve --processes N`: the replicas' counters and histograms (prometheus-client's
+# multiprocess files), which the primary's /metrics adds to its own
+REPLICA_METRICS_DIR = "replica-metrics"
 # `dedup backup`: in DEST from its start until it finished; a directory holding it is no
 # backup (it may hold registrations erased since) and is refused.
 UNFINISHED_BACKUP = "BACKUP-NOT-FINISHED"
