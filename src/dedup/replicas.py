@@ -82,7 +82,11 @@ def create_servers(config: ServerConfig, address: str, processes: int
     forwarding = Forwarding(data_dir / FORWARD_SOCKET, secrets.token_hex(32),
                             data_dir / CHECK_RATES_FILE, data_dir / REPLICA_METRICS_DIR)
     primary, port = create_server(config, address, forwarding)
-    _empty_metrics_dir(forwarding.metrics)  # the data directory is the primary's now
+    try:
+        _empty_metrics_dir(forwarding.metrics)  # the data directory is the primary's now
+    except BaseException:
+        primary.stop(0)
+        raise
     primary.metrics.add_replicas(forwarding.metrics)
     gallery = primary.gallery
     assert isinstance(gallery, EmbeddedGallery)
@@ -487,6 +491,7 @@ def _log_setup() -> tuple[str, bool]:
 def replica_main(args: ReplicaArgs, connection: Connection) -> None:
     """A replica process: serves until the primary says stop, or its pipe ends."""
     stopping = threading.Event()
+    os.umask(0o077)  # what it writes in the data directory (its metrics) is private
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the primary's
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     configure_logging(args.log_level, args.json_lines)

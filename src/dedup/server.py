@@ -204,9 +204,10 @@ def create_replica_server(config: ServerConfig, address: str, forwarding: Forwar
     started), its gallery (the store not open yet: the primary opens it) and its port.
     Its counters and histograms go to files the primary's /metrics adds to its own; audit
     anchoring is the primary's."""
+    if config.metrics_address is not None:  # the primary serves them: this process's, for good
+        write_to_files(forwarding.metrics, f"replica{number}")
     config = dataclasses.replace(config, metrics_address=None, audit_anchor_file=None)
     limit_numpy_blas(config.numpy_blas_threads)
-    write_to_files(forwarding.metrics)  # this process is a replica: for good
     metrics = Metrics()
     embedder = _embedder(config, metrics)
     gallery = ReplicaGallery(config.store, embedder.model_id, index_config(config), pin)

@@ -89,7 +89,7 @@ class Authorizer:
     def relayed(self, context: grpc.ServicerContext) -> bool:
         """Whether a replica of this server relayed the call (it names the primary's
         secret): the replica counts the call in the metrics, this process does not."""
-        if self.forward_secret is None:
+        if self.forward_secret is None or not str(context.peer()).startswith("unix:"):
             return False
         secret = dict(context.invocation_metadata() or ()).get(FORWARD_SECRET_KEY)
         return isinstance(secret, str) and hmac.compare_digest(secret.encode(),

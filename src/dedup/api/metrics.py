@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,8 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from dedup.gallery.base import Gallery
+
+log = logging.getLogger("dedup.server")
 
 _LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 # Why a call was refused before its work ran (api/admission.py), or ended waiting for its
@@ -74,19 +77,21 @@ class Metrics:
         host, _, port = address.rpartition(":")
         exposed = self.registry
         if self._replicas is not None:
-            exposed = CollectorRegistry()
+            # without names: a filtered scrape (?name[]=...) asks it too
+            exposed = CollectorRegistry(support_collectors_without_names=True)
             exposed.register(_WithReplicas(self.registry, self._replicas))
         server, _thread = start_http_server(int(port), host or "127.0.0.1", registry=exposed)
         return server, int(server.server_port)
 
 
-def write_to_files(directory: Path) -> None:
+def write_to_files(directory: Path, name: str) -> None:
     """A replica process, before its Metrics are made: its counters and histograms are kept
-    in prometheus-client's multiprocess files in `directory`, where the primary reads them.
-    The library takes the directory from the environment, and its kind of value when a
-    metric is made (values.get_value_class, otherwise run once at its import)."""
+    in prometheus-client's multiprocess files in `directory` (named by `name`, so that a
+    replica started again goes on in the files of the one before), where the primary reads
+    them. The library takes the directory from the environment, and its kind of value when
+    each metric is made (values.ValueClass)."""
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
-    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+    values.ValueClass = values.MultiProcessValue(lambda: name)  # type: ignore[no-untyped-call]
 
 
 class _WithReplicas(Collector):
@@ -98,8 +103,7 @@ class _WithReplicas(Collector):
         self.replicas = replicas
 
     def collect(self) -> Iterator[Metric]:
-        files = MultiProcessCollector(None, path=str(self.replicas))  # type: ignore[no-untyped-call]
-        theirs = {family.name: family for family in files.collect()}  # type: ignore[no-untyped-call]
+        theirs = self._replicas()
         for family in self.own.collect():
             other = theirs.get(family.name)
             if other is None or family.type not in ("counter", "histogram"):
@@ -108,14 +112,27 @@ class _WithReplicas(Collector):
             yield _summed(family, other)
 
 
+    def _replicas(self) -> dict[str, Metric]:
+        """The replicas' families by name; none when their files cannot be read (the
+        primary's own metrics are still served). A file being created is empty a moment."""
+        try:
+            files = [str(path) for path in self.replicas.glob("*.db") if path.stat().st_size]
+            merged = MultiProcessCollector.merge(files)  # type: ignore[no-untyped-call]
+        except Exception:  # a scrape must not fail for them
+            log.warning("cannot read the replicas' metrics in %s", self.replicas, exc_info=True)
+            return {}
+        return {family.name: family for family in merged}
+
+
 def _summed(own: Metric, theirs: Metric) -> Metric:
+    """The samples of both, added by name and labels. Without `_created`: the replicas have
+    none, and the primary's would date series it first served after a replica had."""
     totals: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
     for sample in (*own.samples, *theirs.samples):
+        if sample.name.endswith("_created"):
+            continue
         key = (sample.name, tuple(sorted(sample.labels.items())))
-        if sample.name.endswith("_created"):  # the primary's start; replicas have none
-            totals.setdefault(key, sample.value)
-        else:
-            totals[key] = totals.get(key, 0.0) + sample.value
+        totals[key] = totals.get(key, 0.0) + sample.value
     summed = Metric(own.name, own.documentation, own.type, own.unit)
     summed.samples = [Sample(name, dict(labels), value)
                       for (name, labels), value in totals.items()]
