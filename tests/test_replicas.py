@@ -666,6 +666,7 @@ def test_a_replicas_stream_items_go_to_the_primary_while_its_store_is_released(s
     with server.replicas.released():
         checked_by_every_stream(1)
     relayed = checks_on_the_primary() - before
+    assert server.replicas.wait_opened(60)  # the reopening is asked for, not waited for
     checked_by_every_stream(2)
     paths = Counter()
     for outbox, responses in streams:

@@ -238,6 +238,13 @@ class ReplicaSet:
         for replica in self._replicas:
             replica.end(deadline - time.monotonic())
 
+    def wait_opened(self, timeout: float) -> bool:
+        """Until every replica serves from the store again (a release's reopening is only
+        asked for); False when one does not within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        return all(replica.wait_opened(deadline - time.monotonic())
+                   for replica in self._replicas)
+
     def floor(self) -> int | None:
         """The oldest change a replica's index has yet to replay after."""
         pins = [pin for pin in self._pins if pin != _NO_PIN]
