@@ -9,6 +9,7 @@ index, not by relaying the call to the primary.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -439,45 +440,48 @@ def test_a_desk_checks_at_its_rate_whichever_process_its_connections_reach(start
     assert sum(admitted.values()) == 6, admitted
 
 
-def test_shared_check_rates_refill_and_outlast_a_full_table(tmp_path, monkeypatch):
-    monkeypatch.setattr(SharedCallerRate, "SLOTS", 2)
+@contextlib.contextmanager
+def rates_of_two_processes(path: Path, rate: float
+                           ) -> Iterator[tuple[SharedCallerRate, SharedCallerRate, list[float]]]:
+    """Two processes' views of one check-rate file (bursts of 2), on a clock the test moves."""
     now = [100.0]
-    first, second = (SharedCallerRate(tmp_path / "rates", 2.0, 2, create=create)
-                     for create in (True, False))
+    first, second = (SharedCallerRate(path, rate, 2, create=create) for create in (True, False))
     for rates in (first, second):
         rates.clock = lambda: now[0]
-    assert [first.admit("a"), second.admit("a"), first.admit("a")] == [True, True, False]
-    now[0] += 0.5  # one call's worth at 2 a second
-    assert [second.admit("a"), first.admit("a")] == [True, False]
-    assert first.admit("b")  # the second and last slot
-    # An identity past a full table is limited per process, as without the file.
-    assert [first.admit("c"), first.admit("c"), first.admit("c")] == [True, True, False]
-    assert second.admit("c")
-    first.close()
-    second.close()
+    try:
+        yield first, second, now
+    finally:
+        first.close()
+        second.close()
+
+
+def test_shared_check_rates_refill_and_outlast_a_full_table(tmp_path, monkeypatch):
+    monkeypatch.setattr(SharedCallerRate, "SLOTS", 2)
+    with rates_of_two_processes(tmp_path / "rates", 2.0) as (first, second, now):
+        assert [first.admit("a"), second.admit("a"), first.admit("a")] == [True, True, False]
+        now[0] += 0.5  # one call's worth at 2 a second
+        assert [second.admit("a"), first.admit("a")] == [True, False]
+        assert first.admit("b")  # the second and last slot
+        # An identity past a full table is limited per process, as without the file.
+        assert [first.admit("c"), first.admit("c"), first.admit("c")] == [True, True, False]
+        assert second.admit("c")
 
 
 def test_a_refund_gives_back_one_call_in_every_process_up_to_the_burst(tmp_path, monkeypatch):
     """A check refused before any of its work was done is given back to the desk's shared
     bucket, seen by every process; never past the burst; per process past a full table."""
     monkeypatch.setattr(SharedCallerRate, "SLOTS", 1)
-    now = [100.0]
-    first, second = (SharedCallerRate(tmp_path / "rates", 0.001, 2, create=create)
-                     for create in (True, False))
-    for rates in (first, second):
-        rates.clock = lambda: now[0]
-    assert [first.admit("a"), second.admit("a"), first.admit("a")] == [True, True, False]
-    second.refund("a")
-    assert [first.admit("a"), second.admit("a")] == [True, False]
-    for _ in range(5):
-        first.refund("a")
-    assert [second.admit("a"), first.admit("a"), second.admit("a")] == [True, True, False]
-    # past the full table: in its process
-    assert [first.admit("c"), first.admit("c"), first.admit("c")] == [True, True, False]
-    first.refund("c")
-    assert [first.admit("c"), first.admit("c")] == [True, False]
-    first.close()
-    second.close()
+    with rates_of_two_processes(tmp_path / "rates", 0.001) as (first, second, _):
+        assert [first.admit("a"), second.admit("a"), first.admit("a")] == [True, True, False]
+        second.refund("a")
+        assert [first.admit("a"), second.admit("a")] == [True, False]
+        for _ in range(5):
+            first.refund("a")
+        assert [second.admit("a"), first.admit("a"), second.admit("a")] == [True, True, False]
+        # past the full table: in its process
+        assert [first.admit("c"), first.admit("c"), first.admit("c")] == [True, True, False]
+        first.refund("c")
+        assert [first.admit("c"), first.admit("c")] == [True, False]
 
 
 def test_audited_checks_are_relayed_and_recorded_once(start, keys):

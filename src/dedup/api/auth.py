@@ -89,11 +89,16 @@ class Authorizer:
     def relayed(self, context: grpc.ServicerContext) -> bool:
         """Whether a replica of this server relayed the call (it names the primary's
         secret): the replica counts the call in the metrics, this process does not."""
-        if self.forward_secret is None or not str(context.peer()).startswith("unix:"):
+        if self.forward_secret is None:
             return False
         secret = dict(context.invocation_metadata() or ()).get(FORWARD_SECRET_KEY)
-        return isinstance(secret, str) and hmac.compare_digest(secret.encode(),
-                                                               self.forward_secret.encode())
+        return secret is not None and self._from_a_replica(context, secret)
+
+    def _from_a_replica(self, context: grpc.ServicerContext, secret: object) -> bool:
+        """The call came over the replicas' socket and names the primary's secret."""
+        assert self.forward_secret is not None
+        return str(context.peer()).startswith("unix:") and isinstance(secret, str) and \
+            hmac.compare_digest(secret.encode(), self.forward_secret.encode())
 
     def caller(self, context: grpc.ServicerContext) -> Caller:
         """The authenticated caller, or Unauthenticated."""
@@ -120,10 +125,7 @@ class Authorizer:
         secret = metadata.get(FORWARD_SECRET_KEY)
         if secret is None:
             return None
-        if not str(context.peer()).startswith("unix:"):  # the replicas' socket only
-            raise Unauthenticated("a forwarded call must come from a replica of this server")
-        if not isinstance(secret, str) or not hmac.compare_digest(
-                secret.encode(), self.forward_secret.encode()):
+        if not self._from_a_replica(context, secret):
             raise Unauthenticated("a forwarded call must come from a replica of this server")
         try:
             identity, role, via, *rest = json.loads(str(metadata.get(FORWARDED_CALLER_KEY)))

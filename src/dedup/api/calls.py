@@ -205,8 +205,8 @@ class Call:
                     # the servicer takes a request next (an EnrollStream's step answers a
                     # batch already stored: never refused halfway)
                     await self._next_request(feed)
-                    if not feed.ended:  # one whose client ended is answered to its end
-                        self._end_if_draining(written)
+                    if self.gate.draining and not feed.ended:  # an ended one is answered
+                        raise self.shutting_down(written)
                     self._refuse_if_expired()
                 response = await self.work.step(responses)
                 if isinstance(response, End):
@@ -234,10 +234,6 @@ class Call:
             raise Aborted(grpc.StatusCode.DEADLINE_EXCEEDED,
                           f"{self.method.name}: the client read no response within "
                           f"{seconds:g} s (stream_idle_timeout_s)") from None
-
-    def _end_if_draining(self, answered: int) -> None:
-        if self.gate.draining:
-            raise self.shutting_down(answered)
 
     def shutting_down(self, answered: int) -> Aborted:
         """UNAVAILABLE for a request stream the server's stop ends, between two items."""

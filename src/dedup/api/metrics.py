@@ -111,7 +111,6 @@ class _WithReplicas(Collector):
                 continue
             yield _summed(family, other)
 
-
     def _replicas(self) -> dict[str, Metric]:
         """The replicas' families by name; none when their files cannot be read (the
         primary's own metrics are still served). A file being created is empty a moment."""
