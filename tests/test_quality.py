@@ -20,6 +20,7 @@ from photos import GDP, YAOMING, Crop, cut_single_faces
 
 from dedup.core.errors import InvalidArgument
 from dedup.core.settings import CaptureRules
+from dedup.face import quality as face_quality
 from dedup.face.embedder import choose_face
 from dedup.face.quality import Gate, Quality, Scores, assess
 
@@ -167,6 +168,64 @@ def test_jpeg_blocks_off_the_photos_grid_are_still_found(
     assert off_grid.measures.blockiness > 3.0
     assert off_grid.measures.blockiness > aligned.measures.blockiness - 1.0
     assert refusal(off_grid).startswith("compression ")
+
+
+def resized(image: Image, factor: float) -> Image:
+    h, w = image.shape[:2]
+    shrinking = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+    return cv2.resize(image, (round(w * factor), round(h * factor)), interpolation=shrinking)
+
+
+@pytest.mark.parametrize("factor", [1.1, 1.25, 1.5, 2.0])
+def test_a_jpeg_enlarged_after_compression_is_refused(
+        quality_of: Measure, yao: Image, factor: float) -> None:
+    # Enlarged after its compression, a JPEG's blocks are factor x 8 px apart: measured on
+    # an 8-px grid alone they read 0.9-2.1 and passed (in place: 4.1).
+    compressed = measured(quality_of, reencoded(resized(reencoded(yao, 5), factor)))
+    assert compressed.measures.blockiness > 2.42  # the default minimum's
+    assert refusal(compressed).startswith("compression ")
+
+
+@pytest.mark.parametrize("factor", [0.8, 0.9])
+def test_a_jpeg_shrunk_after_compression_reads_as_compressed(
+        quality_of: Measure, yao: Image, factor: float) -> None:
+    # Shrinking averages part of each block's edge away: it reads 2.0-2.2, under the gate's
+    # minimum, where the 8-px grid alone read 1.1-1.2, as uncompressed.
+    compressed = measured(quality_of, reencoded(resized(reencoded(yao, 5), factor)))
+    plain = measured(quality_of, reencoded(resized(yao, factor)))
+    assert compressed.measures.blockiness > 1.9
+    assert compressed.scores.compression < 60 < 90 < plain.scores.compression
+
+
+@pytest.mark.parametrize("factor", [0.6, 0.8, 1.25, 1.5, 2.0])
+def test_an_uncompressed_photo_resized_is_not_taken_for_a_compressed_one(
+        quality_of: Measure, yao: Image, factor: float) -> None:
+    plain = measured(quality_of, reencoded(resized(yao, factor)))
+    assert plain.measures.blockiness < 1.3
+    assert plain.scores.compression > 90
+
+
+@pytest.mark.parametrize("period", [6.4, 10.0, 12.0])
+def test_steps_repeating_along_one_axis_are_no_resized_grid(period: float) -> None:
+    # A resize scales both axes alike; stripes behind a face, or a face's rows of brows,
+    # eyes and mouth, repeat along one. Steps of 40 on a grid of `period` px, noise of 2.
+    rng = np.random.default_rng(7)
+    noise = np.abs(rng.normal(0.0, 2.0, (2, 200, 200)))
+    on_grid = np.abs((np.arange(200) + period / 2) % period - period / 2) <= 0.5
+    across = noise[0] + 40.0 * on_grid[None, :]
+    assert face_quality._resized_step_ratio(across, noise[1] + 40.0 * on_grid[None, :]) > 5.0
+    assert face_quality._resized_step_ratio(across, noise[1]) == 1.0
+    elsewhere = np.abs((np.arange(200) + 4.0) % 9.0 - 4.5) <= 0.5  # another period
+    assert face_quality._resized_step_ratio(across, noise[1] + 40.0 * elsewhere[None, :]) == 1.0
+
+
+def test_face_regions_of_every_small_size_are_measured() -> None:
+    # The resized grid's search once had no period to try on a 25-px region (24 lines
+    # hold no five lines of a 4.8-px grid) and raised: the photo's call failed INTERNAL.
+    rng = np.random.default_rng(3)
+    for side in range(25, 64):
+        pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        assert math.isfinite(face_quality._blockiness(pixels, (0.0, 0.0, side, side)))
 
 
 def test_downscaling_lowers_face_size_and_inter_eye_distance(
