@@ -25,14 +25,15 @@ sharpness       share of the aligned face's gradient energy (Sobel) lost  L(x; 0
                 fine detail left to lose)
 compression     8x8 blockiness: mean |step| across the 8-px grid lines   L(x; 2.0, -0.3)
                 (each axis at its strongest phase: a crop moves the
-                grid) / mean |step| elsewhere, on the face (1.1-1.4
-                uncompressed: the strongest phase's own noise;
-                JPEG quality 30: about 1.5, 10: 2.2, 5: 3); or, if
-                higher, the same on the grid of the period both axes'
-                steps repeat at, 4.8-16 px: a JPEG resized after its
-                compression has its blocks 8 x the factor apart (quality
-                5 enlarged 1.1-2x: 2.6-3.4; shrunk 0.8-0.9x, which
-                averages part of each edge away: 2.0-2.2)
+                grid) / mean |step| elsewhere, on the face, of the
+                weaker axis: blocks raise both, stripes behind a face
+                one (1.0-1.4 uncompressed: the strongest phase's own
+                noise; JPEG quality 30: about 1.5, 10: 2.2, 5: 3); or,
+                if higher, the same on the grid of the period both
+                axes' steps repeat at, 4.8-16 px: a JPEG resized after
+                its compression has its blocks 8 x the factor apart
+                (quality 5 enlarged 1.1-2x: 2.6-3.4; shrunk 0.8-0.9x,
+                which averages part of each edge away: 2.0-2.2)
 roll, yaw,      head pose from the five landmarks (degrees; roll: eye     100 cos^2(angle),
 pitch           line; yaw: nose off the eye-mouth midline; pitch: nose    0 from 90 degrees
                 between eye and mouth lines), rough: +-15 degrees
@@ -228,7 +229,7 @@ def _resized_grid(lines: _Floats) -> tuple[float, float] | None:
     harmonics = sum(power[_folded(k * bins)] for k in (1, 2, 3))
     period = _SPECTRUM / float(bins[int(np.argmax(harmonics))])
     grids = [(p, _phase(spikes, p)) for p in (period, 2 * period) if p <= longest]
-    return max(grids, key=lambda grid: _ratio_on(lines, *grid))
+    return max(grids, key=lambda grid: _axis_ratio(_steps_on(lines, *grid)))
 
 
 def _folded(bins: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
@@ -247,11 +248,6 @@ def _steps_on(lines: _Floats, period: float, phase: float) -> tuple[float, float
     offset = (np.arange(lines.size) - phase) % period
     on_grid = np.minimum(offset, period - offset) <= 0.5
     return float(lines[on_grid].mean()), float(lines[~on_grid].mean())
-
-
-def _ratio_on(lines: _Floats, period: float, phase: float) -> float:
-    at, inside = _steps_on(lines, period, phase)
-    return (at + 0.25) / (inside + 0.25)
 
 
 def _resized_step_ratio(across: _Floats, down: _Floats) -> float:
@@ -273,13 +269,20 @@ def _spikes(lines: _Floats) -> _Floats:
 
 
 def _step_ratio(*axes: tuple[float, float]) -> float:
-    (across_at, across_inside), (down_at, down_inside) = axes
-    return (across_at + down_at + 0.5) / (across_inside + down_inside + 0.5)
+    """The weaker axis's steps on the grid over steps elsewhere: a JPEG's blocks raise the
+    grid's lines across and down alike, stripes behind a face only those along one."""
+    return min(_axis_ratio(steps) for steps in axes)
+
+
+def _axis_ratio(steps: tuple[float, float]) -> float:
+    at, inside = steps
+    return (at + 0.25) / (inside + 0.25)
 
 
 def _blockiness(pixels: Pixels, box: tuple[float, float, float, float]) -> float:
-    """Steps across a JPEG's block grid over steps elsewhere, on the face in the photo: the
-    8-px grid, or the grid of a JPEG resized after its compression if that reads higher."""
+    """Steps on a JPEG's block grid over steps elsewhere, on the face in the photo, of the
+    weaker axis: the 8-px grid, or the grid of a JPEG resized after its compression if that
+    reads higher."""
     x1, y1, x2, y2 = box
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
     half_w = min((x2 - x1) * 0.6, _BLOCK_WINDOW / 2)
