@@ -193,7 +193,7 @@ def test_a_jpeg_shrunk_after_compression_reads_as_compressed(
     # minimum, where the 8-px grid alone read 1.1-1.2, as uncompressed.
     compressed = measured(quality_of, reencoded(resized(reencoded(yao, 5), factor)))
     plain = measured(quality_of, reencoded(resized(yao, factor)))
-    assert compressed.measures.blockiness > 1.9
+    assert compressed.measures.blockiness > 1.8
     assert compressed.scores.compression < 60 < 90 < plain.scores.compression
 
 
@@ -208,15 +208,19 @@ def test_an_uncompressed_photo_resized_is_not_taken_for_a_compressed_one(
 @pytest.mark.parametrize("period", [6.4, 10.0, 12.0])
 def test_steps_repeating_along_one_axis_are_no_resized_grid(period: float) -> None:
     # A resize scales both axes alike; stripes behind a face, or a face's rows of brows,
-    # eyes and mouth, repeat along one. Steps of 40 on a grid of `period` px, noise of 2.
-    rng = np.random.default_rng(7)
-    noise = np.abs(rng.normal(0.0, 2.0, (2, 200, 200)))
+    # eyes and mouth, repeat along one. Steps of 40 on a grid of `period` px, noise of 2;
+    # the noise's own strongest period falls within 3% of the stripes' for a few seeds.
     on_grid = np.abs((np.arange(200) + period / 2) % period - period / 2) <= 0.5
-    across = noise[0] + 40.0 * on_grid[None, :]
-    assert face_quality._resized_step_ratio(across, noise[1] + 40.0 * on_grid[None, :]) > 5.0
-    assert face_quality._resized_step_ratio(across, noise[1]) == 1.0
     elsewhere = np.abs((np.arange(200) + 4.0) % 9.0 - 4.5) <= 0.5  # another period
-    assert face_quality._resized_step_ratio(across, noise[1] + 40.0 * elsewhere[None, :]) == 1.0
+    whole = (slice(None), slice(None))
+    for seed in range(50):
+        noise = np.abs(np.random.default_rng(seed).normal(0.0, 2.0, (2, 200, 200)))
+        across = noise[0] + 40.0 * on_grid[None, :]
+        grid = noise[1] + 40.0 * on_grid[None, :]
+        assert face_quality._resized_step_ratio(across, grid, whole) > 5.0
+        assert face_quality._resized_step_ratio(across, noise[1], whole) < 1.1
+        other = noise[1] + 40.0 * elsewhere[None, :]
+        assert face_quality._resized_step_ratio(across, other, whole) < 1.1
 
 
 def striped_behind(image: Image, period: int, rows: bool) -> Image:
@@ -242,13 +246,32 @@ def test_stripes_behind_a_face_are_no_compression(
     assert Gate().failure(striped) is None
 
 
+@pytest.mark.parametrize("period", [10, 12, 14])
+def test_tiles_behind_a_face_are_no_compression(
+        quality_of: Measure, yao: Image, period: int) -> None:
+    # Grout lines every `period` px on both axes, as a resized JPEG's grid: but a JPEG's grid
+    # covers the face too, and a wall's stops at it (read 2.4-2.8 and refused before).
+    h, w = yao.shape[:2]
+    y, x = np.mgrid[0:h, 0:w]
+    outside = ((x - 124.0) / 53.0) ** 2 + ((y - 143.0) / 77.0) ** 2 > 1.0
+    grout = outside & ((x % period == 0) | (y % period == 0))
+    tiled = yao.astype(np.int16)
+    tiled[grout] -= 40
+    tiles = measured(quality_of, reencoded(np.clip(tiled, 0, 255).astype(np.uint8)))
+    assert tiles.measures.blockiness < 1.6
+    assert Gate().failure(tiles) is None
+
+
 def test_face_regions_of_every_small_size_are_measured() -> None:
     # The resized grid's search once had no period to try on a 25-px region (24 lines
     # hold no five lines of a 4.8-px grid) and raised: the photo's call failed INTERNAL.
     rng = np.random.default_rng(3)
     for side in range(25, 64):
-        pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
-        assert math.isfinite(face_quality._blockiness(pixels, (0.0, 0.0, side, side)))
+        for height, width in ((side, side), (side, 256), (256, side)):
+            pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            box = (0.0, 0.0, float(width), float(height))
+            assert math.isfinite(face_quality._blockiness(pixels, box))
+    assert math.isnan(face_quality._blockiness(pixels, (math.nan, 0.0, 40.0, 40.0)))
 
 
 def test_downscaling_lowers_face_size_and_inter_eye_distance(

@@ -30,10 +30,12 @@ compression     8x8 blockiness: mean |step| across the 8-px grid lines   L(x; 2.
                 one (1.0-1.4 uncompressed: the strongest phase's own
                 noise; JPEG quality 30: about 1.5, 10: 2.2, 5: 3); or,
                 if higher, the same on the grid of the period both
-                axes' steps repeat at, 4.8-16 px: a JPEG resized after
-                its compression has its blocks 8 x the factor apart
-                (quality 5 enlarged 1.1-2x: 2.6-3.4; shrunk 0.8-0.9x,
-                which averages part of each edge away: 2.0-2.2)
+                axes' steps repeat at, 4.8-16 px (at most a fifth of the
+                window), where the face itself shows it too: a JPEG
+                resized after its compression has its blocks 8 x the
+                factor apart (quality 5 enlarged 1.1-2x: 2.6-3.4; shrunk
+                0.8-0.9x, which averages part of each edge away:
+                2.0-2.2), over the whole photo, tiles behind a face not
 roll, yaw,      head pose from the five landmarks (degrees; roll: eye     100 cos^2(angle),
 pitch           line; yaw: nose off the eye-mouth midline; pitch: nose    0 from 90 degrees
                 between eye and mouth lines), rough: +-15 degrees
@@ -88,6 +90,10 @@ _FACE = (slice(30, 106), slice(22, 90))  # in the 112x112 aligned crop
 _HALF = 34  # columns of the face region's left half
 _UNDER, _OVER = 15, 247
 _BLOCK_WINDOW = 256
+_FACE_INSET = 0.1  # of the box on each side: the face itself, without background
+# A resized grid's ratio on the face itself: uncompressed faces, and faces before tiles or
+# shelves, read 0.85-1.2 there; JPEGs at quality 5 resized by 0.8-2x 1.7-3.0.
+_ON_FACE_MINIMUM = 1.4
 _RESIZED_PERIODS = (4.8, 16.0)  # px: an 8-px grid resized by 0.6-2x
 _SPECTRUM = 4096  # points of the steps' spectrum: a period's bin 0.006-0.06 px wide
 # Depth of the nose tip in front of the eyes, in half inter-eye distances (a mean face);
@@ -247,13 +253,16 @@ def _steps_on(lines: _Floats, period: float, phase: float) -> tuple[float, float
     """The mean step on the grid's lines (each one's nearest column), and elsewhere."""
     offset = (np.arange(lines.size) - phase) % period
     on_grid = np.minimum(offset, period - offset) <= 0.5
+    if on_grid.all() or not on_grid.any():  # too few lines to tell
+        return 1.0, 1.0
     return float(lines[on_grid].mean()), float(lines[~on_grid].mean())
 
 
-def _resized_step_ratio(across: _Floats, down: _Floats) -> float:
-    """_step_ratio on the grid of a JPEG resized after its compression, 1.0 when the two
-    axes do not repeat at one period (within 3%): a resize scales both alike, while
-    stripes behind a face, or the rows of brows, eyes and mouth, repeat along one."""
+def _resized_step_ratio(across: _Floats, down: _Floats, face: tuple[slice, slice]) -> float:
+    """_step_ratio on the grid of a JPEG resized after its compression; 1.0 when the two axes
+    do not repeat at one period (within 3%: a resize scales both alike), or when the face
+    itself does not show that grid. A JPEG's grid covers the whole photo; tiles or shelves
+    behind the face, which repeat along both axes too, stop at it."""
     lines = across.mean(axis=0), down.mean(axis=0)
     grid_across, grid_down = (_resized_grid(axis) for axis in lines)
     if grid_across is None or grid_down is None:
@@ -261,7 +270,18 @@ def _resized_step_ratio(across: _Floats, down: _Floats) -> float:
     longer = max(grid_across[0], grid_down[0])
     if abs(grid_across[0] - grid_down[0]) > 0.03 * longer:
         return 1.0
+    rows, columns = face
+    on_face = (_steps_on(across[rows, columns].mean(axis=0), *_shifted(grid_across, columns)),
+               _steps_on(down[columns, rows].mean(axis=0), *_shifted(grid_down, rows)))
+    if not _step_ratio(*on_face) >= _ON_FACE_MINIMUM:
+        return 1.0
     return _step_ratio(_steps_on(lines[0], *grid_across), _steps_on(lines[1], *grid_down))
+
+
+def _shifted(grid: tuple[float, float], part: slice) -> tuple[float, float]:
+    """The grid as seen from the start of a part of the lines."""
+    period, phase = grid
+    return period, (phase - (part.start or 0)) % period
 
 
 def _spikes(lines: _Floats) -> _Floats:
@@ -283,18 +303,28 @@ def _blockiness(pixels: Pixels, box: tuple[float, float, float, float]) -> float
     """Steps on a JPEG's block grid over steps elsewhere, on the face in the photo, of the
     weaker axis: the 8-px grid, or the grid of a JPEG resized after its compression if that
     reads higher."""
+    if not all(math.isfinite(v) for v in box):
+        return math.nan  # fails the gate
     x1, y1, x2, y2 = box
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
     half_w = min((x2 - x1) * 0.6, _BLOCK_WINDOW / 2)
     half_h = min((y2 - y1) * 0.6, _BLOCK_WINDOW / 2)
     top, left = max(0, int(cy - half_h)), max(0, int(cx - half_w))
-    region = _gray(pixels[top:max(top, int(cy + half_h)), left:max(left, int(cx + half_w))])
-    if min(region.shape) < 25:  # under 3 lines a phase, one straight edge would pick it
+    window = pixels[top:max(top, int(cy + half_h)), left:max(left, int(cx + half_w))]
+    if min(window.shape[:2]) < 25:  # under 3 lines a phase, one straight edge would pick it
         return 1.0
+    region = _gray(window)
+    face = (_inset(y1, y2, top), _inset(x1, x2, left))
     across, down = np.abs(np.diff(region, axis=1)), np.abs(np.diff(region, axis=0)).T
     in_place = _step_ratio(_grid_steps(across), _grid_steps(down))
-    resized = _resized_step_ratio(across, down)
+    resized = _resized_step_ratio(across, down, face)
     return max(in_place, resized)
+
+
+def _inset(start: float, end: float, origin: int) -> slice:
+    """The box's side without _FACE_INSET at each end, from `origin` of the region."""
+    inset = _FACE_INSET * (end - start)
+    return slice(max(0, int(start + inset) - origin), max(0, int(end - inset) - origin))
 
 
 def measure(pixels: Pixels, box: npt.ArrayLike, detection_score: float,
