@@ -221,6 +221,10 @@ def test_steps_repeating_along_one_axis_are_no_resized_grid(period: float) -> No
         assert face_quality._resized_step_ratio(across, noise[1], whole) < 1.1
         other = noise[1] + 40.0 * elsewhere[None, :]
         assert face_quality._resized_step_ratio(across, other, whole) < 1.1
+    # The face's part of the region starts off the grid's phase on both axes.
+    face = (slice(27, 163), slice(23, 171))
+    assert face_quality._resized_step_ratio(across, grid, face) > 5.0
+    assert face_quality._resized_step_ratio(across, grid, (slice(300, 400), slice(0, 9))) == 1.0
 
 
 def striped_behind(image: Image, period: int, rows: bool) -> Image:

@@ -35,7 +35,8 @@ compression     8x8 blockiness: mean |step| across the 8-px grid lines   L(x; 2.
                 resized after its compression has its blocks 8 x the
                 factor apart (quality 5 enlarged 1.1-2x: 2.6-3.4; shrunk
                 0.8-0.9x, which averages part of each edge away:
-                2.0-2.2), over the whole photo, tiles behind a face not
+                2.0-2.2) over the whole photo, while tiles behind a face
+                stop at it
 roll, yaw,      head pose from the five landmarks (degrees; roll: eye     100 cos^2(angle),
 pitch           line; yaw: nose off the eye-mouth midline; pitch: nose    0 from 90 degrees
                 between eye and mouth lines), rough: +-15 degrees
@@ -271,8 +272,11 @@ def _resized_step_ratio(across: _Floats, down: _Floats, face: tuple[slice, slice
     if abs(grid_across[0] - grid_down[0]) > 0.03 * longer:
         return 1.0
     rows, columns = face
-    on_face = (_steps_on(across[rows, columns].mean(axis=0), *_shifted(grid_across, columns)),
-               _steps_on(down[columns, rows].mean(axis=0), *_shifted(grid_down, rows)))
+    face_across, face_down = across[rows, columns], down[columns, rows]
+    if not face_across.size or not face_down.size:  # a box mostly outside the photo
+        return 1.0
+    on_face = (_steps_on(face_across.mean(axis=0), *_shifted(grid_across, columns)),
+               _steps_on(face_down.mean(axis=0), *_shifted(grid_down, rows)))
     if not _step_ratio(*on_face) >= _ON_FACE_MINIMUM:
         return 1.0
     return _step_ratio(_steps_on(lines[0], *grid_across), _steps_on(lines[1], *grid_down))
@@ -302,7 +306,7 @@ def _axis_ratio(steps: tuple[float, float]) -> float:
 def _blockiness(pixels: Pixels, box: tuple[float, float, float, float]) -> float:
     """Steps on a JPEG's block grid over steps elsewhere, on the face in the photo, of the
     weaker axis: the 8-px grid, or the grid of a JPEG resized after its compression if that
-    reads higher."""
+    reads higher. NaN for a box that is not finite."""
     if not all(math.isfinite(v) for v in box):
         return math.nan  # fails the gate
     x1, y1, x2, y2 = box
