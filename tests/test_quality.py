@@ -250,11 +250,12 @@ def test_stripes_behind_a_face_are_no_compression(
     assert Gate().failure(striped) is None
 
 
-@pytest.mark.parametrize("period", [10, 12, 14])
+@pytest.mark.parametrize("period", [8, 10, 12, 14, 16])
 def test_tiles_behind_a_face_are_no_compression(
         quality_of: Measure, yao: Image, period: int) -> None:
-    # Grout lines every `period` px on both axes, as a resized JPEG's grid: but a JPEG's grid
-    # covers the face too, and a wall's stops at it (read 2.4-2.8 and refused before).
+    # Grout lines every `period` px on both axes, as a JPEG's grid, in place (8, 16: read
+    # 2.2 and 1.7) or resized (10-14: 2.4-2.8, refused): but a JPEG's grid covers the face
+    # too, and a wall's stops at it.
     h, w = yao.shape[:2]
     y, x = np.mgrid[0:h, 0:w]
     outside = ((x - 124.0) / 53.0) ** 2 + ((y - 143.0) / 77.0) ** 2 > 1.0

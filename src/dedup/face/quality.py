@@ -27,11 +27,14 @@ compression     8x8 blockiness: mean |step| across the 8-px grid lines   L(x; 2.
                 (each axis at its strongest phase: a crop moves the
                 grid) / mean |step| elsewhere, on the face, of the
                 weaker axis: blocks raise both, stripes behind a face
-                one (1.0-1.4 uncompressed: the strongest phase's own
-                noise; JPEG quality 30: about 1.5, 10: 2.2, 5: 3); or,
+                one; 1.0 unless the face itself (the box without a
+                tenth a side) shows the grid at 1.4 or more, as a
+                JPEG's does and a tiled wall's behind it does not
+                (Yao Ming as a JPEG at quality 30 or better: 1.0; 20:
+                1.7, 10: 2.3, 5: 3.9); or,
                 if higher, the same on the grid of the period both
                 axes' steps repeat at, 4.8-16 px (at most a fifth of the
-                window), where the face itself shows it too: a JPEG
+                window), where the face shows it too: a JPEG
                 resized after its compression has its blocks 8 x the
                 factor apart (quality 5 enlarged 1.1-2x: 2.6-3.4; shrunk
                 0.8-0.9x, which averages part of each edge away:
@@ -92,8 +95,9 @@ _HALF = 34  # columns of the face region's left half
 _UNDER, _OVER = 15, 247
 _BLOCK_WINDOW = 256
 _FACE_INSET = 0.1  # of the box on each side: the face itself, without background
-# A resized grid's ratio on the face itself: uncompressed faces, and faces before tiles or
-# shelves, read 0.85-1.2 there; JPEGs at quality 5 resized by 0.8-2x 1.7-3.0.
+# A grid's ratio on the face itself: uncompressed faces, and faces before tiles or shelves,
+# read 0.85-1.2 there; JPEGs at quality 10 in place about 1.9, at quality 5 in place or
+# resized by 0.8-2x 1.7-3.3.
 _ON_FACE_MINIMUM = 1.4
 _RESIZED_PERIODS = (4.8, 16.0)  # px: an 8-px grid resized by 0.6-2x
 _SPECTRUM = 4096  # points of the steps' spectrum: a period's bin 0.006-0.06 px wide
@@ -202,17 +206,14 @@ def _pose(landmarks: _Floats) -> tuple[float, float, float, float]:
     return math.degrees(roll), math.degrees(yaw), math.degrees(pitch), inter_eye
 
 
-def _grid_steps(steps: _Floats) -> tuple[float, float]:
-    """The mean step on the lines of an 8-px grid, and on the lines between them.
+def _grid_phase(lines: _Floats) -> float:
+    """Where an 8-px grid of the steps across lines lies: its phase is found, not assumed.
 
-    The grid's phase is found, not assumed: a JPEG cropped by a few pixels before it is
-    re-encoded keeps its blocks off the photo's own grid (a 1-px crop read as uncompressed).
-    It is the phase whose lines' median step is the highest: blocks raise every line of
-    their grid, a straight edge (a collar, a mask's rim) only its own."""
-    lines = steps.mean(axis=0)
-    phase = int(np.argmax([np.median(lines[p::8]) for p in range(8)]))
-    on_grid = np.arange(lines.size) % 8 == phase
-    return float(lines[on_grid].mean()), float(lines[~on_grid].mean())
+    A JPEG cropped by a few pixels before it is re-encoded keeps its blocks off the photo's
+    own grid (a 1-px crop read as uncompressed). It is the phase whose lines' median step is
+    the highest: blocks raise every line of their grid, a straight edge (a collar, a mask's
+    rim) only its own."""
+    return float(np.argmax([np.median(lines[p::8]) for p in range(8)]))
 
 
 def _resized_grid(lines: _Floats) -> tuple[float, float] | None:
@@ -260,17 +261,22 @@ def _steps_on(lines: _Floats, period: float, phase: float) -> tuple[float, float
 
 
 def _resized_step_ratio(across: _Floats, down: _Floats, face: tuple[slice, slice]) -> float:
-    """_step_ratio on the grid of a JPEG resized after its compression; 1.0 when the two axes
-    do not repeat at one period (within 3%: a resize scales both alike), or when the face
-    itself does not show that grid. A JPEG's grid covers the whole photo; tiles or shelves
-    behind the face, which repeat along both axes too, stop at it."""
-    lines = across.mean(axis=0), down.mean(axis=0)
-    grid_across, grid_down = (_resized_grid(axis) for axis in lines)
+    """_grid_ratio on the grid of a JPEG resized after its compression; 1.0 when the two axes
+    do not repeat at one period (within 3%: a resize scales both alike)."""
+    grid_across, grid_down = (_resized_grid(steps.mean(axis=0)) for steps in (across, down))
     if grid_across is None or grid_down is None:
         return 1.0
     longer = max(grid_across[0], grid_down[0])
     if abs(grid_across[0] - grid_down[0]) > 0.03 * longer:
         return 1.0
+    return _grid_ratio(across, down, face, grid_across, grid_down)
+
+
+def _grid_ratio(across: _Floats, down: _Floats, face: tuple[slice, slice],
+                grid_across: tuple[float, float], grid_down: tuple[float, float]) -> float:
+    """_step_ratio on these grids (period, phase) of the two axes; 1.0 when the face itself
+    does not show them. A JPEG's grid covers the whole photo; tiles or shelves behind the
+    face, which repeat along both axes too, stop at it."""
     rows, columns = face
     face_across, face_down = across[rows, columns], down[columns, rows]
     if not face_across.size or not face_down.size:  # a box mostly outside the photo
@@ -279,7 +285,8 @@ def _resized_step_ratio(across: _Floats, down: _Floats, face: tuple[slice, slice
                _steps_on(face_down.mean(axis=0), *_shifted(grid_down, rows)))
     if not _step_ratio(*on_face) >= _ON_FACE_MINIMUM:
         return 1.0
-    return _step_ratio(_steps_on(lines[0], *grid_across), _steps_on(lines[1], *grid_down))
+    return _step_ratio(_steps_on(across.mean(axis=0), *grid_across),
+                       _steps_on(down.mean(axis=0), *grid_down))
 
 
 def _shifted(grid: tuple[float, float], part: slice) -> tuple[float, float]:
@@ -320,7 +327,8 @@ def _blockiness(pixels: Pixels, box: tuple[float, float, float, float]) -> float
     region = _gray(window)
     face = (_inset(y1, y2, top), _inset(x1, x2, left))
     across, down = np.abs(np.diff(region, axis=1)), np.abs(np.diff(region, axis=0)).T
-    in_place = _step_ratio(_grid_steps(across), _grid_steps(down))
+    in_place = _grid_ratio(across, down, face, (8.0, _grid_phase(across.mean(axis=0))),
+                           (8.0, _grid_phase(down.mean(axis=0))))
     resized = _resized_step_ratio(across, down, face)
     return max(in_place, resized)
 
