@@ -8,10 +8,10 @@ strengths (Gaussian and motion blur in inter-eye distances, darkening and over-e
 downscaling, noise, JPEG quality down to 5 (also with its blocks off the photo's grid, and
 resized by 0.8-1.5 after its compression), blur with noise, a face shrunk and enlarged back,
 occlusion of the eyes and of the lower face, a shadow across the face, in-plane rotation;
-sent as JPEG at quality 95 unless the JPEG
-quality is the degradation; noise seeded), through the server's own pipeline (decode,
-SCRFD on the configured model pack, the capture rules, alignment, ArcFace: one onnxruntime
-thread per session, as in the embedder's workers), and for each degraded capture:
+sent as JPEG at quality 95 unless the JPEG quality is the degradation; noise seeded), through
+the server's own pipeline (decode, SCRFD on the configured model pack, the capture rules,
+alignment, ArcFace: one onnxruntime thread per session, as in the embedder's workers), and
+for each degraded capture:
   - the genuine score: cosine of its embedding against the undegraded capture's;
   - its quality (dedup.face.quality.assess) and the default Gate's decision (the capture
     rules first, as in the server);

@@ -227,12 +227,18 @@ def test_steps_repeating_along_one_axis_are_no_resized_grid(period: float) -> No
     assert face_quality._resized_step_ratio(across, grid, (slice(300, 400), slice(0, 9))) == 1.0
 
 
-def striped_behind(image: Image, period: int, rows: bool) -> Image:
-    """Stripes of `period` px (blinds, shelves, tiles) in 65 and 185 grey levels behind Yao
-    Ming: everywhere outside an ellipse round his face (SCRFD's box: 72-177, 73-212)."""
+def behind_yao(image: Image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, columns, outside): each pixel's row and column, and whether it lies outside an
+    ellipse round Yao Ming's face (SCRFD's box: 72-177, 73-212)."""
     h, w = image.shape[:2]
     y, x = np.mgrid[0:h, 0:w]
-    outside = ((x - 124.0) / 53.0) ** 2 + ((y - 143.0) / 77.0) ** 2 > 1.0
+    return y, x, ((x - 124.0) / 53.0) ** 2 + ((y - 143.0) / 77.0) ** 2 > 1.0
+
+
+def striped_behind(image: Image, period: int, rows: bool) -> Image:
+    """Stripes of `period` px (blinds, shelves, tiles) in 65 and 185 grey levels behind Yao
+    Ming: everywhere outside an ellipse round his face."""
+    y, x, outside = behind_yao(image)
     dark = (((y if rows else x) + 3) // (period // 2)) % 2 == 0
     striped = image.copy()
     striped[outside & dark], striped[outside & ~dark] = 65, 185
@@ -256,9 +262,7 @@ def test_tiles_behind_a_face_are_no_compression(
     # Grout lines every `period` px on both axes, as a JPEG's grid, in place (8, 16: read
     # 2.2 and 1.7) or resized (10-14: 2.4-2.8, refused): but a JPEG's grid covers the face
     # too, and a wall's stops at it.
-    h, w = yao.shape[:2]
-    y, x = np.mgrid[0:h, 0:w]
-    outside = ((x - 124.0) / 53.0) ** 2 + ((y - 143.0) / 77.0) ** 2 > 1.0
+    y, x, outside = behind_yao(yao)
     grout = outside & ((x % period == 0) | (y % period == 0))
     tiled = yao.astype(np.int16)
     tiled[grout] -= 40

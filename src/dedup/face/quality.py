@@ -260,23 +260,28 @@ def _steps_on(lines: _Floats, period: float, phase: float) -> tuple[float, float
     return float(lines[on_grid].mean()), float(lines[~on_grid].mean())
 
 
-def _resized_step_ratio(across: _Floats, down: _Floats, face: tuple[slice, slice]) -> float:
+def _resized_step_ratio(across: _Floats, down: _Floats, face: tuple[slice, slice],
+                        lines: tuple[_Floats, _Floats] | None = None) -> float:
     """_grid_ratio on the grid of a JPEG resized after its compression; 1.0 when the two axes
-    do not repeat at one period (within 3%: a resize scales both alike)."""
-    grid_across, grid_down = (_resized_grid(steps.mean(axis=0)) for steps in (across, down))
+    do not repeat at one period (within 3%: a resize scales both alike). `lines`: each
+    axis's mean steps, when the caller has them."""
+    lines = lines or (across.mean(axis=0), down.mean(axis=0))
+    grid_across, grid_down = (_resized_grid(axis) for axis in lines)
     if grid_across is None or grid_down is None:
         return 1.0
     longer = max(grid_across[0], grid_down[0])
     if abs(grid_across[0] - grid_down[0]) > 0.03 * longer:
         return 1.0
-    return _grid_ratio(across, down, face, grid_across, grid_down)
+    return _grid_ratio(across, down, face, lines, (grid_across, grid_down))
 
 
 def _grid_ratio(across: _Floats, down: _Floats, face: tuple[slice, slice],
-                grid_across: tuple[float, float], grid_down: tuple[float, float]) -> float:
-    """_step_ratio on these grids (period, phase) of the two axes; 1.0 when the face itself
-    does not show them. A JPEG's grid covers the whole photo; tiles or shelves behind the
-    face, which repeat along both axes too, stop at it."""
+                lines: tuple[_Floats, _Floats],
+                grids: tuple[tuple[float, float], tuple[float, float]]) -> float:
+    """_step_ratio on these grids (period, phase) of the two axes, whose mean steps are
+    `lines`; 1.0 when the face itself does not show them. A JPEG's grid covers the whole
+    photo; tiles or shelves behind the face, which repeat along both axes too, stop at it."""
+    grid_across, grid_down = grids
     rows, columns = face
     face_across, face_down = across[rows, columns], down[columns, rows]
     if not face_across.size or not face_down.size:  # a box mostly outside the photo
@@ -285,8 +290,7 @@ def _grid_ratio(across: _Floats, down: _Floats, face: tuple[slice, slice],
                _steps_on(face_down.mean(axis=0), *_shifted(grid_down, rows)))
     if not _step_ratio(*on_face) >= _ON_FACE_MINIMUM:
         return 1.0
-    return _step_ratio(_steps_on(across.mean(axis=0), *grid_across),
-                       _steps_on(down.mean(axis=0), *grid_down))
+    return _step_ratio(_steps_on(lines[0], *grid_across), _steps_on(lines[1], *grid_down))
 
 
 def _shifted(grid: tuple[float, float], part: slice) -> tuple[float, float]:
@@ -327,9 +331,10 @@ def _blockiness(pixels: Pixels, box: tuple[float, float, float, float]) -> float
     region = _gray(window)
     face = (_inset(y1, y2, top), _inset(x1, x2, left))
     across, down = np.abs(np.diff(region, axis=1)), np.abs(np.diff(region, axis=0)).T
-    in_place = _grid_ratio(across, down, face, (8.0, _grid_phase(across.mean(axis=0))),
-                           (8.0, _grid_phase(down.mean(axis=0))))
-    resized = _resized_step_ratio(across, down, face)
+    lines = across.mean(axis=0), down.mean(axis=0)
+    eight_px = tuple((8.0, _grid_phase(axis)) for axis in lines)
+    in_place = _grid_ratio(across, down, face, lines, (eight_px[0], eight_px[1]))
+    resized = _resized_step_ratio(across, down, face, lines)
     return max(in_place, resized)
 
 
