@@ -78,6 +78,10 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "embedded_only(reason): shows what only the embedded backend has "
         "(LMDB files, index checkpoints, FAISS index types); the reason says why")
     config.addinivalue_line(
+        "markers", "one_backend(reason): what the test shows lives above the gallery (the "
+        "API layer's limits, a stream's shutdown, a CLI's output), so it runs on the embedded "
+        "backend alone; the reason says why the backend plays no part")
+    config.addinivalue_line(
         "markers", "milvus_server: runs on a real Milvus server (`make test-milvus` runs all)")
 
 
@@ -101,15 +105,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Every test on a server runs against both backends, unless marked embedded_only."""
+    """Every test on a server runs against every backend, unless marked embedded_only or
+    one_backend."""
     if "backend" not in metafunc.fixturenames:
         return
     if any(marker.args and marker.args[0] == "backend"
            for marker in metafunc.definition.iter_markers("parametrize")):
         return  # the test names its backend itself
-    only = metafunc.definition.get_closest_marker("embedded_only")
-    if only is not None and not only.kwargs.get("reason"):
-        raise pytest.UsageError(f"{metafunc.definition.nodeid}: embedded_only needs a reason")
+    only = [marker for name in ("embedded_only", "one_backend")
+            if (marker := metafunc.definition.get_closest_marker(name)) is not None]
+    for marker in only:
+        if not marker.kwargs.get("reason"):
+            raise pytest.UsageError(f"{metafunc.definition.nodeid}: {marker.name} needs a "
+                                    "reason")
     metafunc.parametrize("backend", ["embedded"] if only else list(BACKENDS))
 
 

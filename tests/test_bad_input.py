@@ -7,8 +7,9 @@ import math
 import grpc
 import numpy as np
 import pytest
-from conftest import face, registration
+from conftest import DESKS_SEND_EMBEDDINGS, RunningServer, face, registration
 
+from dedup import FaceGenerator, ServerConfig, StoreConfig
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -69,14 +70,32 @@ BAD_REGISTRATIONS = [
 ]
 
 
-@pytest.fixture
-def populated(server, faces):
+def enroll_people(server, faces):
     people = faces.persons(5)
     for i, person in enumerate(people):
         server.stub.Enroll(pb.EnrollRequest(
             registration=registration(f"r{i}", f"ID{i}", f"+8613800000{i:03d}"),
             face=face(person)))
     return server, people
+
+
+@pytest.fixture
+def populated(server, faces):
+    """A server on each backend, for refusals that reach the gallery (a lookup, a claim)."""
+    return enroll_people(server, faces)
+
+
+@pytest.fixture(scope="module")
+def refusing(tmp_path_factory):
+    """One embedded server for the module's refusals of malformed fields: they are made before
+    any gallery is touched (dedup.core.validation, dedup.api.convert, the service's model
+    check), so the backend plays no part and one server serves them all; each test
+    snapshots what a client sees before and after its request."""
+    data_dir = tmp_path_factory.mktemp("refusing") / "data"
+    server = RunningServer(ServerConfig(store=StoreConfig(data_dir=data_dir),
+                                        queries=DESKS_SEND_EMBEDDINGS))
+    yield enroll_people(server, FaceGenerator(seed=7))
+    server.stop()
 
 
 def snapshot(server, people):
@@ -97,8 +116,8 @@ def expect(call, request, code, message):
 
 
 @pytest.mark.parametrize(("bad_face", "code", "message"), BAD_FACES)
-def test_check_bad_face(populated, bad_face, code, message):
-    server, _ = populated
+def test_check_bad_face(refusing, bad_face, code, message):
+    server, _ = refusing
     request = pb.CheckRequest(claimed_id_number="ID1")
     if bad_face is not None:
         request.face.CopyFrom(bad_face)
@@ -107,8 +126,8 @@ def test_check_bad_face(populated, bad_face, code, message):
 
 @pytest.mark.parametrize(("bad_face", "code", "message"), BAD_FACES)
 @pytest.mark.parametrize("check_first", [False, True])
-def test_enroll_bad_face_changes_nothing(populated, bad_face, code, message, check_first):
-    server, people = populated
+def test_enroll_bad_face_changes_nothing(refusing, bad_face, code, message, check_first):
+    server, people = refusing
     before = snapshot(server, people)
     request = pb.EnrollRequest(registration=good_registration(), check_first=check_first)
     if bad_face is not None:
@@ -119,8 +138,8 @@ def test_enroll_bad_face_changes_nothing(populated, bad_face, code, message, che
 
 @pytest.mark.parametrize(("field", "value", "message"), BAD_REGISTRATIONS)
 @pytest.mark.parametrize("check_first", [False, True])
-def test_enroll_bad_registration_changes_nothing(populated, field, value, message, check_first):
-    server, people = populated
+def test_enroll_bad_registration_changes_nothing(refusing, field, value, message, check_first):
+    server, people = refusing
     before = snapshot(server, people)
     request = pb.EnrollRequest(registration=good_registration(**{field: value}),
                                face=face(GOOD), check_first=check_first)
@@ -128,8 +147,8 @@ def test_enroll_bad_registration_changes_nothing(populated, field, value, messag
     assert snapshot(server, people) == before
 
 
-def test_enroll_without_registration(populated):
-    server, people = populated
+def test_enroll_without_registration(refusing):
+    server, people = refusing
     before = snapshot(server, people)
     expect(server.stub.Enroll, pb.EnrollRequest(face=face(GOOD)), INVALID,
            "registration: is required")
@@ -152,8 +171,8 @@ def test_enroll_existing_registration_id_changes_nothing(populated, faces):
     ("ID1", 101, "max_candidates: is 101, at most 100"),
     ("ID1", 2**32 - 1, "max_candidates: is 4294967295"),
 ])
-def test_check_bad_fields(populated, claimed, max_candidates, message):
-    server, _ = populated
+def test_check_bad_fields(refusing, claimed, max_candidates, message):
+    server, _ = refusing
     request = pb.CheckRequest(face=face(GOOD), claimed_id_number=claimed,
                               max_candidates=max_candidates)
     expect(server.stub.Check, request, INVALID, message)
@@ -176,8 +195,8 @@ def test_delete_bad_key_changes_nothing(populated, request_, code, message):
     assert snapshot(server, people) == before
 
 
-def test_get_registration_requires_an_id(populated):
-    server, _ = populated
+def test_get_registration_requires_an_id(refusing):
+    server, _ = refusing
     expect(server.stub.GetRegistration, pb.GetRegistrationRequest(), INVALID,
            "registration_id: is required")
 
@@ -199,9 +218,9 @@ TOO_LONG_FOR_A_KEY = "\U0001d4b3" * 128
     ("GetRegistration", pb.GetRegistrationRequest(registration_id=TOO_LONG_FOR_A_KEY)),
     ("Delete", pb.DeleteRequest(registration_id=TOO_LONG_FOR_A_KEY)),
 ])
-def test_a_registration_id_too_long_for_a_store_key_is_refused_naming_it(populated, call,
+def test_a_registration_id_too_long_for_a_store_key_is_refused_naming_it(refusing, call,
                                                                            request_):
-    server, people = populated
+    server, people = refusing
     before = snapshot(server, people)
     expect(getattr(server.stub, call), request_, INVALID,
            "registration_id: is 512 bytes in UTF-8, at most 511 allowed")

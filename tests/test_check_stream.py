@@ -27,6 +27,8 @@ from dedup.core.security import Token, load_security
 from dedup.core.settings import QueryLimits
 
 CASE = (("x-case-id", "CASE-21"), ("x-purpose", "ring review"))
+SHUTDOWN = ("a stream's end at a stop is the gRPC layer's, between two items; the enrolment "
+            "stream's test below shows what each backend stored")
 
 
 def test_a_stream_answers_what_check_answers_in_order(server, faces):
@@ -206,6 +208,7 @@ def test_a_client_that_reads_no_answers_is_cut_off(make_server, faces):
     assert server.stub.Check(request, timeout=30).matches  # served on
 
 
+@pytest.mark.one_backend(reason=SHUTDOWN)
 def test_a_stream_open_at_shutdown_ends_unavailable_after_half_the_grace(make_server, faces):
     """A registration service's stream never ends on its own. Stopping, the server takes its
     items for the first half of the grace period, then ends it between two items with
@@ -273,6 +276,7 @@ def test_an_enrolment_stream_cut_by_a_stop_stored_exactly_what_it_acknowledged(
     assert server.stub.Stats(pb.StatsRequest(), timeout=30).registrations == len(acknowledged)
 
 
+@pytest.mark.one_backend(reason=SHUTDOWN)
 def test_an_idle_stream_ends_at_half_the_grace_of_a_stop(make_server, faces):
     """A stream waiting for its client's next item is ended too, not waited for."""
     server = make_server(shutdown_grace_s=12.0)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 from conftest import face, registration
 from processes import ServerProcess
 
@@ -55,6 +56,8 @@ def test_serve_without_security_refuses_a_public_address(tmp_path):
     assert "without a security file" in result.stderr
 
 
+@pytest.mark.one_backend(reason="the command's files and exit codes; FindClusters itself is "
+                         "tested on every backend in test_cluster_limits.py")
 def test_clusters_command_jsonl_and_csv(server, tmp_path):
     generator = FaceGenerator(5)
     person, other = generator.persons(2)

@@ -16,6 +16,8 @@ from dedup._proto.dedup.v1 import dedup_pb2 as pb
 
 CHECKPOINT = "index checkpoints are the embedded backend's (Milvus keeps its own)"
 
+MAP = "grows the LMDB map; the Milvus backend keeps no LMDB"
+
 FULL = ("fills the LMDB map or a tmpfs under the data directory; Milvus Lite has no cap, and a "
         "cluster's quota refusals are Milvus errors, answered UNAVAILABLE")
 
@@ -232,6 +234,7 @@ def test_missing_checkpoint_is_rebuilt(server, faces):
     _assert_all_found(server, people)
 
 
+@pytest.mark.embedded_only(reason=MAP)
 def test_map_grows_by_itself(make_server, faces):
     server = make_server(initial_map_size=1 * MIB)
     people = _populate(server, faces, 600)  # about 1.5 MiB of embeddings
