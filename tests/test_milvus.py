@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -37,7 +38,16 @@ from dedup.core.errors import BackendUnavailable, StoreError
 from dedup.core.records import Registration
 from dedup.core.settings import MilvusConfig
 from dedup.gallery.milvus import MilvusGallery, connection, schema, status
-from dedup.gallery.milvus.schema import PENDING, _index_differences, _new_key, _now_us, _Row
+from dedup.gallery.milvus.schema import (
+    PENDING,
+    Collections,
+    _index_differences,
+    _new_key,
+    _now_us,
+    _Row,
+    open_collections,
+)
+from dedup.gallery.milvus.version import server_version
 
 ROUNDS = 12
 
@@ -93,8 +103,11 @@ def nodes(request: pytest.FixtureRequest, tmp_path: Path):
     node directory."""
     kind, count = request.param
     target, on_server = milvus_target(kind, request)
-    processes = [ServerProcess(tmp_path / f"node{n}", "--backend", "milvus", *target)
-                 for n in range(count)]
+    # Started at once, as a fleet is: every node opens (or creates) the collections together.
+    with ThreadPoolExecutor(count) as pool:
+        processes = list(pool.map(
+            lambda n: ServerProcess(tmp_path / f"node{n}", "--backend", "milvus", *target),
+            range(count)))
     channels = [grpc.insecure_channel(node.address) for node in processes]
     yield [pb_grpc.FaceDedupStub(channel) for channel in channels]
     for channel in channels:
@@ -183,6 +196,70 @@ def test_sim_limit_holds_across_nodes(nodes, faces):
                              check_first=True) for i, stub in enumerate(nodes)])
     assert sorted(r.enrolled for r in results) == [False] * (len(nodes) - 1) + [True], results
     assert check(nodes[-1], faces.capture(person), "ID-S").verdict == pb.SIM_LIMIT_EXCEEDED
+
+
+def fresh_milvus(kind: str, prefix: str, request: pytest.FixtureRequest) -> MilvusConfig:
+    """A prefix no node has opened, on a Milvus Lite server process or the session's server."""
+    if kind == "lite":
+        return MilvusConfig(uri=request.getfixturevalue("milvus_lite_server"), prefix=prefix)
+    return MilvusConfig(uri=request.getfixturevalue("milvus_server").uri, prefix=prefix)
+
+
+def open_as_a_node(config: MilvusConfig) -> Collections:
+    client = connection.connect(config)
+    try:
+        names, _ = open_collections(client, config, 512, server_version(client))
+        return names
+    finally:
+        client.close()
+
+
+FRESH = ["lite", pytest.param("server", marks=pytest.mark.milvus_server)]
+
+
+@pytest.mark.parametrize("kind", FRESH)
+def test_nodes_started_together_on_an_empty_milvus_all_open_it(kind, request):
+    """A fleet started at once: every node finds the collections missing and makes them. One
+    node's creation failed another's start: Milvus Lite refuses the second creation of a
+    collection ("File exists"), and a node that found a collection another had just created
+    loaded it before its index existed."""
+    def node(config: MilvusConfig, barrier: threading.Barrier) -> Collections:
+        barrier.wait()
+        return open_as_a_node(config)
+
+    for attempt in range(4):
+        config = fresh_milvus(kind, f"fleet{attempt}", request)
+        barrier = threading.Barrier(3)
+        try:
+            with ThreadPoolExecutor(3) as pool:
+                opening = [pool.submit(node, config, barrier) for _ in range(3)]
+                opened = [future.result() for future in opening]
+            assert opened == [Collections.named(config.prefix)] * 3
+        finally:
+            drop_collections(config)
+
+
+@pytest.mark.parametrize("kind", FRESH)
+def test_a_collection_left_without_its_index_gets_it_when_a_node_opens(kind, request):
+    """A node that died between creating a collection and its index left a collection Milvus
+    cannot load: the next node to open it builds the missing index instead of failing to
+    start."""
+    from pymilvus import DataType
+
+    config = fresh_milvus(kind, "halfmade", request)
+    names = Collections.named(config.prefix)
+    client = connection.connect(config)
+    try:
+        client.create_collection(names.registrations, consistency_level="Strong",
+                                 schema=schema._registration_schema(client, DataType, 512))
+        assert not client.list_indexes(names.registrations)
+        assert open_as_a_node(config) == names
+        assert client.list_indexes(names.registrations, field_name="embedding")
+        for field in schema.LOOKUP_FIELDS:
+            assert client.list_indexes(names.registrations, field_name=field), field
+    finally:
+        client.close()
+        drop_collections(config)
 
 
 @pytest.mark.parametrize("backend", ["milvus", "milvus-server"])

@@ -210,21 +210,51 @@ def _warn_of_other_prefixes(client: Any, names: Collections) -> None:
 def _create(client: Any, name: str, schema: Any, vector_field: str, index_type: str,
             params: dict[str, Any], lookups: list[str],
             version: ServerVersion | None = None, load: bool = True) -> None:
+    """Makes the collection and its indexes where missing. Nodes started together make them
+    at once, and a node may have died between the collection and its indexes: whatever
+    another node made meanwhile is taken as made."""
     if not client.has_collection(name):
+        _create_collection(client, name, schema)
+    fields = [vector_field, *lookups]
+    missing = [field for field in fields if not client.list_indexes(name, field_name=field)]
+    if missing:
         version = version or server_version(client)
         types = {field.name: field.dtype.name for field in schema.fields}
-        client.create_collection(name, schema=schema, consistency_level="Strong")
-        index = client.prepare_index_params()
-        # Nested under "params": Milvus Lite drops build parameters given beside the type.
-        index.add_index(vector_field, index_type=index_type, metric_type="IP",
-                        params={"params": params} if params else {})
-        for field_name in lookups:  # equality filters on them, on every call
-            index.add_index(field_name, index_type=version.scalar_index(types[field_name]))
-        # The collection is empty: nothing to wait for (pymilvus would poll every 0.5 s).
-        client.create_index(name, index, sync=False)
-        log.info("created the Milvus collection %s", name)
+        _create_indexes(client, name, missing, vector_field, index_type, params,
+                        {field: version.scalar_index(types[field]) for field in lookups})
     if load:
         client.load_collection(name)
+
+
+def _create_collection(client: Any, name: str, schema: Any) -> None:
+    try:
+        client.create_collection(name, schema=schema, consistency_level="Strong")
+    except Exception:
+        if not client.has_collection(name):
+            raise
+        return  # another node made it first (Milvus Lite refuses a second creation)
+    log.info("created the Milvus collection %s", name)
+
+
+def _create_indexes(client: Any, name: str, fields: list[str], vector_field: str,
+                    index_type: str, params: dict[str, Any], scalar: dict[str, str]) -> None:
+    index = client.prepare_index_params()
+    for field in fields:
+        if field == vector_field:
+            # Nested under "params": Milvus Lite drops build parameters given beside the type.
+            index.add_index(field, index_type=index_type, metric_type="IP",
+                            params={"params": params} if params else {})
+        else:  # equality filters on them, on every call
+            index.add_index(field, index_type=scalar[field])
+    try:
+        # Not waited for here (pymilvus would poll every 0.5 s): load_collections waits
+        # until the collections are loaded, which takes their indexes built.
+        client.create_index(name, index, sync=False)
+    except Exception:
+        if any(not client.list_indexes(name, field_name=field) for field in fields):
+            raise
+        return  # another node made them first
+    log.info("indexed %s on %s", name, ", ".join(fields))
 
 
 def load_collections(client: Any, names: list[str],
