@@ -68,6 +68,7 @@ MILVUS_SERVER_SUBSET = (
     "tests/test_milvus.py::test_nodes_never_both_enrol_one_face",
     "tests/test_milvus.py::test_a_checked_enrolment_sees_what_another_node_just_acknowledged",
     "tests/test_milvus.py::test_a_checked_enrolment_waits_for_milvus_only_before_its_claim",
+    "tests/test_milvus.py::test_a_collection_left_without_its_index_gets_it_when_a_node_opens",
     "tests/test_milvus_server.py::test_the_server_dies_with_the_process_that_started_it",
     "tests/test_milvus_server.py::test_a_first_start_whose_port_was_taken_meanwhile_starts_on_new_ones",
     "tests/test_milvus_server.py::test_collections_are_built_with_the_indexes")
@@ -78,8 +79,8 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "embedded_only(reason): shows what only the embedded backend has "
         "(LMDB files, index checkpoints, FAISS index types); the reason says why")
     config.addinivalue_line(
-        "markers", "one_backend(reason): what the test shows lives above the gallery (the "
-        "API layer's limits, a stream's shutdown, a CLI's output), so it runs on the embedded "
+        "markers", "one_backend(reason): what the test shows lives above the gallery (a "
+        "stream's end at a stop, a CLI's output), so it runs on the embedded "
         "backend alone; the reason says why the backend plays no part")
     config.addinivalue_line(
         "markers", "milvus_server: runs on a real Milvus server (`make test-milvus` runs all)")

@@ -88,14 +88,18 @@ def populated(server, faces):
 @pytest.fixture(scope="module")
 def refusing(tmp_path_factory):
     """One embedded server for the module's refusals of malformed fields: they are made before
-    any gallery is touched (dedup.core.validation, dedup.api.convert, the service's model
-    check), so the backend plays no part and one server serves them all; each test
-    snapshots what a client sees before and after its request."""
+    anything is written or searched (dedup.core.validation, dedup.api.convert, the service's
+    model check), so the backend plays no part and one server serves them all; each test
+    snapshots what a client sees before and after its request. (An enrolment with a photo
+    looks its registration_id up before decoding the photo: test_photos.py's
+    test_an_enrolment_already_made_is_refused_before_its_photo runs that on every backend.)"""
     data_dir = tmp_path_factory.mktemp("refusing") / "data"
     server = RunningServer(ServerConfig(store=StoreConfig(data_dir=data_dir),
                                         queries=DESKS_SEND_EMBEDDINGS))
-    yield enroll_people(server, FaceGenerator(seed=7))
-    server.stop()
+    try:
+        yield enroll_people(server, FaceGenerator(seed=7))
+    finally:
+        server.stop()
 
 
 def snapshot(server, people):

@@ -112,8 +112,6 @@ def test_pairs_cap_cuts_a_ring_and_says_so(make_server, keys, faces):
                          for c in found)
 
 
-@pytest.mark.one_backend(reason="job slots are the API layer's; the sweeps they hold run on "
-                         "every backend in the tests above")
 def test_one_job_per_caller_and_a_global_limit(make_server, keys, faces):
     server = secured(make_server, keys, cluster_jobs=2)
     plant(server, keys, faces, RING_MEMBERS, RINGS, long_fields=True)

@@ -13,6 +13,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,50 +212,90 @@ def _create(client: Any, name: str, schema: Any, vector_field: str, index_type: 
             params: dict[str, Any], lookups: list[str],
             version: ServerVersion | None = None, load: bool = True) -> None:
     """Makes the collection and its indexes where missing. Nodes started together make them
-    at once, and a node may have died between the collection and its indexes: whatever
-    another node made meanwhile is taken as made."""
-    if not client.has_collection(name):
-        _create_collection(client, name, schema)
+    at once, and a node may have died between the collection and its indexes: what another
+    node made meanwhile is taken as made, and a collection without its embedding index gets
+    every index."""
+    made = not client.has_collection(name) and _create_collection(client, name, schema)
     fields = [vector_field, *lookups]
-    missing = [field for field in fields if not client.list_indexes(name, field_name=field)]
+    missing = fields if made else _unindexed(client, name, vector_field, fields)
     if missing:
         version = version or server_version(client)
         types = {field.name: field.dtype.name for field in schema.fields}
-        _create_indexes(client, name, missing, vector_field, index_type, params,
-                        {field: version.scalar_index(types[field]) for field in lookups})
+        for field in missing:
+            _create_index(client, name, field, index_type if field == vector_field
+                          else version.scalar_index(types[field]),
+                          params if field == vector_field else None)
     if load:
         client.load_collection(name)
 
 
-def _create_collection(client: Any, name: str, schema: Any) -> None:
+def _create_collection(client: Any, name: str, schema: Any) -> bool:
+    """Whether this node made it (False: another node made it meanwhile)."""
     try:
         client.create_collection(name, schema=schema, consistency_level="Strong")
-    except Exception:
-        if not client.has_collection(name):
+    except Exception as error:
+        if not _comes_about(lambda: client.has_collection(name)):
             raise
-        return  # another node made it first (Milvus Lite refuses a second creation)
+        # Milvus Lite refuses a second creation ("already exists", or "File exists" while the
+        # first is still writing its schema).
+        log.info("the Milvus collection %s was made by another node meanwhile (%s)", name,
+                 error)
+        return False
     log.info("created the Milvus collection %s", name)
+    return True
 
 
-def _create_indexes(client: Any, name: str, fields: list[str], vector_field: str,
-                    index_type: str, params: dict[str, Any], scalar: dict[str, str]) -> None:
+def _unindexed(client: Any, name: str, vector_field: str, fields: list[str]) -> list[str]:
+    """The fields to index on a collection this node did not make: every one without an
+    index when it has no embedding index (its maker died before indexing it, or is indexing
+    it now), none otherwise, so that a collection made before its lookups were indexed is
+    served as it was made (indexing them would build on every row while the node starts).
+    None either when the indexes cannot be listed (a role without DescribeIndex), as
+    _check_embedding_index serves such a collection unchecked."""
+    try:
+        if client.list_indexes(name, field_name=vector_field):
+            return []
+        missing = [field for field in fields if not client.list_indexes(name, field_name=field)]
+    except Exception as error:
+        log.warning("cannot list the indexes of %s (%s): not checked for missing ones",
+                    name, error)
+        return []
+    log.warning("the Milvus collection %s has no embedding index (the node that made it "
+                "stopped before indexing it?): indexing %s", name, ", ".join(missing))
+    return missing
+
+
+def _create_index(client: Any, name: str, field: str, index_type: str,
+                  params: dict[str, Any] | None) -> None:
+    """One field's index; params given for the embedding's, None for a lookup's (equality
+    filters on it, on every call)."""
     index = client.prepare_index_params()
-    for field in fields:
-        if field == vector_field:
-            # Nested under "params": Milvus Lite drops build parameters given beside the type.
-            index.add_index(field, index_type=index_type, metric_type="IP",
-                            params={"params": params} if params else {})
-        else:  # equality filters on them, on every call
-            index.add_index(field, index_type=scalar[field])
+    if params is None:
+        index.add_index(field, index_type=index_type)
+    else:
+        # Nested under "params": Milvus Lite drops build parameters given beside the type.
+        index.add_index(field, index_type=index_type, metric_type="IP",
+                        params={"params": params} if params else {})
     try:
         # Not waited for here (pymilvus would poll every 0.5 s): load_collections waits
         # until the collections are loaded, which takes their indexes built.
         client.create_index(name, index, sync=False)
-    except Exception:
-        if any(not client.list_indexes(name, field_name=field) for field in fields):
+    except Exception as error:
+        if not _comes_about(lambda: client.list_indexes(name, field_name=field)):
             raise
-        return  # another node made them first
-    log.info("indexed %s on %s", name, ", ".join(fields))
+        log.info("the index of %s on %s was made by another node meanwhile (%s)", name,
+                 field, error)
+
+
+def _comes_about(condition: Callable[[], Any], within_s: float = 5.0) -> bool:
+    """Whether `condition` holds within `within_s`: what another node is making shows once
+    it has written it."""
+    deadline = time.monotonic() + within_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def load_collections(client: Any, names: list[str],
