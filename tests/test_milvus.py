@@ -215,6 +215,19 @@ def open_as_a_node(config: MilvusConfig) -> Collections:
 
 
 FRESH = ["lite", pytest.param("server", marks=pytest.mark.milvus_server)]
+INDEXED = {"registrations": ["embedding", *schema.LOOKUP_FIELDS],
+           "audit": ["placeholder"], "adjudications": ["placeholder", "first", "second"]}
+
+
+def assert_indexed(config: MilvusConfig, names: Collections) -> None:
+    client = connection.connect(config)
+    try:
+        for collection, fields in INDEXED.items():
+            for field in fields:
+                name = getattr(names, collection)
+                assert client.list_indexes(name, field_name=field), (name, field)
+    finally:
+        client.close()
 
 
 @pytest.mark.parametrize("kind", FRESH)
@@ -235,31 +248,38 @@ def test_nodes_started_together_on_an_empty_milvus_all_open_it(kind, request):
                 opening = [pool.submit(node, config, barrier) for _ in range(3)]
                 opened = [future.result() for future in opening]
             assert opened == [Collections.named(config.prefix)] * 3
+            assert_indexed(config, opened[0])
         finally:
             drop_collections(config)
 
 
 @pytest.mark.parametrize("kind", FRESH)
 def test_a_collection_left_without_its_index_gets_it_when_a_node_opens(kind, request):
-    """A node that died between creating a collection and its index left a collection Milvus
-    cannot load: the next node to open it builds the missing index instead of failing to
-    start."""
+    """A node that died between creating a collection and its indexes left a collection Milvus
+    cannot load: the next node to open it builds the missing indexes instead of failing to
+    start. One with its embedding index (made last) but no lookup indexes, as an older
+    version made it, is served as it was made: no index built on every row at start."""
     from pymilvus import DataType
 
-    config = fresh_milvus(kind, "halfmade", request)
-    names = Collections.named(config.prefix)
-    client = connection.connect(config)
+    halfmade = fresh_milvus(kind, "halfmade", request)
+    older = fresh_milvus(kind, "older", request)
+    client = connection.connect(halfmade)
     try:
-        client.create_collection(names.registrations, consistency_level="Strong",
-                                 schema=schema._registration_schema(client, DataType, 512))
-        assert not client.list_indexes(names.registrations)
-        assert open_as_a_node(config) == names
-        assert client.list_indexes(names.registrations, field_name="embedding")
+        for config in (halfmade, older):
+            client.create_collection(
+                Collections.named(config.prefix).registrations, consistency_level="Strong",
+                schema=schema._registration_schema(client, DataType, 512))
+        older_registrations = Collections.named(older.prefix).registrations
+        schema._create_index(client, older_registrations, "embedding", "FLAT", {})
+        assert not client.list_indexes(Collections.named(halfmade.prefix).registrations)
+        assert_indexed(halfmade, open_as_a_node(halfmade))
+        assert open_as_a_node(older) == Collections.named(older.prefix)
         for field in schema.LOOKUP_FIELDS:
-            assert client.list_indexes(names.registrations, field_name=field), field
+            assert not client.list_indexes(older_registrations, field_name=field), field
     finally:
         client.close()
-        drop_collections(config)
+        drop_collections(halfmade)
+        drop_collections(older)
 
 
 @pytest.mark.parametrize("backend", ["milvus", "milvus-server"])

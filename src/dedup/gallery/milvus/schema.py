@@ -216,7 +216,8 @@ def _create(client: Any, name: str, schema: Any, vector_field: str, index_type: 
     node made meanwhile is taken as made, and a collection without its embedding index gets
     every index."""
     made = not client.has_collection(name) and _create_collection(client, name, schema)
-    fields = [vector_field, *lookups]
+    # The embedding's index last: a collection that has it has every index.
+    fields = [*lookups, vector_field]
     missing = fields if made else _unindexed(client, name, vector_field, fields)
     if missing:
         version = version or server_version(client)
@@ -247,21 +248,22 @@ def _create_collection(client: Any, name: str, schema: Any) -> bool:
 
 def _unindexed(client: Any, name: str, vector_field: str, fields: list[str]) -> list[str]:
     """The fields to index on a collection this node did not make: every one without an
-    index when it has no embedding index (its maker died before indexing it, or is indexing
-    it now), none otherwise, so that a collection made before its lookups were indexed is
-    served as it was made (indexing them would build on every row while the node starts).
-    None either when the indexes cannot be listed (a role without DescribeIndex), as
-    _check_embedding_index serves such a collection unchecked."""
+    index when it has no embedding index (made last: its maker stopped before it, or is
+    indexing it now), none otherwise, so that a collection made before its lookups were
+    indexed is served as it was made (indexing them would build on every row while the
+    node starts). None either when the indexes cannot be listed (a role without
+    DescribeIndex), as _check_embedding_index serves such a collection unchecked."""
     try:
         if client.list_indexes(name, field_name=vector_field):
             return []
         missing = [field for field in fields if not client.list_indexes(name, field_name=field)]
     except Exception as error:
-        log.warning("cannot list the indexes of %s (%s): not checked for missing ones",
-                    name, error)
+        log.warning("cannot list the indexes of %s (%s): not checked for missing ones (a "
+                    "collection without them fails to load on a Milvus server)", name, error)
         return []
-    log.warning("the Milvus collection %s has no embedding index (the node that made it "
-                "stopped before indexing it?): indexing %s", name, ", ".join(missing))
+    if missing:
+        log.info("the Milvus collection %s has no embedding index yet (its maker stopped "
+                 "before it, or is indexing it now): indexing %s", name, ", ".join(missing))
     return missing
 
 
