@@ -270,7 +270,8 @@ def test_a_collection_left_without_its_index_gets_it_when_a_node_opens(kind, req
                 Collections.named(config.prefix).registrations, consistency_level="Strong",
                 schema=schema._registration_schema(client, DataType, 512))
         older_registrations = Collections.named(older.prefix).registrations
-        schema._create_index(client, older_registrations, "embedding", "FLAT", {})
+        schema._create_index(client, older_registrations, "embedding",
+                             {"index_type": "FLAT", "metric_type": "IP"})
         assert not client.list_indexes(Collections.named(halfmade.prefix).registrations)
         assert_indexed(halfmade, open_as_a_node(halfmade))
         assert open_as_a_node(older) == Collections.named(older.prefix)

@@ -222,10 +222,14 @@ def _create(client: Any, name: str, schema: Any, vector_field: str, index_type: 
     if missing:
         version = version or server_version(client)
         types = {field.name: field.dtype.name for field in schema.fields}
+        # Lookups: equality filters on them, on every call.
+        indexes: dict[str, dict[str, Any]] = {
+            field: {"index_type": version.scalar_index(types[field])} for field in lookups}
+        # Nested under "params": Milvus Lite drops build parameters given beside the type.
+        indexes[vector_field] = {"index_type": index_type, "metric_type": "IP",
+                                 "params": {"params": params} if params else {}}
         for field in missing:
-            _create_index(client, name, field, index_type if field == vector_field
-                          else version.scalar_index(types[field]),
-                          params if field == vector_field else None)
+            _create_index(client, name, field, indexes[field])
     if load:
         client.load_collection(name)
 
@@ -267,21 +271,14 @@ def _unindexed(client: Any, name: str, vector_field: str, fields: list[str]) -> 
     return missing
 
 
-def _create_index(client: Any, name: str, field: str, index_type: str,
-                  params: dict[str, Any] | None) -> None:
-    """One field's index; params given for the embedding's, None for a lookup's (equality
-    filters on it, on every call)."""
-    index = client.prepare_index_params()
-    if params is None:
-        index.add_index(field, index_type=index_type)
-    else:
-        # Nested under "params": Milvus Lite drops build parameters given beside the type.
-        index.add_index(field, index_type=index_type, metric_type="IP",
-                        params={"params": params} if params else {})
+def _create_index(client: Any, name: str, field: str, index: dict[str, Any]) -> None:
+    """One field's index (`index`: add_index's arguments)."""
+    spec = client.prepare_index_params()
+    spec.add_index(field, **index)
     try:
         # Not waited for here (pymilvus would poll every 0.5 s): load_collections waits
         # until the collections are loaded, which takes their indexes built.
-        client.create_index(name, index, sync=False)
+        client.create_index(name, spec, sync=False)
     except Exception as error:
         if not _comes_about(lambda: client.list_indexes(name, field_name=field)):
             raise
