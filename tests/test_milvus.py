@@ -283,6 +283,70 @@ def test_a_collection_left_without_its_index_gets_it_when_a_node_opens(kind, req
         drop_collections(older)
 
 
+@pytest.mark.parametrize("kind", FRESH)
+def test_settlements_another_node_moved_meanwhile_are_taken_as_moved(kind, request):
+    """The nodes of an upgraded fleet start together, and each moves the older version's
+    settlements (keyed by registration_id) into the collection keyed by registration, then
+    drops the old one. A node still reading the old collection when another had dropped it
+    failed to start ("collection not found"): it now takes the move as done."""
+    from pymilvus import DataType
+    from pymilvus.exceptions import MilvusException
+
+    from dedup.core.adjudication import Adjudication
+    from dedup.gallery.milvus.adjudications import Adjudications
+
+    config = fresh_milvus(kind, "upgraded", request)
+    names = open_as_a_node(config)
+    legacy = names.legacy_adjudications
+    client, other = connection.connect(config), connection.connect(config)
+    pairs = 1_100  # both orders stored: the move reads two pages and an empty one
+    try:
+        schema._create(client, legacy, schema._adjudication_schema(client, DataType),
+                       "placeholder", "FLAT", {}, ["first"])
+        rows = []
+        for i in range(pairs):
+            record = Adjudication.now(f"r{i}", f"m{i}", "DIFFERENT_PEOPLE", 0.5, "C-1", "",
+                                      "CN=old").encode().decode()
+            rows += [{"key": schema.stable_key(one, two), "first": one, "second": two,
+                      "record": record, "placeholder": schema.PLACEHOLDER}
+                     for one, two in ((f"r{i}", f"m{i}"), (f"m{i}", f"r{i}"))]
+        for start in range(0, len(rows), 500):
+            client.upsert(legacy, rows[start:start + 500])
+
+        def key_of(registration_id: str) -> int:
+            return int(registration_id[1:]) * 2 + (registration_id[0] == "m")
+
+        moved_by_the_other: list[int] = []
+
+        def key_of_while_the_other_moves(registration_id: str) -> int:
+            if not moved_by_the_other:  # the other node moves every pair and drops it
+                moved_by_the_other.append(
+                    Adjudications(other, names.adjudications).convert_legacy(legacy, key_of))
+            return key_of(registration_id)
+
+        def key_of_while_milvus_fails(registration_id: str) -> int:
+            raise MilvusException(message="a Milvus error while the collection is there")
+
+        with pytest.raises(MilvusException, match="while the collection is there"):
+            Adjudications(client, names.adjudications).convert_legacy(
+                legacy, key_of_while_milvus_fails)
+        assert client.has_collection(legacy)
+
+        moved = Adjudications(client, names.adjudications).convert_legacy(
+            legacy, key_of_while_the_other_moves)
+        assert moved_by_the_other == [pairs] and moved == 0
+        assert not client.has_collection(legacy)
+        settled = Adjudications(client, names.adjudications)
+        assert all(settled.settled(key_of(f"r{i}")).keys() == {key_of(f"m{i}")}
+                   for i in (0, 999, pairs - 1))
+        assert client.query(names.adjudications, filter="key >= 0", output_fields=["count(*)"],
+                            consistency_level="Strong")[0]["count(*)"] == 2 * pairs
+    finally:
+        client.close()
+        other.close()
+        drop_collections(config)
+
+
 @pytest.mark.parametrize("backend", ["milvus", "milvus-server"])
 def test_a_checked_enrolment_waits_for_milvus_only_before_its_claim(make_server, faces):
     """A Strong read waits for Milvus's next time tick. A check_first enrolment makes three,

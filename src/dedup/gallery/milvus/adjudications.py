@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from dedup.core.adjudication import Adjudication
-from dedup.gallery.milvus.connection import pages
+from dedup.gallery.milvus.connection import milvus_errors, pages
 from dedup.gallery.milvus.filters import equals, literal
 from dedup.gallery.milvus.schema import PLACEHOLDER, stable_key
 
@@ -80,9 +80,25 @@ class Adjudications:
     def convert_legacy(self, legacy: str, key_of: Callable[[str], int | None]) -> int:
         """Moves the pairs of a collection keyed by registration_id strings (kept before
         settlements were keyed by registration) here, then drops it: a pair whose matched
-        registration is no longer enrolled is left behind. How many were moved."""
+        registration is no longer enrolled is left behind. How many were moved.
+
+        The nodes of an upgraded fleet start together and each moves them. A node whose
+        reads fail because the collection is gone takes the move as done: the node that
+        dropped it had stored every pair first."""
         if not self._client.has_collection(legacy):
             return 0
+        try:
+            moved = self._move(legacy, key_of)
+        except milvus_errors():
+            if self._client.has_collection(legacy):
+                raise
+            log.info("%s is gone: taken as moved by the node that dropped it", legacy)
+            return 0
+        log.info("moved %d settled pair(s) from %s to %s, keyed by registration", moved,
+                 legacy, self._collection)
+        return moved
+
+    def _move(self, legacy: str, key_of: Callable[[str], int | None]) -> int:
         self._client.load_collection(legacy)
         pairs: dict[tuple[Party, int], bytes] = {}  # both orders of a pair: one record
         for page in pages(self._client, legacy, "key >= 0", ["record"], 1000):
@@ -95,6 +111,4 @@ class Adjudications:
                     pairs[party, matched] = entity["record"].encode()
         moved = self.import_settlements((c, m, record) for (c, m), record in pairs.items())
         self._client.drop_collection(legacy)
-        log.info("moved %d settled pair(s) from %s to %s, keyed by registration", moved,
-                 legacy, self._collection)
         return moved

@@ -85,8 +85,12 @@ class MilvusGallery:
         self._claims = Claims(self._rows, self.server.orders_writes_by_timestamp)
         self._audit = AuditChain(self._client, self.collections.audit)
         self._adjudications = Adjudications(self._client, self.collections.adjudications)
-        self._adjudications.convert_legacy(self.collections.legacy_adjudications,
-                                           self._enrolled_key)
+        try:
+            self._adjudications.convert_legacy(self.collections.legacy_adjudications,
+                                               self._enrolled_key)
+        except BaseException:
+            client.close()
+            raise
         self._maintenance = Maintenance(self._rows, self._claims, config,
                                         (self.collections.adjudications,))
         if background:
