@@ -849,6 +849,25 @@ def test_the_replicas_metrics_files_are_private_under_an_open_umask(start):
             (directory, *files) if stat.S_IMODE(path.stat().st_mode) & 0o077] == []
 
 
+def test_the_files_every_process_maps_have_their_blocks_on_disk(start):
+    """Files the processes map and write: a page of a sparse file gets its block when first
+    written, and on a full disk that write kills the process (SIGBUS) instead of failing
+    with an error. The desks' rate buckets and the replicas' metrics files were made sparse
+    (ftruncate, and prometheus-client's truncate): now every byte of them is allocated, the
+    metrics files large enough that the library never grows them."""
+    server = start(metrics_address="127.0.0.1:0")
+    on_every_process(server.address, finds_nothing(FaceGenerator(seed=27).persons(1)[0]))
+    data = tmp_data(server)
+    metrics = sorted((data / "replica-metrics").iterdir())
+    mapped = [data / "check-rates", *metrics]
+    assert [path.name for path in metrics] == ["counter_replica1.db", "histogram_replica1.db"]
+    sparse = [f"{path.name}: {path.stat().st_blocks * 512} of {path.stat().st_size} B"
+              for path in mapped if path.stat().st_blocks * 512 < path.stat().st_size]
+    assert sparse == []
+    for path in metrics:  # the bytes used, in the file's first four
+        assert 8 < int.from_bytes(path.read_bytes()[:4], "little") < path.stat().st_size // 8
+
+
 class _TwoHoursOn(datetime):
     """A clock two hours ahead, for what the server reads of it."""
 

@@ -14,6 +14,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
+from dedup.core.files import PRIVATE_FILE_MODE, allocate
 from dedup.gallery.base import Gallery
 
 log = logging.getLogger("dedup.server")
@@ -84,13 +85,26 @@ class Metrics:
         return server, int(server.server_port)
 
 
+# A replica's files hold at most ~50 KB of counts (each of its methods' series a key with
+# the help text): the library, which grows a file by truncate, never has to.
+REPLICA_METRICS_FILE_BYTES = 1 << 20
+
+
 def write_to_files(directory: Path, name: str) -> None:
     """A replica process, before its Metrics are made: its counters and histograms are kept
     in prometheus-client's multiprocess files in `directory` (named by `name`, so that a
     replica started again goes on in the files of the one before), where the primary reads
     them. The library takes the directory from the environment, and its kind of value when
-    each metric is made (values.ValueClass)."""
+    each metric is made (values.ValueClass). The files are made here, allocated (it would
+    size them sparse), and it takes their size as its capacity."""
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    for kind in ("counter", "histogram"):  # the kinds Metrics makes
+        fd = os.open(directory / f"{kind}_{name}.db", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     PRIVATE_FILE_MODE)
+        try:
+            allocate(fd, REPLICA_METRICS_FILE_BYTES)
+        finally:
+            os.close(fd)
     values.ValueClass = values.MultiProcessValue(lambda: name)  # type: ignore[no-untyped-call]
 
 

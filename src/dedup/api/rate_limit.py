@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from dedup.core.files import allocate
+
 
 class CallerRate:
     """At most `rate` calls a second per caller, in bursts of up to `burst`; rate 0: no limit.
@@ -80,9 +82,13 @@ class SharedCallerRate(CallerRate):
         size = self.SLOTS * self._SLOT.size
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_TRUNC if create else 0)
         self._fd = os.open(path, flags, 0o600)
-        if create:
-            os.ftruncate(self._fd, size)
-        self._map = mmap.mmap(self._fd, size)
+        try:
+            if create:
+                allocate(self._fd, size)
+            self._map = mmap.mmap(self._fd, size)
+        except BaseException:
+            os.close(self._fd)
+            raise
 
     def admit(self, identity: str) -> bool:
         if self.rate <= 0:

@@ -9,10 +9,14 @@ narrowed before anything is written into it.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import stat
 from pathlib import Path
 from typing import IO, Any
+
+log = logging.getLogger("dedup.files")
 
 PRIVATE_FILE_MODE = 0o600
 PRIVATE_DIR_MODE = 0o700
@@ -90,3 +94,20 @@ def narrow_files(directory: Path) -> list[Path]:
             os.chmod(path, mode & ~SHARED_BITS)
             changed.append(path)
     return changed
+
+
+def allocate(fd: int, size: int) -> None:
+    """Makes the file at least `size` bytes, every block of them allocated (what it holds is
+    kept). For a file a process maps and writes: sized by ftruncate it is sparse, a page gets
+    its block when first written, and on a full disk that write kills the process (SIGBUS);
+    allocated, a full disk is an error here (ENOSPC) instead. A filesystem that cannot
+    allocate ahead gets the sparse file, with a warning."""
+    size = max(size, os.fstat(fd).st_size)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as error:
+        if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        log.warning("cannot allocate a mapped file's blocks ahead (%s): sized sparse, a full "
+                    "disk will stop the process that writes it", error)
+        os.ftruncate(fd, size)
