@@ -255,32 +255,61 @@ def test_nodes_started_together_on_an_empty_milvus_all_open_it(kind, request):
 
 @pytest.mark.parametrize("kind", FRESH)
 def test_a_collection_left_without_its_index_gets_it_when_a_node_opens(kind, request):
-    """A node that died between creating a collection and its indexes left a collection Milvus
-    cannot load: the next node to open it builds the missing indexes instead of failing to
-    start. One with its embedding index (made last) but no lookup indexes, as an older
-    version made it, is served as it was made: no index built on every row at start."""
+    """A node that died between creating a collection and its indexes, or amid them, left a
+    collection Milvus cannot load: the next node to open it builds the missing indexes
+    instead of failing to start. One with its embedding index (made last) but no lookup
+    indexes, as an older version made it, is served as it was made: no index built on every
+    row at start."""
     from pymilvus import DataType
 
     halfmade = fresh_milvus(kind, "halfmade", request)
+    partway = fresh_milvus(kind, "partway", request)  # its maker killed amid the lookups
     older = fresh_milvus(kind, "older", request)
     client = connection.connect(halfmade)
     try:
-        for config in (halfmade, older):
+        for config in (halfmade, partway, older):
             client.create_collection(
                 Collections.named(config.prefix).registrations, consistency_level="Strong",
                 schema=schema._registration_schema(client, DataType, 512))
+        for field in schema.LOOKUP_FIELDS[:2]:  # registration_id, id_number: VARCHAR
+            schema._create_index(client, Collections.named(partway.prefix).registrations, field,
+                                 {"index_type": server_version(client).scalar_index("VARCHAR")})
         older_registrations = Collections.named(older.prefix).registrations
         schema._create_index(client, older_registrations, "embedding",
                              {"index_type": "FLAT", "metric_type": "IP"})
         assert not client.list_indexes(Collections.named(halfmade.prefix).registrations)
         assert_indexed(halfmade, open_as_a_node(halfmade))
+        assert_indexed(partway, open_as_a_node(partway))
         assert open_as_a_node(older) == Collections.named(older.prefix)
         for field in schema.LOOKUP_FIELDS:
             assert not client.list_indexes(older_registrations, field_name=field), field
     finally:
         client.close()
-        drop_collections(halfmade)
-        drop_collections(older)
+        for config in (halfmade, partway, older):
+            drop_collections(config)
+
+
+@pytest.mark.parametrize("kind", FRESH)
+def test_a_refused_creation_no_node_makes_fails_the_start_after_its_wait(kind, request):
+    """A refused creation is taken as another node's once the collection shows, within 5 s.
+    One that never shows fails the start with Milvus's reason after that wait, and nothing is
+    made. What each refuses at creation: Milvus Lite a name past 255 bytes (it takes any
+    dimension), the server a dimension past 32,768 (it refuses such a name before, when
+    asked whether the collection exists)."""
+    prefix, dimension, reason = {"lite": ("r" * 250, 512, "max 255"),
+                                 "server": ("refused", 100_000, "100000")}[kind]
+    config = fresh_milvus(kind, prefix, request)
+    client = connection.connect(config)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="cannot create the collections") as refused:
+            schema.create_collections(client, config, dimension, server_version(client))
+        waited = time.monotonic() - started
+        assert reason in str(refused.value) and waited >= 5.0, (refused.value, waited)
+        assert not [name for name in client.list_collections() if name.startswith(prefix)]
+    finally:
+        client.close()
+        drop_collections(config)
 
 
 @pytest.mark.parametrize("kind", FRESH)
