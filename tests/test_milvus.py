@@ -325,11 +325,13 @@ def test_settlements_another_node_moved_meanwhile_are_taken_as_moved(kind, reque
     from dedup.gallery.milvus.adjudications import Adjudications
 
     config = fresh_milvus(kind, "upgraded", request)
-    names = open_as_a_node(config)
-    legacy = names.legacy_adjudications
-    client, other = connection.connect(config), connection.connect(config)
-    pairs = 1_100  # both orders stored: the move reads two pages and an empty one
+    clients = []
+    pairs = 1_100  # both orders stored: the move reads pages of 1,000, 1,000 and 200 rows
     try:
+        names = open_as_a_node(config)
+        legacy = names.legacy_adjudications
+        clients += [connection.connect(config), connection.connect(config)]
+        client, other = clients
         schema._create(client, legacy, schema._adjudication_schema(client, DataType),
                        "placeholder", "FLAT", {}, ["first"])
         rows = []
@@ -371,8 +373,8 @@ def test_settlements_another_node_moved_meanwhile_are_taken_as_moved(kind, reque
         assert client.query(names.adjudications, filter="key >= 0", output_fields=["count(*)"],
                             consistency_level="Strong")[0]["count(*)"] == 2 * pairs
     finally:
-        client.close()
-        other.close()
+        for opened in clients:
+            opened.close()
         drop_collections(config)
 
 

@@ -103,6 +103,8 @@ def allocate(fd: int, size: int) -> None:
     allocated, a full disk is an error here (ENOSPC) instead. A filesystem that cannot
     allocate ahead gets the sparse file, with a warning."""
     size = max(size, os.fstat(fd).st_size)
+    if size <= 0:  # posix_fallocate refuses a length of 0 (EINVAL)
+        return
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as error:

@@ -8,6 +8,7 @@ erased with it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -101,14 +102,17 @@ class Adjudications:
     def _move(self, legacy: str, key_of: Callable[[str], int | None]) -> int:
         self._client.load_collection(legacy)
         pairs: dict[tuple[Party, int], bytes] = {}  # both orders of a pair: one record
-        for page in pages(self._client, legacy, "key >= 0", ["record"], 1000):
-            for entity in page:
-                pair = Adjudication.decode(entity["record"])
-                matched = key_of(pair.matched_registration_id)
-                if matched is not None:
-                    checked = key_of(pair.registration_id)
-                    party = pair.registration_id if checked is None else checked
-                    pairs[party, matched] = entity["record"].encode()
+        # closed when a read fails, not when the failure's traceback is collected
+        with contextlib.closing(pages(self._client, legacy, "key >= 0", ["record"],
+                                      1000)) as read:
+            for page in read:
+                for entity in page:
+                    pair = Adjudication.decode(entity["record"])
+                    matched = key_of(pair.matched_registration_id)
+                    if matched is not None:
+                        checked = key_of(pair.registration_id)
+                        party = pair.registration_id if checked is None else checked
+                        pairs[party, matched] = entity["record"].encode()
         moved = self.import_settlements((c, m, record) for (c, m), record in pairs.items())
         self._client.drop_collection(legacy)
         return moved

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -177,7 +177,7 @@ def unavailable(method: Callable[_P, _T]) -> Callable[_P, _T]:
 
 
 def pages(client: Any, collection: str, where: str, fields: list[str], block: int
-          ) -> Iterator[list[dict[str, Any]]]:
+          ) -> Generator[list[dict[str, Any]], None, None]:
     """Every row matching `where`, `block` at a time, in ascending key order (pymilvus's
     iterator; a query with a limit returns any matching rows, not the first ones)."""
     iterator = client.query_iterator(collection, batch_size=block, filter=where,

@@ -76,19 +76,15 @@ class MilvusGallery:
             self.collections, config = open_collections(self._client, config, dimension,
                                                         self.server)
             self.config = config
-        except BaseException:
-            client.close()
-            raise
-        self._rows = Registrations(self._client, self.collections.registrations, config,
-                                   model_id)
-        self._stats = status.SharedStats(self._rows, self.dimension)
-        self._claims = Claims(self._rows, self.server.orders_writes_by_timestamp)
-        self._audit = AuditChain(self._client, self.collections.audit)
-        self._adjudications = Adjudications(self._client, self.collections.adjudications)
-        try:
+            self._rows = Registrations(self._client, self.collections.registrations, config,
+                                       model_id)
+            self._stats = status.SharedStats(self._rows, self.dimension)
+            self._claims = Claims(self._rows, self.server.orders_writes_by_timestamp)
+            self._audit = AuditChain(self._client, self.collections.audit)
+            self._adjudications = Adjudications(self._client, self.collections.adjudications)
             self._adjudications.convert_legacy(self.collections.legacy_adjudications,
                                                self._enrolled_key)
-        except BaseException:
+        except BaseException:  # nothing before Maintenance holds a thread or a file
             client.close()
             raise
         self._maintenance = Maintenance(self._rows, self._claims, config,
