@@ -30,6 +30,7 @@ from conftest import check, drop_collections, enroll, milvus_on_server, release_
 from milvus_server import drop_collections_of
 from processes import ServerProcess
 from test_bulk import write_batch
+from test_settlements import legacy_settlements
 from trail import records
 
 from dedup._proto.dedup.v1 import dedup_pb2 as pb
@@ -318,10 +319,8 @@ def test_settlements_another_node_moved_meanwhile_are_taken_as_moved(kind, reque
     settlements (keyed by registration_id) into the collection keyed by registration, then
     drops the old one. A node still reading the old collection when another had dropped it
     failed to start ("collection not found"): it now takes the move as done."""
-    from pymilvus import DataType
     from pymilvus.exceptions import MilvusException
 
-    from dedup.core.adjudication import Adjudication
     from dedup.gallery.milvus.adjudications import Adjudications
 
     config = fresh_milvus(kind, "upgraded", request)
@@ -332,17 +331,7 @@ def test_settlements_another_node_moved_meanwhile_are_taken_as_moved(kind, reque
         legacy = names.legacy_adjudications
         clients += [connection.connect(config), connection.connect(config)]
         client, other = clients
-        schema._create(client, legacy, schema._adjudication_schema(client, DataType),
-                       "placeholder", "FLAT", {}, ["first"])
-        rows = []
-        for i in range(pairs):
-            record = Adjudication.now(f"r{i}", f"m{i}", "DIFFERENT_PEOPLE", 0.5, "C-1", "",
-                                      "CN=old").encode().decode()
-            rows += [{"key": schema.stable_key(one, two), "first": one, "second": two,
-                      "record": record, "placeholder": schema.PLACEHOLDER}
-                     for one, two in ((f"r{i}", f"m{i}"), (f"m{i}", f"r{i}"))]
-        for start in range(0, len(rows), 500):
-            client.upsert(legacy, rows[start:start + 500])
+        legacy_settlements(client, legacy, [(f"r{i}", f"m{i}") for i in range(pairs)])
 
         def key_of(registration_id: str) -> int:
             return int(registration_id[1:]) * 2 + (registration_id[0] == "m")

@@ -6,6 +6,7 @@ either registration. On a real TLS server with `dedup keys` credentials, on both
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import numpy as np
@@ -171,13 +172,31 @@ def _plant_legacy_settlements(data_dir: Path) -> None:
         env.close()
 
 
-@pytest.mark.parametrize("backend", ["milvus"])
-def test_settlements_of_an_older_milvus_collection_are_moved_when_a_node_opens(make_server,
-                                                                             faces):
-    from pymilvus import DataType, MilvusClient
+def legacy_settlements(client: Any, name: str, pairs: list[tuple[str, str]]) -> None:
+    """An older version's settlements collection `name` in Milvus, keyed by registration_id
+    strings, holding each settled pair under both orders."""
+    from pymilvus import DataType
 
     from dedup.core.adjudication import Adjudication
     from dedup.gallery.milvus import schema
+
+    schema._create(client, name, schema._adjudication_schema(client, DataType), "placeholder",
+                   "FLAT", {}, ["first"])
+    rows = []
+    for first, second in pairs:
+        record = Adjudication.now(first, second, "DIFFERENT_PEOPLE", 0.5, "C-1", "",
+                                  "CN=old").encode().decode()
+        rows += [{"key": schema.stable_key(one, other), "first": one, "second": other,
+                  "record": record, "placeholder": schema.PLACEHOLDER}
+                 for one, other in ((first, second), (second, first))]
+    for start in range(0, len(rows), 500):
+        client.upsert(name, rows[start:start + 500])
+
+
+@pytest.mark.parametrize("backend", ["milvus"])
+def test_settlements_of_an_older_milvus_collection_are_moved_when_a_node_opens(make_server,
+                                                                             faces):
+    from pymilvus import MilvusClient
 
     server = make_server()
     person = faces.persons(1)[0]
@@ -188,16 +207,8 @@ def test_settlements_of_an_older_milvus_collection_are_moved_when_a_node_opens(m
     server.stop()
     client = MilvusClient(uri=server.config.milvus.uri)
     try:
-        schema._create(client, "dedup_adjudications", schema._adjudication_schema(
-            client, DataType), "placeholder", "FLAT", {}, ["first"])
-        rows = []
-        for first, second in (("a", "b"), ("x", "a"), ("b", "gone")):
-            record = Adjudication.now(first, second, "DIFFERENT_PEOPLE", 0.5, "C-1", "",
-                                      "CN=old").encode().decode()
-            rows += [{"key": schema.stable_key(one, other), "first": one, "second": other,
-                      "record": record, "placeholder": schema.PLACEHOLDER}
-                     for one, other in ((first, second), (second, first))]
-        client.upsert("dedup_adjudications", rows)
+        legacy_settlements(client, "dedup_adjudications",
+                           [("a", "b"), ("x", "a"), ("b", "gone")])
     finally:
         client.close()
     server.restart()

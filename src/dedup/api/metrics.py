@@ -14,7 +14,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
-from dedup.core.files import PRIVATE_FILE_MODE, allocate
+from dedup.core.files import allocate, open_private
 from dedup.gallery.base import Gallery
 
 log = logging.getLogger("dedup.server")
@@ -99,12 +99,8 @@ def write_to_files(directory: Path, name: str) -> None:
     size them sparse), and it takes their size as its capacity."""
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
     for kind in ("counter", "histogram"):  # the kinds Metrics makes
-        fd = os.open(directory / f"{kind}_{name}.db", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                     PRIVATE_FILE_MODE)
-        try:
-            allocate(fd, REPLICA_METRICS_FILE_BYTES)
-        finally:
-            os.close(fd)
+        with open_private(directory / f"{kind}_{name}.db", "ab") as made:
+            allocate(made.fileno(), REPLICA_METRICS_FILE_BYTES)
     values.ValueClass = values.MultiProcessValue(lambda: name)  # type: ignore[no-untyped-call]
 
 
